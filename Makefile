@@ -1,0 +1,43 @@
+# oxoptim — `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+RUNTIME_DEPS := "torch>=2.7" numpy
+DEV_DEPS := "maturin>=1.5,<2" "pytest>=7" "hypothesis>=6" "mypy>=1.8" snownlp tqdm matplotlib
+
+.DEFAULT_GOAL := help
+.PHONY: help venv build test test-rust test-python stubtest demo bench clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-13s %s\n", $$1, $$2}'
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(RUNTIME_DEPS) $(DEV_DEPS)
+	$(PIP) install -q --ignore-installed "maturin>=1.5,<2"  # its script must live in the venv
+	touch $@
+
+venv: $(VENV)/.deps ## Create .venv (reuses a system torch if present) with runtime and dev deps
+
+build: venv ## Build the Rust extension (release, LTO) into .venv
+	$(PY) -m maturin develop --release -q
+
+test-rust: ## Rust tests: kernels, SIMD vs scalar, dispatch
+	cargo test --release -q
+
+test-python: build ## Python tests: equivalence with torch.optim (hypothesis), state_dict interchange
+	$(PY) -m pytest -q
+
+stubtest: build ## Check the hand-written _core.pyi against the built module
+	$(PY) -m mypy.stubtest oxoptim._core
+
+test: test-rust test-python stubtest ## All tests (Rust and Python)
+
+demo: build ## The main job: a small model trained with oxoptim
+	$(PY) -m oxoptim demo
+
+clean: ## Remove build outputs and the venv
+	cargo clean
+	rm -rf $(VENV) dist

@@ -1,0 +1,53 @@
+"""Shared glue between the optimizer classes and the Rust kernels."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+# The private helper torch's own optimizers use to set grad mode in step().
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+__all__ = ["_use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar"]
+
+
+def num_threads() -> int:
+    """Worker threads for one kernel call: follows ``torch.get_num_threads()``."""
+    return max(1, torch.get_num_threads())
+
+
+def scalar(x: Any) -> float:
+    """A hyper-parameter as a Python float (torch allows 0-d tensors for lr and betas)."""
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def evaluate_closure(closure: Optional[Callable[[], Any]]) -> Any:
+    """Runs the closure with grad enabled, as torch's optimizers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Whether a group's settings allow the Rust path; tensors are checked in Rust.
+
+    Differentiable steps, AMP grad scaling (``grad_scale``/``found_inf``) and
+    hyper-parameters that require grad stay on torch's implementation.
+    """
+    if group.get("differentiable", False):
+        return False
+    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+        return False
+    return not any(isinstance(v, torch.Tensor) and v.requires_grad for v in _hyper_values(group))
+
+
+def _hyper_values(group: dict):
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, (tuple, list)):
+            yield from value
+        else:
+            yield value

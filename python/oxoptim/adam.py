@@ -1,0 +1,105 @@
+"""Adam and AdamW on the Rust SIMD kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _core
+from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar
+
+__all__ = ["Adam", "AdamW"]
+
+_NATIVE_NOTE = """
+    One native call per parameter group covers all its tensors, split across
+    ``torch.get_num_threads()`` threads by elements, with the GIL released;
+    results are bit-identical whatever the thread count. bfloat16/float16
+    parameters are computed in float32 with state kept in the parameter dtype,
+    as torch's fused path does. Groups the Rust path cannot take — tensors on
+    CUDA or another device, complex or non-contiguous tensors,
+    ``differentiable=True``, AMP grad scaling, a ``lr`` that requires grad —
+    run torch's own implementation (honouring ``foreach``/``fused``/
+    ``capturable``), so the optimizer never breaks.
+"""
+
+
+class Adam(torch.optim.Adam):
+    __doc__ = (
+        """Drop-in ``torch.optim.Adam`` whose CPU update runs in Rust SIMD.
+
+    Same signature, defaults, validation errors and ``state_dict`` layout
+    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) as
+    :class:`torch.optim.Adam`, of which it is a subclass, including
+    ``decoupled_weight_decay``; state dicts load both ways.
+"""
+        + _NATIVE_NOTE
+    )
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # type: ignore[override]
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        self._accelerator_graph_capture_health_check()
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+            has_complex = self._init_group(group, *lists)
+            if not (not has_complex and group_is_native(self, group) and self._native_step(group, *lists)):
+                self._torch_step(group, lists, has_complex)
+        return loss
+
+    def _native_step(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> bool:
+        beta1, beta2 = group["betas"]
+        return _core.adam_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            lr=scalar(group["lr"]),
+            beta1=scalar(beta1),
+            beta2=scalar(beta2),
+            eps=scalar(group["eps"]),
+            weight_decay=scalar(group["weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            num_threads=num_threads(),
+        )
+
+    def _torch_step(self, group, lists, has_complex: bool) -> None:
+        beta1, beta2 = group["betas"]
+        torch.optim.adam.adam(
+            *lists,
+            amsgrad=group["amsgrad"],
+            has_complex=has_complex,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            fused=group["fused"],
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    __doc__ = (
+        """Drop-in ``torch.optim.AdamW`` (Adam with decoupled weight decay,
+    ``weight_decay=1e-2`` by default) whose CPU update runs in Rust SIMD.
+
+    A subclass of both :class:`oxoptim.Adam` and :class:`torch.optim.AdamW`:
+    torch's constructor, validation and ``state_dict`` layout, oxoptim's step.
+"""
+        + _NATIVE_NOTE
+    )

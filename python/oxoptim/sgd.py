@@ -1,0 +1,93 @@
+"""SGD (plain gradient descent when ``momentum=0``) on the Rust SIMD kernels."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core
+from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar
+
+__all__ = ["SGD"]
+
+
+class SGD(torch.optim.SGD):
+    """Drop-in ``torch.optim.SGD`` whose CPU update runs in Rust SIMD.
+
+    Same signature, defaults, validation errors and ``state_dict`` layout
+    (``momentum_buffer``) as :class:`torch.optim.SGD`, of which it is a
+    subclass; the update is θ ← θ − lr·d with d the (momentum, Nesterov,
+    weight-decayed) direction, operation for operation as torch computes it.
+
+    One native call per parameter group covers all its tensors, with the GIL
+    released. Groups the Rust path cannot take — tensors on CUDA or another
+    device, sparse or non-contiguous gradients, dtypes other than
+    float32/float64/bfloat16/float16, ``differentiable=True``, AMP grad
+    scaling — run torch's own implementation (honouring ``foreach``/``fused``),
+    so the optimizer never breaks. ``foreach`` and ``fused`` are otherwise
+    accepted for compatibility and do not change the native path.
+    """
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # type: ignore[override]
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[Optional[torch.Tensor]] = []
+            has_sparse_grad = self._init_group(group, params, grads, buffers)
+            if not (not has_sparse_grad and group_is_native(self, group) and self._native_step(group, params, grads, buffers)):
+                self._torch_step(group, params, grads, buffers, has_sparse_grad)
+        return loss
+
+    def _native_step(self, group: dict, params, grads, buffers) -> bool:
+        momentum = scalar(group["momentum"])
+        fresh = [b is None for b in buffers]
+        if momentum != 0:
+            buffers = [torch.empty_like(g) if b is None else b for g, b in zip(grads, buffers)]
+        done = _core.sgd_step(
+            params,
+            grads,
+            buffers,
+            fresh,
+            lr=scalar(group["lr"]),
+            momentum=momentum,
+            dampening=scalar(group["dampening"]),
+            weight_decay=scalar(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+            num_threads=num_threads(),
+        )
+        if done and momentum != 0:
+            for p, buf, new in zip(params, buffers, fresh):
+                if new:
+                    self.state[p]["momentum_buffer"] = buf
+        return done
+
+    def _torch_step(self, group: dict, params, grads, buffers, has_sparse_grad: bool) -> None:
+        torch.optim.sgd.sgd(
+            params,
+            grads,
+            buffers,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            has_sparse_grad=has_sparse_grad,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf

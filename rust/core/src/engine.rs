@@ -1,0 +1,196 @@
+//! The multi-tensor engine shared by every optimizer: one call covers all
+//! tensors of a parameter group; work is split by elements (not by tensor)
+//! into fixed chunks that run on a pool of `threads` workers.
+//!
+//! Kernels are element-wise, so results do not depend on the split or the
+//! thread count. Half-precision tensors are widened to f32 in small blocks,
+//! updated with the f32 kernel, and rounded back (round-to-nearest-even).
+
+use crate::dispatch::{Backend, Element};
+use crate::tensors::{DType, TensorBatch, MAX_ARITY};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Elements per work item: big enough to amortise scheduling, small enough
+/// to balance a few large tensors across threads.
+pub const CHUNK: usize = 1 << 15;
+/// Below this many elements in a call, threads cost more than they save.
+const PARALLEL_MIN: usize = 1 << 16;
+/// Elements per widened block for bf16/f16 (stays in L1 with 6 arrays).
+const HALF_BLOCK: usize = 256;
+
+/// An element-wise update of one slot's arrays, in batch arity order.
+pub trait Elementwise: Sync {
+    /// Updates `arrays` (all of equal length) of slot `slot`.
+    fn apply<T: Element>(&self, backend: Backend, slot: usize, arrays: &mut [&mut [T]]);
+
+    /// Whether array `k` of a slot is written (read-only arrays skip the
+    /// write-back after half-precision widening).
+    fn writes(&self, k: usize) -> bool {
+        let _ = k;
+        true
+    }
+}
+
+/// How a call runs: which instruction set and how many threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exec {
+    pub backend: Backend,
+    pub threads: usize,
+}
+
+impl Default for Exec {
+    fn default() -> Self {
+        Exec {
+            backend: Backend::active(),
+            threads: 1,
+        }
+    }
+}
+
+impl Exec {
+    pub fn new(backend: Backend, threads: usize) -> Exec {
+        Exec {
+            backend,
+            threads: threads.max(1),
+        }
+    }
+}
+
+/// Runs `kernel` over every slot of `batch`.
+pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
+    let items = work_items(batch);
+    let process = |&(slot, start, end): &(usize, usize, usize)| {
+        // SAFETY: work items never overlap, and the slot's dtype picks T.
+        unsafe { apply_range(kernel, batch, exec.backend, slot, start..end) }
+    };
+    if exec.threads <= 1 || batch.total_len() < PARALLEL_MIN || items.len() < 2 {
+        items.iter().for_each(process);
+    } else {
+        pool(exec.threads).install(|| items.par_iter().for_each(process));
+    }
+}
+
+/// Splits every slot into chunks of at most [`CHUNK`] elements.
+fn work_items(batch: &TensorBatch) -> Vec<(usize, usize, usize)> {
+    let mut items = Vec::with_capacity(batch.slots());
+    for slot in 0..batch.slots() {
+        let len = batch.slot(slot).len;
+        let mut start = 0;
+        while start < len {
+            let end = (start + CHUNK).min(len);
+            items.push((slot, start, end));
+            start = end;
+        }
+    }
+    items
+}
+
+/// # Safety
+/// No concurrent call may cover an overlapping `(slot, range)`.
+unsafe fn apply_range<K: Elementwise>(
+    kernel: &K,
+    batch: &TensorBatch,
+    backend: Backend,
+    slot: usize,
+    range: std::ops::Range<usize>,
+) {
+    // SAFETY (each arm): T matches the slot's dtype; disjointness is the caller's.
+    unsafe {
+        match batch.slot(slot).dtype {
+            DType::F32 => {
+                batch.with_slices::<f32, _>(slot, range, |a| kernel.apply(backend, slot, a))
+            }
+            DType::F64 => {
+                batch.with_slices::<f64, _>(slot, range, |a| kernel.apply(backend, slot, a))
+            }
+            DType::BF16 => {
+                batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, backend, slot, a))
+            }
+            DType::F16 => {
+                batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, backend, slot, a))
+            }
+        }
+    }
+}
+
+/// A 16-bit float stored in memory and computed in f32.
+trait HalfFloat: Copy {
+    fn widen(self) -> f32;
+    fn narrow(x: f32) -> Self;
+}
+
+impl HalfFloat for bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl HalfFloat for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// Runs the f32 kernel on widened copies of half-precision arrays.
+fn widened<H: HalfFloat, K: Elementwise>(
+    kernel: &K,
+    backend: Backend,
+    slot: usize,
+    arrays: &mut [&mut [H]],
+) {
+    let len = arrays.first().map_or(0, |a| a.len());
+    let mut scratch = [[0f32; HALF_BLOCK]; MAX_ARITY];
+    let mut start = 0;
+    while start < len {
+        let n = HALF_BLOCK.min(len - start);
+        for (buf, src) in scratch.iter_mut().zip(arrays.iter()) {
+            for (d, s) in buf[..n].iter_mut().zip(&src[start..start + n]) {
+                *d = s.widen();
+            }
+        }
+        {
+            let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
+            for (v, buf) in views.iter_mut().zip(scratch.iter_mut()) {
+                *v = &mut buf[..n];
+            }
+            kernel.apply::<f32>(backend, slot, &mut views[..arrays.len()]);
+        }
+        for (k, (buf, dst)) in scratch.iter().zip(arrays.iter_mut()).enumerate() {
+            if kernel.writes(k) {
+                for (d, s) in dst[start..start + n].iter_mut().zip(&buf[..n]) {
+                    *d = H::narrow(*s);
+                }
+            }
+        }
+        start += n;
+    }
+}
+
+/// A rayon pool per requested thread count, built once and kept.
+fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+    static POOLS: OnceLock<Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == threads) {
+        return p.clone();
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("oxoptim-{i}"))
+            .build()
+            .expect("failed to start oxoptim worker threads"),
+    );
+    pools.push((threads, p.clone()));
+    p
+}

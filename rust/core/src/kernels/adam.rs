@@ -1,0 +1,206 @@
+//! Adam / AdamW (decoupled weight decay) with AMSGrad and maximize, operation
+//! for operation as torch's `_single_tensor_adam` on its vectorised CPU path.
+
+use super::common_len;
+use crate::dispatch::{run_block, Backend, Element};
+use crate::engine::{self, Elementwise, Exec};
+use crate::error::{Error, Result};
+use crate::simd::{LaneBlock, Lanes};
+use crate::tensors::TensorBatch;
+
+/// Adam hyper-parameters of one parameter group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    pub maximize: bool,
+    /// AdamW: decay the parameter instead of adding `weight_decay * param` to the gradient.
+    pub decoupled_weight_decay: bool,
+}
+
+impl AdamConfig {
+    /// Arrays per slot: `[param, grad, exp_avg, exp_avg_sq(, max_exp_avg_sq)]`.
+    pub fn arity(&self) -> usize {
+        if self.amsgrad {
+            5
+        } else {
+            4
+        }
+    }
+}
+
+/// One Adam step over a batch; `steps[i]` is slot i's step count *after*
+/// this step's increment (it sets the bias corrections).
+pub fn adam_step(
+    config: &AdamConfig,
+    batch: &TensorBatch,
+    steps: &[f64],
+    exec: Exec,
+) -> Result<()> {
+    if batch.arity() != config.arity() {
+        return Err(Error::Mismatch(format!(
+            "Adam expects {} arrays per tensor, got {}",
+            config.arity(),
+            batch.arity()
+        )));
+    }
+    if steps.len() != batch.slots() {
+        return Err(Error::Mismatch(format!(
+            "{} step counts for {} tensors",
+            steps.len(),
+            batch.slots()
+        )));
+    }
+    let per_slot = steps
+        .iter()
+        .map(|&step| BiasCorrection::new(config, step))
+        .collect::<Vec<_>>();
+    engine::run(
+        &AdamKernel {
+            config,
+            per_slot: &per_slot,
+        },
+        batch,
+        exec,
+    );
+    Ok(())
+}
+
+/// Step-dependent scalars, computed in f64 as torch computes them in Python.
+#[derive(Clone, Copy, Debug)]
+struct BiasCorrection {
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+}
+
+impl BiasCorrection {
+    fn new(c: &AdamConfig, step: f64) -> BiasCorrection {
+        let bias_correction1 = 1.0 - c.beta1.powf(step);
+        let bias_correction2 = 1.0 - c.beta2.powf(step);
+        BiasCorrection {
+            step_size: c.lr / bias_correction1,
+            bias_correction2_sqrt: bias_correction2.powf(0.5),
+        }
+    }
+}
+
+struct AdamKernel<'a> {
+    config: &'a AdamConfig,
+    per_slot: &'a [BiasCorrection],
+}
+
+impl Elementwise for AdamKernel<'_> {
+    fn apply<T: Element>(&self, backend: Backend, slot: usize, arrays: &mut [&mut [T]]) {
+        let c = self.config;
+        let n = common_len(arrays, c.arity());
+        let bc = self.per_slot[slot];
+        // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
+        let lerp_weight = T::from_f64(1.0 - c.beta1);
+        let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
+        let mut block = AdamBlock {
+            lerp_coeff: if lerp_small {
+                lerp_weight
+            } else {
+                lerp_weight - T::ONE
+            },
+            lerp_from_start: lerp_small,
+            beta2: T::from_f64(c.beta2),
+            one_minus_beta2: T::from_f64(1.0 - c.beta2),
+            eps: T::from_f64(c.eps),
+            step_size_neg: T::from_f64(-bc.step_size),
+            bias_correction2_sqrt: T::from_f64(bc.bias_correction2_sqrt),
+            weight_decay: T::from_f64(c.weight_decay),
+            param_decay: T::from_f64(1.0 - c.lr * c.weight_decay),
+            coupled_decay: c.weight_decay != 0.0 && !c.decoupled_weight_decay,
+            decoupled_decay: c.weight_decay != 0.0 && c.decoupled_weight_decay,
+            amsgrad: c.amsgrad,
+            maximize: c.maximize,
+            param: arrays[0].as_mut_ptr(),
+            grad: arrays[1].as_ptr(),
+            exp_avg: arrays[2].as_mut_ptr(),
+            exp_avg_sq: arrays[3].as_mut_ptr(),
+            max_exp_avg_sq: arrays
+                .get_mut(4)
+                .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()),
+        };
+        // SAFETY: every array holds `n` elements (checked by `common_len`).
+        unsafe { run_block(backend, n, &mut block) }
+    }
+
+    fn writes(&self, k: usize) -> bool {
+        k != 1
+    }
+}
+
+struct AdamBlock<T> {
+    lerp_coeff: T,
+    lerp_from_start: bool,
+    beta2: T,
+    one_minus_beta2: T,
+    eps: T,
+    step_size_neg: T,
+    bias_correction2_sqrt: T,
+    weight_decay: T,
+    param_decay: T,
+    coupled_decay: bool,
+    decoupled_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    param: *mut T,
+    grad: *const T,
+    exp_avg: *mut T,
+    exp_avg_sq: *mut T,
+    max_exp_avg_sq: *mut T,
+}
+
+impl<T: Element> LaneBlock<T> for AdamBlock<T> {
+    #[inline(always)]
+    unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
+        // SAFETY: `run_blocks` keeps i + WIDTH within the arrays; the AMSGrad
+        // array is only touched when it was passed.
+        unsafe {
+            let mut p = s.load(self.param.add(i));
+            let mut g = s.load(self.grad.add(i));
+            if self.maximize {
+                g = s.mul(g, s.splat(-T::ONE));
+            }
+            if self.decoupled_decay {
+                p = s.mul(p, s.splat(self.param_decay));
+            } else if self.coupled_decay {
+                g = s.mul_add(p, s.splat(self.weight_decay), g);
+            }
+            // exp_avg.lerp_(grad, 1 - beta1)
+            let m = s.load(self.exp_avg.add(i));
+            let diff = s.sub(g, m);
+            let m = s.mul_add(
+                s.splat(self.lerp_coeff),
+                diff,
+                if self.lerp_from_start { m } else { g },
+            );
+            s.store(self.exp_avg.add(i), m);
+            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
+            let v = s.add(v, s.mul(s.mul(s.splat(self.one_minus_beta2), g), g));
+            s.store(self.exp_avg_sq.add(i), v);
+            let second = if self.amsgrad {
+                let vmax = s.max(s.load(self.max_exp_avg_sq.add(i)), v);
+                s.store(self.max_exp_avg_sq.add(i), vmax);
+                vmax
+            } else {
+                v
+            };
+            // denom = second.sqrt() / bias_correction2_sqrt + eps
+            let denom = s.add(
+                s.div(s.sqrt(second), s.splat(self.bias_correction2_sqrt)),
+                s.splat(self.eps),
+            );
+            // param.addcdiv_(exp_avg, denom, value=-step_size)
+            p = s.add(p, s.div(s.mul(s.splat(self.step_size_neg), m), denom));
+            s.store(self.param.add(i), p);
+        }
+    }
+}

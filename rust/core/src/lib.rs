@@ -1,0 +1,20 @@
+//! oxoptim-core: SIMD optimizer updates with runtime CPU dispatch.
+//!
+//! Pure Rust, no Python: callers describe tensor memory as [`RawTensor`]s,
+//! [`TensorBatch::new`] checks them (the only unsafe boundary), and a kernel
+//! such as [`sgd_step`] or [`adam_step`] updates every tensor of a parameter
+//! group in one call, split across threads by elements.
+
+pub mod dispatch;
+pub mod engine;
+pub mod error;
+pub mod kernels;
+pub mod simd;
+pub mod tensors;
+
+pub use dispatch::Backend;
+pub use engine::Exec;
+pub use error::{Error, Result};
+pub use kernels::adam::{adam_step, AdamConfig};
+pub use kernels::sgd::{sgd_step, SgdConfig};
+pub use tensors::{DType, RawTensor, StepCounters, TensorBatch};

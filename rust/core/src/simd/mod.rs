@@ -1,0 +1,145 @@
+//! A tiny portable-SIMD layer in the style of pulp: kernels are written once,
+//! generic over [`Lanes`], and instantiated for each instruction set.
+//!
+//! Every implementation performs the *same* IEEE operations per lane (a fused
+//! multiply-add is a real FMA everywhere, the scalar one via `mul_add`), so a
+//! SIMD path gives results bit-identical to the scalar reference.
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+pub use scalar::Scalar;
+
+/// Element types the arithmetic kernels compute in.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::fmt::Debug
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// Rounds a hyper-parameter (computed in f64) to this type, as torch casts
+    /// a Python scalar to the tensor's dtype.
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
+    fn is_nan(self) -> bool;
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn mul_add(self, b: Self, c: Self) -> Self {
+                <$t>::mul_add(self, b, c)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+        }
+    };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// One instruction set's vector registers for element type `T`.
+///
+/// All methods are `#[inline(always)]` in the implementations: they are only
+/// ever called from inside a function compiled with the matching
+/// `#[target_feature]`, where they inline to single instructions.
+pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
+    type V: Copy;
+    /// Number of `T` lanes in `V`.
+    const WIDTH: usize;
+
+    fn splat(self, x: T) -> Self::V;
+    /// # Safety
+    /// `ptr` must be valid for reading `WIDTH` elements (no alignment needed).
+    unsafe fn load(self, ptr: *const T) -> Self::V;
+    /// # Safety
+    /// `ptr` must be valid for writing `WIDTH` elements (no alignment needed).
+    unsafe fn store(self, ptr: *mut T, v: Self::V);
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    fn div(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sqrt(self, a: Self::V) -> Self::V;
+    /// `a * b + c` with a single rounding.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane-wise maximum that propagates NaN, like `torch.maximum`.
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Sum of squares accumulated lane-wise: `acc + x * x` with one rounding.
+    #[inline(always)]
+    fn square_acc(self, acc: Self::V, x: Self::V) -> Self::V {
+        self.mul_add(x, x, acc)
+    }
+    /// Adds the lanes in a fixed order (lane 0 first), for deterministic reductions.
+    fn reduce_sum(self, v: Self::V) -> T;
+    /// True when any lane is NaN or infinite.
+    fn any_nonfinite(self, v: Self::V) -> bool;
+}
+
+/// A kernel's per-element work at offset `i`, written once for every [`Lanes`].
+pub trait LaneBlock<T: Real> {
+    /// Processes elements `i..i + S::WIDTH`.
+    ///
+    /// # Safety
+    /// The caller guarantees `i + S::WIDTH` is within every array the block reads or writes.
+    unsafe fn apply<S: Lanes<T>>(&mut self, simd: S, i: usize);
+}
+
+/// Runs `block` over `n` elements: whole vectors of `S` first, then the tail
+/// through [`Scalar`], which performs the same per-lane operations.
+///
+/// # Safety
+/// Every array `block` touches must hold at least `n` elements.
+#[inline(always)]
+pub unsafe fn run_blocks<T: Real, S: Lanes<T>, B: LaneBlock<T>>(simd: S, n: usize, block: &mut B)
+where
+    Scalar: Lanes<T>,
+{
+    let full = n - n % S::WIDTH;
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + WIDTH <= full <= n.
+        unsafe { block.apply(simd, i) };
+        i += S::WIDTH;
+    }
+    while i < n {
+        // SAFETY: i < n and Scalar::WIDTH == 1.
+        unsafe { block.apply(Scalar, i) };
+        i += 1;
+    }
+}

@@ -1,0 +1,221 @@
+//! x86_64 vector paths: AVX2+FMA (256-bit) and AVX-512F (512-bit).
+//!
+//! The types are zero-sized tokens; holding one means the CPU features were
+//! detected (see `dispatch`), which is what makes the intrinsics sound.
+
+use super::{Lanes, Real};
+use std::arch::x86_64::*;
+
+/// Token for AVX2 + FMA. Only constructed after runtime detection.
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2 {
+    _private: (),
+}
+
+/// Token for AVX-512F. Only constructed after runtime detection.
+#[derive(Clone, Copy, Debug)]
+pub struct Avx512 {
+    _private: (),
+}
+
+impl Avx2 {
+    pub fn try_new() -> Option<Self> {
+        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+            .then_some(Avx2 { _private: () })
+    }
+}
+
+impl Avx512 {
+    pub fn try_new() -> Option<Self> {
+        is_x86_feature_detected!("avx512f").then_some(Avx512 { _private: () })
+    }
+}
+
+// SAFETY (whole module): every method below runs an intrinsic of the token's
+// instruction set; a token exists only if that set was detected at run time.
+// The `load`/`store` pointer requirements are forwarded to the caller.
+macro_rules! impl_lanes {
+    ($token:ty, $t:ty, $v:ty, $width:expr,
+     set1=$set1:ident, loadu=$loadu:ident, storeu=$storeu:ident,
+     add=$add:ident, sub=$sub:ident, mul=$mul:ident, div=$div:ident,
+     sqrt=$sqrt:ident, fmadd=$fmadd:ident,
+     max_nan=|$ma:ident, $mb:ident| $max_body:expr,
+     reduce=|$rv:ident| $reduce_body:expr,
+     nonfinite=|$nv:ident| $nonfinite_body:expr) => {
+        impl Lanes<$t> for $token {
+            type V = $v;
+            const WIDTH: usize = $width;
+
+            #[inline(always)]
+            fn splat(self, x: $t) -> $v {
+                unsafe { $set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn load(self, ptr: *const $t) -> $v {
+                unsafe { $loadu(ptr) }
+            }
+            #[inline(always)]
+            unsafe fn store(self, ptr: *mut $t, v: $v) {
+                unsafe { $storeu(ptr, v) }
+            }
+            #[inline(always)]
+            fn add(self, a: $v, b: $v) -> $v {
+                unsafe { $add(a, b) }
+            }
+            #[inline(always)]
+            fn sub(self, a: $v, b: $v) -> $v {
+                unsafe { $sub(a, b) }
+            }
+            #[inline(always)]
+            fn mul(self, a: $v, b: $v) -> $v {
+                unsafe { $mul(a, b) }
+            }
+            #[inline(always)]
+            fn div(self, a: $v, b: $v) -> $v {
+                unsafe { $div(a, b) }
+            }
+            #[inline(always)]
+            fn sqrt(self, a: $v) -> $v {
+                unsafe { $sqrt(a) }
+            }
+            #[inline(always)]
+            fn mul_add(self, a: $v, b: $v, c: $v) -> $v {
+                unsafe { $fmadd(a, b, c) }
+            }
+            #[inline(always)]
+            fn max(self, $ma: $v, $mb: $v) -> $v {
+                unsafe { $max_body }
+            }
+            #[inline(always)]
+            fn reduce_sum(self, $rv: $v) -> $t {
+                #[allow(unused_unsafe)]
+                unsafe {
+                    $reduce_body
+                }
+            }
+            #[inline(always)]
+            fn any_nonfinite(self, $nv: $v) -> bool {
+                unsafe { $nonfinite_body }
+            }
+        }
+    };
+}
+
+/// Adds lanes strictly left to right, matching the scalar reference order.
+#[inline(always)]
+fn sum_in_order<T: Real, const N: usize>(lanes: [T; N]) -> T {
+    let mut acc = lanes[0];
+    for &x in &lanes[1..] {
+        acc = acc + x;
+    }
+    acc
+}
+
+impl_lanes!(
+    Avx2,
+    f32,
+    __m256,
+    8,
+    set1 = _mm256_set1_ps,
+    loadu = _mm256_loadu_ps,
+    storeu = _mm256_storeu_ps,
+    add = _mm256_add_ps,
+    sub = _mm256_sub_ps,
+    mul = _mm256_mul_ps,
+    div = _mm256_div_ps,
+    sqrt = _mm256_sqrt_ps,
+    fmadd = _mm256_fmadd_ps,
+    max_nan = |a, b| {
+        // a where a > b or a is NaN, else b (b NaN falls through to b).
+        let take_a = _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(a, b),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a),
+        );
+        _mm256_blendv_ps(b, a, take_a)
+    },
+    reduce = |v| sum_in_order(std::mem::transmute::<__m256, [f32; 8]>(v)),
+    nonfinite = |v| {
+        let d = _mm256_sub_ps(v, v);
+        _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(d, d)) != 0
+    }
+);
+
+impl_lanes!(
+    Avx2,
+    f64,
+    __m256d,
+    4,
+    set1 = _mm256_set1_pd,
+    loadu = _mm256_loadu_pd,
+    storeu = _mm256_storeu_pd,
+    add = _mm256_add_pd,
+    sub = _mm256_sub_pd,
+    mul = _mm256_mul_pd,
+    div = _mm256_div_pd,
+    sqrt = _mm256_sqrt_pd,
+    fmadd = _mm256_fmadd_pd,
+    max_nan = |a, b| {
+        let take_a = _mm256_or_pd(
+            _mm256_cmp_pd::<_CMP_GT_OQ>(a, b),
+            _mm256_cmp_pd::<_CMP_UNORD_Q>(a, a),
+        );
+        _mm256_blendv_pd(b, a, take_a)
+    },
+    reduce = |v| sum_in_order(std::mem::transmute::<__m256d, [f64; 4]>(v)),
+    nonfinite = |v| {
+        let d = _mm256_sub_pd(v, v);
+        _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_UNORD_Q>(d, d)) != 0
+    }
+);
+
+impl_lanes!(
+    Avx512,
+    f32,
+    __m512,
+    16,
+    set1 = _mm512_set1_ps,
+    loadu = _mm512_loadu_ps,
+    storeu = _mm512_storeu_ps,
+    add = _mm512_add_ps,
+    sub = _mm512_sub_ps,
+    mul = _mm512_mul_ps,
+    div = _mm512_div_ps,
+    sqrt = _mm512_sqrt_ps,
+    fmadd = _mm512_fmadd_ps,
+    max_nan = |a, b| {
+        let take_a =
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a);
+        _mm512_mask_blend_ps(take_a, b, a)
+    },
+    reduce = |v| sum_in_order(std::mem::transmute::<__m512, [f32; 16]>(v)),
+    nonfinite = |v| {
+        let d = _mm512_sub_ps(v, v);
+        _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
+    }
+);
+
+impl_lanes!(
+    Avx512,
+    f64,
+    __m512d,
+    8,
+    set1 = _mm512_set1_pd,
+    loadu = _mm512_loadu_pd,
+    storeu = _mm512_storeu_pd,
+    add = _mm512_add_pd,
+    sub = _mm512_sub_pd,
+    mul = _mm512_mul_pd,
+    div = _mm512_div_pd,
+    sqrt = _mm512_sqrt_pd,
+    fmadd = _mm512_fmadd_pd,
+    max_nan = |a, b| {
+        let take_a =
+            _mm512_cmp_pd_mask::<_CMP_GT_OQ>(a, b) | _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(a, a);
+        _mm512_mask_blend_pd(take_a, b, a)
+    },
+    reduce = |v| sum_in_order(std::mem::transmute::<__m512d, [f64; 8]>(v)),
+    nonfinite = |v| {
+        let d = _mm512_sub_pd(v, v);
+        _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(d, d) != 0
+    }
+);

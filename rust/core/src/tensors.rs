@@ -1,0 +1,314 @@
+//! The one unsafe boundary: raw tensor memory handed over by a caller (the
+//! Python bindings) becomes Rust slices here, after every check that makes
+//! that sound.
+
+use crate::error::{Error, Result};
+
+/// Element type of a tensor's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+}
+
+/// One contiguous tensor's memory: address, element count and element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawTensor {
+    pub addr: usize,
+    pub len: usize,
+    pub dtype: DType,
+}
+
+impl RawTensor {
+    fn byte_range(&self) -> (usize, usize) {
+        (self.addr, self.addr + self.len * self.dtype.size())
+    }
+}
+
+/// The tensors of one call: `slots` tensor slots (one per parameter), each
+/// holding `arity` arrays (parameter, gradient, state...), row-major.
+/// Every array is read and may be written by the kernel.
+#[derive(Debug)]
+pub struct TensorBatch {
+    arrays: Vec<RawTensor>,
+    arity: usize,
+}
+
+impl TensorBatch {
+    /// Checks a batch and takes it over.
+    ///
+    /// Checked here: `arrays.len()` is a multiple of `arity`; within a slot all
+    /// arrays have the same length and dtype; every non-empty array has a
+    /// non-null address aligned for its dtype and an end that does not wrap;
+    /// no two non-empty arrays overlap (so the `&mut` slices made later never alias).
+    ///
+    /// # Safety
+    /// Each array must describe memory that is valid for reads and writes of
+    /// `len * dtype.size()` bytes, holds initialised values of its dtype, and is
+    /// not accessed by anyone else until the returned batch is dropped. (The
+    /// bindings guarantee this from the tensors' device, dtype, contiguity and
+    /// `data_ptr`, while holding references to them.)
+    pub unsafe fn new(arrays: Vec<RawTensor>, arity: usize) -> Result<TensorBatch> {
+        if arity == 0 || arrays.len() % arity != 0 {
+            return Err(Error::Mismatch(format!(
+                "{} arrays do not form whole slots of {arity}",
+                arrays.len()
+            )));
+        }
+        for (slot, row) in arrays.chunks(arity).enumerate() {
+            let first = row[0];
+            for (k, a) in row.iter().enumerate() {
+                if a.len != first.len || a.dtype != first.dtype {
+                    return Err(Error::Mismatch(format!(
+                        "tensor {slot}: array {k} has {} elements of {} but the parameter has {} of {}",
+                        a.len,
+                        a.dtype.name(),
+                        first.len,
+                        first.dtype.name()
+                    )));
+                }
+                if a.len == 0 {
+                    continue;
+                }
+                if a.addr == 0 || a.addr % a.dtype.size() != 0 {
+                    return Err(Error::BadAddress(format!(
+                        "tensor {slot}: array {k} address {:#x} is null or not aligned for {}",
+                        a.addr,
+                        a.dtype.name()
+                    )));
+                }
+                let bytes = a.len.checked_mul(a.dtype.size());
+                if bytes
+                    .and_then(|b| a.addr.checked_add(b))
+                    .is_none_or(|end| end > isize::MAX as usize)
+                {
+                    return Err(Error::BadAddress(format!(
+                        "tensor {slot}: array {k} extends past the address space"
+                    )));
+                }
+            }
+        }
+        check_disjoint(&arrays, arity)?;
+        Ok(TensorBatch { arrays, arity })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.arrays.len() / self.arity
+    }
+
+    pub fn arity(&self) -> usize {
+        self.arity
+    }
+
+    /// Length and dtype of slot `slot` (shared by its arrays).
+    pub fn slot(&self, slot: usize) -> RawTensor {
+        self.arrays[slot * self.arity]
+    }
+
+    /// Total elements over all slots.
+    pub fn total_len(&self) -> usize {
+        self.arrays.chunks(self.arity).map(|row| row[0].len).sum()
+    }
+
+    /// Hands `f` the arrays of `slot`, elements `range`, as typed mutable slices.
+    ///
+    /// Takes `&self`: callers on different threads must ask for disjoint
+    /// `(slot, range)` pairs, which the engine's work split guarantees.
+    ///
+    /// # Safety
+    /// `T` must match the slot's dtype in size and representation, and no other
+    /// live call may cover an overlapping `(slot, range)`.
+    pub(crate) unsafe fn with_slices<T, R>(
+        &self,
+        slot: usize,
+        range: std::ops::Range<usize>,
+        f: impl FnOnce(&mut [&mut [T]]) -> R,
+    ) -> R {
+        let row = &self.arrays[slot * self.arity..(slot + 1) * self.arity];
+        assert!(range.start <= range.end && range.end <= row[0].len);
+        assert_eq!(std::mem::size_of::<T>(), row[0].dtype.size());
+        let mut slices: [&mut [T]; MAX_ARITY] = Default::default();
+        assert!(self.arity <= MAX_ARITY);
+        for (dst, a) in slices.iter_mut().zip(row) {
+            if range.is_empty() {
+                continue;
+            }
+            // SAFETY: `new` checked alignment, non-null and that arrays never
+            // overlap; the caller's contract keeps the memory valid and the
+            // ranges handed out disjoint, so these `&mut` never alias.
+            *dst = unsafe {
+                std::slice::from_raw_parts_mut((a.addr as *mut T).add(range.start), range.len())
+            };
+        }
+        f(&mut slices[..self.arity])
+    }
+}
+
+/// Per-tensor step counters (torch keeps each as a 0-d f32/f64 tensor),
+/// checked like batch arrays and disjoint from them.
+#[derive(Debug)]
+pub struct StepCounters {
+    cells: Vec<RawTensor>,
+}
+
+impl StepCounters {
+    /// # Safety
+    /// As for [`TensorBatch::new`], for each cell; `batch` must be the batch
+    /// the counters belong to (their memory is checked to be disjoint from it).
+    pub unsafe fn new(cells: Vec<RawTensor>, batch: &TensorBatch) -> Result<StepCounters> {
+        if cells.len() != batch.slots() {
+            return Err(Error::Mismatch(format!(
+                "{} step counters for {} tensors",
+                cells.len(),
+                batch.slots()
+            )));
+        }
+        for (i, c) in cells.iter().enumerate() {
+            if c.len != 1 || !matches!(c.dtype, DType::F32 | DType::F64) {
+                return Err(Error::Mismatch(format!(
+                    "step counter {i} must be one float32 or float64 element, got {} of {}",
+                    c.len,
+                    c.dtype.name()
+                )));
+            }
+            if c.addr == 0 || c.addr % c.dtype.size() != 0 {
+                return Err(Error::BadAddress(format!(
+                    "step counter {i} address {:#x} is null or misaligned",
+                    c.addr
+                )));
+            }
+        }
+        let mut all = batch.arrays.clone();
+        all.extend(cells.iter().copied()); // counters show up as slots past the last tensor in messages
+        check_disjoint(&all, batch.arity)?;
+        Ok(StepCounters { cells })
+    }
+
+    /// Adds one to every counter in its own dtype (as torch's `step_t += 1`)
+    /// and returns the new values.
+    pub fn increment(&self) -> Vec<f64> {
+        self.cells
+            .iter()
+            .map(|c| {
+                // SAFETY: `new` checked each cell is one aligned element of its
+                // dtype, disjoint from everything else in the call.
+                unsafe {
+                    match c.dtype {
+                        DType::F32 => {
+                            let p = c.addr as *mut f32;
+                            *p += 1.0;
+                            *p as f64
+                        }
+                        _ => {
+                            let p = c.addr as *mut f64;
+                            *p += 1.0;
+                            *p
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Most arrays one slot may have (AMSGrad Adam uses five).
+pub const MAX_ARITY: usize = 6;
+
+fn check_disjoint(arrays: &[RawTensor], arity: usize) -> Result<()> {
+    let mut spans: Vec<(usize, usize, usize)> = arrays
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.len > 0)
+        .map(|(i, a)| {
+            let (s, e) = a.byte_range();
+            (s, e, i)
+        })
+        .collect();
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        let (_, end_a, ia) = pair[0];
+        let (start_b, _, ib) = pair[1];
+        if start_b < end_a {
+            return Err(Error::Overlap(format!(
+                "tensor {} array {} and tensor {} array {} share memory; one optimizer call needs distinct tensors",
+                ia / arity,
+                ia % arity,
+                ib / arity,
+                ib % arity
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(addr: usize, len: usize) -> RawTensor {
+        RawTensor {
+            addr,
+            len,
+            dtype: DType::F32,
+        }
+    }
+
+    #[test]
+    fn rejects_overlap_length_and_alignment() {
+        // SAFETY: these batches are never turned into slices.
+        unsafe {
+            assert!(matches!(
+                TensorBatch::new(vec![t(64, 4), t(72, 4)], 2),
+                Err(Error::Overlap(_))
+            ));
+            assert!(matches!(
+                TensorBatch::new(vec![t(64, 4), t(128, 3)], 2),
+                Err(Error::Mismatch(_))
+            ));
+            assert!(matches!(
+                TensorBatch::new(vec![t(66, 4), t(128, 4)], 2),
+                Err(Error::BadAddress(_))
+            ));
+            assert!(matches!(
+                TensorBatch::new(vec![t(0, 4), t(128, 4)], 2),
+                Err(Error::BadAddress(_))
+            ));
+            assert!(matches!(
+                TensorBatch::new(vec![t(64, 1)], 2),
+                Err(Error::Mismatch(_))
+            ));
+            // Adjacent and empty arrays are fine.
+            assert!(TensorBatch::new(vec![t(64, 4), t(80, 4), t(0, 0), t(0, 0)], 2).is_ok());
+        }
+    }
+
+    #[test]
+    fn overlap_found_even_when_a_long_array_covers_later_ones() {
+        // [64, 464) covers [96, 112) and [200, 216), both of another slot.
+        unsafe {
+            let r = TensorBatch::new(vec![t(64, 100), t(1000, 100), t(96, 4), t(200, 4)], 2);
+            assert!(matches!(r, Err(Error::Overlap(_))));
+        }
+    }
+}

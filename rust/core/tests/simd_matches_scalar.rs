@@ -1,0 +1,329 @@
+//! Every SIMD backend must give results bit-identical to the scalar reference,
+//! for every length 0..=67 (vector tails), misaligned starts, all dtypes, and
+//! any thread count.
+
+use half::{bf16, f16};
+use oxoptim_core::{
+    adam_step, sgd_step, AdamConfig, Backend, DType, Exec, RawTensor, SgdConfig, TensorBatch,
+};
+
+/// Deterministic pseudo-random values in [-2, 2).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+        })
+        .collect()
+}
+
+trait Storage: Copy + PartialEq + std::fmt::Debug {
+    const DTYPE: DType;
+    fn from_f64(x: f64) -> Self;
+    fn bits(self) -> u64;
+}
+impl Storage for f32 {
+    const DTYPE: DType = DType::F32;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Storage for f64 {
+    const DTYPE: DType = DType::F64;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+}
+impl Storage for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Storage for f16 {
+    const DTYPE: DType = DType::F16;
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+
+/// `arity` arrays per tensor, one tensor per length, each starting `offset` elements into its buffer.
+struct Arrays<T> {
+    buffers: Vec<Vec<T>>,
+    lens: Vec<usize>,
+    offset: usize,
+    arity: usize,
+}
+
+impl<T: Storage> Arrays<T> {
+    fn new(lens: &[usize], arity: usize, offset: usize, seed: u64, nonneg: &[usize]) -> Self {
+        let mut buffers = Vec::new();
+        for (t, &n) in lens.iter().enumerate() {
+            for k in 0..arity {
+                let vals = values(seed ^ ((t * 31 + k) as u64), n + offset);
+                let vals = vals
+                    .into_iter()
+                    .map(|v| if nonneg.contains(&k) { v.abs() } else { v });
+                buffers.push(vals.map(T::from_f64).collect());
+            }
+        }
+        Arrays {
+            buffers,
+            lens: lens.to_vec(),
+            offset,
+            arity,
+        }
+    }
+
+    fn batch(&mut self) -> TensorBatch {
+        let raws = self
+            .buffers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| RawTensor {
+                addr: b[self.offset..].as_mut_ptr() as usize,
+                len: self.lens[i / self.arity],
+                dtype: T::DTYPE,
+            })
+            .collect();
+        // SAFETY: the buffers outlive the batch and are not touched meanwhile.
+        unsafe { TensorBatch::new(raws, self.arity).unwrap() }
+    }
+
+    fn bits(&self) -> Vec<Vec<u64>> {
+        self.buffers
+            .iter()
+            .map(|b| b.iter().map(|x| x.bits()).collect())
+            .collect()
+    }
+}
+
+const OFFSETS: [usize; 3] = [0, 1, 3];
+
+fn sgd_configs() -> Vec<SgdConfig> {
+    let base = SgdConfig {
+        lr: 0.05,
+        momentum: 0.0,
+        dampening: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+        maximize: false,
+    };
+    vec![
+        base,
+        SgdConfig {
+            weight_decay: 0.01,
+            maximize: true,
+            ..base
+        },
+        SgdConfig {
+            momentum: 0.9,
+            ..base
+        },
+        SgdConfig {
+            momentum: 0.9,
+            dampening: 0.3,
+            weight_decay: 1e-3,
+            ..base
+        },
+        SgdConfig {
+            momentum: 0.8,
+            nesterov: true,
+            weight_decay: 0.1,
+            ..base
+        },
+    ]
+}
+
+fn adam_configs() -> Vec<AdamConfig> {
+    let base = AdamConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        amsgrad: false,
+        maximize: false,
+        decoupled_weight_decay: false,
+    };
+    vec![
+        base,
+        AdamConfig {
+            lr: 0.1,
+            weight_decay: 0.05,
+            maximize: true,
+            ..base
+        },
+        AdamConfig {
+            weight_decay: 0.01,
+            decoupled_weight_decay: true,
+            ..base
+        },
+        AdamConfig {
+            amsgrad: true,
+            beta1: 0.6,
+            beta2: 0.5,
+            eps: 1e-3,
+            ..base
+        },
+    ]
+}
+
+/// Runs `steps` steps of `step` on fresh arrays for each backend and thread count; all must agree bit for bit.
+fn check_all_backends<T: Storage>(
+    lens: &[usize],
+    arity: usize,
+    nonneg: &[usize],
+    threads: &[usize],
+    step: impl Fn(&TensorBatch, usize, Exec),
+) {
+    for offset in OFFSETS {
+        let reference = {
+            let mut a = Arrays::<T>::new(lens, arity, offset, 7, nonneg);
+            let batch = a.batch();
+            for s in 0..3 {
+                step(&batch, s, Exec::new(Backend::Scalar, 1));
+            }
+            drop(batch);
+            a.bits()
+        };
+        for backend in Backend::supported() {
+            for &t in threads {
+                let mut a = Arrays::<T>::new(lens, arity, offset, 7, nonneg);
+                let batch = a.batch();
+                for s in 0..3 {
+                    step(&batch, s, Exec::new(backend, t));
+                }
+                drop(batch);
+                assert_eq!(
+                    a.bits(),
+                    reference,
+                    "{backend:?} threads={t} offset={offset} dtype={:?}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+fn tail_lengths() -> Vec<usize> {
+    (0..=67).collect()
+}
+
+fn run_sgd<T: Storage>(lens: &[usize], threads: &[usize]) {
+    for config in sgd_configs() {
+        let slots = lens.len();
+        check_all_backends::<T>(lens, config.arity(), &[], threads, |batch, s, exec| {
+            sgd_step(&config, batch, &vec![s == 0; slots], exec).unwrap()
+        });
+    }
+}
+
+fn run_adam<T: Storage>(lens: &[usize], threads: &[usize]) {
+    for config in adam_configs() {
+        let slots = lens.len();
+        // exp_avg_sq and max_exp_avg_sq start non-negative, as they are in use.
+        check_all_backends::<T>(lens, config.arity(), &[3, 4], threads, |batch, s, exec| {
+            adam_step(&config, batch, &vec![(s + 1) as f64; slots], exec).unwrap()
+        });
+    }
+}
+
+#[test]
+fn sgd_tails_every_dtype() {
+    run_sgd::<f32>(&tail_lengths(), &[1]);
+    run_sgd::<f64>(&tail_lengths(), &[1]);
+    run_sgd::<bf16>(&tail_lengths(), &[1]);
+    run_sgd::<f16>(&tail_lengths(), &[1]);
+}
+
+#[test]
+fn adam_tails_every_dtype() {
+    run_adam::<f32>(&tail_lengths(), &[1]);
+    run_adam::<f64>(&tail_lengths(), &[1]);
+    run_adam::<bf16>(&tail_lengths(), &[1]);
+    run_adam::<f16>(&tail_lengths(), &[1]);
+}
+
+#[test]
+fn thread_count_never_changes_results() {
+    // Large and odd sizes so that the work split differs with the thread count.
+    let lens = [200_003, 0, 70_001, 5, 1 << 16];
+    run_sgd::<f32>(&lens, &[1, 2, 3, 7]);
+    run_adam::<f32>(&lens, &[1, 2, 3, 7]);
+    run_adam::<bf16>(&lens, &[1, 4]);
+}
+
+#[test]
+fn adam_scalar_matches_textbook_formula_in_f64() {
+    // One step of Adam from zero state, written out by hand.
+    let config = adam_configs()[0];
+    let mut p = vec![0.5f64, -1.0, 2.0];
+    let mut g = vec![0.1f64, -0.2, 0.0];
+    let mut m = vec![0.0f64; 3];
+    let mut v = vec![0.0f64; 3];
+    let expected: Vec<f64> = p
+        .iter()
+        .zip(&g)
+        .map(|(&p, &g)| {
+            let m = 0.1 * g;
+            let v = 0.001 * g * g;
+            let m_hat = m / (1.0 - 0.9);
+            let v_hat = v / (1.0 - 0.999);
+            p - 1e-3 * m_hat / (v_hat.sqrt() + 1e-8)
+        })
+        .collect();
+    let raw = |b: &mut Vec<f64>| RawTensor {
+        addr: b.as_mut_ptr() as usize,
+        len: 3,
+        dtype: DType::F64,
+    };
+    let arrays = vec![raw(&mut p), raw(&mut g), raw(&mut m), raw(&mut v)];
+    // SAFETY: the vectors outlive the batch.
+    let batch = unsafe { TensorBatch::new(arrays, 4).unwrap() };
+    adam_step(&config, &batch, &[1.0], Exec::new(Backend::Scalar, 1)).unwrap();
+    drop(batch);
+    for (a, b) in p.iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn wrong_arity_is_an_error_not_a_write() {
+    let mut p = vec![1.0f32; 4];
+    let mut g = vec![1.0f32; 4];
+    let raw = |b: &mut Vec<f32>| RawTensor {
+        addr: b.as_mut_ptr() as usize,
+        len: 4,
+        dtype: DType::F32,
+    };
+    let batch = unsafe { TensorBatch::new(vec![raw(&mut p), raw(&mut g)], 2).unwrap() };
+    let momentum = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        dampening: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+        maximize: false,
+    };
+    assert!(sgd_step(&momentum, &batch, &[true], Exec::default()).is_err());
+    drop(batch);
+    assert_eq!(p, vec![1.0; 4]);
+}

@@ -1,0 +1,230 @@
+//! `oxoptim._core`: a thin layer that turns torch tensors into checked raw
+//! memory descriptors and calls the pure Rust kernels with the GIL released.
+
+use oxoptim_core::{self as core, Backend, Exec, RawTensor, StepCounters, TensorBatch};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyList, PyTuple};
+
+mod tensors;
+use tensors::{describe_all, Described};
+
+fn core_error(e: core::Error) -> PyErr {
+    match e {
+        core::Error::InvalidArgument(m) => PyValueError::new_err(m),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+/// The instruction set the kernels run on: "avx512", "avx2", "neon" or "scalar".
+#[pyfunction]
+fn simd_backend() -> &'static str {
+    Backend::active().name()
+}
+
+/// Every instruction set this CPU supports, slowest first.
+#[pyfunction]
+fn supported_backends() -> Vec<&'static str> {
+    Backend::supported()
+        .into_iter()
+        .map(Backend::name)
+        .collect()
+}
+
+fn exec(num_threads: usize, backend: Option<&str>) -> PyResult<Exec> {
+    let backend = match backend {
+        None => Backend::active(),
+        Some(name) => match Backend::parse(name) {
+            Some(b) if b.is_supported() => b,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "SIMD backend {name:?} is not available on this CPU"
+                )))
+            }
+        },
+    };
+    Ok(Exec::new(backend, num_threads))
+}
+
+/// Interleaves per-role tensor lists into slot-major arrays.
+fn slots(columns: &[Vec<RawTensor>]) -> Vec<RawTensor> {
+    let n = columns.first().map_or(0, Vec::len);
+    (0..n)
+        .flat_map(|i| columns.iter().map(move |c| c[i]))
+        .collect()
+}
+
+fn column(list: &Bound<'_, PyList>, n: usize, role: &str) -> PyResult<Option<Vec<RawTensor>>> {
+    if list.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "expected {n} {role} tensors, got {}",
+            list.len()
+        )));
+    }
+    match describe_all(list)? {
+        Described::Ready(v) => Ok(Some(v)),
+        Described::Unsupported => Ok(None),
+    }
+}
+
+/// One SGD step over a parameter group. Returns False (having touched
+/// nothing) when some tensor needs torch's own implementation.
+#[pyfunction]
+#[pyo3(signature = (params, grads, momentum_buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov, maximize, num_threads=1, backend=None))]
+#[allow(clippy::too_many_arguments)]
+fn sgd_step(
+    py: Python<'_>,
+    params: &Bound<'_, PyList>,
+    grads: &Bound<'_, PyList>,
+    momentum_buffers: &Bound<'_, PyList>,
+    fresh: Vec<bool>,
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
+    num_threads: usize,
+    backend: Option<&str>,
+) -> PyResult<bool> {
+    let config = core::SgdConfig {
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+    };
+    let n = params.len();
+    let mut columns = Vec::with_capacity(3);
+    for (list, role) in [(params, "param"), (grads, "grad")] {
+        match column(list, n, role)? {
+            Some(c) => columns.push(c),
+            None => return Ok(false),
+        }
+    }
+    if momentum != 0.0 {
+        match column(momentum_buffers, n, "momentum_buffer")? {
+            Some(c) => columns.push(c),
+            None => return Ok(false),
+        }
+        if fresh.len() != n {
+            return Err(PyValueError::new_err(format!(
+                "expected {n} fresh flags, got {}",
+                fresh.len()
+            )));
+        }
+    }
+    let exec = exec(num_threads, backend)?;
+    // SAFETY: `describe_all` checked every tensor is a dense, contiguous CPU
+    // tensor of a supported dtype; the lists keep them alive for this call.
+    let batch = unsafe { TensorBatch::new(slots(&columns), config.arity()) }.map_err(core_error)?;
+    py.detach(|| core::sgd_step(&config, &batch, &fresh, exec))
+        .map_err(core_error)?;
+    bump_versions(py, &[params, momentum_buffers])?;
+    Ok(true)
+}
+
+/// One Adam/AdamW step over a parameter group; increments each `state_steps`
+/// counter. Returns False (having touched nothing) when some tensor needs
+/// torch's own implementation.
+#[pyfunction]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, num_threads=1, backend=None))]
+#[allow(clippy::too_many_arguments)]
+fn adam_step(
+    py: Python<'_>,
+    params: &Bound<'_, PyList>,
+    grads: &Bound<'_, PyList>,
+    exp_avgs: &Bound<'_, PyList>,
+    exp_avg_sqs: &Bound<'_, PyList>,
+    max_exp_avg_sqs: &Bound<'_, PyList>,
+    state_steps: &Bound<'_, PyList>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    num_threads: usize,
+    backend: Option<&str>,
+) -> PyResult<bool> {
+    let config = core::AdamConfig {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize,
+        decoupled_weight_decay,
+    };
+    let n = params.len();
+    let mut roles = vec![
+        (params, "param"),
+        (grads, "grad"),
+        (exp_avgs, "exp_avg"),
+        (exp_avg_sqs, "exp_avg_sq"),
+    ];
+    if amsgrad {
+        roles.push((max_exp_avg_sqs, "max_exp_avg_sq"));
+    }
+    let mut columns = Vec::with_capacity(roles.len());
+    for (list, role) in roles {
+        match column(list, n, role)? {
+            Some(c) => columns.push(c),
+            None => return Ok(false),
+        }
+    }
+    let Some(steps) = column(state_steps, n, "step")? else {
+        return Ok(false);
+    };
+    let exec = exec(num_threads, backend)?;
+    // SAFETY: as in `sgd_step`; step counters were described the same way.
+    let batch = unsafe { TensorBatch::new(slots(&columns), config.arity()) }.map_err(core_error)?;
+    let counters = unsafe { StepCounters::new(steps, &batch) }.map_err(core_error)?;
+    py.detach(|| {
+        let steps = counters.increment();
+        core::adam_step(&config, &batch, &steps, exec)
+    })
+    .map_err(core_error)?;
+    bump_versions(
+        py,
+        &[params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],
+    )?;
+    Ok(true)
+}
+
+/// Tells autograd the tensors were modified in place, as torch's own in-place
+/// ops do, so that misuse (stepping between forward and backward) is caught.
+fn bump_versions(py: Python<'_>, lists: &[&Bound<'_, PyList>]) -> PyResult<()> {
+    static INCREMENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let increment = INCREMENT.get_or_try_init(py, || -> PyResult<_> {
+        Ok(py
+            .import("torch.autograd.graph")?
+            .getattr("increment_version")?
+            .unbind())
+    })?;
+    let all = PyList::empty(py);
+    for list in lists {
+        for t in list.iter() {
+            all.append(t)?;
+        }
+    }
+    if !all.is_empty() {
+        increment.bind(py).call1(PyTuple::new(py, [all])?)?;
+    }
+    Ok(())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(supported_backends, m)?)?;
+    m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    Ok(())
+}
