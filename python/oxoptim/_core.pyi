@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 import torch
 
 __version__: str
-__all__: list[str]
+__all__ = ["__version__", "adam_step", "sgd_step", "simd_backend", "supported_backends"]
 
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...
