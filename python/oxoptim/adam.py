@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.optim.adam import adam as torch_adam
 
 from . import _core
 from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar
@@ -73,7 +74,7 @@ class Adam(torch.optim.Adam):
 
     def _torch_step(self, group, lists, has_complex: bool) -> None:
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(
+        torch_adam(
             *lists,
             amsgrad=group["amsgrad"],
             has_complex=has_complex,

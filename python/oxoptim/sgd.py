@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.optim.sgd import sgd as torch_sgd
 
 from . import _core
 from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar
@@ -72,7 +73,7 @@ class SGD(torch.optim.SGD):
         return done
 
     def _torch_step(self, group: dict, params, grads, buffers, has_sparse_grad: bool) -> None:
-        torch.optim.sgd.sgd(
+        torch_sgd(
             params,
             grads,
             buffers,

@@ -100,6 +100,10 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// Lane-wise maximum that propagates NaN, like `torch.maximum`.
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Absolute value (clears the sign bit; NaN stays NaN).
+    fn abs(self, a: Self::V) -> Self::V;
+    /// `1` where `a > 0`, `-1` where `a < 0`, `+0` otherwise (zeros and NaN).
+    fn sign(self, a: Self::V) -> Self::V;
     /// Sum of squares accumulated lane-wise: `acc + x * x` with one rounding.
     #[inline(always)]
     fn square_acc(self, acc: Self::V, x: Self::V) -> Self::V {

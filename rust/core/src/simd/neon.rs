@@ -30,7 +30,7 @@ macro_rules! impl_lanes {
     ($t:ty, $v:ty, $width:expr, $bits:ty,
      dup=$dup:ident, ld=$ld:ident, st=$st:ident, add=$add:ident, sub=$sub:ident,
      mul=$mul:ident, div=$div:ident, sqrt=$sqrt:ident, fma=$fma:ident,
-     cgt=$cgt:ident, ceq=$ceq:ident, orr=$orr:ident, bsl=$bsl:ident, mvn_any=|$m:ident| $any:expr) => {
+     cgt=$cgt:ident, clt=$clt:ident, ceq=$ceq:ident, abs=$abs:ident, orr=$orr:ident, bsl=$bsl:ident, mvn_any=|$m:ident| $any:expr) => {
         impl Lanes<$t> for Neon {
             type V = $v;
             const WIDTH: usize = $width;
@@ -79,6 +79,20 @@ macro_rules! impl_lanes {
                     let a_nan: $bits = $ceq(a, a);
                     let take_a = $orr($cgt(a, b), vmvnq_u32_or_u64(a_nan));
                     $bsl(take_a, a, b)
+                }
+            }
+            #[inline(always)]
+            fn abs(self, a: $v) -> $v {
+                unsafe { $abs(a) }
+            }
+            #[inline(always)]
+            fn sign(self, a: $v) -> $v {
+                unsafe {
+                    let zero = $dup(0.0);
+                    let one = $dup(1.0);
+                    let pos = $bsl($cgt(a, zero), one, zero);
+                    let neg = $bsl($clt(a, zero), one, zero);
+                    $sub(pos, neg)
                 }
             }
             #[inline(always)]
@@ -133,6 +147,8 @@ impl_lanes!(
     sqrt = vsqrtq_f32,
     fma = vfmaq_f32,
     cgt = vcgtq_f32,
+    clt = vcltq_f32,
+    abs = vabsq_f32,
     ceq = vceqq_f32,
     orr = vorrq_u32,
     bsl = vbslq_f32,
@@ -154,6 +170,8 @@ impl_lanes!(
     sqrt = vsqrtq_f64,
     fma = vfmaq_f64,
     cgt = vcgtq_f64,
+    clt = vcltq_f64,
+    abs = vabsq_f64,
     ceq = vceqq_f64,
     orr = vorrq_u64,
     bsl = vbslq_f64,

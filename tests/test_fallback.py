@@ -1,0 +1,130 @@
+"""Tensors the Rust path cannot take run torch's implementation; the drop-in never breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oxoptim
+from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
+
+
+def _run_both(twin: Twin, make_params, steps=10, **hyper):
+    gen = torch.Generator().manual_seed(0)
+    mine, ref = make_params(), make_params()
+    ours, theirs = twin.ours(mine, **hyper), twin.make_theirs(ref, **hyper)
+    for _ in range(steps):
+        for p, q in zip(mine, ref):
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    return mine, ref
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_non_contiguous_parameters(twin: Twin) -> None:
+    def make():
+        torch.manual_seed(1)
+        return [torch.randn(6, 4).t().requires_grad_(), torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()]
+
+    mine, ref = _run_both(twin, make, lr=0.01)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.name != "sgd"], ids=[t.name for t in TWINS if t.name != "sgd"])
+def test_complex_parameters(twin: Twin) -> None:
+    def make():
+        torch.manual_seed(2)
+        return [torch.randn(7, dtype=torch.complex64).requires_grad_()]
+
+    mine, ref = _run_both(twin, make, lr=0.01)
+    torch.testing.assert_close(mine[0], ref[0])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_differentiable_mode_backpropagates_through_the_step(twin: Twin) -> None:
+    results = []
+    for make in (twin.ours, twin.make_theirs):
+        leaf = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
+        p = leaf.clone()  # differentiable mode optimises non-leaf tensors
+        opt = make([p], lr=0.1, weight_decay=0.1, differentiable=True)
+        p.grad = (leaf * leaf).detach() + 0.5
+        opt.step()
+        (p * p).sum().backward()
+        results.append((p.detach().clone(), leaf.grad.clone()))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_sparse_gradients_follow_torch() -> None:
+    emb_a = torch.nn.Embedding(10, 3, sparse=True)
+    emb_b = torch.nn.Embedding(10, 3, sparse=True)
+    emb_b.load_state_dict(emb_a.state_dict())
+    idx = torch.tensor([1, 2, 2, 7])
+    opt_a, opt_b = oxoptim.SGD(emb_a.parameters(), lr=0.1), torch.optim.SGD(emb_b.parameters(), lr=0.1)
+    for emb, opt in ((emb_a, opt_a), (emb_b, opt_b)):
+        emb(idx).sum().backward()
+        opt.step()
+    torch.testing.assert_close(emb_a.weight, emb_b.weight)
+    emb_c = torch.nn.Embedding(10, 3, sparse=True)
+    emb_c(idx).sum().backward()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        oxoptim.Adam(emb_c.parameters()).step()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_tensor_lr(twin: Twin) -> None:
+    def make():
+        torch.manual_seed(4)
+        return [torch.randn(9).requires_grad_()]
+
+    mine, ref = _run_both(twin, make, lr=torch.tensor(0.01))
+    torch.testing.assert_close(mine[0], ref[0], **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_is_a_torch_optimizer_with_hooks(twin: Twin) -> None:
+    p = torch.randn(4, requires_grad=True)
+    opt = twin.ours([p], lr=0.1)
+    assert isinstance(opt, twin.theirs) and isinstance(opt, torch.optim.Optimizer)
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    p.grad = torch.ones(4)
+    opt.step()
+    assert calls == ["pre", "post"]
+    extra = torch.randn(2, requires_grad=True)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    extra.grad = torch.ones(2)
+    before = extra.detach().clone()
+    opt.step()
+    assert not torch.equal(extra, before)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_stepping_between_forward_and_backward_is_caught_like_torch() -> None:
+    w = torch.randn(3, requires_grad=True)
+    opt = oxoptim.SGD([w], lr=0.1)
+    w.grad = torch.ones(3)
+    loss = (w * w).sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_validation_errors_are_torchs() -> None:
+    p = [torch.randn(2, requires_grad=True)]
+    for ours, theirs, kw in [
+        (oxoptim.SGD, torch.optim.SGD, dict(lr=-1.0)),
+        (oxoptim.SGD, torch.optim.SGD, dict(lr=0.1, nesterov=True)),
+        (oxoptim.Adam, torch.optim.Adam, dict(betas=(1.0, 0.9))),
+        (oxoptim.AdamW, torch.optim.AdamW, dict(eps=-1.0)),
+        (oxoptim.Adam, torch.optim.Adam, dict(weight_decay=-0.1)),
+    ]:
+        with pytest.raises(ValueError) as a:
+            ours(p, **kw)
+        with pytest.raises(ValueError) as b:
+            theirs(p, **kw)
+        assert str(a.value) == str(b.value)
