@@ -9,7 +9,7 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["_use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar"]
+__all__ = ["_use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "tensor_cache"]
 
 
 def num_threads() -> int:
@@ -51,3 +51,13 @@ def _hyper_values(group: dict):
             yield from value
         else:
             yield value
+
+
+def tensor_cache(optimizer: torch.optim.Optimizer) -> Any:
+    """The optimizer's cache of tensor descriptions (not part of its state or pickle)."""
+    cache = optimizer.__dict__.get("_oxoptim_tensor_cache")
+    if cache is None:
+        from . import _core
+
+        cache = optimizer.__dict__["_oxoptim_tensor_cache"] = _core.TensorCache()
+    return cache

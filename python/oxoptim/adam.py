@@ -6,7 +6,8 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from . import _core
-from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar
+from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar, tensor_cache
+from ._skip import SkipNonfinite
 
 __all__ = ["Adam", "AdamW"]
 
@@ -23,14 +24,16 @@ _NATIVE_NOTE = """
 """
 
 
-class Adam(torch.optim.Adam):
+class Adam(SkipNonfinite, torch.optim.Adam):
     __doc__ = (
         """Drop-in ``torch.optim.Adam`` whose CPU update runs in Rust SIMD.
 
     Same signature, defaults, validation errors and ``state_dict`` layout
     (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) as
     :class:`torch.optim.Adam`, of which it is a subclass, including
-    ``decoupled_weight_decay``; state dicts load both ways.
+    ``decoupled_weight_decay``; state dicts load both ways. Also takes
+    ``skip_nonfinite=False``: when true, a group whose gradients hold a NaN/Inf
+    is not stepped (parameters and state untouched) and ``skipped_steps`` counts it.
 """
         + _NATIVE_NOTE
     )
@@ -45,22 +48,28 @@ class Adam(torch.optim.Adam):
         """
         self._accelerator_graph_capture_health_check()
         loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
-            has_complex = self._init_group(group, *lists)
-            if not (not has_complex and group_is_native(self, group) and self._native_step(group, *lists)):
-                self._torch_step(group, lists, has_complex)
+        cache = tensor_cache(self)
+        cache.begin_step()
+        try:
+            for group in self.param_groups:
+                if group.get("skip_nonfinite") and self._skip_group(group):
+                    continue
+                native = group_is_native(self, group)
+                # Fast path: state already initialised, every tensor native.
+                if native and _core.adam_group_step(group["params"], self.state, cache, **self._native_hyper(group)):
+                    continue
+                lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+                has_complex = self._init_group(group, *lists)
+                if not (native and not has_complex and _core.adam_step(*lists, **self._native_hyper(group))):
+                    self._torch_step(group, lists, has_complex)
+        finally:
+            cache.finish_step()
         return loss
 
-    def _native_step(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> bool:
+    @staticmethod
+    def _native_hyper(group: dict) -> dict:
         beta1, beta2 = group["betas"]
-        return _core.adam_step(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            state_steps,
+        return dict(
             lr=scalar(group["lr"]),
             beta1=scalar(beta1),
             beta2=scalar(beta2),

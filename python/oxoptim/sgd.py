@@ -8,17 +8,19 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from . import _core
-from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar
+from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar, tensor_cache
+from ._skip import SkipNonfinite
 
 __all__ = ["SGD"]
 
 
-class SGD(torch.optim.SGD):
+class SGD(SkipNonfinite, torch.optim.SGD):
     """Drop-in ``torch.optim.SGD`` whose CPU update runs in Rust SIMD.
 
     Same signature, defaults, validation errors and ``state_dict`` layout
     (``momentum_buffer``) as :class:`torch.optim.SGD`, of which it is a
-    subclass; the update is θ ← θ − lr·d with d the (momentum, Nesterov,
+    subclass (plus ``skip_nonfinite=False``: when true, a group whose gradients
+    hold a NaN/Inf is not stepped and ``skipped_steps`` counts it); the update is θ ← θ − lr·d with d the (momentum, Nesterov,
     weight-decayed) direction, operation for operation as torch computes it.
 
     One native call per parameter group covers all its tensors, with the GIL
@@ -39,33 +41,45 @@ class SGD(torch.optim.SGD):
                 and returns the loss.
         """
         loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            buffers: list[Optional[torch.Tensor]] = []
-            has_sparse_grad = self._init_group(group, params, grads, buffers)
-            if not (not has_sparse_grad and group_is_native(self, group) and self._native_step(group, params, grads, buffers)):
-                self._torch_step(group, params, grads, buffers, has_sparse_grad)
+        cache = tensor_cache(self)
+        cache.begin_step()
+        try:
+            for group in self.param_groups:
+                if group.get("skip_nonfinite") and self._skip_group(group):
+                    continue
+                native = group_is_native(self, group)
+                # Fast path: momentum buffers exist (or momentum is 0), every tensor native.
+                if native and _core.sgd_group_step(group["params"], self.state, cache, **self._native_hyper(group)):
+                    continue
+                params: list[torch.Tensor] = []
+                grads: list[torch.Tensor] = []
+                buffers: list[Optional[torch.Tensor]] = []
+                has_sparse_grad = self._init_group(group, params, grads, buffers)
+                if not (native and not has_sparse_grad and self._native_step(group, params, grads, buffers)):
+                    self._torch_step(group, params, grads, buffers, has_sparse_grad)
+        finally:
+            cache.finish_step()
         return loss
 
-    def _native_step(self, group: dict, params, grads, buffers) -> bool:
-        momentum = scalar(group["momentum"])
-        fresh = [b is None for b in buffers]
-        if momentum != 0:
-            buffers = [torch.empty_like(g) if b is None else b for g, b in zip(grads, buffers)]
-        done = _core.sgd_step(
-            params,
-            grads,
-            buffers,
-            fresh,
+    @staticmethod
+    def _native_hyper(group: dict) -> dict:
+        return dict(
             lr=scalar(group["lr"]),
-            momentum=momentum,
+            momentum=scalar(group["momentum"]),
             dampening=scalar(group["dampening"]),
             weight_decay=scalar(group["weight_decay"]),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             num_threads=num_threads(),
         )
+
+    def _native_step(self, group: dict, params, grads, buffers) -> bool:
+        hyper = self._native_hyper(group)
+        fresh = [b is None for b in buffers]
+        if hyper["momentum"] != 0:
+            buffers = [torch.empty_like(g) if b is None else b for g, b in zip(grads, buffers)]
+        done = _core.sgd_step(params, grads, buffers, fresh, **hyper)
+        momentum = hyper["momentum"]
         if done and momentum != 0:
             for p, buf, new in zip(params, buffers, fresh):
                 if new:

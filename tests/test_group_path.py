@@ -1,0 +1,98 @@
+"""The whole-group fast path (tensors gathered in Rust, descriptions cached
+between steps) follows every change a user can make between steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
+
+HYPER = {"sgd": dict(lr=0.05, momentum=0.9), "adam": dict(lr=0.01, amsgrad=True), "adamw": dict(lr=0.01)}
+
+
+def _pair(twin: Twin, shapes=((5,), (3, 4), ())):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    mine, ref = clone_params(params), clone_params(params)
+    return gen, mine, ref, twin.ours(mine, **HYPER[twin.name]), twin.make_theirs(ref, **HYPER[twin.name])
+
+
+def _steps(gen, mine, ref, ours, theirs, n=3):
+    for _ in range(n):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+
+
+def _check(mine, ref):
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_param_data_swapped_between_steps(twin: Twin) -> None:
+    gen, mine, ref, ours, theirs = _pair(twin)
+    _steps(gen, mine, ref, ours, theirs)
+    new = torch.randn(5, generator=gen)
+    mine[0].data = new.clone()
+    ref[0].data = new.clone()
+    _steps(gen, mine, ref, ours, theirs)
+    _check(mine, ref)
+    # Swapped for a non-contiguous view: the general path takes over.
+    view = torch.randn(4, 3, generator=gen)
+    mine[1].data = view.clone().t()
+    ref[1].data = view.clone().t()
+    _steps(gen, mine, ref, ours, theirs)
+    _check(mine, ref)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_state_replaced_or_reset_between_steps(twin: Twin) -> None:
+    gen, mine, ref, ours, theirs = _pair(twin)
+    _steps(gen, mine, ref, ours, theirs)
+    key = "momentum_buffer" if twin.name == "sgd" else "exp_avg"
+    for opt, p in ((ours, mine[0]), (theirs, ref[0])):
+        opt.state[p][key] = torch.full_like(p, 0.5)
+    _steps(gen, mine, ref, ours, theirs)
+    _check(mine, ref)
+    for opt, p in ((ours, mine[1]), (theirs, ref[1])):
+        opt.state[p] = {}
+    _steps(gen, mine, ref, ours, theirs)
+    _check(mine, ref)
+    for opt in (ours, theirs):
+        opt.state.clear()
+    _steps(gen, mine, ref, ours, theirs)
+    _check(mine, ref)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_gradients_come_and_go(twin: Twin) -> None:
+    gen, mine, ref, ours, theirs = _pair(twin)
+    _steps(gen, mine, ref, ours, theirs)
+    for step in range(6):
+        set_grads(gen, mine, ref)
+        for i in range(len(mine)):
+            if (step + i) % 3 == 0:
+                mine[i].grad = ref[i].grad = None
+        if step == 4:  # a non-contiguous gradient
+            g = torch.randn(4, 3, generator=gen)
+            mine[1].grad, ref[1].grad = g.clone().t(), g.clone().t()
+        ours.step()
+        theirs.step()
+    _check(mine, ref)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_in_place_edits_of_params_and_state_are_seen(twin: Twin) -> None:
+    gen, mine, ref, ours, theirs = _pair(twin)
+    _steps(gen, mine, ref, ours, theirs)
+    with torch.no_grad():
+        for p in mine + ref:
+            p.mul_(0.5)
+    for opt in (ours, theirs):
+        for s in opt.state.values():
+            for v in s.values():
+                v.add_(1.0) if v.dim() else None
+    _steps(gen, mine, ref, ours, theirs)
+    _check(mine, ref)
