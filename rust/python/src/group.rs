@@ -4,7 +4,7 @@
 //! tensor the kernels cannot take) returns False so Python takes its general path.
 
 use crate::tensors::{describe_grad, torch_types, TensorCache};
-use crate::{bump_versions, core_error, exec, slots};
+use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::{self as core, RawTensor, StepCounters, TensorBatch};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -116,8 +116,9 @@ pub(crate) fn sgd_group_step(
     let fresh = vec![false; g.columns[0].len()];
     // SAFETY: every array was described from a live, dense, contiguous CPU
     // tensor of a supported dtype; `g.params` and the state dict keep them alive.
-    let batch =
-        unsafe { TensorBatch::new(slots(&g.columns), config.arity()) }.map_err(core_error)?;
+    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&g.columns), config.arity()) })? else {
+        return Ok(false);
+    };
     py.detach(|| core::sgd_step(&config, &batch, &fresh, exec))
         .map_err(core_error)?;
     bump_versions(py, &[&g.params])?;
@@ -163,9 +164,12 @@ pub(crate) fn adam_group_step(
     };
     let exec = exec(num_threads, None)?;
     // SAFETY: as in `sgd_group_step`; the step counters likewise.
-    let batch =
-        unsafe { TensorBatch::new(slots(&g.columns), config.arity()) }.map_err(core_error)?;
-    let counters = unsafe { StepCounters::new(g.counters, &batch) }.map_err(core_error)?;
+    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&g.columns), config.arity()) })? else {
+        return Ok(false);
+    };
+    let Some(counters) = or_fallback(unsafe { StepCounters::new(g.counters, &batch) })? else {
+        return Ok(false);
+    };
     py.detach(|| {
         let steps = counters.increment();
         core::adam_step(&config, &batch, &steps, exec)

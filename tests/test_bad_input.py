@@ -1,0 +1,196 @@
+"""Bad input: torch's error (type and message) where torch has one, a clear
+error where it has none, and never a partial update."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import oxoptim
+from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
+
+HYPER = {"sgd": dict(lr=0.05, momentum=0.9), "adam": dict(lr=0.01, amsgrad=True), "adamw": dict(lr=0.01)}
+
+BAD_HYPER = {
+    "sgd": [dict(lr=-1.0), dict(lr=math.nan), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, weight_decay=-1.0), dict(lr=0.1, nesterov=True), dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=True)],
+    "adam": [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1e-8), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(betas=(math.nan, 0.9)), dict(weight_decay=-0.1)],
+}
+BAD_HYPER["adamw"] = BAD_HYPER["adam"]
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_invalid_hyper_parameters_raise_torchs_errors(twin: Twin) -> None:
+    for kw in BAD_HYPER[twin.name]:
+        if twin.name == "sgd" and any(isinstance(v, float) and math.isnan(v) for v in kw.values()):
+            continue  # torch.optim.SGD accepts NaN; see the next test
+        errors = []
+        for cls in (twin.ours, twin.theirs):
+            with pytest.raises(Exception) as info:
+                cls([torch.randn(2, requires_grad=True)], **kw)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1], kw
+
+
+@pytest.mark.parametrize("kw", [dict(lr=math.nan), dict(lr=0.1, momentum=math.nan), dict(lr=0.1, weight_decay=math.nan), dict(lr=0.1, dampening=math.nan)])
+def test_nan_hyper_parameters_are_rejected_even_where_torch_accepts_them(kw) -> None:
+    name = next(k for k, v in kw.items() if math.isnan(v))
+    with pytest.raises(ValueError, match=f"Invalid .*{'learning rate' if name == 'lr' else name}.*nan"):
+        oxoptim.SGD([torch.randn(2, requires_grad=True)], **kw)
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(opt, params, snap):
+    before_params, before_state = snap
+    for p, b in zip(params, before_params):
+        assert torch.equal(p, b)
+    after = opt.state_dict()
+    assert after["param_groups"] == before_state["param_groups"]
+    assert after["state"].keys() == before_state["state"].keys()
+    for k in after["state"]:
+        for name, v in after["state"][k].items():
+            assert torch.equal(v, before_state["state"][k][name])
+
+
+def _trained(twin: Twin):
+    gen = torch.Generator().manual_seed(0)
+    params = clone_params([torch.randn(s, generator=gen) for s in [(4,), (2, 3)]])
+    opt = twin.ours(params, **HYPER[twin.name])
+    for _ in range(3):
+        set_grads(gen, params)
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_rejected_load_state_dict_changes_nothing(twin: Twin) -> None:
+    opt, params = _trained(twin)
+    good = opt.state_dict()
+    key = "momentum_buffer" if twin.name == "sgd" else "exp_avg"
+
+    def edited(fn):
+        sd = copy.deepcopy(good)
+        fn(sd)
+        return sd
+
+    cases = [
+        (edited(lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0]))), "different number of parameter groups"),
+        (edited(lambda sd: sd["param_groups"][0]["params"].pop()), "doesn't match the size"),
+        (edited(lambda sd: sd["state"].__setitem__(1, {"junk": 0})), "missing"),
+        (edited(lambda sd: sd["state"][1].__setitem__(key, torch.zeros(3, 2))), "shape"),
+        (edited(lambda sd: sd["state"][0].__setitem__(key, torch.zeros(4, dtype=torch.int64))), "dtype"),
+        (edited(lambda sd: sd.pop("state")), "state"),
+    ]
+    if twin.name != "sgd":
+        cases.append((edited(lambda sd: sd["state"][0].__setitem__("step", torch.zeros(3))), "single real number"))
+    snap = _snapshot(opt, params)
+    for sd, message in cases:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(sd)
+        _assert_unchanged(opt, params, snap)
+    opt.load_state_dict(good)  # and the good one still loads
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_duplicate_parameter_in_a_group_behaves_like_torch(twin: Twin) -> None:
+    results = []
+    for make in (twin.ours, twin.make_theirs):
+        p = torch.linspace(-1, 1, 7).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = make([p, p], **HYPER[twin.name])
+        for _ in range(3):
+            p.grad = torch.ones(7)
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_overlapping_views_as_parameters_behave_like_torch(twin: Twin) -> None:
+    results = []
+    for make in (twin.ours, twin.make_theirs):
+        base = torch.linspace(-1, 1, 10)
+        a, b = base[:6].clone().requires_grad_(), None
+        # Two leaf parameters sharing one storage, overlapping in elements 3..6.
+        storage = torch.linspace(-1, 1, 10)
+        a = torch.as_strided(storage, (6,), (1,), 0).detach().requires_grad_()
+        b = torch.as_strided(storage, (6,), (1,), 3).detach().requires_grad_()
+        opt = make([a, b], **HYPER[twin.name])
+        for _ in range(3):
+            a.grad, b.grad = torch.ones(6), torch.full((6,), 0.5)
+            opt.step()
+        results.append(storage.clone())
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_mixed_dtypes_in_one_group(twin: Twin) -> None:
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(5, generator=gen, dtype=dt) for dt in (torch.float32, torch.float64, torch.float32)]
+    mine, ref = clone_params(params), clone_params(params)
+    ours, theirs = twin.ours(mine, **HYPER[twin.name]), twin.make_theirs(ref, **HYPER[twin.name])
+    for _ in range(5):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, **TOLERANCE[a.dtype])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
+    """A group holding a CPU and a meta-device tensor falls back to torch as a whole."""
+    gen = torch.Generator().manual_seed(2)
+    cpu = [torch.randn(5, generator=gen)]
+    mine, ref = clone_params(cpu), clone_params(cpu)
+    meta_a, meta_b = torch.empty(3, device="meta", requires_grad=True), torch.empty(3, device="meta", requires_grad=True)
+    ours, theirs = twin.ours(mine + [meta_a], **HYPER[twin.name]), twin.make_theirs(ref + [meta_b], **HYPER[twin.name])
+    for _ in range(3):
+        set_grads(gen, mine, ref)
+        meta_a.grad, meta_b.grad = torch.empty(3, device="meta"), torch.empty(3, device="meta")
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(mine[0], ref[0], **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_params_without_requires_grad_are_left_alone(twin: Twin) -> None:
+    frozen = torch.ones(3)
+    live = torch.ones(3, requires_grad=True)
+    opt = twin.ours([frozen, live], **HYPER[twin.name])
+    live.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(frozen, torch.ones(3)) and frozen not in opt.state
+
+
+def test_two_threads_stepping_two_optimizers_at_once() -> None:
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    sets = [clone_params([torch.randn(50_000, generator=gen) for _ in range(8)]) for _ in range(2)]
+    refs = [clone_params(s) for s in sets]
+    grads = [[torch.randn(50_000, generator=gen) for _ in range(8)] for _ in range(2)]
+
+    def train(params, cls, g, steps=20):
+        opt = cls(params, lr=0.01)
+        for _ in range(steps):
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+
+    threads = [threading.Thread(target=train, args=(sets[i], oxoptim.AdamW, grads[i])) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        train(refs[i], torch.optim.AdamW, grads[i])
+        for a, b in zip(sets[i], refs[i]):
+            torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
