@@ -2,6 +2,21 @@
 
 from ._core import __version__, simd_backend, supported_backends
 from .adam import Adam, AdamW
+from .averaging import GradientAverager, ParamAverager
+from .clip import clip_grad_norm_, get_total_norm
 from .sgd import SGD
+from .subgradient import Subgradient
 
-__all__ = ["SGD", "Adam", "AdamW", "simd_backend", "supported_backends", "__version__"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Subgradient",
+    "GradientAverager",
+    "ParamAverager",
+    "clip_grad_norm_",
+    "get_total_norm",
+    "simd_backend",
+    "supported_backends",
+    "__version__",
+]

@@ -6,6 +6,7 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from . import _core
+from ._state import CheckedStateDict
 from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar, tensor_cache
 from ._skip import SkipNonfinite
 
@@ -24,7 +25,7 @@ _NATIVE_NOTE = """
 """
 
 
-class Adam(SkipNonfinite, torch.optim.Adam):
+class Adam(CheckedStateDict, SkipNonfinite, torch.optim.Adam):
     __doc__ = (
         """Drop-in ``torch.optim.Adam`` whose CPU update runs in Rust SIMD.
 
@@ -37,6 +38,12 @@ class Adam(SkipNonfinite, torch.optim.Adam):
 """
         + _NATIVE_NOTE
     )
+
+    PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    SCALAR_STATE = ("step",)
+
+    def required_state(self, group: dict) -> tuple[str, ...]:
+        return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     @_use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]

@@ -8,13 +8,14 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from . import _core
+from ._state import CheckedStateDict
 from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar, tensor_cache
 from ._skip import SkipNonfinite
 
 __all__ = ["SGD"]
 
 
-class SGD(SkipNonfinite, torch.optim.SGD):
+class SGD(CheckedStateDict, SkipNonfinite, torch.optim.SGD):
     """Drop-in ``torch.optim.SGD`` whose CPU update runs in Rust SIMD.
 
     Same signature, defaults, validation errors and ``state_dict`` layout
@@ -31,6 +32,11 @@ class SGD(SkipNonfinite, torch.optim.SGD):
     so the optimizer never breaks. ``foreach`` and ``fused`` are otherwise
     accepted for compatibility and do not change the native path.
     """
+
+    PARAM_SHAPED = ("momentum_buffer",)
+
+    def required_state(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     @_use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]

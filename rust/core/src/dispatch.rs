@@ -168,19 +168,6 @@ macro_rules! impl_element {
 impl_element!(f32);
 impl_element!(f64);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forced_choice_never_exceeds_the_cpu() {
-        assert_eq!(choose(Some("scalar")), Backend::Scalar);
-        assert!(choose(Some("avx512")).is_supported());
-        assert_eq!(choose(None), *Backend::supported().last().unwrap());
-        assert_eq!(choose(Some("bogus")), choose(None));
-    }
-}
-
 /// Runs `block` over `n` elements on `backend` (vectors, then a scalar tail).
 ///
 /// # Safety
@@ -203,4 +190,17 @@ pub unsafe fn run_block<T: Element, B: crate::simd::LaneBlock<T>>(
         }
     }
     T::dispatch(backend, &mut Runner { n, block })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forced_choice_never_exceeds_the_cpu() {
+        assert_eq!(choose(Some("scalar")), Backend::Scalar);
+        assert!(choose(Some("avx512")).is_supported());
+        assert_eq!(choose(None), *Backend::supported().last().unwrap());
+        assert_eq!(choose(Some("bogus")), choose(None));
+    }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// to balance a few large tensors across threads.
 pub const CHUNK: usize = 1 << 15;
 /// Below this many elements in a call, threads cost more than they save.
-const PARALLEL_MIN: usize = 1 << 16;
+pub(crate) const PARALLEL_MIN: usize = 1 << 16;
 /// Elements per widened block for bf16/f16 (stays in L1 with 6 arrays).
 const HALF_BLOCK: usize = 256;
 
@@ -175,8 +175,9 @@ fn widened<H: HalfFloat, K: Elementwise>(
 }
 
 /// A rayon pool per requested thread count, built once and kept.
-fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
-    static POOLS: OnceLock<Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>> = OnceLock::new();
+pub(crate) fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+    type Pools = Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>;
+    static POOLS: OnceLock<Pools> = OnceLock::new();
     let mut pools = POOLS
         .get_or_init(Default::default)
         .lock()

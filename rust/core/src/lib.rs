@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod kernels;
+pub mod reduce;
 pub mod simd;
 pub mod tensors;
 
@@ -16,5 +17,8 @@ pub use dispatch::Backend;
 pub use engine::Exec;
 pub use error::{Error, Result};
 pub use kernels::adam::{adam_step, AdamConfig};
+pub use kernels::averaging::{accumulate_mean, lerp_average, scale_into};
 pub use kernels::sgd::{sgd_step, SgdConfig};
-pub use tensors::{DType, RawTensor, StepCounters, TensorBatch};
+pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
+pub use reduce::{any_nonfinite, norm, reduce, Reduction};
+pub use tensors::{DType, DisjointMemo, RawTensor, StepCounters, TensorBatch};

@@ -70,7 +70,21 @@ impl TensorBatch {
     /// bindings guarantee this from the tensors' device, dtype, contiguity and
     /// `data_ptr`, while holding references to them.)
     pub unsafe fn new(arrays: Vec<RawTensor>, arity: usize) -> Result<TensorBatch> {
-        if arity == 0 || arrays.len() % arity != 0 {
+        // SAFETY: forwarded.
+        unsafe { Self::new_memo(arrays, arity, &mut DisjointMemo::default()) }
+    }
+
+    /// [`TensorBatch::new`], skipping the O(n log n) overlap proof when `memo`
+    /// proved this exact layout before (the proof depends on nothing else).
+    ///
+    /// # Safety
+    /// As for [`TensorBatch::new`].
+    pub unsafe fn new_memo(
+        arrays: Vec<RawTensor>,
+        arity: usize,
+        memo: &mut DisjointMemo,
+    ) -> Result<TensorBatch> {
+        if arity == 0 || !arrays.len().is_multiple_of(arity) {
             return Err(Error::Mismatch(format!(
                 "{} arrays do not form whole slots of {arity}",
                 arrays.len()
@@ -109,7 +123,7 @@ impl TensorBatch {
                 }
             }
         }
-        check_disjoint(&arrays, arity)?;
+        memo.check(&arrays, arity)?;
         Ok(TensorBatch { arrays, arity })
     }
 
@@ -177,6 +191,19 @@ impl StepCounters {
     /// As for [`TensorBatch::new`], for each cell; `batch` must be the batch
     /// the counters belong to (their memory is checked to be disjoint from it).
     pub unsafe fn new(cells: Vec<RawTensor>, batch: &TensorBatch) -> Result<StepCounters> {
+        // SAFETY: forwarded.
+        unsafe { Self::new_memo(cells, batch, &mut DisjointMemo::default()) }
+    }
+
+    /// [`StepCounters::new`] with the overlap proof memoised as in [`TensorBatch::new_memo`].
+    ///
+    /// # Safety
+    /// As for [`StepCounters::new`].
+    pub unsafe fn new_memo(
+        cells: Vec<RawTensor>,
+        batch: &TensorBatch,
+        memo: &mut DisjointMemo,
+    ) -> Result<StepCounters> {
         if cells.len() != batch.slots() {
             return Err(Error::Mismatch(format!(
                 "{} step counters for {} tensors",
@@ -201,7 +228,7 @@ impl StepCounters {
         }
         let mut all = batch.arrays.clone();
         all.extend(cells.iter().copied()); // counters show up as slots past the last tensor in messages
-        check_disjoint(&all, batch.arity)?;
+        memo.check(&all, batch.arity)?;
         Ok(StepCounters { cells })
     }
 
@@ -234,6 +261,24 @@ impl StepCounters {
 
 /// Most arrays one slot may have (AMSGrad Adam uses five).
 pub const MAX_ARITY: usize = 6;
+
+/// The last array layout proven free of overlaps.
+#[derive(Debug, Default)]
+pub struct DisjointMemo {
+    proven: Vec<RawTensor>,
+}
+
+impl DisjointMemo {
+    fn check(&mut self, arrays: &[RawTensor], arity: usize) -> Result<()> {
+        if self.proven.as_slice() == arrays {
+            return Ok(());
+        }
+        self.proven.clear();
+        check_disjoint(arrays, arity)?;
+        self.proven.extend_from_slice(arrays);
+        Ok(())
+    }
+}
 
 fn check_disjoint(arrays: &[RawTensor], arity: usize) -> Result<()> {
     let mut spans: Vec<(usize, usize, usize)> = arrays
@@ -300,6 +345,24 @@ mod tests {
             ));
             // Adjacent and empty arrays are fine.
             assert!(TensorBatch::new(vec![t(64, 4), t(80, 4), t(0, 0), t(0, 0)], 2).is_ok());
+        }
+    }
+
+    #[test]
+    fn memo_skips_only_a_layout_it_proved() {
+        let mut memo = DisjointMemo::default();
+        unsafe {
+            assert!(TensorBatch::new_memo(vec![t(64, 4), t(128, 4)], 2, &mut memo).is_ok());
+            assert!(TensorBatch::new_memo(vec![t(64, 4), t(128, 4)], 2, &mut memo).is_ok());
+            assert!(matches!(
+                TensorBatch::new_memo(vec![t(64, 4), t(72, 4)], 2, &mut memo),
+                Err(Error::Overlap(_))
+            ));
+            // A failed proof is not remembered.
+            assert!(matches!(
+                TensorBatch::new_memo(vec![t(64, 4), t(72, 4)], 2, &mut memo),
+                Err(Error::Overlap(_))
+            ));
         }
     }
 

@@ -116,7 +116,10 @@ pub(crate) fn sgd_group_step(
     let fresh = vec![false; g.columns[0].len()];
     // SAFETY: every array was described from a live, dense, contiguous CPU
     // tensor of a supported dtype; `g.params` and the state dict keep them alive.
-    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&g.columns), config.arity()) })? else {
+    let (memo, _) = cache.memos(params.as_any());
+    let Some(batch) =
+        or_fallback(unsafe { TensorBatch::new_memo(slots(&g.columns), config.arity(), memo) })?
+    else {
         return Ok(false);
     };
     py.detach(|| core::sgd_step(&config, &batch, &fresh, exec))
@@ -164,10 +167,15 @@ pub(crate) fn adam_group_step(
     };
     let exec = exec(num_threads, None)?;
     // SAFETY: as in `sgd_group_step`; the step counters likewise.
-    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&g.columns), config.arity()) })? else {
+    let (memo, counter_memo) = cache.memos(params.as_any());
+    let Some(batch) =
+        or_fallback(unsafe { TensorBatch::new_memo(slots(&g.columns), config.arity(), memo) })?
+    else {
         return Ok(false);
     };
-    let Some(counters) = or_fallback(unsafe { StepCounters::new(g.counters, &batch) })? else {
+    let Some(counters) =
+        or_fallback(unsafe { StepCounters::new_memo(g.counters, &batch, counter_memo) })?
+    else {
         return Ok(false);
     };
     py.detach(|| {

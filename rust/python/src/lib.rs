@@ -7,10 +7,23 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple};
 
+mod extras;
+mod group;
 mod tensors;
 use tensors::{describe_all, Described};
 
-fn core_error(e: core::Error) -> PyErr {
+/// Tensors that share memory (the same parameter twice in a group, overlapping
+/// views) are legal in torch, which updates them one after another: such a
+/// batch is handed back to torch's implementation (`None`) instead of failing.
+pub(crate) fn or_fallback<T>(r: core::Result<T>) -> PyResult<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(core::Error::Overlap(_)) => Ok(None),
+        Err(e) => Err(core_error(e)),
+    }
+}
+
+pub(crate) fn core_error(e: core::Error) -> PyErr {
     match e {
         core::Error::InvalidArgument(m) => PyValueError::new_err(m),
         other => PyRuntimeError::new_err(other.to_string()),
@@ -32,7 +45,7 @@ fn supported_backends() -> Vec<&'static str> {
         .collect()
 }
 
-fn exec(num_threads: usize, backend: Option<&str>) -> PyResult<Exec> {
+pub(crate) fn exec(num_threads: usize, backend: Option<&str>) -> PyResult<Exec> {
     let backend = match backend {
         None => Backend::active(),
         Some(name) => match Backend::parse(name) {
@@ -48,14 +61,18 @@ fn exec(num_threads: usize, backend: Option<&str>) -> PyResult<Exec> {
 }
 
 /// Interleaves per-role tensor lists into slot-major arrays.
-fn slots(columns: &[Vec<RawTensor>]) -> Vec<RawTensor> {
+pub(crate) fn slots(columns: &[Vec<RawTensor>]) -> Vec<RawTensor> {
     let n = columns.first().map_or(0, Vec::len);
     (0..n)
         .flat_map(|i| columns.iter().map(move |c| c[i]))
         .collect()
 }
 
-fn column(list: &Bound<'_, PyList>, n: usize, role: &str) -> PyResult<Option<Vec<RawTensor>>> {
+pub(crate) fn column(
+    list: &Bound<'_, PyList>,
+    n: usize,
+    role: &str,
+) -> PyResult<Option<Vec<RawTensor>>> {
     if list.len() != n {
         return Err(PyValueError::new_err(format!(
             "expected {n} {role} tensors, got {}",
@@ -119,7 +136,10 @@ fn sgd_step(
     let exec = exec(num_threads, backend)?;
     // SAFETY: `describe_all` checked every tensor is a dense, contiguous CPU
     // tensor of a supported dtype; the lists keep them alive for this call.
-    let batch = unsafe { TensorBatch::new(slots(&columns), config.arity()) }.map_err(core_error)?;
+    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&columns), config.arity()) })?
+    else {
+        return Ok(false);
+    };
     py.detach(|| core::sgd_step(&config, &batch, &fresh, exec))
         .map_err(core_error)?;
     bump_versions(py, &[params, momentum_buffers])?;
@@ -183,8 +203,13 @@ fn adam_step(
     };
     let exec = exec(num_threads, backend)?;
     // SAFETY: as in `sgd_step`; step counters were described the same way.
-    let batch = unsafe { TensorBatch::new(slots(&columns), config.arity()) }.map_err(core_error)?;
-    let counters = unsafe { StepCounters::new(steps, &batch) }.map_err(core_error)?;
+    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&columns), config.arity()) })?
+    else {
+        return Ok(false);
+    };
+    let Some(counters) = or_fallback(unsafe { StepCounters::new(steps, &batch) })? else {
+        return Ok(false);
+    };
     py.detach(|| {
         let steps = counters.increment();
         core::adam_step(&config, &batch, &steps, exec)
@@ -199,7 +224,7 @@ fn adam_step(
 
 /// Tells autograd the tensors were modified in place, as torch's own in-place
 /// ops do, so that misuse (stepping between forward and backward) is caught.
-fn bump_versions(py: Python<'_>, lists: &[&Bound<'_, PyList>]) -> PyResult<()> {
+pub(crate) fn bump_versions(py: Python<'_>, lists: &[&Bound<'_, PyList>]) -> PyResult<()> {
     static INCREMENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let increment = INCREMENT.get_or_try_init(py, || -> PyResult<_> {
         Ok(py
@@ -226,5 +251,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(supported_backends, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_class::<tensors::TensorCache>()?;
+    m.add_function(wrap_pyfunction!(group::sgd_group_step, m)?)?;
+    m.add_function(wrap_pyfunction!(group::adam_group_step, m)?)?;
+    extras::register(m)?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Reading torch tensors as raw memory: every check that the unsafe
 //! boundary in `oxoptim_core::tensors` relies on happens here.
 
-use oxoptim_core::{DType, RawTensor};
+use oxoptim_core::{DType, DisjointMemo, RawTensor};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -139,8 +139,42 @@ pub(crate) fn describe_grad(
 #[pyclass(module = "oxoptim._core")]
 #[derive(Default)]
 pub struct TensorCache {
-    entries: HashMap<usize, CacheEntry>,
+    entries: HashMap<usize, CacheEntry, BuildAddressHasher>,
+    /// Per parameter group (keyed by its params list): the overlap proofs of
+    /// the last layouts, for the arrays and for arrays plus step counters.
+    memos: HashMap<usize, (DisjointMemo, DisjointMemo, u64), BuildAddressHasher>,
     epoch: u64,
+}
+
+/// Object addresses are already unique: mixing them with one multiply is
+/// enough (SipHash was a visible cost with thousands of tensors per step).
+#[derive(Default, Clone, Copy)]
+pub struct BuildAddressHasher;
+
+#[derive(Default)]
+pub struct AddressHasher(u64);
+
+impl std::hash::BuildHasher for BuildAddressHasher {
+    type Hasher = AddressHasher;
+    fn build_hasher(&self) -> AddressHasher {
+        AddressHasher(0)
+    }
+}
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
 }
 
 struct CacheEntry {
@@ -171,10 +205,22 @@ impl TensorCache {
     fn finish_step(&mut self) {
         let epoch = self.epoch;
         self.entries.retain(|_, e| e.epoch == epoch);
+        self.memos.retain(|_, m| m.2 == epoch);
     }
 }
 
 impl TensorCache {
+    /// The overlap memos of the group whose params list is `group`.
+    pub(crate) fn memos(
+        &mut self,
+        group: &Bound<'_, PyAny>,
+    ) -> (&mut DisjointMemo, &mut DisjointMemo) {
+        let epoch = self.epoch;
+        let m = self.memos.entry(group.as_ptr() as usize).or_default();
+        m.2 = epoch;
+        (&mut m.0, &mut m.1)
+    }
+
     /// Like [`describe`], answered from the cache when the tensor still points
     /// at the same memory.
     pub(crate) fn describe(

@@ -1,7 +1,9 @@
 //! Optimizer updates, each written once over [`crate::simd::Lanes`].
 
 pub mod adam;
+pub mod averaging;
 pub mod sgd;
+pub mod subgradient;
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
 fn common_len<T>(arrays: &[&mut [T]], expected: usize) -> usize {

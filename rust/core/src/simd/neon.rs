@@ -148,8 +148,8 @@ impl_lanes!(
     fma = vfmaq_f32,
     cgt = vcgtq_f32,
     clt = vcltq_f32,
-    abs = vabsq_f32,
     ceq = vceqq_f32,
+    abs = vabsq_f32,
     orr = vorrq_u32,
     bsl = vbslq_f32,
     mvn_any = |m| vminvq_u32(m) == 0
@@ -171,8 +171,8 @@ impl_lanes!(
     fma = vfmaq_f64,
     cgt = vcgtq_f64,
     clt = vcltq_f64,
-    abs = vabsq_f64,
     ceq = vceqq_f64,
+    abs = vabsq_f64,
     orr = vorrq_u64,
     bsl = vbslq_f64,
     mvn_any = |m| vminvq_u32(vreinterpretq_u32_u64(m)) == 0

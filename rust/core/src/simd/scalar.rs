@@ -72,7 +72,7 @@ impl<T: Real> Lanes<T> for Scalar {
     }
     #[inline(always)]
     fn any_nonfinite(self, v: T) -> bool {
-        // x - x is NaN exactly for NaN and ±inf.
+        #[allow(clippy::eq_op)] // x - x is NaN exactly for NaN and ±inf
         (v - v).is_nan()
     }
 }

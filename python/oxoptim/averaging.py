@@ -1,0 +1,229 @@
+"""Exact gradient averaging over micro-batches and parameter averaging (EMA/SWA), on Rust kernels."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from . import _core
+from ._native import num_threads
+
+__all__ = ["GradientAverager", "ParamAverager"]
+
+
+def _param_list(params: Any) -> list:
+    """Parameters from a tensor, an iterable of tensors, or torch-style param group dicts."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    out: list = []
+    for item in params:
+        if isinstance(item, dict):
+            out.extend(_param_list(item["params"]))
+        else:
+            out.append(item)
+    return out
+
+
+def _copy(dst: list, src: list) -> None:
+    if dst and not _core.copy_scaled(dst, src, scale=1.0, num_threads=num_threads()):
+        torch._foreach_copy_(dst, src)
+
+
+class GradientAverager:
+    r"""Exact full-batch (or large-batch) gradient from micro-batches.
+
+    After each micro-batch's ``backward()`` (of a *mean* loss over that
+    micro-batch), :meth:`accumulate` with the micro-batch's sample count folds
+    every ``.grad`` into a running weighted mean — one fused Rust pass per call,
+    ``mean ← mean + (n/N)·(grad − mean)`` with N the samples seen so far — and
+    zeroes ``.grad`` in the same pass. :meth:`finalize` writes the mean back
+    into ``.grad`` so any optimizer can step. With uneven micro-batches (a
+    short last batch) the result is the gradient of the mean loss over all
+    samples, which averaging per-batch gradients equally gets wrong.
+
+    A parameter without a gradient in some micro-batch counts as a zero
+    gradient for it. Usable as a context manager: ``finalize()`` runs on a
+    normal exit (if anything was accumulated), and nothing is written back
+    when the block raises.
+    """
+
+    def __init__(self, params: Any) -> None:
+        self.params = _param_list(params)
+        self._means: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.samples = 0
+        self.batches = 0
+
+    @torch.no_grad()
+    def accumulate(self, n_samples: int) -> None:
+        """Folds the current ``.grad``s, from a micro-batch of ``n_samples`` samples, into the mean."""
+        n = int(n_samples)
+        if n <= 0:
+            raise ValueError(f"n_samples must be positive, got {n_samples}")
+        total = self.samples + n
+        weight = n / total
+        first = self.samples == 0
+        means, grads, absent = [], [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            m = self._means[i]
+            if g is None:
+                if m is not None and not first:
+                    absent.append(m)
+                continue
+            if g.is_sparse:
+                g = p.grad = g.to_dense()
+            if m is None or m.shape != g.shape or m.dtype != g.dtype or m.device != g.device:
+                m = torch.zeros_like(g, memory_format=torch.contiguous_format)
+                self._means[i] = m
+            means.append(m)
+            grads.append(g)
+        if means and not _core.accumulate_mean(means, grads, weight=weight, first=first, num_threads=num_threads()):
+            for m, g in zip(means, grads):
+                if first:
+                    m.copy_(g)
+                else:
+                    m.lerp_(g, weight)
+                g.zero_()
+        if absent:
+            torch._foreach_mul_(absent, 1.0 - weight)
+        if first:
+            # Means of parameters without a gradient in the first batch start from zero.
+            seen = {id(m) for m in means}
+            for m in self._means:
+                if m is not None and id(m) not in seen:
+                    m.zero_()
+        self.samples = total
+        self.batches += 1
+
+    @torch.no_grad()
+    def finalize(self) -> int:
+        """Writes the mean gradient into ``.grad`` and starts over; returns the sample count."""
+        if self.samples == 0:
+            raise RuntimeError("finalize() before any accumulate()")
+        dst, src = [], []
+        for p, m in zip(self.params, self._means):
+            if m is None:
+                continue
+            if p.grad is None or p.grad.shape != m.shape or p.grad.dtype != m.dtype or not p.grad.is_contiguous():
+                p.grad = torch.empty_like(m)
+            dst.append(p.grad)
+            src.append(m)
+        _copy(dst, src)
+        samples = self.samples
+        self.reset()
+        return samples
+
+    def reset(self) -> None:
+        """Forgets what was accumulated (the buffers are kept for reuse)."""
+        self.samples = 0
+        self.batches = 0
+
+    def __enter__(self) -> "GradientAverager":
+        self.reset()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and self.samples > 0:
+            self.finalize()
+        else:
+            self.reset()
+
+
+class ParamAverager:
+    r"""Exponential (EMA) or stochastic-weight (SWA) averaging of parameters.
+
+    Call :meth:`update` after each optimizer step. The first ``start_step``
+    calls are ignored; the next one copies the parameters; after that each
+    call blends them in with one fused Rust lerp over all tensors:
+    ``avg ← avg + w·(θ − avg)`` with ``w = 1 − decay`` (``mode="ema"``) or
+    ``w = 1/(n_averaged + 1)`` (``mode="swa"``, the running mean), exactly as
+    ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` or
+    its default SWA averaging.
+
+    ``with averager.averaged():`` puts the averaged weights into the
+    parameters (e.g. for evaluation) and restores the live ones afterwards,
+    also when the block raises. ``state_dict``/``load_state_dict`` save and
+    restore the averages and counters.
+    """
+
+    def __init__(self, params: Any, mode: str = "ema", decay: float = 0.999, start_step: int = 0) -> None:
+        if mode not in ("ema", "swa"):
+            raise ValueError(f"Invalid mode {mode!r}: expected 'ema' or 'swa'")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
+        if start_step < 0:
+            raise ValueError(f"Invalid start_step: {start_step}")
+        self.params = _param_list(params)
+        self.mode = mode
+        self.decay = float(decay)
+        self.start_step = int(start_step)
+        self.n_updates = 0
+        self.n_averaged = 0
+        self.averages: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Folds the current parameters into the average."""
+        self.n_updates += 1
+        if self.n_updates <= self.start_step:
+            return
+        live = [p.detach() for p in self.params]
+        if self.n_averaged == 0:
+            self.averages = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in live]
+            _copy(self.averages, live)
+        else:
+            weight = 1.0 - self.decay if self.mode == "ema" else 1.0 / (self.n_averaged + 1)
+            if not _core.lerp_average(self.averages, live, weight=weight, num_threads=num_threads()):
+                torch._foreach_lerp_(self.averages, live, weight)
+        self.n_averaged += 1
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Swaps the averaged weights into the parameters for the block, then restores the live ones."""
+        if self.n_averaged == 0:
+            yield
+            return
+        live = [p.detach() for p in self.params]
+        with torch.no_grad():
+            backup = [t.clone(memory_format=torch.contiguous_format) for t in live]
+            _copy(live, self.averages)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                _copy(live, backup)
+
+    @torch.no_grad()
+    def copy_to(self, params: Optional[Iterable[torch.Tensor]] = None) -> None:
+        """Writes the averages into ``params`` (default: the averaged parameters) for good."""
+        if self.n_averaged == 0:
+            raise RuntimeError("nothing has been averaged yet")
+        targets = [p.detach() for p in (self.params if params is None else _param_list(params))]
+        _copy(targets, self.averages)
+
+    def state_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "decay": self.decay,
+            "start_step": self.start_step,
+            "n_updates": self.n_updates,
+            "n_averaged": self.n_averaged,
+            "averages": [a.clone() for a in self.averages],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        averages = state_dict["averages"]
+        if averages and len(averages) != len(self.params):
+            raise ValueError(f"state holds {len(averages)} averages for {len(self.params)} parameters")
+        self.mode = state_dict["mode"]
+        self.decay = float(state_dict["decay"])
+        self.start_step = int(state_dict["start_step"])
+        self.n_updates = int(state_dict["n_updates"])
+        self.n_averaged = int(state_dict["n_averaged"])
+        self.averages = [
+            a.detach().to(device=p.device, dtype=p.dtype).clone(memory_format=torch.contiguous_format)
+            for a, p in zip(averages, self.params)
+        ]

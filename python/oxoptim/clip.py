@@ -1,0 +1,87 @@
+"""``clip_grad_norm_`` computed in Rust: torch's signature, result and errors, deterministic."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+
+from . import _core
+from ._native import num_threads
+
+__all__ = ["clip_grad_norm_", "get_total_norm"]
+
+_Tensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+
+def _native_total_norm(grads: list, norm_type: float) -> Optional[torch.Tensor]:
+    """The total norm as torch returns it (a 0-d tensor of the gradients' dtype), or None."""
+    dtype = grads[0].dtype
+    if any(g.dtype != dtype for g in grads):
+        return None
+    if norm_type == float("inf") and any(g.numel() == 0 for g in grads):
+        return None  # torch raises: the infinity norm of an empty tensor has no identity
+    value = _core.tensor_norm(grads, norm_type, num_threads=num_threads())
+    if value is None:
+        return None
+    return torch.tensor(value, dtype=dtype)
+
+
+def _check_finite(total_norm: torch.Tensor, norm_type: float, error_if_nonfinite: bool) -> None:
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+def get_total_norm(
+    tensors: _Tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: Optional[bool] = None
+) -> torch.Tensor:
+    """``torch.nn.utils.get_total_norm``, computed by a deterministic Rust reduction on CPU."""
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    norm_type = float(norm_type)
+    if not tensors:
+        return torch.tensor(0.0)
+    total = _native_total_norm(tensors, norm_type)
+    if total is None:
+        return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    _check_finite(total, norm_type, error_if_nonfinite)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _Tensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> torch.Tensor:
+    """Drop-in ``torch.nn.utils.clip_grad_norm_`` whose CPU work runs in Rust.
+
+    The total norm (1, 2, inf or any finite p > 0) is one deterministic
+    parallel reduction — bit-identical whatever the thread count — and the
+    scaling ``grad *= min(max_norm / (total_norm + 1e-6), 1)`` one fused pass,
+    both with the GIL released. Returns the total norm as a 0-d tensor of the
+    gradients' dtype, as torch does, and raises the same error for a
+    non-finite norm with ``error_if_nonfinite=True``. Gradients on other
+    devices, sparse or of mixed dtypes, and other norm types (0, -inf, …) use
+    torch's implementation; ``foreach`` is only passed on to it.
+    """
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    total_norm = _native_total_norm(grads, norm_type)
+    if total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+    _check_finite(total_norm, norm_type, error_if_nonfinite)
+    clip_coef = float(max_norm) / (total_norm + 1e-6)
+    clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+    if not _core.scale_(grads, scale=float(clip_coef_clamped), num_threads=num_threads()):
+        torch._foreach_mul_(grads, clip_coef_clamped)
+    return total_norm

@@ -1,0 +1,256 @@
+"""The subgradient method for non-smooth objectives, on Rust SIMD kernels."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import _core
+from ._native import evaluate_closure, num_threads, scalar
+from ._skip import SkipNonfinite, grads_nonfinite
+
+__all__ = ["Subgradient"]
+
+STEP_RULES = ("constant", "sqrt", "harmonic", "polyak")
+
+
+class Subgradient(torch.optim.Optimizer):
+    r"""The subgradient method: θ ← θ − αₜ·d, d = g + l1·sign(θ) + weight_decay·θ.
+
+    It minimises ``f(θ) = loss(θ) + l1·‖θ‖₁ + ½·weight_decay·‖θ‖²`` (with
+    ``maximize=True``, ``−loss(θ)`` plus the same penalties), where ``g`` is
+    any subgradient of the loss (what ``backward()`` gives) and ``d`` is a
+    subgradient of ``f``. The step size αₜ at step t = 0, 1, … follows
+    ``step_rule``:
+
+    * ``"constant"``: ``lr`` (converges to a band around f* of width ∝ lr);
+    * ``"sqrt"``: ``lr / √(t+1)``;
+    * ``"harmonic"``: ``lr / (t+1)``;
+    * ``"polyak"``: ``lr · (f(θₜ) − f*) / ‖d‖²`` with ``f_star`` = f* and
+      f(θₜ) the objective above (``lr=1`` is Polyak's rule); needs the loss
+      (a closure or :meth:`record_loss`). ‖d‖² is taken over all Polyak groups.
+
+    ``normalize=True`` divides the step by the group's ‖d‖₂ (not with Polyak).
+    ‖d‖ and the penalties are deterministic parallel reductions in Rust; the
+    update is one fused Rust pass per group, with the GIL released.
+
+    The method is not a descent method, so the optimizer keeps the best
+    iterate: whenever the loss is known (from the closure, or given with
+    :meth:`record_loss` before :meth:`step`) the objective f(θₜ) is compared
+    with the best seen and, if lower, θₜ is copied. :meth:`restore_best` writes
+    it back. ``best_objective``, ``best_step``, the step count and the copies
+    are all in :meth:`state_dict`.
+
+    ``skip_nonfinite=True`` leaves a group untouched when one of its gradients
+    holds a NaN/Inf and counts it in ``skipped_steps``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        *,
+        step_rule: str = "constant",
+        l1: float = 0.0,
+        weight_decay: float = 0.0,
+        normalize: bool = False,
+        f_star: Optional[float] = None,
+        maximize: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        if not 0.0 <= scalar(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"Invalid step_rule {step_rule!r}: expected one of {STEP_RULES}")
+        if not 0.0 <= l1:
+            raise ValueError(f"Invalid l1 value: {l1}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if step_rule == "polyak" and f_star is None:
+            raise ValueError("step_rule='polyak' needs f_star, the optimal objective value")
+        defaults = dict(
+            lr=lr,
+            step_rule=step_rule,
+            l1=l1,
+            weight_decay=weight_decay,
+            normalize=normalize,
+            f_star=f_star,
+            maximize=maximize,
+            skip_nonfinite=skip_nonfinite,
+        )
+        super().__init__(params, defaults)
+        self.steps = 0
+        self.skipped_steps = 0
+        self.best_objective = math.inf
+        self.best_step: Optional[int] = None
+        self.last_objective: Optional[float] = None
+        self._pending_loss: Optional[float] = None
+
+    def record_loss(self, loss: Any) -> None:
+        """Gives the loss at the current parameters, for a :meth:`step` without closure."""
+        self._pending_loss = scalar(loss)
+
+    @torch.no_grad()
+    def objective(self, loss: Any) -> float:
+        """f(θ) at the current parameters for the given loss: ±loss + l1·‖θ‖₁ + ½·wd·‖θ‖²."""
+        value = -scalar(loss) if self.defaults["maximize"] else scalar(loss)
+        for group in self.param_groups:
+            params = list(group["params"])
+            l1, wd = scalar(group["l1"]), scalar(group["weight_decay"])
+            if l1 != 0.0 and params:
+                value += l1 * _norm(params, 1.0)
+            if wd != 0.0 and params:
+                value += 0.5 * wd * _norm(params, 2.0) ** 2
+        return value
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """Performs one subgradient step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = evaluate_closure(closure)
+        known = loss if loss is not None else self._pending_loss
+        self._pending_loss = None
+        objective = None
+        if known is not None:
+            objective = self.objective(known)
+            self.last_objective = objective
+            if objective < self.best_objective:
+                self._save_best(objective)
+
+        plans = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group.get("skip_nonfinite") and grads_nonfinite(grads):
+                self.skipped_steps += 1
+                continue
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("Subgradient does not support sparse gradients")
+            needs_norm = group["step_rule"] == "polyak" or group["normalize"]
+            sq = _direction_sq_norm(group, params, grads) if needs_norm else None
+            plans.append((group, params, grads, sq))
+        if not plans:
+            return loss
+
+        polyak_sq = sum(sq for g, _, _, sq in plans if g["step_rule"] == "polyak")
+        t = self.steps
+        for group, params, grads, sq in plans:
+            lr, rule = scalar(group["lr"]), group["step_rule"]
+            if rule == "constant":
+                alpha = lr
+            elif rule == "sqrt":
+                alpha = lr / math.sqrt(t + 1)
+            elif rule == "harmonic":
+                alpha = lr / (t + 1)
+            else:
+                if objective is None:
+                    raise RuntimeError("step_rule='polyak' needs the loss: pass a closure or call record_loss(loss)")
+                gap = max(objective - float(group["f_star"]), 0.0)
+                alpha = lr * gap / polyak_sq if polyak_sq > 0 else 0.0
+            if group["normalize"] and rule != "polyak":
+                alpha = alpha / math.sqrt(sq) if sq > 0 else 0.0
+            _update(group, params, grads, alpha)
+        self.steps += 1
+        return loss
+
+    @torch.no_grad()
+    def restore_best(self) -> float:
+        """Writes the best iterate seen back into the parameters; returns its objective."""
+        if self.best_step is None:
+            raise RuntimeError("no objective has been recorded yet (pass a closure or call record_loss)")
+        params, bests = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "best" in self.state[p]:
+                    params.append(p)
+                    bests.append(self.state[p]["best"])
+        _copy(params, bests)
+        return self.best_objective
+
+    def _save_best(self, objective: float) -> None:
+        params, bests = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "best" not in state:
+                    state["best"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                params.append(p.detach())
+                bests.append(state["best"])
+        _copy(bests, params)
+        self.best_objective = objective
+        self.best_step = self.steps
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        sd = super().state_dict()
+        sd["subgradient"] = {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "best_objective": self.best_objective,
+            "best_step": self.best_step,
+            "last_objective": self.last_objective,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("subgradient", {})
+        super().load_state_dict(state_dict)
+        self.steps = int(extra.get("steps", 0))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.best_objective = float(extra.get("best_objective", math.inf))
+        self.best_step = extra.get("best_step")
+        self.last_objective = extra.get("last_objective")
+
+
+def _norm(tensors: list, p: float) -> float:
+    value = _core.tensor_norm(tensors, p, num_threads=num_threads())
+    if value is None:
+        norms = torch.stack([torch.linalg.vector_norm(t.detach(), p, dtype=torch.float64) for t in tensors])
+        value = float(torch.linalg.vector_norm(norms, p))
+    return value
+
+
+def _direction(group: dict, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    d = -g if group["maximize"] else g.clone()
+    if group["weight_decay"] != 0:
+        d.add_(p, alpha=scalar(group["weight_decay"]))
+    if group["l1"] != 0:
+        d.add_(torch.sign(p), alpha=scalar(group["l1"]))
+    return d
+
+
+def _direction_sq_norm(group: dict, params: list, grads: list) -> float:
+    sq = _core.direction_sq_norm(
+        params,
+        grads,
+        l1=scalar(group["l1"]),
+        weight_decay=scalar(group["weight_decay"]),
+        maximize=bool(group["maximize"]),
+        num_threads=num_threads(),
+    )
+    if sq is None:
+        sq = sum(float(_direction(group, p, g).double().square().sum()) for p, g in zip(params, grads))
+    return sq
+
+
+def _update(group: dict, params: list, grads: list, alpha: float) -> None:
+    done = _core.subgradient_step(
+        params,
+        grads,
+        step=alpha,
+        l1=scalar(group["l1"]),
+        weight_decay=scalar(group["weight_decay"]),
+        maximize=bool(group["maximize"]),
+        num_threads=num_threads(),
+    )
+    if not done:
+        for p, g in zip(params, grads):
+            p.add_(_direction(group, p, g), alpha=-alpha)
+
+
+def _copy(dst: list, src: list) -> None:
+    if dst and not _core.copy_scaled(dst, src, scale=1.0, num_threads=num_threads()):
+        torch._foreach_copy_(dst, src)

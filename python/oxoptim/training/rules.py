@@ -1,0 +1,224 @@
+"""Adjust rules, evaluated after each validation: composable, with state that checkpoints carry.
+
+Each rule sees the epoch's record (``val_loss``, ``val_<metric>``, ``train_loss``...) and may
+return an action: ``None``, ``"next_stage"`` or ``"stop"``. Rules act on the trainer through a
+small interface: ``trainer.lr_scale`` (multiplies the stage's LRs) and weight snapshots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "Rule",
+    "ReduceLROnPlateau",
+    "NextStageOnPlateau",
+    "EarlyStop",
+    "RestoreBest",
+    "Trial",
+    "make_rule",
+]
+
+
+def _mode_for(monitor: str, mode: Optional[str]) -> str:
+    if mode is not None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        return mode
+    return "min" if monitor.endswith("loss") else "max"
+
+
+class _Plateau:
+    """Tracks the best monitored value and how many epochs since it improved."""
+
+    def __init__(self, monitor: str = "val_loss", mode: Optional[str] = None, min_delta: float = 0.0):
+        self.monitor = monitor
+        self.mode = _mode_for(monitor, mode)
+        self.min_delta = float(min_delta)
+        self.reset()
+
+    def reset(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.bad_epochs = 0
+
+    def value(self, record: Dict[str, Any]) -> float:
+        if self.monitor not in record:
+            raise KeyError(f"rule monitors {self.monitor!r}, not in the epoch record {sorted(record)}")
+        return float(record[self.monitor])
+
+    def observe(self, record: Dict[str, Any]) -> bool:
+        """Updates with the record; True when it improved on the best."""
+        v = self.value(record)
+        better = v < self.best - self.min_delta if self.mode == "min" else v > self.best + self.min_delta
+        if better:
+            self.best, self.bad_epochs = v, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.best, self.bad_epochs = s["best"], s["bad_epochs"]
+
+
+class Rule:
+    """Base class: override :meth:`on_epoch_end` (and :meth:`on_stage_end` if needed)."""
+
+    def reset(self) -> None:
+        """Called when the stage starts."""
+
+    def on_epoch_end(self, trainer, record: Dict[str, Any]) -> Optional[str]:
+        return None
+
+    def on_stage_end(self, trainer) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        keys = {k: v for k, v in vars(self).items() if not k.startswith("_") and not isinstance(v, (dict, _Plateau))}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in keys.items())})"
+
+
+class _PlateauRule(Rule):
+    def __init__(self, monitor: str = "val_loss", patience: int = 1, mode: Optional[str] = None, min_delta: float = 0.0):
+        self.monitor, self.patience = monitor, int(patience)
+        self._p = _Plateau(monitor, mode, min_delta)
+
+    def reset(self) -> None:
+        self._p.reset()
+
+    def state_dict(self) -> dict:
+        return self._p.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._p.load_state_dict(state)
+
+
+class ReduceLROnPlateau(_PlateauRule):
+    """Multiplies the stage's LR by ``factor`` after ``patience`` epochs without improvement."""
+
+    def __init__(self, monitor="val_loss", patience=1, factor=0.5, min_scale=0.0, mode=None, min_delta=0.0):
+        super().__init__(monitor, patience, mode, min_delta)
+        self.factor, self.min_scale = float(factor), float(min_scale)
+
+    def on_epoch_end(self, trainer, record):
+        if not self._p.observe(record) and self._p.bad_epochs >= self.patience:
+            trainer.lr_scale = max(self.min_scale, trainer.lr_scale * self.factor)
+            self._p.bad_epochs = 0
+            trainer.log_event(f"reduce LR: scale -> {trainer.lr_scale:.4g}")
+        return None
+
+
+class NextStageOnPlateau(_PlateauRule):
+    """Ends the stage early after ``patience`` epochs without improvement."""
+
+    def on_epoch_end(self, trainer, record):
+        if not self._p.observe(record) and self._p.bad_epochs >= self.patience:
+            trainer.log_event(f"plateau on {self.monitor}: next stage")
+            return "next_stage"
+        return None
+
+
+class EarlyStop(_PlateauRule):
+    """Stops the whole run after ``patience`` epochs without improvement."""
+
+    def __init__(self, monitor="val_loss", patience=2, mode=None, min_delta=0.0):
+        super().__init__(monitor, patience, mode, min_delta)
+
+    def on_epoch_end(self, trainer, record):
+        if not self._p.observe(record) and self._p.bad_epochs >= self.patience:
+            trainer.log_event(f"early stop on {self.monitor}")
+            return "stop"
+        return None
+
+
+class RestoreBest(Rule):
+    """At the end of the stage, puts back the weights that scored best on ``monitor``.
+
+    The snapshot is of the weights that were evaluated (the averaged ones in an
+    averaging stage) and is carried by checkpoints.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: Optional[str] = None):
+        self.monitor = monitor
+        self._p = _Plateau(monitor, mode)
+        self._best_state: Optional[Dict[str, torch.Tensor]] = None
+        self._best_epoch: Optional[int] = None
+
+    def reset(self) -> None:
+        self._p.reset()
+        self._best_state, self._best_epoch = None, None
+
+    def on_epoch_end(self, trainer, record):
+        if self._p.observe(record):
+            self._best_state = trainer.evaluated_state()
+            self._best_epoch = record.get("epoch")
+        return None
+
+    def on_stage_end(self, trainer) -> None:
+        if self._best_state is not None:
+            trainer.load_model_state(self._best_state)
+            trainer.log_event(f"restored best {self.monitor}={self._p.best:.4g} from stage epoch {self._best_epoch}")
+
+    def state_dict(self) -> dict:
+        return {"plateau": self._p.state_dict(), "best_state": self._best_state, "best_epoch": self._best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._p.load_state_dict(state["plateau"])
+        self._best_state, self._best_epoch = state["best_state"], state["best_epoch"]
+
+
+class Trial(Rule):
+    """Tries K candidate settings for ``epochs`` epochs each from the stage's starting weights,
+    then continues the stage from the candidate that scored best on ``monitor`` (its weights,
+    optimizer and averager state), for the stage's remaining epochs.
+
+    ``candidates`` are values of ``param`` (e.g. learning rates) or dicts of optimizer kwargs.
+    """
+
+    def __init__(self, candidates: Sequence[Any], param: Optional[str] = "lr", epochs: int = 1,
+                 monitor: str = "val_loss", mode: Optional[str] = None):
+        if not candidates:
+            raise ValueError("Trial needs at least one candidate")
+        self.param, self.epochs, self.monitor = param, int(epochs), monitor
+        self.mode = _mode_for(monitor, mode)
+        self.candidates: List[Dict[str, Any]] = [
+            dict(c) if isinstance(c, dict) else {str(param): c} for c in candidates
+        ]
+
+    def score_better(self, a: float, b: Optional[float]) -> bool:
+        return b is None or (a < b if self.mode == "min" else a > b)
+
+
+_RULES = {
+    "reduce_lr_on_plateau": ReduceLROnPlateau,
+    "next_stage_on_plateau": NextStageOnPlateau,
+    "early_stop": EarlyStop,
+    "restore_best": RestoreBest,
+    "trial": Trial,
+}
+
+
+def make_rule(spec: Any) -> Rule:
+    """A rule from an instance or a config dict ``{"rule": "reduce_lr_on_plateau", "patience": 1, ...}``."""
+    if isinstance(spec, Rule):
+        return spec
+    if isinstance(spec, str):
+        spec = {"rule": spec}
+    if not isinstance(spec, dict) or "rule" not in spec:
+        raise ValueError(f"an adjust rule is a Rule or a table with a 'rule' key, not {spec!r}")
+    spec = dict(spec)
+    name = str(spec.pop("rule")).lower()
+    if name not in _RULES:
+        raise ValueError(f"unknown adjust rule {name!r}; choose one of {sorted(_RULES)}")
+    return _RULES[name](**spec)

@@ -1,0 +1,355 @@
+//! The subgradient, averaging and reduction kernels: every SIMD backend is
+//! bit-identical to the scalar reference for lengths 0..=67, misaligned
+//! starts and every dtype; reductions do not depend on the thread count.
+
+use half::{bf16, f16};
+use oxoptim_core::{
+    accumulate_mean, any_nonfinite, lerp_average, norm, reduce, scale_into, subgradient_step,
+    Backend, DType, Exec, RawTensor, Reduction, SubgradientConfig, TensorBatch,
+};
+
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = (x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0;
+            // Some exact zeros, so sign(0) is exercised.
+            if x.is_multiple_of(17) {
+                0.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+trait Storage: Copy + PartialEq + std::fmt::Debug {
+    const DTYPE: DType;
+    fn from_f64(x: f64) -> Self;
+    fn bits(self) -> u64;
+}
+macro_rules! storage {
+    ($t:ty, $d:expr, $from:expr, $bits:expr) => {
+        impl Storage for $t {
+            const DTYPE: DType = $d;
+            fn from_f64(x: f64) -> Self {
+                $from(x)
+            }
+            fn bits(self) -> u64 {
+                $bits(self) as u64
+            }
+        }
+    };
+}
+storage!(f32, DType::F32, |x| x as f32, f32::to_bits);
+storage!(f64, DType::F64, |x| x, f64::to_bits);
+storage!(bf16, DType::BF16, bf16::from_f64, bf16::to_bits);
+storage!(f16, DType::F16, f16::from_f64, f16::to_bits);
+
+struct Arrays<T> {
+    buffers: Vec<Vec<T>>,
+    lens: Vec<usize>,
+    offset: usize,
+    arity: usize,
+}
+
+impl<T: Storage> Arrays<T> {
+    fn new(lens: &[usize], arity: usize, offset: usize, seed: u64) -> Self {
+        let mut buffers = Vec::new();
+        for (t, &n) in lens.iter().enumerate() {
+            for k in 0..arity {
+                let vals = values(seed ^ ((t * 31 + k) as u64), n + offset);
+                buffers.push(vals.into_iter().map(T::from_f64).collect());
+            }
+        }
+        Arrays {
+            buffers,
+            lens: lens.to_vec(),
+            offset,
+            arity,
+        }
+    }
+
+    fn batch(&mut self) -> TensorBatch {
+        let raws = self
+            .buffers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| RawTensor {
+                addr: b[self.offset..].as_mut_ptr() as usize,
+                len: self.lens[i / self.arity],
+                dtype: T::DTYPE,
+            })
+            .collect();
+        // SAFETY: the buffers outlive the batch and are not touched meanwhile.
+        unsafe { TensorBatch::new(raws, self.arity).unwrap() }
+    }
+
+    fn bits(&self) -> Vec<Vec<u64>> {
+        self.buffers
+            .iter()
+            .map(|b| b.iter().map(|x| x.bits()).collect())
+            .collect()
+    }
+}
+
+const OFFSETS: [usize; 3] = [0, 1, 3];
+
+/// Three steps of `step` on fresh arrays agree bit for bit on every backend and thread count.
+fn check_updates<T: Storage>(
+    lens: &[usize],
+    arity: usize,
+    threads: &[usize],
+    step: impl Fn(&TensorBatch, usize, Exec),
+) {
+    for offset in OFFSETS {
+        let reference = {
+            let mut a = Arrays::<T>::new(lens, arity, offset, 11);
+            let batch = a.batch();
+            for s in 0..3 {
+                step(&batch, s, Exec::new(Backend::Scalar, 1));
+            }
+            drop(batch);
+            a.bits()
+        };
+        for backend in Backend::supported() {
+            for &t in threads {
+                let mut a = Arrays::<T>::new(lens, arity, offset, 11);
+                let batch = a.batch();
+                for s in 0..3 {
+                    step(&batch, s, Exec::new(backend, t));
+                }
+                drop(batch);
+                assert_eq!(
+                    a.bits(),
+                    reference,
+                    "{backend:?} threads={t} offset={offset} {:?}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+/// A reduction gives the same bits on every backend and thread count.
+fn check_reduction<T: Storage>(lens: &[usize], threads: &[usize], r: Reduction) -> f64 {
+    let arity = if matches!(r, Reduction::DirectionSquares { .. }) {
+        2
+    } else {
+        1
+    };
+    let mut out = None;
+    for offset in OFFSETS {
+        let mut a = Arrays::<T>::new(lens, arity, offset, 5);
+        let batch = a.batch();
+        let reference = reduce(r, &batch, Exec::new(Backend::Scalar, 1)).unwrap();
+        for backend in Backend::supported() {
+            for &t in threads {
+                let got = reduce(r, &batch, Exec::new(backend, t)).unwrap();
+                assert_eq!(
+                    got.to_bits(),
+                    reference.to_bits(),
+                    "{r:?} {backend:?} threads={t} offset={offset} {:?}: {got} vs {reference}",
+                    T::DTYPE
+                );
+            }
+        }
+        out = Some(reference);
+    }
+    out.unwrap()
+}
+
+fn tails() -> Vec<usize> {
+    (0..=67).collect()
+}
+
+fn reductions() -> Vec<Reduction> {
+    vec![
+        Reduction::SumAbs,
+        Reduction::SumSquares,
+        Reduction::MaxAbs,
+        Reduction::SumPow(3.0),
+        Reduction::AnyNonfinite,
+        Reduction::DirectionSquares {
+            l1: 0.1,
+            weight_decay: 0.01,
+            maximize: true,
+        },
+    ]
+}
+
+fn subgradient_configs() -> Vec<SubgradientConfig> {
+    let base = SubgradientConfig {
+        step: 0.05,
+        l1: 0.0,
+        weight_decay: 0.0,
+        maximize: false,
+    };
+    vec![
+        base,
+        SubgradientConfig { l1: 0.1, ..base },
+        SubgradientConfig {
+            l1: 0.01,
+            weight_decay: 0.1,
+            maximize: true,
+            ..base
+        },
+    ]
+}
+
+fn run_all_updates<T: Storage>(lens: &[usize], threads: &[usize]) {
+    for c in subgradient_configs() {
+        check_updates::<T>(lens, 2, threads, |b, _, e| {
+            subgradient_step(&c, b, e).unwrap()
+        });
+    }
+    check_updates::<T>(lens, 2, threads, |b, s, e| {
+        accumulate_mean(b, 1.0 / (s + 1) as f64 * 0.7, s == 0, true, e).unwrap()
+    });
+    for w in [0.001, 0.5, 0.75, 1.0] {
+        check_updates::<T>(lens, 2, threads, |b, _, e| lerp_average(b, w, e).unwrap());
+    }
+    check_updates::<T>(lens, 2, threads, |b, _, e| scale_into(b, 0.3, e).unwrap());
+    check_updates::<T>(lens, 1, threads, |b, _, e| scale_into(b, 0.3, e).unwrap());
+}
+
+#[test]
+fn updates_match_scalar_for_every_tail_and_dtype() {
+    run_all_updates::<f32>(&tails(), &[1]);
+    run_all_updates::<f64>(&tails(), &[1]);
+    run_all_updates::<bf16>(&tails(), &[1]);
+    run_all_updates::<f16>(&tails(), &[1]);
+}
+
+#[test]
+fn reductions_match_scalar_for_every_tail_and_dtype() {
+    for r in reductions() {
+        check_reduction::<f32>(&tails(), &[1], r);
+        check_reduction::<f64>(&tails(), &[1], r);
+        check_reduction::<bf16>(&tails(), &[1], r);
+        check_reduction::<f16>(&tails(), &[1], r);
+        for n in [0usize, 1, 15, 16, 17, 67, 2048, 2049, 5000] {
+            check_reduction::<f32>(&[n], &[1], r);
+        }
+    }
+}
+
+#[test]
+fn thread_count_never_changes_results() {
+    let lens = [200_003, 0, 70_001, 5, 1 << 16];
+    for r in reductions() {
+        check_reduction::<f32>(&lens, &[1, 2, 3, 7], r);
+        check_reduction::<bf16>(&lens, &[1, 4], r);
+    }
+    run_all_updates::<f32>(&lens, &[1, 2, 3, 7]);
+}
+
+#[test]
+fn reductions_are_accurate() {
+    let mut xs: Vec<f64> = values(3, 10_007);
+    let raw = |b: &mut Vec<f64>| RawTensor {
+        addr: b.as_mut_ptr() as usize,
+        len: b.len(),
+        dtype: DType::F64,
+    };
+    let batch = unsafe { TensorBatch::new(vec![raw(&mut xs)], 1).unwrap() };
+    let e = Exec::new(Backend::active(), 2);
+    let got = [
+        norm(1.0, &batch, e).unwrap(),
+        norm(2.0, &batch, e).unwrap(),
+        norm(f64::INFINITY, &batch, e).unwrap(),
+        norm(3.0, &batch, e).unwrap(),
+    ];
+    assert!(norm(0.0, &batch, e).is_err());
+    assert!(!any_nonfinite(&batch, e).unwrap());
+    drop(batch);
+    let want = [
+        xs.iter().map(|x| x.abs()).sum::<f64>(),
+        xs.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        xs.iter().fold(0.0f64, |m, x| m.max(x.abs())),
+        xs.iter().map(|x| x.abs().powi(3)).sum::<f64>().cbrt(),
+    ];
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-12 * w, "{g} vs {w}");
+    }
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        xs[9_999] = bad;
+        let batch = unsafe { TensorBatch::new(vec![raw(&mut xs)], 1).unwrap() };
+        assert!(any_nonfinite(&batch, e).unwrap());
+        assert!(!norm(2.0, &batch, e).unwrap().is_finite());
+    }
+}
+
+#[test]
+fn subgradient_step_is_the_textbook_formula() {
+    let mut p = vec![0.5f64, -1.0, 0.0, 2.0];
+    let mut g = vec![0.1f64, -0.2, 0.3, 0.0];
+    let c = SubgradientConfig {
+        step: 0.1,
+        l1: 0.05,
+        weight_decay: 0.2,
+        maximize: false,
+    };
+    let want: Vec<f64> = p
+        .iter()
+        .zip(&g)
+        .map(|(&p, &g)| {
+            let s = if p > 0.0 {
+                1.0
+            } else if p < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            p - 0.1 * (g + 0.05 * s + 0.2 * p)
+        })
+        .collect();
+    let raw = |b: &mut Vec<f64>| RawTensor {
+        addr: b.as_mut_ptr() as usize,
+        len: 4,
+        dtype: DType::F64,
+    };
+    let batch = unsafe { TensorBatch::new(vec![raw(&mut p), raw(&mut g)], 2).unwrap() };
+    subgradient_step(&c, &batch, Exec::default()).unwrap();
+    drop(batch);
+    for (a, b) in p.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn running_mean_of_uneven_batches_is_the_weighted_mean() {
+    let batches: [(usize, f64); 3] = [(4, 1.0), (4, 2.0), (1, 10.0)];
+    let mut mean = vec![0f64; 3];
+    let mut grad = vec![0f64; 3];
+    let mut seen = 0usize;
+    for (i, &(m, v)) in batches.iter().enumerate() {
+        grad.iter_mut().for_each(|x| *x = v);
+        seen += m;
+        let raw = |b: &mut Vec<f64>| RawTensor {
+            addr: b.as_mut_ptr() as usize,
+            len: 3,
+            dtype: DType::F64,
+        };
+        let batch = unsafe { TensorBatch::new(vec![raw(&mut mean), raw(&mut grad)], 2).unwrap() };
+        accumulate_mean(
+            &batch,
+            m as f64 / seen as f64,
+            i == 0,
+            true,
+            Exec::default(),
+        )
+        .unwrap();
+        drop(batch);
+        assert_eq!(grad, vec![0.0; 3]);
+    }
+    let want = (4.0 * 1.0 + 4.0 * 2.0 + 10.0) / 9.0;
+    for x in mean {
+        assert!((x - want).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,119 @@
+"""skip_nonfinite=True on SGD, Adam and AdamW: a group with a NaN/Inf gradient
+is not stepped, parameters and state stay untouched, and the skip is counted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import oxoptim
+
+OPTIMIZERS = [
+    (oxoptim.SGD, dict(lr=0.1, momentum=0.9)),
+    (oxoptim.SGD, dict(lr=0.1)),
+    (oxoptim.Adam, dict(lr=0.01)),
+    (oxoptim.AdamW, dict(lr=0.01, amsgrad=True)),
+]
+
+
+def params(seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(50, requires_grad=True), torch.randn(3, 7, requires_grad=True)]
+
+
+def set_grads(ps, bad=None):
+    for i, p in enumerate(ps):
+        p.grad = torch.randn_like(p)
+        if bad is not None and i == 1:
+            p.grad[1, 2] = bad
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_step_is_skipped(cls, kw, bad):
+    ps = params()
+    opt = cls(ps, skip_nonfinite=True, **kw)
+    assert opt.skipped_steps == 0
+    set_grads(ps)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    set_grads(ps, bad)
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+    after = opt.state_dict()["state"]
+    for k in state:
+        for name, v in state[k].items():
+            assert torch.equal(after[k][name], v), name
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_fresh_state_is_not_created_by_a_skipped_first_step(cls, kw):
+    ps = params()
+    opt = cls(ps, skip_nonfinite=True, **kw)
+    set_grads(ps, float("nan"))
+    opt.step()
+    assert len(opt.state) == 0 and opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_finite_steps_equal_the_default_path_and_default_is_unchanged(cls, kw):
+    a, b = params(), params()
+    oa, ob = cls(a, skip_nonfinite=True, **kw), cls(b, **kw)
+    assert "skip_nonfinite" not in ob.param_groups[0] and ob.skipped_steps == 0
+    for step in range(3):
+        torch.manual_seed(step)
+        set_grads(a)
+        torch.manual_seed(step)
+        set_grads(b)
+        oa.step()
+        ob.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert oa.skipped_steps == 0
+    # Without the flag a NaN gradient goes through (torch's behaviour).
+    set_grads(b, float("nan"))
+    ob.step()
+    assert torch.isnan(b[1]).any()
+
+
+def test_only_the_bad_group_is_skipped_and_flag_survives_state_dict():
+    ps = params()
+    opt = oxoptim.SGD([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.1, skip_nonfinite=True)
+    set_grads(ps, float("nan"))
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    assert not torch.equal(ps[0].detach(), before[0])
+    assert torch.equal(ps[1].detach(), before[1])
+    assert opt.skipped_steps == 1
+    assert all(g["skip_nonfinite"] for g in opt.param_groups)
+    fresh = params(1)
+    other = oxoptim.SGD([{"params": [fresh[0]]}, {"params": [fresh[1]]}], lr=0.1)
+    other.load_state_dict(opt.state_dict())
+    assert all(g["skip_nonfinite"] for g in other.param_groups)
+
+
+def test_nonfinite_check_on_tensors_rust_cannot_read():
+    p = torch.zeros(4, 4, requires_grad=True)
+    opt = oxoptim.Adam([p], lr=0.1, skip_nonfinite=True)
+    g = torch.zeros(4, 4)
+    g[0, 3] = float("nan")
+    p.grad = g.t()  # non-contiguous: checked by torch
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(p.detach(), torch.zeros(4, 4))
+
+
+def test_rust_any_nonfinite_across_dtypes_and_threads():
+    from oxoptim import _core
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        ts = [torch.randn(100_000).to(dtype), torch.randn(33).to(dtype)]
+        for threads in (1, 3):
+            assert _core.any_nonfinite(ts, num_threads=threads) is False
+        ts[0][99_999] = float("inf")
+        for threads in (1, 3):
+            assert _core.any_nonfinite(ts, num_threads=threads) is True

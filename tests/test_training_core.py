@@ -1,0 +1,229 @@
+"""oxoptim.training: stages switch as configured, adjust rules fire, full-batch = manual full-batch GD."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oxoptim
+from oxoptim.training import (EarlyStop, NextStageOnPlateau, ReduceLROnPlateau, RestoreBest, Stage, Trainer,
+                              Trial, make_rule)
+from oxoptim.training.stages import LRSchedule
+
+needs_grad_avg = pytest.mark.skipif(not hasattr(oxoptim, "GradientAverager"), reason="oxoptim.GradientAverager missing")
+needs_param_avg = pytest.mark.skipif(not hasattr(oxoptim, "ParamAverager"), reason="oxoptim.ParamAverager missing")
+needs_subgradient = pytest.mark.skipif(not hasattr(oxoptim, "Subgradient"), reason="oxoptim.Subgradient missing")
+
+
+def blobs(n=240, d=8, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x @ torch.randn(d, c, generator=g)).argmax(1)
+    k = n * 3 // 4
+    return (x[:k], y[:k]), (x[k:], y[k:])
+
+
+def mlp(seed=0, d=8, c=3):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, c))
+
+
+class FakeTrainer:
+    def __init__(self):
+        self.lr_scale = 1.0
+        self.events = []
+        self.state = {"w": torch.zeros(1)}
+        self.loaded = None
+
+    def log_event(self, msg):
+        self.events.append(msg)
+
+    def evaluated_state(self):
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def load_model_state(self, s):
+        self.loaded = s
+
+
+def feed(rule, values, key="val_loss"):
+    t = FakeTrainer()
+    actions = []
+    for i, v in enumerate(values):
+        t.state["w"] = torch.tensor([float(i)])
+        actions.append(rule.on_epoch_end(t, {key: v, "epoch": i + 1}))
+    return t, actions
+
+
+def test_reduce_lr_on_plateau_fires_after_patience():
+    t, actions = feed(ReduceLROnPlateau(patience=2, factor=0.5), [1.0, 0.9, 0.95, 0.94, 0.93, 0.8, 0.85, 0.86])
+    # bad epochs at 0.95, 0.94 -> reduce (scale 0.5); then 0.93 is bad (best 0.9) -> 1; 0.8 better; 0.85, 0.86 -> reduce
+    assert t.lr_scale == pytest.approx(0.25)
+    assert actions == [None] * 8
+    assert len(t.events) == 2
+
+
+def test_next_stage_and_early_stop_on_crafted_curves():
+    _, a = feed(NextStageOnPlateau(patience=1), [1.0, 0.8, 0.81])
+    assert a == [None, None, "next_stage"]
+    _, a = feed(EarlyStop(monitor="val_accuracy", patience=2), [0.5, 0.6, 0.6, 0.59], key="val_accuracy")
+    assert a == [None, None, None, "stop"]
+    _, a = feed(EarlyStop(patience=2, min_delta=0.1), [1.0, 0.95, 0.91])  # improvements below min_delta
+    assert a == [None, None, "stop"]
+
+
+def test_restore_best_restores_best_epoch_weights():
+    r = RestoreBest("val_accuracy")
+    t, _ = feed(r, [0.5, 0.7, 0.6, 0.65], key="val_accuracy")
+    r.on_stage_end(t)
+    assert t.loaded["w"].item() == 1.0
+    r2 = RestoreBest()
+    r2.load_state_dict(r.state_dict())
+    t2 = FakeTrainer()
+    r2.on_stage_end(t2)
+    assert t2.loaded["w"].item() == 1.0
+
+
+def test_make_rule_from_tables():
+    assert isinstance(make_rule({"rule": "early_stop", "patience": 3}), EarlyStop)
+    tr = make_rule({"rule": "trial", "candidates": [0.1, 0.01], "epochs": 1})
+    assert tr.candidates == [{"lr": 0.1}, {"lr": 0.01}]
+    with pytest.raises(ValueError, match="unknown adjust rule"):
+        make_rule({"rule": "nope"})
+
+
+def test_schedules():
+    assert LRSchedule("cosine").factor(0, 10) == pytest.approx(1.0)
+    assert LRSchedule("cosine").factor(10, 10) == pytest.approx(0.0)
+    assert LRSchedule({"name": "linear", "final": 0.1}).factor(5, 10) == pytest.approx(0.55)
+    assert LRSchedule(lambda p: 2.0).factor(3, 10) == 2.0
+
+
+def test_stages_switch_as_configured_and_metrics_logged(tmp_path):
+    train, val = blobs()
+    stages = [
+        Stage("one", "adamw", epochs=2, batch_size=32, lr=1e-2),
+        Stage("two", "sgd", epochs=3, batch_size=16, lr=0.05, momentum=0.9, lr_schedule="cosine"),
+        Stage("three", oxoptim.Adam, epochs=1, batch_size=64, lr=1e-3),
+    ]
+    tr = Trainer(mlp(), F.cross_entropy, train, val, stages, run_dir=str(tmp_path), quiet=True)
+    hist = tr.fit()
+    assert [r["stage"] for r in hist] == ["one"] * 2 + ["two"] * 3 + ["three"]
+    assert [r["epoch"] for r in hist] == [1, 2, 1, 2, 3, 1]
+    spe = [6, 6, 12, 12, 12, 3]  # 180 training rows
+    assert [r["step"] for r in hist] == [sum(spe[: i + 1]) for i in range(6)]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all("val_accuracy" in x and "val_loss" in x for x in lines)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_run"] == 6
+    assert hist[-1]["val_accuracy"] > 0.5
+
+
+def scripted_metric(values):
+    it = iter(values)
+
+    def score(out, y):
+        return next(it)
+
+    return score
+
+
+def test_next_stage_on_plateau_moves_on_and_early_stop_ends(tmp_path):
+    train, val = blobs()
+    # one validation batch per epoch: the scripted metric is the validation curve
+    metric = scripted_metric([0.5, 0.6, 0.55, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3])
+    stages = [
+        Stage("a", "sgd", epochs=5, batch_size=60, lr=0.01, adjust=[NextStageOnPlateau("val_score", patience=1)]),
+        Stage("b", "sgd", epochs=5, batch_size=60, lr=0.01, adjust=[EarlyStop("val_score", patience=2)]),
+        Stage("c", "sgd", epochs=5, batch_size=60, lr=0.01),
+    ]
+    tr = Trainer(mlp(), F.cross_entropy, train, val, stages, metrics={"score": metric}, quiet=True)
+    hist = tr.fit()
+    assert [r["stage"] for r in hist] == ["a", "a", "a", "b", "b", "b"]
+    assert tr.stopped
+
+
+def test_reduce_lr_rule_changes_the_lr_used(tmp_path):
+    train, val = blobs()
+    metric = scripted_metric([0.5, 0.4, 0.3, 0.2])
+    st = Stage("a", "sgd", epochs=4, batch_size=180, lr=0.1,
+               adjust=[ReduceLROnPlateau("val_score", patience=1, factor=0.1)])
+    hist = Trainer(mlp(), F.cross_entropy, train, val, [st], metrics={"score": metric}, quiet=True).fit()
+    assert [r["lr"] for r in hist] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_trial_picks_best_candidate_and_continues_from_it():
+    train, val = blobs()
+    st = Stage("t", "sgd", epochs=3, batch_size=30, lr=0.5,
+               adjust=[Trial([1e-6, 0.5, 1e-5], epochs=1, monitor="val_loss")])
+    tr = Trainer(mlp(), F.cross_entropy, train, val, [st], quiet=True)
+    hist = tr.fit()
+    phases = [r["phase"] for r in hist]
+    assert phases[:3] == ["trial 0 {'lr': 1e-06}", "trial 1 {'lr': 0.5}", "trial 2 {'lr': 1e-05}"]
+    assert phases[3:] == ["main", "main"]
+    assert [r["lr"] for r in hist[3:]] == [0.5, 0.5]
+    assert hist[3]["epoch"] == 2
+    # trials start from the same weights: the tiny-LR trials give (nearly) the same validation loss
+    assert hist[0]["val_loss"] == pytest.approx(hist[2]["val_loss"], abs=1e-3)
+    # the main run continues from trial 1's end state: its first epoch improves on it
+    assert hist[3]["val_loss"] < hist[1]["val_loss"]
+
+
+def test_restore_best_in_trainer_puts_back_best_weights():
+    train, val = blobs()
+    metric = scripted_metric([0.1, 0.9, 0.2, 0.3])
+    st = Stage("a", "sgd", epochs=4, batch_size=60, lr=0.1, adjust=[RestoreBest("val_score")])
+    model = mlp()
+    snap = {}
+
+    class Spy(RestoreBest):
+        def on_epoch_end(self, trainer, record):
+            snap[record["epoch"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            return None
+
+    st.adjust.append(Spy())
+    Trainer(model, F.cross_entropy, train, val, [st], metrics={"score": metric}, quiet=True).fit()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[2][k])
+
+
+@needs_grad_avg
+def test_full_batch_stage_equals_manual_full_batch_gd():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(203, 5, generator=g), torch.randn(5, 1, generator=g)
+    y = x @ w + 0.1 * torch.randn(203, 1, generator=g)
+    torch.manual_seed(0)
+    m1 = torch.nn.Linear(5, 1)
+    m2 = torch.nn.Linear(5, 1)
+    m2.load_state_dict(m1.state_dict())
+    st = Stage("fb", "sgd", epochs=6, batch_size="full", micro_batch=17, lr=0.1, momentum=0.5)
+    hist = Trainer(m1, F.mse_loss, (x, y), (x, y), [st], metrics={}, quiet=True).fit()
+    opt = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.5)
+    for _ in range(6):
+        opt.zero_grad()
+        F.mse_loss(m2(x), y).backward()
+        opt.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6]
+    assert hist[-1]["train_loss"] == pytest.approx(F.mse_loss(m2(x) * 0 + m2(x), y).item(), rel=0.5)
+
+
+@needs_param_avg
+def test_averaging_stage_validates_and_ends_with_averaged_weights():
+    train, val = blobs()
+    st = Stage("avg", "sgd", epochs=3, batch_size=30, lr=0.1, average="swa")
+    model = mlp()
+    tr = Trainer(model, F.cross_entropy, train, val, [st], quiet=True)
+    hist = tr.fit()
+    res = tr.evaluate(val)
+    assert res["loss"] == pytest.approx(hist[-1]["val_loss"], rel=1e-5)
+
+
+@needs_subgradient
+def test_subgradient_stage_runs():
+    train, val = blobs()
+    st = Stage("sub", "subgradient", epochs=2, batch_size="full", lr=0.05)
+    hist = Trainer(mlp(), F.cross_entropy, train, val, [st], quiet=True).fit()
+    assert len(hist) == 2

@@ -1,0 +1,131 @@
+"""oxoptim.training: kill -9 mid-run then --resume is bit-identical; corrupt checkpoints are detected."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from oxoptim.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+
+# A small job with dropout (RNG), a trial, plateau rules, restore-best and two optimizers.
+JOB = r'''
+import sys, torch, torch.nn.functional as F
+torch.set_num_threads(1)
+from oxoptim.training import *
+run_dir, resume = sys.argv[1], sys.argv[2] == "1"
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1200, 12, generator=g); y = (x @ torch.randn(12, 3, generator=g)).argmax(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(12, 64), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
+stages = [
+    Stage("a", "adamw", epochs=4, batch_size=16, lr=3e-3, lr_schedule="cosine",
+          adjust=[Trial([1e-3, 3e-3], epochs=1), RestoreBest("val_accuracy")]),
+    Stage("b", "sgd", epochs=5, batch_size=8, lr=0.02, momentum=0.9,
+          adjust=[ReduceLROnPlateau(patience=1), EarlyStop(patience=3)]),
+]
+Trainer(model, F.cross_entropy, (x[:1000], y[:1000]), (x[1000:], y[1000:]), stages, run_dir=run_dir,
+        checkpoint_every=7, quiet=True).fit(resume=resume)
+'''
+
+
+def run_job(tmp_path, run_dir, resume=False, kill_after=None):
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    cmd = [sys.executable, str(script), str(run_dir), "1" if resume else "0"]
+    if kill_after is None:
+        subprocess.run(cmd, check=True, timeout=300)
+        return None
+    p = subprocess.Popen(cmd)
+    deadline = time.time() + 120
+    # wait until at least one checkpoint exists, then a little more, then kill -9
+    while time.time() < deadline and p.poll() is None and len(list_checkpoints(str(run_dir))) < 2:
+        time.sleep(0.02)
+    time.sleep(kill_after)
+    if p.poll() is not None:
+        return p.returncode
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    return p.returncode
+
+
+def final_params(run_dir):
+    return torch.load(os.path.join(run_dir, "final.pt"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    run_job(tmp, tmp / "run")
+    return final_params(tmp / "run"), (tmp / "run" / "metrics.jsonl").read_text()
+
+
+def strip_times(text):
+    import json
+
+    return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "samples_per_s")} for l in text.splitlines()]
+
+
+@pytest.mark.parametrize("kill_after", [0.05, 0.6])
+def test_resume_after_kill_is_bit_identical(tmp_path, reference, kill_after):
+    ref, ref_metrics = reference
+    run = tmp_path / "run"
+    rc = run_job(tmp_path, run, kill_after=kill_after)
+    assert not (run / "final.pt").exists() or rc == 0, "run was killed before finishing"
+    if rc != 0:
+        assert rc == -signal.SIGKILL
+        assert list_checkpoints(str(run))
+        run_job(tmp_path, run, resume=True)
+    got = final_params(run)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert strip_times((run / "metrics.jsonl").read_text()) == strip_times(ref_metrics)
+
+
+def test_resume_twice_with_corrupt_latest_checkpoint(tmp_path, reference, capfd):
+    ref, _ = reference
+    run = tmp_path / "run"
+    rc = run_job(tmp_path, run, kill_after=0.3)
+    if rc == 0:
+        pytest.skip("the job finished before the kill")
+    ckpts = list_checkpoints(str(run))
+    if len(ckpts) < 2:
+        pytest.skip("need two checkpoints")
+    with open(ckpts[0], "r+b") as f:  # flip a byte in the newest checkpoint's payload
+        f.seek(-10, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    run_job(tmp_path, run, resume=True)
+    err = capfd.readouterr().err
+    assert "checksum mismatch" in err and "previous good checkpoint" in err
+    got = final_params(run)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_checkpoint_checksum_partial_and_fallback(tmp_path):
+    d = str(tmp_path)
+    save_checkpoint(d, 1, {"a": torch.arange(5)})
+    p2 = save_checkpoint(d, 2, {"a": torch.arange(6)})
+    assert load_checkpoint(p2)["a"].numel() == 6
+    data = open(p2, "rb").read()
+    open(p2, "wb").write(data[: len(data) // 2])  # a partial write
+    with pytest.raises(CheckpointError, match="partial"):
+        load_checkpoint(p2)
+    msgs = []
+    path, state = latest_good_checkpoint(d, warn=msgs.append)
+    assert state["a"].numel() == 5 and path.endswith("ckpt-0000000001.pt")
+    assert any("partial" in m for m in msgs) and any("previous good" in m for m in msgs)
+    open(path, "wb").write(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        latest_good_checkpoint(d, warn=msgs.append)
+    # no leftover temp files from the atomic writes; only the newest `keep` are kept
+    for i in range(3, 8):
+        save_checkpoint(d, i, {"i": i}, keep=3)
+    names = sorted(os.listdir(os.path.join(d, "checkpoints")))
+    assert names == ["ckpt-0000000005.pt", "ckpt-0000000006.pt", "ckpt-0000000007.pt"]
