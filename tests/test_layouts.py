@@ -1,0 +1,88 @@
+"""Any tensor layout gives torch's result and never a write outside the tensor:
+hypothesis draws layouts (transposed, sliced, offset, channels_last, empty, 0-d)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin
+
+LAYOUTS = ["contiguous", "transposed", "sliced", "offset", "channels_last", "empty", "scalar", "strided"]
+
+
+def _make(layout: str, gen: torch.Generator, guard: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf parameter in `layout`, and the whole buffer it lives in (pre-filled with `guard`)."""
+    if layout == "contiguous":
+        base = torch.randn(37, generator=gen)
+        return base.requires_grad_(), base
+    if layout == "transposed":
+        base = torch.randn(5, 7, generator=gen)
+        return base.t().requires_grad_(), base
+    if layout == "sliced":  # every other column of a wider buffer
+        base = torch.full((6, 10), guard)
+        view = base[:, ::2]
+        view.copy_(torch.randn(6, 5, generator=gen))
+        return view.requires_grad_(), base
+    if layout == "offset":  # storage_offset != 0, guards on both sides
+        base = torch.full((50,), guard)
+        view = base[7:40]
+        view.copy_(torch.randn(33, generator=gen))
+        return view.requires_grad_(), base
+    if layout == "channels_last":
+        base = torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)
+        return base.requires_grad_(), base
+    if layout == "empty":
+        base = torch.randn(4, 0, 3, generator=gen)
+        return base.requires_grad_(), base
+    if layout == "scalar":
+        base = torch.randn((), generator=gen)
+        return base.requires_grad_(), base
+    # strided: a 1-D view with stride 3 into a guarded buffer
+    base = torch.full((64,), guard)
+    view = base[1::3]
+    view.copy_(torch.randn(view.shape, generator=gen))
+    return view.requires_grad_(), base
+
+
+def _grad(param: torch.Tensor, gen: torch.Generator, layout: str) -> torch.Tensor:
+    g = torch.randn(param.shape, generator=gen)
+    if layout == "transposed_grad" and g.dim() == 2:
+        return g.t().contiguous().t()
+    return g
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@given(layouts=st.lists(st.sampled_from(LAYOUTS), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1), odd_grads=st.booleans())
+def test_layouts_match_torch_and_stay_inside(twin: Twin, layouts, seed, odd_grads) -> None:
+    guard = 1234.5
+    runs = []
+    for make_opt in (twin.ours, twin.make_theirs):
+        gen = torch.Generator().manual_seed(seed)
+        pairs = [_make(layout, gen, guard) for layout in layouts]
+        params = [p for p, _ in pairs]
+        hyper = dict(lr=0.01, weight_decay=0.01)
+        if twin.name == "sgd":
+            hyper["momentum"] = 0.9
+        opt = make_opt(params, **hyper)
+        grad_gen = torch.Generator().manual_seed(seed + 1)
+        for _ in range(5):
+            for p in params:
+                g = torch.randn(p.shape, generator=grad_gen)
+                if odd_grads and g.dim() == 2:
+                    g = g.t().contiguous().t()  # a non-contiguous gradient of the same shape
+                p.grad = g
+            opt.step()
+        runs.append(pairs)
+    for (p_ours, base_ours), (p_ref, base_ref) in zip(*runs):
+        torch.testing.assert_close(p_ours, p_ref, **TOLERANCE[torch.float32])
+        # Elements of the buffer outside the parameter keep their guard value.
+        outside = torch.ones_like(base_ours, dtype=torch.bool)
+        if p_ours.numel():
+            marker = base_ours.detach().clone()
+            probe = marker.as_strided(p_ours.shape, p_ours.stride(), p_ours.storage_offset() - base_ours.storage_offset())
+            probe.fill_(float("nan"))
+            outside = ~torch.isnan(marker)
+        assert torch.equal(base_ours.detach()[outside], base_ref.detach()[outside])
