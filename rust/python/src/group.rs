@@ -8,7 +8,7 @@ use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::{self as core, RawTensor, StepCounters, TensorBatch};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyString};
 
 /// The tensors of one group's parameters that have a gradient.
 struct Gathered<'py> {
@@ -31,6 +31,9 @@ fn gather<'py>(
     let py = params.py();
     let types = torch_types(py)?;
     let with_grad = PyList::empty(py);
+    // Interned once: a `&str` key would build a new Python string per lookup.
+    let keys: Vec<Bound<'py, PyString>> = keys.iter().map(|k| PyString::intern(py, k)).collect();
+    let counter = counter.map(|k| PyString::intern(py, k));
     let mut columns: Vec<Vec<RawTensor>> = vec![Vec::with_capacity(params.len()); 2 + keys.len()];
     let mut counters = Vec::new();
     for p in params.iter() {
@@ -61,7 +64,7 @@ fn gather<'py>(
             };
             columns[2 + k].push(raw);
         }
-        if let Some(key) = counter {
+        if let Some(key) = &counter {
             let Some(t) = entry.get_item(key)? else {
                 return Ok(None);
             };
