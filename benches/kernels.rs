@@ -1,10 +1,13 @@
 //! Criterion benches: every kernel, scalar reference vs the dispatched SIMD
-//! path, single-threaded, reporting bytes/s of memory traffic.
+//! path, single-threaded, reporting bytes/s of memory traffic (each array
+//! read once, each written array written once).
 //! Run: `cargo bench -p oxoptim-core` (set OXOPTIM_BENCH_MAX to cap the size).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use oxoptim_core::{
-    adam_step, sgd_step, AdamConfig, Backend, DType, Exec, RawTensor, SgdConfig, TensorBatch,
+    accumulate_mean, adam_step, lerp_average, reduce, scale_into, sgd_step, subgradient_step,
+    AdamConfig, Backend, DType, Exec, RawTensor, Reduction, SgdConfig, SubgradientConfig,
+    TensorBatch,
 };
 use std::hint::black_box;
 
@@ -43,18 +46,25 @@ fn batch(bufs: &mut [Vec<f32>]) -> TensorBatch {
     unsafe { TensorBatch::new(raws, bufs.len()).unwrap() }
 }
 
-/// Bytes moved per element: every array is read, all but the gradient written.
-fn traffic(n: usize, arity: usize) -> u64 {
-    (n * 4 * (2 * arity - 1)) as u64
+/// Bytes moved per step: `arrays_moved` array passes (reads plus writes) of `n` f32.
+fn traffic(n: usize, arrays_moved: usize) -> u64 {
+    (n * 4 * arrays_moved) as u64
 }
 
-fn bench_kernel(c: &mut Criterion, name: &str, arity: usize, step: impl Fn(&TensorBatch, Exec)) {
+/// Benches `step` on slots of `arity` arrays, counting `arrays_moved` passes of memory traffic.
+fn bench_kernel(
+    c: &mut Criterion,
+    name: &str,
+    arity: usize,
+    arrays_moved: usize,
+    step: impl Fn(&TensorBatch, Exec),
+) {
     let mut group = c.benchmark_group(name);
     group.sample_size(10);
     for n in sizes() {
         let mut bufs = arrays(n, arity);
         let b = batch(&mut bufs);
-        group.throughput(Throughput::Bytes(traffic(n, arity)));
+        group.throughput(Throughput::Bytes(traffic(n, arrays_moved)));
         for backend in [Backend::Scalar, Backend::active()] {
             group.bench_with_input(BenchmarkId::new(backend.name(), n), &n, |bench, _| {
                 bench.iter(|| step(black_box(&b), Exec::new(backend, 1)))
@@ -73,7 +83,7 @@ fn kernels(c: &mut Criterion) {
         nesterov: false,
         maximize: false,
     };
-    bench_kernel(c, "sgd_momentum", sgd.arity(), |b, exec| {
+    bench_kernel(c, "sgd_momentum", sgd.arity(), 5, |b, exec| {
         sgd_step(&sgd, b, &[false], exec).unwrap()
     });
     let adam = AdamConfig {
@@ -86,8 +96,37 @@ fn kernels(c: &mut Criterion) {
         maximize: false,
         decoupled_weight_decay: true,
     };
-    bench_kernel(c, "adamw", adam.arity(), |b, exec| {
+    bench_kernel(c, "adamw", adam.arity(), 7, |b, exec| {
         adam_step(&adam, b, &[10.0], exec).unwrap()
+    });
+    let sub = SubgradientConfig {
+        step: 1e-3,
+        l1: 1e-4,
+        weight_decay: 1e-4,
+        maximize: false,
+    };
+    // Subgradient: read p, g; write p.
+    bench_kernel(c, "subgradient", 2, 3, |b, exec| {
+        subgradient_step(&sub, b, exec).unwrap()
+    });
+    // Gradient accumulation (running mean, grad cleared): read mean, g; write mean, g.
+    bench_kernel(c, "accumulate_mean", 2, 4, |b, exec| {
+        accumulate_mean(b, 0.25, false, true, exec).unwrap()
+    });
+    // EMA/SWA averaging: read avg, p; write avg.
+    bench_kernel(c, "lerp_average", 2, 3, |b, exec| {
+        lerp_average(b, 1e-3, exec).unwrap()
+    });
+    // Scaling in place (gradient clipping, write-back): read and write one array.
+    bench_kernel(c, "scale", 1, 2, |b, exec| {
+        scale_into(b, 0.5, exec).unwrap()
+    });
+    // Reductions (clip_grad_norm_, skip_nonfinite): read one array.
+    bench_kernel(c, "sum_squares", 1, 1, |b, exec| {
+        black_box(reduce(Reduction::SumSquares, b, exec).unwrap());
+    });
+    bench_kernel(c, "any_nonfinite", 1, 1, |b, exec| {
+        black_box(reduce(Reduction::AnyNonfinite, b, exec).unwrap());
     });
 }
 
