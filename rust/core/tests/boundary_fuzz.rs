@@ -3,7 +3,9 @@
 //! exactly when it is well formed and disjoint, and a step never writes
 //! outside the arrays it was given.
 
-use oxoptim_core::{adam_step, sgd_step, AdamConfig, Backend, DType, Exec, RawTensor, SgdConfig, TensorBatch};
+use oxoptim_core::{
+    adam_step, sgd_step, AdamConfig, Backend, DType, Exec, RawTensor, SgdConfig, TensorBatch,
+};
 use proptest::prelude::*;
 
 const GUARD: f32 = 7777.0;
