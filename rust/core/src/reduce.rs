@@ -279,6 +279,7 @@ struct SumAbs;
 impl<T: Element> Fold<T> for SumAbs {
     #[inline(always)]
     unsafe fn fold<S: Lanes<T>>(self, s: S, acc: S::V, a: *const T, _: *const T, i: usize) -> S::V {
+        // SAFETY: the caller of `fold` guarantees i + WIDTH is within the arrays.
         s.add(acc, s.abs(unsafe { s.load(a.add(i)) }))
     }
 }
@@ -288,6 +289,7 @@ struct SumSquares;
 impl<T: Element> Fold<T> for SumSquares {
     #[inline(always)]
     unsafe fn fold<S: Lanes<T>>(self, s: S, acc: S::V, a: *const T, _: *const T, i: usize) -> S::V {
+        // SAFETY: the caller of `fold` guarantees i + WIDTH is within the arrays.
         s.square_acc(acc, unsafe { s.load(a.add(i)) })
     }
 }
@@ -298,6 +300,7 @@ impl<T: Element> Fold<T> for MaxAbs {
     const MAX: bool = true;
     #[inline(always)]
     unsafe fn fold<S: Lanes<T>>(self, s: S, acc: S::V, a: *const T, _: *const T, i: usize) -> S::V {
+        // SAFETY: the caller of `fold` guarantees i + WIDTH is within the arrays.
         s.max(s.abs(unsafe { s.load(a.add(i)) }), acc)
     }
 }
@@ -308,6 +311,7 @@ struct Nonfinite;
 impl<T: Element> Fold<T> for Nonfinite {
     #[inline(always)]
     unsafe fn fold<S: Lanes<T>>(self, s: S, acc: S::V, a: *const T, _: *const T, i: usize) -> S::V {
+        // SAFETY: the caller of `fold` guarantees i + WIDTH is within the arrays.
         let x = unsafe { s.load(a.add(i)) };
         s.add(acc, s.sub(x, x))
     }
@@ -322,6 +326,7 @@ struct DirectionSquares<T> {
 impl<T: Element> Fold<T> for DirectionSquares<T> {
     #[inline(always)]
     unsafe fn fold<S: Lanes<T>>(self, s: S, acc: S::V, a: *const T, b: *const T, i: usize) -> S::V {
+        // SAFETY: the caller of `fold` guarantees i + WIDTH is within the arrays.
         let (p, g) = unsafe { (s.load(a.add(i)), s.load(b.add(i))) };
         let d = direction(s, p, g, self.maximize, self.weight_decay, self.l1);
         s.square_acc(acc, d)

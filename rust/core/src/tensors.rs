@@ -351,6 +351,7 @@ mod tests {
     #[test]
     fn memo_skips_only_a_layout_it_proved() {
         let mut memo = DisjointMemo::default();
+        // SAFETY: test batches are only checked, never turned into slices.
         unsafe {
             assert!(TensorBatch::new_memo(vec![t(64, 4), t(128, 4)], 2, &mut memo).is_ok());
             assert!(TensorBatch::new_memo(vec![t(64, 4), t(128, 4)], 2, &mut memo).is_ok());
@@ -369,6 +370,7 @@ mod tests {
     #[test]
     fn overlap_found_even_when_a_long_array_covers_later_ones() {
         // [64, 464) covers [96, 112) and [200, 216), both of another slot.
+        // SAFETY: test batches are only checked, never turned into slices.
         unsafe {
             let r = TensorBatch::new(vec![t(64, 100), t(1000, 100), t(96, 4), t(200, 4)], 2);
             assert!(matches!(r, Err(Error::Overlap(_))));

@@ -257,6 +257,7 @@ fn reductions_are_accurate() {
         len: b.len(),
         dtype: DType::F64,
     };
+    // SAFETY: the vectors outlive the batch and nothing else touches them.
     let batch = unsafe { TensorBatch::new(vec![raw(&mut xs)], 1).unwrap() };
     let e = Exec::new(Backend::active(), 2);
     let got = [
@@ -279,6 +280,7 @@ fn reductions_are_accurate() {
     }
     for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
         xs[9_999] = bad;
+        // SAFETY: the vectors outlive the batch and nothing else touches them.
         let batch = unsafe { TensorBatch::new(vec![raw(&mut xs)], 1).unwrap() };
         assert!(any_nonfinite(&batch, e).unwrap());
         assert!(!norm(2.0, &batch, e).unwrap().is_finite());
@@ -314,6 +316,7 @@ fn subgradient_step_is_the_textbook_formula() {
         len: 4,
         dtype: DType::F64,
     };
+    // SAFETY: the vectors outlive the batch and nothing else touches them.
     let batch = unsafe { TensorBatch::new(vec![raw(&mut p), raw(&mut g)], 2).unwrap() };
     subgradient_step(&c, &batch, Exec::default()).unwrap();
     drop(batch);
@@ -336,6 +339,7 @@ fn running_mean_of_uneven_batches_is_the_weighted_mean() {
             len: 3,
             dtype: DType::F64,
         };
+        // SAFETY: the vectors outlive the batch and nothing else touches them.
         let batch = unsafe { TensorBatch::new(vec![raw(&mut mean), raw(&mut grad)], 2).unwrap() };
         accumulate_mean(
             &batch,

@@ -314,6 +314,7 @@ fn wrong_arity_is_an_error_not_a_write() {
         len: 4,
         dtype: DType::F32,
     };
+    // SAFETY: the vectors outlive the batch and nothing else touches them.
     let batch = unsafe { TensorBatch::new(vec![raw(&mut p), raw(&mut g)], 2).unwrap() };
     let momentum = SgdConfig {
         lr: 0.1,

@@ -177,6 +177,7 @@ pub(crate) fn adam_group_step(
         return Ok(false);
     };
     let Some(counters) =
+        // SAFETY: every array was described from a live, dense, contiguous CPU tensor of a supported dtype, and `g.params`/`state` keep them alive for the call.
         or_fallback(unsafe { StepCounters::new_memo(g.counters, &batch, counter_memo) })?
     else {
         return Ok(false);

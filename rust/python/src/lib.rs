@@ -207,6 +207,7 @@ fn adam_step(
     else {
         return Ok(false);
     };
+    // SAFETY: the counters were described like the arrays, from live 0-d CPU tensors.
     let Some(counters) = or_fallback(unsafe { StepCounters::new(steps, &batch) })? else {
         return Ok(false);
     };

@@ -37,43 +37,53 @@ macro_rules! impl_lanes {
 
             #[inline(always)]
             fn splat(self, x: $t) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $dup(x) }
             }
             #[inline(always)]
             unsafe fn load(self, ptr: *const $t) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $ld(ptr) }
             }
             #[inline(always)]
             unsafe fn store(self, ptr: *mut $t, v: $v) {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $st(ptr, v) }
             }
             #[inline(always)]
             fn add(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $add(a, b) }
             }
             #[inline(always)]
             fn sub(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $sub(a, b) }
             }
             #[inline(always)]
             fn mul(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $mul(a, b) }
             }
             #[inline(always)]
             fn div(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $div(a, b) }
             }
             #[inline(always)]
             fn sqrt(self, a: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $sqrt(a) }
             }
             #[inline(always)]
             fn mul_add(self, a: $v, b: $v, c: $v) -> $v {
                 // vfmaq(c, a, b) = c + a * b, one rounding.
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $fma(c, a, b) }
             }
             #[inline(always)]
             fn max(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe {
                     // a where a > b or a is NaN (a != a), else b.
                     let a_nan: $bits = $ceq(a, a);
@@ -83,10 +93,12 @@ macro_rules! impl_lanes {
             }
             #[inline(always)]
             fn abs(self, a: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe { $abs(a) }
             }
             #[inline(always)]
             fn sign(self, a: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe {
                     let zero = $dup(0.0);
                     let one = $dup(1.0);
@@ -97,10 +109,12 @@ macro_rules! impl_lanes {
             }
             #[inline(always)]
             fn reduce_sum(self, v: $v) -> $t {
+                // SAFETY: see the module note (token proves NEON).
                 sum_in_order(unsafe { std::mem::transmute::<$v, [$t; $width]>(v) })
             }
             #[inline(always)]
             fn any_nonfinite(self, v: $v) -> bool {
+                // SAFETY: see the module note (token proves NEON).
                 unsafe {
                     let d = $sub(v, v);
                     let $m: $bits = $ceq(d, d);
@@ -118,12 +132,14 @@ trait NotMask {
 impl NotMask for uint32x4_t {
     #[inline(always)]
     fn not(self) -> Self {
+        // SAFETY: see the module note (token proves NEON).
         unsafe { vmvnq_u32(self) }
     }
 }
 impl NotMask for uint64x2_t {
     #[inline(always)]
     fn not(self) -> Self {
+        // SAFETY: see the module note (token proves NEON).
         unsafe { vreinterpretq_u64_u32(vmvnq_u32(vreinterpretq_u32_u64(self))) }
     }
 }

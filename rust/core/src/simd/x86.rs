@@ -50,61 +50,75 @@ macro_rules! impl_lanes {
 
             #[inline(always)]
             fn splat(self, x: $t) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $set1(x) }
             }
             #[inline(always)]
             unsafe fn load(self, ptr: *const $t) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $loadu(ptr) }
             }
             #[inline(always)]
             unsafe fn store(self, ptr: *mut $t, v: $v) {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $storeu(ptr, v) }
             }
             #[inline(always)]
             fn add(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $add(a, b) }
             }
             #[inline(always)]
             fn sub(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $sub(a, b) }
             }
             #[inline(always)]
             fn mul(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $mul(a, b) }
             }
             #[inline(always)]
             fn div(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $div(a, b) }
             }
             #[inline(always)]
             fn sqrt(self, a: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $sqrt(a) }
             }
             #[inline(always)]
             fn mul_add(self, a: $v, b: $v, c: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $fmadd(a, b, c) }
             }
             #[inline(always)]
             fn max(self, $ma: $v, $mb: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $max_body }
             }
             #[inline(always)]
             fn abs(self, $av: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $abs_body }
             }
             #[inline(always)]
             fn sign(self, $sv: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $sign_body }
             }
             #[inline(always)]
             fn reduce_sum(self, $rv: $v) -> $t {
                 #[allow(unused_unsafe)]
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe {
                     $reduce_body
                 }
             }
             #[inline(always)]
             fn any_nonfinite(self, $nv: $v) -> bool {
+                // SAFETY: see the module note (token proves the ISA).
                 unsafe { $nonfinite_body }
             }
         }
