@@ -9,7 +9,7 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["_use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "tensor_cache"]
+__all__ = ["_use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "step_groups", "tensor_cache"]
 
 
 def num_threads() -> int:
@@ -61,3 +61,30 @@ def tensor_cache(optimizer: torch.optim.Optimizer) -> Any:
 
         cache = optimizer.__dict__["_oxoptim_tensor_cache"] = _core.TensorCache()
     return cache
+
+
+def step_groups(
+    optimizer: Any,
+    fast_step: Callable[[dict, Any], bool],
+    general_step: Callable[[dict, bool], None],
+) -> None:
+    """The per-group step loop shared by oxoptim's torch twins.
+
+    For each group: skip it when ``skip_nonfinite`` finds a NaN/Inf gradient;
+    else try ``fast_step(group, cache)`` (tensors gathered in Rust, state
+    already initialised); else ``general_step(group, native)``, which runs
+    torch's ``_init_group`` and then the Rust list path or torch's own
+    implementation.
+    """
+    cache = tensor_cache(optimizer)
+    cache.begin_step()
+    try:
+        for group in optimizer.param_groups:
+            if group.get("skip_nonfinite") and optimizer._skip_group(group):
+                continue
+            native = group_is_native(optimizer, group)
+            if native and fast_step(group, cache):
+                continue
+            general_step(group, native)
+    finally:
+        cache.finish_step()

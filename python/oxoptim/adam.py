@@ -7,7 +7,7 @@ from torch.optim.adam import adam as torch_adam
 
 from . import _core
 from ._state import CheckedStateDict
-from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar, tensor_cache
+from ._native import _use_grad_for_differentiable, evaluate_closure, num_threads, scalar, step_groups
 from ._skip import SkipNonfinite
 
 __all__ = ["Adam", "AdamW"]
@@ -55,23 +55,18 @@ class Adam(CheckedStateDict, SkipNonfinite, torch.optim.Adam):
         """
         self._accelerator_graph_capture_health_check()
         loss = evaluate_closure(closure)
-        cache = tensor_cache(self)
-        cache.begin_step()
-        try:
-            for group in self.param_groups:
-                if group.get("skip_nonfinite") and self._skip_group(group):
-                    continue
-                native = group_is_native(self, group)
-                # Fast path: state already initialised, every tensor native.
-                if native and _core.adam_group_step(group["params"], self.state, cache, **self._native_hyper(group)):
-                    continue
-                lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
-                has_complex = self._init_group(group, *lists)
-                if not (native and not has_complex and _core.adam_step(*lists, **self._native_hyper(group))):
-                    self._torch_step(group, lists, has_complex)
-        finally:
-            cache.finish_step()
+        step_groups(self, self._fast_step, self._general_step)
         return loss
+
+    def _fast_step(self, group: dict, cache) -> bool:
+        # State already initialised and every tensor native.
+        return _core.adam_group_step(group["params"], self.state, cache, **self._native_hyper(group))
+
+    def _general_step(self, group: dict, native: bool) -> None:
+        lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+        has_complex = self._init_group(group, *lists)
+        if not (native and not has_complex and _core.adam_step(*lists, **self._native_hyper(group))):
+            self._torch_step(group, lists, has_complex)
 
     @staticmethod
     def _native_hyper(group: dict) -> dict:

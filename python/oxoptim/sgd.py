@@ -9,7 +9,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from . import _core
 from ._state import CheckedStateDict
-from ._native import _use_grad_for_differentiable, evaluate_closure, group_is_native, num_threads, scalar, tensor_cache
+from ._native import _use_grad_for_differentiable, evaluate_closure, num_threads, scalar, step_groups
 from ._skip import SkipNonfinite
 
 __all__ = ["SGD"]
@@ -47,25 +47,20 @@ class SGD(CheckedStateDict, SkipNonfinite, torch.optim.SGD):
                 and returns the loss.
         """
         loss = evaluate_closure(closure)
-        cache = tensor_cache(self)
-        cache.begin_step()
-        try:
-            for group in self.param_groups:
-                if group.get("skip_nonfinite") and self._skip_group(group):
-                    continue
-                native = group_is_native(self, group)
-                # Fast path: momentum buffers exist (or momentum is 0), every tensor native.
-                if native and _core.sgd_group_step(group["params"], self.state, cache, **self._native_hyper(group)):
-                    continue
-                params: list[torch.Tensor] = []
-                grads: list[torch.Tensor] = []
-                buffers: list[Optional[torch.Tensor]] = []
-                has_sparse_grad = self._init_group(group, params, grads, buffers)
-                if not (native and not has_sparse_grad and self._native_step(group, params, grads, buffers)):
-                    self._torch_step(group, params, grads, buffers, has_sparse_grad)
-        finally:
-            cache.finish_step()
+        step_groups(self, self._fast_step, self._general_step)
         return loss
+
+    def _fast_step(self, group: dict, cache) -> bool:
+        # Momentum buffers exist (or momentum is 0) and every tensor is native.
+        return _core.sgd_group_step(group["params"], self.state, cache, **self._native_hyper(group))
+
+    def _general_step(self, group: dict, native: bool) -> None:
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        buffers: list[Optional[torch.Tensor]] = []
+        has_sparse_grad = self._init_group(group, params, grads, buffers)
+        if not (native and not has_sparse_grad and self._native_step(group, params, grads, buffers)):
+            self._torch_step(group, params, grads, buffers, has_sparse_grad)
 
     @staticmethod
     def _native_hyper(group: dict) -> dict:

@@ -8,97 +8,8 @@ use oxoptim_core::{
     Backend, DType, Exec, RawTensor, Reduction, SubgradientConfig, TensorBatch,
 };
 
-fn values(seed: u64, n: usize) -> Vec<f64> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let v = (x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0;
-            // Some exact zeros, so sign(0) is exercised.
-            if x.is_multiple_of(17) {
-                0.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
-
-trait Storage: Copy + PartialEq + std::fmt::Debug {
-    const DTYPE: DType;
-    fn from_f64(x: f64) -> Self;
-    fn bits(self) -> u64;
-}
-macro_rules! storage {
-    ($t:ty, $d:expr, $from:expr, $bits:expr) => {
-        impl Storage for $t {
-            const DTYPE: DType = $d;
-            fn from_f64(x: f64) -> Self {
-                $from(x)
-            }
-            fn bits(self) -> u64 {
-                $bits(self) as u64
-            }
-        }
-    };
-}
-storage!(f32, DType::F32, |x| x as f32, f32::to_bits);
-storage!(f64, DType::F64, |x| x, f64::to_bits);
-storage!(bf16, DType::BF16, bf16::from_f64, bf16::to_bits);
-storage!(f16, DType::F16, f16::from_f64, f16::to_bits);
-
-struct Arrays<T> {
-    buffers: Vec<Vec<T>>,
-    lens: Vec<usize>,
-    offset: usize,
-    arity: usize,
-}
-
-impl<T: Storage> Arrays<T> {
-    fn new(lens: &[usize], arity: usize, offset: usize, seed: u64) -> Self {
-        let mut buffers = Vec::new();
-        for (t, &n) in lens.iter().enumerate() {
-            for k in 0..arity {
-                let vals = values(seed ^ ((t * 31 + k) as u64), n + offset);
-                buffers.push(vals.into_iter().map(T::from_f64).collect());
-            }
-        }
-        Arrays {
-            buffers,
-            lens: lens.to_vec(),
-            offset,
-            arity,
-        }
-    }
-
-    fn batch(&mut self) -> TensorBatch {
-        let raws = self
-            .buffers
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| RawTensor {
-                addr: b[self.offset..].as_mut_ptr() as usize,
-                len: self.lens[i / self.arity],
-                dtype: T::DTYPE,
-            })
-            .collect();
-        // SAFETY: the buffers outlive the batch and are not touched meanwhile.
-        unsafe { TensorBatch::new(raws, self.arity).unwrap() }
-    }
-
-    fn bits(&self) -> Vec<Vec<u64>> {
-        self.buffers
-            .iter()
-            .map(|b| b.iter().map(|x| x.bits()).collect())
-            .collect()
-    }
-}
-
-const OFFSETS: [usize; 3] = [0, 1, 3];
+mod common;
+use common::{values, Arrays, Storage, OFFSETS};
 
 /// Three steps of `step` on fresh arrays agree bit for bit on every backend and thread count.
 fn check_updates<T: Storage>(
@@ -109,7 +20,7 @@ fn check_updates<T: Storage>(
 ) {
     for offset in OFFSETS {
         let reference = {
-            let mut a = Arrays::<T>::new(lens, arity, offset, 11);
+            let mut a = Arrays::<T>::new(lens, arity, offset, 11, &[]);
             let batch = a.batch();
             for s in 0..3 {
                 step(&batch, s, Exec::new(Backend::Scalar, 1));
@@ -119,7 +30,7 @@ fn check_updates<T: Storage>(
         };
         for backend in Backend::supported() {
             for &t in threads {
-                let mut a = Arrays::<T>::new(lens, arity, offset, 11);
+                let mut a = Arrays::<T>::new(lens, arity, offset, 11, &[]);
                 let batch = a.batch();
                 for s in 0..3 {
                     step(&batch, s, Exec::new(backend, t));
@@ -145,7 +56,7 @@ fn check_reduction<T: Storage>(lens: &[usize], threads: &[usize], r: Reduction) 
     };
     let mut out = None;
     for offset in OFFSETS {
-        let mut a = Arrays::<T>::new(lens, arity, offset, 5);
+        let mut a = Arrays::<T>::new(lens, arity, offset, 5, &[]);
         let batch = a.batch();
         let reference = reduce(r, &batch, Exec::new(Backend::Scalar, 1)).unwrap();
         for backend in Backend::supported() {

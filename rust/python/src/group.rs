@@ -3,9 +3,10 @@
 //! Python bookkeeping. Anything unusual (missing state on a first step, a
 //! tensor the kernels cannot take) returns False so Python takes its general path.
 
+use crate::run::{run_adam, run_sgd};
 use crate::tensors::{describe_grad, torch_types, TensorCache};
-use crate::{bump_versions, core_error, exec, or_fallback, slots};
-use oxoptim_core::{self as core, RawTensor, StepCounters, TensorBatch};
+use crate::{bump_versions, exec};
+use oxoptim_core::{self as core, RawTensor};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
@@ -117,16 +118,11 @@ pub(crate) fn sgd_group_step(
     };
     let exec = exec(num_threads, None)?;
     let fresh = vec![false; g.columns[0].len()];
-    // SAFETY: every array was described from a live, dense, contiguous CPU
-    // tensor of a supported dtype; `g.params` and the state dict keep them alive.
     let (memo, _) = cache.memos(params.as_any());
-    let Some(batch) =
-        or_fallback(unsafe { TensorBatch::new_memo(slots(&g.columns), config.arity(), memo) })?
-    else {
+    // `g.params` and the state dict keep every described tensor alive meanwhile.
+    if !run_sgd(py, &config, &g.columns, &fresh, exec, memo)? {
         return Ok(false);
-    };
-    py.detach(|| core::sgd_step(&config, &batch, &fresh, exec))
-        .map_err(core_error)?;
+    }
     bump_versions(py, &[&g.params])?;
     Ok(true)
 }
@@ -169,24 +165,17 @@ pub(crate) fn adam_group_step(
         return Ok(false);
     };
     let exec = exec(num_threads, None)?;
-    // SAFETY: as in `sgd_group_step`; the step counters likewise.
-    let (memo, counter_memo) = cache.memos(params.as_any());
-    let Some(batch) =
-        or_fallback(unsafe { TensorBatch::new_memo(slots(&g.columns), config.arity(), memo) })?
-    else {
+    // `g.params` and the state dict keep every described tensor alive meanwhile.
+    if !run_adam(
+        py,
+        &config,
+        &g.columns,
+        g.counters,
+        exec,
+        cache.memos(params.as_any()),
+    )? {
         return Ok(false);
-    };
-    let Some(counters) =
-        // SAFETY: every array was described from a live, dense, contiguous CPU tensor of a supported dtype, and `g.params`/`state` keep them alive for the call.
-        or_fallback(unsafe { StepCounters::new_memo(g.counters, &batch, counter_memo) })?
-    else {
-        return Ok(false);
-    };
-    py.detach(|| {
-        let steps = counters.increment();
-        core::adam_step(&config, &batch, &steps, exec)
-    })
-    .map_err(core_error)?;
+    }
     bump_versions(py, &[&g.params])?;
     Ok(true)
 }

@@ -1,7 +1,7 @@
 //! `oxoptim._core`: a thin layer that turns torch tensors into checked raw
 //! memory descriptors and calls the pure Rust kernels with the GIL released.
 
-use oxoptim_core::{self as core, Backend, Exec, RawTensor, StepCounters, TensorBatch};
+use oxoptim_core::{self as core, Backend, DisjointMemo, Exec, RawTensor};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -9,6 +9,7 @@ use pyo3::types::{PyList, PyTuple};
 
 mod extras;
 mod group;
+mod run;
 mod tensors;
 use tensors::{describe_all, Described};
 
@@ -134,14 +135,16 @@ fn sgd_step(
         }
     }
     let exec = exec(num_threads, backend)?;
-    // SAFETY: `describe_all` checked every tensor is a dense, contiguous CPU
-    // tensor of a supported dtype; the lists keep them alive for this call.
-    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&columns), config.arity()) })?
-    else {
+    if !run::run_sgd(
+        py,
+        &config,
+        &columns,
+        &fresh,
+        exec,
+        &mut DisjointMemo::default(),
+    )? {
         return Ok(false);
-    };
-    py.detach(|| core::sgd_step(&config, &batch, &fresh, exec))
-        .map_err(core_error)?;
+    }
     bump_versions(py, &[params, momentum_buffers])?;
     Ok(true)
 }
@@ -202,20 +205,10 @@ fn adam_step(
         return Ok(false);
     };
     let exec = exec(num_threads, backend)?;
-    // SAFETY: as in `sgd_step`; step counters were described the same way.
-    let Some(batch) = or_fallback(unsafe { TensorBatch::new(slots(&columns), config.arity()) })?
-    else {
+    let memos = (&mut DisjointMemo::default(), &mut DisjointMemo::default());
+    if !run::run_adam(py, &config, &columns, steps, exec, memos)? {
         return Ok(false);
-    };
-    // SAFETY: the counters were described like the arrays, from live 0-d CPU tensors.
-    let Some(counters) = or_fallback(unsafe { StepCounters::new(steps, &batch) })? else {
-        return Ok(false);
-    };
-    py.detach(|| {
-        let steps = counters.increment();
-        core::adam_step(&config, &batch, &steps, exec)
-    })
-    .map_err(core_error)?;
+    }
     bump_versions(
         py,
         &[params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],

@@ -1,0 +1,108 @@
+//! Test helpers shared by the kernel test files: deterministic data, the
+//! storage dtypes, and tensor slots laid out at chosen misalignments.
+#![allow(dead_code)] // each test file uses its own subset
+
+use half::{bf16, f16};
+use oxoptim_core::{DType, RawTensor, TensorBatch};
+
+/// Deterministic pseudo-random values in [-2, 2), with some exact zeros so
+/// that sign(0) and zero gradients are exercised.
+pub fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = (x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0;
+            if x.is_multiple_of(17) {
+                0.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// An element type as stored in memory, compared bit for bit.
+pub trait Storage: Copy + PartialEq + std::fmt::Debug {
+    const DTYPE: DType;
+    fn from_f64(x: f64) -> Self;
+    fn bits(self) -> u64;
+}
+
+macro_rules! storage {
+    ($t:ty, $d:expr, $from:expr, $bits:expr) => {
+        impl Storage for $t {
+            const DTYPE: DType = $d;
+            fn from_f64(x: f64) -> Self {
+                $from(x)
+            }
+            fn bits(self) -> u64 {
+                $bits(self) as u64
+            }
+        }
+    };
+}
+storage!(f32, DType::F32, |x| x as f32, f32::to_bits);
+storage!(f64, DType::F64, |x| x, f64::to_bits);
+storage!(bf16, DType::BF16, bf16::from_f64, bf16::to_bits);
+storage!(f16, DType::F16, f16::from_f64, f16::to_bits);
+
+/// `arity` arrays per tensor, one tensor per length, each starting `offset`
+/// elements into its own buffer (so SIMD loads are misaligned for offset > 0).
+pub struct Arrays<T> {
+    buffers: Vec<Vec<T>>,
+    lens: Vec<usize>,
+    offset: usize,
+    arity: usize,
+}
+
+impl<T: Storage> Arrays<T> {
+    /// Arrays whose positions listed in `nonneg` hold |values| (e.g. second moments).
+    pub fn new(lens: &[usize], arity: usize, offset: usize, seed: u64, nonneg: &[usize]) -> Self {
+        let mut buffers = Vec::new();
+        for (t, &n) in lens.iter().enumerate() {
+            for k in 0..arity {
+                let vals = values(seed ^ ((t * 31 + k) as u64), n + offset);
+                let vals = vals
+                    .into_iter()
+                    .map(|v| if nonneg.contains(&k) { v.abs() } else { v });
+                buffers.push(vals.map(T::from_f64).collect());
+            }
+        }
+        Arrays {
+            buffers,
+            lens: lens.to_vec(),
+            offset,
+            arity,
+        }
+    }
+
+    pub fn batch(&mut self) -> TensorBatch {
+        let raws = self
+            .buffers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| RawTensor {
+                addr: b[self.offset..].as_mut_ptr() as usize,
+                len: self.lens[i / self.arity],
+                dtype: T::DTYPE,
+            })
+            .collect();
+        // SAFETY: the buffers outlive the batch and are not touched meanwhile.
+        unsafe { TensorBatch::new(raws, self.arity).unwrap() }
+    }
+
+    pub fn bits(&self) -> Vec<Vec<u64>> {
+        self.buffers
+            .iter()
+            .map(|b| b.iter().map(|x| x.bits()).collect())
+            .collect()
+    }
+}
+
+/// Start offsets (in elements) every SIMD test runs at.
+pub const OFFSETS: [usize; 3] = [0, 1, 3];
