@@ -15,7 +15,7 @@ def _run_both(twin: Twin, make_params, steps=10, **hyper):
     ours, theirs = twin.ours(mine, **hyper), twin.make_theirs(ref, **hyper)
     for _ in range(steps):
         for p, q in zip(mine, ref):
-            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
             p.grad, q.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
@@ -128,3 +128,15 @@ def test_validation_errors_are_torchs() -> None:
         with pytest.raises(ValueError) as b:
             theirs(p, **kw)
         assert str(a.value) == str(b.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on the CI machine)")
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_cuda_parameters_use_torchs_path(twin: Twin) -> None:
+    def make():
+        torch.manual_seed(5)
+        return [torch.randn(33, device="cuda").requires_grad_(), torch.randn(4, 4, device="cuda").requires_grad_()]
+
+    mine, ref = _run_both(twin, make, lr=0.01)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b)
