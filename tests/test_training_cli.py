@@ -103,3 +103,83 @@ def test_bad_config_is_rejected(tmp_path):
     p.write_text('sede = 1\n[[stages]]\nname = "x"\n')
     with pytest.raises(ValueError, match="unknown top-level"):
         load_config(str(p))
+
+
+DDP_JOB = """
+seed = 3
+threads = 1
+checkpoint_every = 4
+
+[data]
+train = "{train}"
+text_column = "text"
+label_column = "label"
+max_len = 10
+split = [0.7, 0.15, 0.15]
+bucket = 4
+
+[model]
+embed_dim = 8
+hidden = 8
+dropout = 0.2
+pool = "max_mean"
+
+[[stages]]
+name = "explore"
+optimizer = "adamw"
+epochs = 3
+batch_size = 16
+lr = 1e-2
+lr_schedule = "cosine"
+grad_clip = 1.0
+adjust = [
+  {{ rule = "trial", param = "lr", candidates = [3e-3, 1e-2], epochs = 1, monitor = "val_loss" }},
+  {{ rule = "restore_best", monitor = "val_accuracy" }},
+]
+
+[[stages]]
+name = "average"
+optimizer = "sgd"
+epochs = 2
+batch_size = 32
+lr = 0.05
+momentum = 0.9
+average = "swa"
+"""
+
+
+def test_torchrun_ddp_two_processes(tmp_path):
+    """`python -m torch.distributed.run --nproc-per-node 2 -m oxoptim train`: DDP over gloo,
+    rank 0 writes the outputs, both ranks end with the same parameters."""
+    import csv
+
+    rows = []
+    for i in range(200):
+        good = i % 2 == 0
+        rows.append({"text": ("好棒赞" if good else "差烂坏")[i % 3] + "书" * (i % 4) + ("喜欢" if good else "失望"),
+                     "label": "pos" if good else "neg"})
+    data = tmp_path / "reviews.csv"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    cfg = tmp_path / "ddp.toml"
+    cfg.write_text(DDP_JOB.format(train=data.name))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "oxoptim", "train", "--config", str(cfg), "--run-dir", str(run), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("test accuracy") == 1  # only rank 0 reports
+    for name in ("metrics.jsonl", "summary.json", "curves.png", "final.pt", "config.json"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["ranks_agree"] is True
+    digests = summary["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["stage"] for l in lines] == ["explore"] * 4 + ["average"] * 2  # 2 trial epochs + 2
+    assert summary["test"]["accuracy"] > 0.8
+    assert not list(run.glob("**/*.tmp*"))

@@ -69,16 +69,32 @@ def strip_times(text):
     return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "samples_per_s")} for l in text.splitlines()]
 
 
-@pytest.mark.parametrize("kill_after", [0.05, 0.6])
-def test_resume_after_kill_is_bit_identical(tmp_path, reference, kill_after):
-    ref, ref_metrics = reference
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """One run killed with SIGKILL mid-way (shared: each test resumes its own copy of it)."""
+    tmp = tmp_path_factory.mktemp("killed")
+    rc = run_job(tmp, tmp / "run", kill_after=0.3)
+    return tmp / "run", rc
+
+
+def copy_killed(killed, tmp_path):
+    import shutil
+
+    src, rc = killed
+    if rc == 0:
+        pytest.skip("the job finished before the kill")
+    assert rc == -signal.SIGKILL
+    assert not (src / "final.pt").exists(), "run was killed before finishing"
     run = tmp_path / "run"
-    rc = run_job(tmp_path, run, kill_after=kill_after)
-    assert not (run / "final.pt").exists() or rc == 0, "run was killed before finishing"
-    if rc != 0:
-        assert rc == -signal.SIGKILL
-        assert list_checkpoints(str(run))
-        run_job(tmp_path, run, resume=True)
+    shutil.copytree(src, run)
+    return run
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, reference, killed):
+    ref, ref_metrics = reference
+    run = copy_killed(killed, tmp_path)
+    assert list_checkpoints(str(run))
+    run_job(tmp_path, run, resume=True)
     got = final_params(run)
     assert ref.keys() == got.keys()
     for k in ref:
@@ -86,12 +102,9 @@ def test_resume_after_kill_is_bit_identical(tmp_path, reference, kill_after):
     assert strip_times((run / "metrics.jsonl").read_text()) == strip_times(ref_metrics)
 
 
-def test_resume_twice_with_corrupt_latest_checkpoint(tmp_path, reference, capfd):
+def test_resume_twice_with_corrupt_latest_checkpoint(tmp_path, reference, killed, capfd):
     ref, _ = reference
-    run = tmp_path / "run"
-    rc = run_job(tmp_path, run, kill_after=0.3)
-    if rc == 0:
-        pytest.skip("the job finished before the kill")
+    run = copy_killed(killed, tmp_path)
     ckpts = list_checkpoints(str(run))
     if len(ckpts) < 2:
         pytest.skip("need two checkpoints")

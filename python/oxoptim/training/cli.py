@@ -105,10 +105,16 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
     torch.manual_seed(int(cfg["seed"]))
     model = BiGRUClassifier(len(data["vocab"]), data["num_classes"], **cfg.get("model", {}))
     stages = [stage_from_dict(s) for s in cfg["stages"]]
+    smoothing = float(cfg.get("label_smoothing", 0.0))
+    loss_fn = F.cross_entropy
+    if smoothing:
+        import functools
+
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=smoothing)
     trainer = Trainer(
-        model, F.cross_entropy, data["train"], data["val"], stages, metrics=["accuracy"], run_dir=run_dir,
+        model, loss_fn, data["train"], data["val"], stages, metrics=["accuracy"], run_dir=run_dir,
         seed=int(cfg["seed"]), checkpoint_every=int(cfg.get("checkpoint_every", 100)),
-        eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet,
+        eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet, bucket=int(d.get("bucket", 0)),
     )
     trainer.fit(resume=resume)
     extra = {"val": trainer.evaluate(data["val"])}

@@ -93,6 +93,8 @@ class Stage:
             uses the averaged weights, which replace the model's at the end of the stage.
         average_decay / average_start_epoch: EMA decay and the epoch (within the stage)
             from which averaging starts.
+        grad_clip: if set, gradients are clipped to this total L2 norm before each step
+            (:func:`oxoptim.clip_grad_norm_`).
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
     """
@@ -108,6 +110,7 @@ class Stage:
     average_start_epoch: int = 0
     micro_batch: int = 1024
     steps_per_epoch: int = 1
+    grad_clip: Optional[float] = None
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -123,6 +126,7 @@ class Stage:
         average_start_epoch: int = 0,
         micro_batch: int = 1024,
         steps_per_epoch: int = 1,
+        grad_clip: Optional[float] = None,
         **optimizer_kwargs: Any,
     ):
         self.name = name
@@ -142,6 +146,9 @@ class Stage:
         self.average_start_epoch = int(average_start_epoch)
         self.micro_batch = int(micro_batch)
         self.steps_per_epoch = int(steps_per_epoch)
+        if grad_clip is not None and not float(grad_clip) > 0:
+            raise ValueError(f"stage {name!r}: grad_clip must be a positive norm, not {grad_clip!r}")
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.optimizer_kwargs = dict(optimizer_kwargs)
         resolve_optimizer(optimizer) if isinstance(optimizer, type) else None
 
@@ -163,7 +170,7 @@ class Stage:
         kw = ", ".join(f"{k}={v}" for k, v in self.optimizer_kwargs.items() if not callable(v))
         return f"{self.name}: {opt}({kw}) x{self.epochs} epochs, batch {self.batch_size}" + (
             f", {self.average}" if self.average else ""
-        )
+        ) + (f", clip {self.grad_clip:g}" if self.grad_clip else "")
 
 
 def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None) -> torch.optim.Optimizer:
