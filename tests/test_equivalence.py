@@ -203,3 +203,31 @@ def test_sgd_half_precision_matches_float32_math() -> None:
     o16.step()
     o32.step()
     assert torch.equal(p16.detach(), p32.detach().to(torch.bfloat16))
+
+
+_TEAM_SCRIPT = """
+import hashlib, torch, oxoptim
+torch.manual_seed(0)
+ps = [torch.randn(s, requires_grad=True) for s in [(300_001,), (70_001,), (9,)]]
+opt = oxoptim.AdamW(ps, lr=0.01)
+for _ in range(3):
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+print(oxoptim.parallel_backend(), hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in ps)).hexdigest())
+"""
+
+
+def test_torch_openmp_team_and_rayon_pool_give_identical_results() -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for team in ("openmp", "rayon"):
+        env = {**os.environ, "OXOPTIM_PARALLEL": team}
+        line = subprocess.run([sys.executable, "-c", _TEAM_SCRIPT], env=env, capture_output=True, text=True, check=True).stdout.split()
+        out[line[0]] = line[1]
+    # With torch imported its libgomp is loaded, so the default is torch's team.
+    assert set(out) == {"openmp", "rayon"}
+    assert out["openmp"] == out["rayon"]

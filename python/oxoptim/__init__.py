@@ -1,6 +1,6 @@
 """oxoptim: fast, exact, drop-in ``torch.optim`` optimizers with Rust SIMD kernels."""
 
-from ._core import __version__, simd_backend, supported_backends
+from ._core import __version__, parallel_backend, simd_backend, supported_backends
 from .adam import Adam, AdamW
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
@@ -16,6 +16,7 @@ __all__ = [
     "ParamAverager",
     "clip_grad_norm_",
     "get_total_norm",
+    "parallel_backend",
     "simd_backend",
     "supported_backends",
     "__version__",

@@ -15,6 +15,7 @@ __all__ = [
     "copy_scaled",
     "direction_sq_norm",
     "lerp_average",
+    "parallel_backend",
     "scale_",
     "sgd_step",
     "simd_backend",
@@ -62,6 +63,7 @@ def adam_group_step(
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...
+def parallel_backend() -> str: ...
 def sgd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

@@ -9,14 +9,14 @@
 use crate::dispatch::{Backend, Element};
 use crate::tensors::{DType, TensorBatch, MAX_ARITY};
 use half::{bf16, f16};
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Elements per work item: big enough to amortise scheduling, small enough
 /// to balance a few large tensors across threads.
 pub const CHUNK: usize = 1 << 15;
 /// Below this many elements in a call, threads cost more than they save.
-pub(crate) const PARALLEL_MIN: usize = 1 << 16;
+const PARALLEL_MIN: usize = 1 << 16;
 /// Elements per widened block for bf16/f16 (stays in L1 with 6 arrays).
 const HALF_BLOCK: usize = 256;
 
@@ -58,18 +58,60 @@ impl Exec {
     }
 }
 
+/// Runs `job(worker)` once on each of up to `threads` workers and returns when
+/// all are done. Jobs pull work from a shared counter, so any number of
+/// workers (even one) completes it.
+pub type ParallelFor = fn(threads: usize, job: &(dyn Fn(usize) + Sync));
+
+static PARALLEL_FOR: OnceLock<ParallelFor> = OnceLock::new();
+
+/// Installs the worker team kernels run on (once per process; later calls are
+/// ignored and return false). Without one, a rayon pool per thread count is
+/// used. The Python bindings install torch's own OpenMP team, whose workers
+/// otherwise keep spinning on the cores right after torch's ops.
+pub fn set_parallel_for(f: ParallelFor) -> bool {
+    PARALLEL_FOR.set(f).is_ok()
+}
+
+fn rayon_parallel_for(threads: usize, job: &(dyn Fn(usize) + Sync)) {
+    pool(threads).broadcast(|ctx| job(ctx.index()));
+}
+
+/// Applies `f` to every item on `threads` workers (inline for small work).
+pub(crate) fn for_each_item<T: Sync>(
+    items: &[T],
+    threads: usize,
+    total_len: usize,
+    f: impl Fn(&T) + Sync,
+) {
+    if threads <= 1 || total_len < PARALLEL_MIN || items.len() < 2 {
+        items.iter().for_each(f);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    let job = |_worker: usize| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        match items.get(i) {
+            Some(item) => f(item),
+            None => break,
+        }
+    };
+    let parallel_for = PARALLEL_FOR.get().copied().unwrap_or(rayon_parallel_for);
+    parallel_for(threads.min(items.len()), &job);
+}
+
 /// Runs `kernel` over every slot of `batch`.
 pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
     let items = work_items(batch);
-    let process = |&(slot, start, end): &(usize, usize, usize)| {
-        // SAFETY: work items never overlap, and the slot's dtype picks T.
-        unsafe { apply_range(kernel, batch, exec.backend, slot, start..end) }
-    };
-    if exec.threads <= 1 || batch.total_len() < PARALLEL_MIN || items.len() < 2 {
-        items.iter().for_each(process);
-    } else {
-        pool(exec.threads).install(|| items.par_iter().for_each(process));
-    }
+    for_each_item(
+        &items,
+        exec.threads,
+        batch.total_len(),
+        |&(slot, start, end)| {
+            // SAFETY: work items never overlap, and the slot's dtype picks T.
+            unsafe { apply_range(kernel, batch, exec.backend, slot, start..end) }
+        },
+    );
 }
 
 /// Splits every slot into chunks of at most [`CHUNK`] elements.
@@ -175,7 +217,7 @@ fn widened<H: HalfFloat, K: Elementwise>(
 }
 
 /// A rayon pool per requested thread count, built once and kept.
-pub(crate) fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
     type Pools = Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>;
     static POOLS: OnceLock<Pools> = OnceLock::new();
     let mut pools = POOLS

@@ -14,7 +14,7 @@ pub mod simd;
 pub mod tensors;
 
 pub use dispatch::Backend;
-pub use engine::Exec;
+pub use engine::{set_parallel_for, Exec, ParallelFor};
 pub use error::{Error, Result};
 pub use kernels::adam::{adam_step, AdamConfig};
 pub use kernels::averaging::{accumulate_mean, lerp_average, scale_into};

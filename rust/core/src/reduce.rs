@@ -18,7 +18,7 @@ use crate::kernels::subgradient::direction;
 use crate::simd::{Lanes, Scalar};
 use crate::tensors::{DType, TensorBatch};
 use half::{bf16, f16};
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Elements per reduction block (a multiple of [`VIRTUAL_LANES`]).
 pub const BLOCK: usize = 2048;
@@ -81,14 +81,16 @@ pub fn reduce(reduction: Reduction, batch: &TensorBatch, exec: Exec) -> Result<f
         // SAFETY: the slot's dtype picks T; reductions only read, and blocks never overlap.
         unsafe { reduce_range(reduction, batch, exec.backend, slot, start..end) }
     };
-    let partial: Vec<f64> =
-        if exec.threads <= 1 || batch.total_len() < engine::PARALLEL_MIN || items.len() < 2 {
-            items.iter().map(process).collect()
-        } else {
-            engine::pool(exec.threads).install(|| items.par_iter().map(process).collect())
-        };
+    // One slot per block, filled by whichever worker takes the block, then
+    // combined in block order: the result does not depend on the workers.
+    let partial: Vec<AtomicU64> = items.iter().map(|_| AtomicU64::new(0)).collect();
+    let indexed: Vec<usize> = (0..items.len()).collect();
+    engine::for_each_item(&indexed, exec.threads, batch.total_len(), |&i| {
+        partial[i].store(process(&items[i]).to_bits(), Ordering::Relaxed)
+    });
     let out = partial
         .into_iter()
+        .map(|x| f64::from_bits(x.into_inner()))
         .fold(0.0, |acc, x| combine(reduction, acc, x));
     Ok(match reduction {
         Reduction::AnyNonfinite => (out.is_nan() as u8) as f64,

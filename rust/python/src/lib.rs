@@ -9,6 +9,7 @@ use pyo3::types::{PyList, PyTuple};
 
 mod extras;
 mod group;
+mod openmp;
 mod run;
 mod tensors;
 use tensors::{describe_all, Described};
@@ -46,7 +47,14 @@ fn supported_backends() -> Vec<&'static str> {
         .collect()
 }
 
+/// The worker team kernels run on: "openmp" (torch's own threads) or "rayon".
+#[pyfunction]
+fn parallel_backend() -> &'static str {
+    openmp::install()
+}
+
 pub(crate) fn exec(num_threads: usize, backend: Option<&str>) -> PyResult<Exec> {
+    openmp::install();
     let backend = match backend {
         None => Backend::active(),
         Some(name) => match Backend::parse(name) {
@@ -243,6 +251,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(supported_backends, m)?)?;
+    m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_class::<tensors::TensorCache>()?;
