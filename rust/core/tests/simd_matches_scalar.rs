@@ -8,7 +8,7 @@ use oxoptim_core::{
 };
 
 mod common;
-use common::{Arrays, Storage, OFFSETS};
+use common::{check_all_backends, Storage};
 
 fn sgd_configs() -> Vec<SgdConfig> {
     let base = SgdConfig {
@@ -77,43 +77,6 @@ fn adam_configs() -> Vec<AdamConfig> {
             ..base
         },
     ]
-}
-
-/// Runs `steps` steps of `step` on fresh arrays for each backend and thread count; all must agree bit for bit.
-fn check_all_backends<T: Storage>(
-    lens: &[usize],
-    arity: usize,
-    nonneg: &[usize],
-    threads: &[usize],
-    step: impl Fn(&TensorBatch, usize, Exec),
-) {
-    for offset in OFFSETS {
-        let reference = {
-            let mut a = Arrays::<T>::new(lens, arity, offset, 7, nonneg);
-            let batch = a.batch();
-            for s in 0..3 {
-                step(&batch, s, Exec::new(Backend::Scalar, 1));
-            }
-            drop(batch);
-            a.bits()
-        };
-        for backend in Backend::supported() {
-            for &t in threads {
-                let mut a = Arrays::<T>::new(lens, arity, offset, 7, nonneg);
-                let batch = a.batch();
-                for s in 0..3 {
-                    step(&batch, s, Exec::new(backend, t));
-                }
-                drop(batch);
-                assert_eq!(
-                    a.bits(),
-                    reference,
-                    "{backend:?} threads={t} offset={offset} dtype={:?}",
-                    T::DTYPE
-                );
-            }
-        }
-    }
 }
 
 fn tail_lengths() -> Vec<usize> {

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use half::{bf16, f16};
-use oxoptim_core::{DType, RawTensor, TensorBatch};
+use oxoptim_core::{Backend, DType, Exec, RawTensor, TensorBatch};
 
 /// Deterministic pseudo-random values in [-2, 2), with some exact zeros so
 /// that sign(0) and zero gradients are exercised.
@@ -106,3 +106,40 @@ impl<T: Storage> Arrays<T> {
 
 /// Start offsets (in elements) every SIMD test runs at.
 pub const OFFSETS: [usize; 3] = [0, 1, 3];
+
+/// Runs `steps` steps of `step` on fresh arrays for each backend and thread count; all must agree bit for bit.
+pub fn check_all_backends<T: Storage>(
+    lens: &[usize],
+    arity: usize,
+    nonneg: &[usize],
+    threads: &[usize],
+    step: impl Fn(&TensorBatch, usize, Exec),
+) {
+    for offset in OFFSETS {
+        let reference = {
+            let mut a = Arrays::<T>::new(lens, arity, offset, 7, nonneg);
+            let batch = a.batch();
+            for s in 0..3 {
+                step(&batch, s, Exec::new(Backend::Scalar, 1));
+            }
+            drop(batch);
+            a.bits()
+        };
+        for backend in Backend::supported() {
+            for &t in threads {
+                let mut a = Arrays::<T>::new(lens, arity, offset, 7, nonneg);
+                let batch = a.batch();
+                for s in 0..3 {
+                    step(&batch, s, Exec::new(backend, t));
+                }
+                drop(batch);
+                assert_eq!(
+                    a.bits(),
+                    reference,
+                    "{backend:?} threads={t} offset={offset} dtype={:?}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
