@@ -100,6 +100,12 @@ def test_bad_config_is_rejected(tmp_path):
     p.write_text('[[stages]]\nname = "x"\nadjust = [{ rule = "magic" }]\n')
     with pytest.raises(ValueError, match="unknown adjust rule"):
         load_config(str(p))
+    p.write_text('[model]\nembed_init = "glove"\n[[stages]]\nname = "x"\n')
+    with pytest.raises(ValueError, match="embed_init"):
+        load_config(str(p))
+    p.write_text('[[stages]]\nname = "x"\nadversarial = -1\n')
+    with pytest.raises(ValueError, match="adversarial"):
+        load_config(str(p))
     p.write_text('sede = 1\n[[stages]]\nname = "x"\n')
     with pytest.raises(ValueError, match="unknown top-level"):
         load_config(str(p))
@@ -123,6 +129,7 @@ embed_dim = 8
 hidden = 8
 dropout = 0.2
 pool = "max_mean"
+embed_init = "cooccurrence"
 
 [[stages]]
 name = "explore"
@@ -132,6 +139,7 @@ batch_size = 16
 lr = 1e-2
 lr_schedule = "cosine"
 grad_clip = 1.0
+adversarial = 0.5
 adjust = [
   {{ rule = "trial", param = "lr", candidates = [3e-3, 1e-2], epochs = 1, monitor = "val_loss" }},
   {{ rule = "restore_best", monitor = "val_accuracy" }},

@@ -11,18 +11,21 @@ import torch
 
 from oxoptim.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
-# A small job with dropout (RNG), a trial, plateau rules, restore-best and two optimizers.
+# A small job with dropout (RNG), a trial, adversarial embedding steps, plateau rules, restore-best
+# and two optimizers.
 JOB = r'''
 import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from oxoptim.training import *
 run_dir, resume = sys.argv[1], sys.argv[2] == "1"
 g = torch.Generator().manual_seed(0)
-x = torch.randn(1200, 12, generator=g); y = (x @ torch.randn(12, 3, generator=g)).argmax(1)
+x = torch.randint(0, 40, (1200, 12), generator=g)
+y = (F.one_hot(x, 40).float().sum(1) @ torch.randn(40, 3, generator=g)).argmax(1)
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(12, 64), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
+model = torch.nn.Sequential(torch.nn.Embedding(40, 8), torch.nn.Flatten(), torch.nn.Linear(96, 64), torch.nn.ReLU(),
+                            torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
 stages = [
-    Stage("a", "adamw", epochs=4, batch_size=16, lr=3e-3, lr_schedule="cosine",
+    Stage("a", "adamw", epochs=4, batch_size=16, lr=3e-3, lr_schedule="cosine", adversarial=0.5,
           adjust=[Trial([1e-3, 3e-3], epochs=1), RestoreBest("val_accuracy")]),
     Stage("b", "sgd", epochs=5, batch_size=8, lr=0.02, momentum=0.9,
           adjust=[ReduceLROnPlateau(patience=1), EarlyStop(patience=3)]),

@@ -103,7 +103,19 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         f"{len(data['test']) if data['test'] is not None else 0} test, vocabulary {len(data['vocab'])}, "
         f"{data['num_classes']} classes; {cfg['threads']} thread(s) x {world} process(es); run dir {run_dir}")
     torch.manual_seed(int(cfg["seed"]))
-    model = BiGRUClassifier(len(data["vocab"]), data["num_classes"], **cfg.get("model", {}))
+    model_cfg = dict(cfg.get("model", {}))
+    embed_init = str(model_cfg.pop("embed_init", "random"))
+    window = int(model_cfg.pop("embed_init_window", 2))
+    model = BiGRUClassifier(len(data["vocab"]), data["num_classes"], **model_cfg)
+    if embed_init == "cooccurrence" and not resume:  # on resume the checkpoint has the weights
+        from .embeddings import init_embedding_
+
+        t0 = time.time()
+        n = init_embedding_(model.embed, data["train"].x, window=window)
+        say(f"embeddings: {n} of {len(data['vocab'])} rows from training-split co-occurrence "
+            f"(PPMI, window {window}) in {time.time() - t0:.1f}s")
+    elif embed_init not in ("random", "cooccurrence"):
+        raise ValueError(f"[model] embed_init must be 'random' or 'cooccurrence', not {embed_init!r}")
     stages = [stage_from_dict(s) for s in cfg["stages"]]
     smoothing = float(cfg.get("label_smoothing", 0.0))
     loss_fn = F.cross_entropy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import torch
-from torch import nn
+from torch import _VF, nn
 
 __all__ = ["BiGRUClassifier", "accuracy", "DEFAULT_METRICS"]
 
@@ -53,6 +53,26 @@ class BiGRUClassifier(nn.Module):
         self.spatial_drop = nn.Dropout(float(spatial_dropout))
         self.dense = nn.Linear((4 if pool == "max_mean" else 2) * hidden, num_classes)
 
+    def _bigru(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``self.gru`` on right-padded ``e`` with each direction reading only the real tokens.
+
+        Run as is, the backward direction would start in the padding, so outputs would depend
+        on the longest text in the batch. Packing fixes that but makes torch's CPU GRU ~1.8x
+        slower; instead the backward direction reads each row reversed within its length (the
+        padding stays at the end, where it only follows real tokens) and its outputs are put
+        back in place. Same parameters and numbers as the packed bidirectional GRU.
+        """
+        g = self.gru
+        t = torch.arange(e.shape[1]).unsqueeze(0)
+        n = lengths.unsqueeze(1)
+        flip = torch.where(t < n, n - 1 - t, t).unsqueeze(-1)  # an involution: applying it twice is a no-op
+        h0 = e.new_zeros(1, e.shape[0], g.hidden_size)
+        fwd_w = [g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0]
+        bwd_w = [g.weight_ih_l0_reverse, g.weight_hh_l0_reverse, g.bias_ih_l0_reverse, g.bias_hh_l0_reverse]
+        fwd, _ = _VF.gru(e, h0, fwd_w, True, 1, 0.0, self.training, False, True)
+        bwd, _ = _VF.gru(e.gather(1, flip.expand_as(e)), h0, bwd_w, True, 1, 0.0, self.training, False, True)
+        return torch.cat([fwd, bwd.gather(1, flip.expand_as(bwd))], dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = x != self.padding_idx
         lengths = mask.sum(1).clamp(min=1)
@@ -66,12 +86,12 @@ class BiGRUClassifier(nn.Module):
         if self.training and self.spatial_drop.p > 0:
             keep = self.spatial_drop(torch.ones(e.shape[0], 1, e.shape[2], dtype=e.dtype))
             e = e * keep
-        if self.pool == "last":
-            packed = nn.utils.rnn.pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            _, h = self.gru(packed)
-            feat = torch.cat([h[0], h[1]], dim=1)
+        out = self._bigru(e, lengths)
+        if self.pool == "last":  # each direction's state after its last real token
+            hidden = self.gru.hidden_size
+            last = out[torch.arange(out.shape[0]), lengths - 1, :hidden]
+            feat = torch.cat([last, out[:, 0, hidden:]], dim=1)
         else:
-            out, _ = self.gru(e)
             m = mask.unsqueeze(-1)
             mx = out.masked_fill(~m, float("-inf")).max(1).values
             mean = (out * m).sum(1) / lengths.unsqueeze(1)

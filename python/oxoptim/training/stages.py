@@ -95,6 +95,9 @@ class Stage:
             from which averaging starts.
         grad_clip: if set, gradients are clipped to this total L2 norm before each step
             (:func:`oxoptim.clip_grad_norm_`).
+        adversarial: if > 0, each step also back-propagates the loss at embeddings perturbed
+            by this L2 radius per example in the direction that raises the loss
+            (:class:`~oxoptim.training.adversarial.EmbeddingAdversary`); twice the compute.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
     """
@@ -111,6 +114,7 @@ class Stage:
     micro_batch: int = 1024
     steps_per_epoch: int = 1
     grad_clip: Optional[float] = None
+    adversarial: float = 0.0
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -127,6 +131,7 @@ class Stage:
         micro_batch: int = 1024,
         steps_per_epoch: int = 1,
         grad_clip: Optional[float] = None,
+        adversarial: float = 0.0,
         **optimizer_kwargs: Any,
     ):
         self.name = name
@@ -149,6 +154,9 @@ class Stage:
         if grad_clip is not None and not float(grad_clip) > 0:
             raise ValueError(f"stage {name!r}: grad_clip must be a positive norm, not {grad_clip!r}")
         self.grad_clip = None if grad_clip is None else float(grad_clip)
+        if not float(adversarial) >= 0:
+            raise ValueError(f"stage {name!r}: adversarial must be a radius >= 0, not {adversarial!r}")
+        self.adversarial = float(adversarial)
         self.optimizer_kwargs = dict(optimizer_kwargs)
         resolve_optimizer(optimizer) if isinstance(optimizer, type) else None
 
@@ -170,7 +178,8 @@ class Stage:
         kw = ", ".join(f"{k}={v}" for k, v in self.optimizer_kwargs.items() if not callable(v))
         return f"{self.name}: {opt}({kw}) x{self.epochs} epochs, batch {self.batch_size}" + (
             f", {self.average}" if self.average else ""
-        ) + (f", clip {self.grad_clip:g}" if self.grad_clip else "")
+        ) + (f", clip {self.grad_clip:g}" if self.grad_clip else "") + (
+            f", adversarial {self.adversarial:g}" if self.adversarial else "")
 
 
 def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None) -> torch.optim.Optimizer:

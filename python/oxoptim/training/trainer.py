@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .adversarial import EmbeddingAdversary
 from .rules import Rule, Trial, make_rule
 from .stages import Stage, build_optimizer
 
@@ -93,7 +95,8 @@ class Trainer:
             padding), mini-batches are drawn from length buckets: each epoch's shuffled order is
             cut into chunks of ``bucket`` batches, each chunk sorted by length and cut into
             batches, and the batches shuffled. Less padding per batch, so faster for models that
-            trim padding (the default BiGRU does); still seeded and exactly resumable.
+            trim padding (the default BiGRU does); still seeded and exactly resumable. Evaluation
+            then also runs in length-sorted batches.
 
     Data order, dropout RNG and all optimizer/averager/rule state are checkpointed, so
     ``Trainer(...).fit(resume=True)`` after an interruption (even ``kill -9``) ends with the same
@@ -138,6 +141,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.meta = dict(meta or {})
         self.bucket = int(bucket or 0)
+        self.pad_value = pad_value
         self._lengths = None
         if self.bucket > 0 and self.train_x.dim() == 2 and not self.train_x.is_floating_point():
             self._lengths = (self.train_x != pad_value).sum(1)
@@ -154,6 +158,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(model)
+
+        eps = [st.adversarial for st in self.stages if st.adversarial]
+        self._adversary = EmbeddingAdversary(model, eps[0]) if eps else None
 
         # Progress through the plan; all of it goes into checkpoints.
         self.pos = {"stage": 0, "trial": None, "epoch": 0, "batch": 0}
@@ -438,8 +445,7 @@ class Trainer:
         self._phase.optimizer.zero_grad(set_to_none=True)
         for i in range(0, len(idx), st.micro_batch):
             b = idx[i:i + st.micro_batch]
-            loss = self.loss_fn(self.model(self.train_x[b]), self.train_y[b])
-            loss.backward()
+            loss = self._forward_backward(self.model, b)
             ga.accumulate(len(b))
             loss_sum += loss.item() * len(b)
             n_local += len(b)
@@ -460,10 +466,22 @@ class Trainer:
         bs = int(self.stage.batch_size)
         idx = order[b * bs:(b + 1) * bs][self.rank::self.world]
         self._phase.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.net(self.train_x[idx]), self.train_y[idx])
-        loss.backward()
+        loss = self._forward_backward(self.net, idx)
         self._clip()
         return loss.item() * len(idx), len(idx)
+
+    def _forward_backward(self, net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        """Loss on the examples ``idx``, back-propagated (plus the adversarial term if the stage has one)."""
+        x, y = self.train_x[idx], self.train_y[idx]
+        eps = self.stage.adversarial
+        if not eps:
+            loss = self.loss_fn(net(x), y)
+            loss.backward()
+            return loss
+        assert self._adversary is not None
+        self._adversary.eps = eps
+        sync = getattr(net, "no_sync", contextlib.nullcontext)
+        return self._adversary.forward_backward(lambda: self.loss_fn(net(x), y), sync)
 
     def _run_epoch(self, spe: int, phase_label: str) -> dict:
         st, ph = self.stage, self._phase
@@ -547,6 +565,9 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         idx_all = torch.arange(self.rank, len(y), self.world)
+        if self._lengths is not None and x.dim() == 2 and not x.is_floating_point():
+            # Length-sorted batches: far less padding to run through (models that trim it gain).
+            idx_all = idx_all[torch.argsort((x[idx_all] != self.pad_value).sum(1), stable=True)]
         sums = torch.zeros(1 + len(self.metrics), dtype=torch.float64)
         n = 0
         with torch.no_grad():
