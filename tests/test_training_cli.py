@@ -92,22 +92,17 @@ def test_default_config_parses_and_matches_shipped_file():
         assert open(shipped, encoding="utf-8").read() == DEFAULT_CONFIG_TOML
 
 
-def test_bad_config_is_rejected(tmp_path):
+@pytest.mark.parametrize("text, error", [
+    ('[[stages]]\nname = "x"\nbatch_size = "half"\n', "batch_size"),
+    ('[[stages]]\nname = "x"\nadjust = [{ rule = "magic" }]\n', "unknown adjust rule"),
+    ('[model]\nembed_init = "glove"\n[[stages]]\nname = "x"\n', "embed_init"),
+    ('[[stages]]\nname = "x"\nadversarial = -1\n', "adversarial"),
+    ('sede = 1\n[[stages]]\nname = "x"\n', "unknown top-level"),
+])
+def test_bad_config_is_rejected(tmp_path, text, error):
     p = tmp_path / "bad.toml"
-    p.write_text('[[stages]]\nname = "x"\nbatch_size = "half"\n')
-    with pytest.raises(ValueError, match="batch_size"):
-        load_config(str(p))
-    p.write_text('[[stages]]\nname = "x"\nadjust = [{ rule = "magic" }]\n')
-    with pytest.raises(ValueError, match="unknown adjust rule"):
-        load_config(str(p))
-    p.write_text('[model]\nembed_init = "glove"\n[[stages]]\nname = "x"\n')
-    with pytest.raises(ValueError, match="embed_init"):
-        load_config(str(p))
-    p.write_text('[[stages]]\nname = "x"\nadversarial = -1\n')
-    with pytest.raises(ValueError, match="adversarial"):
-        load_config(str(p))
-    p.write_text('sede = 1\n[[stages]]\nname = "x"\n')
-    with pytest.raises(ValueError, match="unknown top-level"):
+    p.write_text(text)
+    with pytest.raises(ValueError, match=error):
         load_config(str(p))
 
 
