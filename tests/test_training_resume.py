@@ -144,3 +144,63 @@ def test_checkpoint_checksum_partial_and_fallback(tmp_path):
         save_checkpoint(d, i, {"i": i}, keep=3)
     names = sorted(os.listdir(os.path.join(d, "checkpoints")))
     assert names == ["ckpt-0000000005.pt", "ckpt-0000000006.pt", "ckpt-0000000007.pt"]
+
+
+# ----- through the CLI: a run killed before its first checkpoint ------------------------------
+
+from training_jobs import assert_same_run, reviews, run_cli, write_rows  # noqa: E402
+
+CLI_JOB = """
+seed = 2
+threads = 1
+checkpoint_every = 100   # the first checkpoint comes at the end of epoch 1
+
+[data]
+train = "reviews.jsonl"
+max_len = 12
+
+[model]
+embed_dim = 8
+hidden = 8
+dropout = 0.2
+embed_init = "cooccurrence"
+
+[[stages]]
+name = "a"
+epochs = 2
+batch_size = 16
+lr = 1e-2
+
+[[stages]]
+name = "b"
+optimizer = "sgd"
+epochs = 1
+batch_size = 32
+lr = 0.05
+"""
+
+# Runs `oxoptim train` with the trainer's first checkpoint replaced by SIGKILL: the process dies
+# at the latest moment at which it has no checkpoint (an epoch trained, its metrics line written).
+KILL_AT_FIRST_CHECKPOINT = """
+import os, signal, sys
+from oxoptim.training.trainer import Trainer
+Trainer._checkpoint = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+from oxoptim.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_of_run_killed_before_first_checkpoint_equals_uninterrupted(tmp_path):
+    write_rows(tmp_path / "reviews.jsonl", reviews(300, seed=1))
+    (tmp_path / "job.toml").write_text(CLI_JOB)
+    r = run_cli(["train", "--config", "job.toml", "--run-dir", "ref", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    killed = run_cli(["train", "--config", "job.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path,
+                     prefix=[sys.executable, "-c", KILL_AT_FIRST_CHECKPOINT])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = tmp_path / "run"
+    assert not list_checkpoints(str(run)) and not (run / "final.pt").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # one epoch had been trained
+    r = run_cli(["train", "--resume", "run", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(tmp_path / "ref", run)

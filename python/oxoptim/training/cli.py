@@ -107,7 +107,9 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
     embed_init = check_embed_init(str(model_cfg.pop("embed_init", "random")))
     window = int(model_cfg.pop("embed_init_window", 2))
     model = BiGRUClassifier(len(data["vocab"]), data["num_classes"], **model_cfg)
-    if embed_init == "cooccurrence" and not resume:  # on resume the checkpoint has the weights
+    # Built as in a fresh run even when resuming: a checkpoint then replaces the weights, and a run
+    # killed before its first checkpoint starts afresh from exactly this model.
+    if embed_init == "cooccurrence":
         from .embeddings import init_embedding_
 
         t0 = time.time()

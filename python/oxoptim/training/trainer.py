@@ -597,13 +597,12 @@ class Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------------
 
-    def _state(self) -> dict:
+    def _state(self, ranks: List[dict]) -> dict:
         return {
-            "version": 1,
+            "version": 2,
             "pos": dict(self.pos),
             "global_step": self.global_step,
             "epoch_counter": self.epoch_counter,
-            "acc": dict(self.acc),
             "model": self.model.state_dict(),
             "phase": self._phase.state_dict() if self._phase is not None else None,
             "stage_state": {**{k: v for k, v in self.stage_state.items() if k != "rules"},
@@ -613,16 +612,33 @@ class Trainer:
             "events": list(self.events),
             "stopped": self.stopped,
             "elapsed": self._elapsed_base + (time.time() - self._t0),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "ranks": ranks,
             "plan": [st.describe() for st in self.stages],
             "meta": self.meta,
         }
 
+    def _rank_state(self) -> dict:
+        """What differs between ranks: random states (dropout draws depend on each shard's shapes)
+        and the epoch's running loss over the rank's shard."""
+        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "acc": dict(self.acc)}
+
+    def _all_rank_states(self) -> Optional[List[dict]]:
+        """Every rank's :meth:`_rank_state`, on rank 0 (None elsewhere)."""
+        mine = self._rank_state()
+        if not self.distributed:
+            return [mine]
+        import torch.distributed as dist
+
+        gathered: Optional[List[Any]] = [None] * self.world if self.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        return gathered
+
     def _checkpoint(self) -> None:
         if not self.run_dir:
             return
+        ranks = self._all_rank_states()
         if self.is_main:
-            ckpt.save_checkpoint(self.run_dir, self.global_step, self._state(), keep=self.keep_checkpoints)
+            ckpt.save_checkpoint(self.run_dir, self.global_step, self._state(ranks), keep=self.keep_checkpoints)
         if self.distributed:
             import torch.distributed as dist
 
@@ -638,10 +654,17 @@ class Trainer:
         path, s = found
         if s.get("plan") != [st.describe() for st in self.stages]:
             raise ckpt.CheckpointError(f"{path} was written for a different plan: {s.get('plan')}")
+        # Version 1 checkpoints hold one process's state (rank 0's).
+        ranks = s["ranks"] if "ranks" in s else [{"rng": s["rng"], "acc": s["acc"]}]
+        if len(ranks) != self.world:
+            raise ckpt.CheckpointError(
+                f"{path} holds the state of {len(ranks)} process(es), this run has {self.world}: resume with "
+                f"the same count (torchrun --nproc-per-node {len(ranks)}) to continue exactly")
+        mine = ranks[self.rank]
         self.pos = dict(s["pos"])
         self.global_step = s["global_step"]
         self.epoch_counter = s["epoch_counter"]
-        self.acc = dict(s["acc"])
+        self.acc = dict(mine["acc"])
         self.load_model_state(s["model"])
         self.history = list(s["history"])
         self.events = list(s["events"])
@@ -654,8 +677,8 @@ class Trainer:
             for r, rs in zip(self.stages[self.pos["stage"]].adjust, rules_state):
                 r.load_state_dict(rs)
             self._phase = self._load_phase(s["phase"]) if s["phase"] is not None else None
-        torch.set_rng_state(s["rng"]["torch"])
-        random.setstate(s["rng"]["python"])
+        torch.set_rng_state(mine["rng"]["torch"])
+        random.setstate(mine["rng"]["python"])
         if self.is_main:
             lines = "".join(json.dumps(r) + "\n" for r in self.history)
             ckpt.atomic_write_bytes(self._path("metrics.jsonl"), lines.encode())

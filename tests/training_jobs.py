@@ -1,0 +1,94 @@
+"""Shared by the training tests: small review data sets, running the `oxoptim` CLI, comparing runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+GOOD, BAD, FILLER = "好棒赞爱", "差烂坏烦", "书本店买送到了的很"
+# torchrun's launcher: ``python -m torch.distributed.run`` is ``torchrun`` without relying on PATH.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def reviews(n: int, seed: int = 0) -> List[Tuple[str, str]]:
+    """``n`` distinct (text, label) pairs; the label is the majority of GOOD vs BAD characters, so no
+    single character decides it."""
+    rng = random.Random(seed)
+    out: Dict[str, str] = {}
+    while len(out) < n:
+        text = "".join(rng.choice(GOOD + BAD + FILLER * 2) for _ in range(rng.randint(4, 12)))
+        good, bad = sum(c in GOOD for c in text), sum(c in BAD for c in text)
+        if good != bad and text not in out:
+            out[text] = "pos" if good > bad else "neg"
+    return list(out.items())
+
+
+def write_rows(path, rows: Sequence[Tuple[str, str]], text_key: str = "text", label_key: str = "label"):
+    """Writes (text, label) rows as CSV or JSONL, by the file's extension."""
+    path = str(path)
+    if path.endswith(".csv"):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([text_key, label_key])
+            w.writerows(rows)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({text_key: t, label_key: l}, ensure_ascii=False) + "\n" for t, l in rows)
+    return path
+
+
+def oxoptim_command() -> List[str]:
+    """The installed ``oxoptim`` console script (what a user runs after ``pip install oxoptim``)."""
+    script = os.path.join(os.path.dirname(sys.executable), "oxoptim")
+    assert os.path.isfile(script), f"the oxoptim console script is not installed next to {sys.executable}"
+    return [script]
+
+
+def blocking_env(modules: Sequence[str], tmp_path) -> Dict[str, str]:
+    """An environment whose Python processes cannot import ``modules``, as if they were not installed.
+
+    A ``sitecustomize`` (imported by every interpreter at start-up) sets ``sys.modules[name] = None``:
+    then ``import name`` raises ModuleNotFoundError and ``importlib.util.find_spec(name)`` returns
+    None, exactly what an environment without the package gives.
+    """
+    d = tmp_path / "block-imports"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text(f"import sys\nfor _m in {list(modules)!r}:\n    sys.modules[_m] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(d)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    return env
+
+
+def run_cli(args: Sequence[str], cwd, env: Optional[dict] = None, timeout: float = 120,
+            prefix: Optional[List[str]] = None) -> subprocess.CompletedProcess:
+    cmd = (prefix if prefix is not None else oxoptim_command()) + list(args)
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def strip_times(text: str) -> List[dict]:
+    """metrics.jsonl records without their wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "samples_per_s")}
+            for line in text.splitlines()]
+
+
+def assert_same_run(run_a, run_b) -> None:
+    """Bit-identical final weights and identical metrics (times aside) in two run directories."""
+    a, b = torch.load(os.path.join(run_a, "final.pt")), torch.load(os.path.join(run_b, "final.pt"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+    ma = strip_times(open(os.path.join(run_a, "metrics.jsonl"), encoding="utf-8").read())
+    mb = strip_times(open(os.path.join(run_b, "metrics.jsonl"), encoding="utf-8").read())
+    assert ma == mb
+
+
+def summary(run) -> dict:
+    with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)
