@@ -40,12 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="oxoptim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="least squares with oxoptim.SGD vs torch.optim.SGD")
-    try:
-        from .training.cli import add_train_parser
-    except ImportError:  # the training layer is optional at import time
-        add_train_parser = None
-    if add_train_parser is not None:
-        add_train_parser(sub)
+    from .training.cli import add_train_parser  # stdlib and torch only: optional packages load lazily
+
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return 0 if demo() <= 1e-6 else 1

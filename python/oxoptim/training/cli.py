@@ -41,26 +41,37 @@ def _setup_distributed():
     return dist
 
 
+def _fail(error: Exception) -> int:
+    """One line on stderr (from one process under torchrun), exit status 2: nothing has trained."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"oxoptim train: error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run_train(args) -> int:
-    from .config import DEFAULT_CONFIG_TOML, default_config, load_config
+    from .checkpoint import CheckpointError
+    from .config import DEFAULT_CONFIG_TOML, check_sources, default_config, load_config, load_run_config
+    from .errors import ConfigError, MissingDependency
 
     if getattr(args, "print_config", False):
         print(DEFAULT_CONFIG_TOML, end="")
         return 0
-    if args.resume:
-        run_dir = args.resume
-        path = os.path.join(run_dir, "config.json")
-        if not os.path.isfile(path):
-            print(f"oxoptim train: {run_dir} has no config.json: not a run directory", file=sys.stderr)
-            return 2
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    else:
-        cfg = load_config(args.config) if args.config else default_config()
-        run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S"))
+    # The whole job is checked before any process group, file or model is made.
+    try:
+        if args.resume:
+            run_dir = args.resume
+            cfg = load_run_config(run_dir)
+        else:
+            cfg = load_config(args.config) if args.config else default_config()
+            run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S"))
+        check_sources(cfg)
+    except (ConfigError, MissingDependency) as e:
+        return _fail(e)
     dist = _setup_distributed()
     try:
         result = run_job(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
+    except (ConfigError, MissingDependency, CheckpointError) as e:  # raised before the first step
+        return _fail(e)
     finally:
         if dist is not None:
             dist.destroy_process_group()
@@ -75,6 +86,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
     from .checkpoint import atomic_write_bytes
     from .config import check_embed_init, stage_from_dict
     from .data import build_text_data
+    from .errors import ConfigError
     from .model import BiGRUClassifier
     from .trainer import Trainer
 
@@ -87,17 +99,20 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
     if not cfg.get("threads"):
         cfg["threads"] = 1
     torch.set_num_threads(int(cfg["threads"]))
+    d = cfg["data"]
+    try:  # users' files: a missing column or a bad line is a config problem, found before any output
+        data = build_text_data(
+            train=d.get("train"), val=d.get("val"), test=d.get("test"),
+            text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
+            max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
+            seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)),
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"[data] {e}") from e
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if not resume:
             atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
-    d = cfg["data"]
-    data = build_text_data(
-        train=d.get("train"), val=d.get("val"), test=d.get("test"),
-        text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
-        max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
-        seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)),
-    )
     say = (lambda *a: None) if (quiet or rank != 0) else (lambda *a: print(*a, flush=True))
     say(f"data: {len(data['train'])} train / {len(data['val'])} val / "
         f"{len(data['test']) if data['test'] is not None else 0} test, vocabulary {len(data['vocab'])}, "
@@ -116,7 +131,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         n = init_embedding_(model.embed, data["train"].x, window=window)
         say(f"embeddings: {n} of {len(data['vocab'])} rows from training-split co-occurrence "
             f"(PPMI, window {window}) in {time.time() - t0:.1f}s")
-    stages = [stage_from_dict(s) for s in cfg["stages"]]
+    stages = [stage_from_dict(s, i + 1) for i, s in enumerate(cfg["stages"])]
     smoothing = float(cfg.get("label_smoothing", 0.0))
     loss_fn = F.cross_entropy
     if smoothing:

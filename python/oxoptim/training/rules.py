@@ -7,10 +7,13 @@ small interface: ``trainer.lr_scale`` (multiplies the stage's LRs) and weight sn
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from .errors import integer, number, unknown_name
 
 __all__ = [
     "Rule",
@@ -20,13 +23,21 @@ __all__ = [
     "RestoreBest",
     "Trial",
     "make_rule",
+    "monitorable",
+    "check_monitors",
 ]
+
+
+def _monitor(monitor: Any) -> str:
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"monitor must be the name of an epoch record key, not {monitor!r}")
+    return monitor
 
 
 def _mode_for(monitor: str, mode: Optional[str]) -> str:
     if mode is not None:
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+            raise ValueError(unknown_name("mode", mode, ("min", "max")))
         return mode
     return "min" if monitor.endswith("loss") else "max"
 
@@ -35,9 +46,9 @@ class _Plateau:
     """Tracks the best monitored value and how many epochs since it improved."""
 
     def __init__(self, monitor: str = "val_loss", mode: Optional[str] = None, min_delta: float = 0.0):
-        self.monitor = monitor
+        self.monitor = _monitor(monitor)
         self.mode = _mode_for(monitor, mode)
-        self.min_delta = float(min_delta)
+        self.min_delta = number("min_delta", min_delta, 0.0)
         self.reset()
 
     def reset(self) -> None:
@@ -91,8 +102,8 @@ class Rule:
 
 class _PlateauRule(Rule):
     def __init__(self, monitor: str = "val_loss", patience: int = 1, mode: Optional[str] = None, min_delta: float = 0.0):
-        self.monitor, self.patience = monitor, int(patience)
         self._p = _Plateau(monitor, mode, min_delta)
+        self.monitor, self.patience = monitor, integer("patience", patience, 0)
 
     def reset(self) -> None:
         self._p.reset()
@@ -109,7 +120,8 @@ class ReduceLROnPlateau(_PlateauRule):
 
     def __init__(self, monitor="val_loss", patience=1, factor=0.5, min_scale=0.0, mode=None, min_delta=0.0):
         super().__init__(monitor, patience, mode, min_delta)
-        self.factor, self.min_scale = float(factor), float(min_scale)
+        self.factor = number("factor", factor, 0.0, 1.0, low_open=True)
+        self.min_scale = number("min_scale", min_scale, 0.0)
 
     def on_epoch_end(self, trainer, record):
         if not self._p.observe(record) and self._p.bad_epochs >= self.patience:
@@ -150,8 +162,8 @@ class RestoreBest(Rule):
     """
 
     def __init__(self, monitor: str = "val_loss", mode: Optional[str] = None):
-        self.monitor = monitor
         self._p = _Plateau(monitor, mode)
+        self.monitor = monitor
         self._best_state: Optional[Dict[str, torch.Tensor]] = None
         self._best_epoch: Optional[int] = None
 
@@ -188,9 +200,11 @@ class Trial(Rule):
 
     def __init__(self, candidates: Sequence[Any], param: Optional[str] = "lr", epochs: int = 1,
                  monitor: str = "val_loss", mode: Optional[str] = None):
-        if not candidates:
-            raise ValueError("Trial needs at least one candidate")
-        self.param, self.epochs, self.monitor = param, int(epochs), monitor
+        if isinstance(candidates, (str, bytes, dict)) or not isinstance(candidates, Sequence) or not candidates:
+            raise ValueError(f"Trial needs a list of candidates, not {candidates!r}")
+        if not all(isinstance(c, dict) for c in candidates) and not (isinstance(param, str) and param):
+            raise ValueError(f"Trial candidates that are values need param= (an optimizer argument), not {param!r}")
+        self.param, self.epochs, self.monitor = param, integer("epochs", epochs, 1), _monitor(monitor)
         self.mode = _mode_for(monitor, mode)
         self.candidates: List[Dict[str, Any]] = [
             dict(c) if isinstance(c, dict) else {str(param): c} for c in candidates
@@ -209,8 +223,12 @@ _RULES = {
 }
 
 
+_NAMES = {cls: name for name, cls in _RULES.items()}
+
+
 def make_rule(spec: Any) -> Rule:
-    """A rule from an instance or a config dict ``{"rule": "reduce_lr_on_plateau", "patience": 1, ...}``."""
+    """A rule from an instance or a config dict ``{"rule": "reduce_lr_on_plateau", "patience": 1, ...}``;
+    unknown rule names and keys, and bad values, raise ValueError naming the valid ones."""
     if isinstance(spec, Rule):
         return spec
     if isinstance(spec, str):
@@ -218,7 +236,29 @@ def make_rule(spec: Any) -> Rule:
     if not isinstance(spec, dict) or "rule" not in spec:
         raise ValueError(f"an adjust rule is a Rule or a table with a 'rule' key, not {spec!r}")
     spec = dict(spec)
-    name = str(spec.pop("rule")).lower()
+    name = spec.pop("rule")
     if name not in _RULES:
-        raise ValueError(f"unknown adjust rule {name!r}; choose one of {sorted(_RULES)}")
-    return _RULES[name](**spec)
+        raise ValueError(unknown_name("adjust rule", name, _RULES))
+    cls = _RULES[name]
+    keys = list(inspect.signature(cls).parameters)
+    for key in spec:
+        if key not in keys:
+            raise ValueError(f"adjust rule {name!r}: " + unknown_name("key", key, keys))
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"adjust rule {name!r}: {e}") from e
+
+
+def monitorable(metric_names: Iterable[str]) -> List[str]:
+    """The epoch-record keys a rule can monitor, given the validation metrics' names."""
+    return ["train_loss", "val_loss"] + [f"val_{m}" for m in metric_names]
+
+
+def check_monitors(rules: Iterable[Rule], valid: Sequence[str]) -> None:
+    """ValueError, before any epoch runs, for a rule that monitors a key no epoch record has."""
+    for r in rules:
+        monitor = getattr(r, "monitor", None)
+        if monitor is not None and monitor not in valid:
+            raise ValueError(f"adjust rule {_NAMES.get(type(r), type(r).__name__)!r}: "
+                             + unknown_name("monitor", monitor, valid))

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "OPTIMIZERS"]
+from .errors import choices, integer, number, unknown_name
+from .rules import Trial, make_rule
+
+__all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "optimizer_arguments", "OPTIMIZERS",
+           "STAGE_KEYS"]
 
 # Names a stage can give for its optimizer; the classes are looked up lazily on ``oxoptim``.
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "subgradient": "Subgradient"}
+# A stage's own settings; every other key of a stage is an argument of its optimizer.
+STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
+              "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def resolve_optimizer(spec: Union[str, type]) -> type:
@@ -22,7 +31,7 @@ def resolve_optimizer(spec: Union[str, type]) -> type:
 
     key = str(spec).lower()
     if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {spec!r}; choose one of {sorted(OPTIMIZERS)} or pass a class")
+        raise ValueError(unknown_name("optimizer", spec, OPTIMIZERS) + " (or an optimizer class)")
     cls = getattr(oxoptim, OPTIMIZERS[key], None)
     if cls is None:
         raise ValueError(f"optimizer {spec!r} needs oxoptim.{OPTIMIZERS[key]}, which this build of oxoptim lacks")
@@ -47,12 +56,15 @@ class LRSchedule:
         if spec is None or isinstance(spec, str):
             spec = {"name": spec or "constant"}
         if not isinstance(spec, dict):
-            raise ValueError(f"lr_schedule must be a name, a dict or a callable, not {spec!r}")
-        name = str(spec.get("name", "constant")).lower()
-        warmup = float(spec.get("warmup", 0.0))
-        final = float(spec.get("final", 0.0))
-        if name not in ("constant", "cosine", "linear"):
-            raise ValueError(f"unknown lr_schedule {name!r}; use constant, cosine, linear or a callable")
+            raise ValueError(f"lr_schedule must be a name, a table or a callable, not {spec!r}")
+        for key in spec:
+            if key not in ("name", "warmup", "final"):
+                raise ValueError(unknown_name("lr_schedule key", key, ("name", "warmup", "final")))
+        name = spec.get("name", "constant")
+        if name not in SCHEDULES:
+            raise ValueError(unknown_name("lr_schedule", name, SCHEDULES) + " (or a callable)")
+        warmup = number("lr_schedule warmup", spec.get("warmup", 0.0), 0.0, 1.0, high_open=True)
+        final = number("lr_schedule final", spec.get("final", 0.0), 0.0)
 
         def fn(p: float) -> float:
             if warmup > 0 and p < warmup:
@@ -134,52 +146,102 @@ class Stage:
         adversarial: float = 0.0,
         **optimizer_kwargs: Any,
     ):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a stage needs a name (a non-empty string), not {name!r}")
         self.name = name
-        self.optimizer = optimizer
-        self.epochs = int(epochs)
-        if not (batch_size == "full" or (isinstance(batch_size, int) and batch_size > 0)):
-            raise ValueError(f"stage {name!r}: batch_size must be a positive int or 'full', not {batch_size!r}")
-        if self.epochs < 1:
-            raise ValueError(f"stage {name!r}: epochs must be >= 1")
-        if average not in (None, "ema", "swa"):
-            raise ValueError(f"stage {name!r}: average must be None, 'ema' or 'swa', not {average!r}")
-        self.batch_size = batch_size
-        self.lr_schedule = make_schedule(lr_schedule)
-        self.adjust = list(adjust or [])
-        self.average = average
-        self.average_decay = float(average_decay)
-        self.average_start_epoch = int(average_start_epoch)
-        self.micro_batch = int(micro_batch)
-        self.steps_per_epoch = int(steps_per_epoch)
-        if grad_clip is not None and not float(grad_clip) > 0:
-            raise ValueError(f"stage {name!r}: grad_clip must be a positive norm, not {grad_clip!r}")
-        self.grad_clip = None if grad_clip is None else float(grad_clip)
-        if not float(adversarial) >= 0:
-            raise ValueError(f"stage {name!r}: adversarial must be a radius >= 0, not {adversarial!r}")
-        self.adversarial = float(adversarial)
-        self.optimizer_kwargs = dict(optimizer_kwargs)
-        resolve_optimizer(optimizer) if isinstance(optimizer, type) else None
+        try:
+            self.optimizer = optimizer
+            self.epochs = integer("epochs", epochs, 1)
+            if batch_size != "full" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                         or batch_size < 1):
+                raise ValueError(f"batch_size must be a positive integer or 'full', not {batch_size!r}")
+            self.batch_size = batch_size
+            self.lr_schedule = make_schedule(lr_schedule)
+            self.adjust = list(adjust or [])
+            if average not in (None, "ema", "swa"):
+                raise ValueError(unknown_name("average", average, ("ema", "swa")) + " (or none)")
+            self.average = average
+            self.average_decay = number("average_decay", average_decay, 0.0, 1.0)
+            self.average_start_epoch = integer("average_start_epoch", average_start_epoch, 0)
+            if average is not None and self.average_start_epoch >= self.epochs:
+                raise ValueError(f"average_start_epoch ({self.average_start_epoch}) must be < epochs ({self.epochs}): "
+                                 "nothing would be averaged")
+            self.micro_batch = integer("micro_batch", micro_batch, 1)
+            self.steps_per_epoch = integer("steps_per_epoch", steps_per_epoch, 1)
+            self.grad_clip = None if grad_clip is None else number("grad_clip", grad_clip, 0.0, low_open=True)
+            self.adversarial = number("adversarial", adversarial, 0.0)
+            self.optimizer_kwargs = dict(optimizer_kwargs)
+        except ValueError as e:
+            raise ValueError(f"stage {name!r}: {e}") from e
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks the rules and the optimizer: its name, its argument names, and their values, by
+        building it on a dummy parameter (with each trial candidate's settings too). Raises
+        ValueError before anything trains; the Trainer calls it again for rules added later."""
+        try:
+            self.adjust = [make_rule(r) for r in self.adjust]
+            trial = self.trial()
+            if trial is not None and trial.epochs >= self.epochs:
+                raise ValueError(f"trial epochs ({trial.epochs}) must be < stage epochs ({self.epochs})")
+            cls = resolve_optimizer(self.optimizer)
+            names = optimizer_arguments(cls)
+            for key in self.optimizer_kwargs:
+                if names is not None and key not in names:
+                    listing = f"{choices(STAGE_KEYS)}; {self._optimizer_name()} arguments: {choices(names)}"
+                    raise ValueError(unknown_name("key", key, set(STAGE_KEYS) | names, listing))
+            for overrides in (trial.candidates if trial is not None else [{}]):
+                for key in overrides:
+                    if names is not None and key not in names:
+                        raise ValueError("trial: " + unknown_name("optimizer argument", key, names))
+                kwargs = {**self.optimizer_kwargs, **overrides}
+                try:
+                    cls([torch.zeros(1, requires_grad=True)], **kwargs)
+                except (ValueError, TypeError) as e:
+                    where = f"trial candidate {overrides}: " if overrides else ""
+                    call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+                    raise ValueError(f"{where}{call}: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"stage {self.name!r}: {e}") from e
+
+    def _optimizer_name(self) -> str:
+        return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
 
     @property
     def full_batch(self) -> bool:
         return self.batch_size == "full"
 
-    def trial(self):
+    def trial(self) -> Optional[Trial]:
         """The stage's :class:`~oxoptim.training.rules.Trial` rule, if any."""
-        from .rules import Trial
-
         trials = [r for r in self.adjust if isinstance(r, Trial)]
         if len(trials) > 1:
             raise ValueError(f"stage {self.name!r}: at most one Trial rule")
         return trials[0] if trials else None
 
     def describe(self) -> str:
-        opt = self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
+        opt = self._optimizer_name()
         kw = ", ".join(f"{k}={v}" for k, v in self.optimizer_kwargs.items() if not callable(v))
         return f"{self.name}: {opt}({kw}) x{self.epochs} epochs, batch {self.batch_size}" + (
             f", {self.average}" if self.average else ""
         ) + (f", clip {self.grad_clip:g}" if self.grad_clip else "") + (
             f", adversarial {self.adversarial:g}" if self.adversarial else "")
+
+
+def optimizer_arguments(cls: type) -> Optional[set]:
+    """The keyword arguments ``cls(params, ...)`` takes, following ``**kwargs`` up the class
+    hierarchy (oxoptim's mixins pass them on to the torch twin); None when that cannot be known."""
+    names: set = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is torch.optim.Optimizer:
+            return None
+        params = list(inspect.signature(init).parameters.values())[2:]  # after self and params
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
 
 
 def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None) -> torch.optim.Optimizer:

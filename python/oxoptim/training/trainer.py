@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .adversarial import EmbeddingAdversary
-from .rules import Rule, Trial, make_rule
+from .rules import Trial, check_monitors, monitorable
 from .stages import Stage, build_optimizer
 
 __all__ = ["Trainer"]
@@ -130,10 +130,13 @@ class Trainer:
         self.train_x, self.train_y = _as_xy(train_data)
         self.val_x, self.val_y = _as_xy(val_data)
         self.stages = list(stages)
-        for st in self.stages:
-            st.adjust = [make_rule(r) for r in st.adjust]
-            st.trial()  # validates: at most one Trial
         self.metrics = _metric_table(metrics)
+        for st in self.stages:  # again: rules may have been added since the stage was made
+            st.validate()
+            try:
+                check_monitors(st.adjust, monitorable(self.metrics))
+            except ValueError as e:
+                raise ValueError(f"stage {st.name!r}: {e}") from e
         self.run_dir = run_dir
         self.seed = int(seed)
         self.checkpoint_every = int(checkpoint_every) if checkpoint_every else 0
@@ -248,8 +251,6 @@ class Trainer:
         self.stage_state["started"] = True
         trial = st.trial()
         if trial is not None:
-            if trial.epochs >= st.epochs:
-                raise ValueError(f"stage {st.name!r}: trial epochs ({trial.epochs}) must be < stage epochs")
             self.stage_state["trial_start"] = _clone_state(self.model.state_dict())
             self.pos.update(trial=0, epoch=0, batch=0)
         else:
