@@ -83,7 +83,7 @@ def _toml_loads(text: str) -> dict:
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
-            raise MissingDependency("reading TOML on Python < 3.11", "tomli") from None
+            raise MissingDependency("reading TOML (before Python 3.11)", "tomli") from None
     return tomllib.loads(text)
 
 

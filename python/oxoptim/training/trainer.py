@@ -16,6 +16,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .adversarial import EmbeddingAdversary
+from .errors import INSTALL_TRAIN
+from .extras import installed, missing_output_note, output_module
 from .rules import Trial, check_monitors, monitorable
 from .stages import Stage, build_optimizer
 
@@ -180,6 +182,8 @@ class Trainer:
         self._t0 = time.time()
         self._elapsed_base = 0.0
         self._bar = None
+        # Outputs this run cannot make (an optional package is missing): named once, and in summary.json.
+        self.missing_outputs: Dict[str, str] = {}
 
     # ----- small interface for rules -------------------------------------------------------
 
@@ -221,6 +225,27 @@ class Trainer:
             self._bar.write(msg)
         else:
             print(msg, flush=True)
+
+    def _shows_progress(self) -> bool:
+        return not self.quiet and sys.stdout.isatty()
+
+    def _missing(self, output: str, note: str) -> None:
+        """Records an output this run cannot make and says so once (on stderr, even when quiet)."""
+        if output in self.missing_outputs or not self.is_main:
+            return
+        self.missing_outputs[output] = note
+        print(f"oxoptim: {note}", file=sys.stderr, flush=True)
+
+    def _progress_bar(self, **kwargs):
+        """A tqdm bar when a person watches a terminal and tqdm is installed, else None."""
+        if not self._shows_progress() or "progress bars" in self.missing_outputs:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as e:  # installed but broken
+            self._missing("progress bars", f"progress bars need tqdm, which failed to import ({e}): {INSTALL_TRAIN}")
+            return None
+        return tqdm(**kwargs)
 
     def _path(self, name: str) -> Optional[str]:
         return os.path.join(self.run_dir, name) if self.run_dir else None
@@ -314,6 +339,10 @@ class Trainer:
                 ckpt.atomic_write_bytes(self._path("metrics.jsonl"), b"")
         self._t0 = time.time()
         self._elapsed_base = self.elapsed
+        if self.run_dir and self.is_main and not installed(output_module("curves.png")):
+            self._missing("curves.png", missing_output_note("curves.png"))
+        if self._shows_progress() and not installed(output_module("progress bars")):
+            self._missing("progress bars", missing_output_note("progress bars"))
         self.model.train()
         while not self.done:
             if self.pos["stage"] >= len(self.stages) or self.stopped:
@@ -489,12 +518,9 @@ class Trainer:
         order = None if st.full_batch else self._epoch_order()
         if self.pos["batch"] == 0:
             self.acc = {"loss_sum": 0.0, "n": 0}
-        bar = None
-        if not self.quiet and sys.stdout.isatty():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=spe, initial=self.pos["batch"], leave=False, dynamic_ncols=True,
-                       desc=f"{st.name} {self.pos['epoch'] + 1}/{st.epochs}" + ("" if phase_label == "main" else " trial"))
+        bar = self._progress_bar(
+            total=spe, initial=self.pos["batch"], leave=False, dynamic_ncols=True,
+            desc=f"{st.name} {self.pos['epoch'] + 1}/{st.epochs}" + ("" if phase_label == "main" else " trial"))
         self._bar = bar
         t_epoch, n_epoch = time.time(), 0
         try:
@@ -702,6 +728,7 @@ class Trainer:
             "events": self.events,
             "threads": torch.get_num_threads(),
             "world_size": self.world,
+            "missing_outputs": dict(self.missing_outputs),
             **self.meta,
         }
 
@@ -733,13 +760,16 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(self.model.state_dict(), buf)
         ckpt.atomic_write_bytes(self._path("final.pt"), buf.getvalue())
-        self.write_summary()
-        try:
-            from .plots import plot_curves
+        if "curves.png" not in self.missing_outputs:
+            try:
+                from .plots import plot_curves
 
-            plot_curves(self.history, self._path("curves.png"))
-        except Exception as e:  # plotting is a convenience; never lose a run over it
-            self._print(f"could not draw curves.png: {e}")
+                plot_curves(self.history, self._path("curves.png"))
+            except Exception as e:  # plotting is a convenience; never lose a run over it, never hide it
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                self._missing("curves.png", f"curves.png could not be drawn ({type(e).__name__}: {reason})"
+                                            + (f": {INSTALL_TRAIN}" if isinstance(e, ImportError) else ""))
+        self.write_summary()
 
     def write_summary(self, extra: Optional[dict] = None) -> dict:
         s = self.summary()
