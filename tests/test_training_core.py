@@ -99,15 +99,36 @@ def test_schedules():
     assert LRSchedule(lambda p: 2.0).factor(3, 10) == 2.0
 
 
+class OptimizerSpy(RestoreBest):
+    """Records, at each epoch end, the optimizer the stage runs and its settings."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def on_epoch_end(self, trainer, record):
+        opt = trainer._phase.optimizer
+        self.seen.append((type(opt), opt.defaults["lr"], opt.defaults.get("momentum")))
+        return None
+
+
 def test_stages_switch_as_configured_and_metrics_logged(tmp_path):
     train, val = blobs()
+    seen = []
     stages = [
-        Stage("one", "adamw", epochs=2, batch_size=32, lr=1e-2),
-        Stage("two", "sgd", epochs=3, batch_size=16, lr=0.05, momentum=0.9, lr_schedule="cosine"),
-        Stage("three", oxoptim.Adam, epochs=1, batch_size=64, lr=1e-3),
+        Stage("one", "adamw", epochs=2, batch_size=32, lr=1e-2, adjust=[OptimizerSpy(seen)]),
+        Stage("two", "sgd", epochs=3, batch_size=16, lr=0.05, momentum=0.9, lr_schedule="cosine",
+              adjust=[OptimizerSpy(seen)]),
+        Stage("three", oxoptim.Adam, epochs=1, batch_size=64, lr=1e-3, adjust=[OptimizerSpy(seen)]),
     ]
-    tr = Trainer(mlp(), F.cross_entropy, train, val, stages, run_dir=str(tmp_path), quiet=True)
+    model = mlp()
+    tr = Trainer(model, F.cross_entropy, train, val, stages, run_dir=str(tmp_path), quiet=True)
+    untrained = tr.evaluate(val)
     hist = tr.fit()
+    assert seen == [(oxoptim.AdamW, 1e-2, None)] * 2 + [(oxoptim.SGD, 0.05, 0.9)] * 3 + [(oxoptim.Adam, 1e-3, None)]
+    cos = LRSchedule("cosine")
+    assert [r["lr"] for r in hist] == pytest.approx([1e-2, 1e-2] + [0.05 * cos.factor(12 * e + 11, 36) for e in range(3)]
+                                                    + [1e-3], rel=1e-12)
     assert [r["stage"] for r in hist] == ["one"] * 2 + ["two"] * 3 + ["three"]
     assert [r["epoch"] for r in hist] == [1, 2, 1, 2, 3, 1]
     spe = [6, 6, 12, 12, 12, 3]  # 180 training rows
@@ -117,7 +138,7 @@ def test_stages_switch_as_configured_and_metrics_logged(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["epochs_run"] == 6
-    assert hist[-1]["val_accuracy"] > 0.5
+    assert hist[-1]["val_loss"] < 0.8 * untrained["loss"]  # it trained
 
 
 def scripted_metric(values):
@@ -157,8 +178,24 @@ def test_trial_picks_best_candidate_and_continues_from_it():
     train, val = blobs()
     st = Stage("t", "sgd", epochs=3, batch_size=30, lr=0.5,
                adjust=[Trial([1e-6, 0.5, 1e-5], epochs=1, monitor="val_loss")])
-    tr = Trainer(mlp(), F.cross_entropy, train, val, [st], quiet=True)
+    model = mlp()
+    snapshots = []  # the weights at every forward pass: training steps and validation batches
+
+    def snapshot(module, args):
+        snapshots.append((module.training, {k: v.detach().clone() for k, v in module.state_dict().items()}))
+
+    model.register_forward_pre_hook(snapshot)
+    tr = Trainer(model, F.cross_entropy, train, val, [st], quiet=True)
     hist = tr.fit()
+    # validation after each trial epoch is one forward in eval mode; the first training forward after
+    # the third trial's validation starts the main run: from trial 1's (the best's) weights
+    evals = [i for i, (training, _) in enumerate(snapshots) if not training]
+    after_trial_1, main_start = snapshots[evals[1]][1], snapshots[evals[2] + 1][1]
+    for k in after_trial_1:
+        assert torch.equal(main_start[k], after_trial_1[k]), k
+    start = snapshots[0][1]  # and each trial started from the stage's starting weights
+    for i in (evals[0] + 1, evals[1] + 1):
+        assert all(torch.equal(snapshots[i][1][k], start[k]) for k in start)
     phases = [r["phase"] for r in hist]
     assert phases[:3] == ["trial 0 {'lr': 1e-06}", "trial 1 {'lr': 0.5}", "trial 2 {'lr': 1e-05}"]
     assert phases[3:] == ["main", "main"]
@@ -200,30 +237,67 @@ def test_full_batch_stage_equals_manual_full_batch_gd():
     st = Stage("fb", "sgd", epochs=6, batch_size="full", micro_batch=17, lr=0.1, momentum=0.5)
     hist = Trainer(m1, F.mse_loss, (x, y), (x, y), [st], metrics={}, quiet=True).fit()
     opt = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.5)
+    losses = []
     for _ in range(6):
         opt.zero_grad()
-        F.mse_loss(m2(x), y).backward()
+        loss = F.mse_loss(m2(x), y)
+        losses.append(loss.item())
+        loss.backward()
         opt.step()
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6]
-    assert hist[-1]["train_loss"] == pytest.approx(F.mse_loss(m2(x) * 0 + m2(x), y).item(), rel=0.5)
+    # an epoch's train_loss is the exact full-batch loss at the weights it stepped from
+    assert [r["train_loss"] for r in hist] == pytest.approx(losses, rel=1e-5)
 
 
 @needs_param_avg
 def test_averaging_stage_validates_and_ends_with_averaged_weights():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     train, val = blobs()
-    st = Stage("avg", "sgd", epochs=3, batch_size=30, lr=0.1, average="swa")
+    st = Stage("avg", "sgd", epochs=3, batch_size=30, lr=0.1, average="swa", average_start_epoch=1)
     model = mlp()
-    tr = Trainer(model, F.cross_entropy, train, val, [st], quiet=True)
-    hist = tr.fit()
-    res = tr.evaluate(val)
-    assert res["loss"] == pytest.approx(hist[-1]["val_loss"], rel=1e-5)
+    iterates = []  # the weights after every optimizer step
+    handle = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: iterates.append([p.detach().clone() for p in model.parameters()]))
+    try:
+        tr = Trainer(model, F.cross_entropy, train, val, [st], quiet=True)
+        hist = tr.fit()
+    finally:
+        handle.remove()
+    assert len(iterates) == 18  # 3 epochs of 180 rows / 30
+    swa = [torch.stack([w[i] for w in iterates[6:]]).mean(0) for i in range(len(iterates[0]))]  # from epoch 2
+    for p, want in zip(model.parameters(), swa):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(a, b) for a, b in zip(swa, iterates[-1]))  # averaging changed something
+    # validation of the last epoch used the averaged weights, which the model now holds
+    assert tr.evaluate(val)["loss"] == pytest.approx(hist[-1]["val_loss"], rel=1e-5)
 
 
 @needs_subgradient
-def test_subgradient_stage_runs():
+def test_subgradient_stage_equals_manual_subgradient_steps():
     train, val = blobs()
-    st = Stage("sub", "subgradient", epochs=2, batch_size="full", lr=0.05)
-    hist = Trainer(mlp(), F.cross_entropy, train, val, [st], quiet=True).fit()
-    assert len(hist) == 2
+    best = []
+
+    class BestSpy(RestoreBest):
+        def on_epoch_end(self, trainer, record):
+            best.append(trainer._phase.optimizer.best_step)
+            return None
+
+    st = Stage("sub", "subgradient", epochs=3, batch_size="full", lr=0.05, step_rule="sqrt", adjust=[BestSpy()])
+    model, ref = mlp(), mlp()
+    hist = Trainer(model, F.cross_entropy, train, val, [st], quiet=True).fit()
+    opt = oxoptim.Subgradient(ref.parameters(), lr=0.05, step_rule="sqrt")
+    ref_best = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(train[0]), train[1])
+        loss.backward()
+        opt.record_loss(loss.item())
+        opt.step()
+        ref_best.append(opt.best_step)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(hist) == 3
+    assert best == ref_best and None not in best  # the trainer gave the optimizer each step's loss

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from oxoptim.training.checkpoint import list_checkpoints
-from training_jobs import TORCHRUN, assert_same_run, reviews, run_cli, summary, write_rows
+from training_jobs import TORCHRUN, assert_same_run, evaluate_final, reviews, run_cli, summary, write_rows
 
 # Batches of 15 give the ranks shards of 8 and 7 rows, and length buckets give them different
 # padded lengths: their dropout draws, so their random states, differ from the first step on.
@@ -110,6 +110,10 @@ def test_torchrun_ddp_two_processes(reference):
     digests = s["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert digests[0] == final_digest(run)
+    truth = evaluate_final(run)  # both ranks' shards together
+    for split in ("val", "test"):
+        assert s[split]["accuracy"] == pytest.approx(truth[split]["accuracy"], abs=1e-6)
+        assert s[split]["loss"] == pytest.approx(truth[split]["loss"], rel=1e-5)
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["stage"] for l in lines] == ["explore"] * 4 + ["average"] * 2  # 2 trial epochs + 2
     assert not list(run.glob("**/*.tmp*"))

@@ -92,3 +92,32 @@ def assert_same_run(run_a, run_b) -> None:
 def summary(run) -> dict:
     with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def evaluate_final(run) -> Dict[str, Dict[str, float]]:
+    """Loss and accuracy of a CLI run's final.pt on its validation and test splits, computed here
+    from config.json alone (data rebuilt, model rebuilt, one batch): what summary.json must report."""
+    import torch.nn.functional as F
+
+    from oxoptim.training.data import build_text_data
+    from oxoptim.training.model import BiGRUClassifier
+
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    d = cfg["data"]
+    data = build_text_data(train=d.get("train"), val=d.get("val"), test=d.get("test"),
+                           text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
+                           max_len=d.get("max_len", 100), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
+                           seed=d.get("split_seed", 0), min_freq=d.get("min_freq", 1))
+    kwargs = {k: v for k, v in cfg.get("model", {}).items() if not k.startswith("embed_init")}
+    model = BiGRUClassifier(len(data["vocab"]), data["num_classes"], **kwargs)
+    model.load_state_dict(torch.load(os.path.join(run, "final.pt")))
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for split in ("val", "test"):
+            x, y = data[split].x, data[split].y
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.get("label_smoothing", 0.0))
+            out[split] = {"loss": float(loss), "accuracy": float((logits.argmax(1) == y).double().mean())}
+    return out
