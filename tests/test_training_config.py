@@ -1,8 +1,6 @@
 """Config validation: every name and value of a job is checked before anything trains, and the CLI
 says what is wrong in one line that lists the valid names."""
 
-import sys
-
 import pytest
 
 from oxoptim.__main__ import main

@@ -4,7 +4,6 @@ after every process was killed with SIGKILL, bit-identical to an uninterrupted 2
 import json
 import os
 import signal
-import sys
 
 import pytest
 import torch

