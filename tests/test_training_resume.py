@@ -203,3 +203,27 @@ def test_resume_of_run_killed_before_first_checkpoint_equals_uninterrupted(tmp_p
     r = run_cli(["train", "--resume", "run", "--quiet"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert_same_run(tmp_path / "ref", run)
+
+
+def test_resume_with_another_process_count_is_refused_and_changes_nothing(tmp_path, capsys):
+    """A checkpoint of a 2-process run (every rank's state) cannot be continued exactly by one
+    process: `oxoptim train --resume` says so in one line and leaves the run as it was."""
+    from oxoptim.__main__ import main
+    from oxoptim.training.checkpoint import load_checkpoint
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    (tmp_path / "job.toml").write_text(CLI_JOB.replace('embed_init = "cooccurrence"', ""))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    latest = list_checkpoints(str(run))[0]
+    state = load_checkpoint(latest)
+    assert len(state["ranks"]) == 1
+    state["ranks"] = state["ranks"] * 2  # as a 2-process run writes it
+    save_checkpoint(str(run), int(latest[-13:-3]), state)
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "state of 2 process(es), this run has 1" in err
+    assert "--nproc-per-node 2" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

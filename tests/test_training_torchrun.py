@@ -137,12 +137,6 @@ def test_torchrun_resume_after_kill_is_bit_identical(job_dir, reference, tmp_pat
     assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"
     assert list_checkpoints(str(run)) and not (run / "final.pt").exists()
-    # One process cannot continue a 2-process run exactly: refused in one line, the run left as it was.
-    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    r = run_cli(["train", "--resume", str(run), "--quiet"], cwd=job_dir)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "state of 2 process(es), this run has 1" in r.stderr and "--nproc-per-node 2" in r.stderr
-    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--resume", str(run), "--quiet"], cwd=job_dir, prefix=[])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" not in r.stdout  # --quiet
