@@ -179,3 +179,14 @@ def test_load_config_raises_value_errors(tmp_path, text, error):
     p.write_text(text)
     with pytest.raises(ValueError, match=error):
         load_config(str(p))
+
+
+def test_data_left_empty_by_cleaning_fails_at_start(tmp_path, capsys):
+    rows = reviews(40)
+    write_rows(tmp_path / "train.jsonl", rows)
+    write_rows(tmp_path / "val.jsonl", rows[:10])  # every validation text is also a training text
+    (tmp_path / "job.toml").write_text(JOB.replace('train = "reviews.jsonl"', 'train = "train.jsonl"\nval = "val.jsonl"'))
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no val texts left" in err and "'val_in_train': 10" in err
+    assert not (tmp_path / "run").exists()

@@ -109,6 +109,9 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) 
         )
     except (OSError, ValueError) as e:
         raise ConfigError(f"[data] {e}") from e
+    for split in ("train", "val"):
+        if len(data[split]) == 0:
+            raise ConfigError(f"[data] no {split} texts left after cleaning (removed: {data['report']['removed']})")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if not resume:
