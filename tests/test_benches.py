@@ -189,8 +189,18 @@ def test_findings_name_losses_and_mode_differences():
     lines = bench_report.findings(bench_report.Table(_synthetic()))
     assert "small Adam vs torch fused 0.50× (0.40–0.60), every round" in lines[0]
     assert "big Adam" not in lines[0]
-    assert "small Adam oxoptim +110% when reused" in lines[1]
-    assert "big Adam oxoptim" not in lines[1]  # fresh 90–110 overlaps reused 99–101
+    assert "small Adam oxoptim +110% when reused" in lines[2]
+    assert "big Adam oxoptim" not in lines[2]  # fresh 90–110 overlaps reused 99–101
+
+
+def test_rows_beating_the_probe_and_a_weak_probe_are_flagged():
+    data = _synthetic()
+    assert bench_report.findings(bench_report.Table(data))[1] == "- rows above 100% of their DRAM roofline: none."
+    assert "not a ceiling" not in "\n".join(bench_report.header_lines(data))
+    data["roofline"]["gbps"]["4:3"] = 50.0  # big oxoptim streams 56 GB/s; small fits in cache and is not judged
+    assert bench_report.findings(bench_report.Table(data))[1].startswith("- rows above 100% of their DRAM roofline: big Adam oxoptim 112% —")
+    data["roofline"]["torch_inplace_gbps"] = 41.0  # above the 2:1 probe's 40
+    assert "probe is not a ceiling in this run" in "\n".join(bench_report.header_lines(data))
 
 
 def test_readme_block_is_replaced_and_checked(tmp_path):
@@ -205,3 +215,29 @@ def test_readme_block_is_replaced_and_checked(tmp_path):
     assert "old figures" not in text and "hand-written" in text and text.endswith("## after\n")
     assert "2.00× (1.50–2.00)" in text
     assert readme_perf.main(args + ["--check"]) == 0
+
+
+def test_e2e_rows_give_per_round_ratios_and_memory():
+    def rec(opt, iters, steps, mem):
+        return dict(model="m (1M params)", optimizer=opt, iter_ms=iters, fwd_bwd_ms=[i - s for i, s in zip(iters, steps)], step_ms=steps, note="", memory=mem)
+
+    data = dict(
+        baseline="oxoptim AdamW",
+        models=[{"name": "m (1M params)"}],
+        results=[
+            rec("oxoptim AdamW", [10.0, 20.0, 12.0], [1.0, 2.0, 1.0], {"peak_rss_mib": 700.0, "peak_over_model_mib": 40.0}),
+            rec("torch AdamW fused", [9.0, 18.0, 12.0], [1.0, 3.0, 1.5], {"error": "x"}),
+        ],
+    )
+    rows = bench_report.e2e_table(data)
+    assert rows[2] == "| m (1M params) | oxoptim AdamW | 12.00 (10.00–20.00) | 11.00 | 1.00 | 8.3% | — | — | 700 | 40 |"
+    assert rows[3] == "| m (1M params) | torch AdamW fused | 12.00 (9.00–18.00) | 10.50 | 1.50 | 12.5% | 0.90× (0.90–1.00) | 1.50× (1.00–1.50) | n/a | n/a |"
+
+
+def test_e2e_peak_memory_counts_gradients_and_optimizer_state():
+    import e2e
+
+    mem = e2e.measure_memory(True, "lm", "oxoptim AdamW", 1)
+    params = 1.4e6  # the --quick transformer
+    assert mem["peak_rss_mib"] > mem["model_rss_mib"] > 0
+    assert mem["peak_over_model_mib"] > 3 * params * 4 / 2**20  # gradients + exp_avg + exp_avg_sq
