@@ -263,8 +263,9 @@ def run_case(shapes: List[Shape], case: Case, rounds: int, target_s: float) -> T
             notes[impl] = "resolves to " + ("fused" if fused_default else "foreach" if foreach_default else "for-loop")
         contenders[impl] = Contender(step, params)
     del base
-    # Steps per block: enough that the slowest contender's block lasts about target_s.
-    slowest = max((_timed_block(c, grads, "reused", 1) for c in contenders.values()), default=1e-3)
+    # Steps per block: enough that the slowest contender's block lasts about target_s
+    # (each contender's best of 3 single steps, so one preempted step does not decide).
+    slowest = max((min(_timed_block(c, grads, "reused", 1) for _ in range(3)) for c in contenders.values()), default=1e-3)
     n_steps = max(1, min(200, int(target_s / max(slowest, 1e-6))))
     times: Dict[Tuple[str, str], List[float]] = {(impl, mode): [] for impl in contenders for mode in modes}
     order = list(contenders)
@@ -334,7 +335,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for case in all_cases:
             if sel_opts and not any(s in case.name.lower() for s in sel_opts):
                 continue
+            t_case = time.perf_counter()
             records, n_steps = run_case(shapes, case, rounds, target)
+            print(f"  -- {case.name}: {n_steps} steps per block, {time.perf_counter() - t_case:.1f} s")
             for rec in records:
                 rec.update({"set": set_name, "tensors": len(shapes), "numel": numel, "case": case.name, "reads": case.reads, "writes": case.writes, "steps_per_block": n_steps})
                 ms = sorted(rec["ms"])
