@@ -3,30 +3,40 @@
 
 For each shape set and optimizer, every contender (oxoptim, torch for-loop
 ``foreach=False``, torch ``foreach=True``, torch ``fused=True`` and torch's
-default) owns its own parameters and optimizer state; the gradients are shared
-(optimizers only read them). Each round runs every contender in turn (the
-starting contender rotates), and the reported figure is the median over rounds
-of the per-step time. Streaming memory bandwidth is measured in the same run
-with torch ops on the same number of threads, so each result is also given as
-GB/s of optimizer memory traffic and as a percentage of that roofline.
+default) owns its own parameters and optimizer state. Each is timed in two
+gradient modes:
 
-    python benches/compare_torch.py            # full run (several minutes)
+- ``fresh``: before every step each parameter gets a NEW gradient tensor (a
+  copy of the set's gradient, allocated while the previous one is still
+  alive, so at a new address), as ``zero_grad(set_to_none=True)`` followed by
+  ``backward()`` gives a real loop. The copy is made outside the timed region.
+- ``reused``: the same gradient tensors every step (what a micro-benchmark
+  usually does; it lets per-tensor caches hit every time).
+
+Only ``step()`` is timed, one call at a time, in both modes. Each round runs
+every contender in both modes (starting contender and mode rotating); figures
+are medians over rounds, ratios are per-round ratios (same round, same mode)
+with their min–max. GB/s counts each array read or written once per step; the
+roofline is a streaming probe with the same mix of streams over arrays 4× the
+last-level cache (``bandwidth.py``).
+
+    python benches/compare_torch.py            # full run (see benches/README.md for its duration)
     python benches/compare_torch.py --quick    # small version, well under a minute
 
-Writes a markdown table (``--out``, default benches/results/compare_torch.md)
-and a PNG bar chart next to it. No timing assertions: this is a measurement.
+Writes JSON (``--out`` with .json), a markdown report (``--out``, default
+benches/results/compare_torch.md) and a PNG chart next to it. No timing
+assertions: this is a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
+import json
 import platform
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,7 +45,10 @@ import torch.optim.optimizer as _torch_optimizer
 
 import oxoptim
 
-F32 = 4  # bytes per element; every set is float32
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bandwidth import measure_roofline  # noqa: E402
+from bench_report import chart, compare_markdown, machine_line  # noqa: E402
+
 Shape = Tuple[int, ...]
 
 # --------------------------------------------------------------------------- shape sets
@@ -89,7 +102,7 @@ def shape_sets(quick: bool) -> Dict[str, List[Shape]]:
             "GPT-2-like (1 layer, d=256)": gpt2_shapes(n_layer=1, d=256, vocab=4000, ctx=128),
             "seed classifier": seed_shapes(),
             "100 × 64×64": [(64, 64)] * 100,
-            "one 4M tensor": [(4_000_000,)],
+            "one 20M tensor": [(20_000_000,)],  # past 4× a 32 MiB LLC for every mix: exercises the % column
         }
     return {
         "GPT-2 small": gpt2_shapes(),
@@ -100,51 +113,25 @@ def shape_sets(quick: bool) -> Dict[str, List[Shape]]:
     }
 
 
-# --------------------------------------------------------------------------- bandwidth
-
-
-def stream_bandwidth(n: int, reps: int) -> Dict[str, float]:
-    """Best-of-``reps`` GB/s of a copy (a = b), a triad (a = b + s·c) and an
-    in-place update (a += s·b) over ``n`` floats each.
-
-    Bytes counted as the optimizers' are: every array read once, every written
-    array written once. Optimizers update in place, so the in-place figure is
-    the roofline: copy and triad also pay write-allocate traffic for `a` that
-    this count does not see.
-    """
-    a, b, c = (torch.empty(n, dtype=torch.float32).uniform_() for _ in range(3))
-    best = {"copy": 0.0, "triad": 0.0, "inplace": 0.0}
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.add_(b, alpha=0.5)
-        best["inplace"] = max(best["inplace"], 3 * n * F32 / (time.perf_counter() - t) / 1e9)
-        t = time.perf_counter()
-        a.copy_(b)
-        best["copy"] = max(best["copy"], 2 * n * F32 / (time.perf_counter() - t) / 1e9)
-        t = time.perf_counter()
-        torch.add(b, c, alpha=0.5, out=a)
-        best["triad"] = max(best["triad"], 3 * n * F32 / (time.perf_counter() - t) / 1e9)
-    del a, b, c
-    return best
-
-
 # --------------------------------------------------------------------------- contenders
+
+Build = Callable[[List[torch.Tensor]], Callable[[], None]]
 
 
 @dataclass
 class Case:
-    """One optimizer family: how to build each contender and how many arrays a step streams."""
+    """One optimizer family: how to build each contender and which arrays a step streams."""
 
     name: str
-    arrays: int  # arrays streamed per element per step: reads + writes
-    contenders: Dict[str, Callable[[List[torch.Tensor]], Callable[[], None]]]
-    baseline: str = "oxoptim"
+    reads: int  # arrays read per element per step
+    writes: int  # of which written back in place
+    contenders: Dict[str, Build]
+    reads_grads: bool = True  # False: the step never looks at .grad, so gradient modes do not apply
 
 
-def _opt(cls, **kw) -> Callable[[List[torch.Tensor]], Callable[[], None]]:
+def _opt(cls, **kw) -> Build:
     def build(params: List[torch.Tensor]) -> Callable[[], None]:
-        opt = cls(params, **kw)
-        return opt.step
+        return cls(params, **kw).step
 
     return build
 
@@ -155,7 +142,7 @@ def _param_module(params: List[torch.Tensor]) -> torch.nn.Module:
     return m
 
 
-def _swa_ema(multi: bool, decay: float) -> Callable[[List[torch.Tensor]], Callable[[], None]]:
+def _swa_ema(multi: bool, decay: float) -> Build:
     from torch.optim import swa_utils
 
     def build(params: List[torch.Tensor]) -> Callable[[], None]:
@@ -169,15 +156,14 @@ def _swa_ema(multi: bool, decay: float) -> Callable[[List[torch.Tensor]], Callab
     return build
 
 
-def _ox_averager(decay: float) -> Callable[[List[torch.Tensor]], Callable[[], None]]:
+def _ox_averager(decay: float) -> Build:
     def build(params: List[torch.Tensor]) -> Callable[[], None]:
-        avg = oxoptim.ParamAverager(params, mode="ema", decay=decay)
-        return avg.update
+        return oxoptim.ParamAverager(params, mode="ema", decay=decay).update
 
     return build
 
 
-def _torch_paths(cls, **kw) -> Dict[str, Callable[[List[torch.Tensor]], Callable[[], None]]]:
+def _torch_paths(cls, **kw) -> Dict[str, Build]:
     return {
         "torch for-loop": _opt(cls, foreach=False, **kw),
         "torch foreach": _opt(cls, foreach=True, **kw),
@@ -187,45 +173,23 @@ def _torch_paths(cls, **kw) -> Dict[str, Callable[[List[torch.Tensor]], Callable
 
 
 def cases(notes: List[str]) -> List[Case]:
+    sgd_kw = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
     out = [
-        Case(
-            "SGD momentum",
-            5,  # read p, g, buf; write p, buf
-            {"oxoptim": _opt(oxoptim.SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4), **_torch_paths(torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4)},
-        ),
-        Case(
-            "Adam",
-            7,  # read p, g, m, v; write p, m, v
-            {"oxoptim": _opt(oxoptim.Adam, lr=1e-3), **_torch_paths(torch.optim.Adam, lr=1e-3)},
-        ),
-        Case(
-            "AdamW",
-            7,
-            {"oxoptim": _opt(oxoptim.AdamW, lr=1e-3, weight_decay=1e-2), **_torch_paths(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2)},
-        ),
+        # read p, g, buf; write p, buf
+        Case("SGD momentum", 3, 2, {"oxoptim": _opt(oxoptim.SGD, **sgd_kw), **_torch_paths(torch.optim.SGD, **sgd_kw)}),
+        # read p, g, m, v; write p, m, v
+        Case("Adam", 4, 3, {"oxoptim": _opt(oxoptim.Adam, lr=1e-3), **_torch_paths(torch.optim.Adam, lr=1e-3)}),
+        Case("AdamW", 4, 3, {"oxoptim": _opt(oxoptim.AdamW, lr=1e-3, weight_decay=1e-2), **_torch_paths(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2)}),
     ]
     if hasattr(oxoptim, "Subgradient"):
-        out.append(
-            Case(
-                "Subgradient vs SGD",
-                3,  # read p, g; write p
-                {"oxoptim": _opt(oxoptim.Subgradient, lr=1e-3), **_torch_paths(torch.optim.SGD, lr=1e-3)},
-            )
-        )
+        # read p, g; write p
+        out.append(Case("Subgradient vs SGD", 2, 1, {"oxoptim": _opt(oxoptim.Subgradient, lr=1e-3), **_torch_paths(torch.optim.SGD, lr=1e-3)}))
     else:
         notes.append("oxoptim.Subgradient not available in this build: Subgradient-vs-SGD rows skipped.")
     if hasattr(oxoptim, "ParamAverager"):
-        out.append(
-            Case(
-                "EMA averaging",
-                3,  # read avg, p; write avg
-                {
-                    "oxoptim": _ox_averager(0.999),
-                    "swa_utils multi_avg_fn": _swa_ema(True, 0.999),
-                    "swa_utils avg_fn": _swa_ema(False, 0.999),
-                },
-            )
-        )
+        ema = {"oxoptim": _ox_averager(0.999), "swa_utils multi_avg_fn": _swa_ema(True, 0.999), "swa_utils avg_fn": _swa_ema(False, 0.999)}
+        # read avg, p; write avg. Reads parameters, not gradients.
+        out.append(Case("EMA averaging", 2, 1, ema, reads_grads=False))
     else:
         notes.append("oxoptim.ParamAverager not available in this build: EMA-averaging rows skipped.")
     return out
@@ -233,163 +197,104 @@ def cases(notes: List[str]) -> List[Case]:
 
 # --------------------------------------------------------------------------- timing
 
+GRAD_MODES = ("fresh", "reused")
+
 
 @dataclass
-class Result:
-    set_name: str
-    case: str
-    impl: str
-    ms: float  # median ms per step
-    gbps: float
-    pct: float
-    spread: float  # (max - min) / median over rounds, percent
-    note: str = ""
+class Contender:
+    step: Callable[[], None]
+    params: List[torch.Tensor]
 
 
-def run_case(set_name: str, shapes: List[Shape], case: Case, rounds: int, target_s: float, roofline: float) -> List[Result]:
-    numel = sum(int(torch.Size(s).numel()) for s in shapes)
+def _give_grads(params: List[torch.Tensor], grads: List[torch.Tensor], mode: str) -> None:
+    """Sets ``.grad`` for the next step: the shared tensors (reused) or new copies (fresh).
+
+    Fresh copies are all allocated before any old gradient is released, so
+    none can land at its predecessor's address.
+    """
+    if mode == "reused":
+        for p, g in zip(params, grads):
+            p.grad = g
+        return
+    fresh = [g.clone() for g in grads]
+    for p, g in zip(params, fresh):
+        p.grad = g
+
+
+def _timed_block(c: Contender, grads: List[torch.Tensor], mode: str, n_steps: int) -> float:
+    """Mean seconds per step over ``n_steps`` steps; only ``step()`` is inside the timer."""
+    if mode != "fresh":
+        _give_grads(c.params, grads, "reused")
+        c.step()  # untimed: lets any per-tensor cache settle on these tensors
+    total = 0.0
+    for _ in range(n_steps):
+        if mode == "fresh":
+            _give_grads(c.params, grads, "fresh")
+        t = time.perf_counter()
+        c.step()
+        total += time.perf_counter() - t
+    if mode == "fresh":
+        for p in c.params:  # this contender's copies go before the next contender's are made
+            p.grad = None
+    return total / n_steps
+
+
+def run_case(shapes: List[Shape], case: Case, rounds: int, target_s: float) -> Tuple[List[dict], int]:
+    """Times every contender of ``case``; returns result records and steps per block."""
     gen = torch.Generator().manual_seed(0)
     grads = [torch.empty(s).uniform_(-1e-3, 1e-3, generator=gen) for s in shapes]
     base = [torch.empty(s).uniform_(-0.05, 0.05, generator=gen) for s in shapes]
-    steps: Dict[str, Callable[[], None]] = {}
-    holders: Dict[str, List[torch.Tensor]] = {}
-    results: List[Result] = []
-    default_note = ""
+    contenders: Dict[str, Contender] = {}
+    records: List[dict] = []
+    notes: Dict[str, str] = {}
+    modes = GRAD_MODES if case.reads_grads else ("none",)
     for impl, build in case.contenders.items():
         params = [torch.nn.Parameter(b.clone()) for b in base]
-        for p, g in zip(params, grads):
-            p.grad = g
+        _give_grads(params, grads, "reused")
         try:
             step = build(params)
             step()  # lazy state creation and first-call work happen outside the timing
             step()
         except Exception as e:  # e.g. a fused path torch lacks on CPU
-            results.append(Result(set_name, case.name, impl, float("nan"), float("nan"), float("nan"), 0.0, f"unavailable: {type(e).__name__}: {e}"[:120]))
+            records.append(dict(impl=impl, mode=modes[0], ms=[], note=f"unavailable: {type(e).__name__}: {e}"[:120]))
             continue
         if impl == "torch default":
             foreach_default, fused_default = _torch_optimizer._default_to_fused_or_foreach(params, False, False)
-            default_note = "resolves to " + ("fused" if fused_default else "foreach" if foreach_default else "for-loop")
-        steps[impl] = step
-        holders[impl] = params
+            notes[impl] = "resolves to " + ("fused" if fused_default else "foreach" if foreach_default else "for-loop")
+        contenders[impl] = Contender(step, params)
     del base
-    # Steps per round: enough that the slowest contender's round lasts about target_s.
-    per_step = {}
-    for impl, step in steps.items():
-        t = time.perf_counter()
-        step()
-        per_step[impl] = time.perf_counter() - t
-    n_steps = max(1, min(200, int(target_s / max(max(per_step.values(), default=1e-3), 1e-6))))
-    times: Dict[str, List[float]] = {impl: [] for impl in steps}
-    order = list(steps)
+    # Steps per block: enough that the slowest contender's block lasts about target_s
+    # (each contender's best of 3 single steps, so one preempted step does not decide).
+    slowest = max((min(_timed_block(c, grads, "reused", 1) for _ in range(3)) for c in contenders.values()), default=1e-3)
+    n_steps = max(1, min(200, int(target_s / max(slowest, 1e-6))))
+    times: Dict[Tuple[str, str], List[float]] = {(impl, mode): [] for impl in contenders for mode in modes}
+    order = list(contenders)
     for r in range(rounds):
         k = r % len(order) if order else 0
-        for impl in order[k:] + order[:k]:
-            step = steps[impl]
-            t = time.perf_counter()
-            for _ in range(n_steps):
-                step()
-            times[impl].append((time.perf_counter() - t) / n_steps)
-    bytes_per_step = case.arrays * numel * F32
-    for impl, ts in times.items():
-        med = statistics.median(ts)
-        gbps = bytes_per_step / med / 1e9
-        note = default_note if impl == "torch default" else ""
-        results.append(Result(set_name, case.name, impl, med * 1e3, gbps, 100 * gbps / roofline, 100 * (max(ts) - min(ts)) / med, note))
-    steps.clear()
-    holders.clear()
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+            for impl in order[k:] + order[:k]:
+                times[(impl, mode)].append(1e3 * _timed_block(contenders[impl], grads, mode, n_steps))
+    records += [dict(impl=impl, mode=mode, ms=ts, note=notes.get(impl, "")) for (impl, mode), ts in times.items()]
+    contenders.clear()
     del grads
     gc.collect()
-    return results
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def machine_line() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
-
-
-def speedup(results: List[Result], r: Result) -> str:
-    """For a torch row: how many times faster oxoptim was (torch ms / oxoptim ms)."""
-    ox = [x for x in results if x.set_name == r.set_name and x.case == r.case and x.impl == "oxoptim"]
-    if r.impl == "oxoptim" or not ox or ox[0].ms != ox[0].ms or r.ms != r.ms:
-        return "—"
-    return f"{r.ms / ox[0].ms:.2f}×"
-
-
-def fmt(x: float, spec: str) -> str:
-    return "n/a" if x != x else format(x, spec)
-
-
-def markdown(results: List[Result], header: List[str], notes: List[str]) -> str:
-    lines = header + [""]
-    # Summary: oxoptim per set and optimizer, with speedups over each torch path.
-    impls = ["torch for-loop", "torch foreach", "torch fused", "torch default", "swa_utils multi_avg_fn", "swa_utils avg_fn"]
-    present = [i for i in impls if any(r.impl == i for r in results)]
-    lines += ["### oxoptim, and its speedup over each torch path (torch ms / oxoptim ms; > 1 means oxoptim is faster)", ""]
-    lines += ["| shape set | optimizer | oxoptim ms/step | GB/s | % roofline | " + " | ".join(f"vs {i}" for i in present) + " |"]
-    lines += ["|---|---|---:|---:|---:|" + "---:|" * len(present)]
-    for r in results:
-        if r.impl != "oxoptim":
-            continue
-        cells = []
-        for i in present:
-            other = [x for x in results if x.set_name == r.set_name and x.case == r.case and x.impl == i]
-            cells.append(speedup(results, other[0]) if other else "")
-        lines.append(f"| {r.set_name} | {r.case} | {fmt(r.ms, '.3f')} | {fmt(r.gbps, '.1f')} | {fmt(r.pct, '.0f')}% | " + " | ".join(cells) + " |")
-    lines += ["", "### Every contender", ""]
-    lines += ["| shape set | optimizer | implementation | ms/step | GB/s | % roofline | oxoptim speedup | spread | note |"]
-    lines += ["|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in results:
-        lines.append(
-            f"| {r.set_name} | {r.case} | {r.impl} | {fmt(r.ms, '.3f')} | {fmt(r.gbps, '.1f')} | {fmt(r.pct, '.0f')}% | {speedup(results, r)} | {r.spread:.0f}% | {r.note} |"
-        )
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def chart(results: List[Result], roofline: float, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    case_names = list(dict.fromkeys(r.case for r in results))
-    fig, axes = plt.subplots(len(case_names), 1, figsize=(11, 3.2 * len(case_names)), squeeze=False)
-    for ax, case in zip(axes[:, 0], case_names):
-        rows = [r for r in results if r.case == case]
-        sets = list(dict.fromkeys(r.set_name for r in rows))
-        impls = list(dict.fromkeys(r.impl for r in rows))
-        width = 0.8 / max(1, len(impls))
-        for j, impl in enumerate(impls):
-            ys = []
-            for s in sets:
-                hit = [r.gbps for r in rows if r.set_name == s and r.impl == impl]
-                ys.append(hit[0] if hit and hit[0] == hit[0] else 0.0)
-            ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(sets))], ys, width, label=impl)
-        ax.axhline(roofline, color="k", ls="--", lw=1, label=f"in-place roofline {roofline:.1f} GB/s")
-        ax.set_xticks(range(len(sets)))
-        ax.set_xticklabels(sets, fontsize=8)
-        ax.set_ylabel("GB/s (higher is better)")
-        ax.set_title(case, fontsize=10)
-        ax.legend(fontsize=7, ncol=3, loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return records, n_steps
 
 
 # --------------------------------------------------------------------------- main
+
+
+def without_out(args: List[str]) -> List[str]:
+    """The command-line arguments minus ``--out PATH`` (the file records how it was made, not where it went)."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return kept
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -397,41 +302,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shape sets and few rounds (well under a minute)")
     ap.add_argument("--rounds", type=int, help="rounds per case (default 7, quick 3)")
-    ap.add_argument("--target", type=float, help="seconds per contender per round (default 0.25, quick 0.02)")
+    ap.add_argument("--target", type=float, help="seconds per contender per mode per round (default 0.25, quick 0.02)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (oxoptim follows torch.get_num_threads())")
     ap.add_argument("--sets", help="comma-separated substrings selecting shape sets")
     ap.add_argument("--optimizers", help="comma-separated substrings selecting optimizers")
-    ap.add_argument("--out", type=Path, help="markdown output (default benches/results/compare_torch[_quick].md); PNG alongside")
+    ap.add_argument("--out", type=Path, help="markdown output (default benches/results/compare_torch[_quick].md); .json and .png alongside")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 7)
     target = args.target or (0.02 if args.quick else 0.25)
+    probe_reps = 5 if args.quick else 10
     out = args.out or here / "results" / ("compare_torch_quick.md" if args.quick else "compare_torch.md")
     out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benches/compare_torch.py"] + without_out(list(argv if argv is not None else sys.argv[1:])))
 
-    threads = torch.get_num_threads()
-    bw_n = 16_000_000 if args.quick else 64_000_000  # 64 MB / 256 MB per buffer: past the last-level cache
-    bw = stream_bandwidth(bw_n, 5 if args.quick else 10)
-    roofline = bw["inplace"]
-    header = [
-        f"# oxoptim vs torch.optim{' (--quick)' if args.quick else ''}",
-        "",
-        f"- machine: {machine_line()}",
-        f"- torch {torch.__version__}, oxoptim {oxoptim.__version__}, SIMD backend `{oxoptim.simd_backend()}`, threads {threads}, Python {platform.python_version()}",
-        f"- streaming bandwidth (torch ops, best of N, {bw_n * F32 // 1_000_000} MB buffers): copy {bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s, in-place a += s·b {bw['inplace']:.1f} GB/s; roofline = in-place",
-        f"- median of {rounds} round-robin rounds; GB/s counts each array read or written once per step (SGD-momentum 5, Adam/AdamW 7, plain SGD/Subgradient 3, EMA 3 × 4 bytes per element)",
-        f"- command: `python benches/compare_torch.py{' --quick' if args.quick else ''}`",
-    ]
-    for h in header[2:]:
-        print(h)
+    roof = measure_roofline(probe_reps)
+    print(roof.summary())
     notes: List[str] = []
     all_cases = cases(notes)
     for n in notes:
         print("note:", n)
     sel_sets = [s.strip().lower() for s in args.sets.split(",")] if args.sets else None
     sel_opts = [s.strip().lower() for s in args.optimizers.split(",")] if args.optimizers else None
-    results: List[Result] = []
+    results: List[dict] = []
     t0 = time.perf_counter()
     for set_name, shapes in shape_sets(args.quick).items():
         if sel_sets and not any(s in set_name.lower() for s in sel_sets):
@@ -441,19 +335,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for case in all_cases:
             if sel_opts and not any(s in case.name.lower() for s in sel_opts):
                 continue
-            rs = run_case(set_name, shapes, case, rounds, target, roofline)
-            results += rs
-            for r in rs:
-                print(
-                    f"  {case.name:<20} {r.impl:<24} {fmt(r.ms, '9.3f')} ms/step {fmt(r.gbps, '7.1f')} GB/s {fmt(r.pct, '5.0f')}% roofline"
-                    f"  oxoptim speedup {speedup(rs, r):>6}  (spread {r.spread:.0f}%) {r.note}"
-                )
+            t_case = time.perf_counter()
+            records, n_steps = run_case(shapes, case, rounds, target)
+            print(f"  -- {case.name}: {n_steps} steps per block, {time.perf_counter() - t_case:.1f} s")
+            for rec in records:
+                rec.update({"set": set_name, "tensors": len(shapes), "numel": numel, "case": case.name, "reads": case.reads, "writes": case.writes, "steps_per_block": n_steps})
+                ms = sorted(rec["ms"])
+                shown = f"{ms[len(ms) // 2]:9.3f} ms/step (min {ms[0]:.3f}, max {ms[-1]:.3f})" if ms else rec["note"]
+                print(f"  {case.name:<20} {rec['impl']:<24} {rec['mode']:<6} {shown}")
+            results += records
             sys.stdout.flush()
-    print(f"\ntotal {time.perf_counter() - t0:.1f} s")
-    out.write_text(markdown(results, header, notes))
+    # The roofline keeps the best probe result of the run: measured again at the end.
+    roof.remeasure(probe_reps)
+    print(f"\n{roof.summary()}\ntotal {time.perf_counter() - t0:.1f} s")
+    data = {
+        "kind": "compare_torch",
+        "quick": bool(args.quick),
+        "command": command,
+        "machine": machine_line(),
+        "torch": torch.__version__,
+        "oxoptim": oxoptim.__version__,
+        "simd": oxoptim.simd_backend(),
+        "parallel": oxoptim.parallel_backend() if hasattr(oxoptim, "parallel_backend") else "",
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "rounds": rounds,
+        "target_s": target,
+        "grad_modes": list(GRAD_MODES),
+        "roofline": roof.to_json(),
+        "notes": notes,
+        "results": results,
+    }
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    out.write_text(compare_markdown(data))
     png = out.with_suffix(".png")
-    chart(results, roofline, png, f"oxoptim vs torch.optim — {machine_line()}, {threads} threads")
-    print(f"wrote {out} and {png}")
+    chart(data, png)
+    print(f"wrote {json_path}, {out} and {png}")
     return 0
 
 

@@ -1,0 +1,243 @@
+"""The benchmark harness measures what it says: fresh gradients outside the
+timer, a probe that streams the arrays it claims, cache labels, per-round
+ratios, and a README block generated from the results (benches/)."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+sys.path.insert(0, str(BENCHES))
+
+import bandwidth  # noqa: E402
+import bench_report  # noqa: E402
+import compare_torch  # noqa: E402
+import readme_perf  # noqa: E402
+
+LLC = 32 * 2**20
+
+
+def _params(n=3):
+    return [torch.nn.Parameter(torch.zeros(5)) for _ in range(n)]
+
+
+def test_fresh_gradients_are_new_tensors_at_new_addresses():
+    # 100k elements: a size glibc hands straight back when a block is freed before the next is made
+    params = [torch.nn.Parameter(torch.zeros(100_000)) for _ in range(3)]
+    grads = [torch.full((100_000,), float(i)) for i in range(3)]
+    compare_torch._give_grads(params, grads, "fresh")
+    for _ in range(3):
+        before = [(p.grad, p.grad.data_ptr()) for p in params]
+        compare_torch._give_grads(params, grads, "fresh")
+        for p, g, (old, old_ptr) in zip(params, grads, before):
+            assert p.grad is not g and p.grad is not old
+            assert p.grad.data_ptr() != old_ptr  # the previous copy was alive while this one was made
+            assert torch.equal(p.grad, g)
+
+
+def test_fresh_copies_are_made_while_the_previous_gradients_are_alive(monkeypatch):
+    # What guarantees the new addresses whatever the allocator does.
+    params = _params()
+    grads = [torch.ones(5) for _ in range(3)]
+    compare_torch._give_grads(params, grads, "fresh")
+    alive_at_copy = []
+    real_clone = torch.Tensor.clone
+
+    def watching_clone(self, *a, **kw):
+        alive_at_copy.append(all(p.grad is not None for p in params))
+        return real_clone(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "clone", watching_clone)
+    compare_torch._give_grads(params, grads, "fresh")
+    assert alive_at_copy == [True, True, True]
+
+
+def test_reused_gradients_are_the_shared_tensors():
+    params = _params()
+    grads = [torch.ones(5) for _ in range(3)]
+    compare_torch._give_grads(params, grads, "reused")
+    assert all(p.grad is g for p, g in zip(params, grads))
+
+
+def test_each_timed_fresh_step_sees_a_new_gradient_and_reused_steps_the_same_one():
+    params = _params(1)
+    grads = [torch.ones(5)]
+    seen = []
+    contender = compare_torch.Contender(lambda: seen.append(params[0].grad), params)
+    compare_torch._timed_block(contender, grads, "fresh", 4)
+    assert len({id(g) for g in seen}) == 4 and all(g is not grads[0] for g in seen)
+    assert params[0].grad is None  # a contender's copies are released after its block
+    seen.clear()
+    compare_torch._timed_block(contender, grads, "reused", 4)
+    assert len(seen) == 5 and all(g is grads[0] for g in seen)  # one untimed settling step, then 4 timed
+
+
+def test_making_fresh_gradients_is_outside_the_timer(monkeypatch):
+    params = _params(2)
+    grads = [torch.ones(5), torch.ones(5)]
+    real_clone = torch.Tensor.clone
+
+    def slow_clone(self, *a, **kw):
+        time.sleep(0.02)
+        return real_clone(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "clone", slow_clone)
+    per_step = compare_torch._timed_block(compare_torch.Contender(lambda: None, params), grads, "fresh", 3)
+    assert per_step < 0.005  # each step's two copies took 40 ms, none of it timed
+
+
+def test_cases_declare_the_streams_of_their_kernels():
+    by_name = {c.name: c for c in compare_torch.cases([])}
+    assert (by_name["SGD momentum"].reads, by_name["SGD momentum"].writes) == (3, 2)
+    assert (by_name["Adam"].reads, by_name["Adam"].writes) == (4, 3)
+    assert (by_name["AdamW"].reads, by_name["AdamW"].writes) == (4, 3)
+    assert all((c.reads, c.writes) in bandwidth.PATTERNS for c in by_name.values())
+    assert not by_name["EMA averaging"].reads_grads
+
+
+def test_cache_labels():
+    assert bandwidth.cache_label(LLC, LLC) == "fits in LLC"
+    assert bandwidth.cache_label(2 * LLC, LLC) == "2.0× LLC"
+    assert bandwidth.cache_label(4 * LLC - 1, LLC) == "4.0× LLC"
+    assert bandwidth.cache_label(4 * LLC, LLC) is None
+
+
+def test_cache_sizes_parse_and_the_llc_is_found():
+    assert bandwidth._parse_size("32768K") == 32 * 2**20
+    assert bandwidth._parse_size("1 MiB") == 2**20
+    assert bandwidth._parse_size("512") == 512
+    size, source = bandwidth.llc_bytes()
+    assert size >= 2**20 and source
+    assert bandwidth.probe_elements(size) * bandwidth.F32 == bandwidth.DRAM_FACTOR * size
+
+
+def _expected_checksum(n: int, reps: int) -> float:
+    """What stream_probe computes: float32 arithmetic on element n // 2 of each array."""
+    c = np.float32(0.999)
+    a = [np.float32(1.0) / np.float32(k + 2.0) for k in range(4)]
+    for _ in range(reps):  # 2:1
+        a[0] = a[0] * c + a[1]
+    for _ in range(reps):  # 3:2
+        a[1] = a[1] * c + a[2]
+        a[0] = a[0] * c + a[1]
+    for _ in range(reps):  # 4:3
+        a[1] = a[1] * c + a[3]
+        a[2] = a[2] * c + a[3]
+        a[0] = a[0] * c + a[1] + a[2]
+    return sum(float(x) for x in a)
+
+
+@pytest.mark.skipif(shutil.which("rustc") is None, reason="rustc absent: the probe cannot be built")
+def test_probe_streams_every_array_of_every_pattern():
+    n, reps = 100_003, 3  # odd length: both threads' chunks and the tail are covered
+    exe = bandwidth._probe_binary()
+    out = subprocess.run([str(exe), str(n), "2", str(reps)], capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    assert all(data[f"{r}:{w}"] > 0 for r, w in bandwidth.PATTERNS)
+    assert data["uniform"] is True  # every element, both threads' chunks and the tail, was updated alike
+    assert struct.pack("d", data["checksum"]) == struct.pack("d", _expected_checksum(n, reps))
+
+
+def test_ratios_are_per_round():
+    # Round 1 ran everything 10× slower: per-round ratios stay 2, a ratio of extremes would not.
+    assert bench_report.ratio_rounds([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)
+    assert bench_report.ratio_rounds([1.0, 3.0, 2.0], [1.0, 1.0, 1.0]) == (1.0, 2.0, 3.0)
+    assert bench_report.spread(1.5, 2.0, 2.5) == "2.00× (1.50–2.50)"
+
+
+def _synthetic(quick=False):
+    big, small = 200_000_000, 1_000
+
+    def rec(set_name, numel, impl, mode, ms):
+        return dict(set=set_name, tensors=1, numel=numel, case="Adam", reads=4, writes=3, impl=impl, mode=mode, ms=ms, note="", steps_per_block=1)
+
+    results = [
+        rec("big", big, "oxoptim", "fresh", [100.0, 110.0, 90.0]),
+        rec("big", big, "torch fused", "fresh", [150.0, 220.0, 180.0]),
+        rec("big", big, "oxoptim", "reused", [100.0, 101.0, 99.0]),
+        rec("big", big, "torch fused", "reused", [150.0, 151.0, 149.0]),
+        rec("small", small, "oxoptim", "fresh", [1.0, 1.0, 1.0]),
+        rec("small", small, "torch fused", "fresh", [0.5, 0.6, 0.4]),
+        rec("small", small, "oxoptim", "reused", [2.0, 2.1, 2.2]),
+        rec("small", small, "torch fused", "reused", [0.5, 0.5, 0.5]),
+    ]
+    roof = {"llc_bytes": LLC, "llc_source": "test", "elements_per_array": LLC, "threads": 2, "runs": [{}], "torch_inplace_gbps": 40.0}
+    roof["gbps"] = {"2:1": 40.0, "3:2": 45.0, "4:3": 56.0}
+    return dict(
+        kind="compare_torch", quick=quick, command="python benches/compare_torch.py", machine="m", torch="t", oxoptim="o",
+        simd="avx2", parallel="openmp", threads=2, python="3", rounds=3, target_s=0.1, grad_modes=["fresh", "reused"],
+        roofline=roof, notes=[], results=results,
+    )
+
+
+def test_summary_rows_show_median_ratio_with_spread_and_percent_of_the_matching_probe():
+    md = bench_report.compare_markdown(_synthetic())
+    # big: 7 arrays × 200M × 4 B / 100 ms = 56 GB/s = 100% of the 4:3 probe; fused/ox per round 1.5, 2.0, 2.0: median 2.0
+    assert "| big | Adam | 3052 MiB | 100.000 | 56.0 | 100% | 2.00× (1.50–2.00) |" in md
+    assert "| small | Adam | 16 KiB | 1.000 | 0.0 | fits in LLC | 0.50× (0.40–0.60) |" in md
+
+
+def test_findings_name_losses_and_mode_differences():
+    lines = bench_report.findings(bench_report.Table(_synthetic()))
+    assert "small Adam vs torch fused 0.50× (0.40–0.60), every round" in lines[0]
+    assert "big Adam" not in lines[0]
+    assert "small Adam oxoptim +110% when reused" in lines[2]
+    assert "big Adam oxoptim" not in lines[2]  # fresh 90–110 overlaps reused 99–101
+
+
+def test_rows_beating_the_probe_and_a_weak_probe_are_flagged():
+    data = _synthetic()
+    assert bench_report.findings(bench_report.Table(data))[1] == "- rows above 100% of their DRAM roofline: none."
+    assert "not a ceiling" not in "\n".join(bench_report.header_lines(data))
+    data["roofline"]["gbps"]["4:3"] = 50.0  # big oxoptim streams 56 GB/s; small fits in cache and is not judged
+    assert bench_report.findings(bench_report.Table(data))[1].startswith("- rows above 100% of their DRAM roofline: big Adam oxoptim 112% —")
+    data["roofline"]["torch_inplace_gbps"] = 41.0  # above the 2:1 probe's 40
+    assert "probe is not a ceiling in this run" in "\n".join(bench_report.header_lines(data))
+
+
+def test_readme_block_is_replaced_and_checked(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nhand-written\n\n{readme_perf.BEGIN}\nold figures\n{readme_perf.END}\n\n## after\n")
+    compare = tmp_path / "c.json"
+    compare.write_text(json.dumps(_synthetic()))
+    args = ["--compare", str(compare), "--e2e", str(tmp_path / "absent.json"), "--readme", str(readme)]
+    assert readme_perf.main(args + ["--check"]) == 1
+    assert readme_perf.main(args) == 0
+    text = readme.read_text()
+    assert "old figures" not in text and "hand-written" in text and text.endswith("## after\n")
+    assert "2.00× (1.50–2.00)" in text
+    assert readme_perf.main(args + ["--check"]) == 0
+
+
+def test_e2e_rows_give_per_round_ratios_and_memory():
+    def rec(opt, iters, steps, mem):
+        return dict(model="m (1M params)", optimizer=opt, iter_ms=iters, fwd_bwd_ms=[i - s for i, s in zip(iters, steps)], step_ms=steps, note="", memory=mem)
+
+    data = dict(
+        baseline="oxoptim AdamW",
+        models=[{"name": "m (1M params)"}],
+        results=[
+            rec("oxoptim AdamW", [10.0, 20.0, 12.0], [1.0, 2.0, 1.0], {"peak_rss_mib": 700.0, "peak_over_model_mib": 40.0}),
+            rec("torch AdamW fused", [9.0, 18.0, 12.0], [1.0, 3.0, 1.5], {"error": "x"}),
+        ],
+    )
+    rows = bench_report.e2e_table(data)
+    assert rows[2] == "| m (1M params) | oxoptim AdamW | 12.00 (10.00–20.00) | 11.00 | 1.00 | 8.3% | — | — | 700 | 40 |"
+    assert rows[3] == "| m (1M params) | torch AdamW fused | 12.00 (9.00–18.00) | 10.50 | 1.50 | 12.5% | 0.90× (0.90–1.00) | 1.50× (1.00–1.50) | n/a | n/a |"
+
+
+def test_e2e_peak_memory_counts_gradients_and_optimizer_state():
+    import e2e
+
+    mem = e2e.measure_memory(True, "lm", "oxoptim AdamW", 1)
+    params = 1.4e6  # the --quick transformer
+    assert mem["peak_rss_mib"] > mem["model_rss_mib"] > 0
+    assert mem["peak_over_model_mib"] > 3 * params * 4 / 2**20  # gradients + exp_avg + exp_avg_sq
