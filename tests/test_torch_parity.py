@@ -295,7 +295,9 @@ def test_state_dict_carries_skipped_steps_only_with_the_option_and_torch_loads_i
     resumed.load_state_dict(sd)
     assert resumed.skipped_steps == 1
     # A torch state dict (no count, no flag) keeps this optimizer's count and option.
-    resumed.load_state_dict(theirs.state_dict())
+    torch_sd = twin.make_theirs([torch.randn(4, requires_grad=True)], **HYPER[twin.name]).state_dict()
+    assert "skip_nonfinite" not in torch_sd["param_groups"][0]
+    resumed.load_state_dict(torch_sd)
     assert resumed.skipped_steps == 1 and resumed.param_groups[0]["skip_nonfinite"] is True
     with pytest.raises(ValueError, match="skipped_steps"):
         resumed.load_state_dict({**sd, "skipped_steps": 1.5})
