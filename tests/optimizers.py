@@ -1,10 +1,14 @@
 """The table of optimizers under test (optax style): every equivalence,
-state_dict and threading test draws from here."""
+state_dict and threading test draws from here. Also the tables and helpers
+the parity tests share: malformed state dicts, and snapshots of an optimizer
+to check that a rejected call changed nothing."""
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from hypothesis import strategies as st
@@ -14,12 +18,16 @@ import oxoptim
 
 @dataclass(frozen=True)
 class Twin:
-    """An oxoptim optimizer, its torch twin, and a strategy for its hyper-parameters."""
+    """An oxoptim optimizer, its torch twin, and a strategy for its hyper-parameters.
+
+    ``bit_exact``: float32/float64 results equal the twin's for-loop bit for bit
+    (else they agree within torch's tolerances)."""
 
     name: str
     ours: type
     theirs: type
     hyper: Callable[[], st.SearchStrategy[dict[str, Any]]]
+    bit_exact: bool = False
 
     def make_theirs(self, params, **kw):
         # The for-loop implementation is torch's reference semantics.
@@ -64,7 +72,7 @@ def _adam_with_decoupled() -> st.SearchStrategy[dict[str, Any]]:
 
 
 TWINS = [
-    Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper),
+    Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, bit_exact=True),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled),
     Twin("adamw", oxoptim.AdamW, torch.optim.AdamW, _adam_hyper(1e-2)),
 ]
@@ -89,3 +97,143 @@ def set_grads(generator: torch.Generator, *param_lists: list[torch.Tensor]) -> N
         g = torch.randn(tensors[0].shape, generator=generator, dtype=tensors[0].dtype)
         for p in tensors:
             p.grad = g.clone()
+
+
+# Malformed state dicts, each (name, applies(state_dict), make(state_dict) -> the
+# bad object), made from a good state dict of the optimizer that loads them.
+def always(sd: dict) -> bool:
+    return True
+
+
+def _first_entry(sd: dict) -> dict:
+    return next(e for e in sd["state"].values() if isinstance(e, dict) and e)
+
+
+def _has_entry(sd: dict) -> bool:
+    return any(isinstance(e, dict) and e for e in sd["state"].values())
+
+
+def _has(key: str) -> Callable[[dict], bool]:
+    return lambda sd: _has_entry(sd) and key in _first_entry(sd)
+
+
+def _with(edit: Callable[[dict], Any]) -> Callable[[dict], dict]:
+    """A copy of the state dict with ``edit`` applied (its return value ignored)."""
+
+    def make(sd: dict) -> dict:
+        sd = copy.deepcopy(sd)
+        edit(sd)
+        return sd
+
+    return make
+
+
+def _shaped_key(sd: dict) -> str:
+    return next(k for k, v in _first_entry(sd).items() if isinstance(v, torch.Tensor) and k != "step")
+
+
+def _has_shaped(sd: dict) -> bool:
+    return _has_entry(sd) and any(isinstance(v, torch.Tensor) and k != "step" for k, v in _first_entry(sd).items())
+
+
+class InvalidLoad(NamedTuple):
+    name: str
+    applies: Callable[[dict], bool]
+    make: Callable[[dict], Any]
+
+
+INVALID_LOADS = [
+    ("a list", always, lambda sd: [sd]),
+    ("a string", always, lambda sd: "state"),
+    ("None", always, lambda sd: None),
+    ("no 'state'", always, _with(lambda sd: sd.pop("state"))),
+    ("no 'param_groups'", always, _with(lambda sd: sd.pop("param_groups"))),
+    ("one group too many", always, _with(lambda sd: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][-1])))),
+    ("a group one parameter short", always, _with(lambda sd: sd["param_groups"][0]["params"].pop())),
+    ("a group without 'params'", always, _with(lambda sd: sd["param_groups"][0].pop("params"))),
+    ("'state' a list", always, _with(lambda sd: sd.__setitem__("state", list(sd["state"].values())))),
+    ("an entry without 'step'", _has("step"), _with(lambda sd: _first_entry(sd).pop("step"))),
+    ("'step' not a number", _has("step"), _with(lambda sd: _first_entry(sd).__setitem__("step", "x"))),
+    ("'step' two numbers", _has("step"), _with(lambda sd: _first_entry(sd).__setitem__("step", torch.zeros(2)))),
+    ("an entry that is a list", _has_entry, _with(lambda sd: sd["state"].__setitem__(next(k for k, e in sd["state"].items() if e), [1.0]))),
+    ("a state tensor missing", _has("exp_avg"), _with(lambda sd: _first_entry(sd).pop("exp_avg"))),
+    ("a state tensor of another shape", _has_shaped, _with(lambda sd: _first_entry(sd).__setitem__(_shaped_key(sd), torch.zeros(_first_entry(sd)[_shaped_key(sd)].numel() + 1)))),
+    ("a state tensor that is a number", _has_shaped, _with(lambda sd: _first_entry(sd).__setitem__(_shaped_key(sd), 0.0))),
+    ("'skipped_steps' negative", always, _with(lambda sd: sd.__setitem__("skipped_steps", -1))),
+]
+INVALID_LOADS = [InvalidLoad(*case) for case in INVALID_LOADS]
+# Cases torch loads and oxoptim rejects (torch fails on them at its next step,
+# or, for 'skipped_steps', does not read the entry): the exception oxoptim raises.
+# Every other case torch rejects too, and oxoptim raises torch's exception type.
+STRICTER = {
+    "'step' two numbers": ValueError,
+    "an entry that is a list": TypeError,  # torch's Adam rejects it too (TypeError); torch's SGD loads it
+    "a state tensor missing": KeyError,
+    "a state tensor of another shape": ValueError,
+    "a state tensor that is a number": TypeError,
+    "'skipped_steps' negative": ValueError,
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    params: list[torch.Tensor]
+    state: dict[int, dict[str, Any]]
+    settings: list[dict[str, Any]]
+    skipped_steps: Any
+
+
+def snapshot(opt: torch.optim.Optimizer) -> Snapshot:
+    """Everything a rejected call must leave as it was: parameter values, state, settings, counters."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return Snapshot(
+        params=[p.detach().clone() for p in params],
+        state={i: copy.deepcopy(opt.state[p]) for i, p in enumerate(params) if p in opt.state},
+        settings=[copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+        skipped_steps=getattr(opt, "skipped_steps", None),
+    )
+
+
+def changed_params(opt: torch.optim.Optimizer, before: Snapshot, allow_fresh_state: bool = False) -> list[int]:
+    """Indices (over all groups) of the parameters whose value or state differs
+    from ``before``. With ``allow_fresh_state``, a state entry that appeared all
+    zeros is no change (torch's lazy initialisation runs before a step's checks)."""
+    after = snapshot(opt)
+    assert len(after.params) == len(before.params)
+    changed = []
+    for i, (a, b) in enumerate(zip(after.params, before.params)):
+        same_param = same_setting(a, b)
+        if i in before.state:
+            same_state = i in after.state and same_setting(after.state[i], before.state[i])
+        else:
+            entry = after.state.get(i, {})
+            same_state = not entry or (allow_fresh_state and all(not torch.is_tensor(v) or not v.count_nonzero() for v in entry.values()))
+        if not (same_param and same_state):
+            changed.append(i)
+    return changed
+
+
+def assert_unchanged(opt: torch.optim.Optimizer, before: Snapshot, allow_fresh_state: bool = False) -> None:
+    """``opt`` is as ``before`` recorded it: parameters, state, group settings, ``skipped_steps``."""
+    changed = changed_params(opt, before, allow_fresh_state)
+    assert not changed, f"parameters {changed} (value or state) changed"
+    after = snapshot(opt)
+    assert len(after.settings) == len(before.settings) and all(map(same_setting, after.settings, before.settings)), "group settings changed"
+    assert after.skipped_steps == before.skipped_steps, "skipped_steps changed"
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal values: tensors of the same dtype, shape and values, tuples and
+    dicts item by item, NaN equal to NaN."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and _equal_nan(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_setting(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return torch.equal(nan_a, nan_b) and torch.equal(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import oxoptim
-from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
+from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, assert_unchanged, clone_params, set_grads, snapshot
 
 HYPER = {"sgd": dict(lr=0.05, momentum=0.9), "adam": dict(lr=0.01, amsgrad=True), "adamw": dict(lr=0.01)}
 
@@ -42,22 +42,6 @@ def test_nan_hyper_parameters_are_rejected_even_where_torch_accepts_them(kw) -> 
         oxoptim.SGD([torch.randn(2, requires_grad=True)], **kw)
 
 
-def _snapshot(opt, params):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(opt, params, snap):
-    before_params, before_state = snap
-    for p, b in zip(params, before_params):
-        assert torch.equal(p, b)
-    after = opt.state_dict()
-    assert after["param_groups"] == before_state["param_groups"]
-    assert after["state"].keys() == before_state["state"].keys()
-    for k in after["state"]:
-        for name, v in after["state"][k].items():
-            assert torch.equal(v, before_state["state"][k][name])
-
-
 def _trained(twin: Twin):
     gen = torch.Generator().manual_seed(0)
     params = clone_params([torch.randn(s, generator=gen) for s in [(4,), (2, 3)]])
@@ -69,7 +53,8 @@ def _trained(twin: Twin):
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_rejected_load_state_dict_changes_nothing(twin: Twin) -> None:
+def test_rejected_load_state_dict_says_why_and_changes_nothing(twin: Twin) -> None:
+    """Exception types are torch's (tests/test_torch_parity.py); the messages name the fault."""
     opt, params = _trained(twin)
     good = opt.state_dict()
     key = "momentum_buffer" if twin.name == "sgd" else "exp_avg"
@@ -80,21 +65,40 @@ def test_rejected_load_state_dict_changes_nothing(twin: Twin) -> None:
         return sd
 
     cases = [
-        (edited(lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0]))), "different number of parameter groups"),
-        (edited(lambda sd: sd["param_groups"][0]["params"].pop()), "doesn't match the size"),
-        (edited(lambda sd: sd["state"].__setitem__(1, {"junk": 0})), "missing"),
-        (edited(lambda sd: sd["state"][1].__setitem__(key, torch.zeros(3, 2))), "shape"),
-        (edited(lambda sd: sd["state"][0].__setitem__(key, torch.zeros(4, dtype=torch.int64))), "dtype"),
-        (edited(lambda sd: sd.pop("state")), "state"),
+        (edited(lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0]))), ValueError, "different number of parameter groups"),
+        (edited(lambda sd: sd["param_groups"][0]["params"].pop()), ValueError, "doesn't match the size"),
+        (edited(lambda sd: sd["state"][1].__setitem__(key, torch.zeros(3, 2))), ValueError, rf"state\[1\]\['{key}'\] has shape \(3, 2\) but the parameter has shape \(2, 3\)"),
+        (edited(lambda sd: sd["state"][1].__setitem__(key, [0.0] * 6)), TypeError, rf"state\[1\]\['{key}'\] must be a tensor, got list"),
+        (edited(lambda sd: sd["state"].__setitem__(1, (1, 2))), TypeError, r"state\[1\] must be a dict, got tuple"),
+        (edited(lambda sd: sd.pop("state")), KeyError, "state"),
+        (edited(lambda sd: sd.__setitem__("skipped_steps", "3")), ValueError, "'skipped_steps' must be a non-negative int"),
     ]
     if twin.name != "sgd":
-        cases.append((edited(lambda sd: sd["state"][0].__setitem__("step", torch.zeros(3))), "single real number"))
-    snap = _snapshot(opt, params)
-    for sd, message in cases:
-        with pytest.raises(ValueError, match=message):
+        cases += [
+            (edited(lambda sd: sd["state"][1].pop("exp_avg_sq")), KeyError, r"state\[1\] has no 'exp_avg_sq' entry"),
+            (edited(lambda sd: sd["state"][0].pop("step")), KeyError, r"state\[0\] has no 'step' entry"),
+            (edited(lambda sd: sd["state"][0].__setitem__("step", torch.zeros(3))), ValueError, r"state\[0\]\['step'\] must be a single real number"),
+        ]
+    before = snapshot(opt)
+    for sd, error, message in cases:
+        with pytest.raises(error, match=message):
             opt.load_state_dict(sd)
-        _assert_unchanged(opt, params, snap)
+        assert_unchanged(opt, before)
     opt.load_state_dict(good)  # and the good one still loads
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_integer_state_tensors_are_cast_to_the_parameter_dtype_as_torch_does(twin: Twin) -> None:
+    key = "momentum_buffer" if twin.name == "sgd" else "exp_avg"
+    ours, _ = _trained(twin)
+    theirs = twin.make_theirs(clone_params([torch.randn(4), torch.randn(2, 3)]), **HYPER[twin.name])
+    sd = copy.deepcopy(ours.state_dict())
+    sd["state"][0][key] = torch.arange(4)
+    loaded = []
+    for opt in (ours, theirs):
+        opt.load_state_dict(copy.deepcopy(sd))
+        loaded.append(opt.state[opt.param_groups[0]["params"][0]][key])
+    assert loaded[0].dtype == loaded[1].dtype == torch.float32 and torch.equal(loaded[0], loaded[1])
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)

@@ -33,24 +33,34 @@ def evaluate_closure(closure: Optional[Callable[[], Any]]) -> Any:
 def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether a group's settings allow the Rust path; tensors are checked in Rust.
 
-    Differentiable steps, AMP grad scaling (``grad_scale``/``found_inf``) and
-    hyper-parameters that require grad stay on torch's implementation.
+    Differentiable steps, AMP grad scaling (``grad_scale``/``found_inf``),
+    hyper-parameters that require grad, and tensor hyper-parameters not in the
+    optimizer's ``EXACT_TENSOR_HYPER`` stay on torch's implementation. torch
+    does arithmetic on tensor hyper-parameters in their dtype (Adam's
+    ``1 - beta1 ** step`` in float32 for a float32 ``beta1``), which the
+    kernels, taking each hyper-parameter as one float64, cannot reproduce; the
+    names in ``EXACT_TENSOR_HYPER`` are those torch only reads as a number.
     """
     if group.get("differentiable", False):
         return False
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return False
-    return not any(isinstance(v, torch.Tensor) and v.requires_grad for v in _hyper_values(group))
+    exact: frozenset[str] = getattr(optimizer, "EXACT_TENSOR_HYPER", frozenset())
+    return not any(
+        isinstance(v, torch.Tensor) and (v.requires_grad or key not in exact) for key, v in _hyper_values(group)
+    )
 
 
 def _hyper_values(group: dict):
+    """``(name, value)`` for every hyper-parameter of a group, tuples (betas) unpacked."""
     for key, value in group.items():
         if key == "params":
             continue
         if isinstance(value, (tuple, list)):
-            yield from value
+            for item in value:
+                yield key, item
         else:
-            yield value
+            yield key, value
 
 
 def tensor_cache(optimizer: torch.optim.Optimizer) -> Any:

@@ -7,7 +7,7 @@ The check is one Rust read pass over the group's gradients
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -42,9 +42,16 @@ class SkipNonfinite:
     leaves that group's parameters and state untouched. The flag is stored in
     ``defaults`` and the groups only when true, so default state dicts stay
     identical to torch's.
+
+    ``skipped_steps`` survives ``copy.deepcopy`` and pickling, and is saved in
+    ``state_dict()`` as a top-level ``"skipped_steps"`` entry whenever the
+    option is on (or something was skipped): checkpoints resume the count, and
+    torch's ``load_state_dict`` ignores the extra entry. Loading a state dict
+    without it (one of torch's) keeps the current count, and groups saved
+    without the flag keep the one they had.
     """
 
-    skipped_steps: int
+    skipped_steps: int = 0  # the class default serves pickles from before it was saved
 
     def __init__(self, params: Any, *args: Any, skip_nonfinite: bool = False, **kwargs: Any) -> None:
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
@@ -54,9 +61,41 @@ class SkipNonfinite:
             for group in self.param_groups:  # type: ignore[attr-defined]
                 group.setdefault("skip_nonfinite", True)
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # type: ignore[misc]
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()  # type: ignore[misc]
+        if self.skipped_steps or self.defaults.get("skip_nonfinite") or any(g.get("skip_nonfinite") for g in self.param_groups):  # type: ignore[attr-defined]
+            state_dict["skipped_steps"] = self.skipped_steps
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        skipped = _saved_skipped_steps(state_dict)  # checked before anything is loaded
+        flags = [group.get("skip_nonfinite") for group in self.param_groups]  # type: ignore[attr-defined]
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        # A state dict without the option (one of torch's) keeps the groups' own setting.
+        for group, flag in zip(self.param_groups, flags):  # type: ignore[attr-defined]
+            if flag is not None:
+                group.setdefault("skip_nonfinite", flag)
+        if skipped is not None:
+            self.skipped_steps = skipped
+
     def _skip_group(self, group: dict) -> bool:
         grads = [p.grad for p in group["params"] if p.grad is not None]
         if not grads_nonfinite(grads):
             return False
         self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
         return True
+
+
+def _saved_skipped_steps(state_dict: Any) -> Optional[int]:
+    """The ``"skipped_steps"`` entry of a state dict, or None when it has none."""
+    if not isinstance(state_dict, Mapping) or "skipped_steps" not in state_dict:
+        return None  # torch's load_state_dict reports what is wrong with a non-mapping
+    value = state_dict["skipped_steps"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"state dict entry 'skipped_steps' must be a non-negative int, got {value!r}")
+    return value

@@ -1,12 +1,28 @@
 """Checks torch leaves out: NaN hyper-parameters (SGD's ``lr < 0`` test lets
-NaN through), and a ``load_state_dict`` that checks everything first, so a
-rejected state dict leaves the optimizer exactly as it was (torch checks only
-the group layout)."""
+NaN through), and loaded optimizer state that is checked before it replaces
+anything, so a rejected ``load_state_dict`` leaves the optimizer exactly as it was.
+
+The checks run in ``__setstate__``, which torch's ``load_state_dict`` calls
+once its pre-hooks have run and it has checked the group layout itself (with
+its own exception types) and cast the state to the parameters' dtype; pickle
+and ``copy.deepcopy`` pass through the same checks. Each check raises the
+exception type torch raises for the same fault, at load where torch does,
+else where torch would fail on the next step:
+
+* a state entry that is not a dict: ``TypeError`` (torch's Adam raises it at
+  load, torch's SGD at its next step with momentum);
+* a non-empty entry without a required key: ``KeyError`` (torch's Adam
+  raises it at load for ``step``, at the next step for the moment buffers);
+* ``step`` not convertible by ``float()``: the error ``float()`` raises (as torch);
+* a ``step`` tensor that is not one real number, a state tensor whose shape
+  is not the parameter's: ``ValueError`` (torch loads these and fails on the
+  next step: deliberately stricter);
+* a state tensor entry that is not a tensor: ``TypeError`` (likewise).
+"""
 
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +49,8 @@ class CheckedStateDict:
     """Mixin for optimizers whose per-parameter state tensors have the parameter's shape.
 
     ``PARAM_SHAPED`` names those state entries, ``SCALAR_STATE`` the 0-d ones;
-    ``required_state(group)`` the entries a non-empty state must hold.
+    ``required_state(group)`` the entries a non-empty state must hold, in the
+    order torch looks them up.
     """
 
     PARAM_SHAPED: ClassVar[tuple[str, ...]] = ()
@@ -52,51 +69,42 @@ class CheckedStateDict:
     def required_state(self, group: dict) -> tuple[str, ...]:
         return ()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
+    def __setstate__(self, state: dict) -> None:
+        self._check_state(state)
+        super().__setstate__(state)  # type: ignore[misc]
 
-    def _check_state_dict(self, state_dict: Any) -> None:
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("optimizer state_dict must be a dict with 'state' and 'param_groups' entries")
-        groups = self.param_groups  # type: ignore[attr-defined]
-        saved_groups = state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
-        params = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
-        group_of = {
-            saved_id: {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            for group, saved in zip(groups, saved_groups)
-            for saved_id in saved["params"]
-        }
-        for key, entry in state_dict["state"].items():
-            if key not in params:
-                continue  # torch keeps state of unknown keys as is
-            param = params[key]
-            if not isinstance(entry, dict):
-                raise ValueError(f"state of parameter {key} must be a dict, got {type(entry).__name__}")
-            if not entry:
-                continue
-            missing = [name for name in self.required_state(group_of[key]) if name not in entry]
-            if missing:
-                raise ValueError(f"state of parameter {key} is missing {', '.join(map(repr, missing))}")
-            for name, value in entry.items():
-                self._check_entry(key, name, value, param)
+    def _check_state(self, state: dict) -> None:
+        """Checks every group parameter's entry of ``state['state']`` (keyed by the tensors)."""
+        entries, groups = state.get("state"), state.get("param_groups")
+        if entries is None or groups is None:
+            return  # not an optimizer's state: torch's own __setstate__ reports it
+        ids: dict[int, int] = {}  # numbered as state_dict() numbers them
+        for group in groups:
+            required = self.required_state(group)
+            for param in group["params"]:
+                key = ids.setdefault(id(param), len(ids))
+                entry = entries.get(param)
+                if entry is None:
+                    continue
+                where = f"state[{key}]"
+                if not isinstance(entry, dict):
+                    raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
+                if not entry:
+                    continue
+                for name in required:
+                    if name not in entry:
+                        raise KeyError(f"{where} has no {name!r} entry")
+                for name, value in entry.items():
+                    self._check_entry(f"{where}[{name!r}]", name, value, param)
 
-    def _check_entry(self, key: Any, name: str, value: Any, param: torch.Tensor) -> None:
-        where = f"state[{key!r}][{name!r}]"
+    def _check_entry(self, where: str, name: str, value: Any, param: torch.Tensor) -> None:
         if name in self.PARAM_SHAPED:
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{where} must be a tensor, got {type(value).__name__}")
+                raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
             if value.shape != param.shape:
                 raise ValueError(f"{where} has shape {tuple(value.shape)} but the parameter has shape {tuple(param.shape)}")
-            if not (value.is_floating_point() or value.is_complex()):
-                raise ValueError(f"{where} has dtype {value.dtype}; a floating-point tensor is required")
         elif name in self.SCALAR_STATE:
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-                    raise ValueError(f"{where} must be a single real number, got a {value.dtype} tensor of shape {tuple(value.shape)}")
-            elif not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{where} must be a number, got {type(value).__name__}")
+            if not isinstance(value, torch.Tensor):
+                float(value)  # what torch's __setstate__ does with a number: its error if that fails
+            elif value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{where} must be a single real number, got a {value.dtype} tensor of shape {tuple(value.shape)}")

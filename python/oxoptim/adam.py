@@ -19,9 +19,11 @@ _NATIVE_NOTE = """
     parameters are computed in float32 with state kept in the parameter dtype,
     as torch's fused path does. Groups the Rust path cannot take — tensors on
     CUDA or another device, complex or non-contiguous tensors,
-    ``differentiable=True``, AMP grad scaling, a ``lr`` that requires grad —
-    run torch's own implementation (honouring ``foreach``/``fused``/
-    ``capturable``), so the optimizer never breaks.
+    ``differentiable=True``, AMP grad scaling, tensor ``lr``/``betas`` (or
+    any tensor hyper-parameter: torch computes the bias corrections in the
+    tensor's dtype) — run torch's own implementation (honouring
+    ``foreach``/``fused``/``capturable``), so the optimizer never breaks and
+    matches torch's numbers.
 """
 
 
@@ -43,7 +45,8 @@ class Adam(CheckedStateDict, SkipNonfinite, torch.optim.Adam):
     SCALAR_STATE = ("step",)
 
     def required_state(self, group: dict) -> tuple[str, ...]:
-        return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        # In the order torch looks them up: ``step`` in __setstate__, the rest in the step.
+        return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
 
     @_use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]

@@ -34,9 +34,12 @@ class SGD(CheckedStateDict, SkipNonfinite, torch.optim.SGD):
     """
 
     PARAM_SHAPED = ("momentum_buffer",)
-
-    def required_state(self, group: dict) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    # torch reads these only as numbers (``alpha=-lr``, ``alpha=weight_decay``),
+    # so 0-d tensors of any dtype give the kernels exactly its values; a tensor
+    # momentum enters ``buf.mul_(momentum)``, whose dtype promotion differs for
+    # 0-d parameters. A missing momentum buffer is a fresh one, as in torch: no
+    # state entry is required.
+    EXACT_TENSOR_HYPER = frozenset({"lr", "weight_decay"})
 
     @_use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]

@@ -47,6 +47,9 @@ class Subgradient(torch.optim.Optimizer):
     holds a NaN/Inf and counts it in ``skipped_steps``.
     """
 
+    # Attributes torch's Optimizer.__getstate__ would drop from a deepcopy or pickle.
+    _COUNTERS = ("steps", "skipped_steps", "best_objective", "best_step", "last_objective", "_pending_loss")
+
     def __init__(
         self,
         params: Any,
@@ -87,6 +90,11 @@ class Subgradient(torch.optim.Optimizer):
         self.best_step: Optional[int] = None
         self.last_objective: Optional[float] = None
         self._pending_loss: Optional[float] = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._COUNTERS})
+        return state
 
     def record_loss(self, loss: Any) -> None:
         """Gives the loss at the current parameters, for a :meth:`step` without closure."""
