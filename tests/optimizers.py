@@ -3,7 +3,7 @@ state_dict and threading test draws from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -14,12 +14,14 @@ import oxoptim
 
 @dataclass(frozen=True)
 class Twin:
-    """An oxoptim optimizer, its torch twin, and a strategy for its hyper-parameters."""
+    """An oxoptim optimizer, its torch twin, a strategy for its hyper-parameters,
+    and one setting that uses every state entry (what the shared tests construct)."""
 
     name: str
     ours: type
     theirs: type
     hyper: Callable[[], st.SearchStrategy[dict[str, Any]]]
+    typical: dict[str, Any] = field(default_factory=dict)
 
     def make_theirs(self, params, **kw):
         # The for-loop implementation is torch's reference semantics.
@@ -64,9 +66,9 @@ def _adam_with_decoupled() -> st.SearchStrategy[dict[str, Any]]:
 
 
 TWINS = [
-    Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper),
-    Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled),
-    Twin("adamw", oxoptim.AdamW, torch.optim.AdamW, _adam_hyper(1e-2)),
+    Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+    Twin("adamw", oxoptim.AdamW, torch.optim.AdamW, _adam_hyper(1e-2), dict(lr=0.01, amsgrad=True)),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 

@@ -13,8 +13,6 @@ import torch
 import oxoptim
 from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
 
-HYPER = {"sgd": dict(lr=0.05, momentum=0.9), "adam": dict(lr=0.01, amsgrad=True), "adamw": dict(lr=0.01)}
-
 BAD_HYPER = {
     "sgd": [dict(lr=-1.0), dict(lr=math.nan), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, weight_decay=-1.0), dict(lr=0.1, nesterov=True), dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=True)],
     "adam": [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1e-8), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(betas=(math.nan, 0.9)), dict(weight_decay=-0.1)],
@@ -61,7 +59,7 @@ def _assert_unchanged(opt, params, snap):
 def _trained(twin: Twin):
     gen = torch.Generator().manual_seed(0)
     params = clone_params([torch.randn(s, generator=gen) for s in [(4,), (2, 3)]])
-    opt = twin.ours(params, **HYPER[twin.name])
+    opt = twin.ours(params, **twin.typical)
     for _ in range(3):
         set_grads(gen, params)
         opt.step()
@@ -72,7 +70,7 @@ def _trained(twin: Twin):
 def test_rejected_load_state_dict_changes_nothing(twin: Twin) -> None:
     opt, params = _trained(twin)
     good = opt.state_dict()
-    key = "momentum_buffer" if twin.name == "sgd" else "exp_avg"
+    key = twin.ours.PARAM_SHAPED[0]
 
     def edited(fn):
         sd = copy.deepcopy(good)
@@ -87,7 +85,7 @@ def test_rejected_load_state_dict_changes_nothing(twin: Twin) -> None:
         (edited(lambda sd: sd["state"][0].__setitem__(key, torch.zeros(4, dtype=torch.int64))), "dtype"),
         (edited(lambda sd: sd.pop("state")), "state"),
     ]
-    if twin.name != "sgd":
+    if "step" in twin.ours.SCALAR_STATE:
         cases.append((edited(lambda sd: sd["state"][0].__setitem__("step", torch.zeros(3))), "single real number"))
     snap = _snapshot(opt, params)
     for sd, message in cases:
@@ -104,7 +102,7 @@ def test_duplicate_parameter_in_a_group_behaves_like_torch(twin: Twin) -> None:
         p = torch.linspace(-1, 1, 7).requires_grad_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = make([p, p], **HYPER[twin.name])
+            opt = make([p, p], **twin.typical)
         for _ in range(3):
             p.grad = torch.ones(7)
             opt.step()
@@ -122,7 +120,7 @@ def test_overlapping_views_as_parameters_behave_like_torch(twin: Twin) -> None:
         storage = torch.linspace(-1, 1, 10)
         a = torch.as_strided(storage, (6,), (1,), 0).detach().requires_grad_()
         b = torch.as_strided(storage, (6,), (1,), 3).detach().requires_grad_()
-        opt = make([a, b], **HYPER[twin.name])
+        opt = make([a, b], **twin.typical)
         for _ in range(3):
             a.grad, b.grad = torch.ones(6), torch.full((6,), 0.5)
             opt.step()
@@ -135,7 +133,7 @@ def test_mixed_dtypes_in_one_group(twin: Twin) -> None:
     gen = torch.Generator().manual_seed(1)
     params = [torch.randn(5, generator=gen, dtype=dt) for dt in (torch.float32, torch.float64, torch.float32)]
     mine, ref = clone_params(params), clone_params(params)
-    ours, theirs = twin.ours(mine, **HYPER[twin.name]), twin.make_theirs(ref, **HYPER[twin.name])
+    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
     for _ in range(5):
         set_grads(gen, mine, ref)
         ours.step()
@@ -151,7 +149,7 @@ def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
     cpu = [torch.randn(5, generator=gen)]
     mine, ref = clone_params(cpu), clone_params(cpu)
     meta_a, meta_b = torch.empty(3, device="meta", requires_grad=True), torch.empty(3, device="meta", requires_grad=True)
-    ours, theirs = twin.ours(mine + [meta_a], **HYPER[twin.name]), twin.make_theirs(ref + [meta_b], **HYPER[twin.name])
+    ours, theirs = twin.ours(mine + [meta_a], **twin.typical), twin.make_theirs(ref + [meta_b], **twin.typical)
     for _ in range(3):
         set_grads(gen, mine, ref)
         meta_a.grad, meta_b.grad = torch.empty(3, device="meta"), torch.empty(3, device="meta")
@@ -164,7 +162,7 @@ def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
 def test_params_without_requires_grad_are_left_alone(twin: Twin) -> None:
     frozen = torch.ones(3)
     live = torch.ones(3, requires_grad=True)
-    opt = twin.ours([frozen, live], **HYPER[twin.name])
+    opt = twin.ours([frozen, live], **twin.typical)
     live.grad = torch.ones(3)
     opt.step()
     assert torch.equal(frozen, torch.ones(3)) and frozen not in opt.state

@@ -33,10 +33,11 @@ def evaluate_closure(closure: Optional[Callable[[], Any]]) -> Any:
 def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether a group's settings allow the Rust path; tensors are checked in Rust.
 
-    Differentiable steps, AMP grad scaling (``grad_scale``/``found_inf``) and
-    hyper-parameters that require grad stay on torch's implementation.
+    Differentiable and capturable steps, AMP grad scaling
+    (``grad_scale``/``found_inf``) and hyper-parameters that require grad stay
+    on torch's implementation.
     """
-    if group.get("differentiable", False):
+    if group.get("differentiable", False) or group.get("capturable", False):
         return False
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return False
