@@ -18,6 +18,7 @@ BAD_HYPER = {
     "adam": [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1e-8), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(betas=(math.nan, 0.9)), dict(weight_decay=-0.1)],
 }
 BAD_HYPER["adamw"] = BAD_HYPER["adam"]
+BAD_HYPER["rmsprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0), dict(alpha=-0.1)]
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)

@@ -205,3 +205,31 @@ def test_half_precision_is_float32_math_rounded_to_storage(twin: Twin, dtype: to
             compared += a.numel()
             off += int(((_ordered(a) - _ordered(b)).abs() > 1).sum())
     assert off <= 0.01 * compared, f"{off} of {compared} elements off by more than one ulp"
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
+    """The kernels really run: the list path on a first step (torch's only for
+    state torch creates lazily, SGD's momentum buffer), then the fast path."""
+    gen = torch.Generator().manual_seed(6)
+    params = clone_params([torch.randn(s, generator=gen) for s in [(9,), (4, 3)]])
+    opt = twin.ours(params, **twin.typical)
+    torch_steps = []
+    opt._torch_step = torch_steps.append  # instance attribute: shadows the method
+    fast, slow = opt._fast_step, opt._list_step
+    paths = []
+    opt._fast_step = lambda group, cache: paths.append("fast") or fast(group, cache)
+    opt._list_step = lambda group, ps, gs: paths.append("list") or slow(group, ps, gs)
+    set_grads(gen, params)
+    opt.step()
+    lazy = twin.name == "sgd"
+    assert len(torch_steps) == (1 if lazy else 0)
+    if lazy:
+        del opt._torch_step  # let torch create the momentum buffers
+        opt.step()
+        opt._torch_step = torch_steps.append
+    paths.clear()
+    for _ in range(3):
+        set_grads(gen, params)
+        opt.step()
+    assert paths == ["fast"] * 3 and len(torch_steps) == (1 if lazy else 0)

@@ -4,6 +4,7 @@ from ._core import __version__, parallel_backend, simd_backend, supported_backen
 from .adam import Adam, AdamW
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
+from .rmsprop import RMSprop
 from .sgd import SGD
 from .subgradient import Subgradient
 
@@ -11,6 +12,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "RMSprop",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

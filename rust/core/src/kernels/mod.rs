@@ -3,6 +3,7 @@
 
 pub mod adam;
 pub mod averaging;
+pub mod rmsprop;
 pub mod sgd;
 pub mod subgradient;
 
@@ -14,6 +15,7 @@ use crate::simd::Lanes;
 pub const OPTIMIZERS: &[Entry] = &[
     entry::<sgd::SgdConfig>(),
     entry::<adam::AdamConfig>(),
+    entry::<rmsprop::RmspropConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
