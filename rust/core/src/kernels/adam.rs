@@ -224,9 +224,10 @@ impl<T: Element> LaneBlock<T> for AdamBlock<T> {
                 if self.lerp_from_start { m } else { g },
             );
             s.store(self.exp_avg.add(i), m);
-            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): torch's
+            // CPU addcmul is one FMA, fma(value * grad, grad, self).
             let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
-            let v = s.add(v, s.mul(s.mul(s.splat(self.one_minus_beta2), g), g));
+            let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
             s.store(self.exp_avg_sq.add(i), v);
             let second = if self.amsgrad {
                 let vmax = s.max(s.load(self.max_exp_avg_sq.add(i)), v);
