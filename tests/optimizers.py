@@ -79,11 +79,25 @@ def _rmsprop_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _adagrad_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([1e-3, 0.01, 0.1]),
+            "lr_decay": st.sampled_from([0.0, 0.01, 0.5]),
+            "weight_decay": st.sampled_from([0.0, 0.1]),
+            "initial_accumulator_value": st.sampled_from([0.0, 0.1]),
+            "eps": st.sampled_from([1e-10, 1e-3]),
+            "maximize": st.booleans(),
+        }
+    )
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
     Twin("adamw", oxoptim.AdamW, torch.optim.AdamW, _adam_hyper(1e-2), dict(lr=0.01, amsgrad=True)),
     Twin("rmsprop", oxoptim.RMSprop, torch.optim.RMSprop, _rmsprop_hyper, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)),
+    Twin("adagrad", oxoptim.Adagrad, torch.optim.Adagrad, _adagrad_hyper, dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 
@@ -94,6 +108,13 @@ SHAPES = st.sampled_from(
 
 # torch's own consistency tolerances (torch.testing defaults).
 TOLERANCE = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float64: dict(rtol=1e-7, atol=1e-7)}
+
+
+def state_of(opt: torch.optim.Optimizer, p: torch.Tensor) -> Any:
+    """``p``'s state as plain values, None when it has none (Adagrad creates state up front)."""
+    if p not in opt.state:
+        return None
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
 
 
 def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,6 +1,7 @@
 """oxoptim: fast, exact, drop-in ``torch.optim`` optimizers with Rust SIMD kernels."""
 
 from ._core import __version__, parallel_backend, simd_backend, supported_backends
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
@@ -13,6 +14,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "RMSprop",
+    "Adagrad",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

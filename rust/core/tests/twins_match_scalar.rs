@@ -54,7 +54,23 @@ fn cases() -> Vec<Case> {
             &[2],
         )
     };
+    let adagrad = |lr_decay: f64, wd: f64, maximize: bool| {
+        case(
+            "adagrad",
+            &[
+                ("lr", Float(0.05)),
+                ("lr_decay", Float(lr_decay)),
+                ("weight_decay", Float(wd)),
+                ("eps", Float(1e-10)),
+                ("maximize", Flag(maximize)),
+            ],
+            &[0.0],
+            &[2],
+        )
+    };
     vec![
+        adagrad(0.0, 0.0, false),
+        adagrad(0.5, 0.1, true),
         rmsprop(0.01, 0.0, false, 0.0, false),
         rmsprop(0.01, 0.9, false, 0.1, true),
         rmsprop(0.1, 0.0, true, 0.0, false),

@@ -1,6 +1,7 @@
 //! Optimizer updates, each written once over [`crate::simd::Lanes`], and the
 //! table of torch twins the Python bindings are generated from.
 
+pub mod adagrad;
 pub mod adam;
 pub mod averaging;
 pub mod rmsprop;
@@ -16,6 +17,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<sgd::SgdConfig>(),
     entry::<adam::AdamConfig>(),
     entry::<rmsprop::RmspropConfig>(),
+    entry::<adagrad::AdagradConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
