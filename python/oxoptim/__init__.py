@@ -3,6 +3,7 @@
 from ._core import __version__, parallel_backend, simd_backend, supported_backends
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
 from .rmsprop import RMSprop
@@ -15,6 +16,7 @@ __all__ = [
     "AdamW",
     "RMSprop",
     "Adagrad",
+    "Adamax",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

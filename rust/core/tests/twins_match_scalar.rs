@@ -11,7 +11,7 @@ use std::cell::RefCell;
 mod common;
 use common::{check_all_backends, Storage};
 
-use HyperValue::{Flag, Float};
+use HyperValue::{Flag, Float, Pair};
 
 /// One setting of one optimizer: its hyper-parameters, the initial values of
 /// its scalar state (torch's: step 0, ...) and which arrays start non-negative
@@ -68,7 +68,23 @@ fn cases() -> Vec<Case> {
             &[2],
         )
     };
+    let adamax = |betas: (f64, f64), wd: f64, maximize: bool| {
+        case(
+            "adamax",
+            &[
+                ("lr", Float(0.01)),
+                ("betas", Pair(betas.0, betas.1)),
+                ("eps", Float(1e-8)),
+                ("weight_decay", Float(wd)),
+                ("maximize", Flag(maximize)),
+            ],
+            &[0.0],
+            &[3],
+        )
+    };
     vec![
+        adamax((0.9, 0.999), 0.0, false),
+        adamax((0.3, 0.5), 0.1, true),
         adagrad(0.0, 0.0, false),
         adagrad(0.5, 0.1, true),
         rmsprop(0.01, 0.0, false, 0.0, false),

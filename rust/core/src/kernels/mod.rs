@@ -3,6 +3,7 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod adamax;
 pub mod averaging;
 pub mod rmsprop;
 pub mod sgd;
@@ -18,6 +19,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<adam::AdamConfig>(),
     entry::<rmsprop::RmspropConfig>(),
     entry::<adagrad::AdagradConfig>(),
+    entry::<adamax::AdamaxConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
