@@ -6,6 +6,7 @@ from .adam import Adam, AdamW
 from .adamax import Adamax
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
+from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 from .subgradient import Subgradient
@@ -17,6 +18,7 @@ __all__ = [
     "RMSprop",
     "Adagrad",
     "Adamax",
+    "NAdam",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

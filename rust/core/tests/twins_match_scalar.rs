@@ -82,7 +82,26 @@ fn cases() -> Vec<Case> {
             &[3],
         )
     };
+    let nadam = |wd: f64, decoupled: bool, maximize: bool| {
+        case(
+            "nadam",
+            &[
+                ("lr", Float(0.02)),
+                ("betas", Pair(0.9, 0.999)),
+                ("eps", Float(1e-8)),
+                ("weight_decay", Float(wd)),
+                ("momentum_decay", Float(4e-3)),
+                ("decoupled_weight_decay", Flag(decoupled)),
+                ("maximize", Flag(maximize)),
+            ],
+            &[0.0, 1.0],
+            &[3],
+        )
+    };
     vec![
+        nadam(0.0, false, false),
+        nadam(0.1, false, true),
+        nadam(0.1, true, false),
         adamax((0.9, 0.999), 0.0, false),
         adamax((0.3, 0.5), 0.1, true),
         adagrad(0.0, 0.0, false),

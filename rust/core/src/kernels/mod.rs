@@ -5,6 +5,7 @@ pub mod adagrad;
 pub mod adam;
 pub mod adamax;
 pub mod averaging;
+pub mod nadam;
 pub mod rmsprop;
 pub mod sgd;
 pub mod subgradient;
@@ -20,6 +21,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<rmsprop::RmspropConfig>(),
     entry::<adagrad::AdagradConfig>(),
     entry::<adamax::AdamaxConfig>(),
+    entry::<nadam::NadamConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
