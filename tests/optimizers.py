@@ -118,6 +118,20 @@ def _nadam_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _radam_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    # beta2 = 0.999 or 0.9 rectifies from the 6th step on, 0.5 never.
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([1e-3, 0.01, 0.1]),
+            "betas": st.sampled_from([(0.9, 0.999), (0.8, 0.9), (0.3, 0.5)]),
+            "eps": st.sampled_from([1e-8, 1e-3]),
+            "weight_decay": st.sampled_from([0.0, 0.1]),
+            "decoupled_weight_decay": st.booleans(),
+            "maximize": st.booleans(),
+        }
+    )
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -126,6 +140,7 @@ TWINS = [
     Twin("adagrad", oxoptim.Adagrad, torch.optim.Adagrad, _adagrad_hyper, dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
     Twin("adamax", oxoptim.Adamax, torch.optim.Adamax, _adamax_hyper, dict(lr=0.01, weight_decay=0.01)),
     Twin("nadam", oxoptim.NAdam, torch.optim.NAdam, _nadam_hyper, dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True)),
+    Twin("radam", oxoptim.RAdam, torch.optim.RAdam, _radam_hyper, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.01)),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 

@@ -7,6 +7,7 @@ from .adamax import Adamax
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
 from .nadam import NAdam
+from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 from .subgradient import Subgradient
@@ -19,6 +20,7 @@ __all__ = [
     "Adagrad",
     "Adamax",
     "NAdam",
+    "RAdam",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

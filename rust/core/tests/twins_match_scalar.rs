@@ -98,7 +98,26 @@ fn cases() -> Vec<Case> {
             &[3],
         )
     };
+    // RAdam rectifies from its 6th step with beta2 = 0.999 (these start at step 10), never with 0.5.
+    let radam = |beta2: f64, wd: f64, decoupled: bool, maximize: bool| {
+        case(
+            "radam",
+            &[
+                ("lr", Float(0.02)),
+                ("betas", Pair(0.9, beta2)),
+                ("eps", Float(1e-8)),
+                ("weight_decay", Float(wd)),
+                ("decoupled_weight_decay", Flag(decoupled)),
+                ("maximize", Flag(maximize)),
+            ],
+            &[10.0],
+            &[3],
+        )
+    };
     vec![
+        radam(0.999, 0.0, false, false),
+        radam(0.5, 0.1, false, true),
+        radam(0.5, 0.1, true, false),
         nadam(0.0, false, false),
         nadam(0.1, false, true),
         nadam(0.1, true, false),

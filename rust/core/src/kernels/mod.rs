@@ -6,6 +6,7 @@ pub mod adam;
 pub mod adamax;
 pub mod averaging;
 pub mod nadam;
+pub mod radam;
 pub mod rmsprop;
 pub mod sgd;
 pub mod subgradient;
@@ -22,6 +23,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<adagrad::AdagradConfig>(),
     entry::<adamax::AdamaxConfig>(),
     entry::<nadam::NadamConfig>(),
+    entry::<radam::RadamConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
