@@ -132,6 +132,18 @@ def _radam_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _adadelta_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([1.0, 0.1]),
+            "rho": st.sampled_from([0.9, 0.5]),
+            "eps": st.sampled_from([1e-6, 1e-3]),
+            "weight_decay": st.sampled_from([0.0, 0.1]),
+            "maximize": st.booleans(),
+        }
+    )
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -141,6 +153,7 @@ TWINS = [
     Twin("adamax", oxoptim.Adamax, torch.optim.Adamax, _adamax_hyper, dict(lr=0.01, weight_decay=0.01)),
     Twin("nadam", oxoptim.NAdam, torch.optim.NAdam, _nadam_hyper, dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True)),
     Twin("radam", oxoptim.RAdam, torch.optim.RAdam, _radam_hyper, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.01)),
+    Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 

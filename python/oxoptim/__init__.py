@@ -1,6 +1,7 @@
 """oxoptim: fast, exact, drop-in ``torch.optim`` optimizers with Rust SIMD kernels."""
 
 from ._core import __version__, parallel_backend, simd_backend, supported_backends
+from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -21,6 +22,7 @@ __all__ = [
     "Adamax",
     "NAdam",
     "RAdam",
+    "Adadelta",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

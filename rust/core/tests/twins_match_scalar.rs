@@ -114,7 +114,23 @@ fn cases() -> Vec<Case> {
             &[3],
         )
     };
+    let adadelta = |lr: f64, wd: f64, maximize: bool| {
+        case(
+            "adadelta",
+            &[
+                ("lr", Float(lr)),
+                ("rho", Float(0.9)),
+                ("eps", Float(1e-6)),
+                ("weight_decay", Float(wd)),
+                ("maximize", Flag(maximize)),
+            ],
+            &[0.0],
+            &[2, 3],
+        )
+    };
     vec![
+        adadelta(1.0, 0.0, false),
+        adadelta(0.5, 0.1, true),
         radam(0.999, 0.0, false, false),
         radam(0.5, 0.1, false, true),
         radam(0.5, 0.1, true, false),

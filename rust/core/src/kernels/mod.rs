@@ -1,6 +1,7 @@
 //! Optimizer updates, each written once over [`crate::simd::Lanes`], and the
 //! table of torch twins the Python bindings are generated from.
 
+pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
@@ -24,6 +25,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<adamax::AdamaxConfig>(),
     entry::<nadam::NadamConfig>(),
     entry::<radam::RadamConfig>(),
+    entry::<adadelta::AdadeltaConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
