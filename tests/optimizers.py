@@ -144,6 +144,20 @@ def _adadelta_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _asgd_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    # t0 = 3: averaging starts within the tests' steps (mu < 1 from step 5).
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([0.01, 0.1]),
+            "lambd": st.sampled_from([1e-4, 0.1]),
+            "alpha": st.sampled_from([0.75, 0.5]),
+            "t0": st.sampled_from([1e6, 3.0]),
+            "weight_decay": st.sampled_from([0.0, 0.1]),
+            "maximize": st.booleans(),
+        }
+    )
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -154,6 +168,7 @@ TWINS = [
     Twin("nadam", oxoptim.NAdam, torch.optim.NAdam, _nadam_hyper, dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True)),
     Twin("radam", oxoptim.RAdam, torch.optim.RAdam, _radam_hyper, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.01)),
     Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
+    Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01)),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 

@@ -23,6 +23,7 @@ BAD_HYPER["adamax"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(be
 BAD_HYPER["nadam"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0), dict(momentum_decay=-1.0)]
 BAD_HYPER["radam"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0)]
 BAD_HYPER["adadelta"] = [dict(lr=-1.0), dict(lr=math.nan), dict(rho=1.5), dict(rho=-0.1), dict(eps=-1.0), dict(weight_decay=-1.0)]
+BAD_HYPER["asgd"] = [dict(lr=-1.0), dict(lr=math.nan), dict(weight_decay=-1.0)]
 BAD_HYPER["rmsprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0), dict(alpha=-0.1)]
 
 
@@ -150,7 +151,9 @@ def test_mixed_dtypes_in_one_group(twin: Twin) -> None:
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
-    """A group holding a CPU and a meta-device tensor falls back to torch as a whole."""
+    """A group holding a CPU and a meta-device tensor falls back to torch as a
+    whole: the same result, or the same error where torch cannot step meta
+    tensors (ASGD reads its ``eta`` with ``.item()``)."""
     gen = torch.Generator().manual_seed(2)
     cpu = [torch.randn(5, generator=gen)]
     mine, ref = clone_params(cpu), clone_params(cpu)
@@ -159,8 +162,14 @@ def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
     for _ in range(3):
         set_grads(gen, mine, ref)
         meta_a.grad, meta_b.grad = torch.empty(3, device="meta"), torch.empty(3, device="meta")
-        ours.step()
-        theirs.step()
+        errors = []
+        for opt in (ours, theirs):
+            try:
+                opt.step()
+                errors.append(None)
+            except RuntimeError as e:
+                errors.append(str(e))
+        assert errors[0] == errors[1]
     torch.testing.assert_close(mine[0], ref[0], **TOLERANCE[torch.float32])
 
 

@@ -5,6 +5,7 @@ from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .asgd import ASGD
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
 from .nadam import NAdam
@@ -23,6 +24,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Adadelta",
+    "ASGD",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

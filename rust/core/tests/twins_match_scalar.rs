@@ -128,7 +128,25 @@ fn cases() -> Vec<Case> {
             &[2, 3],
         )
     };
+    // ASGD copies the parameter into `ax` while mu == 1 (from step 0), averages otherwise.
+    let asgd = |scalars: &'static [f64], wd: f64, maximize: bool| {
+        case(
+            "asgd",
+            &[
+                ("lr", Float(0.05)),
+                ("lambd", Float(0.01)),
+                ("alpha", Float(0.75)),
+                ("t0", Float(2.0)),
+                ("weight_decay", Float(wd)),
+                ("maximize", Flag(maximize)),
+            ],
+            scalars,
+            &[],
+        )
+    };
     vec![
+        asgd(&[0.0, 0.05, 1.0], 0.0, false),
+        asgd(&[5.0, 0.04, 0.25], 0.1, true),
         adadelta(1.0, 0.0, false),
         adadelta(0.5, 0.1, true),
         radam(0.999, 0.0, false, false),

@@ -5,6 +5,7 @@ pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
+pub mod asgd;
 pub mod averaging;
 pub mod nadam;
 pub mod radam;
@@ -26,6 +27,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<nadam::NadamConfig>(),
     entry::<radam::RadamConfig>(),
     entry::<adadelta::AdadeltaConfig>(),
+    entry::<asgd::AsgdConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
