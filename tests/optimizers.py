@@ -158,6 +158,18 @@ def _asgd_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _rprop_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    # Tight step-size bounds make the clamp bite within the tests' steps.
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([0.01, 0.1]),
+            "etas": st.sampled_from([(0.5, 1.2), (0.3, 1.7)]),
+            "step_sizes": st.sampled_from([(1e-6, 50.0), (0.005, 0.05)]),
+            "maximize": st.booleans(),
+        }
+    )
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -169,6 +181,7 @@ TWINS = [
     Twin("radam", oxoptim.RAdam, torch.optim.RAdam, _radam_hyper, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.01)),
     Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
     Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01)),
+    Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05))),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 

@@ -11,6 +11,7 @@ from .clip import clip_grad_norm_, get_total_norm
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD
 from .subgradient import Subgradient
 
@@ -25,6 +26,7 @@ __all__ = [
     "RAdam",
     "Adadelta",
     "ASGD",
+    "Rprop",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

@@ -144,7 +144,22 @@ fn cases() -> Vec<Case> {
             &[],
         )
     };
+    // Rprop's step sizes (array 3) start positive; tight bounds make the clamp bite.
+    let rprop = |step_sizes: (f64, f64), maximize: bool| {
+        case(
+            "rprop",
+            &[
+                ("etas", Pair(0.5, 1.2)),
+                ("step_sizes", Pair(step_sizes.0, step_sizes.1)),
+                ("maximize", Flag(maximize)),
+            ],
+            &[0.0],
+            &[3],
+        )
+    };
     vec![
+        rprop((1e-6, 50.0), false),
+        rprop((0.3, 1.1), true),
         asgd(&[0.0, 0.05, 1.0], 0.0, false),
         asgd(&[5.0, 0.04, 0.25], 0.1, true),
         adadelta(1.0, 0.0, false),

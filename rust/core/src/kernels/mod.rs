@@ -10,6 +10,7 @@ pub mod averaging;
 pub mod nadam;
 pub mod radam;
 pub mod rmsprop;
+pub mod rprop;
 pub mod sgd;
 pub mod subgradient;
 
@@ -28,6 +29,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<radam::RadamConfig>(),
     entry::<adadelta::AdadeltaConfig>(),
     entry::<asgd::AsgdConfig>(),
+    entry::<rprop::RpropConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
