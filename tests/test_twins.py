@@ -234,3 +234,27 @@ def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
         set_grads(gen, params)
         opt.step()
     assert paths == ["fast"] * 3 and len(torch_steps) == (1 if lazy else 0)
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.ours.SCALAR_STATE], ids=[t.name for t in TWINS if t.ours.SCALAR_STATE])
+def test_scalar_state_follows_the_default_dtype(twin: Twin) -> None:
+    """torch keeps step (and NAdam's mu_product, ASGD's eta and mu) in the
+    default dtype: float64 cells are read and written as float64."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.randn(s, generator=gen) for s in [(33,), (2, 5)]]
+        mine, ref = clone_params(params), clone_params(params)
+        ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+        for _ in range(8):
+            set_grads(gen, mine, ref)
+            ours.step()
+            theirs.step()
+    finally:
+        torch.set_default_dtype(before)
+    for p, q in zip(mine, ref):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-7)
+        for key in twin.ours.SCALAR_STATE:
+            assert ours.state[p][key].dtype == theirs.state[q][key].dtype == torch.float64
+            assert torch.equal(ours.state[p][key], theirs.state[q][key]), key

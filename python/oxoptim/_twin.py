@@ -63,7 +63,9 @@ def _torch_class(cls: type) -> type:
 def _with_skip_nonfinite(signature: inspect.Signature) -> inspect.Signature:
     """torch's constructor signature plus oxoptim's keyword-only ``skip_nonfinite=False``."""
     extra = inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
-    return signature.replace(parameters=[*signature.parameters.values(), extra])
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    return signature.replace(parameters=[*params[:at], extra, *params[at:]])
 
 
 def _unhooked_step(torch_class: type) -> Any:
