@@ -6,6 +6,7 @@ parameter go to torch's path, and half precision follows float32 math."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -258,3 +259,46 @@ def test_scalar_state_follows_the_default_dtype(twin: Twin) -> None:
         for key in twin.ours.SCALAR_STATE:
             assert ours.state[p][key].dtype == theirs.state[q][key].dtype == torch.float64
             assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.ours.SCALAR_STATE], ids=[t.name for t in TWINS if t.ours.SCALAR_STATE])
+def test_scalar_state_is_torchs_bit_for_bit(twin: Twin) -> None:
+    """step (and mu_product, eta, mu) come out exactly as torch's float32 0-d tensors."""
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(s, generator=gen) for s in [(17,), (3, 2)]]
+    mine, ref = clone_params(params), clone_params(params)
+    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    for _ in range(12):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+    for p, q in zip(mine, ref):
+        for key in twin.ours.SCALAR_STATE:
+            assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
+
+
+def test_sgd_without_momentum_needs_no_state_and_takes_the_fast_path() -> None:
+    params = clone_params([torch.randn(5), torch.randn(2, 3)])
+    opt = oxoptim.SGD(params, lr=0.1)
+    opt._general_step = lambda group, native: pytest.fail("general path taken")
+    for _ in range(3):
+        set_grads(torch.Generator().manual_seed(0), params)
+        opt.step()
+    assert len(opt.state) == 0
+
+
+CAPTURABLE = [t for t in TWINS if "capturable" in inspect.signature(t.theirs).parameters]
+
+
+@pytest.mark.parametrize("twin", CAPTURABLE, ids=[t.name for t in CAPTURABLE])
+def test_capturable_runs_torchs_path(twin: Twin) -> None:
+    """capturable=True on CPU tensors: torch's own step, which refuses them."""
+    messages = []
+    for make in (twin.ours, twin.make_theirs):
+        p = torch.zeros(3, requires_grad=True)
+        opt = make([p], **twin.typical, capturable=True)
+        p.grad = torch.ones(3)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        messages.append((type(info.value), str(info.value)))
+    assert messages[0] == messages[1]
