@@ -268,13 +268,14 @@ def test_scalar_state_is_torchs_bit_for_bit(twin: Twin) -> None:
     params = [torch.randn(s, generator=gen) for s in [(17,), (3, 2)]]
     mine, ref = clone_params(params), clone_params(params)
     ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
-    for _ in range(12):
+    for step in range(12):
         set_grads(gen, mine, ref)
         ours.step()
         theirs.step()
-    for p, q in zip(mine, ref):
-        for key in twin.ours.SCALAR_STATE:
-            assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
+        # Every step: a one-ulp slip in mu_product can round away again later.
+        for p, q in zip(mine, ref):
+            for key in twin.ours.SCALAR_STATE:
+                assert torch.equal(ours.state[p][key], theirs.state[q][key]), (step, key)
 
 
 def test_sgd_without_momentum_needs_no_state_and_takes_the_fast_path() -> None:
