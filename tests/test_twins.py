@@ -303,3 +303,19 @@ def test_capturable_runs_torchs_path(twin: Twin) -> None:
             opt.step()
         messages.append((type(info.value), str(info.value)))
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_hooks_run_once_when_torchs_path_steps_a_group(twin: Twin) -> None:
+    """torch's own step (here for a non-contiguous parameter) runs unhooked:
+    the optimizer's hooks fire once per step, even after torch hooked its class."""
+    twin.theirs([torch.zeros(1, requires_grad=True)])  # torch wraps its class's step with the hook runner
+    p = torch.randn(4, 3).t().requires_grad_()
+    opt = twin.ours([p], **twin.typical)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert calls == ["pre", "post"] * 2

@@ -52,10 +52,10 @@ NATIVE_NOTE = """
 _TABLE = _core.optimizers()
 
 
-def _torch_class(cls: type) -> type:
+def _torch_class(cls: type) -> type[torch.optim.Optimizer]:
     """The first class of ``cls``'s MRO that torch.optim defines (AdamW's is torch's AdamW)."""
     for base in cls.__mro__:
-        if base.__module__.startswith("torch.optim"):
+        if base.__module__.startswith("torch.optim") and issubclass(base, torch.optim.Optimizer):
             return base
     raise TypeError(f"{cls.__name__} must derive from a torch.optim optimizer class")
 
@@ -68,9 +68,9 @@ def _with_skip_nonfinite(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=[*params[:at], extra, *params[at:]])
 
 
-def _unhooked_step(torch_class: type) -> Any:
+def _unhooked_step(torch_class: type[torch.optim.Optimizer]) -> Any:
     """torch's ``step`` without the hook wrapper torch installs on a class's first instance."""
-    step = torch_class.step
+    step: Any = torch_class.step
     while getattr(step, "hooked", False):
         step = step.__wrapped__
     return step
@@ -100,7 +100,7 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
     """
 
     KIND: ClassVar[str]
-    _TORCH: ClassVar[type]
+    _TORCH: ClassVar[type[torch.optim.Optimizer]]
     _HYPER: ClassVar[tuple[str, ...]]
     _INIT_LISTS: ClassVar[int]
 
@@ -116,7 +116,7 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         cls.SCALAR_STATE = row["scalars"]
         cls._TORCH = _torch_class(cls)
         # torch's `_init_group(self, group, params, grads, <state lists>...)`: how many lists it fills.
-        cls._INIT_LISTS = len(inspect.signature(cls._TORCH._init_group).parameters) - 2
+        cls._INIT_LISTS = len(inspect.signature(getattr(cls._TORCH, "_init_group")).parameters) - 2
         cls.__signature__ = _with_skip_nonfinite(inspect.signature(cls._TORCH))  # type: ignore[attr-defined]
 
     def _hyper(self, group: dict) -> dict:
@@ -139,7 +139,8 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         return loss
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
-        return _core.group_step(self.KIND, group["params"], self.state, cache, self._hyper(group), num_threads=num_threads())
+        state = self.state  # type: ignore[attr-defined]
+        return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads())
 
     def _general_step(self, group: dict, native: bool) -> None:
         if native:
