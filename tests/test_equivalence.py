@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import oxoptim
-from optimizers import SHAPES, TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
+from optimizers import SHAPES, TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads, state_of
 
 STEPS = 25
 
@@ -58,10 +58,7 @@ def test_large_tensors_on_several_threads(twin: Twin, threads: int) -> None:
         gen = torch.Generator().manual_seed(1)
         params = [torch.randn(s, generator=gen) for s in [(300_001,), (512, 300), (5,), ()]]
         mine, ref = clone_params(params), clone_params(params)
-        hyper = {"lr": 0.01, "weight_decay": 0.01}
-        if twin.name == "sgd":
-            hyper["momentum"] = 0.9
-        ours, theirs = twin.ours(mine, **hyper), twin.make_theirs(ref, **hyper)
+        ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
         for _ in range(20):
             set_grads(gen, mine, ref)
             ours.step()
@@ -90,36 +87,6 @@ def test_results_do_not_depend_on_thread_count(twin: Twin) -> None:
     for other in finals[1:]:
         for a, b in zip(finals[0], other):
             assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_every_simd_backend_is_bit_identical(twin: Twin) -> None:
-    """The Python-visible kernels agree bit for bit across backends (scalar included)."""
-    gen = torch.Generator().manual_seed(3)
-    base = [torch.randn(s, generator=gen) for s in [(67,), (1000,), (3, 5)]]
-    grads = [torch.randn(p.shape, generator=gen) for p in base]
-    results = {}
-    for backend in oxoptim.supported_backends():
-        params = [p.clone() for p in base]
-        if twin.name == "sgd":
-            bufs = [torch.zeros_like(p) for p in params]
-            ok = oxoptim._core.sgd_step(
-                params, grads, bufs, [True] * 3, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01,
-                nesterov=True, maximize=False, backend=backend,
-            )
-        else:
-            states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-            steps = [torch.tensor(0.0) for _ in params]
-            ok = oxoptim._core.adam_step(
-                params, grads, *states, steps, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-                amsgrad=True, maximize=False, decoupled_weight_decay=twin.name == "adamw", backend=backend,
-            )
-        assert ok
-        results[backend] = params
-    reference = results["scalar"]
-    for backend, params in results.items():
-        for a, b in zip(params, reference):
-            assert torch.equal(a, b), backend
 
 
 def test_hundred_steps_of_sgd_momentum_match_within_1e6_relative() -> None:
@@ -167,13 +134,14 @@ def test_closure_and_lr_scheduler(twin: Twin) -> None:
 def test_params_without_grad_are_skipped(twin: Twin) -> None:
     a, b = torch.ones(5, requires_grad=True), torch.ones(5, requires_grad=True)
     opt = twin.ours([a, b], lr=0.1)
+    initial = state_of(opt, b)
     a.grad = torch.ones(5)
     opt.step()
-    assert torch.equal(b, torch.ones(5)) and b not in opt.state
+    assert torch.equal(b, torch.ones(5)) and state_of(opt, b) == initial
     assert not torch.equal(a, torch.ones(5))
 
 
-@pytest.mark.parametrize("twin", [t for t in TWINS if t.name != "sgd"], ids=[t.name for t in TWINS if t.name != "sgd"])
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.name in ("adam", "adamw")], ids=["adam", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_torch_fused(twin: Twin, dtype: torch.dtype) -> None:
     """bf16/fp16 parameters: fp32 math inside, state in the parameter dtype, as torch's fused path."""

@@ -49,7 +49,7 @@ def test_differentiable_mode_backpropagates_through_the_step(twin: Twin) -> None
     for make in (twin.ours, twin.make_theirs):
         leaf = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
         p = leaf.clone()  # differentiable mode optimises non-leaf tensors
-        opt = make([p], lr=0.1, weight_decay=0.1, differentiable=True)
+        opt = make([p], **twin.typical, differentiable=True)
         p.grad = (leaf * leaf).detach() + 0.5
         opt.step()
         (p * p).sum().backward()

@@ -63,10 +63,7 @@ def test_layouts_match_torch_and_stay_inside(twin: Twin, layouts, seed, odd_grad
         gen = torch.Generator().manual_seed(seed)
         pairs = [_make(layout, gen, guard) for layout in layouts]
         params = [p for p, _ in pairs]
-        hyper = dict(lr=0.01, weight_decay=0.01)
-        if twin.name == "sgd":
-            hyper["momentum"] = 0.9
-        opt = make_opt(params, **hyper)
+        opt = make_opt(params, **twin.typical)
         grad_gen = torch.Generator().manual_seed(seed + 1)
         for _ in range(5):
             for p in params:

@@ -10,9 +10,6 @@ import torch
 
 from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
 
-HYPER = {"sgd": dict(lr=0.05, momentum=0.9, weight_decay=1e-3), "adam": dict(lr=0.01, amsgrad=True), "adamw": dict(lr=0.01)}
-
-
 def _train(opt, params, gen, steps):
     for _ in range(steps):
         set_grads(gen, params)
@@ -25,7 +22,7 @@ def test_state_dict_moves_between_libraries_mid_training(twin: Twin, direction: 
     make_src, make_dst = (twin.ours, twin.make_theirs) if direction == "ours_to_torch" else (twin.make_theirs, twin.ours)
     gen = torch.Generator().manual_seed(0)
     params = clone_params([torch.randn(s, generator=gen) for s in [(17,), (4, 9), ()]])
-    src = make_src(params, **HYPER[twin.name])
+    src = make_src(params, **twin.typical)
     _train(src, params, gen, 10)
 
     # Serialise through torch.save as a user would; continue on both sides.
@@ -34,7 +31,7 @@ def test_state_dict_moves_between_libraries_mid_training(twin: Twin, direction: 
     buf.seek(0)
     saved = torch.load(buf)
     continued = clone_params(saved["params"])
-    dst = make_dst(continued, **HYPER[twin.name])
+    dst = make_dst(continued, **twin.typical)
     dst.load_state_dict(saved["opt"])
 
     gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
@@ -52,7 +49,7 @@ def test_state_dict_layout_is_torchs(twin: Twin) -> None:
     gen = torch.Generator().manual_seed(2)
     mine = clone_params([torch.randn(5, generator=gen)])
     ref = clone_params(mine)
-    ours, theirs = twin.ours(mine, **HYPER[twin.name]), twin.make_theirs(ref, **HYPER[twin.name])
+    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
     set_grads(gen, mine, ref)
     ours.step()
     theirs.step()
@@ -70,7 +67,7 @@ def test_state_dict_layout_is_torchs(twin: Twin) -> None:
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_deepcopy_and_pickle_keep_working(twin: Twin) -> None:
     params = clone_params([torch.randn(3)])
-    opt = twin.ours(params, **HYPER[twin.name])
+    opt = twin.ours(params, **twin.typical)
     params[0].grad = torch.ones(3)
     opt.step()
     clone = copy.deepcopy(opt)

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 import oxoptim
 from optimizers import INVALID_LOADS, STRICTER, TOLERANCE, TWIN_IDS, TWINS, Twin, assert_unchanged, clone_params, set_grads, snapshot
 
-HYPER = {"sgd": dict(lr=0.05, momentum=0.9), "adam": dict(lr=0.01, amsgrad=True), "adamw": dict(lr=0.01, amsgrad=True)}
 # Errors raised by torch's own load_state_dict code, which oxoptim runs: same message too.
 TORCH_RAISES_ITSELF = {"a list", "a string", "None", "no 'state'", "no 'param_groups'", "one group too many", "a group one parameter short", "a group without 'params'", "'state' a list"}
 
@@ -27,8 +26,8 @@ def _trained_pair(twin: Twin, steps: int = 3):
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) for s in [(4,), (2, 3), ()]]
     mine, ref = clone_params(base), clone_params(base)
-    ours = twin.ours([{"params": mine[:2]}, {"params": mine[2:]}], **HYPER[twin.name])
-    theirs = twin.make_theirs([{"params": ref[:2]}, {"params": ref[2:]}], **HYPER[twin.name])
+    ours = twin.ours([{"params": mine[:2]}, {"params": mine[2:]}], **twin.typical)
+    theirs = twin.make_theirs([{"params": ref[:2]}, {"params": ref[2:]}], **twin.typical)
     for _ in range(steps):
         set_grads(gen, mine, ref)
         ours.step()
@@ -266,7 +265,7 @@ def _torch_saved(obj):
 @pytest.mark.parametrize("copier", [copy.deepcopy, _pickled, _torch_saved], ids=["deepcopy", "pickle", "torch.save"])
 def test_copies_keep_skipped_steps(twin: Twin, copier) -> None:
     p = torch.randn(4, requires_grad=True)
-    opt = twin.ours([p], skip_nonfinite=True, **HYPER[twin.name])
+    opt = twin.ours([p], skip_nonfinite=True, **twin.typical)
     for bad in (float("nan"), float("inf")):
         p.grad = torch.full((4,), bad)
         opt.step()
@@ -280,22 +279,22 @@ def test_copies_keep_skipped_steps(twin: Twin, copier) -> None:
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_state_dict_carries_skipped_steps_only_with_the_option_and_torch_loads_it(twin: Twin) -> None:
     p, q, r = (torch.randn(4, requires_grad=True) for _ in range(3))
-    plain = twin.ours([p], **HYPER[twin.name])
+    plain = twin.ours([p], **twin.typical)
     assert "skipped_steps" not in plain.state_dict()  # torch's layout exactly
-    opt = twin.ours([q], skip_nonfinite=True, **HYPER[twin.name])
+    opt = twin.ours([q], skip_nonfinite=True, **twin.typical)
     q.grad = torch.ones(4)
     opt.step()
     q.grad = torch.full((4,), float("nan"))
     opt.step()
     sd = _torch_saved(opt.state_dict())
     assert sd["skipped_steps"] == 1
-    theirs = twin.make_theirs([r], **HYPER[twin.name])
+    theirs = twin.make_theirs([r], **twin.typical)
     theirs.load_state_dict(sd)  # torch ignores the entry
-    resumed = twin.ours([torch.randn(4, requires_grad=True)], skip_nonfinite=True, **HYPER[twin.name])
+    resumed = twin.ours([torch.randn(4, requires_grad=True)], skip_nonfinite=True, **twin.typical)
     resumed.load_state_dict(sd)
     assert resumed.skipped_steps == 1
     # A torch state dict (no count, no flag) keeps this optimizer's count and option.
-    torch_sd = twin.make_theirs([torch.randn(4, requires_grad=True)], **HYPER[twin.name]).state_dict()
+    torch_sd = twin.make_theirs([torch.randn(4, requires_grad=True)], **twin.typical).state_dict()
     assert "skip_nonfinite" not in torch_sd["param_groups"][0]
     resumed.load_state_dict(torch_sd)
     assert resumed.skipped_steps == 1 and resumed.param_groups[0]["skip_nonfinite"] is True

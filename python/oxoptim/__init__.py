@@ -1,16 +1,51 @@
-"""oxoptim: fast, exact, drop-in ``torch.optim`` optimizers with Rust SIMD kernels."""
+"""oxoptim: fast, exact, drop-in ``torch.optim`` optimizers with Rust SIMD kernels.
 
+``import oxoptim as optim`` stands in for ``torch.optim``: every optimizer
+class has its name, signature, defaults, errors and ``state_dict``. Most are
+Rust-backed twins (subclasses of torch's); LBFGS, SparseAdam, Adafactor and
+Muon are torch's own classes, re-exported unchanged; ``lr_scheduler``,
+``swa_utils`` and ``Optimizer`` are torch's too.
+"""
+
+from torch.optim import LBFGS, Optimizer, SparseAdam
+
+from . import lr_scheduler, swa_utils
 from ._core import __version__, parallel_backend, simd_backend, supported_backends
+from .adadelta import Adadelta
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
+from .asgd import ASGD
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
+from .nadam import NAdam
+from .radam import RAdam
+from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD
 from .subgradient import Subgradient
 
 __all__ = [
+    # Rust-backed twins of torch.optim's classes.
     "SGD",
     "Adam",
     "AdamW",
+    "RMSprop",
+    "Adagrad",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Adadelta",
+    "ASGD",
+    "Rprop",
+    # torch's own implementation, re-exported (no Rust kernel yet).
+    "LBFGS",
+    "SparseAdam",
+    # torch.optim's base class and modules, re-exported.
+    "Optimizer",
+    "lr_scheduler",
+    "swa_utils",
+    # oxoptim's own.
     "Subgradient",
     "GradientAverager",
     "ParamAverager",
@@ -21,3 +56,17 @@ __all__ = [
     "supported_backends",
     "__version__",
 ]
+
+# torch's own implementation, in the torch releases that have them.
+try:
+    from torch.optim import Adafactor
+
+    __all__.append("Adafactor")
+except ImportError:  # pragma: no cover - torch < 2.5
+    pass
+try:
+    from torch.optim import Muon
+
+    __all__.append("Muon")
+except ImportError:  # pragma: no cover - older torch
+    pass

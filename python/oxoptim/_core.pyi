@@ -1,5 +1,5 @@
 # Hand-written stub for the Rust extension; checked by `mypy.stubtest oxoptim._core`.
-from typing import Optional, Sequence, final
+from typing import Any, Optional, final
 
 import torch
 
@@ -7,18 +7,18 @@ __version__: str
 __all__ = [
     "TensorCache",
     "__version__",
-    "adam_group_step",
-    "sgd_group_step",
     "accumulate_mean",
-    "adam_step",
     "any_nonfinite",
     "copy_scaled",
     "direction_sq_norm",
+    "group_step",
+    "layout",
     "lerp_average",
+    "optimizers",
     "parallel_backend",
     "scale_",
-    "sgd_step",
     "simd_backend",
+    "step",
     "subgradient_step",
     "supported_backends",
     "tensor_norm",
@@ -33,72 +33,32 @@ class TensorCache:
     def begin_step(self) -> None: ...
     def finish_step(self) -> None: ...
 
-def sgd_group_step(
+# Optimizer steps generated from the Rust table (rust/python/src/generic.rs).
+def optimizers() -> dict[str, dict[str, tuple[str, ...]]]: ...
+def layout(kind: str, hyper: dict[str, Any]) -> tuple[list[str], list[str]]: ...
+def step(
+    kind: str,
     params: list[torch.Tensor],
-    state: dict,
-    cache: TensorCache,
+    grads: list[torch.Tensor],
+    state: list[list[torch.Tensor]],
+    scalars: list[list[torch.Tensor]],
+    hyper: dict[str, Any],
     *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
     num_threads: int = 1,
+    backend: Optional[str] = None,
 ) -> bool: ...
-def adam_group_step(
+def group_step(
+    kind: str,
     params: list[torch.Tensor],
     state: dict,
     cache: TensorCache,
+    hyper: dict[str, Any],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
     num_threads: int = 1,
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...
 def parallel_backend() -> str: ...
-def sgd_step(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    fresh: Sequence[bool],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    num_threads: int = 1,
-    backend: Optional[str] = None,
-) -> bool: ...
-def adam_step(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor],
-    state_steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    num_threads: int = 1,
-    backend: Optional[str] = None,
-) -> bool: ...
-
 # Subgradient method, averaging and deterministic reductions (rust/python/src/extras.rs).
 def subgradient_step(
     params: list[torch.Tensor],

@@ -33,7 +33,7 @@ def evaluate_closure(closure: Optional[Callable[[], Any]]) -> Any:
 def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether a group's settings allow the Rust path; tensors are checked in Rust.
 
-    Differentiable steps, AMP grad scaling (``grad_scale``/``found_inf``),
+    Differentiable and capturable steps, AMP grad scaling (``grad_scale``/``found_inf``),
     hyper-parameters that require grad, and tensor hyper-parameters not in the
     optimizer's ``EXACT_TENSOR_HYPER`` stay on torch's implementation. torch
     does arithmetic on tensor hyper-parameters in their dtype (Adam's
@@ -41,7 +41,7 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     kernels, taking each hyper-parameter as one float64, cannot reproduce; the
     names in ``EXACT_TENSOR_HYPER`` are those torch only reads as a number.
     """
-    if group.get("differentiable", False):
+    if group.get("differentiable", False) or group.get("capturable", False):
         return False
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return False

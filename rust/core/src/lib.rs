@@ -3,12 +3,14 @@
 //! Pure Rust, no Python: callers describe tensor memory as [`RawTensor`]s,
 //! [`TensorBatch::new`] checks them (the only unsafe boundary), and a kernel
 //! such as [`sgd_step`] or [`adam_step`] updates every tensor of a parameter
-//! group in one call, split across threads by elements.
+//! group in one call, split across threads by elements. [`OPTIMIZERS`] is the
+//! table of torch twins the bindings are generated from.
 
 pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod kernels;
+pub mod optimizer;
 pub mod reduce;
 pub mod simd;
 pub mod tensors;
@@ -20,5 +22,7 @@ pub use kernels::adam::{adam_step, AdamConfig};
 pub use kernels::averaging::{accumulate_mean, lerp_average, scale_into};
 pub use kernels::sgd::{sgd_step, SgdConfig};
 pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
+pub use kernels::OPTIMIZERS;
+pub use optimizer::{Configured, Entry, Hyper, HyperKind, HyperValue, Optimizer};
 pub use reduce::{any_nonfinite, norm, reduce, Reduction};
-pub use tensors::{DType, DisjointMemo, RawTensor, StepCounters, TensorBatch};
+pub use tensors::{DType, DisjointMemo, RawTensor, ScalarState, TensorBatch};

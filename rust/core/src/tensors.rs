@@ -179,34 +179,44 @@ impl TensorBatch {
     }
 }
 
-/// Per-tensor step counters (torch keeps each as a 0-d f32/f64 tensor),
-/// checked like batch arrays and disjoint from them.
+/// Per-parameter 0-d state (torch keeps the step counter, NAdam's
+/// `mu_product`, ASGD's `eta` and `mu` each as a 0-d float32/float64
+/// tensor): `per_slot` cells for every slot of a batch, slot-major, checked
+/// like batch arrays and disjoint from them. Read and written only between
+/// kernel runs, never by the parallel workers.
 #[derive(Debug)]
-pub struct StepCounters {
+pub struct ScalarState {
     cells: Vec<RawTensor>,
+    per_slot: usize,
+    slots: usize,
 }
 
-impl StepCounters {
+impl ScalarState {
     /// # Safety
     /// As for [`TensorBatch::new`], for each cell; `batch` must be the batch
-    /// the counters belong to (their memory is checked to be disjoint from it).
-    pub unsafe fn new(cells: Vec<RawTensor>, batch: &TensorBatch) -> Result<StepCounters> {
+    /// the cells belong to (their memory is checked to be disjoint from it).
+    pub unsafe fn new(
+        cells: Vec<RawTensor>,
+        per_slot: usize,
+        batch: &TensorBatch,
+    ) -> Result<ScalarState> {
         // SAFETY: forwarded.
-        unsafe { Self::new_memo(cells, batch, &mut DisjointMemo::default()) }
+        unsafe { Self::new_memo(cells, per_slot, batch, &mut DisjointMemo::default()) }
     }
 
-    /// [`StepCounters::new`] with the overlap proof memoised as in [`TensorBatch::new_memo`].
+    /// [`ScalarState::new`] with the overlap proof memoised as in [`TensorBatch::new_memo`].
     ///
     /// # Safety
-    /// As for [`StepCounters::new`].
+    /// As for [`ScalarState::new`].
     pub unsafe fn new_memo(
         cells: Vec<RawTensor>,
+        per_slot: usize,
         batch: &TensorBatch,
         memo: &mut DisjointMemo,
-    ) -> Result<StepCounters> {
-        if cells.len() != batch.slots() {
+    ) -> Result<ScalarState> {
+        if cells.len() != batch.slots() * per_slot {
             return Err(Error::Mismatch(format!(
-                "{} step counters for {} tensors",
+                "{} scalar state cells for {} tensors of {per_slot} each",
                 cells.len(),
                 batch.slots()
             )));
@@ -214,48 +224,110 @@ impl StepCounters {
         for (i, c) in cells.iter().enumerate() {
             if c.len != 1 || !matches!(c.dtype, DType::F32 | DType::F64) {
                 return Err(Error::Mismatch(format!(
-                    "step counter {i} must be one float32 or float64 element, got {} of {}",
+                    "scalar state cell {i} must be one float32 or float64 element, got {} of {}",
                     c.len,
                     c.dtype.name()
                 )));
             }
             if c.addr == 0 || c.addr % c.dtype.size() != 0 {
                 return Err(Error::BadAddress(format!(
-                    "step counter {i} address {:#x} is null or misaligned",
+                    "scalar state cell {i} address {:#x} is null or misaligned",
                     c.addr
                 )));
             }
         }
-        let mut all = batch.arrays.clone();
-        all.extend(cells.iter().copied()); // counters show up as slots past the last tensor in messages
-        memo.check(&all, batch.arity)?;
-        Ok(StepCounters { cells })
+        if !cells.is_empty() {
+            let mut all = batch.arrays.clone();
+            all.extend(cells.iter().copied()); // cells show up as slots past the last tensor in messages
+            memo.check(&all, batch.arity)?;
+        }
+        Ok(ScalarState {
+            cells,
+            per_slot,
+            slots: batch.slots(),
+        })
     }
 
-    /// Adds one to every counter in its own dtype (as torch's `step_t += 1`)
-    /// and returns the new values.
-    pub fn increment(&self) -> Vec<f64> {
-        self.cells
-            .iter()
-            .map(|c| {
-                // SAFETY: `new` checked each cell is one aligned element of its
-                // dtype, disjoint from everything else in the call.
-                unsafe {
-                    match c.dtype {
-                        DType::F32 => {
-                            let p = c.addr as *mut f32;
-                            *p += 1.0;
-                            *p as f64
-                        }
-                        _ => {
-                            let p = c.addr as *mut f64;
-                            *p += 1.0;
-                            *p
-                        }
-                    }
+    pub fn per_slot(&self) -> usize {
+        self.per_slot
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    fn cell(&self, slot: usize, k: usize) -> RawTensor {
+        assert!(
+            slot < self.slots && k < self.per_slot,
+            "scalar state index out of range"
+        );
+        self.cells[slot * self.per_slot + k]
+    }
+
+    /// Cell `k` of `slot`, widened to f64 (torch's `.item()`).
+    pub fn get(&self, slot: usize, k: usize) -> f64 {
+        let c = self.cell(slot, k);
+        // SAFETY: `new` checked each cell is one aligned element of its dtype,
+        // disjoint from everything else in the call; the caller's contract
+        // keeps it valid.
+        unsafe {
+            match c.dtype {
+                DType::F32 => *(c.addr as *const f32) as f64,
+                _ => *(c.addr as *const f64),
+            }
+        }
+    }
+
+    /// Stores `value` rounded to the cell's dtype (torch's `copy_` of a
+    /// Python float) and returns what was stored.
+    pub fn set(&mut self, slot: usize, k: usize, value: f64) -> f64 {
+        let c = self.cell(slot, k);
+        // SAFETY: as in `get`; `&mut self` keeps writes from racing reads.
+        unsafe {
+            match c.dtype {
+                DType::F32 => {
+                    let p = c.addr as *mut f32;
+                    *p = value as f32;
+                    *p as f64
                 }
-            })
-            .collect()
+                _ => {
+                    *(c.addr as *mut f64) = value;
+                    value
+                }
+            }
+        }
+    }
+
+    /// `cell += 1` in the cell's own dtype (torch's `step_t += 1`); returns the new value.
+    pub fn increment(&mut self, slot: usize, k: usize) -> f64 {
+        let c = self.cell(slot, k);
+        // SAFETY: as in `set`.
+        unsafe {
+            match c.dtype {
+                DType::F32 => {
+                    let p = c.addr as *mut f32;
+                    *p += 1.0;
+                    *p as f64
+                }
+                _ => {
+                    let p = c.addr as *mut f64;
+                    *p += 1.0;
+                    *p
+                }
+            }
+        }
+    }
+
+    /// `cell *= factor` as torch's in-place multiply by a Python float: the
+    /// factor is rounded to the cell's dtype first. Returns the new value.
+    pub fn scale(&mut self, slot: usize, k: usize, factor: f64) -> f64 {
+        let old = self.get(slot, k);
+        match self.cell(slot, k).dtype {
+            // The product of two f32 values is exact in f64, so one rounding
+            // to f32 gives the f32 product.
+            DType::F32 => self.set(slot, k, old * (factor as f32) as f64),
+            _ => self.set(slot, k, old * factor),
+        }
     }
 }
 
@@ -365,6 +437,48 @@ mod tests {
                 Err(Error::Overlap(_))
             ));
         }
+    }
+
+    #[test]
+    fn scalar_state_works_in_each_cells_dtype_and_stays_disjoint() {
+        let mut p = [1.0f32; 4];
+        let mut step32 = [0.0f32];
+        let mut mu64 = [1.0f64];
+        let raw = |addr: usize, len: usize, dtype: DType| RawTensor { addr, len, dtype };
+        // SAFETY: the arrays outlive the batch and the state and nothing else touches them.
+        unsafe {
+            let batch =
+                TensorBatch::new(vec![raw(p.as_mut_ptr() as usize, 4, DType::F32)], 1).unwrap();
+            let cells = vec![
+                raw(step32.as_mut_ptr() as usize, 1, DType::F32),
+                raw(mu64.as_mut_ptr() as usize, 1, DType::F64),
+            ];
+            let mut s = ScalarState::new(cells, 2, &batch).unwrap();
+            assert_eq!(s.increment(0, 0), 1.0);
+            assert_eq!(s.scale(0, 1, 0.1), 0.1);
+            assert_eq!(s.set(0, 0, 0.1), 0.1f32 as f64);
+            assert_eq!(s.get(0, 0), 0.1f32 as f64);
+            // In an f32 cell the factor is rounded to f32 first and the product is
+            // the f32 product (0.9 is a factor where rounding only at the end differs).
+            assert_ne!((0.1f32 as f64 * 0.9) as f32, 0.1f32 * 0.9f32);
+            assert_eq!(s.scale(0, 0, 0.9), (0.1f32 * 0.9f32) as f64);
+            // A cell inside a batch array, or of the wrong size, is refused.
+            let inside = vec![raw(p.as_mut_ptr() as usize + 4, 1, DType::F32)];
+            assert!(matches!(
+                ScalarState::new(inside, 1, &batch),
+                Err(Error::Overlap(_))
+            ));
+            let long = vec![raw(mu64.as_mut_ptr() as usize, 2, DType::F64)];
+            assert!(matches!(
+                ScalarState::new(long, 1, &batch),
+                Err(Error::Mismatch(_))
+            ));
+            assert!(matches!(
+                ScalarState::new(vec![], 1, &batch),
+                Err(Error::Mismatch(_))
+            ));
+        }
+        assert_eq!((step32[0], mu64[0]), (0.1f32 * 0.9f32, 0.1));
     }
 
     #[test]

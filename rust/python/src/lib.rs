@@ -1,16 +1,15 @@
 //! `oxoptim._core`: a thin layer that turns torch tensors into checked raw
 //! memory descriptors and calls the pure Rust kernels with the GIL released.
 
-use oxoptim_core::{self as core, Backend, DisjointMemo, Exec, RawTensor};
+use oxoptim_core::{self as core, Backend, Exec, RawTensor};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple};
 
 mod extras;
-mod group;
+mod generic;
 mod openmp;
-mod run;
 mod tensors;
 use tensors::{describe_all, Described};
 
@@ -94,136 +93,6 @@ pub(crate) fn column(
     }
 }
 
-/// One SGD step over a parameter group. Returns False (having touched
-/// nothing) when some tensor needs torch's own implementation.
-#[pyfunction]
-#[pyo3(signature = (params, grads, momentum_buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov, maximize, num_threads=1, backend=None))]
-#[allow(clippy::too_many_arguments)]
-fn sgd_step(
-    py: Python<'_>,
-    params: &Bound<'_, PyList>,
-    grads: &Bound<'_, PyList>,
-    momentum_buffers: &Bound<'_, PyList>,
-    fresh: Vec<bool>,
-    lr: f64,
-    momentum: f64,
-    dampening: f64,
-    weight_decay: f64,
-    nesterov: bool,
-    maximize: bool,
-    num_threads: usize,
-    backend: Option<&str>,
-) -> PyResult<bool> {
-    let config = core::SgdConfig {
-        lr,
-        momentum,
-        dampening,
-        weight_decay,
-        nesterov,
-        maximize,
-    };
-    let n = params.len();
-    let mut columns = Vec::with_capacity(3);
-    for (list, role) in [(params, "param"), (grads, "grad")] {
-        match column(list, n, role)? {
-            Some(c) => columns.push(c),
-            None => return Ok(false),
-        }
-    }
-    if momentum != 0.0 {
-        match column(momentum_buffers, n, "momentum_buffer")? {
-            Some(c) => columns.push(c),
-            None => return Ok(false),
-        }
-        if fresh.len() != n {
-            return Err(PyValueError::new_err(format!(
-                "expected {n} fresh flags, got {}",
-                fresh.len()
-            )));
-        }
-    }
-    let exec = exec(num_threads, backend)?;
-    if !run::run_sgd(
-        py,
-        &config,
-        &columns,
-        &fresh,
-        exec,
-        &mut DisjointMemo::default(),
-    )? {
-        return Ok(false);
-    }
-    bump_versions(py, &[params, momentum_buffers])?;
-    Ok(true)
-}
-
-/// One Adam/AdamW step over a parameter group; increments each `state_steps`
-/// counter. Returns False (having touched nothing) when some tensor needs
-/// torch's own implementation.
-#[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, num_threads=1, backend=None))]
-#[allow(clippy::too_many_arguments)]
-fn adam_step(
-    py: Python<'_>,
-    params: &Bound<'_, PyList>,
-    grads: &Bound<'_, PyList>,
-    exp_avgs: &Bound<'_, PyList>,
-    exp_avg_sqs: &Bound<'_, PyList>,
-    max_exp_avg_sqs: &Bound<'_, PyList>,
-    state_steps: &Bound<'_, PyList>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    num_threads: usize,
-    backend: Option<&str>,
-) -> PyResult<bool> {
-    let config = core::AdamConfig {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        amsgrad,
-        maximize,
-        decoupled_weight_decay,
-    };
-    let n = params.len();
-    let mut roles = vec![
-        (params, "param"),
-        (grads, "grad"),
-        (exp_avgs, "exp_avg"),
-        (exp_avg_sqs, "exp_avg_sq"),
-    ];
-    if amsgrad {
-        roles.push((max_exp_avg_sqs, "max_exp_avg_sq"));
-    }
-    let mut columns = Vec::with_capacity(roles.len());
-    for (list, role) in roles {
-        match column(list, n, role)? {
-            Some(c) => columns.push(c),
-            None => return Ok(false),
-        }
-    }
-    let Some(steps) = column(state_steps, n, "step")? else {
-        return Ok(false);
-    };
-    let exec = exec(num_threads, backend)?;
-    let memos = (&mut DisjointMemo::default(), &mut DisjointMemo::default());
-    if !run::run_adam(py, &config, &columns, steps, exec, memos)? {
-        return Ok(false);
-    }
-    bump_versions(
-        py,
-        &[params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],
-    )?;
-    Ok(true)
-}
-
 /// Tells autograd the tensors were modified in place, as torch's own in-place
 /// ops do, so that misuse (stepping between forward and backward) is caught.
 pub(crate) fn bump_versions(py: Python<'_>, lists: &[&Bound<'_, PyList>]) -> PyResult<()> {
@@ -252,11 +121,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(supported_backends, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
-    m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
-    m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_class::<tensors::TensorCache>()?;
-    m.add_function(wrap_pyfunction!(group::sgd_group_step, m)?)?;
-    m.add_function(wrap_pyfunction!(group::adam_group_step, m)?)?;
+    generic::register(m)?;
     extras::register(m)?;
     Ok(())
 }

@@ -5,8 +5,9 @@ use super::common_len;
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
+use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::simd::{LaneBlock, Lanes};
-use crate::tensors::TensorBatch;
+use crate::tensors::{ScalarState, TensorBatch};
 
 /// Adam hyper-parameters of one parameter group.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -30,6 +31,47 @@ impl AdamConfig {
         } else {
             4
         }
+    }
+}
+
+/// Adam and AdamW (torch's AdamW is Adam with `decoupled_weight_decay=True`).
+impl Optimizer for AdamConfig {
+    const NAME: &'static str = "adam";
+    const HYPER: &'static [(&'static str, HyperKind)] = &[
+        ("lr", HyperKind::Float),
+        ("betas", HyperKind::Pair),
+        ("eps", HyperKind::Float),
+        ("weight_decay", HyperKind::Float),
+        ("amsgrad", HyperKind::Flag),
+        ("maximize", HyperKind::Flag),
+        ("decoupled_weight_decay", HyperKind::Flag),
+    ];
+    const STATE: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
+    const SCALARS: &'static [&'static str] = &["step"];
+
+    fn from_hyper(h: &mut Hyper) -> Result<Self> {
+        let (beta1, beta2) = h.pair("betas")?;
+        Ok(AdamConfig {
+            lr: h.float("lr")?,
+            beta1,
+            beta2,
+            eps: h.float("eps")?,
+            weight_decay: h.float("weight_decay")?,
+            amsgrad: h.flag("amsgrad")?,
+            maximize: h.flag("maximize")?,
+            decoupled_weight_decay: h.flag("decoupled_weight_decay")?,
+        })
+    }
+
+    fn state_keys(&self) -> Vec<&'static str> {
+        Self::STATE[..self.arity() - 2].to_vec()
+    }
+
+    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+        let steps: Vec<f64> = (0..batch.slots())
+            .map(|i| scalars.increment(i, 0))
+            .collect();
+        adam_step(self, batch, &steps, exec)
     }
 }
 
@@ -182,9 +224,10 @@ impl<T: Element> LaneBlock<T> for AdamBlock<T> {
                 if self.lerp_from_start { m } else { g },
             );
             s.store(self.exp_avg.add(i), m);
-            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): torch's
+            // CPU addcmul is one FMA, fma(value * grad, grad, self).
             let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
-            let v = s.add(v, s.mul(s.mul(s.splat(self.one_minus_beta2), g), g));
+            let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
             s.store(self.exp_avg_sq.add(i), v);
             let second = if self.amsgrad {
                 let vmax = s.max(s.load(self.max_exp_avg_sq.add(i)), v);

@@ -5,8 +5,9 @@ use super::common_len;
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
+use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::simd::{LaneBlock, Lanes};
-use crate::tensors::TensorBatch;
+use crate::tensors::{ScalarState, TensorBatch};
 
 /// SGD hyper-parameters of one parameter group.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,6 +28,41 @@ impl SgdConfig {
         } else {
             2
         }
+    }
+}
+
+impl Optimizer for SgdConfig {
+    const NAME: &'static str = "sgd";
+    const HYPER: &'static [(&'static str, HyperKind)] = &[
+        ("lr", HyperKind::Float),
+        ("momentum", HyperKind::Float),
+        ("dampening", HyperKind::Float),
+        ("weight_decay", HyperKind::Float),
+        ("nesterov", HyperKind::Flag),
+        ("maximize", HyperKind::Flag),
+    ];
+    const STATE: &'static [&'static str] = &["momentum_buffer"];
+    const SCALARS: &'static [&'static str] = &[];
+
+    fn from_hyper(h: &mut Hyper) -> Result<Self> {
+        Ok(SgdConfig {
+            lr: h.float("lr")?,
+            momentum: h.float("momentum")?,
+            dampening: h.float("dampening")?,
+            weight_decay: h.float("weight_decay")?,
+            nesterov: h.flag("nesterov")?,
+            maximize: h.flag("maximize")?,
+        })
+    }
+
+    fn state_keys(&self) -> Vec<&'static str> {
+        Self::STATE[..self.arity() - 2].to_vec()
+    }
+
+    /// Momentum buffers must exist: torch creates them on a parameter's
+    /// first step (as the gradient itself), which stays torch's to run.
+    fn step(&self, batch: &TensorBatch, _scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+        sgd_step(self, batch, &vec![false; batch.slots()], exec)
     }
 }
 

@@ -104,6 +104,8 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
     fn abs(self, a: Self::V) -> Self::V;
     /// `1` where `a > 0`, `-1` where `a < 0`, `+0` otherwise (zeros and NaN).
     fn sign(self, a: Self::V) -> Self::V;
+    /// `then` where `a < b`, `otherwise` where not (NaN compares false).
+    fn lt_select(self, a: Self::V, b: Self::V, then: Self::V, otherwise: Self::V) -> Self::V;
     /// Sum of squares accumulated lane-wise: `acc + x * x` with one rounding.
     #[inline(always)]
     fn square_acc(self, acc: Self::V, x: Self::V) -> Self::V {

@@ -108,6 +108,11 @@ macro_rules! impl_lanes {
                 }
             }
             #[inline(always)]
+            fn lt_select(self, a: $v, b: $v, then: $v, otherwise: $v) -> $v {
+                // SAFETY: see the module note (token proves NEON).
+                unsafe { $bsl($clt(a, b), then, otherwise) }
+            }
+            #[inline(always)]
             fn reduce_sum(self, v: $v) -> $t {
                 // SAFETY: see the module note (token proves NEON).
                 sum_in_order(unsafe { std::mem::transmute::<$v, [$t; $width]>(v) })

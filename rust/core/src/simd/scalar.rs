@@ -67,6 +67,14 @@ impl<T: Real> Lanes<T> for Scalar {
         pos - neg
     }
     #[inline(always)]
+    fn lt_select(self, a: T, b: T, then: T, otherwise: T) -> T {
+        if a < b {
+            then
+        } else {
+            otherwise
+        }
+    }
+    #[inline(always)]
     fn reduce_sum(self, v: T) -> T {
         v
     }

@@ -42,6 +42,7 @@ macro_rules! impl_lanes {
      max_nan=|$ma:ident, $mb:ident| $max_body:expr,
      abs=|$av:ident| $abs_body:expr,
      sign=|$sv:ident| $sign_body:expr,
+     lt_select=|$la:ident, $lb:ident, $lthen:ident, $lelse:ident| $lt_body:expr,
      reduce=|$rv:ident| $reduce_body:expr,
      nonfinite=|$nv:ident| $nonfinite_body:expr) => {
         impl Lanes<$t> for $token {
@@ -109,6 +110,11 @@ macro_rules! impl_lanes {
                 unsafe { $sign_body }
             }
             #[inline(always)]
+            fn lt_select(self, $la: $v, $lb: $v, $lthen: $v, $lelse: $v) -> $v {
+                // SAFETY: see the module note (token proves the ISA).
+                unsafe { $lt_body }
+            }
+            #[inline(always)]
             fn reduce_sum(self, $rv: $v) -> $t {
                 #[allow(unused_unsafe)]
                 // SAFETY: see the module note (token proves the ISA).
@@ -165,6 +171,11 @@ impl_lanes!(
         let neg = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, zero), one);
         _mm256_sub_ps(pos, neg)
     },
+    lt_select = |a, b, then, otherwise| _mm256_blendv_ps(
+        otherwise,
+        then,
+        _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)
+    ),
     reduce = |v| sum_in_order(std::mem::transmute::<__m256, [f32; 8]>(v)),
     nonfinite = |v| {
         let d = _mm256_sub_ps(v, v);
@@ -201,6 +212,11 @@ impl_lanes!(
         let neg = _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(v, zero), one);
         _mm256_sub_pd(pos, neg)
     },
+    lt_select = |a, b, then, otherwise| _mm256_blendv_pd(
+        otherwise,
+        then,
+        _mm256_cmp_pd::<_CMP_LT_OQ>(a, b)
+    ),
     reduce = |v| sum_in_order(std::mem::transmute::<__m256d, [f64; 4]>(v)),
     nonfinite = |v| {
         let d = _mm256_sub_pd(v, v);
@@ -235,6 +251,11 @@ impl_lanes!(
         let neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero), one);
         _mm512_sub_ps(pos, neg)
     },
+    lt_select = |a, b, then, otherwise| _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b),
+        otherwise,
+        then
+    ),
     reduce = |v| sum_in_order(std::mem::transmute::<__m512, [f32; 16]>(v)),
     nonfinite = |v| {
         let d = _mm512_sub_ps(v, v);
@@ -269,6 +290,11 @@ impl_lanes!(
         let neg = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(v, zero), one);
         _mm512_sub_pd(pos, neg)
     },
+    lt_select = |a, b, then, otherwise| _mm512_mask_blend_pd(
+        _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a, b),
+        otherwise,
+        then
+    ),
     reduce = |v| sum_in_order(std::mem::transmute::<__m512d, [f64; 8]>(v)),
     nonfinite = |v| {
         let d = _mm512_sub_pd(v, v);

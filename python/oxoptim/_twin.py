@@ -1,0 +1,165 @@
+"""The generic torch twin: an oxoptim optimizer is its torch class plus a row
+of the Rust table (``_core.optimizers()``), named by the ``kind`` class keyword::
+
+    class RMSprop(TorchTwin, torch.optim.RMSprop, kind="rmsprop"):
+        "docstring"
+
+The torch class supplies the constructor, validation, ``_init_group`` (state
+creation) and ``state_dict``; the table supplies the hyper-parameter keys the
+kernel reads and the state layout. Each group steps on the first path that
+can take it:
+
+1. the whole-group fast path (``_core.group_step``): state already exists,
+   tensors gathered in Rust with their descriptions cached between steps;
+2. torch's ``_init_group`` creates any missing state, then the list path
+   (``_core.step``) runs on the tensors it found;
+3. torch's own ``step``, for this group only: tensors the kernels cannot take
+   (CUDA, sparse, complex, non-contiguous, mismatched dtypes, shared memory),
+   state torch creates lazily (SGD's momentum buffer on its first step),
+   ``differentiable``/``capturable``, AMP grad scaling, hyper-parameters that
+   require grad.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from . import _core
+from ._native import _use_grad_for_differentiable, evaluate_closure, num_threads, step_groups
+from ._skip import SkipNonfinite
+from ._state import CheckedStateDict
+
+__all__ = ["NATIVE_NOTE", "TorchTwin"]
+
+#: The part of every twin's docstring that describes the native path.
+NATIVE_NOTE = """
+    One native call per parameter group covers all its tensors, split across
+    ``torch.get_num_threads()`` threads by elements, with the GIL released;
+    results are bit-identical whatever the thread count. bfloat16/float16
+    parameters are computed in float32 with state kept in the parameter dtype,
+    like torch's fused optimizers. Groups the Rust path cannot take — tensors
+    on CUDA or another device, sparse, complex or non-contiguous tensors,
+    ``differentiable=True``, ``capturable=True``, AMP grad scaling, tensor
+    hyper-parameters (torch computes with them in their dtype) — run torch's own implementation, so the optimizer
+    never breaks. Also takes ``skip_nonfinite=False``: when true, a group
+    whose gradients hold a NaN/Inf is not stepped (parameters and state
+    untouched) and ``skipped_steps`` counts it.
+"""
+
+_TABLE = _core.optimizers()
+
+
+def _torch_class(cls: type) -> type[torch.optim.Optimizer]:
+    """The first class of ``cls``'s MRO that torch.optim defines (AdamW's is torch's AdamW)."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("torch.optim") and issubclass(base, torch.optim.Optimizer):
+            return base
+    raise TypeError(f"{cls.__name__} must derive from a torch.optim optimizer class")
+
+
+def _with_skip_nonfinite(signature: inspect.Signature) -> inspect.Signature:
+    """torch's constructor signature plus oxoptim's keyword-only ``skip_nonfinite=False``."""
+    extra = inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    return signature.replace(parameters=[*params[:at], extra, *params[at:]])
+
+
+def _unhooked_step(torch_class: type[torch.optim.Optimizer]) -> Any:
+    """torch's ``step`` without the hook wrapper torch installs on a class's first instance."""
+    step: Any = torch_class.step
+    while getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
+
+
+class _OneGroup:
+    """The optimizer as torch's own ``step`` sees it, restricted to one parameter group."""
+
+    __slots__ = ("_optimizer", "param_groups")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
+        object.__setattr__(self, "_optimizer", optimizer)
+        object.__setattr__(self, "param_groups", [group])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._optimizer, name, value)
+
+
+class TorchTwin(CheckedStateDict, SkipNonfinite):
+    """Base of oxoptim's drop-in ``torch.optim`` classes (see the module docstring).
+
+    Subclasses list this class first, then their torch class, and name their
+    row of the Rust table with ``kind=``; subclasses of a twin inherit it.
+    """
+
+    KIND: ClassVar[str]
+    _TORCH: ClassVar[type[torch.optim.Optimizer]]
+    _HYPER: ClassVar[tuple[str, ...]]
+    _INIT_LISTS: ClassVar[int]
+
+    def __init_subclass__(cls, kind: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = kind or getattr(cls, "KIND", None)
+        if kind not in _TABLE:
+            raise TypeError(f"{cls.__name__}: kind={kind!r} is not in the Rust table ({', '.join(_TABLE)})")
+        row = _TABLE[kind]
+        cls.KIND = kind
+        cls._HYPER = row["hyper"]
+        cls.PARAM_SHAPED = row["state"]
+        cls.SCALAR_STATE = row["scalars"]
+        cls._TORCH = _torch_class(cls)
+        # torch's `_init_group(self, group, params, grads, <state lists>...)`: how many lists it fills.
+        cls._INIT_LISTS = len(inspect.signature(getattr(cls._TORCH, "_init_group")).parameters) - 2
+        cls.__signature__ = _with_skip_nonfinite(inspect.signature(cls._TORCH))  # type: ignore[attr-defined]
+
+    def _hyper(self, group: dict) -> dict:
+        return {key: group[key] for key in self._HYPER}
+
+    def required_state(self, group: dict) -> tuple[str, ...]:
+        arrays, scalars = _core.layout(self.KIND, self._hyper(group))
+        return (*scalars, *arrays)
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # type: ignore[override]
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = evaluate_closure(closure)
+        step_groups(self, self._fast_step, self._general_step)
+        return loss
+
+    def _fast_step(self, group: dict, cache: Any) -> bool:
+        state = self.state  # type: ignore[attr-defined]
+        return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads())
+
+    def _general_step(self, group: dict, native: bool) -> None:
+        if native:
+            lists: list[list[Any]] = [[] for _ in range(self._INIT_LISTS)]
+            self._init_group(group, *lists)  # type: ignore[attr-defined]
+            if self._list_step(group, lists[0], lists[1]):
+                return
+        self._torch_step(group)
+
+    def _list_step(self, group: dict, params: list, grads: list) -> bool:
+        hyper = self._hyper(group)
+        arrays, scalars = _core.layout(self.KIND, hyper)
+        entries = [self.state.get(p, {}) for p in params]  # type: ignore[attr-defined]
+        try:
+            state = [[entry[key] for entry in entries] for key in arrays]
+            cells = [[entry[key] for entry in entries] for key in scalars]
+        except KeyError:
+            return False  # state torch creates on first use
+        return _core.step(self.KIND, params, grads, state, cells, hyper, num_threads=num_threads())
+
+    def _torch_step(self, group: dict) -> None:
+        _unhooked_step(self._TORCH)(_OneGroup(self, group))  # type: ignore[arg-type]

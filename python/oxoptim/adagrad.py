@@ -1,0 +1,22 @@
+"""Adagrad on the Rust SIMD kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from ._twin import NATIVE_NOTE, TorchTwin
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(TorchTwin, torch.optim.Adagrad, kind="adagrad"):
+    __doc__ = (
+        """Drop-in ``torch.optim.Adagrad`` (``lr_decay``, weight decay,
+    ``initial_accumulator_value``, maximize) whose CPU update runs in Rust
+    SIMD, operation for operation as torch's. A subclass of
+    :class:`torch.optim.Adagrad`: same signature, defaults, validation errors
+    and ``state_dict`` layout (``step``, ``sum``). Sparse gradients run
+    torch's own implementation.
+"""
+        + NATIVE_NOTE
+    )

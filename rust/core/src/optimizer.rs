@@ -1,0 +1,295 @@
+//! What a torch-twin optimizer declares so that the bindings need no code of
+//! their own for it: its hyper-parameters (parsed from one dictionary, with
+//! clear errors for missing, extra or ill-typed keys), its per-parameter state
+//! (arrays shaped like the parameter, and 0-d scalars such as the step
+//! counter), and its step. The table of every optimizer is
+//! [`crate::kernels::OPTIMIZERS`].
+
+use crate::engine::Exec;
+use crate::error::{Error, Result};
+use crate::tensors::{ScalarState, TensorBatch};
+
+/// A hyper-parameter value as the caller hands it over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HyperValue {
+    Float(f64),
+    Flag(bool),
+    Pair(f64, f64),
+}
+
+/// The kind of value a hyper-parameter takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HyperKind {
+    /// A real number (torch also allows a 0-d tensor).
+    Float,
+    /// A boolean.
+    Flag,
+    /// A pair of real numbers, such as Adam's `betas`.
+    Pair,
+}
+
+impl HyperKind {
+    fn describe(self) -> &'static str {
+        match self {
+            HyperKind::Float => "a number",
+            HyperKind::Flag => "a bool",
+            HyperKind::Pair => "a pair of numbers",
+        }
+    }
+}
+
+/// One parameter group's hyper-parameters for one optimizer, consumed key by
+/// key by [`Optimizer::from_hyper`]; [`Hyper::finish`] rejects leftovers.
+#[derive(Debug)]
+pub struct Hyper {
+    optimizer: &'static str,
+    entries: Vec<(String, HyperValue, bool)>,
+}
+
+impl Hyper {
+    pub fn new(optimizer: &'static str, entries: Vec<(String, HyperValue)>) -> Hyper {
+        Hyper {
+            optimizer,
+            entries: entries.into_iter().map(|(k, v)| (k, v, false)).collect(),
+        }
+    }
+
+    fn take(&mut self, key: &str, kind: HyperKind) -> Result<HyperValue> {
+        let optimizer = self.optimizer;
+        let Some(entry) = self.entries.iter_mut().find(|(k, _, _)| k == key) else {
+            return Err(Error::InvalidArgument(format!(
+                "{optimizer}: missing hyper-parameter {key:?}"
+            )));
+        };
+        entry.2 = true;
+        let value = entry.1;
+        let ok = matches!(
+            (kind, value),
+            (HyperKind::Float, HyperValue::Float(_))
+                | (HyperKind::Flag, HyperValue::Flag(_))
+                | (HyperKind::Pair, HyperValue::Pair(..))
+        );
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "{optimizer}: hyper-parameter {key:?} must be {}, got {value:?}",
+                kind.describe()
+            )));
+        }
+        Ok(value)
+    }
+
+    /// A real-valued hyper-parameter.
+    pub fn float(&mut self, key: &str) -> Result<f64> {
+        match self.take(key, HyperKind::Float)? {
+            HyperValue::Float(x) => Ok(x),
+            _ => unreachable!("checked by take"),
+        }
+    }
+
+    /// A boolean hyper-parameter.
+    pub fn flag(&mut self, key: &str) -> Result<bool> {
+        match self.take(key, HyperKind::Flag)? {
+            HyperValue::Flag(x) => Ok(x),
+            _ => unreachable!("checked by take"),
+        }
+    }
+
+    /// A pair of reals (`betas`, `etas`, ...).
+    pub fn pair(&mut self, key: &str) -> Result<(f64, f64)> {
+        match self.take(key, HyperKind::Pair)? {
+            HyperValue::Pair(a, b) => Ok((a, b)),
+            _ => unreachable!("checked by take"),
+        }
+    }
+
+    /// Fails on any key no getter asked for (a typo, or another optimizer's setting).
+    pub fn finish(self) -> Result<()> {
+        let extra: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|(_, _, used)| !used)
+            .map(|(k, _, _)| k.as_str())
+            .collect();
+        if extra.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "{}: unexpected hyper-parameter(s) {}",
+                self.optimizer,
+                extra
+                    .iter()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
+}
+
+/// An optimizer with torch's per-parameter update, as one group's settings.
+///
+/// A step sees, per parameter, the arrays `[param, grad, state_keys()...]`
+/// (equal length and dtype) and the 0-d cells [`Optimizer::SCALARS`].
+pub trait Optimizer: Sized + Send + Sync + 'static {
+    /// The name callers use (`kind`), lower case.
+    const NAME: &'static str;
+    /// Every hyper-parameter [`Optimizer::from_hyper`] reads, with its kind:
+    /// the caller passes exactly these keys of a torch parameter group.
+    const HYPER: &'static [(&'static str, HyperKind)];
+    /// Every parameter-shaped state entry any setting uses.
+    const STATE: &'static [&'static str];
+    /// The 0-d state entries of each parameter (torch's `step` and the like),
+    /// read and written around the element-wise update.
+    const SCALARS: &'static [&'static str];
+
+    /// Reads a group's settings (every key of [`Optimizer::HYPER`]).
+    fn from_hyper(hyper: &mut Hyper) -> Result<Self>;
+
+    /// The parameter-shaped state entries these settings use, in the order
+    /// the step takes them after `[param, grad]`.
+    fn state_keys(&self) -> Vec<&'static str>;
+
+    /// One step over a checked batch whose arity and scalars match this
+    /// optimizer's layout (see [`Entry::step`]): updates the scalar state as
+    /// torch does and runs the element-wise kernel.
+    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()>;
+}
+
+/// A configured optimizer with its concrete type erased.
+pub trait Configured: Send + Sync {
+    /// The parameter-shaped state entries, in step order.
+    fn state_keys(&self) -> Vec<&'static str>;
+    /// See [`Entry::step`].
+    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()>;
+}
+
+impl<O: Optimizer> Configured for O {
+    fn state_keys(&self) -> Vec<&'static str> {
+        Optimizer::state_keys(self)
+    }
+    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+        Optimizer::step(self, batch, scalars, exec)
+    }
+}
+
+/// One row of the optimizer table: an [`Optimizer`] reduced to data and a
+/// constructor, so callers can pick it by name.
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub name: &'static str,
+    pub hyper: &'static [(&'static str, HyperKind)],
+    pub state: &'static [&'static str],
+    pub scalars: &'static [&'static str],
+    configure: fn(&mut Hyper) -> Result<Box<dyn Configured>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("name", &self.name).finish()
+    }
+}
+
+fn configure<O: Optimizer>(hyper: &mut Hyper) -> Result<Box<dyn Configured>> {
+    Ok(Box::new(O::from_hyper(hyper)?))
+}
+
+/// The table row of `O`.
+pub const fn entry<O: Optimizer>() -> Entry {
+    Entry {
+        name: O::NAME,
+        hyper: O::HYPER,
+        state: O::STATE,
+        scalars: O::SCALARS,
+        configure: configure::<O>,
+    }
+}
+
+impl Entry {
+    /// Parses a group's settings; every key must be consumed.
+    pub fn configure(&self, entries: Vec<(String, HyperValue)>) -> Result<Box<dyn Configured>> {
+        let mut hyper = Hyper::new(self.name, entries);
+        let configured = (self.configure)(&mut hyper)?;
+        hyper.finish()?;
+        Ok(configured)
+    }
+
+    /// Runs one step after checking the batch has `[param, grad, state...]`
+    /// per slot and one row of [`Optimizer::SCALARS`] per slot, so that the
+    /// optimizer itself never fails after writing.
+    pub fn step(
+        &self,
+        configured: &dyn Configured,
+        batch: &TensorBatch,
+        scalars: &mut ScalarState,
+        exec: Exec,
+    ) -> Result<()> {
+        let arity = 2 + configured.state_keys().len();
+        if batch.arity() != arity {
+            return Err(Error::Mismatch(format!(
+                "{} expects {arity} arrays per tensor, got {}",
+                self.name,
+                batch.arity()
+            )));
+        }
+        if scalars.per_slot() != self.scalars.len() || scalars.slots() != batch.slots() {
+            return Err(Error::Mismatch(format!(
+                "{} expects {} scalar state entries for each of {} tensors, got {} for {}",
+                self.name,
+                self.scalars.len(),
+                batch.slots(),
+                scalars.per_slot(),
+                scalars.slots()
+            )));
+        }
+        configured.step(batch, scalars, exec)
+    }
+}
+
+/// Looks an optimizer up by name in `table`.
+pub fn find(table: &[Entry], name: &str) -> Result<Entry> {
+    table
+        .iter()
+        .find(|e| e.name == name)
+        .copied()
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown optimizer {name:?}; known: {}",
+                table.iter().map(|e| e.name).collect::<Vec<_>>().join(", ")
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(pairs: &[(&str, HyperValue)]) -> Vec<(String, HyperValue)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn missing_extra_and_mistyped_keys_are_named() {
+        let mut h = Hyper::new(
+            "demo",
+            entries(&[
+                ("lr", HyperValue::Float(0.1)),
+                ("typo", HyperValue::Flag(true)),
+            ]),
+        );
+        assert_eq!(h.float("lr"), Ok(0.1));
+        let missing = h.float("eps").unwrap_err().to_string();
+        assert!(
+            missing.contains("missing") && missing.contains("\"eps\""),
+            "{missing}"
+        );
+        let extra = h.finish().unwrap_err().to_string();
+        assert!(
+            extra.contains("unexpected") && extra.contains("\"typo\""),
+            "{extra}"
+        );
+
+        let mut h = Hyper::new("demo", entries(&[("betas", HyperValue::Float(0.9))]));
+        let wrong = h.pair("betas").unwrap_err().to_string();
+        assert!(wrong.contains("pair of numbers"), "{wrong}");
+    }
+}

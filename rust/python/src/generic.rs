@@ -1,0 +1,433 @@
+//! The optimizer steps, generated from the core's table
+//! ([`oxoptim_core::OPTIMIZERS`]): no optimizer has code of its own here.
+//!
+//! * `step(kind, params, grads, state, scalars, hyper)`: tensors in lists, one
+//!   list per state entry (the general path, after torch's `_init_group`).
+//! * `group_step(kind, params, state, cache, hyper)`: tensors gathered here from
+//!   a parameter group and the optimizer's `state`, descriptions cached between
+//!   steps (the fast path).
+//!
+//! Both return False, having touched nothing, when some tensor needs torch's
+//! own implementation (another device, dtype, layout; a gradient or state
+//! entry that does not match its parameter; missing state; shared memory).
+//! Every tensor the kernel reads or writes is held (with its storage) until
+//! the kernel returns, so another thread dropping `p.grad` or re-pointing a
+//! tensor meanwhile cannot free memory under it.
+
+use crate::tensors::{describe, describe_grad, torch_types, TensorCache, TorchTypes};
+use crate::{bump_versions, core_error, exec, or_fallback, slots};
+use oxoptim_core::optimizer::find;
+use oxoptim_core::{
+    Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, RawTensor, ScalarState,
+    TensorBatch, OPTIMIZERS,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
+
+fn entry(kind: &str) -> PyResult<Entry> {
+    find(OPTIMIZERS, kind).map_err(core_error)
+}
+
+/// Reads a group's hyper-parameters as the table row declares them: numbers
+/// (0-d tensors too), truth values (Python truthiness, as torch tests them),
+/// pairs of numbers. Unknown keys are passed on for `configure` to reject.
+fn hyper_entries(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(String, HyperValue)>> {
+    let mut out = Vec::with_capacity(hyper.len());
+    for (key, value) in hyper.iter() {
+        let key: String = key.extract()?;
+        let kind = entry
+            .hyper
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, kind)| *kind);
+        let bad = |what: &str| {
+            PyValueError::new_err(format!(
+                "{}: hyper-parameter {key:?} must be {what}, got {}",
+                entry.name,
+                value
+                    .repr()
+                    .map_or_else(|_| "?".to_string(), |r| r.to_string())
+            ))
+        };
+        let parsed = match kind {
+            Some(HyperKind::Flag) => HyperValue::Flag(value.is_truthy()?),
+            Some(HyperKind::Pair) => {
+                let pair: (f64, f64) = value.extract().map_err(|_| bad("a pair of numbers"))?;
+                HyperValue::Pair(pair.0, pair.1)
+            }
+            Some(HyperKind::Float) => {
+                HyperValue::Float(value.extract().map_err(|_| bad("a number"))?)
+            }
+            // Never read: `configure` rejects it by name.
+            None => HyperValue::Float(f64::NAN),
+        };
+        out.push((key, parsed));
+    }
+    Ok(out)
+}
+
+fn configure(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Box<dyn Configured>> {
+    entry
+        .configure(hyper_entries(entry, hyper)?)
+        .map_err(core_error)
+}
+
+/// `torch.Tensor`, to tell tensors from other state values.
+fn tensor_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static TENSOR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    TENSOR.import(py, "torch", "Tensor")
+}
+
+/// The unbound `torch.Tensor.untyped_storage` (no bound method built per call).
+fn untyped_storage(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static METHOD: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    METHOD
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(tensor_type(py)?.getattr("untyped_storage")?.unbind())
+        })
+        .map(|m| m.bind(py))
+}
+
+/// The described tensors of one call, slot by slot, and the objects that keep
+/// their memory alive.
+struct Gathered<'py> {
+    types: &'static TorchTypes,
+    tensor: Bound<'py, PyType>,
+    untyped_storage: Bound<'py, PyAny>,
+    /// `[param, grad, state...]`, one vector per role.
+    columns: Vec<Vec<RawTensor>>,
+    /// The scalar state cells, slot-major.
+    cells: Vec<RawTensor>,
+    /// Every tensor described, and the storage of each one not held by the cache.
+    held: Vec<Bound<'py, PyAny>>,
+    params: Bound<'py, PyList>,
+}
+
+impl<'py> Gathered<'py> {
+    fn new(py: Python<'py>, arity: usize, capacity: usize) -> PyResult<Self> {
+        Ok(Gathered {
+            types: torch_types(py)?,
+            tensor: tensor_type(py)?.clone(),
+            untyped_storage: untyped_storage(py)?.clone(),
+            columns: vec![Vec::with_capacity(capacity); arity],
+            cells: Vec::new(),
+            held: Vec::with_capacity(capacity * (arity + 2)),
+            params: PyList::empty(py),
+        })
+    }
+
+    /// Holds `t` and its current storage until the call ends.
+    fn hold_with_storage(&mut self, t: &Bound<'py, PyAny>) -> PyResult<()> {
+        self.held.push(t.clone());
+        self.held.push(self.untyped_storage.call1((t,))?);
+        Ok(())
+    }
+
+    /// Describes `t` (through `cache` when given, which then keeps its storage).
+    fn describe(
+        &mut self,
+        t: &Bound<'py, PyAny>,
+        cache: Option<&mut TensorCache>,
+        is_param: bool,
+    ) -> PyResult<Option<RawTensor>> {
+        if !t.is_instance(&self.tensor)? {
+            return Ok(None);
+        }
+        let raw = match cache {
+            Some(cache) => {
+                let raw = cache.describe(t, self.types, is_param)?;
+                self.held.push(t.clone());
+                raw
+            }
+            None => {
+                let raw = describe(t, self.types)?;
+                if raw.is_some() {
+                    self.hold_with_storage(t)?;
+                }
+                raw
+            }
+        };
+        Ok(raw)
+    }
+
+    /// Adds one parameter with its gradient, state arrays and scalar cells.
+    /// False when the Rust path cannot take them (nothing is kept then).
+    fn push(
+        &mut self,
+        mut cache: Option<&mut TensorCache>,
+        param: &Bound<'py, PyAny>,
+        grad: &Bound<'py, PyAny>,
+        state: &[Bound<'py, PyAny>],
+        scalars: &[Bound<'py, PyAny>],
+    ) -> PyResult<bool> {
+        let py = param.py();
+        let Some(p) = self.describe(param, cache.as_deref_mut(), true)? else {
+            return Ok(false);
+        };
+        // A gradient must be the parameter's twin: same dtype and shape, dense
+        // and contiguous (torch raises or promotes otherwise, so it runs torch's path).
+        if !grad.is_instance(&self.tensor)? {
+            return Ok(false);
+        }
+        let Some(g) = describe_grad(grad, p, self.types)? else {
+            return Ok(false);
+        };
+        if !grad
+            .getattr(intern!(py, "shape"))?
+            .eq(param.getattr(intern!(py, "shape"))?)?
+        {
+            return Ok(false);
+        }
+        self.hold_with_storage(grad)?;
+        let mut row = Vec::with_capacity(2 + state.len());
+        row.push(p);
+        row.push(g);
+        for t in state {
+            match self.describe(t, cache.as_deref_mut(), false)? {
+                Some(raw) if raw.dtype == p.dtype && raw.len == p.len => row.push(raw),
+                _ => return Ok(false),
+            }
+        }
+        let mut cells = Vec::with_capacity(scalars.len());
+        for t in scalars {
+            match self.describe(t, cache.as_deref_mut(), false)? {
+                Some(raw) if raw.len == 1 && matches!(raw.dtype, DType::F32 | DType::F64) => {
+                    cells.push(raw)
+                }
+                _ => return Ok(false),
+            }
+        }
+        for (column, raw) in self.columns.iter_mut().zip(row) {
+            column.push(raw);
+        }
+        self.cells.extend(cells);
+        self.params.append(param)?;
+        Ok(true)
+    }
+
+    /// Checks the arrays (the unsafe hand-over) and runs the step with the GIL
+    /// released. False: the arrays share memory, torch must run it.
+    fn run(
+        &self,
+        entry: &Entry,
+        configured: &dyn Configured,
+        exec: oxoptim_core::Exec,
+        memos: (&mut DisjointMemo, &mut DisjointMemo),
+    ) -> PyResult<bool> {
+        let arity = self.columns.len();
+        // SAFETY: every array was described from a live, dense, contiguous CPU
+        // tensor of a supported dtype (`describe`, `describe_grad`), and each
+        // tensor and its storage is held in `self.held` (or by the cache,
+        // borrowed for the whole call) until this function returns.
+        let Some(batch) =
+            or_fallback(unsafe { TensorBatch::new_memo(slots(&self.columns), arity, memos.0) })?
+        else {
+            return Ok(false);
+        };
+        // SAFETY: the cells were described like the arrays, from live 0-d CPU
+        // tensors held the same way.
+        let Some(mut scalars) = or_fallback(unsafe {
+            ScalarState::new_memo(self.cells.clone(), entry.scalars.len(), &batch, memos.1)
+        })?
+        else {
+            return Ok(false);
+        };
+        let py = self.params.py();
+        py.detach(|| entry.step(configured, &batch, &mut scalars, exec))
+            .map_err(core_error)?;
+        Ok(true)
+    }
+}
+
+/// One optimizer step over a parameter group given as lists: `state` holds one
+/// list per entry of `layout(kind, hyper)[0]`, `scalars` one per entry of
+/// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
+/// touched nothing) when some tensor needs torch's own implementation.
+#[pyfunction]
+#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None))]
+#[allow(clippy::too_many_arguments)]
+fn step<'py>(
+    py: Python<'py>,
+    kind: &str,
+    params: &Bound<'py, PyList>,
+    grads: &Bound<'py, PyList>,
+    state: &Bound<'py, PyList>,
+    scalars: &Bound<'py, PyList>,
+    hyper: &Bound<'py, PyDict>,
+    num_threads: usize,
+    backend: Option<&str>,
+) -> PyResult<bool> {
+    let entry = entry(kind)?;
+    let configured = configure(&entry, hyper)?;
+    let state_keys = configured.state_keys();
+    let n = params.len();
+    let columns = |lists: &Bound<'py, PyList>,
+                   names: &[&str],
+                   what: &str|
+     -> PyResult<Vec<Vec<Bound<'py, PyAny>>>> {
+        if lists.len() != names.len() {
+            return Err(PyValueError::new_err(format!(
+                "{kind} with these settings takes {what} {names:?}, got {} lists",
+                lists.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for (list, name) in lists.iter().zip(names) {
+            let list = list.cast_into::<PyList>().map_err(|_| {
+                PyValueError::new_err(format!("{kind}: {what} {name:?} must be a list of tensors"))
+            })?;
+            out.push(list.iter().collect::<Vec<_>>());
+        }
+        Ok(out)
+    };
+    let state_lists = columns(state, &state_keys, "state")?;
+    let scalar_lists = columns(scalars, entry.scalars, "scalar state")?;
+    let grads: Vec<Bound<'py, PyAny>> = grads.iter().collect();
+    for (len, role) in std::iter::once((grads.len(), "grads"))
+        .chain(state_lists.iter().map(|l| (l.len(), "state")))
+        .chain(scalar_lists.iter().map(|l| (l.len(), "scalar state")))
+    {
+        if len != n {
+            return Err(PyValueError::new_err(format!(
+                "{kind}: expected {n} tensors in each list, got {len} {role}"
+            )));
+        }
+    }
+    let exec = exec(num_threads, backend)?;
+    let mut gathered = Gathered::new(py, 2 + state_keys.len(), n)?;
+    for (i, param) in params.iter().enumerate() {
+        let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
+        let cells: Vec<_> = scalar_lists.iter().map(|l| l[i].clone()).collect();
+        if !gathered.push(None, &param, &grads[i], &state, &cells)? {
+            return Ok(false);
+        }
+    }
+    let memos = (&mut DisjointMemo::default(), &mut DisjointMemo::default());
+    if !gathered.run(&entry, configured.as_ref(), exec, memos)? {
+        return Ok(false);
+    }
+    let mut written = vec![params.clone()];
+    for list in state.iter().chain(scalars.iter()) {
+        written.push(list.cast_into::<PyList>()?);
+    }
+    bump_versions(py, &written.iter().collect::<Vec<_>>())?;
+    Ok(true)
+}
+
+/// One optimizer step over a whole parameter group (`params`, its list), its
+/// state read from the optimizer's `state` dict by the table's keys, tensor
+/// descriptions cached in `cache` between steps. Parameters without a
+/// gradient are skipped. Returns False (having touched nothing) when torch's
+/// path must run: some parameter with a gradient lacks state (a first step), or
+/// some tensor needs torch's own implementation.
+#[pyfunction]
+#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1))]
+fn group_step<'py>(
+    py: Python<'py>,
+    kind: &str,
+    params: &Bound<'py, PyList>,
+    state: &Bound<'py, PyDict>,
+    mut cache: PyRefMut<'_, TensorCache>,
+    hyper: &Bound<'py, PyDict>,
+    num_threads: usize,
+) -> PyResult<bool> {
+    let entry = entry(kind)?;
+    let configured = configure(&entry, hyper)?;
+    // Interned once: a `&str` key would build a new Python string per lookup.
+    let state_keys: Vec<Bound<'py, PyString>> = configured
+        .state_keys()
+        .iter()
+        .map(|k| PyString::intern(py, k))
+        .collect();
+    let scalar_keys: Vec<Bound<'py, PyString>> = entry
+        .scalars
+        .iter()
+        .map(|k| PyString::intern(py, k))
+        .collect();
+    let stateless = state_keys.is_empty() && scalar_keys.is_empty();
+    let mut gathered = Gathered::new(py, 2 + state_keys.len(), params.len())?;
+    let empty = PyDict::new(py);
+    for p in params.iter() {
+        let grad = p.getattr(intern!(py, "grad"))?;
+        if grad.is_none() {
+            continue;
+        }
+        let entry_dict = match state.get_item(&p)? {
+            Some(e) => match e.cast_into::<PyDict>() {
+                Ok(d) => d,
+                Err(_) => return Ok(false),
+            },
+            // Optimizers without state (SGD without momentum) never get an entry.
+            None if stateless => empty.clone(),
+            None => return Ok(false),
+        };
+        let lookup = |keys: &[Bound<'py, PyString>]| -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                match entry_dict.get_item(key)? {
+                    Some(t) => out.push(t),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(out))
+        };
+        let (Some(tensors), Some(cells)) = (lookup(&state_keys)?, lookup(&scalar_keys)?) else {
+            return Ok(false);
+        };
+        if !gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells)? {
+            return Ok(false);
+        }
+    }
+    let exec = exec(num_threads, None)?;
+    if !gathered.run(
+        &entry,
+        configured.as_ref(),
+        exec,
+        cache.memos(params.as_any()),
+    )? {
+        return Ok(false);
+    }
+    bump_versions(py, &[&gathered.params])?;
+    Ok(true)
+}
+
+/// The state a step of `kind` with these settings uses: its parameter-shaped
+/// entries and its 0-d entries, each in the order `step` takes them.
+#[pyfunction]
+fn layout(
+    kind: &str,
+    hyper: &Bound<'_, PyDict>,
+) -> PyResult<(Vec<&'static str>, Vec<&'static str>)> {
+    let entry = entry(kind)?;
+    let configured = configure(&entry, hyper)?;
+    Ok((configured.state_keys(), entry.scalars.to_vec()))
+}
+
+/// The table: for each optimizer name, its hyper-parameter keys (`hyper`),
+/// every parameter-shaped state entry any setting uses (`state`) and its 0-d
+/// state entries (`scalars`).
+#[pyfunction]
+fn optimizers(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let table = PyDict::new(py);
+    for e in OPTIMIZERS {
+        let row = PyDict::new(py);
+        let hyper: Vec<&str> = e.hyper.iter().map(|(k, _)| *k).collect();
+        row.set_item("hyper", PyTuple::new(py, hyper)?)?;
+        row.set_item("state", PyTuple::new(py, e.state)?)?;
+        row.set_item("scalars", PyTuple::new(py, e.scalars)?)?;
+        table.set_item(e.name, row)?;
+    }
+    Ok(table)
+}
+
+/// Adds this file's functions to `oxoptim._core`.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(step, m)?)?;
+    m.add_function(wrap_pyfunction!(group_step, m)?)?;
+    m.add_function(wrap_pyfunction!(layout, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizers, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+"""``import oxoptim as optim`` stands in for ``torch.optim``: every optimizer
+class torch has, with torch's signature (plus ``skip_nonfinite`` on the
+Rust-backed twins), and torch's schedulers, SWA utilities and base class."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import oxoptim
+from oxoptim._twin import TorchTwin
+
+TORCH_OPTIMIZERS = sorted(
+    name
+    for name in torch.optim.__all__
+    if isinstance(getattr(torch.optim, name), type)
+    and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+    and getattr(torch.optim, name) is not torch.optim.Optimizer
+)
+# Those documented in the README as running torch's implementation.
+TORCH_IMPLEMENTATION = {"LBFGS", "SparseAdam", "Adafactor", "Muon"}
+
+
+@pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
+def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
+    theirs = getattr(torch.optim, name)
+    ours = getattr(oxoptim, name)
+    assert name in oxoptim.__all__
+    if name in TORCH_IMPLEMENTATION:
+        assert ours is theirs
+        return
+    assert issubclass(ours, TorchTwin) and issubclass(ours, theirs)
+    expected = list(inspect.signature(theirs).parameters.values())
+    expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    assert list(inspect.signature(ours).parameters.values()) == expected
+
+
+def test_the_rust_table_backs_every_twin() -> None:
+    twins = {name for name in TORCH_OPTIMIZERS if name not in TORCH_IMPLEMENTATION}
+    kinds = {getattr(oxoptim, name).KIND for name in twins}
+    assert kinds == set(oxoptim._core.optimizers())
+
+
+def test_positional_arguments_land_where_torchs_do() -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    # Adagrad's `foreach` is positional in torch; Rprop's `etas` is a pair.
+    assert oxoptim.Adagrad(p, 0.5, 0.1, 0.2, 0.3, 1e-5, False).param_groups[0]["initial_accumulator_value"] == 0.3
+    assert oxoptim.Rprop(p, 0.1, (0.4, 1.5)).param_groups[0]["etas"] == (0.4, 1.5)
+    with pytest.raises(TypeError):
+        oxoptim.SGD(p, 0.1, 0.9, 0.0, 0.0, False, False)  # maximize is keyword-only, as in torch
+
+
+def test_schedulers_swa_and_base_class_are_torchs() -> None:
+    assert oxoptim.Optimizer is torch.optim.Optimizer
+    assert oxoptim.lr_scheduler.StepLR is torch.optim.lr_scheduler.StepLR
+    assert set(oxoptim.lr_scheduler.__all__) == set(torch.optim.lr_scheduler.__all__)
+    assert oxoptim.swa_utils.AveragedModel is torch.optim.swa_utils.AveragedModel
+    from oxoptim.lr_scheduler import CosineAnnealingLR  # a real submodule, not just an attribute
+    from oxoptim.swa_utils import SWALR
+
+    assert CosineAnnealingLR is torch.optim.lr_scheduler.CosineAnnealingLR and SWALR is torch.optim.swa_utils.SWALR
+
+
+def test_a_torch_training_script_runs_with_oxoptim_as_optim() -> None:
+    """A torch.optim script with `import oxoptim as optim` instead: same losses."""
+
+    def train(optim) -> list[float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        x, y = torch.randn(64, 8), torch.randn(64, 1)
+        opt = optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+        sched = optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        swa = optim.swa_utils.AveragedModel(model)
+        losses = []
+        for _ in range(15):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            swa.update_parameters(model)
+            losses.append(loss.item())
+        return losses
+
+    torch.testing.assert_close(train(oxoptim), train(torch.optim))

@@ -1,0 +1,321 @@
+"""Table-driven checks of every torch twin through the generic entry points
+(`_core.step`, `_core.group_step`): SIMD backends agree bit for bit, bad calls
+get clear errors and change nothing, tensors that do not match their
+parameter go to torch's path, and half precision follows float32 math."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+import oxoptim
+from oxoptim import _core
+from optimizers import TWIN_IDS, TWINS, Twin, clone_params, set_grads
+
+
+def _stepped_once(twin: Twin, shapes=((67,), (1000,), (3, 5)), dtype=torch.float32):
+    """An optimizer of ours after one step (its state exists), and fresh grads."""
+    gen = torch.Generator().manual_seed(3)
+    params = clone_params([torch.randn(s, generator=gen, dtype=dtype) for s in shapes])
+    opt = twin.ours(params, **twin.typical)
+    set_grads(gen, params)
+    opt.step()
+    set_grads(gen, params)
+    return opt, params
+
+
+def _lists(opt, params):
+    """The list-path arguments for `params` of `opt`'s first group: copies of params and state."""
+    group = opt.param_groups[0]
+    hyper = opt._hyper(group)
+    arrays, scalars = _core.layout(opt.KIND, hyper)
+    new = [p.detach().clone() for p in params]
+    state = [[opt.state[p][k].clone() for p in params] for k in arrays]
+    cells = [[opt.state[p][k].clone() for p in params] for k in scalars]
+    return new, [p.grad for p in params], state, cells, hyper
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_every_simd_backend_is_bit_identical(twin: Twin) -> None:
+    """The Python-visible kernels agree bit for bit across backends (scalar included)."""
+    opt, params = _stepped_once(twin)
+    results = {}
+    for backend in oxoptim.supported_backends():
+        new, grads, state, cells, hyper = _lists(opt, params)
+        for _ in range(3):
+            assert _core.step(opt.KIND, new, grads, state, cells, hyper, backend=backend)
+        results[backend] = [*new, *(t for col in state + cells for t in col)]
+    for backend, tensors in results.items():
+        for a, b in zip(tensors, results["scalar"]):
+            assert torch.equal(a, b), backend
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_list_path_equals_group_path(twin: Twin) -> None:
+    opt, params = _stepped_once(twin)
+    new, grads, state, cells, hyper = _lists(opt, params)
+    assert _core.step(opt.KIND, new, grads, state, cells, hyper)
+    cache = _core.TensorCache()
+    assert _core.group_step(opt.KIND, opt.param_groups[0]["params"], opt.state, cache, hyper)
+    arrays, scalars = _core.layout(opt.KIND, hyper)
+    for i, p in enumerate(params):
+        assert torch.equal(new[i], p.detach())
+        for column, key in zip(state + cells, arrays + scalars):
+            assert torch.equal(column[i], opt.state[p][key]), key
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_bad_calls_raise_clear_errors_and_change_nothing(twin: Twin) -> None:
+    opt, params = _stepped_once(twin)
+    new, grads, state, cells, hyper = _lists(opt, params)
+    before = copy.deepcopy((new, state, cells))
+    kind = opt.KIND
+    some_key = next(iter(hyper))
+    cases = [
+        ((("no_such_optimizer", new, grads, state, cells, hyper)), "unknown optimizer"),
+        (((kind, new, grads, state, cells, {k: v for k, v in hyper.items() if k != some_key})), f"missing hyper-parameter '{some_key}'|missing hyper-parameter \"{some_key}\""),
+        (((kind, new, grads, state, cells, {**hyper, "lr_typo": 0.1})), 'unexpected hyper-parameter.*"lr_typo"'),
+        (((kind, new, grads, state + [state[0]] if state else [[p.clone() for p in new]], cells, hyper)), "takes state"),
+        (((kind, new, grads[:-1], state, cells, hyper)), "expected 3 tensors"),
+    ]
+    if cells:
+        cases.append((((kind, new, grads, state, [], hyper)), "takes scalar state"))
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _core.step(*args)
+        for a, b in zip(before[0] + [t for c in before[1] + before[2] for t in c], new + [t for c in state + cells for t in c]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_hyper_parameter_types_are_checked(twin: Twin) -> None:
+    opt, params = _stepped_once(twin)
+    hyper = opt._hyper(opt.param_groups[0])
+    for key, value in hyper.items():
+        if not isinstance(value, bool):
+            with pytest.raises(ValueError, match=f"{key}.*must be (a number|a pair of numbers)"):
+                _core.layout(opt.KIND, {**hyper, key: "fast"})
+
+
+def _grad_dtype(new, grads, state, cells):
+    grads[0] = grads[0].double()
+
+
+def _grad_shape(new, grads, state, cells):
+    grads[2] = grads[2].reshape(5, 3)  # same numel as the (3, 5) parameter
+
+
+def _grad_not_contiguous(new, grads, state, cells):
+    grads[2] = grads[2].t().contiguous().t()
+
+
+def _state_dtype(new, grads, state, cells):
+    state[0][0] = state[0][0].double()
+
+
+def _state_length(new, grads, state, cells):
+    state[0][0] = state[0][0][:-1]
+
+
+def _scalar_dtype(new, grads, state, cells):
+    cells[0][0] = cells[0][0].to(torch.bfloat16)
+
+
+# Each edit makes one tensor unlike its parameter (state edits need state).
+MISMATCHES = [_grad_dtype, _grad_shape, _grad_not_contiguous, _state_dtype, _state_length, _scalar_dtype]
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_tensors_unlike_their_parameter_are_left_to_torch(twin: Twin) -> None:
+    """A gradient or state entry with another dtype, shape or length: both paths
+    return False (torch's path raises or promotes) and write nothing."""
+    opt, params = _stepped_once(twin)
+    for edit in MISMATCHES:
+        new, grads, state, cells, hyper = _lists(opt, params)
+        if (edit in (_state_dtype, _state_length) and not state) or (edit is _scalar_dtype and not cells):
+            continue
+        edit(new, grads, state, cells)
+        before = copy.deepcopy((new, state, cells))
+        assert not _core.step(opt.KIND, new, grads, state, cells, hyper), edit.__name__
+        assert all(torch.equal(a, b) for a, b in zip(before[0], new)), edit.__name__
+        # The same tensors reached through a parameter group and its state.
+        holders = [p.detach().clone().requires_grad_() for p in new]
+        for h, g in zip(holders, grads):
+            h.grad = torch.zeros_like(h)
+            h.grad.data = g  # bypasses the grad setter's dtype and shape checks
+        arrays, scalars = _core.layout(opt.KIND, hyper)
+        st = {h: {**{k: state[j][i] for j, k in enumerate(arrays)}, **{k: cells[j][i] for j, k in enumerate(scalars)}} for i, h in enumerate(holders)}
+        assert not _core.group_step(opt.KIND, holders, st, _core.TensorCache(), hyper), edit.__name__
+        assert all(torch.equal(h.detach(), b) for h, b in zip(holders, before[0])), edit.__name__
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_gradient_of_another_shape_raises_like_torch(twin: Twin) -> None:
+    """Not stepped as if it fit: torch's path runs and raises (after what torch
+    itself writes first, e.g. AdamW's decay), as torch does."""
+    outcomes = []
+    for make in (twin.ours, twin.make_theirs):
+        p = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_()
+        opt = make([p], **twin.typical)
+        p.grad = torch.ones(3, 5)
+        opt.step()
+        p.grad.data = torch.ones(5, 3)  # same numel; the grad setter's shape check is bypassed
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        outcomes.append((type(info.value), p.detach().clone()))
+    assert outcomes[0][0] is outcomes[1][0]
+    torch.testing.assert_close(outcomes[0][1], outcomes[1][1])
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as integers ordered like their values (adjacent values differ by 1)."""
+    bits = t.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_float32_math_rounded_to_storage(twin: Twin, dtype: torch.dtype) -> None:
+    """bf16/fp16 parameters: float32 math, parameters and state stored in the
+    parameter dtype (torch's fused semantics), against torch's float32 step
+    whose results are rounded to the storage dtype after every step."""
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(s, generator=gen).to(dtype) for s in [(67,), (33, 3), (1,), (4096,)]]
+    mine, ref = clone_params(base), clone_params([p.float() for p in base])
+    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    for _ in range(20):
+        for p, q in zip(mine, ref):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad = g, g.float()
+        ours.step()
+        theirs.step()
+        with torch.no_grad():
+            for q in ref:
+                q.copy_(q.to(dtype))
+                for key in twin.ours.PARAM_SHAPED:
+                    if key in theirs.state[q]:
+                        theirs.state[q][key].copy_(theirs.state[q][key].to(dtype))
+    compared = off = 0
+    for p, q in zip(mine, ref):
+        pairs = [(p.detach(), q.detach().to(dtype))]
+        pairs += [(ours.state[p][k], theirs.state[q][k].to(dtype)) for k in twin.ours.PARAM_SHAPED if k in ours.state[p]]
+        for a, b in pairs:
+            assert a.dtype == dtype
+            compared += a.numel()
+            off += int(((_ordered(a) - _ordered(b)).abs() > 1).sum())
+    assert off <= 0.01 * compared, f"{off} of {compared} elements off by more than one ulp"
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
+    """The kernels really run: the list path on a first step (torch's only for
+    state torch creates lazily, SGD's momentum buffer), then the fast path."""
+    gen = torch.Generator().manual_seed(6)
+    params = clone_params([torch.randn(s, generator=gen) for s in [(9,), (4, 3)]])
+    opt = twin.ours(params, **twin.typical)
+    torch_steps = []
+    opt._torch_step = torch_steps.append  # instance attribute: shadows the method
+    fast, slow = opt._fast_step, opt._list_step
+    paths = []
+    opt._fast_step = lambda group, cache: paths.append("fast") or fast(group, cache)
+    opt._list_step = lambda group, ps, gs: paths.append("list") or slow(group, ps, gs)
+    set_grads(gen, params)
+    opt.step()
+    lazy = twin.name == "sgd"
+    assert len(torch_steps) == (1 if lazy else 0)
+    if lazy:
+        del opt._torch_step  # let torch create the momentum buffers
+        opt.step()
+        opt._torch_step = torch_steps.append
+    paths.clear()
+    for _ in range(3):
+        set_grads(gen, params)
+        opt.step()
+    assert paths == ["fast"] * 3 and len(torch_steps) == (1 if lazy else 0)
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.ours.SCALAR_STATE], ids=[t.name for t in TWINS if t.ours.SCALAR_STATE])
+def test_scalar_state_follows_the_default_dtype(twin: Twin) -> None:
+    """torch keeps step (and NAdam's mu_product, ASGD's eta and mu) in the
+    default dtype: float64 cells are read and written as float64."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.randn(s, generator=gen) for s in [(33,), (2, 5)]]
+        mine, ref = clone_params(params), clone_params(params)
+        ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+        for _ in range(8):
+            set_grads(gen, mine, ref)
+            ours.step()
+            theirs.step()
+    finally:
+        torch.set_default_dtype(before)
+    for p, q in zip(mine, ref):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-7)
+        for key in twin.ours.SCALAR_STATE:
+            assert ours.state[p][key].dtype == theirs.state[q][key].dtype == torch.float64
+            assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.ours.SCALAR_STATE], ids=[t.name for t in TWINS if t.ours.SCALAR_STATE])
+def test_scalar_state_is_torchs_bit_for_bit(twin: Twin) -> None:
+    """step (and mu_product, eta, mu) come out exactly as torch's float32 0-d tensors."""
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(s, generator=gen) for s in [(17,), (3, 2)]]
+    mine, ref = clone_params(params), clone_params(params)
+    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    for step in range(12):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+        # Every step: a one-ulp slip in mu_product can round away again later.
+        for p, q in zip(mine, ref):
+            for key in twin.ours.SCALAR_STATE:
+                assert torch.equal(ours.state[p][key], theirs.state[q][key]), (step, key)
+
+
+def test_sgd_without_momentum_needs_no_state_and_takes_the_fast_path() -> None:
+    params = clone_params([torch.randn(5), torch.randn(2, 3)])
+    opt = oxoptim.SGD(params, lr=0.1)
+    opt._general_step = lambda group, native: pytest.fail("general path taken")
+    for _ in range(3):
+        set_grads(torch.Generator().manual_seed(0), params)
+        opt.step()
+    assert len(opt.state) == 0
+
+
+CAPTURABLE = [t for t in TWINS if "capturable" in inspect.signature(t.theirs).parameters]
+
+
+@pytest.mark.parametrize("twin", CAPTURABLE, ids=[t.name for t in CAPTURABLE])
+def test_capturable_runs_torchs_path(twin: Twin) -> None:
+    """capturable=True on CPU tensors: torch's own step, which refuses them."""
+    messages = []
+    for make in (twin.ours, twin.make_theirs):
+        p = torch.zeros(3, requires_grad=True)
+        opt = make([p], **twin.typical, capturable=True)
+        p.grad = torch.ones(3)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        messages.append((type(info.value), str(info.value)))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_hooks_run_once_when_torchs_path_steps_a_group(twin: Twin) -> None:
+    """torch's own step (here for a non-contiguous parameter) runs unhooked:
+    the optimizer's hooks fire once per step, even after torch hooked its class."""
+    twin.theirs([torch.zeros(1, requires_grad=True)])  # torch wraps its class's step with the hook runner
+    p = torch.randn(4, 3).t().requires_grad_()
+    opt = twin.ours([p], **twin.typical)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert calls == ["pre", "post"] * 2
