@@ -250,12 +250,17 @@ def _with(edit: Callable[[dict], Any]) -> Callable[[dict], dict]:
     return make
 
 
+# torch's per-parameter state entries that are one number (0-d tensors), not
+# tensors of the parameter's shape: the step counter, NAdam's mu_product, ASGD's eta and mu.
+SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+
+
 def _shaped_key(sd: dict) -> str:
-    return next(k for k, v in _first_entry(sd).items() if isinstance(v, torch.Tensor) and k != "step")
+    return next(k for k, v in _first_entry(sd).items() if isinstance(v, torch.Tensor) and k not in SCALAR_STATE)
 
 
 def _has_shaped(sd: dict) -> bool:
-    return _has_entry(sd) and any(isinstance(v, torch.Tensor) and k != "step" for k, v in _first_entry(sd).items())
+    return _has_entry(sd) and any(isinstance(v, torch.Tensor) and k not in SCALAR_STATE for k, v in _first_entry(sd).items())
 
 
 class InvalidLoad(NamedTuple):
