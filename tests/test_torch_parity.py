@@ -152,7 +152,7 @@ def test_state_entries_torch_treats_as_fresh_state_load_as_in_torch(twin: Twin) 
 
 # -- tensor hyper-parameters -----------------------------------------------------
 
-ADAM_TWINS = [t for t in TWINS if t.name != "sgd"]
+ADAM_TWINS = [t for t in TWINS if t.name in ("adam", "adamw")]
 
 
 @pytest.mark.parametrize("twin", ADAM_TWINS, ids=[t.name for t in ADAM_TWINS])
@@ -166,20 +166,56 @@ def test_adam_with_tensor_lr_and_betas_is_torchs_bit_for_bit(twin: Twin, param_d
     def hyper():
         return dict(lr=torch.tensor(0.01, dtype=hyper_dtype), betas=(torch.tensor(0.8, dtype=hyper_dtype), torch.tensor(0.99, dtype=hyper_dtype)), **options)
 
+    _assert_steps_like_torch_bit_for_bit(twin, hyper, param_dtype)
+
+
+def _assert_steps_like_torch_bit_for_bit(twin: Twin, hyper, param_dtype) -> None:
     gen = torch.Generator().manual_seed(2)
     base = [torch.randn(s, generator=gen, dtype=param_dtype) for s in [(1000,), (7, 3), ()]]
     mine, ref = clone_params(base), clone_params(base)
     ours, theirs = twin.ours(mine, **hyper()), twin.make_theirs(ref, **hyper())
     for _ in range(5):
         set_grads(gen, mine, ref)
-        ours.step()
-        theirs.step()
+        torch_error = _raised(theirs.step)
+        ours_error = _raised(ours.step)
+        # torch rejects some settings at its step (Rprop's tensor etas of another dtype than the parameters).
+        assert type(ours_error) is type(torch_error), (ours_error, torch_error)
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a, b, **TOLERANCE[param_dtype])
         assert torch.equal(a, b)
     for a, b in zip(mine, ref):
+        assert ours.state[a].keys() == theirs.state[b].keys()
         for key in theirs.state[b]:
             assert torch.equal(ours.state[a][key], theirs.state[b][key]), key
+
+
+def _float_hyper(twin: Twin) -> dict:
+    """The twin's typical settings over torch's defaults: its float hyper-parameters (tuples of floats included)."""
+    defaults = {**twin.make_theirs([torch.zeros(1, requires_grad=True)]).defaults, **twin.typical}
+    floats = {k: v for k, v in defaults.items() if isinstance(v, float) or (isinstance(v, tuple) and v and all(isinstance(x, float) for x in v))}
+    return {**twin.typical, **floats}
+
+
+def _as_tensors(kw: dict, names, dtype) -> dict:
+    def tensor(v):
+        return tuple(torch.tensor(x, dtype=dtype) for x in v) if isinstance(v, tuple) else torch.tensor(v, dtype=dtype)
+
+    return {k: tensor(v) if k in names else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["lr", "every float"])
+def test_tensor_hyper_parameters_are_torchs_bit_for_bit(twin: Twin, param_dtype, hyper_dtype, which) -> None:
+    """Every optimizer with its own float hyper-parameters given as 0-d tensors
+    (the lr alone, or all of them): torch computes with them in their dtype,
+    and oxoptim's numbers and state are torch's exactly (the kernels take only
+    the tensors torch reads as plain numbers, EXACT_TENSOR_HYPER; the rest run
+    torch's implementation)."""
+    kw = _float_hyper(twin)
+    names = {"lr"} if which == "lr" else {k for k, v in kw.items() if isinstance(v, (float, tuple))}
+    _assert_steps_like_torch_bit_for_bit(twin, lambda: _as_tensors(kw, names, hyper_dtype), param_dtype)
 
 
 @pytest.mark.parametrize("names", [("lr",), ("weight_decay",), ("lr", "weight_decay"), ("momentum",), ("dampening",)])
@@ -209,28 +245,36 @@ def test_sgd_with_tensor_hyper_parameters_is_torchs_bit_for_bit(names, param_dty
 
 
 def test_only_tensor_hyper_parameters_torch_computes_with_leave_the_kernels(monkeypatch) -> None:
-    """Float settings (and SGD's tensor lr) run the kernels, not torch's implementation."""
-    import oxoptim.adam
-    import oxoptim.sgd
+    """Float settings (and SGD's tensor lr) run the kernels, not torch's implementation;
+    other tensor hyper-parameters run torch's. The first step is left out: it
+    creates state (SGD's momentum buffer in torch's own step)."""
+    from oxoptim._twin import TorchTwin
 
     ran = []
-    for module, name in ((oxoptim.adam, "torch_adam"), (oxoptim.sgd, "torch_sgd")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _orig=original, _name=name, **k: (ran.append(_name), _orig(*a, **k))[1])
+    original = TorchTwin._torch_step
+    monkeypatch.setattr(TorchTwin, "_torch_step", lambda self, group: (ran.append(type(self).__name__), original(self, group))[1])
     cases = [
-        (oxoptim.Adam, dict(lr=0.01), []),
-        (oxoptim.SGD, dict(lr=torch.tensor(0.1), momentum=0.9), []),
-        (oxoptim.Adam, dict(lr=torch.tensor(0.01)), ["torch_adam"]),
-        (oxoptim.SGD, dict(lr=0.1, momentum=torch.tensor(0.9)), ["torch_sgd"]),
+        (oxoptim.Adam, dict(lr=0.01), False),
+        (oxoptim.SGD, dict(lr=torch.tensor(0.1), momentum=0.9), False),
+        (oxoptim.SGD, dict(lr=torch.tensor(0.1), weight_decay=torch.tensor(0.01)), False),
+        (oxoptim.Adam, dict(lr=torch.tensor(0.01)), True),
+        (oxoptim.SGD, dict(lr=0.1, momentum=torch.tensor(0.9)), True),
     ]
-    for cls, kw, expected in cases:
-        ran.clear()
+    for twin in TWINS:
+        kw = _float_hyper(twin)
+        cases += [(twin.ours, kw, False)]
+        if twin.name != "sgd":
+            cases += [(twin.ours, _as_tensors(kw, {"lr"}, torch.float64), True)]
+    for cls, kw, torchs in cases:
         p = torch.randn(5, requires_grad=True)
         opt = cls([p], **kw)
+        p.grad = torch.randn(5)
+        opt.step()
+        ran.clear()
         for _ in range(2):
             p.grad = torch.randn(5)
             opt.step()
-        assert ran == expected * 2, (cls.__name__, kw)
+        assert ran == ([cls.__name__] * 2 if torchs else []), (cls.__name__, kw)
 
 
 # -- SGD bit for bit (the README's claim) -----------------------------------------

@@ -3,7 +3,7 @@
 //! optimizer steps: tensors are checked and described here, kernels run with
 //! the GIL released, and `False`/`None` means "some tensor needs torch".
 
-use crate::{bump_versions, column, core_error, exec, slots};
+use crate::{bump_versions, column, core_error, exec, or_fallback, slots};
 use oxoptim_core::{self as core, RawTensor, TensorBatch};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -20,8 +20,9 @@ fn batch_of(lists: &[(&Bound<'_, PyList>, &str)]) -> PyResult<Option<TensorBatch
     }
     // SAFETY: `describe_all` checked every tensor is a dense, contiguous CPU
     // tensor of a supported dtype; the caller's lists keep them alive for the call.
-    let batch = unsafe { TensorBatch::new(slots(&columns), lists.len()) }.map_err(core_error)?;
-    Ok(Some(batch))
+    // Tensors that share memory (two parameters given the very same gradient
+    // tensor) are torch's to handle, like any other tensor the kernels cannot take.
+    or_fallback(unsafe { TensorBatch::new(slots(&columns), lists.len()) })
 }
 
 /// θ ← θ − step·(±g + l1·sign(θ) + weight_decay·θ) over a parameter group.
