@@ -145,6 +145,30 @@ class OptimizerMirror(RuleBasedStateMachine):
         return g
 
     def _step_both(self) -> None:
+        self._step_both_unchecked()
+        for p, q in self._pairs():
+            self._drop_misshaped_state(p, q)
+
+    def _drop_misshaped_state(self, p: torch.Tensor, q: torch.Tensor) -> None:
+        misshaped = [k for k, v in self.ours.state.get(p, {}).items() if torch.is_tensor(v) and k not in SCALAR_STATE and v.shape != p.shape]
+        if misshaped:
+            # torch's Rprop creates ``step_size`` like the gradient (``full_like(grad)``)
+            # before its step fails on this gradient; oxoptim, running torch's
+            # ``_init_group``, holds the same state (compared by mirrors_torch), on
+            # which torch fails at every later step. Deliberately stricter
+            # (python/oxoptim/_state.py), oxoptim refuses to load (and copy)
+            # a state tensor whose shape is not its parameter's, where torch loads
+            # it (casting its state to the parameters' dtypes, so it is not loaded
+            # here: the twins would part); checked here, then the poisoned entry is dropped in both,
+            # as a user would have to, so that the machine goes on.
+            assert misshaped == ["step_size"] and self.twin.name == "rprop", misshaped
+            before = snapshot(self.ours)
+            with pytest.raises(ValueError, match="but the parameter has shape"):
+                self.ours.load_state_dict(_serialised(self.ours.state_dict()))
+            assert_unchanged(self.ours, before)
+            del self.ours.state[p], self.theirs.state[q]
+
+    def _step_both_unchecked(self) -> None:
         skipped = [i for i, g in enumerate(self.ours.param_groups) if g.get("skip_nonfinite") and _nonfinite(g)]
         before = snapshot(self.ours)
         errors = []
@@ -265,31 +289,28 @@ class OptimizerMirror(RuleBasedStateMachine):
     def state_dict_round_trip(self, source: str) -> None:
         """Both load the state dict one of them saved (through torch.save)."""
         sd = (self.ours if source == "oxoptim" else self.theirs).state_dict()
-        if self._misshaped_state(sd):
-            # torch's Rprop creates ``step_size`` like the gradient (``full_like(grad)``)
-            # before its step fails on a gradient that does not fit the parameter
-            # (step_after_transposing_a_parameter); both keep that state, and torch
-            # would fail on it at its next step. oxoptim, deliberately stricter,
-            # refuses to load a state tensor whose shape is not its parameter's.
+        if self._lacks_required_state():
+            # A setting changed after the state was made (RMSprop's momentum from 0):
+            # torch loads such state and raises KeyError at its next step (as
+            # the step rule checks); oxoptim, deliberately stricter
+            # (python/oxoptim/_state.py), raises it at load and changes nothing.
             before = snapshot(self.ours)
-            with pytest.raises(ValueError, match="but the parameter has shape"):
+            with pytest.raises(KeyError, match="has no"):
                 self.ours.load_state_dict(_serialised(sd))
             assert_unchanged(self.ours, before)
-            event("round trip: misshaped state refused")
+            self.theirs.load_state_dict(_serialised(sd))
             return
         self.ours.load_state_dict(_serialised(sd))
         self.theirs.load_state_dict(_serialised(sd))
         if isinstance(sd.get("skipped_steps"), int):
             self.skipped = sd["skipped_steps"]
 
-    def _misshaped_state(self, sd: dict) -> bool:
-        """Whether a state dict holds a state tensor of another shape than its parameter's."""
-        params = _all_params(self.ours)
+    def _lacks_required_state(self) -> bool:
+        """Whether a non-empty state entry lacks one the group's current settings need."""
         return any(
-            torch.is_tensor(v) and k not in SCALAR_STATE and v.shape != params[i].shape
-            for i, entry in sd["state"].items()
-            if isinstance(entry, dict)
-            for k, v in entry.items()
+            self.ours.state.get(p) and any(k not in self.ours.state[p] for k in self.ours.required_state(g))
+            for g in self.ours.param_groups
+            for p in g["params"]
         )
 
     @rule(how=st.sampled_from(["deepcopy", "pickle"]))
@@ -302,6 +323,10 @@ class OptimizerMirror(RuleBasedStateMachine):
                 errors.append(None)
             except Exception as e:  # noqa: BLE001 - torch's deepcopy of a parameter whose stale gradient no longer fits
                 errors.append(e)
+        if errors[1] is None and self._lacks_required_state():
+            # Copies pass the load checks: the KeyError of state_dict_round_trip.
+            assert isinstance(errors[0], KeyError), errors[0]
+            return
         assert type(errors[0]) is type(errors[1]), f"{how}: oxoptim raised {errors[0]!r}, torch raised {errors[1]!r}"
         if errors[0] is None:
             self.ours, self.theirs = copies
