@@ -123,3 +123,21 @@ def test_rust_any_nonfinite_across_dtypes_and_threads():
         ts[0][99_999] = float("inf")
         for threads in (1, 3):
             assert _core.any_nonfinite(ts, num_threads=threads) is True
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_parameters_sharing_one_gradient_tensor(bad):
+    """Two parameters given the very same gradient tensor (memory the Rust
+    read pass cannot take as one batch): the check falls back to torch's."""
+    from oxoptim._skip import grads_nonfinite
+
+    g = torch.ones(6)
+    if bad:
+        g[3] = float("nan")
+    assert grads_nonfinite([g, g, g[:3]]) is bad
+    p, q = torch.zeros(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+    p.grad = q.grad = g
+    opt = oxoptim.Adam([p, q], lr=0.1, skip_nonfinite=True)
+    opt.step()
+    assert opt.skipped_steps == int(bad)
+    assert torch.equal(p, q) and (torch.equal(p, torch.zeros(6)) is bad)
