@@ -89,3 +89,46 @@ def set_grads(generator: torch.Generator, *param_lists: list[torch.Tensor]) -> N
         g = torch.randn(tensors[0].shape, generator=generator, dtype=tensors[0].dtype)
         for p in tensors:
             p.grad = g.clone()
+
+
+# SGD matches torch's for-loop bit for bit; Adam/AdamW within torch's consistency tolerances
+# (their exp_avg_sq rounds differently, see test_equivalence.py).
+BIT_EXACT = frozenset({"sgd"})
+
+
+def assert_twin_matches(twin: Twin, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """``actual`` (oxoptim) against ``expected`` (torch) as closely as ``twin`` is claimed to match."""
+    if twin.name in BIT_EXACT:
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        differ = int((actual != expected).sum()) if actual.numel() else 0
+        assert torch.equal(actual, expected), f"{twin.name}: {differ} of {actual.numel()} elements differ from torch"
+    else:
+        torch.testing.assert_close(actual, expected, **TOLERANCE[actual.dtype])
+
+
+def forbid_torch_fallback(monkeypatch) -> None:
+    """Makes oxoptim's use of torch's own step implementation an error, so that an equivalence
+    test compares the Rust path with torch (and cannot pass by running torch against torch)."""
+    import oxoptim.adam
+    import oxoptim.sgd
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("oxoptim fell back to torch's implementation")
+
+    monkeypatch.setattr(oxoptim.sgd, "torch_sgd", forbidden)
+    monkeypatch.setattr(oxoptim.adam, "torch_adam", forbidden)
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """The float's bit pattern as an integer that counts representable values in order (±0 equal)."""
+    bits = t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).long()
+    magnitude = bits & ((1 << (8 * t.element_size() - 1)) - 1)
+    return torch.where(bits < 0, -magnitude, magnitude)
+
+
+def beyond_one_ulp_rate(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Fraction of elements more than one ulp (one representable step of their dtype) apart."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.numel() == 0:
+        return 0.0
+    return float(((_ordered(actual) - _ordered(expected)).abs() > 1).double().mean())
