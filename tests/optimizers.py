@@ -184,12 +184,12 @@ TWINS = [
     Twin("adamw", oxoptim.AdamW, torch.optim.AdamW, _adam_hyper(1e-2), dict(lr=0.01, amsgrad=True)),
     Twin("rmsprop", oxoptim.RMSprop, torch.optim.RMSprop, _rmsprop_hyper, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)),
     Twin("adagrad", oxoptim.Adagrad, torch.optim.Adagrad, _adagrad_hyper, dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
-    Twin("adamax", oxoptim.Adamax, torch.optim.Adamax, _adamax_hyper, dict(lr=0.01, weight_decay=0.01)),
+    Twin("adamax", oxoptim.Adamax, torch.optim.Adamax, _adamax_hyper, dict(lr=0.01, weight_decay=0.01), bit_exact=True),
     Twin("nadam", oxoptim.NAdam, torch.optim.NAdam, _nadam_hyper, dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True)),
     Twin("radam", oxoptim.RAdam, torch.optim.RAdam, _radam_hyper, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.01)),
     Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
-    Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01)),
-    Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05))),
+    Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01), bit_exact=True),
+    Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05)), bit_exact=True),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 
@@ -364,3 +364,49 @@ def same_setting(a: Any, b: Any) -> bool:
 def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
     nan_a, nan_b = a.isnan(), b.isnan()
     return torch.equal(nan_a, nan_b) and torch.equal(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0))
+
+
+def assert_twin_matches(twin: Twin, actual: torch.Tensor, expected: torch.Tensor, equal_nan: bool = False) -> None:
+    """``actual`` (oxoptim) against ``expected`` (torch) as closely as ``twin`` is claimed to match
+    (``twin.bit_exact``: float32/float64 bit for bit). ``equal_nan``: NaN where torch has NaN is equal."""
+    if twin.bit_exact and actual.dtype in (torch.float32, torch.float64):
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        same = _equal_nan(actual, expected) if equal_nan else torch.equal(actual, expected)
+        differ = int((actual != expected).sum()) if actual.numel() else 0
+        assert same, f"{twin.name}: {differ} of {actual.numel()} elements differ from torch"
+    else:
+        torch.testing.assert_close(actual, expected, equal_nan=equal_nan, **TOLERANCE[actual.dtype])
+
+
+def forbid_torch_fallback(monkeypatch) -> None:
+    """Makes oxoptim's use of torch's own step implementation an error, so that an equivalence
+    test compares the Rust path with torch (and cannot pass by running torch against torch).
+    The one documented exception: SGD's first momentum step, which creates the buffers
+    (torch creates them lazily), runs torch's code for the parameters that lack one."""
+    from oxoptim._twin import TorchTwin
+
+    original = TorchTwin._torch_step
+
+    def guarded(self, group):
+        if isinstance(self, oxoptim.SGD) and group["momentum"] != 0 and any(
+            p.grad is not None and self.state.get(p, {}).get("momentum_buffer") is None for p in group["params"]
+        ):
+            return original(self, group)
+        raise AssertionError(f"{type(self).__name__} fell back to torch's implementation")
+
+    monkeypatch.setattr(TorchTwin, "_torch_step", guarded)
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """The float's bit pattern as an integer that counts representable values in order (±0 equal)."""
+    bits = t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).long()
+    magnitude = bits & ((1 << (8 * t.element_size() - 1)) - 1)
+    return torch.where(bits < 0, -magnitude, magnitude)
+
+
+def beyond_one_ulp_rate(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Fraction of elements more than one ulp (one representable step of their dtype) apart."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.numel() == 0:
+        return 0.0
+    return float(((_ordered(actual) - _ordered(expected)).abs() > 1).double().mean())

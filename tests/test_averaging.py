@@ -71,7 +71,6 @@ def test_equal_weighting_is_wrong_but_ours_is_right():
 def test_reproduces_a_full_batch_gd_step():
     model, x, y = model_and_data(n=50)
     reference = copy.deepcopy(model)
-    torch.optim.SGD(reference.parameters(), lr=0.1)
     full_batch_grads(reference, x, y)
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     opt = oxoptim.SGD(model.parameters(), lr=0.1)
@@ -140,6 +139,10 @@ def test_param_averager_equals_averaged_model(mode, dtype):
 def test_averaged_context_swaps_and_restores_even_on_exception():
     model, ours, theirs = _train_with_averagers("ema", 50)
     live = [p.detach().clone() for p in model.parameters()]
+    # The swap is visible: the average is not the live weights (and is AveragedModel's).
+    assert all(float((a - l).abs().max()) > 1e-4 for a, l in zip(ours.averages, live))
+    for a, b in zip(ours.averages, theirs.module.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=2e-6)
     with ours.averaged():
         for p, a in zip(model.parameters(), ours.averages):
             assert torch.equal(p, a)

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import oxoptim
-from optimizers import SHAPES, TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads, state_of
+from optimizers import (
+    SHAPES,
+    TWIN_IDS,
+    TWINS,
+    Twin,
+    assert_twin_matches,
+    beyond_one_ulp_rate,
+    clone_params,
+    forbid_torch_fallback,
+    set_grads,
+    state_of,
+)
 
 STEPS = 25
+ADAM_TWINS = [t for t in TWINS if t.name in ("adam", "adamw")]
+ADAM_IDS = [t.name for t in ADAM_TWINS]
 
 
 def _groups(params: list[torch.Tensor], second: dict) -> list[dict]:
@@ -20,20 +35,32 @@ def _groups(params: list[torch.Tensor], second: dict) -> list[dict]:
     return [{"params": params[:half]}, {"params": params[half:], **second}]
 
 
-def _assert_same_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, **tol) -> None:
-    for p_ours, p_theirs in zip(
+def _pairs(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer):
+    """(ours, theirs) for every parameter and every state entry, with a label."""
+    for i, (p_ours, p_theirs) in enumerate(zip(
         (p for g in ours.param_groups for p in g["params"]), (p for g in theirs.param_groups for p in g["params"])
-    ):
-        torch.testing.assert_close(p_ours, p_theirs, **tol)
+    )):
+        yield f"param {i}", p_ours.detach(), p_theirs.detach()
         s_ours, s_theirs = ours.state.get(p_ours, {}), theirs.state.get(p_theirs, {})
         assert s_ours.keys() == s_theirs.keys()
         for key in s_ours:
-            torch.testing.assert_close(s_ours[key], s_theirs[key], **tol)
+            yield f"param {i} {key}", s_ours[key], s_theirs[key]
+
+
+def _assert_same_state(twin: Twin, ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer) -> None:
+    for _, a, b in _pairs(ours, theirs):
+        assert_twin_matches(twin, a, b)
+
+
+def _assert_bit_identical(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer) -> None:
+    for label, a, b in _pairs(ours, theirs):
+        assert torch.equal(a, b), f"{label}: {int((a != b).sum())} of {a.numel()} elements differ"
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 @given(data=st.data())
 def test_matches_torch_over_many_steps(twin: Twin, data) -> None:
+    """Bit for bit where `twin.bit_exact`, else within torch's tolerances, with the Rust path."""
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
     shapes = data.draw(st.lists(SHAPES, min_size=1, max_size=6), label="shapes")
     defaults, second = data.draw(twin.hyper(), label="group0"), data.draw(twin.hyper(), label="group1")
@@ -42,16 +69,97 @@ def test_matches_torch_over_many_steps(twin: Twin, data) -> None:
     mine, ref = clone_params(params), clone_params(params)
     ours = twin.ours(_groups(mine, second), **defaults)
     theirs = twin.make_theirs(_groups(ref, second), **defaults)
-    for _ in range(STEPS):
+    with pytest.MonkeyPatch.context() as mp:  # not the fixture: hypothesis reruns the body
+        forbid_torch_fallback(mp)
+        for _ in range(STEPS):
+            set_grads(gen, mine, ref)
+            ours.step()
+            theirs.step()
+    _assert_same_state(twin, ours, theirs)
+
+
+# Every SGD configuration torch accepts: (momentum, dampening, nesterov).
+SGD_MOMENTA = [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.1, False), (0.5, 0.0, True)]
+# Lengths around every SIMD width and tail, a 0-d tensor and a 2-D one.
+EXACT_SHAPES = [(), (1,), (7,), (16,), (17,), (67,), (3, 5), (1001,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum,dampening,nesterov", SGD_MOMENTA)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_sgd_is_bit_identical_to_torch_for_loop(monkeypatch, dtype, momentum, dampening, nesterov, weight_decay, maximize):
+    """The README's claim, literally: every SGD option, 60 steps, two groups, torch.equal."""
+    forbid_torch_fallback(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in EXACT_SHAPES]
+    mine, ref = clone_params(params), clone_params(params)
+    hyper = dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                 maximize=maximize)
+    second = dict(lr=0.013)  # a group with its own learning rate
+
+    def groups(ps):
+        return [{"params": ps[:4]}, {"params": ps[4:], **second}]
+
+    ours, theirs = oxoptim.SGD(groups(mine), **hyper), torch.optim.SGD(groups(ref), foreach=False, **hyper)
+    for _ in range(60):
         set_grads(gen, mine, ref)
         ours.step()
         theirs.step()
-    _assert_same_state(ours, theirs, **TOLERANCE[dtype])
+    _assert_bit_identical(ours, theirs)
+
+
+ADAM_CONFIGS = [
+    dict(lr=0.01),
+    dict(lr=0.1, weight_decay=0.1),
+    dict(lr=0.1, weight_decay=0.1, decoupled_weight_decay=True),
+    dict(lr=0.1, amsgrad=True, eps=1e-3, betas=(0.3, 0.5)),
+    dict(lr=0.01, maximize=True, weight_decay=0.01, amsgrad=True),
+]
+
+
+def _adam_pair(twin: Twin, dtype, hyper: dict, steps: int, **reference):
+    if twin.name == "adamw":
+        hyper = {k: v for k, v in hyper.items() if k != "decoupled_weight_decay"}
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in EXACT_SHAPES]
+    mine, ref = clone_params(params), clone_params(params)
+    ours, theirs = twin.ours(mine, **hyper), twin.theirs(ref, **hyper, **reference)
+    for _ in range(steps):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("twin", ADAM_TWINS, ids=ADAM_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", ADAM_CONFIGS, ids=range(len(ADAM_CONFIGS)))
+def test_adam_first_step_is_bit_identical_to_torch_fused(monkeypatch, twin: Twin, dtype, hyper: dict) -> None:
+    """What is bit-exact for Adam: one step from fresh state equals torch's fused=True (parameters
+    and every moment). torch's for-loop differs from fused=True itself there (~0.5% of float32
+    parameters by an ulp); over many steps see the next test."""
+    forbid_torch_fallback(monkeypatch)
+    ours, theirs = _adam_pair(twin, dtype, hyper, 1, fused=True)
+    _assert_bit_identical(ours, theirs)
+
+
+@pytest.mark.parametrize("twin", ADAM_TWINS, ids=ADAM_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_moments_are_bit_identical_to_torch_over_many_steps(twin: Twin, dtype) -> None:
+    """Without coupled weight decay the moments depend on the gradients only, and they equal
+    torch's for-loop exactly: the kernel's exp_avg_sq update is one FMA, like torch's addcmul_
+    (rust/core/src/kernels/adam.rs); the parameters are only within tolerance (test above)."""
+    ours, theirs = _adam_pair(twin, dtype, dict(lr=0.01, amsgrad=True), STEPS, foreach=False)
+    for label, a, b in _pairs(ours, theirs):
+        if "exp_avg" in label:
+            assert torch.equal(a, b), f"{label}: {int((a != b).sum())} of {a.numel()} elements differ"
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_large_tensors_on_several_threads(twin: Twin, threads: int) -> None:
+def test_large_tensors_on_several_threads(monkeypatch, twin: Twin, threads: int) -> None:
+    forbid_torch_fallback(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -63,7 +171,7 @@ def test_large_tensors_on_several_threads(twin: Twin, threads: int) -> None:
             set_grads(gen, mine, ref)
             ours.step()
             theirs.step()
-        _assert_same_state(ours, theirs, **TOLERANCE[torch.float32])
+        _assert_same_state(twin, ours, theirs)
     finally:
         torch.set_num_threads(before)
 
@@ -89,7 +197,36 @@ def test_results_do_not_depend_on_thread_count(twin: Twin) -> None:
             assert torch.equal(a, b)
 
 
-def test_hundred_steps_of_sgd_momentum_match_within_1e6_relative() -> None:
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_every_simd_backend_is_bit_identical(twin: Twin) -> None:
+    """The Python-visible kernels agree bit for bit across backends (scalar included): every
+    row of the table, from the state its ``typical`` setting creates, parameters and state."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(s, generator=gen) for s in [(67,), (1000,), (3, 5)]]
+    # State as the optimizer creates it (one step on the public class), then one kernel step per backend.
+    opt = twin.ours(clone_params(base), **twin.typical)
+    set_grads(gen, opt.param_groups[0]["params"])
+    opt.step()
+    group = opt.param_groups[0]
+    hyper = opt._hyper(group)
+    arrays, scalars = oxoptim._core.layout(twin.ours.KIND, hyper)
+    start = [p.detach().clone() for p in group["params"]]
+    grads = [torch.randn(p.shape, generator=gen) for p in start]
+    results = {}
+    for backend in oxoptim.supported_backends():
+        params = [p.clone() for p in start]
+        state = [[opt.state[p][k].clone() for p in group["params"]] for k in arrays]
+        cells = [[opt.state[p][k].clone() for p in group["params"]] for k in scalars]
+        assert oxoptim._core.step(twin.ours.KIND, params, grads, state, cells, hyper, backend=backend)
+        results[backend] = params + [t for ts in state + cells for t in ts]
+    assert "scalar" in results
+    reference = results["scalar"]
+    for backend, tensors in results.items():
+        for a, b in zip(tensors, reference):
+            assert torch.equal(a, b), backend
+
+
+def test_hundred_steps_of_sgd_momentum_on_a_model_are_bit_identical() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(256, 32), torch.randn(256, 1)
     models = [torch.nn.Linear(32, 1) for _ in range(2)]
@@ -101,7 +238,7 @@ def test_hundred_steps_of_sgd_momentum_match_within_1e6_relative() -> None:
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
@@ -124,40 +261,56 @@ def test_closure_and_lr_scheduler(twin: Twin) -> None:
 
             losses.append(opt.step(closure))
             sched.step()
-        torch.testing.assert_close(losses[0], losses[1])
-    assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"] < 0.05
+        assert_twin_matches(twin, losses[0].detach(), losses[1].detach())
+    assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"] == 0.05 * 0.5**6
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b)
+        assert_twin_matches(twin, a.detach(), b.detach())
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_params_without_grad_are_skipped(twin: Twin) -> None:
     a, b = torch.ones(5, requires_grad=True), torch.ones(5, requires_grad=True)
-    opt = twin.ours([a, b], lr=0.1)
-    initial = state_of(opt, b)
-    a.grad = torch.ones(5)
+    ref = torch.ones(5, requires_grad=True)
+    opt, twin_opt = twin.ours([a, b], lr=0.1), twin.make_theirs([ref], lr=0.1)
+    initial = state_of(opt, b)  # None, or the state torch creates up front (Adagrad)
+    a.grad, ref.grad = torch.ones(5), torch.ones(5)
     opt.step()
+    twin_opt.step()
     assert torch.equal(b, torch.ones(5)) and state_of(opt, b) == initial
+    assert_twin_matches(twin, a.detach(), ref.detach())
     assert not torch.equal(a, torch.ones(5))
 
 
-@pytest.mark.parametrize("twin", [t for t in TWINS if t.name in ("adam", "adamw")], ids=["adam", "adamw"])
+# Measured: 0 elements more than one ulp from torch's fused=True, at most 0.03% one ulp off. A
+# missing weight-decay term (0.01, 20 steps) puts 6% (bf16 AdamW) to 99% of the elements off.
+HALF_MISMATCH_LIMIT = 1e-3
+# torch's fused=True is the half-precision reference (fp32 math, state in the parameter dtype):
+# the rows whose torch class has one.
+FUSED_TWINS = [t for t in TWINS if "fused" in inspect.signature(t.theirs).parameters]
+
+
+@pytest.mark.parametrize("twin", FUSED_TWINS, ids=[t.name for t in FUSED_TWINS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_torch_fused(twin: Twin, dtype: torch.dtype) -> None:
-    """bf16/fp16 parameters: fp32 math inside, state in the parameter dtype, as torch's fused path."""
+def test_half_precision_matches_torch_fused(monkeypatch, twin: Twin, dtype: torch.dtype) -> None:
+    """bf16/fp16 parameters: fp32 math inside, state in the parameter dtype, as torch's fused path;
+    per parameter and state tensor, at most 0.1% of the elements more than one ulp off."""
+    forbid_torch_fallback(monkeypatch)
     gen = torch.Generator().manual_seed(5)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in [(67,), (33, 3), (1,)]]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in [(4099,), (33, 65), (1,)]]
     mine, ref = clone_params(params), clone_params(params)
-    ours, theirs = twin.ours(mine, lr=0.01, weight_decay=0.01), twin.theirs(ref, lr=0.01, weight_decay=0.01, fused=True)
+    hyper = twin.typical
+    ours, theirs = twin.ours(mine, **hyper), twin.theirs(ref, **hyper, fused=True)
     for _ in range(20):
         set_grads(gen, mine, ref)
         ours.step()
         theirs.step()
-    for p in mine:
-        assert p.dtype == dtype and ours.state[p]["exp_avg"].dtype == dtype
-    # One rounding of the low-precision format, accumulated over the steps.
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
-    _assert_same_state(ours, theirs, **tol)
+    for label, a, b in _pairs(ours, theirs):
+        if label.endswith("step"):
+            assert torch.equal(a, b), label
+            continue
+        assert a.dtype == dtype, label
+        rate = beyond_one_ulp_rate(a, b)
+        assert rate <= HALF_MISMATCH_LIMIT, f"{label}: {rate:.2%} of the elements are more than one ulp from torch"
 
 
 def test_sgd_half_precision_matches_float32_math() -> None:

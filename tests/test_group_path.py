@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimizers import TOLERANCE, TWIN_IDS, TWINS, Twin, clone_params, set_grads
+import oxoptim
+from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches, clone_params, set_grads
 
 
 def _pair(twin: Twin, shapes=((5,), (3, 4), ())):
@@ -23,50 +24,67 @@ def _steps(gen, mine, ref, ours, theirs, n=3):
         theirs.step()
 
 
-def _check(mine, ref):
+def _check(twin, mine, ref):
     # NaN where torch gives NaN too (edited state can make centered RMSprop's variance negative).
     for a, b in zip(mine, ref):
-        torch.testing.assert_close(a, b, equal_nan=True, **TOLERANCE[torch.float32])
+        assert_twin_matches(twin, a.detach(), b.detach(), equal_nan=True)
+
+
+@pytest.fixture
+def fast_path(monkeypatch) -> list:
+    """What each whole-group fast-path call answered, in order (True: it took the step), so a
+    test knows the steps it checks ran there and not on the general path."""
+    answers: list = []
+    real = oxoptim._core.group_step
+
+    def spy(*args, **kwargs):
+        answers.append(real(*args, **kwargs))
+        return answers[-1]
+
+    monkeypatch.setattr(oxoptim._core, "group_step", spy)
+    return answers
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_param_data_swapped_between_steps(twin: Twin) -> None:
+def test_param_data_swapped_between_steps(twin: Twin, fast_path: list) -> None:
     gen, mine, ref, ours, theirs = _pair(twin)
     _steps(gen, mine, ref, ours, theirs)
     new = torch.randn(5, generator=gen)
     mine[0].data = new.clone()
     ref[0].data = new.clone()
     _steps(gen, mine, ref, ours, theirs)
-    _check(mine, ref)
+    assert fast_path[-3:] == [True] * 3  # the cached group saw the new storage
+    _check(twin, mine, ref)
     # Swapped for a non-contiguous view: the general path takes over.
     view = torch.randn(4, 3, generator=gen)
     mine[1].data = view.clone().t()
     ref[1].data = view.clone().t()
     _steps(gen, mine, ref, ours, theirs)
-    _check(mine, ref)
+    _check(twin, mine, ref)
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_state_replaced_or_reset_between_steps(twin: Twin) -> None:
+def test_state_replaced_or_reset_between_steps(twin: Twin, fast_path: list) -> None:
     gen, mine, ref, ours, theirs = _pair(twin)
     _steps(gen, mine, ref, ours, theirs)
     key = twin.ours.PARAM_SHAPED[0]
     for opt, p in ((ours, mine[0]), (theirs, ref[0])):
         opt.state[p][key] = torch.full_like(p, 0.5)
     _steps(gen, mine, ref, ours, theirs)
-    _check(mine, ref)
+    assert fast_path[-3:] == [True] * 3
+    _check(twin, mine, ref)
     for opt, p in ((ours, mine[1]), (theirs, ref[1])):
         opt.state[p] = {}
     _steps(gen, mine, ref, ours, theirs)
-    _check(mine, ref)
+    _check(twin, mine, ref)
     for opt in (ours, theirs):
         opt.state.clear()
     _steps(gen, mine, ref, ours, theirs)
-    _check(mine, ref)
+    _check(twin, mine, ref)
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_gradients_come_and_go(twin: Twin) -> None:
+def test_gradients_come_and_go(twin: Twin, fast_path: list) -> None:
     gen, mine, ref, ours, theirs = _pair(twin)
     _steps(gen, mine, ref, ours, theirs)
     for step in range(6):
@@ -79,11 +97,12 @@ def test_gradients_come_and_go(twin: Twin) -> None:
             mine[1].grad, ref[1].grad = g.clone().t(), g.clone().t()
         ours.step()
         theirs.step()
-    _check(mine, ref)
+    assert fast_path.count(True) >= 6  # the steps with missing gradients stayed on the fast path
+    _check(twin, mine, ref)
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_in_place_edits_of_params_and_state_are_seen(twin: Twin) -> None:
+def test_in_place_edits_of_params_and_state_are_seen(twin: Twin, fast_path: list) -> None:
     gen, mine, ref, ours, theirs = _pair(twin)
     _steps(gen, mine, ref, ours, theirs)
     with torch.no_grad():
@@ -94,4 +113,5 @@ def test_in_place_edits_of_params_and_state_are_seen(twin: Twin) -> None:
             for v in s.values():
                 v.add_(1.0) if v.dim() else None
     _steps(gen, mine, ref, ours, theirs)
-    _check(mine, ref)
+    assert fast_path[-3:] == [True] * 3
+    _check(twin, mine, ref)

@@ -212,7 +212,8 @@ def test_half_precision_is_float32_math_rounded_to_storage(twin: Twin, dtype: to
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
     """The kernels really run: the list path on a first step (torch's only for
-    state torch creates lazily, SGD's momentum buffer), then the fast path."""
+    state torch creates lazily: SGD's momentum buffer when dampening is not 0),
+    then the fast path."""
     gen = torch.Generator().manual_seed(6)
     params = clone_params([torch.randn(s, generator=gen) for s in [(9,), (4, 3)]])
     opt = twin.ours(params, **twin.typical)
@@ -224,7 +225,7 @@ def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
     opt._list_step = lambda group, ps, gs: paths.append("list") or slow(group, ps, gs)
     set_grads(gen, params)
     opt.step()
-    lazy = twin.name == "sgd"
+    lazy = twin.name == "sgd" and twin.typical.get("dampening", 0) != 0
     assert len(torch_steps) == (1 if lazy else 0)
     if lazy:
         del opt._torch_step  # let torch create the momentum buffers
@@ -319,3 +320,25 @@ def test_hooks_run_once_when_torchs_path_steps_a_group(twin: Twin) -> None:
         p.grad = torch.ones_like(p)
         opt.step()
     assert calls == ["pre", "post"] * 2
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_first_momentum_step_native_only_without_dampening(dampening: float) -> None:
+    """SGD's first momentum step runs on the kernels from a zero buffer when that
+    equals torch's copy of the gradient (dampening 0), else torch's code."""
+    gen = torch.Generator().manual_seed(7)
+    params = clone_params([torch.randn(s, generator=gen) for s in [(9,), (4, 3)]])
+    ref = clone_params(params)
+    opt = oxoptim.SGD(params, lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.01)
+    theirs = torch.optim.SGD(ref, lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.01, foreach=False)
+    torch_steps = []
+    step = opt._torch_step
+    opt._torch_step = lambda group: torch_steps.append(group) or step(group)
+    for _ in range(3):
+        set_grads(gen, params, ref)
+        opt.step()
+        theirs.step()
+    assert len(torch_steps) == (0 if dampening == 0 else 1)
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"])

@@ -38,3 +38,20 @@ class SGD(TorchTwin, torch.optim.SGD, kind="sgd"):
     def required_state(self, group: dict) -> tuple[str, ...]:
         # A missing momentum buffer is a fresh one, as in torch: no entry is required.
         return ()
+
+    def _list_step(self, group: dict, params: list, grads: list) -> bool:
+        # torch's first momentum step copies the gradient into a new buffer. With
+        # dampening 0 that is one step from a zero buffer (0·momentum + g = g), so
+        # the first step stays on the kernels, and in float32 for half-precision
+        # parameters as torch's fused path computes it; otherwise torch runs it.
+        if group["momentum"] == 0 or group["dampening"] != 0:
+            return super()._list_step(group, params, grads)
+        fresh = [p for p in params if self.state[p].get("momentum_buffer") is None]
+        for p, g in zip(params, grads):
+            if self.state[p].get("momentum_buffer") is None:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        if super()._list_step(group, params, grads):
+            return True
+        for p in fresh:  # torch's step creates them as it would have
+            self.state[p].pop("momentum_buffer", None)
+        return False
