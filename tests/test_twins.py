@@ -342,3 +342,31 @@ def test_sgd_first_momentum_step_native_only_without_dampening(dampening: float)
     for p, q in zip(params, ref):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"])
+
+
+def test_asgd_eta_and_mu_rounded_like_torch_in_float64_state() -> None:
+    """torch stores each new eta/mu via ``torch.as_tensor(float)`` (the default
+    dtype) even when a load cast those cells to float64: ours must round alike."""
+    gen = torch.Generator().manual_seed(11)
+    opts, params = [], []
+    for make in (oxoptim.ASGD, lambda ps, **kw: torch.optim.ASGD(ps, foreach=False, **kw)):
+        p = torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+        opt = make([p], lr=0.01, lambd=1e-4, t0=1.0)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][0]["eta"] = sd["state"][0]["eta"].double()  # what a load into float64 params does
+        sd["state"][0]["mu"] = sd["state"][0]["mu"].double()
+        opt.load_state_dict(sd)
+        opts.append(opt)
+        params.append(p)
+    for _ in range(3):
+        g = torch.randn(6, generator=gen, dtype=torch.float64)
+        for opt, p in zip(opts, params):
+            p.grad = g.clone()
+            opt.step()
+    ours, theirs = (o.state[p] for o, p in zip(opts, params))
+    assert ours["eta"].dtype == theirs["eta"].dtype == torch.float64
+    for key in ("eta", "mu", "ax"):
+        assert torch.equal(ours[key], theirs[key]), key
+    assert torch.equal(params[0], params[1])

@@ -19,3 +19,10 @@ class ASGD(TorchTwin, torch.optim.ASGD, kind="asgd"):
 """
         + NATIVE_NOTE
     )
+
+    def _hyper(self, group: dict) -> dict:
+        # torch stores each new eta/mu through ``torch.as_tensor(float)``: the
+        # default dtype rounds them first, whatever dtype the state cell has.
+        hyper = {key: group[key] for key in self._HYPER if key != "default_float32"}
+        hyper["default_float32"] = torch.get_default_dtype() == torch.float32
+        return hyper

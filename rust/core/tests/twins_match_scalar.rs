@@ -139,6 +139,7 @@ fn cases() -> Vec<Case> {
                 ("t0", Float(2.0)),
                 ("weight_decay", Float(wd)),
                 ("maximize", Flag(maximize)),
+                ("default_float32", Flag(true)),
             ],
             scalars,
             &[],

@@ -19,6 +19,9 @@ pub struct AsgdConfig {
     pub t0: f64,
     pub weight_decay: f64,
     pub maximize: bool,
+    /// torch stores each new `eta`/`mu` through `torch.as_tensor(float)`, so
+    /// they are rounded to the default dtype before the cell's own dtype.
+    pub default_float32: bool,
 }
 
 impl Optimizer for AsgdConfig {
@@ -30,6 +33,7 @@ impl Optimizer for AsgdConfig {
         ("t0", HyperKind::Float),
         ("weight_decay", HyperKind::Float),
         ("maximize", HyperKind::Flag),
+        ("default_float32", HyperKind::Flag),
     ];
     const STATE: &'static [&'static str] = &["ax"];
     const SCALARS: &'static [&'static str] = &["step", "eta", "mu"];
@@ -42,6 +46,7 @@ impl Optimizer for AsgdConfig {
             t0: h.float("t0")?,
             weight_decay: h.float("weight_decay")?,
             maximize: h.flag("maximize")?,
+            default_float32: h.flag("default_float32")?,
         })
     }
 
@@ -56,12 +61,16 @@ impl Optimizer for AsgdConfig {
             .map(|slot| {
                 let step = scalars.increment(slot, 0);
                 let (eta, mu) = (scalars.get(slot, 1), scalars.get(slot, 2));
-                scalars.set(
-                    slot,
-                    1,
-                    self.lr / (1.0 + self.lambd * self.lr * step).powf(self.alpha),
-                );
-                scalars.set(slot, 2, 1.0 / (step - self.t0).max(1.0));
+                let stored = |v: f64| {
+                    if self.default_float32 {
+                        v as f32 as f64
+                    } else {
+                        v
+                    }
+                };
+                let new_eta = self.lr / (1.0 + self.lambd * self.lr * step).powf(self.alpha);
+                scalars.set(slot, 1, stored(new_eta));
+                scalars.set(slot, 2, stored(1.0 / (step - self.t0).max(1.0)));
                 (eta, mu)
             })
             .collect();
