@@ -106,6 +106,10 @@ def assert_twin_matches(twin: Twin, actual: torch.Tensor, expected: torch.Tensor
         torch.testing.assert_close(actual, expected, **TOLERANCE[actual.dtype])
 
 
+class TorchFallback(Exception):
+    """Raised when a test forbade torch's implementation and oxoptim used it."""
+
+
 def forbid_torch_fallback(monkeypatch) -> None:
     """Makes oxoptim's use of torch's own step implementation an error, so that an equivalence
     test compares the Rust path with torch (and cannot pass by running torch against torch)."""
@@ -113,7 +117,7 @@ def forbid_torch_fallback(monkeypatch) -> None:
     import oxoptim.sgd
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("oxoptim fell back to torch's implementation")
+        raise TorchFallback("oxoptim fell back to torch's implementation")
 
     monkeypatch.setattr(oxoptim.sgd, "torch_sgd", forbidden)
     monkeypatch.setattr(oxoptim.adam, "torch_adam", forbidden)
