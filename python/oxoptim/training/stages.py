@@ -16,7 +16,23 @@ __all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "optimiz
            "STAGE_KEYS"]
 
 # Names a stage can give for its optimizer; the classes are looked up lazily on ``oxoptim``.
-OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "subgradient": "Subgradient"}
+# Every optimizer that steps without a closure on dense gradients (LBFGS needs a
+# closure, SparseAdam sparse gradients, Muon 2-D parameters only).
+OPTIMIZERS = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "subgradient": "Subgradient",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "adamax": "Adamax",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "adadelta": "Adadelta",
+    "asgd": "ASGD",
+    "rprop": "Rprop",
+    "adafactor": "Adafactor",
+}
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial")

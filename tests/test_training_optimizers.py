@@ -1,0 +1,28 @@
+"""The training layer takes every optimizer of the namespace by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oxoptim
+from oxoptim.training.stages import OPTIMIZERS, Stage, build_optimizer
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_name_builds_the_oxoptim_class_and_steps(name: str) -> None:
+    model = torch.nn.Linear(4, 2)
+    stage = Stage("s", optimizer=name, epochs=1, lr=0.01)
+    opt = build_optimizer(stage, model.parameters())
+    assert type(opt) is getattr(oxoptim, OPTIMIZERS[name])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_rust_backed_optimizers_are_all_reachable_by_name() -> None:
+    from oxoptim._twin import TorchTwin
+
+    twins = {name for name in oxoptim.__all__ if isinstance(getattr(oxoptim, name), type) and issubclass(getattr(oxoptim, name), TorchTwin)}
+    assert twins <= set(OPTIMIZERS.values())
