@@ -6,7 +6,7 @@ use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
 use crate::simd::{LaneBlock, Lanes};
-use crate::tensors::TensorBatch;
+use crate::tensors::{StepCounters, TensorBatch};
 
 /// Adam hyper-parameters of one parameter group.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,6 +41,27 @@ pub fn adam_step(
     steps: &[f64],
     exec: Exec,
 ) -> Result<()> {
+    check(config, batch, steps.len())?;
+    run(config, batch, steps, exec);
+    Ok(())
+}
+
+/// One Adam step over a batch that first adds one to each slot's step
+/// counter (torch's `step_t += 1`), after everything else was validated: a
+/// refused call leaves the counters as they were.
+pub fn adam_step_counted(
+    config: &AdamConfig,
+    batch: &TensorBatch,
+    counters: &StepCounters,
+    exec: Exec,
+) -> Result<()> {
+    check(config, batch, counters.cells().len())?;
+    let steps = counters.increment();
+    run(config, batch, &steps, exec);
+    Ok(())
+}
+
+fn check(config: &AdamConfig, batch: &TensorBatch, steps: usize) -> Result<()> {
     if batch.arity() != config.arity() {
         return Err(Error::Mismatch(format!(
             "Adam expects {} arrays per tensor, got {}",
@@ -48,13 +69,16 @@ pub fn adam_step(
             batch.arity()
         )));
     }
-    if steps.len() != batch.slots() {
+    if steps != batch.slots() {
         return Err(Error::Mismatch(format!(
-            "{} step counts for {} tensors",
-            steps.len(),
+            "{steps} step counts for {} tensors",
             batch.slots()
         )));
     }
+    Ok(())
+}
+
+fn run(config: &AdamConfig, batch: &TensorBatch, steps: &[f64], exec: Exec) {
     let per_slot = steps
         .iter()
         .map(|&step| BiasCorrection::new(config, step))
@@ -67,7 +91,6 @@ pub fn adam_step(
         batch,
         exec,
     );
-    Ok(())
 }
 
 /// Step-dependent scalars, computed in f64 as torch computes them in Python.
