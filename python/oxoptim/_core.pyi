@@ -12,6 +12,7 @@ __all__ = [
     "accumulate_mean",
     "adam_step",
     "any_nonfinite",
+    "calls_in_flight",
     "copy_scaled",
     "direction_sq_norm",
     "lerp_average",
@@ -64,6 +65,7 @@ def adam_group_step(
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...
 def parallel_backend() -> str: ...
+def calls_in_flight() -> int: ...
 def sgd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

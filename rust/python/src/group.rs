@@ -3,8 +3,8 @@
 //! Python bookkeeping. Anything unusual (missing state on a first step, a
 //! tensor the kernels cannot take) returns False so Python takes its general path.
 
-use crate::run::{run_adam, run_sgd};
-use crate::tensors::{describe_grad, torch_types, TensorCache};
+use crate::run::{self, run_adam, run_sgd};
+use crate::tensors::{describe_grad, torch_types, FirstOperand, KeepAlive, TensorCache};
 use crate::{bump_versions, exec};
 use oxoptim_core::{self as core, RawTensor};
 use pyo3::intern;
@@ -18,6 +18,8 @@ struct Gathered<'py> {
     columns: Vec<Vec<RawTensor>>,
     /// The `counter` state entry of each parameter, when asked for.
     counters: Vec<RawTensor>,
+    /// Every tensor described above, with its storage, until the step returns.
+    _keep: KeepAlive<'py>,
 }
 
 /// Reads `params` (a group's list), each one's `.grad` and its state entries `keys`
@@ -27,6 +29,7 @@ fn gather<'py>(
     state: &Bound<'py, PyDict>,
     keys: &[&str],
     counter: Option<&str>,
+    first: FirstOperand,
     cache: &mut TensorCache,
 ) -> PyResult<Option<Gathered<'py>>> {
     let py = params.py();
@@ -37,6 +40,7 @@ fn gather<'py>(
     let counter = counter.map(|k| PyString::intern(py, k));
     let mut columns: Vec<Vec<RawTensor>> = vec![Vec::with_capacity(params.len()); 2 + keys.len()];
     let mut counters = Vec::new();
+    let mut keep = KeepAlive::with_capacity(params.len() * (3 + keys.len()));
     for p in params.iter() {
         let grad = p.getattr(intern!(py, "grad"))?;
         if grad.is_none() {
@@ -48,10 +52,10 @@ fn gather<'py>(
         let Ok(entry) = entry.cast_into::<PyDict>() else {
             return Ok(None);
         };
-        let Some(param) = cache.describe(&p, types, true)? else {
+        let Some(param) = cache.describe(&p, types, true, &mut keep)? else {
             return Ok(None);
         };
-        let Some(grad) = describe_grad(&grad, param, types)? else {
+        let Some(grad) = describe_grad(&grad, &p, param, first, types, &mut keep)? else {
             return Ok(None);
         };
         columns[0].push(param);
@@ -60,7 +64,7 @@ fn gather<'py>(
             let Some(t) = entry.get_item(key)? else {
                 return Ok(None);
             };
-            let Some(raw) = cache.describe(&t, types, false)? else {
+            let Some(raw) = cache.describe(&t, types, false, &mut keep)? else {
                 return Ok(None);
             };
             columns[2 + k].push(raw);
@@ -69,7 +73,7 @@ fn gather<'py>(
             let Some(t) = entry.get_item(key)? else {
                 return Ok(None);
             };
-            let Some(raw) = cache.describe(&t, types, false)? else {
+            let Some(raw) = cache.describe(&t, types, false, &mut keep)? else {
                 return Ok(None);
             };
             counters.push(raw);
@@ -80,6 +84,7 @@ fn gather<'py>(
         params: with_grad,
         columns,
         counters,
+        _keep: keep,
     }))
 }
 
@@ -113,13 +118,14 @@ pub(crate) fn sgd_group_step(
     } else {
         &[]
     };
-    let Some(g) = gather(params, state, keys, None, &mut cache)? else {
+    let first = run::sgd_first_operand(&config);
+    let Some(g) = gather(params, state, keys, None, first, &mut cache)? else {
         return Ok(false);
     };
     let exec = exec(num_threads, None)?;
     let fresh = vec![false; g.columns[0].len()];
     let (memo, _) = cache.memos(params.as_any());
-    // `g.params` and the state dict keep every described tensor alive meanwhile.
+    // `g` holds every described tensor and its storage until the kernel returned.
     if !run_sgd(py, &config, &g.columns, &fresh, exec, memo)? {
         return Ok(false);
     }
@@ -161,11 +167,12 @@ pub(crate) fn adam_group_step(
     } else {
         &["exp_avg", "exp_avg_sq"]
     };
-    let Some(g) = gather(params, state, keys, Some("step"), &mut cache)? else {
+    let first = run::adam_first_operand(&config);
+    let Some(g) = gather(params, state, keys, Some("step"), first, &mut cache)? else {
         return Ok(false);
     };
     let exec = exec(num_threads, None)?;
-    // `g.params` and the state dict keep every described tensor alive meanwhile.
+    // `g` holds every described tensor and its storage until the kernel returned.
     if !run_adam(
         py,
         &config,

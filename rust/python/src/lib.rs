@@ -12,15 +12,17 @@ mod group;
 mod openmp;
 mod run;
 mod tensors;
-use tensors::{describe_all, Described};
+use tensors::{column, param_and_grad_columns, KeepAlive};
 
 /// Tensors that share memory (the same parameter twice in a group, overlapping
-/// views) are legal in torch, which updates them one after another: such a
-/// batch is handed back to torch's implementation (`None`) instead of failing.
+/// views) are legal in torch, which updates them one after another, and so
+/// is a state tensor whose dtype differs from its parameter's (torch
+/// promotes): such a batch is handed back to torch's implementation (`None`)
+/// instead of failing.
 pub(crate) fn or_fallback<T>(r: core::Result<T>) -> PyResult<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(core::Error::Overlap(_)) => Ok(None),
+        Err(core::Error::Overlap(_) | core::Error::Unsupported(_)) => Ok(None),
         Err(e) => Err(core_error(e)),
     }
 }
@@ -45,6 +47,12 @@ fn supported_backends() -> Vec<&'static str> {
         .into_iter()
         .map(Backend::name)
         .collect()
+}
+
+/// Number of native calls running now (registered in flight), in any thread.
+#[pyfunction]
+fn calls_in_flight() -> usize {
+    core::inflight::calls_in_flight()
 }
 
 /// The worker team kernels run on: "openmp" (torch's own threads) or "rayon".
@@ -77,23 +85,6 @@ pub(crate) fn slots(columns: &[Vec<RawTensor>]) -> Vec<RawTensor> {
         .collect()
 }
 
-pub(crate) fn column(
-    list: &Bound<'_, PyList>,
-    n: usize,
-    role: &str,
-) -> PyResult<Option<Vec<RawTensor>>> {
-    if list.len() != n {
-        return Err(PyValueError::new_err(format!(
-            "expected {n} {role} tensors, got {}",
-            list.len()
-        )));
-    }
-    match describe_all(list)? {
-        Described::Ready(v) => Ok(Some(v)),
-        Described::Unsupported => Ok(None),
-    }
-}
-
 /// One SGD step over a parameter group. Returns False (having touched
 /// nothing) when some tensor needs torch's own implementation.
 #[pyfunction]
@@ -123,15 +114,13 @@ fn sgd_step(
         maximize,
     };
     let n = params.len();
-    let mut columns = Vec::with_capacity(3);
-    for (list, role) in [(params, "param"), (grads, "grad")] {
-        match column(list, n, role)? {
-            Some(c) => columns.push(c),
-            None => return Ok(false),
-        }
-    }
+    let mut keep = KeepAlive::with_capacity(3 * n);
+    let first = run::sgd_first_operand(&config);
+    let Some(mut columns) = param_and_grad_columns(params, grads, first, &mut keep)? else {
+        return Ok(false);
+    };
     if momentum != 0.0 {
-        match column(momentum_buffers, n, "momentum_buffer")? {
+        match column(momentum_buffers, n, "momentum_buffer", &mut keep)? {
             Some(c) => columns.push(c),
             None => return Ok(false),
         }
@@ -193,23 +182,22 @@ fn adam_step(
         decoupled_weight_decay,
     };
     let n = params.len();
-    let mut roles = vec![
-        (params, "param"),
-        (grads, "grad"),
-        (exp_avgs, "exp_avg"),
-        (exp_avg_sqs, "exp_avg_sq"),
-    ];
+    let mut keep = KeepAlive::with_capacity(6 * n);
+    let first = run::adam_first_operand(&config);
+    let Some(mut columns) = param_and_grad_columns(params, grads, first, &mut keep)? else {
+        return Ok(false);
+    };
+    let mut roles = vec![(exp_avgs, "exp_avg"), (exp_avg_sqs, "exp_avg_sq")];
     if amsgrad {
         roles.push((max_exp_avg_sqs, "max_exp_avg_sq"));
     }
-    let mut columns = Vec::with_capacity(roles.len());
     for (list, role) in roles {
-        match column(list, n, role)? {
+        match column(list, n, role, &mut keep)? {
             Some(c) => columns.push(c),
             None => return Ok(false),
         }
     }
-    let Some(steps) = column(state_steps, n, "step")? else {
+    let Some(steps) = column(state_steps, n, "step", &mut keep)? else {
         return Ok(false);
     };
     let exec = exec(num_threads, backend)?;
@@ -252,6 +240,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(supported_backends, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(calls_in_flight, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_class::<tensors::TensorCache>()?;
