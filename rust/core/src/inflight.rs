@@ -68,9 +68,9 @@ impl Footprint {
                 (start, end, self.written[i % arity])
             });
         let counters = self.cells.iter().map(|c| {
-                let (start, end) = c.byte_range();
-                (start, end, true)
-            });
+            let (start, end) = c.byte_range();
+            (start, end, true)
+        });
         arrays.chain(counters)
     }
 }

@@ -56,14 +56,24 @@ fn a_refused_adam_step_leaves_counters_and_arrays_as_they_were() {
     // Refused through the table entry, and by the optimizer itself.
     let refused = entry.step(amsgrad.as_ref(), &batch, &mut scalars, exec);
     assert!(matches!(refused, Err(Error::Mismatch(_))));
-    assert_eq!(scalars.get(0, 0), 3.0, "a refused step incremented the counter");
+    assert_eq!(
+        scalars.get(0, 0),
+        3.0,
+        "a refused step incremented the counter"
+    );
     let refused = amsgrad.step(&batch, &mut scalars, exec);
     assert!(matches!(refused, Err(Error::Mismatch(_))));
-    assert_eq!(scalars.get(0, 0), 3.0, "a refused step incremented the counter");
+    assert_eq!(
+        scalars.get(0, 0),
+        3.0,
+        "a refused step incremented the counter"
+    );
     // SAFETY: reading memory the batch describes; no call is running.
     let p_now = unsafe { std::slice::from_raw_parts(batch.arrays()[0].addr as *const f32, 8) };
     assert_eq!(p_now, &before[..], "a refused step wrote the parameter");
-    entry.step(plain.as_ref(), &batch, &mut scalars, exec).unwrap();
+    entry
+        .step(plain.as_ref(), &batch, &mut scalars, exec)
+        .unwrap();
     drop((batch, scalars));
     assert_eq!(step, [4.0]);
     assert_eq!(g, vec![0.5f32; 8]);
@@ -112,7 +122,11 @@ fn every_optimizer_refuses_a_bad_batch_before_writing_scalars() {
         let r = entry.step(configured.as_ref(), &batch, &mut scalars, exec);
         assert!(matches!(r, Err(Error::Mismatch(_))), "{}", entry.name);
         drop((batch, scalars));
-        assert!(cells.iter().all(|&c| c == 3.0), "{}: scalar written", entry.name);
+        assert!(
+            cells.iter().all(|&c| c == 3.0),
+            "{}: scalar written",
+            entry.name
+        );
         assert!(
             arrays.iter().all(|a| a.iter().all(|&x| x == 0.5)),
             "{}: array written",

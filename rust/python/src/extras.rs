@@ -118,10 +118,7 @@ fn direction_sq_norm(
     let Some(batch) = read_only(&columns)? else {
         return Ok(None);
     };
-    run_in_flight(py, batch, &[false, false], |b| {
-        core::reduce(r, b, exec)
-    })
-    .map(Some)
+    run_in_flight(py, batch, &[false, false], |b| core::reduce(r, b, exec)).map(Some)
 }
 
 /// Runs `f` on a read-only batch of `tensors`; `None` when torch must do it.

@@ -20,7 +20,6 @@ use crate::tensors::{
 use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::optimizer::find;
 use oxoptim_core::{inflight, Footprint};
-use std::sync::Arc;
 use oxoptim_core::{
     Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, RawTensor, ScalarState,
     TensorBatch, OPTIMIZERS,
@@ -28,8 +27,8 @@ use oxoptim_core::{
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use std::sync::Arc;
 
 fn entry(kind: &str) -> PyResult<Entry> {
     find(OPTIMIZERS, kind).map_err(core_error)

@@ -2,11 +2,11 @@
 //! memory descriptors and calls the pure Rust kernels with the GIL released.
 
 use oxoptim_core::{self as core, inflight, Backend, Exec, Footprint, RawTensor, TensorBatch};
-use std::sync::Arc;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple};
+use std::sync::Arc;
 
 mod extras;
 mod generic;
