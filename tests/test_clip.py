@@ -116,3 +116,38 @@ def test_get_total_norm_matches_torch():
     torch.manual_seed(0)
     ts = [torch.randn(10, 10), torch.randn(3)]
     torch.testing.assert_close(oxoptim.get_total_norm(ts, 2.0), torch.nn.utils.get_total_norm(ts, 2.0))
+
+
+def _duplicated(kind: str, dtype=torch.float32):
+    """Parameters whose gradients alias: the same parameter listed twice, or
+    two parameters sharing one gradient tensor."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.zeros(300, dtype=dtype, requires_grad=True)
+    q = torch.zeros(7, dtype=dtype, requires_grad=True)
+    p.grad = (torch.randn(300, generator=gen) * 3).to(dtype)
+    q.grad = torch.randn(7, generator=gen).to(dtype)
+    if kind == "listed-twice":
+        return [p, q, p]
+    r = torch.zeros(300, dtype=dtype, requires_grad=True)
+    r.grad = p.grad  # one gradient tensor for two parameters
+    return [p, q, r]
+
+
+@pytest.mark.parametrize("kind", ["listed-twice", "shared-grad"])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, float("inf"), 3.0])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_aliased_gradients_are_clipped_as_torch_does(kind, norm_type, max_norm):
+    ours, theirs = _duplicated(kind), _duplicated(kind)
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+    got = oxoptim.clip_grad_norm_(ours, max_norm, norm_type)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for p, q in zip(ours, theirs):  # torch scales an aliased gradient once per listing
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0)
+
+
+def test_total_norm_of_a_tensor_listed_twice_matches_torch():
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    for norm_type in (1.0, 2.0, float("inf"), 0.5):
+        torch.testing.assert_close(
+            oxoptim.get_total_norm([t, t[:10], t], norm_type), torch.nn.utils.get_total_norm([t, t[:10], t], norm_type)
+        )

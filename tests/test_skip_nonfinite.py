@@ -141,3 +141,34 @@ def test_parameters_sharing_one_gradient_tensor(bad):
     opt.step()
     assert opt.skipped_steps == int(bad)
     assert torch.equal(p, q) and (torch.equal(p, torch.zeros(6)) is bad)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+@pytest.mark.parametrize("kind", ["listed-twice", "shared-grad"])
+def test_aliased_gradients_are_checked_and_stepped_like_torch(cls, kw, kind):
+    """A parameter listed twice (torch warns) or two parameters sharing one
+    gradient tensor: the non-finite check reads the aliases, the step is torch's."""
+    import warnings
+
+    twin = getattr(torch.optim, cls.__name__)
+    results = []
+    for make in (lambda ps: cls(ps, skip_nonfinite=True, **kw), lambda ps: twin(ps, foreach=False, **kw)):
+        p, q = torch.linspace(-1, 1, 50).requires_grad_(), torch.linspace(0, 1, 50).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's duplicate-parameter warning
+            opt = make([p, p] if kind == "listed-twice" else [p, q])
+        for _ in range(3):
+            g = torch.full((50,), 0.25)
+            p.grad = g
+            q.grad = g if kind == "shared-grad" else None
+            opt.step()
+        results.append((p.detach().clone(), q.detach().clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    # And a non-finite aliased gradient skips the step.
+    p = torch.zeros(5, requires_grad=True)
+    q = torch.zeros(5, requires_grad=True)
+    opt = cls([p, q], skip_nonfinite=True, **kw)
+    p.grad = q.grad = torch.tensor([0.0, 1.0, float("nan"), 0.0, 0.0])
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(p, torch.zeros(5)) and torch.equal(q, torch.zeros(5))

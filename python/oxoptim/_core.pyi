@@ -9,6 +9,7 @@ __all__ = [
     "__version__",
     "accumulate_mean",
     "any_nonfinite",
+    "calls_in_flight",
     "copy_scaled",
     "direction_sq_norm",
     "group_step",
@@ -59,6 +60,8 @@ def group_step(
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...
 def parallel_backend() -> str: ...
+def calls_in_flight() -> int: ...
+
 # Subgradient method, averaging and deterministic reductions (rust/python/src/extras.rs).
 def subgradient_step(
     params: list[torch.Tensor],

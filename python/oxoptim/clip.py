@@ -69,7 +69,10 @@ def clip_grad_norm_(
     gradients' dtype, as torch does, and raises the same error for a
     non-finite norm with ``error_if_nonfinite=True``. Gradients on other
     devices, sparse or of mixed dtypes, and other norm types (0, -inf, …) use
-    torch's implementation; ``foreach`` is only passed on to it.
+    torch's implementation; ``foreach`` is only passed on to it. A gradient
+    listed twice (a parameter listed twice, or parameters sharing one
+    gradient tensor) counts twice in the norm and is scaled once per listing
+    by ``torch._foreach_mul_``, as torch does.
     """
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]

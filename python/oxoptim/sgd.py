@@ -44,7 +44,9 @@ class SGD(TorchTwin, torch.optim.SGD, kind="sgd"):
         # dampening 0 that is one step from a zero buffer (0·momentum + g = g), so
         # the first step stays on the kernels, and in float32 for half-precision
         # parameters as torch's fused path computes it; otherwise torch runs it.
-        if group["momentum"] == 0 or group["dampening"] != 0:
+        # A sparse (or other non-strided) gradient takes torch's path, which
+        # creates the buffer as it does.
+        if group["momentum"] == 0 or group["dampening"] != 0 or any(g.layout != torch.strided for g in grads):
             return super()._list_step(group, params, grads)
         fresh = [p for p in params if self.state[p].get("momentum_buffer") is None]
         for p, g in zip(params, grads):

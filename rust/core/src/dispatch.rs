@@ -95,42 +95,6 @@ pub trait Element: Real {
     fn dispatch<B: WithLanes<Self>>(backend: Backend, body: &mut B);
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86_entry {
-    use super::*;
-    use crate::simd::x86::{Avx2, Avx512};
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2<T: Real, B: WithLanes<T>>(simd: Avx2, body: &mut B)
-    where
-        Avx2: Lanes<T>,
-    {
-        body.run(simd)
-    }
-
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn avx512<T: Real, B: WithLanes<T>>(simd: Avx512, body: &mut B)
-    where
-        Avx512: Lanes<T>,
-    {
-        body.run(simd)
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-mod arm_entry {
-    use super::*;
-    use crate::simd::neon::Neon;
-
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn neon<T: Real, B: WithLanes<T>>(simd: Neon, body: &mut B)
-    where
-        Neon: Lanes<T>,
-    {
-        body.run(simd)
-    }
-}
-
 macro_rules! impl_element {
     ($t:ty) => {
         impl Element for $t {
@@ -140,22 +104,19 @@ macro_rules! impl_element {
                     #[cfg(target_arch = "x86_64")]
                     Backend::Avx512 => {
                         if let Some(simd) = crate::simd::x86::Avx512::try_new() {
-                            // SAFETY: the token proves AVX-512F (and with it AVX2/FMA) is present.
-                            return unsafe { x86_entry::avx512::<$t, B>(simd, body) };
+                            return simd.enter(body);
                         }
                     }
                     #[cfg(target_arch = "x86_64")]
                     Backend::Avx2 => {
                         if let Some(simd) = crate::simd::x86::Avx2::try_new() {
-                            // SAFETY: the token proves AVX2 and FMA are present.
-                            return unsafe { x86_entry::avx2::<$t, B>(simd, body) };
+                            return simd.enter(body);
                         }
                     }
                     #[cfg(target_arch = "aarch64")]
                     Backend::Neon => {
                         if let Some(simd) = crate::simd::neon::Neon::try_new() {
-                            // SAFETY: the token proves NEON is present.
-                            return unsafe { arm_entry::neon::<$t, B>(simd, body) };
+                            return simd.enter(body);
                         }
                     }
                     _ => {}

@@ -11,6 +11,12 @@ pub enum Error {
     BadAddress(String),
     /// Two arrays of one call share memory.
     Overlap(String),
+    /// A well-formed batch the kernels do not compute (a slot mixing dtypes,
+    /// which torch handles by type promotion): run another implementation.
+    Unsupported(String),
+    /// Memory this call would touch is being written (or, for a write, read)
+    /// by another call in flight on another thread.
+    Busy(String),
 }
 
 impl fmt::Display for Error {
@@ -19,7 +25,9 @@ impl fmt::Display for Error {
             Error::InvalidArgument(m)
             | Error::Mismatch(m)
             | Error::BadAddress(m)
-            | Error::Overlap(m) => f.write_str(m),
+            | Error::Overlap(m)
+            | Error::Unsupported(m)
+            | Error::Busy(m) => f.write_str(m),
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod dispatch;
 pub mod engine;
 pub mod error;
+pub mod inflight;
 pub mod kernels;
 pub mod optimizer;
 pub mod reduce;
@@ -18,6 +19,7 @@ pub mod tensors;
 pub use dispatch::Backend;
 pub use engine::{set_parallel_for, Exec, ParallelFor};
 pub use error::{Error, Result};
+pub use inflight::{Footprint, InFlight};
 pub use kernels::adam::{adam_step, AdamConfig};
 pub use kernels::averaging::{accumulate_mean, lerp_average, scale_into};
 pub use kernels::sgd::{sgd_step, SgdConfig};

@@ -9,7 +9,8 @@
 //! 16 lanes are then added in order in f64, and the per-block results are
 //! added in slot and block order in f64. The result is therefore
 //! bit-identical whatever the thread count and the SIMD backend.
-//! Half-precision tensors are widened to f32 per block.
+//! Half-precision tensors are widened to f32 per block. Reductions only read,
+//! so they also take read-only batches (the same tensor listed twice).
 
 use crate::dispatch::{Backend, Element, WithLanes};
 use crate::engine::{self, Exec};
@@ -161,16 +162,16 @@ unsafe fn reduce_range(
     // SAFETY (each arm): T matches the slot's dtype; the slices are only read.
     unsafe {
         match batch.slot(slot).dtype {
-            DType::F32 => batch.with_slices::<f32, _>(slot, range, |a| {
-                reduce_slices(reduction, backend, a[0], a.get(1).map(|b| &**b))
+            DType::F32 => batch.with_read_slices::<f32, _>(slot, range, |a| {
+                reduce_slices(reduction, backend, a[0], a.get(1).copied())
             }),
-            DType::F64 => batch.with_slices::<f64, _>(slot, range, |a| {
-                reduce_slices(reduction, backend, a[0], a.get(1).map(|b| &**b))
+            DType::F64 => batch.with_read_slices::<f64, _>(slot, range, |a| {
+                reduce_slices(reduction, backend, a[0], a.get(1).copied())
             }),
-            DType::BF16 => batch.with_slices::<bf16, _>(slot, range, |a| {
+            DType::BF16 => batch.with_read_slices::<bf16, _>(slot, range, |a| {
                 widened(reduction, backend, a, |h: bf16| h.to_f32())
             }),
-            DType::F16 => batch.with_slices::<f16, _>(slot, range, |a| {
+            DType::F16 => batch.with_read_slices::<f16, _>(slot, range, |a| {
                 widened(reduction, backend, a, |h: f16| h.to_f32())
             }),
         }
@@ -181,7 +182,7 @@ unsafe fn reduce_range(
 fn widened<H: Copy>(
     reduction: Reduction,
     backend: Backend,
-    arrays: &[&mut [H]],
+    arrays: &[&[H]],
     widen: impl Fn(H) -> f32,
 ) -> f64 {
     let n = arrays[0].len();

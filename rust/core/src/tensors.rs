@@ -41,34 +41,39 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
-    fn byte_range(&self) -> (usize, usize) {
+    pub(crate) fn byte_range(&self) -> (usize, usize) {
         (self.addr, self.addr + self.len * self.dtype.size())
     }
 }
 
 /// The tensors of one call: `slots` tensor slots (one per parameter), each
 /// holding `arity` arrays (parameter, gradient, state...), row-major.
-/// Every array is read and may be written by the kernel.
+/// Every array is read and may be written by the kernel, unless the batch is
+/// read-only ([`TensorBatch::new_read_only`]).
 #[derive(Debug)]
 pub struct TensorBatch {
     arrays: Vec<RawTensor>,
     arity: usize,
+    /// Arrays may overlap, so only shared slices are ever handed out.
+    read_only: bool,
 }
 
 impl TensorBatch {
     /// Checks a batch and takes it over.
     ///
     /// Checked here: `arrays.len()` is a multiple of `arity`; within a slot all
-    /// arrays have the same length and dtype; every non-empty array has a
-    /// non-null address aligned for its dtype and an end that does not wrap;
-    /// no two non-empty arrays overlap (so the `&mut` slices made later never alias).
+    /// arrays have the same length (else [`Error::Mismatch`]) and dtype (else
+    /// [`Error::Unsupported`]); every non-empty array has a non-null address
+    /// aligned for its dtype and an end that does not wrap; no two non-empty
+    /// arrays overlap (so the `&mut` slices made later never alias).
     ///
     /// # Safety
     /// Each array must describe memory that is valid for reads and writes of
     /// `len * dtype.size()` bytes, holds initialised values of its dtype, and is
     /// not accessed by anyone else until the returned batch is dropped. (The
     /// bindings guarantee this from the tensors' device, dtype, contiguity and
-    /// `data_ptr`, while holding references to them.)
+    /// `data_ptr`, while holding references to them and their storages, and
+    /// register the call in [`crate::inflight`] against other native calls.)
     pub unsafe fn new(arrays: Vec<RawTensor>, arity: usize) -> Result<TensorBatch> {
         // SAFETY: forwarded.
         unsafe { Self::new_memo(arrays, arity, &mut DisjointMemo::default()) }
@@ -84,47 +89,39 @@ impl TensorBatch {
         arity: usize,
         memo: &mut DisjointMemo,
     ) -> Result<TensorBatch> {
-        if arity == 0 || !arrays.len().is_multiple_of(arity) {
-            return Err(Error::Mismatch(format!(
-                "{} arrays do not form whole slots of {arity}",
-                arrays.len()
-            )));
-        }
-        for (slot, row) in arrays.chunks(arity).enumerate() {
-            let first = row[0];
-            for (k, a) in row.iter().enumerate() {
-                if a.len != first.len || a.dtype != first.dtype {
-                    return Err(Error::Mismatch(format!(
-                        "tensor {slot}: array {k} has {} elements of {} but the parameter has {} of {}",
-                        a.len,
-                        a.dtype.name(),
-                        first.len,
-                        first.dtype.name()
-                    )));
-                }
-                if a.len == 0 {
-                    continue;
-                }
-                if a.addr == 0 || a.addr % a.dtype.size() != 0 {
-                    return Err(Error::BadAddress(format!(
-                        "tensor {slot}: array {k} address {:#x} is null or not aligned for {}",
-                        a.addr,
-                        a.dtype.name()
-                    )));
-                }
-                let bytes = a.len.checked_mul(a.dtype.size());
-                if bytes
-                    .and_then(|b| a.addr.checked_add(b))
-                    .is_none_or(|end| end > isize::MAX as usize)
-                {
-                    return Err(Error::BadAddress(format!(
-                        "tensor {slot}: array {k} extends past the address space"
-                    )));
-                }
-            }
-        }
+        check_slots(&arrays, arity)?;
         memo.check(&arrays, arity)?;
-        Ok(TensorBatch { arrays, arity })
+        Ok(TensorBatch {
+            arrays,
+            arity,
+            read_only: false,
+        })
+    }
+
+    /// A batch that is only read (reductions): checked as [`TensorBatch::new`]
+    /// except that arrays may overlap (the same tensor listed twice), since
+    /// shared reads never alias a write.
+    ///
+    /// # Safety
+    /// As for [`TensorBatch::new`], with "valid for reads" only, and no one
+    /// else writing the memory until the batch is dropped.
+    pub unsafe fn new_read_only(arrays: Vec<RawTensor>, arity: usize) -> Result<TensorBatch> {
+        check_slots(&arrays, arity)?;
+        Ok(TensorBatch {
+            arrays,
+            arity,
+            read_only: true,
+        })
+    }
+
+    /// Whether the batch was built by [`TensorBatch::new_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Every array, slot-major.
+    pub fn arrays(&self) -> &[RawTensor] {
+        &self.arrays
     }
 
     pub fn slots(&self) -> usize {
@@ -149,6 +146,7 @@ impl TensorBatch {
     ///
     /// Takes `&self`: callers on different threads must ask for disjoint
     /// `(slot, range)` pairs, which the engine's work split guarantees.
+    /// Panics on a read-only batch (its arrays may alias).
     ///
     /// # Safety
     /// `T` must match the slot's dtype in size and representation, and no other
@@ -159,11 +157,12 @@ impl TensorBatch {
         range: std::ops::Range<usize>,
         f: impl FnOnce(&mut [&mut [T]]) -> R,
     ) -> R {
-        let row = &self.arrays[slot * self.arity..(slot + 1) * self.arity];
-        assert!(range.start <= range.end && range.end <= row[0].len);
-        assert_eq!(std::mem::size_of::<T>(), row[0].dtype.size());
+        assert!(
+            !self.read_only,
+            "a read-only batch hands out shared slices only"
+        );
+        let row = self.row(slot, &range, std::mem::size_of::<T>());
         let mut slices: [&mut [T]; MAX_ARITY] = Default::default();
-        assert!(self.arity <= MAX_ARITY);
         for (dst, a) in slices.iter_mut().zip(row) {
             if range.is_empty() {
                 continue;
@@ -177,6 +176,98 @@ impl TensorBatch {
         }
         f(&mut slices[..self.arity])
     }
+
+    /// Hands `f` the arrays of `slot`, elements `range`, as typed shared slices.
+    ///
+    /// # Safety
+    /// `T` must match the slot's dtype in size and representation, and no live
+    /// call may write an overlapping `(slot, range)`.
+    pub(crate) unsafe fn with_read_slices<T, R>(
+        &self,
+        slot: usize,
+        range: std::ops::Range<usize>,
+        f: impl FnOnce(&[&[T]]) -> R,
+    ) -> R {
+        let row = self.row(slot, &range, std::mem::size_of::<T>());
+        let mut slices: [&[T]; MAX_ARITY] = Default::default();
+        for (dst, a) in slices.iter_mut().zip(row) {
+            if range.is_empty() {
+                continue;
+            }
+            // SAFETY: the constructor checked alignment and non-null; the
+            // caller's contract keeps the memory valid and unwritten meanwhile,
+            // so shared slices (even of overlapping arrays) are sound.
+            *dst = unsafe {
+                std::slice::from_raw_parts((a.addr as *const T).add(range.start), range.len())
+            };
+        }
+        f(&slices[..self.arity])
+    }
+
+    /// The arrays of `slot`, after checking `range` and the element size.
+    fn row(&self, slot: usize, range: &std::ops::Range<usize>, size: usize) -> &[RawTensor] {
+        let row = &self.arrays[slot * self.arity..(slot + 1) * self.arity];
+        assert!(range.start <= range.end && range.end <= row[0].len);
+        assert_eq!(size, row[0].dtype.size());
+        assert!(self.arity <= MAX_ARITY);
+        row
+    }
+}
+
+/// The per-array checks of [`TensorBatch::new`]: whole slots, one length and
+/// dtype per slot, non-null aligned addresses whose ends do not wrap.
+fn check_slots(arrays: &[RawTensor], arity: usize) -> Result<()> {
+    if arity == 0 || !arrays.len().is_multiple_of(arity) {
+        return Err(Error::Mismatch(format!(
+            "{} arrays do not form whole slots of {arity}",
+            arrays.len()
+        )));
+    }
+    // A mixed-dtype slot is reported only when nothing else is wrong: torch
+    // promotes types there (a float32 buffer of a float64 parameter stays
+    // float32), so its own path must run, while a bad length is an error.
+    let mut mixed = None;
+    for (slot, row) in arrays.chunks(arity).enumerate() {
+        let first = row[0];
+        for (k, a) in row.iter().enumerate() {
+            if a.len != first.len {
+                return Err(Error::Mismatch(format!(
+                    "tensor {slot}: array {k} has {} elements of {} but the parameter has {} of {}",
+                    a.len,
+                    a.dtype.name(),
+                    first.len,
+                    first.dtype.name()
+                )));
+            }
+            if a.dtype != first.dtype && mixed.is_none() {
+                mixed = Some(format!(
+                    "tensor {slot}: array {k} is {} but the parameter is {}",
+                    a.dtype.name(),
+                    first.dtype.name()
+                ));
+            }
+            if a.len == 0 {
+                continue;
+            }
+            if a.addr == 0 || a.addr % a.dtype.size() != 0 {
+                return Err(Error::BadAddress(format!(
+                    "tensor {slot}: array {k} address {:#x} is null or not aligned for {}",
+                    a.addr,
+                    a.dtype.name()
+                )));
+            }
+            let bytes = a.len.checked_mul(a.dtype.size());
+            if bytes
+                .and_then(|b| a.addr.checked_add(b))
+                .is_none_or(|end| end > isize::MAX as usize)
+            {
+                return Err(Error::BadAddress(format!(
+                    "tensor {slot}: array {k} extends past the address space"
+                )));
+            }
+        }
+    }
+    mixed.map_or(Ok(()), |m| Err(Error::Unsupported(m)))
 }
 
 /// Per-parameter 0-d state (torch keeps the step counter, NAdam's
@@ -214,6 +305,11 @@ impl ScalarState {
         batch: &TensorBatch,
         memo: &mut DisjointMemo,
     ) -> Result<ScalarState> {
+        if batch.read_only {
+            return Err(Error::Mismatch(
+                "scalar state belongs to a writable batch".to_string(),
+            ));
+        }
         if cells.len() != batch.slots() * per_slot {
             return Err(Error::Mismatch(format!(
                 "{} scalar state cells for {} tensors of {per_slot} each",
@@ -246,6 +342,11 @@ impl ScalarState {
             per_slot,
             slots: batch.slots(),
         })
+    }
+
+    /// The cells, slot-major (`per_slot` per slot).
+    pub fn cells(&self) -> &[RawTensor] {
+        &self.cells
     }
 
     pub fn per_slot(&self) -> usize {
@@ -417,6 +518,63 @@ mod tests {
             ));
             // Adjacent and empty arrays are fine.
             assert!(TensorBatch::new(vec![t(64, 4), t(80, 4), t(0, 0), t(0, 0)], 2).is_ok());
+        }
+    }
+
+    #[test]
+    fn mixed_dtypes_are_unsupported_but_bad_lengths_are_errors() {
+        let f64_at = |addr, len| RawTensor {
+            addr,
+            len,
+            dtype: DType::F64,
+        };
+        // SAFETY: these batches are never turned into slices.
+        unsafe {
+            assert!(matches!(
+                TensorBatch::new(vec![f64_at(64, 4), t(128, 4)], 2),
+                Err(Error::Unsupported(_))
+            ));
+            // A length mismatch anywhere wins over a mixed slot elsewhere.
+            let r = TensorBatch::new(vec![f64_at(64, 4), t(128, 4), t(256, 4), t(512, 3)], 2);
+            assert!(matches!(r, Err(Error::Mismatch(_))));
+            assert!(matches!(
+                TensorBatch::new_read_only(vec![f64_at(64, 4), t(128, 4)], 2),
+                Err(Error::Unsupported(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn read_only_batches_may_overlap_and_hand_out_shared_slices_only() {
+        let mut data = [1.0f32, 2.0, 3.0, 4.0];
+        let a = RawTensor {
+            addr: data.as_mut_ptr() as usize,
+            len: 4,
+            dtype: DType::F32,
+        };
+        // SAFETY: `data` outlives the batches; nothing writes it meanwhile.
+        unsafe {
+            assert!(matches!(
+                TensorBatch::new(vec![a, a], 1),
+                Err(Error::Overlap(_))
+            ));
+            let batch = TensorBatch::new_read_only(vec![a, a], 1).unwrap();
+            assert!(batch.is_read_only());
+            let sums: Vec<f32> = (0..2)
+                .map(|slot| batch.with_read_slices::<f32, _>(slot, 0..4, |s| s[0].iter().sum()))
+                .collect();
+            assert_eq!(sums, [10.0, 10.0]);
+            let writable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                batch.with_slices::<f32, _>(0, 0..4, |_| ())
+            }));
+            assert!(
+                writable.is_err(),
+                "a read-only batch handed out &mut slices"
+            );
+            assert!(matches!(
+                ScalarState::new(vec![t(4096, 1)], 1, &batch),
+                Err(Error::Mismatch(_))
+            ));
         }
     }
 

@@ -1,28 +1,56 @@
 //! Bindings for the subgradient method, gradient/parameter averaging and the
 //! deterministic reductions (norms, any-non-finite). Same conventions as the
-//! optimizer steps: tensors are checked and described here, kernels run with
-//! the GIL released, and `False`/`None` means "some tensor needs torch".
+//! optimizer steps: tensors are checked and described here (and held until
+//! the call returns), kernels run registered in flight with the GIL
+//! released, and `False`/`None` means "some tensor needs torch". Reductions
+//! only read, so they accept a tensor listed twice; a call that writes hands
+//! tensors sharing memory to torch, which updates them one after another.
 
-use crate::{bump_versions, column, core_error, exec, or_fallback, slots};
+use crate::tensors::{column, param_and_grad_columns, FirstOperand, KeepAlive};
+use crate::{bump_versions, exec, or_fallback, run_in_flight, slots};
 use oxoptim_core::{self as core, RawTensor, TensorBatch};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-/// Describes the role lists (equal lengths) as slots, or `None` when some tensor needs torch.
-fn batch_of(lists: &[(&Bound<'_, PyList>, &str)]) -> PyResult<Option<TensorBatch>> {
+/// Describes the role lists (equal lengths) as columns, or `None` when some tensor needs torch.
+fn columns_of<'py>(
+    lists: &[(&Bound<'py, PyList>, &str)],
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<Vec<Vec<RawTensor>>>> {
     let n = lists.first().map_or(0, |(l, _)| l.len());
-    let mut columns: Vec<Vec<RawTensor>> = Vec::with_capacity(lists.len());
+    let mut columns = Vec::with_capacity(lists.len());
     for (list, role) in lists {
-        match column(list, n, role)? {
+        match column(list, n, role, keep)? {
             Some(c) => columns.push(c),
             None => return Ok(None),
         }
     }
-    // SAFETY: `describe_all` checked every tensor is a dense, contiguous CPU
-    // tensor of a supported dtype; the caller's lists keep them alive for the call.
-    // Tensors that share memory (two parameters given the very same gradient
-    // tensor) are torch's to handle, like any other tensor the kernels cannot take.
-    or_fallback(unsafe { TensorBatch::new(slots(&columns), lists.len()) })
+    Ok(Some(columns))
+}
+
+/// A batch the kernel writes, or `None` (torch's path) when its tensors share
+/// memory or a slot mixes dtypes.
+fn writable(columns: &[Vec<RawTensor>]) -> PyResult<Option<TensorBatch>> {
+    // SAFETY: every column was described from a live, dense, contiguous CPU
+    // tensor of a supported dtype, which the caller holds until the call returns.
+    or_fallback(unsafe { TensorBatch::new(slots(columns), columns.len()) })
+}
+
+/// A batch the kernel only reads (overlaps allowed), or `None` when a slot mixes dtypes.
+fn read_only(columns: &[Vec<RawTensor>]) -> PyResult<Option<TensorBatch>> {
+    // SAFETY: as in `writable`; the batch is only read.
+    or_fallback(unsafe { TensorBatch::new_read_only(slots(columns), columns.len()) })
+}
+
+/// The operand order of torch's ops on the subgradient direction (see
+/// `subgradient.py`): the gradient comes first when a decay or L1 term is
+/// added to it, else `param.add_(direction)` does.
+fn subgradient_first_operand(l1: f64, weight_decay: f64) -> FirstOperand {
+    if l1 != 0.0 || weight_decay != 0.0 {
+        FirstOperand::Grad
+    } else {
+        FirstOperand::Param
+    }
 }
 
 /// θ ← θ − step·(±g + l1·sign(θ) + weight_decay·θ) over a parameter group.
@@ -47,11 +75,17 @@ fn subgradient_step(
         maximize,
     };
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(params, "param"), (grads, "grad")])? else {
+    let mut keep = KeepAlive::with_capacity(2 * params.len());
+    let first = subgradient_first_operand(l1, weight_decay);
+    let Some(columns) = param_and_grad_columns(params, grads, first, &mut keep)? else {
         return Ok(false);
     };
-    py.detach(|| core::subgradient_step(&config, &batch, exec))
-        .map_err(core_error)?;
+    let Some(batch) = writable(&columns)? else {
+        return Ok(false);
+    };
+    run_in_flight(py, batch, &[true, false], |b| {
+        core::subgradient_step(&config, b, exec)
+    })?;
     bump_versions(py, &[params])?;
     Ok(true)
 }
@@ -76,12 +110,31 @@ fn direction_sq_norm(
         maximize,
     };
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(params, "param"), (grads, "grad")])? else {
+    let mut keep = KeepAlive::with_capacity(2 * params.len());
+    let first = subgradient_first_operand(l1, weight_decay);
+    let Some(columns) = param_and_grad_columns(params, grads, first, &mut keep)? else {
         return Ok(None);
     };
-    py.detach(|| core::reduce(r, &batch, exec))
-        .map(Some)
-        .map_err(core_error)
+    let Some(batch) = read_only(&columns)? else {
+        return Ok(None);
+    };
+    run_in_flight(py, batch, &[false, false], |b| core::reduce(r, b, exec)).map(Some)
+}
+
+/// Runs `f` on a read-only batch of `tensors`; `None` when torch must do it.
+fn reduce_one<R: Send>(
+    py: Python<'_>,
+    tensors: &Bound<'_, PyList>,
+    f: impl FnOnce(&TensorBatch) -> core::Result<R> + Send,
+) -> PyResult<Option<R>> {
+    let mut keep = KeepAlive::with_capacity(tensors.len());
+    let Some(columns) = columns_of(&[(tensors, "tensor")], &mut keep)? else {
+        return Ok(None);
+    };
+    let Some(batch) = read_only(&columns)? else {
+        return Ok(None);
+    };
+    run_in_flight(py, batch, &[false], |b| f(b)).map(Some)
 }
 
 /// The p-norm (1, 2, inf or finite p > 0) of all tensors as one vector,
@@ -100,12 +153,7 @@ fn tensor_norm(
         return Ok(None);
     }
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(tensors, "tensor")])? else {
-        return Ok(None);
-    };
-    py.detach(|| core::norm(norm_type, &batch, exec))
-        .map(Some)
-        .map_err(core_error)
+    reduce_one(py, tensors, |b| core::norm(norm_type, b, exec))
 }
 
 /// Whether any element of `tensors` is NaN or ±inf (one read pass); `None` when torch must check.
@@ -118,12 +166,29 @@ fn any_nonfinite(
     backend: Option<&str>,
 ) -> PyResult<Option<bool>> {
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(tensors, "tensor")])? else {
-        return Ok(None);
+    reduce_one(py, tensors, |b| core::any_nonfinite(b, exec))
+}
+
+/// Runs `f` on a written batch of the role lists (`written`: one flag per
+/// role), then bumps the versions of `bumped`; False when torch must do it.
+fn update<'py>(
+    py: Python<'py>,
+    lists: &[(&Bound<'py, PyList>, &str)],
+    written: &[bool],
+    bumped: &[&Bound<'py, PyList>],
+    f: impl FnOnce(&TensorBatch) -> core::Result<()> + Send,
+) -> PyResult<bool> {
+    let mut keep =
+        KeepAlive::with_capacity(lists.len() * lists.first().map_or(0, |(l, _)| l.len()));
+    let Some(columns) = columns_of(lists, &mut keep)? else {
+        return Ok(false);
     };
-    py.detach(|| core::any_nonfinite(&batch, exec))
-        .map(Some)
-        .map_err(core_error)
+    let Some(batch) = writable(&columns)? else {
+        return Ok(false);
+    };
+    run_in_flight(py, batch, written, |b| f(b))?;
+    bump_versions(py, bumped)?;
+    Ok(true)
 }
 
 /// Folds `grads` into the running means: `mean ← grad` when `first`, else
@@ -142,13 +207,13 @@ fn accumulate_mean(
     backend: Option<&str>,
 ) -> PyResult<bool> {
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(means, "mean"), (grads, "grad")])? else {
-        return Ok(false);
-    };
-    py.detach(|| core::accumulate_mean(&batch, weight, first, clear_grad, exec))
-        .map_err(core_error)?;
-    bump_versions(py, &[means, grads])?;
-    Ok(true)
+    update(
+        py,
+        &[(means, "mean"), (grads, "grad")],
+        &[true, clear_grad],
+        &[means, grads],
+        |b| core::accumulate_mean(b, weight, first, clear_grad, exec),
+    )
 }
 
 /// `average ← lerp(average, param, weight)` over every pair (torch's lerp formula).
@@ -163,13 +228,13 @@ fn lerp_average(
     backend: Option<&str>,
 ) -> PyResult<bool> {
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(averages, "average"), (params, "param")])? else {
-        return Ok(false);
-    };
-    py.detach(|| core::lerp_average(&batch, weight, exec))
-        .map_err(core_error)?;
-    bump_versions(py, &[averages])?;
-    Ok(true)
+    update(
+        py,
+        &[(averages, "average"), (params, "param")],
+        &[true, false],
+        &[averages],
+        |b| core::lerp_average(b, weight, exec),
+    )
 }
 
 /// `dst ← src · scale` for every pair.
@@ -184,13 +249,13 @@ fn copy_scaled(
     backend: Option<&str>,
 ) -> PyResult<bool> {
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(dst, "destination"), (src, "source")])? else {
-        return Ok(false);
-    };
-    py.detach(|| core::scale_into(&batch, scale, exec))
-        .map_err(core_error)?;
-    bump_versions(py, &[dst])?;
-    Ok(true)
+    update(
+        py,
+        &[(dst, "destination"), (src, "source")],
+        &[true, false],
+        &[dst],
+        |b| core::scale_into(b, scale, exec),
+    )
 }
 
 /// `t ← t · scale` in place for every tensor.
@@ -204,13 +269,9 @@ fn scale_(
     backend: Option<&str>,
 ) -> PyResult<bool> {
     let exec = exec(num_threads, backend)?;
-    let Some(batch) = batch_of(&[(tensors, "tensor")])? else {
-        return Ok(false);
-    };
-    py.detach(|| core::scale_into(&batch, scale, exec))
-        .map_err(core_error)?;
-    bump_versions(py, &[tensors])?;
-    Ok(true)
+    update(py, &[(tensors, "tensor")], &[true], &[tensors], |b| {
+        core::scale_into(b, scale, exec)
+    })
 }
 
 /// Adds this file's functions to `oxoptim._core`.

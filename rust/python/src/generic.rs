@@ -14,9 +14,12 @@
 //! the kernel returns, so another thread dropping `p.grad` or re-pointing a
 //! tensor meanwhile cannot free memory under it.
 
-use crate::tensors::{describe, describe_grad, torch_types, TensorCache, TorchTypes};
+use crate::tensors::{
+    describe, describe_grad_twin, torch_types, KeepAlive, TensorCache, TorchTypes,
+};
 use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::optimizer::find;
+use oxoptim_core::{inflight, Footprint};
 use oxoptim_core::{
     Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, RawTensor, ScalarState,
     TensorBatch, OPTIMIZERS,
@@ -24,8 +27,8 @@ use oxoptim_core::{
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use std::sync::Arc;
 
 fn entry(kind: &str) -> PyResult<Entry> {
     find(OPTIMIZERS, kind).map_err(core_error)
@@ -75,34 +78,16 @@ fn configure(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Box<dyn Confi
         .map_err(core_error)
 }
 
-/// `torch.Tensor`, to tell tensors from other state values.
-fn tensor_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    static TENSOR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-    TENSOR.import(py, "torch", "Tensor")
-}
-
-/// The unbound `torch.Tensor.untyped_storage` (no bound method built per call).
-fn untyped_storage(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static METHOD: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    METHOD
-        .get_or_try_init(py, || {
-            Ok::<_, PyErr>(tensor_type(py)?.getattr("untyped_storage")?.unbind())
-        })
-        .map(|m| m.bind(py))
-}
-
 /// The described tensors of one call, slot by slot, and the objects that keep
 /// their memory alive.
 struct Gathered<'py> {
     types: &'static TorchTypes,
-    tensor: Bound<'py, PyType>,
-    untyped_storage: Bound<'py, PyAny>,
     /// `[param, grad, state...]`, one vector per role.
     columns: Vec<Vec<RawTensor>>,
     /// The scalar state cells, slot-major.
     cells: Vec<RawTensor>,
-    /// Every tensor described, and the storage of each one not held by the cache.
-    held: Vec<Bound<'py, PyAny>>,
+    /// Every tensor described and the storage it pointed at, held until the call ends.
+    keep: KeepAlive<'py>,
     params: Bound<'py, PyList>,
 }
 
@@ -110,47 +95,25 @@ impl<'py> Gathered<'py> {
     fn new(py: Python<'py>, arity: usize, capacity: usize) -> PyResult<Self> {
         Ok(Gathered {
             types: torch_types(py)?,
-            tensor: tensor_type(py)?.clone(),
-            untyped_storage: untyped_storage(py)?.clone(),
             columns: vec![Vec::with_capacity(capacity); arity],
             cells: Vec::new(),
-            held: Vec::with_capacity(capacity * (arity + 2)),
+            keep: KeepAlive::with_capacity(capacity * (arity + 1)),
             params: PyList::empty(py),
         })
     }
 
-    /// Holds `t` and its current storage until the call ends.
-    fn hold_with_storage(&mut self, t: &Bound<'py, PyAny>) -> PyResult<()> {
-        self.held.push(t.clone());
-        self.held.push(self.untyped_storage.call1((t,))?);
-        Ok(())
-    }
-
-    /// Describes `t` (through `cache` when given, which then keeps its storage).
+    /// Describes `t` (through `cache` when given), holding it and its storage.
+    /// Only plain tensors and parameters are described (`describe`).
     fn describe(
         &mut self,
         t: &Bound<'py, PyAny>,
         cache: Option<&mut TensorCache>,
         is_param: bool,
     ) -> PyResult<Option<RawTensor>> {
-        if !t.is_instance(&self.tensor)? {
-            return Ok(None);
+        match cache {
+            Some(cache) => cache.describe(t, self.types, is_param, &mut self.keep),
+            None => describe(t, self.types, &mut self.keep),
         }
-        let raw = match cache {
-            Some(cache) => {
-                let raw = cache.describe(t, self.types, is_param)?;
-                self.held.push(t.clone());
-                raw
-            }
-            None => {
-                let raw = describe(t, self.types)?;
-                if raw.is_some() {
-                    self.hold_with_storage(t)?;
-                }
-                raw
-            }
-        };
-        Ok(raw)
     }
 
     /// Adds one parameter with its gradient, state arrays and scalar cells.
@@ -163,25 +126,14 @@ impl<'py> Gathered<'py> {
         state: &[Bound<'py, PyAny>],
         scalars: &[Bound<'py, PyAny>],
     ) -> PyResult<bool> {
-        let py = param.py();
         let Some(p) = self.describe(param, cache.as_deref_mut(), true)? else {
             return Ok(false);
         };
         // A gradient must be the parameter's twin: same dtype and shape, dense
         // and contiguous (torch raises or promotes otherwise, so it runs torch's path).
-        if !grad.is_instance(&self.tensor)? {
-            return Ok(false);
-        }
-        let Some(g) = describe_grad(grad, p, self.types)? else {
+        let Some(g) = describe_grad_twin(grad, param, p, self.types, &mut self.keep)? else {
             return Ok(false);
         };
-        if !grad
-            .getattr(intern!(py, "shape"))?
-            .eq(param.getattr(intern!(py, "shape"))?)?
-        {
-            return Ok(false);
-        }
-        self.hold_with_storage(grad)?;
         let mut row = Vec::with_capacity(2 + state.len());
         row.push(p);
         row.push(g);
@@ -220,13 +172,14 @@ impl<'py> Gathered<'py> {
         let arity = self.columns.len();
         // SAFETY: every array was described from a live, dense, contiguous CPU
         // tensor of a supported dtype (`describe`, `describe_grad`), and each
-        // tensor and its storage is held in `self.held` (or by the cache,
+        // tensor and its storage is held in `self.keep` (or by the cache,
         // borrowed for the whole call) until this function returns.
         let Some(batch) =
             or_fallback(unsafe { TensorBatch::new_memo(slots(&self.columns), arity, memos.0) })?
         else {
             return Ok(false);
         };
+        let batch = Arc::new(batch);
         // SAFETY: the cells were described like the arrays, from live 0-d CPU
         // tensors held the same way.
         let Some(mut scalars) = or_fallback(unsafe {
@@ -235,6 +188,14 @@ impl<'py> Gathered<'py> {
         else {
             return Ok(false);
         };
+        // Registered in flight with what it writes (the parameter, every state
+        // array and every scalar cell; the gradient is read): a call on another
+        // thread touching the same memory is refused before anything is written.
+        let written: Vec<bool> = (0..arity).map(|k| k != 1).collect();
+        let footprint = Footprint::new(&batch, &written)
+            .map_err(core_error)?
+            .with_scalars(&scalars);
+        let _in_flight = inflight::enter(footprint).map_err(core_error)?;
         let py = self.params.py();
         py.detach(|| entry.step(configured, &batch, &mut scalars, exec))
             .map_err(core_error)?;

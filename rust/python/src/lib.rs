@@ -1,25 +1,27 @@
 //! `oxoptim._core`: a thin layer that turns torch tensors into checked raw
 //! memory descriptors and calls the pure Rust kernels with the GIL released.
 
-use oxoptim_core::{self as core, Backend, Exec, RawTensor};
+use oxoptim_core::{self as core, inflight, Backend, Exec, Footprint, RawTensor, TensorBatch};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple};
+use std::sync::Arc;
 
 mod extras;
 mod generic;
 mod openmp;
 mod tensors;
-use tensors::{describe_all, Described};
 
 /// Tensors that share memory (the same parameter twice in a group, overlapping
-/// views) are legal in torch, which updates them one after another: such a
-/// batch is handed back to torch's implementation (`None`) instead of failing.
+/// views) are legal in torch, which updates them one after another, and so
+/// is a state tensor whose dtype differs from its parameter's (torch
+/// promotes): such a batch is handed back to torch's implementation (`None`)
+/// instead of failing.
 pub(crate) fn or_fallback<T>(r: core::Result<T>) -> PyResult<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(core::Error::Overlap(_)) => Ok(None),
+        Err(core::Error::Overlap(_) | core::Error::Unsupported(_)) => Ok(None),
         Err(e) => Err(core_error(e)),
     }
 }
@@ -46,6 +48,12 @@ fn supported_backends() -> Vec<&'static str> {
         .collect()
 }
 
+/// Number of native calls running now (registered in flight), in any thread.
+#[pyfunction]
+fn calls_in_flight() -> usize {
+    core::inflight::calls_in_flight()
+}
+
 /// The worker team kernels run on: "openmp" (torch's own threads) or "rayon".
 #[pyfunction]
 fn parallel_backend() -> &'static str {
@@ -68,29 +76,31 @@ pub(crate) fn exec(num_threads: usize, backend: Option<&str>) -> PyResult<Exec> 
     Ok(Exec::new(backend, num_threads))
 }
 
+/// Runs `kernel` on `batch` with the GIL released. The call is first
+/// registered in flight with what it writes (`written`, one flag per array of
+/// a slot), so that a call on another thread touching the same memory is
+/// refused before anything is written, and vice versa.
+///
+/// The caller keeps every described tensor alive (a [`tensors::KeepAlive`])
+/// until this returns.
+pub(crate) fn run_in_flight<R: Send>(
+    py: Python<'_>,
+    batch: TensorBatch,
+    written: &[bool],
+    kernel: impl FnOnce(&TensorBatch) -> core::Result<R> + Send,
+) -> PyResult<R> {
+    let batch = Arc::new(batch);
+    let footprint = Footprint::new(&batch, written).map_err(core_error)?;
+    let _in_flight = inflight::enter(footprint).map_err(core_error)?;
+    py.detach(|| kernel(&batch)).map_err(core_error)
+}
+
 /// Interleaves per-role tensor lists into slot-major arrays.
 pub(crate) fn slots(columns: &[Vec<RawTensor>]) -> Vec<RawTensor> {
     let n = columns.first().map_or(0, Vec::len);
     (0..n)
         .flat_map(|i| columns.iter().map(move |c| c[i]))
         .collect()
-}
-
-pub(crate) fn column(
-    list: &Bound<'_, PyList>,
-    n: usize,
-    role: &str,
-) -> PyResult<Option<Vec<RawTensor>>> {
-    if list.len() != n {
-        return Err(PyValueError::new_err(format!(
-            "expected {n} {role} tensors, got {}",
-            list.len()
-        )));
-    }
-    match describe_all(list)? {
-        Described::Ready(v) => Ok(Some(v)),
-        Described::Unsupported => Ok(None),
-    }
 }
 
 /// Tells autograd the tensors were modified in place, as torch's own in-place
@@ -121,6 +131,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(supported_backends, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(calls_in_flight, m)?)?;
     m.add_class::<tensors::TensorCache>()?;
     generic::register(m)?;
     extras::register(m)?;

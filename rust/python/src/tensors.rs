@@ -2,6 +2,7 @@
 //! boundary in `oxoptim_core::tensors` relies on happens here.
 
 use oxoptim_core::{DType, DisjointMemo, RawTensor};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -12,16 +13,42 @@ pub enum Described {
     /// Every tensor is a dense, contiguous CPU tensor of a supported dtype.
     Ready(Vec<RawTensor>),
     /// Some tensor needs torch's own implementation (another device, layout,
-    /// dtype or a non-contiguous view).
+    /// dtype, a non-contiguous view or a tensor subclass).
     Unsupported,
+}
+
+/// Owned references to every tensor a native call reads or writes, and to
+/// the storage each one pointed at when it was described. They are dropped
+/// only after the call returned, so nothing another thread does meanwhile
+/// (`p.grad = None`, `.data =`, `set_`, emptying a list it passed) can free
+/// memory a kernel uses.
+pub(crate) struct KeepAlive<'py> {
+    held: Vec<Bound<'py, PyAny>>,
+}
+
+impl<'py> KeepAlive<'py> {
+    pub(crate) fn with_capacity(tensors: usize) -> Self {
+        KeepAlive {
+            held: Vec::with_capacity(2 * tensors),
+        }
+    }
+
+    fn hold(&mut self, tensor: &Bound<'py, PyAny>, storage: Bound<'py, PyAny>) {
+        self.held.push(tensor.clone());
+        self.held.push(storage);
+    }
 }
 
 pub(crate) struct TorchTypes {
     strided: Py<PyAny>,
+    /// Types whose methods run no Python code: plain tensors and parameters.
+    tensor: Py<PyAny>,
+    parameter: Py<PyAny>,
     /// Unbound `Tensor` methods: calling these skips creating a bound method per call.
     data_ptr: Py<PyAny>,
     numel: Py<PyAny>,
     is_contiguous: Py<PyAny>,
+    untyped_storage: Py<PyAny>,
     dtypes: [(Py<PyAny>, DType); 4],
 }
 
@@ -34,9 +61,12 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
         let method = |name: &str| -> PyResult<Py<PyAny>> { Ok(tensor.getattr(name)?.unbind()) };
         Ok(TorchTypes {
             strided: get("strided")?,
+            tensor: tensor.clone().unbind(),
+            parameter: torch.getattr("nn")?.getattr("Parameter")?.unbind(),
             data_ptr: method("data_ptr")?,
             numel: method("numel")?,
             is_contiguous: method("is_contiguous")?,
+            untyped_storage: method("untyped_storage")?,
             dtypes: [
                 (get("float32")?, DType::F32),
                 (get("float64")?, DType::F64),
@@ -47,7 +77,6 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
     })
 }
 
-/// Describes one tensor, or `None` when the Rust path cannot take it.
 impl TorchTypes {
     pub(crate) fn data_ptr(&self, t: &Bound<'_, PyAny>) -> PyResult<usize> {
         self.data_ptr.bind(t.py()).call1((t,))?.extract()
@@ -58,10 +87,28 @@ impl TorchTypes {
     pub(crate) fn is_contiguous(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.is_contiguous.bind(t.py()).call1((t,))?.extract()
     }
+    fn untyped_storage<'py>(&self, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.untyped_storage.bind(t.py()).call1((t,))
+    }
+    /// A plain tensor or parameter: its attributes and methods are C code, so
+    /// a description is read with the GIL held throughout (no other thread can
+    /// re-point the tensor halfway) and cannot be faked by `__torch_function__`.
+    fn is_plain(&self, t: &Bound<'_, PyAny>) -> bool {
+        let ty = t.get_type();
+        ty.is(self.tensor.bind(t.py())) || ty.is(self.parameter.bind(t.py()))
+    }
 }
 
-pub(crate) fn describe(t: &Bound<'_, PyAny>, types: &TorchTypes) -> PyResult<Option<RawTensor>> {
+/// Describes one tensor with the storage it points at, or `None` when the
+/// Rust path cannot take it.
+fn describe_with_storage<'py>(
+    t: &Bound<'py, PyAny>,
+    types: &TorchTypes,
+) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>)>> {
     let py = t.py();
+    if !types.is_plain(t) {
+        return Ok(None);
+    }
     if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
         return Ok(None);
     }
@@ -76,17 +123,36 @@ pub(crate) fn describe(t: &Bound<'_, PyAny>, types: &TorchTypes) -> PyResult<Opt
     if !types.is_contiguous(t)? {
         return Ok(None);
     }
+    // The storage first: it holds the memory `data_ptr` points into.
+    let storage = types.untyped_storage(t)?;
     let len = types.numel(t)?;
     let addr = types.data_ptr(t)?;
-    Ok(Some(RawTensor { addr, len, dtype }))
+    Ok(Some((RawTensor { addr, len, dtype }, storage)))
 }
 
-/// Describes every tensor of `list`.
-pub fn describe_all(list: &Bound<'_, PyList>) -> PyResult<Described> {
+/// Describes one tensor, holding it and its storage in `keep`, or `None`
+/// when the Rust path cannot take it.
+pub(crate) fn describe<'py>(
+    t: &Bound<'py, PyAny>,
+    types: &TorchTypes,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<RawTensor>> {
+    let Some((raw, storage)) = describe_with_storage(t, types)? else {
+        return Ok(None);
+    };
+    keep.hold(t, storage);
+    Ok(Some(raw))
+}
+
+/// Describes every tensor of `list`, holding each in `keep`.
+pub fn describe_all<'py>(
+    list: &Bound<'py, PyList>,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Described> {
     let types = torch_types(list.py())?;
     let mut out = Vec::with_capacity(list.len());
     for t in list.iter() {
-        match describe(&t, types)? {
+        match describe(&t, types, keep)? {
             Some(raw) => out.push(raw),
             None => return Ok(Described::Unsupported),
         }
@@ -94,47 +160,178 @@ pub fn describe_all(list: &Bound<'_, PyList>) -> PyResult<Described> {
     Ok(Described::Ready(out))
 }
 
-/// A gradient of `param`: torch's grad setter guarantees the device and shape
-/// match the parameter, so contiguity, dtype and length are what is left.
-pub(crate) fn describe_grad(
-    g: &Bound<'_, PyAny>,
-    param: RawTensor,
+/// Describes `list`, which must hold `n` tensors of `role`, or `None` when
+/// some tensor needs torch.
+pub(crate) fn column<'py>(
+    list: &Bound<'py, PyList>,
+    n: usize,
+    role: &str,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<Vec<RawTensor>>> {
+    check_len(list, n, role)?;
+    match describe_all(list, keep)? {
+        Described::Ready(v) => Ok(Some(v)),
+        Described::Unsupported => Ok(None),
+    }
+}
+
+fn check_len(list: &Bound<'_, PyList>, n: usize, role: &str) -> PyResult<()> {
+    if list.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "expected {n} {role} tensors, got {}",
+            list.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Describes `grads[i]` as the gradient of `params[i]` (described as
+/// `described[i]`), with the checks of [`describe_grad`].
+pub(crate) fn grad_column<'py>(
+    params: &Bound<'py, PyList>,
+    grads: &Bound<'py, PyList>,
+    described: &[RawTensor],
+    first: FirstOperand,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<Vec<RawTensor>>> {
+    check_len(grads, params.len(), "grad")?;
+    let types = torch_types(params.py())?;
+    let mut out = Vec::with_capacity(described.len());
+    for ((p, g), &raw) in params.iter().zip(grads.iter()).zip(described) {
+        match describe_grad(&g, &p, raw, first, types, keep)? {
+            Some(r) => out.push(r),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}
+
+/// `[param, grad]` columns of a step, or `None` when torch must run it.
+pub(crate) fn param_and_grad_columns<'py>(
+    params: &Bound<'py, PyList>,
+    grads: &Bound<'py, PyList>,
+    first: FirstOperand,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<Vec<Vec<RawTensor>>>> {
+    let Some(p) = column(params, params.len(), "param", keep)? else {
+        return Ok(None);
+    };
+    let Some(g) = grad_column(params, grads, &p, first, keep)? else {
+        return Ok(None);
+    };
+    Ok(Some(vec![p, g]))
+}
+
+/// Which tensor torch's first failing op reads as its operand `a` when a
+/// gradient's shape does not match its parameter's: the parameter (or a
+/// parameter-shaped state tensor, as in `param.add_(grad)`,
+/// `exp_avg.lerp_(grad)`), or the gradient (`grad.add(param, alpha=wd)`,
+/// which comes first under coupled weight decay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FirstOperand {
+    Param,
+    Grad,
+}
+
+/// Describes the gradient `g` of `param` (described as `param_raw`), holding
+/// it in `keep`. Checked like any tensor (device, layout, dtype, contiguity:
+/// a gradient swapped in through `.grad.data` skips torch's setter checks);
+/// `None` (torch's path) when its dtype differs from the parameter's (torch
+/// promotes) or the shapes differ but broadcast; torch's size error when the
+/// shapes cannot broadcast.
+pub(crate) fn describe_grad<'py>(
+    g: &Bound<'py, PyAny>,
+    param: &Bound<'py, PyAny>,
+    param_raw: RawTensor,
+    first: FirstOperand,
     types: &TorchTypes,
+    keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<RawTensor>> {
     let py = g.py();
-    // Sparse gradients report False here (and have no data pointer).
-    if !types.is_contiguous(g)? {
+    let Some((raw, storage)) = describe_with_storage(g, types)? else {
+        return Ok(None);
+    };
+    if raw.dtype != param_raw.dtype {
         return Ok(None);
     }
-    let dtype = g.getattr(intern!(py, "dtype"))?;
-    if !types
-        .dtypes
-        .iter()
-        .any(|(d, dt)| *dt == param.dtype && dtype.is(d.bind(py)))
+    // Two `torch.Size` tuples compared: cheaper than `Tensor.is_same_size`,
+    // which goes through torch's argument parser and dispatcher.
+    let param_shape = param.getattr(intern!(py, "shape"))?;
+    let grad_shape = g.getattr(intern!(py, "shape"))?;
+    if !param_shape.eq(&grad_shape)? {
+        let (p, g): (Vec<i64>, Vec<i64>) = (param_shape.extract()?, grad_shape.extract()?);
+        let (a, b) = match first {
+            FirstOperand::Param => (&p, &g),
+            FirstOperand::Grad => (&g, &p),
+        };
+        return match broadcast_error(a, b) {
+            Some(message) => Err(PyRuntimeError::new_err(message)),
+            None => Ok(None),
+        };
+    }
+    // Equal shapes, so equal lengths, unless the cached parameter description
+    // predates an in-place resize: describe it afresh on torch's path.
+    if raw.len != param_raw.len {
+        return Ok(None);
+    }
+    keep.hold(g, storage);
+    Ok(Some(raw))
+}
+
+/// Describes the gradient `g` of `param` (described as `param_raw`) for the
+/// generic step, holding it in `keep`: `None` (torch's path, which promotes,
+/// broadcasts or raises its own error) unless it is a plain dense contiguous
+/// CPU tensor of the parameter's dtype and shape.
+pub(crate) fn describe_grad_twin<'py>(
+    g: &Bound<'py, PyAny>,
+    param: &Bound<'py, PyAny>,
+    param_raw: RawTensor,
+    types: &TorchTypes,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<RawTensor>> {
+    let py = g.py();
+    let Some((raw, storage)) = describe_with_storage(g, types)? else {
+        return Ok(None);
+    };
+    if raw.dtype != param_raw.dtype || raw.len != param_raw.len {
+        return Ok(None);
+    }
+    if !g
+        .getattr(intern!(py, "shape"))?
+        .eq(param.getattr(intern!(py, "shape"))?)?
     {
         return Ok(None);
     }
-    let len = types.numel(g)?;
-    if len != param.len {
-        return Ok(None);
-    }
-    let addr = types.data_ptr(g)?;
-    Ok(Some(RawTensor {
-        addr,
-        len,
-        dtype: param.dtype,
-    }))
+    keep.hold(g, storage);
+    Ok(Some(raw))
+}
+
+/// torch's error when shapes `a` and `b` do not broadcast (its `infer_size`,
+/// scanning dimensions from the last), or `None` when they do.
+fn broadcast_error(a: &[i64], b: &[i64]) -> Option<String> {
+    let ndim = a.len().max(b.len());
+    (0..ndim).rev().find_map(|dim| {
+        let size = |s: &[i64]| (dim + s.len()).checked_sub(ndim).map_or(1, |i| s[i]);
+        let (x, y) = (size(a), size(b));
+        (x != y && x != 1 && y != 1).then(|| {
+            format!(
+                "The size of tensor a ({x}) must match the size of tensor b ({y}) at non-singleton dimension {dim}"
+            )
+        })
+    })
 }
 
 /// Remembers the full description of long-lived tensors (parameters and
 /// optimizer state) between steps, so that a step re-reads only the data
-/// pointer (and, for parameters, contiguity, since users swap `.data` for views).
+/// pointer and, for parameters, contiguity (users swap `.data` for views) or,
+/// for state, the length.
 ///
 /// Soundness: an entry holds the tensor (so its address, the key, cannot be
 /// reused by another object) and the tensor's storage as it was described, so
 /// the memory range of the description stays allocated even if the tensor is
-/// later re-pointed (`set_`, `.data =`, `resize_`); a re-pointed tensor
-/// shows a new data pointer and is described again. Entries no group used
+/// later re-pointed (`set_`, `.data =`); a re-pointed or reallocated
+/// (`resize_`) tensor shows a new data pointer and is described again. Every
+/// step also holds what it uses in a [`KeepAlive`]. Entries no group used
 /// during a step are dropped at its end.
 #[pyclass(module = "oxoptim._core")]
 #[derive(Default)]
@@ -178,8 +375,8 @@ impl std::hash::Hasher for AddressHasher {
 }
 
 struct CacheEntry {
-    _tensor: Py<PyAny>,
-    _storage: Py<PyAny>,
+    tensor: Py<PyAny>,
+    storage: Py<PyAny>,
     raw: RawTensor,
     epoch: u64,
 }
@@ -222,37 +419,47 @@ impl TensorCache {
     }
 
     /// Like [`describe`], answered from the cache when the tensor still points
-    /// at the same memory.
-    pub(crate) fn describe(
+    /// at the same memory; holds the tensor and its storage in `keep` either way.
+    pub(crate) fn describe<'py>(
         &mut self,
-        t: &Bound<'_, PyAny>,
+        t: &Bound<'py, PyAny>,
         types: &TorchTypes,
         is_param: bool,
+        keep: &mut KeepAlive<'py>,
     ) -> PyResult<Option<RawTensor>> {
         let py = t.py();
         let key = t.as_ptr() as usize;
         if let Some(entry) = self.entries.get_mut(&key) {
             let addr = types.data_ptr(t)?;
-            let contiguous = !is_param || types.is_contiguous(t)?;
-            if addr == entry.raw.addr && contiguous {
+            // Parameters are re-checked for contiguity (users swap `.data` for
+            // views) and their length against the gradient's (`describe_grad`);
+            // state is re-checked for length: a tensor `set_` to a smaller
+            // storage that reuses the old address must not keep the old length.
+            let unchanged = if is_param {
+                types.is_contiguous(t)?
+            } else {
+                types.numel(t)? == entry.raw.len
+            };
+            if addr == entry.raw.addr && unchanged {
                 entry.epoch = self.epoch;
+                keep.hold(entry.tensor.bind(py), entry.storage.bind(py).clone());
                 return Ok(Some(entry.raw));
             }
             self.entries.remove(&key);
         }
-        let raw = describe(t, types)?;
-        if let Some(raw) = raw {
-            let storage = t.call_method0(intern!(py, "untyped_storage"))?.unbind();
-            self.entries.insert(
-                key,
-                CacheEntry {
-                    _tensor: t.clone().unbind(),
-                    _storage: storage,
-                    raw,
-                    epoch: self.epoch,
-                },
-            );
-        }
-        Ok(raw)
+        let Some((raw, storage)) = describe_with_storage(t, types)? else {
+            return Ok(None);
+        };
+        self.entries.insert(
+            key,
+            CacheEntry {
+                tensor: t.clone().unbind(),
+                storage: storage.clone().unbind(),
+                raw,
+                epoch: self.epoch,
+            },
+        );
+        keep.hold(t, storage);
+        Ok(Some(raw))
     }
 }

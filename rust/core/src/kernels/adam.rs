@@ -68,6 +68,9 @@ impl Optimizer for AdamConfig {
     }
 
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+        // Everything is checked before the first counter is written: a
+        // refused call leaves the step counters as they were.
+        check(self, batch, scalars.slots())?;
         let steps: Vec<f64> = (0..batch.slots())
             .map(|i| scalars.increment(i, 0))
             .collect();
@@ -83,6 +86,12 @@ pub fn adam_step(
     steps: &[f64],
     exec: Exec,
 ) -> Result<()> {
+    check(config, batch, steps.len())?;
+    run(config, batch, steps, exec);
+    Ok(())
+}
+
+fn check(config: &AdamConfig, batch: &TensorBatch, steps: usize) -> Result<()> {
     if batch.arity() != config.arity() {
         return Err(Error::Mismatch(format!(
             "Adam expects {} arrays per tensor, got {}",
@@ -90,13 +99,16 @@ pub fn adam_step(
             batch.arity()
         )));
     }
-    if steps.len() != batch.slots() {
+    if steps != batch.slots() {
         return Err(Error::Mismatch(format!(
-            "{} step counts for {} tensors",
-            steps.len(),
+            "{steps} step counts for {} tensors",
             batch.slots()
         )));
     }
+    Ok(())
+}
+
+fn run(config: &AdamConfig, batch: &TensorBatch, steps: &[f64], exec: Exec) {
     let per_slot = steps
         .iter()
         .map(|&step| BiasCorrection::new(config, step))
@@ -109,7 +121,6 @@ pub fn adam_step(
         batch,
         exec,
     );
-    Ok(())
 }
 
 /// Step-dependent scalars, computed in f64 as torch computes them in Python.

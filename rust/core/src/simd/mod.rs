@@ -5,6 +5,60 @@
 //! multiply-add is a real FMA everywhere, the scalar one via `mul_add`), so a
 //! SIMD path gives results bit-identical to the scalar reference.
 
+/// Declares a vector path's token from the one list of CPU features its code
+/// is compiled with: `try_new` detects every feature of the list at run time,
+/// and `enter` runs a kernel body inside a function compiled with a
+/// `target_feature` attribute for each of the same features, so what
+/// is detected and what the compiler may emit cannot drift apart. Only this
+/// macro writes `target_feature` attributes (`tests/cpu_features.rs` checks).
+macro_rules! cpu_path {
+    ($(#[$doc:meta])* $token:ident, detect = $detect:ident, features = [$($feature:tt),+ $(,)?]) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $token {
+            _private: (),
+        }
+
+        impl $token {
+            /// Every CPU feature this path is compiled with, each detected by `try_new`.
+            pub const FEATURES: &'static [&'static str] = &[$($feature),+];
+
+            /// The token, when the CPU has every feature in [`Self::FEATURES`].
+            pub fn try_new() -> Option<Self> {
+                Self::supported_by(|feature| match feature {
+                    $($feature => std::arch::$detect!($feature),)+
+                    _ => false,
+                })
+                .then_some($token { _private: () })
+            }
+
+            /// Whether a CPU that has exactly the features `has` answers true
+            /// for can run this path (what `try_new` asks of the real CPU).
+            pub fn supported_by(has: impl Fn(&str) -> bool) -> bool {
+                Self::FEATURES.iter().all(|feature| has(feature))
+            }
+
+            /// Runs `body` on this path's vectors.
+            #[inline]
+            pub fn enter<T: Real, B: crate::dispatch::WithLanes<T>>(self, body: &mut B)
+            where
+                Self: Lanes<T>,
+            {
+                $(#[target_feature(enable = $feature)])+
+                unsafe fn entry<T: Real, B: crate::dispatch::WithLanes<T>>(simd: $token, body: &mut B)
+                where
+                    $token: Lanes<T>,
+                {
+                    body.run(simd)
+                }
+                // SAFETY: a token exists only after `try_new` detected every
+                // feature of `FEATURES`, the list `entry` is compiled with.
+                unsafe { entry(self, body) }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod scalar;

@@ -3,17 +3,12 @@
 use super::{Lanes, Real};
 use std::arch::aarch64::*;
 
-/// Token for NEON. Only constructed after runtime detection.
-#[derive(Clone, Copy, Debug)]
-pub struct Neon {
-    _private: (),
-}
-
-impl Neon {
-    pub fn try_new() -> Option<Self> {
-        std::arch::is_aarch64_feature_detected!("neon").then_some(Neon { _private: () })
-    }
-}
+cpu_path!(
+    /// Token for NEON. Only constructed after runtime detection.
+    Neon,
+    detect = is_aarch64_feature_detected,
+    features = ["neon"]
+);
 
 /// Adds lanes strictly left to right, matching the scalar reference order.
 #[inline(always)]

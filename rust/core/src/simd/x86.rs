@@ -1,35 +1,26 @@
 //! x86_64 vector paths: AVX2+FMA (256-bit) and AVX-512F (512-bit).
 //!
-//! The types are zero-sized tokens; holding one means the CPU features were
-//! detected (see `dispatch`), which is what makes the intrinsics sound.
+//! The types are zero-sized tokens; holding one means every CPU feature its
+//! code is compiled with was detected (see `cpu_path!`), which is what makes
+//! the intrinsics sound.
 
 use super::{Lanes, Real};
 use std::arch::x86_64::*;
 
-/// Token for AVX2 + FMA. Only constructed after runtime detection.
-#[derive(Clone, Copy, Debug)]
-pub struct Avx2 {
-    _private: (),
-}
+cpu_path!(
+    /// Token for AVX2 + FMA. Only constructed after runtime detection.
+    Avx2,
+    detect = is_x86_feature_detected,
+    features = ["avx2", "fma"]
+);
 
-/// Token for AVX-512F. Only constructed after runtime detection.
-#[derive(Clone, Copy, Debug)]
-pub struct Avx512 {
-    _private: (),
-}
-
-impl Avx2 {
-    pub fn try_new() -> Option<Self> {
-        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-            .then_some(Avx2 { _private: () })
-    }
-}
-
-impl Avx512 {
-    pub fn try_new() -> Option<Self> {
-        is_x86_feature_detected!("avx512f").then_some(Avx512 { _private: () })
-    }
-}
+cpu_path!(
+    /// Token for AVX-512F; its kernels' scalar tails and glue also use AVX2
+    /// and FMA. Only constructed after runtime detection.
+    Avx512,
+    detect = is_x86_feature_detected,
+    features = ["avx512f", "avx2", "fma"]
+);
 
 // SAFETY (whole module): every method below runs an intrinsic of the token's
 // instruction set; a token exists only if that set was detected at run time.
