@@ -88,6 +88,8 @@ VPY="$TMP/venv/bin/python"
 RUN="$TMP/run"
 mkdir -p "$RUN"
 if [[ -d "$TESTS_DIR" ]]; then cp -r "$TESTS_DIR" "$RUN/tests"; else mkdir -p "$RUN/tests"; fi
+# The bench-script tests (tests/test_benches.py) import benches/ beside tests/.
+[[ -d "$REPO/benches" ]] && cp -r "$REPO/benches" "$RUN/benches"
 find "$RUN/tests" -name __pycache__ -prune -exec rm -rf {} +
 [[ ! -e "$RUN/tests/oxoptim" ]] || { echo "FAIL: tests/ holds an oxoptim package that would shadow the wheel"; exit 1; }
 # Run from $RUN: neither the repo nor its python/ directory is on sys.path.
