@@ -4,8 +4,11 @@ streaming probe with each optimizer's stream mix (``stream_probe.rs``).
 A row's "% of roofline" divides its GB/s by the probe's GB/s for the same
 mix of streams (arrays read, arrays written back in place), measured over
 arrays at least 4× the last-level cache each, so neither cache residency nor
-a different number of streams can take a row past 100%. Rows whose working
-set is not that far past the cache get a label instead of a percentage.
+a different number of streams can take a row past 100%. The probe runs each
+mix with the arrays at one page offset and staggered (see stream_probe.rs:
+same-offset streams suffer 4K aliasing) and keeps the better. Rows whose
+working set is not that far past the cache get a label instead of a
+percentage.
 """
 
 from __future__ import annotations
@@ -153,7 +156,12 @@ class Roofline:
 def _run_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
     out = subprocess.run([str(_probe_binary()), str(elements), str(threads), str(reps)], capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
-    return {f"{r}:{w}": float(data[f"{r}:{w}"]) for r, w in PATTERNS}
+    if not data["uniform"]:
+        raise RuntimeError(f"stream probe did not stream every element: {out.stdout}")
+    run = {f"{r}:{w}": float(data[f"{r}:{w}"]) for r, w in PATTERNS}
+    for layout, mixes in data["layouts"].items():
+        run.update({f"{layout} {mix}": float(v) for mix, v in mixes.items()})
+    return run
 
 
 def torch_inplace_gbps(elements: int, reps: int) -> float:

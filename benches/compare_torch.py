@@ -345,8 +345,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  {case.name:<20} {rec['impl']:<24} {rec['mode']:<6} {shown}")
             results += records
             sys.stdout.flush()
-    # The roofline keeps the best probe result of the run: measured again at the end.
-    roof.remeasure(probe_reps)
+        # The roofline keeps the best probe result of the run: measured again
+        # after every shape set, so it sees the machine as the rows did.
+        roof.remeasure(probe_reps)
     print(f"\n{roof.summary()}\ntotal {time.perf_counter() - t0:.1f} s")
     data = {
         "kind": "compare_torch",

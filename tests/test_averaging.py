@@ -169,3 +169,16 @@ def test_state_dict_roundtrip():
         assert torch.equal(a, b)
     with pytest.raises(ValueError):
         oxoptim.ParamAverager(model.parameters(), mode="bogus")
+
+
+@pytest.mark.parametrize("mode", ["ema", "swa"])
+def test_failed_update_changes_nothing(mode):
+    model, ours, _ = _train_with_averagers(mode, 3)
+    before = copy.deepcopy(ours.state_dict())
+    weight = next(model.parameters())
+    weight.data = torch.zeros(weight.numel() + 1)  # what a resized model does to a parameter
+    with pytest.raises(ValueError, match="average it with a new ParamAverager"):
+        ours.update()
+    after = ours.state_dict()
+    assert (after["n_updates"], after["n_averaged"]) == (before["n_updates"], before["n_averaged"])
+    assert all(torch.equal(a, b) for a, b in zip(after["averages"], before["averages"]))

@@ -166,17 +166,26 @@ class ParamAverager:
     @torch.no_grad()
     def update(self) -> None:
         """Folds the current parameters into the average."""
-        self.n_updates += 1
-        if self.n_updates <= self.start_step:
+        # Counters move only once the averages are written: a failed call changes nothing.
+        if self.n_updates + 1 <= self.start_step:
+            self.n_updates += 1
             return
         live = [p.detach() for p in self.params]
         if self.n_averaged == 0:
-            self.averages = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in live]
-            _copy(self.averages, live)
+            averages = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in live]
+            _copy(averages, live)
+            self.averages = averages
         else:
+            for i, (a, p) in enumerate(zip(self.averages, live)):
+                if a.shape != p.shape or a.dtype != p.dtype or a.device != p.device:
+                    raise ValueError(
+                        f"parameter {i} is now {tuple(p.shape)} {p.dtype} on {p.device} but its average is "
+                        f"{tuple(a.shape)} {a.dtype} on {a.device}; average it with a new ParamAverager"
+                    )
             weight = 1.0 - self.decay if self.mode == "ema" else 1.0 / (self.n_averaged + 1)
             if not _core.lerp_average(self.averages, live, weight=weight, num_threads=num_threads()):
                 torch._foreach_lerp_(self.averages, live, weight)
+        self.n_updates += 1
         self.n_averaged += 1
 
     @contextlib.contextmanager
