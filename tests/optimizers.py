@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import lion_pytorch
 import torch
 from hypothesis import strategies as st
 
@@ -30,10 +31,20 @@ class Twin:
     hyper: Callable[[], st.SearchStrategy[dict[str, Any]]]
     typical: dict[str, Any] = field(default_factory=dict)
     bit_exact: bool = False
+    # The for-loop implementation is torch's reference semantics; reference
+    # packages beyond torch have only one.
+    theirs_kwargs: dict[str, Any] = field(default_factory=lambda: {"foreach": False})
+    # Attributes the reference keeps outside what torch pickles (so a copy of
+    # it cannot step): the mirror restores them on its copies.
+    theirs_unpickled: tuple[str, ...] = ()
 
     def make_theirs(self, params, **kw):
-        # The for-loop implementation is torch's reference semantics.
-        return self.theirs(params, foreach=False, **kw)
+        return self.theirs(params, **self.theirs_kwargs, **kw)
+
+    @property
+    def torch_twin(self) -> bool:
+        """Whether the twin is torch's own class (else a reference package's)."""
+        return self.theirs.__module__.startswith("torch.")
 
 
 def _sgd_hyper() -> st.SearchStrategy[dict[str, Any]]:
@@ -178,6 +189,16 @@ def _rprop_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _lion_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([1e-4, 1e-3, 0.01]),
+            "betas": st.sampled_from([(0.9, 0.99), (0.95, 0.98), (0.3, 0.5)]),
+            "weight_decay": st.sampled_from([0.0, 0.1, 1.0]),
+        }
+    )
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3), bit_exact=True),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -190,6 +211,8 @@ TWINS = [
     Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
     Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01), bit_exact=True),
     Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05)), bit_exact=True),
+    # Beyond torch.optim: twins of their reference packages on PyPI.
+    Twin("lion", oxoptim.Lion, lion_pytorch.Lion, _lion_hyper, dict(lr=1e-3, weight_decay=0.1), bit_exact=True, theirs_kwargs={}, theirs_unpickled=("_init_lr", "decoupled_wd", "update_fn")),
 ]
 TWIN_IDS = [t.name for t in TWINS]
 
@@ -283,7 +306,8 @@ INVALID_LOADS = [
     ("'step' not a number", _has("step"), _with(lambda sd: _first_entry(sd).__setitem__("step", "x"))),
     ("'step' two numbers", _has("step"), _with(lambda sd: _first_entry(sd).__setitem__("step", torch.zeros(2)))),
     ("an entry that is a list", _has_entry, _with(lambda sd: sd["state"].__setitem__(next(k for k, e in sd["state"].items() if e), [1.0]))),
-    ("a state tensor missing", _has("exp_avg"), _with(lambda sd: _first_entry(sd).pop("exp_avg"))),
+    # (Lion's exp_avg is its only entry: without it the entry is fresh state, not malformed.)
+    ("a state tensor missing", lambda sd: _has("exp_avg")(sd) and len(_first_entry(sd)) > 1, _with(lambda sd: _first_entry(sd).pop("exp_avg"))),
     ("a state tensor of another shape", _has_shaped, _with(lambda sd: _first_entry(sd).__setitem__(_shaped_key(sd), torch.zeros(_first_entry(sd)[_shaped_key(sd)].numel() + 1)))),
     ("a state tensor that is a number", _has_shaped, _with(lambda sd: _first_entry(sd).__setitem__(_shaped_key(sd), 0.0))),
     ("'skipped_steps' negative", always, _with(lambda sd: sd.__setitem__("skipped_steps", -1))),

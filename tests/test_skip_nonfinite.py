@@ -150,9 +150,9 @@ def test_aliased_gradients_are_checked_and_stepped_like_torch(cls, kw, kind):
     gradient tensor: the non-finite check reads the aliases, the step is torch's."""
     import warnings
 
-    twin = getattr(torch.optim, cls.__name__)
+    twin = next(t for t in TWINS if t.ours is cls)
     results = []
-    for make in (lambda ps: cls(ps, skip_nonfinite=True, **kw), lambda ps: twin(ps, foreach=False, **kw)):
+    for make in (lambda ps: cls(ps, skip_nonfinite=True, **kw), lambda ps: twin.make_theirs(ps, **kw)):
         p, q = torch.linspace(-1, 1, 50).requires_grad_(), torch.linspace(0, 1, 50).requires_grad_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's duplicate-parameter warning

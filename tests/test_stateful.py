@@ -329,6 +329,8 @@ class OptimizerMirror(RuleBasedStateMachine):
             return
         assert type(errors[0]) is type(errors[1]), f"{how}: oxoptim raised {errors[0]!r}, torch raised {errors[1]!r}"
         if errors[0] is None:
+            for name in self.twin.theirs_unpickled:  # oxoptim's copies keep them (asserted by stepping on)
+                setattr(copies[1], name, getattr(self.theirs, name))
             self.ours, self.theirs = copies
             assert type(self.ours) is self.twin.ours
 

@@ -18,6 +18,7 @@ from .adamax import Adamax
 from .asgd import ASGD
 from .averaging import GradientAverager, ParamAverager
 from .clip import clip_grad_norm_, get_total_norm
+from .lion import Lion
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -45,6 +46,8 @@ __all__ = [
     "Optimizer",
     "lr_scheduler",
     "swa_utils",
+    # Beyond torch.optim, each checked against its reference package.
+    "Lion",
     # oxoptim's own.
     "Subgradient",
     "GradientAverager",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -9,7 +10,23 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["_use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "step_groups", "tensor_cache"]
+__all__ = ["use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "step_groups", "tensor_cache"]
+
+
+def use_grad_for_differentiable(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's step decorator (grad mode from ``defaults["differentiable"]``) for
+    optimizers that have that setting; ``torch.no_grad()`` for reference
+    optimizers that do not (Lion, Schedule-Free)."""
+    torch_step = _use_grad_for_differentiable(step)
+
+    @functools.wraps(step)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if "differentiable" in self.defaults:
+            return torch_step(self, *args, **kwargs)
+        with torch.no_grad():
+            return step(self, *args, **kwargs)
+
+    return wrapper
 
 
 def num_threads() -> int:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from . import _core
-from ._native import _use_grad_for_differentiable, evaluate_closure, num_threads, step_groups
+from ._native import evaluate_closure, num_threads, step_groups, use_grad_for_differentiable
 from ._skip import SkipNonfinite
 from ._state import CheckedStateDict
 
@@ -53,11 +53,13 @@ _TABLE = _core.optimizers()
 
 
 def _torch_class(cls: type) -> type[torch.optim.Optimizer]:
-    """The first class of ``cls``'s MRO that torch.optim defines (AdamW's is torch's AdamW)."""
+    """The reference optimizer class of ``cls``: the first concrete optimizer of
+    its MRO that is not itself a twin (AdamW's is torch's AdamW, Lion's is
+    ``LionReference``)."""
     for base in cls.__mro__:
-        if base.__module__.startswith("torch.optim") and issubclass(base, torch.optim.Optimizer):
+        if issubclass(base, torch.optim.Optimizer) and base is not torch.optim.Optimizer and not issubclass(base, TorchTwin):
             return base
-    raise TypeError(f"{cls.__name__} must derive from a torch.optim optimizer class")
+    raise TypeError(f"{cls.__name__} must derive from an optimizer class that defines the reference semantics")
 
 
 def _with_skip_nonfinite(signature: inspect.Signature) -> inspect.Signature:
@@ -126,7 +128,7 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         arrays, scalars = _core.layout(self.KIND, self._hyper(group))
         return (*scalars, *arrays)
 
-    @_use_grad_for_differentiable
+    @use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]
         """Performs a single optimization step.
 

@@ -158,7 +158,21 @@ fn cases() -> Vec<Case> {
             &[3],
         )
     };
+    let lion = |betas: (f64, f64), wd: f64| {
+        case(
+            "lion",
+            &[
+                ("lr", Float(0.01)),
+                ("betas", Pair(betas.0, betas.1)),
+                ("weight_decay", Float(wd)),
+            ],
+            &[],
+            &[],
+        )
+    };
     vec![
+        lion((0.9, 0.99), 0.0),
+        lion((0.5, 0.3), 0.1),
         rprop((1e-6, 50.0), false),
         rprop((0.3, 1.1), true),
         asgd(&[0.0, 0.05, 1.0], 0.0, false),

@@ -7,6 +7,7 @@ pub mod adam;
 pub mod adamax;
 pub mod asgd;
 pub mod averaging;
+pub mod lion;
 pub mod nadam;
 pub mod radam;
 pub mod rmsprop;
@@ -30,6 +31,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<adadelta::AdadeltaConfig>(),
     entry::<asgd::AsgdConfig>(),
     entry::<rprop::RpropConfig>(),
+    entry::<lion::LionConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
