@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import lion_pytorch
+import schedulefree
 import torch
 from hypothesis import strategies as st
 
@@ -37,9 +38,32 @@ class Twin:
     # Attributes the reference keeps outside what torch pickles (so a copy of
     # it cannot step): the mirror restores them on its copies.
     theirs_unpickled: tuple[str, ...] = ()
+    # What a training loop does to a new optimizer before stepping (Schedule-Free's train()).
+    prepare: Callable[[Any], None] = lambda opt: None
+    # The reference overwrites p.grad (schedulefree divides it in place), so a
+    # gradient seen twice in one step (a parameter listed twice, two parameters
+    # sharing one gradient) differs the second time; oxoptim leaves gradients
+    # alone. Such cases compare with oxoptim's pure-torch statement of the
+    # reference's maths (``ours._TORCH``, itself checked against the package).
+    mutates_grad: bool = False
+
+    def make_ours(self, params, **kw):
+        opt = self.ours(params, **kw)
+        self.prepare(opt)
+        return opt
 
     def make_theirs(self, params, **kw):
-        return self.theirs(params, **self.theirs_kwargs, **kw)
+        opt = self.theirs(params, **self.theirs_kwargs, **kw)
+        self.prepare(opt)
+        return opt
+
+    def make_semantics(self, params, **kw):
+        """The reference for inputs that alias gradients (see ``mutates_grad``)."""
+        if not self.mutates_grad:
+            return self.make_theirs(params, **kw)
+        opt = self.ours._TORCH(params, **kw)
+        self.prepare(opt)
+        return opt
 
     @property
     def torch_twin(self) -> bool:
@@ -199,6 +223,25 @@ def _lion_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _schedule_free_hyper(first: dict[str, Any]) -> Callable[[], st.SearchStrategy[dict[str, Any]]]:
+    def strategy() -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries(
+            {
+                **first,
+                "weight_decay": st.sampled_from([0.0, 0.01, 0.1]),
+                "warmup_steps": st.sampled_from([0, 2, 10]),
+                "r": st.sampled_from([0.0, 1.0]),
+                "weight_lr_power": st.sampled_from([2.0, 0.0]),
+            }
+        )
+
+    return strategy
+
+
+def _train_mode(opt) -> None:
+    opt.train()
+
+
 TWINS = [
     Twin("sgd", oxoptim.SGD, torch.optim.SGD, _sgd_hyper, dict(lr=0.05, momentum=0.9, weight_decay=1e-3), bit_exact=True),
     Twin("adam", oxoptim.Adam, torch.optim.Adam, _adam_with_decoupled, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -212,6 +255,12 @@ TWINS = [
     Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01), bit_exact=True),
     Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05)), bit_exact=True),
     # Beyond torch.optim: twins of their reference packages on PyPI.
+    Twin("adamw_schedulefree", oxoptim.AdamWScheduleFree, schedulefree.AdamWScheduleFree,
+         _schedule_free_hyper({"lr": st.sampled_from([1e-3, 0.01, 0.0025]), "betas": st.sampled_from([(0.9, 0.999), (0.5, 0.9)]), "eps": st.sampled_from([1e-8, 1e-3])}),
+         dict(lr=0.01, weight_decay=0.01, warmup_steps=2), prepare=_train_mode, mutates_grad=True),
+    Twin("sgd_schedulefree", oxoptim.SGDScheduleFree, schedulefree.SGDScheduleFree,
+         _schedule_free_hyper({"lr": st.sampled_from([0.1, 1.0]), "momentum": st.sampled_from([0.9, 0.5])}),
+         dict(lr=0.1, weight_decay=0.01, warmup_steps=2), bit_exact=True, prepare=_train_mode, mutates_grad=True),
     Twin("lion", oxoptim.Lion, lion_pytorch.Lion, _lion_hyper, dict(lr=1e-3, weight_decay=0.1), bit_exact=True, theirs_kwargs={}, theirs_unpickled=("_init_lr", "decoupled_wd", "update_fn")),
 ]
 TWIN_IDS = [t.name for t in TWINS]

@@ -67,7 +67,7 @@ def test_matches_torch_over_many_steps(twin: Twin, data) -> None:
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     mine, ref = clone_params(params), clone_params(params)
-    ours = twin.ours(_groups(mine, second), **defaults)
+    ours = twin.make_ours(_groups(mine, second), **defaults)
     theirs = twin.make_theirs(_groups(ref, second), **defaults)
     with pytest.MonkeyPatch.context() as mp:  # not the fixture: hypothesis reruns the body
         forbid_torch_fallback(mp)
@@ -124,7 +124,7 @@ def _adam_pair(twin: Twin, dtype, hyper: dict, steps: int, **reference):
     gen = torch.Generator().manual_seed(8)
     params = [torch.randn(s, generator=gen, dtype=dtype) for s in EXACT_SHAPES]
     mine, ref = clone_params(params), clone_params(params)
-    ours, theirs = twin.ours(mine, **hyper), twin.theirs(ref, **hyper, **reference)
+    ours, theirs = twin.make_ours(mine, **hyper), twin.theirs(ref, **hyper, **reference)
     for _ in range(steps):
         set_grads(gen, mine, ref)
         ours.step()
@@ -166,7 +166,7 @@ def test_large_tensors_on_several_threads(monkeypatch, twin: Twin, threads: int)
         gen = torch.Generator().manual_seed(1)
         params = [torch.randn(s, generator=gen) for s in [(300_001,), (512, 300), (5,), ()]]
         mine, ref = clone_params(params), clone_params(params)
-        ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+        ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
         for _ in range(20):
             set_grads(gen, mine, ref)
             ours.step()
@@ -185,7 +185,7 @@ def test_results_do_not_depend_on_thread_count(twin: Twin) -> None:
             torch.set_num_threads(threads)
             gen = torch.Generator().manual_seed(2)
             params = clone_params([torch.randn(s, generator=gen) for s in [(200_003,), (70_001,), (9,)]])
-            opt = twin.ours(params, lr=0.01)
+            opt = twin.make_ours(params, lr=0.01)
             for _ in range(5):
                 set_grads(gen, params)
                 opt.step()
@@ -204,7 +204,7 @@ def test_every_simd_backend_is_bit_identical(twin: Twin) -> None:
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(s, generator=gen) for s in [(67,), (1000,), (3, 5)]]
     # State as the optimizer creates it (one step on the public class), then one kernel step per backend.
-    opt = twin.ours(clone_params(base), **twin.typical)
+    opt = twin.make_ours(clone_params(base), **twin.typical)
     set_grads(gen, opt.param_groups[0]["params"])
     opt.step()
     group = opt.param_groups[0]
@@ -247,7 +247,7 @@ def test_closure_and_lr_scheduler(twin: Twin) -> None:
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [twin.ours(models[0].parameters(), lr=0.05), twin.make_theirs(models[1].parameters(), lr=0.05)]
+    opts = [twin.make_ours(models[0].parameters(), lr=0.05), twin.make_theirs(models[1].parameters(), lr=0.05)]
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in opts]
     for _ in range(20):
         losses = []
@@ -271,7 +271,7 @@ def test_closure_and_lr_scheduler(twin: Twin) -> None:
 def test_params_without_grad_are_skipped(twin: Twin) -> None:
     a, b = torch.ones(5, requires_grad=True), torch.ones(5, requires_grad=True)
     ref = torch.ones(5, requires_grad=True)
-    opt, twin_opt = twin.ours([a, b], lr=0.1), twin.make_theirs([ref], lr=0.1)
+    opt, twin_opt = twin.make_ours([a, b], lr=0.1), twin.make_theirs([ref], lr=0.1)
     initial = state_of(opt, b)  # None, or the state torch creates up front (Adagrad)
     a.grad, ref.grad = torch.ones(5), torch.ones(5)
     opt.step()
@@ -299,7 +299,7 @@ def test_half_precision_matches_torch_fused(monkeypatch, twin: Twin, dtype: torc
     params = [torch.randn(s, generator=gen).to(dtype) for s in [(4099,), (33, 65), (1,)]]
     mine, ref = clone_params(params), clone_params(params)
     hyper = twin.typical
-    ours, theirs = twin.ours(mine, **hyper), twin.theirs(ref, **hyper, fused=True)
+    ours, theirs = twin.make_ours(mine, **hyper), twin.theirs(ref, **hyper, fused=True)
     for _ in range(20):
         set_grads(gen, mine, ref)
         ours.step()

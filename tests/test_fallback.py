@@ -14,7 +14,7 @@ from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches
 def _run_both(twin: Twin, make_params, steps=10, **hyper):
     gen = torch.Generator().manual_seed(0)
     mine, ref = make_params(), make_params()
-    ours, theirs = twin.ours(mine, **hyper), twin.make_theirs(ref, **hyper)
+    ours, theirs = twin.make_ours(mine, **hyper), twin.make_theirs(ref, **hyper)
     for _ in range(steps):
         for p, q in zip(mine, ref):
             g = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
@@ -55,7 +55,7 @@ def test_only_reference_packages_lack_differentiable_mode() -> None:
 @pytest.mark.parametrize("twin", DIFFERENTIABLE, ids=[t.name for t in DIFFERENTIABLE])
 def test_differentiable_mode_backpropagates_through_the_step(twin: Twin) -> None:
     results = []
-    for make in (twin.ours, twin.make_theirs):
+    for make in (twin.make_ours, twin.make_theirs):
         leaf = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
         p = leaf.clone()  # differentiable mode optimises non-leaf tensors
         opt = make([p], **twin.typical, differentiable=True)
@@ -97,7 +97,7 @@ def test_is_a_torch_optimizer_with_hooks(twin: Twin) -> None:
     torch.manual_seed(6)
     p = torch.randn(4, requires_grad=True)
     ref = p.detach().clone().requires_grad_()
-    opt, twin_opt = twin.ours([p], lr=0.1), twin.make_theirs([ref], lr=0.1)
+    opt, twin_opt = twin.make_ours([p], lr=0.1), twin.make_theirs([ref], lr=0.1)
     assert isinstance(opt, torch.optim.Optimizer) and (isinstance(opt, twin.theirs) or not twin.torch_twin)
     calls = []
     opt.register_step_pre_hook(lambda *_: calls.append("pre"))

@@ -14,7 +14,7 @@ def _pair(twin: Twin, shapes=((5,), (3, 4), ())):
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen) for s in shapes]
     mine, ref = clone_params(params), clone_params(params)
-    return gen, mine, ref, twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    return gen, mine, ref, twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
 
 
 def _steps(gen, mine, ref, ours, theirs, n=3):

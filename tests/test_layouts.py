@@ -59,7 +59,7 @@ def _grad(param: torch.Tensor, gen: torch.Generator, layout: str) -> torch.Tenso
 def test_layouts_match_torch_and_stay_inside(twin: Twin, layouts, seed, odd_grads) -> None:
     guard = 1234.5
     runs = []
-    for make_opt in (twin.ours, twin.make_theirs):
+    for make_opt in (twin.make_ours, twin.make_theirs):
         gen = torch.Generator().manual_seed(seed)
         pairs = [_make(layout, gen, guard) for layout in layouts]
         params = [p for p, _ in pairs]

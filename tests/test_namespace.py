@@ -37,10 +37,26 @@ def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
     assert list(inspect.signature(ours).parameters.values()) == expected
 
 
+# Beyond torch.optim: twins of reference packages on PyPI (see tests/optimizers.py).
+BEYOND_TORCH = {"Lion": "lion_pytorch", "AdamWScheduleFree": "schedulefree", "SGDScheduleFree": "schedulefree"}
+
+
 def test_the_rust_table_backs_every_twin() -> None:
-    twins = {name for name in TORCH_OPTIMIZERS if name not in TORCH_IMPLEMENTATION}
+    twins = {name for name in TORCH_OPTIMIZERS if name not in TORCH_IMPLEMENTATION} | set(BEYOND_TORCH)
     kinds = {getattr(oxoptim, name).KIND for name in twins}
     assert kinds == set(oxoptim._core.optimizers())
+
+
+@pytest.mark.parametrize("name", sorted(BEYOND_TORCH))
+def test_optimizers_beyond_torch_have_their_reference_signature(name: str) -> None:
+    theirs = getattr(__import__(BEYOND_TORCH[name]), name)
+    ours = getattr(oxoptim, name)
+    assert name in oxoptim.__all__ and issubclass(ours, TorchTwin)
+    expected = list(inspect.signature(theirs).parameters.values())
+    expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    got = list(inspect.signature(ours).parameters.values())
+    # Same names, kinds and defaults, in order (annotations are the reference's business).
+    assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in expected]
 
 
 def test_positional_arguments_land_where_torchs_do() -> None:

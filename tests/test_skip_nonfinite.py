@@ -11,7 +11,8 @@ import torch
 import oxoptim
 from optimizers import TWINS, state_of
 
-OPTIMIZERS = [(t.ours, t.typical) for t in TWINS] + [(oxoptim.SGD, dict(lr=0.1))]
+# (constructor, settings): each twin as a training loop makes it (Schedule-Free in train mode).
+OPTIMIZERS = [(t.make_ours, t.typical) for t in TWINS] + [(oxoptim.SGD, dict(lr=0.1))]
 IDS = [t.name for t in TWINS] + ["sgd-no-momentum"]
 
 
@@ -75,7 +76,7 @@ def test_finite_steps_equal_the_default_path_and_default_is_unchanged(cls, kw):
     assert oa.skipped_steps == 0
     # Without the flag a NaN gradient goes through, as in torch.
     ref = [p.detach().clone().requires_grad_() for p in b]
-    theirs = cls._TORCH(ref, **kw)
+    theirs = next(t for t in TWINS if cls in (t.make_ours, t.ours)).make_theirs(ref, **kw)
     theirs.load_state_dict(copy.deepcopy(ob.state_dict()))
     torch.manual_seed(9)
     set_grads(b, float("nan"))
@@ -143,16 +144,16 @@ def test_parameters_sharing_one_gradient_tensor(bad):
     assert torch.equal(p, q) and (torch.equal(p, torch.zeros(6)) is bad)
 
 
-@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 @pytest.mark.parametrize("kind", ["listed-twice", "shared-grad"])
 def test_aliased_gradients_are_checked_and_stepped_like_torch(cls, kw, kind):
     """A parameter listed twice (torch warns) or two parameters sharing one
     gradient tensor: the non-finite check reads the aliases, the step is torch's."""
     import warnings
 
-    twin = next(t for t in TWINS if t.ours is cls)
+    twin = next(t for t in TWINS if cls in (t.make_ours, t.ours))
     results = []
-    for make in (lambda ps: cls(ps, skip_nonfinite=True, **kw), lambda ps: twin.make_theirs(ps, **kw)):
+    for make in (lambda ps: cls(ps, skip_nonfinite=True, **kw), lambda ps: twin.make_semantics(ps, **kw)):
         p, q = torch.linspace(-1, 1, 50).requires_grad_(), torch.linspace(0, 1, 50).requires_grad_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's duplicate-parameter warning

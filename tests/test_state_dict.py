@@ -19,7 +19,7 @@ def _train(opt, params, gen, steps):
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 @pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
 def test_state_dict_moves_between_libraries_mid_training(twin: Twin, direction: str) -> None:
-    make_src, make_dst = (twin.ours, twin.make_theirs) if direction == "ours_to_torch" else (twin.make_theirs, twin.ours)
+    make_src, make_dst = (twin.make_ours, twin.make_theirs) if direction == "ours_to_torch" else (twin.make_theirs, twin.make_ours)
     gen = torch.Generator().manual_seed(0)
     params = clone_params([torch.randn(s, generator=gen) for s in [(17,), (4, 9), ()]])
     src = make_src(params, **twin.typical)
@@ -53,7 +53,7 @@ def test_state_dict_layout_is_torchs(twin: Twin) -> None:
     gen = torch.Generator().manual_seed(2)
     mine = clone_params([torch.randn(5, generator=gen)])
     ref = clone_params(mine)
-    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
     set_grads(gen, mine, ref)
     ours.step()
     theirs.step()
@@ -76,14 +76,14 @@ def _params_of(opt) -> list:
 def test_deepcopy_and_pickle_carry_the_state_and_continue_identically(twin: Twin) -> None:
     gen = torch.Generator().manual_seed(3)
     params = clone_params([torch.randn(s, generator=gen) for s in [(33,), (4, 5)]])
-    opt = twin.ours(params, **twin.typical)
+    opt = twin.make_ours(params, **twin.typical)
     _train(opt, params, gen, 5)
     clone = copy.deepcopy(opt)
     buf = io.BytesIO()
     torch.save(opt, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    fresh = twin.ours(clone_params(params), **twin.typical)  # same weights, no state
+    fresh = twin.make_ours(clone_params(params), **twin.typical)  # same weights, no state
     copies = [clone, loaded, fresh]
     assert type(clone) is type(opt) and type(loaded) is type(opt)
     for other in (clone, loaded):

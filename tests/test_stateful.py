@@ -106,8 +106,8 @@ class OptimizerMirror(RuleBasedStateMachine):
             mine, ref = self._new_params(data)
             groups_ours.append({"params": mine})
             groups_theirs.append({"params": ref})
-        self.ours = self.twin.ours(groups_ours, skip_nonfinite=self.skip, **self.hyper)
-        self.theirs = self.twin.make_theirs(groups_theirs, **self.hyper)
+        self.ours = self.twin.make_ours(groups_ours, skip_nonfinite=self.skip, **self.hyper)
+        self.theirs = self.twin.make_semantics(groups_theirs, **self.hyper)  # (gradients are reused and aliased here)
 
     def _new_params(self, data) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3), label="shapes")
@@ -178,7 +178,8 @@ class OptimizerMirror(RuleBasedStateMachine):
         except Exception as e:  # noqa: BLE001 - compared with torch's below
             errors.append(e)
         # torch's twin steps without the groups oxoptim skips (their parameter lists set aside).
-        set_aside = [(self.theirs.param_groups[i], self.theirs.param_groups[i]["params"]) for i in skipped]
+        # A skipped group is untouched, its group-level state (Schedule-Free's step count) included.
+        set_aside = [(self.theirs.param_groups[i], dict(self.theirs.param_groups[i])) for i in skipped]
         for group, _ in set_aside:
             group["params"] = []
         try:
@@ -187,8 +188,9 @@ class OptimizerMirror(RuleBasedStateMachine):
         except Exception as e:  # noqa: BLE001
             errors.append(e)
         finally:
-            for group, params in set_aside:
-                group["params"] = params
+            for group, saved in set_aside:
+                group.clear()
+                group.update(saved)
         ours_error, torch_error = errors
         event(f"step: {type(torch_error).__name__ if torch_error else 'ok'}")
         assert type(ours_error) is type(torch_error), f"step: oxoptim raised {ours_error!r}, torch raised {torch_error!r}"

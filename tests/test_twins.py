@@ -20,7 +20,7 @@ def _stepped_once(twin: Twin, shapes=((67,), (1000,), (3, 5)), dtype=torch.float
     """An optimizer of ours after one step (its state exists), and fresh grads."""
     gen = torch.Generator().manual_seed(3)
     params = clone_params([torch.randn(s, generator=gen, dtype=dtype) for s in shapes])
-    opt = twin.ours(params, **twin.typical)
+    opt = twin.make_ours(params, **twin.typical)
     set_grads(gen, params)
     opt.step()
     set_grads(gen, params)
@@ -157,7 +157,7 @@ def test_gradient_of_another_shape_raises_like_torch(twin: Twin) -> None:
     """Not stepped as if it fit: torch's path runs and raises (after what torch
     itself writes first, e.g. AdamW's decay), as torch does."""
     outcomes = []
-    for make in (twin.ours, twin.make_theirs):
+    for make in (twin.make_ours, twin.make_theirs):
         p = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_()
         opt = make([p], **twin.typical)
         p.grad = torch.ones(3, 5)
@@ -185,7 +185,7 @@ def test_half_precision_is_float32_math_rounded_to_storage(twin: Twin, dtype: to
     gen = torch.Generator().manual_seed(5)
     base = [torch.randn(s, generator=gen).to(dtype) for s in [(67,), (33, 3), (1,), (4096,)]]
     mine, ref = clone_params(base), clone_params([p.float() for p in base])
-    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
     for _ in range(20):
         for p, q in zip(mine, ref):
             g = torch.randn(p.shape, generator=gen).to(dtype)
@@ -216,7 +216,7 @@ def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
     then the fast path."""
     gen = torch.Generator().manual_seed(6)
     params = clone_params([torch.randn(s, generator=gen) for s in [(9,), (4, 3)]])
-    opt = twin.ours(params, **twin.typical)
+    opt = twin.make_ours(params, **twin.typical)
     torch_steps = []
     opt._torch_step = torch_steps.append  # instance attribute: shadows the method
     fast, slow = opt._fast_step, opt._list_step
@@ -248,7 +248,7 @@ def test_scalar_state_follows_the_default_dtype(twin: Twin) -> None:
         gen = torch.Generator().manual_seed(7)
         params = [torch.randn(s, generator=gen) for s in [(33,), (2, 5)]]
         mine, ref = clone_params(params), clone_params(params)
-        ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+        ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
         for _ in range(8):
             set_grads(gen, mine, ref)
             ours.step()
@@ -268,7 +268,7 @@ def test_scalar_state_is_torchs_bit_for_bit(twin: Twin) -> None:
     gen = torch.Generator().manual_seed(8)
     params = [torch.randn(s, generator=gen) for s in [(17,), (3, 2)]]
     mine, ref = clone_params(params), clone_params(params)
-    ours, theirs = twin.ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
     for step in range(12):
         set_grads(gen, mine, ref)
         ours.step()
@@ -296,7 +296,7 @@ CAPTURABLE = [t for t in TWINS if "capturable" in inspect.signature(t.theirs).pa
 def test_capturable_runs_torchs_path(twin: Twin) -> None:
     """capturable=True on CPU tensors: torch's own step, which refuses them."""
     messages = []
-    for make in (twin.ours, twin.make_theirs):
+    for make in (twin.make_ours, twin.make_theirs):
         p = torch.zeros(3, requires_grad=True)
         opt = make([p], **twin.typical, capturable=True)
         p.grad = torch.ones(3)
@@ -312,7 +312,7 @@ def test_hooks_run_once_when_torchs_path_steps_a_group(twin: Twin) -> None:
     the optimizer's hooks fire once per step, even after torch hooked its class."""
     twin.theirs([torch.zeros(1, requires_grad=True)])  # torch wraps its class's step with the hook runner
     p = torch.randn(4, 3).t().requires_grad_()
-    opt = twin.ours([p], **twin.typical)
+    opt = twin.make_ours([p], **twin.typical)
     calls: list[str] = []
     opt.register_step_pre_hook(lambda *_: calls.append("pre"))
     opt.register_step_post_hook(lambda *_: calls.append("post"))

@@ -23,6 +23,7 @@ from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedule_free import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
 from .subgradient import Subgradient
 
@@ -48,6 +49,8 @@ __all__ = [
     "swa_utils",
     # Beyond torch.optim, each checked against its reference package.
     "Lion",
+    "AdamWScheduleFree",
+    "SGDScheduleFree",
     # oxoptim's own.
     "Subgradient",
     "GradientAverager",

@@ -146,10 +146,16 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
 
     def _general_step(self, group: dict, native: bool) -> None:
         if native:
+            state = self.state  # type: ignore[attr-defined]
+            stateless = [p for p in group["params"] if not state.get(p)]
             lists: list[list[Any]] = [[] for _ in range(self._INIT_LISTS)]
             self._init_group(group, *lists)  # type: ignore[attr-defined]
             if self._list_step(group, lists[0], lists[1]):
                 return
+            # The reference creates state as it goes (lazily, or all up front as
+            # torch does): it starts from the state the group had.
+            for p in stateless:
+                state.pop(p, None)
         self._torch_step(group)
 
     def _list_step(self, group: dict, params: list, grads: list) -> bool:
@@ -164,4 +170,8 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         return _core.step(self.KIND, params, grads, state, cells, hyper, num_threads=num_threads())
 
     def _torch_step(self, group: dict) -> None:
+        self._reference_step(group)
+
+    def _reference_step(self, group: dict) -> None:
+        """The reference implementation's step, for this group only."""
         _unhooked_step(self._TORCH)(_OneGroup(self, group))  # type: ignore[arg-type]

@@ -59,11 +59,10 @@ class LionReference(torch.optim.Optimizer):
         return wd / self._init_lr if self.decoupled_wd else wd
 
     def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list) -> None:
+        """Every stepped parameter with its state, created where missing (the native path's view)."""
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Lion does not support sparse gradients")
             state = self.state[p]
             if len(state) == 0:
                 state["exp_avg"] = torch.zeros_like(p)
@@ -78,12 +77,14 @@ class LionReference(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params: list = []
-            grads: list = []
-            exp_avgs: list = []
-            self._init_group(group, params, grads, exp_avgs)
             lr, (beta1, beta2), wd = group["lr"], group["betas"], self._weight_decay(group)
-            for p, grad, exp_avg in zip(params, grads, exp_avgs):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:  # created as the loop reaches it, as in the reference
+                    state["exp_avg"] = torch.zeros_like(p)
+                grad, exp_avg = p.grad, state["exp_avg"]
                 p.mul_(1.0 - lr * wd)
                 update = exp_avg.clone().mul_(beta1).add(grad, alpha=1.0 - beta1).sgn_()
                 p.add_(update, alpha=-lr)

@@ -170,7 +170,40 @@ fn cases() -> Vec<Case> {
             &[],
         )
     };
+    let adamw_sf = |ckp1: f64, wd: f64| {
+        case(
+            "adamw_schedulefree",
+            &[
+                ("lr", Float(0.01)),
+                ("betas", Pair(0.9, 0.999)),
+                ("eps", Float(1e-8)),
+                ("weight_decay", Float(wd)),
+                ("ckp1", Float(ckp1)),
+                ("bias_correction2", Float(0.3)),
+            ],
+            &[],
+            &[3],
+        )
+    };
+    let sgd_sf = |ckp1: f64, wd: f64| {
+        case(
+            "sgd_schedulefree",
+            &[
+                ("lr", Float(0.1)),
+                ("momentum", Float(0.9)),
+                ("weight_decay", Float(wd)),
+                ("ckp1", Float(ckp1)),
+            ],
+            &[],
+            &[],
+        )
+    };
     vec![
+        // ckp1 below and above 1/2: both branches of torch's lerp.
+        adamw_sf(0.25, 0.0),
+        adamw_sf(0.75, 0.1),
+        sgd_sf(0.25, 0.1),
+        sgd_sf(1.0, 0.0),
         lion((0.9, 0.99), 0.0),
         lion((0.5, 0.3), 0.1),
         rprop((1e-6, 50.0), false),

@@ -12,6 +12,7 @@ pub mod nadam;
 pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
+pub mod schedule_free;
 pub mod sgd;
 pub mod subgradient;
 
@@ -32,6 +33,8 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<asgd::AsgdConfig>(),
     entry::<rprop::RpropConfig>(),
     entry::<lion::LionConfig>(),
+    entry::<schedule_free::AdamwScheduleFreeConfig>(),
+    entry::<schedule_free::SgdScheduleFreeConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
