@@ -239,15 +239,15 @@ def _timed_block(c: Contender, grads: List[torch.Tensor], mode: str, n_steps: in
     return total / n_steps
 
 
-def run_case(shapes: List[Shape], case: Case, rounds: int, target_s: float) -> Tuple[List[dict], int]:
-    """Times every contender of ``case``; returns result records and steps per block."""
+def run_case(shapes: List[Shape], case: Case, rounds: int, target_s: float, grad_modes: Sequence[str] = GRAD_MODES) -> Tuple[List[dict], int]:
+    """Times every contender of ``case`` in ``grad_modes``; returns result records and steps per block."""
     gen = torch.Generator().manual_seed(0)
     grads = [torch.empty(s).uniform_(-1e-3, 1e-3, generator=gen) for s in shapes]
     base = [torch.empty(s).uniform_(-0.05, 0.05, generator=gen) for s in shapes]
     contenders: Dict[str, Contender] = {}
     records: List[dict] = []
     notes: Dict[str, str] = {}
-    modes = GRAD_MODES if case.reads_grads else ("none",)
+    modes = tuple(grad_modes) if case.reads_grads else ("none",)
     for impl, build in case.contenders.items():
         params = [torch.nn.Parameter(b.clone()) for b in base]
         _give_grads(params, grads, "reused")

@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCHES))
 import bandwidth  # noqa: E402
 import bench_report  # noqa: E402
 import compare_torch  # noqa: E402
+import per_optimizer  # noqa: E402
 import readme_perf  # noqa: E402
 
 LLC = 32 * 2**20
@@ -244,3 +245,24 @@ def test_e2e_peak_memory_counts_gradients_and_optimizer_state():
     params = 1.4e6  # the --quick transformer
     assert mem["peak_rss_mib"] > mem["model_rss_mib"] > 0
     assert mem["peak_over_model_mib"] > 3 * params * 4 / 2**20  # gradients + exp_avg + exp_avg_sq
+
+
+def test_per_optimizer_rows_cover_every_rust_optimizer_and_compare_per_round():
+    notes = []
+    cases = per_optimizer.cases(notes)
+    covered = {type(c.contenders["oxoptim"]([torch.zeros(1, requires_grad=True)]).__self__).KIND for c in cases}
+    assert covered == set(__import__("oxoptim")._core.optimizers()) and not notes
+    # Round 2 ran everything 10× slower: per-round ratios stay put; the faster of foreach and fused is taken per round.
+    records = [
+        dict(impl="oxoptim", ms=[1.0, 10.0, 1.0], note=""),
+        dict(impl="torch default", ms=[4.0, 40.0, 4.0], note=""),
+        dict(impl="torch foreach", ms=[3.0, 20.0, 3.0], note=""),
+        dict(impl="torch fused", ms=[2.0, 30.0, 2.0], note=""),
+    ]
+    cells = per_optimizer.row_cells(records)
+    assert cells["vs torch default"] == "4.00× (4.00–4.00)"
+    assert cells["vs torch's fastest (foreach/fused)"].startswith("2.00× (2.00–2.00)")
+    records[-1] = dict(impl="torch fused", ms=[], note="unavailable: RuntimeError: no fused CPU kernel")
+    cells = per_optimizer.row_cells(records)
+    assert cells["vs torch's fastest (foreach/fused)"] == "3.00× (2.00–3.00) [foreach]"
+    assert "no fused CPU kernel" in cells["not measured"]
