@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from bandwidth import F32, cache_label
 
-TORCH_PATHS = ["torch for-loop", "torch foreach", "torch fused", "torch default", "swa_utils multi_avg_fn", "swa_utils avg_fn"]
+TORCH_PATHS = ["torch for-loop", "torch foreach", "torch fused", "torch default", "deepspeed cpu_adam", "swa_utils multi_avg_fn", "swa_utils avg_fn"]
 BASELINE = "oxoptim"
 
 

@@ -172,14 +172,27 @@ def _torch_paths(cls, **kw) -> Dict[str, Build]:
     }
 
 
+def deepspeed_adam(notes: List[str], adamw: bool, **kw) -> Dict[str, Build]:
+    """DeepSpeed's CPU Adam (its C++ AVX op, JIT-built on first use) as a contender, when it installs."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: F401 - import only checks availability
+    except Exception as e:  # ImportError, or its op failing to build
+        note = f"DeepSpeed CPU Adam unavailable ({type(e).__name__}: {str(e)[:80]}); pip install deepspeed ninja"
+        if note not in notes:
+            notes.append(note)
+        return {}
+    return {"deepspeed cpu_adam": _opt(DeepSpeedCPUAdam, adamw_mode=adamw, **kw)}
+
+
 def cases(notes: List[str]) -> List[Case]:
     sgd_kw = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    adamw_kw = dict(lr=1e-3, weight_decay=1e-2)
     out = [
         # read p, g, buf; write p, buf
         Case("SGD momentum", 3, 2, {"oxoptim": _opt(oxoptim.SGD, **sgd_kw), **_torch_paths(torch.optim.SGD, **sgd_kw)}),
         # read p, g, m, v; write p, m, v
-        Case("Adam", 4, 3, {"oxoptim": _opt(oxoptim.Adam, lr=1e-3), **_torch_paths(torch.optim.Adam, lr=1e-3)}),
-        Case("AdamW", 4, 3, {"oxoptim": _opt(oxoptim.AdamW, lr=1e-3, weight_decay=1e-2), **_torch_paths(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2)}),
+        Case("Adam", 4, 3, {"oxoptim": _opt(oxoptim.Adam, lr=1e-3), **_torch_paths(torch.optim.Adam, lr=1e-3), **deepspeed_adam(notes, False, lr=1e-3)}),
+        Case("AdamW", 4, 3, {"oxoptim": _opt(oxoptim.AdamW, **adamw_kw), **_torch_paths(torch.optim.AdamW, **adamw_kw), **deepspeed_adam(notes, True, **adamw_kw)}),
     ]
     if hasattr(oxoptim, "Subgradient"):
         # read p, g; write p

@@ -31,7 +31,7 @@ import oxoptim
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine_line, ratio_rounds, spread  # noqa: E402
-from compare_torch import Build, Case, gpt2_shapes, run_case, seed_shapes, without_out  # noqa: E402
+from compare_torch import Build, Case, deepspeed_adam, gpt2_shapes, run_case, seed_shapes, without_out  # noqa: E402
 
 
 def _build(cls: Any, prepare: Optional[Callable[[Any], None]] = None, **kw: Any) -> Build:
@@ -78,6 +78,8 @@ def cases(notes: List[str]) -> List[Case]:
         }
         if "fused" in theirs.__init__.__code__.co_varnames:
             contenders["torch fused"] = _build(theirs, fused=True, **kw)
+        if theirs in (torch.optim.Adam, torch.optim.AdamW):
+            contenders.update(deepspeed_adam(notes, theirs is torch.optim.AdamW, **kw))
         out.append(Case(name, 2 + arrays, 1 + arrays, contenders))
     references = []
     try:
@@ -125,7 +127,7 @@ def row_cells(records: List[dict]) -> Dict[str, str]:
         fast_paths = [p for p in ("torch foreach", "torch fused") if _times(records, p)]
         fastest = [min(ts) for ts in zip(*(_times(records, p) for p in fast_paths))]
         cells["vs torch's fastest (foreach/fused)"] = spread(*ratio_rounds(fastest, ox)) + f" [{'/'.join(p[6:] for p in fast_paths)}]"
-    refs = [r["impl"] for r in records if r["impl"] not in ("oxoptim",) and not r["impl"].startswith("torch")]
+    refs = [r["impl"] for r in records if r["impl"] != "oxoptim" and not r["impl"].startswith("torch")]  # packages, DeepSpeed
     for impl in refs:
         ts = _times(records, impl)
         cells[f"vs {impl}"] = spread(*ratio_rounds(ts, ox)) if ts else next(r["note"] for r in records if r["impl"] == impl)
