@@ -104,11 +104,22 @@ impl<T: Element> LaneBlock<T> for LionBlock<T> {
             // p.data.mul_(1 - lr * wd)
             let p = s.mul(s.load(self.param.add(i)), s.splat(self.decay));
             // exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sgn_()
-            let direction = s.sign(s.mul_add(g, s.splat(self.one_minus_beta1), s.mul(m, s.splat(self.beta1))));
+            let direction = s.sign(s.mul_add(
+                g,
+                s.splat(self.one_minus_beta1),
+                s.mul(m, s.splat(self.beta1)),
+            ));
             // p.add_(update, alpha=-lr)
-            s.store(self.param.add(i), s.mul_add(direction, s.splat(self.lr_neg), p));
+            s.store(
+                self.param.add(i),
+                s.mul_add(direction, s.splat(self.lr_neg), p),
+            );
             // exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
-            let m = s.mul_add(g, s.splat(self.one_minus_beta2), s.mul(m, s.splat(self.beta2)));
+            let m = s.mul_add(
+                g,
+                s.splat(self.one_minus_beta2),
+                s.mul(m, s.splat(self.beta2)),
+            );
             s.store(self.exp_avg.add(i), m);
         }
     }

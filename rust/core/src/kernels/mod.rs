@@ -98,6 +98,118 @@ pub(crate) fn decayed_grad<T: Element, S: Lanes<T>>(
     g
 }
 
+/// torch's Adam-family start of a step, shared by NAdam and RAdam: the
+/// (maximised, coupled-decayed) gradient, the decoupled decay of the
+/// parameter, then `exp_avg.lerp_(g, 1 − β1)` and
+/// `exp_avg_sq.mul_(β2).addcmul_(g, g, value=1 − β2)` (one FMA, as torch's
+/// CPU `addcmul`), both stored.
+#[derive(Clone, Copy)]
+pub(crate) struct AdamMoments<T> {
+    exp_avg_lerp: Lerp<T>,
+    beta2: SecondMoment<T>,
+    coupled_decay: Option<T>,
+    /// `1 - lr * weight_decay` when the decay is decoupled.
+    param_decay: Option<T>,
+    maximize: bool,
+}
+
+/// The settings an [`AdamMoments`] is built from.
+pub(crate) struct AdamSettings {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub decoupled_weight_decay: bool,
+    pub maximize: bool,
+}
+
+/// The values of one step after the moments are updated.
+pub(crate) struct Moments<V> {
+    pub param: V,
+    pub grad: V,
+    pub exp_avg: V,
+    pub exp_avg_sq: V,
+}
+
+impl<T: Element> AdamMoments<T> {
+    pub(crate) fn new(c: AdamSettings) -> AdamMoments<T> {
+        let decay = c.weight_decay != 0.0;
+        AdamMoments {
+            exp_avg_lerp: Lerp::new(1.0 - c.beta1),
+            beta2: SecondMoment::new(c.beta2),
+            coupled_decay: (decay && !c.decoupled_weight_decay)
+                .then(|| T::from_f64(c.weight_decay)),
+            param_decay: (decay && c.decoupled_weight_decay)
+                .then(|| T::from_f64(1.0 - c.lr * c.weight_decay)),
+            maximize: c.maximize,
+        }
+    }
+
+    /// Loads element `i` of each array, updates and stores both moments.
+    ///
+    /// # Safety
+    /// `i + S::WIDTH` must lie within every array.
+    #[inline(always)]
+    pub(crate) unsafe fn update<S: Lanes<T>>(
+        &self,
+        s: S,
+        param: *const T,
+        grad: *const T,
+        exp_avg: *mut T,
+        exp_avg_sq: *mut T,
+    ) -> Moments<S::V> {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let mut p = s.load(param);
+            let g = decayed_grad(s, p, s.load(grad), self.maximize, self.coupled_decay);
+            if let Some(decay) = self.param_decay {
+                p = s.mul(p, s.splat(decay));
+            }
+            let m = self.exp_avg_lerp.apply(s, s.load(exp_avg), g);
+            s.store(exp_avg, m);
+            let v = self.beta2.update(s, exp_avg_sq, g);
+            Moments {
+                param: p,
+                grad: g,
+                exp_avg: m,
+                exp_avg_sq: v,
+            }
+        }
+    }
+}
+
+/// `exp_avg_sq.mul_(β2).addcmul_(g, g, value=1 − β2)`: torch's CPU
+/// `addcmul` is one FMA, `fma(value·g, g, self)`.
+#[derive(Clone, Copy)]
+pub(crate) struct SecondMoment<T> {
+    beta2: T,
+    one_minus_beta2: T,
+}
+
+impl<T: Element> SecondMoment<T> {
+    pub(crate) fn new(beta2: f64) -> SecondMoment<T> {
+        SecondMoment {
+            beta2: T::from_f64(beta2),
+            one_minus_beta2: T::from_f64(1.0 - beta2),
+        }
+    }
+
+    /// Updates and stores element `i` of `exp_avg_sq`; returns it.
+    ///
+    /// # Safety
+    /// `exp_avg_sq .. + S::WIDTH` must be in bounds.
+    #[inline(always)]
+    pub(crate) unsafe fn update<S: Lanes<T>>(&self, s: S, exp_avg_sq: *mut T, g: S::V) -> S::V {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let v = s.mul(s.load(exp_avg_sq), s.splat(self.beta2));
+            let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
+            s.store(exp_avg_sq, v);
+            v
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! decay; maximize), operation for operation as torch's `_single_tensor_nadam`
 //! on its vectorised CPU path, including its `mu_product` state.
 
-use super::{common_len, decayed_grad, Lerp};
+use super::{common_len, AdamMoments, AdamSettings, Moments};
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::Result;
@@ -108,20 +108,19 @@ impl Elementwise for NadamKernel<'_> {
         let c = self.config;
         let n = common_len(arrays, 4);
         let sc = self.per_slot[slot];
-        let decay = c.weight_decay != 0.0;
         let mut block = NadamBlock {
-            exp_avg_lerp: Lerp::new(1.0 - c.beta1),
-            beta2: T::from_f64(c.beta2),
-            one_minus_beta2: T::from_f64(1.0 - c.beta2),
+            moments: AdamMoments::new(AdamSettings {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                lr: c.lr,
+                weight_decay: c.weight_decay,
+                decoupled_weight_decay: c.decoupled_weight_decay,
+                maximize: c.maximize,
+            }),
             bias_correction2: T::from_f64(sc.bias_correction2),
             eps: T::from_f64(c.eps),
             grad_weight: T::from_f64(sc.grad_weight),
             exp_avg_weight: T::from_f64(sc.exp_avg_weight),
-            coupled_decay: (decay && !c.decoupled_weight_decay)
-                .then(|| T::from_f64(c.weight_decay)),
-            param_decay: (decay && c.decoupled_weight_decay)
-                .then(|| T::from_f64(1.0 - c.lr * c.weight_decay)),
-            maximize: c.maximize,
             param: arrays[0].as_mut_ptr(),
             grad: arrays[1].as_ptr(),
             exp_avg: arrays[2].as_mut_ptr(),
@@ -133,17 +132,11 @@ impl Elementwise for NadamKernel<'_> {
 }
 
 struct NadamBlock<T> {
-    exp_avg_lerp: Lerp<T>,
-    beta2: T,
-    one_minus_beta2: T,
+    moments: AdamMoments<T>,
     bias_correction2: T,
     eps: T,
     grad_weight: T,
     exp_avg_weight: T,
-    coupled_decay: Option<T>,
-    /// `1 - lr * weight_decay` when the decay is decoupled.
-    param_decay: Option<T>,
-    maximize: bool,
     param: *mut T,
     grad: *const T,
     exp_avg: *mut T,
@@ -155,22 +148,18 @@ impl<T: Element> LaneBlock<T> for NadamBlock<T> {
     unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
         // SAFETY: `run_blocks` keeps i + WIDTH within the arrays.
         unsafe {
-            let mut p = s.load(self.param.add(i));
-            let g = decayed_grad(
+            let Moments {
+                param: mut p,
+                grad: g,
+                exp_avg: m,
+                exp_avg_sq: v,
+            } = self.moments.update(
                 s,
-                p,
-                s.load(self.grad.add(i)),
-                self.maximize,
-                self.coupled_decay,
+                self.param.add(i),
+                self.grad.add(i),
+                self.exp_avg.add(i),
+                self.exp_avg_sq.add(i),
             );
-            if let Some(decay) = self.param_decay {
-                p = s.mul(p, s.splat(decay));
-            }
-            let m = self.exp_avg_lerp.apply(s, s.load(self.exp_avg.add(i)), g);
-            s.store(self.exp_avg.add(i), m);
-            let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
-            let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
-            s.store(self.exp_avg_sq.add(i), v);
             // denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
             let denom = s.add(
                 s.sqrt(s.div(v, s.splat(self.bias_correction2))),

@@ -12,7 +12,7 @@
 //! both:   y ← lerp(y, z, ckp1);  y ← y + lr·(β1·(1 − ckp1) − 1)·d;  z ← z − lr·d
 //! ```
 
-use super::{common_len, Lerp};
+use super::{common_len, Lerp, SecondMoment};
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::Result;
@@ -65,7 +65,11 @@ impl<T: Element> Coefficients<T> {
             }
             let z_now = s.load(z);
             // y.lerp_(end=z, weight=ckp1); y.add_(d, alpha=lr*(beta1*(1-ckp1)-1))
-            let y_new = s.mul_add(d, s.splat(self.y_step), self.towards_z.apply(s, y_now, z_now));
+            let y_new = s.mul_add(
+                d,
+                s.splat(self.y_step),
+                self.towards_z.apply(s, y_now, z_now),
+            );
             s.store(y, y_new);
             // z.sub_(d, alpha=lr)
             s.store(z, s.mul_add(d, s.splat(self.z_step), z_now));
@@ -131,8 +135,7 @@ impl Elementwise for AdamwScheduleFreeKernel<'_> {
         let n = common_len(arrays, 4);
         let mut block = AdamwScheduleFreeBlock {
             moves: c.step.coefficients(),
-            beta2: T::from_f64(c.beta2),
-            one_minus_beta2: T::from_f64(1.0 - c.beta2),
+            second_moment: SecondMoment::new(c.beta2),
             bias_correction2: T::from_f64(c.bias_correction2),
             eps: T::from_f64(c.eps),
             y: arrays[0].as_mut_ptr(),
@@ -147,8 +150,7 @@ impl Elementwise for AdamwScheduleFreeKernel<'_> {
 
 struct AdamwScheduleFreeBlock<T> {
     moves: Coefficients<T>,
-    beta2: T,
-    one_minus_beta2: T,
+    second_moment: SecondMoment<T>,
     bias_correction2: T,
     eps: T,
     y: *mut T,
@@ -163,13 +165,14 @@ impl<T: Element> LaneBlock<T> for AdamwScheduleFreeBlock<T> {
         // SAFETY: `run_blocks` keeps i + WIDTH within the arrays.
         unsafe {
             let g = s.load(self.grad.add(i));
-            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): one FMA, as torch's CPU addcmul.
-            let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
-            let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
-            s.store(self.exp_avg_sq.add(i), v);
+            let v = self.second_moment.update(s, self.exp_avg_sq.add(i), g);
             // denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps); grad.div_(denom)
-            let denom = s.add(s.sqrt(s.div(v, s.splat(self.bias_correction2))), s.splat(self.eps));
-            self.moves.move_y_and_z(s, self.y.add(i), self.z.add(i), s.div(g, denom));
+            let denom = s.add(
+                s.sqrt(s.div(v, s.splat(self.bias_correction2))),
+                s.splat(self.eps),
+            );
+            self.moves
+                .move_y_and_z(s, self.y.add(i), self.z.add(i), s.div(g, denom));
         }
     }
 }
