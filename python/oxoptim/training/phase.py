@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,7 +37,10 @@ class Phase:
     overrides: Dict[str, Any]
 
     @classmethod
-    def make(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict) -> "Phase":
+    def make(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
+             carried: Optional[dict] = None) -> "Phase":
+        """The stage's optimizer (and averager); with ``carried`` (the previous stage's optimizer
+        state, for a ``continue_optimizer`` stage) its per-parameter state continues."""
         if stage.per_layer or hasattr(model, "layer_groups"):
             groups, factors = layer_groups(stage, model)
             params = [p for g in groups for p in g]
@@ -44,6 +48,14 @@ class Phase:
         else:
             params = [p for p in model.parameters() if p.requires_grad]
             opt = build_optimizer(stage, params, overrides)
+        if stage.continue_optimizer and carried is not None:
+            own = opt.state_dict()
+            if [len(g["params"]) for g in own["param_groups"]] != carried["sizes"]:
+                raise ValueError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's parameter "
+                                 f"groups ({carried['sizes']}), this stage has "
+                                 f"{[len(g['params']) for g in own['param_groups']]}")
+            # a copy: each trial candidate continues from the same state
+            opt.load_state_dict({"state": copy.deepcopy(carried["state"]), "param_groups": own["param_groups"]})
         base_lrs = [g.get("lr") for g in opt.param_groups]
         averager = None
         if stage.average is not None:
@@ -63,6 +75,11 @@ class Phase:
             ph.averager.load_state_dict(saved["averager"])
         return ph
 
+    def carry(self) -> dict:
+        """What a ``continue_optimizer`` stage takes over: per-parameter state and the group sizes."""
+        sd = self.optimizer.state_dict()
+        return {"state": sd["state"], "sizes": [len(g["params"]) for g in sd["param_groups"]]}
+
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
@@ -71,13 +88,13 @@ class Phase:
         }
 
     def set_lrs(self, factor: float) -> float:
-        """Every group's LR = its base LR x ``factor``; returns the first group's LR (NaN if none)."""
-        lr0 = None
+        """Every group's LR = its base LR x ``factor``; returns the last group's LR (the top layers'
+        under discriminative LRs; NaN if no group has one)."""
+        lr = float("nan")
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             if base is not None:
-                g["lr"] = base * factor
-                lr0 = g["lr"] if lr0 is None else lr0
-        return lr0 if lr0 is not None else float("nan")
+                g["lr"] = lr = base * factor
+        return lr
 
     def step(self) -> None:
         self.optimizer.step()

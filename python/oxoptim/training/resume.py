@@ -45,6 +45,7 @@ def _snapshot(t: "Trainer", ranks: List[dict]) -> dict:
         "history": list(run.history),
         "events": list(run.events),
         "stopped": run.stopped,
+        "carried_optimizer": run.carried,
         "elapsed": t.elapsed_now(),
         "ranks": ranks,
         "plan": t.plan(),
@@ -85,7 +86,7 @@ def resume(t: "Trainer") -> bool:
     t.run = RunState(pos=Position(**s["pos"]), stage=StageState.from_dict(stage_state),
                      global_step=s["global_step"], epoch_counter=s["epoch_counter"],
                      running=RunningLoss(**mine["acc"]), history=list(s["history"]), events=list(s["events"]),
-                     stopped=s["stopped"], elapsed=s["elapsed"])
+                     stopped=s["stopped"], elapsed=s["elapsed"], carried=s.get("carried_optimizer"))
     t.load_model_state(s["model"])
     if t.run.pos.stage < len(t.stages):
         for r, rs in zip(t.stage.adjust, rules_state):

@@ -36,7 +36,7 @@ OPTIMIZERS = {
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
-              "layer_lr_decay")
+              "layer_lr_decay", "continue_optimizer")
 TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -133,6 +133,9 @@ class Stage:
             frozen); needs a model with ``layer_groups()`` (parameter lists from the input up).
         layer_lr_decay: discriminative learning rates: the LR of each layer group is the stage's LR
             times ``layer_lr_decay ** k``, k = groups above it (the head has k = 0); 1: one LR.
+        continue_optimizer: start from the optimizer state (moments, step counts) the previous
+            stage ended with, under this stage's settings: one optimizer run through stages that
+            only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -155,6 +158,7 @@ class Stage:
     adversarial: float = 0.0
     trainable: str = "all"
     layer_lr_decay: float = 1.0
+    continue_optimizer: bool = False
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -174,6 +178,7 @@ class Stage:
         adversarial: float = 0.0,
         trainable: str = "all",
         layer_lr_decay: float = 1.0,
+        continue_optimizer: bool = False,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -204,6 +209,9 @@ class Stage:
                 raise ValueError(unknown_name("trainable", trainable, TRAINABLE))
             self.trainable = trainable
             self.layer_lr_decay = number("layer_lr_decay", layer_lr_decay, 0.0, 1.0, low_open=True)
+            if not isinstance(continue_optimizer, bool):
+                raise ValueError(f"continue_optimizer must be true or false, not {continue_optimizer!r}")
+            self.continue_optimizer = continue_optimizer
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
@@ -266,7 +274,8 @@ class Stage:
             f", adversarial {self.adversarial:g}" if self.adversarial else "") + (
             f", {self.steps_per_epoch} steps/epoch" if self.steps_per_epoch and not self.full_batch else "") + (
             f", train {self.trainable}" if self.trainable != "all" else "") + (
-            f", layer LR decay {self.layer_lr_decay:g}" if self.layer_lr_decay != 1.0 else "")
+            f", layer LR decay {self.layer_lr_decay:g}" if self.layer_lr_decay != 1.0 else "") + (
+            ", continues the optimizer" if self.continue_optimizer else "")
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:

@@ -100,3 +100,4 @@ class RunState:
     events: List[str] = field(default_factory=list)
     stopped: bool = False
     elapsed: float = 0.0
+    carried: Optional[dict] = None  # the last stage's optimizer state, for a continue_optimizer stage

@@ -274,14 +274,17 @@ class Trainer:
             self.load_model_state(self.evaluated_state())
         for r in self.stage.adjust:
             r.on_stage_end(self)
-        self.phase = None
         next_stage = len(self.stages) if self.run.stopped else self.run.pos.stage + 1
+        wants = next_stage < len(self.stages) and self.stages[next_stage].continue_optimizer
+        self.run.carried = self.phase.carry() if wants and self.phase is not None else None
+        self.phase = None
         self.run.pos.stage = next_stage
         self.run.pos.at(trial=None, epoch=0)
         self.run.stage = StageState()
 
     def make_phase(self, overrides: Mapping[str, Any]) -> Phase:
-        return Phase.make(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), dict(overrides))
+        return Phase.make(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), dict(overrides),
+                          self.run.carried)
 
     def load_phase(self, saved: dict) -> Phase:
         return Phase.load(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), saved)
