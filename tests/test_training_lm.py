@@ -243,6 +243,35 @@ def test_config_errors(tmp_path):
         load(TINY.replace('job = "language_model"', 'job = "lm"'))
 
 
+def test_config_base_file_and_shipped_configs(tmp_path):
+    """``base = "x.toml"``: tables merge key by key, lists of stages replace; the shipped LM configs load."""
+    from oxoptim.training.config import ConfigError, load_config
+
+    (tmp_path / "lm.toml").write_text(TINY)
+    (tmp_path / "rand.toml").write_text('base = "lm.toml"\n[finetune]\ninit = "random"\n[model]\nlayers = 1\n')
+    (tmp_path / "one.toml").write_text('base = "lm.toml"\n[[finetune.stages]]\nname = "one"\nepochs = 1\n')
+    base, rand, one = (load_config(str(tmp_path / f"{n}.toml")) for n in ("lm", "rand", "one"))
+    assert rand["finetune"]["init"] == "random" and rand["finetune"]["pool"] == "mean"
+    assert rand["model"] == {**base["model"], "layers": 1}
+    assert rand["pretrain"] == base["pretrain"] and "base" not in rand
+    assert [s["name"] for s in one["finetune"]["stages"]] == ["one"]
+    (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(str(tmp_path / "loop.toml"))
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    shipped = {n: load_config(os.path.join(configs, f"{n}.toml")) for n in ("lm", "lm_random_init", "lm_single_stage")}
+    assert shipped["lm_random_init"]["finetune"]["init"] == "random"
+    assert [len(shipped["lm_single_stage"][p]["stages"]) for p in ("pretrain", "finetune")] == [1, 1]
+
+    def budget(cfg, phase):  # optimizer steps and examples of a phase's plan
+        st = cfg[phase]["stages"]
+        return sum(s["epochs"] * s["steps_per_epoch"] for s in st), \
+            sum(s["epochs"] * s["steps_per_epoch"] * s["batch_size"] for s in st)
+
+    assert budget(shipped["lm"], "pretrain") == budget(shipped["lm_single_stage"], "pretrain")
+    assert budget(shipped["lm"], "finetune")[1] == budget(shipped["lm_single_stage"], "finetune")[1]
+
+
 def test_pretraining_text_has_no_validation_or_test_reviews(tmp_path, monkeypatch):
     """The corpus the job pretrains on holds training-split reviews and never a validation or test one."""
     from oxoptim.training import corpus, lm_job

@@ -229,17 +229,40 @@ def check_embed_init(name: str) -> str:
 
 
 def load_config(path: str) -> dict:
-    """A job from a TOML file, checked (:func:`parse_config`); data paths resolved against its directory."""
+    """A job from a TOML file, checked (:func:`parse_config`); data paths resolved against its directory.
+
+    A file with ``base = "other.toml"`` (relative to its own directory) is that file with this one's
+    settings on top: tables merge key by key, any other value (a list of stages, too) replaces."""
+    try:
+        cfg = parse_config(_read_toml(path, ()))
+    except ValueError as e:  # ConfigError and TOML syntax errors
+        raise ConfigError(f"{path}: {e}") from e
+    return resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+
+
+def _read_toml(path: str, seen: tuple) -> dict:
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
-    try:
-        cfg = parse_config(_toml_loads(text))
-    except ValueError as e:  # ConfigError and TOML syntax errors
-        raise ConfigError(f"{path}: {e}") from e
-    return resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+    raw = _toml_loads(text)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base must be the path of a TOML file, not {base!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+    if os.path.abspath(base_path) in seen:
+        raise ConfigError(f"base files include each other: {base_path}")
+    return _merged(_read_toml(base_path, seen + (os.path.abspath(path),)), raw)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_run_config(run_dir: str) -> dict:

@@ -315,6 +315,7 @@ class Trainer:
         finally:
             self.progress.close_bar()
         run.epoch_counter += 1
+        train_s = time.time() - t_epoch
         totals = self.procs.sum(torch.tensor([run.running.loss_sum, float(run.running.n)], dtype=torch.float64))
         val = {f"val_{k}": v for k, v in self.evaluate(self.task.val, weights="evaluated").items()}
         run.elapsed = self.elapsed_now()
@@ -323,7 +324,7 @@ class Trainer:
             "epoch": run.pos.epoch + 1, "global_epoch": len(run.history) + 1, "step": run.global_step,
             "lr": lr, "train_loss": float(totals[0] / max(1.0, float(totals[1]))), **val,
             "time_s": round(run.elapsed, 3),
-            "samples_per_s": round(n_epoch * self.world / max(1e-9, time.time() - t_epoch), 1),
+            "samples_per_s": round(n_epoch * self.world / max(1e-9, train_s), 1),  # training only
         }
         run.history.append(record)
         self.progress.append_record(record)
