@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
 import platform
-import statistics
 import time
 from typing import Dict, List, Optional
+
+from seed_vs_multistage import _pct, config_digest, mean_sd  # benches/ is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = {
@@ -59,10 +59,6 @@ def quick(cfg: dict) -> dict:
     return cfg
 
 
-def config_digest(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run_one(job: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> dict:
     from oxoptim.training.cli import run_job
 
@@ -79,10 +75,6 @@ def run_one(job: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> dict:
         "pretrain_reused": pre.get("reused"), "pretrain_tokens_per_s": pre.get("tokens_per_s"),
         "run_dir": run_dir, "plan": summary["plan"], "events": summary.get("events", []),
     }
-
-
-def mean_sd(values: List[float]) -> tuple:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
 def aggregate(rows: List[dict]) -> Dict[str, dict]:
@@ -108,10 +100,6 @@ def bigru_row(path: str) -> Optional[dict]:
     with open(path, encoding="utf-8") as f:
         agg = json.load(f).get("summary", {}).get("default multi-stage plan")
     return agg
-
-
-def _pct(m: float, s: float) -> str:
-    return f"{100 * m:.2f}%" + ("" if math.isnan(s) else f" ± {100 * s:.2f}")
 
 
 def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict, bigru: Optional[dict]) -> str:

@@ -154,18 +154,22 @@ def _parse(raw: dict) -> dict:
     number("label_smoothing", cfg.get("label_smoothing", 0.0), 0.0, 1.0, high_open=True)
     _check_data(_table(cfg, "data"))
     _check_model(_table(cfg, "model"))
-    stages = cfg.get("stages")
-    if not stages:
-        raise ConfigError("the config needs at least one [[stages]] table")
-    if not isinstance(stages, list) or not all(isinstance(t, dict) for t in stages):
-        raise ConfigError("[[stages]] must be tables")
-    for i, table in enumerate(stages):
+    check_stages(cfg.get("stages"), monitorable(METRICS))
+    return cfg
+
+
+def check_stages(tables: Any, monitors: Dict[str, str], where: str = "stages") -> None:
+    """Every ``[[<where>]]`` table makes a valid stage whose rules monitor keys in ``monitors``."""
+    if not tables:
+        raise ConfigError(f"the config needs at least one [[{where}]] table")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"[[{where}]] must be tables")
+    for i, table in enumerate(tables):
         stage = stage_from_dict(table, i + 1)
         try:
-            check_monitors(stage.adjust, monitorable(METRICS))
+            check_monitors(stage.adjust, monitors)
         except ValueError as e:
             raise ConfigError(f"stage {stage.name!r}: {e}") from e
-    return cfg
 
 
 def _check_data(d: dict) -> None:

@@ -39,24 +39,6 @@ def _keys(table: Any, name: str, valid) -> dict:
     return table
 
 
-def _stages(table: dict, where: str, metric_modes: Dict[str, str]) -> list:
-    from .config import stage_from_dict
-    from .rules import check_monitors, monitorable
-
-    raw = table.get("stages")
-    if not raw or not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        raise ConfigError(f"[{where}] needs at least one [[{where}.stages]] table")
-    stages = []
-    for i, t in enumerate(raw):
-        st = stage_from_dict(t, i + 1)
-        try:
-            check_monitors(st.adjust, monitorable(metric_modes))
-        except ValueError as e:
-            raise ConfigError(f"[{where}] stage {st.name!r}: {e}") from e
-        stages.append(st)
-    return stages
-
-
 def parse_lm_config(raw: dict) -> dict:
     """Checks a language-model job and fills in defaults; ConfigError (one line) on the first problem."""
     cfg = copy.deepcopy(raw)
@@ -109,9 +91,13 @@ def parse_lm_config(raw: dict) -> dict:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    from .config import check_stages
+    from .rules import monitorable
+    from .tasks import LanguageModelTask
+
     if f["init"] == "pretrained":
-        _stages(p, "pretrain", {"bpc": "min"})
-    _stages(f, "finetune", {"accuracy": "max"})
+        check_stages(p.get("stages"), monitorable(LanguageModelTask.metric_modes), "pretrain.stages")
+    check_stages(f.get("stages"), monitorable({"accuracy": "max"}), "finetune.stages")
     return cfg
 
 
