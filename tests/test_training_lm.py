@@ -167,6 +167,11 @@ def test_rules_follow_the_tasks_metric_direction():
     acc = RestoreBest("val_accuracy")
     check_monitors([acc], monitorable(["accuracy"]))
     assert acc._p.mode == "max"
+    from oxoptim.training import ClassificationTask
+
+    xy = (torch.zeros(4, 2), torch.zeros(4))
+    task = ClassificationTask(F.mse_loss, xy, xy, metrics={"l1_loss": F.l1_loss, "score": F.l1_loss})
+    assert task.metric_modes == {"l1_loss": "min", "score": "max"}  # by name, as before tasks had directions
 
 
 def test_lm_trainer_keeps_lr_while_bpc_falls():

@@ -67,7 +67,8 @@ class Task:
 
 class TensorTask(Task):
     """Examples are rows of ``x`` and ``y``; ``loss_fn(outputs, y)`` is the batch mean and each
-    metric ``fn(outputs, y)`` a batch mean. ``metric_modes`` defaults to "max" for every metric."""
+    metric ``fn(outputs, y)`` a batch mean. A metric missing from ``metric_modes`` is better lower
+    when its name ends in "loss", else higher."""
 
     def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], train: Any, val: Any,
                  metrics: Optional[Mapping[str, Metric]] = None, metric_modes: Optional[Mapping[str, str]] = None):
@@ -76,7 +77,7 @@ class TensorTask(Task):
         self.metric_fns: Dict[str, Metric] = dict(metrics or {})
         modes = dict(metric_modes or {})
         for name in self.metric_fns:
-            modes.setdefault(name, "max")
+            modes.setdefault(name, "min" if name.endswith("loss") else "max")
             if modes[name] not in ("min", "max"):
                 raise ValueError(f"metric {name!r}: mode must be 'min' or 'max', not {modes[name]!r}")
         self.metric_modes = {name: modes[name] for name in self.metric_fns}
