@@ -107,7 +107,7 @@ class OptimizerSpy(RestoreBest):
         self.seen = seen
 
     def on_epoch_end(self, trainer, record):
-        opt = trainer._phase.optimizer
+        opt = trainer.phase.optimizer
         self.seen.append((type(opt), opt.defaults["lr"], opt.defaults.get("momentum")))
         return None
 
@@ -282,7 +282,7 @@ def test_subgradient_stage_equals_manual_subgradient_steps():
 
     class BestSpy(RestoreBest):
         def on_epoch_end(self, trainer, record):
-            best.append(trainer._phase.optimizer.best_step)
+            best.append(trainer.phase.optimizer.best_step)
             return None
 
     st = Stage("sub", "subgradient", epochs=3, batch_size="full", lr=0.05, step_rule="sqrt", adjust=[BestSpy()])

@@ -183,7 +183,7 @@ lr = 0.05
 KILL_AT_FIRST_CHECKPOINT = """
 import os, signal, sys
 from oxoptim.training.trainer import Trainer
-Trainer._checkpoint = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+Trainer.checkpoint = lambda self: os.kill(os.getpid(), signal.SIGKILL)
 from oxoptim.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

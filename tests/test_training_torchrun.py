@@ -65,7 +65,7 @@ from oxoptim.training.trainer import Trainer
 kill_dir, kill_step, rank = os.environ["KILL_DIR"], int(os.environ["KILL_STEP"]), int(os.environ["RANK"])
 with open(os.path.join(kill_dir, f"rank{rank}.pid"), "w") as f:
     f.write(str(os.getpid()))
-step = Trainer._mini_batch_step
+step = Trainer.train_step
 
 def step_or_die(self, order, b):
     if rank == 0 and self.global_step == kill_step:
@@ -74,7 +74,7 @@ def step_or_die(self, order, b):
             os.kill(pid, signal.SIGKILL)
     return step(self, order, b)
 
-Trainer._mini_batch_step = step_or_die
+Trainer.train_step = step_or_die
 from oxoptim.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

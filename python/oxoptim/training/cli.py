@@ -24,6 +24,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="job configuration (default: the built-in job)")
     p.add_argument("--run-dir", metavar="DIR", help="output directory (default: runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
+    p.add_argument("--seed", type=int, metavar="N", help="the job's seed instead of the config's (not with --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--print-config", action="store_true", help="print the default config as TOML and exit")
     p.set_defaults(run=run_train)
@@ -59,10 +60,14 @@ def run_train(args) -> int:
     # The whole job is checked before any process group, file or model is made.
     try:
         if args.resume:
+            if getattr(args, "seed", None) is not None:
+                raise ConfigError("--seed cannot change a run being resumed (its seed is in its config.json)")
             run_dir = args.resume
             cfg = load_run_config(run_dir)
         else:
             cfg = load_config(args.config) if args.config else default_config()
+            if getattr(args, "seed", None) is not None:
+                cfg["seed"] = args.seed
             run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S"))
         check_sources(cfg)
     except (ConfigError, MissingDependency) as e:
@@ -80,6 +85,10 @@ def run_train(args) -> int:
 
 def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) -> Optional[dict]:
     """Builds data, model and stages from ``cfg``, trains, evaluates on the test split; returns the summary."""
+    if cfg.get("job") == "language_model":
+        from .lm_job import run_lm_job
+
+        return run_lm_job(cfg, run_dir, resume=resume, quiet=quiet)
     import torch
     import torch.nn.functional as F
 

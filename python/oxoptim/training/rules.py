@@ -1,7 +1,8 @@
 """Adjust rules, evaluated after each validation: composable, with state that checkpoints carry.
 
 Each rule sees the epoch's record (``val_loss``, ``val_<metric>``, ``train_loss``...) and may
-return an action: ``None``, ``"next_stage"`` or ``"stop"``. Rules act on the trainer through a
+return an action: ``None``, ``"next_stage"`` or ``"stop"``. Which way is better follows the task's
+metric (accuracy: higher, bits per character: lower) unless the rule is given ``mode``. Rules act on the trainer through a
 small interface: ``trainer.lr_scale`` (multiplies the stage's LRs) and weight snapshots.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -48,8 +49,15 @@ class _Plateau:
     def __init__(self, monitor: str = "val_loss", mode: Optional[str] = None, min_delta: float = 0.0):
         self.monitor = _monitor(monitor)
         self.mode = _mode_for(monitor, mode)
+        self.mode_given = mode is not None
         self.min_delta = number("min_delta", min_delta, 0.0)
         self.reset()
+
+    def follow(self, mode: str) -> None:
+        """Takes the monitored key's direction, unless a mode was given."""
+        if not self.mode_given:
+            self.mode = mode
+            self.reset()
 
     def reset(self) -> None:
         self.best = math.inf if self.mode == "min" else -math.inf
@@ -83,6 +91,9 @@ class Rule:
     def reset(self) -> None:
         """Called when the stage starts."""
 
+    def follow(self, mode: str) -> None:
+        """Told, before training, which way the monitored key improves ("min" or "max")."""
+
     def on_epoch_end(self, trainer, record: Dict[str, Any]) -> Optional[str]:
         return None
 
@@ -107,6 +118,9 @@ class _PlateauRule(Rule):
 
     def reset(self) -> None:
         self._p.reset()
+
+    def follow(self, mode: str) -> None:
+        self._p.follow(mode)
 
     def state_dict(self) -> dict:
         return self._p.state_dict()
@@ -171,6 +185,9 @@ class RestoreBest(Rule):
         self._p.reset()
         self._best_state, self._best_epoch = None, None
 
+    def follow(self, mode: str) -> None:
+        self._p.follow(mode)
+
     def on_epoch_end(self, trainer, record):
         if self._p.observe(record):
             self._best_state = trainer.evaluated_state()
@@ -206,9 +223,14 @@ class Trial(Rule):
             raise ValueError(f"Trial candidates that are values need param= (an optimizer argument), not {param!r}")
         self.param, self.epochs, self.monitor = param, integer("epochs", epochs, 1), _monitor(monitor)
         self.mode = _mode_for(monitor, mode)
+        self._mode_given = mode is not None
         self.candidates: List[Dict[str, Any]] = [
             dict(c) if isinstance(c, dict) else {str(param): c} for c in candidates
         ]
+
+    def follow(self, mode: str) -> None:
+        if not self._mode_given:
+            self.mode = mode
 
     def score_better(self, a: float, b: Optional[float]) -> bool:
         return b is None or (a < b if self.mode == "min" else a > b)
@@ -250,15 +272,21 @@ def make_rule(spec: Any) -> Rule:
         raise ValueError(f"adjust rule {name!r}: {e}") from e
 
 
-def monitorable(metric_names: Iterable[str]) -> List[str]:
-    """The epoch-record keys a rule can monitor, given the validation metrics' names."""
-    return ["train_loss", "val_loss"] + [f"val_{m}" for m in metric_names]
+def monitorable(metrics: Union[Mapping[str, str], Iterable[str]]) -> Dict[str, str]:
+    """The epoch-record keys a rule can monitor and which way each improves, from the validation
+    metrics' directions (``{"accuracy": "max"}``) or names (then: lower is better for losses only)."""
+    modes = dict(metrics) if isinstance(metrics, Mapping) else {m: _mode_for(m, None) for m in metrics}
+    return {"train_loss": "min", "val_loss": "min", **{f"val_{m}": mode for m, mode in modes.items()}}
 
 
-def check_monitors(rules: Iterable[Rule], valid: Sequence[str]) -> None:
-    """ValueError, before any epoch runs, for a rule that monitors a key no epoch record has."""
+def check_monitors(rules: Iterable[Rule], valid: Mapping[str, str]) -> None:
+    """ValueError, before any epoch runs, for a rule that monitors a key no epoch record has; rules
+    without a mode take the key's direction."""
     for r in rules:
         monitor = getattr(r, "monitor", None)
-        if monitor is not None and monitor not in valid:
+        if monitor is None:
+            continue
+        if monitor not in valid:
             raise ValueError(f"adjust rule {_NAMES.get(type(r), type(r).__name__)!r}: "
                              + unknown_name("monitor", monitor, valid))
+        r.follow(valid[monitor])

@@ -35,7 +35,9 @@ OPTIMIZERS = {
 }
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
-              "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial")
+              "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
+              "layer_lr_decay", "continue_optimizer")
+TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -110,8 +112,9 @@ class Stage:
     Args:
         name: label in logs and plots.
         optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"subgradient"`` or an optimizer class.
-        epochs: epochs of this stage (for a full-batch stage an epoch is ``steps_per_epoch``
-            exact full-gradient steps, default 1).
+        epochs: epochs of this stage: passes over the training set, or ``steps_per_epoch``
+            steps (for a full-batch stage: exact full-gradient steps, default 1; for a mini-batch
+            stage: batches drawn without replacement within the epoch, for long data streams).
         batch_size: an int (mini-batch) or ``"full"`` (gradient = exact mean over the whole
             training set, accumulated over micro-batches of ``micro_batch`` with
             :class:`oxoptim.GradientAverager`).
@@ -126,6 +129,13 @@ class Stage:
         adversarial: if > 0, each step also back-propagates the loss at embeddings perturbed
             by this L2 radius per example in the direction that raises the loss
             (:class:`~oxoptim.training.adversarial.EmbeddingAdversary`); twice the compute.
+        trainable: ``"all"`` or ``"head"`` (only the model's last layer group trains, the rest is
+            frozen); needs a model with ``layer_groups()`` (parameter lists from the input up).
+        layer_lr_decay: discriminative learning rates: the LR of each layer group is the stage's LR
+            times ``layer_lr_decay ** k``, k = groups above it (the head has k = 0); 1: one LR.
+        continue_optimizer: start from the optimizer state (moments, step counts) the previous
+            stage ended with, under this stage's settings: one optimizer run through stages that
+            only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -143,9 +153,12 @@ class Stage:
     average_decay: float = 0.999
     average_start_epoch: int = 0
     micro_batch: int = 1024
-    steps_per_epoch: int = 1
+    steps_per_epoch: Optional[int] = None
     grad_clip: Optional[float] = None
     adversarial: float = 0.0
+    trainable: str = "all"
+    layer_lr_decay: float = 1.0
+    continue_optimizer: bool = False
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -160,9 +173,12 @@ class Stage:
         average_decay: float = 0.999,
         average_start_epoch: int = 0,
         micro_batch: int = 1024,
-        steps_per_epoch: int = 1,
+        steps_per_epoch: Optional[int] = None,
         grad_clip: Optional[float] = None,
         adversarial: float = 0.0,
+        trainable: str = "all",
+        layer_lr_decay: float = 1.0,
+        continue_optimizer: bool = False,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -186,9 +202,16 @@ class Stage:
                 raise ValueError(f"average_start_epoch ({self.average_start_epoch}) must be < epochs ({self.epochs}): "
                                  "nothing would be averaged")
             self.micro_batch = integer("micro_batch", micro_batch, 1)
-            self.steps_per_epoch = integer("steps_per_epoch", steps_per_epoch, 1)
+            self.steps_per_epoch = None if steps_per_epoch is None else integer("steps_per_epoch", steps_per_epoch, 1)
             self.grad_clip = None if grad_clip is None else number("grad_clip", grad_clip, 0.0, low_open=True)
             self.adversarial = number("adversarial", adversarial, 0.0)
+            if trainable not in TRAINABLE:
+                raise ValueError(unknown_name("trainable", trainable, TRAINABLE))
+            self.trainable = trainable
+            self.layer_lr_decay = number("layer_lr_decay", layer_lr_decay, 0.0, 1.0, low_open=True)
+            if not isinstance(continue_optimizer, bool):
+                raise ValueError(f"continue_optimizer must be true or false, not {continue_optimizer!r}")
+            self.continue_optimizer = continue_optimizer
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
@@ -230,6 +253,11 @@ class Stage:
     def full_batch(self) -> bool:
         return self.batch_size == "full"
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether the stage needs the model's layer groups (freezing or per-layer LRs)."""
+        return self.trainable != "all" or self.layer_lr_decay != 1.0
+
     def trial(self) -> Optional[Trial]:
         """The stage's :class:`~oxoptim.training.rules.Trial` rule, if any."""
         trials = [r for r in self.adjust if isinstance(r, Trial)]
@@ -243,7 +271,11 @@ class Stage:
         return f"{self.name}: {opt}({kw}) x{self.epochs} epochs, batch {self.batch_size}" + (
             f", {self.average}" if self.average else ""
         ) + (f", clip {self.grad_clip:g}" if self.grad_clip else "") + (
-            f", adversarial {self.adversarial:g}" if self.adversarial else "")
+            f", adversarial {self.adversarial:g}" if self.adversarial else "") + (
+            f", {self.steps_per_epoch} steps/epoch" if self.steps_per_epoch and not self.full_batch else "") + (
+            f", train {self.trainable}" if self.trainable != "all" else "") + (
+            f", layer LR decay {self.layer_lr_decay:g}" if self.layer_lr_decay != 1.0 else "") + (
+            ", continues the optimizer" if self.continue_optimizer else "")
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:
@@ -263,8 +295,14 @@ def optimizer_arguments(cls: type) -> Optional[set]:
     return None
 
 
-def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None) -> torch.optim.Optimizer:
+def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None,
+                    lr_factors: Optional[List[float]] = None) -> torch.optim.Optimizer:
+    """The stage's optimizer over ``params`` (a list, or parameter groups with ``lr_factors``: each
+    group's LR is the stage's LR times its factor)."""
     cls = resolve_optimizer(stage.optimizer)
     kwargs = dict(stage.optimizer_kwargs)
     kwargs.update(overrides or {})
-    return cls(params, **kwargs)
+    opt = cls(params, **kwargs)
+    for group, f in zip(opt.param_groups, lr_factors or []):
+        group["lr"] = group["lr"] * f
+    return opt

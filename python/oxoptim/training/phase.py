@@ -1,0 +1,102 @@
+"""A phase: the optimizer and averager of one run through a stage (a trial candidate, or the main run)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .stages import Stage, build_optimizer
+
+__all__ = ["Phase", "layer_groups"]
+
+
+def layer_groups(stage: Stage, model: nn.Module) -> Tuple[List[List[torch.Tensor]], List[float]]:
+    """The parameter groups a per-layer stage trains and their LR factors; freezes the others
+    (``requires_grad``) and unfreezes these, so each stage sets its own."""
+    if not hasattr(model, "layer_groups"):
+        raise ValueError(f"stage {stage.name!r}: trainable/layer_lr_decay need a model with layer_groups(), "
+                         f"which {type(model).__name__} lacks")
+    groups = [list(g) for g in getattr(model, "layer_groups")()]
+    train = groups if stage.trainable == "all" else groups[-1:]
+    for i, g in enumerate(groups):
+        for p in g:
+            p.requires_grad_(stage.trainable == "all" or i == len(groups) - 1)
+    factors = [stage.layer_lr_decay ** (len(train) - 1 - i) for i in range(len(train))]
+    return train, factors
+
+
+@dataclass
+class Phase:
+    optimizer: Any  # a torch.optim.Optimizer
+    averager: Any  # oxoptim.ParamAverager or None
+    base_lrs: List[Optional[float]]
+    overrides: Dict[str, Any]
+
+    @classmethod
+    def make(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
+             carried: Optional[dict] = None) -> "Phase":
+        """The stage's optimizer (and averager); with ``carried`` (the previous stage's optimizer
+        state, for a ``continue_optimizer`` stage) its per-parameter state continues."""
+        if stage.per_layer or hasattr(model, "layer_groups"):
+            groups, factors = layer_groups(stage, model)
+            params = [p for g in groups for p in g]
+            opt = build_optimizer(stage, [{"params": g} for g in groups], overrides, factors)
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = build_optimizer(stage, params, overrides)
+        if stage.continue_optimizer and carried is not None:
+            own = opt.state_dict()
+            if [len(g["params"]) for g in own["param_groups"]] != carried["sizes"]:
+                raise ValueError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's parameter "
+                                 f"groups ({carried['sizes']}), this stage has "
+                                 f"{[len(g['params']) for g in own['param_groups']]}")
+            # a copy: each trial candidate continues from the same state
+            opt.load_state_dict({"state": copy.deepcopy(carried["state"]), "param_groups": own["param_groups"]})
+        base_lrs = [g.get("lr") for g in opt.param_groups]
+        averager = None
+        if stage.average is not None:
+            import oxoptim
+
+            if not hasattr(oxoptim, "ParamAverager"):
+                raise RuntimeError("average= needs oxoptim.ParamAverager, which this build of oxoptim lacks")
+            start = stage.average_start_epoch * steps_per_epoch
+            averager = oxoptim.ParamAverager(params, mode=stage.average, decay=stage.average_decay, start_step=start)
+        return cls(opt, averager, base_lrs, dict(overrides))
+
+    @classmethod
+    def load(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, saved: dict) -> "Phase":
+        ph = cls.make(stage, model, steps_per_epoch, saved["overrides"])
+        ph.optimizer.load_state_dict(saved["optimizer"])
+        if ph.averager is not None and saved["averager"] is not None:
+            ph.averager.load_state_dict(saved["averager"])
+        return ph
+
+    def carry(self) -> dict:
+        """What a ``continue_optimizer`` stage takes over: per-parameter state and the group sizes."""
+        sd = self.optimizer.state_dict()
+        return {"state": sd["state"], "sizes": [len(g["params"]) for g in sd["param_groups"]]}
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "averager": self.averager.state_dict() if self.averager is not None else None,
+            "overrides": self.overrides,
+        }
+
+    def set_lrs(self, factor: float) -> float:
+        """Every group's LR = its base LR x ``factor``; returns the last group's LR (the top layers'
+        under discriminative LRs; NaN if no group has one)."""
+        lr = float("nan")
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            if base is not None:
+                g["lr"] = lr = base * factor
+        return lr
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.averager is not None:
+            self.averager.update()
