@@ -301,3 +301,42 @@ def test_subgradient_stage_equals_manual_subgradient_steps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert len(hist) == 3
     assert best == ref_best and None not in best  # the trainer gave the optimizer each step's loss
+
+
+@pytest.mark.parametrize("name", ["adamw_schedulefree", "sgd_schedulefree"])
+def test_schedule_free_stage_evaluates_the_average_and_ends_on_it(name):
+    """The trainer calls Schedule-Free's eval() around validation (training resumes from the
+    exact y) and leaves the average x in the model: equal to a hand-written loop."""
+    train, val = blobs()
+    kw = dict(lr=0.02, warmup_steps=3) if name == "adamw_schedulefree" else dict(lr=0.2, warmup_steps=3)
+    st = Stage("sf", optimizer=name, epochs=3, batch_size=30, lr_schedule="constant", **kw)
+    model = mlp()
+    hist = Trainer(model, F.cross_entropy, train, val, [st], metrics={}, quiet=True, seed=0).fit()
+
+    manual = mlp()
+    cls = oxoptim.AdamWScheduleFree if name == "adamw_schedulefree" else oxoptim.SGDScheduleFree
+    opt = cls(manual.parameters(), **kw)
+    opt.train()
+    from oxoptim.training.batching import epoch_order
+
+    losses = []
+    x, y = train
+    for epoch in range(3):
+        order = epoch_order(0, epoch, len(x), 30, None, 0, None)
+        for b in range(len(x) // 30):
+            idx = order[b * 30:(b + 1) * 30]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(manual(x[idx]), y[idx]).backward()
+            opt.step()
+        y_weights = [p.detach().clone() for p in manual.parameters()]
+        opt.eval()
+        with torch.no_grad():
+            losses.append(F.cross_entropy(manual(val[0]), val[1]).item())
+        opt.train()
+        with torch.no_grad():
+            for p, w in zip(manual.parameters(), y_weights):
+                p.copy_(w)
+    opt.eval()
+    assert [h["val_loss"] for h in hist] == pytest.approx(losses, rel=0, abs=0)
+    for a, b in zip(model.parameters(), manual.parameters()):
+        assert torch.equal(a, b)

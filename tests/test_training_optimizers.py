@@ -15,6 +15,8 @@ def test_every_optimizer_name_builds_the_oxoptim_class_and_steps(name: str) -> N
     stage = Stage("s", optimizer=name, epochs=1, lr=0.01)
     opt = build_optimizer(stage, model.parameters())
     assert type(opt) is getattr(oxoptim, OPTIMIZERS[name])
+    if hasattr(opt, "train"):  # Schedule-Free: what a phase does before its first step
+        opt.train()
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(8, 4)).square().mean().backward()
     opt.step()

@@ -12,7 +12,7 @@ import torch
 from oxoptim.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 # A small job with dropout (RNG), a trial, adversarial embedding steps, plateau rules, restore-best
-# and two optimizers.
+# and three optimizers (Schedule-Free's train/eval switch around validation and checkpoints).
 JOB = r'''
 import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
@@ -29,6 +29,7 @@ stages = [
           adjust=[Trial([1e-3, 3e-3], epochs=1), RestoreBest("val_accuracy")]),
     Stage("b", "sgd", epochs=5, batch_size=8, lr=0.02, momentum=0.9,
           adjust=[ReduceLROnPlateau(patience=1), EarlyStop(patience=3)]),
+    Stage("c", "adamw_schedulefree", epochs=2, batch_size=16, lr=2e-3, warmup_steps=20),
 ]
 Trainer(model, F.cross_entropy, (x[:1000], y[:1000]), (x[1000:], y[1000:]), stages, run_dir=run_dir,
         checkpoint_every=7, quiet=True).fit(resume=resume)

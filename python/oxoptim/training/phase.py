@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +28,11 @@ def layer_groups(stage: Stage, model: nn.Module) -> Tuple[List[List[torch.Tensor
             p.requires_grad_(stage.trainable == "all" or i == len(groups) - 1)
     factors = [stage.layer_lr_decay ** (len(train) - 1 - i) for i in range(len(train))]
     return train, factors
+
+
+def _schedule_free(optimizer: Any) -> bool:
+    """Whether the optimizer has Schedule-Free's train()/eval() switch."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
 
 
 @dataclass
@@ -56,6 +62,8 @@ class Phase:
                                  f"{[len(g['params']) for g in own['param_groups']]}")
             # a copy: each trial candidate continues from the same state
             opt.load_state_dict({"state": copy.deepcopy(carried["state"]), "param_groups": own["param_groups"]})
+        if _schedule_free(opt):
+            opt.train()  # the parameters hold the gradient points y while training
         base_lrs = [g.get("lr") for g in opt.param_groups]
         averager = None
         if stage.average is not None:
@@ -71,6 +79,8 @@ class Phase:
     def load(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, saved: dict) -> "Phase":
         ph = cls.make(stage, model, steps_per_epoch, saved["overrides"])
         ph.optimizer.load_state_dict(saved["optimizer"])
+        if _schedule_free(ph.optimizer):
+            ph.optimizer.train()  # checkpoints are saved in train mode: a no-op, kept for older ones
         if ph.averager is not None and saved["averager"] is not None:
             ph.averager.load_state_dict(saved["averager"])
         return ph
@@ -86,6 +96,35 @@ class Phase:
             "averager": self.averager.state_dict() if self.averager is not None else None,
             "overrides": self.overrides,
         }
+
+    @contextlib.contextmanager
+    def evaluated_weights(self) -> Iterator[None]:
+        """Puts the weights validation sees into the model for the block: the averager's
+        averages, or Schedule-Free's average x; then the training weights come back bit for bit."""
+        if self.averager is not None:
+            with self.averager.averaged():
+                yield
+        elif _schedule_free(self.optimizer):
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            live = [p.detach().clone() for p in params]
+            self.optimizer.eval()
+            try:
+                yield
+            finally:
+                self.optimizer.train()
+                with torch.no_grad():  # train() recomputes y from x and z; the saved y is exact
+                    for p, y in zip(params, live):
+                        p.copy_(y)
+        else:
+            yield
+
+    def settle(self) -> None:
+        """At the end of the stage the model keeps the evaluated weights for good."""
+        if self.averager is not None:
+            if self.averager.n_averaged:
+                self.averager.copy_to()
+        elif _schedule_free(self.optimizer):
+            self.optimizer.eval()  # a continue_optimizer stage's train() recomputes y from x and z
 
     def set_lrs(self, factor: float) -> float:
         """Every group's LR = its base LR x ``factor``; returns the last group's LR (the top layers'

@@ -32,6 +32,9 @@ OPTIMIZERS = {
     "asgd": "ASGD",
     "rprop": "Rprop",
     "adafactor": "Adafactor",
+    "lion": "Lion",
+    "adamw_schedulefree": "AdamWScheduleFree",
+    "sgd_schedulefree": "SGDScheduleFree",
 }
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",

@@ -270,8 +270,8 @@ class Trainer:
 
     def _end_stage(self) -> None:
         """Averaged weights replace the model's, then rules' stage-end hooks (RestoreBest) run."""
-        if self.phase is not None and self.phase.averager is not None:
-            self.load_model_state(self.evaluated_state())
+        if self.phase is not None:
+            self.phase.settle()
         for r in self.stage.adjust:
             r.on_stage_end(self)
         next_stage = len(self.stages) if self.run.stopped else self.run.pos.stage + 1
@@ -381,8 +381,7 @@ class Trainer:
     # ----- evaluation, checkpoints, the end -------------------------------------------------
 
     def _evaluated_weights(self):
-        avg = self.phase.averager if self.phase is not None else None
-        return avg.averaged() if avg is not None else contextlib.nullcontext()
+        return self.phase.evaluated_weights() if self.phase is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def evaluate(self, data: Any, weights: str = "current") -> Dict[str, float]:
