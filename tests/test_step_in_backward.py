@@ -425,3 +425,40 @@ def test_resume_from_a_checkpoint_is_bit_identical(twin) -> None:
     train(resumed, opt_resumed, xs[4:], sib={})
     assert_same_training(straight, opt, resumed, opt_resumed)
 
+
+
+RESUME_CHILD = """
+import sys, torch, oxoptim
+sys.path.insert(0, sys.argv[1])
+from test_step_in_backward import Toy, batches, train
+saved = torch.load(sys.argv[2])
+model = Toy("tied", seed=99)
+model.load_state_dict(saved["model"])
+opt = oxoptim.AdamW(model.parameters(), lr=0.01, amsgrad=True)
+opt.load_state_dict(saved["optimizer"])
+train(model, opt, batches(7, torch.float32)[4:], sib={})
+torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, sys.argv[2])
+"""
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    xs = batches(7, torch.float32)
+    straight = Toy("tied")
+    opt = oxoptim.AdamW(straight.parameters(), lr=0.01, amsgrad=True)
+    train(straight, opt, xs, sib={})
+    first = Toy("tied")
+    opt_first = oxoptim.AdamW(first.parameters(), lr=0.01, amsgrad=True)
+    train(first, opt_first, xs[:4], sib={})
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, path)
+    subprocess.run([sys.executable, "-c", RESUME_CHILD, os.path.dirname(__file__), str(path)], check=True)
+    resumed = torch.load(path)
+    for name, p in straight.state_dict().items():
+        assert torch.equal(p, resumed["model"][name]), name
+    for key, entry in opt.state_dict()["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][key][name]), f"state[{key}][{name!r}]"

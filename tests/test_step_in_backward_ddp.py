@@ -4,13 +4,11 @@ updated after its allreduce, and the parameters equal the ordinary DDP loop's bi
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import WORLD, _batch, _free_port
+from test_distributed import WORLD, _batch, run_workers
 
 import oxoptim
 
@@ -58,9 +56,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="spawn")
-        yield [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_workers(_worker)
 
 
 def test_parameters_and_state_equal_the_ordinary_ddp_loop(results) -> None:

@@ -133,7 +133,22 @@ def _adam_family(optimizer: Any) -> bool:
 
 
 class StepInBackward:
-    """Context manager returned by :func:`step_in_backward` (see the module docstring)."""
+    """Context manager returned by :func:`step_in_backward` (see the module docstring).
+
+    Args:
+        optimizer: a Rust-backed oxoptim optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
+            ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``, ``ASGD``, ``Rprop``).
+        accumulate: micro-batches (backward passes) per ``optimizer.step()``.
+        accumulation: ``"gradient"`` (exact, ``p.grad`` is the buffer) or ``"optimizer"``
+            (Adam/AdamW: micro-batches absorbed into the moments, no buffer).
+        clip: ``ClipPerParameter(max_norm)``, ``ClipPreviousNorm(max_norm)`` or None.
+        bucket_numel: parameters of a group are gathered, in reverse order, into buckets of at
+            least this many elements, each updated by one native call once all its gradients
+            are in (0: one call per parameter).
+        overlap: run the updates on a worker thread while autograd continues.
+        ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce.
+        grad_scaler: pass the ``GradScaler`` in use so that an enabled one is refused here.
+    """
 
     def __init__(
         self,
@@ -479,40 +494,7 @@ def _release_after_backward(ddp: torch.nn.Module, context: StepInBackward) -> No
     engine.queue_callback(lambda: engine.queue_callback(release))
 
 
-def step_in_backward(
-    optimizer: torch.optim.Optimizer,
-    *,
-    accumulate: int = 1,
-    accumulation: str = "gradient",
-    clip: Clip = None,
-    bucket_numel: int = 1 << 16,
-    overlap: bool = False,
-    ddp: Optional[torch.nn.Module] = None,
-    grad_scaler: Any = None,
-) -> StepInBackward:
-    """Runs ``optimizer``'s update inside backward, parameter by parameter (see :mod:`oxoptim.backward`).
-
-    Args:
-        optimizer: a Rust-backed oxoptim optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
-            ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``, ``ASGD``, ``Rprop``).
-        accumulate: micro-batches (backward passes) per ``optimizer.step()``.
-        accumulation: ``"gradient"`` (exact, ``p.grad`` is the buffer) or ``"optimizer"``
-            (Adam/AdamW: micro-batches absorbed into the moments, no buffer).
-        clip: ``ClipPerParameter(max_norm)``, ``ClipPreviousNorm(max_norm)`` or None.
-        bucket_numel: parameters of a group are gathered, in reverse order, into buckets of at
-            least this many elements, each updated by one native call once all its gradients
-            are in (0: one call per parameter).
-        overlap: run the updates on a worker thread while autograd continues.
-        ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce.
-        grad_scaler: pass the ``GradScaler`` in use so that an enabled one is refused here.
-    """
-    return StepInBackward(
-        optimizer,
-        accumulate=accumulate,
-        accumulation=accumulation,
-        clip=clip,
-        bucket_numel=bucket_numel,
-        overlap=overlap,
-        ddp=ddp,
-        grad_scaler=grad_scaler,
-    )
+def step_in_backward(optimizer: torch.optim.Optimizer, **options: Any) -> StepInBackward:
+    """Runs ``optimizer``'s update inside backward, parameter by parameter: see
+    :class:`StepInBackward` for the options and :mod:`oxoptim.backward` for the maths."""
+    return StepInBackward(optimizer, **options)
