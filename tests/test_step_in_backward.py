@@ -462,3 +462,25 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path) -> None:
     for key, entry in opt.state_dict()["state"].items():
         for name, value in entry.items():
             assert torch.equal(value, resumed["optimizer"]["state"][key][name]), f"state[{key}][{name!r}]"
+
+
+def test_a_context_entered_again_and_after_an_error_trains_as_the_ordinary_loop() -> None:
+    xs = batches(6, torch.float32)
+    a, b = Toy("mlp"), Toy("mlp")
+    opt_a, opt_b = oxoptim.RMSprop(a.parameters(), lr=0.01), oxoptim.RMSprop(b.parameters(), lr=0.01)
+    train(a, opt_a, xs)
+    context = step_in_backward(opt_b, bucket_numel=1 << 20)  # one bucket
+    for x in xs[:3]:
+        with context:
+            b(x).backward()
+            opt_b.step()
+    with pytest.raises(RuntimeError, match="more than 1"):
+        with context:  # the bucket never completes: nothing is updated
+            b.w2.square().sum().backward()
+            b.w2.square().sum().backward()
+    b.zero_grad()
+    with context:
+        for x in xs[3:]:
+            b(x).backward()
+            opt_b.step()
+    assert_same_training(a, opt_a, b, opt_b)

@@ -55,7 +55,9 @@ constructed with ``skip_nonfinite=True`` (the skip decision needs every
 gradient of a group), an enabled ``torch.amp.GradScaler`` passed as
 ``grad_scaler=`` (unscaling and the inf check need every gradient before any
 update), optimizer accumulation for other optimizers or with previous-norm
-clipping.
+clipping. A GradScaler that is not passed cannot be seen: the first iteration
+is then applied with scaled gradients and the scaler's ``step`` fails with
+torch's "No inf checks were recorded for this optimizer".
 
 DDP: pass ``ddp=model``. Post-accumulate hooks would fire before the
 allreduce, so instead a DDP communication hook updates each DDP bucket's
@@ -79,6 +81,7 @@ see the new value (torch's own optimizer-in-backward pattern shares this).
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -218,6 +221,7 @@ class StepInBackward:
         self._pending: list[Future] = []
         self._executor: Optional[ThreadPoolExecutor] = None
         self._leftover_cache = _core.TensorCache()
+        self._lock = threading.Lock()
         self._entered = False
 
     # -- entry and exit ---------------------------------------------------
@@ -257,11 +261,13 @@ class StepInBackward:
                 self._executor = None
             if self.optimizer.__dict__.get(_ACTIVE) is self:
                 del self.optimizer.__dict__[_ACTIVE]
+            self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
             self._entered = False
 
     def _build_buckets(self) -> None:
         """Per group, in reverse order (roughly the order backward completes them): parameters
         that require grad, gathered until a bucket holds ``bucket_numel`` elements."""
+        self._buckets, self._bucket_of, self._order = [], {}, {}
         index = 0
         # Under DDP, DDP's buckets decide when parameters are updated; ours only record it.
         limit = 0 if self.ddp is not None else self.bucket_numel
@@ -290,20 +296,23 @@ class StepInBackward:
 
     # -- during backward ----------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
-        arrived = self._arrivals.get(p, 0) + 1
-        if arrived > self.accumulate:
-            raise RuntimeError(
-                f"step_in_backward(accumulate={self.accumulate}): a parameter received more than "
-                f"{self.accumulate} gradient(s) before optimizer.step()"
-            )
-        self._arrivals[p] = arrived
+        with self._lock:  # backward may run hooks on several device threads
+            arrived = self._arrivals.get(p, 0) + 1
+            if arrived > self.accumulate:
+                raise RuntimeError(
+                    f"step_in_backward(accumulate={self.accumulate}): a parameter received more than "
+                    f"{self.accumulate} gradient(s) before optimizer.step()"
+                )
+            self._arrivals[p] = arrived
+            bucket = self._bucket_of[p]
+            if arrived == self.accumulate:
+                bucket.ready += 1
+            complete = arrived == self.accumulate and bucket.ready == len(bucket.params)
         if arrived < self.accumulate:
             if self.accumulation == "optimizer":
                 self._absorb(p)
             return  # gradient accumulation: p.grad is the buffer
-        bucket = self._bucket_of[p]
-        bucket.ready += 1
-        if bucket.ready == len(bucket.params):
+        if complete:
             self._dispatch(bucket)
 
     def _dispatch(self, bucket: _Bucket) -> None:
@@ -342,7 +351,9 @@ class StepInBackward:
                 g = p.grad
                 if g is None:
                     continue
-                self._norms[self._order[p]] = torch.linalg.vector_norm(g, clip.norm_type)
+                # Parameters added to the optimizer after entry come last, in their order.
+                at = self._order.setdefault(p, len(self._order))
+                self._norms[at] = torch.linalg.vector_norm(g, clip.norm_type)
                 if self._coef is not None:
                     g.mul_(self._coef)
 
@@ -389,10 +400,14 @@ class StepInBackward:
             self._release_done()  # in case backward's callback did not run (no bucket launched)
         if isinstance(self.clip, ClipPreviousNorm):
             self._finish_norm(self.clip)
+        self._next_iteration()
+
+    def _next_iteration(self) -> None:
         for bucket in self._buckets:
             bucket.ready = 0
             bucket.done = False
         self._arrivals.clear()
+        self._norms.clear()
 
     def _release_done(self) -> None:
         for p, bucket in self._bucket_of.items():
