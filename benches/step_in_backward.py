@@ -68,9 +68,10 @@ LossFn = Callable[[nn.Module], torch.Tensor]
 class GPT2Small(TinyLM):
     """TinyLM at GPT-2 small's size, its output head tied to the token embedding (as GPT-2)."""
 
-    def __init__(self, ctx: int = 1024) -> None:
+    def __init__(self, ctx: int = 1024, tied: bool = True) -> None:
         super().__init__(vocab=50257, d=768, layers=12, heads=12, ctx=ctx)
-        self.head.weight = self.tok.weight
+        if tied:
+            self.head.weight = self.tok.weight
 
 
 def _lm_loss(model: nn.Module, vocab: int, batch: int, tokens: int) -> LossFn:
@@ -89,6 +90,9 @@ def build(key: str) -> Tuple[nn.Module, LossFn, str]:
     if key == "gpt2s":
         model = GPT2Small()
         return model, _lm_loss(model, 50257, 1, 64), "GPT-2-small-sized LM (12×768, vocab 50257, tied head), batch 1×64 tokens"
+    if key == "gpt2s_untied":  # shows that the saving's limit is the largest gradient, not the tied weight
+        model = GPT2Small(tied=False)
+        return model, _lm_loss(model, 50257, 1, 64), "the same LM with an untied output head (163M params), batch 1×64 tokens"
     if key == "lm":
         model = TinyLM(vocab=16000, d=384, layers=6, heads=6, ctx=128)
         return model, _lm_loss(model, 16000, 4, 64), "causal transformer LM 6×384, vocab 16000, batch 4×64 tokens"
@@ -98,7 +102,7 @@ def build(key: str) -> Tuple[nn.Module, LossFn, str]:
         xs = torch.randint(1, 5000, (32, 100), generator=g)
         ys = torch.randint(0, 2, (32,), generator=g)
         return model, lambda m: F.cross_entropy(m(xs), ys), "Embedding 5000×256 + BiGRU 256 + Dense, batch 32×100 tokens"
-    raise SystemExit(f"unknown model {key!r} (gpt2s, lm, seed)")
+    raise SystemExit(f"unknown model {key!r} (gpt2s, gpt2s_untied, lm, seed)")
 
 
 class Contender:
@@ -192,7 +196,7 @@ def time_model(key: str, names: List[str], rounds: int, iters: int) -> Dict[str,
             continue
         m = copy.deepcopy(model)
         if isinstance(m, GPT2Small):
-            m.head.weight = m.tok.weight  # deepcopy keeps the tie; say so explicitly
+            assert (m.head.weight is m.tok.weight) == (model.head.weight is model.tok.weight)  # deepcopy keeps ties
         opt = c.start(m)
         for _ in range(2):
             c.iteration(m, opt, loss_fn)

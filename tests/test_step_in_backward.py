@@ -484,3 +484,17 @@ def test_a_context_entered_again_and_after_an_error_trains_as_the_ordinary_loop(
             b(x).backward()
             opt_b.step()
     assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_an_error_on_the_worker_thread_is_raised_by_step(monkeypatch) -> None:
+    model = Toy("mlp")
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+
+    def failing(self, group, cache):
+        raise ValueError("kernel refused")
+
+    monkeypatch.setattr(type(opt), "_fast_step", failing)
+    with pytest.raises(ValueError, match="kernel refused"):
+        with step_in_backward(opt, overlap=True, bucket_numel=0):
+            model(batches(1, torch.float32)[0]).backward()  # returns: the updates run on the worker
+            opt.step()
