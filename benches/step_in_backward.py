@@ -254,7 +254,7 @@ def markdown(data: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt2s,seed,lm")
-    ap.add_argument("--contenders", help="comma-separated substrings of contender names (default: all)")
+    ap.add_argument("--contenders", help="'|'-separated substrings of contender names (names hold commas; default: all)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=2, help="iterations per contender per round")
     ap.add_argument("--threads", type=int)
@@ -271,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keys = args.models.split(",")
     names = [c.name for c in CONTENDERS]
     if args.contenders:
-        wanted = args.contenders.split(",")
+        wanted = args.contenders.split("|")
         names = [n for n in names if any(w in n for w in wanted)]
     here = Path(__file__).resolve().parent
     out = args.out or here / "results" / ("step_in_backward.md" if args.models == "gpt2s,seed,lm" else f"step_in_backward_{'_'.join(keys)}.md")
