@@ -266,3 +266,27 @@ def test_per_optimizer_rows_cover_every_rust_optimizer_and_compare_per_round():
     cells = per_optimizer.row_cells(records)
     assert cells["vs torch's fastest (foreach/fused)"] == "3.00× (2.00–3.00) [foreach]"
     assert "no fused CPU kernel" in cells["not measured"]
+
+def test_step_in_backward_contenders_train_as_their_ordinary_loops():
+    # The bench's in-backward contenders are wired: same numbers as the ordinary loop they stand for.
+    import step_in_backward as bench
+
+    def trained(name):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        contender = next(c for c in bench.CONTENDERS if c.name == name)
+        opt = contender.start(model)
+        if contender.in_backward:  # hooks installed, so the loop's step() has nothing left to do
+            assert all(p._post_accumulate_grad_hooks for p in model.parameters())
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            contender.iteration(model, opt, lambda m: m(x).square().mean())
+        assert all(p.grad is None for p in model.parameters())
+        return [p.detach() for p in model.parameters()]
+
+    loop = trained("oxoptim AdamW, loop")
+    for name in ("oxoptim AdamW, in backward", "oxoptim AdamW, in backward, overlap"):
+        assert all(torch.equal(a, b) for a, b in zip(loop, trained(name))), name
+    fused = trained("torch AdamW fused, loop")
+    tutorial = trained("torch fused AdamW per param, in backward (tutorial)")
+    assert all(torch.equal(a, b) for a, b in zip(fused, tutorial))

@@ -73,11 +73,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def run_workers(worker) -> list:
+    """Runs ``worker(rank, port, out_dir)`` in WORLD spawned processes; what each saved as ``rank{r}.pt``."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="spawn")
+        return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="spawn")
-        yield [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_workers(_worker)
 
 
 def test_ddp_adamw_matches_torch(results) -> None:

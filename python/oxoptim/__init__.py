@@ -17,6 +17,7 @@ from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
 from .averaging import GradientAverager, ParamAverager
+from .backward import ClipPerParameter, ClipPreviousNorm, StepInBackward, step_in_backward
 from .clip import clip_grad_norm_, get_total_norm
 from .lion import Lion
 from .nadam import NAdam
@@ -57,6 +58,10 @@ __all__ = [
     "ParamAverager",
     "clip_grad_norm_",
     "get_total_norm",
+    "step_in_backward",
+    "StepInBackward",
+    "ClipPerParameter",
+    "ClipPreviousNorm",
     "parallel_backend",
     "simd_backend",
     "supported_backends",

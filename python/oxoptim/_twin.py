@@ -137,7 +137,11 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
                 and returns the loss.
         """
         loss = evaluate_closure(closure)
-        step_groups(self, self._fast_step, self._general_step)
+        in_backward = self.__dict__.get("_oxoptim_step_in_backward")
+        if in_backward is not None:
+            in_backward.finish()  # the parameters were updated during backward
+        else:
+            step_groups(self, self._fast_step, self._general_step)
         return loss
 
     def _fast_step(self, group: dict, cache: Any) -> bool:

@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""The optimizer step inside backward against the ordinary loop: time per training
+iteration and peak memory.
+
+Contenders (all AdamW, lr 1e-3):
+
+* ordinary loop ``backward(); step(); zero_grad(set_to_none=True)`` with torch's
+  default AdamW (on CPU the for-loop), torch ``fused=True`` and oxoptim;
+* ``oxoptim.step_in_backward`` (default buckets), and with ``overlap=True``;
+* torch's tutorial pattern ("How to save memory by fusing the optimizer step
+  into the backward pass"): one torch ``AdamW(fused=True)`` per parameter,
+  stepped and zeroed from ``register_post_accumulate_grad_hook``.
+
+Models: a GPT-2-small-sized causal transformer LM (12 layers, d=768, 12 heads,
+vocab 50257, 1024 positions, head tied to the token embedding: 124M
+parameters; batch 1×64 tokens, as fine-tuning on a CPU), the default BiGRU job
+(Embedding 5000×256 + BiGRU 256 + Dense, batch 32×100) and a small LM.
+
+Time: one process; each contender trains its own copy of the same model on the
+same batch; contenders run round-robin (the first one rotates), each figure is
+the median over rounds of ms per whole iteration, with the min–max over rounds.
+
+Memory: a separate process per contender builds the model and optimizer, runs
+one warm-up iteration (state created), resets the peak resident set size
+(``/proc/self/clear_refs``), runs more iterations and reports the peak
+(``VmHWM``, kept by the kernel, so no sampling interval) and the peak above
+the RSS after warm-up. glibc's mmap threshold is fixed at 128 KiB
+(``MALLOC_MMAP_THRESHOLD_``) in those processes: with its default dynamic
+threshold freed gradients would stay in the heap and the RSS would not show
+their release. Gradients of every
+parameter cost 4 B/param; the table says what share of that each contender
+saves against torch fused's ordinary loop.
+
+    python benches/step_in_backward.py                 # full: gpt2s, seed, lm
+    python benches/step_in_backward.py --models lm,seed --rounds 3 --iters 1   # reduced
+
+Writes benches/results/step_in_backward[_<models>].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import oxoptim
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import machine_line  # noqa: E402
+from compare_torch import seed_classifier  # noqa: E402
+from e2e import TinyLM  # noqa: E402
+
+MEMORY_ITERS = 3
+LossFn = Callable[[nn.Module], torch.Tensor]
+
+
+class GPT2Small(TinyLM):
+    """TinyLM at GPT-2 small's size, its output head tied to the token embedding (as GPT-2)."""
+
+    def __init__(self, ctx: int = 1024, tied: bool = True) -> None:
+        super().__init__(vocab=50257, d=768, layers=12, heads=12, ctx=ctx)
+        if tied:
+            self.head.weight = self.tok.weight
+
+
+def _lm_loss(model: nn.Module, vocab: int, batch: int, tokens: int) -> LossFn:
+    xt = torch.randint(0, vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(1))
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        logits = m(xt[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xt[:, 1:].reshape(-1))
+
+    return loss
+
+
+def build(key: str) -> Tuple[nn.Module, LossFn, str]:
+    """Deterministic: every process builds the same model and batch."""
+    torch.manual_seed(0)
+    if key == "gpt2s":
+        model = GPT2Small()
+        return model, _lm_loss(model, 50257, 1, 64), "GPT-2-small-sized LM (12×768, vocab 50257, tied head), batch 1×64 tokens"
+    if key == "gpt2s_untied":  # shows that the saving's limit is the largest gradient, not the tied weight
+        model = GPT2Small(tied=False)
+        return model, _lm_loss(model, 50257, 1, 64), "the same LM with an untied output head (163M params), batch 1×64 tokens"
+    if key == "lm":
+        model = TinyLM(vocab=16000, d=384, layers=6, heads=6, ctx=128)
+        return model, _lm_loss(model, 16000, 4, 64), "causal transformer LM 6×384, vocab 16000, batch 4×64 tokens"
+    if key == "seed":
+        model = seed_classifier(vocab=5000)
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randint(1, 5000, (32, 100), generator=g)
+        ys = torch.randint(0, 2, (32,), generator=g)
+        return model, lambda m: F.cross_entropy(m(xs), ys), "Embedding 5000×256 + BiGRU 256 + Dense, batch 32×100 tokens"
+    raise SystemExit(f"unknown model {key!r} (gpt2s, gpt2s_untied, lm, seed)")
+
+
+class Contender:
+    """One way of training: ``start`` builds the optimizer (and hooks), ``iteration`` runs one."""
+
+    def __init__(self, name: str, make: Callable[[List[nn.Parameter]], Any], in_backward: str = "") -> None:
+        self.name, self.make, self.in_backward = name, make, in_backward
+
+    def start(self, model: nn.Module) -> Any:
+        params = [p for p in model.parameters()]
+        if self.in_backward == "oxoptim":
+            opt = self.make(params)
+            context = oxoptim.step_in_backward(opt)
+            context.__enter__()
+            return opt
+        if self.in_backward == "overlap":
+            opt = self.make(params)
+            oxoptim.step_in_backward(opt, overlap=True).__enter__()
+            return opt
+        if self.in_backward == "tutorial":
+            per_param = {p: torch.optim.AdamW([p], lr=1e-3, fused=True) for p in params}
+
+            def hook(p: torch.Tensor) -> None:
+                per_param[p].step()
+                per_param[p].zero_grad()
+
+            for p in params:
+                p.register_post_accumulate_grad_hook(hook)
+            return None
+        return self.make(params)
+
+    @staticmethod
+    def iteration(model: nn.Module, opt: Any, loss_fn: LossFn) -> None:
+        # zero_grad last: the ordinary loop's gradients are not alive during the next forward.
+        loss_fn(model).backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+CONTENDERS = [
+    Contender("torch AdamW default, loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+    Contender("torch AdamW fused, loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+    Contender("oxoptim AdamW, loop", lambda ps: oxoptim.AdamW(ps, lr=1e-3)),
+    Contender("oxoptim AdamW, in backward", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "oxoptim"),
+    Contender("oxoptim AdamW, in backward, overlap", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "overlap"),
+    Contender("torch fused AdamW per param, in backward (tutorial)", lambda ps: None, "tutorial"),
+]
+REFERENCE = "torch AdamW fused, loop"
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(key: str, name: str) -> dict:
+    model, loss_fn, _ = build(key)
+    contender = next(c for c in CONTENDERS if c.name == name)
+    opt = contender.start(model)
+    contender.iteration(model, opt, loss_fn)  # warm-up: optimizer state exists from here on
+    base = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    for _ in range(MEMORY_ITERS):
+        contender.iteration(model, opt, loss_fn)
+    peak = _status_mib("VmHWM")
+    return {"peak_rss_mib": peak, "after_warmup_rss_mib": base, "peak_over_warmup_mib": peak - base}
+
+
+def measure_memory(key: str, name: str, threads: Optional[int]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", key, name]
+    cmd += ["--threads", str(threads)] if threads else []
+    # A fixed mmap threshold: glibc's dynamic one would keep freed gradients in the heap,
+    # so the RSS would not fall when they are freed (every tensor above 128 KiB is its own mapping).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_model(key: str, names: List[str], rounds: int, iters: int) -> Dict[str, List[float]]:
+    model, loss_fn, _ = build(key)
+    runs = {}
+    for c in CONTENDERS:
+        if c.name not in names:
+            continue
+        m = copy.deepcopy(model)
+        if isinstance(m, GPT2Small):
+            assert (m.head.weight is m.tok.weight) == (model.head.weight is model.tok.weight)  # deepcopy keeps ties
+        opt = c.start(m)
+        for _ in range(2):
+            c.iteration(m, opt, loss_fn)
+        runs[c.name] = (c, m, opt)
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(rounds):
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
+            c, m, opt = runs[name]
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                c.iteration(m, opt, loss_fn)
+            times[name].append((time.perf_counter() - t0) / iters * 1e3)
+    return times
+
+
+def _median(xs: List[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def markdown(data: dict) -> str:
+    lines = [
+        f"Machine: {data['machine']}; torch {data['torch']}, oxoptim {data['oxoptim']}, {data['threads']} threads; "
+        f"{data['rounds']} rounds × {data['iters']} iterations per contender; command `{data['command']}`.",
+        "",
+        f"Memory: {data['memory_method']}",
+        "",
+    ]
+    for model in data["models"]:
+        lines += [
+            f"**{model['name']}** — {model['description']}; gradients {model['grad_mib']:.0f} MiB",
+            "",
+            "| contender | ms/iter median (min–max) | peak RSS MiB | peak over warm-up MiB | saved vs torch fused loop, share of gradients |",
+            "|---|---|---|---|---|",
+        ]
+        ref = model["results"].get(REFERENCE, {}).get("memory", {})
+        for name, rec in model["results"].items():
+            ms = rec.get("iter_ms", [])
+            t = f"{_median(ms):.1f} ({min(ms):.1f}–{max(ms):.1f})" if ms else "—"
+            mem = rec.get("memory", {})
+            if "peak_rss_mib" in mem:
+                saved = ""
+                if "peak_rss_mib" in ref:
+                    saved = f"{(ref['peak_rss_mib'] - mem['peak_rss_mib']) / model['grad_mib'] * 100:.0f}%"
+                lines.append(f"| {name} | {t} | {mem['peak_rss_mib']:.0f} | {mem['peak_over_warmup_mib']:.0f} | {saved} |")
+            else:
+                lines.append(f"| {name} | {t} | {mem.get('error', '—')} | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="gpt2s,seed,lm")
+    ap.add_argument("--contenders", help="'|'-separated substrings of contender names (names hold commas; default: all)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=2, help="iterations per contender per round")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child)))
+        return 0
+    keys = args.models.split(",")
+    names = [c.name for c in CONTENDERS]
+    if args.contenders:
+        wanted = args.contenders.split("|")
+        names = [n for n in names if any(w in n for w in wanted)]
+    here = Path(__file__).resolve().parent
+    out = args.out or here / "results" / ("step_in_backward.md" if args.models == "gpt2s,seed,lm" else f"step_in_backward_{'_'.join(keys)}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data: dict = {
+        "kind": "step_in_backward",
+        "command": " ".join(["python benches/step_in_backward.py"] + [a for a in (argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_line(),
+        "torch": torch.__version__,
+        "oxoptim": oxoptim.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "memory_method": "not measured" if args.no_memory else (
+            f"peak RSS (VmHWM) of a separate process per contender: build, 1 warm-up iteration, reset the peak "
+            f"(/proc/self/clear_refs), {MEMORY_ITERS} iterations; glibc's mmap threshold fixed at 128 KiB "
+            "(MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS"
+        ),
+        "models": [],
+    }
+    for key in keys:
+        model, _, description = build(key)
+        n = sum(p.numel() for p in model.parameters())
+        del model
+        entry = {"key": key, "name": f"{key} ({n / 1e6:.1f}M params)", "description": description, "params": n, "grad_mib": n * 4 / 2**20, "results": {}}
+        print(f"\n== {entry['name']}: {description}", flush=True)
+        times = {} if args.no_time else time_model(key, names, args.rounds, args.iters)
+        for name in names:
+            rec: dict = {"iter_ms": times.get(name, [])}
+            if not args.no_memory:
+                rec["memory"] = measure_memory(key, name, args.threads)
+            entry["results"][name] = rec
+            ms = rec["iter_ms"]
+            shown = f"{_median(ms):9.1f} ms/iter ({min(ms):.1f}–{max(ms):.1f})" if ms else ""
+            print(f"  {name:<52} {shown}  {json.dumps(rec.get('memory', {}))}", flush=True)
+        data["models"].append(entry)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.write_text(markdown(data))
+    print(f"wrote {out.with_suffix('.json')} and {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

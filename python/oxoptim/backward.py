@@ -1,0 +1,515 @@
+"""The optimizer step inside backward ("gradient release").
+
+``with oxoptim.step_in_backward(optimizer) as sib:`` installs a
+``register_post_accumulate_grad_hook`` on every parameter of a Rust-backed
+oxoptim optimizer. When a parameter's gradient is complete, backward calls the
+hook, which updates that parameter (or, for small parameters, a bucket of them
+once all their gradients are in) with one native call, GIL released, and sets
+``p.grad = None`` at once: gradients never all exist together. The training
+loop keeps its shape::
+
+    with oxoptim.step_in_backward(opt) as sib:
+        for x, y in batches:
+            loss_fn(model(x), y).backward()   # parameters are updated in here
+            opt.step()                        # only finishes the iteration
+            sched.step()
+
+``optimizer.step()`` (or ``sib.step()``) finishes the iteration: it steps the
+parameters whose bucket did not complete (a parameter unused by this
+backward, a gradient set by hand), advances the clipping norm, and counts for
+LR schedulers and step hooks as an ordinary step. Parameter values and
+optimizer state after N iterations are bit-identical to the ordinary loop
+(``backward(); step(); zero_grad()``) with the same optimizer: each
+parameter's state is its own and the kernels are elementwise.
+
+Accumulation over ``accumulate=K`` micro-batches (``optimizer.step()`` once
+per K backward passes, as in the ordinary loop):
+
+* ``accumulation="gradient"`` (exact): ``p.grad`` is the buffer. Backward sums
+  the micro-batch gradients into it as the ordinary loop does (g = Σ_k g_k;
+  scale the loss by 1/K for a mean), and the K-th backward updates the
+  parameter and releases the gradient. Bit-identical to the ordinary loop;
+  saves gradient memory only during the K-th backward.
+* ``accumulation="optimizer"`` (Adam/AdamW; torch-optimi's
+  ``optimizer_accumulation``, AdamA arXiv 2305.19982): no gradient buffer.
+  Each of micro-batches 1..K-1 is absorbed into the moments and released::
+
+      t ← t+1;  m ← β1·m + (1−β1)·g_k;  v ← β2·v + (1−β2)·g_k²    (θ unchanged)
+
+  (g_k negated under ``maximize``; no weight decay), and the K-th micro-batch
+  is an ordinary Adam step with g_K (its weight decay, bias corrections with
+  the step count t, which counts micro-batches). This is optimi's maths in
+  torch's parametrisation (optimi keeps the bias-corrected moments); an
+  approximation of gradient accumulation, not an equality.
+
+Clipping: the global norm of all gradients is known only after backward,
+when the gradients are gone. ``clip=ClipPerParameter(max_norm)`` clips each
+parameter's gradient by its own norm (``clip_grad_norm_([p], max_norm)``);
+``clip=ClipPreviousNorm(max_norm)`` scales every gradient of iteration t by
+``min(1, max_norm / (‖g_{t−1}‖ + 1e-6))``, the global norm of the previous
+iteration (as AdaLomo/LOMO do); iteration 0 is not clipped. ``sib.grad_norm``
+is the global norm of the last finished iteration's (unclipped) gradients.
+
+Refused at entry with a clear error, never silently skipped: optimizers
+constructed with ``skip_nonfinite=True`` (the skip decision needs every
+gradient of a group), an enabled ``torch.amp.GradScaler`` passed as
+``grad_scaler=`` (unscaling and the inf check need every gradient before any
+update), optimizer accumulation for other optimizers or with previous-norm
+clipping. A GradScaler that is not passed cannot be seen: the first iteration
+is then applied with scaled gradients and the scaler's ``step`` fails with
+torch's "No inf checks were recorded for this optimizer".
+
+DDP: pass ``ddp=model``. Post-accumulate hooks would fire before the
+allreduce, so instead a DDP communication hook updates each DDP bucket's
+parameters as soon as its allreduce completes (what
+``DistributedDataParallel._register_fused_optim`` does for torch's functional
+optimizers, which oxoptim's classes are not). DDP allows one communication
+hook per model; it stays registered and is a plain allreduce once the context
+is closed. DDP keeps its bucket buffers, so no gradient memory is saved there.
+
+``overlap=True`` runs the updates on one worker thread while autograd goes on
+(the native call releases the GIL); ``optimizer.step()`` waits for them.
+Results are the same; whether it is faster depends on the cores left to
+autograd.
+
+A parameter may be updated in place during backward only because autograd
+has finished with it when its gradient is complete; a graph that reads a
+parameter through ``.detach()`` or ``.data`` in a node that runs later would
+see the new value (torch's own optimizer-in-backward pattern shares this).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from . import _core
+from ._native import group_is_native
+from .clip import clip_grad_norm_
+
+__all__ = ["ClipPerParameter", "ClipPreviousNorm", "StepInBackward", "step_in_backward"]
+
+_ACTIVE = "_oxoptim_step_in_backward"  # the optimizer attribute its step() looks for
+
+
+@dataclass(frozen=True)
+class ClipPerParameter:
+    """Clip each parameter's gradient by its own norm: ``clip_grad_norm_([p], max_norm, norm_type)``."""
+
+    max_norm: float
+    norm_type: float = 2.0
+
+
+@dataclass(frozen=True)
+class ClipPreviousNorm:
+    """Scale iteration t's gradients by ``min(1, max_norm / (‖g_{t−1}‖ + 1e-6))``, with
+    ‖g_{t−1}‖ the global ``norm_type`` norm of the previous iteration's gradients (unclipped,
+    computed as ``torch.nn.utils.get_total_norm``); the first iteration is not clipped."""
+
+    max_norm: float
+    norm_type: float = 2.0
+
+
+Clip = Union[ClipPerParameter, ClipPreviousNorm, None]
+
+
+class _Bucket:
+    """Parameters of one group updated by one native call once all their gradients are in."""
+
+    __slots__ = ("group", "params", "cache", "ready", "done")
+
+    def __init__(self, group: dict, params: list[torch.Tensor]) -> None:
+        self.group = group
+        self.params = params  # one list object: the tensor cache keys its layouts by it
+        self.cache = _core.TensorCache()
+        self.ready = 0
+        self.done = False
+
+
+def _adam_family(optimizer: Any) -> bool:
+    return getattr(optimizer, "KIND", None) == "adam"
+
+
+class StepInBackward:
+    """Context manager returned by :func:`step_in_backward` (see the module docstring).
+
+    Args:
+        optimizer: a Rust-backed oxoptim optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
+            ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``, ``ASGD``, ``Rprop``).
+        accumulate: micro-batches (backward passes) per ``optimizer.step()``.
+        accumulation: ``"gradient"`` (exact, ``p.grad`` is the buffer) or ``"optimizer"``
+            (Adam/AdamW: micro-batches absorbed into the moments, no buffer).
+        clip: ``ClipPerParameter(max_norm)``, ``ClipPreviousNorm(max_norm)`` or None.
+        bucket_numel: parameters of a group are gathered, in reverse order, into buckets of at
+            least this many elements, each updated by one native call once all its gradients
+            are in (0: one call per parameter).
+        overlap: run the updates on a worker thread while autograd continues.
+        ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce.
+        grad_scaler: pass the ``GradScaler`` in use so that an enabled one is refused here.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        accumulate: int = 1,
+        accumulation: str = "gradient",
+        clip: Clip = None,
+        bucket_numel: int = 1 << 16,
+        overlap: bool = False,
+        ddp: Optional[torch.nn.Module] = None,
+        grad_scaler: Any = None,
+    ) -> None:
+        from ._twin import TorchTwin
+
+        if not isinstance(optimizer, TorchTwin):
+            raise TypeError(
+                "step_in_backward needs a Rust-backed oxoptim optimizer (SGD, Adam, AdamW, RMSprop, Adagrad, "
+                f"Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop), got {type(optimizer).__name__}"
+            )
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
+        if accumulation not in ("gradient", "optimizer"):
+            raise ValueError(f"accumulation must be 'gradient' or 'optimizer', got {accumulation!r}")
+        if accumulation == "optimizer" and not _adam_family(optimizer):
+            raise ValueError(f"accumulation='optimizer' is defined for Adam and AdamW, not {type(optimizer).__name__}")
+        if accumulation == "optimizer" and any(g.get("amsgrad") for g in optimizer.param_groups):
+            raise ValueError("accumulation='optimizer' is not defined with amsgrad=True")
+        if clip is not None:
+            if not isinstance(clip, (ClipPerParameter, ClipPreviousNorm)):
+                raise TypeError(f"clip must be ClipPerParameter, ClipPreviousNorm or None, got {type(clip).__name__}")
+            if not (clip.max_norm > 0 and math.isfinite(clip.max_norm)):
+                raise ValueError(f"clip max_norm must be positive and finite, got {clip.max_norm!r}")
+            if isinstance(clip, ClipPreviousNorm) and accumulation == "optimizer":
+                raise ValueError("ClipPreviousNorm cannot be combined with accumulation='optimizer' (no whole-iteration gradient exists)")
+        if any(g.get("skip_nonfinite") for g in optimizer.param_groups):
+            raise ValueError(
+                "skip_nonfinite=True cannot be honoured by step_in_backward: a group's step is skipped only when "
+                "every gradient of the group is known, after backward, but its parameters are updated during "
+                "backward. Construct the optimizer without skip_nonfinite, or use the ordinary loop."
+            )
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            raise ValueError(
+                "a GradScaler cannot be honoured by step_in_backward: unscaling and its inf check need every "
+                "gradient before any parameter is updated. Use bfloat16 autocast (no scaling) or the ordinary loop."
+            )
+        if ddp is not None and (accumulate != 1 or overlap):
+            raise ValueError("with ddp=, step_in_backward takes neither accumulate > 1 nor overlap=True")
+        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 0:
+            raise ValueError(f"bucket_numel must be a non-negative int, got {bucket_numel!r}")
+        self.optimizer = optimizer
+        self.accumulate = accumulate
+        self.accumulation = accumulation
+        self.clip = clip
+        self.bucket_numel = bucket_numel
+        self.overlap = overlap
+        self.ddp = ddp
+        #: Global norm of the last finished iteration's gradients (with ``ClipPreviousNorm``).
+        self.grad_norm: Optional[torch.Tensor] = None
+        self._coef: Optional[torch.Tensor] = None
+        self._order: dict[torch.Tensor, int] = {}
+        self._norms: dict[int, torch.Tensor] = {}
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: dict[torch.Tensor, _Bucket] = {}
+        self._arrivals: dict[torch.Tensor, int] = {}
+        self._handles: list[Any] = []
+        self._pending: list[Future] = []
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._leftover_cache = _core.TensorCache()
+        self._lock = threading.Lock()
+        self._entered = False
+
+    # -- entry and exit ---------------------------------------------------
+    def __enter__(self) -> "StepInBackward":
+        if self._entered:
+            raise RuntimeError("this step_in_backward context is already in use")
+        if self.optimizer.__dict__.get(_ACTIVE) is not None:
+            raise RuntimeError(f"{type(self.optimizer).__name__} already steps inside backward (nested step_in_backward)")
+        self._build_buckets()
+        if self.overlap:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxoptim-step")
+        if self.ddp is not None:
+            _DdpSlot.install(self.ddp).active = self
+        else:
+            for bucket in self._buckets:
+                for p in bucket.params:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self.optimizer.__dict__[_ACTIVE] = self
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Waits for updates in flight and removes the hooks (the optimizer steps normally again)."""
+        try:
+            self._wait()
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            if self.ddp is not None:
+                _DdpSlot.install(self.ddp).active = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            if self.optimizer.__dict__.get(_ACTIVE) is self:
+                del self.optimizer.__dict__[_ACTIVE]
+            self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
+            self._entered = False
+
+    def _build_buckets(self) -> None:
+        """Per group, in reverse order (roughly the order backward completes them): parameters
+        that require grad, gathered until a bucket holds ``bucket_numel`` elements."""
+        self._buckets, self._bucket_of, self._order = [], {}, {}
+        index = 0
+        # Under DDP, DDP's buckets decide when parameters are updated; ours only record it.
+        limit = 0 if self.ddp is not None else self.bucket_numel
+        for group in self.optimizer.param_groups:
+            current: list[torch.Tensor] = []
+            size = 0
+            for p in group["params"]:
+                self._order[p] = index
+                index += 1
+            for p in reversed(group["params"]):
+                if not p.requires_grad:
+                    continue  # frozen: never gets a gradient, never stepped (as in the ordinary loop)
+                current.append(p)
+                size += p.numel()
+                if size >= limit:
+                    self._add_bucket(group, current)
+                    current, size = [], 0
+            if current:
+                self._add_bucket(group, current)
+
+    def _add_bucket(self, group: dict, params: list[torch.Tensor]) -> None:
+        bucket = _Bucket(group, params)
+        self._buckets.append(bucket)
+        for p in params:
+            self._bucket_of[p] = bucket
+
+    # -- during backward ----------------------------------------------------
+    def _on_grad(self, p: torch.Tensor) -> None:
+        with self._lock:  # backward may run hooks on several device threads
+            arrived = self._arrivals.get(p, 0) + 1
+            if arrived > self.accumulate:
+                raise RuntimeError(
+                    f"step_in_backward(accumulate={self.accumulate}): a parameter received more than "
+                    f"{self.accumulate} gradient(s) before optimizer.step()"
+                )
+            self._arrivals[p] = arrived
+            bucket = self._bucket_of[p]
+            if arrived == self.accumulate:
+                bucket.ready += 1
+            complete = arrived == self.accumulate and bucket.ready == len(bucket.params)
+        if arrived < self.accumulate:
+            if self.accumulation == "optimizer":
+                self._absorb(p)
+            return  # gradient accumulation: p.grad is the buffer
+        if complete:
+            self._dispatch(bucket)
+
+    def _dispatch(self, bucket: _Bucket) -> None:
+        bucket.done = True
+        if self._executor is None:
+            self._update(bucket.group, bucket.params, bucket.cache)
+        else:
+            self._pending.append(self._executor.submit(self._update, bucket.group, bucket.params, bucket.cache))
+
+    @torch.no_grad()
+    def _update(self, group: dict, params: list[torch.Tensor], cache: Any, release: bool = True) -> None:
+        """One native call for ``params`` (those with a gradient), then their gradients are released."""
+        optimizer: Any = self.optimizer
+        self._clip(params)
+        sub = dict(group)
+        sub["params"] = params
+        native = group_is_native(optimizer, sub)
+        cache.begin_step()
+        try:
+            if not (native and optimizer._fast_step(sub, cache)):
+                optimizer._general_step(sub, native)
+        finally:
+            cache.finish_step()
+        if release:
+            for p in params:
+                p.grad = None
+
+    def _clip(self, params: list[torch.Tensor]) -> None:
+        clip = self.clip
+        if isinstance(clip, ClipPerParameter):
+            for p in params:
+                if p.grad is not None:
+                    clip_grad_norm_([p], clip.max_norm, clip.norm_type)
+        elif isinstance(clip, ClipPreviousNorm):
+            for p in params:
+                g = p.grad
+                if g is None:
+                    continue
+                # Parameters added to the optimizer after entry come last, in their order.
+                at = self._order.setdefault(p, len(self._order))
+                self._norms[at] = torch.linalg.vector_norm(g, clip.norm_type)
+                if self._coef is not None:
+                    g.mul_(self._coef)
+
+    @torch.no_grad()
+    def _absorb(self, p: torch.Tensor) -> None:
+        """Optimizer accumulation of one micro-batch (k < K) into Adam's moments; releases the gradient."""
+        optimizer: Any = self.optimizer
+        group = self._bucket_of[p].group
+        g = p.grad
+        if g is None:
+            return
+        self._clip([p])
+        lists: list[list[Any]] = [[] for _ in range(optimizer._INIT_LISTS)]
+        optimizer._init_group({**group, "params": [p]}, *lists)  # creates the state as the step would
+        state = optimizer.state[p]
+        beta1, beta2 = group["betas"]
+        if group["maximize"]:
+            g = -g
+        state["step"] += 1
+        state["exp_avg"].lerp_(g, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.grad = None
+
+    # -- finishing the iteration ---------------------------------------------
+    def step(self, closure: Any = None) -> Any:
+        """``optimizer.step(closure)``: finishes the iteration (LR schedulers and step hooks see a step)."""
+        return self.optimizer.step(closure)
+
+    def finish(self) -> None:
+        """Called by ``optimizer.step()``: steps what backward left (incomplete buckets,
+        gradients set by hand), then starts the next iteration's bookkeeping."""
+        if self.optimizer.__dict__.get("grad_scale") is not None or self.optimizer.__dict__.get("found_inf") is not None:
+            raise RuntimeError("a GradScaler cannot be honoured by step_in_backward (see its grad_scaler argument)")
+        self._wait()
+        for group in self.optimizer.param_groups:
+            left = [
+                p
+                for p in group["params"]
+                if p.grad is not None and not (p in self._bucket_of and self._bucket_of[p].done)
+            ]
+            if left:
+                self._update(group, left, self._leftover_cache)
+        if self.ddp is not None:
+            self._release_done()  # in case backward's callback did not run (no bucket launched)
+        if isinstance(self.clip, ClipPreviousNorm):
+            self._finish_norm(self.clip)
+        self._next_iteration()
+
+    def _next_iteration(self) -> None:
+        for bucket in self._buckets:
+            bucket.ready = 0
+            bucket.done = False
+        self._arrivals.clear()
+        self._norms.clear()
+
+    def _release_done(self) -> None:
+        for p, bucket in self._bucket_of.items():
+            if bucket.done:
+                p.grad = None
+
+    def _finish_norm(self, clip: ClipPreviousNorm) -> None:
+        norms = [self._norms[i] for i in sorted(self._norms)]
+        self._norms.clear()
+        if not norms:
+            return
+        total = torch.linalg.vector_norm(torch.stack(norms), clip.norm_type)
+        self.grad_norm = total
+        self._coef = torch.clamp(clip.max_norm / (total + 1e-6), max=1.0)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    # -- DDP ------------------------------------------------------------------
+    def _ddp_bucket_reduced(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Updates one DDP bucket's parameters with their allreduced (averaged) gradients."""
+        by_group: dict[int, list[torch.Tensor]] = {}
+        local: list[tuple[torch.Tensor, Any]] = []
+        for p, g in zip(params, grads):
+            if p not in self._bucket_of:
+                continue  # not this optimizer's, or frozen
+            # The reducer copies the bucket back into the local gradient after this hook and
+            # asserts they are not aliases: lend the reduced view for the update only.
+            local.append((p, p.grad))
+            p.grad = g
+            by_group.setdefault(id(self._bucket_of[p].group), []).append(p)
+        try:
+            for group in self.optimizer.param_groups:
+                chosen = by_group.get(id(group))
+                if chosen:
+                    for p in chosen:
+                        self._bucket_of[p].done = True
+                    self._update(group, chosen, _core.TensorCache(), release=False)
+        finally:
+            for p, grad in local:
+                p.grad = grad
+
+
+class _DdpSlot:
+    """The one communication hook DDP allows per model: allreduce (mean), then the active
+    context's update of the bucket; a plain allreduce while no context is active."""
+
+    def __init__(self) -> None:
+        self.active: Optional[StepInBackward] = None
+
+    @classmethod
+    def install(cls, ddp: torch.nn.Module) -> "_DdpSlot":
+        slot = ddp.__dict__.get("_oxoptim_ddp_slot")
+        if slot is None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            slot = cls()
+
+            def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations that are not its own
+                future = allreduce_hook(state, bucket)
+                context = slot.active
+                if context is None:
+                    return future
+
+                def then(done: Any) -> Any:
+                    buffer = done.value()
+                    context._ddp_bucket_reduced(bucket.parameters(), bucket.gradients())
+                    return buffer
+
+                _release_after_backward(ddp, context)  # queued from backward's thread, after DDP's own
+                return future.then(then)
+
+            try:
+                ddp.register_comm_hook(ddp.process_group, hook)  # type: ignore[operator]
+            except RuntimeError as e:
+                raise RuntimeError(f"step_in_backward(ddp=...) needs DDP's communication hook, and one is already registered: {e}") from e
+            ddp.__dict__["_oxoptim_ddp_slot"] = slot
+        return slot
+
+
+def _release_after_backward(ddp: torch.nn.Module, context: StepInBackward) -> None:
+    """Once per backward, after DDP has copied the reduced buckets back: drop the gradients.
+
+    DDP queues its finalising callback once the last bucket is launched, after this is
+    called; so the callback queued here queues the release behind DDP's."""
+    if ddp.__dict__.get("_oxoptim_release_queued"):
+        return
+    ddp.__dict__["_oxoptim_release_queued"] = True
+    engine = torch.autograd.Variable._execution_engine
+
+    def release() -> None:
+        ddp.__dict__["_oxoptim_release_queued"] = False
+        context._release_done()
+
+    engine.queue_callback(lambda: engine.queue_callback(release))
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer, **options: Any) -> StepInBackward:
+    """Runs ``optimizer``'s update inside backward, parameter by parameter: see
+    :class:`StepInBackward` for the options and :mod:`oxoptim.backward` for the maths."""
+    return StepInBackward(optimizer, **options)

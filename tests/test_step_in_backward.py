@@ -1,0 +1,500 @@
+"""``oxoptim.step_in_backward``: the update inside backward is the ordinary loop, bit for bit
+(parameters and state, every twin, several models), gradients are released during backward,
+both accumulation modes, both clipping modes, refused combinations, schedulers and resume."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import weakref
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from optimizers import TWIN_IDS, TWINS, forbid_torch_fallback
+
+import oxoptim
+from oxoptim import ClipPerParameter, ClipPreviousNorm, step_in_backward
+
+
+class Toy(torch.nn.Module):
+    """Small models with the cases that matter: ``mlp`` (two layers), ``tied`` (one weight
+    used twice in the graph), ``partial`` (a parameter unused by the loss, a frozen one, a 0-d one)."""
+
+    def __init__(self, kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.kind = kind
+
+        def param(*shape: int, requires_grad: bool = True) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype) * 0.5, requires_grad=requires_grad)
+
+        self.w1 = param(12, 6)
+        self.b1 = param(12)
+        self.w2 = param(3, 12)
+        if kind == "tied":
+            self.tied = param(6, 6)
+        if kind == "partial":
+            self.unused = param(5)
+            self.frozen = param(12, requires_grad=False)
+            self.scale = param()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "tied":
+            x = torch.tanh(x @ self.tied) @ self.tied.T
+        h = torch.tanh(x @ self.w1.T + self.b1)
+        if self.kind == "partial":
+            h = h * self.scale + self.frozen
+        return (h @ self.w2.T).square().mean()
+
+
+MODELS = ["mlp", "tied", "partial"]
+
+
+def batches(n: int, dtype: torch.dtype, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 6, generator=gen, dtype=dtype) for _ in range(n)]
+
+
+def make_optimizer(cls: type, model: Toy, hyper: dict, two_groups: bool) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if not two_groups:
+        return cls(params, **hyper)
+    lr = hyper.get("lr", 0.01)
+    return cls([{"params": params[:2]}, {"params": params[2:], "lr": lr * 0.5}], **hyper)
+
+
+def train(model: Toy, opt: torch.optim.Optimizer, xs: list[torch.Tensor], accumulate: int = 1, sib: dict | None = None, clip_each=None):
+    """The ordinary loop (``sib`` None) or the same loop inside ``step_in_backward(opt, **sib)``."""
+    iterations = [xs[i : i + accumulate] for i in range(0, len(xs), accumulate)]
+    if sib is None:
+        for micro in iterations:
+            for x in micro:
+                model(x).backward()
+            if clip_each is not None:
+                clip_each(model)
+            opt.step()
+            opt.zero_grad()
+        return None
+    with step_in_backward(opt, accumulate=accumulate, **sib) as context:
+        for micro in iterations:
+            for x in micro:
+                model(x).backward()
+            opt.step()
+    return context
+
+
+def assert_same_training(a: Toy, opt_a: torch.optim.Optimizer, b: Toy, opt_b: torch.optim.Optimizer) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"parameter {name} differs"
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for key, entry in sa["state"].items():
+        assert entry.keys() == sb["state"][key].keys()
+        for name, value in entry.items():
+            other = sb["state"][key][name]
+            if torch.is_tensor(value):
+                assert value.dtype == other.dtype and torch.equal(value, other), f"state[{key}][{name!r}] differs"
+            else:
+                assert value == other, f"state[{key}][{name!r}] differs"
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@given(data=st.data())
+def test_bit_identical_to_the_ordinary_loop(twin, data) -> None:
+    hyper = data.draw(twin.hyper(), label="hyper")
+    kind = data.draw(st.sampled_from(MODELS), label="model")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+    two_groups = data.draw(st.booleans(), label="two_groups")
+    sib = dict(bucket_numel=data.draw(st.sampled_from([0, 40, 1 << 16]), label="bucket_numel"), overlap=data.draw(st.booleans(), label="overlap"))
+    xs = batches(4, dtype)
+    with pytest.MonkeyPatch.context() as mp:  # not the fixture: hypothesis reruns the body
+        forbid_torch_fallback(mp)
+        a, b = Toy(kind, dtype), Toy(kind, dtype)
+        opt_a, opt_b = make_optimizer(twin.ours, a, hyper, two_groups), make_optimizer(twin.ours, b, hyper, two_groups)
+        train(a, opt_a, xs)
+        train(b, opt_b, xs, sib=sib)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_each_gradient_is_released_as_soon_as_its_parameter_is_updated() -> None:
+    model = Toy("tied")
+    opt = oxoptim.AdamW(model.parameters(), lr=0.01)
+    alive: list[weakref.ref] = []
+    most_alive = 0
+
+    def count(p: torch.Tensor) -> None:  # registered first: runs before the update hook
+        nonlocal most_alive
+        alive.append(weakref.ref(p.grad))
+        most_alive = max(most_alive, sum(r() is not None for r in alive))
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(count)
+    with step_in_backward(opt, bucket_numel=0):
+        for x in batches(3, torch.float32):
+            alive.clear()
+            model(x).backward()
+            assert len(alive) == len(list(model.parameters()))
+            assert all(p.grad is None for p in model.parameters())
+            assert all(r() is None for r in alive), "a gradient outlived backward"
+            opt.step()
+    assert most_alive == 1, f"{most_alive} gradients were alive at once"
+
+
+def test_a_bucket_holds_its_gradients_until_its_last_one_and_is_one_native_call(monkeypatch) -> None:
+    model = Toy("mlp")
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+    calls = []
+    original = type(opt)._fast_step
+
+    def counting(self, group, cache):
+        calls.append(len(group["params"]))
+        return original(self, group, cache)
+
+    monkeypatch.setattr(type(opt), "_fast_step", counting)
+    with step_in_backward(opt) as sib:  # the default bucket takes the whole toy model
+        for x in batches(3, torch.float32):
+            model(x).backward()
+            opt.step()
+    assert len(sib._buckets) == 1
+    assert calls == [3, 3, 3]
+
+
+def test_hooks_are_removed_on_exit_and_the_optimizer_steps_normally_again() -> None:
+    model = Toy("mlp")
+    opt = oxoptim.SGD(model.parameters(), lr=0.1)
+    with step_in_backward(opt):
+        model(batches(1, torch.float32)[0]).backward()
+        opt.step()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    model(batches(1, torch.float32)[0]).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("accumulate", [2, 3])
+def test_gradient_accumulation_is_the_ordinary_loop_with_summed_gradients(twin, accumulate) -> None:
+    # "partial": its unused parameter never gets a gradient, its frozen one is never stepped.
+    xs = batches(3 * accumulate, torch.float32)
+    a, b = Toy("partial"), Toy("partial")
+    opt_a, opt_b = twin.ours(a.parameters(), **twin.typical), twin.ours(b.parameters(), **twin.typical)
+    train(a, opt_a, xs, accumulate)
+    train(b, opt_b, xs, accumulate, sib=dict(accumulation="gradient"))
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_gradient_accumulation_with_a_parameter_missing_from_some_micro_batches() -> None:
+    class Sometimes(Toy):
+        def forward(self, x):
+            loss = super().forward(x)
+            return loss + self.unused.square().sum() if x[0, 0] > 0 else loss
+
+    xs = batches(8, torch.float32, seed=3)
+    assert len({bool(x[0, 0] > 0) for x in xs}) == 2
+    a, b = Sometimes("partial"), Sometimes("partial")
+    opt_a, opt_b = oxoptim.Adam(a.parameters(), lr=0.01), oxoptim.Adam(b.parameters(), lr=0.01)
+    train(a, opt_a, xs, 4)
+    train(b, opt_b, xs, 4, sib=dict(bucket_numel=0))
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_more_backward_passes_than_accumulate_is_an_error() -> None:
+    model = Toy("mlp")
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+    with step_in_backward(opt, accumulate=2):
+        for x in batches(2, torch.float32):
+            model(x).backward()
+        with pytest.raises(RuntimeError, match="more than 2 gradient"):
+            model(batches(1, torch.float32)[0]).backward()
+
+
+def adam_accumulation_reference(model: Toy, xs, accumulate, lr, betas, eps, weight_decay, decoupled, maximize):
+    """The documented maths of optimizer accumulation, in float64, parameter by parameter."""
+    params = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    t = 0
+    b1, b2 = betas
+    for start in range(0, len(xs), accumulate):
+        for k, x in enumerate(xs[start : start + accumulate]):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(params[n].float())
+            model.zero_grad()
+            model(x).backward()
+            t += 1
+            last = k == accumulate - 1
+            for n, p in model.named_parameters():
+                g = p.grad.double()
+                g = -g if maximize else g
+                if last and weight_decay:
+                    if decoupled:
+                        params[n] = params[n] * (1 - lr * weight_decay)
+                    else:
+                        g = g + weight_decay * params[n]
+                m[n] = b1 * m[n] + (1 - b1) * g
+                v[n] = b2 * v[n] + (1 - b2) * g * g
+                if last:
+                    mhat, vhat = m[n] / (1 - b1**t), v[n] / (1 - b2**t)
+                    params[n] = params[n] - lr * mhat / (vhat.sqrt() + eps)
+    return params
+
+
+@given(
+    accumulate=st.sampled_from([1, 2, 3]),
+    lr=st.sampled_from([1e-3, 0.01]),
+    betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9)]),
+    eps=st.sampled_from([1e-8, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    decoupled=st.booleans(),
+    maximize=st.booleans(),
+)
+def test_optimizer_accumulation_follows_its_float64_maths(accumulate, lr, betas, eps, weight_decay, decoupled, maximize) -> None:
+    xs = batches(3 * accumulate, torch.float32)
+    model = Toy("mlp", torch.float32)
+    cls = oxoptim.AdamW if decoupled else oxoptim.Adam
+    opt = cls(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    expected = adam_accumulation_reference(Toy("mlp", torch.float32), xs, accumulate, lr, betas, eps, weight_decay, decoupled, maximize)
+    train(model, opt, xs, accumulate, sib=dict(accumulation="optimizer"))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.double(), expected[n], rtol=1e-5, atol=1e-6)
+        assert float(opt.state[p]["step"]) == len(xs)
+        assert p.grad is None
+
+
+def test_optimizer_accumulation_of_one_micro_batch_is_the_ordinary_step() -> None:
+    xs = batches(4, torch.float32)
+    a, b = Toy("tied"), Toy("tied")
+    opt_a, opt_b = oxoptim.AdamW(a.parameters(), lr=0.01), oxoptim.AdamW(b.parameters(), lr=0.01)
+    train(a, opt_a, xs)
+    train(b, opt_b, xs, sib=dict(accumulation="optimizer"))
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_optimizer_accumulation_matches_torch_optimi() -> None:
+    optimi = pytest.importorskip("optimi", reason="torch-optimi is not installed (pip install --no-deps torch-optimi)")
+    from optimi import prepare_for_gradient_release, remove_gradient_release
+
+    accumulate, lr, betas, eps = 3, 0.01, (0.9, 0.99), 1e-6
+    xs = batches(3 * accumulate, torch.float32)
+    ours, theirs = Toy("mlp"), Toy("mlp")
+    opt = oxoptim.Adam(ours.parameters(), lr=lr, betas=betas, eps=eps)
+    train(ours, opt, xs, accumulate, sib=dict(accumulation="optimizer"))
+    ref = optimi.Adam(theirs.parameters(), lr=lr, betas=betas, eps=eps, gradient_release=True, triton=False, foreach=False)
+    prepare_for_gradient_release(theirs, ref)
+    for i, x in enumerate(xs):
+        ref.optimizer_accumulation = (i + 1) % accumulate != 0
+        theirs(x).backward()
+        if (i + 1) % accumulate == 0:
+            ref.step()
+            ref.zero_grad()
+    remove_gradient_release(theirs)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_per_parameter_is_the_ordinary_loop_clipping_each_parameter() -> None:
+    def clip_each(model):
+        for p in model.parameters():
+            if p.grad is not None:
+                oxoptim.clip_grad_norm_([p], 0.05)
+
+    xs = batches(6, torch.float32)
+    a, b = Toy("tied"), Toy("tied")
+    opt_a, opt_b = oxoptim.Adam(a.parameters(), lr=0.01), oxoptim.Adam(b.parameters(), lr=0.01)
+    train(a, opt_a, xs, 2, clip_each=clip_each)
+    train(b, opt_b, xs, 2, sib=dict(clip=ClipPerParameter(0.05), bucket_numel=0))
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_clip_previous_norm_scales_by_the_previous_iterations_global_norm(norm_type) -> None:
+    previous: list = [None]
+    norms = []
+
+    def clip_each(model):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type, foreach=False)
+        norms.append(total)
+        if previous[0] is not None:
+            for g in grads:
+                g.mul_(previous[0])
+        previous[0] = torch.clamp(0.05 / (total + 1e-6), max=1.0)
+
+    xs = batches(5, torch.float32)
+    a, b = Toy("partial"), Toy("partial")
+    opt_a, opt_b = oxoptim.SGD(a.parameters(), lr=0.1, momentum=0.9), oxoptim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    train(a, opt_a, xs, clip_each=clip_each)
+    sib = train(b, opt_b, xs, sib=dict(clip=ClipPreviousNorm(0.05, norm_type), bucket_numel=0))
+    assert torch.equal(sib.grad_norm, norms[-1])
+    assert float(norms[0]) > 0.05 * 2, "the test must clip"
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+REFUSED = [
+    ("a torch optimizer", lambda ps: torch.optim.Adam(ps), {}, TypeError, "Rust-backed oxoptim"),
+    ("skip_nonfinite", lambda ps: oxoptim.Adam(ps, skip_nonfinite=True), {}, ValueError, "skip_nonfinite=True cannot be honoured"),
+    ("a GradScaler", lambda ps: oxoptim.Adam(ps), {"grad_scaler": torch.amp.GradScaler("cpu")}, ValueError, "GradScaler cannot be honoured"),
+    ("optimizer accumulation for SGD", lambda ps: oxoptim.SGD(ps, lr=0.1), {"accumulation": "optimizer"}, ValueError, "Adam and AdamW"),
+    ("optimizer accumulation with amsgrad", lambda ps: oxoptim.Adam(ps, amsgrad=True), {"accumulation": "optimizer"}, ValueError, "amsgrad"),
+    ("previous norm with optimizer accumulation", lambda ps: oxoptim.Adam(ps), {"accumulation": "optimizer", "clip": ClipPreviousNorm(1.0)}, ValueError, "ClipPreviousNorm"),
+    ("accumulate 0", lambda ps: oxoptim.Adam(ps), {"accumulate": 0}, ValueError, "positive int"),
+    ("an unknown accumulation", lambda ps: oxoptim.Adam(ps), {"accumulation": "sum"}, ValueError, "'gradient' or 'optimizer'"),
+    ("clip a number", lambda ps: oxoptim.Adam(ps), {"clip": 1.0}, TypeError, "clip must be"),
+    ("clip max_norm 0", lambda ps: oxoptim.Adam(ps), {"clip": ClipPerParameter(0.0)}, ValueError, "positive and finite"),
+    ("negative buckets", lambda ps: oxoptim.Adam(ps), {"bucket_numel": -1}, ValueError, "bucket_numel"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_a_combination_that_cannot_be_honoured_is_refused_at_entry(case) -> None:
+    _, make, kwargs, error, message = case
+    model = Toy("mlp")
+    opt = make(model.parameters())
+    with pytest.raises(error, match=message):
+        with step_in_backward(opt, **kwargs):
+            pytest.fail("entered")
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert "_oxoptim_step_in_backward" not in opt.__dict__
+
+
+def test_a_disabled_grad_scaler_is_accepted() -> None:
+    opt = oxoptim.Adam(Toy("mlp").parameters())
+    with step_in_backward(opt, grad_scaler=torch.amp.GradScaler("cpu", enabled=False)):
+        pass
+
+
+def test_nested_contexts_on_one_optimizer_are_refused() -> None:
+    opt = oxoptim.Adam(Toy("mlp").parameters())
+    with step_in_backward(opt):
+        with pytest.raises(RuntimeError, match="nested"):
+            with step_in_backward(opt):
+                pass
+
+
+def test_lr_schedulers_see_ordinary_steps() -> None:
+    xs = batches(6, torch.float32)
+    results = []
+    for sib in (None, {}):
+        model = Toy("mlp")
+        opt = oxoptim.AdamW(model.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=len(xs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would fail
+            if sib is None:
+                for x in xs:
+                    model(x).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    sched.step()
+            else:
+                with step_in_backward(opt):
+                    for x in xs:
+                        model(x).backward()
+                        opt.step()
+                        sched.step()
+        results.append((model, opt, sched.get_last_lr()))
+    (a, opt_a, lr_a), (b, opt_b, lr_b) = results
+    assert lr_a == lr_b
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_resume_from_a_checkpoint_is_bit_identical(twin) -> None:
+    xs = batches(7, torch.float32)
+    straight = Toy("partial")
+    opt = twin.ours(straight.parameters(), **twin.typical)
+    train(straight, opt, xs, sib={})
+
+    first = Toy("partial")
+    opt_first = twin.ours(first.parameters(), **twin.typical)
+    train(first, opt_first, xs[:4], sib={})
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = Toy("partial", seed=99)  # other weights until the checkpoint loads
+    resumed.load_state_dict(saved["model"])
+    opt_resumed = twin.ours(resumed.parameters(), **twin.typical)
+    opt_resumed.load_state_dict(saved["optimizer"])
+    train(resumed, opt_resumed, xs[4:], sib={})
+    assert_same_training(straight, opt, resumed, opt_resumed)
+
+
+
+RESUME_CHILD = """
+import sys, torch, oxoptim
+sys.path.insert(0, sys.argv[1])
+from test_step_in_backward import Toy, batches, train
+saved = torch.load(sys.argv[2])
+model = Toy("tied", seed=99)
+model.load_state_dict(saved["model"])
+opt = oxoptim.AdamW(model.parameters(), lr=0.01, amsgrad=True)
+opt.load_state_dict(saved["optimizer"])
+train(model, opt, batches(7, torch.float32)[4:], sib={})
+torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, sys.argv[2])
+"""
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    xs = batches(7, torch.float32)
+    straight = Toy("tied")
+    opt = oxoptim.AdamW(straight.parameters(), lr=0.01, amsgrad=True)
+    train(straight, opt, xs, sib={})
+    first = Toy("tied")
+    opt_first = oxoptim.AdamW(first.parameters(), lr=0.01, amsgrad=True)
+    train(first, opt_first, xs[:4], sib={})
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, path)
+    subprocess.run([sys.executable, "-c", RESUME_CHILD, os.path.dirname(__file__), str(path)], check=True)
+    resumed = torch.load(path)
+    for name, p in straight.state_dict().items():
+        assert torch.equal(p, resumed["model"][name]), name
+    for key, entry in opt.state_dict()["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][key][name]), f"state[{key}][{name!r}]"
+
+
+def test_a_context_entered_again_and_after_an_error_trains_as_the_ordinary_loop() -> None:
+    xs = batches(6, torch.float32)
+    a, b = Toy("mlp"), Toy("mlp")
+    opt_a, opt_b = oxoptim.RMSprop(a.parameters(), lr=0.01), oxoptim.RMSprop(b.parameters(), lr=0.01)
+    train(a, opt_a, xs)
+    context = step_in_backward(opt_b, bucket_numel=1 << 20)  # one bucket
+    for x in xs[:3]:
+        with context:
+            b(x).backward()
+            opt_b.step()
+    with pytest.raises(RuntimeError, match="more than 1"):
+        with context:  # the bucket never completes: nothing is updated
+            b.w2.square().sum().backward()
+            b.w2.square().sum().backward()
+    b.zero_grad()
+    with context:
+        for x in xs[3:]:
+            b(x).backward()
+            opt_b.step()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_an_error_on_the_worker_thread_is_raised_by_step(monkeypatch) -> None:
+    model = Toy("mlp")
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+
+    def failing(self, group, cache):
+        raise ValueError("kernel refused")
+
+    monkeypatch.setattr(type(opt), "_fast_step", failing)
+    with pytest.raises(ValueError, match="kernel refused"):
+        with step_in_backward(opt, overlap=True, bucket_numel=0):
+            model(batches(1, torch.float32)[0]).backward()  # returns: the updates run on the worker
+            opt.step()
