@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import warnings
 import weakref
+from typing import Callable
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def batches(n: int, dtype: torch.dtype, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(4, 6, generator=gen, dtype=dtype) for _ in range(n)]
 
 
-def make_optimizer(cls: type, model: Toy, hyper: dict, two_groups: bool) -> torch.optim.Optimizer:
+def make_optimizer(cls: Callable[..., torch.optim.Optimizer], model: Toy, hyper: dict, two_groups: bool) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if not two_groups:
         return cls(params, **hyper)
@@ -113,7 +114,7 @@ def test_bit_identical_to_the_ordinary_loop(twin, data) -> None:
     with pytest.MonkeyPatch.context() as mp:  # not the fixture: hypothesis reruns the body
         forbid_torch_fallback(mp)
         a, b = Toy(kind, dtype), Toy(kind, dtype)
-        opt_a, opt_b = make_optimizer(twin.ours, a, hyper, two_groups), make_optimizer(twin.ours, b, hyper, two_groups)
+        opt_a, opt_b = make_optimizer(twin.make_ours, a, hyper, two_groups), make_optimizer(twin.make_ours, b, hyper, two_groups)
         train(a, opt_a, xs)
         train(b, opt_b, xs, sib=sib)
     assert_same_training(a, opt_a, b, opt_b)
@@ -182,7 +183,7 @@ def test_gradient_accumulation_is_the_ordinary_loop_with_summed_gradients(twin, 
     # "partial": its unused parameter never gets a gradient, its frozen one is never stepped.
     xs = batches(3 * accumulate, torch.float32)
     a, b = Toy("partial"), Toy("partial")
-    opt_a, opt_b = twin.ours(a.parameters(), **twin.typical), twin.ours(b.parameters(), **twin.typical)
+    opt_a, opt_b = twin.make_ours(a.parameters(), **twin.typical), twin.make_ours(b.parameters(), **twin.typical)
     train(a, opt_a, xs, accumulate)
     train(b, opt_b, xs, accumulate, sib=dict(accumulation="gradient"))
     assert_same_training(a, opt_a, b, opt_b)
@@ -408,11 +409,11 @@ def test_lr_schedulers_see_ordinary_steps() -> None:
 def test_resume_from_a_checkpoint_is_bit_identical(twin) -> None:
     xs = batches(7, torch.float32)
     straight = Toy("partial")
-    opt = twin.ours(straight.parameters(), **twin.typical)
+    opt = twin.make_ours(straight.parameters(), **twin.typical)
     train(straight, opt, xs, sib={})
 
     first = Toy("partial")
-    opt_first = twin.ours(first.parameters(), **twin.typical)
+    opt_first = twin.make_ours(first.parameters(), **twin.typical)
     train(first, opt_first, xs[:4], sib={})
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, buffer)
@@ -420,7 +421,7 @@ def test_resume_from_a_checkpoint_is_bit_identical(twin) -> None:
     saved = torch.load(buffer)
     resumed = Toy("partial", seed=99)  # other weights until the checkpoint loads
     resumed.load_state_dict(saved["model"])
-    opt_resumed = twin.ours(resumed.parameters(), **twin.typical)
+    opt_resumed = twin.make_ours(resumed.parameters(), **twin.typical)
     opt_resumed.load_state_dict(saved["optimizer"])
     train(resumed, opt_resumed, xs[4:], sib={})
     assert_same_training(straight, opt, resumed, opt_resumed)

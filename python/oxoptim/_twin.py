@@ -144,6 +144,11 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
             step_groups(self, self._fast_step, self._general_step)
         return loss
 
+    def _advance_group(self, group: dict) -> None:
+        """Moves a group's own step-level state (Schedule-Free's schedule) on by one step. The
+        ordinary step does it with each group; ``step_in_backward``, which steps a group in pieces,
+        once per iteration. Most optimizers keep no such state."""
+
     def _fast_step(self, group: dict, cache: Any) -> bool:
         state = self.state  # type: ignore[attr-defined]
         return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads())

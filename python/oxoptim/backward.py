@@ -398,6 +398,8 @@ class StepInBackward:
                 self._update(group, left, self._leftover_cache)
         if self.ddp is not None:
             self._release_done()  # in case backward's callback did not run (no bucket launched)
+        for group in self.optimizer.param_groups:  # each bucket stepped a copy of its group
+            self.optimizer._advance_group(group)  # type: ignore[attr-defined]
         if isinstance(self.clip, ClipPreviousNorm):
             self._finish_norm(self.clip)
         self._next_iteration()

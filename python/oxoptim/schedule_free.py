@@ -238,18 +238,19 @@ class _ScheduleFreeTwin:
             hyper["momentum"] = group["momentum"]
         return hyper
 
+    def _advance_group(self, group: dict) -> None:
+        self._commit(group, self._schedule(group))  # type: ignore[attr-defined]
+
     def _fast_step(self, group: dict, cache: Any) -> bool:
-        schedule = self._schedule(group)  # type: ignore[attr-defined]
         if not super()._fast_step(group, cache):  # type: ignore[misc]
             return False
-        self._commit(group, schedule)  # type: ignore[attr-defined]
+        self._advance_group(group)
         return True
 
     def _list_step(self, group: dict, params: list, grads: list) -> bool:
-        schedule = self._schedule(group)  # type: ignore[attr-defined]
         if not super()._list_step(group, params, grads):  # type: ignore[misc]
             return False
-        self._commit(group, schedule)  # type: ignore[attr-defined]
+        self._advance_group(group)
         return True
 
     def _reference_step(self, group: dict) -> None:
