@@ -125,13 +125,13 @@ fn run(config: &AdamConfig, batch: &TensorBatch, steps: &[f64], exec: Exec) {
 
 /// Step-dependent scalars, computed in f64 as torch computes them in Python.
 #[derive(Clone, Copy, Debug)]
-struct BiasCorrection {
+pub(crate) struct BiasCorrection {
     step_size: f64,
     bias_correction2_sqrt: f64,
 }
 
 impl BiasCorrection {
-    fn new(c: &AdamConfig, step: f64) -> BiasCorrection {
+    pub(crate) fn new(c: &AdamConfig, step: f64) -> BiasCorrection {
         let bias_correction1 = 1.0 - c.beta1.powf(step);
         let bias_correction2 = 1.0 - c.beta2.powf(step);
         BiasCorrection {
@@ -150,11 +150,65 @@ impl Elementwise for AdamKernel<'_> {
     fn apply<T: Element>(&self, backend: Backend, slot: usize, arrays: &mut [&mut [T]]) {
         let c = self.config;
         let n = common_len(arrays, c.arity());
-        let bc = self.per_slot[slot];
+        let max_exp_avg_sq = arrays
+            .get_mut(4)
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+        let mut block = AdamBlock::new(
+            c,
+            self.per_slot[slot],
+            [arrays[0].as_mut_ptr(), arrays[1].as_mut_ptr()],
+            [
+                arrays[2].as_mut_ptr(),
+                arrays[3].as_mut_ptr(),
+                max_exp_avg_sq,
+            ],
+        );
+        // SAFETY: every array holds `n` elements (checked by `common_len`).
+        unsafe { run_block(backend, n, &mut block) }
+    }
+
+    fn writes(&self, k: usize) -> bool {
+        k != 1
+    }
+}
+
+/// Adam's per-element update over raw arrays, shared with the block-wise
+/// 8-bit kernel (which runs it on dequantised copies of its state).
+pub(crate) struct AdamBlock<T> {
+    lerp_coeff: T,
+    lerp_from_start: bool,
+    beta2: T,
+    one_minus_beta2: T,
+    eps: T,
+    step_size_neg: T,
+    bias_correction2_sqrt: T,
+    weight_decay: T,
+    param_decay: T,
+    coupled_decay: bool,
+    decoupled_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    param: *mut T,
+    grad: *mut T, // only read
+    exp_avg: *mut T,
+    exp_avg_sq: *mut T,
+    max_exp_avg_sq: *mut T,
+}
+
+impl<T: Element> AdamBlock<T> {
+    /// The update of `[param, grad]` and `[exp_avg, exp_avg_sq,
+    /// max_exp_avg_sq]` (the last null unless AMSGrad), each pointing at as
+    /// many elements as the block is run over.
+    pub(crate) fn new(
+        c: &AdamConfig,
+        bc: BiasCorrection,
+        [param, grad]: [*mut T; 2],
+        [exp_avg, exp_avg_sq, max_exp_avg_sq]: [*mut T; 3],
+    ) -> AdamBlock<T> {
         // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
         let lerp_weight = T::from_f64(1.0 - c.beta1);
         let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
-        let mut block = AdamBlock {
+        AdamBlock {
             lerp_coeff: if lerp_small {
                 lerp_weight
             } else {
@@ -172,42 +226,13 @@ impl Elementwise for AdamKernel<'_> {
             decoupled_decay: c.weight_decay != 0.0 && c.decoupled_weight_decay,
             amsgrad: c.amsgrad,
             maximize: c.maximize,
-            param: arrays[0].as_mut_ptr(),
-            grad: arrays[1].as_ptr(),
-            exp_avg: arrays[2].as_mut_ptr(),
-            exp_avg_sq: arrays[3].as_mut_ptr(),
-            max_exp_avg_sq: arrays
-                .get_mut(4)
-                .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()),
-        };
-        // SAFETY: every array holds `n` elements (checked by `common_len`).
-        unsafe { run_block(backend, n, &mut block) }
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+        }
     }
-
-    fn writes(&self, k: usize) -> bool {
-        k != 1
-    }
-}
-
-struct AdamBlock<T> {
-    lerp_coeff: T,
-    lerp_from_start: bool,
-    beta2: T,
-    one_minus_beta2: T,
-    eps: T,
-    step_size_neg: T,
-    bias_correction2_sqrt: T,
-    weight_decay: T,
-    param_decay: T,
-    coupled_decay: bool,
-    decoupled_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    param: *mut T,
-    grad: *const T,
-    exp_avg: *mut T,
-    exp_avg_sq: *mut T,
-    max_exp_avg_sq: *mut T,
 }
 
 impl<T: Element> LaneBlock<T> for AdamBlock<T> {

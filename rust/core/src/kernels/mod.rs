@@ -4,6 +4,7 @@
 pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
+pub mod adam8bit;
 pub mod adamax;
 pub mod asgd;
 pub mod averaging;
@@ -18,7 +19,8 @@ use crate::dispatch::Element;
 use crate::optimizer::{entry, Entry};
 use crate::simd::Lanes;
 
-/// Every torch twin, by name: adding an optimizer is its kernel file plus a row here.
+/// Every optimizer, by name: adding one is its kernel file plus a row here.
+/// All are torch twins except those whose `torch_twin` is false (8-bit state).
 pub const OPTIMIZERS: &[Entry] = &[
     entry::<sgd::SgdConfig>(),
     entry::<adam::AdamConfig>(),
@@ -30,6 +32,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<adadelta::AdadeltaConfig>(),
     entry::<asgd::AsgdConfig>(),
     entry::<rprop::RpropConfig>(),
+    entry::<adam8bit::Adam8bitConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.
