@@ -350,6 +350,16 @@ def test_bad_input_leaves_parameters_and_state_unchanged() -> None:
     with pytest.raises(ValueError, match="amsgrad"):
         opt.load_state_dict(sd)
     assert _same(_snapshot(params, opt), before)
+    # A bad gradient in a second group: the first group is not stepped either.
+    extra = torch.nn.Parameter(torch.randn(300))
+    opt.add_param_group({"params": [extra]})
+    before = _snapshot(params, opt)
+    for p in params:
+        p.grad = _grad(p, 8)
+    extra.grad = torch.zeros(300).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert _same(_snapshot(params, opt), before) and not opt.state.get(extra)
     # 8-bit state needs float32 CPU parameters: a bfloat16 one is refused before any write.
     half = torch.nn.Parameter(torch.randn(5000, dtype=torch.bfloat16))
     mixed = oxoptim.AdamW8bit([params[1], half])
