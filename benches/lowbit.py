@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5, help="steps per contender per round")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of GPT-2's vocabulary rows and blocks (quick checks)")
+    ap.add_argument("--note", default="", help="a line added to the report (e.g. how busy the machine was)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lowbit.md")
     args = ap.parse_args(argv)
 
@@ -144,6 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{machine_line()}; {torch.get_num_threads()} threads; torch {torch.__version__}; oxoptim {oxoptim.__version__} ({oxoptim.simd_backend()})",
         f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters (scale {args.scale}); fresh gradients every step; "
         f"{args.rounds} rounds × {args.steps} steps, round-robin; medians with min–max over rounds.",
+        *([args.note] if args.note else []),
+        f"Load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
         "",
         f"| optimizer | ms/step | speed-up vs {REFERENCE} | state bytes/param |",
         "|---|---|---|---|",
