@@ -293,6 +293,12 @@ def test_fp32_adamw_state_loads_quantised_and_the_8bit_state_loads_into_adamw() 
         opt.load_state_dict(copy.deepcopy(sd))
         assert opt.param_groups[0]["decoupled_weight_decay"] is True
         _continue(twins, opt, 2)
+    # Loaded as is, an 8-bit state dict is refused by oxoptim's AdamW (torch would read the codes as numbers).
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = oxoptim.AdamW(twins, lr=1e-2)
+    with pytest.raises(ValueError, match="dequantize_state_dict"):
+        plain.load_state_dict(eight.state_dict())
+    assert not plain.state
     # Adam8bit's dequantised state is torch Adam's (coupled decay).
     adam8 = oxoptim.Adam8bit([torch.nn.Parameter(torch.randn(5000))])
     assert adam8.dequantized_state_dict()["param_groups"][0]["decoupled_weight_decay"] is False
