@@ -156,7 +156,7 @@ impl Elementwise for AdamKernel<'_> {
         let mut block = AdamBlock::new(
             c,
             self.per_slot[slot],
-            [arrays[0].as_mut_ptr(), arrays[1].as_mut_ptr()],
+            (arrays[0].as_mut_ptr(), arrays[1].as_ptr()),
             [
                 arrays[2].as_mut_ptr(),
                 arrays[3].as_mut_ptr(),
@@ -189,20 +189,20 @@ pub(crate) struct AdamBlock<T> {
     amsgrad: bool,
     maximize: bool,
     param: *mut T,
-    grad: *mut T, // only read
+    grad: *const T,
     exp_avg: *mut T,
     exp_avg_sq: *mut T,
     max_exp_avg_sq: *mut T,
 }
 
 impl<T: Element> AdamBlock<T> {
-    /// The update of `[param, grad]` and `[exp_avg, exp_avg_sq,
+    /// The update of `(param, grad)` and `[exp_avg, exp_avg_sq,
     /// max_exp_avg_sq]` (the last null unless AMSGrad), each pointing at as
     /// many elements as the block is run over.
     pub(crate) fn new(
         c: &AdamConfig,
         bc: BiasCorrection,
-        [param, grad]: [*mut T; 2],
+        (param, grad): (*mut T, *const T),
         [exp_avg, exp_avg_sq, max_exp_avg_sq]: [*mut T; 3],
     ) -> AdamBlock<T> {
         // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).

@@ -122,7 +122,7 @@ impl Blockwise for Adam8bitKernel<'_> {
                 kernel: self,
                 bc: self.per_slot[slot],
                 param,
-                grad,
+                grad: &grad[..],
                 m_codes,
                 v_codes,
                 m_absmax,
@@ -137,7 +137,7 @@ struct Blocks<'k, 'a, 'c> {
     kernel: &'k Adam8bitKernel<'a>,
     bc: BiasCorrection,
     param: &'c mut [f32],
-    grad: &'c mut [f32],
+    grad: &'c [f32],
     m_codes: &'c mut [u8],
     v_codes: &'c mut [u8],
     m_absmax: &'c mut [f32],
@@ -164,10 +164,10 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
             let mut update = AdamBlock::new(
                 k.config,
                 self.bc,
-                [
+                (
                     self.param[at.clone()].as_mut_ptr(),
-                    self.grad[at.clone()].as_mut_ptr(),
-                ],
+                    self.grad[at.clone()].as_ptr(),
+                ),
                 [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()],
             );
             // SAFETY: every array the update touches holds `len` elements.
