@@ -290,3 +290,26 @@ def test_step_in_backward_contenders_train_as_their_ordinary_loops():
     fused = trained("torch AdamW fused, loop")
     tutorial = trained("torch fused AdamW per param, in backward (tutorial)")
     assert all(torch.equal(a, b) for a, b in zip(fused, tutorial))
+
+
+def test_lowbit_counts_state_bytes_and_reports_every_contender(tmp_path, monkeypatch):
+    import lowbit
+
+    import oxoptim
+
+    params = [torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(10))]
+    opt = oxoptim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    # 8-bit: 2 codes + 2 absmax per 256-block + step; fp32: 2 moments + step.
+    assert lowbit.state_bytes(opt) == 2 * 5000 + 2 * 4 * 20 + 4 + 2 * 4 * 10 + 4
+
+    def broken(params):
+        raise ImportError("no such package")
+
+    monkeypatch.setattr(lowbit, "contenders", lambda: {lowbit.REFERENCE: lambda ps: torch.optim.AdamW(ps, fused=True), "oxoptim AdamW8bit": lambda ps: oxoptim.AdamW8bit(ps), "missing": broken})
+    out = tmp_path / "lowbit.md"
+    assert lowbit.main(["--rounds", "1", "--steps", "1", "--scale", "0.01", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| oxoptim AdamW8bit |" in text and "| missing | failed: ImportError: no such package |" in text

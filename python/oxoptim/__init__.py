@@ -14,6 +14,7 @@ from ._core import __version__, parallel_backend, simd_backend, supported_backen
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adam8bit import Adam8bit, AdamW8bit
 from .adamax import Adamax
 from .asgd import ASGD
 from .averaging import GradientAverager, ParamAverager
@@ -53,6 +54,8 @@ __all__ = [
     "AdamWScheduleFree",
     "SGDScheduleFree",
     # oxoptim's own.
+    "Adam8bit",
+    "AdamW8bit",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

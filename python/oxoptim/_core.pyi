@@ -11,12 +11,15 @@ __all__ = [
     "any_nonfinite",
     "calls_in_flight",
     "copy_scaled",
+    "dequantize_blockwise",
     "direction_sq_norm",
     "group_step",
     "layout",
     "lerp_average",
     "optimizers",
     "parallel_backend",
+    "quantization_map",
+    "quantize_blockwise",
     "scale_",
     "simd_backend",
     "step",
@@ -35,7 +38,7 @@ class TensorCache:
     def finish_step(self) -> None: ...
 
 # Optimizer steps generated from the Rust table (rust/python/src/generic.rs).
-def optimizers() -> dict[str, dict[str, tuple[str, ...]]]: ...
+def optimizers() -> dict[str, dict[str, Any]]: ...
 def layout(kind: str, hyper: dict[str, Any]) -> tuple[list[str], list[str]]: ...
 def step(
     kind: str,
@@ -129,4 +132,23 @@ def scale_(
     scale: float,
     num_threads: int = 1,
     backend: Optional[str] = None,
+) -> bool: ...
+
+# Block-wise 8-bit quantisation (rust/python/src/lowbit.rs).
+def quantization_map(signed: bool) -> list[float]: ...
+def quantize_blockwise(
+    values: list[torch.Tensor],
+    codes: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    *,
+    signed: bool,
+    num_threads: int = 1,
+) -> bool: ...
+def dequantize_blockwise(
+    codes: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    out: list[torch.Tensor],
+    *,
+    signed: bool,
+    num_threads: int = 1,
 ) -> bool: ...

@@ -17,7 +17,10 @@ else where torch would fail on the next step:
 * a ``step`` tensor that is not one real number, a state tensor whose shape
   is not the parameter's: ``ValueError`` (torch loads these and fails on the
   next step: deliberately stricter);
-* a state tensor entry that is not a tensor: ``TypeError`` (likewise).
+* a state tensor entry that is not a tensor: ``TypeError`` (likewise);
+* an entry of 8-bit block-wise state (``exp_avg_absmax``...: an
+  ``oxoptim.AdamW8bit`` state dict, whose uint8 codes torch has just cast to
+  numbers): ``ValueError`` naming ``AdamW8bit.dequantize_state_dict``.
 """
 
 from __future__ import annotations
@@ -91,6 +94,13 @@ class CheckedStateDict:
                     raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
                 if not entry:
                     continue
+                scale = next((name for name in entry if isinstance(name, str) and name.endswith("_absmax")), None)
+                if scale is not None and scale not in self.PARAM_SHAPED:
+                    # torch has already cast the uint8 codes to numbers: refuse, do not train on them.
+                    raise ValueError(
+                        f"{where} is 8-bit block-wise state (it has {scale!r}); "
+                        "load oxoptim.AdamW8bit.dequantize_state_dict(state_dict) instead"
+                    )
                 for name in required:
                     if name not in entry:
                         raise KeyError(f"{where} has no {name!r} entry")

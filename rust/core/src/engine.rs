@@ -5,9 +5,12 @@
 //! Kernels are element-wise, so results do not depend on the split or the
 //! thread count. Half-precision tensors are widened to f32 in small blocks,
 //! updated with the f32 kernel, and rounded back (round-to-nearest-even).
+//! Block-wise kernels ([`Blockwise`], e.g. 8-bit state with one scale per
+//! block) get work split at whole blocks only, so they too give the same
+//! bits whatever the split.
 
 use crate::dispatch::{Backend, Element};
-use crate::tensors::{DType, TensorBatch, MAX_ARITY};
+use crate::tensors::{Column, DType, TensorBatch, MAX_ARITY};
 use half::{bf16, f16};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -31,6 +34,17 @@ pub trait Elementwise: Sync {
         let _ = k;
         true
     }
+}
+
+/// An update whose arrays need not all be shaped like the parameter (see
+/// [`crate::tensors::ArraySpec`]) and which works on whole blocks of
+/// [`Blockwise::BLOCK`] parameter elements, each independent of the others.
+pub trait Blockwise: Sync {
+    /// Parameter elements per block; work is split at multiples of it.
+    const BLOCK: usize;
+    /// Updates the arrays of slot `slot` for a whole number of blocks (the
+    /// last one possibly short), each array as a slice of its own dtype.
+    fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
 }
 
 /// How a call runs: which instruction set and how many threads.
@@ -102,7 +116,7 @@ pub(crate) fn for_each_item<T: Sync>(
 
 /// Runs `kernel` over every slot of `batch`.
 pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
-    let items = work_items(batch);
+    let items = work_items(batch, CHUNK);
     for_each_item(
         &items,
         exec.threads,
@@ -114,14 +128,35 @@ pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
     );
 }
 
-/// Splits every slot into chunks of at most [`CHUNK`] elements.
-fn work_items(batch: &TensorBatch) -> Vec<(usize, usize, usize)> {
+/// Runs a block-wise `kernel` over every slot of `batch`, split at whole blocks.
+pub fn run_blockwise<K: Blockwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
+    let chunk = (CHUNK / K::BLOCK).max(1) * K::BLOCK;
+    let items = work_items(batch, chunk);
+    for_each_item(
+        &items,
+        exec.threads,
+        batch.total_len(),
+        |&(slot, start, end)| {
+            // SAFETY: work items never overlap, and each starts on a block
+            // boundary (a multiple of `chunk`) and ends on one or at the end.
+            unsafe {
+                batch.with_columns(slot, start..end, |columns| {
+                    kernel.apply(exec.backend, slot, columns)
+                })
+            }
+        },
+    );
+}
+
+/// Splits every slot into chunks of at most `chunk` elements, each starting
+/// at a multiple of `chunk`.
+fn work_items(batch: &TensorBatch, chunk: usize) -> Vec<(usize, usize, usize)> {
     let mut items = Vec::with_capacity(batch.slots());
     for slot in 0..batch.slots() {
         let len = batch.slot(slot).len;
         let mut start = 0;
         while start < len {
-            let end = (start + CHUNK).min(len);
+            let end = (start + chunk).min(len);
             items.push((slot, start, end));
             start = end;
         }
@@ -153,6 +188,7 @@ unsafe fn apply_range<K: Elementwise>(
             DType::F16 => {
                 batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, backend, slot, a))
             }
+            DType::U8 => unreachable!("TensorBatch refuses parameters that are not floats"),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod inflight;
 pub mod kernels;
 pub mod optimizer;
+pub mod quant;
 pub mod reduce;
 pub mod simd;
 pub mod tensors;
@@ -27,4 +28,6 @@ pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
 pub use kernels::OPTIMIZERS;
 pub use optimizer::{Configured, Entry, Hyper, HyperKind, HyperValue, Optimizer};
 pub use reduce::{any_nonfinite, norm, reduce, Reduction};
-pub use tensors::{DType, DisjointMemo, RawTensor, ScalarState, TensorBatch};
+pub use tensors::{
+    ArraySpec, Column, DType, DisjointMemo, Extent, RawTensor, ScalarState, TensorBatch,
+};

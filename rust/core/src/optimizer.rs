@@ -7,7 +7,7 @@
 
 use crate::engine::Exec;
 use crate::error::{Error, Result};
-use crate::tensors::{ScalarState, TensorBatch};
+use crate::tensors::{ArraySpec, ScalarState, TensorBatch};
 
 /// A hyper-parameter value as the caller hands it over.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,10 +129,14 @@ impl Hyper {
 /// An optimizer with torch's per-parameter update, as one group's settings.
 ///
 /// A step sees, per parameter, the arrays `[param, grad, state_keys()...]`
-/// (equal length and dtype) and the 0-d cells [`Optimizer::SCALARS`].
+/// (shaped like the parameter unless [`Optimizer::array_specs`] says
+/// otherwise) and the 0-d cells [`Optimizer::SCALARS`].
 pub trait Optimizer: Sized + Send + Sync + 'static {
     /// The name callers use (`kind`), lower case.
     const NAME: &'static str;
+    /// Whether a `torch.optim` class computes the same update (oxoptim's
+    /// Python class of it is then a subclass of torch's).
+    const TORCH_TWIN: bool = true;
     /// Every hyper-parameter [`Optimizer::from_hyper`] reads, with its kind:
     /// the caller passes exactly these keys of a torch parameter group.
     const HYPER: &'static [(&'static str, HyperKind)];
@@ -149,6 +153,12 @@ pub trait Optimizer: Sized + Send + Sync + 'static {
     /// the step takes them after `[param, grad]`.
     fn state_keys(&self) -> Vec<&'static str>;
 
+    /// What each array of a slot holds, `[param, grad, state_keys()...]`:
+    /// by default every one is shaped like the parameter.
+    fn array_specs(&self) -> Vec<ArraySpec> {
+        vec![ArraySpec::LIKE_PARAM; 2 + self.state_keys().len()]
+    }
+
     /// One step over a checked batch whose arity and scalars match this
     /// optimizer's layout (see [`Entry::step`]): updates the scalar state as
     /// torch does and runs the element-wise kernel.
@@ -157,8 +167,10 @@ pub trait Optimizer: Sized + Send + Sync + 'static {
 
 /// A configured optimizer with its concrete type erased.
 pub trait Configured: Send + Sync {
-    /// The parameter-shaped state entries, in step order.
+    /// The state arrays, in step order.
     fn state_keys(&self) -> Vec<&'static str>;
+    /// See [`Optimizer::array_specs`].
+    fn array_specs(&self) -> Vec<ArraySpec>;
     /// See [`Entry::step`].
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()>;
 }
@@ -166,6 +178,9 @@ pub trait Configured: Send + Sync {
 impl<O: Optimizer> Configured for O {
     fn state_keys(&self) -> Vec<&'static str> {
         Optimizer::state_keys(self)
+    }
+    fn array_specs(&self) -> Vec<ArraySpec> {
+        Optimizer::array_specs(self)
     }
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
         Optimizer::step(self, batch, scalars, exec)
@@ -177,6 +192,7 @@ impl<O: Optimizer> Configured for O {
 #[derive(Clone, Copy)]
 pub struct Entry {
     pub name: &'static str,
+    pub torch_twin: bool,
     pub hyper: &'static [(&'static str, HyperKind)],
     pub state: &'static [&'static str],
     pub scalars: &'static [&'static str],
@@ -197,6 +213,7 @@ fn configure<O: Optimizer>(hyper: &mut Hyper) -> Result<Box<dyn Configured>> {
 pub const fn entry<O: Optimizer>() -> Entry {
     Entry {
         name: O::NAME,
+        torch_twin: O::TORCH_TWIN,
         hyper: O::HYPER,
         state: O::STATE,
         scalars: O::SCALARS,
@@ -223,12 +240,20 @@ impl Entry {
         scalars: &mut ScalarState,
         exec: Exec,
     ) -> Result<()> {
-        let arity = 2 + configured.state_keys().len();
+        let specs = configured.array_specs();
+        let arity = specs.len();
         if batch.arity() != arity {
             return Err(Error::Mismatch(format!(
                 "{} expects {arity} arrays per tensor, got {}",
                 self.name,
                 batch.arity()
+            )));
+        }
+        if batch.specs() != specs.as_slice() {
+            return Err(Error::Mismatch(format!(
+                "{} expects arrays {specs:?}, got {:?}",
+                self.name,
+                batch.specs()
             )));
         }
         if scalars.per_slot() != self.scalars.len() || scalars.slots() != batch.slots() {

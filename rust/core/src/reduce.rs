@@ -174,6 +174,7 @@ unsafe fn reduce_range(
             DType::F16 => batch.with_read_slices::<f16, _>(slot, range, |a| {
                 widened(reduction, backend, a, |h: f16| h.to_f32())
             }),
+            DType::U8 => unreachable!("TensorBatch refuses parameters that are not floats"),
         }
     }
 }

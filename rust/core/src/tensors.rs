@@ -11,6 +11,8 @@ pub enum DType {
     F64,
     BF16,
     F16,
+    /// Bytes: codes of quantised state (never a parameter).
+    U8,
 }
 
 impl DType {
@@ -19,7 +21,13 @@ impl DType {
             DType::F32 => 4,
             DType::F64 => 8,
             DType::BF16 | DType::F16 => 2,
+            DType::U8 => 1,
         }
+    }
+
+    /// Whether parameters (and the kernels' arithmetic) may have this type.
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::U8)
     }
 
     pub fn name(self) -> &'static str {
@@ -28,8 +36,90 @@ impl DType {
             DType::F64 => "float64",
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
+            DType::U8 => "uint8",
         }
     }
+}
+
+/// How many elements an array of a slot has, relative to the slot's
+/// parameter (array 0) of `n` elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `n`: one element per parameter element.
+    Param,
+    /// `ceil(n / b)`: one element per block of `b` parameter elements (a
+    /// block-wise scale such as 8-bit state's absmax).
+    PerBlock(usize),
+}
+
+impl Extent {
+    /// Elements of an array of this extent for a parameter of `n` elements.
+    pub fn len_for(self, n: usize) -> usize {
+        match self {
+            Extent::Param => n,
+            Extent::PerBlock(b) => n.div_ceil(b),
+        }
+    }
+
+    /// The elements of such an array that belong to parameter elements `range`
+    /// (whose start must be a block boundary, and whose end one too or `n`).
+    fn sub_range(self, range: &std::ops::Range<usize>, n: usize) -> std::ops::Range<usize> {
+        match self {
+            Extent::Param => range.clone(),
+            Extent::PerBlock(b) => {
+                assert!(
+                    range.start.is_multiple_of(b)
+                        && (range.end.is_multiple_of(b) || range.end == n),
+                    "a block-wise array is split at a block boundary only"
+                );
+                range.start / b..range.end.div_ceil(b)
+            }
+        }
+    }
+}
+
+/// What one array of a slot holds: its element type (`None`: the
+/// parameter's) and its length. Optimizers whose state is shaped like the
+/// parameter use [`ArraySpec::LIKE_PARAM`] throughout; quantised or factored
+/// state declares other types and extents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArraySpec {
+    pub dtype: Option<DType>,
+    pub extent: Extent,
+}
+
+impl ArraySpec {
+    pub const LIKE_PARAM: ArraySpec = ArraySpec {
+        dtype: None,
+        extent: Extent::Param,
+    };
+
+    pub const fn new(dtype: DType, extent: Extent) -> ArraySpec {
+        ArraySpec {
+            dtype: Some(dtype),
+            extent,
+        }
+    }
+
+    /// The dtype this array must have next to a parameter of `param` dtype.
+    pub fn dtype_for(self, param: DType) -> DType {
+        self.dtype.unwrap_or(param)
+    }
+
+    /// Whether `raw` fits this spec next to the parameter `param`.
+    pub fn admits(self, raw: RawTensor, param: RawTensor) -> bool {
+        raw.dtype == self.dtype_for(param.dtype) && raw.len == self.extent.len_for(param.len)
+    }
+}
+
+/// One array of a slot as a typed mutable slice (see [`TensorBatch::with_columns`]).
+#[derive(Debug)]
+pub enum Column<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+    BF16(&'a mut [half::bf16]),
+    F16(&'a mut [half::f16]),
+    U8(&'a mut [u8]),
 }
 
 /// One contiguous tensor's memory: address, element count and element type.
@@ -54,6 +144,9 @@ impl RawTensor {
 pub struct TensorBatch {
     arrays: Vec<RawTensor>,
     arity: usize,
+    /// What each array of a slot holds (all [`ArraySpec::LIKE_PARAM`] unless
+    /// built by [`TensorBatch::with_specs`]).
+    specs: Vec<ArraySpec>,
     /// Arrays may overlap, so only shared slices are ever handed out.
     read_only: bool,
 }
@@ -89,13 +182,42 @@ impl TensorBatch {
         arity: usize,
         memo: &mut DisjointMemo,
     ) -> Result<TensorBatch> {
-        check_slots(&arrays, arity)?;
+        // SAFETY: forwarded.
+        unsafe { Self::with_specs(arrays, &vec![ArraySpec::LIKE_PARAM; arity], memo) }
+    }
+
+    /// [`TensorBatch::new_memo`] for slots whose arrays are not all shaped
+    /// like the parameter: array `k` of every slot must match `specs[k]`
+    /// (its dtype, else [`Error::Unsupported`]; its length, else
+    /// [`Error::Mismatch`]). `specs[0]` is the parameter itself, whose dtype
+    /// must be a float.
+    ///
+    /// # Safety
+    /// As for [`TensorBatch::new`].
+    pub unsafe fn with_specs(
+        arrays: Vec<RawTensor>,
+        specs: &[ArraySpec],
+        memo: &mut DisjointMemo,
+    ) -> Result<TensorBatch> {
+        let arity = specs.len();
+        if specs.first() != Some(&ArraySpec::LIKE_PARAM) {
+            return Err(Error::Mismatch(
+                "array 0 of a slot is the parameter itself".to_string(),
+            ));
+        }
+        check_slots(&arrays, specs)?;
         memo.check(&arrays, arity)?;
         Ok(TensorBatch {
             arrays,
             arity,
+            specs: specs.to_vec(),
             read_only: false,
         })
+    }
+
+    /// What each array of a slot holds.
+    pub fn specs(&self) -> &[ArraySpec] {
+        &self.specs
     }
 
     /// A batch that is only read (reductions): checked as [`TensorBatch::new`]
@@ -106,10 +228,12 @@ impl TensorBatch {
     /// As for [`TensorBatch::new`], with "valid for reads" only, and no one
     /// else writing the memory until the batch is dropped.
     pub unsafe fn new_read_only(arrays: Vec<RawTensor>, arity: usize) -> Result<TensorBatch> {
-        check_slots(&arrays, arity)?;
+        let specs = vec![ArraySpec::LIKE_PARAM; arity];
+        check_slots(&arrays, &specs)?;
         Ok(TensorBatch {
             arrays,
             arity,
+            specs,
             read_only: true,
         })
     }
@@ -161,6 +285,10 @@ impl TensorBatch {
             !self.read_only,
             "a read-only batch hands out shared slices only"
         );
+        assert!(
+            self.specs.iter().all(|s| *s == ArraySpec::LIKE_PARAM),
+            "arrays of other shapes or dtypes are handed out as columns"
+        );
         let row = self.row(slot, &range, std::mem::size_of::<T>());
         let mut slices: [&mut [T]; MAX_ARITY] = Default::default();
         for (dst, a) in slices.iter_mut().zip(row) {
@@ -204,6 +332,62 @@ impl TensorBatch {
         f(&slices[..self.arity])
     }
 
+    /// Hands `f` the arrays of `slot` as typed mutable slices of their own
+    /// dtypes, covering parameter elements `range`: an array of extent
+    /// [`Extent::PerBlock`] gives the elements of the blocks `range` covers,
+    /// so `range` must start on a block boundary and end on one or at the
+    /// parameter's end.
+    ///
+    /// # Safety
+    /// No other live call may cover an overlapping `(slot, range)`.
+    pub(crate) unsafe fn with_columns<R>(
+        &self,
+        slot: usize,
+        range: std::ops::Range<usize>,
+        f: impl FnOnce(&mut [Column<'_>]) -> R,
+    ) -> R {
+        assert!(
+            !self.read_only,
+            "a read-only batch hands out shared slices only"
+        );
+        let row = &self.arrays[slot * self.arity..(slot + 1) * self.arity];
+        let n = row[0].len;
+        assert!(range.start <= range.end && range.end <= n);
+        let mut columns: Vec<Column<'_>> = Vec::with_capacity(self.arity);
+        for (a, spec) in row.iter().zip(&self.specs) {
+            let sub = spec.extent.sub_range(&range, n);
+            let len = sub.len();
+            let addr = if len == 0 {
+                std::ptr::NonNull::<f64>::dangling().as_ptr() as usize
+            } else {
+                a.addr + sub.start * a.dtype.size()
+            };
+            // SAFETY: the constructor checked each array against its spec
+            // (length, dtype, alignment, non-null) and that arrays never
+            // overlap; `sub` lies within the array; the caller keeps ranges
+            // handed out disjoint, so these `&mut` never alias. An empty
+            // slice gets a dangling address aligned for every dtype.
+            unsafe {
+                columns.push(match a.dtype {
+                    DType::F32 => {
+                        Column::F32(std::slice::from_raw_parts_mut(addr as *mut f32, len))
+                    }
+                    DType::F64 => {
+                        Column::F64(std::slice::from_raw_parts_mut(addr as *mut f64, len))
+                    }
+                    DType::BF16 => {
+                        Column::BF16(std::slice::from_raw_parts_mut(addr as *mut half::bf16, len))
+                    }
+                    DType::F16 => {
+                        Column::F16(std::slice::from_raw_parts_mut(addr as *mut half::f16, len))
+                    }
+                    DType::U8 => Column::U8(std::slice::from_raw_parts_mut(addr as *mut u8, len)),
+                });
+            }
+        }
+        f(&mut columns)
+    }
+
     /// The arrays of `slot`, after checking `range` and the element size.
     fn row(&self, slot: usize, range: &std::ops::Range<usize>, size: usize) -> &[RawTensor] {
         let row = &self.arrays[slot * self.arity..(slot + 1) * self.arity];
@@ -216,7 +400,8 @@ impl TensorBatch {
 
 /// The per-array checks of [`TensorBatch::new`]: whole slots, one length and
 /// dtype per slot, non-null aligned addresses whose ends do not wrap.
-fn check_slots(arrays: &[RawTensor], arity: usize) -> Result<()> {
+fn check_slots(arrays: &[RawTensor], specs: &[ArraySpec]) -> Result<()> {
+    let arity = specs.len();
     if arity == 0 || !arrays.len().is_multiple_of(arity) {
         return Err(Error::Mismatch(format!(
             "{} arrays do not form whole slots of {arity}",
@@ -229,21 +414,30 @@ fn check_slots(arrays: &[RawTensor], arity: usize) -> Result<()> {
     let mut mixed = None;
     for (slot, row) in arrays.chunks(arity).enumerate() {
         let first = row[0];
-        for (k, a) in row.iter().enumerate() {
-            if a.len != first.len {
+        if !first.dtype.is_float() && mixed.is_none() {
+            mixed = Some(format!(
+                "tensor {slot}: a parameter of {} has no kernel",
+                first.dtype.name()
+            ));
+        }
+        for (k, (a, spec)) in row.iter().zip(specs).enumerate() {
+            let want = spec.extent.len_for(first.len);
+            if a.len != want {
                 return Err(Error::Mismatch(format!(
-                    "tensor {slot}: array {k} has {} elements of {} but the parameter has {} of {}",
+                    "tensor {slot}: array {k} has {} elements of {} but the parameter's {} of {} call for {want}",
                     a.len,
                     a.dtype.name(),
                     first.len,
                     first.dtype.name()
                 )));
             }
-            if a.dtype != first.dtype && mixed.is_none() {
+            let dtype = spec.dtype_for(first.dtype);
+            if a.dtype != dtype && mixed.is_none() {
                 mixed = Some(format!(
-                    "tensor {slot}: array {k} is {} but the parameter is {}",
+                    "tensor {slot}: array {k} is {} but should be {dtype} next to a {} parameter",
                     a.dtype.name(),
-                    first.dtype.name()
+                    first.dtype.name(),
+                    dtype = dtype.name()
                 ));
             }
             if a.len == 0 {

@@ -21,8 +21,8 @@ use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::optimizer::find;
 use oxoptim_core::{inflight, Footprint};
 use oxoptim_core::{
-    Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, RawTensor, ScalarState,
-    TensorBatch, OPTIMIZERS,
+    ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, RawTensor,
+    ScalarState, TensorBatch, OPTIMIZERS,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
@@ -82,6 +82,8 @@ fn configure(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Box<dyn Confi
 /// their memory alive.
 struct Gathered<'py> {
     types: &'static TorchTypes,
+    /// What each of `[param, grad, state...]` holds.
+    specs: Vec<ArraySpec>,
     /// `[param, grad, state...]`, one vector per role.
     columns: Vec<Vec<RawTensor>>,
     /// The scalar state cells, slot-major.
@@ -92,9 +94,11 @@ struct Gathered<'py> {
 }
 
 impl<'py> Gathered<'py> {
-    fn new(py: Python<'py>, arity: usize, capacity: usize) -> PyResult<Self> {
+    fn new(py: Python<'py>, specs: Vec<ArraySpec>, capacity: usize) -> PyResult<Self> {
+        let arity = specs.len();
         Ok(Gathered {
             types: torch_types(py)?,
+            specs,
             columns: vec![Vec::with_capacity(capacity); arity],
             cells: Vec::new(),
             keep: KeepAlive::with_capacity(capacity * (arity + 1)),
@@ -137,9 +141,10 @@ impl<'py> Gathered<'py> {
         let mut row = Vec::with_capacity(2 + state.len());
         row.push(p);
         row.push(g);
-        for t in state {
+        for (k, t) in state.iter().enumerate() {
+            let spec = self.specs[2 + k];
             match self.describe(t, cache.as_deref_mut(), false)? {
-                Some(raw) if raw.dtype == p.dtype && raw.len == p.len => row.push(raw),
+                Some(raw) if spec.admits(raw, p) => row.push(raw),
                 _ => return Ok(false),
             }
         }
@@ -174,8 +179,9 @@ impl<'py> Gathered<'py> {
         // tensor of a supported dtype (`describe`, `describe_grad`), and each
         // tensor and its storage is held in `self.keep` (or by the cache,
         // borrowed for the whole call) until this function returns.
-        let Some(batch) =
-            or_fallback(unsafe { TensorBatch::new_memo(slots(&self.columns), arity, memos.0) })?
+        let Some(batch) = or_fallback(unsafe {
+            TensorBatch::with_specs(slots(&self.columns), &self.specs, memos.0)
+        })?
         else {
             return Ok(false);
         };
@@ -258,7 +264,7 @@ fn step<'py>(
         }
     }
     let exec = exec(num_threads, backend)?;
-    let mut gathered = Gathered::new(py, 2 + state_keys.len(), n)?;
+    let mut gathered = Gathered::new(py, configured.array_specs(), n)?;
     for (i, param) in params.iter().enumerate() {
         let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
         let cells: Vec<_> = scalar_lists.iter().map(|l| l[i].clone()).collect();
@@ -309,7 +315,7 @@ fn group_step<'py>(
         .map(|k| PyString::intern(py, k))
         .collect();
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
-    let mut gathered = Gathered::new(py, 2 + state_keys.len(), params.len())?;
+    let mut gathered = Gathered::new(py, configured.array_specs(), params.len())?;
     let empty = PyDict::new(py);
     for p in params.iter() {
         let grad = p.getattr(intern!(py, "grad"))?;
@@ -368,8 +374,8 @@ fn layout(
 }
 
 /// The table: for each optimizer name, its hyper-parameter keys (`hyper`),
-/// every parameter-shaped state entry any setting uses (`state`) and its 0-d
-/// state entries (`scalars`).
+/// every state array any setting uses (`state`), its 0-d state entries
+/// (`scalars`), and whether a torch.optim class is its twin (`torch_twin`).
 #[pyfunction]
 fn optimizers(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let table = PyDict::new(py);
@@ -379,6 +385,7 @@ fn optimizers(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         row.set_item("hyper", PyTuple::new(py, hyper)?)?;
         row.set_item("state", PyTuple::new(py, e.state)?)?;
         row.set_item("scalars", PyTuple::new(py, e.scalars)?)?;
+        row.set_item("torch_twin", e.torch_twin)?;
         table.set_item(e.name, row)?;
     }
     Ok(table)

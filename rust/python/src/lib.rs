@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 mod extras;
 mod generic;
+mod lowbit;
 mod openmp;
 mod tensors;
 
@@ -135,5 +136,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tensors::TensorCache>()?;
     generic::register(m)?;
     extras::register(m)?;
+    lowbit::register(m)?;
     Ok(())
 }

@@ -49,7 +49,7 @@ pub(crate) struct TorchTypes {
     numel: Py<PyAny>,
     is_contiguous: Py<PyAny>,
     untyped_storage: Py<PyAny>,
-    dtypes: [(Py<PyAny>, DType); 4],
+    dtypes: [(Py<PyAny>, DType); 5],
 }
 
 pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
@@ -72,6 +72,7 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
                 (get("float64")?, DType::F64),
                 (get("bfloat16")?, DType::BF16),
                 (get("float16")?, DType::F16),
+                (get("uint8")?, DType::U8),
             ],
         })
     })

@@ -125,13 +125,13 @@ fn run(config: &AdamConfig, batch: &TensorBatch, steps: &[f64], exec: Exec) {
 
 /// Step-dependent scalars, computed in f64 as torch computes them in Python.
 #[derive(Clone, Copy, Debug)]
-struct BiasCorrection {
+pub(crate) struct BiasCorrection {
     step_size: f64,
     bias_correction2_sqrt: f64,
 }
 
 impl BiasCorrection {
-    fn new(c: &AdamConfig, step: f64) -> BiasCorrection {
+    pub(crate) fn new(c: &AdamConfig, step: f64) -> BiasCorrection {
         let bias_correction1 = 1.0 - c.beta1.powf(step);
         let bias_correction2 = 1.0 - c.beta2.powf(step);
         BiasCorrection {
@@ -150,36 +150,19 @@ impl Elementwise for AdamKernel<'_> {
     fn apply<T: Element>(&self, backend: Backend, slot: usize, arrays: &mut [&mut [T]]) {
         let c = self.config;
         let n = common_len(arrays, c.arity());
-        let bc = self.per_slot[slot];
-        // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
-        let lerp_weight = T::from_f64(1.0 - c.beta1);
-        let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
-        let mut block = AdamBlock {
-            lerp_coeff: if lerp_small {
-                lerp_weight
-            } else {
-                lerp_weight - T::ONE
-            },
-            lerp_from_start: lerp_small,
-            beta2: T::from_f64(c.beta2),
-            one_minus_beta2: T::from_f64(1.0 - c.beta2),
-            eps: T::from_f64(c.eps),
-            step_size_neg: T::from_f64(-bc.step_size),
-            bias_correction2_sqrt: T::from_f64(bc.bias_correction2_sqrt),
-            weight_decay: T::from_f64(c.weight_decay),
-            param_decay: T::from_f64(1.0 - c.lr * c.weight_decay),
-            coupled_decay: c.weight_decay != 0.0 && !c.decoupled_weight_decay,
-            decoupled_decay: c.weight_decay != 0.0 && c.decoupled_weight_decay,
-            amsgrad: c.amsgrad,
-            maximize: c.maximize,
-            param: arrays[0].as_mut_ptr(),
-            grad: arrays[1].as_ptr(),
-            exp_avg: arrays[2].as_mut_ptr(),
-            exp_avg_sq: arrays[3].as_mut_ptr(),
-            max_exp_avg_sq: arrays
-                .get_mut(4)
-                .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()),
-        };
+        let max_exp_avg_sq = arrays
+            .get_mut(4)
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+        let mut block = AdamBlock::new(
+            c,
+            self.per_slot[slot],
+            (arrays[0].as_mut_ptr(), arrays[1].as_ptr()),
+            [
+                arrays[2].as_mut_ptr(),
+                arrays[3].as_mut_ptr(),
+                max_exp_avg_sq,
+            ],
+        );
         // SAFETY: every array holds `n` elements (checked by `common_len`).
         unsafe { run_block(backend, n, &mut block) }
     }
@@ -189,7 +172,9 @@ impl Elementwise for AdamKernel<'_> {
     }
 }
 
-struct AdamBlock<T> {
+/// Adam's per-element update over raw arrays, shared with the block-wise
+/// 8-bit kernel (which runs it on dequantised copies of its state).
+pub(crate) struct AdamBlock<T> {
     lerp_coeff: T,
     lerp_from_start: bool,
     beta2: T,
@@ -208,6 +193,46 @@ struct AdamBlock<T> {
     exp_avg: *mut T,
     exp_avg_sq: *mut T,
     max_exp_avg_sq: *mut T,
+}
+
+impl<T: Element> AdamBlock<T> {
+    /// The update of `(param, grad)` and `[exp_avg, exp_avg_sq,
+    /// max_exp_avg_sq]` (the last null unless AMSGrad), each pointing at as
+    /// many elements as the block is run over.
+    pub(crate) fn new(
+        c: &AdamConfig,
+        bc: BiasCorrection,
+        (param, grad): (*mut T, *const T),
+        [exp_avg, exp_avg_sq, max_exp_avg_sq]: [*mut T; 3],
+    ) -> AdamBlock<T> {
+        // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
+        let lerp_weight = T::from_f64(1.0 - c.beta1);
+        let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
+        AdamBlock {
+            lerp_coeff: if lerp_small {
+                lerp_weight
+            } else {
+                lerp_weight - T::ONE
+            },
+            lerp_from_start: lerp_small,
+            beta2: T::from_f64(c.beta2),
+            one_minus_beta2: T::from_f64(1.0 - c.beta2),
+            eps: T::from_f64(c.eps),
+            step_size_neg: T::from_f64(-bc.step_size),
+            bias_correction2_sqrt: T::from_f64(bc.bias_correction2_sqrt),
+            weight_decay: T::from_f64(c.weight_decay),
+            param_decay: T::from_f64(1.0 - c.lr * c.weight_decay),
+            coupled_decay: c.weight_decay != 0.0 && !c.decoupled_weight_decay,
+            decoupled_decay: c.weight_decay != 0.0 && c.decoupled_weight_decay,
+            amsgrad: c.amsgrad,
+            maximize: c.maximize,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+        }
+    }
 }
 
 impl<T: Element> LaneBlock<T> for AdamBlock<T> {

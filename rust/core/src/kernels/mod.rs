@@ -4,6 +4,7 @@
 pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
+pub mod adam8bit;
 pub mod adamax;
 pub mod asgd;
 pub mod averaging;
@@ -20,7 +21,9 @@ use crate::dispatch::Element;
 use crate::optimizer::{entry, Entry};
 use crate::simd::Lanes;
 
-/// Every torch twin, by name: adding an optimizer is its kernel file plus a row here.
+/// Every optimizer, by name: adding one is its kernel file plus a row here.
+/// All are twins (of a torch.optim class or of a reference package on PyPI) except those whose
+/// `torch_twin` is false (8-bit state, which has no twin to match bit for bit).
 pub const OPTIMIZERS: &[Entry] = &[
     entry::<sgd::SgdConfig>(),
     entry::<adam::AdamConfig>(),
@@ -35,6 +38,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<lion::LionConfig>(),
     entry::<schedule_free::AdamwScheduleFreeConfig>(),
     entry::<schedule_free::SgdScheduleFreeConfig>(),
+    entry::<adam8bit::Adam8bitConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.

@@ -169,7 +169,49 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
     fn reduce_sum(self, v: Self::V) -> T;
     /// True when any lane is NaN or infinite.
     fn any_nonfinite(self, v: Self::V) -> bool;
+
+    /// Dequantises `WIDTH` 8-bit codes: `book.values[code] * scale` per lane
+    /// (one rounding, as [`crate::quant::Codebook::dequantize`]).
+    ///
+    /// # Safety
+    /// `codes` must be valid for reading `WIDTH` bytes.
+    #[inline(always)]
+    unsafe fn dequantize(
+        self,
+        codes: *const u8,
+        book: &crate::quant::Codebook,
+        scale: T,
+    ) -> Self::V {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        for (i, lane) in lanes[..Self::WIDTH].iter_mut().enumerate() {
+            // SAFETY: i < WIDTH, within the caller's guarantee.
+            let code = unsafe { *codes.add(i) };
+            *lane = T::from_f64(book.values[code as usize] as f64) * scale;
+        }
+        // SAFETY: `lanes` holds at least WIDTH elements.
+        unsafe { self.load(lanes.as_ptr()) }
+    }
+
+    /// Writes the 8-bit codes of the `WIDTH` normalised values of `x`, lane
+    /// by lane what [`crate::quant::Codebook::quantize`] gives.
+    ///
+    /// # Safety
+    /// `out` must be valid for writing `WIDTH` bytes.
+    #[inline(always)]
+    unsafe fn quantize(self, x: Self::V, book: &crate::quant::Codebook, out: *mut u8) {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        // SAFETY: `lanes` holds at least WIDTH elements; i < WIDTH for `out`.
+        unsafe {
+            self.store(lanes.as_mut_ptr(), x);
+            for (i, lane) in lanes[..Self::WIDTH].iter().enumerate() {
+                *out.add(i) = book.quantize(lane.to_f64() as f32);
+            }
+        }
+    }
 }
+
+/// The most lanes any [`Lanes`] has (AVX-512 f32).
+pub const MAX_WIDTH: usize = 16;
 
 /// A kernel's per-element work at offset `i`, written once for every [`Lanes`].
 pub trait LaneBlock<T: Real> {

@@ -5,6 +5,7 @@
 //! the intrinsics sound.
 
 use super::{Lanes, Real};
+use crate::quant::{Codebook, BUCKETS, HAS_MIDPOINT, KEY_BASE, KEY_SHIFT};
 use std::arch::x86_64::*;
 
 cpu_path!(
@@ -35,10 +36,12 @@ macro_rules! impl_lanes {
      sign=|$sv:ident| $sign_body:expr,
      lt_select=|$la:ident, $lb:ident, $lthen:ident, $lelse:ident| $lt_body:expr,
      reduce=|$rv:ident| $reduce_body:expr,
-     nonfinite=|$nv:ident| $nonfinite_body:expr) => {
+     nonfinite=|$nv:ident| $nonfinite_body:expr
+     $(, codes = { $($codes:item)* })?) => {
         impl Lanes<$t> for $token {
             type V = $v;
             const WIDTH: usize = $width;
+            $($($codes)*)?
 
             #[inline(always)]
             fn splat(self, x: $t) -> $v {
@@ -171,6 +174,58 @@ impl_lanes!(
     nonfinite = |v| {
         let d = _mm256_sub_ps(v, v);
         _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(d, d)) != 0
+    },
+    codes = {
+        #[inline(always)]
+        unsafe fn dequantize(self, codes: *const u8, book: &Codebook, scale: f32) -> __m256 {
+            // SAFETY: see the module note; `codes` holds 8 bytes (caller),
+            // every code indexes the 256 values.
+            unsafe {
+                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes as *const __m128i));
+                let v = _mm256_i32gather_ps::<4>(book.values.as_ptr(), idx);
+                _mm256_mul_ps(v, _mm256_set1_ps(scale))
+            }
+        }
+        #[inline(always)]
+        unsafe fn quantize(self, x: __m256, book: &Codebook, out: *mut u8) {
+            // SAFETY: see the module note; every bucket indexes the entries
+            // (clamped like the scalar path); `out` holds 8 bytes (caller).
+            unsafe {
+                let bits = _mm256_castps_si256(x);
+                let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fff_ffff));
+                let bucket = _mm256_sub_epi32(
+                    _mm256_srli_epi32::<{ KEY_SHIFT as i32 }>(magnitude),
+                    _mm256_set1_epi32(KEY_BASE as i32),
+                );
+                let bucket = _mm256_min_epi32(
+                    _mm256_max_epi32(bucket, _mm256_setzero_si256()),
+                    _mm256_set1_epi32(BUCKETS as i32 - 1),
+                );
+                let negative = _mm256_srai_epi32::<31>(bits);
+                let bucket = _mm256_add_epi32(
+                    bucket,
+                    _mm256_and_si256(negative, _mm256_set1_epi32(BUCKETS as i32)),
+                );
+                let entry = _mm256_i32gather_epi32::<4>(book.entries_ptr() as *const i32, bucket);
+                let low = _mm256_and_si256(magnitude, _mm256_set1_epi32((1 << KEY_SHIFT) - 1));
+                let split = _mm256_srli_epi32::<16>(entry);
+                let above = _mm256_blendv_epi8(
+                    _mm256_cmpgt_epi32(low, split),
+                    _mm256_cmpgt_epi32(split, low),
+                    negative,
+                );
+                let has = _mm256_set1_epi32(HAS_MIDPOINT as i32);
+                let up =
+                    _mm256_and_si256(above, _mm256_cmpeq_epi32(_mm256_and_si256(entry, has), has));
+                // code + 1 where `up` (-1 there).
+                let code = _mm256_sub_epi32(_mm256_and_si256(entry, _mm256_set1_epi32(0xff)), up);
+                let words = _mm_packus_epi32(
+                    _mm256_castsi256_si128(code),
+                    _mm256_extracti128_si256::<1>(code),
+                );
+                _mm_storel_epi64(out as *mut __m128i, _mm_packus_epi16(words, words));
+            }
+        }
     }
 );
 
@@ -251,6 +306,59 @@ impl_lanes!(
     nonfinite = |v| {
         let d = _mm512_sub_ps(v, v);
         _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
+    },
+    codes = {
+        #[inline(always)]
+        unsafe fn dequantize(self, codes: *const u8, book: &Codebook, scale: f32) -> __m512 {
+            // Sixteen scalar loads beat a gather here. SAFETY: see the AVX2 version.
+            unsafe {
+                let mut lanes = [0f32; 16];
+                for (i, lane) in lanes.iter_mut().enumerate() {
+                    *lane = *book.values.get_unchecked(*codes.add(i) as usize);
+                }
+                _mm512_mul_ps(_mm512_loadu_ps(lanes.as_ptr()), _mm512_set1_ps(scale))
+            }
+        }
+        #[inline(always)]
+        unsafe fn quantize(self, x: __m512, book: &Codebook, out: *mut u8) {
+            // SAFETY: see the AVX2 version; `out` holds 16 bytes (caller).
+            unsafe {
+                let bits = _mm512_castps_si512(x);
+                let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+                let bucket = _mm512_sub_epi32(
+                    _mm512_srli_epi32::<{ KEY_SHIFT }>(magnitude),
+                    _mm512_set1_epi32(KEY_BASE as i32),
+                );
+                let bucket = _mm512_min_epi32(
+                    _mm512_max_epi32(bucket, _mm512_setzero_si512()),
+                    _mm512_set1_epi32(BUCKETS as i32 - 1),
+                );
+                let negative = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+                let bucket = _mm512_mask_add_epi32(
+                    bucket,
+                    negative,
+                    bucket,
+                    _mm512_set1_epi32(BUCKETS as i32),
+                );
+                // Sixteen scalar loads beat a gather here.
+                let mut keys = [0u32; 16];
+                _mm512_storeu_si512(keys.as_mut_ptr() as *mut __m512i, bucket);
+                let mut entries = [0u32; 16];
+                for (e, &k) in entries.iter_mut().zip(&keys) {
+                    *e = *book.entries_ptr().add(k as usize);
+                }
+                let entry = _mm512_loadu_si512(entries.as_ptr() as *const __m512i);
+                let low = _mm512_and_si512(magnitude, _mm512_set1_epi32((1 << KEY_SHIFT) - 1));
+                let split = _mm512_srli_epi32::<16>(entry);
+                let above = (_mm512_cmpgt_epi32_mask(low, split) & !negative)
+                    | (_mm512_cmplt_epi32_mask(low, split) & negative);
+                let up =
+                    above & _mm512_test_epi32_mask(entry, _mm512_set1_epi32(HAS_MIDPOINT as i32));
+                let code = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
+                let code = _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+                _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(code));
+            }
+        }
     }
 );
 

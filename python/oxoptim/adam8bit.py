@@ -1,0 +1,294 @@
+"""Adam and AdamW with 8-bit block-wise state (bitsandbytes' ``Adam8bit`` and
+``AdamW8bit``) on the Rust SIMD kernels."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from . import _blockwise as bw
+from . import _core
+from ._native import evaluate_closure, num_threads
+
+__all__ = ["Adam8bit", "AdamW8bit"]
+
+# torch AdamW's group flags, written into a dequantised state dict.
+_TORCH_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}
+_EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+class Adam8bit(torch.optim.Optimizer):
+    """Adam with 8-bit block-wise optimizer state, as ``bitsandbytes.optim.Adam8bit``.
+
+    Same arguments as bitsandbytes (``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``amsgrad`` — only ``False`` — and ``min_8bit_size``;
+    the block size is 256). Parameters with at least ``min_8bit_size``
+    elements keep each moment as uint8 codes of bitsandbytes' dynamic map
+    (signed for ``exp_avg``, unsigned for ``exp_avg_sq``) plus one float32
+    absmax per block of 256: state entries ``exp_avg``, ``exp_avg_sq``
+    (uint8, shaped like the parameter), ``exp_avg_absmax``,
+    ``exp_avg_sq_absmax`` (float32, ``ceil(numel / 256)``) and ``step``
+    (bitsandbytes calls them ``state1``, ``state2``, ``absmax1``,
+    ``absmax2``). About 2.03 bytes of state per parameter instead of 8.
+    Smaller parameters keep fp32 state and get exactly ``oxoptim.Adam``'s
+    update.
+
+    Each step dequantises a block, applies ``oxoptim.Adam``'s fp32 update
+    to it and quantises it back (nearest code), one pass per block, split
+    across ``torch.get_num_threads()`` threads by whole blocks: results are
+    bit-identical whatever the thread count. 8-bit state needs dense
+    float32 CPU parameters.
+
+    Weight decay is torch's: ``Adam8bit`` adds ``weight_decay * param`` to
+    the gradient (as ``torch.optim.Adam``), ``AdamW8bit`` decays the
+    parameter. (bitsandbytes' ``Adam8bit`` decays the parameter in both.)
+
+    Switching in the middle of training: ``load_state_dict`` takes a
+    ``torch.optim.Adam``/``AdamW`` (or oxoptim) state dict and quantises its
+    moments; :meth:`dequantized_state_dict` (or
+    :meth:`dequantize_state_dict` on a saved dict) gives a state dict that
+    ``torch.optim.AdamW``/``oxoptim.AdamW`` load.
+    """
+
+    DECOUPLED: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _check_group(self, group: dict) -> None:
+        """torch Adam's checks and messages (NaN rejected too), then the 8-bit ones."""
+        lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+        name = type(self).__name__
+        if isinstance(lr, torch.Tensor) or isinstance(betas[0], torch.Tensor) or isinstance(betas[1], torch.Tensor):
+            raise ValueError(f"{name}: lr and betas must be numbers, not tensors")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i in (0, 1):
+            if not 0.0 <= betas[i] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+        if not 0.0 <= wd:
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        if group.get("amsgrad", False):
+            raise ValueError(f"{name}: amsgrad=True is not supported with 8-bit state (bitsandbytes has none either); use oxoptim.Adam(amsgrad=True)")
+        if group.get("maximize", False):
+            raise ValueError(f"{name}: maximize=True is not supported with 8-bit state")
+        size = group["min_8bit_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {size!r} (a non-negative int)")
+
+    def _hyper(self, group: dict) -> dict:
+        return {
+            "lr": float(group["lr"]),
+            "betas": (float(group["betas"][0]), float(group["betas"][1])),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "decoupled_weight_decay": self.DECOUPLED,
+        }
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = evaluate_closure(closure)
+        # Everything is checked, and fresh state made, before anything is written.
+        plans = [self._plan(group) for group in self.param_groups]
+        for group, (fresh, eight, full) in zip(self.param_groups, plans):
+            self.state.update(fresh)
+            self._step_8bit(group, eight)
+            self._step_fp32(group, full)
+        return loss
+
+    def _plan(self, group: dict) -> tuple[dict, list, list]:
+        """The group's parameters with gradients, split by state kind, with
+        their fresh state (not yet stored); raises on anything the step cannot take."""
+        self._check_group(group)
+        name = type(self).__name__
+        fresh: dict = {}
+        eight: list = []
+        full: list = []
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"{name}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, the parameter {p.dtype} {tuple(p.shape)} on {p.device}")
+            entry = self.state.get(p)
+            if not entry:
+                entry = self._fresh_state(p, group["min_8bit_size"])
+                fresh[p] = entry
+            else:
+                bw.check_entry(f"{name}: state of parameter {i}", entry, p)
+            if bw.is_8bit(entry):
+                if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+                    raise ValueError(f"{name}: 8-bit state needs dense contiguous float32 CPU parameters; parameter {i} is {p.dtype} on {p.device}")
+                if any(entry[k].device.type != "cpu" or not entry[k].is_contiguous() for k in _EIGHT_BIT_KEYS):
+                    raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
+                eight.append((p, entry))
+            else:
+                full.append((p, entry))
+        return fresh, eight, full
+
+    def _fresh_state(self, p: torch.Tensor, min_8bit_size: int) -> dict:
+        entry: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        if p.numel() >= min_8bit_size:
+            if p.device.type != "cpu" or p.dtype != torch.float32:
+                raise ValueError(
+                    f"{type(self).__name__}: 8-bit state needs float32 CPU parameters, got {p.dtype} on {p.device} "
+                    f"({p.numel()} elements >= min_8bit_size={min_8bit_size})"
+                )
+            for moment in bw.SIGNED:
+                entry.update(bw.fresh(p, moment))
+        else:
+            entry["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            entry["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return entry
+
+    def _step_8bit(self, group: dict, eight: list) -> None:
+        if not eight:
+            return
+        params = [p for p, _ in eight]
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        state = [[entry[k] for _, entry in eight] for k in _EIGHT_BIT_KEYS]
+        steps = [[entry["step"] for _, entry in eight]]
+        if not _core.step("adam8bit", params, grads, state, steps, self._hyper(group), num_threads=num_threads()):
+            raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype")
+
+    def _step_fp32(self, group: dict, full: list) -> None:
+        if not full:
+            return
+        params = [p for p, _ in full]
+        grads = [p.grad for p in params]
+        exp_avgs = [entry["exp_avg"] for _, entry in full]
+        exp_avg_sqs = [entry["exp_avg_sq"] for _, entry in full]
+        steps = [entry["step"] for _, entry in full]
+        hyper = self._hyper(group)
+        adam_hyper = {**hyper, "amsgrad": False, "maximize": False}
+        if _core.step("adam", params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads()):
+            return
+        beta1, beta2 = hyper["betas"]
+        torch.optim.adam.adam(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            decoupled_weight_decay=self.DECOUPLED, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=False,
+        )  # fmt: skip
+
+    # -- state dicts ---------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads this class's state dict, or a ``torch.optim.Adam``/``AdamW``
+        (or oxoptim) one, whose moments of parameters with at least
+        ``min_8bit_size`` elements are quantised to 8 bits. Everything is
+        checked first: a rejected dict leaves the optimizer as it was."""
+        converted = self._converted(state_dict)
+        super().load_state_dict(converted)
+        # torch casts every state tensor to its parameter's dtype: put the codes back.
+        for saved, group in zip(converted["param_groups"], self.param_groups):
+            for key, p in zip(saved["params"], group["params"]):
+                entry = converted["state"].get(key)
+                if entry and bw.is_8bit(entry):
+                    for name in _EIGHT_BIT_KEYS:
+                        self.state[p][name] = entry[name].to(device=p.device, copy=True)
+
+    def _converted(self, state_dict: dict) -> dict:
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups")
+        entries = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(entries, dict) or len(saved_groups) != len(groups):
+            return state_dict  # torch's load_state_dict reports it
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            return state_dict
+        new_groups = []
+        new_state: dict = dict(entries)
+        for group, saved in zip(groups, saved_groups):
+            merged = dict(saved)
+            merged.setdefault("min_8bit_size", self.defaults["min_8bit_size"])
+            merged.setdefault("amsgrad", False)
+            self._check_group(merged)
+            new_groups.append(merged)
+            for key, p in zip(saved["params"], group["params"]):
+                if key not in entries:
+                    continue
+                entry = entries[key]
+                where = f"state[{key}]"
+                bw.check_entry(where, entry, p)
+                if not entry:
+                    continue
+                entry = dict(entry)
+                entry["step"] = bw.step_tensor(entry["step"])
+                if not bw.is_8bit(entry) and p.numel() >= merged["min_8bit_size"] and p.dtype == torch.float32 and p.device.type == "cpu":
+                    for moment in bw.SIGNED:
+                        entry.update(bw.quantize(entry[moment], moment))
+                new_state[key] = entry
+        return {**state_dict, "state": new_state, "param_groups": new_groups}
+
+    def dequantized_state_dict(self) -> dict:
+        """This optimizer's state dict with every 8-bit moment dequantised to
+        float32: what ``torch.optim.AdamW`` (``Adam`` for ``Adam8bit``) and
+        ``oxoptim.AdamW`` load, to go on training without 8-bit state."""
+        return self.dequantize_state_dict(self.state_dict())
+
+    @classmethod
+    def dequantize_state_dict(cls, state_dict: dict) -> dict:
+        """A saved state dict of this class as ``torch.optim.AdamW``'s
+        (``Adam``'s for ``Adam8bit``): 8-bit moments dequantised to float32,
+        absmax entries dropped, torch's group flags added."""
+        state = {}
+        for key, entry in state_dict["state"].items():
+            entry = dict(entry)
+            if bw.is_8bit(entry):
+                for moment in bw.SIGNED:
+                    entry[moment] = bw.dequantize(entry, moment)
+                    del entry[f"{moment}_absmax"]
+            state[key] = entry
+        groups = []
+        for saved in state_dict["param_groups"]:
+            group = {k: v for k, v in saved.items() if k != "min_8bit_size"}
+            group.update(_TORCH_FLAGS, decoupled_weight_decay=cls.DECOUPLED)
+            groups.append(group)
+        return {"state": state, "param_groups": groups}
+
+
+class AdamW8bit(Adam8bit):
+    """AdamW with 8-bit block-wise optimizer state, as ``bitsandbytes.optim.AdamW8bit``
+    (``weight_decay=1e-2`` by default, decoupled: the parameter is multiplied
+    by ``1 - lr * weight_decay``). See :class:`Adam8bit` for the state layout,
+    thresholds and how to switch to and from fp32 AdamW.
+    """
+
+    DECOUPLED: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, min_8bit_size=min_8bit_size)
+

@@ -1,0 +1,179 @@
+//! Adam / AdamW with 8-bit block-wise state, as bitsandbytes' `Adam8bit` /
+//! `AdamW8bit`: per parameter, the moments are u8 codes ([`crate::quant`]:
+//! signed map for `exp_avg`, unsigned for `exp_avg_sq`) with one f32 absmax
+//! per block of [`BLOCK`] values. Each block is dequantised into f32 scratch,
+//! updated by the same per-element code as [`super::adam`] (so given the
+//! same dequantised state it computes what `oxoptim.Adam`/`AdamW` would),
+//! and quantised back, in one pass. Blocks are independent, so the result is
+//! the same whatever the thread count or SIMD path.
+
+use super::adam::{AdamBlock, AdamConfig, BiasCorrection};
+use crate::dispatch::{Backend, Element, WithLanes};
+use crate::engine::{self, Blockwise, Exec};
+use crate::error::{Error, Result};
+use crate::optimizer::{Hyper, HyperKind, Optimizer};
+use crate::quant::{Codebook, Map, BLOCK};
+use crate::simd::{run_blocks, Lanes};
+use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
+
+/// One group's settings: Adam's, without AMSGrad and maximize (bitsandbytes
+/// has neither for 8-bit state).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adam8bitConfig {
+    pub adam: AdamConfig,
+}
+
+/// `[param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax]`.
+const SPECS: [ArraySpec; 6] = [
+    ArraySpec::LIKE_PARAM,
+    ArraySpec::LIKE_PARAM,
+    ArraySpec::new(DType::U8, Extent::Param),
+    ArraySpec::new(DType::U8, Extent::Param),
+    ArraySpec::new(DType::F32, Extent::PerBlock(BLOCK)),
+    ArraySpec::new(DType::F32, Extent::PerBlock(BLOCK)),
+];
+
+impl Optimizer for Adam8bitConfig {
+    const NAME: &'static str = "adam8bit";
+    const TORCH_TWIN: bool = false;
+    const HYPER: &'static [(&'static str, HyperKind)] = &[
+        ("lr", HyperKind::Float),
+        ("betas", HyperKind::Pair),
+        ("eps", HyperKind::Float),
+        ("weight_decay", HyperKind::Float),
+        ("decoupled_weight_decay", HyperKind::Flag),
+    ];
+    const STATE: &'static [&'static str] = &[
+        "exp_avg",
+        "exp_avg_sq",
+        "exp_avg_absmax",
+        "exp_avg_sq_absmax",
+    ];
+    const SCALARS: &'static [&'static str] = &["step"];
+
+    fn from_hyper(h: &mut Hyper) -> Result<Self> {
+        let (beta1, beta2) = h.pair("betas")?;
+        Ok(Adam8bitConfig {
+            adam: AdamConfig {
+                lr: h.float("lr")?,
+                beta1,
+                beta2,
+                eps: h.float("eps")?,
+                weight_decay: h.float("weight_decay")?,
+                amsgrad: false,
+                maximize: false,
+                decoupled_weight_decay: h.flag("decoupled_weight_decay")?,
+            },
+        })
+    }
+
+    fn state_keys(&self) -> Vec<&'static str> {
+        Self::STATE.to_vec()
+    }
+
+    fn array_specs(&self) -> Vec<ArraySpec> {
+        SPECS.to_vec()
+    }
+
+    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+        // Checked before the first counter is written.
+        if let Some(slot) = (0..batch.slots()).find(|&i| batch.slot(i).dtype != DType::F32) {
+            return Err(Error::Unsupported(format!(
+                "adam8bit: tensor {slot} is {}; 8-bit state takes float32 parameters",
+                batch.slot(slot).dtype.name()
+            )));
+        }
+        let per_slot: Vec<BiasCorrection> = (0..batch.slots())
+            .map(|i| BiasCorrection::new(&self.adam, scalars.increment(i, 0)))
+            .collect();
+        engine::run_blockwise(
+            &Adam8bitKernel {
+                config: &self.adam,
+                per_slot: &per_slot,
+                m: Codebook::get(Map::Signed),
+                v: Codebook::get(Map::Unsigned),
+            },
+            batch,
+            exec,
+        );
+        Ok(())
+    }
+}
+
+struct Adam8bitKernel<'a> {
+    config: &'a AdamConfig,
+    per_slot: &'a [BiasCorrection],
+    m: &'static Codebook,
+    v: &'static Codebook,
+}
+
+impl Blockwise for Adam8bitKernel<'_> {
+    const BLOCK: usize = BLOCK;
+
+    fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]) {
+        let [Column::F32(param), Column::F32(grad), Column::U8(m_codes), Column::U8(v_codes), Column::F32(m_absmax), Column::F32(v_absmax)] =
+            columns
+        else {
+            unreachable!("the batch was checked against SPECS");
+        };
+        f32::dispatch(
+            backend,
+            &mut Blocks {
+                kernel: self,
+                bc: self.per_slot[slot],
+                param,
+                grad: &grad[..],
+                m_codes,
+                v_codes,
+                m_absmax,
+                v_absmax,
+            },
+        );
+    }
+}
+
+/// One work item's blocks, run inside the chosen instruction set.
+struct Blocks<'k, 'a, 'c> {
+    kernel: &'k Adam8bitKernel<'a>,
+    bc: BiasCorrection,
+    param: &'c mut [f32],
+    grad: &'c [f32],
+    m_codes: &'c mut [u8],
+    v_codes: &'c mut [u8],
+    m_absmax: &'c mut [f32],
+    v_absmax: &'c mut [f32],
+}
+
+impl WithLanes<f32> for Blocks<'_, '_, '_> {
+    #[inline(always)]
+    fn run<S: Lanes<f32>>(&mut self, simd: S) {
+        let k = self.kernel;
+        let n = self.param.len();
+        assert!(self.grad.len() == n && self.m_codes.len() == n && self.v_codes.len() == n);
+        assert!(
+            self.m_absmax.len() == n.div_ceil(BLOCK) && self.v_absmax.len() == n.div_ceil(BLOCK)
+        );
+        let mut m = [0f32; BLOCK];
+        let mut v = [0f32; BLOCK];
+        for b in 0..n.div_ceil(BLOCK) {
+            let at = b * BLOCK..n.min((b + 1) * BLOCK);
+            let len = at.len();
+            let (m, v) = (&mut m[..len], &mut v[..len]);
+            k.m.dequantize_block(simd, &self.m_codes[at.clone()], self.m_absmax[b], m);
+            k.v.dequantize_block(simd, &self.v_codes[at.clone()], self.v_absmax[b], v);
+            let mut update = AdamBlock::new(
+                k.config,
+                self.bc,
+                (
+                    self.param[at.clone()].as_mut_ptr(),
+                    self.grad[at.clone()].as_ptr(),
+                ),
+                [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()],
+            );
+            // SAFETY: every array the update touches holds `len` elements.
+            unsafe { run_blocks(simd, len, &mut update) };
+            self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);
+            self.v_absmax[b] = k.v.quantize_block(simd, v, &mut self.v_codes[at]);
+        }
+    }
+}
