@@ -69,6 +69,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         local = reloaded.optim.state_dict()["state"]
         finals["reloaded_steps"] = sorted(float(s["step"]) for s in local.values())
         torch.save(finals, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

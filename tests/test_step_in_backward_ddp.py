@@ -50,6 +50,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             out[name] = [p.detach().clone() for p in model.parameters()]
             out[name + "_state"] = opt.state_dict()["state"]
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -51,6 +51,7 @@ class Adam8bit(torch.optim.Optimizer):
     ``torch.optim.AdamW``/``oxoptim.AdamW`` load.
     """
 
+    KIND: ClassVar[str] = "adam8bit"  # its row of the Rust table
     DECOUPLED: ClassVar[bool] = False
 
     def __init__(
@@ -173,7 +174,7 @@ class Adam8bit(torch.optim.Optimizer):
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         state = [[entry[k] for _, entry in eight] for k in _EIGHT_BIT_KEYS]
         steps = [[entry["step"] for _, entry in eight]]
-        if not _core.step("adam8bit", params, grads, state, steps, self._hyper(group), num_threads=num_threads()):
+        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads()):
             raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype")
 
     def _step_fp32(self, group: dict, full: list) -> None:
