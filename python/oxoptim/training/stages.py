@@ -35,6 +35,8 @@ OPTIMIZERS = {
     "lion": "Lion",
     "adamw_schedulefree": "AdamWScheduleFree",
     "sgd_schedulefree": "SGDScheduleFree",
+    "adam8bit": "Adam8bit",
+    "adamw8bit": "AdamW8bit",
 }
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
