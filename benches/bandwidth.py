@@ -6,7 +6,8 @@ mix of streams (arrays read, arrays written back in place), measured over
 arrays at least 4× the last-level cache each, so neither cache residency nor
 a different number of streams can take a row past 100%. The probe runs each
 mix with the arrays at one page offset and staggered (see stream_probe.rs:
-same-offset streams suffer 4K aliasing) and keeps the better. Rows whose
+same-offset streams suffer 4K aliasing), each split into chunks taken in turn
+and into one piece per thread, and keeps the best. Rows whose
 working set is not that far past the cache get a label instead of a
 percentage.
 """

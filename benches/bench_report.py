@@ -108,7 +108,7 @@ def header_lines(data: dict) -> List[str]:
         + (f", workers `{data['parallel']}`" if data.get("parallel") else "")
         + f"), {data['threads']} threads, Python {data['python']}",
         f"- last-level cache {_mib(roof['llc_bytes'])} ({roof['llc_source']}); DRAM roofline from `benches/stream_probe.rs` "
-        f"({_mib(roof['elements_per_array'] * F32)} per array, best of {len(roof['runs'])} runs, at the start and after each shape set; each mix with same-offset and staggered arrays): {mixes}; "
+        f"({_mib(roof['elements_per_array'] * F32)} per array, best of {len(roof['runs'])} runs, at the start and after each shape set; each mix with same-offset and staggered arrays, in chunks and in one piece per thread): {mixes}; "
         f"cross-check, torch `a += s·b` {roof['torch_inplace_gbps']:.1f} GB/s"
         + (
             " — **faster than the probe's 2 read/1 written: the probe is not a ceiling in this run**"

@@ -9,14 +9,15 @@
 //!   3:2  m = m·c + g; p = p·c + m                 (SGD with momentum)
 //!   4:3  m = m·c + g; v = v·c + g; p = p·c + m + v (Adam, AdamW)
 //! Threads take chunks of 32768 elements from a shared counter, as the
-//! kernels do. Every pattern runs in two layouts: arrays starting at the same
+//! kernels do, and in one contiguous piece per thread, as torch's
+//! `parallel_for` splits a tensor. Every pattern runs in two layouts: arrays starting at the same
 //! offset within a page (as large allocations come from the allocator) and
 //! staggered by `STAGGER` elements per array (STREAM's OFFSET). In the first,
 //! loads of one array alias stores to another in the low 12 address bits
 //! ("4K aliasing"), which measured here halves the 4:3 mix; the kernels
 //! being measured do not suffer it to that degree, so the ceiling is the
-//! better of the two. Prints one JSON object: best GB/s per pattern over both
-//! layouts, and per layout; bytes counted as (R + W) · n · 4 per pass, i.e.
+//! best of the four (layout × split). Prints one JSON object: best GB/s per
+//! pattern over the four, and per layout; bytes counted as (R + W) · n · 4 per pass, i.e.
 //! each array read or written once.
 //!
 //! usage: stream_probe ELEMENTS_PER_ARRAY THREADS REPS
@@ -78,7 +79,7 @@ impl Arrays {
 /// One timed pass of the pattern reading `reads` arrays of `len` elements on
 /// `threads` threads, array k starting `k · stagger` elements into its
 /// buffer; seconds.
-fn timed_pass(buffers: &mut [Vec<f32>], len: usize, stagger: usize, reads: usize, threads: usize) -> f64 {
+fn timed_pass(buffers: &mut [Vec<f32>], len: usize, stagger: usize, chunk: usize, reads: usize, threads: usize) -> f64 {
     let mut ptrs = [std::ptr::null_mut(); 4];
     for (k, (p, b)) in ptrs.iter_mut().zip(buffers.iter_mut()).enumerate() {
         assert!(k * stagger + len <= b.len());
@@ -88,11 +89,11 @@ fn timed_pass(buffers: &mut [Vec<f32>], len: usize, stagger: usize, reads: usize
     let view = Arrays { ptrs, len };
     let next = AtomicUsize::new(0);
     let work = || loop {
-        let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+        let start = next.fetch_add(chunk, Ordering::Relaxed);
         if start >= view.len {
             break;
         }
-        let end = (start + CHUNK).min(view.len);
+        let end = (start + chunk).min(view.len);
         // SAFETY: each chunk index is taken by exactly one thread, and the
         // arrays are distinct allocations of `len` elements.
         unsafe {
@@ -128,18 +129,27 @@ fn main() {
     };
     let threads = threads.max(1);
     // Written once (first touch) before any timing; distinct values per array.
-    let layouts = [("aligned", 0usize), ("staggered", STAGGER)];
+    // Each layout with two ways of sharing the work: chunks of CHUNK taken in
+    // turn (as the kernels' engine does), or one contiguous piece per thread
+    // (as torch's parallel_for splits a tensor); fresh buffers for each.
+    let per_thread = n.div_ceil(threads).max(1);
+    let layouts = [
+        ("aligned chunks", 0usize, CHUNK),
+        ("aligned pieces", 0, per_thread),
+        ("staggered chunks", STAGGER, CHUNK),
+        ("staggered pieces", STAGGER, per_thread),
+    ];
     let mut fields = Vec::new();
     let mut per_layout = Vec::new();
     let mut checksum = 0.0f64;
     let mut uniform = true;
     let mut best_gbps = [0.0f64; 3];
-    for (name, stagger) in layouts {
+    for (name, stagger, chunk) in layouts {
         let mut buffers: Vec<Vec<f32>> = (0..4).map(|k| vec![1.0 / (k as f32 + 2.0); n + 3 * stagger]).collect();
         let mut layout_fields = Vec::new();
         for (i, (reads, writes)) in [(2usize, 1usize), (3, 2), (4, 3)].into_iter().enumerate() {
             let best = (0..reps.max(1))
-                .map(|_| timed_pass(&mut buffers, n, stagger, reads, threads))
+                .map(|_| timed_pass(&mut buffers, n, stagger, chunk, reads, threads))
                 .fold(f64::INFINITY, f64::min);
             let gbps = ((reads + writes) * n * 4) as f64 / best / 1e9;
             best_gbps[i] = best_gbps[i].max(gbps);

@@ -121,7 +121,7 @@ def test_cache_sizes_parse_and_the_llc_is_found():
 
 
 def _expected_checksum(n: int, reps: int) -> float:
-    """What stream_probe computes: float32 arithmetic on element n // 2 of each array, in each of its two layouts."""
+    """What stream_probe computes: float32 arithmetic on element n // 2 of each array, in each of its four layouts."""
     c = np.float32(0.999)
     a = [np.float32(1.0) / np.float32(k + 2.0) for k in range(4)]
     for _ in range(reps):  # 2:1
@@ -133,7 +133,7 @@ def _expected_checksum(n: int, reps: int) -> float:
         a[1] = a[1] * c + a[3]
         a[2] = a[2] * c + a[3]
         a[0] = a[0] * c + a[1] + a[2]
-    return sum(float(x) for x in a + a)
+    return sum(float(x) for x in a * 4)
 
 
 @pytest.mark.skipif(shutil.which("rustc") is None, reason="rustc absent: the probe cannot be built")
@@ -143,8 +143,8 @@ def test_probe_streams_every_array_of_every_pattern():
     out = subprocess.run([str(exe), str(n), "2", str(reps)], capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
     assert all(data[f"{r}:{w}"] > 0 for r, w in bandwidth.PATTERNS)
-    # The ceiling of each mix is the better of the two layouts.
-    assert set(data["layouts"]) == {"aligned", "staggered"}
+    # The ceiling of each mix is the best of the layouts (same-offset or staggered arrays, chunks or one piece per thread).
+    assert set(data["layouts"]) == {"aligned chunks", "aligned pieces", "staggered chunks", "staggered pieces"}
     assert all(data[f"{r}:{w}"] == max(lay[f"{r}:{w}"] for lay in data["layouts"].values()) for r, w in bandwidth.PATTERNS)
     assert data["uniform"] is True  # every element, both threads' chunks and the tail, was updated alike
     assert struct.pack("d", data["checksum"]) == struct.pack("d", _expected_checksum(n, reps))
