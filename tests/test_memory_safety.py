@@ -693,7 +693,7 @@ def _during_a_step(
     pytest.fail(f"no wanted outcome in {tries} tries; the other thread's calls gave {seen!r}")
 
 
-def _refused(error: Optional[BaseException]) -> bool:
+def _is_refusal(error: Optional[BaseException]) -> bool:
     return isinstance(error, RuntimeError)
 
 
@@ -716,7 +716,7 @@ def test_two_optimizers_stepping_the_same_parameters_at_once_get_an_error(one_th
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
-    error, b_state, a_before, a_after = _during_a_step(opt_a, params, opt_b.step, _refused, lambda: _snapshot(params, opt_b)[1])
+    error, b_state, a_before, a_after = _during_a_step(opt_a, params, opt_b.step, _is_refusal, lambda: _snapshot(params, opt_b)[1])
     assert "in flight on another thread" in str(error) and "must not update the same tensors" in str(error)
     # The refused step changed nothing of its own; the running one is exact.
     _assert_same((a_after[0], _snapshot(params, opt_b)[1]), (a_after[0], b_state))
@@ -731,7 +731,7 @@ def test_an_averager_reading_parameters_an_optimizer_is_writing_gets_an_error(on
     opt.step()
     averager.update()  # copies the parameters
     averager.update()  # then blends them in (the native lerp)
-    error, averages, _, _ = _during_a_step(opt, params, averager.update, _refused, lambda: [a.clone() for a in averager.averages])
+    error, averages, _, _ = _during_a_step(opt, params, averager.update, _is_refusal, lambda: [a.clone() for a in averager.averages])
     assert "in flight on another thread" in str(error)
     assert all(torch.equal(a, b) for a, b in zip(averager.averages, averages))
 

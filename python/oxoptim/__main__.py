@@ -41,8 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="least squares with oxoptim.SGD vs torch.optim.SGD")
     from .training.cli import add_train_parser  # stdlib and torch only: optional packages load lazily
+    from .training.tune_cli import add_tune_parser
 
     add_train_parser(sub)
+    add_tune_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return 0 if demo() <= 1e-6 else 1

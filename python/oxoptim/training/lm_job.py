@@ -151,8 +151,11 @@ def _tokens_per_s(history: List[dict], block: int) -> Optional[float]:
     return round(block * sum(rates) / len(rates), 1) if rates else None
 
 
-def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False) -> Optional[dict]:
-    """Pretraining (or reuse), then fine-tuning in ``run_dir``; test evaluated once; returns the summary."""
+def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, *,
+               on_record: Optional[Callable[[dict], None]] = None, evaluate_test: bool = True,
+               announce: bool = True) -> Optional[dict]:
+    """Pretraining (or reuse), then fine-tuning in ``run_dir``; test evaluated once (unless not
+    ``evaluate_test``); ``on_record`` sees every fine-tuning validation record; returns the summary."""
     import torch
     import torch.nn.functional as F
 
@@ -198,10 +201,13 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     stages = [stage_from_dict(s, i + 1) for i, s in enumerate(f["stages"])]
     trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
                       run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
-                      eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"])
+                      eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
+                      on_record=on_record)
     trainer.fit(resume=resume)
     extra: Dict[str, Any] = {"job": "language_model", "corpus": rep, "init": f["init"],
-                             "val": trainer.evaluate(splits["val"]), "test": trainer.evaluate(splits["test"])}
+                             "val": trainer.evaluate(splits["val"])}
+    if evaluate_test:
+        extra["test"] = trainer.evaluate(splits["test"])
     if pre is not None:
         ps = pre["summary"]
         extra["pretrain"] = {"dir": pre["dir"], "reused": pre["reused"], "final": ps.get("final"),
@@ -209,8 +215,11 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
                              "events": ps.get("events")}
     extra["total_wall_time_s"] = round(time.time() - t_start, 2)
     summary = trainer.write_summary(extra)
-    v, t = extra["val"], extra["test"]
-    print(f"test accuracy {t['accuracy']:.4f} (loss {t['loss']:.4f}); final validation accuracy {v['accuracy']:.4f} "
+    v, t = extra["val"], extra.get("test")
+    if not announce:
+        return summary
+    tested = f"test accuracy {t['accuracy']:.4f} (loss {t['loss']:.4f}); " if t else ""
+    print(f"{tested}final validation accuracy {v['accuracy']:.4f} "
           f"(loss {v['loss']:.4f}); fine-tuning {summary['wall_time_s']:.0f}s, this process "
           f"{extra['total_wall_time_s']:.0f}s; outputs in {run_dir}", flush=True)
     return summary

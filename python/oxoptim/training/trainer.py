@@ -42,6 +42,8 @@ class Trainer:
         metrics: ``{"name": fn(outputs, targets) -> batch mean}`` or names (``["accuracy"]``);
             logged on validation as ``val_<name>`` (higher is better unless ``metric_modes`` says
             ``"min"``).
+        on_record: called with every validation record (a dict as in ``metrics.jsonl``) after it
+            is logged; an exception it raises ends ``fit`` (a search pruning a trial does so).
         task: instead of ``loss_fn``, the data and ``metrics``: a :class:`~oxoptim.training.tasks.Task`
             (language modelling, for one).
         run_dir: where ``metrics.jsonl``, ``summary.json``, ``curves.png``, ``final.pt`` and
@@ -82,6 +84,7 @@ class Trainer:
         pad_value: int = 0,
         task: Optional[Task] = None,
         metric_modes: Optional[Mapping[str, str]] = None,
+        on_record: Optional[Callable[[dict], None]] = None,
     ):
         if not stages:
             raise ValueError("at least one stage is required")
@@ -115,6 +118,7 @@ class Trainer:
         self.net = self.procs.wrap(model)  # what training steps run (DDP when distributed)
         eps = [st.adversarial for st in self.stages if st.adversarial]
         self.adversary = EmbeddingAdversary(model, eps[0]) if eps else None
+        self.on_record = on_record
         self.run = RunState()
         self.phase: Optional[Phase] = None
         self._t0 = time.time()
@@ -329,6 +333,8 @@ class Trainer:
         run.history.append(record)
         self.progress.append_record(record)
         self.progress.say(epoch_line(st.name, st.epochs, record, val))
+        if self.on_record is not None:
+            self.on_record(record)
         return record
 
     def train_step(self, order: Optional[torch.Tensor], b: int) -> Tuple[float, int]:

@@ -1,0 +1,203 @@
+"""Search spaces inside a job's TOML: any value may be a distribution instead of a number or name.
+
+    lr = { log_uniform = [1e-4, 1e-2], default = 3e-3 }
+    optimizer = { choice = ["adamw", "adamw8bit", "lion", "sgd"] }
+    batch_size = { choice = [32, 64, "full"] }
+    epochs = { int = [2, 8] }
+
+Distributions: ``uniform`` and ``log_uniform`` (floats), ``int`` and ``log_int`` (integers, with an
+optional ``step`` for ``int``), ``choice`` (any TOML values, tables too). ``default`` (optional, on
+every distribution or none) is the hand-written plan's value: the search runs that plan first as
+its baseline. A parameter is named by where it sits: ``<stage name>.<key>`` inside a stage,
+``model.hidden``, ``data.max_len``, ``explore.adjust.1.patience`` inside a list.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .errors import ConfigError, unknown_name
+
+__all__ = ["Param", "DISTRIBUTIONS", "find_params", "suggest", "substitute", "check_space", "default_values"]
+
+DISTRIBUTIONS = ("uniform", "log_uniform", "int", "log_int", "choice")
+_EXTRA = ("default", "step")
+_SCALARS = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: its name, where it sits in the job, its distribution."""
+
+    name: str
+    path: tuple
+    kind: str
+    args: tuple  # (low, high) or the choices
+    step: Optional[int] = None
+    default: Any = None
+    has_default: bool = False
+
+    @property
+    def encoded_choices(self) -> bool:
+        """Optuna's categorical values are scalars; tables and lists are searched as their JSON."""
+        return self.kind == "choice" and not all(isinstance(c, _SCALARS) for c in self.args)
+
+    def candidates(self) -> List[Any]:
+        """Values that start-up checks run the job with: the bounds or every choice, and the default."""
+        values = list(self.args)
+        if self.has_default:
+            values.append(self.default)
+        return values
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return any(_same(value, c) for c in self.args)
+        low, high = self.args
+        if self.kind in ("int", "log_int") and (isinstance(value, bool) or not isinstance(value, int)):
+            return False
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        return ok and (self.step is None or (value - low) % self.step == 0)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and any(k in value for k in DISTRIBUTIONS)
+
+
+def _name(path: tuple, raw: dict) -> str:
+    if len(path) >= 2 and path[0] == "stages":
+        stage = raw["stages"][path[1]]
+        label = stage.get("name") if isinstance(stage.get("name"), str) else f"stage{path[1] + 1}"
+        return ".".join([label] + [str(p) for p in path[2:]])
+    return ".".join(str(p) for p in path)
+
+
+def find_params(raw: dict) -> List[Param]:
+    """Every distribution in the job ``raw`` (a TOML table without its ``[tune]``), checked."""
+    found: List[Param] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        if _is_distribution(node):
+            found.append(_param(node, path, raw))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, path + (key,))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, path + (i,))
+
+    walk(raw, ())
+    names = [p.name for p in found]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"two searched settings are both named {n!r}: give the stages distinct names")
+    with_default = [p.has_default for p in found]
+    if any(with_default) and not all(with_default):
+        missing = [p.name for p in found if not p.has_default]
+        raise ConfigError(f"a default is given for some searched settings but not for {', '.join(missing)}: "
+                          f"give one for every setting (the baseline plan) or for none")
+    return found
+
+
+def _param(spec: dict, path: tuple, raw: dict) -> Param:
+    name = _name(path, raw)
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    for key in spec:
+        if key not in DISTRIBUTIONS + _EXTRA:
+            raise ConfigError(f"{name}: " + unknown_name("search key", key, DISTRIBUTIONS + _EXTRA))
+    if len(kinds) != 1:
+        raise ConfigError(f"{name}: one distribution per setting, not {', '.join(kinds)}")
+    kind, args = kinds[0], spec[kinds[0]]
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{name}: choice needs a non-empty list of values, not {args!r}")
+        if len({json.dumps(a, sort_keys=True) for a in args}) != len(args):
+            raise ConfigError(f"{name}: choice lists a value twice: {args!r}")
+    else:
+        integral = kind in ("int", "log_int")
+        number_type = "integers" if integral else "numbers"
+        if (not isinstance(args, list) or len(args) != 2
+                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+                or (integral and not all(isinstance(a, int) for a in args))
+                or not all(math.isfinite(a) for a in args)):
+            raise ConfigError(f"{name}: {kind} needs [low, high], two finite {number_type}, not {args!r}")
+        if not args[0] < args[1]:
+            raise ConfigError(f"{name}: {kind} needs low < high, not {args!r}")
+        if kind.startswith("log_") and args[0] <= 0:
+            raise ConfigError(f"{name}: {kind} needs low > 0, not {args[0]!r}")
+    step = spec.get("step")
+    if step is not None and (kind != "int" or isinstance(step, bool) or not isinstance(step, int) or step < 1):
+        raise ConfigError(f"{name}: step is a positive integer of an int distribution, not {step!r} on {kind}")
+    p = Param(name, path, kind, tuple(args), step, spec.get("default"), "default" in spec)
+    if p.has_default and not p.contains(p.default):
+        raise ConfigError(f"{name}: default {p.default!r} is not in {kind} {list(args)!r}")
+    return p
+
+
+def suggest(trial: Any, params: Sequence[Param]) -> Dict[str, Any]:
+    """A value for every parameter from an Optuna trial."""
+    values: Dict[str, Any] = {}
+    for p in params:
+        if p.kind == "choice":
+            if p.encoded_choices:
+                values[p.name] = json.loads(trial.suggest_categorical(p.name, [json.dumps(c) for c in p.args]))
+            else:
+                values[p.name] = trial.suggest_categorical(p.name, list(p.args))
+        elif p.kind in ("uniform", "log_uniform"):
+            values[p.name] = trial.suggest_float(p.name, float(p.args[0]), float(p.args[1]),
+                                                 log=p.kind == "log_uniform")
+        else:
+            values[p.name] = trial.suggest_int(p.name, p.args[0], p.args[1], step=p.step or 1,
+                                               log=p.kind == "log_int")
+    return values
+
+
+def as_optuna_params(params: Sequence[Param], values: Dict[str, Any]) -> Dict[str, Any]:
+    """``values`` as Optuna stores them (choices of tables as their JSON), e.g. to enqueue a plan."""
+    return {p.name: json.dumps(values[p.name]) if p.encoded_choices else values[p.name] for p in params}
+
+
+def substitute(raw: dict, params: Sequence[Param], values: Dict[str, Any]) -> dict:
+    """A copy of the job with every distribution replaced by its value."""
+    out = copy.deepcopy(raw)
+    for p in params:
+        node = out
+        for key in p.path[:-1]:
+            node = node[key]
+        node[p.path[-1]] = copy.deepcopy(values[p.name])
+    return out
+
+
+def default_values(params: Sequence[Param]) -> Optional[Dict[str, Any]]:
+    """The hand-written plan's values, if the space gives them."""
+    if not params or not all(p.has_default for p in params):
+        return None
+    return {p.name: p.default for p in params}
+
+
+def check_space(raw: dict, params: Sequence[Param], parse: Callable[[dict], Any]) -> None:
+    """Runs ``parse`` (the job's own checks) on the job with each parameter at each of its
+    candidate values (the others at their first), so that a misspelled optimizer in a choice or an
+    out-of-range bound fails at start-up, naming the parameter, not in trial 17."""
+    base = {p.name: p.candidates()[0] for p in params}
+    plans = [dict(base)]
+    for p in params:
+        for value in p.candidates()[1:]:
+            plans.append(dict(base, **{p.name: value}))
+    defaults = default_values(params)
+    if defaults is not None:
+        plans.append(defaults)
+    for values in plans:
+        try:
+            parse(substitute(raw, params, values))
+        except ConfigError as e:
+            changed = [p.name for p in params if not _same(values[p.name], base[p.name])] or [params[0].name]
+            at = ", ".join(f"{n} = {json.dumps(values[n])}" for n in changed) if params else ""
+            raise ConfigError(f"with {at}: {e}" if at else str(e)) from e

@@ -1,0 +1,462 @@
+"""The adjust step as a search: Optuna studies over stage plans, pruned after each evaluation.
+
+A plan is a job's TOML with distributions in place of values (:mod:`.search_space`) and a
+``[tune]`` table (:data:`TUNE_KEYS`). Each Optuna trial runs the plan through the normal job and
+Trainer with sampled settings, reports the validation metric after every evaluation (or, with
+cross-validation, the running mean after every fold) and stops when the pruner says so. The test
+split is never seen by a trial. Studies live in an Optuna RDB storage (a SQLite file by default,
+PostgreSQL to share one study between machines) with heartbeats: the trial of a killed worker is
+marked failed and run again from the start under a new number, by whichever worker asks next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .config import METRICS, _read_toml, parse_config, resolve_paths
+from .errors import ConfigError, MissingDependency, integer, unknown_name
+from .rules import monitorable
+from .search_space import Param, as_optuna_params, check_space, default_values, find_params, substitute, suggest
+
+__all__ = ["Plan", "TuneSettings", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
+           "SAMPLERS", "trial_values", "planned_epochs"]
+
+TUNE_KEYS = ("trials", "metric", "sampler", "pruner", "cv_folds", "final_seeds", "seed", "heartbeat")
+SAMPLERS = ("tpe", "random")
+PRUNERS = {  # name → its settings (Optuna's argument names) and defaults
+    "median": {"startup_trials": 4, "warmup_epochs": 1},
+    "successive_halving": {"min_resource": 1, "reduction_factor": 3},
+    "hyperband": {"min_resource": 1, "reduction_factor": 3},
+    "none": {},
+}
+
+
+@dataclass
+class TuneSettings:
+    """The ``[tune]`` table. ``heartbeat``: seconds between a running trial's heartbeats; a trial
+    silent for two of them is failed and run again."""
+
+    trials: int = 24
+    metric: str = "val_accuracy"
+    sampler: str = "tpe"
+    pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "median"})
+    cv_folds: int = 0
+    final_seeds: int = 3
+    seed: int = 0
+    heartbeat: int = 30
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if monitorable(METRICS)[self.metric] == "max" else "minimize"
+
+
+def _settings(table: Any, job_seed: int) -> TuneSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[tune] must be a table, not {table!r}")
+    for key in table:
+        if key not in TUNE_KEYS:
+            raise ConfigError(unknown_name("[tune] key", key, TUNE_KEYS))
+    s = TuneSettings(seed=job_seed)
+    try:
+        s.trials = integer("trials", table.get("trials", s.trials), 1)
+        s.metric = table.get("metric", s.metric)
+        if s.metric not in monitorable(METRICS):
+            raise ValueError(unknown_name("metric", s.metric, monitorable(METRICS)))
+        s.sampler = table.get("sampler", s.sampler)
+        if s.sampler not in SAMPLERS:
+            raise ValueError(unknown_name("sampler", s.sampler, SAMPLERS))
+        pruner = table.get("pruner", s.pruner)
+        pruner = {"name": pruner} if isinstance(pruner, str) else dict(pruner) if isinstance(pruner, dict) else pruner
+        if not isinstance(pruner, dict) or pruner.get("name") not in PRUNERS:
+            name = pruner.get("name") if isinstance(pruner, dict) else pruner
+            raise ValueError(unknown_name("pruner", name, PRUNERS) + " (a name or a table with a name)")
+        for key in pruner:
+            if key != "name":
+                if key not in PRUNERS[pruner["name"]]:
+                    raise ValueError(unknown_name(f"{pruner['name']} pruner setting", key, PRUNERS[pruner["name"]]))
+                integer(f"pruner {key}", pruner[key], 0)
+        s.pruner = {"name": pruner["name"], **{k: v for k, v in PRUNERS[pruner["name"]].items()},
+                    **{k: v for k, v in pruner.items() if k != "name"}}
+        s.cv_folds = integer("cv_folds", table.get("cv_folds", 0), 0)
+        if s.cv_folds == 1:
+            raise ValueError("cv_folds is 0 (no cross-validation) or at least 2, not 1")
+        s.final_seeds = integer("final_seeds", table.get("final_seeds", s.final_seeds), 0)
+        s.seed = integer("seed", table.get("seed", s.seed))
+        s.heartbeat = integer("heartbeat", table.get("heartbeat", s.heartbeat), 1)
+    except ValueError as e:
+        raise ConfigError(f"[tune] {e}") from e
+    return s
+
+
+@dataclass
+class Plan:
+    """A searchable job: the job with its distributions, the parameters, the search settings."""
+
+    raw: dict
+    params: List[Param]
+    settings: TuneSettings
+    base_dir: str = "."
+
+    def job(self, values: Dict[str, Any]) -> dict:
+        """The runnable job for one assignment of the parameters (checked as ``oxoptim train`` checks)."""
+        return resolve_paths(parse_config(substitute(self.raw, self.params, values)), self.base_dir)
+
+    @property
+    def defaults(self) -> Optional[Dict[str, Any]]:
+        return default_values(self.params)
+
+    def fingerprint(self) -> str:
+        """Equal for plans that search the same space in the same way (``trials`` aside)."""
+        settings = {k: v for k, v in asdict(self.settings).items() if k != "trials"}
+        blob = json.dumps({"job": self.raw, "tune": settings}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_plan(path: str) -> Plan:
+    """Reads and checks a plan file: the job under every candidate value, the ``[tune]`` table."""
+    try:
+        raw = _read_toml(path, ())
+    except ValueError as e:  # ConfigError, TOML syntax
+        raise ConfigError(f"{path}: {e}") from e
+    return make_plan(raw, os.path.dirname(os.path.abspath(path)), where=path)
+
+
+def make_plan(raw: dict, base_dir: str = ".", where: str = "plan") -> Plan:
+    raw = dict(raw)
+    try:
+        table = raw.pop("tune", {})
+        params = find_params(raw)
+        if not params:
+            raise ConfigError("nothing to search: give some setting a distribution, e.g. "
+                              "lr = { log_uniform = [1e-4, 1e-2] }")
+        seed = raw.get("seed", 0)
+        settings = _settings(table, seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
+        check_space(raw, params, parse_config)
+        plan = Plan(raw, params, settings, base_dir)
+        if settings.cv_folds and plan.job({p.name: p.candidates()[0] for p in params}).get("job") == "language_model":
+            raise ConfigError("[tune] cv_folds is for classification jobs, not the language-model job")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    return plan
+
+
+def planned_epochs(job: dict, folds: int) -> int:
+    """Epochs a trial runs if nothing stops it early: every stage's, a Trial rule's candidates too."""
+    stages = job["finetune"]["stages"] if job.get("job") == "language_model" else job["stages"]
+    total = 0
+    for st in stages:
+        total += int(st.get("epochs", 1))
+        for rule in st.get("adjust", []) or []:
+            if isinstance(rule, dict) and rule.get("rule") == "trial":
+                total += int(rule.get("epochs", 1)) * len(rule.get("candidates", []))
+    return total * max(1, folds)
+
+
+# ----- the study ---------------------------------------------------------------------------------
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise MissingDependency("oxoptim tune", "optuna") from None
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats (fail_stale_trials) and the matplotlib plots are marked experimental
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _storage(url: str, heartbeat: int):
+    optuna = _optuna()
+    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters:  # >= 4.9
+        key, retry = "heartbeat_stale_trial_callback", optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    else:
+        key, retry = "failed_trial_callback", optuna.storages.RetryFailedTrialCallback(max_retry=3)
+    engine: Dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=2 * heartbeat, **{key: retry})
+    except ImportError:  # the database driver SQLAlchemy picks for the URL
+        scheme = url.split(":")[0]
+        hint = ' (pip install "oxoptim[postgres]")' if scheme.startswith("postgresql") else ""
+        raise ConfigError(f"the storage {scheme}:// needs its database driver, which is not installed{hint}") from None
+    except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer
+        raise ConfigError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
+
+
+def _sampler(settings: TuneSettings):
+    optuna = _optuna()
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(seed=settings.seed)
+
+
+def _pruner(settings: TuneSettings):
+    optuna = _optuna()
+    p = settings.pruner
+    if p["name"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p["startup_trials"], n_warmup_steps=p["warmup_epochs"])
+    if p["name"] == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p["min_resource"],
+                                                      reduction_factor=p["reduction_factor"])
+    if p["name"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p["min_resource"], reduction_factor=p["reduction_factor"])
+    return optuna.pruners.NopPruner()
+
+
+def open_study(plan: Plan, url: str, name: str, create: bool):
+    """The study ``name`` in the storage at ``url``; ``create`` makes it (and queues the hand-written
+    plan as its first trial) if it does not exist. A study searched with another plan is refused."""
+    optuna = _optuna()
+    storage = _storage(url, plan.settings.heartbeat)
+    kw = dict(storage=storage, study_name=name, sampler=_sampler(plan.settings), pruner=_pruner(plan.settings))
+    if not create:
+        try:
+            study = optuna.load_study(**kw)
+        except KeyError:
+            raise ConfigError(f"no study {name!r} in {url}: start it with `oxoptim tune` (without --worker-only) "
+                              f"first") from None
+    else:
+        study = optuna.create_study(direction=plan.settings.direction, load_if_exists=True, **kw)
+    fingerprint = study.user_attrs.get("plan_fingerprint")
+    if fingerprint is None and create:
+        study.set_user_attr("plan_fingerprint", plan.fingerprint())
+        study.set_user_attr("plan", plan.raw)
+        study.set_user_attr("tune", asdict(plan.settings))
+        if plan.defaults is not None:  # the baseline: the hand-written plan runs first
+            study.enqueue_trial(as_optuna_params(plan.params, plan.defaults), user_attrs={"baseline": True})
+    elif fingerprint is None:
+        raise ConfigError(f"study {name!r} in {url} is not ready yet: start its `oxoptim tune` first")
+    elif fingerprint != plan.fingerprint():
+        raise ConfigError(f"study {name!r} in {url} searches another plan (fingerprint {fingerprint}, this plan "
+                          f"{plan.fingerprint()}): give another --study name or the same plan")
+    return study
+
+
+def _states(*names: str):
+    from optuna.trial import TrialState
+
+    return tuple(getattr(TrialState, n) for n in names)
+
+
+def finished_count(study) -> int:
+    return len(study.get_trials(deepcopy=False, states=_states("COMPLETE", "PRUNED")))
+
+
+def trial_values(plan: Plan, params: Dict[str, Any]) -> Dict[str, Any]:
+    """A trial's settings as the plan's values (choices of tables decoded from their JSON)."""
+    return {p.name: json.loads(params[p.name]) if p.encoded_choices else params[p.name] for p in plan.params}
+
+
+class _Surplus(Exception):
+    """The study already has its trials (finished or under way) without this one."""
+
+
+# ----- one worker ----------------------------------------------------------------------------------
+
+@dataclass
+class Worker:
+    """Runs trials of one study until it has ``trials`` finished (completed or pruned) ones."""
+
+    plan: Plan
+    study: Any
+    run_dir: str
+    trials: int
+    say: Callable[[str], None] = print
+    run_job: Optional[Callable[..., Optional[dict]]] = None
+
+    def __post_init__(self) -> None:
+        if self.run_job is None:
+            from .job import run_job
+
+            self.run_job = run_job
+        self.metric = self.plan.settings.metric
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.failures, self.last_failure = 0, ""
+
+    def work(self) -> None:
+        optuna = _optuna()
+        poll = max(0.2, self.plan.settings.heartbeat / 4)
+        while True:
+            optuna.storages.fail_stale_trials(self.study)
+            done = finished_count(self.study)
+            if done >= self.trials:
+                return
+            busy = self.study.get_trials(deepcopy=False, states=_states("RUNNING", "WAITING"))
+            waiting = any(t.state.name == "WAITING" for t in busy)
+            if done + len(busy) >= self.trials and not waiting:
+                time.sleep(poll)  # the last trials are under way elsewhere: wait, in case one dies
+                continue
+            # a trial that raises is recorded as failed; three failures in a row stop the worker
+            self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self._announce])
+            if self.failures >= 3:
+                raise RuntimeError(f"3 trials in a row failed here; the last: {self.last_failure}")
+
+    def objective(self, trial) -> float:
+        optuna = _optuna()
+        try:
+            return self._run_trial(trial)
+        except (_Surplus, optuna.TrialPruned):
+            raise
+        except Exception as e:  # recorded with the trial: Optuna's callbacks do not see the error
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
+            raise
+
+    def _run_trial(self, trial) -> float:
+        optuna = _optuna()
+        earlier = [t for t in self.study.get_trials(deepcopy=False,
+                                                    states=_states("COMPLETE", "PRUNED", "RUNNING", "WAITING"))
+                   if t.number < trial.number and not t.user_attrs.get("surplus")]
+        if len(earlier) >= self.trials:  # another worker took the last trial meanwhile
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"the study has its {self.trials} trials")
+        values = suggest(trial, self.plan.params)
+        job = self.plan.job(values)
+        folds = self.plan.settings.cv_folds
+        trial_dir = os.path.join(self.run_dir, "trials", f"{trial.number:04d}")
+        planned = planned_epochs(job, folds)
+        trial.set_user_attr("worker", self.worker_id)
+        trial.set_user_attr("run_dir", os.path.abspath(trial_dir))
+        trial.set_user_attr("seed", int(job["seed"]))
+        trial.set_user_attr("epochs_planned", planned)
+        spent = {"epochs": 0}
+        t0 = time.time()
+
+        def on_record(record: dict) -> None:
+            spent["epochs"] += 1
+            if not folds:
+                trial.report(float(record[self.metric]), int(record["global_epoch"]) - 1)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {record['global_epoch']}")
+
+        try:
+            if not folds:
+                summary = self.run_job(job, trial_dir, quiet=True, on_record=on_record, evaluate_test=False,
+                                       announce=False)
+                return self._score(summary)
+            scores = []
+            for i in range(folds):
+                summary = self.run_job(job, os.path.join(trial_dir, f"fold{i}"), quiet=True, on_record=on_record,
+                                       evaluate_test=False, fold=(folds, i), announce=False)
+                scores.append(self._score(summary))
+                trial.set_user_attr("fold_scores", scores)
+                trial.report(statistics.fmean(scores), i)
+                if i + 1 < folds and trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after fold {i + 1} of {folds}")
+            return statistics.fmean(scores)
+        finally:
+            trial.set_user_attr("epochs_run", spent["epochs"])
+            trial.set_user_attr("train_s", round(time.time() - t0, 2))
+            for root, dirs, _ in os.walk(trial_dir):  # a trial keeps its record, not its checkpoints
+                if "checkpoints" in dirs:
+                    shutil.rmtree(os.path.join(root, "checkpoints"), ignore_errors=True)
+
+    def _score(self, summary: Optional[dict]) -> float:
+        if summary is None:
+            raise RuntimeError("the trial's job ended without a summary")
+        value = float(summary["val"][self.metric[len("val_"):]])
+        if not math.isfinite(value):
+            raise ValueError(f"the trial cannot be scored: {self.metric} is {value}")
+        return value
+
+    def _announce(self, study, trial) -> None:
+        if trial.user_attrs.get("surplus"):
+            return
+        state = trial.state.name.lower()
+        if state == "fail":
+            self.failures += 1
+            self.last_failure = trial.user_attrs.get("error", "see the warning above")
+            self.say(f"trial {trial.number} failed: {self.last_failure}")
+            return
+        self.failures = 0
+        value = trial.value if trial.value is not None else (
+            trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+        shown = f"{self.metric} {value:.4f}" if value is not None else "no score"
+        run = trial.user_attrs.get("epochs_run", 0)
+        try:
+            best = f"; best #{study.best_trial.number} {study.best_value:.4f}"
+        except ValueError:
+            best = ""
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        self.say(f"trial {trial.number} {state}: {shown} after {run}/{trial.user_attrs.get('epochs_planned', '?')} "
+                 f"epochs, {trial.user_attrs.get('train_s', 0):.0f}s ({params}){best}  "
+                 f"[{finished_count(study)}/{self.trials}]")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def work(plan: Plan, study, run_dir: str, trials: int, say: Callable[[str], None] = print) -> None:
+    """Runs trials of ``study`` in this process until it has ``trials`` finished ones."""
+    Worker(plan, study, run_dir, trials, say).work()
+
+
+def wait_for_others(study, poll: float = 1.0) -> None:
+    """Until no trial of the study is running (stale ones are failed)."""
+    optuna = _optuna()
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=_states("RUNNING")):
+            return
+        time.sleep(poll)
+
+
+def seeds_for(job: dict, n: int) -> List[int]:
+    """The final runs' training seeds: the plan's seed and the next ``n - 1`` (the split stays)."""
+    return [int(job["seed"]) + i for i in range(n)]
+
+
+def mean_sd(xs: Sequence[float]) -> Dict[str, Any]:
+    return {"mean": statistics.fmean(xs) if xs else None, "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+            "n": len(xs), "values": list(xs)}
+
+
+# ----- after the search ------------------------------------------------------------------------------
+
+def baseline_trial(study):
+    """The hand-written plan's trial (queued first when the space gives defaults), if it finished."""
+    for t in study.get_trials(deepcopy=False, states=_states("COMPLETE")):
+        if t.user_attrs.get("baseline"):
+            return t
+    return None
+
+
+def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = print,
+               run_job: Optional[Callable[..., Optional[dict]]] = None) -> Dict[str, Any]:
+    """The best plan (and the hand-written one, if the space gives it) re-run with
+    ``final_seeds`` training seeds, each evaluated on the test split once."""
+    if run_job is None:
+        from .job import run_job
+    n = plan.settings.final_seeds
+    plans = {"best": trial_values(plan, study.best_trial.params)}
+    if plan.defaults is not None:
+        plans["default"] = plan.defaults
+    out: Dict[str, Any] = {}
+    for label, values in plans.items():
+        job = plan.job(values)
+        runs = []
+        for seed in seeds_for(job, n):
+            cfg = dict(job, seed=seed)
+            summary = run_job(cfg, os.path.join(run_dir, "final", label, f"seed{seed}"), quiet=True, announce=False)
+            assert summary is not None
+            runs.append({"seed": seed, "val": summary["val"], "test": summary.get("test"),
+                         "wall_time_s": summary.get("wall_time_s")})
+            test = summary.get("test") or {}
+            say(f"final {label} plan, seed {seed}: test accuracy {test.get('accuracy', float('nan')):.4f}, "
+                f"validation {summary['val']['accuracy']:.4f}")
+        out[label] = {"values": values, "runs": runs,
+                      "test_accuracy": mean_sd([r["test"]["accuracy"] for r in runs if r["test"]]),
+                      "val_accuracy": mean_sd([r["val"]["accuracy"] for r in runs])}
+    return out

@@ -1,0 +1,381 @@
+"""oxoptim tune: search spaces, start-up checks, the Worker (reports, pruning, cross-validation,
+the test split never seen), the CLI end to end on SQLite, resume after a killed coordinator, and
+two workers sharing one study on a real PostgreSQL server with one of them killed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from oxoptim.training.config import DEFAULT_CONFIG_TOML, _toml_loads, parse_config  # noqa: E402
+from oxoptim.training.data import build_text_data, cv_fold, fold_indices  # noqa: E402
+from oxoptim.training.errors import ConfigError  # noqa: E402
+from oxoptim.training.search_space import find_params  # noqa: E402
+from oxoptim.training.toml_writer import dumps  # noqa: E402
+from oxoptim.training.tune import Worker, make_plan, open_study  # noqa: E402
+from oxoptim.training.tune_report import compute_spent  # noqa: E402
+from postgres_server import postgres_bin, postgres_server  # noqa: E402
+from training_jobs import reviews, run_cli, write_rows  # noqa: E402
+
+PLAN = """
+seed = 1
+threads = 1
+checkpoint_every = 0
+
+[tune]
+trials = {trials}
+pruner = {pruner}
+final_seeds = {final_seeds}
+heartbeat = 1
+
+[data]
+train = "reviews.jsonl"
+text_column = "review"
+label_column = "stars"
+max_len = 12
+split = [0.7, 0.15, 0.15]
+
+[model]
+embed_dim = 8
+hidden = {{ choice = [8, 16], default = 8 }}
+dropout = 0.1
+
+[[stages]]
+name = "warm"
+optimizer = {{ choice = ["adamw", "lion", "sgd"], default = "adamw" }}
+epochs = {epochs}
+batch_size = {{ choice = [16, 32], default = 16 }}
+lr = {{ log_uniform = [1e-3, 3e-2], default = 1e-2 }}
+adjust = [{{ rule = "restore_best", monitor = "val_accuracy" }}]
+"""
+
+
+def write_plan(tmp_path, n_reviews=240, trials=6, pruner='"median"', final_seeds=2, epochs=3):
+    rows = [(t, 5 if label == "pos" else 1) for t, label in reviews(n_reviews, seed=5)]
+    write_rows(tmp_path / "reviews.jsonl", rows, text_key="review", label_key="stars")
+    path = tmp_path / "plan.toml"
+    path.write_text(PLAN.format(trials=trials, pruner=pruner, final_seeds=final_seeds, epochs=epochs))
+    return path
+
+
+# ----- search spaces and start-up checks --------------------------------------------------------
+
+def test_space_names_kinds_and_defaults():
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"][0]["lr"] = {"log_uniform": [1e-4, 1e-2], "default": 3e-3}
+    raw["stages"][1]["optimizer"] = {"choice": ["adamw", "lion"], "default": "adamw"}
+    raw["stages"][1]["adjust"][1]["patience"] = {"int": [1, 3], "default": 2}
+    raw["model"]["hidden"] = {"int": [32, 128], "step": 32, "default": 64}
+    raw["stages"][0]["lr_schedule"] = {"choice": ["cosine", {"name": "linear", "warmup": 0.1}], "default": "cosine"}
+    params = {p.name: p for p in find_params(raw)}
+    assert set(params) == {"explore.lr", "swa.optimizer", "swa.adjust.1.patience", "model.hidden",
+                           "explore.lr_schedule"}
+    assert params["model.hidden"].contains(96) and not params["model.hidden"].contains(100)
+    assert params["explore.lr_schedule"].encoded_choices and not params["swa.optimizer"].encoded_choices
+    plan = make_plan(raw)
+    assert plan.settings.direction == "maximize" and plan.settings.trials == 24
+    # the defaults are the hand-written plan: the job they make is the default job
+    assert plan.job(plan.defaults) == parse_config(_toml_loads(DEFAULT_CONFIG_TOML))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"log_uniform": [0.0, 1e-2]}, "needs low > 0"),
+    ({"uniform": [0.5, 0.1]}, "needs low < high"),
+    ({"int": [1.5, 3]}, "two finite integers"),
+    ({"choice": []}, "non-empty list"),
+    ({"choice": [1, 1]}, "lists a value twice"),
+    ({"uniform": [0.1, 0.5], "choice": [1]}, "one distribution per setting"),
+    ({"uniform": [0.1, 0.5], "defualt": 0.2}, "did you mean 'default'"),
+    ({"uniform": [0.1, 0.5], "default": 0.7}, "is not in uniform"),
+    ({"uniform": [0.1, 0.5], "step": 2}, "step is a positive integer of an int distribution"),
+])
+def test_bad_distributions_name_the_setting(spec, message):
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"][0]["weight_decay"] = spec
+    with pytest.raises(ConfigError, match="explore.weight_decay") as e:
+        make_plan(raw)
+    assert message in str(e.value)
+
+
+def test_every_candidate_is_checked_at_start_up(tmp_path):
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"][1]["optimizer"] = {"choice": ["adamw", "adamww"]}  # the second is misspelled
+    with pytest.raises(ConfigError, match=r"swa.optimizer = \"adamww\".*did you mean 'adamw'"):
+        make_plan(raw)
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"][0]["lr"] = {"uniform": [-1e-3, 1e-2]}  # the low bound is not a valid lr
+    with pytest.raises(ConfigError, match="explore.lr = -0.001"):
+        make_plan(raw)
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["tune"] = {"pruner": "medain"}
+    raw["stages"][0]["lr"] = {"uniform": [1e-3, 1e-2]}
+    with pytest.raises(ConfigError, match="did you mean 'median'"):
+        make_plan(raw)
+    with pytest.raises(ConfigError, match="nothing to search"):
+        make_plan(_toml_loads(DEFAULT_CONFIG_TOML))
+    some = _toml_loads(DEFAULT_CONFIG_TOML)
+    some["stages"][0]["lr"] = {"uniform": [1e-3, 1e-2], "default": 3e-3}
+    some["stages"][1]["lr"] = {"uniform": [1e-3, 1e-2]}
+    with pytest.raises(ConfigError, match="not for swa.lr"):
+        make_plan(some)
+    # from the command line: one line, exit status 2, nothing made
+    path = write_plan(tmp_path)
+    path.write_text(path.read_text().replace('"sgd"]', '"sgdd"]'))
+    r = run_cli(["tune", "--config", str(path), "--run-dir", str(tmp_path / "run")], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "did you mean 'sgd'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text", [DEFAULT_CONFIG_TOML, open(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                         "lm.toml"), encoding="utf-8").read()])
+def test_toml_writer_round_trips(text):
+    cfg = parse_config(_toml_loads(text))
+    assert _toml_loads(dumps(cfg, "a header\nof two lines")) == cfg
+    odd = {"s": 'quote " back\\slash \n 中文', "f": [1e-300, -0.0, 2.5e20, math.inf], "b": True,
+           "t": {"odd key": 1, "nested": {"x": [1, 2]}}, "rows": [{"a": 1}, {"a": {"b": "c"}}], "e": {}}
+    back = _toml_loads(dumps(odd))
+    assert back == odd and math.copysign(1.0, back["f"][1]) == -1.0
+
+
+# ----- the Worker ------------------------------------------------------------------------------
+
+class FakeJob:
+    """Stands in for run_job: validation accuracy per epoch from the trial's lr, records the calls."""
+
+    def __init__(self, epochs=4):
+        self.calls, self.epochs = [], epochs
+
+    def __call__(self, cfg, run_dir, quiet=False, on_record=None, evaluate_test=True, fold=None, announce=True):
+        self.calls.append({"lr": cfg["stages"][0]["lr"], "evaluate_test": evaluate_test, "fold": fold})
+        lr = cfg["stages"][0]["lr"]
+        acc = 0.0
+        for e in range(self.epochs):
+            acc = min(1.0, lr * 10 * (e + 1) / self.epochs) + (fold[1] * 0.01 if fold else 0.0)
+            on_record({"global_epoch": e + 1, "val_accuracy": acc})
+        return {"val": {"accuracy": acc, "loss": 1 - acc}}
+
+
+def fake_plan(tune: dict, epochs=4):
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [dict(raw["stages"][0], epochs=epochs, lr={"uniform": [0.0, 0.1]})]
+    raw["tune"] = dict({"heartbeat": 1}, **tune)
+    return make_plan(raw)
+
+
+def test_worker_reports_prunes_and_never_tests(tmp_path):
+    plan = fake_plan({"pruner": {"name": "median", "startup_trials": 2, "warmup_epochs": 0}, "seed": 3})
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "w", create=True)
+    job = FakeJob()
+    Worker(plan, study, str(tmp_path), trials=12, say=lambda *a: None, run_job=job).work()
+    trials = study.get_trials()
+    assert len(trials) == 12 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert all(not c["evaluate_test"] for c in job.calls)  # the search never sees the test split
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned, "a median pruner with these scores must prune some trials"
+    for t in trials:
+        lr = t.params["explore.lr"]
+        expected = [min(1.0, lr * 10 * (e + 1) / 4) for e in range(4)]
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(len(steps)))  # a report after every epoch
+        assert [t.intermediate_values[s] for s in steps] == pytest.approx(expected[:len(steps)])
+        assert t.user_attrs["epochs_run"] == len(steps)
+        if t.state.name == "PRUNED":
+            assert len(steps) < 4  # stopped before the plan's end
+            # pruned only when below the median of the earlier completed trials at that epoch
+            s = steps[-1]
+            earlier = [u.intermediate_values[s] for u in trials if u.number < t.number and u.state.name == "COMPLETE"]
+            assert len(earlier) >= 2 and t.intermediate_values[s] < statistics.median(earlier)
+        else:
+            assert t.value == pytest.approx(expected[-1])
+    spent = compute_spent(study)
+    assert spent["epochs_run"] == sum(t.user_attrs["epochs_run"] for t in trials)
+    assert spent["epochs_unpruned"] == 4 * len(trials) and spent["fraction"] < 1
+
+
+def test_worker_cross_validation(tmp_path):
+    plan = fake_plan({"cv_folds": 3, "pruner": "none"})
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "cv", create=True)
+    job = FakeJob()
+    Worker(plan, study, str(tmp_path), trials=2, say=lambda *a: None, run_job=job).work()
+    assert [c["fold"] for c in job.calls] == [(3, 0), (3, 1), (3, 2)] * 2
+    for t in study.get_trials():
+        lr = t.params["explore.lr"]
+        scores = [min(1.0, lr * 10) + 0.01 * i for i in range(3)]
+        assert t.user_attrs["fold_scores"] == pytest.approx(scores)
+        assert t.value == pytest.approx(sum(scores) / 3)
+        assert sorted(t.intermediate_values) == [0, 1, 2]  # the running mean after each fold
+        assert t.user_attrs["epochs_run"] == 12 and t.user_attrs["epochs_planned"] == 12
+
+
+def test_cv_folds_come_from_the_training_split_only(tmp_path):
+    write_rows(tmp_path / "r.jsonl", reviews(200, seed=2))
+    data = build_text_data(train=str(tmp_path / "r.jsonl"), max_len=12, split=(0.6, 0.2, 0.2), seed=0)
+    folds = fold_indices(len(data["raw"]["train"]), 4, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(len(data["raw"]["train"])))
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    outside = {t for t, _ in data["raw"]["val"] + data["raw"]["test"]}
+    seen_as_val = []
+    for i in range(4):
+        d = cv_fold(data, 4, i, seed=0, max_len=12)
+        train, val = [t for t, _ in d["raw"]["train"]], [t for t, _ in d["raw"]["val"]]
+        assert not set(train) & set(val) and not (set(train) | set(val)) & outside
+        assert len(train) + len(val) == len(data["raw"]["train"])
+        # the vocabulary is the fold's training texts' characters, nothing of the held-out fold
+        assert set(d["vocab"].itos[2:]) == {c for t in train for c in t}
+        assert len(d["train"]) == len(train) and len(d["val"]) == len(val)
+        seen_as_val += val
+    assert sorted(seen_as_val) == sorted(t for t, _ in data["raw"]["train"])
+
+
+# ----- the CLI on SQLite ---------------------------------------------------------------------------
+
+def test_tune_end_to_end_two_jobs(tmp_path):
+    plan = write_plan(tmp_path, trials=6, pruner='{ name = "median", startup_trials = 2, warmup_epochs = 0 }')
+    run = tmp_path / "run"
+    r = run_cli(["tune", "--config", str(plan), "--run-dir", str(run), "--jobs", "2"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("best.toml", "trials.md", "trials.csv", "tune_summary.json", "study.db",
+                 "optimization_history.png", "param_importances.png", "intermediate_values.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "tune_summary.json").read_text())
+    assert summary["missing_outputs"] == {}
+    study = optuna.load_study(study_name="oxoptim", storage=f"sqlite:///{run}/study.db")
+    finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 6  # exactly the trials asked for, between the two processes
+    first = study.trials[0]
+    assert first.user_attrs["baseline"] and first.params == {"model.hidden": 8, "warm.optimizer": "adamw",
+                                                             "warm.batch_size": 16, "warm.lr": 1e-2}
+    for t in finished:  # the search never evaluated the test split
+        records = (tmp_path / t.user_attrs["run_dir"] / "metrics.jsonl").read_text()
+        assert "val_accuracy" in records and "test" not in records
+        if t.state.name == "COMPLETE":
+            s = json.loads((tmp_path / t.user_attrs["run_dir"] / "summary.json").read_text())
+            assert "test" not in s and "val" in s
+    # the best plan reproduces its trial's validation score exactly when trained from best.toml
+    best = study.best_trial
+    r2 = run_cli(["train", "--config", str(run / "best.toml"), "--run-dir", str(tmp_path / "again"), "--quiet"],
+                 cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["val"]["accuracy"] == best.value
+    # the final runs: best and hand-written plans, 2 seeds each, tested once each
+    final = summary["final"]
+    assert set(final) == {"best", "default"}
+    for label in final:
+        assert [x["seed"] for x in final[label]["runs"]] == [1, 2]
+        assert all(x["test"] is not None for x in final[label]["runs"])
+    assert summary["compute"]["epochs_run"] == sum(t.user_attrs["epochs_run"] for t in finished)
+    assert "best: trial" in r.stdout and "compute:" in r.stdout
+
+
+def _wait_for(predicate, timeout, what):
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _trials(url, name="oxoptim"):
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials()
+    except Exception:  # not created yet
+        return []
+
+
+def _spawn(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "oxoptim")] + list(args)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _check_killed_trial_retried(trials, n, victim_trial):
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == n
+    failed = [t for t in trials if t.state.name == "FAIL" and not t.user_attrs.get("surplus")]
+    assert [t.number for t in failed] == [victim_trial.number]  # only the running trial was lost
+    retries = [t for t in finished if t.system_attrs.get("failed_trial") == victim_trial.number]
+    assert len(retries) == 1 and retries[0].params == victim_trial.params  # and it ran again, once
+
+
+def test_resume_after_the_coordinator_is_killed(tmp_path):
+    plan = write_plan(tmp_path, n_reviews=600, trials=4, pruner='"none"', final_seeds=0, epochs=6)
+    run = tmp_path / "run"
+    url = f"sqlite:///{run}/study.db"
+    args = ["tune", "--config", str(plan), "--run-dir", str(run)]
+    p = _spawn(args, tmp_path)
+    _wait_for(lambda: any(t.state.name == "COMPLETE" for t in _trials(url))
+              and any(t.state.name == "RUNNING" for t in _trials(url)), 300, "a trial done and one running")
+    victim = next(t for t in _trials(url) if t.state.name == "RUNNING")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = run_cli(args, cwd=tmp_path, timeout=600)  # the same command again continues the study
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check_killed_trial_retried(_trials(url), 4, victim)
+    assert (run / "best.toml").is_file()
+
+
+# ----- PostgreSQL: two workers on one study, one killed ------------------------------------------
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the PostgreSQL tests: install Debian's postgresql package (.ci/run does)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    with postgres_server() as url:
+        yield url
+
+
+def test_two_workers_share_a_postgres_study_and_survive_a_kill(tmp_path, postgres_url):
+    n = 6
+    plan = write_plan(tmp_path, n_reviews=600, trials=n, pruner='"none"', final_seeds=0, epochs=6)
+    common = ["tune", "--config", str(plan), "--storage", postgres_url, "--study", "shared"]
+    a = _spawn(common + ["--run-dir", str(tmp_path / "a")], tmp_path)
+    _wait_for(lambda: _trials(postgres_url, "shared"), 120, "the study")
+    b = _spawn(common + ["--run-dir", str(tmp_path / "b"), "--worker-only"], tmp_path)
+
+    def b_done_one_and_running():
+        ts = _trials(postgres_url, "shared")
+        mine = [t for t in ts if t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
+        return any(t.state.name == "COMPLETE" for t in mine) and any(t.state.name == "RUNNING" for t in mine)
+
+    _wait_for(b_done_one_and_running, 300, "worker b to finish a trial and start another")
+    victim = next(t for t in _trials(postgres_url, "shared")
+                  if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{b.pid}"))
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    out, _ = a.communicate(timeout=600)
+    assert a.returncode == 0, out
+    trials = _trials(postgres_url, "shared")
+    _check_killed_trial_retried(trials, n, victim)
+    workers = {t.user_attrs["worker"] for t in trials if t.state.name == "COMPLETE"}
+    assert len(workers) == 2  # both did trials; no trial ran twice (one finished trial per number)
+    assert (tmp_path / "a" / "best.toml").is_file()
+
+
+def test_a_fold_runs_through_the_real_job(tmp_path):
+    from oxoptim.training.job import run_job
+    from oxoptim.training.tune import load_plan
+
+    plan = load_plan(str(write_plan(tmp_path, epochs=2)))
+    job = plan.job(plan.defaults)
+    records = []
+    summary = run_job(job, str(tmp_path / "fold"), quiet=True, on_record=records.append, evaluate_test=False,
+                      fold=(3, 1), announce=False)
+    kept = summary["data"]["kept"]["train"]
+    assert summary["fold"] == [3, 1] and "test" not in summary
+    assert summary["data"]["fold"] == {"k": 3, "index": 1, "train": kept - kept // 3, "val": kept // 3}
+    assert [r["global_epoch"] for r in records] == [1, 2]
