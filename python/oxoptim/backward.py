@@ -118,6 +118,10 @@ class ClipPreviousNorm:
 Clip = Union[ClipPerParameter, ClipPreviousNorm, None]
 
 
+def _clip_coefficient(clip: ClipPreviousNorm, norm: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(clip.max_norm / (norm + 1e-6), max=1.0)
+
+
 class _Bucket:
     """Parameters of one group updated by one native call once all their gradients are in."""
 
@@ -141,7 +145,8 @@ class StepInBackward:
     Args:
         optimizer: a Rust-backed oxoptim optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
             ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``, ``ASGD``, ``Rprop``).
-        accumulate: micro-batches (backward passes) per ``optimizer.step()``.
+        accumulate: micro-batches (backward passes) per ``optimizer.step()``; may be changed
+            between iterations (a short last batch with fewer micro-batches).
         accumulation: ``"gradient"`` (exact, ``p.grad`` is the buffer) or ``"optimizer"``
             (Adam/AdamW: micro-batches absorbed into the moments, no buffer).
         clip: ``ClipPerParameter(max_norm)``, ``ClipPreviousNorm(max_norm)`` or None.
@@ -294,6 +299,21 @@ class StepInBackward:
         for p in params:
             self._bucket_of[p] = bucket
 
+    # -- checkpoints ----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the next iteration depends on beyond the optimizer: the previous iteration's
+        gradient norm (``ClipPreviousNorm``). Saved between iterations."""
+        return {"grad_norm": None if self.grad_norm is None else self.grad_norm.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        norm = state.get("grad_norm")
+        self.grad_norm = None if norm is None else norm.clone()
+        clip = self.clip
+        if isinstance(clip, ClipPreviousNorm) and self.grad_norm is not None:
+            self._coef = _clip_coefficient(clip, self.grad_norm)
+        else:
+            self._coef = None
+
     # -- during backward ----------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
         with self._lock:  # backward may run hooks on several device threads
@@ -423,7 +443,7 @@ class StepInBackward:
             return
         total = torch.linalg.vector_norm(torch.stack(norms), clip.norm_type)
         self.grad_norm = total
-        self._coef = torch.clamp(clip.max_norm / (total + 1e-6), max=1.0)
+        self._coef = _clip_coefficient(clip, total)
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, []

@@ -41,12 +41,22 @@ class Phase:
     averager: Any  # oxoptim.ParamAverager or None
     base_lrs: List[Optional[float]]
     overrides: Dict[str, Any]
+    in_backward: Any = None  # the StepInBackward context of a step_in_backward stage, while it lasts
 
     @classmethod
     def make(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
-             carried: Optional[dict] = None) -> "Phase":
+             carried: Optional[dict] = None, ddp: Optional[nn.Module] = None) -> "Phase":
         """The stage's optimizer (and averager); with ``carried`` (the previous stage's optimizer
-        state, for a ``continue_optimizer`` stage) its per-parameter state continues."""
+        state, for a ``continue_optimizer`` stage) its per-parameter state continues. A
+        ``step_in_backward`` stage's optimizer then steps inside backward (through ``ddp``'s
+        communication hook when distributed) until :meth:`close`."""
+        ph = cls._build(stage, model, steps_per_epoch, overrides, carried)
+        ph._step_in_backward(stage, ddp)
+        return ph
+
+    @classmethod
+    def _build(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
+               carried: Optional[dict] = None) -> "Phase":
         if stage.per_layer or hasattr(model, "layer_groups"):
             groups, factors = layer_groups(stage, model)
             params = [p for g in groups for p in g]
@@ -76,14 +86,32 @@ class Phase:
         return cls(opt, averager, base_lrs, dict(overrides))
 
     @classmethod
-    def load(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, saved: dict) -> "Phase":
-        ph = cls.make(stage, model, steps_per_epoch, saved["overrides"])
-        ph.optimizer.load_state_dict(saved["optimizer"])
+    def load(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, saved: dict,
+             ddp: Optional[nn.Module] = None) -> "Phase":
+        ph = cls._build(stage, model, steps_per_epoch, saved["overrides"])
+        ph.optimizer.load_state_dict(saved["optimizer"])  # new group dicts: the hooks come after
         if _schedule_free(ph.optimizer):
             ph.optimizer.train()  # checkpoints are saved in train mode: a no-op, kept for older ones
         if ph.averager is not None and saved["averager"] is not None:
             ph.averager.load_state_dict(saved["averager"])
+        ph._step_in_backward(stage, ddp)
+        if ph.in_backward is not None and saved.get("in_backward") is not None:
+            ph.in_backward.load_state_dict(saved["in_backward"])
         return ph
+
+    def _step_in_backward(self, stage: Stage, ddp: Optional[nn.Module]) -> None:
+        if stage.step_in_backward:
+            from oxoptim.backward import StepInBackward
+
+            self.in_backward = StepInBackward(self.optimizer, accumulate=stage.accumulate,
+                                              accumulation=stage.accumulation, clip=stage.backward_clip(),
+                                              ddp=ddp).__enter__()
+
+    def close(self) -> None:
+        """Removes a step_in_backward stage's hooks (the phase is over, or training stopped)."""
+        if self.in_backward is not None:
+            self.in_backward.close()
+            self.in_backward = None
 
     def carry(self) -> dict:
         """What a ``continue_optimizer`` stage takes over: per-parameter state and the group sizes."""
@@ -95,6 +123,7 @@ class Phase:
             "optimizer": self.optimizer.state_dict(),
             "averager": self.averager.state_dict() if self.averager is not None else None,
             "overrides": self.overrides,
+            "in_backward": self.in_backward.state_dict() if self.in_backward is not None else None,
         }
 
     @contextlib.contextmanager

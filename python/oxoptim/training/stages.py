@@ -10,6 +10,12 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from .errors import choices, integer, number, unknown_name
+
+
+def choices_of(label: str, value: Any, valid: tuple) -> str:
+    if value not in valid:
+        raise ValueError(unknown_name(label, value, valid))
+    return value
 from .rules import Trial, make_rule
 
 __all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "optimizer_arguments", "OPTIMIZERS",
@@ -41,9 +47,12 @@ OPTIMIZERS = {
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
-              "layer_lr_decay", "continue_optimizer")
+              "layer_lr_decay", "continue_optimizer", "accumulate", "step_in_backward", "accumulation",
+              "grad_clip_mode")
 TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
+CLIP_MODES = ("global", "per_parameter", "previous_norm")
+ACCUMULATIONS = ("gradient", "optimizer")
 
 
 def resolve_optimizer(spec: Union[str, type]) -> type:
@@ -129,8 +138,18 @@ class Stage:
             uses the averaged weights, which replace the model's at the end of the stage.
         average_decay / average_start_epoch: EMA decay and the epoch (within the stage)
             from which averaging starts.
-        grad_clip: if set, gradients are clipped to this total L2 norm before each step
-            (:func:`oxoptim.clip_grad_norm_`).
+        grad_clip: if set, gradients are clipped to this L2 norm before each step: their total
+            norm (``grad_clip_mode = "global"``, :func:`oxoptim.clip_grad_norm_`), each
+            parameter's own (``"per_parameter"``), or, with ``step_in_backward``, scaled by
+            the previous step's total norm (``"previous_norm"``, :class:`oxoptim.backward.ClipPreviousNorm`).
+        accumulate: micro-batches per optimizer step: each batch runs as ``accumulate`` forward
+            and backward passes whose gradients add up to the batch's (mini-batch stages).
+        step_in_backward: update each parameter inside backward, as soon as its gradient is
+            complete, and release the gradient (:func:`oxoptim.step_in_backward`); not with
+            adversarial steps (two backward passes per step) or full-batch stages.
+        accumulation: with ``step_in_backward`` and ``accumulate > 1``: ``"gradient"`` (exact,
+            ``p.grad`` is the buffer) or ``"optimizer"`` (Adam/AdamW: micro-batches absorbed into
+            the moments, no gradient buffer).
         adversarial: if > 0, each step also back-propagates the loss at embeddings perturbed
             by this L2 radius per example in the direction that raises the loss
             (:class:`~oxoptim.training.adversarial.EmbeddingAdversary`); twice the compute.
@@ -164,6 +183,10 @@ class Stage:
     trainable: str = "all"
     layer_lr_decay: float = 1.0
     continue_optimizer: bool = False
+    accumulate: int = 1
+    step_in_backward: bool = False
+    accumulation: str = "gradient"
+    grad_clip_mode: str = "global"
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -184,6 +207,10 @@ class Stage:
         trainable: str = "all",
         layer_lr_decay: float = 1.0,
         continue_optimizer: bool = False,
+        accumulate: int = 1,
+        step_in_backward: bool = False,
+        accumulation: str = "gradient",
+        grad_clip_mode: str = "global",
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -217,10 +244,47 @@ class Stage:
             if not isinstance(continue_optimizer, bool):
                 raise ValueError(f"continue_optimizer must be true or false, not {continue_optimizer!r}")
             self.continue_optimizer = continue_optimizer
+            self.accumulate = integer("accumulate", accumulate, 1)
+            if not isinstance(step_in_backward, bool):
+                raise ValueError(f"step_in_backward must be true or false, not {step_in_backward!r}")
+            self.step_in_backward = step_in_backward
+            self.accumulation = choices_of("accumulation", accumulation, ACCUMULATIONS)
+            self.grad_clip_mode = choices_of("grad_clip_mode", grad_clip_mode, CLIP_MODES)
+            self._check_backward_options()
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
         self.validate()
+
+    def _check_backward_options(self) -> None:
+        """Combinations of accumulation, clipping and the step inside backward that cannot be honoured."""
+        if self.full_batch and self.accumulate > 1:
+            raise ValueError("accumulate is for mini-batch stages (a full-batch stage accumulates over micro_batch)")
+        if not self.full_batch and self.accumulate > int(self.batch_size):
+            raise ValueError(f"accumulate ({self.accumulate}) must be <= batch_size ({self.batch_size}): each "
+                             f"micro-batch needs an example")
+        if not self.step_in_backward:
+            if self.grad_clip_mode == "previous_norm":
+                raise ValueError("grad_clip_mode 'previous_norm' is for step_in_backward stages")
+            if self.accumulation != "gradient":
+                raise ValueError("accumulation 'optimizer' is for step_in_backward stages")
+            return
+        if self.full_batch:
+            raise ValueError("step_in_backward is for mini-batch stages, not batch_size 'full'")
+        if self.adversarial:
+            raise ValueError("step_in_backward cannot take adversarial steps: they run two backward passes per step "
+                             "and the first would already update the parameters")
+        if self.grad_clip and self.grad_clip_mode == "global":
+            raise ValueError("with step_in_backward the global gradient norm is known only after every parameter "
+                             "was updated: set grad_clip_mode to 'per_parameter' or 'previous_norm'")
+
+    def backward_clip(self) -> Any:
+        """The clipping a step_in_backward stage hands to :func:`oxoptim.step_in_backward`."""
+        from oxoptim.backward import ClipPerParameter, ClipPreviousNorm
+
+        if not self.grad_clip:
+            return None
+        return (ClipPerParameter if self.grad_clip_mode == "per_parameter" else ClipPreviousNorm)(self.grad_clip)
 
     def validate(self) -> None:
         """Checks the rules and the optimizer: its name, its argument names, and their values, by
@@ -243,7 +307,12 @@ class Stage:
                         raise ValueError("trial: " + unknown_name("optimizer argument", key, names))
                 kwargs = {**self.optimizer_kwargs, **overrides}
                 try:
-                    cls([torch.zeros(1, requires_grad=True)], **kwargs)
+                    opt = cls([torch.zeros(1, requires_grad=True)], **kwargs)
+                    if self.step_in_backward:  # its own checks: a Rust-backed optimizer, the options
+                        from oxoptim.backward import StepInBackward
+
+                        StepInBackward(opt, accumulate=self.accumulate, accumulation=self.accumulation,
+                                       clip=self.backward_clip())
                 except (ValueError, TypeError) as e:
                     where = f"trial candidate {overrides}: " if overrides else ""
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
@@ -280,7 +349,9 @@ class Stage:
             f", {self.steps_per_epoch} steps/epoch" if self.steps_per_epoch and not self.full_batch else "") + (
             f", train {self.trainable}" if self.trainable != "all" else "") + (
             f", layer LR decay {self.layer_lr_decay:g}" if self.layer_lr_decay != 1.0 else "") + (
-            ", continues the optimizer" if self.continue_optimizer else "")
+            ", continues the optimizer" if self.continue_optimizer else "") + (
+            f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else "") + (
+            ", step in backward" if self.step_in_backward else "")
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:

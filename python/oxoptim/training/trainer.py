@@ -95,12 +95,16 @@ class Trainer:
         self.task = task
         self.model = model
         self.stages = list(stages)
+        distributed = Processes.detect().distributed
         for st in self.stages:  # again: rules may have been added since the stage was made
             st.validate()
             try:
                 check_monitors(st.adjust, monitorable(task.metric_modes))
             except ValueError as e:
                 raise ValueError(f"stage {st.name!r}: {e}") from e
+            if st.step_in_backward and st.accumulate > 1 and distributed:
+                raise ValueError(f"stage {st.name!r}: under DDP, step_in_backward takes accumulate = 1 (it updates "
+                                 f"each bucket after its allreduce)")
             if st.per_layer and not hasattr(model, "layer_groups"):
                 raise ValueError(f"stage {st.name!r}: trainable/layer_lr_decay need a model with layer_groups() "
                                  f"(parameter lists from the input up), which {type(model).__name__} lacks")
@@ -190,8 +194,12 @@ class Trainer:
         self._t0, self._elapsed_base = time.time(), self.run.elapsed
         self.progress.check_optional_outputs()
         self.model.train()
-        while self.run.pos.stage < len(self.stages) and not self.run.stopped:
-            self._run_stage()
+        try:
+            while self.run.pos.stage < len(self.stages) and not self.run.stopped:
+                self._run_stage()
+        finally:  # a step_in_backward stage's hooks never outlive the run (an error, a pruned trial)
+            if self.phase is not None:
+                self.phase.close()
         self.run.elapsed = self.elapsed_now()
         self._finish()
         return self.run.history
@@ -233,7 +241,7 @@ class Trainer:
             if trial.score_better(score, None if ss.trial_best is None else ss.trial_best.score):
                 ss.trial_best = TrialBest(score, k, clone_state(self.model.state_dict()), self.phase.state_dict(),
                                           torch.get_rng_state())
-            self.phase = None
+            self._drop_phase()
             if k + 1 < len(trial.candidates):
                 assert ss.trial_start is not None
                 self.load_model_state(ss.trial_start)
@@ -281,17 +289,25 @@ class Trainer:
         next_stage = len(self.stages) if self.run.stopped else self.run.pos.stage + 1
         wants = next_stage < len(self.stages) and self.stages[next_stage].continue_optimizer
         self.run.carried = self.phase.carry() if wants and self.phase is not None else None
-        self.phase = None
+        self._drop_phase()
         self.run.pos.stage = next_stage
         self.run.pos.at(trial=None, epoch=0)
         self.run.stage = StageState()
 
     def make_phase(self, overrides: Mapping[str, Any]) -> Phase:
         return Phase.make(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), dict(overrides),
-                          self.run.carried)
+                          self.run.carried, ddp=self._ddp())
 
     def load_phase(self, saved: dict) -> Phase:
-        return Phase.load(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), saved)
+        return Phase.load(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), saved, ddp=self._ddp())
+
+    def _ddp(self) -> Optional[nn.Module]:
+        return self.net if self.procs.distributed else None
+
+    def _drop_phase(self) -> None:
+        if self.phase is not None:
+            self.phase.close()
+        self.phase = None
 
     # ----- an epoch and a step --------------------------------------------------------------
 
@@ -355,25 +371,46 @@ class Trainer:
             bs = int(st.batch_size)
             assert order is not None
             idx = self.procs.shard(order[b * bs:(b + 1) * bs])
-            loss_sum, n = self._forward_backward(self.net, idx).item() * len(idx), len(idx)
-        if st.grad_clip:
+            loss_sum, n = self._batch_gradient(idx), len(idx)
+        if st.grad_clip and not st.step_in_backward:  # inside backward, the hooks clip
             import oxoptim
 
-            oxoptim.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], st.grad_clip)
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            for params in ([trained] if st.grad_clip_mode == "global" else [[p] for p in trained]):
+                oxoptim.clip_grad_norm_(params, st.grad_clip)
         ph.step()
         run.global_step += 1
         run.pos.batch = b + 1
         run.running.add(loss_sum, n)
         return lr, n
 
-    def _forward_backward(self, net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        """Loss on the training examples ``idx``, back-propagated (plus the adversarial term if the
-        stage has one)."""
+    def _batch_gradient(self, idx: torch.Tensor) -> float:
+        """Back-propagates the mean loss over ``idx`` (in ``accumulate`` micro-batches, each loss
+        weighted by its share of the batch, DDP synchronising on the last); returns the loss sum."""
+        k = self.stage.accumulate
+        if k == 1:
+            return self._forward_backward(self.net, idx).item() * len(idx)
+        parts = [part for part in torch.tensor_split(idx, k) if len(part)]
+        in_backward = self.phase.in_backward if self.phase is not None else None
+        if in_backward is not None:  # a last batch smaller than k: fewer micro-batches in this step
+            in_backward.accumulate = len(parts)
+        total = 0.0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last else getattr(self.net, "no_sync", contextlib.nullcontext)()
+            with sync:
+                total += self._forward_backward(self.net, part, len(part) / len(idx)).item() * len(idx)
+        return total
+
+    def _forward_backward(self, net: nn.Module, idx: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """Loss on the training examples ``idx`` times ``weight``, back-propagated (plus the
+        adversarial term if the stage has one)."""
         task = self.task
         batch = task.batch(task.train, idx)
 
         def loss() -> torch.Tensor:
-            return task.loss(task.forward(net, batch), batch)
+            value = task.loss(task.forward(net, batch), batch)
+            return value if weight == 1.0 else value * weight
 
         eps = self.stage.adversarial
         if not eps:
