@@ -4,6 +4,7 @@ sentiment), its pieces (model, corpus, task, per-layer stages, metric directions
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -16,7 +17,7 @@ from oxoptim.training.gpt import GPT, GPTClassifier
 from oxoptim.training.rules import check_monitors, monitorable
 from oxoptim.training.tasks import LanguageModelTask
 
-from training_jobs import assert_same_run, run_cli
+from training_jobs import assert_same_run, oxoptim_command, run_cli
 
 pytest.importorskip("snownlp")
 
@@ -412,3 +413,20 @@ def test_continue_optimizer_is_one_optimizer_through_stages():
     Trainer(fresh, F.cross_entropy, (x, y), (x, y), [Stage(s.name, "adamw", epochs=1, batch_size=64, lr=lr)
                                                   for s, lr in zip(stages, lrs)], metrics=[], quiet=True).fit()
     assert not torch.allclose(fresh.weight, m.weight)
+
+
+def test_two_runs_at_once_pretrain_once(tmp_path):
+    """Two jobs started together (search trials, parallel runs) share the pretrained folder: a lock
+    makes one pretrain while the other waits, then reuses that model."""
+    (tmp_path / "lm.toml").write_text(TINY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = oxoptim_command() + ["train", "--config", "lm.toml", "--run-dir"]
+    procs = [subprocess.Popen(cmd + [f"runs/{name}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum("pretrain: starting" in o for o in outs) == 1, outs
+    assert sum("pretrain: reusing" in o for o in outs) == 1, outs
+    reused = [json.loads((tmp_path / "runs" / n / "summary.json").read_text())["pretrain"]["reused"] for n in "ab"]
+    assert sorted(reused) == [False, True]
+    assert_same_run(tmp_path / "runs" / "a", tmp_path / "runs" / "b")

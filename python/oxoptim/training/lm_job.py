@@ -10,11 +10,12 @@ pretraining continues from its checkpoints.
 from __future__ import annotations
 
 import copy
+import contextlib
 import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from .errors import ConfigError, integer, number, unknown_name
 
@@ -112,6 +113,36 @@ def pretrain_key(cfg: dict, corpus_digest: str) -> str:
 
 def _pretrain(cfg: dict, corpus, run_dir: str, quiet: bool, say: Callable[[str], None]) -> Dict[str, Any]:
     """The pretrained body's weights (trained now, continued from a killed run, or reused) and a report."""
+    cache = cfg["pretrain"].get("cache_dir") or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "pretrained")
+    pdir = os.path.join(cache, f"gpt-{pretrain_key(cfg, corpus.digest)}")
+    os.makedirs(cache, exist_ok=True)
+    with _exclusive(pdir + ".lock", lambda: say(f"pretrain: waiting for the process pretraining in {pdir}")):
+        return _pretrain_locked(cfg, corpus, pdir, quiet, say)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str, on_wait: Callable[[], None]) -> Iterator[None]:
+    """An exclusive lock on ``path`` (flock: released when the process dies, even by kill -9), so
+    that two runs (search trials, parallel jobs) never pretrain into one folder at once: the
+    second waits, then reuses the first's model."""
+    with open(path, "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pretrain_locked(cfg: dict, corpus, pdir: str, quiet: bool, say: Callable[[str], None]) -> Dict[str, Any]:
     import torch
 
     from .checkpoint import list_checkpoints
@@ -120,8 +151,6 @@ def _pretrain(cfg: dict, corpus, run_dir: str, quiet: bool, say: Callable[[str],
     from .tasks import LanguageModelTask
     from .trainer import Trainer
 
-    cache = cfg["pretrain"].get("cache_dir") or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "pretrained")
-    pdir = os.path.join(cache, f"gpt-{pretrain_key(cfg, corpus.digest)}")
     final, summary_path = os.path.join(pdir, "final.pt"), os.path.join(pdir, "summary.json")
     if os.path.isfile(final) and os.path.isfile(summary_path):
         say(f"pretrain: reusing {pdir}")
