@@ -110,25 +110,26 @@ for mod in (oxoptim, oxoptim._core):
 print(f"backend {oxoptim.simd_backend()}, supported {oxoptim.supported_backends()}, version {oxoptim.__version__}")
 EOF
 
-run_tests() {  # $1: label; remaining: env assignments
-    local label="$1"; shift
+run_tests() {  # $1: label; $2: pytest -m expression ("" = every test); remaining: env assignments
+    local label="$1" marks="$2"; shift 2
     step "pytest against the installed wheel ($label)"
     env "$@" "$VPY" -c 'import oxoptim, os; print("oxoptim from", oxoptim.__file__, "backend", oxoptim.simd_backend())'
     set +e
     # --import-mode=importlib: test files are not put on sys.path and the
     # rootdir is the temp copy, so `import oxoptim` can only find the wheel;
     # the copied tests/ goes on PYTHONPATH for its own helper modules.
-    env PYTHONPATH="$RUN/tests" "$@" "$VPY" -m pytest -p no:cacheprovider --import-mode=importlib --rootdir "$RUN" $PYTEST_ARGS -ra tests
+    env PYTHONPATH="$RUN/tests" "$@" "$VPY" -m pytest -p no:cacheprovider --import-mode=importlib --rootdir "$RUN" -m "$marks" $PYTEST_ARGS -ra tests
     local rc=$?
     set -e
     if [[ $rc -eq 5 ]]; then echo "FAIL ($label): no tests collected from $TESTS_DIR"; exit 1; fi
     if [[ $rc -ne 0 ]]; then echo "FAIL ($label): pytest exit $rc"; exit $rc; fi
 }
 
-run_tests "dispatched SIMD"
+run_tests "dispatched SIMD" ""
 # Scalar leg: the env var must actually take effect in the installed build.
 OXOPTIM_SIMD=scalar "$VPY" -c 'import oxoptim; b = oxoptim.simd_backend(); assert b == "scalar", f"OXOPTIM_SIMD=scalar gave {b!r}"; print("scalar forced:", b)'
-run_tests "OXOPTIM_SIMD=scalar" OXOPTIM_SIMD=scalar
+# (whole training jobs, searches and servers in subprocesses exercise no other kernel path: not twice)
+run_tests "OXOPTIM_SIMD=scalar" "not integration" OXOPTIM_SIMD=scalar
 
 # ---------------------------------------------------------------- 3. sdist -> wheel
 if [[ "${SKIP_SDIST:-0}" != 1 ]]; then

@@ -6,3 +6,9 @@ from hypothesis import settings
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("dev", max_examples=20, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "integration: whole training jobs, searches or servers in subprocesses (the wheel check's "
+        "scalar leg leaves them out: they exercise no other kernel path)")

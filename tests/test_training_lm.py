@@ -415,6 +415,7 @@ def test_continue_optimizer_is_one_optimizer_through_stages():
     assert not torch.allclose(fresh.weight, m.weight)
 
 
+@pytest.mark.integration
 def test_two_runs_at_once_pretrain_once(tmp_path):
     """Two jobs started together (search trials, parallel runs) share the pretrained folder: a lock
     makes one pretrain while the other waits, then reuses that model."""

@@ -11,6 +11,8 @@ import torch
 
 from oxoptim.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.integration  # whole jobs in subprocesses
+
 # A small job with dropout (RNG), a trial, adversarial embedding steps, plateau rules, restore-best
 # and three optimizers (Schedule-Free's train/eval switch around validation and checkpoints).
 JOB = r'''

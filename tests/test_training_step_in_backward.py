@@ -186,6 +186,7 @@ def _run(tmp_path, run_dir, resume=False, kill=False):
     return p.returncode
 
 
+@pytest.mark.integration
 def test_resume_of_step_in_backward_stages_is_bit_identical(tmp_path):
     """Killed mid-stage with previous-norm clipping (whose last norm is in the checkpoint) and
     resumed: the same weights and records as an uninterrupted run."""

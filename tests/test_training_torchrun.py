@@ -11,6 +11,8 @@ import torch
 from oxoptim.training.checkpoint import list_checkpoints
 from training_jobs import TORCHRUN, assert_same_run, evaluate_final, reviews, run_cli, summary, write_rows
 
+pytestmark = pytest.mark.integration  # whole jobs in subprocesses
+
 # Batches of 15 give the ranks shards of 8 and 7 rows, and length buckets give them different
 # padded lengths: their dropout draws, so their random states, differ from the first step on.
 JOB = """

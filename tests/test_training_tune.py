@@ -107,6 +107,7 @@ def test_bad_distributions_name_the_setting(spec, message):
     assert message in str(e.value)
 
 
+@pytest.mark.integration
 def test_every_candidate_is_checked_at_start_up(tmp_path):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)
     raw["stages"][1]["optimizer"] = {"choice": ["adamw", "adamww"]}  # the second is misspelled
@@ -240,6 +241,7 @@ def test_cv_folds_come_from_the_training_split_only(tmp_path):
 
 # ----- the CLI on SQLite ---------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_tune_end_to_end_two_jobs(tmp_path):
     plan = write_plan(tmp_path, trials=6, pruner='{ name = "median", startup_trials = 2, warmup_epochs = 0 }')
     run = tmp_path / "run"
@@ -309,6 +311,7 @@ def _check_killed_trial_retried(trials, n, victim_trial):
     assert len(retries) == 1 and retries[0].params == victim_trial.params  # and it ran again, once
 
 
+@pytest.mark.integration
 def test_resume_after_the_coordinator_is_killed(tmp_path):
     plan = write_plan(tmp_path, n_reviews=600, trials=4, pruner='"none"', final_seeds=0, epochs=6)
     run = tmp_path / "run"
@@ -339,6 +342,7 @@ def postgres_url():
         yield url
 
 
+@pytest.mark.integration
 def test_two_workers_share_a_postgres_study_and_survive_a_kill(tmp_path, postgres_url):
     n = 6
     plan = write_plan(tmp_path, n_reviews=600, trials=n, pruner='"none"', final_seeds=0, epochs=6)
