@@ -61,7 +61,8 @@ torch's "No inf checks were recorded for this optimizer".
 
 DDP: pass ``ddp=model``. Post-accumulate hooks would fire before the
 allreduce, so instead a DDP communication hook updates each DDP bucket's
-parameters as soon as its allreduce completes (what
+parameters as soon as its allreduce completes (with ``accumulate=K``: the
+allreduce of the K-th micro-batch, the earlier ones under ``no_sync()`` or not) (what
 ``DistributedDataParallel._register_fused_optim`` does for torch's functional
 optimizers, which oxoptim's classes are not). DDP allows one communication
 hook per model; it stays registered and is a plain allreduce once the context
@@ -154,7 +155,9 @@ class StepInBackward:
             least this many elements, each updated by one native call once all its gradients
             are in (0: one call per parameter).
         overlap: run the updates on a worker thread while autograd continues.
-        ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce.
+        ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce (with
+            ``accumulate=K``: the allreduce of the K-th forward/backward; the earlier ones under
+            ``model.no_sync()`` or not, as in the ordinary loop).
         grad_scaler: pass the ``GradScaler`` in use so that an enabled one is refused here.
     """
 
@@ -203,8 +206,9 @@ class StepInBackward:
                 "a GradScaler cannot be honoured by step_in_backward: unscaling and its inf check need every "
                 "gradient before any parameter is updated. Use bfloat16 autocast (no scaling) or the ordinary loop."
             )
-        if ddp is not None and (accumulate != 1 or overlap):
-            raise ValueError("with ddp=, step_in_backward takes neither accumulate > 1 nor overlap=True")
+        if ddp is not None and (overlap or (accumulate > 1 and accumulation == "optimizer")):
+            raise ValueError("with ddp=, step_in_backward takes neither overlap=True nor accumulation='optimizer' "
+                             "(the updates run in DDP's communication hook, once per reduced bucket)")
         if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 0:
             raise ValueError(f"bucket_numel must be a non-negative int, got {bucket_numel!r}")
         self.optimizer = optimizer
@@ -226,6 +230,7 @@ class StepInBackward:
         self._pending: list[Future] = []
         self._executor: Optional[ThreadPoolExecutor] = None
         self._leftover_cache = _core.TensorCache()
+        self._forwards = 0  # under DDP: forward passes (with grad) in this iteration
         self._lock = threading.Lock()
         self._entered = False
 
@@ -240,6 +245,7 @@ class StepInBackward:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxoptim-step")
         if self.ddp is not None:
             _DdpSlot.install(self.ddp).active = self
+            self._handles.append(self.ddp.register_forward_pre_hook(self._count_forward))
         else:
             for bucket in self._buckets:
                 for p in bucket.params:
@@ -425,6 +431,7 @@ class StepInBackward:
         self._next_iteration()
 
     def _next_iteration(self) -> None:
+        self._forwards = 0
         for bucket in self._buckets:
             bucket.ready = 0
             bucket.done = False
@@ -453,8 +460,17 @@ class StepInBackward:
                 raise error
 
     # -- DDP ------------------------------------------------------------------
+    def _count_forward(self, module: Any, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self._forwards += 1
+
     def _ddp_bucket_reduced(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Updates one DDP bucket's parameters with their allreduced (averaged) gradients."""
+        """Updates one DDP bucket's parameters with their allreduced (averaged) gradients, in the
+        iteration's K-th micro-batch (forward passes count them: the earlier ones may have run
+        under ``no_sync()``, or been reduced and left in ``p.grad`` to sum with the next, as the
+        ordinary DDP loop does)."""
+        if self._forwards < self.accumulate:
+            return
         by_group: dict[int, list[torch.Tensor]] = {}
         local: list[tuple[torch.Tensor, Any]] = []
         for p, g in zip(params, grads):

@@ -102,9 +102,9 @@ class Trainer:
                 check_monitors(st.adjust, monitorable(task.metric_modes))
             except ValueError as e:
                 raise ValueError(f"stage {st.name!r}: {e}") from e
-            if st.step_in_backward and st.accumulate > 1 and distributed:
-                raise ValueError(f"stage {st.name!r}: under DDP, step_in_backward takes accumulate = 1 (it updates "
-                                 f"each bucket after its allreduce)")
+            if st.step_in_backward and st.accumulate > 1 and st.accumulation == "optimizer" and distributed:
+                raise ValueError(f"stage {st.name!r}: under DDP, step_in_backward accumulates gradients "
+                                 f"(accumulation = 'gradient'): it updates each bucket after its allreduce")
             if st.per_layer and not hasattr(model, "layer_groups"):
                 raise ValueError(f"stage {st.name!r}: trainable/layer_lr_decay need a model with layer_groups() "
                                  f"(parameter lists from the input up), which {type(model).__name__} lacks")
