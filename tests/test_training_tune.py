@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -383,3 +384,28 @@ def test_a_fold_runs_through_the_real_job(tmp_path):
     assert summary["fold"] == [3, 1] and "test" not in summary
     assert summary["data"]["fold"] == {"k": 3, "index": 1, "train": kept - kept // 3, "val": kept // 3}
     assert [r["global_epoch"] for r in records] == [1, 2]
+
+
+@pytest.mark.integration
+def test_tune_the_language_model_job(tmp_path):
+    """A search over fine-tuning settings of the LM job: every trial reuses one pretrained model
+    (pretrained once, under the lock), the stages are named by phase and stage."""
+    from test_training_lm import TINY
+
+    raw = _toml_loads(TINY)
+    plan = tmp_path / "lm_plan.toml"
+    plan.write_text(TINY.replace('[finetune]', '[tune]\ntrials = 3\npruner = "none"\nfinal_seeds = 1\n\n[finetune]', 1))
+    lr = raw["finetune"]["stages"][1]["lr"]
+    head, tail = plan.read_text().split('name = "all"', 1)
+    tail = re.sub(r"(?m)^lr = .*$", f"lr = {{ log_uniform = [{lr / 3!r}, {lr * 3!r}] }}", tail, count=1)
+    plan.write_text(head + 'name = "all"' + tail)
+    run = tmp_path / "run"
+    r = run_cli(["tune", "--config", str(plan), "--run-dir", str(run)], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    study = optuna.load_study(study_name="oxoptim", storage=f"sqlite:///{run}/study.db")
+    assert [set(t.params) for t in study.trials] == [{"finetune.all.lr"}] * 3
+    reused = [json.loads((tmp_path / t.user_attrs["run_dir"] / "summary.json").read_text())["pretrain"]["reused"]
+              for t in study.trials]
+    assert reused == [False, True, True]
+    summary = json.loads((run / "tune_summary.json").read_text())
+    assert summary["final"]["best"]["runs"][0]["test"] is not None

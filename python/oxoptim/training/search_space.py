@@ -72,11 +72,20 @@ def _is_distribution(value: Any) -> bool:
 
 
 def _name(path: tuple, raw: dict) -> str:
-    if len(path) >= 2 and path[0] == "stages":
-        stage = raw["stages"][path[1]]
-        label = stage.get("name") if isinstance(stage.get("name"), str) else f"stage{path[1] + 1}"
-        return ".".join([label] + [str(p) for p in path[2:]])
-    return ".".join(str(p) for p in path)
+    """Dotted path; a stage (a named table in a list of stages) goes by its name, and the plan's
+    top-level ``stages`` list is left out: ``explore.lr``, ``finetune.head.lr``, ``model.hidden``."""
+    parts: List[str] = []
+    node: Any = raw
+    for i, key in enumerate(path):
+        child = node[key]
+        if isinstance(key, int) and isinstance(child, dict) and isinstance(child.get("name"), str):
+            if parts and parts[-1] == "stages":
+                parts.pop()
+            parts.append(child["name"])
+        else:
+            parts.append(str(key))
+        node = child
+    return ".".join(parts)
 
 
 def find_params(raw: dict) -> List[Param]:
