@@ -148,6 +148,9 @@ def test_toml_writer_round_trips(text):
            "t": {"odd key": 1, "nested": {"x": [1, 2]}}, "rows": [{"a": 1}, {"a": {"b": "c"}}], "e": {}}
     back = _toml_loads(dumps(odd))
     assert back == odd and math.copysign(1.0, back["f"][1]) == -1.0
+    assert _toml_loads(dumps({"del\x7f": "a\x7fb\x00"})) == {"del\x7f": "a\x7fb\x00"}
+    with pytest.raises(ValueError, match="64-bit"):
+        dumps({"big": 2 ** 63})
 
 
 # ----- the Worker ------------------------------------------------------------------------------
@@ -256,6 +259,8 @@ def test_tune_end_to_end_two_jobs(tmp_path):
     study = optuna.load_study(study_name="oxoptim", storage=f"sqlite:///{run}/study.db")
     finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 6  # exactly the trials asked for, between the two processes
+    # the two processes' samplers are seeded apart: no settings proposed twice
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 6
     first = study.trials[0]
     assert first.user_attrs["baseline"] and first.params == {"model.hidden": 8, "warm.optimizer": "adamw",
                                                              "warm.batch_size": 16, "warm.lr": 1e-2}
@@ -327,6 +332,9 @@ def test_resume_after_the_coordinator_is_killed(tmp_path):
     r = run_cli(args, cwd=tmp_path, timeout=600)  # the same command again continues the study
     assert r.returncode == 0, r.stdout + r.stderr
     _check_killed_trial_retried(_trials(url), 4, victim)
+    # the restarted sampler does not replay the first run's proposals
+    lrs = [t.params["warm.lr"] for t in _trials(url) if t.number != victim.number]  # its retry stays
+    assert len(set(lrs)) == len(lrs)
     assert (run / "best.toml").is_file()
 
 
@@ -345,8 +353,8 @@ def postgres_url():
 
 @pytest.mark.integration
 def test_two_workers_share_a_postgres_study_and_survive_a_kill(tmp_path, postgres_url):
-    n = 6
-    plan = write_plan(tmp_path, n_reviews=600, trials=n, pruner='"none"', final_seeds=0, epochs=6)
+    n = 6  # trials long enough (several seconds) for worker b to join, finish one and start another
+    plan = write_plan(tmp_path, n_reviews=1500, trials=n, pruner='"none"', final_seeds=0, epochs=24)
     common = ["tune", "--config", str(plan), "--storage", postgres_url, "--study", "shared"]
     a = _spawn(common + ["--run-dir", str(tmp_path / "a")], tmp_path)
     _wait_for(lambda: _trials(postgres_url, "shared"), 120, "the study")
@@ -367,7 +375,10 @@ def test_two_workers_share_a_postgres_study_and_survive_a_kill(tmp_path, postgre
     trials = _trials(postgres_url, "shared")
     _check_killed_trial_retried(trials, n, victim)
     workers = {t.user_attrs["worker"] for t in trials if t.state.name == "COMPLETE"}
-    assert len(workers) == 2  # both did trials; no trial ran twice (one finished trial per number)
+    assert len(workers) == 2  # both did trials
+    # no settings ran twice but the killed trial's retry (the workers' samplers are seeded apart)
+    settings = [tuple(sorted(t.params.items())) for t in trials if t.state.name == "COMPLETE"]
+    assert len(set(settings)) == len(settings)
     assert (tmp_path / "a" / "best.toml").is_file()
 
 
@@ -409,3 +420,82 @@ def test_tune_the_language_model_job(tmp_path):
     assert reused == [False, True, True]
     summary = json.loads((run / "tune_summary.json").read_text())
     assert summary["final"]["best"]["runs"][0]["test"] is not None
+
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw["tune"].update(metric="train_loss"), "unknown metric 'train_loss'"),
+    (lambda raw: raw["model"].update(hidden={"uniform": [8, 16]}), "hidden must be an integer"),
+    (lambda raw: raw["tune"].update(pruner={"name": "hyperband", "min_resource": 0}), "min_resource must be >= 1"),
+    (lambda raw: raw["tune"].update(pruner={"name": "hyperband", "reduction_factor": 1}),
+     "reduction_factor must be >= 2"),
+    (lambda raw: raw["data"].update(split_seed={"int": [0, 3]}), "data.split_seed cannot be searched"),
+    (lambda raw: raw.update(seed={"int": [0, 3]}), "seed cannot be searched"),
+])
+def test_start_up_refuses_plans_whose_trials_would_all_fail(change, message):
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["tune"] = {}
+    raw["stages"][0]["lr"] = {"log_uniform": [1e-4, 1e-2]}
+    change(raw)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_plan(raw)
+
+
+def test_settings_infeasible_together_prune_the_trial(tmp_path):
+    """Each value is valid alone, the combination is not: the trial is pruned before training
+    (it counts as finished, costs nothing), the search goes on."""
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [dict(raw["stages"][0], batch_size={"choice": [16, 2]}, accumulate={"choice": [1, 4]},
+                          lr={"uniform": [0.0, 0.1]}, adversarial=0.0)]
+    raw["tune"] = {"heartbeat": 1, "pruner": "none"}
+    plan = make_plan(raw)
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "inf", create=True)
+    lines = []
+    Worker(plan, study, str(tmp_path), trials=12, say=lines.append, run_job=FakeJob()).work()
+    infeasible = [t for t in study.trials if t.user_attrs.get("infeasible")]
+    assert infeasible and all(t.state.name == "PRUNED" and t.params["explore.batch_size"] == 2
+                              and t.params["explore.accumulate"] == 4 for t in infeasible)
+    assert "accumulate (4) must be <= batch_size (2)" in infeasible[0].user_attrs["infeasible"]
+    assert sum("infeasible" in line for line in lines) == len(infeasible)
+    assert len(study.trials) == 12
+
+
+def test_planned_epochs_counts_a_trial_rule_once_per_extra_candidate():
+    from oxoptim.training.tune import planned_epochs
+
+    job = {"stages": [{"epochs": 3, "adjust": [{"rule": "trial", "epochs": 1, "candidates": [1e-3, 3e-3]}]},
+                      {"epochs": 2}]}
+    assert planned_epochs(job, 0) == 3 + 1 + 2  # candidate 1's epoch again, then the stage goes on
+    assert planned_epochs(job, 4) == 4 * 6
+
+
+def test_fingerprint_ignores_what_does_not_change_the_search_and_urls_lose_passwords():
+    from oxoptim.training.tune import redact
+
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"][0]["lr"] = {"log_uniform": [1e-4, 1e-2]}
+    a = make_plan(dict(raw, tune={"final_seeds": 3, "heartbeat": 30, "trials": 5}))
+    b = make_plan(dict(raw, tune={"final_seeds": 1, "heartbeat": 5, "trials": 50}))
+    c = make_plan(dict(raw, tune={"pruner": "none"}))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert redact("postgresql://bob:s3cret@db.example:5432/tune") == "postgresql://bob:***@db.example:5432/tune"
+    assert "s3cret" not in redact("postgresql://bob:s3cret@db/x")
+
+
+def test_distributed_stage_checks():
+    from oxoptim.training.cli import _check_for_processes
+    from oxoptim.training.distributed import check_distributed_stage
+    from oxoptim.training.stages import Stage
+
+    check_distributed_stage(Stage("s", batch_size=32), 168, 2)  # last batch of 8: fine
+    with pytest.raises(ValueError, match="leaves a last batch of 1"):
+        check_distributed_stage(Stage("s", batch_size=167), 168, 2)
+    with pytest.raises(ValueError, match="every batch needs >= 4"):
+        check_distributed_stage(Stage("s", batch_size=2), 168, 4)
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [{"name": "s", "optimizer": "adamw", "batch_size": 32, "step_in_backward": True,
+                      "accumulate": 2, "accumulation": "optimizer"}]
+    cfg = parse_config(raw)
+    _check_for_processes(cfg, 1)
+    with pytest.raises(ConfigError, match="under DDP, step_in_backward accumulates gradients"):
+        _check_for_processes(cfg, 2)

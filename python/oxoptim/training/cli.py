@@ -49,6 +49,22 @@ def _fail(error: Exception) -> int:
     return 2
 
 
+def _check_for_processes(cfg: dict, world: int) -> None:
+    """Stage settings that cannot run under torchrun, refused before a process group or file exists
+    (what depends on the data, the Trainer checks)."""
+    if world <= 1 or cfg.get("job") == "language_model":
+        return
+    from .config import stage_from_dict
+    from .distributed import check_distributed_stage
+    from .errors import ConfigError
+
+    for i, table in enumerate(cfg["stages"]):
+        try:
+            check_distributed_stage(stage_from_dict(table, i + 1), None, world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
 def run_train(args) -> int:
     from .checkpoint import CheckpointError
     from .config import DEFAULT_CONFIG_TOML, check_sources, default_config, load_config, load_run_config
@@ -70,6 +86,7 @@ def run_train(args) -> int:
                 cfg["seed"] = args.seed
             run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S"))
         check_sources(cfg)
+        _check_for_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, MissingDependency) as e:
         return _fail(e)
     dist = _setup_distributed()

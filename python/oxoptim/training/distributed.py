@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["Processes", "param_digest"]
+__all__ = ["check_distributed_stage", "Processes", "param_digest"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,20 @@ def param_digest(model: nn.Module) -> str:
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def check_distributed_stage(stage, n_train: Optional[int], world: int) -> None:
+    """What a stage needs under DDP, checked before training: every rank gets examples from every
+    batch (else it would skip a backward the others wait in), and step_in_backward accumulates
+    gradients, not optimizer state (its updates run once per reduced bucket)."""
+    if stage.step_in_backward and stage.accumulate > 1 and stage.accumulation == "optimizer":
+        raise ValueError(f"stage {stage.name!r}: under DDP, step_in_backward accumulates gradients "
+                         f"(accumulation = 'gradient'): it updates each bucket after its allreduce")
+    if stage.full_batch or n_train is None:  # the batch check needs the data
+        return
+    bs = int(stage.batch_size)
+    last = 0 if stage.steps_per_epoch else n_train % bs
+    if bs < world or 0 < last < world:
+        raise ValueError(f"stage {stage.name!r}: with {world} processes every batch needs >= {world} examples "
+                         f"(one per process); batch_size {bs} over {n_train} training examples leaves a last batch "
+                         f"of {last if 0 < last < world else bs}: choose another batch_size")

@@ -102,12 +102,15 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
         import functools
 
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=smoothing)
-    trainer = Trainer(
-        model, loss_fn, data["train"], data["val"], stages, metrics=["accuracy"], run_dir=run_dir,
-        seed=int(cfg["seed"]), checkpoint_every=int(cfg.get("checkpoint_every", 100)),
-        eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet, bucket=int(d.get("bucket", 0)),
-        on_record=on_record,
-    )
+    try:  # checks that need the data (batch sizes under torchrun) are configuration errors too
+        trainer = Trainer(
+            model, loss_fn, data["train"], data["val"], stages, metrics=["accuracy"], run_dir=run_dir,
+            seed=int(cfg["seed"]), checkpoint_every=int(cfg.get("checkpoint_every", 100)),
+            eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet, bucket=int(d.get("bucket", 0)),
+            on_record=on_record,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     trainer.fit(resume=resume)
     extra = {"data": data["report"], "val": trainer.evaluate(data["val"])}
     if fold is not None:
@@ -124,3 +127,4 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
         print(line + f"; training {summary['wall_time_s']:.0f}s, this process {extra['total_wall_time_s']:.0f}s; "
               f"outputs in {run_dir}", flush=True)
     return summary
+

@@ -47,8 +47,14 @@ class Param:
         return self.kind == "choice" and not all(isinstance(c, _SCALARS) for c in self.args)
 
     def candidates(self) -> List[Any]:
-        """Values that start-up checks run the job with: the bounds or every choice, and the default."""
+        """Values that start-up checks run the job with: every choice, or the bounds and a value
+        between them (a float for a float distribution, so that a setting that must be an integer
+        is caught), and the default."""
         values = list(self.args)
+        if self.kind in ("uniform", "log_uniform"):
+            low, high = float(self.args[0]), float(self.args[1])
+            mid = math.sqrt(low * high) if self.kind == "log_uniform" else (low + high) / 2
+            values.append(mid if mid != int(mid) else math.nextafter(mid, high))
         if self.has_default:
             values.append(self.default)
         return values
@@ -88,6 +94,15 @@ def _name(path: tuple, raw: dict) -> str:
     return ".".join(parts)
 
 
+# Settings a search may not change: they decide which examples are validation and test (and the
+# seed, shared by every trial so that trials differ only in their settings).
+FIXED = {("seed",): "every trial uses the plan's seed (the final runs vary it)",
+         ("data", "split"): "it decides which examples are validation and test",
+         ("data", "split_seed"): "it decides which examples are validation and test",
+         ("data", "train"): "the data files are the plan's", ("data", "val"): "the data files are the plan's",
+         ("data", "test"): "the data files are the plan's"}
+
+
 def find_params(raw: dict) -> List[Param]:
     """Every distribution in the job ``raw`` (a TOML table without its ``[tune]``), checked."""
     found: List[Param] = []
@@ -103,6 +118,9 @@ def find_params(raw: dict) -> List[Param]:
                 walk(value, path + (i,))
 
     walk(raw, ())
+    for p in found:
+        if p.path in FIXED:
+            raise ConfigError(f"{p.name} cannot be searched: {FIXED[p.path]}")
     names = [p.name for p in found]
     for n in names:
         if names.count(n) > 1:

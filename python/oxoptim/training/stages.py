@@ -10,12 +10,6 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from .errors import choices, integer, number, unknown_name
-
-
-def choices_of(label: str, value: Any, valid: tuple) -> str:
-    if value not in valid:
-        raise ValueError(unknown_name(label, value, valid))
-    return value
 from .rules import Trial, make_rule
 
 __all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "optimizer_arguments", "OPTIMIZERS",
@@ -53,6 +47,12 @@ TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
 CLIP_MODES = ("global", "per_parameter", "previous_norm")
 ACCUMULATIONS = ("gradient", "optimizer")
+
+
+def choices_of(label: str, value: Any, valid: tuple) -> str:
+    if value not in valid:
+        raise ValueError(unknown_name(label, value, valid))
+    return value
 
 
 def resolve_optimizer(spec: Union[str, type]) -> type:
@@ -141,7 +141,8 @@ class Stage:
         grad_clip: if set, gradients are clipped to this L2 norm before each step: their total
             norm (``grad_clip_mode = "global"``, :func:`oxoptim.clip_grad_norm_`), each
             parameter's own (``"per_parameter"``), or, with ``step_in_backward``, scaled by
-            the previous step's total norm (``"previous_norm"``, :class:`oxoptim.backward.ClipPreviousNorm`).
+            the previous step's total norm (``"previous_norm"``, :class:`oxoptim.backward.ClipPreviousNorm`;
+            the first step of each stage and of each trial candidate is not clipped).
         accumulate: micro-batches per optimizer step: each batch runs as ``accumulate`` forward
             and backward passes whose gradients add up to the batch's (mini-batch stages).
         step_in_backward: update each parameter inside backward, as soon as its gradient is
@@ -263,6 +264,10 @@ class Stage:
         if not self.full_batch and self.accumulate > int(self.batch_size):
             raise ValueError(f"accumulate ({self.accumulate}) must be <= batch_size ({self.batch_size}): each "
                              f"micro-batch needs an example")
+        if self.grad_clip_mode != "global" and not self.grad_clip:
+            raise ValueError(f"grad_clip_mode {self.grad_clip_mode!r} needs grad_clip (the norm to clip to)")
+        if self.accumulation == "optimizer" and self.accumulate == 1:
+            raise ValueError("accumulation 'optimizer' needs accumulate > 1 (micro-batches to absorb)")
         if not self.step_in_backward:
             if self.grad_clip_mode == "previous_norm":
                 raise ValueError("grad_clip_mode 'previous_norm' is for step_in_backward stages")

@@ -17,13 +17,15 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k, ensure_ascii=False)
+    return k if _BARE_KEY.match(k) else _value(k)
 
 
 def _value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
+        if not -(2 ** 63) <= v < 2 ** 63:
+            raise ValueError(f"TOML integers are 64-bit: {v} is out of range")
         return str(v)
     if isinstance(v, float):
         if math.isnan(v):
@@ -32,7 +34,8 @@ def _value(v: Any) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)  # shortest repr that reads back to the same double; always has '.' or 'e'
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON's escapes are TOML basic-string escapes
+        # JSON's escapes are TOML basic-string escapes; TOML also forbids a raw DEL (U+007F)
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -19,7 +19,7 @@ from torch import nn
 from . import resume as checkpoints
 from .adversarial import EmbeddingAdversary
 from .batching import epoch_order, full_batch_gradient, steps_per_epoch
-from .distributed import Processes, param_digest
+from .distributed import Processes, check_distributed_stage, param_digest
 from .evaluation import evaluate
 from .phase import Phase
 from .progress import Progress, epoch_line
@@ -102,9 +102,8 @@ class Trainer:
                 check_monitors(st.adjust, monitorable(task.metric_modes))
             except ValueError as e:
                 raise ValueError(f"stage {st.name!r}: {e}") from e
-            if st.step_in_backward and st.accumulate > 1 and st.accumulation == "optimizer" and distributed:
-                raise ValueError(f"stage {st.name!r}: under DDP, step_in_backward accumulates gradients "
-                                 f"(accumulation = 'gradient'): it updates each bucket after its allreduce")
+            if distributed:
+                check_distributed_stage(st, task.size(task.train), Processes.detect().world)
             if st.per_layer and not hasattr(model, "layer_groups"):
                 raise ValueError(f"stage {st.name!r}: trainable/layer_lr_decay need a model with layer_groups() "
                                  f"(parameter lists from the input up), which {type(model).__name__} lacks")
@@ -187,14 +186,14 @@ class Trainer:
             import os
 
             os.makedirs(self.progress.path(""), exist_ok=True)
-        if not (resume and checkpoints.resume(self)):
-            torch.manual_seed(self.seed)
-            random.seed(self.seed)
-            self.progress.start_fresh()
-        self._t0, self._elapsed_base = time.time(), self.run.elapsed
-        self.progress.check_optional_outputs()
-        self.model.train()
         try:
+            if not (resume and checkpoints.resume(self)):
+                torch.manual_seed(self.seed)
+                random.seed(self.seed)
+                self.progress.start_fresh()
+            self._t0, self._elapsed_base = time.time(), self.run.elapsed
+            self.progress.check_optional_outputs()
+            self.model.train()
             while self.run.pos.stage < len(self.stages) and not self.run.stopped:
                 self._run_stage()
         finally:  # a step_in_backward stage's hooks never outlive the run (an error, a pruned trial)

@@ -28,11 +28,13 @@ from .errors import ConfigError, MissingDependency, integer, unknown_name
 from .rules import monitorable
 from .search_space import Param, as_optuna_params, check_space, default_values, find_params, substitute, suggest
 
-__all__ = ["Plan", "TuneSettings", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
+__all__ = ["Plan", "TuneSettings", "TrialsFailing", "redact", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
            "SAMPLERS", "trial_values", "planned_epochs"]
 
 TUNE_KEYS = ("trials", "metric", "sampler", "pruner", "cv_folds", "final_seeds", "seed", "heartbeat")
 SAMPLERS = ("tpe", "random")
+VALIDATION_METRICS = {k: v for k, v in monitorable(METRICS).items() if k.startswith("val_")}
+_PRUNER_MINIMA = {"startup_trials": 0, "warmup_epochs": 0, "min_resource": 1, "reduction_factor": 2}
 PRUNERS = {  # name → its settings (Optuna's argument names) and defaults
     "median": {"startup_trials": 4, "warmup_epochs": 1},
     "successive_halving": {"min_resource": 1, "reduction_factor": 3},
@@ -57,7 +59,7 @@ class TuneSettings:
 
     @property
     def direction(self) -> str:
-        return "maximize" if monitorable(METRICS)[self.metric] == "max" else "minimize"
+        return "maximize" if VALIDATION_METRICS[self.metric] == "max" else "minimize"
 
 
 def _settings(table: Any, job_seed: int) -> TuneSettings:
@@ -70,8 +72,8 @@ def _settings(table: Any, job_seed: int) -> TuneSettings:
     try:
         s.trials = integer("trials", table.get("trials", s.trials), 1)
         s.metric = table.get("metric", s.metric)
-        if s.metric not in monitorable(METRICS):
-            raise ValueError(unknown_name("metric", s.metric, monitorable(METRICS)))
+        if s.metric not in VALIDATION_METRICS:
+            raise ValueError(unknown_name("metric", s.metric, VALIDATION_METRICS) + " (a validation score)")
         s.sampler = table.get("sampler", s.sampler)
         if s.sampler not in SAMPLERS:
             raise ValueError(unknown_name("sampler", s.sampler, SAMPLERS))
@@ -84,7 +86,7 @@ def _settings(table: Any, job_seed: int) -> TuneSettings:
             if key != "name":
                 if key not in PRUNERS[pruner["name"]]:
                     raise ValueError(unknown_name(f"{pruner['name']} pruner setting", key, PRUNERS[pruner["name"]]))
-                integer(f"pruner {key}", pruner[key], 0)
+                integer(f"pruner {key}", pruner[key], _PRUNER_MINIMA[key])
         s.pruner = {"name": pruner["name"], **{k: v for k, v in PRUNERS[pruner["name"]].items()},
                     **{k: v for k, v in pruner.items() if k != "name"}}
         s.cv_folds = integer("cv_folds", table.get("cv_folds", 0), 0)
@@ -116,8 +118,9 @@ class Plan:
         return default_values(self.params)
 
     def fingerprint(self) -> str:
-        """Equal for plans that search the same space in the same way (``trials`` aside)."""
-        settings = {k: v for k, v in asdict(self.settings).items() if k != "trials"}
+        """Equal for plans that search the same space, scored and pruned the same way (the number of
+        trials, the final runs and the heartbeat may change between runs of one study)."""
+        settings = {k: v for k, v in asdict(self.settings).items() if k in ("metric", "pruner", "cv_folds")}
         blob = json.dumps({"job": self.raw, "tune": settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -143,6 +146,10 @@ def make_plan(raw: dict, base_dir: str = ".", where: str = "plan") -> Plan:
         settings = _settings(table, seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
         check_space(raw, params, parse_config)
         plan = Plan(raw, params, settings, base_dir)
+        try:
+            _pruner(settings)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[tune] pruner {settings.pruner}: {e}") from e
         if settings.cv_folds and plan.job({p.name: p.candidates()[0] for p in params}).get("job") == "language_model":
             raise ConfigError("[tune] cv_folds is for classification jobs, not the language-model job")
     except ConfigError as e:
@@ -151,14 +158,15 @@ def make_plan(raw: dict, base_dir: str = ".", where: str = "plan") -> Plan:
 
 
 def planned_epochs(job: dict, folds: int) -> int:
-    """Epochs a trial runs if nothing stops it early: every stage's, a Trial rule's candidates too."""
+    """Epochs a trial runs if nothing stops it early: every stage's, where a Trial rule's K
+    candidates run its first ``trial.epochs`` K times before the chosen one goes on."""
     stages = job["finetune"]["stages"] if job.get("job") == "language_model" else job["stages"]
     total = 0
     for st in stages:
         total += int(st.get("epochs", 1))
         for rule in st.get("adjust", []) or []:
             if isinstance(rule, dict) and rule.get("rule") == "trial":
-                total += int(rule.get("epochs", 1)) * len(rule.get("candidates", []))
+                total += int(rule.get("epochs", 1)) * (len(rule.get("candidates", [])) - 1)
     return total * max(1, folds)
 
 
@@ -171,7 +179,8 @@ def _optuna():
         raise MissingDependency("oxoptim tune", "optuna") from None
     import warnings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is reported by the worker in one line, its traceback in error.txt
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats (fail_stale_trials) and the matplotlib plots are marked experimental
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -192,14 +201,34 @@ def _storage(url: str, heartbeat: int):
         hint = ' (pip install "oxoptim[postgres]")' if scheme.startswith("postgresql") else ""
         raise ConfigError(f"the storage {scheme}:// needs its database driver, which is not installed{hint}") from None
     except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer
-        raise ConfigError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from None
 
 
-def _sampler(settings: TuneSettings):
+def redact(url: str) -> str:
+    """The storage URL without its password (for messages and files)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: show the scheme only
+        return url.split("://")[0] + "://..."
+
+
+def _sampler(settings: TuneSettings, seed: int):
     optuna = _optuna()
     if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(seed=settings.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _sampler_seed(settings: TuneSettings, trials_so_far: int, fresh: bool) -> int:
+    """The plan's seed for a new study's first process (a one-process search is reproducible);
+    any other process (a worker, a restart) mixes in its host, process and the study's progress,
+    so that no two propose the same settings."""
+    if fresh:
+        return settings.seed
+    key = f"{settings.seed}:{trials_so_far}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
 
 def _pruner(settings: TuneSettings):
@@ -220,16 +249,18 @@ def open_study(plan: Plan, url: str, name: str, create: bool):
     plan as its first trial) if it does not exist. A study searched with another plan is refused."""
     optuna = _optuna()
     storage = _storage(url, plan.settings.heartbeat)
-    kw = dict(storage=storage, study_name=name, sampler=_sampler(plan.settings), pruner=_pruner(plan.settings))
+    kw = dict(storage=storage, study_name=name, pruner=_pruner(plan.settings))
     if not create:
         try:
             study = optuna.load_study(**kw)
         except KeyError:
-            raise ConfigError(f"no study {name!r} in {url}: start it with `oxoptim tune` (without --worker-only) "
-                              f"first") from None
+            raise ConfigError(f"no study {name!r} in {redact(url)}: start it with `oxoptim tune` (without "
+                              f"--worker-only) first") from None
     else:
         study = optuna.create_study(direction=plan.settings.direction, load_if_exists=True, **kw)
     fingerprint = study.user_attrs.get("plan_fingerprint")
+    fresh = create and fingerprint is None and not study.trials
+    study.sampler = _sampler(plan.settings, _sampler_seed(plan.settings, len(study.trials), fresh))
     if fingerprint is None and create:
         study.set_user_attr("plan_fingerprint", plan.fingerprint())
         study.set_user_attr("plan", plan.raw)
@@ -237,9 +268,9 @@ def open_study(plan: Plan, url: str, name: str, create: bool):
         if plan.defaults is not None:  # the baseline: the hand-written plan runs first
             study.enqueue_trial(as_optuna_params(plan.params, plan.defaults), user_attrs={"baseline": True})
     elif fingerprint is None:
-        raise ConfigError(f"study {name!r} in {url} is not ready yet: start its `oxoptim tune` first")
+        raise ConfigError(f"study {name!r} in {redact(url)} is not ready yet: start its `oxoptim tune` first")
     elif fingerprint != plan.fingerprint():
-        raise ConfigError(f"study {name!r} in {url} searches another plan (fingerprint {fingerprint}, this plan "
+        raise ConfigError(f"study {name!r} in {redact(url)} searches another plan (fingerprint {fingerprint}, this plan "
                           f"{plan.fingerprint()}): give another --study name or the same plan")
     return study
 
@@ -257,6 +288,10 @@ def finished_count(study) -> int:
 def trial_values(plan: Plan, params: Dict[str, Any]) -> Dict[str, Any]:
     """A trial's settings as the plan's values (choices of tables decoded from their JSON)."""
     return {p.name: json.loads(params[p.name]) if p.encoded_choices else params[p.name] for p in plan.params}
+
+
+class TrialsFailing(RuntimeError):
+    """Trials keep failing: the worker stops (``oxoptim tune`` says so in one line, exit status 1)."""
 
 
 class _Surplus(Exception):
@@ -301,7 +336,7 @@ class Worker:
             # a trial that raises is recorded as failed; three failures in a row stop the worker
             self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self._announce])
             if self.failures >= 3:
-                raise RuntimeError(f"3 trials in a row failed here; the last: {self.last_failure}")
+                raise TrialsFailing(f"3 trials in a row failed here; the last: {self.last_failure}")
 
     def objective(self, trial) -> float:
         optuna = _optuna()
@@ -310,8 +345,17 @@ class Worker:
         except (_Surplus, optuna.TrialPruned):
             raise
         except Exception as e:  # recorded with the trial: Optuna's callbacks do not see the error
+            import traceback
+
             trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
+            trial_dir = self._trial_dir(trial)
+            os.makedirs(trial_dir, exist_ok=True)
+            with open(os.path.join(trial_dir, "error.txt"), "w", encoding="utf-8") as fh:
+                fh.write(traceback.format_exc())
             raise
+
+    def _trial_dir(self, trial) -> str:
+        return os.path.join(self.run_dir, "trials", f"{trial.number:04d}")
 
     def _run_trial(self, trial) -> float:
         optuna = _optuna()
@@ -322,9 +366,14 @@ class Worker:
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"the study has its {self.trials} trials")
         values = suggest(trial, self.plan.params)
-        job = self.plan.job(values)
+        try:
+            job = self.plan.job(values)
+        except ConfigError as e:  # settings that are valid one by one but not together
+            trial.set_user_attr("infeasible", str(e))
+            trial.set_user_attr("epochs_run", 0)
+            raise optuna.TrialPruned(f"infeasible: {e}") from None
         folds = self.plan.settings.cv_folds
-        trial_dir = os.path.join(self.run_dir, "trials", f"{trial.number:04d}")
+        trial_dir = self._trial_dir(trial)
         planned = planned_epochs(job, folds)
         trial.set_user_attr("worker", self.worker_id)
         trial.set_user_attr("run_dir", os.path.abspath(trial_dir))
@@ -376,10 +425,14 @@ class Worker:
         state = trial.state.name.lower()
         if state == "fail":
             self.failures += 1
-            self.last_failure = trial.user_attrs.get("error", "see the warning above")
-            self.say(f"trial {trial.number} failed: {self.last_failure}")
+            self.last_failure = trial.user_attrs.get("error", "unknown error")
+            self.say(f"trial {trial.number} failed: {self.last_failure} (traceback in "
+                     f"{os.path.join(self._trial_dir(trial), 'error.txt')})")
             return
         self.failures = 0
+        if trial.user_attrs.get("infeasible"):
+            self.say(f"trial {trial.number} pruned before training, infeasible: {trial.user_attrs['infeasible']}")
+            return
         value = trial.value if trial.value is not None else (
             trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
         shown = f"{self.metric} {value:.4f}" if value is not None else "no score"

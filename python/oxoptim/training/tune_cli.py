@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict
 from typing import List
 
-__all__ = ["add_tune_parser", "run_tune"]
+__all__ = ["add_tune_parser", "run_tune", "STORAGE_ENV"]
+
+STORAGE_ENV = "OXOPTIM_TUNE_STORAGE"  # how --jobs passes the storage on (a password stays off command lines)
 
 
 def add_tune_parser(subparsers):
@@ -20,14 +23,16 @@ def add_tune_parser(subparsers):
         "= [1e-4, 1e-2] }, optimizer = { choice = [\"adamw\", \"lion\"] }, ...) and a [tune] table; each trial "
         "trains through the normal Trainer, reports validation after every epoch and is pruned when the pruner "
         "says so. Then the best plan is written to best.toml and re-run with [tune] final_seeds seeds, each "
-        "evaluated on the test split once. Running the same command again continues the study.",
+        "evaluated on the test split once. Running the same command again with the same --run-dir (or --storage and "
+        "--study) continues the study.",
     )
     p.add_argument("--config", metavar="PLAN.toml", required=True, help="the plan with its search space")
     p.add_argument("--trials", type=int, metavar="N", help="finished (completed or pruned) trials the study needs "
                    "(default: [tune] trials)")
     p.add_argument("--jobs", type=int, default=1, metavar="J", help="worker processes on this machine (default 1)")
-    p.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. postgresql://user:pw@host/db to share the "
-                   "study between machines (default: sqlite:///RUN_DIR/study.db)")
+    p.add_argument("--storage", metavar="URL", default=os.environ.get(STORAGE_ENV),
+                   help="Optuna storage, e.g. postgresql://user:pw@host/db to share the study between machines "
+                   f"(default: ${STORAGE_ENV}, else sqlite:///RUN_DIR/study.db)")
     p.add_argument("--study", default="oxoptim", metavar="NAME", help="study name in the storage (default oxoptim)")
     p.add_argument("--run-dir", metavar="DIR", help="output directory (default: runs/tune-<timestamp>)")
     p.add_argument("--worker-only", action="store_true", help="only run trials of an existing study (another "
@@ -44,42 +49,56 @@ def _fail(error: Exception) -> int:
 
 def _spawn_workers(args, n: int, storage: str, run_dir: str, trials: int) -> List[subprocess.Popen]:
     cmd = [sys.executable, "-m", "oxoptim", "tune", "--config", args.config, "--trials", str(trials),
-           "--storage", storage, "--study", args.study, "--run-dir", run_dir, "--worker-only"]
+           "--study", args.study, "--run-dir", run_dir, "--worker-only"]
     if args.quiet:
         cmd.append("--quiet")
-    return [subprocess.Popen(cmd) for _ in range(n)]
+    env = {**os.environ, STORAGE_ENV: storage}
+    return [subprocess.Popen(cmd, env=env) for _ in range(n)]
 
 
 def run_tune(args) -> int:
     from .config import check_sources
     from .errors import ConfigError, MissingDependency
-    from .tune import load_plan, open_study
+    from .tune import TrialsFailing, load_plan, open_study, redact
 
     try:
         plan = load_plan(args.config)
         trials = args.trials if args.trials is not None else plan.settings.trials
         if trials < 1 or args.jobs < 1:
             raise ConfigError(f"--trials and --jobs must be >= 1, not {trials} and {args.jobs}")
-        check_sources(plan.job({p.name: p.candidates()[0] for p in plan.params}))
+        first = plan.job({p.name: p.candidates()[0] for p in plan.params})
+        check_sources(first)
+        if plan.settings.cv_folds:
+            _check_folds(first, plan.settings.cv_folds)
         run_dir = args.run_dir or os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S"))
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
         storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'study.db'))}"
         study = open_study(plan, storage, args.study, create=not args.worker_only)
     except (ConfigError, MissingDependency) as e:
         return _fail(e)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     s = plan.settings
-    say(f"study {args.study!r} in {storage}: {trials} trials of {len(plan.params)} settings "
+    say(f"study {args.study!r} in {redact(storage)}: {trials} trials of {len(plan.params)} settings "
         f"({', '.join(p.name for p in plan.params)}), {s.sampler} sampler, {s.pruner['name']} pruner, "
         f"{s.metric} on {'%d-fold cross-validation' % s.cv_folds if s.cv_folds else 'the validation split'}"
         f"{', ' + str(args.jobs) + ' workers' if args.jobs > 1 else ''}")
     from .tune import work
 
     children = _spawn_workers(args, args.jobs - 1, storage, run_dir, trials)
+    if children:  # SIGTERM ends the workers too (through the BaseException path below)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         work(plan, study, run_dir, trials, say)
         for c in children:
             c.wait()
+    except TrialsFailing as e:
+        for c in children:
+            c.terminate()
+        print(f"oxoptim tune: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except BaseException:
         for c in children:
             c.terminate()
@@ -89,8 +108,23 @@ def run_tune(args) -> int:
     return _report(plan, study, run_dir, storage, trials, say)
 
 
+def _check_folds(job: dict, folds: int) -> None:
+    """k-fold cross-validation needs at least k training examples (read now, before any trial)."""
+    from .data import build_text_data
+    from .errors import ConfigError
+
+    d = job["data"]
+    data = build_text_data(train=d.get("train"), val=d.get("val"), test=d.get("test"),
+                           text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
+                           max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
+                           seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)))
+    if len(data["train"]) < folds:
+        raise ConfigError(f"[tune] cv_folds = {folds} needs at least {folds} training examples, the data has "
+                          f"{len(data['train'])}")
+
+
 def _report(plan, study, run_dir: str, storage: str, trials: int, say) -> int:
-    from .tune import baseline_trial, final_runs, wait_for_others
+    from .tune import baseline_trial, final_runs, redact, wait_for_others
     from .tune_report import (compute_spent, format_mean_sd, write_best_plan, write_plots, write_summary,
                               write_trials)
 
@@ -114,7 +148,7 @@ def _report(plan, study, run_dir: str, storage: str, trials: int, say) -> int:
         say(f"{label} plan over seeds {[x['seed'] for x in r['runs']]}: test accuracy "
             f"{format_mean_sd(r['test_accuracy'])}, validation {format_mean_sd(r['val_accuracy'])}")
     write_summary(run_dir, {
-        "study": study.study_name, "storage": storage, "trials": trials, "settings": asdict(plan.settings),
+        "study": study.study_name, "storage": redact(storage), "trials": trials, "settings": asdict(plan.settings),
         "best": {"trial": best.number, "value": best.value, "params": best.params},
         "baseline": None if base is None else {"trial": base.number, "value": base.value},
         "compute": spent, "final": final, "missing_outputs": missing,

@@ -22,8 +22,10 @@ def write_best_plan(plan, study, path: str) -> dict:
     best = study.best_trial
     values = trial_values(plan, best.params)
     job = plan.job(values)
+    scored = (f"mean over {plan.settings.cv_folds}-fold cross-validation of the training split"
+              if plan.settings.cv_folds else "on the validation split")
     header = (f"The best plan of study {study.study_name!r}: trial {best.number}, "
-              f"{plan.settings.metric} {best.value:.6g} on validation.\n"
+              f"{plan.settings.metric} {best.value:.6g}, {scored}.\n"
               "Run it with: oxoptim train --config " + os.path.basename(path))
     atomic_write_bytes(path, dumps(job, header).encode("utf-8"))
     return job
@@ -70,10 +72,12 @@ def write_trials(study, md_path: str, csv_path: str) -> None:
 def compute_spent(study) -> Dict[str, Any]:
     """Epochs the finished trials ran, against what they would have run unpruned: a completed trial
     its own epochs, a pruned one its plan's (an upper bound when early stopping would have ended
-    it sooner, so the fraction errs towards more compute spent, not less)."""
+    it sooner, so the fraction errs towards less compute spent). Also in seconds, a pruned trial's
+    missing epochs at the pace of its own (its batch size and model decide what an epoch costs).
+    Trials killed with their worker and run again are not counted."""
     run = unpruned = 0
     counts: Dict[str, int] = {}
-    seconds = 0.0
+    seconds = seconds_unpruned = 0.0
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus"):
             continue
@@ -82,11 +86,16 @@ def compute_spent(study) -> Dict[str, Any]:
         if state not in ("complete", "pruned"):
             continue
         ran = int(t.user_attrs.get("epochs_run", 0))
+        planned = ran if state == "complete" else max(ran, int(t.user_attrs.get("epochs_planned", ran)))
         run += ran
-        unpruned += ran if state == "complete" else max(ran, int(t.user_attrs.get("epochs_planned", ran)))
-        seconds += float(t.user_attrs.get("train_s", 0.0))
+        unpruned += planned
+        spent = float(t.user_attrs.get("train_s", 0.0))
+        seconds += spent
+        seconds_unpruned += spent * planned / ran if ran else 0.0  # a pruned trial's epochs at its own pace
     return {"epochs_run": run, "epochs_unpruned": unpruned,
             "fraction": round(run / unpruned, 4) if unpruned else None, "trial_seconds": round(seconds, 1),
+            "trial_seconds_unpruned_estimate": round(seconds_unpruned, 1),
+            "seconds_fraction": round(seconds / seconds_unpruned, 4) if seconds_unpruned else None,
             "trials": counts}
 
 
