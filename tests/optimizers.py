@@ -46,6 +46,9 @@ class Twin:
     # alone. Such cases compare with oxoptim's pure-torch statement of the
     # reference's maths (``ours._TORCH``, itself checked against the package).
     mutates_grad: bool = False
+    # Whether the whole-group fast path (`_core.group_step`) takes its steps
+    # (Adafactor's state layout differs between matrices and vectors: list path only).
+    group_path: bool = True
     # Whether the twin (torch itself) can step a parameter of this shape.
     steps_shape: Callable[[tuple[int, ...]], bool] = lambda shape: True
 
@@ -286,7 +289,7 @@ TWINS = [
     # mismatch-rate bound would not be small. torch cannot step an empty
     # parameter (ZeroDivisionError in its RMS): those shapes are left out.
     Twin("adafactor", oxoptim.Adafactor, torch.optim.Adafactor, _adafactor_hyper, dict(lr=0.1, weight_decay=0.01, d=1.0),
-         steps_shape=_nonempty),
+         group_path=False, steps_shape=_nonempty),
     # Beyond torch.optim: twins of their reference packages on PyPI.
     Twin("adamw_schedulefree", oxoptim.AdamWScheduleFree, schedulefree.AdamWScheduleFree,
          _schedule_free_hyper({"lr": st.sampled_from([1e-3, 0.01, 0.0025]), "betas": st.sampled_from([(0.9, 0.999), (0.5, 0.9)]), "eps": st.sampled_from([1e-8, 1e-3])}),

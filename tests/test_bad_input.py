@@ -24,6 +24,7 @@ BAD_HYPER["nadam"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(bet
 BAD_HYPER["radam"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0)]
 BAD_HYPER["adadelta"] = [dict(lr=-1.0), dict(lr=math.nan), dict(rho=1.5), dict(rho=-0.1), dict(eps=-1.0), dict(weight_decay=-1.0)]
 BAD_HYPER["asgd"] = [dict(lr=-1.0), dict(lr=math.nan), dict(weight_decay=-1.0)]
+BAD_HYPER["adafactor"] = [dict(lr=-1.0), dict(lr=math.nan), dict(beta2_decay=0.5), dict(eps=(-1.0, 1e-3)), dict(eps=(None, -1.0)), dict(d=0.5), dict(weight_decay=-1.0)]
 BAD_HYPER["rprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(etas=(1.5, 1.2)), dict(etas=(0.5, 0.9))]
 BAD_HYPER["rmsprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0), dict(alpha=-0.1)]
 # Reference packages beyond torch: where they check (SGDScheduleFree), their errors; where they

@@ -35,7 +35,11 @@ def test_non_contiguous_parameters(twin: Twin) -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("twin", [t for t in TWINS if t.name != "sgd"], ids=[t.name for t in TWINS if t.name != "sgd"])
+# SGD steps complex parameters natively; torch's Adafactor refuses them (RuntimeError, ours too).
+COMPLEX = [t for t in TWINS if t.name not in ("sgd", "adafactor")]
+
+
+@pytest.mark.parametrize("twin", COMPLEX, ids=[t.name for t in COMPLEX])
 def test_complex_parameters(twin: Twin) -> None:
     def make():
         torch.manual_seed(2)

@@ -13,7 +13,19 @@ from ._twin import NATIVE_NOTE, TorchTwin
 __all__ = ["Adafactor"]
 
 _FACTORS = ("row_var", "col_var")
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _state_shape(key: str, shape: torch.Size) -> tuple[int, ...]:
+    """The shape torch gives state ``key`` of a gradient of ``shape``."""
+    dims = list(shape)
+    if len(dims) < 2:
+        return tuple(dims)
+    if key == "row_var":
+        dims[-1] = 1
+    elif key == "col_var":
+        dims[-2] = 1
+    return tuple(dims)
 
 
 class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
@@ -31,9 +43,10 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
     and the whole tensor), reduced in a fixed order: results do not depend on
     the thread count. The reductions follow torch's CPU kernels, except
     ``row_var.mean()`` (torch: a cascade sum, here a sum in order), so
-    results agree with torch to within an ulp or two rather than bit for bit.
-    bfloat16/float16 and empty parameters take torch's implementation (torch
-    itself cannot step an empty one).
+    results agree with torch within its tolerances rather than bit for bit.
+    A group with an empty parameter (torch cannot step it either:
+    ZeroDivisionError) or any tensor the kernel does not take runs torch's
+    implementation as a whole, in torch's order.
 """
         + NATIVE_NOTE
     )
@@ -46,49 +59,79 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
             return super()._check_entry(where, name, value, param)
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
-        shape = list(param.shape)
-        if len(shape) >= 2:
-            shape[-1 if name == "row_var" else -2] = 1
-        if list(value.shape) != shape:
+        shape = _state_shape(name, param.shape)
+        if tuple(value.shape) != shape:
             raise ValueError(f"{where} has shape {tuple(value.shape)} but the parameter of shape {tuple(param.shape)} calls for {tuple(shape)}")
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
         return False  # a group mixes factored and vector state: the list path splits it
 
-    def _list_step(self, group: dict, params: list, grads: list) -> bool:
-        """Steps the group's matrices and vectors in one kernel call each (each
-        parameter's update is independent of the others); a part the kernel
-        cannot take runs torch's implementation."""
+    def _kernel_calls(self, group: dict, params: list) -> list[tuple[dict, list]]:
+        """One call for the matrices (factored state), one for the vectors."""
         if not params:
-            return True
+            return []
         eps1, eps2 = group["eps"]
         if eps1 is None:  # torch resolves it from the first parameter, then keeps it for the group
             eps1 = torch.finfo(params[0].dtype).eps
+        calls = []
         for factored in (True, False):
-            part = [(p, g) for p, g in zip(params, grads) if (g.dim() > 1) == factored]
-            if part and not self._native_part(group, part, factored, eps1):
-                self._torch_step({**group, "params": [p for p, _ in part], "eps": (eps1, eps2)})
+            part = [p for p in params if (p.dim() > 1) == factored]
+            if part:
+                hyper = {
+                    "lr": scalar(group["lr"]),
+                    "beta2_decay": float(group["beta2_decay"]),
+                    "eps1": float(eps1),
+                    "eps2": float(eps2),
+                    "d": float(group["d"]),
+                    "weight_decay": float(group["weight_decay"]),
+                    "maximize": bool(group["maximize"]),
+                    "factored": factored,
+                }
+                calls.append((hyper, part))
+        return calls
+
+    def _list_step(self, group: dict, params: list, grads: list) -> bool:
+        """Steps the group's matrices and vectors in one kernel call each.
+        Each parameter's update is independent of the others, so the order
+        does not matter as long as no step fails half-way: anything torch
+        might fail on or handle its own way (checked first, nothing written)
+        sends the whole group to torch's implementation, in its order."""
+        if not self._kernel_takes(params, grads):
+            return False
+        grad_of = {id(p): g for p, g in zip(params, grads)}
+        for i, (hyper, part) in enumerate(self._kernel_calls(group, params)):
+            keys = _FACTORS if hyper["factored"] else ("variance",)
+            entries = [self.state[p] for p in part]  # type: ignore[attr-defined]
+            state = [[entry[key] for entry in entries] for key in keys]
+            steps = [[entry["step"] for entry in entries]]
+            grads_of_part = [grad_of[id(p)] for p in part]
+            if _core.step(self.KIND, part, grads_of_part, state, steps, hyper, num_threads=num_threads()):
+                continue
+            if i == 0:
+                return False  # nothing written yet: torch steps the whole group
+            self._torch_step({**group, "params": part, "eps": (hyper["eps1"], hyper["eps2"])})
         return True
 
-    def _native_part(self, group: dict, part: list, factored: bool, eps1: float) -> bool:
-        if any(p.dtype not in _KERNEL_DTYPES or p.numel() == 0 for p, _ in part):
-            return False
-        keys = _FACTORS if factored else ("variance",)
-        entries = [self.state[p] for p, _ in part]  # type: ignore[attr-defined]
-        hyper = {
-            "lr": scalar(group["lr"]),
-            "beta2_decay": float(group["beta2_decay"]),
-            "eps1": float(eps1),
-            "eps2": float(group["eps"][1]),
-            "d": float(group["d"]),
-            "weight_decay": float(group["weight_decay"]),
-            "maximize": bool(group["maximize"]),
-            "factored": factored,
-        }
-        state = [[entry[key] for entry in entries] for key in keys]
-        steps = [[entry["step"] for entry in entries]]
-        params, grads = [p for p, _ in part], [g for _, g in part]
-        return _core.step(self.KIND, params, grads, state, steps, hyper, num_threads=num_threads())
+    def _kernel_takes(self, params: list, grads: list) -> bool:
+        """Whether every parameter, gradient and state tensor is one the kernel
+        computes exactly as torch, and no two of them share memory."""
+        storages = set()
+        for p, g in zip(params, grads):
+            entry = self.state[p]  # type: ignore[attr-defined]
+            keys = _FACTORS if g.dim() > 1 else ("variance",)
+            tensors = [p, g, *(entry.get(key) for key in keys)]
+            if p.dtype not in _KERNEL_DTYPES or p.numel() == 0 or g.shape != p.shape or g.is_sparse:
+                return False
+            for key, t in zip(("param", "grad", *keys), tensors):
+                if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.device.type != "cpu" or not t.is_contiguous():
+                    return False
+                if key in keys and tuple(t.shape) != _state_shape(key, p.shape):
+                    return False
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in storages:
+                    return False
+                storages.add(ptr)
+        return True
 
 
 # The table lists every state array; only `variance` has the parameter's shape.

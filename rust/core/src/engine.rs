@@ -217,7 +217,7 @@ unsafe fn apply_range<K: Elementwise>(
 }
 
 /// A 16-bit float stored in memory and computed in f32.
-trait HalfFloat: Copy {
+pub(crate) trait HalfFloat: Copy {
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
 }

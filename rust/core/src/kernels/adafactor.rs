@@ -22,11 +22,11 @@
 
 use super::Lerp;
 use crate::dispatch::{Backend, Element, WithLanes};
-use crate::engine::{self, Exec, PerSlot};
+use crate::engine::{self, Exec, HalfFloat, PerSlot};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::simd::{run_blocks, LaneBlock, Lanes, Scalar};
-use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
+use crate::tensors::{ArraySpec, Column, Extent, ScalarState, TensorBatch};
 
 /// One group's settings. `eps1` is already resolved (torch's `None` means the
 /// machine epsilon of the group's first parameter dtype); `factored` says
@@ -98,7 +98,7 @@ impl Optimizer for AdafactorConfig {
         let mut shapes = Vec::with_capacity(batch.slots());
         for slot in 0..batch.slots() {
             let p = batch.slot(slot);
-            if !matches!(p.dtype, DType::F32 | DType::F64) || p.len == 0 {
+            if !p.dtype.is_float() || p.len == 0 {
                 return Err(Error::Unsupported(format!(
                     "adafactor: tensor {slot} ({} elements of {}) needs torch's implementation",
                     p.len,
@@ -310,7 +310,57 @@ impl PerSlot for AdafactorKernel<'_> {
                 });
                 f64::dispatch(backend, &mut SlotUpdate::new(self.config, per, p, g, state));
             }
-            _ => unreachable!("step() admits float32 and float64 parameters only"),
+            [Column::BF16(p), Column::BF16(g), state @ ..] => {
+                let state = state.iter_mut().map(|c| match c {
+                    Column::BF16(s) => &mut **s,
+                    _ => unreachable!("state has the parameter's dtype"),
+                });
+                widened(backend, self.config, per, p, g, state);
+            }
+            [Column::F16(p), Column::F16(g), state @ ..] => {
+                let state = state.iter_mut().map(|c| match c {
+                    Column::F16(s) => &mut **s,
+                    _ => unreachable!("state has the parameter's dtype"),
+                });
+                widened(backend, self.config, per, p, g, state);
+            }
+            _ => unreachable!("step() admits float parameters only"),
+        }
+    }
+}
+
+/// A half-precision parameter's step: float32 math on widened copies of the
+/// whole parameter and state (the reductions need all of it), rounded back to
+/// storage (round-to-nearest-even), as torch's fused optimizers do.
+fn widened<'c, H: HalfFloat + 'c>(
+    backend: Backend,
+    config: &AdafactorConfig,
+    per: PerStep,
+    param: &mut [H],
+    grad: &[H],
+    state: impl Iterator<Item = &'c mut [H]>,
+) {
+    let widen = |xs: &[H]| xs.iter().map(|x| x.widen()).collect::<Vec<f32>>();
+    let mut state: Vec<&mut [H]> = state.collect();
+    let mut wide_param = widen(param);
+    let wide_grad = widen(grad);
+    let mut wide_state: Vec<Vec<f32>> = state.iter().map(|s| widen(s)).collect();
+    f32::dispatch(
+        backend,
+        &mut SlotUpdate::new(
+            config,
+            per,
+            &mut wide_param,
+            &wide_grad,
+            wide_state.iter_mut().map(|s| &mut s[..]),
+        ),
+    );
+    for (dst, src) in std::iter::once(param)
+        .chain(state.iter_mut().map(|s| &mut **s))
+        .zip(std::iter::once(&wide_param).chain(&wide_state))
+    {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = H::narrow(s);
         }
     }
 }
