@@ -238,6 +238,8 @@ impl<T: Element> SquareSum<T> {
     }
 
     /// Adds the next elements, in order.
+    // Inlined into the caller compiled for the chosen instruction set.
+    #[inline(always)]
     pub fn push(&mut self, mut xs: &[T]) {
         let lanes = self.lanes;
         while !xs.is_empty() {
@@ -268,6 +270,8 @@ impl<T: Element> SquareSum<T> {
     }
 
     /// The sum of squares of every element pushed.
+    // Inlined into the caller compiled for the chosen instruction set.
+    #[inline(always)]
     pub fn finish(&self) -> T {
         let mut sum = self.acc[0];
         for &a in &self.acc[1..self.lanes] {
@@ -282,6 +286,8 @@ impl<T: Element> SquareSum<T> {
 
 /// torch's `vector_norm(x).square_().div_(count)`: the square of a rounded
 /// square root, divided by the element count.
+// Inlined into the caller compiled for the chosen instruction set.
+#[inline(always)]
 fn mean_square<T: Element>(sum_of_squares: T, count: usize) -> T {
     let norm = sum_of_squares.sqrt();
     norm * norm / T::from_f64(count as f64)
@@ -417,31 +423,42 @@ impl<T: Element> WithLanes<T> for SlotUpdate<'_, T> {
             factor: None,
             variance: std::ptr::null_mut(),
         };
-        let eps1 = T::from_f64(c.eps1);
-        let pass = |block: &mut UpdateBlock<T>, state: &mut [&mut [T]]| match (self.per.shape, state) {
+        if let (Some(shape), [row_var, col_var]) = (self.per.shape, &mut self.state[..]) {
+            update_factors(&block.lerp, shape, self.grad, row_var, col_var);
+        }
+        let update_squares = self.pass(simd, &mut block);
+        // denom = max(1.0, update.norm(2).item() / (numel ** 0.5 * d)); param.add_(update, alpha=-alpha / denom)
+        let update_norm = update_squares.sqrt().to_f64();
+        let denom = py_max(1.0, update_norm / ((n as f64).powf(0.5) * c.d));
+        block.step = T::from_f64(-alpha / denom);
+        block.pass = Pass::Apply;
+        self.pass(simd, &mut block);
+    }
+}
+
+impl<T: Element> SlotUpdate<'_, T> {
+    /// One pass of `block` over the parameter (a closure here would be
+    /// compiled without the instruction set's features).
+    #[inline(always)]
+    fn pass<S: Lanes<T>>(&mut self, simd: S, block: &mut UpdateBlock<T>) -> T {
+        let eps1 = T::from_f64(self.config.eps1);
+        let n = self.param.len();
+        match (self.per.shape, &mut self.state[..]) {
             (Some(shape), [row_var, col_var]) => factored(simd, block, shape, row_var, col_var, eps1),
             (None, [variance]) => {
                 block.variance = variance.as_mut_ptr();
                 vector(simd, block, n)
             }
             _ => unreachable!("the state matches the configuration"),
-        };
-        if let (Some(shape), [row_var, col_var]) = (self.per.shape, &mut self.state[..]) {
-            update_factors(&block.lerp, shape, self.grad, row_var, col_var);
         }
-        let update_squares = pass(&mut block, &mut self.state);
-        // denom = max(1.0, update.norm(2).item() / (numel ** 0.5 * d)); param.add_(update, alpha=-alpha / denom)
-        let update_norm = update_squares.sqrt().to_f64();
-        let denom = py_max(1.0, update_norm / ((n as f64).powf(0.5) * c.d));
-        block.step = T::from_f64(-alpha / denom);
-        block.pass = Pass::Apply;
-        pass(&mut block, &mut self.state);
     }
 }
 
 /// `row_var.lerp_(row_mean, w)` and `col_var.lerp_(col_mean, w)`, with
 /// `row_mean`/`col_mean` the mean squares of the gradient along each row and
 /// each column of every matrix of the batch.
+// Inlined into the caller compiled for the chosen instruction set.
+#[inline(always)]
 fn update_factors<T: Element>(
     lerp: &Lerp<T>,
     shape: Matrix,
@@ -549,6 +566,8 @@ impl<T: Element> LaneBlock<T> for UpdateBlock<T> {
 
 /// One pass over a factored parameter, matrix by matrix and row by row;
 /// returns the update's sum of squares in the norm pass (0 in the apply pass).
+// Inlined into the caller compiled for the chosen instruction set.
+#[inline(always)]
 fn factored<T: Element, S: Lanes<T>>(
     simd: S,
     block: &mut UpdateBlock<T>,
@@ -595,6 +614,8 @@ fn factored<T: Element, S: Lanes<T>>(
 
 /// One pass over a vector, piece by piece; returns the update's sum of
 /// squares in the norm pass (0 in the apply pass).
+// Inlined into the caller compiled for the chosen instruction set.
+#[inline(always)]
 fn vector<T: Element, S: Lanes<T>>(simd: S, block: &mut UpdateBlock<T>, n: usize) -> T {
     let mut squares = SquareSum::new(n);
     let norm = block.pass == Pass::Norm;
