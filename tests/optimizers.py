@@ -277,18 +277,10 @@ TWINS = [
     Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
     Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01), bit_exact=True),
     Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05)), bit_exact=True),
-    # Adafactor agrees within torch's tolerances, not bit for bit: its
-    # reductions follow torch's CPU kernels only in part. Bit for bit (measured):
-    # small vectors and matrices with rows a multiple of 8 long over 25 steps;
-    # row_var/col_var/variance of a 512x300 matrix and a 300,001 vector over 20
-    # steps. Not: row norms with a tail (torch adds a row's last n % 8 squares
-    # in an order not yet reproduced), row_var.mean() over many rows (torch: a
-    # cascade sum, here a sum in order), and the update of large matrices
-    # (47% of a 512x300 parameter more than one ulp off after 20 steps: one ulp
-    # in the clipping denominator or row mean scales whole rows), so a
-    # mismatch-rate bound would not be small. torch cannot step an empty
+    # Adafactor: bit for bit, its reductions in the order of torch's CPU kernels
+    # (rust/core/src/kernels/adafactor.rs). torch cannot step an empty
     # parameter (ZeroDivisionError in its RMS): those shapes are left out.
-    Twin("adafactor", oxoptim.Adafactor, torch.optim.Adafactor, _adafactor_hyper, dict(lr=0.1, weight_decay=0.01, d=1.0),
+    Twin("adafactor", oxoptim.Adafactor, torch.optim.Adafactor, _adafactor_hyper, dict(lr=0.1, weight_decay=0.01, d=1.0), bit_exact=True,
          group_path=False, steps_shape=_nonempty),
     # Beyond torch.optim: twins of their reference packages on PyPI.
     Twin("adamw_schedulefree", oxoptim.AdamWScheduleFree, schedulefree.AdamWScheduleFree,

@@ -16,16 +16,16 @@ _FACTORS = ("row_var", "col_var")
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _state_shape(key: str, shape: torch.Size) -> tuple[int, ...]:
+def _state_shape(key: str, shape: torch.Size) -> torch.Size:
     """The shape torch gives state ``key`` of a gradient of ``shape``."""
     dims = list(shape)
     if len(dims) < 2:
-        return tuple(dims)
+        return torch.Size(dims)
     if key == "row_var":
         dims[-1] = 1
     elif key == "col_var":
         dims[-2] = 1
-    return tuple(dims)
+    return torch.Size(dims)
 
 
 class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
@@ -60,7 +60,7 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
         shape = _state_shape(name, param.shape)
-        if tuple(value.shape) != shape:
+        if value.shape != shape:
             raise ValueError(f"{where} has shape {tuple(value.shape)} but the parameter of shape {tuple(param.shape)} calls for {tuple(shape)}")
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
@@ -113,25 +113,29 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
         return True
 
     def _kernel_takes(self, params: list, grads: list) -> bool:
-        """Whether every parameter, gradient and state tensor is one the kernel
-        computes exactly as torch, and no two of them share memory."""
+        """Whether every parameter is one the kernel steps as torch would (a
+        float dtype, not empty, its gradient of its shape, its state of the
+        shapes torch gives it) and no parameter or gradient shares memory with
+        another: the two kernel calls each check their own tensors (device,
+        layout, overlaps) before writing, this covers what lies between them."""
+        state = self.state  # type: ignore[attr-defined]
         storages = set()
         for p, g in zip(params, grads):
-            entry = self.state[p]  # type: ignore[attr-defined]
-            keys = _FACTORS if g.dim() > 1 else ("variance",)
-            tensors = [p, g, *(entry.get(key) for key in keys)]
-            if p.dtype not in _KERNEL_DTYPES or p.numel() == 0 or g.shape != p.shape or g.is_sparse:
+            shape = p.shape
+            if p.dtype not in _KERNEL_DTYPES or g.shape != shape or p.numel() == 0 or g.is_sparse:
                 return False
-            for key, t in zip(("param", "grad", *keys), tensors):
-                if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.device.type != "cpu" or not t.is_contiguous():
+            entry = state[p]
+            if len(shape) >= 2:
+                row, col = entry.get("row_var"), entry.get("col_var")
+                if row is None or col is None or row.shape != _state_shape("row_var", shape) or col.shape != _state_shape("col_var", shape):
                     return False
-                if key in keys and tuple(t.shape) != _state_shape(key, p.shape):
+            else:
+                variance = entry.get("variance")
+                if variance is None or variance.shape != shape:
                     return False
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in storages:
-                    return False
-                storages.add(ptr)
-        return True
+            storages.add(p.untyped_storage().data_ptr())
+            storages.add(g.untyped_storage().data_ptr())
+        return len(storages) == 2 * len(params)
 
 
 # The table lists every state array; only `variance` has the parameter's shape.

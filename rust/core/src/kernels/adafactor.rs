@@ -211,9 +211,9 @@ const fn torch_lanes<T>() -> usize {
 }
 
 /// torch's CPU sum of squares over contiguous memory, fed in pieces: element
-/// `i` of the first `len - len % LANES` goes to accumulator `i % LANES`, the
-/// accumulators are added in order, then the remaining elements one by one;
-/// every product and sum rounded to `T`.
+/// `i` of the first `len - len % LANES` goes to accumulator `i % LANES`
+/// (`acc + x * x`, two roundings), the accumulators are added in order, then
+/// the remaining elements one by one (see [`SquareSum::finish`]).
 pub struct SquareSum<T> {
     acc: [T; 8],
     lanes: usize,
@@ -277,11 +277,100 @@ impl<T: Element> SquareSum<T> {
         for &a in &self.acc[1..self.lanes] {
             sum = sum + a;
         }
-        for &x in &self.tail[..self.tail_len] {
+        // torch's scalar tail loop as its x86 build compiles it: the squares
+        // of a group of four in a vector, added one by one, then FMAs.
+        let tail = &self.tail[..self.tail_len];
+        let grouped = tail.len() / 4 * 4;
+        for &x in &tail[..grouped] {
             sum = sum + x * x;
+        }
+        for &x in &tail[grouped..] {
+            sum = x.mul_add(x, sum);
         }
         sum
     }
+}
+
+/// torch's CPU `sum` of contiguous memory (`cascade_sum` in its
+/// SumKernel.cpp): whole vectors of [`torch_lanes`] summed by [`row_sum`],
+/// then the tail elements, then the lanes, one by one; fewer elements than
+/// lanes are summed by [`row_sum`] one at a time.
+pub fn cascade_sum<T: Element>(x: &[T]) -> T {
+    let lanes = torch_lanes::<T>();
+    let whole = x.len() / lanes;
+    if whole == 0 {
+        return row_sum(x.len(), 1, |i, _| x[i])[0];
+    }
+    let vector = row_sum(whole, lanes, |i, k| x[i * lanes + k]);
+    let mut sum = T::ZERO;
+    for &v in &x[whole * lanes..] {
+        sum = sum + v;
+    }
+    for &v in &vector[..lanes] {
+        sum = sum + v;
+    }
+    sum
+}
+
+/// torch's `row_sum` of `n` elements of `width` lanes each (`at(i, lane)`):
+/// four interleaved partial sums ([`multi_row_sum`] over groups of four
+/// elements), the leftover elements into the first, then the four added.
+fn row_sum<T: Element>(n: usize, width: usize, at: impl Fn(usize, usize) -> T) -> [T; 8] {
+    let groups = n / 4;
+    let partial = multi_row_sum(groups, 4 * width, |i, c| at(4 * i + c / width, c % width));
+    let mut sum = [T::ZERO; 8];
+    sum[..width].copy_from_slice(&partial[..width]);
+    for i in groups * 4..n {
+        for (k, s) in sum[..width].iter_mut().enumerate() {
+            *s = *s + at(i, k);
+        }
+    }
+    for part in 1..4 {
+        for (k, s) in sum[..width].iter_mut().enumerate() {
+            *s = *s + partial[part * width + k];
+        }
+    }
+    sum
+}
+
+/// torch's `multi_row_sum`: `columns` sums over `rows` rows (`at(row,
+/// column)`) in four levels of chunks of `2^max(4, ceil(log2(rows)) / 4)` rows.
+fn multi_row_sum<T: Element>(rows: usize, columns: usize, at: impl Fn(usize, usize) -> T) -> [T; 32] {
+    const LEVELS: usize = 4;
+    let ceil_log2 = if rows <= 1 { 0 } else { (usize::BITS - (rows - 1).leading_zeros()) as usize };
+    let level_power = (ceil_log2 / LEVELS).max(4);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[T::ZERO; 32]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= rows {
+        for _ in 0..level_step {
+            for (c, a) in acc[0][..columns].iter_mut().enumerate() {
+                *a = *a + at(i, c);
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for c in 0..columns {
+                acc[j][c] = acc[j][c] + acc[j - 1][c];
+                acc[j - 1][c] = T::ZERO;
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    for row in i..rows {
+        for (c, a) in acc[0][..columns].iter_mut().enumerate() {
+            *a = *a + at(row, c);
+        }
+    }
+    for j in 1..LEVELS {
+        for c in 0..columns {
+            acc[0][c] = acc[0][c] + acc[j][c];
+        }
+    }
+    acc[0]
 }
 
 /// torch's `vector_norm(x).square_().div_(count)`: the square of a rounded
@@ -583,11 +672,8 @@ fn factored<T: Element, S: Lanes<T>>(
     let (param, grad) = (block.param, block.grad);
     for b in 0..batch {
         let r = &row_var[b * rows..(b + 1) * rows];
-        let mut sum = T::ZERO;
-        for &x in r {
-            sum = sum + x;
-        }
-        let row_mean = clamp_min(sum / T::from_f64(rows as f64), eps1);
+        // var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+        let row_mean = clamp_min(cascade_sum(r) / T::from_f64(rows as f64), eps1);
         for (i, &row) in r.iter().enumerate() {
             let at = (b * rows + i) * cols;
             block.factor = Some(RowFactor {
