@@ -352,3 +352,25 @@ def test_torch_openmp_team_and_rayon_pool_give_identical_results() -> None:
     # With torch imported its libgomp is loaded, so the default is torch's team.
     assert set(out) == {"openmp", "rayon"}
     assert out["openmp"] == out["rayon"]
+
+
+def test_adafactor_reductions_over_many_rows_are_torchs_on_one_thread(monkeypatch) -> None:
+    """Above 32,768 elements torch splits some reductions (``row_var.mean()``)
+    across its threads; on one thread, a matrix that tall and a row that long
+    are torch's bit for bit."""
+    forbid_torch_fallback(monkeypatch)
+    twin = next(t for t in TWINS if t.name == "adafactor")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.randn(s, generator=gen) for s in [(40_000, 3), (3, 40_000)]]
+        mine, ref = clone_params(params), clone_params(params)
+        ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+        for _ in range(3):
+            set_grads(gen, mine, ref)
+            ours.step()
+            theirs.step()
+        _assert_bit_identical(ours, theirs)
+    finally:
+        torch.set_num_threads(before)

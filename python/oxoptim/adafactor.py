@@ -40,10 +40,10 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
     vectors).
 
     Each parameter is one work item (its step needs norms over rows, columns
-    and the whole tensor), reduced in a fixed order: results do not depend on
-    the thread count. The reductions follow torch's CPU kernels, except
-    ``row_var.mean()`` (torch: a cascade sum, here a sum in order), so
-    results agree with torch within its tolerances rather than bit for bit.
+    and the whole tensor), reduced in the order of torch's CPU kernels:
+    results equal torch's for-loop bit for bit and do not depend on the
+    thread count (torch's do for ``row_var.mean()`` over more than 32,768
+    rows on several threads).
     A group with an empty parameter (torch cannot step it either:
     ZeroDivisionError) or any tensor the kernel does not take runs torch's
     implementation as a whole, in torch's order.

@@ -12,13 +12,13 @@
 //! reductions are scalar code in torch's order, the element-wise parts run on
 //! [`Lanes`] and equal the scalar reference lane for lane).
 //!
-//! The reductions follow torch's CPU kernels where they are known: a sum of
-//! squares over contiguous memory (`vector_norm` over a whole tensor or its
-//! last dimension) uses one 256-bit vector of accumulators, lanes added in
-//! order, then the tail one element at a time; a column norm adds the rows
-//! one by one; no FMA anywhere. torch's `mean` over `row_var` is a cascade
-//! sum, here a plain sum in order: the one known place where results may
-//! differ from torch by an ulp (see tests/optimizers.py).
+//! The reductions follow torch's CPU kernels (x86 builds, 256-bit
+//! `Vectorized`), so results equal its for-loop bit for bit: a sum of squares
+//! over contiguous memory (`vector_norm` over a whole tensor or its last
+//! dimension) is [`SquareSum`], a column norm adds the rows one by one, and
+//! `row_var.mean()` is [`cascade_sum`]. torch itself splits a reduction over
+//! more than 32,768 elements across its threads in places (`mean` over that
+//! many rows): there its result depends on its thread count, ours does not.
 
 use super::Lerp;
 use crate::dispatch::{Backend, Element, WithLanes};
