@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -160,20 +161,32 @@ def test_adam_moments_are_bit_identical_to_torch_over_many_steps(twin: Twin, dty
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_tensors_on_several_threads(monkeypatch, twin: Twin, threads: int) -> None:
     forbid_torch_fallback(monkeypatch)
+    with _torch_threads(threads):
+        ours, theirs = _stepped_pair(twin, [(300_001,), (512, 300), (5,), ()], seed=1, steps=20)
+    _assert_same_state(twin, ours, theirs)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gen = torch.Generator().manual_seed(1)
-        params = [torch.randn(s, generator=gen) for s in [(300_001,), (512, 300), (5,), ()]]
-        mine, ref = clone_params(params), clone_params(params)
-        ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
-        for _ in range(20):
-            set_grads(gen, mine, ref)
-            ours.step()
-            theirs.step()
-        _assert_same_state(twin, ours, theirs)
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def _stepped_pair(twin: Twin, shapes: list, seed: int, steps: int):
+    """Ours and the twin after ``steps`` steps from the same random parameters and gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    mine, ref = clone_params(params), clone_params(params)
+    ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    for _ in range(steps):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+    return ours, theirs
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
@@ -360,17 +373,6 @@ def test_adafactor_reductions_over_many_rows_are_torchs_on_one_thread(monkeypatc
     are torch's bit for bit."""
     forbid_torch_fallback(monkeypatch)
     twin = next(t for t in TWINS if t.name == "adafactor")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(4)
-        params = [torch.randn(s, generator=gen) for s in [(40_000, 3), (3, 40_000)]]
-        mine, ref = clone_params(params), clone_params(params)
-        ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
-        for _ in range(3):
-            set_grads(gen, mine, ref)
-            ours.step()
-            theirs.step()
-        _assert_bit_identical(ours, theirs)
-    finally:
-        torch.set_num_threads(before)
+    with _torch_threads(1):
+        ours, theirs = _stepped_pair(twin, [(40_000, 3), (3, 40_000)], seed=4, steps=3)
+    _assert_bit_identical(ours, theirs)

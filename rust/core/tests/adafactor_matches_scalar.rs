@@ -99,7 +99,11 @@ impl<T: Storage> Slots<T> {
             .collect();
         // SAFETY: the buffers outlive the batch and are not touched meanwhile.
         unsafe {
-            TensorBatch::with_specs(raws, &configured.array_specs(), &mut DisjointMemo::default())
+            TensorBatch::with_specs(
+                raws,
+                &configured.array_specs(),
+                &mut DisjointMemo::default(),
+            )
         }
     }
 
@@ -109,6 +113,27 @@ impl<T: Storage> Slots<T> {
             .map(|b| b.iter().map(|x| x.bits()).collect())
             .collect()
     }
+}
+
+/// One step of `batch` with `steps` (float64) as the step counters.
+fn step(
+    entry: &Entry,
+    configured: &dyn Configured,
+    batch: &TensorBatch,
+    steps: &mut [f64],
+    exec: Exec,
+) -> Result<(), Error> {
+    let cells = steps
+        .iter_mut()
+        .map(|c| RawTensor {
+            addr: c as *mut f64 as usize,
+            len: 1,
+            dtype: oxoptim_core::DType::F64,
+        })
+        .collect();
+    // SAFETY: the cells outlive the state and nothing else touches them meanwhile.
+    let mut scalars = unsafe { ScalarState::new(cells, 1, batch) }.unwrap();
+    entry.step(configured, batch, &mut scalars, exec)
 }
 
 /// Three steps from step 0 on `exec`: every array's bits, and the step counters.
@@ -125,19 +150,7 @@ fn three_steps<T: Storage>(
     let batch = slots.batch(configured.as_ref()).unwrap();
     assert_eq!(batch.arity(), slots.arity);
     for _ in 0..3 {
-        let cells = steps
-            .iter_mut()
-            .map(|c| RawTensor {
-                addr: c as *mut f64 as usize,
-                len: 1,
-                dtype: oxoptim_core::DType::F64,
-            })
-            .collect();
-        // SAFETY: the cells outlive the state and nothing else touches them meanwhile.
-        let mut scalars = unsafe { ScalarState::new(cells, 1, &batch) }.unwrap();
-        entry
-            .step(configured.as_ref(), &batch, &mut scalars, exec)
-            .unwrap();
+        step(&entry, configured.as_ref(), &batch, &mut steps, exec).unwrap();
     }
     drop(batch);
     (slots.bits(), steps)
@@ -154,8 +167,13 @@ fn vector(n: usize) -> Matrix {
 fn check<T: Storage>(shapes: &[Matrix], factored: bool, threads: &[usize]) {
     for setting in SETTINGS {
         for offset in OFFSETS {
-            let reference =
-                three_steps::<T>(shapes, factored, setting, offset, Exec::new(Backend::Scalar, 1));
+            let reference = three_steps::<T>(
+                shapes,
+                factored,
+                setting,
+                offset,
+                Exec::new(Backend::Scalar, 1),
+            );
             assert_eq!(reference.1, vec![3.0; shapes.len()]);
             for backend in Backend::supported() {
                 for &t in threads {
@@ -230,7 +248,11 @@ fn results_do_not_depend_on_the_thread_count() {
         },
     ];
     check::<f32>(&matrices, true, &[1, 2, 3, 7]);
-    check::<f32>(&[vector(200_003), vector(5), vector(70_001)], false, &[1, 2, 3, 7]);
+    check::<f32>(
+        &[vector(200_003), vector(5), vector(70_001)],
+        false,
+        &[1, 2, 3, 7],
+    );
 }
 
 #[test]
@@ -246,57 +268,43 @@ fn the_factors_lengths_decide_the_shape() {
 
 #[test]
 fn bad_layouts_are_refused_before_anything_is_written() {
-    let (entry, configured) = configure(SETTINGS[1], true);
     // Factors that divide the parameter but are not the factors of any shape.
     let mut slots = Slots::<f32>::new(&[m(1, 3, 5)], true, 0);
     slots.lens[2] = 5;
     slots.lens[3] = 5;
-    let before = slots.bits();
-    let batch = slots.batch(configured.as_ref()).unwrap();
-    let mut step = 0.0f64;
-    let cell = RawTensor {
-        addr: &mut step as *mut f64 as usize,
-        len: 1,
-        dtype: oxoptim_core::DType::F64,
-    };
-    // SAFETY: `step` outlives the state and nothing else touches it meanwhile.
-    let mut scalars = unsafe { ScalarState::new(vec![cell], 1, &batch) }.unwrap();
-    let err = entry
-        .step(configured.as_ref(), &batch, &mut scalars, Exec::default())
-        .unwrap_err();
+    let err = refused_step(true, &mut slots);
     assert!(matches!(err, Error::Mismatch(_)), "{err}");
-    drop(batch);
-    assert_eq!(step, 0.0);
-    assert_eq!(slots.bits(), before);
     // A factor that does not divide the parameter: refused by the batch itself.
     slots.lens[2] = 4;
+    let (_, configured) = configure(SETTINGS[1], true);
     assert!(matches!(
         slots.batch(configured.as_ref()),
         Err(Error::Mismatch(_))
     ));
-    // An empty parameter (torch cannot step it): left to torch, nothing written.
-    let (entry, configured) = configure(SETTINGS[0], false);
+    // An empty parameter (torch cannot step it): left to torch.
     let mut slots = Slots::<f32>::new(&[vector(3), vector(0)], false, 0);
+    let err = refused_step(false, &mut slots);
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+}
+
+/// The error a step of `slots` gives, after checking that it wrote nothing.
+fn refused_step(factored: bool, slots: &mut Slots<f32>) -> Error {
+    let (entry, configured) = configure(SETTINGS[1], factored);
     let before = slots.bits();
     let batch = slots.batch(configured.as_ref()).unwrap();
-    let mut steps = [0.0f64; 2];
-    let cells = steps
-        .iter_mut()
-        .map(|c| RawTensor {
-            addr: c as *mut f64 as usize,
-            len: 1,
-            dtype: oxoptim_core::DType::F64,
-        })
-        .collect();
-    // SAFETY: as above.
-    let mut scalars = unsafe { ScalarState::new(cells, 1, &batch) }.unwrap();
-    let err = entry
-        .step(configured.as_ref(), &batch, &mut scalars, Exec::default())
-        .unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    let mut steps = vec![0.0f64; batch.slots()];
+    let err = step(
+        &entry,
+        configured.as_ref(),
+        &batch,
+        &mut steps,
+        Exec::default(),
+    )
+    .unwrap_err();
     drop(batch);
-    assert_eq!(steps, [0.0, 0.0]);
+    assert!(steps.iter().all(|&s| s == 0.0), "{steps:?}");
     assert_eq!(slots.bits(), before);
+    err
 }
 
 fn m(batch: usize, rows: usize, cols: usize) -> Matrix {

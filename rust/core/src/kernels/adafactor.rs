@@ -335,25 +335,40 @@ fn row_sum<T: Element>(n: usize, width: usize, at: impl Fn(usize, usize) -> T) -
 
 /// torch's `multi_row_sum`: `columns` sums over `rows` rows (`at(row,
 /// column)`) in four levels of chunks of `2^max(4, ceil(log2(rows)) / 4)` rows.
-fn multi_row_sum<T: Element>(rows: usize, columns: usize, at: impl Fn(usize, usize) -> T) -> [T; 32] {
+fn multi_row_sum<T: Element>(
+    rows: usize,
+    columns: usize,
+    at: impl Fn(usize, usize) -> T,
+) -> [T; 32] {
     const LEVELS: usize = 4;
-    let ceil_log2 = if rows <= 1 { 0 } else { (usize::BITS - (rows - 1).leading_zeros()) as usize };
+    let ceil_log2 = if rows <= 1 {
+        0
+    } else {
+        (usize::BITS - (rows - 1).leading_zeros()) as usize
+    };
     let level_power = (ceil_log2 / LEVELS).max(4);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
     let mut acc = [[T::ZERO; 32]; LEVELS];
+    let add_row = |sums: &mut [T; 32], row: usize| {
+        for (c, a) in sums[..columns].iter_mut().enumerate() {
+            *a = *a + at(row, c);
+        }
+    };
     let mut i = 0;
     while i + level_step <= rows {
         for _ in 0..level_step {
-            for (c, a) in acc[0][..columns].iter_mut().enumerate() {
-                *a = *a + at(i, c);
-            }
+            add_row(&mut acc[0], i);
             i += 1;
         }
         for j in 1..LEVELS {
-            for c in 0..columns {
-                acc[j][c] = acc[j][c] + acc[j - 1][c];
-                acc[j - 1][c] = T::ZERO;
+            let (lower, upper) = acc.split_at_mut(j);
+            for (a, b) in upper[0][..columns]
+                .iter_mut()
+                .zip(&mut lower[j - 1][..columns])
+            {
+                *a = *a + *b;
+                *b = T::ZERO;
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -361,16 +376,15 @@ fn multi_row_sum<T: Element>(rows: usize, columns: usize, at: impl Fn(usize, usi
         }
     }
     for row in i..rows {
-        for (c, a) in acc[0][..columns].iter_mut().enumerate() {
-            *a = *a + at(row, c);
+        add_row(&mut acc[0], row);
+    }
+    let (first, levels) = acc.split_at_mut(1);
+    for level in levels.iter() {
+        for (a, &b) in first[0][..columns].iter_mut().zip(&level[..columns]) {
+            *a = *a + b;
         }
     }
-    for j in 1..LEVELS {
-        for c in 0..columns {
-            acc[0][c] = acc[0][c] + acc[j][c];
-        }
-    }
-    acc[0]
+    first[0]
 }
 
 /// torch's `vector_norm(x).square_().div_(count)`: the square of a rounded
@@ -533,7 +547,9 @@ impl<T: Element> SlotUpdate<'_, T> {
         let eps1 = T::from_f64(self.config.eps1);
         let n = self.param.len();
         match (self.per.shape, &mut self.state[..]) {
-            (Some(shape), [row_var, col_var]) => factored(simd, block, shape, row_var, col_var, eps1),
+            (Some(shape), [row_var, col_var]) => {
+                factored(simd, block, shape, row_var, col_var, eps1)
+            }
             (None, [variance]) => {
                 block.variance = variance.as_mut_ptr();
                 vector(simd, block, n)
@@ -570,7 +586,10 @@ fn update_factors<T: Element>(
                 *acc = *acc + x * x;
             }
         }
-        for (v, &acc) in col_var[b * cols..(b + 1) * cols].iter_mut().zip(&col_squares) {
+        for (v, &acc) in col_var[b * cols..(b + 1) * cols]
+            .iter_mut()
+            .zip(&col_squares)
+        {
             *v = lerp.apply(Scalar, *v, mean_square(acc, rows));
         }
     }
@@ -627,10 +646,15 @@ impl<T: Element> LaneBlock<T> for UpdateBlock<T> {
             }
             let v = match self.factor {
                 // var_estimate = row_var @ col_var, then .div_(row_mean)
-                Some(f) => s.div(s.mul(s.splat(f.row), s.load(f.col.add(i))), s.splat(f.row_mean)),
+                Some(f) => s.div(
+                    s.mul(s.splat(f.row), s.load(f.col.add(i))),
+                    s.splat(f.row_mean),
+                ),
                 // variance.lerp_(grad * grad, w), written in the norm pass
                 None if self.pass == Pass::Norm => {
-                    let v = self.lerp.apply(s, s.load(self.variance.add(i)), s.mul(g, g));
+                    let v = self
+                        .lerp
+                        .apply(s, s.load(self.variance.add(i)), s.mul(g, g));
                     s.store(self.variance.add(i), v);
                     v
                 }
