@@ -62,6 +62,8 @@ def _torch_rows() -> List[tuple]:
         ("Adadelta", oxoptim.Adadelta, torch.optim.Adadelta, dict(lr=1.0)),
         ("ASGD", oxoptim.ASGD, torch.optim.ASGD, dict(lr=1e-2)),
         ("Rprop", oxoptim.Rprop, torch.optim.Rprop, dict(lr=1e-2)),
+        # torch's default is its for-loop (foreach only when asked: it costs memory).
+        ("Adafactor", oxoptim.Adafactor, torch.optim.Adafactor, dict(lr=1e-2)),
     ]
 
 

@@ -46,6 +46,11 @@ class Twin:
     # alone. Such cases compare with oxoptim's pure-torch statement of the
     # reference's maths (``ours._TORCH``, itself checked against the package).
     mutates_grad: bool = False
+    # Whether the whole-group fast path (`_core.group_step`) takes its steps
+    # (Adafactor's state layout differs between matrices and vectors: list path only).
+    group_path: bool = True
+    # Whether the twin (torch itself) can step a parameter of this shape.
+    steps_shape: Callable[[tuple[int, ...]], bool] = lambda shape: True
 
     def make_ours(self, params, **kw):
         opt = self.ours(params, **kw)
@@ -213,6 +218,24 @@ def _rprop_hyper() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _adafactor_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    # lr 0.1 and d 1.0 make rho_t = 1/sqrt(step) and clipping bite within the tests' steps.
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([0.01, 0.1]),
+            "beta2_decay": st.sampled_from([-0.8, -0.5]),
+            "eps": st.sampled_from([(None, 1e-3), (1e-3, 1e-3), (1e-30, 0.1)]),
+            "d": st.sampled_from([1.0, 2.0]),
+            "weight_decay": st.sampled_from([0.0, 0.1]),
+            "maximize": st.booleans(),
+        }
+    )
+
+
+def _nonempty(shape: tuple[int, ...]) -> bool:
+    return math.prod(shape) > 0
+
+
 def _lion_hyper() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {
@@ -254,6 +277,11 @@ TWINS = [
     Twin("adadelta", oxoptim.Adadelta, torch.optim.Adadelta, _adadelta_hyper, dict(lr=0.5, weight_decay=0.01)),
     Twin("asgd", oxoptim.ASGD, torch.optim.ASGD, _asgd_hyper, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01), bit_exact=True),
     Twin("rprop", oxoptim.Rprop, torch.optim.Rprop, _rprop_hyper, dict(lr=0.01, step_sizes=(1e-4, 0.05)), bit_exact=True),
+    # Adafactor: bit for bit, its reductions in the order of torch's CPU kernels
+    # (rust/core/src/kernels/adafactor.rs). torch cannot step an empty
+    # parameter (ZeroDivisionError in its RMS): those shapes are left out.
+    Twin("adafactor", oxoptim.Adafactor, torch.optim.Adafactor, _adafactor_hyper, dict(lr=0.1, weight_decay=0.01, d=1.0), bit_exact=True,
+         group_path=False, steps_shape=_nonempty),
     # Beyond torch.optim: twins of their reference packages on PyPI.
     Twin("adamw_schedulefree", oxoptim.AdamWScheduleFree, schedulefree.AdamWScheduleFree,
          _schedule_free_hyper({"lr": st.sampled_from([1e-3, 0.01, 0.0025]), "betas": st.sampled_from([(0.9, 0.999), (0.5, 0.9)]), "eps": st.sampled_from([1e-8, 1e-3])}),

@@ -24,6 +24,7 @@ BAD_HYPER["nadam"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(bet
 BAD_HYPER["radam"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0)]
 BAD_HYPER["adadelta"] = [dict(lr=-1.0), dict(lr=math.nan), dict(rho=1.5), dict(rho=-0.1), dict(eps=-1.0), dict(weight_decay=-1.0)]
 BAD_HYPER["asgd"] = [dict(lr=-1.0), dict(lr=math.nan), dict(weight_decay=-1.0)]
+BAD_HYPER["adafactor"] = [dict(lr=-1.0), dict(lr=math.nan), dict(beta2_decay=0.5), dict(eps=(-1.0, 1e-3)), dict(eps=(None, -1.0)), dict(d=0.5), dict(weight_decay=-1.0)]
 BAD_HYPER["rprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(etas=(1.5, 1.2)), dict(etas=(0.5, 0.9))]
 BAD_HYPER["rmsprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0), dict(alpha=-0.1)]
 # Reference packages beyond torch: where they check (SGDScheduleFree), their errors; where they
@@ -230,3 +231,23 @@ def test_two_threads_stepping_two_optimizers_at_once() -> None:
         train(refs[i], torch.optim.AdamW, grads[i])
         for a, b in zip(sets[i], refs[i]):
             torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+def test_adafactor_state_of_another_shape_raises_like_torch() -> None:
+    """``p.data`` re-pointed to the transposed shape after a step: its factors no
+    longer fit (torch's lerp_ raises); the kernel, which reads a matrix's shape
+    from its factors' lengths, must not step it as the old shape."""
+    outcomes = []
+    for cls in (oxoptim.Adafactor, torch.optim.Adafactor):
+        p = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_()
+        opt = cls([p], lr=0.1)
+        p.grad = torch.ones(3, 5)
+        opt.step()
+        p.data = p.data.t().contiguous()
+        p.grad = torch.ones(5, 3)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        outcomes.append((type(info.value), p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    assert outcomes[0][0] is outcomes[1][0]
+    assert torch.equal(outcomes[0][1], outcomes[1][1])
+    assert all(torch.equal(outcomes[0][2][k], outcomes[1][2][k]) for k in outcomes[1][2])

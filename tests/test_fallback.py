@@ -35,7 +35,11 @@ def test_non_contiguous_parameters(twin: Twin) -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("twin", [t for t in TWINS if t.name != "sgd"], ids=[t.name for t in TWINS if t.name != "sgd"])
+# SGD steps complex parameters natively; torch's Adafactor refuses them (RuntimeError, ours too).
+COMPLEX = [t for t in TWINS if t.name not in ("sgd", "adafactor")]
+
+
+@pytest.mark.parametrize("twin", COMPLEX, ids=[t.name for t in COMPLEX])
 def test_complex_parameters(twin: Twin) -> None:
     def make():
         torch.manual_seed(2)
@@ -48,8 +52,9 @@ def test_complex_parameters(twin: Twin) -> None:
 DIFFERENTIABLE = [t for t in TWINS if "differentiable" in inspect.signature(t.theirs).parameters]
 
 
-def test_only_reference_packages_lack_differentiable_mode() -> None:
-    assert {t.name for t in TWINS} - {t.name for t in DIFFERENTIABLE} == {t.name for t in TWINS if not t.torch_twin}
+def test_only_reference_packages_and_adafactor_lack_differentiable_mode() -> None:
+    # torch's Adafactor has no `differentiable` argument either.
+    assert {t.name for t in TWINS} - {t.name for t in DIFFERENTIABLE} == {t.name for t in TWINS if not t.torch_twin} | {"adafactor"}
 
 
 @pytest.mark.parametrize("twin", DIFFERENTIABLE, ids=[t.name for t in DIFFERENTIABLE])

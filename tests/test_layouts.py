@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches
@@ -57,6 +57,7 @@ def _grad(param: torch.Tensor, gen: torch.Generator, layout: str) -> torch.Tenso
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 @given(layouts=st.lists(st.sampled_from(LAYOUTS), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1), odd_grads=st.booleans())
 def test_layouts_match_torch_and_stay_inside(twin: Twin, layouts, seed, odd_grads) -> None:
+    assume(twin.steps_shape((4, 0, 3)) or "empty" not in layouts)  # torch cannot step it
     guard = 1234.5
     runs = []
     for make_opt in (twin.make_ours, twin.make_theirs):

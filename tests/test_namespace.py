@@ -20,7 +20,7 @@ TORCH_OPTIMIZERS = sorted(
     and getattr(torch.optim, name) is not torch.optim.Optimizer
 )
 # Those documented in the README as running torch's implementation.
-TORCH_IMPLEMENTATION = {"LBFGS", "SparseAdam", "Adafactor", "Muon"}
+TORCH_IMPLEMENTATION = {"LBFGS", "SparseAdam", "Muon"}
 
 
 @pytest.mark.parametrize("name", TORCH_OPTIMIZERS)

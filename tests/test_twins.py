@@ -27,15 +27,27 @@ def _stepped_once(twin: Twin, shapes=((67,), (1000,), (3, 5)), dtype=torch.float
     return opt, params
 
 
+def _calls(opt, params):
+    """The list-path arguments of each kernel call that steps `params` of `opt`'s
+    first group (one, unless the state layout differs between parameters, as
+    Adafactor's): copies of params and state."""
+    calls = []
+    for hyper, part in opt._kernel_calls(opt.param_groups[0], params):
+        arrays, scalars = _core.layout(opt.KIND, hyper)
+        new = [p.detach().clone() for p in part]
+        state = [[opt.state[p][k].clone() for p in part] for k in arrays]
+        cells = [[opt.state[p][k].clone() for p in part] for k in scalars]
+        calls.append((new, [p.grad for p in part], state, cells, hyper))
+    return calls
+
+
 def _lists(opt, params):
-    """The list-path arguments for `params` of `opt`'s first group: copies of params and state."""
-    group = opt.param_groups[0]
-    hyper = opt._hyper(group)
-    arrays, scalars = _core.layout(opt.KIND, hyper)
-    new = [p.detach().clone() for p in params]
-    state = [[opt.state[p][k].clone() for p in params] for k in arrays]
-    cells = [[opt.state[p][k].clone() for p in params] for k in scalars]
-    return new, [p.grad for p in params], state, cells, hyper
+    """The arguments of the one kernel call that steps `params` (twins with a group path)."""
+    (call,) = _calls(opt, params)
+    return call
+
+
+GROUP_PATH_TWINS = [t for t in TWINS if t.group_path]
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
@@ -44,16 +56,17 @@ def test_every_simd_backend_is_bit_identical(twin: Twin) -> None:
     opt, params = _stepped_once(twin)
     results = {}
     for backend in oxoptim.supported_backends():
-        new, grads, state, cells, hyper = _lists(opt, params)
-        for _ in range(3):
-            assert _core.step(opt.KIND, new, grads, state, cells, hyper, backend=backend)
-        results[backend] = [*new, *(t for col in state + cells for t in col)]
+        results[backend] = []
+        for new, grads, state, cells, hyper in _calls(opt, params):
+            for _ in range(3):
+                assert _core.step(opt.KIND, new, grads, state, cells, hyper, backend=backend)
+            results[backend] += [*new, *(t for col in state + cells for t in col)]
     for backend, tensors in results.items():
         for a, b in zip(tensors, results["scalar"]):
             assert torch.equal(a, b), backend
 
 
-@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("twin", GROUP_PATH_TWINS, ids=[t.name for t in GROUP_PATH_TWINS])
 def test_list_path_equals_group_path(twin: Twin) -> None:
     opt, params = _stepped_once(twin)
     new, grads, state, cells, hyper = _lists(opt, params)
@@ -70,7 +83,7 @@ def test_list_path_equals_group_path(twin: Twin) -> None:
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_bad_calls_raise_clear_errors_and_change_nothing(twin: Twin) -> None:
     opt, params = _stepped_once(twin)
-    new, grads, state, cells, hyper = _lists(opt, params)
+    new, grads, state, cells, hyper = _calls(opt, params)[0]
     before = copy.deepcopy((new, state, cells))
     kind = opt.KIND
     some_key = next(iter(hyper))
@@ -79,7 +92,7 @@ def test_bad_calls_raise_clear_errors_and_change_nothing(twin: Twin) -> None:
         (((kind, new, grads, state, cells, {k: v for k, v in hyper.items() if k != some_key})), f"missing hyper-parameter '{some_key}'|missing hyper-parameter \"{some_key}\""),
         (((kind, new, grads, state, cells, {**hyper, "lr_typo": 0.1})), 'unexpected hyper-parameter.*"lr_typo"'),
         (((kind, new, grads, state + [state[0]] if state else [[p.clone() for p in new]], cells, hyper)), "takes state"),
-        (((kind, new, grads[:-1], state, cells, hyper)), "expected 3 tensors"),
+        (((kind, new, grads[:-1], state, cells, hyper)), f"expected {len(new)} tensors"),
     ]
     if cells:
         cases.append((((kind, new, grads, state, [], hyper)), "takes scalar state"))
@@ -93,7 +106,7 @@ def test_bad_calls_raise_clear_errors_and_change_nothing(twin: Twin) -> None:
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_hyper_parameter_types_are_checked(twin: Twin) -> None:
     opt, params = _stepped_once(twin)
-    hyper = opt._hyper(opt.param_groups[0])
+    hyper = _calls(opt, params)[0][4]
     for key, value in hyper.items():
         if not isinstance(value, bool):
             with pytest.raises(ValueError, match=f"{key}.*must be (a number|a pair of numbers)"):
@@ -104,12 +117,16 @@ def _grad_dtype(new, grads, state, cells):
     grads[0] = grads[0].double()
 
 
+def _matrix(grads) -> int:
+    return next(i for i, g in enumerate(grads) if g.dim() == 2)
+
+
 def _grad_shape(new, grads, state, cells):
-    grads[2] = grads[2].reshape(5, 3)  # same numel as the (3, 5) parameter
+    grads[_matrix(grads)] = grads[_matrix(grads)].reshape(5, 3)  # same numel as the (3, 5) parameter
 
 
 def _grad_not_contiguous(new, grads, state, cells):
-    grads[2] = grads[2].t().contiguous().t()
+    grads[_matrix(grads)] = grads[_matrix(grads)].t().contiguous().t()
 
 
 def _state_dtype(new, grads, state, cells):
@@ -133,14 +150,18 @@ def test_tensors_unlike_their_parameter_are_left_to_torch(twin: Twin) -> None:
     """A gradient or state entry with another dtype, shape or length: both paths
     return False (torch's path raises or promotes) and write nothing."""
     opt, params = _stepped_once(twin)
-    for edit in MISMATCHES:
-        new, grads, state, cells, hyper = _lists(opt, params)
+    for edit, call in ((e, c) for e in MISMATCHES for c in range(len(_calls(opt, params)))):
+        new, grads, state, cells, hyper = _calls(opt, params)[call]
         if (edit in (_state_dtype, _state_length) and not state) or (edit is _scalar_dtype and not cells):
+            continue
+        if edit in (_grad_shape, _grad_not_contiguous) and all(g.dim() != 2 for g in grads):
             continue
         edit(new, grads, state, cells)
         before = copy.deepcopy((new, state, cells))
         assert not _core.step(opt.KIND, new, grads, state, cells, hyper), edit.__name__
         assert all(torch.equal(a, b) for a, b in zip(before[0], new)), edit.__name__
+        if not twin.group_path:
+            continue
         # The same tensors reached through a parameter group and its state.
         holders = [p.detach().clone().requires_grad_() for p in new]
         for h, g in zip(holders, grads):
@@ -235,7 +256,8 @@ def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
     for _ in range(3):
         set_grads(gen, params)
         opt.step()
-    assert paths == ["fast"] * 3 and len(torch_steps) == (1 if lazy else 0)
+    # Without a group path (Adafactor), every step takes the list path, never torch's.
+    assert paths == (["fast"] if twin.group_path else ["fast", "list"]) * 3 and len(torch_steps) == (1 if lazy else 0)
 
 
 @pytest.mark.parametrize("twin", [t for t in TWINS if t.ours.SCALAR_STATE], ids=[t.name for t in TWINS if t.ours.SCALAR_STATE])

@@ -2,11 +2,12 @@
 
 ``import oxoptim as optim`` stands in for ``torch.optim``: every optimizer
 class has its name, signature, defaults, errors and ``state_dict``. Most are
-Rust-backed twins (subclasses of torch's); LBFGS, SparseAdam, Adafactor and
-Muon are torch's own classes, re-exported unchanged; ``lr_scheduler``,
+Rust-backed twins (subclasses of torch's); LBFGS, SparseAdam and Muon are
+torch's own classes, re-exported unchanged; ``lr_scheduler``,
 ``swa_utils`` and ``Optimizer`` are torch's too.
 """
 
+import torch
 from torch.optim import LBFGS, Optimizer, SparseAdam
 
 from . import lr_scheduler, swa_utils
@@ -71,13 +72,12 @@ __all__ = [
     "__version__",
 ]
 
-# torch's own implementation, in the torch releases that have them.
-try:
-    from torch.optim import Adafactor
+# A Rust-backed twin where torch has the class (torch >= 2.5).
+if hasattr(torch.optim, "Adafactor"):
+    from .adafactor import Adafactor
 
     __all__.append("Adafactor")
-except ImportError:  # pragma: no cover - torch < 2.5
-    pass
+# torch's own implementation, in the torch releases that have it.
 try:
     from torch.optim import Muon
 

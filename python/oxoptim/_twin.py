@@ -167,6 +167,11 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
                 state.pop(p, None)
         self._torch_step(group)
 
+    def _kernel_calls(self, group: dict, params: list) -> list[tuple[dict, list]]:
+        """The kernel calls that step ``params`` of ``group``: ``(hyper, params)``
+        each. One per group, unless the state layout differs between parameters."""
+        return [(self._hyper(group), params)]
+
     def _list_step(self, group: dict, params: list, grads: list) -> bool:
         hyper = self._hyper(group)
         arrays, scalars = _core.layout(self.KIND, hyper)

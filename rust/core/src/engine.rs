@@ -47,6 +47,13 @@ pub trait Blockwise: Sync {
     fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
 }
 
+/// An update that needs a whole slot at once (reductions over rows, columns
+/// or the whole tensor, as Adafactor's), each slot independent of the others.
+pub trait PerSlot: Sync {
+    /// Updates the arrays of slot `slot`, each as a slice of its own dtype.
+    fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
+}
+
 /// How a call runs: which instruction set and how many threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exec {
@@ -148,6 +155,22 @@ pub fn run_blockwise<K: Blockwise>(kernel: &K, batch: &TensorBatch, exec: Exec) 
     );
 }
 
+/// Runs a per-slot `kernel` over every slot of `batch`, one work item per
+/// slot: each slot is computed by one thread in a fixed order, so results do
+/// not depend on the thread count.
+pub fn run_per_slot<K: PerSlot>(kernel: &K, batch: &TensorBatch, exec: Exec) {
+    let slots: Vec<usize> = (0..batch.slots()).collect();
+    for_each_item(&slots, exec.threads, batch.total_len(), |&slot| {
+        let len = batch.slot(slot).len;
+        // SAFETY: each slot is one work item, handed out once.
+        unsafe {
+            batch.with_columns(slot, 0..len, |columns| {
+                kernel.apply(exec.backend, slot, columns)
+            })
+        }
+    });
+}
+
 /// Splits every slot into chunks of at most `chunk` elements, each starting
 /// at a multiple of `chunk`.
 fn work_items(batch: &TensorBatch, chunk: usize) -> Vec<(usize, usize, usize)> {
@@ -194,7 +217,7 @@ unsafe fn apply_range<K: Elementwise>(
 }
 
 /// A 16-bit float stored in memory and computed in f32.
-trait HalfFloat: Copy {
+pub(crate) trait HalfFloat: Copy {
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
 }

@@ -50,22 +50,42 @@ pub enum Extent {
     /// `ceil(n / b)`: one element per block of `b` parameter elements (a
     /// block-wise scale such as 8-bit state's absmax).
     PerBlock(usize),
+    /// Any length that divides `n` (a non-empty parameter) or any length (an
+    /// empty one): a factor of the parameter's shape, such as Adafactor's
+    /// row and column second moments, whose kernel checks the shapes agree.
+    /// Handed out whole: only a slot's full range splits it.
+    Factor,
 }
 
 impl Extent {
-    /// Elements of an array of this extent for a parameter of `n` elements.
-    pub fn len_for(self, n: usize) -> usize {
+    /// Whether an array of `len` elements has this extent next to a
+    /// parameter of `n` elements.
+    pub fn admits_len(self, len: usize, n: usize) -> bool {
         match self {
-            Extent::Param => n,
-            Extent::PerBlock(b) => n.div_ceil(b),
+            Extent::Param => len == n,
+            Extent::PerBlock(b) => len == n.div_ceil(b),
+            Extent::Factor => n == 0 || (len > 0 && n.is_multiple_of(len)),
         }
     }
 
-    /// The elements of such an array that belong to parameter elements `range`
-    /// (whose start must be a block boundary, and whose end one too or `n`).
-    fn sub_range(self, range: &std::ops::Range<usize>, n: usize) -> std::ops::Range<usize> {
+    /// The elements of an array of `len` elements that belong to parameter
+    /// elements `range` (whose start must be a block boundary, and whose end
+    /// one too or `n`; the whole parameter for [`Extent::Factor`]).
+    fn sub_range(
+        self,
+        range: &std::ops::Range<usize>,
+        n: usize,
+        len: usize,
+    ) -> std::ops::Range<usize> {
         match self {
             Extent::Param => range.clone(),
+            Extent::Factor => {
+                assert!(
+                    range.start == 0 && range.end == n,
+                    "a factor array is handed out whole"
+                );
+                0..len
+            }
             Extent::PerBlock(b) => {
                 assert!(
                     range.start.is_multiple_of(b)
@@ -108,7 +128,7 @@ impl ArraySpec {
 
     /// Whether `raw` fits this spec next to the parameter `param`.
     pub fn admits(self, raw: RawTensor, param: RawTensor) -> bool {
-        raw.dtype == self.dtype_for(param.dtype) && raw.len == self.extent.len_for(param.len)
+        raw.dtype == self.dtype_for(param.dtype) && self.extent.admits_len(raw.len, param.len)
     }
 }
 
@@ -355,7 +375,7 @@ impl TensorBatch {
         assert!(range.start <= range.end && range.end <= n);
         let mut columns: Vec<Column<'_>> = Vec::with_capacity(self.arity);
         for (a, spec) in row.iter().zip(&self.specs) {
-            let sub = spec.extent.sub_range(&range, n);
+            let sub = spec.extent.sub_range(&range, n, a.len);
             let len = sub.len();
             let addr = if len == 0 {
                 std::ptr::NonNull::<f64>::dangling().as_ptr() as usize
@@ -421,14 +441,14 @@ fn check_slots(arrays: &[RawTensor], specs: &[ArraySpec]) -> Result<()> {
             ));
         }
         for (k, (a, spec)) in row.iter().zip(specs).enumerate() {
-            let want = spec.extent.len_for(first.len);
-            if a.len != want {
+            if !spec.extent.admits_len(a.len, first.len) {
                 return Err(Error::Mismatch(format!(
-                    "tensor {slot}: array {k} has {} elements of {} but the parameter's {} of {} call for {want}",
+                    "tensor {slot}: array {k} has {} elements of {} but the parameter's {} of {} call for {:?}",
                     a.len,
                     a.dtype.name(),
                     first.len,
-                    first.dtype.name()
+                    first.dtype.name(),
+                    spec.extent
                 )));
             }
             let dtype = spec.dtype_for(first.dtype);

@@ -2,6 +2,7 @@
 //! table of torch twins the Python bindings are generated from.
 
 pub mod adadelta;
+pub mod adafactor;
 pub mod adagrad;
 pub mod adam;
 pub mod adam8bit;
@@ -35,6 +36,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<adadelta::AdadeltaConfig>(),
     entry::<asgd::AsgdConfig>(),
     entry::<rprop::RpropConfig>(),
+    entry::<adafactor::AdafactorConfig>(),
     entry::<lion::LionConfig>(),
     entry::<schedule_free::AdamwScheduleFreeConfig>(),
     entry::<schedule_free::SgdScheduleFreeConfig>(),
