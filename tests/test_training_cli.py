@@ -12,20 +12,13 @@ import pytest
 from oxoptim.__main__ import main
 from oxoptim.training.config import DEFAULT_CONFIG_TOML, default_config
 from oxoptim.training.stages import LRSchedule
-from training_jobs import evaluate_final, reviews, write_rows
+from training_jobs import TINY_DATA, evaluate_final, reviews, write_rows
 
 TINY = """
 seed = 1
 threads = 1
 checkpoint_every = 5
-
-[data]
-train = "{train}"
-text_column = "review"
-label_column = "stars"
-max_len = 12
-split = [0.7, 0.15, 0.15]
-
+""" + TINY_DATA + """
 [model]
 embed_dim = 8
 hidden = 8

@@ -2,60 +2,29 @@
 
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from oxoptim.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from training_jobs import run_script, synthetic_job
 
 pytestmark = pytest.mark.integration  # whole jobs in subprocesses
 
 # A small job with dropout (RNG), a trial, adversarial embedding steps, plateau rules, restore-best
 # and three optimizers (Schedule-Free's train/eval switch around validation and checkpoints).
-JOB = r'''
-import sys, torch, torch.nn.functional as F
-torch.set_num_threads(1)
-from oxoptim.training import *
-run_dir, resume = sys.argv[1], sys.argv[2] == "1"
-g = torch.Generator().manual_seed(0)
-x = torch.randint(0, 40, (1200, 12), generator=g)
-y = (F.one_hot(x, 40).float().sum(1) @ torch.randn(40, 3, generator=g)).argmax(1)
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Embedding(40, 8), torch.nn.Flatten(), torch.nn.Linear(96, 64), torch.nn.ReLU(),
-                            torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
-stages = [
+JOB = synthetic_job("""[
     Stage("a", "adamw", epochs=4, batch_size=16, lr=3e-3, lr_schedule="cosine", adversarial=0.5,
           adjust=[Trial([1e-3, 3e-3], epochs=1), RestoreBest("val_accuracy")]),
     Stage("b", "sgd", epochs=5, batch_size=8, lr=0.02, momentum=0.9,
           adjust=[ReduceLROnPlateau(patience=1), EarlyStop(patience=3)]),
     Stage("c", "adamw_schedulefree", epochs=2, batch_size=16, lr=2e-3, warmup_steps=20),
-]
-Trainer(model, F.cross_entropy, (x[:1000], y[:1000]), (x[1000:], y[1000:]), stages, run_dir=run_dir,
-        checkpoint_every=7, quiet=True).fit(resume=resume)
-'''
+]""")
 
 
 def run_job(tmp_path, run_dir, resume=False, kill_after=None):
-    script = tmp_path / "job.py"
-    script.write_text(JOB)
-    cmd = [sys.executable, str(script), str(run_dir), "1" if resume else "0"]
-    if kill_after is None:
-        subprocess.run(cmd, check=True, timeout=300)
-        return None
-    p = subprocess.Popen(cmd)
-    deadline = time.time() + 120
-    # wait until at least one checkpoint exists, then a little more, then kill -9
-    while time.time() < deadline and p.poll() is None and len(list_checkpoints(str(run_dir))) < 2:
-        time.sleep(0.02)
-    time.sleep(kill_after)
-    if p.poll() is not None:
-        return p.returncode
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    return p.returncode
+    return run_script(JOB, tmp_path, run_dir, resume=resume, kill_after=kill_after)
 
 
 def final_params(run_dir):

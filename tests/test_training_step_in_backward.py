@@ -4,21 +4,17 @@ bit (with previous-norm clipping's state), combinations that cannot be honoured 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from oxoptim.training import Stage, Trainer
-from oxoptim.training.checkpoint import list_checkpoints
 from oxoptim.training.config import parse_config, _toml_loads, DEFAULT_CONFIG_TOML
 from oxoptim.training.errors import ConfigError
+from training_jobs import run_script, synthetic_job
 
 
 def data(n=300, seed=0):
@@ -147,43 +143,16 @@ def test_refused_at_start_up(settings, message):
         parse_config(raw)
 
 
-JOB = r'''
-import sys, torch, torch.nn.functional as F
-torch.set_num_threads(1)
-from oxoptim.training import Stage, Trainer
-run_dir, resume = sys.argv[1], sys.argv[2] == "1"
-g = torch.Generator().manual_seed(0)
-x = torch.randint(0, 30, (1400, 10), generator=g)
-y = (F.one_hot(x, 30).float().sum(1) @ torch.randn(30, 3, generator=g)).argmax(1)
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Embedding(30, 8), torch.nn.Flatten(), torch.nn.Linear(80, 64), torch.nn.ReLU(),
-                            torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
-stages = [
+JOB = synthetic_job("""[
     Stage("a", "adamw", epochs=3, batch_size=16, lr=3e-3, step_in_backward=True, accumulate=2,
           grad_clip=0.3, grad_clip_mode="previous_norm"),
     Stage("b", "adamw", epochs=3, batch_size=24, lr=1e-3, step_in_backward=True, accumulate=3,
           accumulation="optimizer", grad_clip=0.5, grad_clip_mode="per_parameter"),
-]
-Trainer(model, F.cross_entropy, (x[:1200], y[:1200]), (x[1200:], y[1200:]), stages, run_dir=run_dir,
-        checkpoint_every=7, quiet=True).fit(resume=resume)
-'''
+]""", vocab=30, n=1400, length=10, n_train=1200)
 
 
 def _run(tmp_path, run_dir, resume=False, kill=False):
-    script = tmp_path / "job.py"
-    script.write_text(JOB)
-    cmd = [sys.executable, str(script), str(run_dir), "1" if resume else "0"]
-    if not kill:
-        subprocess.run(cmd, check=True, timeout=600)
-        return None
-    p = subprocess.Popen(cmd)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and len(list_checkpoints(str(run_dir))) < 3:
-        time.sleep(0.02)
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    return p.returncode
+    return run_script(JOB, tmp_path, run_dir, resume=resume, kill_after=0.0 if kill else None, checkpoints_first=3)
 
 
 @pytest.mark.integration

@@ -26,7 +26,7 @@ from oxoptim.training.toml_writer import dumps  # noqa: E402
 from oxoptim.training.tune import Worker, make_plan, open_study  # noqa: E402
 from oxoptim.training.tune_report import compute_spent  # noqa: E402
 from postgres_server import postgres_bin, postgres_server  # noqa: E402
-from training_jobs import reviews, run_cli, write_rows  # noqa: E402
+from training_jobs import TINY_DATA, reviews, run_cli, write_rows  # noqa: E402
 
 PLAN = """
 seed = 1
@@ -38,14 +38,7 @@ trials = {trials}
 pruner = {pruner}
 final_seeds = {final_seeds}
 heartbeat = 1
-
-[data]
-train = "reviews.jsonl"
-text_column = "review"
-label_column = "stars"
-max_len = 12
-split = [0.7, 0.15, 0.15]
-
+""" + TINY_DATA.replace("{train}", "reviews.jsonl") + """
 [model]
 embed_dim = 8
 hidden = {{ choice = [8, 16], default = 8 }}

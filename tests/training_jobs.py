@@ -17,6 +17,17 @@ GOOD, BAD, FILLER = "好棒赞爱", "差烂坏烦", "书本店买送到了的很
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
+# The [data] table of the small jobs on a review file (``{train}``: its path), for str.format.
+TINY_DATA = """
+[data]
+train = "{train}"
+text_column = "review"
+label_column = "stars"
+max_len = 12
+split = [0.7, 0.15, 0.15]
+"""
+
+
 def reviews(n: int, seed: int = 0) -> List[Tuple[str, str]]:
     """``n`` distinct (text, label) pairs; the label is the majority of GOOD vs BAD characters, so no
     single character decides it."""
@@ -121,3 +132,49 @@ def evaluate_final(run) -> Dict[str, Dict[str, float]]:
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.get("label_smoothing", 0.0))
             out[split] = {"loss": float(loss), "accuracy": float((logits.argmax(1) == y).double().mean())}
     return out
+
+
+def synthetic_job(stages: str, vocab: int = 40, n: int = 1200, length: int = 12, n_train: int = 1000) -> str:
+    """A Python script that trains a small embedding classifier (with dropout) on synthetic data
+    with the plan ``stages`` (source of a list of Stages), run directory and resume flag from argv."""
+    return f"""
+import sys, torch, torch.nn.functional as F
+torch.set_num_threads(1)
+from oxoptim.training import *
+run_dir, resume = sys.argv[1], sys.argv[2] == "1"
+g = torch.Generator().manual_seed(0)
+x = torch.randint(0, {vocab}, ({n}, {length}), generator=g)
+y = (F.one_hot(x, {vocab}).float().sum(1) @ torch.randn({vocab}, 3, generator=g)).argmax(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Embedding({vocab}, 8), torch.nn.Flatten(), torch.nn.Linear({8 * length}, 64),
+                            torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
+stages = {stages}
+Trainer(model, F.cross_entropy, (x[:{n_train}], y[:{n_train}]), (x[{n_train}:], y[{n_train}:]), stages,
+        run_dir=run_dir, checkpoint_every=7, quiet=True).fit(resume=resume)
+"""
+
+
+def run_script(script_text: str, tmp_path, run_dir, resume: bool = False, kill_after: Optional[float] = None,
+               checkpoints_first: int = 2) -> Optional[int]:
+    """Runs a :func:`synthetic_job` script to the end, or (``kill_after`` seconds after it has
+    written ``checkpoints_first`` checkpoints) kills it with SIGKILL and returns its exit code."""
+    import signal
+    import time
+
+    from oxoptim.training.checkpoint import list_checkpoints
+
+    script = tmp_path / "job.py"
+    script.write_text(script_text)
+    cmd = [sys.executable, str(script), str(run_dir), "1" if resume else "0"]
+    if kill_after is None:
+        subprocess.run(cmd, check=True, timeout=600)
+        return None
+    p = subprocess.Popen(cmd)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and len(list_checkpoints(str(run_dir))) < checkpoints_first:
+        time.sleep(0.02)
+    time.sleep(kill_after)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    return p.returncode
