@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import oxoptim
+from oxoptim._lowprec import LowPrecisionWeights
 from oxoptim._twin import TorchTwin
 
 TORCH_OPTIMIZERS = sorted(
@@ -34,6 +35,8 @@ def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
     assert issubclass(ours, TorchTwin) and issubclass(ours, theirs)
     expected = list(inspect.signature(theirs).parameters.values())
     expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    if issubclass(ours, LowPrecisionWeights):  # bfloat16 weights: stochastic rounding or Kahan summation
+        expected += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for k in ("bf16_stochastic_round", "kahan_sum")]
     assert list(inspect.signature(ours).parameters.values()) == expected
 
 

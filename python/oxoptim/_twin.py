@@ -151,7 +151,8 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
         state = self.state  # type: ignore[attr-defined]
-        return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads())
+        options = self._native_options(group, None)
+        return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads(), **options)
 
     def _general_step(self, group: dict, native: bool) -> None:
         if native:
@@ -176,7 +177,13 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
             cells = [[entry[key] for entry in entries] for key in scalars]
         except KeyError:
             return False  # state torch creates on first use
-        return _core.step(self.KIND, params, grads, state, cells, hyper, num_threads=num_threads())
+        options = self._native_options(group, params)
+        return _core.step(self.KIND, params, grads, state, cells, hyper, num_threads=num_threads(), **options)
+
+    def _native_options(self, group: dict, params: Optional[list]) -> dict:
+        """Extra keyword arguments of the group's native call (``_core.group_step`` when
+        ``params`` is None, else ``_core.step`` on ``params``): how bfloat16 weights are stored."""
+        return {}
 
     def _torch_step(self, group: dict) -> None:
         self._reference_step(group)

@@ -10,6 +10,7 @@
 //! bits whatever the split.
 
 use crate::dispatch::{Backend, Element};
+use crate::rounding::{self, ParamRounding};
 use crate::tensors::{Column, DType, TensorBatch, MAX_ARITY};
 use half::{bf16, f16};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,19 +48,18 @@ pub trait Blockwise: Sync {
     fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
 }
 
-/// How a call runs: which instruction set and how many threads.
+/// How a call runs: which instruction set, how many threads, and how
+/// bfloat16 parameters are stored back after their f32 update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exec {
     pub backend: Backend,
     pub threads: usize,
+    pub rounding: ParamRounding,
 }
 
 impl Default for Exec {
     fn default() -> Self {
-        Exec {
-            backend: Backend::active(),
-            threads: 1,
-        }
+        Exec::new(Backend::active(), 1)
     }
 }
 
@@ -68,7 +68,12 @@ impl Exec {
         Exec {
             backend,
             threads: threads.max(1),
+            rounding: ParamRounding::Nearest,
         }
+    }
+
+    pub fn with_rounding(self, rounding: ParamRounding) -> Exec {
+        Exec { rounding, ..self }
     }
 }
 
@@ -123,7 +128,7 @@ pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
         batch.total_len(),
         |&(slot, start, end)| {
             // SAFETY: work items never overlap, and the slot's dtype picks T.
-            unsafe { apply_range(kernel, batch, exec.backend, slot, start..end) }
+            unsafe { apply_range(kernel, batch, exec, slot, start..end) }
         },
     );
 }
@@ -169,10 +174,17 @@ fn work_items(batch: &TensorBatch, chunk: usize) -> Vec<(usize, usize, usize)> {
 unsafe fn apply_range<K: Elementwise>(
     kernel: &K,
     batch: &TensorBatch,
-    backend: Backend,
+    exec: Exec,
     slot: usize,
     range: std::ops::Range<usize>,
 ) {
+    let backend = exec.backend;
+    let at = Narrowing {
+        rounding: exec.rounding,
+        backend,
+        slot,
+        start: range.start,
+    };
     // SAFETY (each arm): T matches the slot's dtype; disjointness is the caller's.
     unsafe {
         match batch.slot(slot).dtype {
@@ -183,20 +195,49 @@ unsafe fn apply_range<K: Elementwise>(
                 batch.with_slices::<f64, _>(slot, range, |a| kernel.apply(backend, slot, a))
             }
             DType::BF16 => {
-                batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, backend, slot, a))
+                let kahan = exec.rounding == ParamRounding::Kahan;
+                let comp = (kahan && !batch.compensation().is_empty())
+                    .then(|| batch.compensation_slice(slot, range.clone()));
+                batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, at, a, comp))
             }
             DType::F16 => {
-                batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, backend, slot, a))
+                batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, at, a, None))
             }
             DType::U8 => unreachable!("TensorBatch refuses parameters that are not floats"),
         }
     }
 }
 
+/// Where a widened block lies and how its parameter is stored back.
+#[derive(Clone, Copy)]
+struct Narrowing {
+    rounding: ParamRounding,
+    backend: Backend,
+    slot: usize,
+    /// The slot element the work item starts at.
+    start: usize,
+}
+
 /// A 16-bit float stored in memory and computed in f32.
 trait HalfFloat: Copy {
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
+
+    /// Stores the updated parameter `src` into `dst` (elements `at.start +
+    /// offset ..` of the slot). Only bfloat16 takes a rounding other than
+    /// nearest ([`crate::optimizer::Entry::step`] refuses the rest).
+    fn narrow_param(
+        src: &[f32],
+        dst: &mut [Self],
+        at: Narrowing,
+        offset: usize,
+        comp: Option<&mut [bf16]>,
+    ) {
+        let _ = (at, offset, comp);
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::narrow(*s);
+        }
+    }
 }
 
 impl HalfFloat for bf16 {
@@ -205,6 +246,34 @@ impl HalfFloat for bf16 {
     }
     fn narrow(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn narrow_param(
+        src: &[f32],
+        dst: &mut [Self],
+        at: Narrowing,
+        offset: usize,
+        comp: Option<&mut [bf16]>,
+    ) {
+        match (at.rounding, comp) {
+            (ParamRounding::Kahan, Some(comp)) => {
+                for ((d, c), s) in dst.iter_mut().zip(comp.iter_mut()).zip(src) {
+                    (*d, *c) = rounding::kahan_bf16(d.to_f32(), *s, c.to_f32());
+                }
+            }
+            (ParamRounding::Stochastic { seed, count }, _) => rounding::narrow_stochastic(
+                at.backend,
+                src,
+                dst,
+                at.start + offset,
+                (seed, count),
+                at.slot,
+            ),
+            _ => {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = bf16::from_f32(*s);
+                }
+            }
+        }
     }
 }
 
@@ -220,10 +289,11 @@ impl HalfFloat for f16 {
 /// Runs the f32 kernel on widened copies of half-precision arrays.
 fn widened<H: HalfFloat, K: Elementwise>(
     kernel: &K,
-    backend: Backend,
-    slot: usize,
+    at: Narrowing,
     arrays: &mut [&mut [H]],
+    mut comp: Option<&mut [bf16]>,
 ) {
+    let (backend, slot) = (at.backend, at.slot);
     let len = arrays.first().map_or(0, |a| a.len());
     let mut scratch = [[0f32; HALF_BLOCK]; MAX_ARITY];
     let mut start = 0;
@@ -242,7 +312,13 @@ fn widened<H: HalfFloat, K: Elementwise>(
             kernel.apply::<f32>(backend, slot, &mut views[..arrays.len()]);
         }
         for (k, (buf, dst)) in scratch.iter().zip(arrays.iter_mut()).enumerate() {
-            if kernel.writes(k) {
+            if !kernel.writes(k) {
+                continue;
+            }
+            if k == 0 {
+                let comp = comp.as_deref_mut().map(|c| &mut c[start..start + n]);
+                H::narrow_param(&buf[..n], &mut dst[start..start + n], at, start, comp);
+            } else {
                 for (d, s) in dst[start..start + n].iter_mut().zip(&buf[..n]) {
                     *d = H::narrow(*s);
                 }

@@ -7,7 +7,8 @@
 
 use crate::engine::Exec;
 use crate::error::{Error, Result};
-use crate::tensors::{ArraySpec, ScalarState, TensorBatch};
+use crate::rounding::ParamRounding;
+use crate::tensors::{ArraySpec, DType, ScalarState, TensorBatch};
 
 /// A hyper-parameter value as the caller hands it over.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -265,6 +266,23 @@ impl Entry {
                 scalars.per_slot(),
                 scalars.slots()
             )));
+        }
+        let kahan = exec.rounding == ParamRounding::Kahan;
+        if kahan == batch.compensation().is_empty() {
+            return Err(Error::Mismatch(format!(
+                "{}: compensation arrays come with Kahan summation and only with it",
+                self.name
+            )));
+        }
+        if exec.rounding != ParamRounding::Nearest {
+            if let Some(slot) = (0..batch.slots()).find(|&i| batch.slot(i).dtype != DType::BF16) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {} takes bfloat16 parameters; tensor {slot} is {}",
+                    self.name,
+                    exec.rounding.name(),
+                    batch.slot(slot).dtype.name()
+                )));
+            }
         }
         configured.step(batch, scalars, exec)
     }

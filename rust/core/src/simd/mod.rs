@@ -208,6 +208,31 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
             }
         }
     }
+    /// Writes the `WIDTH` lanes of `x` as bfloat16 bits with stochastic
+    /// rounding, lane `i` taking the random bits of element `first + i`
+    /// (what [`crate::rounding::stochastic_bf16`] and
+    /// [`crate::rounding::element_bits`] give lane by lane).
+    ///
+    /// # Safety
+    /// `out` must be valid for writing `WIDTH` u16 values.
+    #[inline(always)]
+    unsafe fn narrow_bf16_stochastic(
+        self,
+        x: Self::V,
+        first: u32,
+        key: crate::rounding::StreamKey,
+        out: *mut u16,
+    ) {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        // SAFETY: `lanes` holds at least WIDTH elements; i < WIDTH for `out`.
+        unsafe {
+            self.store(lanes.as_mut_ptr(), x);
+            for (i, lane) in lanes[..Self::WIDTH].iter().enumerate() {
+                let bits = crate::rounding::element_bits(first.wrapping_add(i as u32), key);
+                *out.add(i) = crate::rounding::stochastic_bf16(lane.to_f64() as f32, bits);
+            }
+        }
+    }
 }
 
 /// The most lanes any [`Lanes`] has (AVX-512 f32).

@@ -1,0 +1,146 @@
+"""bfloat16 weights without an fp32 master copy: ``bf16_stochastic_round`` and ``kahan_sum``.
+
+Both are keyword-only options (default False) of the twins that take them
+(:class:`LowPrecisionWeights`). The update is computed in float32 as usual;
+only how the new weight is stored back into the bfloat16 parameter changes:
+
+* ``bf16_stochastic_round=True`` (torchao's option): rounded up or down at
+  random, with the probability that makes the expected stored value the
+  float32 one; always one of the two neighbouring bfloat16 numbers. The
+  random bits are a counter-based hash of (``sr_seed``, ``sr_count``, the
+  parameter's position among the group's parameters with a gradient, the
+  element index), computed in Rust: the same whatever the thread count.
+  ``sr_seed`` is drawn from torch's default generator when the group is
+  added (``torch.manual_seed`` makes a run reproducible) and ``sr_count``
+  counts the group's steps; both live in the parameter group, so a
+  ``state_dict`` round trip resumes bit for bit.
+* ``kahan_sum=True`` (torch-optimi's option): each parameter keeps a
+  bfloat16 ``kahan_comp`` state entry with what the stored weight misses;
+  the update is added to it, the weight takes what bfloat16 can hold, the
+  compensation keeps the rest.
+
+Flags and seeds are stored in the groups only when an option is on, so
+default state dicts stay torch's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["LowPrecisionWeights", "KAHAN_COMP"]
+
+#: The state entry of a parameter's Kahan compensation (torch-optimi's name).
+KAHAN_COMP = "kahan_comp"
+_OPTIONS = ("bf16_stochastic_round", "kahan_sum")
+
+
+def _draw_seed() -> int:
+    """A 62-bit seed from torch's default generator."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def check_low_precision(name: str, group: dict) -> None:
+    """Raises ValueError, torch-style, unless the group's low-precision options fit its parameters."""
+    sr, kahan = bool(group.get("bf16_stochastic_round")), bool(group.get("kahan_sum"))
+    if sr and kahan:
+        raise ValueError(f"{name}: bf16_stochastic_round and kahan_sum are alternatives; set at most one")
+    if not (sr or kahan):
+        return
+    option = "bf16_stochastic_round" if sr else "kahan_sum"
+    params = group["params"]
+    for i, p in enumerate([params] if isinstance(params, torch.Tensor) else params):
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"{name}: {option}=True needs bfloat16 parameters, but parameter {i} of the group is {p.dtype}")
+
+
+class LowPrecisionWeights:
+    """Mixin (listed before :class:`~oxoptim._twin.TorchTwin`) adding the keyword-only
+    ``bf16_stochastic_round=False`` and ``kahan_sum=False`` options (module docstring)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        signature = inspect.signature(cls)
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for name in _OPTIONS]
+        cls.__signature__ = signature.replace(parameters=[*params[:at], *extra, *params[at:]])  # type: ignore[attr-defined]
+
+    def __init__(self, params: Any, *args: Any, bf16_stochastic_round: bool = False, kahan_sum: bool = False, **kwargs: Any) -> None:
+        options = {k: True for k, v in zip(_OPTIONS, (bf16_stochastic_round, kahan_sum)) if v}
+        check_low_precision(type(self).__name__, {**options, "params": []})
+        self.__dict__["_oxoptim_low_precision"] = options  # read by add_param_group during __init__
+        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
+        self.defaults.update(options)  # type: ignore[attr-defined]
+
+    def add_param_group(self, param_group: dict) -> None:
+        options = self.__dict__.get("_oxoptim_low_precision")
+        if options is None:
+            options = {k: True for k in _OPTIONS if self.defaults.get(k)}  # type: ignore[attr-defined]
+        for key, value in options.items():
+            param_group.setdefault(key, value)
+        params = param_group["params"]
+        if not isinstance(params, (set, torch.Tensor)):  # torch's own checks report sets
+            param_group["params"] = list(params)
+        check_low_precision(type(self).__name__, param_group)
+        if param_group.get("bf16_stochastic_round"):
+            param_group.setdefault("sr_seed", _draw_seed())
+            param_group.setdefault("sr_count", 0)
+        super().add_param_group(param_group)  # type: ignore[misc]
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        # Every group is checked before any is stepped.
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            check_low_precision(type(self).__name__, group)
+        return super().step(closure)  # type: ignore[misc]
+
+    # -- the native step ----------------------------------------------------------
+
+    def _native_options(self, group: dict, params: Optional[list]) -> dict:
+        if group.get("bf16_stochastic_round"):
+            return {"stochastic_round": (int(group["sr_seed"]), int(group["sr_count"]))}
+        if group.get("kahan_sum"):
+            if params is None:
+                return {"kahan": True}
+            return {"compensation": [self.state[p][KAHAN_COMP] for p in params]}  # type: ignore[attr-defined]
+        return {}
+
+    def _advance_group(self, group: dict) -> None:
+        super()._advance_group(group)  # type: ignore[misc]
+        if group.get("bf16_stochastic_round"):
+            group["sr_count"] = int(group["sr_count"]) + 1
+
+    def _fast_step(self, group: dict, cache: Any) -> bool:
+        check_low_precision(type(self).__name__, group)
+        if not super()._fast_step(group, cache):  # type: ignore[misc]
+            return False
+        self._advance_group(group)
+        return True
+
+    def _list_step(self, group: dict, params: list, grads: list) -> bool:
+        check_low_precision(type(self).__name__, group)
+        state = self.state  # type: ignore[attr-defined]
+        fresh = []
+        if group.get("kahan_sum"):
+            for p in params:
+                if KAHAN_COMP not in state[p]:
+                    state[p][KAHAN_COMP] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    fresh.append(p)
+        if not super()._list_step(group, params, grads):  # type: ignore[misc]
+            for p in fresh:
+                state[p].pop(KAHAN_COMP, None)
+            return False
+        self._advance_group(group)
+        return True
+
+    def _torch_step(self, group: dict) -> None:
+        for option in _OPTIONS:
+            if group.get(option):
+                raise ValueError(
+                    f"{type(self).__name__}: {option}=True runs on the native path only, which needs dense "
+                    "contiguous bfloat16 CPU tensors, no shared memory, no differentiable/capturable/AMP "
+                    "scaling and number hyper-parameters; this group has something else"
+                )
+        super()._torch_step(group)  # type: ignore[misc]
