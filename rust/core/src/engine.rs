@@ -194,12 +194,10 @@ unsafe fn apply_range<K: Elementwise>(
             DType::F64 => {
                 batch.with_slices::<f64, _>(slot, range, |a| kernel.apply(backend, slot, a))
             }
-            DType::BF16 => {
-                let kahan = exec.rounding == ParamRounding::Kahan;
-                let comp = (kahan && !batch.compensation().is_empty())
-                    .then(|| batch.compensation_slice(slot, range.clone()));
+            DType::BF16 => batch.with_compensation_slice(slot, range.clone(), |comp| {
+                let comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
                 batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, at, a, comp))
-            }
+            }),
             DType::F16 => {
                 batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, at, a, None))
             }

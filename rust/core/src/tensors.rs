@@ -305,29 +305,34 @@ impl TensorBatch {
         &self.compensation
     }
 
-    /// Elements `range` of `slot`'s compensation array.
+    /// Hands `f` elements `range` of `slot`'s compensation array, or `None`
+    /// when the batch has none.
     ///
     /// # Safety
     /// No other live call may cover an overlapping `(slot, range)`.
-    pub(crate) unsafe fn compensation_slice(
+    pub(crate) unsafe fn with_compensation_slice<R>(
         &self,
         slot: usize,
         range: std::ops::Range<usize>,
-    ) -> &mut [half::bf16] {
-        let c = self.compensation[slot];
+        f: impl FnOnce(Option<&mut [half::bf16]>) -> R,
+    ) -> R {
+        let Some(c) = self.compensation.get(slot) else {
+            return f(None);
+        };
         assert!(range.start <= range.end && range.end <= c.len && c.dtype == DType::BF16);
         if range.is_empty() {
-            return &mut [];
+            return f(Some(&mut []));
         }
         // SAFETY: `with_compensation` checked the array (dtype, length,
         // alignment, non-null) and that it overlaps nothing else; the caller
         // keeps ranges handed out disjoint.
-        unsafe {
+        let slice = unsafe {
             std::slice::from_raw_parts_mut(
                 (c.addr as *mut half::bf16).add(range.start),
                 range.len(),
             )
-        }
+        };
+        f(Some(slice))
     }
 
     /// Total elements over all slots.
