@@ -6,8 +6,8 @@
 use half::bf16;
 use oxoptim_core::rounding::{element_bits, narrow_stochastic, stochastic_bf16, StreamKey};
 use oxoptim_core::{
-    adam_step, AdamConfig, Backend, DType, Exec, HyperValue, ParamRounding, RawTensor, ScalarState,
-    TensorBatch, OPTIMIZERS,
+    adam_step, sgd_step, AdamConfig, Backend, DType, Exec, HyperValue, ParamRounding, RawTensor,
+    ScalarState, SgdConfig, TensorBatch, OPTIMIZERS,
 };
 
 mod common;
@@ -359,4 +359,53 @@ fn compensation_must_fit_its_parameter() {
         assert!(batch().with_compensation(vec![aliasing]).is_err());
         assert!(batch().with_compensation(vec![]).is_err());
     }
+}
+
+#[test]
+fn each_element_of_a_long_tensor_has_its_own_random_bits() {
+    // SGD with lr 1 and gradient -2^-8 moves 1.0 exactly halfway to the next
+    // bfloat16: the up/down pattern of one work chunk of the engine must not
+    // repeat in the next, nor in another tensor of the call, nor at the next step.
+    let chunk = oxoptim_core::engine::CHUNK;
+    let n = 2 * chunk;
+    let sgd = SgdConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        dampening: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+        maximize: false,
+    };
+    let pattern = |count: u64| {
+        let mut p = vec![vec![bf16::ONE; n]; 2];
+        let mut g = vec![vec![bf16::from_f32(-1.0 / 256.0); n]; 2];
+        let mut raws = Vec::new();
+        for (p, g) in p.iter_mut().zip(g.iter_mut()) {
+            for b in [p, g] {
+                raws.push(RawTensor {
+                    addr: b.as_mut_ptr() as usize,
+                    len: n,
+                    dtype: DType::BF16,
+                });
+            }
+        }
+        // SAFETY: the vectors outlive the batch and nothing else touches them.
+        let batch = unsafe { TensorBatch::new(raws, 2).unwrap() };
+        let exec = Exec::new(Backend::active(), 2).with_rounding(stochastic(count));
+        sgd_step(&sgd, &batch, &[false, false], exec).unwrap();
+        drop(batch);
+        p.iter()
+            .map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    let first = pattern(0);
+    let ups = first[0]
+        .iter()
+        .filter(|&&b| b != bf16::ONE.to_bits())
+        .count();
+    assert!(ups > n / 3 && ups < 2 * n / 3, "{ups} of {n} rounded up");
+    let (a, b) = first[0].split_at(chunk);
+    assert_ne!(a, b, "chunks repeat the same bits");
+    assert_ne!(first[0], first[1], "tensors repeat the same bits");
+    assert_ne!(pattern(1), first, "steps repeat the same bits");
 }
