@@ -147,8 +147,11 @@ def steps(params: list, opt: torch.optim.Optimizer, start: int, count: int) -> N
         opt.step()
 
 
-@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD])
-@pytest.mark.parametrize("options", [SR, KAHAN], ids=["sr", "kahan"])
+@pytest.mark.parametrize(
+    "cls, options",
+    [(cls, options) for cls in (oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD) for options in (SR, KAHAN)] + [(oxoptim.AdamW8bit, SR), (oxoptim.Adam8bit, SR)],
+    ids=lambda x: x.__name__ if isinstance(x, type) else next(iter(x)),
+)
 def test_state_dict_resumes_bit_for_bit(cls: type, options: dict) -> None:
     params, opt = make(cls, options)
     steps(params, opt, 0, 3)
@@ -235,3 +238,38 @@ def test_bad_input_is_refused_before_anything_changes() -> None:
         for name, value in entry.items():
             assert torch.equal(after["state"][key][name], value), name
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_eight_bit_state_with_bf16_weights() -> None:
+    # Rounded to nearest: the float32 8-bit step on the widened weights, rounded.
+    torch.manual_seed(7)
+    init = torch.randn(5000).to(torch.bfloat16)
+    grads = [torch.randn(5000).to(torch.bfloat16) for _ in range(3)]
+    half = torch.nn.Parameter(init.clone())
+    wide = torch.nn.Parameter(init.float())
+    a, b = oxoptim.AdamW8bit([half], lr=1e-2), oxoptim.AdamW8bit([wide], lr=1e-2)
+    sr_p = torch.nn.Parameter(init.clone())
+    sr = oxoptim.AdamW8bit([sr_p], lr=1e-2, bf16_stochastic_round=True)
+    for g in grads:
+        # Each step starts the float32 run from the stored bfloat16 weights.
+        with torch.no_grad():
+            wide.copy_(half.float())
+        half.grad, wide.grad = g, g.float()
+        a.step()
+        b.step()
+        assert torch.equal(half, wide.to(torch.bfloat16))
+        assert torch.equal(a.state[half]["exp_avg"], b.state[wide]["exp_avg"])
+    # Stochastic rounding: one step from the same state lies between the neighbours of the float32 update.
+    with torch.no_grad():
+        wide.copy_(half.float())
+        sr_p.copy_(half)
+    sr.load_state_dict({**a.state_dict(), "param_groups": [{**a.state_dict()["param_groups"][0], "bf16_stochastic_round": True, "sr_seed": 1, "sr_count": 0}]})
+    g = torch.randn(5000).to(torch.bfloat16)
+    sr_p.grad, wide.grad = g, g.float()
+    sr.step()
+    b.step()
+    below, above = neighbours(wide.detach().double())
+    assert bool(((sr_p == below) | (sr_p == above)).all())
+    assert bool((sr_p != wide.to(torch.bfloat16)).any()), "never left round-to-nearest"
+    with pytest.raises(ValueError, match="kahan_sum"):
+        oxoptim.AdamW8bit([half], kahan_sum=True)

@@ -50,6 +50,8 @@ def step(
     *,
     num_threads: int = 1,
     backend: Optional[str] = None,
+    stochastic_round: Optional[tuple[int, int]] = None,
+    compensation: Optional[list[torch.Tensor]] = None,
 ) -> bool: ...
 def group_step(
     kind: str,
@@ -59,6 +61,8 @@ def group_step(
     hyper: dict[str, Any],
     *,
     num_threads: int = 1,
+    stochastic_round: Optional[tuple[int, int]] = None,
+    kahan: bool = False,
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...

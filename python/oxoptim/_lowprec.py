@@ -30,14 +30,14 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["LowPrecisionWeights", "KAHAN_COMP"]
+__all__ = ["KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed"]
 
 #: The state entry of a parameter's Kahan compensation (torch-optimi's name).
 KAHAN_COMP = "kahan_comp"
 _OPTIONS = ("bf16_stochastic_round", "kahan_sum")
 
 
-def _draw_seed() -> int:
+def draw_seed() -> int:
     """A 62-bit seed from torch's default generator."""
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
@@ -86,7 +86,7 @@ class LowPrecisionWeights:
             param_group["params"] = list(params)
         check_low_precision(type(self).__name__, param_group)
         if param_group.get("bf16_stochastic_round"):
-            param_group.setdefault("sr_seed", _draw_seed())
+            param_group.setdefault("sr_seed", draw_seed())
             param_group.setdefault("sr_count", 0)
         super().add_param_group(param_group)  # type: ignore[misc]
 

@@ -46,6 +46,14 @@ pub trait Blockwise: Sync {
     /// Updates the arrays of slot `slot` for a whole number of blocks (the
     /// last one possibly short), each array as a slice of its own dtype.
     fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
+
+    /// [`Blockwise::apply`] for the work item starting at parameter element
+    /// `start` of the slot (what the engine calls; kernels whose result
+    /// depends on the element index, such as stochastic rounding, override it).
+    fn apply_at(&self, backend: Backend, slot: usize, start: usize, columns: &mut [Column<'_>]) {
+        let _ = start;
+        self.apply(backend, slot, columns)
+    }
 }
 
 /// How a call runs: which instruction set, how many threads, and how
@@ -146,7 +154,7 @@ pub fn run_blockwise<K: Blockwise>(kernel: &K, batch: &TensorBatch, exec: Exec) 
             // boundary (a multiple of `chunk`) and ends on one or at the end.
             unsafe {
                 batch.with_columns(slot, start..end, |columns| {
-                    kernel.apply(exec.backend, slot, columns)
+                    kernel.apply_at(exec.backend, slot, start, columns)
                 })
             }
         },

@@ -4,10 +4,11 @@
 //! and stays between the two neighbours; refused settings write nothing.
 
 use half::bf16;
+use oxoptim_core::quant;
 use oxoptim_core::rounding::{element_bits, narrow_stochastic, stochastic_bf16, StreamKey};
 use oxoptim_core::{
-    adam_step, sgd_step, AdamConfig, Backend, DType, Exec, HyperValue, ParamRounding, RawTensor,
-    ScalarState, SgdConfig, TensorBatch, OPTIMIZERS,
+    adam_step, sgd_step, AdamConfig, Backend, DType, DisjointMemo, Exec, HyperValue, ParamRounding,
+    RawTensor, ScalarState, SgdConfig, TensorBatch, OPTIMIZERS,
 };
 
 mod common;
@@ -408,4 +409,141 @@ fn each_element_of_a_long_tensor_has_its_own_random_bits() {
     assert_ne!(a, b, "chunks repeat the same bits");
     assert_ne!(first[0], first[1], "tensors repeat the same bits");
     assert_ne!(pattern(1), first, "steps repeat the same bits");
+}
+
+/// One 8-bit AdamW step set: parameters and gradients of type `P`, zero moments.
+struct EightBit<P> {
+    p: Vec<Vec<P>>,
+    g: Vec<Vec<P>>,
+    codes: Vec<[Vec<u8>; 2]>,
+    absmax: Vec<[Vec<f32>; 2]>,
+    step: Vec<f32>,
+}
+
+impl<P: Copy> EightBit<P> {
+    fn new(lens: &[usize], to: impl Fn(f64) -> P) -> EightBit<P> {
+        let zero = |map, n: usize| {
+            let (mut c, mut a) = (vec![0u8; n], vec![0f32; n.div_ceil(quant::BLOCK)]);
+            quant::quantize_blockwise(map, Backend::Scalar, &vec![0.0; n], &mut c, &mut a);
+            (c, a)
+        };
+        let mut s = EightBit {
+            p: vec![],
+            g: vec![],
+            codes: vec![],
+            absmax: vec![],
+            step: vec![0.0; lens.len()],
+        };
+        for (i, &n) in lens.iter().enumerate() {
+            s.p.push(values(i as u64, n).into_iter().map(&to).collect());
+            s.g.push(values(i as u64 + 99, n).into_iter().map(&to).collect());
+            let (mc, ma) = zero(quant::Map::Signed, n);
+            let (vc, va) = zero(quant::Map::Unsigned, n);
+            s.codes.push([mc, vc]);
+            s.absmax.push([ma, va]);
+        }
+        s
+    }
+
+    fn step(&mut self, dtype: DType, exec: Exec) -> oxoptim_core::Result<()> {
+        let raw = |addr: usize, len: usize, dtype: DType| RawTensor { addr, len, dtype };
+        let mut arrays = Vec::new();
+        for i in 0..self.p.len() {
+            let n = self.p[i].len();
+            arrays.push(raw(self.p[i].as_mut_ptr() as usize, n, dtype));
+            arrays.push(raw(self.g[i].as_mut_ptr() as usize, n, dtype));
+            for c in self.codes[i].iter_mut() {
+                arrays.push(raw(c.as_mut_ptr() as usize, n, DType::U8));
+            }
+            for a in self.absmax[i].iter_mut() {
+                arrays.push(raw(a.as_mut_ptr() as usize, a.len(), DType::F32));
+            }
+        }
+        let cells = (0..self.step.len())
+            .map(|i| raw(&mut self.step[i] as *mut f32 as usize, 1, DType::F32))
+            .collect();
+        let entry = OPTIMIZERS.iter().find(|e| e.name == "adam8bit").unwrap();
+        let configured = entry.configure(hyper_8bit()).unwrap();
+        // SAFETY: the vectors outlive the batch and nothing else touches them meanwhile.
+        unsafe {
+            let batch = TensorBatch::with_specs(
+                arrays,
+                &configured.array_specs(),
+                &mut DisjointMemo::default(),
+            )?;
+            let mut scalars = ScalarState::new(cells, 1, &batch)?;
+            entry.step(configured.as_ref(), &batch, &mut scalars, exec)
+        }
+    }
+}
+
+fn hyper_8bit() -> Vec<(String, HyperValue)> {
+    let mut h = hyper();
+    h.retain(|(k, _)| !matches!(k.as_str(), "amsgrad" | "maximize"));
+    h
+}
+
+#[test]
+fn eight_bit_state_with_bf16_weights_is_the_f32_update_rounded() {
+    let lens: Vec<usize> = (0..=67).chain([257, 70_001]).collect();
+    let to_bf16 = |x: f64| bf16::from_f64(x);
+    // The reference: the float32 8-bit step on the widened values.
+    let mut wide = EightBit::new(&lens, |x| bf16::from_f64(x).to_f32());
+    wide.step(DType::F32, Exec::new(Backend::Scalar, 1))
+        .unwrap();
+    let run = |rounding, exec: Exec| {
+        let mut s = EightBit::new(&lens, to_bf16);
+        s.step(DType::BF16, exec.with_rounding(rounding)).unwrap();
+        s
+    };
+    let nearest = run(ParamRounding::Nearest, Exec::new(Backend::Scalar, 1));
+    for (i, (p, w)) in nearest.p.iter().zip(&wide.p).enumerate() {
+        let want: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+        assert_eq!(p, &want, "tensor {i}");
+        assert_eq!(nearest.codes[i], wide.codes[i]);
+        assert_eq!(nearest.absmax[i], wide.absmax[i]);
+    }
+    // Stochastic rounding: one of the two neighbours of the f32 update, the
+    // same bits on every path and thread count.
+    let reference = run(SR, Exec::new(Backend::Scalar, 1));
+    let mut moved = 0;
+    for (p, w) in reference.p.iter().zip(&wide.p) {
+        for (&p, &w) in p.iter().zip(w) {
+            let near = bf16::from_f32(w);
+            let ok = if near.to_f32() == w {
+                p == near
+            } else {
+                // The other neighbour: one step of magnitude towards w.
+                let up = (near.to_f32() < w) == (w > 0.0);
+                let other = bf16::from_bits(if up {
+                    near.to_bits() + 1
+                } else {
+                    near.to_bits() - 1
+                });
+                p == near || p == other
+            };
+            assert!(ok, "{p} for {w}");
+            moved += (p != bf16::from_f32(w)) as usize;
+        }
+    }
+    assert!(moved > 0, "stochastic rounding never left round-to-nearest");
+    for backend in Backend::supported() {
+        for threads in [1, 2, 3] {
+            let s = run(SR, Exec::new(backend, threads));
+            assert!(
+                s.p == reference.p && s.codes == reference.codes,
+                "{backend:?} threads={threads}"
+            );
+        }
+    }
+    // Kahan is refused with 8-bit state, before anything is written.
+    let mut s = EightBit::new(&[8], to_bf16);
+    let before = s.p.clone();
+    assert!(s
+        .step(
+            DType::BF16,
+            Exec::default().with_rounding(ParamRounding::Kahan)
+        )
+        .is_err());
+    assert_eq!((s.p, s.step), (before, vec![0.0]));
 }
