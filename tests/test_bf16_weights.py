@@ -16,6 +16,7 @@ import oxoptim
 
 SR = {"bf16_stochastic_round": True}
 KAHAN = {"kahan_sum": True}
+BF16_STATE = {"state_dtype": torch.bfloat16}
 
 
 def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,15 +130,16 @@ def test_thread_count_never_changes_a_bit(options: dict) -> None:
     assert torch.equal(one.view(torch.int16), two.view(torch.int16))
 
 
-def make(cls: type, options: dict, seed: int = 0) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+def make(cls: type, options: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(shape).to(torch.bfloat16)) for shape in [(300,), (17, 5), (70_001,)]]
-    return params, cls(params, lr=1e-3, **options)
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in [(300,), (17, 5), (70_001,)]]
+    extra = {"momentum": 0.9} if cls is oxoptim.SGD else {}
+    return params, cls(params, lr=1e-3, **extra, **options)
 
 
 def grads_for(params: list, step: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params]
+    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
 
 
 def steps(params: list, opt: torch.optim.Optimizer, start: int, count: int) -> None:
@@ -149,24 +151,28 @@ def steps(params: list, opt: torch.optim.Optimizer, start: int, count: int) -> N
 
 @pytest.mark.parametrize(
     "cls, options",
-    [(cls, options) for cls in (oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD) for options in (SR, KAHAN)] + [(oxoptim.AdamW8bit, SR), (oxoptim.Adam8bit, SR)],
-    ids=lambda x: x.__name__ if isinstance(x, type) else next(iter(x)),
+    [(cls, options) for cls in (oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD) for options in (SR, KAHAN, BF16_STATE, {**SR, **BF16_STATE})]
+    + [(oxoptim.AdamW8bit, SR), (oxoptim.Adam8bit, SR)],
+    ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
 )
 def test_state_dict_resumes_bit_for_bit(cls: type, options: dict) -> None:
-    params, opt = make(cls, options)
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16  # bfloat16 state of float32 weights
+    params, opt = make(cls, options, dtype=dtype)
     steps(params, opt, 0, 3)
     saved = copy.deepcopy(opt.state_dict())
     weights = [p.detach().clone() for p in params]
     steps(params, opt, 3, 3)
     # A fresh optimizer (another seed drawn) loads the checkpoint and goes on identically.
-    resumed, fresh = make(cls, options, seed=1)
+    resumed, fresh = make(cls, options, seed=1, dtype=dtype)
     with torch.no_grad():
         for r, w in zip(resumed, weights):
             r.copy_(w)
     fresh.load_state_dict(saved)
     steps(resumed, fresh, 3, 3)
     for a, b in zip(params, resumed):
-        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
+    if options is BF16_STATE:
+        assert all(v.dtype == torch.bfloat16 for e in fresh.state.values() for v in e.values() if v.dim())
     if options is KAHAN and cls is not oxoptim.SGD:
         assert fresh.state[resumed[0]]["kahan_comp"].dtype == torch.bfloat16
 
@@ -273,3 +279,51 @@ def test_eight_bit_state_with_bf16_weights() -> None:
     assert bool((sr_p != wide.to(torch.bfloat16)).any()), "never left round-to-nearest"
     with pytest.raises(ValueError, match="kahan_sum"):
         oxoptim.AdamW8bit([half], kahan_sum=True)
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD])
+def test_bf16_state_is_the_float32_update_with_moments_rounded(cls: type) -> None:
+    """float32 weights, bfloat16 state: each step computes exactly what the
+    float32-state optimizer computes from the same (widened) state; the
+    weights match bit for bit and the new state is its float32 state rounded."""
+    params, ours = make(cls, BF16_STATE, dtype=torch.float32)
+    twins, theirs = make(cls, {}, dtype=torch.float32)
+    for s in range(4):
+        grads = grads_for(params, s)
+        for p, t, g in zip(params, twins, grads):
+            p.grad, t.grad = g, g.clone()
+        if s:
+            for p, t in zip(params, twins):
+                for key, value in ours.state[p].items():
+                    if value.dim():  # the widened bfloat16 state
+                        theirs.state[t][key] = value.float()
+        ours.step()
+        theirs.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
+            for key, value in ours.state[p].items():
+                if value.dim():
+                    assert value.dtype == torch.bfloat16
+                    assert torch.equal(value, theirs.state[t][key].to(torch.bfloat16)), key
+
+
+def test_bf16_state_bytes_threads_and_bad_input() -> None:
+    params, opt = make(oxoptim.AdamW, BF16_STATE, dtype=torch.float32)
+    steps(params, opt, 0, 1)
+    state_bytes = sum(v.numel() * v.element_size() for e in opt.state.values() for v in e.values() if v.dim())
+    assert state_bytes == 4 * sum(p.numel() for p in params)  # Adam: 4 bytes per parameter (fp32: 8)
+    results = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            params, opt = make(oxoptim.AdamW, BF16_STATE, dtype=torch.float32)
+            steps(params, opt, 0, 3)
+        finally:
+            torch.set_num_threads(old)
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(ValueError, match="state_dtype"):
+        oxoptim.AdamW(params, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or bfloat16 parameters"):
+        oxoptim.AdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], state_dtype=torch.bfloat16)

@@ -5,6 +5,7 @@ Rust-backed twins), and torch's schedulers, SWA utilities and base class."""
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
     expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
     if issubclass(ours, LowPrecisionWeights):  # bfloat16 weights: stochastic rounding or Kahan summation
         expected += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for k in ("bf16_stochastic_round", "kahan_sum")]
+        expected.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.dtype]))
     assert list(inspect.signature(ours).parameters.values()) == expected
 
 

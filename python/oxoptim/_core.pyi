@@ -52,6 +52,7 @@ def step(
     backend: Optional[str] = None,
     stochastic_round: Optional[tuple[int, int]] = None,
     compensation: Optional[list[torch.Tensor]] = None,
+    bf16_state: bool = False,
 ) -> bool: ...
 def group_step(
     kind: str,
@@ -63,6 +64,7 @@ def group_step(
     num_threads: int = 1,
     stochastic_round: Optional[tuple[int, int]] = None,
     kahan: bool = False,
+    bf16_state: bool = False,
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...

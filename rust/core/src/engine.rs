@@ -11,7 +11,7 @@
 
 use crate::dispatch::{Backend, Element};
 use crate::rounding::{self, ParamRounding};
-use crate::tensors::{Column, DType, TensorBatch, MAX_ARITY};
+use crate::tensors::{ArraySpec, Column, DType, TensorBatch, MAX_ARITY};
 use half::{bf16, f16};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -130,15 +130,140 @@ pub(crate) fn for_each_item<T: Sync>(
 /// Runs `kernel` over every slot of `batch`.
 pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
     let items = work_items(batch, CHUNK);
+    // State of another dtype than the parameter (bfloat16 state): every
+    // array is widened to f32 by its own dtype.
+    let mixed = batch.specs().iter().any(|s| *s != ArraySpec::LIKE_PARAM);
     for_each_item(
         &items,
         exec.threads,
         batch.total_len(),
         |&(slot, start, end)| {
-            // SAFETY: work items never overlap, and the slot's dtype picks T.
-            unsafe { apply_range(kernel, batch, exec, slot, start..end) }
+            // SAFETY: work items never overlap, and the slot's dtype picks T
+            // (the columns carry their own dtypes).
+            unsafe {
+                if mixed {
+                    apply_columns(kernel, batch, exec, slot, start..end)
+                } else {
+                    apply_range(kernel, batch, exec, slot, start..end)
+                }
+            }
         },
     );
+}
+
+/// # Safety
+/// No concurrent call may cover an overlapping `(slot, range)`.
+unsafe fn apply_columns<K: Elementwise>(
+    kernel: &K,
+    batch: &TensorBatch,
+    exec: Exec,
+    slot: usize,
+    range: std::ops::Range<usize>,
+) {
+    let at = Narrowing {
+        rounding: exec.rounding,
+        backend: exec.backend,
+        slot,
+        start: range.start,
+    };
+    // SAFETY: disjointness is the caller's.
+    unsafe {
+        batch.with_compensation_slice(slot, range.clone(), |comp| {
+            let comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
+            batch.with_columns(slot, range, |columns| {
+                widened_columns(kernel, at, columns, comp)
+            })
+        })
+    }
+}
+
+impl Column<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Column::F32(a) => a.len(),
+            Column::F64(a) => a.len(),
+            Column::BF16(a) => a.len(),
+            Column::F16(a) => a.len(),
+            Column::U8(a) => a.len(),
+        }
+    }
+
+    /// Elements `at..at + out.len()` as f32.
+    fn widen_into(&self, at: usize, out: &mut [f32]) {
+        let range = at..at + out.len();
+        match self {
+            Column::F32(a) => out.copy_from_slice(&a[range]),
+            Column::BF16(a) => out
+                .iter_mut()
+                .zip(&a[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            Column::F16(a) => out
+                .iter_mut()
+                .zip(&a[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            _ => unreachable!("state of another dtype pairs float32/bfloat16/float16 arrays only"),
+        }
+    }
+
+    /// Stores `src` into elements `at..`, rounded to nearest; the parameter
+    /// (array 0) with the call's rounding.
+    fn narrow_from(
+        &mut self,
+        at: usize,
+        src: &[f32],
+        param: Option<(Narrowing, Option<&mut [bf16]>)>,
+    ) {
+        let range = at..at + src.len();
+        match (self, param) {
+            (Column::F32(a), _) => a[range].copy_from_slice(src),
+            (Column::BF16(a), Some((narrowing, comp))) => {
+                bf16::narrow_param(src, &mut a[range], narrowing, at, comp)
+            }
+            (Column::BF16(a), None) => a[range]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = bf16::from_f32(*s)),
+            (Column::F16(a), _) => a[range]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = f16::from_f32(*s)),
+            _ => unreachable!("state of another dtype pairs float32/bfloat16/float16 arrays only"),
+        }
+    }
+}
+
+/// [`widened`] for arrays of several dtypes: each widened to f32 by its own.
+fn widened_columns<K: Elementwise>(
+    kernel: &K,
+    at: Narrowing,
+    columns: &mut [Column<'_>],
+    mut comp: Option<&mut [bf16]>,
+) {
+    let len = columns.first().map_or(0, Column::len);
+    let mut scratch = [[0f32; HALF_BLOCK]; MAX_ARITY];
+    let mut start = 0;
+    while start < len {
+        let n = HALF_BLOCK.min(len - start);
+        for (buf, column) in scratch.iter_mut().zip(columns.iter()) {
+            column.widen_into(start, &mut buf[..n]);
+        }
+        {
+            let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
+            for (v, buf) in views.iter_mut().zip(scratch.iter_mut()) {
+                *v = &mut buf[..n];
+            }
+            kernel.apply::<f32>(at.backend, at.slot, &mut views[..columns.len()]);
+        }
+        for (k, (buf, column)) in scratch.iter().zip(columns.iter_mut()).enumerate() {
+            if !kernel.writes(k) {
+                continue;
+            }
+            let param =
+                (k == 0).then(|| (at, comp.as_deref_mut().map(|c| &mut c[start..start + n])));
+            column.narrow_from(start, &buf[..n], param);
+        }
+        start += n;
+    }
 }
 
 /// Runs a block-wise `kernel` over every slot of `batch`, split at whole blocks.

@@ -547,3 +547,100 @@ fn eight_bit_state_with_bf16_weights_is_the_f32_update_rounded() {
         .is_err());
     assert_eq!((s.p, s.step), (before, vec![0.0]));
 }
+
+/// float32 weights and gradients, bfloat16 Adam moments, one slot per length.
+fn bf16_state_run(lens: &[usize], offset: usize, exec: Exec) -> (Vec<Vec<u32>>, Vec<Vec<u16>>) {
+    let mut p: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            values(i as u64, n + offset)
+                .iter()
+                .map(|&x| x as f32)
+                .collect()
+        })
+        .collect();
+    let mut g: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            values(i as u64 + 50, n + offset)
+                .iter()
+                .map(|&x| x as f32)
+                .collect()
+        })
+        .collect();
+    let mut m: Vec<Vec<bf16>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            values(i as u64 + 70, n + offset)
+                .iter()
+                .map(|&x| bf16::from_f64(x * 0.1))
+                .collect()
+        })
+        .collect();
+    let mut v: Vec<Vec<bf16>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            values(i as u64 + 90, n + offset)
+                .iter()
+                .map(|&x| bf16::from_f64(x * x * 0.01))
+                .collect()
+        })
+        .collect();
+    let mut arrays = Vec::new();
+    for i in 0..lens.len() {
+        let n = lens[i];
+        let raw = |addr: usize, dtype| RawTensor {
+            addr,
+            len: n,
+            dtype,
+        };
+        arrays.push(raw(p[i][offset..].as_mut_ptr() as usize, DType::F32));
+        arrays.push(raw(g[i][offset..].as_mut_ptr() as usize, DType::F32));
+        arrays.push(raw(m[i][offset..].as_mut_ptr() as usize, DType::BF16));
+        arrays.push(raw(v[i][offset..].as_mut_ptr() as usize, DType::BF16));
+    }
+    let specs = oxoptim_core::optimizer::with_bf16_state(&[oxoptim_core::ArraySpec::LIKE_PARAM; 4]);
+    // SAFETY: the vectors outlive the batch and nothing else touches them.
+    let batch =
+        unsafe { TensorBatch::with_specs(arrays, &specs, &mut DisjointMemo::default()).unwrap() };
+    for s in 0..3 {
+        adam_step(&adamw(), &batch, &vec![(s + 1) as f64; lens.len()], exec).unwrap();
+    }
+    drop(batch);
+    let p = p
+        .iter()
+        .map(|x| x.iter().map(|y| y.to_bits()).collect())
+        .collect();
+    let state = m
+        .iter()
+        .chain(&v)
+        .map(|x| x.iter().map(|y| y.to_bits()).collect())
+        .collect();
+    (p, state)
+}
+
+#[test]
+fn bf16_state_simd_matches_scalar_every_tail_offset_and_thread_count() {
+    let tails: Vec<usize> = (0..=67).collect();
+    for offset in OFFSETS {
+        let reference = bf16_state_run(&tails, offset, Exec::new(Backend::Scalar, 1));
+        for backend in Backend::supported() {
+            assert!(
+                bf16_state_run(&tails, offset, Exec::new(backend, 1)) == reference,
+                "{backend:?} offset={offset}"
+            );
+        }
+    }
+    let big = [100_003, 3, 1 << 16];
+    let reference = bf16_state_run(&big, 1, Exec::new(Backend::Scalar, 1));
+    for t in [2, 3, 7] {
+        assert!(
+            bf16_state_run(&big, 1, Exec::new(Backend::active(), t)) == reference,
+            "threads={t}"
+        );
+    }
+}

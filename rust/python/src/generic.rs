@@ -18,7 +18,7 @@ use crate::tensors::{
     describe, describe_grad_twin, torch_types, KeepAlive, TensorCache, TorchTypes,
 };
 use crate::{bump_versions, core_error, exec, or_fallback, slots};
-use oxoptim_core::optimizer::find;
+use oxoptim_core::optimizer::{find, with_bf16_state};
 use oxoptim_core::{inflight, Footprint};
 use oxoptim_core::{
     ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, ParamRounding,
@@ -236,7 +236,7 @@ impl<'py> Gathered<'py> {
 /// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
 /// touched nothing) when some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None))]
+#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false))]
 #[allow(clippy::too_many_arguments)]
 fn step<'py>(
     py: Python<'py>,
@@ -250,6 +250,7 @@ fn step<'py>(
     backend: Option<&str>,
     stochastic_round: Option<(u64, u64)>,
     compensation: Option<Bound<'py, PyList>>,
+    bf16_state: bool,
 ) -> PyResult<bool> {
     let entry = entry(kind)?;
     let configured = configure(&entry, hyper)?;
@@ -294,7 +295,7 @@ fn step<'py>(
     }
     let exec = exec(num_threads, backend)?
         .with_rounding(rounding(stochastic_round, compensation.is_some())?);
-    let mut gathered = Gathered::new(py, configured.array_specs(), n)?;
+    let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), n)?;
     for (i, param) in params.iter().enumerate() {
         let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
         let cells: Vec<_> = scalar_lists.iter().map(|l| l[i].clone()).collect();
@@ -323,7 +324,7 @@ fn step<'py>(
 /// path must run: some parameter with a gradient lacks state (a first step), or
 /// some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1, stochastic_round=None, kahan=false))]
+#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1, stochastic_round=None, kahan=false, bf16_state=false))]
 #[allow(clippy::too_many_arguments)]
 fn group_step<'py>(
     py: Python<'py>,
@@ -335,6 +336,7 @@ fn group_step<'py>(
     num_threads: usize,
     stochastic_round: Option<(u64, u64)>,
     kahan: bool,
+    bf16_state: bool,
 ) -> PyResult<bool> {
     let rounding = rounding(stochastic_round, kahan)?;
     let comp_key = PyString::intern(py, KAHAN_COMP);
@@ -352,7 +354,7 @@ fn group_step<'py>(
         .map(|k| PyString::intern(py, k))
         .collect();
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
-    let mut gathered = Gathered::new(py, configured.array_specs(), params.len())?;
+    let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), params.len())?;
     let empty = PyDict::new(py);
     for p in params.iter() {
         let grad = p.getattr(intern!(py, "grad"))?;
@@ -408,6 +410,17 @@ fn group_step<'py>(
 
 /// The state entry of a parameter's Kahan compensation (torch-optimi's name).
 const KAHAN_COMP: &str = "kahan_comp";
+
+/// The arrays a call takes: the optimizer's, with parameter-shaped state in
+/// bfloat16 when `bf16_state` (state of another dtype makes torch's path run).
+fn specs(configured: &dyn Configured, bf16_state: bool) -> Vec<ArraySpec> {
+    let specs = configured.array_specs();
+    if bf16_state {
+        with_bf16_state(&specs)
+    } else {
+        specs
+    }
+}
 
 /// The parameter rounding the keyword arguments ask for.
 fn rounding(stochastic_round: Option<(u64, u64)>, kahan: bool) -> PyResult<ParamRounding> {
