@@ -13,7 +13,7 @@ from .errors import choices, integer, number, unknown_name
 from .rules import Trial, make_rule
 
 __all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "optimizer_arguments", "OPTIMIZERS",
-           "STAGE_KEYS"]
+           "STAGE_KEYS", "PARAM_DTYPES", "set_param_dtype"]
 
 # Names a stage can give for its optimizer; the classes are looked up lazily on ``oxoptim``.
 # Every optimizer that steps without a closure on dense gradients (LBFGS needs a
@@ -41,7 +41,9 @@ OPTIMIZERS = {
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
-              "layer_lr_decay", "continue_optimizer")
+              "layer_lr_decay", "continue_optimizer", "param_dtype", "stochastic_rounding")
+# Names a stage can give for its parameters' dtype (None: leave the model's as it is).
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -141,6 +143,12 @@ class Stage:
         continue_optimizer: start from the optimizer state (moments, step counts) the previous
             stage ended with, under this stage's settings: one optimizer run through stages that
             only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters.
+        param_dtype: ``"float32"`` or ``"bfloat16"``: the model's floating parameters are cast to
+            it when the stage starts (its inputs cast to it, its outputs back to float32, so
+            losses and metrics stay float32); unset: the model keeps its dtype.
+        stochastic_rounding: with ``param_dtype = "bfloat16"``, the optimizer stores each updated
+            weight with unbiased stochastic rounding (``bf16_stochastic_round=True``: AdamW, Adam,
+            SGD, AdamW8bit, Adam8bit) instead of rounding to nearest.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -164,6 +172,8 @@ class Stage:
     trainable: str = "all"
     layer_lr_decay: float = 1.0
     continue_optimizer: bool = False
+    param_dtype: Optional[str] = None
+    stochastic_rounding: bool = False
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -184,6 +194,8 @@ class Stage:
         trainable: str = "all",
         layer_lr_decay: float = 1.0,
         continue_optimizer: bool = False,
+        param_dtype: Optional[str] = None,
+        stochastic_rounding: bool = False,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -217,6 +229,14 @@ class Stage:
             if not isinstance(continue_optimizer, bool):
                 raise ValueError(f"continue_optimizer must be true or false, not {continue_optimizer!r}")
             self.continue_optimizer = continue_optimizer
+            if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+                raise ValueError(unknown_name("param_dtype", param_dtype, PARAM_DTYPES))
+            self.param_dtype = param_dtype
+            if not isinstance(stochastic_rounding, bool):
+                raise ValueError(f"stochastic_rounding must be true or false, not {stochastic_rounding!r}")
+            if stochastic_rounding and param_dtype != "bfloat16":
+                raise ValueError('stochastic_rounding = true needs param_dtype = "bfloat16"')
+            self.stochastic_rounding = stochastic_rounding
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
@@ -233,6 +253,9 @@ class Stage:
                 raise ValueError(f"trial epochs ({trial.epochs}) must be < stage epochs ({self.epochs})")
             cls = resolve_optimizer(self.optimizer)
             names = optimizer_arguments(cls)
+            if self.stochastic_rounding and names is not None and "bf16_stochastic_round" not in names:
+                takers = sorted(k for k, v in OPTIMIZERS.items() if v in ("SGD", "Adam", "AdamW", "Adam8bit", "AdamW8bit"))
+                raise ValueError(f"stochastic_rounding = true needs an optimizer that rounds stochastically: {', '.join(takers)}")
             for key in self.optimizer_kwargs:
                 if names is not None and key not in names:
                     listing = f"{choices(STAGE_KEYS)}; {self._optimizer_name()} arguments: {choices(names)}"
@@ -241,15 +264,20 @@ class Stage:
                 for key in overrides:
                     if names is not None and key not in names:
                         raise ValueError("trial: " + unknown_name("optimizer argument", key, names))
-                kwargs = {**self.optimizer_kwargs, **overrides}
+                kwargs = {**self.optimizer_kwargs, **self.rounding_kwargs(), **overrides}
+                dtype = PARAM_DTYPES[self.param_dtype or "float32"]
                 try:
-                    cls([torch.zeros(1, requires_grad=True)], **kwargs)
+                    cls([torch.zeros(1, dtype=dtype, requires_grad=True)], **kwargs)
                 except (ValueError, TypeError) as e:
                     where = f"trial candidate {overrides}: " if overrides else ""
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
                     raise ValueError(f"{where}{call}: {e}") from e
         except ValueError as e:
             raise ValueError(f"stage {self.name!r}: {e}") from e
+
+    def rounding_kwargs(self) -> Dict[str, Any]:
+        """The optimizer arguments ``stochastic_rounding`` stands for."""
+        return {"bf16_stochastic_round": True} if self.stochastic_rounding else {}
 
     def _optimizer_name(self) -> str:
         return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
@@ -280,7 +308,9 @@ class Stage:
             f", {self.steps_per_epoch} steps/epoch" if self.steps_per_epoch and not self.full_batch else "") + (
             f", train {self.trainable}" if self.trainable != "all" else "") + (
             f", layer LR decay {self.layer_lr_decay:g}" if self.layer_lr_decay != 1.0 else "") + (
-            ", continues the optimizer" if self.continue_optimizer else "")
+            ", continues the optimizer" if self.continue_optimizer else "") + (
+            f", {self.param_dtype} weights" if self.param_dtype else "") + (
+            " with stochastic rounding" if self.stochastic_rounding else "")
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:
@@ -305,9 +335,35 @@ def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None,
     """The stage's optimizer over ``params`` (a list, or parameter groups with ``lr_factors``: each
     group's LR is the stage's LR times its factor)."""
     cls = resolve_optimizer(stage.optimizer)
-    kwargs = dict(stage.optimizer_kwargs)
+    kwargs = {**stage.optimizer_kwargs, **stage.rounding_kwargs()}
     kwargs.update(overrides or {})
     opt = cls(params, **kwargs)
     for group, f in zip(opt.param_groups, lr_factors or []):
         group["lr"] = group["lr"] * f
     return opt
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def set_param_dtype(model: torch.nn.Module, name: Optional[str]) -> None:
+    """Casts the model's floating parameters and buffers to ``PARAM_DTYPES[name]`` (None: leaves
+    them); a non-float32 model gets its floating inputs cast to that dtype and its floating
+    outputs back to float32, so the data and the loss need not know."""
+    if name is None:
+        return
+    dtype = PARAM_DTYPES[name]
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)
+    for handle in model.__dict__.pop("_oxoptim_dtype_hooks", []):
+        handle.remove()
+    if dtype != torch.float32:
+        model.__dict__["_oxoptim_dtype_hooks"] = [
+            model.register_forward_pre_hook(lambda module, args: _cast_floats(args, dtype)),
+            model.register_forward_hook(lambda module, args, out: _cast_floats(out, torch.float32)),
+        ]
