@@ -22,7 +22,7 @@ pub const CHUNK: usize = 1 << 15;
 /// Below this many elements in a call, threads cost more than they save.
 const PARALLEL_MIN: usize = 1 << 16;
 /// Elements per widened block for bf16/f16 (stays in L1 with 6 arrays).
-const HALF_BLOCK: usize = 256;
+const HALF_BLOCK: usize = 1024;
 
 /// An element-wise update of one slot's arrays, in batch arity order.
 pub trait Elementwise: Sync {
@@ -189,14 +189,11 @@ impl Column<'_> {
     }
 
     /// Elements `at..at + out.len()` as f32.
-    fn widen_into(&self, at: usize, out: &mut [f32]) {
+    fn widen_into(&self, backend: Backend, at: usize, out: &mut [f32]) {
         let range = at..at + out.len();
         match self {
             Column::F32(a) => out.copy_from_slice(&a[range]),
-            Column::BF16(a) => out
-                .iter_mut()
-                .zip(&a[range])
-                .for_each(|(o, x)| *o = x.to_f32()),
+            Column::BF16(a) => rounding::widen_bf16(backend, &a[range], out),
             Column::F16(a) => out
                 .iter_mut()
                 .zip(&a[range])
@@ -209,6 +206,7 @@ impl Column<'_> {
     /// (array 0) with the call's rounding.
     fn narrow_from(
         &mut self,
+        backend: Backend,
         at: usize,
         src: &[f32],
         param: Option<(Narrowing, Option<&mut [bf16]>)>,
@@ -219,10 +217,7 @@ impl Column<'_> {
             (Column::BF16(a), Some((narrowing, comp))) => {
                 bf16::narrow_param(src, &mut a[range], narrowing, at, comp)
             }
-            (Column::BF16(a), None) => a[range]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = bf16::from_f32(*s)),
+            (Column::BF16(a), None) => rounding::narrow_bf16(backend, src, &mut a[range]),
             (Column::F16(a), _) => a[range]
                 .iter_mut()
                 .zip(src)
@@ -245,7 +240,7 @@ fn widened_columns<K: Elementwise>(
     while start < len {
         let n = HALF_BLOCK.min(len - start);
         for (buf, column) in scratch.iter_mut().zip(columns.iter()) {
-            column.widen_into(start, &mut buf[..n]);
+            column.widen_into(at.backend, start, &mut buf[..n]);
         }
         {
             let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
@@ -260,7 +255,7 @@ fn widened_columns<K: Elementwise>(
             }
             let param =
                 (k == 0).then(|| (at, comp.as_deref_mut().map(|c| &mut c[start..start + n])));
-            column.narrow_from(start, &buf[..n], param);
+            column.narrow_from(at.backend, start, &buf[..n], param);
         }
         start += n;
     }
@@ -354,6 +349,22 @@ trait HalfFloat: Copy {
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
 
+    /// `src` widened into `dst`.
+    fn widen_slice(backend: Backend, src: &[Self], dst: &mut [f32]) {
+        let _ = backend;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.widen();
+        }
+    }
+
+    /// `src` rounded to nearest into `dst`.
+    fn narrow_slice(backend: Backend, src: &[f32], dst: &mut [Self]) {
+        let _ = backend;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::narrow(*s);
+        }
+    }
+
     /// Stores the updated parameter `src` into `dst` (elements `at.start +
     /// offset ..` of the slot). Only bfloat16 takes a rounding other than
     /// nearest ([`crate::optimizer::Entry::step`] refuses the rest).
@@ -364,10 +375,8 @@ trait HalfFloat: Copy {
         offset: usize,
         comp: Option<&mut [bf16]>,
     ) {
-        let _ = (at, offset, comp);
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = Self::narrow(*s);
-        }
+        let _ = (offset, comp);
+        Self::narrow_slice(at.backend, src, dst)
     }
 }
 
@@ -377,6 +386,12 @@ impl HalfFloat for bf16 {
     }
     fn narrow(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn widen_slice(backend: Backend, src: &[Self], dst: &mut [f32]) {
+        rounding::widen_bf16(backend, src, dst)
+    }
+    fn narrow_slice(backend: Backend, src: &[f32], dst: &mut [Self]) {
+        rounding::narrow_bf16(backend, src, dst)
     }
     fn narrow_param(
         src: &[f32],
@@ -399,11 +414,7 @@ impl HalfFloat for bf16 {
                 (seed, count),
                 at.slot,
             ),
-            _ => {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = bf16::from_f32(*s);
-                }
-            }
+            _ => rounding::narrow_bf16(at.backend, src, dst),
         }
     }
 }
@@ -431,9 +442,7 @@ fn widened<H: HalfFloat, K: Elementwise>(
     while start < len {
         let n = HALF_BLOCK.min(len - start);
         for (buf, src) in scratch.iter_mut().zip(arrays.iter()) {
-            for (d, s) in buf[..n].iter_mut().zip(&src[start..start + n]) {
-                *d = s.widen();
-            }
+            H::widen_slice(backend, &src[start..start + n], &mut buf[..n]);
         }
         {
             let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
@@ -450,9 +459,7 @@ fn widened<H: HalfFloat, K: Elementwise>(
                 let comp = comp.as_deref_mut().map(|c| &mut c[start..start + n]);
                 H::narrow_param(&buf[..n], &mut dst[start..start + n], at, start, comp);
             } else {
-                for (d, s) in dst[start..start + n].iter_mut().zip(&buf[..n]) {
-                    *d = H::narrow(*s);
-                }
+                H::narrow_slice(backend, &buf[..n], &mut dst[start..start + n]);
             }
         }
         start += n;

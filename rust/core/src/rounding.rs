@@ -182,6 +182,71 @@ pub fn narrow_stochastic_lanes<S: Lanes<f32>>(
     }
 }
 
+/// `src` widened to f32 into `dst` (exact), on the vectors of `backend`.
+pub fn widen_bf16(backend: Backend, src: &[bf16], dst: &mut [f32]) {
+    struct Run<'a>(&'a [bf16], &'a mut [f32]);
+    impl WithLanes<f32> for Run<'_> {
+        #[inline(always)]
+        fn run<S: Lanes<f32>>(&mut self, s: S) {
+            widen_bf16_lanes(s, self.0, self.1)
+        }
+    }
+    <f32 as crate::dispatch::Element>::dispatch(backend, &mut Run(src, dst));
+}
+
+/// `src` rounded to nearest bfloat16 into `dst` (as `half::bf16::from_f32`),
+/// on the vectors of `backend`.
+pub fn narrow_bf16(backend: Backend, src: &[f32], dst: &mut [bf16]) {
+    struct Run<'a>(&'a [f32], &'a mut [bf16]);
+    impl WithLanes<f32> for Run<'_> {
+        #[inline(always)]
+        fn run<S: Lanes<f32>>(&mut self, s: S) {
+            narrow_bf16_lanes(s, self.0, self.1)
+        }
+    }
+    <f32 as crate::dispatch::Element>::dispatch(backend, &mut Run(src, dst));
+}
+
+/// [`widen_bf16`] on the vectors of `s`.
+#[inline(always)]
+pub fn widen_bf16_lanes<S: Lanes<f32>>(s: S, src: &[bf16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widening arrays differ in length");
+    let (n, from, to) = (src.len(), src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let full = n - n % S::WIDTH;
+    let mut i = 0;
+    // SAFETY: i + WIDTH <= n in the vector loop, i < n in the tail; bf16 is a transparent u16.
+    unsafe {
+        while i < full {
+            s.store(to.add(i), s.widen_bf16(from.add(i)));
+            i += S::WIDTH;
+        }
+        while i < n {
+            *to.add(i) = Scalar.widen_bf16(from.add(i));
+            i += 1;
+        }
+    }
+}
+
+/// [`narrow_bf16`] on the vectors of `s`.
+#[inline(always)]
+pub fn narrow_bf16_lanes<S: Lanes<f32>>(s: S, src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "narrowing arrays differ in length");
+    let (n, from, to) = (src.len(), src.as_ptr(), dst.as_mut_ptr() as *mut u16);
+    let full = n - n % S::WIDTH;
+    let mut i = 0;
+    // SAFETY: as in `widen_bf16_lanes`.
+    unsafe {
+        while i < full {
+            s.narrow_bf16_nearest(s.load(from.add(i)), to.add(i));
+            i += S::WIDTH;
+        }
+        while i < n {
+            Scalar.narrow_bf16_nearest(*from.add(i), to.add(i));
+            i += 1;
+        }
+    }
+}
+
 /// One Kahan-compensated store of an updated parameter: `old` is the stored
 /// bfloat16 parameter (as f32), `new` the f32 update of it, `comp` the
 /// compensation (as f32). Returns `(parameter, compensation)` as bfloat16.

@@ -644,3 +644,50 @@ fn bf16_state_simd_matches_scalar_every_tail_offset_and_thread_count() {
         );
     }
 }
+
+#[test]
+fn nearest_narrowing_and_widening_match_half_on_every_path() {
+    use oxoptim_core::rounding::{narrow_bf16, widen_bf16};
+    let specials = [
+        0.0f32,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001), // a signalling NaN with its payload in the low bits
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-40,                        // subnormal
+        1.0 + f32::EPSILON * 32768.0, // a tie between two bfloat16 numbers
+        1.0 + f32::EPSILON * 98304.0, // the next tie
+    ];
+    for n in 0..=67usize {
+        for offset in OFFSETS {
+            let mut src: Vec<f32> = values(n as u64 + 500, n + offset)
+                .iter()
+                .map(|&x| x as f32 * 3.3)
+                .collect();
+            for (i, x) in specials.iter().enumerate() {
+                if offset + i < src.len() {
+                    src[offset + i] = *x;
+                }
+            }
+            let want: Vec<u16> = src[offset..]
+                .iter()
+                .map(|&x| bf16::from_f32(x).to_bits())
+                .collect();
+            for backend in Backend::supported() {
+                let mut dst = vec![bf16::ZERO; n + offset];
+                narrow_bf16(backend, &src[offset..], &mut dst[offset..]);
+                let got: Vec<u16> = dst[offset..].iter().map(|x| x.to_bits()).collect();
+                assert_eq!(got, want, "{backend:?} n={n} offset={offset}");
+                let mut back = vec![0f32; n + offset];
+                widen_bf16(backend, &dst[offset..], &mut back[offset..]);
+                for (b, d) in back[offset..].iter().zip(&dst[offset..]) {
+                    assert_eq!(b.to_bits(), d.to_f32().to_bits(), "{backend:?}");
+                }
+            }
+        }
+    }
+}

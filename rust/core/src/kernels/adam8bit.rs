@@ -13,7 +13,9 @@ use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
-use crate::rounding::{narrow_stochastic_lanes, ParamRounding};
+use crate::rounding::{
+    narrow_bf16_lanes, narrow_stochastic_lanes, widen_bf16_lanes, ParamRounding,
+};
 use crate::simd::{run_blocks, Lanes};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
 use half::bf16;
@@ -210,13 +212,8 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
             let (p, g): (*mut f32, *const f32) = match &mut self.param {
                 Param::F32(p, g) => (p[at.clone()].as_mut_ptr(), g[at.clone()].as_ptr()),
                 Param::BF16 { param, grad, .. } => {
-                    for ((wp, wg), (p, g)) in wide_p
-                        .iter_mut()
-                        .zip(wide_g.iter_mut())
-                        .zip(param[at.clone()].iter().zip(&grad[at.clone()]))
-                    {
-                        (*wp, *wg) = (p.to_f32(), g.to_f32());
-                    }
+                    widen_bf16_lanes(simd, &param[at.clone()], &mut wide_p[..len]);
+                    widen_bf16_lanes(simd, &grad[at.clone()], &mut wide_g[..len]);
                     (wide_p.as_mut_ptr(), wide_g.as_ptr())
                 }
             };
@@ -244,11 +241,7 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
                         (seed, count),
                         *slot,
                     ),
-                    _ => {
-                        for (d, s) in dst.iter_mut().zip(&wide_p[..len]) {
-                            *d = bf16::from_f32(*s);
-                        }
-                    }
+                    _ => narrow_bf16_lanes(simd, &wide_p[..len], dst),
                 }
             }
             self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);
