@@ -119,12 +119,26 @@ class LowPrecisionWeights:
         # Every group is checked before any is stepped.
         for group in self.param_groups:  # type: ignore[attr-defined]
             check_low_precision(type(self).__name__, group)
-        return super().step(closure)  # type: ignore[misc]
+        loss = super().step(closure)  # type: ignore[misc]
+        if self.__dict__.get("_oxoptim_step_in_backward") is None:  # step_in_backward advances the groups itself
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                self._advance_group(group)
+        return loss
+
+    def _advance_group(self, group: dict) -> None:
+        super()._advance_group(group)  # type: ignore[misc]
+        if group.get("bf16_stochastic_round"):
+            group["sr_count"] = int(group["sr_count"]) + 1
 
     # -- the native step ----------------------------------------------------------
 
     def _native_options(self, group: dict, params: Optional[list]) -> dict:
+        """The options of the group's native call; for the list path (``params`` given) the
+        state they need is made first: a zero ``kahan_comp``, moments in bfloat16 (fresh ones
+        torch made like the parameter, or loaded ones torch cast to the parameter's dtype)."""
         options: dict[str, Any] = {"bf16_state": True} if group.get("state_dtype") == torch.bfloat16 else {}
+        if params is not None:
+            self._prepare_state(group, params)
         if group.get("bf16_stochastic_round"):
             options["stochastic_round"] = (int(group["sr_seed"]), int(group["sr_count"]))
         elif group.get("kahan_sum"):
@@ -134,41 +148,19 @@ class LowPrecisionWeights:
                 options["compensation"] = [self.state[p][KAHAN_COMP] for p in params]  # type: ignore[attr-defined]
         return options
 
-    def _advance_group(self, group: dict) -> None:
-        super()._advance_group(group)  # type: ignore[misc]
-        if group.get("bf16_stochastic_round"):
-            group["sr_count"] = int(group["sr_count"]) + 1
-
-    def _fast_step(self, group: dict, cache: Any) -> bool:
-        check_low_precision(type(self).__name__, group)
-        if not super()._fast_step(group, cache):  # type: ignore[misc]
-            return False
-        self._advance_group(group)
-        return True
-
-    def _list_step(self, group: dict, params: list, grads: list) -> bool:
-        check_low_precision(type(self).__name__, group)
+    def _prepare_state(self, group: dict, params: list) -> None:
         state = self.state  # type: ignore[attr-defined]
-        fresh = []
         if group.get("kahan_sum"):
             for p in params:
                 if KAHAN_COMP not in state[p]:
                     state[p][KAHAN_COMP] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    fresh.append(p)
         if group.get("state_dtype") == torch.bfloat16:
-            # Fresh (torch made it like the parameter) or loaded (torch cast it to the parameter's dtype).
             arrays, _ = _core.layout(self.KIND, self._hyper(group))  # type: ignore[attr-defined]
             for p in params:
                 for key in arrays:
                     value = state[p].get(key)
                     if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.is_floating_point():
                         state[p][key] = value.to(torch.bfloat16)
-        if not super()._list_step(group, params, grads):  # type: ignore[misc]
-            for p in fresh:
-                state[p].pop(KAHAN_COMP, None)
-            return False
-        self._advance_group(group)
-        return True
 
     def _torch_step(self, group: dict) -> None:
         for option in (*_OPTIONS, "state_dtype"):

@@ -160,12 +160,7 @@ unsafe fn apply_columns<K: Elementwise>(
     slot: usize,
     range: std::ops::Range<usize>,
 ) {
-    let at = Narrowing {
-        rounding: exec.rounding,
-        backend: exec.backend,
-        slot,
-        start: range.start,
-    };
+    let at = Narrowing::new(exec, slot, range.start);
     // SAFETY: disjointness is the caller's.
     unsafe {
         batch.with_compensation_slice(slot, range.clone(), |comp| {
@@ -307,12 +302,7 @@ unsafe fn apply_range<K: Elementwise>(
     range: std::ops::Range<usize>,
 ) {
     let backend = exec.backend;
-    let at = Narrowing {
-        rounding: exec.rounding,
-        backend,
-        slot,
-        start: range.start,
-    };
+    let at = Narrowing::new(exec, slot, range.start);
     // SAFETY (each arm): T matches the slot's dtype; disjointness is the caller's.
     unsafe {
         match batch.slot(slot).dtype {
@@ -342,6 +332,17 @@ struct Narrowing {
     slot: usize,
     /// The slot element the work item starts at.
     start: usize,
+}
+
+impl Narrowing {
+    fn new(exec: Exec, slot: usize, start: usize) -> Narrowing {
+        Narrowing {
+            rounding: exec.rounding,
+            backend: exec.backend,
+            slot,
+            start,
+        }
+    }
 }
 
 /// A 16-bit float stored in memory and computed in f32.
