@@ -188,6 +188,34 @@ impl_lanes!(
             }
         }
         #[inline(always)]
+        unsafe fn widen_bf16(self, src: *const u16) -> __m256 {
+            // SAFETY: see the module note; `src` holds 8 u16 (caller).
+            unsafe {
+                let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(src as *const __m128i));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+            }
+        }
+        #[inline(always)]
+        unsafe fn narrow_bf16_nearest(self, x: __m256, out: *mut u16) {
+            // SAFETY: see the module note; `out` holds 8 u16 (caller).
+            unsafe {
+                let bits = _mm256_castps_si256(x);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+                let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                    bits,
+                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
+                ));
+                let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                let halves = _mm256_blendv_epi8(rounded, quiet, nan);
+                let packed = _mm_packus_epi32(
+                    _mm256_castsi256_si128(halves),
+                    _mm256_extracti128_si256::<1>(halves),
+                );
+                _mm_storeu_si128(out as *mut __m128i, packed);
+            }
+        }
+        #[inline(always)]
         unsafe fn narrow_bf16_stochastic(
             self,
             x: __m256,
@@ -351,6 +379,30 @@ impl_lanes!(
                     *lane = *book.values.get_unchecked(*codes.add(i) as usize);
                 }
                 _mm512_mul_ps(_mm512_loadu_ps(lanes.as_ptr()), _mm512_set1_ps(scale))
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_bf16(self, src: *const u16) -> __m512 {
+            // SAFETY: see the module note; `src` holds 16 u16 (caller).
+            unsafe {
+                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+            }
+        }
+        #[inline(always)]
+        unsafe fn narrow_bf16_nearest(self, x: __m512, out: *mut u16) {
+            // SAFETY: see the module note; `out` holds 16 u16 (caller).
+            unsafe {
+                let bits = _mm512_castps_si512(x);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                    bits,
+                    _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
+                ));
+                let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                let halves = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
             }
         }
         #[inline(always)]
