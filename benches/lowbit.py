@@ -1,11 +1,18 @@
 #!/usr/bin/env python3
-"""8-bit AdamW against fp32 AdamW: one ``step()`` on GPT-2-small shapes.
+"""Fewer bytes per step: 8-bit state, bf16 state and bf16 weights against
+fp32 AdamW, one ``step()`` on GPT-2-small shapes.
 
-Contenders, each owning its parameters and state, all fp32 weights:
-torch ``AdamW(fused=True)`` (the reference of every ratio), ``oxoptim.AdamW``,
-``oxoptim.AdamW8bit``, and, when they import and run on this CPU,
-``bitsandbytes.optim.AdamW8bit`` and ``torchao.optim.AdamW8bit`` (their
-error is reported otherwise). Before every step each parameter gets a fresh
+Contenders, each owning its parameters and state: torch
+``AdamW(fused=True)`` with fp32 weights (the reference of every ratio);
+``oxoptim.AdamW``, ``AdamW8bit`` and ``AdamW(state_dtype=torch.bfloat16)``
+with fp32 weights; bf16 weights without an fp32 master copy:
+``oxoptim.AdamW(bf16_stochastic_round=True)``,
+``oxoptim.AdamW8bit(bf16_stochastic_round=True)``,
+``oxoptim.AdamW(kahan_sum=True)``; and, when they import and run on this
+CPU, ``bitsandbytes.optim.AdamW8bit``, ``torchao.optim.AdamW8bit``,
+``torchao.optim._AdamW(bf16_stochastic_round=True)`` and
+``optimi.AdamW(kahan_sum=True)`` (their error is reported otherwise). The
+weights column says which dtype each contender's parameters have. Before every step each parameter gets a fresh
 gradient tensor (a copy made outside the timer, at a new address). Each
 round times every contender for ``--steps`` steps, starting contender
 rotating; reported: median ms per step over rounds with min–max, and the
@@ -19,6 +26,7 @@ GPT-2 small (124.4M parameters, 148 tensors): wte 50257×768, wpe 1024×768,
 
     python benches/lowbit.py                   # full: 7 rounds of 5 steps
     python benches/lowbit.py --rounds 2 --steps 2 --scale 0.1   # quick check
+    python benches/lowbit.py --only "AdamW8bit|bf16"            # contenders whose name matches
 
 No timing assertions: this is a measurement. Writes markdown to ``--out``
 (default benches/results/lowbit.md).
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,13 +68,41 @@ def _torchao(params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return AdamW8bit(params, lr=1e-3)
 
 
+def _torchao_sr(params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    from torchao.optim import _AdamW
+
+    return _AdamW(params, lr=1e-3, bf16_stochastic_round=True)
+
+
+def _optimi_kahan(params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import optimi
+
+    return optimi.AdamW(params, lr=1e-3, kahan_sum=True)
+
+
+#: Contenders whose parameters are bfloat16 (the others' are float32).
+BF16_WEIGHTS = {
+    "oxoptim AdamW bf16 weights + SR",
+    "oxoptim AdamW8bit bf16 weights + SR",
+    "oxoptim AdamW bf16 weights + Kahan",
+    "torchao _AdamW bf16 weights + SR",
+    "torch-optimi AdamW bf16 weights + Kahan",
+}
+
+
 def contenders() -> Dict[str, Build]:
     return {
         REFERENCE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "oxoptim AdamW": lambda ps: oxoptim.AdamW(ps, lr=1e-3),
         "oxoptim AdamW8bit": lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3),
+        "oxoptim AdamW bf16 state": lambda ps: oxoptim.AdamW(ps, lr=1e-3, state_dtype=torch.bfloat16),
+        "oxoptim AdamW bf16 weights + SR": lambda ps: oxoptim.AdamW(ps, lr=1e-3, bf16_stochastic_round=True),
+        "oxoptim AdamW8bit bf16 weights + SR": lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True),
+        "oxoptim AdamW bf16 weights + Kahan": lambda ps: oxoptim.AdamW(ps, lr=1e-3, kahan_sum=True),
         "bitsandbytes AdamW8bit": _bitsandbytes,
         "torchao AdamW8bit": _torchao,
+        "torchao _AdamW bf16 weights + SR": _torchao_sr,
+        "torch-optimi AdamW bf16 weights + Kahan": _optimi_kahan,
     }
 
 
@@ -88,8 +125,9 @@ class Runner:
     def __init__(self, name: str, build: Build, shapes: List[Shape], grads: List[torch.Tensor]) -> None:
         gen = torch.Generator().manual_seed(1)
         self.name = name
-        self.params = [torch.nn.Parameter(torch.empty(s).uniform_(-0.1, 0.1, generator=gen)) for s in shapes]
-        self.grads = grads
+        self.dtype = torch.bfloat16 if name in BF16_WEIGHTS else torch.float32
+        self.params = [torch.nn.Parameter(torch.empty(s).uniform_(-0.1, 0.1, generator=gen).to(self.dtype)) for s in shapes]
+        self.grads = grads if self.dtype == torch.float32 else [g.to(self.dtype) for g in grads]
         self.opt = build(self.params)
         self.step(1)  # untimed: creates the state
         self.state_bytes = state_bytes(self.opt)
@@ -115,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="steps per contender per round")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of GPT-2's vocabulary rows and blocks (quick checks)")
     ap.add_argument("--note", default="", help="a line added to the report (e.g. how busy the machine was)")
+    ap.add_argument("--only", default="", help="a regular expression: only contenders whose name matches (the reference always runs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lowbit.md")
     args = ap.parse_args(argv)
 
@@ -127,6 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runners: List[Runner] = []
     failed: Dict[str, str] = {}
     for name, build in contenders().items():
+        if args.only and name != REFERENCE and not re.search(args.only, name):
+            continue
         try:
             runners.append(Runner(name, build, shapes, grads))
         except Exception as e:  # a contender that does not import or run on this CPU
@@ -141,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ref = next((x for x in runners if x.name == REFERENCE), None)
     lines = [
-        "# 8-bit AdamW, one step on GPT-2-small shapes",
+        "# 8-bit and bf16 AdamW, one step on GPT-2-small shapes",
         "",
         f"{machine_line()}; {torch.get_num_threads()} threads; torch {torch.__version__}; oxoptim {oxoptim.__version__} ({oxoptim.simd_backend()})",
         f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters (scale {args.scale}); fresh gradients every step; "
@@ -149,15 +190,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         *([args.note] if args.note else []),
         f"Load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
         "",
-        f"| optimizer | ms/step | speed-up vs {REFERENCE} | state bytes/param |",
-        "|---|---|---|---|",
+        f"| optimizer | weights | ms/step | speed-up vs {REFERENCE} | state bytes/param |",
+        "|---|---|---|---|---|",
     ]
     for x in runners:
         ms = [t * 1e3 for t in x.times]
         ratio = spread(*ratio_rounds(ref.times, x.times)) if ref is not None else "n/a"
-        lines.append(f"| {x.name} | {spread(min(ms), median(ms), max(ms), '')} | {ratio} | {x.state_bytes / n_params:.3f} |")
+        weights = "bf16" if x.dtype == torch.bfloat16 else "fp32"
+        lines.append(f"| {x.name} | {weights} | {spread(min(ms), median(ms), max(ms), '')} | {ratio} | {x.state_bytes / n_params:.3f} |")
     for name, err in failed.items():
-        lines.append(f"| {name} | failed: {err} | | |")
+        lines.append(f"| {name} | failed: {err} | | | |")
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -314,3 +314,9 @@ def test_lowbit_counts_state_bytes_and_reports_every_contender(tmp_path, monkeyp
     assert lowbit.main(["--rounds", "1", "--steps", "1", "--scale", "0.01", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| oxoptim AdamW8bit |" in text and "| missing | failed: ImportError: no such package |" in text
+    # bf16-weight contenders get bfloat16 parameters and gradients; --only picks contenders.
+    sr = "oxoptim AdamW bf16 weights + SR"
+    monkeypatch.setattr(lowbit, "contenders", lambda: {lowbit.REFERENCE: lambda ps: torch.optim.AdamW(ps, fused=True), sr: lambda ps: oxoptim.AdamW(ps, bf16_stochastic_round=True), "skipped": broken})
+    assert lowbit.main(["--rounds", "1", "--steps", "1", "--scale", "0.01", "--only", "SR", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"| {sr} | bf16 |" in text and "skipped" not in text

@@ -366,12 +366,12 @@ def test_bad_input_leaves_parameters_and_state_unchanged() -> None:
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
     assert _same(_snapshot(params, opt), before) and not opt.state.get(extra)
-    # 8-bit state needs float32 CPU parameters: a bfloat16 one is refused before any write.
-    half = torch.nn.Parameter(torch.randn(5000, dtype=torch.bfloat16))
+    # 8-bit state needs float32 or bfloat16 CPU parameters: a float16 one is refused before any write.
+    half = torch.nn.Parameter(torch.randn(5000, dtype=torch.float16))
     mixed = oxoptim.AdamW8bit([params[1], half])
     params[1].grad, half.grad = _grad(params[1], 1), torch.ones_like(half)
     snap = params[1].detach().clone()
-    with pytest.raises(ValueError, match="float32 CPU parameters"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 CPU parameters"):
         mixed.step()
     assert torch.equal(params[1], snap) and not mixed.state
 

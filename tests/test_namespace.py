@@ -5,11 +5,13 @@ Rust-backed twins), and torch's schedulers, SWA utilities and base class."""
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import pytest
 import torch
 
 import oxoptim
+from oxoptim._lowprec import LowPrecisionWeights
 from oxoptim._twin import TorchTwin
 
 TORCH_OPTIMIZERS = sorted(
@@ -34,6 +36,9 @@ def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
     assert issubclass(ours, TorchTwin) and issubclass(ours, theirs)
     expected = list(inspect.signature(theirs).parameters.values())
     expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    if issubclass(ours, LowPrecisionWeights):  # bfloat16 weights: stochastic rounding or Kahan summation
+        expected += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for k in ("bf16_stochastic_round", "kahan_sum")]
+        expected.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.dtype]))
     assert list(inspect.signature(ours).parameters.values()) == expected
 
 

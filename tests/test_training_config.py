@@ -74,6 +74,8 @@ BAD = [
     ('batch_size = 32', 'batch_size = 0', ["stage 'last'", "batch_size"]),
     ('batch_size = 32', 'batch_size = "half"', ["stage 'last'", "batch_size", "'half'"]),
     ('lr_schedule = "cosine"', 'grad_clip = 0', ["grad_clip"]),
+    ('lr_schedule = "cosine"', 'param_dtype = "float16"', ["param_dtype", "'float16'", "bfloat16, float32"]),
+    ('lr_schedule = "cosine"', 'stochastic_rounding = true', ["stochastic_rounding", 'param_dtype = "bfloat16"']),
     ('lr_schedule = "cosine"', 'adversarial = -1', ["adversarial"]),
     ('lr_schedule = "cosine"', 'average = "ema"\naverage_decay = 1.5', ["average_decay", "1.5"]),
     ('patience = 2 }', 'patience = -1 }', ["early_stop", "patience", "-1"]),

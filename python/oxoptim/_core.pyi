@@ -50,6 +50,9 @@ def step(
     *,
     num_threads: int = 1,
     backend: Optional[str] = None,
+    stochastic_round: Optional[tuple[int, int]] = None,
+    compensation: Optional[list[torch.Tensor]] = None,
+    bf16_state: bool = False,
 ) -> bool: ...
 def group_step(
     kind: str,
@@ -59,6 +62,9 @@ def group_step(
     hyper: dict[str, Any],
     *,
     num_threads: int = 1,
+    stochastic_round: Optional[tuple[int, int]] = None,
+    kahan: bool = False,
+    bf16_state: bool = False,
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...

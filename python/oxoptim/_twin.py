@@ -151,7 +151,8 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
         state = self.state  # type: ignore[attr-defined]
-        return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads())
+        options = self._native_options(group, None)
+        return _core.group_step(self.KIND, group["params"], state, cache, self._hyper(group), num_threads=num_threads(), **options)
 
     def _general_step(self, group: dict, native: bool) -> None:
         if native:
@@ -175,13 +176,20 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
     def _list_step(self, group: dict, params: list, grads: list) -> bool:
         hyper = self._hyper(group)
         arrays, scalars = _core.layout(self.KIND, hyper)
+        options = self._native_options(group, params)  # may convert or add state first
         entries = [self.state.get(p, {}) for p in params]  # type: ignore[attr-defined]
         try:
             state = [[entry[key] for entry in entries] for key in arrays]
             cells = [[entry[key] for entry in entries] for key in scalars]
         except KeyError:
             return False  # state torch creates on first use
-        return _core.step(self.KIND, params, grads, state, cells, hyper, num_threads=num_threads())
+        return _core.step(self.KIND, params, grads, state, cells, hyper, num_threads=num_threads(), **options)
+
+    def _native_options(self, group: dict, params: Optional[list]) -> dict:
+        """Extra keyword arguments of the group's native call (``_core.group_step`` when
+        ``params`` is None, else ``_core.step`` on ``params``, whose state it may prepare):
+        how bfloat16 weights and state are stored."""
+        return {}
 
     def _torch_step(self, group: dict) -> None:
         self._reference_step(group)

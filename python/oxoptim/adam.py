@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._lowprec import LowPrecisionWeights
 from ._twin import TorchTwin
 
 __all__ = ["Adam", "AdamW"]
@@ -19,10 +20,16 @@ _NATIVE_NOTE = """
     ``lr``/``betas`` (torch computes the bias corrections in the tensor's
     dtype) — run torch's own implementation (honouring ``foreach``/``fused``),
     so the optimizer never breaks and matches torch's numbers.
+
+    bfloat16 weights without an fp32 master copy: ``bf16_stochastic_round=True``
+    stores each updated weight with unbiased stochastic rounding (as torchao's
+    ``_AdamW``), ``kahan_sum=True`` with a bfloat16 Kahan compensation
+    buffer (state entry ``kahan_comp``, as torch-optimi); both keyword-only,
+    default False, bfloat16 parameters only, native path only.
 """
 
 
-class Adam(TorchTwin, torch.optim.Adam, kind="adam"):
+class Adam(LowPrecisionWeights, TorchTwin, torch.optim.Adam, kind="adam"):
     __doc__ = (
         """Drop-in ``torch.optim.Adam`` whose CPU update runs in Rust SIMD.
 

@@ -9,6 +9,7 @@ import torch
 
 from . import _blockwise as bw
 from . import _core
+from ._lowprec import check_low_precision, draw_seed
 from ._native import evaluate_closure, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
@@ -16,6 +17,9 @@ __all__ = ["Adam8bit", "AdamW8bit"]
 # torch AdamW's group flags, written into a dequantised state dict.
 _TORCH_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}
 _EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+_PARAM_DTYPES = (torch.float32, torch.bfloat16)
+# Keeps the random bits of the fp32-state call apart from the 8-bit call's.
+_FP32_SALT = 0x5BD1_E995
 
 
 class Adam8bit(torch.optim.Optimizer):
@@ -38,7 +42,12 @@ class Adam8bit(torch.optim.Optimizer):
     to it and quantises it back (nearest code), one pass per block, split
     across ``torch.get_num_threads()`` threads by whole blocks: results are
     bit-identical whatever the thread count. 8-bit state needs dense
-    float32 CPU parameters.
+    float32 or bfloat16 CPU parameters; bfloat16 ones are computed in
+    float32 and stored back rounded to nearest, or, with the keyword-only
+    ``bf16_stochastic_round=True`` (as torchao's), with unbiased stochastic
+    rounding (see :class:`oxoptim.AdamW`; ``sr_seed`` and ``sr_count`` live
+    in the parameter group and resume bit for bit). Kahan summation is not
+    offered with 8-bit state.
 
     Weight decay is torch's: ``Adam8bit`` adds ``weight_decay * param`` to
     the gradient (as ``torch.optim.Adam``), ``AdamW8bit`` decays the
@@ -64,12 +73,24 @@ class Adam8bit(torch.optim.Optimizer):
         amsgrad: bool = False,
         *,
         min_8bit_size: int = 4096,
+        bf16_stochastic_round: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
+        # Only when set: default state dicts stay as they were.
+        defaults.update({k: True for k, v in (("bf16_stochastic_round", bf16_stochastic_round), ("kahan_sum", kahan_sum)) if v})
         self._check_group(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_low_precision(type(self).__name__, group)
+        if group.get("bf16_stochastic_round"):
+            group.setdefault("sr_seed", draw_seed())
+            group.setdefault("sr_count", 0)
 
     def _check_group(self, group: dict) -> None:
         """torch Adam's checks and messages (NaN rejected too), then the 8-bit ones."""
@@ -90,6 +111,9 @@ class Adam8bit(torch.optim.Optimizer):
             raise ValueError(f"{name}: amsgrad=True is not supported with 8-bit state (bitsandbytes has none either); use oxoptim.Adam(amsgrad=True)")
         if group.get("maximize", False):
             raise ValueError(f"{name}: maximize=True is not supported with 8-bit state")
+        if group.get("kahan_sum", False):
+            raise ValueError(f"{name}: kahan_sum=True is not available with 8-bit state; use bf16_stochastic_round=True")
+
         size = group["min_8bit_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"Invalid min_8bit_size: {size!r} (a non-negative int)")
@@ -118,13 +142,23 @@ class Adam8bit(torch.optim.Optimizer):
             self.state.update(fresh)
             self._step_8bit(group, eight)
             self._step_fp32(group, full)
+            if group.get("bf16_stochastic_round"):
+                group["sr_count"] = int(group["sr_count"]) + 1
         return loss
+
+    @staticmethod
+    def _rounding(group: dict, salt: int = 0) -> dict:
+        """The native call's stochastic rounding stream (``salt`` tells the 8-bit and fp32-state calls apart)."""
+        if not group.get("bf16_stochastic_round"):
+            return {}
+        return {"stochastic_round": (int(group["sr_seed"]) ^ salt, int(group["sr_count"]))}
 
     def _plan(self, group: dict) -> tuple[dict, list, list]:
         """The group's parameters with gradients, split by state kind, with
         their fresh state (not yet stored); raises on anything the step cannot take."""
         self._check_group(group)
         name = type(self).__name__
+        check_low_precision(name, group)
         fresh: dict = {}
         eight: list = []
         full: list = []
@@ -143,8 +177,8 @@ class Adam8bit(torch.optim.Optimizer):
             else:
                 bw.check_entry(f"{name}: state of parameter {i}", entry, p)
             if bw.is_8bit(entry):
-                if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
-                    raise ValueError(f"{name}: 8-bit state needs dense contiguous float32 CPU parameters; parameter {i} is {p.dtype} on {p.device}")
+                if p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES or not p.is_contiguous():
+                    raise ValueError(f"{name}: 8-bit state needs dense contiguous float32 or bfloat16 CPU parameters; parameter {i} is {p.dtype} on {p.device}")
                 if any(entry[k].device.type != "cpu" or not entry[k].is_contiguous() for k in _EIGHT_BIT_KEYS):
                     raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
                 eight.append((p, entry))
@@ -155,9 +189,9 @@ class Adam8bit(torch.optim.Optimizer):
     def _fresh_state(self, p: torch.Tensor, min_8bit_size: int) -> dict:
         entry: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
         if p.numel() >= min_8bit_size:
-            if p.device.type != "cpu" or p.dtype != torch.float32:
+            if p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES:
                 raise ValueError(
-                    f"{type(self).__name__}: 8-bit state needs float32 CPU parameters, got {p.dtype} on {p.device} "
+                    f"{type(self).__name__}: 8-bit state needs float32 or bfloat16 CPU parameters, got {p.dtype} on {p.device} "
                     f"({p.numel()} elements >= min_8bit_size={min_8bit_size})"
                 )
             for moment in bw.SIGNED:
@@ -174,7 +208,7 @@ class Adam8bit(torch.optim.Optimizer):
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         state = [[entry[k] for _, entry in eight] for k in _EIGHT_BIT_KEYS]
         steps = [[entry["step"] for _, entry in eight]]
-        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads()):
+        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads(), **self._rounding(group)):
             raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype")
 
     def _step_fp32(self, group: dict, full: list) -> None:
@@ -187,8 +221,10 @@ class Adam8bit(torch.optim.Optimizer):
         steps = [entry["step"] for _, entry in full]
         hyper = self._hyper(group)
         adam_hyper = {**hyper, "amsgrad": False, "maximize": False}
-        if _core.step("adam", params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads()):
+        if _core.step("adam", params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads(), **self._rounding(group, _FP32_SALT)):
             return
+        if group.get("bf16_stochastic_round"):
+            raise ValueError(f"{type(self).__name__}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory")
         beta1, beta2 = hyper["betas"]
         torch.optim.adam.adam(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
@@ -238,7 +274,7 @@ class Adam8bit(torch.optim.Optimizer):
                     continue
                 entry = dict(entry)
                 entry["step"] = bw.step_tensor(entry["step"])
-                if not bw.is_8bit(entry) and p.numel() >= merged["min_8bit_size"] and p.dtype == torch.float32 and p.device.type == "cpu":
+                if not bw.is_8bit(entry) and p.numel() >= merged["min_8bit_size"] and p.dtype in _PARAM_DTYPES and p.device.type == "cpu":
                     for moment in bw.SIGNED:
                         entry.update(bw.quantize(entry[moment], moment))
                 new_state[key] = entry
@@ -290,6 +326,11 @@ class AdamW8bit(Adam8bit):
         amsgrad: bool = False,
         *,
         min_8bit_size: int = 4096,
+        bf16_stochastic_round: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, min_8bit_size=min_8bit_size)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad,
+            min_8bit_size=min_8bit_size, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum,
+        )  # fmt: skip
 

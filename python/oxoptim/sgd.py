@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ._lowprec import LowPrecisionWeights
 from ._twin import TorchTwin
 
 __all__ = ["SGD"]
 
 
-class SGD(TorchTwin, torch.optim.SGD, kind="sgd"):
+class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
     """Drop-in ``torch.optim.SGD`` whose CPU update runs in Rust SIMD.
 
     Same signature, defaults, validation errors and ``state_dict`` layout

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .stages import Stage, build_optimizer
+from .stages import Stage, build_optimizer, set_param_dtype
 
 __all__ = ["Phase", "layer_groups"]
 
@@ -57,6 +57,7 @@ class Phase:
     @classmethod
     def _build(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
                carried: Optional[dict] = None) -> "Phase":
+        set_param_dtype(model, stage.param_dtype)  # before the optimizer sees the parameters
         if stage.per_layer or hasattr(model, "layer_groups"):
             groups, factors = layer_groups(stage, model)
             params = [p for g in groups for p in g]

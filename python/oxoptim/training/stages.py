@@ -13,7 +13,7 @@ from .errors import choices, integer, number, unknown_name
 from .rules import Trial, make_rule
 
 __all__ = ["Stage", "LRSchedule", "make_schedule", "resolve_optimizer", "optimizer_arguments", "OPTIMIZERS",
-           "STAGE_KEYS"]
+           "STAGE_KEYS", "PARAM_DTYPES", "set_param_dtype"]
 
 # Names a stage can give for its optimizer; the classes are looked up lazily on ``oxoptim``.
 # Every optimizer that steps without a closure on dense gradients (LBFGS needs a
@@ -42,7 +42,9 @@ OPTIMIZERS = {
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
               "layer_lr_decay", "continue_optimizer", "accumulate", "step_in_backward", "accumulation",
-              "grad_clip_mode")
+              "grad_clip_mode", "param_dtype", "stochastic_rounding")
+# Names a stage can give for its parameters' dtype (None: leave the model's as it is).
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
 CLIP_MODES = ("global", "per_parameter", "previous_norm")
@@ -161,6 +163,12 @@ class Stage:
         continue_optimizer: start from the optimizer state (moments, step counts) the previous
             stage ended with, under this stage's settings: one optimizer run through stages that
             only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters.
+        param_dtype: ``"float32"`` or ``"bfloat16"``: the model's floating parameters are cast to
+            it when the stage starts (its inputs cast to it, its outputs back to float32, so
+            losses and metrics stay float32); unset: the model keeps its dtype.
+        stochastic_rounding: with ``param_dtype = "bfloat16"``, the optimizer stores each updated
+            weight with unbiased stochastic rounding (``bf16_stochastic_round=True``: AdamW, Adam,
+            SGD, AdamW8bit, Adam8bit) instead of rounding to nearest.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -188,6 +196,8 @@ class Stage:
     step_in_backward: bool = False
     accumulation: str = "gradient"
     grad_clip_mode: str = "global"
+    param_dtype: Optional[str] = None
+    stochastic_rounding: bool = False
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -212,6 +222,8 @@ class Stage:
         step_in_backward: bool = False,
         accumulation: str = "gradient",
         grad_clip_mode: str = "global",
+        param_dtype: Optional[str] = None,
+        stochastic_rounding: bool = False,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -252,6 +264,14 @@ class Stage:
             self.accumulation = choices_of("accumulation", accumulation, ACCUMULATIONS)
             self.grad_clip_mode = choices_of("grad_clip_mode", grad_clip_mode, CLIP_MODES)
             self._check_backward_options()
+            if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+                raise ValueError(unknown_name("param_dtype", param_dtype, PARAM_DTYPES))
+            self.param_dtype = param_dtype
+            if not isinstance(stochastic_rounding, bool):
+                raise ValueError(f"stochastic_rounding must be true or false, not {stochastic_rounding!r}")
+            if stochastic_rounding and param_dtype != "bfloat16":
+                raise ValueError('stochastic_rounding = true needs param_dtype = "bfloat16"')
+            self.stochastic_rounding = stochastic_rounding
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
@@ -302,6 +322,9 @@ class Stage:
                 raise ValueError(f"trial epochs ({trial.epochs}) must be < stage epochs ({self.epochs})")
             cls = resolve_optimizer(self.optimizer)
             names = optimizer_arguments(cls)
+            if self.stochastic_rounding and names is not None and "bf16_stochastic_round" not in names:
+                takers = sorted(k for k, v in OPTIMIZERS.items() if v in ("SGD", "Adam", "AdamW", "Adam8bit", "AdamW8bit"))
+                raise ValueError(f"stochastic_rounding = true needs an optimizer that rounds stochastically: {', '.join(takers)}")
             for key in self.optimizer_kwargs:
                 if names is not None and key not in names:
                     listing = f"{choices(STAGE_KEYS)}; {self._optimizer_name()} arguments: {choices(names)}"
@@ -310,9 +333,10 @@ class Stage:
                 for key in overrides:
                     if names is not None and key not in names:
                         raise ValueError("trial: " + unknown_name("optimizer argument", key, names))
-                kwargs = {**self.optimizer_kwargs, **overrides}
+                kwargs = {**self.optimizer_kwargs, **self.rounding_kwargs(), **overrides}
+                dtype = PARAM_DTYPES[self.param_dtype or "float32"]
                 try:
-                    opt = cls([torch.zeros(1, requires_grad=True)], **kwargs)
+                    opt = cls([torch.zeros(1, dtype=dtype, requires_grad=True)], **kwargs)
                     if self.step_in_backward:  # its own checks: a Rust-backed optimizer, the options
                         from oxoptim.backward import StepInBackward
 
@@ -324,6 +348,10 @@ class Stage:
                     raise ValueError(f"{where}{call}: {e}") from e
         except ValueError as e:
             raise ValueError(f"stage {self.name!r}: {e}") from e
+
+    def rounding_kwargs(self) -> Dict[str, Any]:
+        """The optimizer arguments ``stochastic_rounding`` stands for."""
+        return {"bf16_stochastic_round": True} if self.stochastic_rounding else {}
 
     def _optimizer_name(self) -> str:
         return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
@@ -356,7 +384,9 @@ class Stage:
             f", layer LR decay {self.layer_lr_decay:g}" if self.layer_lr_decay != 1.0 else "") + (
             ", continues the optimizer" if self.continue_optimizer else "") + (
             f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else "") + (
-            ", step in backward" if self.step_in_backward else "")
+            ", step in backward" if self.step_in_backward else "") + (
+            f", {self.param_dtype} weights" if self.param_dtype else "") + (
+            " with stochastic rounding" if self.stochastic_rounding else "")
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:
@@ -381,9 +411,35 @@ def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None,
     """The stage's optimizer over ``params`` (a list, or parameter groups with ``lr_factors``: each
     group's LR is the stage's LR times its factor)."""
     cls = resolve_optimizer(stage.optimizer)
-    kwargs = dict(stage.optimizer_kwargs)
+    kwargs = {**stage.optimizer_kwargs, **stage.rounding_kwargs()}
     kwargs.update(overrides or {})
     opt = cls(params, **kwargs)
     for group, f in zip(opt.param_groups, lr_factors or []):
         group["lr"] = group["lr"] * f
     return opt
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def set_param_dtype(model: torch.nn.Module, name: Optional[str]) -> None:
+    """Casts the model's floating parameters and buffers to ``PARAM_DTYPES[name]`` (None: leaves
+    them); a non-float32 model gets its floating inputs cast to that dtype and its floating
+    outputs back to float32, so the data and the loss need not know."""
+    if name is None:
+        return
+    dtype = PARAM_DTYPES[name]
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)
+    for handle in model.__dict__.pop("_oxoptim_dtype_hooks", []):
+        handle.remove()
+    if dtype != torch.float32:
+        model.__dict__["_oxoptim_dtype_hooks"] = [
+            model.register_forward_pre_hook(lambda module, args: _cast_floats(args, dtype)),
+            model.register_forward_hook(lambda module, args, out: _cast_floats(out, torch.float32)),
+        ]

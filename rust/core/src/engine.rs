@@ -10,7 +10,8 @@
 //! bits whatever the split.
 
 use crate::dispatch::{Backend, Element};
-use crate::tensors::{Column, DType, TensorBatch, MAX_ARITY};
+use crate::rounding::{self, ParamRounding};
+use crate::tensors::{ArraySpec, Column, DType, TensorBatch, MAX_ARITY};
 use half::{bf16, f16};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,7 +22,7 @@ pub const CHUNK: usize = 1 << 15;
 /// Below this many elements in a call, threads cost more than they save.
 const PARALLEL_MIN: usize = 1 << 16;
 /// Elements per widened block for bf16/f16 (stays in L1 with 6 arrays).
-const HALF_BLOCK: usize = 256;
+const HALF_BLOCK: usize = 1024;
 
 /// An element-wise update of one slot's arrays, in batch arity order.
 pub trait Elementwise: Sync {
@@ -45,6 +46,14 @@ pub trait Blockwise: Sync {
     /// Updates the arrays of slot `slot` for a whole number of blocks (the
     /// last one possibly short), each array as a slice of its own dtype.
     fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
+
+    /// [`Blockwise::apply`] for the work item starting at parameter element
+    /// `start` of the slot (what the engine calls; kernels whose result
+    /// depends on the element index, such as stochastic rounding, override it).
+    fn apply_at(&self, backend: Backend, slot: usize, start: usize, columns: &mut [Column<'_>]) {
+        let _ = start;
+        self.apply(backend, slot, columns)
+    }
 }
 
 /// An update that needs a whole slot at once (reductions over rows, columns
@@ -54,19 +63,18 @@ pub trait PerSlot: Sync {
     fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]);
 }
 
-/// How a call runs: which instruction set and how many threads.
+/// How a call runs: which instruction set, how many threads, and how
+/// bfloat16 parameters are stored back after their f32 update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exec {
     pub backend: Backend,
     pub threads: usize,
+    pub rounding: ParamRounding,
 }
 
 impl Default for Exec {
     fn default() -> Self {
-        Exec {
-            backend: Backend::active(),
-            threads: 1,
-        }
+        Exec::new(Backend::active(), 1)
     }
 }
 
@@ -75,7 +83,12 @@ impl Exec {
         Exec {
             backend,
             threads: threads.max(1),
+            rounding: ParamRounding::Nearest,
         }
+    }
+
+    pub fn with_rounding(self, rounding: ParamRounding) -> Exec {
+        Exec { rounding, ..self }
     }
 }
 
@@ -124,15 +137,130 @@ pub(crate) fn for_each_item<T: Sync>(
 /// Runs `kernel` over every slot of `batch`.
 pub fn run<K: Elementwise>(kernel: &K, batch: &TensorBatch, exec: Exec) {
     let items = work_items(batch, CHUNK);
+    // State of another dtype than the parameter (bfloat16 state): every
+    // array is widened to f32 by its own dtype.
+    let mixed = batch.specs().iter().any(|s| *s != ArraySpec::LIKE_PARAM);
     for_each_item(
         &items,
         exec.threads,
         batch.total_len(),
         |&(slot, start, end)| {
-            // SAFETY: work items never overlap, and the slot's dtype picks T.
-            unsafe { apply_range(kernel, batch, exec.backend, slot, start..end) }
+            // SAFETY: work items never overlap, and the slot's dtype picks T
+            // (the columns carry their own dtypes).
+            unsafe {
+                if mixed {
+                    apply_columns(kernel, batch, exec, slot, start..end)
+                } else {
+                    apply_range(kernel, batch, exec, slot, start..end)
+                }
+            }
         },
     );
+}
+
+/// # Safety
+/// No concurrent call may cover an overlapping `(slot, range)`.
+unsafe fn apply_columns<K: Elementwise>(
+    kernel: &K,
+    batch: &TensorBatch,
+    exec: Exec,
+    slot: usize,
+    range: std::ops::Range<usize>,
+) {
+    let at = Narrowing::new(exec, slot, range.start);
+    // SAFETY: disjointness is the caller's.
+    unsafe {
+        batch.with_compensation_slice(slot, range.clone(), |comp| {
+            let comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
+            batch.with_columns(slot, range, |columns| {
+                widened_columns(kernel, at, columns, comp)
+            })
+        })
+    }
+}
+
+impl Column<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Column::F32(a) => a.len(),
+            Column::F64(a) => a.len(),
+            Column::BF16(a) => a.len(),
+            Column::F16(a) => a.len(),
+            Column::U8(a) => a.len(),
+        }
+    }
+
+    /// Elements `at..at + out.len()` as f32.
+    fn widen_into(&self, backend: Backend, at: usize, out: &mut [f32]) {
+        let range = at..at + out.len();
+        match self {
+            Column::F32(a) => out.copy_from_slice(&a[range]),
+            Column::BF16(a) => rounding::widen_bf16(backend, &a[range], out),
+            Column::F16(a) => out
+                .iter_mut()
+                .zip(&a[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            _ => unreachable!("state of another dtype pairs float32/bfloat16/float16 arrays only"),
+        }
+    }
+
+    /// Stores `src` into elements `at..`, rounded to nearest; the parameter
+    /// (array 0) with the call's rounding.
+    fn narrow_from(
+        &mut self,
+        backend: Backend,
+        at: usize,
+        src: &[f32],
+        param: Option<(Narrowing, Option<&mut [bf16]>)>,
+    ) {
+        let range = at..at + src.len();
+        match (self, param) {
+            (Column::F32(a), _) => a[range].copy_from_slice(src),
+            (Column::BF16(a), Some((narrowing, comp))) => {
+                bf16::narrow_param(src, &mut a[range], narrowing, at, comp)
+            }
+            (Column::BF16(a), None) => rounding::narrow_bf16(backend, src, &mut a[range]),
+            (Column::F16(a), _) => a[range]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = f16::from_f32(*s)),
+            _ => unreachable!("state of another dtype pairs float32/bfloat16/float16 arrays only"),
+        }
+    }
+}
+
+/// [`widened`] for arrays of several dtypes: each widened to f32 by its own.
+fn widened_columns<K: Elementwise>(
+    kernel: &K,
+    at: Narrowing,
+    columns: &mut [Column<'_>],
+    mut comp: Option<&mut [bf16]>,
+) {
+    let len = columns.first().map_or(0, Column::len);
+    let mut scratch = [[0f32; HALF_BLOCK]; MAX_ARITY];
+    let mut start = 0;
+    while start < len {
+        let n = HALF_BLOCK.min(len - start);
+        for (buf, column) in scratch.iter_mut().zip(columns.iter()) {
+            column.widen_into(at.backend, start, &mut buf[..n]);
+        }
+        {
+            let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
+            for (v, buf) in views.iter_mut().zip(scratch.iter_mut()) {
+                *v = &mut buf[..n];
+            }
+            kernel.apply::<f32>(at.backend, at.slot, &mut views[..columns.len()]);
+        }
+        for (k, (buf, column)) in scratch.iter().zip(columns.iter_mut()).enumerate() {
+            if !kernel.writes(k) {
+                continue;
+            }
+            let param =
+                (k == 0).then(|| (at, comp.as_deref_mut().map(|c| &mut c[start..start + n])));
+            column.narrow_from(at.backend, start, &buf[..n], param);
+        }
+        start += n;
+    }
 }
 
 /// Runs a block-wise `kernel` over every slot of `batch`, split at whole blocks.
@@ -148,7 +276,7 @@ pub fn run_blockwise<K: Blockwise>(kernel: &K, batch: &TensorBatch, exec: Exec) 
             // boundary (a multiple of `chunk`) and ends on one or at the end.
             unsafe {
                 batch.with_columns(slot, start..end, |columns| {
-                    kernel.apply(exec.backend, slot, columns)
+                    kernel.apply_at(exec.backend, slot, start, columns)
                 })
             }
         },
@@ -192,10 +320,12 @@ fn work_items(batch: &TensorBatch, chunk: usize) -> Vec<(usize, usize, usize)> {
 unsafe fn apply_range<K: Elementwise>(
     kernel: &K,
     batch: &TensorBatch,
-    backend: Backend,
+    exec: Exec,
     slot: usize,
     range: std::ops::Range<usize>,
 ) {
+    let backend = exec.backend;
+    let at = Narrowing::new(exec, slot, range.start);
     // SAFETY (each arm): T matches the slot's dtype; disjointness is the caller's.
     unsafe {
         match batch.slot(slot).dtype {
@@ -205,13 +335,35 @@ unsafe fn apply_range<K: Elementwise>(
             DType::F64 => {
                 batch.with_slices::<f64, _>(slot, range, |a| kernel.apply(backend, slot, a))
             }
-            DType::BF16 => {
-                batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, backend, slot, a))
-            }
+            DType::BF16 => batch.with_compensation_slice(slot, range.clone(), |comp| {
+                let comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
+                batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, at, a, comp))
+            }),
             DType::F16 => {
-                batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, backend, slot, a))
+                batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, at, a, None))
             }
             DType::U8 => unreachable!("TensorBatch refuses parameters that are not floats"),
+        }
+    }
+}
+
+/// Where a widened block lies and how its parameter is stored back.
+#[derive(Clone, Copy)]
+struct Narrowing {
+    rounding: ParamRounding,
+    backend: Backend,
+    slot: usize,
+    /// The slot element the work item starts at.
+    start: usize,
+}
+
+impl Narrowing {
+    fn new(exec: Exec, slot: usize, start: usize) -> Narrowing {
+        Narrowing {
+            rounding: exec.rounding,
+            backend: exec.backend,
+            slot,
+            start,
         }
     }
 }
@@ -220,6 +372,36 @@ unsafe fn apply_range<K: Elementwise>(
 pub(crate) trait HalfFloat: Copy {
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
+
+    /// `src` widened into `dst`.
+    fn widen_slice(backend: Backend, src: &[Self], dst: &mut [f32]) {
+        let _ = backend;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.widen();
+        }
+    }
+
+    /// `src` rounded to nearest into `dst`.
+    fn narrow_slice(backend: Backend, src: &[f32], dst: &mut [Self]) {
+        let _ = backend;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::narrow(*s);
+        }
+    }
+
+    /// Stores the updated parameter `src` into `dst` (elements `at.start +
+    /// offset ..` of the slot). Only bfloat16 takes a rounding other than
+    /// nearest ([`crate::optimizer::Entry::step`] refuses the rest).
+    fn narrow_param(
+        src: &[f32],
+        dst: &mut [Self],
+        at: Narrowing,
+        offset: usize,
+        comp: Option<&mut [bf16]>,
+    ) {
+        let _ = (offset, comp);
+        Self::narrow_slice(at.backend, src, dst)
+    }
 }
 
 impl HalfFloat for bf16 {
@@ -228,6 +410,36 @@ impl HalfFloat for bf16 {
     }
     fn narrow(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn widen_slice(backend: Backend, src: &[Self], dst: &mut [f32]) {
+        rounding::widen_bf16(backend, src, dst)
+    }
+    fn narrow_slice(backend: Backend, src: &[f32], dst: &mut [Self]) {
+        rounding::narrow_bf16(backend, src, dst)
+    }
+    fn narrow_param(
+        src: &[f32],
+        dst: &mut [Self],
+        at: Narrowing,
+        offset: usize,
+        comp: Option<&mut [bf16]>,
+    ) {
+        match (at.rounding, comp) {
+            (ParamRounding::Kahan, Some(comp)) => {
+                for ((d, c), s) in dst.iter_mut().zip(comp.iter_mut()).zip(src) {
+                    (*d, *c) = rounding::kahan_bf16(d.to_f32(), *s, c.to_f32());
+                }
+            }
+            (ParamRounding::Stochastic { seed, count }, _) => rounding::narrow_stochastic(
+                at.backend,
+                src,
+                dst,
+                at.start + offset,
+                (seed, count),
+                at.slot,
+            ),
+            _ => rounding::narrow_bf16(at.backend, src, dst),
+        }
     }
 }
 
@@ -243,19 +455,18 @@ impl HalfFloat for f16 {
 /// Runs the f32 kernel on widened copies of half-precision arrays.
 fn widened<H: HalfFloat, K: Elementwise>(
     kernel: &K,
-    backend: Backend,
-    slot: usize,
+    at: Narrowing,
     arrays: &mut [&mut [H]],
+    mut comp: Option<&mut [bf16]>,
 ) {
+    let (backend, slot) = (at.backend, at.slot);
     let len = arrays.first().map_or(0, |a| a.len());
     let mut scratch = [[0f32; HALF_BLOCK]; MAX_ARITY];
     let mut start = 0;
     while start < len {
         let n = HALF_BLOCK.min(len - start);
         for (buf, src) in scratch.iter_mut().zip(arrays.iter()) {
-            for (d, s) in buf[..n].iter_mut().zip(&src[start..start + n]) {
-                *d = s.widen();
-            }
+            H::widen_slice(backend, &src[start..start + n], &mut buf[..n]);
         }
         {
             let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
@@ -265,10 +476,14 @@ fn widened<H: HalfFloat, K: Elementwise>(
             kernel.apply::<f32>(backend, slot, &mut views[..arrays.len()]);
         }
         for (k, (buf, dst)) in scratch.iter().zip(arrays.iter_mut()).enumerate() {
-            if kernel.writes(k) {
-                for (d, s) in dst[start..start + n].iter_mut().zip(&buf[..n]) {
-                    *d = H::narrow(*s);
-                }
+            if !kernel.writes(k) {
+                continue;
+            }
+            if k == 0 {
+                let comp = comp.as_deref_mut().map(|c| &mut c[start..start + n]);
+                H::narrow_param(&buf[..n], &mut dst[start..start + n], at, start, comp);
+            } else {
+                H::narrow_slice(backend, &buf[..n], &mut dst[start..start + n]);
             }
         }
         start += n;

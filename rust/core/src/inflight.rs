@@ -67,7 +67,7 @@ impl Footprint {
                 let (start, end) = a.byte_range();
                 (start, end, self.written[i % arity])
             });
-        let counters = self.cells.iter().map(|c| {
+        let counters = self.cells.iter().chain(self.batch.compensation()).map(|c| {
             let (start, end) = c.byte_range();
             (start, end, true)
         });

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod optimizer;
 pub mod quant;
 pub mod reduce;
+pub mod rounding;
 pub mod simd;
 pub mod tensors;
 
@@ -28,6 +29,7 @@ pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
 pub use kernels::OPTIMIZERS;
 pub use optimizer::{Configured, Entry, Hyper, HyperKind, HyperValue, Optimizer};
 pub use reduce::{any_nonfinite, norm, reduce, Reduction};
+pub use rounding::ParamRounding;
 pub use tensors::{
     ArraySpec, Column, DType, DisjointMemo, Extent, RawTensor, ScalarState, TensorBatch,
 };

@@ -7,7 +7,25 @@
 
 use crate::engine::Exec;
 use crate::error::{Error, Result};
-use crate::tensors::{ArraySpec, ScalarState, TensorBatch};
+use crate::rounding::ParamRounding;
+use crate::tensors::{ArraySpec, DType, Extent, ScalarState, TensorBatch};
+
+/// `specs` with every parameter-shaped state array (after `[param, grad]`)
+/// kept in bfloat16 whatever the parameter's dtype: bfloat16 optimizer
+/// state, computed in f32 by the engine (2 bytes per element instead of 4).
+pub fn with_bf16_state(specs: &[ArraySpec]) -> Vec<ArraySpec> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            if k >= 2 && *s == ArraySpec::LIKE_PARAM {
+                ArraySpec::new(DType::BF16, Extent::Param)
+            } else {
+                *s
+            }
+        })
+        .collect()
+}
 
 /// A hyper-parameter value as the caller hands it over.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -249,12 +267,23 @@ impl Entry {
                 batch.arity()
             )));
         }
-        if batch.specs() != specs.as_slice() {
+        let bf16_state = with_bf16_state(&specs);
+        if batch.specs() != specs.as_slice() && batch.specs() != bf16_state.as_slice() {
             return Err(Error::Mismatch(format!(
-                "{} expects arrays {specs:?}, got {:?}",
+                "{} expects arrays {specs:?} (or its state in bfloat16), got {:?}",
                 self.name,
                 batch.specs()
             )));
+        }
+        if batch.specs() != specs.as_slice() {
+            let takes = |d: DType| matches!(d, DType::F32 | DType::BF16);
+            if let Some(slot) = (0..batch.slots()).find(|&i| !takes(batch.slot(i).dtype)) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: bfloat16 state takes float32 or bfloat16 parameters; tensor {slot} is {}",
+                    self.name,
+                    batch.slot(slot).dtype.name()
+                )));
+            }
         }
         if scalars.per_slot() != self.scalars.len() || scalars.slots() != batch.slots() {
             return Err(Error::Mismatch(format!(
@@ -265,6 +294,23 @@ impl Entry {
                 scalars.per_slot(),
                 scalars.slots()
             )));
+        }
+        let kahan = exec.rounding == ParamRounding::Kahan;
+        if kahan == batch.compensation().is_empty() {
+            return Err(Error::Mismatch(format!(
+                "{}: compensation arrays come with Kahan summation and only with it",
+                self.name
+            )));
+        }
+        if exec.rounding != ParamRounding::Nearest {
+            if let Some(slot) = (0..batch.slots()).find(|&i| batch.slot(i).dtype != DType::BF16) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {} takes bfloat16 parameters; tensor {slot} is {}",
+                    self.name,
+                    exec.rounding.name(),
+                    batch.slot(slot).dtype.name()
+                )));
+            }
         }
         configured.step(batch, scalars, exec)
     }

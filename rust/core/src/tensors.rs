@@ -169,6 +169,9 @@ pub struct TensorBatch {
     specs: Vec<ArraySpec>,
     /// Arrays may overlap, so only shared slices are ever handed out.
     read_only: bool,
+    /// Kahan compensation arrays of bfloat16 parameters, one per slot,
+    /// written by the engine only (empty unless [`TensorBatch::with_compensation`]).
+    compensation: Vec<RawTensor>,
 }
 
 impl TensorBatch {
@@ -232,6 +235,7 @@ impl TensorBatch {
             arity,
             specs: specs.to_vec(),
             read_only: false,
+            compensation: Vec::new(),
         })
     }
 
@@ -255,6 +259,7 @@ impl TensorBatch {
             arity,
             specs,
             read_only: true,
+            compensation: Vec::new(),
         })
     }
 
@@ -279,6 +284,75 @@ impl TensorBatch {
     /// Length and dtype of slot `slot` (shared by its arrays).
     pub fn slot(&self, slot: usize) -> RawTensor {
         self.arrays[slot * self.arity]
+    }
+
+    /// Adds a Kahan compensation array per slot: bfloat16, as long as the
+    /// slot's parameter, disjoint from every array of the batch and each other.
+    /// Kernels never see them; the engine's Kahan store reads and writes them.
+    ///
+    /// # Safety
+    /// As for [`TensorBatch::new`], for each array of `compensation`.
+    pub unsafe fn with_compensation(mut self, compensation: Vec<RawTensor>) -> Result<TensorBatch> {
+        if self.read_only || compensation.len() != self.slots() {
+            return Err(Error::Mismatch(format!(
+                "{} compensation arrays for {} tensors",
+                compensation.len(),
+                self.slots()
+            )));
+        }
+        let comp_specs = [ArraySpec::new(DType::BF16, Extent::Param)];
+        for (slot, c) in compensation.iter().enumerate() {
+            let param = self.slot(slot);
+            if !comp_specs[0].admits(*c, param) {
+                return Err(Error::Mismatch(format!(
+                    "tensor {slot}: the compensation must be bfloat16 with the parameter's {} elements, got {} of {}",
+                    param.len,
+                    c.len,
+                    c.dtype.name()
+                )));
+            }
+        }
+        check_slots(&compensation, &comp_specs)?;
+        let mut all = self.arrays.clone();
+        all.extend(compensation.iter().copied()); // shown as slots past the last tensor in messages
+        check_disjoint(&all, self.arity)?;
+        self.compensation = compensation;
+        Ok(self)
+    }
+
+    /// The compensation arrays, one per slot (empty when the batch has none).
+    pub fn compensation(&self) -> &[RawTensor] {
+        &self.compensation
+    }
+
+    /// Hands `f` elements `range` of `slot`'s compensation array, or `None`
+    /// when the batch has none.
+    ///
+    /// # Safety
+    /// No other live call may cover an overlapping `(slot, range)`.
+    pub(crate) unsafe fn with_compensation_slice<R>(
+        &self,
+        slot: usize,
+        range: std::ops::Range<usize>,
+        f: impl FnOnce(Option<&mut [half::bf16]>) -> R,
+    ) -> R {
+        let Some(c) = self.compensation.get(slot) else {
+            return f(None);
+        };
+        assert!(range.start <= range.end && range.end <= c.len && c.dtype == DType::BF16);
+        if range.is_empty() {
+            return f(Some(&mut []));
+        }
+        // SAFETY: `with_compensation` checked the array (dtype, length,
+        // alignment, non-null) and that it overlaps nothing else; the caller
+        // keeps ranges handed out disjoint.
+        let slice = unsafe {
+            std::slice::from_raw_parts_mut(
+                (c.addr as *mut half::bf16).add(range.start),
+                range.len(),
+            )
+        };
+        f(Some(slice))
     }
 
     /// Total elements over all slots.

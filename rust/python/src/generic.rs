@@ -18,11 +18,11 @@ use crate::tensors::{
     describe, describe_grad_twin, torch_types, KeepAlive, TensorCache, TorchTypes,
 };
 use crate::{bump_versions, core_error, exec, or_fallback, slots};
-use oxoptim_core::optimizer::find;
+use oxoptim_core::optimizer::{find, with_bf16_state};
 use oxoptim_core::{inflight, Footprint};
 use oxoptim_core::{
-    ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, RawTensor,
-    ScalarState, TensorBatch, OPTIMIZERS,
+    ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, ParamRounding,
+    RawTensor, ScalarState, TensorBatch, OPTIMIZERS,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
@@ -88,6 +88,8 @@ struct Gathered<'py> {
     columns: Vec<Vec<RawTensor>>,
     /// The scalar state cells, slot-major.
     cells: Vec<RawTensor>,
+    /// Kahan compensation arrays, one per slot (empty without Kahan summation).
+    compensation: Vec<RawTensor>,
     /// Every tensor described and the storage it pointed at, held until the call ends.
     keep: KeepAlive<'py>,
     params: Bound<'py, PyList>,
@@ -101,6 +103,7 @@ impl<'py> Gathered<'py> {
             specs,
             columns: vec![Vec::with_capacity(capacity); arity],
             cells: Vec::new(),
+            compensation: Vec::new(),
             keep: KeepAlive::with_capacity(capacity * (arity + 1)),
             params: PyList::empty(py),
         })
@@ -120,8 +123,9 @@ impl<'py> Gathered<'py> {
         }
     }
 
-    /// Adds one parameter with its gradient, state arrays and scalar cells.
-    /// False when the Rust path cannot take them (nothing is kept then).
+    /// Adds one parameter with its gradient, state arrays, scalar cells and
+    /// (with Kahan summation) compensation array. False when the Rust path
+    /// cannot take them (nothing is kept then).
     fn push(
         &mut self,
         mut cache: Option<&mut TensorCache>,
@@ -129,6 +133,7 @@ impl<'py> Gathered<'py> {
         grad: &Bound<'py, PyAny>,
         state: &[Bound<'py, PyAny>],
         scalars: &[Bound<'py, PyAny>],
+        compensation: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<bool> {
         let Some(p) = self.describe(param, cache.as_deref_mut(), true)? else {
             return Ok(false);
@@ -157,6 +162,14 @@ impl<'py> Gathered<'py> {
                 _ => return Ok(false),
             }
         }
+        let comp = match compensation {
+            None => None,
+            Some(t) => match self.describe(t, cache.as_deref_mut(), false)? {
+                Some(raw) if raw.dtype == DType::BF16 && raw.len == p.len => Some(raw),
+                _ => return Ok(false),
+            },
+        };
+        self.compensation.extend(comp);
         for (column, raw) in self.columns.iter_mut().zip(row) {
             column.push(raw);
         }
@@ -184,6 +197,15 @@ impl<'py> Gathered<'py> {
         })?
         else {
             return Ok(false);
+        };
+        let batch = if matches!(exec.rounding, ParamRounding::Kahan) {
+            // SAFETY: described and held like the arrays above.
+            match or_fallback(unsafe { batch.with_compensation(self.compensation.clone()) })? {
+                Some(b) => b,
+                None => return Ok(false),
+            }
+        } else {
+            batch
         };
         let batch = Arc::new(batch);
         // SAFETY: the cells were described like the arrays, from live 0-d CPU
@@ -214,7 +236,7 @@ impl<'py> Gathered<'py> {
 /// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
 /// touched nothing) when some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None))]
+#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false))]
 #[allow(clippy::too_many_arguments)]
 fn step<'py>(
     py: Python<'py>,
@@ -226,6 +248,9 @@ fn step<'py>(
     hyper: &Bound<'py, PyDict>,
     num_threads: usize,
     backend: Option<&str>,
+    stochastic_round: Option<(u64, u64)>,
+    compensation: Option<Bound<'py, PyList>>,
+    bf16_state: bool,
 ) -> PyResult<bool> {
     let entry = entry(kind)?;
     let configured = configure(&entry, hyper)?;
@@ -263,12 +288,19 @@ fn step<'py>(
             )));
         }
     }
-    let exec = exec(num_threads, backend)?;
-    let mut gathered = Gathered::new(py, configured.array_specs(), n)?;
+    if compensation.as_ref().is_some_and(|c| c.len() != n) {
+        return Err(PyValueError::new_err(format!(
+            "{kind}: expected {n} compensation tensors"
+        )));
+    }
+    let exec = exec(num_threads, backend)?
+        .with_rounding(rounding(stochastic_round, compensation.is_some())?);
+    let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), n)?;
     for (i, param) in params.iter().enumerate() {
         let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
         let cells: Vec<_> = scalar_lists.iter().map(|l| l[i].clone()).collect();
-        if !gathered.push(None, &param, &grads[i], &state, &cells)? {
+        let comp = compensation.as_ref().map(|c| c.get_item(i)).transpose()?;
+        if !gathered.push(None, &param, &grads[i], &state, &cells, comp.as_ref())? {
             return Ok(false);
         }
     }
@@ -280,6 +312,7 @@ fn step<'py>(
     for list in state.iter().chain(scalars.iter()) {
         written.push(list.cast_into::<PyList>()?);
     }
+    written.extend(compensation);
     bump_versions(py, &written.iter().collect::<Vec<_>>())?;
     Ok(true)
 }
@@ -291,7 +324,8 @@ fn step<'py>(
 /// path must run: some parameter with a gradient lacks state (a first step), or
 /// some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1))]
+#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1, stochastic_round=None, kahan=false, bf16_state=false))]
+#[allow(clippy::too_many_arguments)]
 fn group_step<'py>(
     py: Python<'py>,
     kind: &str,
@@ -300,7 +334,12 @@ fn group_step<'py>(
     mut cache: PyRefMut<'_, TensorCache>,
     hyper: &Bound<'py, PyDict>,
     num_threads: usize,
+    stochastic_round: Option<(u64, u64)>,
+    kahan: bool,
+    bf16_state: bool,
 ) -> PyResult<bool> {
+    let rounding = rounding(stochastic_round, kahan)?;
+    let comp_key = PyString::intern(py, KAHAN_COMP);
     let entry = entry(kind)?;
     let configured = configure(&entry, hyper)?;
     // Interned once: a `&str` key would build a new Python string per lookup.
@@ -315,7 +354,7 @@ fn group_step<'py>(
         .map(|k| PyString::intern(py, k))
         .collect();
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
-    let mut gathered = Gathered::new(py, configured.array_specs(), params.len())?;
+    let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), params.len())?;
     let empty = PyDict::new(py);
     for p in params.iter() {
         let grad = p.getattr(intern!(py, "grad"))?;
@@ -344,11 +383,19 @@ fn group_step<'py>(
         let (Some(tensors), Some(cells)) = (lookup(&state_keys)?, lookup(&scalar_keys)?) else {
             return Ok(false);
         };
-        if !gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells)? {
+        let comp = if kahan {
+            match entry_dict.get_item(&comp_key)? {
+                Some(t) => Some(t),
+                None => return Ok(false),
+            }
+        } else {
+            None
+        };
+        if !gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells, comp.as_ref())? {
             return Ok(false);
         }
     }
-    let exec = exec(num_threads, None)?;
+    let exec = exec(num_threads, None)?.with_rounding(rounding);
     if !gathered.run(
         &entry,
         configured.as_ref(),
@@ -359,6 +406,32 @@ fn group_step<'py>(
     }
     bump_versions(py, &[&gathered.params])?;
     Ok(true)
+}
+
+/// The state entry of a parameter's Kahan compensation (torch-optimi's name).
+const KAHAN_COMP: &str = "kahan_comp";
+
+/// The arrays a call takes: the optimizer's, with parameter-shaped state in
+/// bfloat16 when `bf16_state` (state of another dtype makes torch's path run).
+fn specs(configured: &dyn Configured, bf16_state: bool) -> Vec<ArraySpec> {
+    let specs = configured.array_specs();
+    if bf16_state {
+        with_bf16_state(&specs)
+    } else {
+        specs
+    }
+}
+
+/// The parameter rounding the keyword arguments ask for.
+fn rounding(stochastic_round: Option<(u64, u64)>, kahan: bool) -> PyResult<ParamRounding> {
+    match (stochastic_round, kahan) {
+        (Some(_), true) => Err(PyValueError::new_err(
+            "stochastic rounding and Kahan summation are alternatives; pick one",
+        )),
+        (Some((seed, count)), false) => Ok(ParamRounding::Stochastic { seed, count }),
+        (None, true) => Ok(ParamRounding::Kahan),
+        (None, false) => Ok(ParamRounding::Nearest),
+    }
 }
 
 /// The state a step of `kind` with these settings uses: its parameter-shaped

@@ -13,8 +13,12 @@ use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
+use crate::rounding::{
+    narrow_bf16_lanes, narrow_stochastic_lanes, widen_bf16_lanes, ParamRounding,
+};
 use crate::simd::{run_blocks, Lanes};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
+use half::bf16;
 
 /// One group's settings: Adam's, without AMSGrad and maximize (bitsandbytes
 /// has neither for 8-bit state).
@@ -77,11 +81,17 @@ impl Optimizer for Adam8bitConfig {
 
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
         // Checked before the first counter is written.
-        if let Some(slot) = (0..batch.slots()).find(|&i| batch.slot(i).dtype != DType::F32) {
+        let takes = |d: DType| matches!(d, DType::F32 | DType::BF16);
+        if let Some(slot) = (0..batch.slots()).find(|&i| !takes(batch.slot(i).dtype)) {
             return Err(Error::Unsupported(format!(
-                "adam8bit: tensor {slot} is {}; 8-bit state takes float32 parameters",
+                "adam8bit: tensor {slot} is {}; 8-bit state takes float32 or bfloat16 parameters",
                 batch.slot(slot).dtype.name()
             )));
+        }
+        if exec.rounding == ParamRounding::Kahan {
+            return Err(Error::InvalidArgument(
+                "adam8bit: Kahan summation is not available with 8-bit state; use stochastic rounding".into(),
+            ));
         }
         let per_slot: Vec<BiasCorrection> = (0..batch.slots())
             .map(|i| BiasCorrection::new(&self.adam, scalars.increment(i, 0)))
@@ -92,6 +102,7 @@ impl Optimizer for Adam8bitConfig {
                 per_slot: &per_slot,
                 m: Codebook::get(Map::Signed),
                 v: Codebook::get(Map::Unsigned),
+                rounding: exec.rounding,
             },
             batch,
             exec,
@@ -105,16 +116,31 @@ struct Adam8bitKernel<'a> {
     per_slot: &'a [BiasCorrection],
     m: &'static Codebook,
     v: &'static Codebook,
+    /// How bfloat16 parameters are stored back.
+    rounding: ParamRounding,
 }
 
 impl Blockwise for Adam8bitKernel<'_> {
     const BLOCK: usize = BLOCK;
 
     fn apply(&self, backend: Backend, slot: usize, columns: &mut [Column<'_>]) {
-        let [Column::F32(param), Column::F32(grad), Column::U8(m_codes), Column::U8(v_codes), Column::F32(m_absmax), Column::F32(v_absmax)] =
+        self.apply_at(backend, slot, 0, columns)
+    }
+
+    fn apply_at(&self, backend: Backend, slot: usize, start: usize, columns: &mut [Column<'_>]) {
+        let [param, grad, Column::U8(m_codes), Column::U8(v_codes), Column::F32(m_absmax), Column::F32(v_absmax)] =
             columns
         else {
             unreachable!("the batch was checked against SPECS");
+        };
+        let param = match (param, grad) {
+            (Column::F32(p), Column::F32(g)) => Param::F32(p, g),
+            (Column::BF16(p), Column::BF16(g)) => Param::BF16 {
+                param: p,
+                grad: g,
+                at: (slot, start),
+            },
+            _ => unreachable!("the step checked the parameter dtypes"),
         };
         f32::dispatch(
             backend,
@@ -122,7 +148,6 @@ impl Blockwise for Adam8bitKernel<'_> {
                 kernel: self,
                 bc: self.per_slot[slot],
                 param,
-                grad: &grad[..],
                 m_codes,
                 v_codes,
                 m_absmax,
@@ -132,12 +157,32 @@ impl Blockwise for Adam8bitKernel<'_> {
     }
 }
 
+/// A work item's parameter and gradient: float32, updated in place, or
+/// bfloat16, widened block by block and stored back with the kernel's rounding.
+enum Param<'c> {
+    F32(&'c mut [f32], &'c mut [f32]),
+    BF16 {
+        param: &'c mut [bf16],
+        grad: &'c mut [bf16],
+        /// The slot and the slot element the work item starts at (stochastic rounding's index).
+        at: (usize, usize),
+    },
+}
+
+impl Param<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Param::F32(p, _) => p.len(),
+            Param::BF16 { param, .. } => param.len(),
+        }
+    }
+}
+
 /// One work item's blocks, run inside the chosen instruction set.
 struct Blocks<'k, 'a, 'c> {
     kernel: &'k Adam8bitKernel<'a>,
     bc: BiasCorrection,
-    param: &'c mut [f32],
-    grad: &'c [f32],
+    param: Param<'c>,
     m_codes: &'c mut [u8],
     v_codes: &'c mut [u8],
     m_absmax: &'c mut [f32],
@@ -149,29 +194,56 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
     fn run<S: Lanes<f32>>(&mut self, simd: S) {
         let k = self.kernel;
         let n = self.param.len();
-        assert!(self.grad.len() == n && self.m_codes.len() == n && self.v_codes.len() == n);
+        assert!(self.m_codes.len() == n && self.v_codes.len() == n);
         assert!(
             self.m_absmax.len() == n.div_ceil(BLOCK) && self.v_absmax.len() == n.div_ceil(BLOCK)
         );
         let mut m = [0f32; BLOCK];
         let mut v = [0f32; BLOCK];
+        // bfloat16 parameters and gradients, widened.
+        let mut wide_p = [0f32; BLOCK];
+        let mut wide_g = [0f32; BLOCK];
         for b in 0..n.div_ceil(BLOCK) {
             let at = b * BLOCK..n.min((b + 1) * BLOCK);
             let len = at.len();
             let (m, v) = (&mut m[..len], &mut v[..len]);
             k.m.dequantize_block(simd, &self.m_codes[at.clone()], self.m_absmax[b], m);
             k.v.dequantize_block(simd, &self.v_codes[at.clone()], self.v_absmax[b], v);
+            let (p, g): (*mut f32, *const f32) = match &mut self.param {
+                Param::F32(p, g) => (p[at.clone()].as_mut_ptr(), g[at.clone()].as_ptr()),
+                Param::BF16 { param, grad, .. } => {
+                    widen_bf16_lanes(simd, &param[at.clone()], &mut wide_p[..len]);
+                    widen_bf16_lanes(simd, &grad[at.clone()], &mut wide_g[..len]);
+                    (wide_p.as_mut_ptr(), wide_g.as_ptr())
+                }
+            };
             let mut update = AdamBlock::new(
                 k.config,
                 self.bc,
-                (
-                    self.param[at.clone()].as_mut_ptr(),
-                    self.grad[at.clone()].as_ptr(),
-                ),
+                (p, g),
                 [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()],
             );
             // SAFETY: every array the update touches holds `len` elements.
             unsafe { run_blocks(simd, len, &mut update) };
+            if let Param::BF16 {
+                param,
+                at: (slot, start),
+                ..
+            } = &mut self.param
+            {
+                let dst = &mut param[at.clone()];
+                match k.rounding {
+                    ParamRounding::Stochastic { seed, count } => narrow_stochastic_lanes(
+                        simd,
+                        &wide_p[..len],
+                        dst,
+                        *start + at.start,
+                        (seed, count),
+                        *slot,
+                    ),
+                    _ => narrow_bf16_lanes(simd, &wide_p[..len], dst),
+                }
+            }
             self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);
             self.v_absmax[b] = k.v.quantize_block(simd, v, &mut self.v_codes[at]);
         }

@@ -25,11 +25,16 @@ macro_rules! cpu_path {
 
             /// The token, when the CPU has every feature in [`Self::FEATURES`].
             pub fn try_new() -> Option<Self> {
-                Self::supported_by(|feature| match feature {
-                    $($feature => std::arch::$detect!($feature),)+
-                    _ => false,
-                })
-                .then_some($token { _private: () })
+                // Detected once: kernels ask for every block of a few hundred elements.
+                static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                SUPPORTED
+                    .get_or_init(|| {
+                        Self::supported_by(|feature| match feature {
+                            $($feature => std::arch::$detect!($feature),)+
+                            _ => false,
+                        })
+                    })
+                    .then_some($token { _private: () })
             }
 
             /// Whether a CPU that has exactly the features `has` answers true
@@ -205,6 +210,64 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
             self.store(lanes.as_mut_ptr(), x);
             for (i, lane) in lanes[..Self::WIDTH].iter().enumerate() {
                 *out.add(i) = book.quantize(lane.to_f64() as f32);
+            }
+        }
+    }
+    /// `WIDTH` bfloat16 values (as bits) widened exactly.
+    ///
+    /// # Safety
+    /// `src` must be valid for reading `WIDTH` u16 values.
+    #[inline(always)]
+    unsafe fn widen_bf16(self, src: *const u16) -> Self::V {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        for (i, lane) in lanes[..Self::WIDTH].iter_mut().enumerate() {
+            // SAFETY: i < WIDTH, within the caller's guarantee.
+            let bits = unsafe { *src.add(i) };
+            *lane = T::from_f64(half::bf16::from_bits(bits).to_f64());
+        }
+        // SAFETY: `lanes` holds at least WIDTH elements.
+        unsafe { self.load(lanes.as_ptr()) }
+    }
+
+    /// Writes the `WIDTH` lanes of `x` as bfloat16 bits rounded to nearest
+    /// even, as `half::bf16::from_f32` (NaN keeps its sign and payload, quieted).
+    ///
+    /// # Safety
+    /// `out` must be valid for writing `WIDTH` u16 values.
+    #[inline(always)]
+    unsafe fn narrow_bf16_nearest(self, x: Self::V, out: *mut u16) {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        // SAFETY: `lanes` holds at least WIDTH elements; i < WIDTH for `out`.
+        unsafe {
+            self.store(lanes.as_mut_ptr(), x);
+            for (i, lane) in lanes[..Self::WIDTH].iter().enumerate() {
+                *out.add(i) = half::bf16::from_f32(lane.to_f64() as f32).to_bits();
+            }
+        }
+    }
+
+    /// Writes the `WIDTH` lanes of `x` as bfloat16 bits with stochastic
+    /// rounding, lane `i` taking the random bits of element `first + i`
+    /// (what [`crate::rounding::stochastic_bf16`] and
+    /// [`crate::rounding::element_bits`] give lane by lane).
+    ///
+    /// # Safety
+    /// `out` must be valid for writing `WIDTH` u16 values.
+    #[inline(always)]
+    unsafe fn narrow_bf16_stochastic(
+        self,
+        x: Self::V,
+        first: u32,
+        key: crate::rounding::StreamKey,
+        out: *mut u16,
+    ) {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        // SAFETY: `lanes` holds at least WIDTH elements; i < WIDTH for `out`.
+        unsafe {
+            self.store(lanes.as_mut_ptr(), x);
+            for (i, lane) in lanes[..Self::WIDTH].iter().enumerate() {
+                let bits = crate::rounding::element_bits(first.wrapping_add(i as u32), key);
+                *out.add(i) = crate::rounding::stochastic_bf16(lane.to_f64() as f32, bits);
             }
         }
     }

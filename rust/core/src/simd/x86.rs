@@ -6,6 +6,7 @@
 
 use super::{Lanes, Real};
 use crate::quant::{Codebook, BUCKETS, HAS_MIDPOINT, KEY_BASE, KEY_SHIFT};
+use crate::rounding::{StreamKey, BF16_NAN_BITS};
 use std::arch::x86_64::*;
 
 cpu_path!(
@@ -187,6 +188,67 @@ impl_lanes!(
             }
         }
         #[inline(always)]
+        unsafe fn widen_bf16(self, src: *const u16) -> __m256 {
+            // SAFETY: see the module note; `src` holds 8 u16 (caller).
+            unsafe {
+                let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(src as *const __m128i));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+            }
+        }
+        #[inline(always)]
+        unsafe fn narrow_bf16_nearest(self, x: __m256, out: *mut u16) {
+            // SAFETY: see the module note; `out` holds 8 u16 (caller).
+            unsafe {
+                let bits = _mm256_castps_si256(x);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+                let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                    bits,
+                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
+                ));
+                let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                let halves = _mm256_blendv_epi8(rounded, quiet, nan);
+                let packed = _mm_packus_epi32(
+                    _mm256_castsi256_si128(halves),
+                    _mm256_extracti128_si256::<1>(halves),
+                );
+                _mm_storeu_si128(out as *mut __m128i, packed);
+            }
+        }
+        #[inline(always)]
+        unsafe fn narrow_bf16_stochastic(
+            self,
+            x: __m256,
+            first: u32,
+            key: StreamKey,
+            out: *mut u16,
+        ) {
+            // SAFETY: see the module note; `out` holds 8 u16 (caller).
+            unsafe {
+                let index = _mm256_add_epi32(
+                    _mm256_set1_epi32(first as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                let h = lowbias32_avx2(_mm256_xor_si256(index, _mm256_set1_epi32(key.k1 as i32)));
+                let h = lowbias32_avx2(_mm256_add_epi32(h, _mm256_set1_epi32(key.k2 as i32)));
+                let sum = _mm256_add_epi32(
+                    _mm256_castps_si256(x),
+                    _mm256_and_si256(h, _mm256_set1_epi32(0xffff)),
+                );
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                let halves = _mm256_blendv_epi8(
+                    _mm256_srli_epi32::<16>(sum),
+                    _mm256_set1_epi32(BF16_NAN_BITS as i32),
+                    nan,
+                );
+                let packed = _mm_packus_epi32(
+                    _mm256_castsi256_si128(halves),
+                    _mm256_extracti128_si256::<1>(halves),
+                );
+                _mm_storeu_si128(out as *mut __m128i, packed);
+            }
+        }
+        #[inline(always)]
         unsafe fn quantize(self, x: __m256, book: &Codebook, out: *mut u8) {
             // SAFETY: see the module note; every bucket indexes the entries
             // (clamped like the scalar path); `out` holds 8 bytes (caller).
@@ -320,6 +382,58 @@ impl_lanes!(
             }
         }
         #[inline(always)]
+        unsafe fn widen_bf16(self, src: *const u16) -> __m512 {
+            // SAFETY: see the module note; `src` holds 16 u16 (caller).
+            unsafe {
+                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+            }
+        }
+        #[inline(always)]
+        unsafe fn narrow_bf16_nearest(self, x: __m512, out: *mut u16) {
+            // SAFETY: see the module note; `out` holds 16 u16 (caller).
+            unsafe {
+                let bits = _mm512_castps_si512(x);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                    bits,
+                    _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
+                ));
+                let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                let halves = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
+            }
+        }
+        #[inline(always)]
+        unsafe fn narrow_bf16_stochastic(
+            self,
+            x: __m512,
+            first: u32,
+            key: StreamKey,
+            out: *mut u16,
+        ) {
+            // SAFETY: see the module note; `out` holds 16 u16 (caller).
+            unsafe {
+                let index = _mm512_add_epi32(
+                    _mm512_set1_epi32(first as i32),
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                );
+                let h = lowbias32_avx512(_mm512_xor_si512(index, _mm512_set1_epi32(key.k1 as i32)));
+                let h = lowbias32_avx512(_mm512_add_epi32(h, _mm512_set1_epi32(key.k2 as i32)));
+                let sum = _mm512_add_epi32(
+                    _mm512_castps_si512(x),
+                    _mm512_and_si512(h, _mm512_set1_epi32(0xffff)),
+                );
+                let halves = _mm512_mask_blend_epi32(
+                    _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+                    _mm512_srli_epi32::<16>(sum),
+                    _mm512_set1_epi32(BF16_NAN_BITS as i32),
+                );
+                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
+            }
+        }
+        #[inline(always)]
         unsafe fn quantize(self, x: __m512, book: &Codebook, out: *mut u8) {
             // SAFETY: see the AVX2 version; `out` holds 16 bytes (caller).
             unsafe {
@@ -400,3 +514,29 @@ impl_lanes!(
         _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(d, d) != 0
     }
 );
+
+/// [`crate::rounding::lowbias32`] on eight lanes.
+#[inline(always)]
+unsafe fn lowbias32_avx2(mut x: __m256i) -> __m256i {
+    // SAFETY: only called from AVX2 code (see the module note).
+    unsafe {
+        x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
+        x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb_352d));
+        x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
+        x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846c_a68bu32 as i32));
+        _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+    }
+}
+
+/// [`crate::rounding::lowbias32`] on sixteen lanes.
+#[inline(always)]
+unsafe fn lowbias32_avx512(mut x: __m512i) -> __m512i {
+    // SAFETY: only called from AVX-512 code (see the module note).
+    unsafe {
+        x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
+        x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68bu32 as i32));
+        _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+    }
+}

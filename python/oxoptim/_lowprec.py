@@ -1,0 +1,173 @@
+"""bfloat16 weights without an fp32 master copy: ``bf16_stochastic_round`` and ``kahan_sum``.
+
+Both are keyword-only options (default False) of the twins that take them
+(:class:`LowPrecisionWeights`). The update is computed in float32 as usual;
+only how the new weight is stored back into the bfloat16 parameter changes:
+
+* ``bf16_stochastic_round=True`` (torchao's option): rounded up or down at
+  random, with the probability that makes the expected stored value the
+  float32 one; always one of the two neighbouring bfloat16 numbers. The
+  random bits are a counter-based hash of (``sr_seed``, ``sr_count``, the
+  parameter's position among the group's parameters with a gradient, the
+  element index), computed in Rust: the same whatever the thread count.
+  ``sr_seed`` is drawn from torch's default generator when the group is
+  added (``torch.manual_seed`` makes a run reproducible) and ``sr_count``
+  counts the group's steps; both live in the parameter group, so a
+  ``state_dict`` round trip resumes bit for bit.
+* ``kahan_sum=True`` (torch-optimi's option): each parameter keeps a
+  bfloat16 ``kahan_comp`` state entry with what the stored weight misses;
+  the update is added to it, the weight takes what bfloat16 can hold, the
+  compensation keeps the rest.
+
+And ``state_dtype=torch.bfloat16`` keeps the optimizer state (moments,
+momentum buffers: the parameter-shaped entries) in bfloat16 whatever the
+parameters' dtype, computed in float32 (Adam: 4 bytes per parameter instead
+of 8). State loaded or created in float32 is converted on the next step.
+
+Flags and seeds are stored in the groups only when an option is on, so
+default state dicts stay torch's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+
+from . import _core
+
+__all__ = ["KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed"]
+
+#: The state entry of a parameter's Kahan compensation (torch-optimi's name).
+KAHAN_COMP = "kahan_comp"
+_OPTIONS = ("bf16_stochastic_round", "kahan_sum")
+
+
+def draw_seed() -> int:
+    """A 62-bit seed from torch's default generator."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def check_low_precision(name: str, group: dict) -> None:
+    """Raises ValueError, torch-style, unless the group's low-precision options fit its parameters."""
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else params
+    if group.get("state_dtype") == torch.bfloat16:
+        for i, p in enumerate(params):
+            if p.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"{name}: state_dtype=torch.bfloat16 needs float32 or bfloat16 parameters, but parameter {i} of the group is {p.dtype}")
+    sr, kahan = bool(group.get("bf16_stochastic_round")), bool(group.get("kahan_sum"))
+    if sr and kahan:
+        raise ValueError(f"{name}: bf16_stochastic_round and kahan_sum are alternatives; set at most one")
+    if not (sr or kahan):
+        return
+    option = "bf16_stochastic_round" if sr else "kahan_sum"
+    for i, p in enumerate(params):
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"{name}: {option}=True needs bfloat16 parameters, but parameter {i} of the group is {p.dtype}")
+
+
+class LowPrecisionWeights:
+    """Mixin (listed before :class:`~oxoptim._twin.TorchTwin`) adding the keyword-only
+    ``bf16_stochastic_round=False`` and ``kahan_sum=False`` options (module docstring)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        signature = inspect.signature(cls)
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for name in _OPTIONS]
+        extra.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.dtype]))
+        cls.__signature__ = signature.replace(parameters=[*params[:at], *extra, *params[at:]])  # type: ignore[attr-defined]
+
+    def __init__(
+        self,
+        params: Any,
+        *args: Any,
+        bf16_stochastic_round: bool = False,
+        kahan_sum: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        **kwargs: Any,
+    ) -> None:
+        options: dict[str, Any] = {k: True for k, v in zip(_OPTIONS, (bf16_stochastic_round, kahan_sum)) if v}
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (None, torch.float32 or torch.bfloat16)")
+        if state_dtype == torch.bfloat16:
+            options["state_dtype"] = torch.bfloat16
+        check_low_precision(type(self).__name__, {**options, "params": []})
+        self.__dict__["_oxoptim_low_precision"] = options  # read by add_param_group during __init__
+        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
+        self.defaults.update(options)  # type: ignore[attr-defined]
+
+    def add_param_group(self, param_group: dict) -> None:
+        options = self.__dict__.get("_oxoptim_low_precision")
+        if options is None:
+            options = {k: self.defaults[k] for k in (*_OPTIONS, "state_dtype") if self.defaults.get(k)}  # type: ignore[attr-defined]
+        for key, value in options.items():
+            param_group.setdefault(key, value)
+        params = param_group["params"]
+        if not isinstance(params, (set, torch.Tensor)):  # torch's own checks report sets
+            param_group["params"] = list(params)
+        check_low_precision(type(self).__name__, param_group)
+        if param_group.get("bf16_stochastic_round"):
+            param_group.setdefault("sr_seed", draw_seed())
+            param_group.setdefault("sr_count", 0)
+        super().add_param_group(param_group)  # type: ignore[misc]
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        # Every group is checked before any is stepped.
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            check_low_precision(type(self).__name__, group)
+        loss = super().step(closure)  # type: ignore[misc]
+        if self.__dict__.get("_oxoptim_step_in_backward") is None:  # step_in_backward advances the groups itself
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                self._advance_group(group)
+        return loss
+
+    def _advance_group(self, group: dict) -> None:
+        super()._advance_group(group)  # type: ignore[misc]
+        if group.get("bf16_stochastic_round"):
+            group["sr_count"] = int(group["sr_count"]) + 1
+
+    # -- the native step ----------------------------------------------------------
+
+    def _native_options(self, group: dict, params: Optional[list]) -> dict:
+        """The options of the group's native call; for the list path (``params`` given) the
+        state they need is made first: a zero ``kahan_comp``, moments in bfloat16 (fresh ones
+        torch made like the parameter, or loaded ones torch cast to the parameter's dtype)."""
+        options: dict[str, Any] = {"bf16_state": True} if group.get("state_dtype") == torch.bfloat16 else {}
+        if params is not None:
+            self._prepare_state(group, params)
+        if group.get("bf16_stochastic_round"):
+            options["stochastic_round"] = (int(group["sr_seed"]), int(group["sr_count"]))
+        elif group.get("kahan_sum"):
+            if params is None:
+                options["kahan"] = True
+            else:
+                options["compensation"] = [self.state[p][KAHAN_COMP] for p in params]  # type: ignore[attr-defined]
+        return options
+
+    def _prepare_state(self, group: dict, params: list) -> None:
+        state = self.state  # type: ignore[attr-defined]
+        if group.get("kahan_sum"):
+            for p in params:
+                if KAHAN_COMP not in state[p]:
+                    state[p][KAHAN_COMP] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group.get("state_dtype") == torch.bfloat16:
+            arrays, _ = _core.layout(self.KIND, self._hyper(group))  # type: ignore[attr-defined]
+            for p in params:
+                for key in arrays:
+                    value = state[p].get(key)
+                    if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.is_floating_point():
+                        state[p][key] = value.to(torch.bfloat16)
+
+    def _torch_step(self, group: dict) -> None:
+        for option in (*_OPTIONS, "state_dtype"):
+            if group.get(option):
+                raise ValueError(
+                    f"{type(self).__name__}: {option}={group[option]} runs on the native path only, which needs dense "
+                    "contiguous CPU tensors, no shared memory, no differentiable/capturable/AMP "
+                    "scaling and number hyper-parameters; this group has something else"
+                )
+        super()._torch_step(group)  # type: ignore[misc]

@@ -1,0 +1,329 @@
+"""bfloat16 weights without an fp32 master copy (``bf16_stochastic_round`` and
+``kahan_sum``): stochastic rounding is unbiased and never leaves the two
+neighbours of the float64 update; both track a float64 run where rounding to
+nearest stalls; Kahan matches torch-optimi's; the thread count never changes
+a bit; state dicts resume bit for bit; bad input changes nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import oxoptim
+
+SR = {"bf16_stochastic_round": True}
+KAHAN = {"kahan_sum": True}
+BF16_STATE = {"state_dtype": torch.bfloat16}
+
+
+def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bfloat16 numbers at or below and at or above each float64 value."""
+    near = x.to(torch.bfloat16)
+    below = torch.where(near.double() > x, torch.nextafter(near, torch.tensor(-math.inf, dtype=torch.bfloat16)), near)
+    above = torch.where(near.double() < x, torch.nextafter(near, torch.tensor(math.inf, dtype=torch.bfloat16)), near)
+    return below, above
+
+
+def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float, wd: float) -> torch.Tensor:
+    """One torch AdamW step in float64 (moments given, updated in place)."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    p = p.double() * (1 - lr * wd)
+    m.lerp_(g.double(), 1 - beta1)
+    v.mul_(beta2).addcmul_(g.double(), g.double(), value=1 - beta2)
+    denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
+    return p - lr / (1 - beta1**step) * m / denom
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    # Every element takes the same value a quarter of the way from one bfloat16
+    # to the next: the fraction rounded up must be 1/4 within a binomial bound.
+    torch.manual_seed(0)
+    n = 1 << 16
+    lo = torch.tensor(1.5, dtype=torch.bfloat16)
+    hi = torch.nextafter(lo, torch.tensor(2.0, dtype=torch.bfloat16))
+    ulp = (hi.double() - lo.double()).item()
+    p = torch.nn.Parameter(torch.full((n,), hi.item(), dtype=torch.bfloat16))
+    opt = oxoptim.SGD([p], lr=1.0, **SR)
+    ups = 0
+    steps = 8
+    for _ in range(steps):
+        with torch.no_grad():
+            p.fill_(hi.item())
+        p.grad = torch.full_like(p, 0.75 * ulp)  # hi - 0.75 ulp: a quarter above lo
+        opt.step()
+        assert bool(((p == lo) | (p == hi)).all()), "a value outside the two neighbours"
+        ups += int((p == hi).sum())
+    trials = n * steps
+    sigma = math.sqrt(trials * 0.25 * 0.75)
+    assert abs(ups - 0.25 * trials) < 5 * sigma, (ups, trials)
+    assert opt.param_groups[0]["sr_count"] == steps
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_one_adamw_step_lies_between_the_neighbours_of_float64(wd: float) -> None:
+    torch.manual_seed(1)
+    n = 4099
+    p = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16))
+    m, v = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    opt = oxoptim.AdamW([p], lr=1e-2, weight_decay=wd, **SR)
+    for step in range(1, 6):
+        g = torch.randn(n).to(torch.bfloat16)
+        # The reference starts from the stored bfloat16 state, as the kernel does.
+        if step > 1:
+            m.copy_(opt.state[p]["exp_avg"].double())
+            v.copy_(opt.state[p]["exp_avg_sq"].double())
+        want = adamw_reference(p.detach(), g, m, v, step, 1e-2, wd)
+        p.grad = g
+        opt.step()
+        below, above = neighbours(want)
+        outside = ((p.detach() != below) & (p.detach() != above)).double().mean().item()
+        assert outside == 0.0, f"step {step}: {outside:.2%} outside the two neighbours"
+
+
+def run(options: dict, steps: int, lr: float, n: int = 4096, threads: int | None = None) -> torch.Tensor:
+    torch.manual_seed(2)
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = oxoptim.SGD([p], lr=lr, **options)
+    grads = torch.Generator().manual_seed(3)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(steps):
+            p.grad = (torch.rand(n, generator=grads) + 0.5).to(torch.bfloat16)
+            opt.step()
+    finally:
+        torch.set_num_threads(old)
+    return p.detach().clone()
+
+
+def test_low_precision_tracks_float64_where_rounding_to_nearest_stalls() -> None:
+    # Updates of about lr = 1e-3, a quarter of an ulp of 1.0 in bfloat16:
+    # round-to-nearest never moves; stochastic rounding and Kahan follow float64.
+    steps, lr, n = 200, 1e-3, 4096
+    grads = torch.Generator().manual_seed(3)
+    want = torch.ones(n, dtype=torch.float64)
+    for _ in range(steps):
+        want -= lr * (torch.rand(n, generator=grads) + 0.5).to(torch.bfloat16).double()
+    error = {name: run(options, steps, lr).double() - want for name, options in [("nearest", {}), ("sr", SR), ("kahan", KAHAN)]}
+    bias = {name: e.mean().item() for name, e in error.items()}
+    assert bias["nearest"] > 0.15, bias  # the control visibly loses: it never moves
+    # Stochastic rounding: unbiased (each element a random walk of about
+    # sqrt(steps) half-ulps, 0.015 here, which averages out over elements).
+    assert abs(bias["sr"]) < 1e-3 and error["sr"].abs().mean().item() < 0.03, bias
+    assert error["kahan"].abs().max().item() < 4e-3, bias
+    # Kahan: the stored weight is within one bfloat16 ulp of float64 (mismatch rate 0).
+    kahan = run(KAHAN, steps, lr).double()
+    below, above = neighbours(want)
+    off = ((kahan < below.double() - 1e-12) | (kahan > above.double() + 1e-12)).double().mean().item()
+    assert off < 0.01, off
+
+
+@pytest.mark.parametrize("options", [SR, KAHAN], ids=["sr", "kahan"])
+def test_thread_count_never_changes_a_bit(options: dict) -> None:
+    n = 200_003  # split across threads
+    one = run(options, 3, 1e-2, n, threads=1)
+    two = run(options, 3, 1e-2, n, threads=2)
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+
+
+def make(cls: type, options: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in [(300,), (17, 5), (70_001,)]]
+    extra = {"momentum": 0.9} if cls is oxoptim.SGD else {}
+    return params, cls(params, lr=1e-3, **extra, **options)
+
+
+def grads_for(params: list, step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+
+
+def steps(params: list, opt: torch.optim.Optimizer, start: int, count: int) -> None:
+    for s in range(start, start + count):
+        for p, g in zip(params, grads_for(params, s)):
+            p.grad = g
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [(cls, options) for cls in (oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD) for options in (SR, KAHAN, BF16_STATE, {**SR, **BF16_STATE})]
+    + [(oxoptim.AdamW8bit, SR), (oxoptim.Adam8bit, SR)],
+    ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
+)
+def test_state_dict_resumes_bit_for_bit(cls: type, options: dict) -> None:
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16  # bfloat16 state of float32 weights
+    params, opt = make(cls, options, dtype=dtype)
+    steps(params, opt, 0, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in params]
+    steps(params, opt, 3, 3)
+    # A fresh optimizer (another seed drawn) loads the checkpoint and goes on identically.
+    resumed, fresh = make(cls, options, seed=1, dtype=dtype)
+    with torch.no_grad():
+        for r, w in zip(resumed, weights):
+            r.copy_(w)
+    fresh.load_state_dict(saved)
+    steps(resumed, fresh, 3, 3)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
+    if options is BF16_STATE:
+        assert all(v.dtype == torch.bfloat16 for e in fresh.state.values() for v in e.values() if v.dim())
+    if options is KAHAN and cls is not oxoptim.SGD:
+        assert fresh.state[resumed[0]]["kahan_comp"].dtype == torch.bfloat16
+
+
+def test_seed_comes_from_torchs_generator() -> None:
+    _, a = make(oxoptim.AdamW, SR, seed=5)
+    _, b = make(oxoptim.AdamW, SR, seed=5)
+    _, c = make(oxoptim.AdamW, SR, seed=6)
+    assert a.param_groups[0]["sr_seed"] == b.param_groups[0]["sr_seed"] != c.param_groups[0]["sr_seed"]
+    # Default state dicts stay torch's: no extra group keys.
+    _, plain = make(oxoptim.AdamW, {})
+    assert not {"bf16_stochastic_round", "kahan_sum", "sr_seed", "sr_count"} & set(plain.state_dict()["param_groups"][0])
+
+
+def test_kahan_matches_torch_optimi() -> None:
+    optimi = pytest.importorskip("optimi")
+    torch.manual_seed(4)
+    n = 8192
+    init = torch.randn(n).to(torch.bfloat16)
+    ours_p = torch.nn.Parameter(init.clone())
+    theirs_p = torch.nn.Parameter(init.clone())
+    ours = oxoptim.AdamW([ours_p], lr=1e-3, weight_decay=1e-2, kahan_sum=True)
+    theirs = optimi.AdamW([theirs_p], lr=1e-3, weight_decay=1e-2, kahan_sum=True, foreach=False)
+    for s in range(20):
+        g = grads_for([ours_p], s)[0]
+        ours_p.grad, theirs_p.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    a, b = ours_p.detach().double(), theirs_p.detach().double()
+    ulp = (torch.nextafter(theirs_p.detach(), torch.tensor(math.inf, dtype=torch.bfloat16)).double() - b).abs()
+    mismatch = ((a - b).abs() > ulp).double().mean().item()
+    # Measured: 0.27% (torch-optimi debiases the betas instead of the moments, rounded differently).
+    assert mismatch < 0.01, f"{mismatch:.2%} of weights more than one ulp from torch-optimi's"
+    # Weight plus compensation: the same displacement, to a few percent.
+    moved_ours = a + ours.state[ours_p]["kahan_comp"].double() - init.double()
+    moved_theirs = b + theirs.state[theirs_p]["kahan_comp"].double() - init.double()
+    assert (moved_ours - moved_theirs).abs().mean() < 0.1 * moved_theirs.abs().mean()
+
+
+def test_bad_input_is_refused_before_anything_changes() -> None:
+    f32 = torch.nn.Parameter(torch.randn(4))
+    for options in (SR, KAHAN):
+        with pytest.raises(ValueError, match="bfloat16 parameters"):
+            oxoptim.AdamW([f32], **options)
+    with pytest.raises(ValueError, match="alternatives"):
+        oxoptim.AdamW([torch.nn.Parameter(torch.randn(4).to(torch.bfloat16))], **SR, **KAHAN)
+    with pytest.raises(TypeError):
+        oxoptim.Lion([f32], bf16_stochastic_round=True)
+    params, opt = make(oxoptim.AdamW, SR)
+    with pytest.raises(ValueError, match="bfloat16 parameters"):
+        opt.add_param_group({"params": [f32]})
+    assert len(opt.param_groups) == 1
+    # A parameter turned float32 after construction: the step refuses, every
+    # group, weight, state entry and counter stays as it was.
+    steps(params, opt, 0, 2)
+    bad = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))
+    opt.add_param_group({"params": [bad]})
+    bad.data = bad.data.float()
+    bad.grad = torch.ones(3)
+    for p, g in zip(params, grads_for(params, 2)):
+        p.grad = g
+    before = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="bfloat16 parameters"):
+        opt.step()
+    after = opt.state_dict()
+    assert [g["sr_count"] for g in after["param_groups"]] == [g["sr_count"] for g in before["param_groups"]]
+    for key, entry in before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), name
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_eight_bit_state_with_bf16_weights() -> None:
+    # Rounded to nearest: the float32 8-bit step on the widened weights, rounded.
+    torch.manual_seed(7)
+    init = torch.randn(5000).to(torch.bfloat16)
+    grads = [torch.randn(5000).to(torch.bfloat16) for _ in range(3)]
+    half = torch.nn.Parameter(init.clone())
+    wide = torch.nn.Parameter(init.float())
+    a, b = oxoptim.AdamW8bit([half], lr=1e-2), oxoptim.AdamW8bit([wide], lr=1e-2)
+    sr_p = torch.nn.Parameter(init.clone())
+    sr = oxoptim.AdamW8bit([sr_p], lr=1e-2, bf16_stochastic_round=True)
+    for g in grads:
+        # Each step starts the float32 run from the stored bfloat16 weights.
+        with torch.no_grad():
+            wide.copy_(half.float())
+        half.grad, wide.grad = g, g.float()
+        a.step()
+        b.step()
+        assert torch.equal(half, wide.to(torch.bfloat16))
+        assert torch.equal(a.state[half]["exp_avg"], b.state[wide]["exp_avg"])
+    # Stochastic rounding: one step from the same state lies between the neighbours of the float32 update.
+    with torch.no_grad():
+        wide.copy_(half.float())
+        sr_p.copy_(half)
+    sr.load_state_dict({**a.state_dict(), "param_groups": [{**a.state_dict()["param_groups"][0], "bf16_stochastic_round": True, "sr_seed": 1, "sr_count": 0}]})
+    g = torch.randn(5000).to(torch.bfloat16)
+    sr_p.grad, wide.grad = g, g.float()
+    sr.step()
+    b.step()
+    below, above = neighbours(wide.detach().double())
+    assert bool(((sr_p == below) | (sr_p == above)).all())
+    assert bool((sr_p != wide.to(torch.bfloat16)).any()), "never left round-to-nearest"
+    with pytest.raises(ValueError, match="kahan_sum"):
+        oxoptim.AdamW8bit([half], kahan_sum=True)
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD])
+def test_bf16_state_is_the_float32_update_with_moments_rounded(cls: type) -> None:
+    """float32 weights, bfloat16 state: each step computes exactly what the
+    float32-state optimizer computes from the same (widened) state; the
+    weights match bit for bit and the new state is its float32 state rounded."""
+    params, ours = make(cls, BF16_STATE, dtype=torch.float32)
+    twins, theirs = make(cls, {}, dtype=torch.float32)
+    for s in range(4):
+        grads = grads_for(params, s)
+        for p, t, g in zip(params, twins, grads):
+            p.grad, t.grad = g, g.clone()
+        if s:
+            for p, t in zip(params, twins):
+                for key, value in ours.state[p].items():
+                    if value.dim():  # the widened bfloat16 state
+                        theirs.state[t][key] = value.float()
+        ours.step()
+        theirs.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
+            for key, value in ours.state[p].items():
+                if value.dim():
+                    assert value.dtype == torch.bfloat16
+                    assert torch.equal(value, theirs.state[t][key].to(torch.bfloat16)), key
+
+
+def test_bf16_state_bytes_threads_and_bad_input() -> None:
+    params, opt = make(oxoptim.AdamW, BF16_STATE, dtype=torch.float32)
+    steps(params, opt, 0, 1)
+    state_bytes = sum(v.numel() * v.element_size() for e in opt.state.values() for v in e.values() if v.dim())
+    assert state_bytes == 4 * sum(p.numel() for p in params)  # Adam: 4 bytes per parameter (fp32: 8)
+    results = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            params, opt = make(oxoptim.AdamW, BF16_STATE, dtype=torch.float32)
+            steps(params, opt, 0, 3)
+        finally:
+            torch.set_num_threads(old)
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(ValueError, match="state_dtype"):
+        oxoptim.AdamW(params, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or bfloat16 parameters"):
+        oxoptim.AdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], state_dtype=torch.bfloat16)

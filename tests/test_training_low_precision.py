@@ -1,0 +1,61 @@
+"""Stages in low precision: ``param_dtype = "bfloat16"`` and ``stochastic_rounding = true``
+from TOML to a trained model whose weights stayed bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oxoptim
+from oxoptim.training import Stage, Trainer
+from oxoptim.training.config import load_config
+
+JOB = """
+[[stages]]
+name = "low"
+optimizer = "{optimizer}"
+epochs = 2
+batch_size = 32
+lr = 1e-2
+param_dtype = "bfloat16"
+stochastic_rounding = true
+"""
+
+
+def blobs(n: int = 240, d: int = 8, c: int = 3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = (x @ torch.randn(d, c, generator=g)).argmax(1)
+    return (x[:180], y[:180]), (x[180:], y[180:])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "sgd"])
+def test_a_bfloat16_stage_from_toml_trains_with_stochastic_rounding(tmp_path, optimizer: str) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(JOB.format(optimizer=optimizer))
+    stage = Stage(**load_config(str(path))["stages"][0])
+    assert stage.param_dtype == "bfloat16" and stage.stochastic_rounding
+    assert "bfloat16 weights with stochastic rounding" in stage.describe()
+    train, val = blobs()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    trainer = Trainer(model, F.cross_entropy, train, val, [stage], quiet=True)
+    before = trainer.evaluate(val)["loss"]
+    history = trainer.fit()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    opt = trainer.phase.optimizer if trainer.phase is not None else None
+    if opt is not None:
+        assert all(g.get("bf16_stochastic_round") and g["sr_count"] > 0 for g in opt.param_groups)
+    assert history[-1]["val_loss"] < before  # it learned, in bfloat16, with float32 losses
+    assert isinstance(history[-1]["val_loss"], float)
+
+
+def test_stochastic_rounding_needs_an_optimizer_that_does_it() -> None:
+    with pytest.raises(ValueError, match="needs an optimizer that rounds stochastically: adam, adam8bit, adamw"):
+        Stage("s", "lion", param_dtype="bfloat16", stochastic_rounding=True)
+    with pytest.raises(ValueError, match="stochastic_rounding must be true or false"):
+        Stage("s", "adamw", param_dtype="bfloat16", stochastic_rounding="yes")
+    # Without stochastic rounding any optimizer trains bfloat16 weights (rounded to nearest).
+    assert Stage("s", "lion", param_dtype="bfloat16").rounding_kwargs() == {}
+    assert oxoptim.AdamW is not None
