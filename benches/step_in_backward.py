@@ -106,12 +106,14 @@ def build(key: str) -> Tuple[nn.Module, LossFn, str]:
 
 
 class Contender:
-    """One way of training: ``start`` builds the optimizer (and hooks), ``iteration`` runs one."""
+    """One way of training: ``start`` builds the optimizer (and hooks), ``iteration`` runs one.
+    ``dtype``: the model is cast to it first (bfloat16 weights, no fp32 master copy)."""
 
-    def __init__(self, name: str, make: Callable[[List[nn.Parameter]], Any], in_backward: str = "") -> None:
-        self.name, self.make, self.in_backward = name, make, in_backward
+    def __init__(self, name: str, make: Callable[[List[nn.Parameter]], Any], in_backward: str = "", dtype: torch.dtype = torch.float32) -> None:
+        self.name, self.make, self.in_backward, self.dtype = name, make, in_backward, dtype
 
     def start(self, model: nn.Module) -> Any:
+        model.to(self.dtype)  # in place: the parameters stay the same objects (and tied)
         params = [p for p in model.parameters()]
         if self.in_backward == "oxoptim":
             opt = self.make(params)
@@ -150,6 +152,11 @@ CONTENDERS = [
     Contender("oxoptim AdamW, in backward", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "oxoptim"),
     Contender("oxoptim AdamW, in backward, overlap", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "overlap"),
     Contender("torch fused AdamW per param, in backward (tutorial)", lambda ps: None, "tutorial"),
+    # A quarter of the memory: bfloat16 weights (stochastic rounding), 8-bit moments, no gradients kept.
+    Contender("oxoptim AdamW8bit, bf16 weights + SR, loop",
+              lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), dtype=torch.bfloat16),
+    Contender("oxoptim AdamW8bit, bf16 weights + SR, in backward",
+              lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), "oxoptim", dtype=torch.bfloat16),
 ]
 REFERENCE = "torch AdamW fused, loop"
 
@@ -162,7 +169,18 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _held_mib(model: nn.Module, opt: Any) -> Tuple[float, float]:
+    """Bytes of the weights and of the optimizer state held between iterations (MiB)."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in params}.values())
+    state = 0
+    for entry in getattr(opt, "state", {}).values():
+        state += sum(t.numel() * t.element_size() for t in entry.values() if torch.is_tensor(t))
+    return weights / 2**20, state / 2**20
+
+
 def memory_child(key: str, name: str) -> dict:
+    before_model = _status_mib("VmRSS")
     model, loss_fn, _ = build(key)
     contender = next(c for c in CONTENDERS if c.name == name)
     opt = contender.start(model)
@@ -173,7 +191,9 @@ def memory_child(key: str, name: str) -> dict:
     for _ in range(MEMORY_ITERS):
         contender.iteration(model, opt, loss_fn)
     peak = _status_mib("VmHWM")
-    return {"peak_rss_mib": peak, "after_warmup_rss_mib": base, "peak_over_warmup_mib": peak - base}
+    weights, state = _held_mib(model, opt)
+    return {"peak_rss_mib": peak, "after_warmup_rss_mib": base, "peak_over_warmup_mib": peak - base,
+            "peak_over_pre_model_mib": peak - before_model, "weights_mib": weights, "state_mib": state}
 
 
 def measure_memory(key: str, name: str, threads: Optional[int]) -> dict:
@@ -232,8 +252,9 @@ def markdown(data: dict) -> str:
         lines += [
             f"**{model['name']}** — {model['description']}; gradients {model['grad_mib']:.0f} MiB",
             "",
-            "| contender | ms/iter median (min–max) | peak RSS MiB | peak over warm-up MiB | saved vs torch fused loop, share of gradients |",
-            "|---|---|---|---|---|",
+            "| contender | ms/iter median (min–max) | peak RSS MiB | peak over warm-up MiB | saved vs torch fused loop, share of gradients "
+            "| weights + state MiB | peak over pre-model RSS MiB (share of torch fused loop's) |",
+            "|---|---|---|---|---|---|---|",
         ]
         ref = model["results"].get(REFERENCE, {}).get("memory", {})
         for name, rec in model["results"].items():
@@ -244,9 +265,15 @@ def markdown(data: dict) -> str:
                 saved = ""
                 if "peak_rss_mib" in ref:
                     saved = f"{(ref['peak_rss_mib'] - mem['peak_rss_mib']) / model['grad_mib'] * 100:.0f}%"
-                lines.append(f"| {name} | {t} | {mem['peak_rss_mib']:.0f} | {mem['peak_over_warmup_mib']:.0f} | {saved} |")
+                held = over = ""
+                if "weights_mib" in mem:
+                    held = f"{mem['weights_mib']:.0f} + {mem['state_mib']:.0f}"
+                    over = f"{mem['peak_over_pre_model_mib']:.0f}"
+                    if "peak_over_pre_model_mib" in ref:
+                        over += f" ({mem['peak_over_pre_model_mib'] / ref['peak_over_pre_model_mib'] * 100:.0f}%)"
+                lines.append(f"| {name} | {t} | {mem['peak_rss_mib']:.0f} | {mem['peak_over_warmup_mib']:.0f} | {saved} | {held} | {over} |")
             else:
-                lines.append(f"| {name} | {t} | {mem.get('error', '—')} | | |")
+                lines.append(f"| {name} | {t} | {mem.get('error', '—')} | | | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -289,7 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "memory_method": "not measured" if args.no_memory else (
             f"peak RSS (VmHWM) of a separate process per contender: build, 1 warm-up iteration, reset the peak "
             f"(/proc/self/clear_refs), {MEMORY_ITERS} iterations; glibc's mmap threshold fixed at 128 KiB "
-            "(MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS"
+            "(MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS. 'weights + state' counts the tensors "
+            "held between iterations; 'peak over pre-model RSS' is the peak less the RSS before the model was built: "
+            "weights, gradients, state, and this small batch's activations"
         ),
         "models": [],
     }

@@ -327,3 +327,27 @@ def test_bf16_state_bytes_threads_and_bad_input() -> None:
         oxoptim.AdamW(params, state_dtype=torch.float16)
     with pytest.raises(ValueError, match="float32 or bfloat16 parameters"):
         oxoptim.AdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], state_dtype=torch.bfloat16)
+
+
+def test_stream_ids_name_each_parameters_random_bits() -> None:
+    """A parameter's stochastic rounding follows its stream id, not its place in the call;
+    a wrong number of ids is refused before anything is written."""
+    from oxoptim import _core
+
+    def step(params: list[torch.Tensor], ids: list[int] | None) -> bool:
+        grads = [torch.full_like(p, -1.0 / 256) for p in params]  # halfway: every element shows its bit
+        hyper = {"lr": 1.0, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+        return _core.step("sgd", params, grads, [], [], hyper, stochastic_round=(7, 2), stream_ids=ids)
+
+    a, b = torch.ones(300, dtype=torch.bfloat16), torch.ones(300, dtype=torch.bfloat16)
+    assert step([a, b], [4, 11])
+    alone = torch.ones(300, dtype=torch.bfloat16)
+    assert step([alone], [11])
+    assert torch.equal(alone, b)
+    positional = torch.ones(300, dtype=torch.bfloat16)
+    assert step([positional], None)
+    assert not torch.equal(positional, b)
+    untouched = torch.ones(300, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="expected 1 stream ids, got 2"):
+        step([untouched], [1, 2])
+    assert torch.equal(untouched, torch.ones(300, dtype=torch.bfloat16))

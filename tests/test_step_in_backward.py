@@ -405,6 +405,68 @@ def test_lr_schedulers_see_ordinary_steps() -> None:
     assert_same_training(a, opt_a, b, opt_b)
 
 
+# Low-precision weights and state: bfloat16 models; stochastic rounding draws each parameter's
+# bits from its position in the optimizer, so a bucket's call draws what the group's call would.
+LOW_PRECISION = [
+    ("adamw_sr", oxoptim.AdamW, {"lr": 0.01, "weight_decay": 0.1, "bf16_stochastic_round": True}),
+    ("sgd_momentum_sr", oxoptim.SGD, {"lr": 0.05, "momentum": 0.9, "bf16_stochastic_round": True}),
+    ("adam_kahan", oxoptim.Adam, {"lr": 0.01, "kahan_sum": True}),
+    ("adamw_bf16_state", oxoptim.AdamW, {"lr": 0.01, "state_dtype": torch.bfloat16}),
+    ("adamw8bit", oxoptim.AdamW8bit, {"lr": 0.01, "min_8bit_size": 16}),
+    ("adamw8bit_sr", oxoptim.AdamW8bit, {"lr": 0.01, "min_8bit_size": 16, "bf16_stochastic_round": True}),
+    ("adam8bit_sr_mixed_state", oxoptim.Adam8bit, {"lr": 0.01, "min_8bit_size": 50, "bf16_stochastic_round": True}),
+]
+
+
+@pytest.mark.parametrize("name, cls, hyper", LOW_PRECISION, ids=[c[0] for c in LOW_PRECISION])
+@given(data=st.data())
+def test_low_precision_weights_and_state_are_bit_identical_to_the_ordinary_loop(name, cls, hyper, data) -> None:
+    kind = data.draw(st.sampled_from(MODELS), label="model")
+    two_groups = data.draw(st.booleans(), label="two_groups")
+    sib = dict(bucket_numel=data.draw(st.sampled_from([0, 40, 1 << 16]), label="bucket_numel"), overlap=data.draw(st.booleans(), label="overlap"))
+    xs = batches(4, torch.bfloat16)
+    results = []
+    for in_backward in (None, sib):
+        torch.manual_seed(5)  # the same stochastic-rounding seeds
+        model = Toy(kind, torch.bfloat16)
+        opt = make_optimizer(cls, model, hyper, two_groups)
+        train(model, opt, xs, sib=in_backward)
+        results.append((model, opt))
+    (a, opt_a), (b, opt_b) = results
+    assert_same_training(a, opt_a, b, opt_b)
+    if "8bit" in name:
+        assert any(entry.get("exp_avg", torch.zeros(())).dtype == torch.uint8 for entry in opt_a.state.values())
+
+
+@pytest.mark.parametrize("name, cls, hyper", LOW_PRECISION, ids=[c[0] for c in LOW_PRECISION])
+def test_low_precision_resume_from_a_checkpoint_is_bit_identical(name, cls, hyper) -> None:
+    xs = batches(7, torch.bfloat16)
+    torch.manual_seed(5)
+    straight = Toy("partial", torch.bfloat16)
+    opt = cls(straight.parameters(), **hyper)
+    train(straight, opt, xs, sib={})
+    torch.manual_seed(5)
+    first = Toy("partial", torch.bfloat16)
+    opt_first = cls(first.parameters(), **hyper)
+    train(first, opt_first, xs[:4], sib={})
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = Toy("partial", torch.bfloat16, seed=99)
+    resumed.load_state_dict(saved["model"])
+    opt_resumed = cls(resumed.parameters(), **hyper)  # another seed until the checkpoint loads
+    opt_resumed.load_state_dict(saved["optimizer"])
+    train(resumed, opt_resumed, xs[4:], sib={})
+    assert_same_training(straight, opt, resumed, opt_resumed)
+
+
+def test_optimizer_accumulation_is_refused_for_8bit_state() -> None:
+    opt = oxoptim.AdamW8bit(Toy("mlp").parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="accumulation='optimizer' is defined for Adam and AdamW, not AdamW8bit"):
+        step_in_backward(opt, accumulate=2, accumulation="optimizer")
+
+
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
 def test_resume_from_a_checkpoint_is_bit_identical(twin) -> None:
     xs = batches(7, torch.float32)

@@ -47,7 +47,9 @@ def no_hooks(m) -> bool:
 
 
 @pytest.mark.parametrize("optimizer, kwargs", [("adamw", {"lr": 3e-3}), ("sgd", {"lr": 0.05, "momentum": 0.9}),
-                                               ("lion", {"lr": 1e-4})])
+                                               ("lion", {"lr": 1e-4}),
+                                               ("adamw8bit", {"lr": 3e-3, "min_8bit_size": 64, "param_dtype": "bfloat16",
+                                                              "stochastic_rounding": True})])
 @pytest.mark.parametrize("accumulate, clip", [(1, None), (3, None), (2, "per_parameter")])
 def test_step_in_backward_stage_equals_the_ordinary_loop(optimizer, kwargs, accumulate, clip):
     """Exact gradient accumulation and per-parameter clipping are what the ordinary loop does, so

@@ -53,6 +53,7 @@ def step(
     stochastic_round: Optional[tuple[int, int]] = None,
     compensation: Optional[list[torch.Tensor]] = None,
     bf16_state: bool = False,
+    stream_ids: Optional[list[int]] = None,
 ) -> bool: ...
 def group_step(
     kind: str,
@@ -65,6 +66,7 @@ def group_step(
     stochastic_round: Optional[tuple[int, int]] = None,
     kahan: bool = False,
     bf16_state: bool = False,
+    stream_ids: Optional[list[int]] = None,
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...

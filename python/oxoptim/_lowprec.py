@@ -8,8 +8,10 @@ only how the new weight is stored back into the bfloat16 parameter changes:
   random, with the probability that makes the expected stored value the
   float32 one; always one of the two neighbouring bfloat16 numbers. The
   random bits are a counter-based hash of (``sr_seed``, ``sr_count``, the
-  parameter's position among the group's parameters with a gradient, the
-  element index), computed in Rust: the same whatever the thread count.
+  parameter's position among all the optimizer's parameters, the element
+  index), computed in Rust: the same whatever the thread count, and whichever
+  call steps the parameter (its whole group, or a bucket of
+  :func:`~oxoptim.step_in_backward`).
   ``sr_seed`` is drawn from torch's default generator when the group is
   added (``torch.manual_seed`` makes a run reproducible) and ``sr_count``
   counts the group's steps; both live in the parameter group, so a
@@ -37,7 +39,7 @@ import torch
 
 from . import _core
 
-__all__ = ["KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed"]
+__all__ = ["KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "stream_ids"]
 
 #: The state entry of a parameter's Kahan compensation (torch-optimi's name).
 KAHAN_COMP = "kahan_comp"
@@ -47,6 +49,25 @@ _OPTIONS = ("bf16_stochastic_round", "kahan_sum")
 def draw_seed() -> int:
     """A 62-bit seed from torch's default generator."""
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def stream_ids(optimizer: Any, params: list) -> list[int]:
+    """Each parameter's stochastic-rounding stream: its position among the optimizer's
+    parameters (all groups, in order). Cached; rebuilt when a parameter of the call is not
+    where the cache says (groups added or reordered)."""
+    cached = optimizer.__dict__.get("_oxoptim_streams")
+    if cached is not None:
+        ordered, index = cached
+        try:
+            ids = [index[p] for p in params]
+            if all(ordered[i] is p for i, p in zip(ids, params)):
+                return ids
+        except KeyError:
+            pass
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    index = {p: i for i, p in enumerate(ordered)}
+    optimizer.__dict__["_oxoptim_streams"] = (ordered, index)
+    return [index[p] for p in params]
 
 
 def check_low_precision(name: str, group: dict) -> None:
@@ -141,6 +162,7 @@ class LowPrecisionWeights:
             self._prepare_state(group, params)
         if group.get("bf16_stochastic_round"):
             options["stochastic_round"] = (int(group["sr_seed"]), int(group["sr_count"]))
+            options["stream_ids"] = stream_ids(self, group["params"] if params is None else params)
         elif group.get("kahan_sum"):
             if params is None:
                 options["kahan"] = True

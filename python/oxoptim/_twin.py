@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from . import _core
-from ._native import evaluate_closure, num_threads, step_groups, use_grad_for_differentiable
+from ._native import evaluate_closure, group_is_native, num_threads, step_groups, use_grad_for_differentiable
 from ._skip import SkipNonfinite
 from ._state import CheckedStateDict
 
@@ -148,6 +148,13 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         """Moves a group's own step-level state (Schedule-Free's schedule) on by one step. The
         ordinary step does it with each group; ``step_in_backward``, which steps a group in pieces,
         once per iteration. Most optimizers keep no such state."""
+
+    def _step_part(self, group: dict, cache: Any) -> None:
+        """Steps ``group``, a copy of one of the groups holding some of its parameters:
+        what ``step_in_backward`` runs per bucket (its ``cache`` keeps the bucket's layout)."""
+        native = group_is_native(self, group)  # type: ignore[arg-type]
+        if not (native and self._fast_step(group, cache)):
+            self._general_step(group, native)
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
         state = self.state  # type: ignore[attr-defined]

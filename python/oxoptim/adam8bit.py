@@ -9,7 +9,7 @@ import torch
 
 from . import _blockwise as bw
 from . import _core
-from ._lowprec import check_low_precision, draw_seed
+from ._lowprec import check_low_precision, draw_seed, stream_ids
 from ._native import evaluate_closure, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
@@ -18,8 +18,6 @@ __all__ = ["Adam8bit", "AdamW8bit"]
 _TORCH_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}
 _EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
-# Keeps the random bits of the fp32-state call apart from the 8-bit call's.
-_FP32_SALT = 0x5BD1_E995
 
 
 class Adam8bit(torch.optim.Optimizer):
@@ -136,22 +134,38 @@ class Adam8bit(torch.optim.Optimizer):
                 and returns the loss.
         """
         loss = evaluate_closure(closure)
+        in_backward = self.__dict__.get("_oxoptim_step_in_backward")
+        if in_backward is not None:
+            in_backward.finish()  # the parameters were updated during backward
+            return loss
         # Everything is checked, and fresh state made, before anything is written.
         plans = [self._plan(group) for group in self.param_groups]
-        for group, (fresh, eight, full) in zip(self.param_groups, plans):
-            self.state.update(fresh)
-            self._step_8bit(group, eight)
-            self._step_fp32(group, full)
-            if group.get("bf16_stochastic_round"):
-                group["sr_count"] = int(group["sr_count"]) + 1
+        for group, plan in zip(self.param_groups, plans):
+            self._apply(group, plan)
+            self._advance_group(group)
         return loss
 
-    @staticmethod
-    def _rounding(group: dict, salt: int = 0) -> dict:
-        """The native call's stochastic rounding stream (``salt`` tells the 8-bit and fp32-state calls apart)."""
+    def _step_part(self, group: dict, cache: Any) -> None:
+        """Steps ``group``, a copy of one of the groups holding some of its parameters
+        (``step_in_backward``'s bucket; 8-bit calls keep no layout cache)."""
+        self._apply(group, self._plan(group))
+
+    def _apply(self, group: dict, plan: tuple[dict, list, list]) -> None:
+        fresh, eight, full = plan
+        self.state.update(fresh)
+        self._step_8bit(group, eight)
+        self._step_fp32(group, full)
+
+    def _advance_group(self, group: dict) -> None:
+        """Once per step of the group (``step_in_backward`` steps it in pieces): the rounding stream moves on."""
+        if group.get("bf16_stochastic_round"):
+            group["sr_count"] = int(group["sr_count"]) + 1
+
+    def _rounding(self, group: dict, params: list) -> dict:
+        """The native call's stochastic rounding: the group's stream, one per parameter."""
         if not group.get("bf16_stochastic_round"):
             return {}
-        return {"stochastic_round": (int(group["sr_seed"]) ^ salt, int(group["sr_count"]))}
+        return {"stochastic_round": (int(group["sr_seed"]), int(group["sr_count"])), "stream_ids": stream_ids(self, params)}
 
     def _plan(self, group: dict) -> tuple[dict, list, list]:
         """The group's parameters with gradients, split by state kind, with
@@ -208,7 +222,7 @@ class Adam8bit(torch.optim.Optimizer):
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         state = [[entry[k] for _, entry in eight] for k in _EIGHT_BIT_KEYS]
         steps = [[entry["step"] for _, entry in eight]]
-        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads(), **self._rounding(group)):
+        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads(), **self._rounding(group, params)):
             raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype")
 
     def _step_fp32(self, group: dict, full: list) -> None:
@@ -221,7 +235,7 @@ class Adam8bit(torch.optim.Optimizer):
         steps = [entry["step"] for _, entry in full]
         hyper = self._hyper(group)
         adam_hyper = {**hyper, "amsgrad": False, "maximize": False}
-        if _core.step("adam", params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads(), **self._rounding(group, _FP32_SALT)):
+        if _core.step("adam", params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads(), **self._rounding(group, params)):
             return
         if group.get("bf16_stochastic_round"):
             raise ValueError(f"{type(self).__name__}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory")

@@ -90,7 +90,6 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _core
-from ._native import group_is_native
 from .clip import clip_grad_norm_
 
 __all__ = ["ClipPerParameter", "ClipPreviousNorm", "StepInBackward", "step_in_backward"]
@@ -144,8 +143,10 @@ class StepInBackward:
     """Context manager returned by :func:`step_in_backward` (see the module docstring).
 
     Args:
-        optimizer: a Rust-backed oxoptim optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
-            ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``, ``ASGD``, ``Rprop``).
+        optimizer: a Rust-backed oxoptim optimizer: the ``torch.optim`` twins (``SGD``, ``Adam``,
+            ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``,
+            ``ASGD``, ``Rprop``, ``Adafactor``), ``Lion``, the Schedule-Free optimizers,
+            ``Adam8bit`` and ``AdamW8bit``.
         accumulate: micro-batches (backward passes) per ``optimizer.step()``; may be changed
             between iterations (a short last batch with fewer micro-batches).
         accumulation: ``"gradient"`` (exact, ``p.grad`` is the buffer) or ``"optimizer"``
@@ -173,12 +174,10 @@ class StepInBackward:
         ddp: Optional[torch.nn.Module] = None,
         grad_scaler: Any = None,
     ) -> None:
-        from ._twin import TorchTwin
-
-        if not isinstance(optimizer, TorchTwin):
+        if not callable(getattr(optimizer, "_step_part", None)):
             raise TypeError(
-                "step_in_backward needs a Rust-backed oxoptim optimizer (SGD, Adam, AdamW, RMSprop, Adagrad, "
-                f"Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop), got {type(optimizer).__name__}"
+                "step_in_backward needs a Rust-backed oxoptim optimizer (the torch twins, Lion, the Schedule-Free "
+                f"optimizers, Adam8bit, AdamW8bit), got {type(optimizer).__name__}"
             )
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
@@ -355,11 +354,9 @@ class StepInBackward:
         self._clip(params)
         sub = dict(group)
         sub["params"] = params
-        native = group_is_native(optimizer, sub)
         cache.begin_step()
         try:
-            if not (native and optimizer._fast_step(sub, cache)):
-                optimizer._general_step(sub, native)
+            optimizer._step_part(sub, cache)
         finally:
             cache.finish_step()
         if release:

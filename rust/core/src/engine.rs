@@ -167,7 +167,7 @@ unsafe fn apply_columns<K: Elementwise>(
     slot: usize,
     range: std::ops::Range<usize>,
 ) {
-    let at = Narrowing::new(exec, slot, range.start);
+    let at = Narrowing::new(exec, batch, slot, range.start);
     // SAFETY: disjointness is the caller's.
     unsafe {
         batch.with_compensation_slice(slot, range.clone(), |comp| {
@@ -325,7 +325,7 @@ unsafe fn apply_range<K: Elementwise>(
     range: std::ops::Range<usize>,
 ) {
     let backend = exec.backend;
-    let at = Narrowing::new(exec, slot, range.start);
+    let at = Narrowing::new(exec, batch, slot, range.start);
     // SAFETY (each arm): T matches the slot's dtype; disjointness is the caller's.
     unsafe {
         match batch.slot(slot).dtype {
@@ -353,16 +353,19 @@ struct Narrowing {
     rounding: ParamRounding,
     backend: Backend,
     slot: usize,
+    /// The slot's random stream ([`TensorBatch::stream`]).
+    stream: usize,
     /// The slot element the work item starts at.
     start: usize,
 }
 
 impl Narrowing {
-    fn new(exec: Exec, slot: usize, start: usize) -> Narrowing {
+    fn new(exec: Exec, batch: &TensorBatch, slot: usize, start: usize) -> Narrowing {
         Narrowing {
             rounding: exec.rounding,
             backend: exec.backend,
             slot,
+            stream: batch.stream(slot),
             start,
         }
     }
@@ -436,7 +439,7 @@ impl HalfFloat for bf16 {
                 dst,
                 at.start + offset,
                 (seed, count),
-                at.slot,
+                at.stream,
             ),
             _ => rounding::narrow_bf16(at.backend, src, dst),
         }

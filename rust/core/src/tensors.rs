@@ -172,6 +172,10 @@ pub struct TensorBatch {
     /// Kahan compensation arrays of bfloat16 parameters, one per slot,
     /// written by the engine only (empty unless [`TensorBatch::with_compensation`]).
     compensation: Vec<RawTensor>,
+    /// The caller's id of each slot's random stream (stochastic rounding), so
+    /// that a tensor draws the same bits whichever call, at whichever
+    /// position, steps it; empty: the slot index ([`TensorBatch::with_streams`]).
+    streams: Vec<u64>,
 }
 
 impl TensorBatch {
@@ -236,6 +240,7 @@ impl TensorBatch {
             specs: specs.to_vec(),
             read_only: false,
             compensation: Vec::new(),
+            streams: Vec::new(),
         })
     }
 
@@ -260,6 +265,7 @@ impl TensorBatch {
             specs,
             read_only: true,
             compensation: Vec::new(),
+            streams: Vec::new(),
         })
     }
 
@@ -284,6 +290,24 @@ impl TensorBatch {
     /// Length and dtype of slot `slot` (shared by its arrays).
     pub fn slot(&self, slot: usize) -> RawTensor {
         self.arrays[slot * self.arity]
+    }
+
+    /// Names each slot's random stream (one id per slot; see `streams`).
+    pub fn with_streams(mut self, streams: Vec<u64>) -> Result<TensorBatch> {
+        if streams.len() != self.slots() {
+            return Err(Error::Mismatch(format!(
+                "{} stream ids for {} tensors",
+                streams.len(),
+                self.slots()
+            )));
+        }
+        self.streams = streams;
+        Ok(self)
+    }
+
+    /// The random stream of `slot`: the caller's id, or the slot index.
+    pub fn stream(&self, slot: usize) -> usize {
+        self.streams.get(slot).map_or(slot, |&id| id as usize)
     }
 
     /// Adds a Kahan compensation array per slot: bfloat16, as long as the

@@ -691,3 +691,60 @@ fn nearest_narrowing_and_widening_match_half_on_every_path() {
         }
     }
 }
+
+#[test]
+fn a_tensors_random_bits_follow_its_stream_id_not_its_slot() {
+    // Halfway cases (as above), so every element's rounding shows its bits.
+    let sgd = SgdConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        dampening: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+        maximize: false,
+    };
+    let n = 777;
+    let run = |tensors: usize, streams: Option<Vec<u64>>| {
+        let mut p = vec![vec![bf16::ONE; n]; tensors];
+        let mut g = vec![vec![bf16::from_f32(-1.0 / 256.0); n]; tensors];
+        let mut raws = Vec::new();
+        for (p, g) in p.iter_mut().zip(g.iter_mut()) {
+            for b in [p, g] {
+                raws.push(RawTensor {
+                    addr: b.as_mut_ptr() as usize,
+                    len: n,
+                    dtype: DType::BF16,
+                });
+            }
+        }
+        // SAFETY: the vectors outlive the batch and nothing else touches them.
+        let mut batch = unsafe { TensorBatch::new(raws, 2).unwrap() };
+        if let Some(ids) = streams {
+            batch = batch.with_streams(ids).unwrap();
+        }
+        let exec = Exec::new(Backend::active(), 2).with_rounding(stochastic(3));
+        sgd_step(&sgd, &batch, &vec![false; tensors], exec).unwrap();
+        drop(batch);
+        p.last().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    let second_of_two = run(2, Some(vec![5, 9]));
+    assert_eq!(run(1, Some(vec![9])), second_of_two, "stream 9 alone");
+    assert_ne!(run(1, None), second_of_two, "slot 0's stream");
+    assert_eq!(run(2, None), run(1, Some(vec![1])), "the default stream is the slot index");
+    let mut short = vec![bf16::ONE; 4];
+    let raw = RawTensor {
+        addr: short.as_mut_ptr() as usize,
+        len: 2,
+        dtype: DType::BF16,
+    };
+    let other = RawTensor {
+        addr: short[2..].as_mut_ptr() as usize,
+        ..raw
+    };
+    // SAFETY: `short` outlives the batch.
+    let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
+    assert!(matches!(
+        batch.with_streams(vec![1, 2]),
+        Err(oxoptim_core::Error::Mismatch(_))
+    ));
+}

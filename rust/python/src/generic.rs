@@ -90,6 +90,8 @@ struct Gathered<'py> {
     cells: Vec<RawTensor>,
     /// Kahan compensation arrays, one per slot (empty without Kahan summation).
     compensation: Vec<RawTensor>,
+    /// The caller's random-stream id of each slot (empty: the slot index).
+    streams: Vec<u64>,
     /// Every tensor described and the storage it pointed at, held until the call ends.
     keep: KeepAlive<'py>,
     params: Bound<'py, PyList>,
@@ -104,6 +106,7 @@ impl<'py> Gathered<'py> {
             columns: vec![Vec::with_capacity(capacity); arity],
             cells: Vec::new(),
             compensation: Vec::new(),
+            streams: Vec::new(),
             keep: KeepAlive::with_capacity(capacity * (arity + 1)),
             params: PyList::empty(py),
         })
@@ -207,6 +210,11 @@ impl<'py> Gathered<'py> {
         } else {
             batch
         };
+        let batch = if self.streams.is_empty() {
+            batch
+        } else {
+            batch.with_streams(self.streams.clone()).map_err(core_error)?
+        };
         let batch = Arc::new(batch);
         // SAFETY: the cells were described like the arrays, from live 0-d CPU
         // tensors held the same way.
@@ -236,7 +244,7 @@ impl<'py> Gathered<'py> {
 /// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
 /// touched nothing) when some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false))]
+#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false, stream_ids=None))]
 #[allow(clippy::too_many_arguments)]
 fn step<'py>(
     py: Python<'py>,
@@ -251,6 +259,7 @@ fn step<'py>(
     stochastic_round: Option<(u64, u64)>,
     compensation: Option<Bound<'py, PyList>>,
     bf16_state: bool,
+    stream_ids: Option<Vec<u64>>,
 ) -> PyResult<bool> {
     let entry = entry(kind)?;
     let configured = configure(&entry, hyper)?;
@@ -293,6 +302,7 @@ fn step<'py>(
             "{kind}: expected {n} compensation tensors"
         )));
     }
+    check_stream_ids(kind, stream_ids.as_deref(), n)?;
     let exec = exec(num_threads, backend)?
         .with_rounding(rounding(stochastic_round, compensation.is_some())?);
     let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), n)?;
@@ -303,6 +313,7 @@ fn step<'py>(
         if !gathered.push(None, &param, &grads[i], &state, &cells, comp.as_ref())? {
             return Ok(false);
         }
+        gathered.streams.extend(stream_ids.as_ref().map(|ids| ids[i]));
     }
     let memos = (&mut DisjointMemo::default(), &mut DisjointMemo::default());
     if !gathered.run(&entry, configured.as_ref(), exec, memos)? {
@@ -324,7 +335,7 @@ fn step<'py>(
 /// path must run: some parameter with a gradient lacks state (a first step), or
 /// some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1, stochastic_round=None, kahan=false, bf16_state=false))]
+#[pyo3(signature = (kind, params, state, cache, hyper, *, num_threads=1, stochastic_round=None, kahan=false, bf16_state=false, stream_ids=None))]
 #[allow(clippy::too_many_arguments)]
 fn group_step<'py>(
     py: Python<'py>,
@@ -337,7 +348,9 @@ fn group_step<'py>(
     stochastic_round: Option<(u64, u64)>,
     kahan: bool,
     bf16_state: bool,
+    stream_ids: Option<Vec<u64>>,
 ) -> PyResult<bool> {
+    check_stream_ids(kind, stream_ids.as_deref(), params.len())?;
     let rounding = rounding(stochastic_round, kahan)?;
     let comp_key = PyString::intern(py, KAHAN_COMP);
     let entry = entry(kind)?;
@@ -356,7 +369,7 @@ fn group_step<'py>(
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
     let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), params.len())?;
     let empty = PyDict::new(py);
-    for p in params.iter() {
+    for (i, p) in params.iter().enumerate() {
         let grad = p.getattr(intern!(py, "grad"))?;
         if grad.is_none() {
             continue;
@@ -394,6 +407,7 @@ fn group_step<'py>(
         if !gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells, comp.as_ref())? {
             return Ok(false);
         }
+        gathered.streams.extend(stream_ids.as_ref().map(|ids| ids[i]));
     }
     let exec = exec(num_threads, None)?.with_rounding(rounding);
     if !gathered.run(
@@ -419,6 +433,17 @@ fn specs(configured: &dyn Configured, bf16_state: bool) -> Vec<ArraySpec> {
         with_bf16_state(&specs)
     } else {
         specs
+    }
+}
+
+/// `stream_ids`, when given, names one random stream per parameter.
+fn check_stream_ids(kind: &str, stream_ids: Option<&[u64]>, n: usize) -> PyResult<()> {
+    match stream_ids {
+        Some(ids) if ids.len() != n => Err(PyValueError::new_err(format!(
+            "{kind}: expected {n} stream ids, got {}",
+            ids.len()
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -103,6 +103,7 @@ impl Optimizer for Adam8bitConfig {
                 m: Codebook::get(Map::Signed),
                 v: Codebook::get(Map::Unsigned),
                 rounding: exec.rounding,
+                streams: (0..batch.slots()).map(|i| batch.stream(i)).collect(),
             },
             batch,
             exec,
@@ -118,6 +119,8 @@ struct Adam8bitKernel<'a> {
     v: &'static Codebook,
     /// How bfloat16 parameters are stored back.
     rounding: ParamRounding,
+    /// Each slot's random stream (stochastic rounding).
+    streams: Vec<usize>,
 }
 
 impl Blockwise for Adam8bitKernel<'_> {
@@ -138,7 +141,7 @@ impl Blockwise for Adam8bitKernel<'_> {
             (Column::BF16(p), Column::BF16(g)) => Param::BF16 {
                 param: p,
                 grad: g,
-                at: (slot, start),
+                at: (self.streams[slot], start),
             },
             _ => unreachable!("the step checked the parameter dtypes"),
         };
@@ -164,7 +167,7 @@ enum Param<'c> {
     BF16 {
         param: &'c mut [bf16],
         grad: &'c mut [bf16],
-        /// The slot and the slot element the work item starts at (stochastic rounding's index).
+        /// The slot's random stream and the slot element the work item starts at (stochastic rounding's index).
         at: (usize, usize),
     },
 }
@@ -227,7 +230,7 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
             unsafe { run_blocks(simd, len, &mut update) };
             if let Param::BF16 {
                 param,
-                at: (slot, start),
+                at: (stream, start),
                 ..
             } = &mut self.param
             {
@@ -239,7 +242,7 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
                         dst,
                         *start + at.start,
                         (seed, count),
-                        *slot,
+                        *stream,
                     ),
                     _ => narrow_bf16_lanes(simd, &wide_p[..len], dst),
                 }
