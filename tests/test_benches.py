@@ -3,6 +3,7 @@ timer, a probe that streams the arrays it claims, cache labels, per-round
 ratios, and a README block generated from the results (benches/)."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -281,7 +282,7 @@ def test_step_in_backward_contenders_train_as_their_ordinary_loops():
             assert all(p._post_accumulate_grad_hooks for p in model.parameters())
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
         for _ in range(3):
-            contender.iteration(model, opt, lambda m: m(x).square().mean())
+            contender.iteration(model, opt, lambda m: m(x.to(contender.dtype)).float().square().mean())
         assert all(p.grad is None for p in model.parameters())
         return [p.detach() for p in model.parameters()]
 
@@ -291,6 +292,25 @@ def test_step_in_backward_contenders_train_as_their_ordinary_loops():
     fused = trained("torch AdamW fused, loop")
     tutorial = trained("torch fused AdamW per param, in backward (tutorial)")
     assert all(torch.equal(a, b) for a, b in zip(fused, tutorial))
+    quarter = trained("oxoptim AdamW8bit, bf16 weights + SR, loop")
+    assert all(p.dtype == torch.bfloat16 for p in quarter)
+    inside = trained("oxoptim AdamW8bit, bf16 weights + SR, in backward")
+    assert all(torch.equal(a, b) for a, b in zip(quarter, inside))
+
+
+def test_lowbit_sentiment_variants_change_every_stage_and_only_that():
+    import lowbit_sentiment as bench
+
+    from oxoptim.training.config import load_config
+
+    base = load_config(os.path.join(bench.ROOT, "configs", "default.toml"))
+    for variant, (_, change) in bench.VARIANTS.items():
+        cfg = bench.variant_config(base, variant, 7)
+        assert cfg["seed"] == 7 and cfg["data"] == base["data"] and cfg["model"] == base["model"]
+        for stage, original in zip(cfg["stages"], base["stages"]):
+            assert stage == {**original, **change}
+    digests = {bench.config_digest(bench.variant_config(base, v, 0)) for v in bench.VARIANTS}
+    assert len(digests) == len(bench.VARIANTS)
 
 
 def test_lowbit_counts_state_bytes_and_reports_every_contender(tmp_path, monkeypatch):
