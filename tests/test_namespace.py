@@ -36,10 +36,17 @@ def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
     assert issubclass(ours, TorchTwin) and issubclass(ours, theirs)
     expected = list(inspect.signature(theirs).parameters.values())
     expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
-    if issubclass(ours, LowPrecisionWeights):  # bfloat16 weights: stochastic rounding or Kahan summation
-        expected += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for k in ("bf16_stochastic_round", "kahan_sum")]
-        expected.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.dtype]))
+    expected += low_precision_options(ours)
     assert list(inspect.signature(ours).parameters.values()) == expected
+
+
+def low_precision_options(ours: type) -> list:
+    """The keyword-only options of twins that take bfloat16 weights (stochastic rounding or
+    Kahan summation) and bfloat16 state."""
+    if not issubclass(ours, LowPrecisionWeights):
+        return []
+    flags = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool) for k in ("bf16_stochastic_round", "kahan_sum")]
+    return [*flags, inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.dtype])]
 
 
 # Beyond torch.optim: twins of reference packages on PyPI (see tests/optimizers.py).
@@ -59,6 +66,7 @@ def test_optimizers_beyond_torch_have_their_reference_signature(name: str) -> No
     assert name in oxoptim.__all__ and issubclass(ours, TorchTwin)
     expected = list(inspect.signature(theirs).parameters.values())
     expected.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    expected += low_precision_options(ours)
     got = list(inspect.signature(ours).parameters.values())
     # Same names, kinds and defaults, in order (annotations are the reference's business).
     assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in expected]

@@ -52,8 +52,9 @@ def test_a_bfloat16_stage_from_toml_trains_with_stochastic_rounding(tmp_path, op
 
 
 def test_stochastic_rounding_needs_an_optimizer_that_does_it() -> None:
-    with pytest.raises(ValueError, match="needs an optimizer that rounds stochastically: adam, adam8bit, adamw"):
-        Stage("s", "lion", param_dtype="bfloat16", stochastic_rounding=True)
+    with pytest.raises(ValueError, match="needs an optimizer that rounds stochastically: adadelta, adagrad, adam, adam8bit"):
+        Stage("s", "subgradient", param_dtype="bfloat16", stochastic_rounding=True)
+    Stage("s", "lion", param_dtype="bfloat16", stochastic_rounding=True)  # every Rust twin rounds stochastically
     with pytest.raises(ValueError, match="stochastic_rounding must be true or false"):
         Stage("s", "adamw", param_dtype="bfloat16", stochastic_rounding="yes")
     # Without stochastic rounding any optimizer trains bfloat16 weights (rounded to nearest).

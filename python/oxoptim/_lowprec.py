@@ -136,6 +136,22 @@ class LowPrecisionWeights:
             param_group.setdefault("sr_count", 0)
         super().add_param_group(param_group)  # type: ignore[misc]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        # torch casts every loaded state tensor but ``step`` to its parameter's dtype; with the
+        # options on, 0-d state (NAdam's mu_product, ASGD's eta and mu) stays as saved, in
+        # float32: the native path computes with it, as it did before the checkpoint.
+        saved_groups, entries = state_dict["param_groups"], state_dict["state"]
+        for saved, group in zip(saved_groups, self.param_groups):  # type: ignore[attr-defined]
+            if not any(group.get(k) for k in (*_OPTIONS, "state_dtype")):
+                continue
+            for key, p in zip(saved["params"], group["params"]):
+                for name, value in entries.get(key, {}).items():
+                    loaded = self.state[p].get(name)  # type: ignore[attr-defined]
+                    if (name != "step" and torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()
+                            and torch.is_tensor(loaded) and loaded.dtype != value.dtype):
+                        self.state[p][name] = value.to(device=p.device, copy=True)  # type: ignore[attr-defined]
+
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         # Every group is checked before any is stepped.
         for group in self.param_groups:  # type: ignore[attr-defined]

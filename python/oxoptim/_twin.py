@@ -49,6 +49,15 @@ NATIVE_NOTE = """
     untouched) and ``skipped_steps`` counts it.
 """
 
+LOW_PRECISION_NOTE = """
+    Keyword-only low-precision options (default off, native path only):
+    ``state_dtype=torch.bfloat16`` keeps the parameter-shaped state in
+    bfloat16 (computed in float32); for bfloat16 parameters without an fp32
+    master copy, ``bf16_stochastic_round=True`` stores each updated weight with
+    unbiased stochastic rounding and ``kahan_sum=True`` with a bfloat16 Kahan
+    compensation buffer (state entry ``kahan_comp``).
+"""
+
 _TABLE = _core.optimizers()
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["Adadelta"]
 
 
-class Adadelta(TorchTwin, torch.optim.Adadelta, kind="adadelta"):
+class Adadelta(LowPrecisionWeights, TorchTwin, torch.optim.Adadelta, kind="adadelta"):
     __doc__ = (
         """Drop-in ``torch.optim.Adadelta`` (weight decay, maximize) whose CPU
     update runs in Rust SIMD, operation for operation as torch's. A subclass
@@ -17,4 +18,5 @@ class Adadelta(TorchTwin, torch.optim.Adadelta, kind="adadelta"):
     errors and ``state_dict`` layout (``step``, ``square_avg``, ``acc_delta``).
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

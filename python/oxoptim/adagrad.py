@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["Adagrad"]
 
 
-class Adagrad(TorchTwin, torch.optim.Adagrad, kind="adagrad"):
+class Adagrad(LowPrecisionWeights, TorchTwin, torch.optim.Adagrad, kind="adagrad"):
     __doc__ = (
         """Drop-in ``torch.optim.Adagrad`` (``lr_decay``, weight decay,
     ``initial_accumulator_value``, maximize) whose CPU update runs in Rust
@@ -19,4 +20,5 @@ class Adagrad(TorchTwin, torch.optim.Adagrad, kind="adagrad"):
     torch's own implementation.
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

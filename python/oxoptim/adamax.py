@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["Adamax"]
 
 
-class Adamax(TorchTwin, torch.optim.Adamax, kind="adamax"):
+class Adamax(LowPrecisionWeights, TorchTwin, torch.optim.Adamax, kind="adamax"):
     __doc__ = (
         """Drop-in ``torch.optim.Adamax`` (weight decay, maximize) whose CPU
     update runs in Rust SIMD, operation for operation as torch's. A subclass
@@ -17,4 +18,5 @@ class Adamax(TorchTwin, torch.optim.Adamax, kind="adamax"):
     errors and ``state_dict`` layout (``step``, ``exp_avg``, ``exp_inf``).
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["ASGD"]
 
 
-class ASGD(TorchTwin, torch.optim.ASGD, kind="asgd"):
+class ASGD(LowPrecisionWeights, TorchTwin, torch.optim.ASGD, kind="asgd"):
     __doc__ = (
         """Drop-in ``torch.optim.ASGD`` (averaged SGD; weight decay, maximize)
     whose CPU update runs in Rust SIMD, operation for operation as torch's. A
@@ -18,6 +19,7 @@ class ASGD(TorchTwin, torch.optim.ASGD, kind="asgd"):
     ``ax``); ``eta`` and ``mu`` stay 0-d tensors updated as torch updates them.
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )
 
     def _hyper(self, group: dict) -> dict:

@@ -7,7 +7,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _core
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["Lion", "LionReference"]
 
@@ -92,7 +93,7 @@ class LionReference(torch.optim.Optimizer):
         return loss
 
 
-class Lion(TorchTwin, LionReference, kind="lion"):
+class Lion(LowPrecisionWeights, TorchTwin, LionReference, kind="lion"):
     __doc__ = (
         """Lion (EvoLved Sign Momentum, Chen et al. 2023) whose CPU update runs
     in Rust SIMD, operation for operation as the reference package
@@ -102,6 +103,7 @@ class Lion(TorchTwin, LionReference, kind="lion"):
     buffer per parameter (4 bytes/param in float32, half of Adam's).
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )
 
     def required_state(self, group: dict) -> tuple[str, ...]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["NAdam"]
 
 
-class NAdam(TorchTwin, torch.optim.NAdam, kind="nadam"):
+class NAdam(LowPrecisionWeights, TorchTwin, torch.optim.NAdam, kind="nadam"):
     __doc__ = (
         """Drop-in ``torch.optim.NAdam`` (``momentum_decay``, coupled or
     ``decoupled_weight_decay``, maximize) whose CPU update runs in Rust SIMD,
@@ -19,4 +20,5 @@ class NAdam(TorchTwin, torch.optim.NAdam, kind="nadam"):
     ``exp_avg_sq``); ``mu_product`` is updated in its own dtype, as torch does.
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

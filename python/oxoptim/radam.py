@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["RAdam"]
 
 
-class RAdam(TorchTwin, torch.optim.RAdam, kind="radam"):
+class RAdam(LowPrecisionWeights, TorchTwin, torch.optim.RAdam, kind="radam"):
     __doc__ = (
         """Drop-in ``torch.optim.RAdam`` (coupled or ``decoupled_weight_decay``,
     maximize) whose CPU update runs in Rust SIMD, operation for operation as
@@ -18,4 +19,5 @@ class RAdam(TorchTwin, torch.optim.RAdam, kind="radam"):
     ``exp_avg``, ``exp_avg_sq``).
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

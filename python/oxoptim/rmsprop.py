@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["RMSprop"]
 
 
-class RMSprop(TorchTwin, torch.optim.RMSprop, kind="rmsprop"):
+class RMSprop(LowPrecisionWeights, TorchTwin, torch.optim.RMSprop, kind="rmsprop"):
     __doc__ = (
         """Drop-in ``torch.optim.RMSprop`` (centered, momentum, weight decay,
     maximize) whose CPU update runs in Rust SIMD, operation for operation as
@@ -18,4 +19,5 @@ class RMSprop(TorchTwin, torch.optim.RMSprop, kind="rmsprop"):
     ``square_avg``, ``momentum_buffer``, ``grad_avg``).
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._twin import NATIVE_NOTE, TorchTwin
+from ._lowprec import LowPrecisionWeights
+from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["Rprop"]
 
 
-class Rprop(TorchTwin, torch.optim.Rprop, kind="rprop"):
+class Rprop(LowPrecisionWeights, TorchTwin, torch.optim.Rprop, kind="rprop"):
     __doc__ = (
         """Drop-in ``torch.optim.Rprop`` (``etas``, ``step_sizes``, maximize)
     whose CPU update runs in Rust SIMD, operation for operation as torch's. A
@@ -18,4 +19,5 @@ class Rprop(TorchTwin, torch.optim.Rprop, kind="rprop"):
     ``step_size``).
 """
         + NATIVE_NOTE
+        + LOW_PRECISION_NOTE
     )

@@ -323,7 +323,7 @@ class Stage:
             cls = resolve_optimizer(self.optimizer)
             names = optimizer_arguments(cls)
             if self.stochastic_rounding and names is not None and "bf16_stochastic_round" not in names:
-                takers = sorted(k for k, v in OPTIMIZERS.items() if v in ("SGD", "Adam", "AdamW", "Adam8bit", "AdamW8bit"))
+                takers = sorted(k for k in OPTIMIZERS if "bf16_stochastic_round" in (optimizer_arguments(resolve_optimizer(k)) or ()))
                 raise ValueError(f"stochastic_rounding = true needs an optimizer that rounds stochastically: {', '.join(takers)}")
             for key in self.optimizer_kwargs:
                 if names is not None and key not in names:
