@@ -64,7 +64,7 @@ def run_one(job: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg["seed"] = int(seed)
     run_dir = os.path.join(run_root, f"{job.replace(', ', '-').replace(' ', '-')}-seed{seed}")
-    summary = run_job(cfg, run_dir, quiet=quiet)
+    summary = run_job(copy.deepcopy(cfg), run_dir, quiet=quiet)  # the job fills in defaults: keep cfg's digest
     pre = summary.get("pretrain") or {}
     return {
         "job": job, "seed": seed, "config_digest": config_digest(cfg),

@@ -53,9 +53,10 @@ def run_one(variant: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> d
     from oxoptim.training.job import run_job
 
     run_dir = os.path.join(run_root, f"{variant}-seed{seed}")
-    summary = run_job(cfg, run_dir, quiet=quiet)
+    digest = config_digest(cfg)  # before the job fills in its defaults
+    summary = run_job(copy.deepcopy(cfg), run_dir, quiet=quiet)
     return {
-        "variant": variant, "seed": seed, "config_digest": config_digest(cfg),
+        "variant": variant, "seed": seed, "config_digest": digest,
         "test_accuracy": summary["test"]["accuracy"], "val_accuracy": summary["val"]["accuracy"],
         "wall_time_s": summary["wall_time_s"], "run_dir": run_dir,
     }
