@@ -340,3 +340,21 @@ def test_lowbit_counts_state_bytes_and_reports_every_contender(tmp_path, monkeyp
     assert lowbit.main(["--rounds", "1", "--steps", "1", "--scale", "0.01", "--only", "SR", "--out", str(out)]) == 0
     text = out.read_text()
     assert f"| {sr} | bf16 |" in text and "skipped" not in text
+
+
+def test_lowbit_sentiment_reuse_finds_a_run_whatever_the_job_filled_in(tmp_path, monkeypatch):
+    import lowbit_sentiment as bench
+
+    import oxoptim.training.job as job
+
+    def fake_run_job(cfg, run_dir, quiet=False):
+        cfg["threads"] = 1  # as the real job fills in defaults
+        return {"test": {"accuracy": 0.5}, "val": {"accuracy": 0.6}, "wall_time_s": 1.0}
+
+    monkeypatch.setattr(job, "run_job", fake_run_job)
+    from oxoptim.training.config import load_config
+
+    cfg = bench.variant_config(load_config(os.path.join(bench.ROOT, "configs", "default.toml")), "adamw8bit", 3)
+    digest = bench.config_digest(cfg)
+    row = bench.run_one("adamw8bit", 3, cfg, str(tmp_path), True)
+    assert row["config_digest"] == digest == bench.config_digest(cfg)  # the key --reuse looks up
