@@ -366,3 +366,50 @@ def test_stream_ids_name_each_parameters_random_bits() -> None:
     with pytest.raises(ValueError, match="expected 1 stream ids, got 2"):
         step([untouched], [1, 2])
     assert torch.equal(untouched, torch.ones(300, dtype=torch.bfloat16))
+
+
+def test_stream_ids_follow_the_groups_as_they_are_now() -> None:
+    """A parameter's stream is its position in the optimizer as the groups are at the call, after
+    groups are removed or parameters moved between them, so that a continued run equals the run
+    resumed from its checkpoint (a fresh optimizer numbers the parameters afresh)."""
+    from oxoptim._lowprec import stream_ids
+
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)) for _ in range(4))
+    opt = oxoptim.SGD([{"params": [a, b]}, {"params": [c]}, {"params": [d]}], lr=0.1, **SR)
+    assert stream_ids(opt, [c, d]) == [2, 3]
+    del opt.param_groups[0]
+    assert stream_ids(opt, [c, d]) == [0, 1]
+    opt.add_param_group({"params": [a, b]})
+    assert stream_ids(opt, [a, b, c]) == [2, 3, 0]
+    opt.param_groups[0]["params"][0], opt.param_groups[2]["params"][0] = a, c  # moved between groups
+    assert stream_ids(opt, [c, a]) == [2, 0]
+    del opt.param_groups[2]["params"][1]  # b
+    opt.param_groups[0]["params"].insert(0, b)
+    assert stream_ids(opt, [d, c, b]) == [2, 3, 0]
+
+
+def test_a_run_continued_after_removing_a_group_equals_its_resumed_checkpoint() -> None:
+    def grads(params: list, step: int) -> None:
+        g = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(300, generator=g).to(torch.bfloat16)) for _ in range(3)]
+    opt = oxoptim.RMSprop([{"params": [p]} for p in params], lr=1e-2, **SR)
+    grads(params, 0)
+    opt.step()
+    del opt.param_groups[0]  # the first block is no longer trained (torch's state_dict needs its state gone too)
+    del opt.state[params[0]]
+    grads(params[1:], 1)
+    opt.step()
+    saved, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params[1:]]
+    grads(params[1:], 2)
+    opt.step()
+    resumed = [torch.nn.Parameter(w) for w in weights]
+    fresh = oxoptim.RMSprop([{"params": [p]} for p in resumed], lr=1e-2, **SR)
+    fresh.load_state_dict(saved)
+    grads(resumed, 2)
+    fresh.step()
+    for a, b in zip(params[1:], resumed):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))

@@ -53,21 +53,27 @@ def draw_seed() -> int:
 
 def stream_ids(optimizer: Any, params: list) -> list[int]:
     """Each parameter's stochastic-rounding stream: its position among the optimizer's
-    parameters (all groups, in order). Cached; rebuilt when a parameter of the call is not
-    where the cache says (groups added or reordered)."""
+    parameters (all groups, in order) as they are now. Cached with each parameter's group and
+    offset: the cache holds while the groups keep their lengths and each parameter of the call
+    is still where it says (groups added, removed or edited in place rebuild it)."""
+    groups = optimizer.param_groups
+    lengths = [len(group["params"]) for group in groups]
     cached = optimizer.__dict__.get("_oxoptim_streams")
-    if cached is not None:
-        ordered, index = cached
+    if cached is not None and cached[0] == lengths:
+        where = cached[1]
         try:
-            ids = [index[p] for p in params]
-            if all(ordered[i] is p for i, p in zip(ids, params)):
-                return ids
+            found = [where[p] for p in params]
         except KeyError:
-            pass
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    index = {p: i for i, p in enumerate(ordered)}
-    optimizer.__dict__["_oxoptim_streams"] = (ordered, index)
-    return [index[p] for p in params]
+            found = None
+        if found is not None and all(groups[g]["params"][k] is p for (g, k, _), p in zip(found, params)):
+            return [at for _, _, at in found]
+    where, at = {}, 0
+    for g, group in enumerate(groups):
+        for k, p in enumerate(group["params"]):
+            where[p] = (g, k, at)
+            at += 1
+    optimizer.__dict__["_oxoptim_streams"] = (lengths, where)
+    return [where[p][2] for p in params]
 
 
 def check_low_precision(name: str, group: dict) -> None:
