@@ -413,3 +413,27 @@ def test_a_run_continued_after_removing_a_group_equals_its_resumed_checkpoint() 
     fresh.step()
     for a, b in zip(params[1:], resumed):
         assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD, *OTHER_TWINS], ids=lambda c: c.__name__)
+def test_every_twin_rounds_its_step_stochastically(cls: type) -> None:
+    """One step from bfloat16 weights: every element is one of the two bfloat16 neighbours of
+    the float32 optimizer's result from the same (widened) weights and gradients, and a good
+    share is not the nearest one (the option is honoured, not rounded to nearest)."""
+    n = 20_000
+    g = torch.Generator().manual_seed(9)
+    weights, grads = torch.randn(n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
+    # bfloat16 holds these lrs exactly (Rprop's fresh step sizes, state like the weights, are lr);
+    # Adadelta's lr scales an already small delta.
+    lr = 1.0 if cls is oxoptim.Adadelta else 2.0**-10
+    ours, exact = torch.nn.Parameter(weights.clone()), torch.nn.Parameter(weights.float())
+    extra = EXTRA.get(cls, {})
+    opt, reference = cls([ours], lr=lr, **extra, **SR), cls([exact], lr=lr, **extra)
+    ours.grad, exact.grad = grads.clone(), grads.float()
+    opt.step()
+    reference.step()
+    below, above = neighbours(exact.detach().double())
+    got = ours.detach()
+    assert bool(((got == below) | (got == above)).all())
+    not_nearest = (got != exact.detach().to(torch.bfloat16)).double().mean().item()
+    assert not_nearest > 0.05, not_nearest
