@@ -437,3 +437,33 @@ def test_every_twin_rounds_its_step_stochastically(cls: type) -> None:
     assert bool(((got == below) | (got == above)).all())
     not_nearest = (got != exact.detach().to(torch.bfloat16)).double().mean().item()
     assert not_nearest > 0.05, not_nearest
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [(cls, options) for cls in (oxoptim.SGD, oxoptim.AdamW, oxoptim.RMSprop, oxoptim.Lion) for options in (SR, KAHAN, BF16_STATE)]
+    + [(oxoptim.AdamW8bit, SR)],  # 8-bit state takes only stochastic rounding
+    ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
+)
+def test_a_checkpoint_saved_without_the_options_keeps_the_optimizers_own(cls: type, options: dict) -> None:
+    """A state dict saved without low-precision options (torch's, or an earlier run's) stores none
+    in its groups: loading it keeps the options the optimizer was built with, as torch keeps the
+    defaults of group keys a saved dict lacks, instead of silently rounding to nearest."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    params, plain = make(cls, {}, dtype=dtype)
+    steps(params, plain, 0, 2)
+    saved = copy.deepcopy(plain.state_dict())
+    _, opt = make(cls, options, seed=3, dtype=dtype)
+    own = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    opt.load_state_dict(copy.deepcopy(saved))  # torch's load keeps tensors it need not cast: no aliasing
+    group = opt.param_groups[0]
+    for key in ("bf16_stochastic_round", "kahan_sum", "state_dtype", "sr_seed", "sr_count"):
+        assert group.get(key) == own.get(key), key
+    ours = group["params"]
+    steps(ours, opt, 2, 2)  # and the options are in effect
+    if options is SR:
+        assert group["sr_count"] == 2
+    if options is KAHAN:
+        assert all(opt.state[p]["kahan_comp"].dtype == torch.bfloat16 for p in ours)
+    if options is BF16_STATE:
+        assert all(v.dtype == torch.bfloat16 for e in opt.state.values() for v in e.values() if v.dim())

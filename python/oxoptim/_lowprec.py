@@ -27,7 +27,8 @@ parameters' dtype, computed in float32 (Adam: 4 bytes per parameter instead
 of 8). State loaded or created in float32 is converted on the next step.
 
 Flags and seeds are stored in the groups only when an option is on, so
-default state dicts stay torch's.
+default state dicts stay torch's; loading a state dict whose group stores no
+option (torch's, or saved with none on) keeps the optimizer's own options.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from . import _core
 
-__all__ = ["KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "stream_ids"]
+__all__ = ["GROUP_KEYS", "KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "keep_own_options", "stream_ids"]
 
 #: The state entry of a parameter's Kahan compensation (torch-optimi's name).
 KAHAN_COMP = "kahan_comp"
@@ -74,6 +75,25 @@ def stream_ids(optimizer: Any, params: list) -> list[int]:
             at += 1
     optimizer.__dict__["_oxoptim_streams"] = (lengths, where)
     return [where[p][2] for p in params]
+
+
+#: The group keys of the options and of the stochastic-rounding stream.
+GROUP_KEYS = (*_OPTIONS, "state_dtype", "sr_seed", "sr_count")
+
+
+def keep_own_options(groups: list, saved_groups: Any) -> Any:
+    """``saved_groups`` (a state dict's) where a saved group stores no low-precision option (torch's,
+    or saved with none on): it takes the option keys of the optimizer's group it loads into,
+    as torch keeps its defaults for group keys a saved dict lacks. Other groups are unchanged."""
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        return saved_groups  # torch's load_state_dict reports it
+    out = []
+    for group, saved in zip(groups, saved_groups):
+        own = {k: group[k] for k in GROUP_KEYS if k in group}
+        if own and isinstance(saved, dict) and not any(k in saved for k in (*_OPTIONS, "state_dtype")):
+            saved = {**saved, **own}
+        out.append(saved)
+    return out
 
 
 def check_low_precision(name: str, group: dict) -> None:
@@ -143,6 +163,9 @@ class LowPrecisionWeights:
         super().add_param_group(param_group)  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if isinstance(state_dict, dict) and "param_groups" in state_dict:
+            groups = keep_own_options(self.param_groups, state_dict["param_groups"])  # type: ignore[attr-defined]
+            state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)  # type: ignore[misc]
         # torch casts every loaded state tensor but ``step`` to its parameter's dtype; with the
         # options on, 0-d state (NAdam's mu_product, ASGD's eta and mu) stays as saved, in

@@ -9,7 +9,7 @@ import torch
 
 from . import _blockwise as bw
 from . import _core
-from ._lowprec import check_low_precision, draw_seed, stream_ids
+from ._lowprec import check_low_precision, draw_seed, keep_own_options, stream_ids
 from ._native import evaluate_closure, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
@@ -270,6 +270,7 @@ class Adam8bit(torch.optim.Optimizer):
             return state_dict  # torch's load_state_dict reports it
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
             return state_dict
+        saved_groups = keep_own_options(groups, saved_groups)
         new_groups = []
         new_state: dict = dict(entries)
         for group, saved in zip(groups, saved_groups):
