@@ -467,3 +467,28 @@ def test_a_checkpoint_saved_without_the_options_keeps_the_optimizers_own(cls: ty
         assert all(opt.state[p]["kahan_comp"].dtype == torch.bfloat16 for p in ours)
     if options is BF16_STATE:
         assert all(v.dtype == torch.bfloat16 for e in opt.state.values() for v in e.values() if v.dim())
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.RMSprop, oxoptim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("options", [SR, KAHAN, BF16_STATE], ids=["sr", "kahan", "bf16_state"])
+def test_a_group_the_native_path_cannot_take_is_refused_before_any_group_steps(cls: type, options: dict) -> None:
+    """The options run on the native path only: a later group it cannot take (a non-contiguous
+    parameter) is refused before the first group is stepped; weights, state and counters stay."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    params, opt = make(cls, options, dtype=dtype)
+    steps(params, opt, 0, 1)
+    bad = torch.nn.Parameter(torch.randn(8, 6).to(dtype).t())  # a transposed view: not contiguous
+    opt.add_param_group({"params": [bad]})
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    bad.grad = torch.ones(6, 8, dtype=dtype)
+    before, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="runs on the native path only"):
+        opt.step()
+    after = opt.state_dict()
+    assert [g.get("sr_count") for g in after["param_groups"]] == [g.get("sr_count") for g in before["param_groups"]]
+    assert after["state"].keys() == before["state"].keys()
+    for key, entry in before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), name
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))

@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from . import _core
+from ._native import evaluate_closure, group_is_native
 
 __all__ = ["GROUP_KEYS", "KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "keep_own_options", "stream_ids"]
 
@@ -182,10 +183,12 @@ class LowPrecisionWeights:
                         self.state[p][name] = value.to(device=p.device, copy=True)  # type: ignore[attr-defined]
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = evaluate_closure(closure)  # first: the gradients checked are the ones stepped
         # Every group is checked before any is stepped.
         for group in self.param_groups:  # type: ignore[attr-defined]
             check_low_precision(type(self).__name__, group)
-        loss = super().step(closure)  # type: ignore[misc]
+            self._check_native(group)
+        super().step()  # type: ignore[misc]
         if self.__dict__.get("_oxoptim_step_in_backward") is None:  # step_in_backward advances the groups itself
             for group in self.param_groups:  # type: ignore[attr-defined]
                 self._advance_group(group)
@@ -229,6 +232,15 @@ class LowPrecisionWeights:
                     if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.is_floating_point():
                         state[p][key] = value.to(torch.bfloat16)
 
+    def _check_native(self, group: dict) -> None:
+        """Raises the native-only error now, before any group is stepped, when the group's
+        settings or some parameter with a gradient keep it off the native path (what Rust also
+        refuses, tensors sharing memory, is still found only when the group's call is made)."""
+        if not any(group.get(k) for k in (*_OPTIONS, "state_dtype")):
+            return
+        if not (group_is_native(self, group) and all(_native_pair(p) for p in group["params"] if p.grad is not None)):  # type: ignore[arg-type]
+            self._torch_step(group)  # raises
+
     def _torch_step(self, group: dict) -> None:
         for option in (*_OPTIONS, "state_dtype"):
             if group.get(option):
@@ -238,3 +250,13 @@ class LowPrecisionWeights:
                     "scaling and number hyper-parameters; this group has something else"
                 )
         super()._torch_step(group)  # type: ignore[misc]
+
+
+def _native_pair(p: torch.Tensor) -> bool:
+    """Whether the native path can take ``p`` and its gradient: dense contiguous CPU tensors
+    of one dtype and shape (rust/python/src/tensors.rs ``describe_grad_twin``)."""
+    g = p.grad
+    return (
+        g is not None and p.device.type == "cpu" and g.device.type == "cpu" and p.layout == torch.strided
+        and g.layout == torch.strided and p.is_contiguous() and g.is_contiguous() and g.dtype == p.dtype and g.shape == p.shape
+    )
