@@ -492,3 +492,17 @@ def test_a_group_the_native_path_cannot_take_is_refused_before_any_group_steps(c
         for name, value in entry.items():
             assert torch.equal(after["state"][key][name], value), name
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_eight_bit_refuses_a_parameter_its_rounding_cannot_take_before_writing() -> None:
+    """A small (fp32-state) parameter that is not contiguous cannot be rounded stochastically: the
+    step refuses before the 8-bit parameters are stepped, and nothing moves."""
+    torch.manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(5000).to(torch.bfloat16))
+    small = torch.nn.Parameter(torch.randn(8, 6).to(torch.bfloat16).t())  # below min_8bit_size, a transposed view
+    opt = oxoptim.AdamW8bit([big, small], lr=1e-2, **SR)
+    big.grad, small.grad = torch.randn(5000).to(torch.bfloat16), torch.randn(6, 8).to(torch.bfloat16)
+    before = big.detach().clone()
+    with pytest.raises(ValueError, match="needs dense contiguous bfloat16 CPU tensors"):
+        opt.step()
+    assert torch.equal(before, big) and not opt.state and opt.param_groups[0]["sr_count"] == 0

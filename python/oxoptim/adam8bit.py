@@ -197,6 +197,9 @@ class Adam8bit(torch.optim.Optimizer):
                     raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
                 eight.append((p, entry))
             else:
+                if group.get("bf16_stochastic_round") and not (p.device.type == "cpu" and p.is_contiguous() and g.is_contiguous()):
+                    raise ValueError(f"{name}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory; "
+                                     f"parameter {i} or its gradient is not")
                 full.append((p, entry))
         return fresh, eight, full
 
