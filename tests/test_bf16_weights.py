@@ -366,3 +366,143 @@ def test_stream_ids_name_each_parameters_random_bits() -> None:
     with pytest.raises(ValueError, match="expected 1 stream ids, got 2"):
         step([untouched], [1, 2])
     assert torch.equal(untouched, torch.ones(300, dtype=torch.bfloat16))
+
+
+def test_stream_ids_follow_the_groups_as_they_are_now() -> None:
+    """A parameter's stream is its position in the optimizer as the groups are at the call, after
+    groups are removed or parameters moved between them, so that a continued run equals the run
+    resumed from its checkpoint (a fresh optimizer numbers the parameters afresh)."""
+    from oxoptim._lowprec import stream_ids
+
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)) for _ in range(4))
+    opt = oxoptim.SGD([{"params": [a, b]}, {"params": [c]}, {"params": [d]}], lr=0.1, **SR)
+    assert stream_ids(opt, [c, d]) == [2, 3]
+    del opt.param_groups[0]
+    assert stream_ids(opt, [c, d]) == [0, 1]
+    opt.add_param_group({"params": [a, b]})
+    assert stream_ids(opt, [a, b, c]) == [2, 3, 0]
+    opt.param_groups[0]["params"][0], opt.param_groups[2]["params"][0] = a, c  # moved between groups
+    assert stream_ids(opt, [c, a]) == [2, 0]
+    del opt.param_groups[2]["params"][1]  # b
+    opt.param_groups[0]["params"].insert(0, b)
+    assert stream_ids(opt, [d, c, b]) == [2, 3, 0]
+
+
+def test_a_run_continued_after_removing_a_group_equals_its_resumed_checkpoint() -> None:
+    def grads(params: list, step: int) -> None:
+        g = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(300, generator=g).to(torch.bfloat16)) for _ in range(3)]
+    opt = oxoptim.RMSprop([{"params": [p]} for p in params], lr=1e-2, **SR)
+    grads(params, 0)
+    opt.step()
+    del opt.param_groups[0]  # the first block is no longer trained (torch's state_dict needs its state gone too)
+    del opt.state[params[0]]
+    grads(params[1:], 1)
+    opt.step()
+    saved, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params[1:]]
+    grads(params[1:], 2)
+    opt.step()
+    resumed = [torch.nn.Parameter(w) for w in weights]
+    fresh = oxoptim.RMSprop([{"params": [p]} for p in resumed], lr=1e-2, **SR)
+    fresh.load_state_dict(saved)
+    grads(resumed, 2)
+    fresh.step()
+    for a, b in zip(params[1:], resumed):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD, *OTHER_TWINS], ids=lambda c: c.__name__)
+def test_every_twin_rounds_its_step_stochastically(cls: type) -> None:
+    """One step from bfloat16 weights: every element is one of the two bfloat16 neighbours of
+    the float32 optimizer's result from the same (widened) weights and gradients, and a good
+    share is not the nearest one (the option is honoured, not rounded to nearest)."""
+    n = 20_000
+    g = torch.Generator().manual_seed(9)
+    weights, grads = torch.randn(n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
+    # bfloat16 holds these lrs exactly (Rprop's fresh step sizes, state like the weights, are lr);
+    # Adadelta's lr scales an already small delta.
+    lr = 1.0 if cls is oxoptim.Adadelta else 2.0**-10
+    ours, exact = torch.nn.Parameter(weights.clone()), torch.nn.Parameter(weights.float())
+    extra = EXTRA.get(cls, {})
+    opt, reference = cls([ours], lr=lr, **extra, **SR), cls([exact], lr=lr, **extra)
+    ours.grad, exact.grad = grads.clone(), grads.float()
+    opt.step()
+    reference.step()
+    below, above = neighbours(exact.detach().double())
+    got = ours.detach()
+    assert bool(((got == below) | (got == above)).all())
+    not_nearest = (got != exact.detach().to(torch.bfloat16)).double().mean().item()
+    assert not_nearest > 0.05, not_nearest
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [(cls, options) for cls in (oxoptim.SGD, oxoptim.AdamW, oxoptim.RMSprop, oxoptim.Lion) for options in (SR, KAHAN, BF16_STATE)]
+    + [(oxoptim.AdamW8bit, SR)],  # 8-bit state takes only stochastic rounding
+    ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
+)
+def test_a_checkpoint_saved_without_the_options_keeps_the_optimizers_own(cls: type, options: dict) -> None:
+    """A state dict saved without low-precision options (torch's, or an earlier run's) stores none
+    in its groups: loading it keeps the options the optimizer was built with, as torch keeps the
+    defaults of group keys a saved dict lacks, instead of silently rounding to nearest."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    params, plain = make(cls, {}, dtype=dtype)
+    steps(params, plain, 0, 2)
+    saved = copy.deepcopy(plain.state_dict())
+    _, opt = make(cls, options, seed=3, dtype=dtype)
+    own = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    opt.load_state_dict(copy.deepcopy(saved))  # torch's load keeps tensors it need not cast: no aliasing
+    group = opt.param_groups[0]
+    for key in ("bf16_stochastic_round", "kahan_sum", "state_dtype", "sr_seed", "sr_count"):
+        assert group.get(key) == own.get(key), key
+    ours = group["params"]
+    steps(ours, opt, 2, 2)  # and the options are in effect
+    if options is SR:
+        assert group["sr_count"] == 2
+    if options is KAHAN:
+        assert all(opt.state[p]["kahan_comp"].dtype == torch.bfloat16 for p in ours)
+    if options is BF16_STATE:
+        assert all(v.dtype == torch.bfloat16 for e in opt.state.values() for v in e.values() if v.dim())
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.RMSprop, oxoptim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("options", [SR, KAHAN, BF16_STATE], ids=["sr", "kahan", "bf16_state"])
+def test_a_group_the_native_path_cannot_take_is_refused_before_any_group_steps(cls: type, options: dict) -> None:
+    """The options run on the native path only: a later group it cannot take (a non-contiguous
+    parameter) is refused before the first group is stepped; weights, state and counters stay."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    params, opt = make(cls, options, dtype=dtype)
+    steps(params, opt, 0, 1)
+    bad = torch.nn.Parameter(torch.randn(8, 6).to(dtype).t())  # a transposed view: not contiguous
+    opt.add_param_group({"params": [bad]})
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    bad.grad = torch.ones(6, 8, dtype=dtype)
+    before, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="runs on the native path only"):
+        opt.step()
+    after = opt.state_dict()
+    assert [g.get("sr_count") for g in after["param_groups"]] == [g.get("sr_count") for g in before["param_groups"]]
+    assert after["state"].keys() == before["state"].keys()
+    for key, entry in before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), name
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_eight_bit_refuses_a_parameter_its_rounding_cannot_take_before_writing() -> None:
+    """A small (fp32-state) parameter that is not contiguous cannot be rounded stochastically: the
+    step refuses before the 8-bit parameters are stepped, and nothing moves."""
+    torch.manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(5000).to(torch.bfloat16))
+    small = torch.nn.Parameter(torch.randn(8, 6).to(torch.bfloat16).t())  # below min_8bit_size, a transposed view
+    opt = oxoptim.AdamW8bit([big, small], lr=1e-2, **SR)
+    big.grad, small.grad = torch.randn(5000).to(torch.bfloat16), torch.randn(6, 8).to(torch.bfloat16)
+    before = big.detach().clone()
+    with pytest.raises(ValueError, match="needs dense contiguous bfloat16 CPU tensors"):
+        opt.step()
+    assert torch.equal(before, big) and not opt.state and opt.param_groups[0]["sr_count"] == 0

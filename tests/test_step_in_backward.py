@@ -4,6 +4,8 @@ both accumulation modes, both clipping modes, refused combinations, schedulers a
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import warnings
 import weakref
@@ -561,3 +563,32 @@ def test_an_error_on_the_worker_thread_is_raised_by_step(monkeypatch) -> None:
         with step_in_backward(opt, overlap=True, bucket_numel=0):
             model(batches(1, torch.float32)[0]).backward()  # returns: the updates run on the worker
             opt.step()
+
+
+@pytest.mark.parametrize("cls, hyper", [(oxoptim.AdamW, {"lr": 0.01, "bf16_stochastic_round": True}),
+                                        (oxoptim.AdamW8bit, {"lr": 0.01, "min_8bit_size": 16, "bf16_stochastic_round": True})],
+                         ids=["adamw_sr", "adamw8bit_sr"])
+def test_a_checkpoint_loaded_inside_the_context_is_the_one_trained_on(cls, hyper) -> None:
+    """torch's load_state_dict makes new group dicts: the buckets must step with them (their lr,
+    as a scheduler sets it, and their stochastic-rounding count), not with the groups of entry."""
+    xs = batches(6, torch.bfloat16)
+    results = []
+    for in_backward in (False, True):
+        torch.manual_seed(5)
+        model = Toy("mlp", torch.bfloat16)
+        opt = cls(model.parameters(), **hyper)
+        context = step_in_backward(opt, bucket_numel=0) if in_backward else contextlib.nullcontext()
+        with context:
+            for i, x in enumerate(xs):
+                model(x).backward()
+                opt.step()
+                opt.zero_grad()
+                if i == 1:
+                    saved = copy.deepcopy(opt.state_dict())
+                if i == 3:  # roll back the optimizer to iteration 1's state, then decay the lr
+                    opt.load_state_dict(copy.deepcopy(saved))
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * group["lr"]
+        results.append((model, opt))
+    (a, opt_a), (b, opt_b) = results
+    assert_same_training(a, opt_a, b, opt_b)

@@ -27,7 +27,8 @@ parameters' dtype, computed in float32 (Adam: 4 bytes per parameter instead
 of 8). State loaded or created in float32 is converted on the next step.
 
 Flags and seeds are stored in the groups only when an option is on, so
-default state dicts stay torch's.
+default state dicts stay torch's; loading a state dict whose group stores no
+option (torch's, or saved with none on) keeps the optimizer's own options.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from typing import Any, Optional
 import torch
 
 from . import _core
+from ._native import evaluate_closure, group_is_native
 
-__all__ = ["KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "stream_ids"]
+__all__ = ["GROUP_KEYS", "KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "keep_own_options", "stream_ids"]
 
 #: The state entry of a parameter's Kahan compensation (torch-optimi's name).
 KAHAN_COMP = "kahan_comp"
@@ -53,21 +55,46 @@ def draw_seed() -> int:
 
 def stream_ids(optimizer: Any, params: list) -> list[int]:
     """Each parameter's stochastic-rounding stream: its position among the optimizer's
-    parameters (all groups, in order). Cached; rebuilt when a parameter of the call is not
-    where the cache says (groups added or reordered)."""
+    parameters (all groups, in order) as they are now. Cached with each parameter's group and
+    offset: the cache holds while the groups keep their lengths and each parameter of the call
+    is still where it says (groups added, removed or edited in place rebuild it)."""
+    groups = optimizer.param_groups
+    lengths = [len(group["params"]) for group in groups]
     cached = optimizer.__dict__.get("_oxoptim_streams")
-    if cached is not None:
-        ordered, index = cached
+    if cached is not None and cached[0] == lengths:
+        where = cached[1]
         try:
-            ids = [index[p] for p in params]
-            if all(ordered[i] is p for i, p in zip(ids, params)):
-                return ids
+            found = [where[p] for p in params]
         except KeyError:
-            pass
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    index = {p: i for i, p in enumerate(ordered)}
-    optimizer.__dict__["_oxoptim_streams"] = (ordered, index)
-    return [index[p] for p in params]
+            found = None
+        if found is not None and all(groups[g]["params"][k] is p for (g, k, _), p in zip(found, params)):
+            return [at for _, _, at in found]
+    where, at = {}, 0
+    for g, group in enumerate(groups):
+        for k, p in enumerate(group["params"]):
+            where[p] = (g, k, at)
+            at += 1
+    optimizer.__dict__["_oxoptim_streams"] = (lengths, where)
+    return [where[p][2] for p in params]
+
+
+#: The group keys of the options and of the stochastic-rounding stream.
+GROUP_KEYS = (*_OPTIONS, "state_dtype", "sr_seed", "sr_count")
+
+
+def keep_own_options(groups: list, saved_groups: Any) -> Any:
+    """``saved_groups`` (a state dict's) where a saved group stores no low-precision option (torch's,
+    or saved with none on): it takes the option keys of the optimizer's group it loads into,
+    as torch keeps its defaults for group keys a saved dict lacks. Other groups are unchanged."""
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        return saved_groups  # torch's load_state_dict reports it
+    out = []
+    for group, saved in zip(groups, saved_groups):
+        own = {k: group[k] for k in GROUP_KEYS if k in group}
+        if own and isinstance(saved, dict) and not any(k in saved for k in (*_OPTIONS, "state_dtype")):
+            saved = {**saved, **own}
+        out.append(saved)
+    return out
 
 
 def check_low_precision(name: str, group: dict) -> None:
@@ -137,6 +164,9 @@ class LowPrecisionWeights:
         super().add_param_group(param_group)  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if isinstance(state_dict, dict) and "param_groups" in state_dict:
+            groups = keep_own_options(self.param_groups, state_dict["param_groups"])  # type: ignore[attr-defined]
+            state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)  # type: ignore[misc]
         # torch casts every loaded state tensor but ``step`` to its parameter's dtype; with the
         # options on, 0-d state (NAdam's mu_product, ASGD's eta and mu) stays as saved, in
@@ -153,10 +183,12 @@ class LowPrecisionWeights:
                         self.state[p][name] = value.to(device=p.device, copy=True)  # type: ignore[attr-defined]
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = evaluate_closure(closure)  # first: the gradients checked are the ones stepped
         # Every group is checked before any is stepped.
         for group in self.param_groups:  # type: ignore[attr-defined]
             check_low_precision(type(self).__name__, group)
-        loss = super().step(closure)  # type: ignore[misc]
+            self._check_native(group)
+        super().step()  # type: ignore[misc]
         if self.__dict__.get("_oxoptim_step_in_backward") is None:  # step_in_backward advances the groups itself
             for group in self.param_groups:  # type: ignore[attr-defined]
                 self._advance_group(group)
@@ -200,6 +232,15 @@ class LowPrecisionWeights:
                     if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.is_floating_point():
                         state[p][key] = value.to(torch.bfloat16)
 
+    def _check_native(self, group: dict) -> None:
+        """Raises the native-only error now, before any group is stepped, when the group's
+        settings or some parameter with a gradient keep it off the native path (what Rust also
+        refuses, tensors sharing memory, is still found only when the group's call is made)."""
+        if not any(group.get(k) for k in (*_OPTIONS, "state_dtype")):
+            return
+        if not (group_is_native(self, group) and all(_native_pair(p) for p in group["params"] if p.grad is not None)):  # type: ignore[arg-type]
+            self._torch_step(group)  # raises
+
     def _torch_step(self, group: dict) -> None:
         for option in (*_OPTIONS, "state_dtype"):
             if group.get(option):
@@ -209,3 +250,13 @@ class LowPrecisionWeights:
                     "scaling and number hyper-parameters; this group has something else"
                 )
         super()._torch_step(group)  # type: ignore[misc]
+
+
+def _native_pair(p: torch.Tensor) -> bool:
+    """Whether the native path can take ``p`` and its gradient: dense contiguous CPU tensors
+    of one dtype and shape (rust/python/src/tensors.rs ``describe_grad_twin``)."""
+    g = p.grad
+    return (
+        g is not None and p.device.type == "cpu" and g.device.type == "cpu" and p.layout == torch.strided
+        and g.layout == torch.strided and p.is_contiguous() and g.is_contiguous() and g.dtype == p.dtype and g.shape == p.shape
+    )

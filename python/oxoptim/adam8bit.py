@@ -9,7 +9,7 @@ import torch
 
 from . import _blockwise as bw
 from . import _core
-from ._lowprec import check_low_precision, draw_seed, stream_ids
+from ._lowprec import check_low_precision, draw_seed, keep_own_options, stream_ids
 from ._native import evaluate_closure, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
@@ -197,6 +197,9 @@ class Adam8bit(torch.optim.Optimizer):
                     raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
                 eight.append((p, entry))
             else:
+                if group.get("bf16_stochastic_round") and not (p.device.type == "cpu" and p.is_contiguous() and g.is_contiguous()):
+                    raise ValueError(f"{name}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory; "
+                                     f"parameter {i} or its gradient is not")
                 full.append((p, entry))
         return fresh, eight, full
 
@@ -270,6 +273,7 @@ class Adam8bit(torch.optim.Optimizer):
             return state_dict  # torch's load_state_dict reports it
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
             return state_dict
+        saved_groups = keep_own_options(groups, saved_groups)
         new_groups = []
         new_state: dict = dict(entries)
         for group, saved in zip(groups, saved_groups):

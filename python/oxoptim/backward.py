@@ -340,8 +340,17 @@ class StepInBackward:
         if complete:
             self._dispatch(bucket)
 
+    def _group(self, bucket: _Bucket) -> dict:
+        """The bucket's group as the optimizer holds it now: ``load_state_dict`` replaces the group
+        dicts (keeping each ``params`` list), and the update must read the new ones (lr, rounding count)."""
+        groups = self.optimizer.param_groups
+        if not any(g is bucket.group for g in groups):
+            bucket.group = next((g for g in groups if g["params"] is bucket.group["params"]), bucket.group)
+        return bucket.group
+
     def _dispatch(self, bucket: _Bucket) -> None:
         bucket.done = True
+        self._group(bucket)
         if self._executor is None:
             self._update(bucket.group, bucket.params, bucket.cache)
         else:
@@ -384,7 +393,7 @@ class StepInBackward:
     def _absorb(self, p: torch.Tensor) -> None:
         """Optimizer accumulation of one micro-batch (k < K) into Adam's moments; releases the gradient."""
         optimizer: Any = self.optimizer
-        group = self._bucket_of[p].group
+        group = self._group(self._bucket_of[p])
         g = p.grad
         if g is None:
             return
@@ -477,7 +486,7 @@ class StepInBackward:
             # asserts they are not aliases: lend the reduced view for the update only.
             local.append((p, p.grad))
             p.grad = g
-            by_group.setdefault(id(self._bucket_of[p].group), []).append(p)
+            by_group.setdefault(id(self._group(self._bucket_of[p])), []).append(p)
         try:
             for group in self.optimizer.param_groups:
                 chosen = by_group.get(id(group))
