@@ -13,10 +13,9 @@ use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
-use crate::rounding::{
-    narrow_bf16_lanes, narrow_stochastic_lanes, widen_bf16_lanes, ParamRounding,
-};
+use crate::rounding::ParamRounding;
 use crate::simd::{run_blocks, Lanes};
+use crate::storage::{LaneArray, Mem, ParamArray, ParamMem};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
 use half::bf16;
 
@@ -178,6 +177,22 @@ impl Param<'_> {
     }
 }
 
+/// Adam's update of `len` elements of the parameter, its gradient and the
+/// dequantised moments (vectors of `simd`, scalar tail).
+#[inline(always)]
+fn update<S: Lanes<f32>, P: ParamArray<f32>, A: LaneArray<f32>>(
+    simd: S,
+    config: &AdamConfig,
+    bc: BiasCorrection,
+    (param, grad): (P, A),
+    moments: [A; 3],
+    len: usize,
+) {
+    let mut block = AdamBlock::new(config, bc, (param, grad), moments);
+    // SAFETY: every array the update touches holds `len` elements.
+    unsafe { run_blocks(simd, len, &mut block) };
+}
+
 /// One work item's blocks, run inside the chosen instruction set.
 struct Blocks<'k, 'a, 'c> {
     kernel: &'k Adam8bitKernel<'a>,
@@ -200,48 +215,28 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
         );
         let mut m = [0f32; BLOCK];
         let mut v = [0f32; BLOCK];
-        // bfloat16 parameters and gradients, widened.
-        let mut wide_p = [0f32; BLOCK];
-        let mut wide_g = [0f32; BLOCK];
         for b in 0..n.div_ceil(BLOCK) {
             let at = b * BLOCK..n.min((b + 1) * BLOCK);
             let len = at.len();
             let (m, v) = (&mut m[..len], &mut v[..len]);
             k.m.dequantize_block(simd, &self.m_codes[at.clone()], self.m_absmax[b], m);
             k.v.dequantize_block(simd, &self.v_codes[at.clone()], self.v_absmax[b], v);
-            let (p, g): (*mut f32, *const f32) = match &mut self.param {
-                Param::F32(p, g) => (p[at.clone()].as_mut_ptr(), g[at.clone()].as_ptr()),
-                Param::BF16 { param, grad, .. } => {
-                    widen_bf16_lanes(simd, &param[at.clone()], &mut wide_p[..len]);
-                    widen_bf16_lanes(simd, &grad[at.clone()], &mut wide_g[..len]);
-                    (wide_p.as_mut_ptr(), wide_g.as_ptr())
+            let moments = [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()];
+            match &mut self.param {
+                Param::F32(p, g) => {
+                    let arrays = (p[at.clone()].as_mut_ptr(), g[at.clone()].as_mut_ptr());
+                    update(simd, k.config, self.bc, arrays, moments, len)
                 }
-            };
-            let mut update = AdamBlock::new(
-                k.config,
-                self.bc,
-                (p, g),
-                [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()],
-            );
-            // SAFETY: every array the update touches holds `len` elements.
-            unsafe { run_blocks(simd, len, &mut update) };
-            if let Param::BF16 {
-                param,
-                at: (slot, start),
-                ..
-            } = &mut self.param
-            {
-                let dst = &mut param[at.clone()];
-                match k.rounding {
-                    ParamRounding::Stochastic { seed, count } => narrow_stochastic_lanes(
-                        simd,
-                        &wide_p[..len],
-                        dst,
-                        *start + at.start,
-                        (seed, count),
-                        *slot,
-                    ),
-                    _ => narrow_bf16_lanes(simd, &wide_p[..len], dst),
+                // bfloat16 weights: widened and stored back with the kernel's rounding in the same pass.
+                Param::BF16 {
+                    param,
+                    grad,
+                    at: (slot, start),
+                } => {
+                    let p = Mem::BF16(param[at.clone()].as_mut_ptr().cast());
+                    let p = ParamMem::new(p, k.rounding, None, *slot, *start + at.start);
+                    let g = Mem::BF16(grad[at.clone()].as_mut_ptr().cast());
+                    update(simd, k.config, self.bc, (p, g), moments.map(Mem::F32), len)
                 }
             }
             self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);
