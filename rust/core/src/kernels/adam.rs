@@ -7,7 +7,7 @@ use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::simd::{LaneBlock, Lanes};
-use crate::storage::{LaneArray, Mem, ParamArray, ParamMem};
+use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
 use crate::tensors::{ScalarState, TensorBatch};
 
 /// Adam hyper-parameters of one parameter group.
@@ -186,21 +186,46 @@ impl Elementwise for AdamKernel<'_> {
             c.arity(),
             "kernel received the wrong number of arrays"
         );
-        let unused = Mem::F32(std::ptr::null_mut());
-        let mut block = AdamBlock::new(
-            c,
-            self.per_slot[slot],
-            (param, arrays[1]),
-            [
-                arrays[2],
-                arrays[3],
-                arrays.get(4).copied().unwrap_or(unused),
-            ],
+        typed(
+            param,
+            arrays[1],
+            &arrays[2..],
+            &mut FusedAdam {
+                config: c,
+                bc: self.per_slot[slot],
+                backend,
+                n,
+            },
         );
-        // SAFETY: the engine hands `n` elements of every array (the AMSGrad
-        // one is touched only when it was passed).
-        unsafe { run_block(backend, n, &mut block) };
         true
+    }
+}
+
+/// Adam's update of `n` elements of arrays of any [`crate::storage`] types.
+pub(crate) struct FusedAdam<'a> {
+    pub(crate) config: &'a AdamConfig,
+    pub(crate) bc: BiasCorrection,
+    pub(crate) backend: Backend,
+    pub(crate) n: usize,
+}
+
+impl FusedBody for FusedAdam<'_> {
+    #[inline(always)]
+    fn run<P: ParamArray<f32>, G: LaneArray<f32>, A: LaneArray<f32>>(
+        &mut self,
+        param: P,
+        grad: G,
+        state: [A; MAX_STATE],
+    ) {
+        let mut block = AdamBlock::new(
+            self.config,
+            self.bc,
+            (param, grad),
+            [state[0], state[1], state[2]],
+        );
+        // SAFETY: the caller hands `n` elements of every array (the AMSGrad
+        // one is touched only when it was passed).
+        unsafe { run_block(self.backend, self.n, &mut block) };
     }
 }
 
@@ -208,7 +233,7 @@ impl Elementwise for AdamKernel<'_> {
 /// and bfloat16 ones widened and rounded as they are loaded and stored),
 /// shared with the block-wise 8-bit kernel (which runs it on dequantised
 /// copies of its state).
-pub(crate) struct AdamBlock<T, P = *mut T, A = *mut T> {
+pub(crate) struct AdamBlock<T, P = *mut T, G = *mut T, A = *mut T> {
     lerp_coeff: T,
     lerp_from_start: bool,
     beta2: T,
@@ -223,22 +248,22 @@ pub(crate) struct AdamBlock<T, P = *mut T, A = *mut T> {
     amsgrad: bool,
     maximize: bool,
     param: P,
-    grad: A,
+    grad: G,
     exp_avg: A,
     exp_avg_sq: A,
     max_exp_avg_sq: A,
 }
 
-impl<T: Element, P, A> AdamBlock<T, P, A> {
+impl<T: Element, P, G, A> AdamBlock<T, P, G, A> {
     /// The update of `(param, grad)` and `[exp_avg, exp_avg_sq,
     /// max_exp_avg_sq]` (the last unused unless AMSGrad), each holding as
     /// many elements as the block is run over.
     pub(crate) fn new(
         c: &AdamConfig,
         bc: BiasCorrection,
-        (param, grad): (P, A),
+        (param, grad): (P, G),
         [exp_avg, exp_avg_sq, max_exp_avg_sq]: [A; 3],
-    ) -> AdamBlock<T, P, A> {
+    ) -> AdamBlock<T, P, G, A> {
         // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
         let lerp_weight = T::from_f64(1.0 - c.beta1);
         let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
@@ -269,7 +294,9 @@ impl<T: Element, P, A> AdamBlock<T, P, A> {
     }
 }
 
-impl<T: Element, P: ParamArray<T>, A: LaneArray<T>> LaneBlock<T> for AdamBlock<T, P, A> {
+impl<T: Element, P: ParamArray<T>, G: LaneArray<T>, A: LaneArray<T>> LaneBlock<T>
+    for AdamBlock<T, P, G, A>
+{
     #[inline(always)]
     unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
         // SAFETY: `run_blocks` keeps i + WIDTH within the arrays; the AMSGrad

@@ -15,7 +15,7 @@ use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
 use crate::rounding::ParamRounding;
 use crate::simd::{run_blocks, Lanes};
-use crate::storage::{LaneArray, Mem, ParamArray, ParamMem};
+use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
 use half::bf16;
 
@@ -178,19 +178,31 @@ impl Param<'_> {
 }
 
 /// Adam's update of `len` elements of the parameter, its gradient and the
-/// dequantised moments (vectors of `simd`, scalar tail).
-#[inline(always)]
-fn update<S: Lanes<f32>, P: ParamArray<f32>, A: LaneArray<f32>>(
+/// dequantised moments, on the vectors of `simd` (scalar tail).
+struct Update<'a, S> {
     simd: S,
-    config: &AdamConfig,
+    config: &'a AdamConfig,
     bc: BiasCorrection,
-    (param, grad): (P, A),
-    moments: [A; 3],
     len: usize,
-) {
-    let mut block = AdamBlock::new(config, bc, (param, grad), moments);
-    // SAFETY: every array the update touches holds `len` elements.
-    unsafe { run_blocks(simd, len, &mut block) };
+}
+
+impl<S: Lanes<f32>> FusedBody for Update<'_, S> {
+    #[inline(always)]
+    fn run<P: ParamArray<f32>, G: LaneArray<f32>, A: LaneArray<f32>>(
+        &mut self,
+        param: P,
+        grad: G,
+        state: [A; MAX_STATE],
+    ) {
+        let mut block = AdamBlock::new(
+            self.config,
+            self.bc,
+            (param, grad),
+            [state[0], state[1], state[2]],
+        );
+        // SAFETY: every array the update touches holds `len` elements.
+        unsafe { run_blocks(self.simd, self.len, &mut block) };
+    }
 }
 
 /// One work item's blocks, run inside the chosen instruction set.
@@ -221,11 +233,18 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
             let (m, v) = (&mut m[..len], &mut v[..len]);
             k.m.dequantize_block(simd, &self.m_codes[at.clone()], self.m_absmax[b], m);
             k.v.dequantize_block(simd, &self.v_codes[at.clone()], self.v_absmax[b], v);
-            let moments = [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()];
+            let mut update = Update {
+                simd,
+                config: k.config,
+                bc: self.bc,
+                len,
+            };
             match &mut self.param {
                 Param::F32(p, g) => {
-                    let arrays = (p[at.clone()].as_mut_ptr(), g[at.clone()].as_mut_ptr());
-                    update(simd, k.config, self.bc, arrays, moments, len)
+                    let mut moments = [std::ptr::null_mut(); MAX_STATE];
+                    moments[..2].copy_from_slice(&[m.as_mut_ptr(), v.as_mut_ptr()]);
+                    let (p, g) = (p[at.clone()].as_mut_ptr(), g[at.clone()].as_mut_ptr());
+                    update.run(p, g, moments)
                 }
                 // bfloat16 weights: widened and stored back with the kernel's rounding in the same pass.
                 Param::BF16 {
@@ -236,7 +255,8 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
                     let p = Mem::BF16(param[at.clone()].as_mut_ptr().cast());
                     let p = ParamMem::new(p, k.rounding, None, *slot, *start + at.start);
                     let g = Mem::BF16(grad[at.clone()].as_mut_ptr().cast());
-                    update(simd, k.config, self.bc, (p, g), moments.map(Mem::F32), len)
+                    let moments = [Mem::F32(m.as_mut_ptr()), Mem::F32(v.as_mut_ptr())];
+                    typed(p, g, &moments, &mut update)
                 }
             }
             self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);
