@@ -206,18 +206,24 @@ pub struct KahanParam {
     comp: *mut u16,
 }
 
-impl LaneArray<f32> for StochasticParam {
-    #[inline(always)]
-    unsafe fn load<S: Lanes<f32>>(self, s: S, i: usize) -> S::V {
-        // SAFETY: forwarded to the caller.
-        unsafe { Bf16(self.param).load(s, i) }
-    }
-    #[inline(always)]
-    unsafe fn store<S: Lanes<f32>>(self, s: S, i: usize, v: S::V) {
-        // SAFETY: forwarded to the caller.
-        unsafe { self.store_param(s, i, v) }
-    }
+/// Loads of a bfloat16 parameter; its stores go through its rounding.
+macro_rules! bf16_param_loads {
+    ($($t:ty),+) => {$(
+        impl LaneArray<f32> for $t {
+            #[inline(always)]
+            unsafe fn load<S: Lanes<f32>>(self, s: S, i: usize) -> S::V {
+                // SAFETY: forwarded to the caller.
+                unsafe { Bf16(self.param).load(s, i) }
+            }
+            #[inline(always)]
+            unsafe fn store<S: Lanes<f32>>(self, s: S, i: usize, v: S::V) {
+                // SAFETY: forwarded to the caller.
+                unsafe { self.store_param(s, i, v) }
+            }
+        }
+    )+};
 }
+bf16_param_loads!(StochasticParam, KahanParam);
 
 impl ParamArray<f32> for StochasticParam {
     #[inline(always)]
@@ -225,19 +231,6 @@ impl ParamArray<f32> for StochasticParam {
         let index = self.first.wrapping_add(i as u32);
         // SAFETY: forwarded to the caller.
         unsafe { s.narrow_bf16_stochastic(v, index, self.key, self.param.add(i)) }
-    }
-}
-
-impl LaneArray<f32> for KahanParam {
-    #[inline(always)]
-    unsafe fn load<S: Lanes<f32>>(self, s: S, i: usize) -> S::V {
-        // SAFETY: forwarded to the caller.
-        unsafe { Bf16(self.param).load(s, i) }
-    }
-    #[inline(always)]
-    unsafe fn store<S: Lanes<f32>>(self, s: S, i: usize, v: S::V) {
-        // SAFETY: forwarded to the caller.
-        unsafe { self.store_param(s, i, v) }
     }
 }
 

@@ -6,7 +6,7 @@ use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
-use crate::simd::{LaneBlock, Lanes};
+use crate::simd::{run_blocks, LaneBlock, Lanes};
 use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
 use crate::tensors::{ScalarState, TensorBatch};
 
@@ -193,7 +193,7 @@ impl Elementwise for AdamKernel<'_> {
             &mut FusedAdam {
                 config: c,
                 bc: self.per_slot[slot],
-                backend,
+                on: backend,
                 n,
             },
         );
@@ -201,15 +201,39 @@ impl Elementwise for AdamKernel<'_> {
     }
 }
 
-/// Adam's update of `n` elements of arrays of any [`crate::storage`] types.
-pub(crate) struct FusedAdam<'a> {
+/// Where a lane block runs: on the vectors of a backend picked at run time,
+/// or of an instruction set the caller already entered.
+pub(crate) trait RunsBlocks: Copy {
+    /// # Safety
+    /// Every array `block` touches must hold at least `n` elements.
+    unsafe fn run<B: LaneBlock<f32>>(self, n: usize, block: &mut B);
+}
+
+impl RunsBlocks for Backend {
+    #[inline(always)]
+    unsafe fn run<B: LaneBlock<f32>>(self, n: usize, block: &mut B) {
+        // SAFETY: forwarded to the caller.
+        unsafe { run_block(self, n, block) }
+    }
+}
+
+impl<S: Lanes<f32>> RunsBlocks for S {
+    #[inline(always)]
+    unsafe fn run<B: LaneBlock<f32>>(self, n: usize, block: &mut B) {
+        // SAFETY: forwarded to the caller.
+        unsafe { run_blocks(self, n, block) }
+    }
+}
+
+/// Adam's update of `n` elements of arrays of any [`crate::storage`] types, run `on` a backend or entered vectors.
+pub(crate) struct FusedAdam<'a, R> {
     pub(crate) config: &'a AdamConfig,
     pub(crate) bc: BiasCorrection,
-    pub(crate) backend: Backend,
+    pub(crate) on: R,
     pub(crate) n: usize,
 }
 
-impl FusedBody for FusedAdam<'_> {
+impl<R: RunsBlocks> FusedBody for FusedAdam<'_, R> {
     #[inline(always)]
     fn run<P: ParamArray<f32>, G: LaneArray<f32>, A: LaneArray<f32>>(
         &mut self,
@@ -225,7 +249,7 @@ impl FusedBody for FusedAdam<'_> {
         );
         // SAFETY: the caller hands `n` elements of every array (the AMSGrad
         // one is touched only when it was passed).
-        unsafe { run_block(self.backend, self.n, &mut block) };
+        unsafe { self.on.run(self.n, &mut block) };
     }
 }
 

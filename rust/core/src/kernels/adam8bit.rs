@@ -7,15 +7,15 @@
 //! and quantised back, in one pass. Blocks are independent, so the result is
 //! the same whatever the thread count or SIMD path.
 
-use super::adam::{AdamBlock, AdamConfig, BiasCorrection};
+use super::adam::{AdamConfig, BiasCorrection, FusedAdam};
 use crate::dispatch::{Backend, Element, WithLanes};
 use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
 use crate::rounding::ParamRounding;
-use crate::simd::{run_blocks, Lanes};
-use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
+use crate::simd::Lanes;
+use crate::storage::{typed, FusedBody, Mem, ParamMem, MAX_STATE};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
 use half::bf16;
 
@@ -177,34 +177,6 @@ impl Param<'_> {
     }
 }
 
-/// Adam's update of `len` elements of the parameter, its gradient and the
-/// dequantised moments, on the vectors of `simd` (scalar tail).
-struct Update<'a, S> {
-    simd: S,
-    config: &'a AdamConfig,
-    bc: BiasCorrection,
-    len: usize,
-}
-
-impl<S: Lanes<f32>> FusedBody for Update<'_, S> {
-    #[inline(always)]
-    fn run<P: ParamArray<f32>, G: LaneArray<f32>, A: LaneArray<f32>>(
-        &mut self,
-        param: P,
-        grad: G,
-        state: [A; MAX_STATE],
-    ) {
-        let mut block = AdamBlock::new(
-            self.config,
-            self.bc,
-            (param, grad),
-            [state[0], state[1], state[2]],
-        );
-        // SAFETY: every array the update touches holds `len` elements.
-        unsafe { run_blocks(self.simd, self.len, &mut block) };
-    }
-}
-
 /// One work item's blocks, run inside the chosen instruction set.
 struct Blocks<'k, 'a, 'c> {
     kernel: &'k Adam8bitKernel<'a>,
@@ -233,11 +205,11 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
             let (m, v) = (&mut m[..len], &mut v[..len]);
             k.m.dequantize_block(simd, &self.m_codes[at.clone()], self.m_absmax[b], m);
             k.v.dequantize_block(simd, &self.v_codes[at.clone()], self.v_absmax[b], v);
-            let mut update = Update {
-                simd,
+            let mut update = FusedAdam {
                 config: k.config,
                 bc: self.bc,
-                len,
+                on: simd,
+                n: len,
             };
             match &mut self.param {
                 Param::F32(p, g) => {
