@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import oxoptim
 from oxoptim.training import Stage, Trainer
 from oxoptim.training.config import load_config
+from oxoptim.training.stages import build_optimizer
 
 JOB = """
 [[stages]]
@@ -60,3 +61,54 @@ def test_stochastic_rounding_needs_an_optimizer_that_does_it() -> None:
     # Without stochastic rounding any optimizer trains bfloat16 weights (rounded to nearest).
     assert Stage("s", "lion", param_dtype="bfloat16").rounding_kwargs() == {}
     assert oxoptim.AdamW is not None
+
+
+STATE_JOB = """
+[[stages]]
+name = "small state"
+optimizer = "{optimizer}"
+epochs = 2
+batch_size = 32
+lr = 1e-2
+state_dtype = "bfloat16"
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_stage_from_toml_keeps_bfloat16_optimizer_state(tmp_path, optimizer: str) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(STATE_JOB.format(optimizer=optimizer) + ("momentum = 0.9\n" if optimizer == "sgd" else ""))
+    stage = Stage(**load_config(str(path))["stages"][0])
+    assert stage.state_dtype == "bfloat16" and stage.param_dtype is None
+    assert "bfloat16 optimizer state" in stage.describe()
+    assert stage.rounding_kwargs() == {"state_dtype": torch.bfloat16}
+    # The optimizer the stage builds keeps bfloat16 state for float32 weights.
+    w = torch.nn.Parameter(torch.randn(300))
+    opt = build_optimizer(stage, [w])
+    w.grad = torch.randn(300)
+    opt.step()
+    tensors = [v for v in opt.state[w].values() if isinstance(v, torch.Tensor) and v.numel() == 300]
+    assert tensors and all(v.dtype == torch.bfloat16 for v in tensors) and w.dtype == torch.float32
+    # And a model trains with it.
+    train, val = blobs()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    trainer = Trainer(model, F.cross_entropy, train, val, [stage], quiet=True)
+    before = trainer.evaluate(val)["loss"]
+    history = trainer.fit()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert history[-1]["val_loss"] < before
+
+
+def test_state_dtype_is_checked_when_the_stage_is_made() -> None:
+    with pytest.raises(ValueError, match="state_dtype"):
+        Stage("s", "adamw", state_dtype="float16")
+    with pytest.raises(ValueError, match='state_dtype = "bfloat16" needs an optimizer that keeps bfloat16 state: adadelta, adagrad, adam, adamax'):
+        Stage("s", "adamw8bit", state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="keeps bfloat16 state"):
+        Stage("s", "adafactor", state_dtype="bfloat16")
+    assert Stage("s", "lion", state_dtype="bfloat16").rounding_kwargs() == {"state_dtype": torch.bfloat16}
+    # float32 state is every optimizer's default: nothing is passed.
+    assert Stage("s", "adamw8bit", state_dtype="float32").rounding_kwargs() == {}
+    both = Stage("s", "adamw", param_dtype="bfloat16", stochastic_rounding=True, state_dtype="bfloat16")
+    assert both.rounding_kwargs() == {"bf16_stochastic_round": True, "state_dtype": torch.bfloat16}

@@ -42,7 +42,7 @@ OPTIMIZERS = {
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
               "layer_lr_decay", "continue_optimizer", "accumulate", "step_in_backward", "accumulation",
-              "grad_clip_mode", "param_dtype", "stochastic_rounding")
+              "grad_clip_mode", "param_dtype", "stochastic_rounding", "state_dtype")
 # Names a stage can give for its parameters' dtype (None: leave the model's as it is).
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE = ("all", "head")
@@ -167,8 +167,12 @@ class Stage:
             it when the stage starts (its inputs cast to it, its outputs back to float32, so
             losses and metrics stay float32); unset: the model keeps its dtype.
         stochastic_rounding: with ``param_dtype = "bfloat16"``, the optimizer stores each updated
-            weight with unbiased stochastic rounding (``bf16_stochastic_round=True``: AdamW, Adam,
-            SGD, AdamW8bit, Adam8bit) instead of rounding to nearest.
+            weight with unbiased stochastic rounding (``bf16_stochastic_round=True``: the Rust
+            twins but Adafactor and Schedule-Free, and the 8-bit ones) instead of rounding to nearest.
+        state_dtype: ``"float32"`` (the default) or ``"bfloat16"``: the optimizer keeps its state
+            (moments, momentum) in bfloat16 (``state_dtype=torch.bfloat16``: the Rust twins but
+            Adafactor and Schedule-Free),
+            whatever the weights' dtype, and computes in float32.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -198,6 +202,7 @@ class Stage:
     grad_clip_mode: str = "global"
     param_dtype: Optional[str] = None
     stochastic_rounding: bool = False
+    state_dtype: Optional[str] = None
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -224,6 +229,7 @@ class Stage:
         grad_clip_mode: str = "global",
         param_dtype: Optional[str] = None,
         stochastic_rounding: bool = False,
+        state_dtype: Optional[str] = None,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -272,6 +278,9 @@ class Stage:
             if stochastic_rounding and param_dtype != "bfloat16":
                 raise ValueError('stochastic_rounding = true needs param_dtype = "bfloat16"')
             self.stochastic_rounding = stochastic_rounding
+            if state_dtype is not None and state_dtype not in PARAM_DTYPES:
+                raise ValueError(unknown_name("state_dtype", state_dtype, PARAM_DTYPES))
+            self.state_dtype = state_dtype
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
@@ -325,6 +334,9 @@ class Stage:
             if self.stochastic_rounding and names is not None and "bf16_stochastic_round" not in names:
                 takers = sorted(k for k in OPTIMIZERS if "bf16_stochastic_round" in (optimizer_arguments(resolve_optimizer(k)) or ()))
                 raise ValueError(f"stochastic_rounding = true needs an optimizer that rounds stochastically: {', '.join(takers)}")
+            if self.state_dtype == "bfloat16" and names is not None and "state_dtype" not in names:
+                takers = sorted(k for k in OPTIMIZERS if "state_dtype" in (optimizer_arguments(resolve_optimizer(k)) or ()))
+                raise ValueError(f'state_dtype = "bfloat16" needs an optimizer that keeps bfloat16 state: {", ".join(takers)}')
             for key in self.optimizer_kwargs:
                 if names is not None and key not in names:
                     listing = f"{choices(STAGE_KEYS)}; {self._optimizer_name()} arguments: {choices(names)}"
@@ -350,8 +362,12 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: {e}") from e
 
     def rounding_kwargs(self) -> Dict[str, Any]:
-        """The optimizer arguments ``stochastic_rounding`` stands for."""
-        return {"bf16_stochastic_round": True} if self.stochastic_rounding else {}
+        """The optimizer arguments ``stochastic_rounding`` and ``state_dtype`` stand for (float32
+        state is every optimizer's default, so it adds none)."""
+        kwargs: Dict[str, Any] = {"bf16_stochastic_round": True} if self.stochastic_rounding else {}
+        if self.state_dtype == "bfloat16":
+            kwargs["state_dtype"] = torch.bfloat16
+        return kwargs
 
     def _optimizer_name(self) -> str:
         return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
@@ -386,7 +402,8 @@ class Stage:
             f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else "") + (
             ", step in backward" if self.step_in_backward else "") + (
             f", {self.param_dtype} weights" if self.param_dtype else "") + (
-            " with stochastic rounding" if self.stochastic_rounding else "")
+            " with stochastic rounding" if self.stochastic_rounding else "") + (
+            f", {self.state_dtype} optimizer state" if self.state_dtype else "")
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:

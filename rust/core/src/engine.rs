@@ -11,6 +11,7 @@
 
 use crate::dispatch::{Backend, Element};
 use crate::rounding::{self, ParamRounding};
+use crate::storage::{Mem, ParamMem};
 use crate::tensors::{ArraySpec, Column, DType, TensorBatch, MAX_ARITY};
 use half::{bf16, f16};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,24 @@ pub trait Elementwise: Sync {
     fn writes(&self, k: usize) -> bool {
         let _ = k;
         true
+    }
+
+    /// Updates `n` elements of float32/bfloat16 `arrays` of slot `slot` in
+    /// one pass, widening and rounding vector by vector ([`crate::storage`]);
+    /// array 0 comes as `param`, stored with the call's rounding. Returns
+    /// false, having touched nothing, when the kernel has no such path: the
+    /// engine then widens the arrays into f32 blocks, runs
+    /// [`Elementwise::apply`] and narrows them back, which gives the same bits.
+    fn apply_fused(
+        &self,
+        backend: Backend,
+        slot: usize,
+        arrays: &[Mem],
+        param: ParamMem,
+        n: usize,
+    ) -> bool {
+        let _ = (backend, slot, arrays, param, n);
+        false
     }
 }
 
@@ -171,9 +190,23 @@ unsafe fn apply_columns<K: Elementwise>(
     // SAFETY: disjointness is the caller's.
     unsafe {
         batch.with_compensation_slice(slot, range.clone(), |comp| {
-            let comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
+            let mut comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
+            let len = range.len();
             batch.with_columns(slot, range, |columns| {
-                widened_columns(kernel, at, columns, comp)
+                let mut mems = [Mem::F32(std::ptr::null_mut()); MAX_ARITY];
+                let all = columns.iter_mut().zip(mems.iter_mut()).all(|(c, m)| {
+                    match c {
+                        Column::F32(a) => Some(Mem::F32(a.as_mut_ptr())),
+                        Column::BF16(a) => Some(Mem::BF16(a.as_mut_ptr() as *mut u16)),
+                        _ => None,
+                    }
+                    .map(|mem| *m = mem)
+                    .is_some()
+                });
+                let comp_at = comp.as_deref_mut().map(|c| c.as_mut_ptr() as *mut u16);
+                if !(all && fused(kernel, at, &mems[..columns.len()], comp_at, len)) {
+                    widened_columns(kernel, at, columns, comp)
+                }
             })
         })
     }
@@ -187,6 +220,17 @@ impl Column<'_> {
             Column::BF16(a) => a.len(),
             Column::F16(a) => a.len(),
             Column::U8(a) => a.len(),
+        }
+    }
+
+    /// [`prefetch`] of elements `range`.
+    fn prefetch(&self, range: std::ops::Range<usize>) {
+        match self {
+            Column::F32(a) => prefetch(&a[range]),
+            Column::F64(a) => prefetch(&a[range]),
+            Column::BF16(a) => prefetch(&a[range]),
+            Column::F16(a) => prefetch(&a[range]),
+            Column::U8(a) => prefetch(&a[range]),
         }
     }
 
@@ -229,30 +273,45 @@ impl Column<'_> {
     }
 }
 
-/// [`widened`] for arrays of several dtypes: each widened to f32 by its own.
+/// [`widened`] for arrays of several dtypes: each half-precision one widened
+/// to f32 by its own; float32 ones (the parameter and gradient of bfloat16
+/// state) are updated in place, not copied.
 fn widened_columns<K: Elementwise>(
     kernel: &K,
     at: Narrowing,
     columns: &mut [Column<'_>],
     mut comp: Option<&mut [bf16]>,
 ) {
-    let len = columns.first().map_or(0, Column::len);
+    let (len, arity) = (columns.first().map_or(0, Column::len), columns.len());
     let mut scratch = [[0f32; HALF_BLOCK]; MAX_ARITY];
     let mut start = 0;
     while start < len {
         let n = HALF_BLOCK.min(len - start);
         for (buf, column) in scratch.iter_mut().zip(columns.iter()) {
-            column.widen_into(at.backend, start, &mut buf[..n]);
+            if !matches!(column, Column::F32(_)) {
+                column.widen_into(at.backend, start, &mut buf[..n]);
+            }
+        }
+        let next = start + n..len.min(start + n + HALF_BLOCK);
+        columns.iter().for_each(|c| c.prefetch(next.clone()));
+        if let Some(c) = comp.as_deref() {
+            prefetch(&c[next.clone()]);
         }
         {
             let mut views: [&mut [f32]; MAX_ARITY] = Default::default();
-            for (v, buf) in views.iter_mut().zip(scratch.iter_mut()) {
-                *v = &mut buf[..n];
+            for (v, (buf, column)) in views
+                .iter_mut()
+                .zip(scratch.iter_mut().zip(columns.iter_mut()))
+            {
+                *v = match column {
+                    Column::F32(a) => &mut a[start..start + n],
+                    _ => &mut buf[..n],
+                };
             }
-            kernel.apply::<f32>(at.backend, at.slot, &mut views[..columns.len()]);
+            kernel.apply::<f32>(at.backend, at.slot, &mut views[..arity]);
         }
         for (k, (buf, column)) in scratch.iter().zip(columns.iter_mut()).enumerate() {
-            if !kernel.writes(k) {
+            if !kernel.writes(k) || matches!(column, Column::F32(_)) {
                 continue;
             }
             let param =
@@ -261,6 +320,27 @@ fn widened_columns<K: Elementwise>(
         }
         start += n;
     }
+}
+
+/// Asks the CPU to start loading `data` into the cache: the next widened
+/// block is fetched while the current one is computed (the widening loops
+/// alone keep too few loads in flight to stream from memory at full speed).
+#[inline(always)]
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (at, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, and `offset` lies inside `data` anyway.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    at.add(offset),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Runs a block-wise `kernel` over every slot of `batch`, split at whole blocks.
@@ -336,13 +416,63 @@ unsafe fn apply_range<K: Elementwise>(
                 batch.with_slices::<f64, _>(slot, range, |a| kernel.apply(backend, slot, a))
             }
             DType::BF16 => batch.with_compensation_slice(slot, range.clone(), |comp| {
-                let comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
-                batch.with_slices::<bf16, _>(slot, range, |a| widened(kernel, at, a, comp))
+                let mut comp = comp.filter(|_| exec.rounding == ParamRounding::Kahan);
+                let len = range.len();
+                batch.with_slices::<bf16, _>(slot, range, |a| {
+                    let mut mems = [Mem::F32(std::ptr::null_mut()); MAX_ARITY];
+                    for (m, x) in mems.iter_mut().zip(a.iter_mut()) {
+                        *m = Mem::BF16(x.as_mut_ptr() as *mut u16);
+                    }
+                    let comp_at = comp.as_deref_mut().map(|c| c.as_mut_ptr() as *mut u16);
+                    if !fused(kernel, at, &mems[..a.len()], comp_at, len) {
+                        widened(kernel, at, a, comp)
+                    }
+                })
             }),
             DType::F16 => {
                 batch.with_slices::<f16, _>(slot, range, |a| widened(kernel, at, a, None))
             }
             DType::U8 => unreachable!("TensorBatch refuses parameters that are not floats"),
+        }
+    }
+}
+
+/// Runs a work item of `len` elements through [`Elementwise::apply_fused`],
+/// in pieces that share the high 32 bits of their element index (stochastic
+/// rounding's key); false when the kernel has no fused path.
+fn fused<K: Elementwise>(
+    kernel: &K,
+    at: Narrowing,
+    arrays: &[Mem],
+    comp: Option<*mut u16>,
+    len: usize,
+) -> bool {
+    let mut done = 0;
+    loop {
+        let index = (at.start + done) as u64;
+        let n = (len - done).min(
+            (((index >> 32) + 1) << 32)
+                .wrapping_sub(index)
+                .min(usize::MAX as u64) as usize,
+        );
+        let mut piece = [Mem::F32(std::ptr::null_mut()); MAX_ARITY];
+        for (p, a) in piece.iter_mut().zip(arrays) {
+            *p = a.offset(done);
+        }
+        let param = ParamMem::new(
+            piece[0],
+            at.rounding,
+            comp.map(|c| c.wrapping_add(done)),
+            at.stream,
+            at.start + done,
+        );
+        if !kernel.apply_fused(at.backend, at.slot, &piece[..arrays.len()], param, n) {
+            assert_eq!(done, 0, "a kernel has a fused path or not");
+            return false;
+        }
+        done += n;
+        if done >= len {
+            return true;
         }
     }
 }
@@ -470,6 +600,11 @@ fn widened<H: HalfFloat, K: Elementwise>(
         let n = HALF_BLOCK.min(len - start);
         for (buf, src) in scratch.iter_mut().zip(arrays.iter()) {
             H::widen_slice(backend, &src[start..start + n], &mut buf[..n]);
+        }
+        let next = start + n..len.min(start + n + HALF_BLOCK);
+        arrays.iter().for_each(|a| prefetch(&a[next.clone()]));
+        if let Some(c) = comp.as_deref() {
+            prefetch(&c[next.clone()]);
         }
         {
             let mut views: [&mut [f32]; MAX_ARITY] = Default::default();

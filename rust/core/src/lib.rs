@@ -16,6 +16,7 @@ pub mod quant;
 pub mod reduce;
 pub mod rounding;
 pub mod simd;
+pub mod storage;
 pub mod tensors;
 
 pub use dispatch::Backend;

@@ -6,7 +6,8 @@ use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
-use crate::simd::{LaneBlock, Lanes};
+use crate::simd::{run_blocks, LaneBlock, Lanes};
+use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
 use crate::tensors::{ScalarState, TensorBatch};
 
 /// Adam hyper-parameters of one parameter group.
@@ -156,7 +157,7 @@ impl Elementwise for AdamKernel<'_> {
         let mut block = AdamBlock::new(
             c,
             self.per_slot[slot],
-            (arrays[0].as_mut_ptr(), arrays[1].as_ptr()),
+            (arrays[0].as_mut_ptr(), arrays[1].as_mut_ptr()),
             [
                 arrays[2].as_mut_ptr(),
                 arrays[3].as_mut_ptr(),
@@ -170,11 +171,93 @@ impl Elementwise for AdamKernel<'_> {
     fn writes(&self, k: usize) -> bool {
         k != 1
     }
+
+    fn apply_fused(
+        &self,
+        backend: Backend,
+        slot: usize,
+        arrays: &[Mem],
+        param: ParamMem,
+        n: usize,
+    ) -> bool {
+        let c = self.config;
+        assert_eq!(
+            arrays.len(),
+            c.arity(),
+            "kernel received the wrong number of arrays"
+        );
+        typed(
+            param,
+            arrays[1],
+            &arrays[2..],
+            &mut FusedAdam {
+                config: c,
+                bc: self.per_slot[slot],
+                on: backend,
+                n,
+            },
+        );
+        true
+    }
 }
 
-/// Adam's per-element update over raw arrays, shared with the block-wise
-/// 8-bit kernel (which runs it on dequantised copies of its state).
-pub(crate) struct AdamBlock<T> {
+/// Where a lane block runs: on the vectors of a backend picked at run time,
+/// or of an instruction set the caller already entered.
+pub(crate) trait RunsBlocks: Copy {
+    /// # Safety
+    /// Every array `block` touches must hold at least `n` elements.
+    unsafe fn run<B: LaneBlock<f32>>(self, n: usize, block: &mut B);
+}
+
+impl RunsBlocks for Backend {
+    #[inline(always)]
+    unsafe fn run<B: LaneBlock<f32>>(self, n: usize, block: &mut B) {
+        // SAFETY: forwarded to the caller.
+        unsafe { run_block(self, n, block) }
+    }
+}
+
+impl<S: Lanes<f32>> RunsBlocks for S {
+    #[inline(always)]
+    unsafe fn run<B: LaneBlock<f32>>(self, n: usize, block: &mut B) {
+        // SAFETY: forwarded to the caller.
+        unsafe { run_blocks(self, n, block) }
+    }
+}
+
+/// Adam's update of `n` elements of arrays of any [`crate::storage`] types, run `on` a backend or entered vectors.
+pub(crate) struct FusedAdam<'a, R> {
+    pub(crate) config: &'a AdamConfig,
+    pub(crate) bc: BiasCorrection,
+    pub(crate) on: R,
+    pub(crate) n: usize,
+}
+
+impl<R: RunsBlocks> FusedBody for FusedAdam<'_, R> {
+    #[inline(always)]
+    fn run<P: ParamArray<f32>, G: LaneArray<f32>, A: LaneArray<f32>>(
+        &mut self,
+        param: P,
+        grad: G,
+        state: [A; MAX_STATE],
+    ) {
+        let mut block = AdamBlock::new(
+            self.config,
+            self.bc,
+            (param, grad),
+            [state[0], state[1], state[2]],
+        );
+        // SAFETY: the caller hands `n` elements of every array (the AMSGrad
+        // one is touched only when it was passed).
+        unsafe { self.on.run(self.n, &mut block) };
+    }
+}
+
+/// Adam's per-element update over arrays in place (raw `*mut T`, or float32
+/// and bfloat16 ones widened and rounded as they are loaded and stored),
+/// shared with the block-wise 8-bit kernel (which runs it on dequantised
+/// copies of its state).
+pub(crate) struct AdamBlock<T, P = *mut T, G = *mut T, A = *mut T> {
     lerp_coeff: T,
     lerp_from_start: bool,
     beta2: T,
@@ -188,23 +271,23 @@ pub(crate) struct AdamBlock<T> {
     decoupled_decay: bool,
     amsgrad: bool,
     maximize: bool,
-    param: *mut T,
-    grad: *const T,
-    exp_avg: *mut T,
-    exp_avg_sq: *mut T,
-    max_exp_avg_sq: *mut T,
+    param: P,
+    grad: G,
+    exp_avg: A,
+    exp_avg_sq: A,
+    max_exp_avg_sq: A,
 }
 
-impl<T: Element> AdamBlock<T> {
+impl<T: Element, P, G, A> AdamBlock<T, P, G, A> {
     /// The update of `(param, grad)` and `[exp_avg, exp_avg_sq,
-    /// max_exp_avg_sq]` (the last null unless AMSGrad), each pointing at as
+    /// max_exp_avg_sq]` (the last unused unless AMSGrad), each holding as
     /// many elements as the block is run over.
     pub(crate) fn new(
         c: &AdamConfig,
         bc: BiasCorrection,
-        (param, grad): (*mut T, *const T),
-        [exp_avg, exp_avg_sq, max_exp_avg_sq]: [*mut T; 3],
-    ) -> AdamBlock<T> {
+        (param, grad): (P, G),
+        [exp_avg, exp_avg_sq, max_exp_avg_sq]: [A; 3],
+    ) -> AdamBlock<T, P, G, A> {
         // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
         let lerp_weight = T::from_f64(1.0 - c.beta1);
         let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
@@ -235,14 +318,16 @@ impl<T: Element> AdamBlock<T> {
     }
 }
 
-impl<T: Element> LaneBlock<T> for AdamBlock<T> {
+impl<T: Element, P: ParamArray<T>, G: LaneArray<T>, A: LaneArray<T>> LaneBlock<T>
+    for AdamBlock<T, P, G, A>
+{
     #[inline(always)]
     unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
         // SAFETY: `run_blocks` keeps i + WIDTH within the arrays; the AMSGrad
         // array is only touched when it was passed.
         unsafe {
-            let mut p = s.load(self.param.add(i));
-            let mut g = s.load(self.grad.add(i));
+            let mut p = self.param.load(s, i);
+            let mut g = self.grad.load(s, i);
             if self.maximize {
                 g = s.mul(g, s.splat(-T::ONE));
             }
@@ -252,22 +337,22 @@ impl<T: Element> LaneBlock<T> for AdamBlock<T> {
                 g = s.mul_add(p, s.splat(self.weight_decay), g);
             }
             // exp_avg.lerp_(grad, 1 - beta1)
-            let m = s.load(self.exp_avg.add(i));
+            let m = self.exp_avg.load(s, i);
             let diff = s.sub(g, m);
             let m = s.mul_add(
                 s.splat(self.lerp_coeff),
                 diff,
                 if self.lerp_from_start { m } else { g },
             );
-            s.store(self.exp_avg.add(i), m);
+            self.exp_avg.store(s, i, m);
             // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): torch's
             // CPU addcmul is one FMA, fma(value * grad, grad, self).
-            let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
+            let v = s.mul(self.exp_avg_sq.load(s, i), s.splat(self.beta2));
             let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
-            s.store(self.exp_avg_sq.add(i), v);
+            self.exp_avg_sq.store(s, i, v);
             let second = if self.amsgrad {
-                let vmax = s.max(s.load(self.max_exp_avg_sq.add(i)), v);
-                s.store(self.max_exp_avg_sq.add(i), vmax);
+                let vmax = s.max(self.max_exp_avg_sq.load(s, i), v);
+                self.max_exp_avg_sq.store(s, i, vmax);
                 vmax
             } else {
                 v
@@ -279,7 +364,7 @@ impl<T: Element> LaneBlock<T> for AdamBlock<T> {
             );
             // param.addcdiv_(exp_avg, denom, value=-step_size)
             p = s.add(p, s.div(s.mul(s.splat(self.step_size_neg), m), denom));
-            s.store(self.param.add(i), p);
+            self.param.store_param(s, i, p);
         }
     }
 }

@@ -7,16 +7,15 @@
 //! and quantised back, in one pass. Blocks are independent, so the result is
 //! the same whatever the thread count or SIMD path.
 
-use super::adam::{AdamBlock, AdamConfig, BiasCorrection};
+use super::adam::{AdamConfig, BiasCorrection, FusedAdam};
 use crate::dispatch::{Backend, Element, WithLanes};
 use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
-use crate::rounding::{
-    narrow_bf16_lanes, narrow_stochastic_lanes, widen_bf16_lanes, ParamRounding,
-};
-use crate::simd::{run_blocks, Lanes};
+use crate::rounding::ParamRounding;
+use crate::simd::Lanes;
+use crate::storage::{typed, FusedBody, Mem, ParamMem, MAX_STATE};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
 use half::bf16;
 
@@ -203,48 +202,36 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
         );
         let mut m = [0f32; BLOCK];
         let mut v = [0f32; BLOCK];
-        // bfloat16 parameters and gradients, widened.
-        let mut wide_p = [0f32; BLOCK];
-        let mut wide_g = [0f32; BLOCK];
         for b in 0..n.div_ceil(BLOCK) {
             let at = b * BLOCK..n.min((b + 1) * BLOCK);
             let len = at.len();
             let (m, v) = (&mut m[..len], &mut v[..len]);
             k.m.dequantize_block(simd, &self.m_codes[at.clone()], self.m_absmax[b], m);
             k.v.dequantize_block(simd, &self.v_codes[at.clone()], self.v_absmax[b], v);
-            let (p, g): (*mut f32, *const f32) = match &mut self.param {
-                Param::F32(p, g) => (p[at.clone()].as_mut_ptr(), g[at.clone()].as_ptr()),
-                Param::BF16 { param, grad, .. } => {
-                    widen_bf16_lanes(simd, &param[at.clone()], &mut wide_p[..len]);
-                    widen_bf16_lanes(simd, &grad[at.clone()], &mut wide_g[..len]);
-                    (wide_p.as_mut_ptr(), wide_g.as_ptr())
-                }
+            let mut update = FusedAdam {
+                config: k.config,
+                bc: self.bc,
+                on: simd,
+                n: len,
             };
-            let mut update = AdamBlock::new(
-                k.config,
-                self.bc,
-                (p, g),
-                [m.as_mut_ptr(), v.as_mut_ptr(), std::ptr::null_mut()],
-            );
-            // SAFETY: every array the update touches holds `len` elements.
-            unsafe { run_blocks(simd, len, &mut update) };
-            if let Param::BF16 {
-                param,
-                at: (stream, start),
-                ..
-            } = &mut self.param
-            {
-                let dst = &mut param[at.clone()];
-                match k.rounding {
-                    ParamRounding::Stochastic { seed, count } => narrow_stochastic_lanes(
-                        simd,
-                        &wide_p[..len],
-                        dst,
-                        *start + at.start,
-                        (seed, count),
-                        *stream,
-                    ),
-                    _ => narrow_bf16_lanes(simd, &wide_p[..len], dst),
+            match &mut self.param {
+                Param::F32(p, g) => {
+                    let mut moments = [std::ptr::null_mut(); MAX_STATE];
+                    moments[..2].copy_from_slice(&[m.as_mut_ptr(), v.as_mut_ptr()]);
+                    let (p, g) = (p[at.clone()].as_mut_ptr(), g[at.clone()].as_mut_ptr());
+                    update.run(p, g, moments)
+                }
+                // bfloat16 weights: widened and stored back with the kernel's rounding in the same pass.
+                Param::BF16 {
+                    param,
+                    grad,
+                    at: (stream, start),
+                } => {
+                    let p = Mem::BF16(param[at.clone()].as_mut_ptr().cast());
+                    let p = ParamMem::new(p, k.rounding, None, *stream, *start + at.start);
+                    let g = Mem::BF16(grad[at.clone()].as_mut_ptr().cast());
+                    let moments = [Mem::F32(m.as_mut_ptr()), Mem::F32(v.as_mut_ptr())];
+                    typed(p, g, &moments, &mut update)
                 }
             }
             self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);

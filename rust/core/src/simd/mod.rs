@@ -246,6 +246,21 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
         }
     }
 
+    /// `x` rounded to the nearest bfloat16 (ties to even) and widened back,
+    /// lane by lane [`crate::rounding::nearest_bf16_f32`] (NaN quieted).
+    #[inline(always)]
+    fn round_bf16(self, x: Self::V) -> Self::V {
+        let mut lanes = [T::ZERO; MAX_WIDTH];
+        // SAFETY: `lanes` holds at least WIDTH elements.
+        unsafe {
+            self.store(lanes.as_mut_ptr(), x);
+            for lane in lanes[..Self::WIDTH].iter_mut() {
+                *lane = T::from_f64(half::bf16::from_f32(lane.to_f64() as f32).to_f64());
+            }
+            self.load(lanes.as_ptr())
+        }
+    }
+
     /// Writes the `WIDTH` lanes of `x` as bfloat16 bits with stochastic
     /// rounding, lane `i` taking the random bits of element `first + i`
     /// (what [`crate::rounding::stochastic_bf16`] and

@@ -196,18 +196,15 @@ impl_lanes!(
             }
         }
         #[inline(always)]
+        fn round_bf16(self, x: __m256) -> __m256 {
+            // SAFETY: see the module note.
+            unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(nearest_bf16_avx2(x))) }
+        }
+        #[inline(always)]
         unsafe fn narrow_bf16_nearest(self, x: __m256, out: *mut u16) {
             // SAFETY: see the module note; `out` holds 8 u16 (caller).
             unsafe {
-                let bits = _mm256_castps_si256(x);
-                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-                let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
-                    bits,
-                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
-                ));
-                let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
-                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-                let halves = _mm256_blendv_epi8(rounded, quiet, nan);
+                let halves = nearest_bf16_avx2(x);
                 let packed = _mm_packus_epi32(
                     _mm256_castsi256_si128(halves),
                     _mm256_extracti128_si256::<1>(halves),
@@ -390,18 +387,15 @@ impl_lanes!(
             }
         }
         #[inline(always)]
+        fn round_bf16(self, x: __m512) -> __m512 {
+            // SAFETY: see the module note.
+            unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(nearest_bf16_avx512(x))) }
+        }
+        #[inline(always)]
         unsafe fn narrow_bf16_nearest(self, x: __m512, out: *mut u16) {
             // SAFETY: see the module note; `out` holds 16 u16 (caller).
             unsafe {
-                let bits = _mm512_castps_si512(x);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-                    bits,
-                    _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
-                ));
-                let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-                let halves = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                let halves = nearest_bf16_avx512(x);
                 _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
             }
         }
@@ -538,5 +532,39 @@ unsafe fn lowbias32_avx512(mut x: __m512i) -> __m512i {
         x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
         x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68bu32 as i32));
         _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+    }
+}
+
+/// The bfloat16 bits (low half of each lane) of `x` rounded to nearest even,
+/// NaN quieted with its sign and payload kept (`half::bf16::from_f32`).
+#[inline(always)]
+unsafe fn nearest_bf16_avx2(x: __m256) -> __m256i {
+    // SAFETY: only called from AVX2 code (see the module note).
+    unsafe {
+        let bits = _mm256_castps_si256(x);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+            bits,
+            _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
+        ));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+        _mm256_blendv_epi8(rounded, quiet, nan)
+    }
+}
+
+/// [`nearest_bf16_avx2`] on sixteen lanes.
+#[inline(always)]
+unsafe fn nearest_bf16_avx512(x: __m512) -> __m512i {
+    // SAFETY: only called from AVX-512 code (see the module note).
+    unsafe {
+        let bits = _mm512_castps_si512(x);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            bits,
+            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
+        ));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+        _mm512_mask_blend_epi32(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), rounded, quiet)
     }
 }
