@@ -1,80 +1,35 @@
 //! Adam / AdamW (decoupled weight decay) with AMSGrad and maximize, operation
 //! for operation as torch's `_single_tensor_adam` on its vectorised CPU path.
 
-use super::common_len;
-use crate::dispatch::{run_block, Backend, Element};
-use crate::engine::{self, Elementwise, Exec};
+use super::declare::{self, optimizer, Arrays, Bound, LaneUpdate, PerElement};
+use crate::dispatch::Element;
+use crate::engine::Exec;
 use crate::error::{Error, Result};
-use crate::optimizer::{Hyper, HyperKind, Optimizer};
-use crate::simd::{LaneBlock, Lanes};
+use crate::optimizer::Optimizer;
+use crate::simd::Lanes;
 use crate::tensors::{ScalarState, TensorBatch};
 
-/// Adam hyper-parameters of one parameter group.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub amsgrad: bool,
-    pub maximize: bool,
-    /// AdamW: decay the parameter instead of adding `weight_decay * param` to the gradient.
-    pub decoupled_weight_decay: bool,
+optimizer! {
+    /// Adam hyper-parameters of one parameter group: Adam and AdamW (torch's
+    /// AdamW is Adam with `decoupled_weight_decay=True`).
+    pub struct AdamConfig = "adam" {
+        lr: f64,
+        betas: (beta1, beta2),
+        eps: f64,
+        weight_decay: f64,
+        amsgrad: bool,
+        maximize: bool,
+        /// AdamW: decay the parameter instead of adding `weight_decay * param` to the gradient.
+        decoupled_weight_decay: bool,
+    }
+    state: ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad],
+    scalars: ["step"],
 }
 
 impl AdamConfig {
     /// Arrays per slot: `[param, grad, exp_avg, exp_avg_sq(, max_exp_avg_sq)]`.
     pub fn arity(&self) -> usize {
-        if self.amsgrad {
-            5
-        } else {
-            4
-        }
-    }
-}
-
-/// Adam and AdamW (torch's AdamW is Adam with `decoupled_weight_decay=True`).
-impl Optimizer for AdamConfig {
-    const NAME: &'static str = "adam";
-    const HYPER: &'static [(&'static str, HyperKind)] = &[
-        ("lr", HyperKind::Float),
-        ("betas", HyperKind::Pair),
-        ("eps", HyperKind::Float),
-        ("weight_decay", HyperKind::Float),
-        ("amsgrad", HyperKind::Flag),
-        ("maximize", HyperKind::Flag),
-        ("decoupled_weight_decay", HyperKind::Flag),
-    ];
-    const STATE: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
-    const SCALARS: &'static [&'static str] = &["step"];
-
-    fn from_hyper(h: &mut Hyper) -> Result<Self> {
-        let (beta1, beta2) = h.pair("betas")?;
-        Ok(AdamConfig {
-            lr: h.float("lr")?,
-            beta1,
-            beta2,
-            eps: h.float("eps")?,
-            weight_decay: h.float("weight_decay")?,
-            amsgrad: h.flag("amsgrad")?,
-            maximize: h.flag("maximize")?,
-            decoupled_weight_decay: h.flag("decoupled_weight_decay")?,
-        })
-    }
-
-    fn state_keys(&self) -> Vec<&'static str> {
-        Self::STATE[..self.arity() - 2].to_vec()
-    }
-
-    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        // Everything is checked before the first counter is written: a
-        // refused call leaves the step counters as they were.
-        check(self, batch, scalars.slots())?;
-        let steps: Vec<f64> = (0..batch.slots())
-            .map(|i| scalars.increment(i, 0))
-            .collect();
-        adam_step(self, batch, &steps, exec)
+        2 + self.state_keys().len()
     }
 }
 
@@ -86,12 +41,6 @@ pub fn adam_step(
     steps: &[f64],
     exec: Exec,
 ) -> Result<()> {
-    check(config, batch, steps.len())?;
-    run(config, batch, steps, exec);
-    Ok(())
-}
-
-fn check(config: &AdamConfig, batch: &TensorBatch, steps: usize) -> Result<()> {
     if batch.arity() != config.arity() {
         return Err(Error::Mismatch(format!(
             "Adam expects {} arrays per tensor, got {}",
@@ -99,32 +48,23 @@ fn check(config: &AdamConfig, batch: &TensorBatch, steps: usize) -> Result<()> {
             batch.arity()
         )));
     }
-    if steps != batch.slots() {
+    if steps.len() != batch.slots() {
         return Err(Error::Mismatch(format!(
-            "{steps} step counts for {} tensors",
+            "{} step counts for {} tensors",
+            steps.len(),
             batch.slots()
         )));
     }
+    let per_slot: Vec<BiasCorrection> = steps
+        .iter()
+        .map(|&step| BiasCorrection::new(config, step))
+        .collect();
+    declare::run(config, &per_slot, batch, exec);
     Ok(())
 }
 
-fn run(config: &AdamConfig, batch: &TensorBatch, steps: &[f64], exec: Exec) {
-    let per_slot = steps
-        .iter()
-        .map(|&step| BiasCorrection::new(config, step))
-        .collect::<Vec<_>>();
-    engine::run(
-        &AdamKernel {
-            config,
-            per_slot: &per_slot,
-        },
-        batch,
-        exec,
-    );
-}
-
 /// Step-dependent scalars, computed in f64 as torch computes them in Python.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct BiasCorrection {
     step_size: f64,
     bias_correction2_sqrt: f64,
@@ -141,40 +81,43 @@ impl BiasCorrection {
     }
 }
 
-struct AdamKernel<'a> {
-    config: &'a AdamConfig,
-    per_slot: &'a [BiasCorrection],
-}
+impl PerElement for AdamConfig {
+    type Slot = BiasCorrection;
+    type Update<T: Element> = AdamUpdate<T>;
 
-impl Elementwise for AdamKernel<'_> {
-    fn apply<T: Element>(&self, backend: Backend, slot: usize, arrays: &mut [&mut [T]]) {
-        let c = self.config;
-        let n = common_len(arrays, c.arity());
-        let max_exp_avg_sq = arrays
-            .get_mut(4)
-            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
-        let mut block = AdamBlock::new(
-            c,
-            self.per_slot[slot],
-            (arrays[0].as_mut_ptr(), arrays[1].as_ptr()),
-            [
-                arrays[2].as_mut_ptr(),
-                arrays[3].as_mut_ptr(),
-                max_exp_avg_sq,
-            ],
-        );
-        // SAFETY: every array holds `n` elements (checked by `common_len`).
-        unsafe { run_block(backend, n, &mut block) }
+    fn advance(&self, scalars: &mut ScalarState, slot: usize) -> BiasCorrection {
+        BiasCorrection::new(self, scalars.increment(slot, 0))
     }
 
-    fn writes(&self, k: usize) -> bool {
-        k != 1
+    fn update<T: Element>(&self, bc: BiasCorrection) -> AdamUpdate<T> {
+        // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
+        let lerp_weight = T::from_f64(1.0 - self.beta1);
+        let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
+        AdamUpdate {
+            lerp_coeff: if lerp_small {
+                lerp_weight
+            } else {
+                lerp_weight - T::ONE
+            },
+            lerp_from_start: lerp_small,
+            beta2: T::from_f64(self.beta2),
+            one_minus_beta2: T::from_f64(1.0 - self.beta2),
+            eps: T::from_f64(self.eps),
+            step_size_neg: T::from_f64(-bc.step_size),
+            bias_correction2_sqrt: T::from_f64(bc.bias_correction2_sqrt),
+            weight_decay: T::from_f64(self.weight_decay),
+            param_decay: T::from_f64(1.0 - self.lr * self.weight_decay),
+            coupled_decay: self.weight_decay != 0.0 && !self.decoupled_weight_decay,
+            decoupled_decay: self.weight_decay != 0.0 && self.decoupled_weight_decay,
+            amsgrad: self.amsgrad,
+            maximize: self.maximize,
+        }
     }
 }
 
-/// Adam's per-element update over raw arrays, shared with the block-wise
-/// 8-bit kernel (which runs it on dequantised copies of its state).
-pub(crate) struct AdamBlock<T> {
+/// Adam's per-element update, shared with the block-wise 8-bit kernel (which
+/// runs it on dequantised copies of its state).
+pub(crate) struct AdamUpdate<T> {
     lerp_coeff: T,
     lerp_from_start: bool,
     beta2: T,
@@ -188,12 +131,10 @@ pub(crate) struct AdamBlock<T> {
     decoupled_decay: bool,
     amsgrad: bool,
     maximize: bool,
-    param: *mut T,
-    grad: *const T,
-    exp_avg: *mut T,
-    exp_avg_sq: *mut T,
-    max_exp_avg_sq: *mut T,
 }
+
+/// Adam's update bound to raw arrays, as the 8-bit kernel runs it.
+pub(crate) type AdamBlock<T> = Bound<AdamUpdate<T>, T>;
 
 impl<T: Element> AdamBlock<T> {
     /// The update of `(param, grad)` and `[exp_avg, exp_avg_sq,
@@ -205,44 +146,28 @@ impl<T: Element> AdamBlock<T> {
         (param, grad): (*mut T, *const T),
         [exp_avg, exp_avg_sq, max_exp_avg_sq]: [*mut T; 3],
     ) -> AdamBlock<T> {
-        // torch's lerp: weight w < 0.5 gives start + w (end - start), else end + (w - 1)(end - start).
-        let lerp_weight = T::from_f64(1.0 - c.beta1);
-        let lerp_small = lerp_weight.abs() < T::from_f64(0.5);
-        AdamBlock {
-            lerp_coeff: if lerp_small {
-                lerp_weight
-            } else {
-                lerp_weight - T::ONE
-            },
-            lerp_from_start: lerp_small,
-            beta2: T::from_f64(c.beta2),
-            one_minus_beta2: T::from_f64(1.0 - c.beta2),
-            eps: T::from_f64(c.eps),
-            step_size_neg: T::from_f64(-bc.step_size),
-            bias_correction2_sqrt: T::from_f64(bc.bias_correction2_sqrt),
-            weight_decay: T::from_f64(c.weight_decay),
-            param_decay: T::from_f64(1.0 - c.lr * c.weight_decay),
-            coupled_decay: c.weight_decay != 0.0 && !c.decoupled_weight_decay,
-            decoupled_decay: c.weight_decay != 0.0 && c.decoupled_weight_decay,
-            amsgrad: c.amsgrad,
-            maximize: c.maximize,
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            max_exp_avg_sq,
+        let mut arrays: Arrays<T> = [std::ptr::null_mut(); crate::tensors::MAX_ARITY];
+        // The gradient is only read (see `LaneUpdate`).
+        arrays[..5].copy_from_slice(&[param, grad.cast_mut(), exp_avg, exp_avg_sq, max_exp_avg_sq]);
+        Bound {
+            update: c.update(bc),
+            arrays,
         }
     }
 }
 
-impl<T: Element> LaneBlock<T> for AdamBlock<T> {
+impl<T: Element> LaneUpdate<T> for AdamUpdate<T> {
     #[inline(always)]
-    unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
-        // SAFETY: `run_blocks` keeps i + WIDTH within the arrays; the AMSGrad
-        // array is only touched when it was passed.
+    unsafe fn apply<S: Lanes<T>>(
+        &self,
+        s: S,
+        [param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, ..]: Arrays<T>,
+    ) {
+        // SAFETY: the caller's pointers are valid for S::WIDTH elements; the
+        // AMSGrad array is only touched when it was passed.
         unsafe {
-            let mut p = s.load(self.param.add(i));
-            let mut g = s.load(self.grad.add(i));
+            let mut p = s.load(param);
+            let mut g = s.load(grad);
             if self.maximize {
                 g = s.mul(g, s.splat(-T::ONE));
             }
@@ -252,22 +177,22 @@ impl<T: Element> LaneBlock<T> for AdamBlock<T> {
                 g = s.mul_add(p, s.splat(self.weight_decay), g);
             }
             // exp_avg.lerp_(grad, 1 - beta1)
-            let m = s.load(self.exp_avg.add(i));
+            let m = s.load(exp_avg);
             let diff = s.sub(g, m);
             let m = s.mul_add(
                 s.splat(self.lerp_coeff),
                 diff,
                 if self.lerp_from_start { m } else { g },
             );
-            s.store(self.exp_avg.add(i), m);
+            s.store(exp_avg, m);
             // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): torch's
             // CPU addcmul is one FMA, fma(value * grad, grad, self).
-            let v = s.mul(s.load(self.exp_avg_sq.add(i)), s.splat(self.beta2));
+            let v = s.mul(s.load(exp_avg_sq), s.splat(self.beta2));
             let v = s.mul_add(s.mul(s.splat(self.one_minus_beta2), g), g, v);
-            s.store(self.exp_avg_sq.add(i), v);
+            s.store(exp_avg_sq, v);
             let second = if self.amsgrad {
-                let vmax = s.max(s.load(self.max_exp_avg_sq.add(i)), v);
-                s.store(self.max_exp_avg_sq.add(i), vmax);
+                let vmax = s.max(s.load(max_exp_avg_sq), v);
+                s.store(max_exp_avg_sq, vmax);
                 vmax
             } else {
                 v
@@ -279,7 +204,7 @@ impl<T: Element> LaneBlock<T> for AdamBlock<T> {
             );
             // param.addcdiv_(exp_avg, denom, value=-step_size)
             p = s.add(p, s.div(s.mul(s.splat(self.step_size_neg), m), denom));
-            s.store(self.param.add(i), p);
+            s.store(param, p);
         }
     }
 }
