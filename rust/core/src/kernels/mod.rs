@@ -12,6 +12,7 @@ pub mod averaging;
 pub mod declare;
 pub mod lion;
 pub mod nadam;
+pub mod prodigy;
 pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
@@ -41,6 +42,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<lion::LionConfig>(),
     entry::<schedule_free::AdamwScheduleFreeConfig>(),
     entry::<schedule_free::SgdScheduleFreeConfig>(),
+    entry::<prodigy::ProdigyConfig>(),
     entry::<adam8bit::Adam8bitConfig>(),
 ];
 
