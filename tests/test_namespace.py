@@ -43,7 +43,7 @@ def test_every_torch_optimizer_is_here_with_torchs_signature(name: str) -> None:
 
 
 # Beyond torch.optim: twins of reference packages on PyPI (see tests/optimizers.py).
-BEYOND_TORCH = {"Lion": "lion_pytorch", "AdamWScheduleFree": "schedulefree", "SGDScheduleFree": "schedulefree"}
+BEYOND_TORCH = {"Lion": "lion_pytorch", "AdamWScheduleFree": "schedulefree", "SGDScheduleFree": "schedulefree", "Prodigy": "prodigyopt"}
 
 
 def test_the_rust_table_backs_every_twin() -> None:
