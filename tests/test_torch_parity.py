@@ -263,10 +263,14 @@ def test_only_tensor_hyper_parameters_torch_computes_with_leave_the_kernels(monk
     other tensor hyper-parameters run torch's. The first step is left out: it
     creates state (SGD's momentum buffer in torch's own step)."""
     from oxoptim._twin import TorchTwin
+    from oxoptim.prodigy import ProdigyReference
 
     ran = []
     original = TorchTwin._torch_step
     monkeypatch.setattr(TorchTwin, "_torch_step", lambda self, group: (ran.append(type(self).__name__), original(self, group))[1])
+    # Prodigy's step is global: its torch path is its reference's first pass, group by group.
+    first_pass = ProdigyReference._moments
+    monkeypatch.setattr(ProdigyReference, "_moments", lambda self, group, *a: (ran.append(type(self).__name__), first_pass(self, group, *a))[1])
     cases = [
         (oxoptim.Adam, dict(lr=0.01), False),
         (oxoptim.SGD, dict(lr=torch.tensor(0.1), momentum=0.9), False),
