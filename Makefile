@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 RUNTIME_DEPS := "torch>=2.7" numpy
-DEV_DEPS := "maturin>=1.5,<2" ziglang "pytest>=7" "hypothesis>=6" "mypy>=1.8" snownlp tqdm matplotlib lion-pytorch schedulefree \
+DEV_DEPS := "maturin>=1.5,<2" ziglang "pytest>=7" "hypothesis>=6" "mypy>=1.8" snownlp tqdm matplotlib lion-pytorch schedulefree prodigyopt \
             "optuna>=4" "psycopg[binary]"
 
 .DEFAULT_GOAL := help

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One row per optimizer: oxoptim against torch's paths for it (default,
 for-loop, foreach, fused where torch has it) or against its reference package
-on PyPI (Lion: ``lion-pytorch``; Schedule-Free: ``schedulefree``), fresh
+on PyPI (Lion: ``lion-pytorch``; Schedule-Free: ``schedulefree``; Prodigy:
+``prodigyopt``), fresh
 gradient tensors every step, on the benchmark's shape sets.
 
 Same method as ``compare_torch.py`` (its ``run_case``: one process,
@@ -116,6 +117,13 @@ def cases(notes: List[str]) -> List[Case]:
             references.append((name, *streams, ours, contenders, kw))
     except ImportError:
         notes.append("schedulefree is not installed: no Schedule-Free rows (pip install schedulefree)")
+    try:
+        import prodigyopt
+
+        # Reads p, g, s, p0 (the sums pass), then p, g, m, v, s; writes p, m, v, s.
+        references.append(("Prodigy", 9, 4, oxoptim.Prodigy, {"prodigyopt": _build(prodigyopt.Prodigy)}, {}))
+    except ImportError:
+        notes.append("prodigyopt is not installed: no Prodigy row (pip install prodigyopt)")
     for name, reads, writes, ours, contenders, kw in references:
         prepare = _train_mode if hasattr(ours, "train") else None
         out.append(Case(name, reads, writes, {"oxoptim": _build(ours, prepare, **kw), **contenders}))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import lion_pytorch
+import prodigyopt
 import schedulefree
 import torch
 from hypothesis import strategies as st
@@ -49,6 +50,19 @@ class Twin:
     # Whether the whole-group fast path (`_core.group_step`) takes its steps
     # (Adafactor's state layout differs between matrices and vectors: list path only).
     group_path: bool = True
+    # Whether step_in_backward can step it (not Prodigy: its step needs every gradient first).
+    in_backward: bool = True
+    # Whether groups may have different learning rates (prodigyopt: only the largest or 0).
+    per_group_lr: bool = True
+    # Whether the twin steps complex parameters (prodigyopt's estimate of d is a real number).
+    complex_params: bool = True
+    # Malformed-looking state entries the reference loads, and so does oxoptim, failing or not
+    # on the next step as it does (prodigyopt re-creates an entry without 'step'; its 'step' is
+    # an int it only increments).
+    loads_like_reference: frozenset = frozenset()
+    # Whether the reference steps a group holding a meta-device parameter (prodigyopt half-creates
+    # its state: p.any() fails, its next step raises KeyError).
+    meta_params: bool = True
     # Whether the twin (torch itself) can step a parameter of this shape.
     steps_shape: Callable[[tuple[int, ...]], bool] = lambda shape: True
 
@@ -261,6 +275,25 @@ def _schedule_free_hyper(first: dict[str, Any]) -> Callable[[], st.SearchStrateg
     return strategy
 
 
+def _prodigy_hyper() -> st.SearchStrategy[dict[str, Any]]:
+    # d0 1e-2 and d_coef 2 make the estimate of d move within the tests' steps.
+    return st.fixed_dictionaries(
+        {
+            "lr": st.sampled_from([1.0, 0.5]),
+            "betas": st.sampled_from([(0.9, 0.999), (0.0, 0.99), (0.5, 0.9)]),
+            "beta3": st.sampled_from([None, 0.9]),
+            "eps": st.sampled_from([1e-8, 1e-3]),
+            "weight_decay": st.sampled_from([0.0, 0.1]),
+            "decouple": st.booleans(),
+            "use_bias_correction": st.booleans(),
+            "safeguard_warmup": st.booleans(),
+            "d0": st.sampled_from([1e-6, 1e-2]),
+            "d_coef": st.sampled_from([1.0, 2.0]),
+            "growth_rate": st.sampled_from([float("inf"), 1.02]),
+        }
+    )
+
+
 def _train_mode(opt) -> None:
     opt.train()
 
@@ -289,6 +322,13 @@ TWINS = [
     Twin("sgd_schedulefree", oxoptim.SGDScheduleFree, schedulefree.SGDScheduleFree,
          _schedule_free_hyper({"lr": st.sampled_from([0.1, 1.0]), "momentum": st.sampled_from([0.9, 0.5])}),
          dict(lr=0.1, weight_decay=0.01, warmup_steps=2), bit_exact=True, prepare=_train_mode, mutates_grad=True),
+    # Prodigy: each tensor's two sums of the estimate of d are reduced in a fixed order, not by
+    # torch's dot/sum, so d (and through it every update) agrees to rounding; the reference adds
+    # its coupled weight decay to p.grad in place.
+    Twin("prodigy", oxoptim.Prodigy, prodigyopt.Prodigy, _prodigy_hyper, dict(weight_decay=0.01, decouple=False, d0=1e-2),
+         theirs_kwargs={}, mutates_grad=True, in_backward=False, per_group_lr=False, complex_params=False,
+         meta_params=False,
+         loads_like_reference=frozenset({"an entry without 'step'", "'step' not a number", "'step' two numbers"})),
     Twin("lion", oxoptim.Lion, lion_pytorch.Lion, _lion_hyper, dict(lr=1e-3, weight_decay=0.1), bit_exact=True, theirs_kwargs={}, theirs_unpickled=("_init_lr", "decoupled_wd", "update_fn")),
 ]
 TWIN_IDS = [t.name for t in TWINS]
@@ -469,7 +509,11 @@ def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def assert_twin_matches(twin: Twin, actual: torch.Tensor, expected: torch.Tensor, equal_nan: bool = False) -> None:
     """``actual`` (oxoptim) against ``expected`` (torch) as closely as ``twin`` is claimed to match
-    (``twin.bit_exact``: float32/float64 bit for bit). ``equal_nan``: NaN where torch has NaN is equal."""
+    (``twin.bit_exact``: float32/float64 bit for bit). ``equal_nan``: NaN where torch has NaN is equal.
+    A state entry that is a number (prodigyopt's ``step``) must be equal."""
+    if not torch.is_tensor(expected):
+        assert not torch.is_tensor(actual) and actual == expected, (actual, expected)
+        return
     if twin.bit_exact and actual.dtype in (torch.float32, torch.float64):
         assert actual.dtype == expected.dtype and actual.shape == expected.shape
         same = _equal_nan(actual, expected) if equal_nan else torch.equal(actual, expected)

@@ -32,6 +32,10 @@ BAD_HYPER["rmsprop"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(m
 # lion-pytorch's weight_decay), torch's ValueError wording, a documented difference.
 BAD_HYPER["lion"] = [dict(lr=-1.0), dict(lr=math.nan), dict(lr=0.0), dict(betas=(1.5, 0.9)), dict(betas=(0.9, -0.1)), dict(betas=(math.nan, 0.9)), dict(weight_decay=-1.0)]
 BAD_HYPER["adamw_schedulefree"] = [dict(lr=-1.0), dict(lr=math.nan), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0)]
+# prodigyopt's own checks, plus what oxoptim refuses and it accepts: fsdp_in_use=True (it all-reduces
+# on CUDA) and a slice_p that is not a positive int.
+BAD_HYPER["prodigy"] = [dict(lr=-1.0), dict(lr=0.0), dict(lr=math.nan), dict(eps=0.0), dict(eps=math.nan), dict(d0=0.0), dict(betas=(1.0, 0.9)),
+                        dict(betas=(0.9, -0.1)), dict(betas=(math.nan, 0.9)), dict(fsdp_in_use=True), dict(slice_p=0)]  # fmt: skip
 BAD_HYPER["sgd_schedulefree"] = [dict(lr=-1.0), dict(lr=math.nan), dict(momentum=0.0), dict(momentum=1.0), dict(weight_decay=-1.0)]
 
 
@@ -178,6 +182,8 @@ def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
     whole: the same result, or the same error where torch cannot step meta
     tensors (ASGD reads its ``eta`` with ``.item()``)."""
     gen = torch.Generator().manual_seed(2)
+    if not twin.meta_params:
+        pytest.skip(f"{twin.name}'s reference cannot step a meta-device parameter")
     cpu = [torch.randn(5, generator=gen)]
     mine, ref = clone_params(cpu), clone_params(cpu)
     meta_a, meta_b = torch.empty(3, device="meta", requires_grad=True), torch.empty(3, device="meta", requires_grad=True)

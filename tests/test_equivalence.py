@@ -65,6 +65,8 @@ def test_matches_torch_over_many_steps(twin: Twin, data) -> None:
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
     shapes = data.draw(st.lists(SHAPES.filter(twin.steps_shape), min_size=1, max_size=6), label="shapes")
     defaults, second = data.draw(twin.hyper(), label="group0"), data.draw(twin.hyper(), label="group1")
+    if not twin.per_group_lr:  # prodigyopt: every group has the largest lr, or 0
+        second["lr"] = data.draw(st.sampled_from([defaults["lr"], 0.0]), label="lr1")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     mine, ref = clone_params(params), clone_params(params)

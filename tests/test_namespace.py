@@ -50,7 +50,7 @@ def low_precision_options(ours: type) -> list:
 
 
 # Beyond torch.optim: twins of reference packages on PyPI (see tests/optimizers.py).
-BEYOND_TORCH = {"Lion": "lion_pytorch", "AdamWScheduleFree": "schedulefree", "SGDScheduleFree": "schedulefree"}
+BEYOND_TORCH = {"Lion": "lion_pytorch", "AdamWScheduleFree": "schedulefree", "SGDScheduleFree": "schedulefree", "Prodigy": "prodigyopt"}
 
 
 def test_the_rust_table_backs_every_twin() -> None:

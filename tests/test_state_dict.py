@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches, clone_params, set_grads
+from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches, clone_params, same_setting, set_grads
 
 def _train(opt, params, gen, steps):
     for _ in range(steps):
@@ -37,7 +37,7 @@ def test_state_dict_moves_between_libraries_mid_training(twin: Twin, direction: 
     for pa, pb in zip(params, continued):
         assert src.state[pa].keys() == dst.state[pb].keys()
         for key in src.state[pa]:
-            assert torch.equal(src.state[pa][key], dst.state[pb][key]), key
+            assert same_setting(src.state[pa][key], dst.state[pb][key]), key
 
     gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     _train(src, params, gen_a, 10)
@@ -62,6 +62,9 @@ def test_state_dict_layout_is_torchs(twin: Twin) -> None:
     for k in a["state"]:
         assert a["state"][k].keys() == b["state"][k].keys()
         for key in a["state"][k]:
+            if not torch.is_tensor(b["state"][k][key]):  # prodigyopt's step is an int
+                assert type(a["state"][k][key]) is type(b["state"][k][key])
+                continue
             assert a["state"][k][key].dtype == b["state"][k][key].dtype
             assert a["state"][k][key].shape == b["state"][k][key].shape
     strip = lambda groups: [{k: v for k, v in g.items() if k != "foreach"} for g in groups]  # noqa: E731
@@ -91,7 +94,7 @@ def test_deepcopy_and_pickle_carry_the_state_and_continue_identically(twin: Twin
             assert q is not p and torch.equal(q, p)
             assert opt.state[p].keys() == other.state[q].keys()
             for key in opt.state[p]:
-                assert torch.equal(opt.state[p][key], other.state[q][key]), key
+                assert same_setting(opt.state[p][key], other.state[q][key]), key
 
     # Each continues on its own tensors with the same gradients.
     for _ in range(5):

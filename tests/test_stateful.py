@@ -397,7 +397,8 @@ class OptimizerMirror(RuleBasedStateMachine):
         """A malformed state dict: oxoptim raises torch's exception type (or its
         documented stricter one) and changes nothing."""
         good = self.ours.state_dict()
-        applicable = [c for c in INVALID_LOADS if c.applies(good)]
+        # (Entries the reference loads too, and so oxoptim: tests/test_torch_parity.py.)
+        applicable = [c for c in INVALID_LOADS if c.applies(good) and c.name not in self.twin.loads_like_reference]
         about_state = [c for c in applicable if c.applies is not always]  # rarer: only once a step made state
         if about_state and data.draw(st.booleans(), label="about the state"):
             applicable = about_state
@@ -427,7 +428,12 @@ class OptimizerMirror(RuleBasedStateMachine):
         for i, (g, h) in enumerate(zip(ours.param_groups, theirs.param_groups)):
             assert len(g["params"]) == len(h["params"])
             for key in (g.keys() | h.keys()) - UNCOMPARED_SETTINGS:
-                assert same_setting(g.get(key), h.get(key)), f"group {i} {key}: {g.get(key)!r} vs torch's {h.get(key)!r}"
+                a, b = g.get(key), h.get(key)
+                if not self.twin.bit_exact and type(a) is float and type(b) is float:
+                    # Settings a step computes (Prodigy's d, d_max, d_numerator...): to rounding.
+                    assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-12), f"group {i} {key}: {a!r} vs torch's {b!r}"
+                    continue
+                assert same_setting(a, b), f"group {i} {key}: {a!r} vs torch's {b!r}"
         exact = self.twin.bit_exact
         for i, (p, q) in enumerate(self._pairs()):
             _assert_close(p, q, f"param {i}", exact)

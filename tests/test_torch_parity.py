@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import oxoptim
-from optimizers import INVALID_LOADS, SCALAR_STATE, STRICTER, TOLERANCE, TWIN_IDS, TWINS, Twin, assert_unchanged, clone_params, set_grads, snapshot
+from optimizers import INVALID_LOADS, SCALAR_STATE, STRICTER, TOLERANCE, TWIN_IDS, TWINS, Twin, assert_unchanged, clone_params, same_setting, set_grads, snapshot
 
 # Errors raised by torch's own load_state_dict code, which oxoptim runs: same message too.
 TORCH_RAISES_ITSELF = {"a list", "a string", "None", "no 'state'", "no 'param_groups'", "one group too many", "a group one parameter short", "a group without 'params'", "'state' a list"}
@@ -94,6 +94,7 @@ def test_a_pre_hook_can_break_a_good_dict_and_nothing_changes(twin: Twin) -> Non
 
 # Malformed state torch loads and steps on without an error, because its update
 # never reads the value: RMSprop, Adadelta and Rprop count steps but do not use the count.
+# prodigyopt's step counter is a Python int it only increments.
 TORCH_STEPS_ON = {(name, "'step' two numbers") for name in ("rmsprop", "adadelta", "rprop")}
 
 # Each twin with the cases its state dicts allow (SGD's have no 'step' to edit).
@@ -107,6 +108,17 @@ def test_malformed_state_dicts_raise_torchs_exception_type_and_change_nothing(tw
     torch_error = _raised(lambda: theirs.load_state_dict(copy.deepcopy(bad)))
     before = snapshot(ours)
     ours_error = _raised(lambda: ours.load_state_dict(bad))
+    if case.name in twin.loads_like_reference:
+        assert torch_error is None and ours_error is None, (ours_error, torch_error)
+        for opt in (ours, theirs):
+            for p in (p for g in opt.param_groups for p in g["params"]):
+                p.grad = torch.ones_like(p)
+        before = snapshot(ours)
+        ours_error, torch_error = _raised(ours.step), _raised(theirs.step)
+        assert type(ours_error) is type(torch_error), (ours_error, torch_error)
+        if ours_error is not None:
+            assert_unchanged(ours, before)  # refused before anything was written
+        return
     assert_unchanged(ours, before)
     if torch_error is not None:
         assert type(ours_error) is type(torch_error), (ours_error, torch_error)
@@ -187,7 +199,7 @@ def _assert_steps_like_torch_bit_for_bit(twin: Twin, hyper, param_dtype) -> None
     for a, b in zip(mine, ref):
         assert ours.state[a].keys() == theirs.state[b].keys()
         for key in theirs.state[b]:
-            assert torch.equal(ours.state[a][key], theirs.state[b][key]), key
+            assert same_setting(ours.state[a][key], theirs.state[b][key]), key
 
 
 def _float_hyper(twin: Twin) -> dict:
@@ -251,10 +263,14 @@ def test_only_tensor_hyper_parameters_torch_computes_with_leave_the_kernels(monk
     other tensor hyper-parameters run torch's. The first step is left out: it
     creates state (SGD's momentum buffer in torch's own step)."""
     from oxoptim._twin import TorchTwin
+    from oxoptim.prodigy import ProdigyReference
 
     ran = []
     original = TorchTwin._torch_step
     monkeypatch.setattr(TorchTwin, "_torch_step", lambda self, group: (ran.append(type(self).__name__), original(self, group))[1])
+    # Prodigy's step is global: its torch path is its reference's first pass, group by group.
+    first_pass = ProdigyReference._moments
+    monkeypatch.setattr(ProdigyReference, "_moments", lambda self, group, *a: (ran.append(type(self).__name__), first_pass(self, group, *a))[1])
     cases = [
         (oxoptim.Adam, dict(lr=0.01), False),
         (oxoptim.SGD, dict(lr=torch.tensor(0.1), momentum=0.9), False),

@@ -23,6 +23,7 @@ from .backward import ClipPerParameter, ClipPreviousNorm, StepInBackward, step_i
 from .clip import clip_grad_norm_, get_total_norm
 from .lion import Lion
 from .nadam import NAdam
+from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
@@ -54,6 +55,7 @@ __all__ = [
     "Lion",
     "AdamWScheduleFree",
     "SGDScheduleFree",
+    "Prodigy",
     # oxoptim's own.
     "Adam8bit",
     "AdamW8bit",

@@ -18,6 +18,7 @@ __all__ = [
     "lerp_average",
     "optimizers",
     "parallel_backend",
+    "prodigy_sums",
     "quantization_map",
     "quantize_blockwise",
     "scale_",
@@ -95,6 +96,18 @@ def direction_sq_norm(
     num_threads: int = 1,
     backend: Optional[str] = None,
 ) -> Optional[float]: ...
+def prodigy_sums(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    s: list[torch.Tensor],
+    p0: Optional[list[torch.Tensor]],
+    *,
+    weight_decay: float,
+    beta3: float,
+    s_weight: float,
+    num_threads: int = 1,
+    backend: Optional[str] = None,
+) -> Optional[list[tuple[float, float]]]: ...
 def tensor_norm(
     tensors: list[torch.Tensor],
     norm_type: float,

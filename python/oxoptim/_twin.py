@@ -111,6 +111,9 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
     """
 
     KIND: ClassVar[str]
+    #: Whether ``step_in_backward`` can step its groups piece by piece (not when
+    #: a step needs every gradient first, as Prodigy's estimate of ``d``).
+    STEPS_IN_BACKWARD: ClassVar[bool] = True
     _TORCH: ClassVar[type[torch.optim.Optimizer]]
     _HYPER: ClassVar[tuple[str, ...]]
     _INIT_LISTS: ClassVar[int]

@@ -179,6 +179,8 @@ class StepInBackward:
                 "step_in_backward needs a Rust-backed oxoptim optimizer (the torch twins, Lion, the Schedule-Free "
                 f"optimizers, Adam8bit, AdamW8bit), got {type(optimizer).__name__}"
             )
+        if not optimizer.STEPS_IN_BACKWARD:
+            raise TypeError(f"step_in_backward cannot step {type(optimizer).__name__}: its step needs every gradient before any update")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
         if accumulation not in ("gradient", "optimizer"):

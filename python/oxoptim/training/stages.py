@@ -35,6 +35,7 @@ OPTIMIZERS = {
     "lion": "Lion",
     "adamw_schedulefree": "AdamWScheduleFree",
     "sgd_schedulefree": "SGDScheduleFree",
+    "prodigy": "Prodigy",
     "adam8bit": "Adam8bit",
     "adamw8bit": "AdamW8bit",
 }

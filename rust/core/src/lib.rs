@@ -25,6 +25,7 @@ pub use error::{Error, Result};
 pub use inflight::{Footprint, InFlight};
 pub use kernels::adam::{adam_step, AdamConfig};
 pub use kernels::averaging::{accumulate_mean, lerp_average, scale_into};
+pub use kernels::prodigy::{prodigy_sums, ProdigySums};
 pub use kernels::sgd::{sgd_step, SgdConfig};
 pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
 pub use kernels::OPTIMIZERS;

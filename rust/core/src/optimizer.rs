@@ -56,6 +56,34 @@ impl HyperKind {
     }
 }
 
+/// A field type of a settings struct declared with [`crate::kernels::declare::optimizer!`]:
+/// the kind of hyper-parameter it holds and how it is read.
+pub trait HyperField: Sized {
+    const KIND: HyperKind;
+    fn read(hyper: &mut Hyper, key: &str) -> Result<Self>;
+}
+
+impl HyperField for f64 {
+    const KIND: HyperKind = HyperKind::Float;
+    fn read(hyper: &mut Hyper, key: &str) -> Result<f64> {
+        hyper.float(key)
+    }
+}
+
+impl HyperField for bool {
+    const KIND: HyperKind = HyperKind::Flag;
+    fn read(hyper: &mut Hyper, key: &str) -> Result<bool> {
+        hyper.flag(key)
+    }
+}
+
+impl HyperField for (f64, f64) {
+    const KIND: HyperKind = HyperKind::Pair;
+    fn read(hyper: &mut Hyper, key: &str) -> Result<(f64, f64)> {
+        hyper.pair(key)
+    }
+}
+
 /// One parameter group's hyper-parameters for one optimizer, consumed key by
 /// key by [`Optimizer::from_hyper`]; [`Hyper::finish`] rejects leftovers.
 #[derive(Debug)]

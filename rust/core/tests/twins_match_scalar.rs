@@ -198,7 +198,32 @@ fn cases() -> Vec<Case> {
             &[],
         )
     };
+    // Prodigy: beta1 = 0 drops exp_avg (exp_avg_sq moves to array 2); lr 0 freezes the moments.
+    let prodigy = |beta1: f64, lr: f64, wd: f64, decouple: bool, safeguard: bool| {
+        case(
+            "prodigy",
+            &[
+                ("lr", Float(lr)),
+                ("betas", Pair(beta1, 0.99)),
+                ("beta3", Float(0.995)),
+                ("eps", Float(1e-8)),
+                ("weight_decay", Float(wd)),
+                ("decouple", Flag(decouple)),
+                ("d", Float(1e-3)),
+                ("d0", Float(1e-6)),
+                ("d_next", Float(2e-3)),
+                ("dlr", Float(1e-3)),
+                ("safeguard_warmup", Flag(safeguard)),
+            ],
+            &[],
+            if beta1 > 0.0 { &[3] } else { &[2] },
+        )
+    };
     vec![
+        prodigy(0.9, 1.0, 0.0, true, false),
+        prodigy(0.9, 1.0, 0.1, false, true),
+        prodigy(0.0, 1.0, 0.1, true, false),
+        prodigy(0.9, 0.0, 0.1, true, false),
         // ckp1 below and above 1/2: both branches of torch's lerp.
         adamw_sf(0.25, 0.0),
         adamw_sf(0.75, 0.1),

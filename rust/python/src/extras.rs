@@ -121,6 +121,53 @@ fn direction_sq_norm(
     run_in_flight(py, batch, &[false, false], |b| core::reduce(r, b, exec)).map(Some)
 }
 
+/// Prodigy's reduction pass over a group: each tensor's `(dot(g, p0 − p),
+/// Σ|β3·s + s_weight·g|)` (see `oxoptim_core::prodigy_sums`), before any
+/// write. `p0=None`: every origin is the reference's 0-d zero. `None` when
+/// some tensor needs torch.
+#[pyfunction]
+#[pyo3(signature = (params, grads, s, p0, *, weight_decay, beta3, s_weight, num_threads=1, backend=None))]
+#[allow(clippy::too_many_arguments)]
+fn prodigy_sums(
+    py: Python<'_>,
+    params: &Bound<'_, PyList>,
+    grads: &Bound<'_, PyList>,
+    s: &Bound<'_, PyList>,
+    p0: Option<&Bound<'_, PyList>>,
+    weight_decay: f64,
+    beta3: f64,
+    s_weight: f64,
+    num_threads: usize,
+    backend: Option<&str>,
+) -> PyResult<Option<Vec<(f64, f64)>>> {
+    let config = core::ProdigySums {
+        weight_decay,
+        beta3,
+        s_weight,
+    };
+    let exec = exec(num_threads, backend)?;
+    let mut keep = KeepAlive::with_capacity(4 * params.len());
+    let Some(mut columns) = param_and_grad_columns(params, grads, FirstOperand::Grad, &mut keep)?
+    else {
+        return Ok(None);
+    };
+    let mut lists = vec![(s, "s")];
+    lists.extend(p0.map(|p0| (p0, "p0")));
+    let Some(state) = columns_of(&lists, &mut keep)? else {
+        return Ok(None);
+    };
+    columns.extend(state);
+    let Some(batch) = read_only(&columns)? else {
+        return Ok(None);
+    };
+    let float = |d: core::DType| matches!(d, core::DType::F32 | core::DType::F64);
+    if !(0..batch.slots()).all(|i| float(batch.slot(i).dtype)) {
+        return Ok(None); // half precision: the reference's torch ops
+    }
+    let reads = vec![false; columns.len()];
+    run_in_flight(py, batch, &reads, |b| core::prodigy_sums(&config, b, exec)).map(Some)
+}
+
 /// Runs `f` on a read-only batch of `tensors`; `None` when torch must do it.
 fn reduce_one<R: Send>(
     py: Python<'_>,
@@ -278,6 +325,7 @@ fn scale_(
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(subgradient_step, m)?)?;
     m.add_function(wrap_pyfunction!(direction_sq_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(prodigy_sums, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_norm, m)?)?;
     m.add_function(wrap_pyfunction!(any_nonfinite, m)?)?;
     m.add_function(wrap_pyfunction!(accumulate_mean, m)?)?;

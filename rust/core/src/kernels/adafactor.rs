@@ -20,28 +20,13 @@
 //! more than 32,768 elements across its threads in places (`mean` over that
 //! many rows): there its result depends on its thread count, ours does not.
 
+use super::declare::optimizer;
 use super::Lerp;
 use crate::dispatch::{Backend, Element, WithLanes};
 use crate::engine::{self, Exec, HalfFloat, PerSlot};
 use crate::error::{Error, Result};
-use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::simd::{run_blocks, LaneBlock, Lanes, Scalar};
 use crate::tensors::{ArraySpec, Column, Extent, ScalarState, TensorBatch};
-
-/// One group's settings. `eps1` is already resolved (torch's `None` means the
-/// machine epsilon of the group's first parameter dtype); `factored` says
-/// which state the call's parameters keep.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdafactorConfig {
-    pub lr: f64,
-    pub beta2_decay: f64,
-    pub eps1: f64,
-    pub eps2: f64,
-    pub d: f64,
-    pub weight_decay: f64,
-    pub maximize: bool,
-    pub factored: bool,
-}
 
 /// A factor of the parameter's shape, in the parameter's dtype.
 const FACTOR: ArraySpec = ArraySpec {
@@ -49,88 +34,70 @@ const FACTOR: ArraySpec = ArraySpec {
     extent: Extent::Factor,
 };
 
-impl Optimizer for AdafactorConfig {
-    const NAME: &'static str = "adafactor";
-    const HYPER: &'static [(&'static str, HyperKind)] = &[
-        ("lr", HyperKind::Float),
-        ("beta2_decay", HyperKind::Float),
-        ("eps1", HyperKind::Float),
-        ("eps2", HyperKind::Float),
-        ("d", HyperKind::Float),
-        ("weight_decay", HyperKind::Float),
-        ("maximize", HyperKind::Flag),
-        ("factored", HyperKind::Flag),
-    ];
-    const STATE: &'static [&'static str] = &["row_var", "col_var", "variance"];
-    const SCALARS: &'static [&'static str] = &["step"];
-
-    fn from_hyper(h: &mut Hyper) -> Result<Self> {
-        Ok(AdafactorConfig {
-            lr: h.float("lr")?,
-            beta2_decay: h.float("beta2_decay")?,
-            eps1: h.float("eps1")?,
-            eps2: h.float("eps2")?,
-            d: h.float("d")?,
-            weight_decay: h.float("weight_decay")?,
-            maximize: h.flag("maximize")?,
-            factored: h.flag("factored")?,
-        })
+optimizer! {
+    /// One group's settings. `eps1` is already resolved (torch's `None` means the
+    /// machine epsilon of the group's first parameter dtype); `factored` says
+    /// which state the call's parameters keep.
+    pub struct AdafactorConfig = "adafactor" {
+        lr: f64,
+        beta2_decay: f64,
+        eps1: f64,
+        eps2: f64,
+        d: f64,
+        weight_decay: f64,
+        maximize: bool,
+        factored: bool,
     }
-
-    fn state_keys(&self) -> Vec<&'static str> {
-        if self.factored {
-            vec!["row_var", "col_var"]
-        } else {
-            vec!["variance"]
-        }
-    }
-
-    fn array_specs(&self) -> Vec<ArraySpec> {
-        if self.factored {
-            vec![ArraySpec::LIKE_PARAM, ArraySpec::LIKE_PARAM, FACTOR, FACTOR]
-        } else {
-            vec![ArraySpec::LIKE_PARAM; 3]
-        }
-    }
-
-    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        // Everything is checked before the first counter is written.
-        let mut shapes = Vec::with_capacity(batch.slots());
-        for slot in 0..batch.slots() {
-            let p = batch.slot(slot);
-            if !p.dtype.is_float() || p.len == 0 {
-                return Err(Error::Unsupported(format!(
-                    "adafactor: tensor {slot} ({} elements of {}) needs torch's implementation",
-                    p.len,
-                    p.dtype.name()
-                )));
-            }
-            shapes.push(if self.factored {
-                let row = batch.arrays()[slot * batch.arity() + 2].len;
-                let col = batch.arrays()[slot * batch.arity() + 3].len;
-                Some(Matrix::from_lens(p.len, row, col).ok_or_else(|| {
-                    Error::Mismatch(format!(
-                        "adafactor: tensor {slot}: row_var of {row} and col_var of {col} elements \
-                         are not the factors of a parameter of {} elements",
-                        p.len
-                    ))
-                })?)
+    state: ["row_var" if factored, "col_var" if factored, "variance" if !factored],
+    scalars: ["step"],
+    impl {
+        fn array_specs(&self) -> Vec<ArraySpec> {
+            if self.factored {
+                vec![ArraySpec::LIKE_PARAM, ArraySpec::LIKE_PARAM, FACTOR, FACTOR]
             } else {
-                None
-            });
+                vec![ArraySpec::LIKE_PARAM; 3]
+            }
         }
-        let per_slot: Vec<PerStep> = (0..batch.slots())
-            .map(|slot| PerStep::new(self, scalars.increment(slot, 0), shapes[slot]))
-            .collect();
-        engine::run_per_slot(
-            &AdafactorKernel {
-                config: self,
-                per_slot: &per_slot,
-            },
-            batch,
-            exec,
-        );
-        Ok(())
+
+        fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+            // Everything is checked before the first counter is written.
+            let mut shapes = Vec::with_capacity(batch.slots());
+            for slot in 0..batch.slots() {
+                let p = batch.slot(slot);
+                if !p.dtype.is_float() || p.len == 0 {
+                    return Err(Error::Unsupported(format!(
+                        "adafactor: tensor {slot} ({} elements of {}) needs torch's implementation",
+                        p.len,
+                        p.dtype.name()
+                    )));
+                }
+                shapes.push(if self.factored {
+                    let row = batch.arrays()[slot * batch.arity() + 2].len;
+                    let col = batch.arrays()[slot * batch.arity() + 3].len;
+                    Some(Matrix::from_lens(p.len, row, col).ok_or_else(|| {
+                        Error::Mismatch(format!(
+                            "adafactor: tensor {slot}: row_var of {row} and col_var of {col} elements \
+                             are not the factors of a parameter of {} elements",
+                            p.len
+                        ))
+                    })?)
+                } else {
+                    None
+                });
+            }
+            let per_slot: Vec<PerStep> = (0..batch.slots())
+                .map(|slot| PerStep::new(self, scalars.increment(slot, 0), shapes[slot]))
+                .collect();
+            engine::run_per_slot(
+                &AdafactorKernel {
+                    config: self,
+                    per_slot: &per_slot,
+                },
+                batch,
+                exec,
+            );
+            Ok(())
+        }
     }
 }
 

@@ -9,8 +9,10 @@ pub mod adam8bit;
 pub mod adamax;
 pub mod asgd;
 pub mod averaging;
+pub mod declare;
 pub mod lion;
 pub mod nadam;
+pub mod prodigy;
 pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
@@ -40,6 +42,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<lion::LionConfig>(),
     entry::<schedule_free::AdamwScheduleFreeConfig>(),
     entry::<schedule_free::SgdScheduleFreeConfig>(),
+    entry::<prodigy::ProdigyConfig>(),
     entry::<adam8bit::Adam8bitConfig>(),
 ];
 
@@ -119,6 +122,22 @@ pub(crate) struct AdamMoments<T> {
     maximize: bool,
 }
 
+/// The [`AdamSettings`] of a settings struct that has fields of these names
+/// (NAdam's, RAdam's).
+macro_rules! adam_settings {
+    ($c:expr) => {
+        $crate::kernels::AdamSettings {
+            beta1: $c.beta1,
+            beta2: $c.beta2,
+            lr: $c.lr,
+            weight_decay: $c.weight_decay,
+            decoupled_weight_decay: $c.decoupled_weight_decay,
+            maximize: $c.maximize,
+        }
+    };
+}
+pub(crate) use adam_settings;
+
 /// The settings an [`AdamMoments`] is built from.
 pub(crate) struct AdamSettings {
     pub beta1: f64,
@@ -151,18 +170,15 @@ impl<T: Element> AdamMoments<T> {
         }
     }
 
-    /// Loads element `i` of each array, updates and stores both moments.
+    /// Loads `[param, grad, exp_avg, exp_avg_sq]`, updates and stores both moments.
     ///
     /// # Safety
-    /// `i + S::WIDTH` must lie within every array.
+    /// Those four arrays are valid for `S::WIDTH` elements at their pointers.
     #[inline(always)]
     pub(crate) unsafe fn update<S: Lanes<T>>(
         &self,
         s: S,
-        param: *const T,
-        grad: *const T,
-        exp_avg: *mut T,
-        exp_avg_sq: *mut T,
+        [param, grad, exp_avg, exp_avg_sq, ..]: declare::Arrays<T>,
     ) -> Moments<S::V> {
         // SAFETY: guaranteed by the caller.
         unsafe {

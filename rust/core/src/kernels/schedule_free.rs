@@ -12,40 +12,16 @@
 //! both:   y ← lerp(y, z, ckp1);  y ← y + lr·(β1·(1 − ckp1) − 1)·d;  z ← z − lr·d
 //! ```
 
-use super::{common_len, Lerp, SecondMoment};
-use crate::dispatch::{run_block, Backend, Element};
-use crate::engine::{self, Elementwise, Exec};
-use crate::error::Result;
-use crate::optimizer::{Hyper, HyperKind, Optimizer};
-use crate::simd::{LaneBlock, Lanes};
-use crate::tensors::{ScalarState, TensorBatch};
+use super::declare::{optimizer, Arrays, LaneUpdate, PerElement};
+use super::{Lerp, SecondMoment};
+use crate::dispatch::Element;
+use crate::simd::Lanes;
 
-/// The per-step coefficients both variants share.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Interpolation {
-    /// The scheduled learning rate (after warm-up).
-    lr: f64,
-    /// β1 (AdamW) or `momentum` (SGD).
-    beta1: f64,
-    /// Weight of this step's z in the running average of the iterates.
-    ckp1: f64,
-    weight_decay: f64,
-}
-
-impl Interpolation {
-    fn coefficients<T: Element>(&self) -> Coefficients<T> {
-        Coefficients {
-            towards_z: Lerp::new(self.ckp1),
-            // alpha=lr*(beta1*(1-ckp1)-1), in f64 as the reference computes it in Python.
-            y_step: T::from_f64(self.lr * (self.beta1 * (1.0 - self.ckp1) - 1.0)),
-            z_step: T::from_f64(-self.lr),
-            weight_decay: (self.weight_decay != 0.0).then(|| T::from_f64(self.weight_decay)),
-        }
-    }
-}
-
+/// The per-step coefficients both variants share, from the scheduled `lr`,
+/// β1 (AdamW) or `momentum` (SGD), the weight `ckp1` of this step's z in the
+/// running average of the iterates, and the weight decay.
 #[derive(Clone, Copy)]
-struct Coefficients<T> {
+pub(crate) struct Coefficients<T> {
     towards_z: Lerp<T>,
     y_step: T,
     z_step: T,
@@ -53,6 +29,16 @@ struct Coefficients<T> {
 }
 
 impl<T: Element> Coefficients<T> {
+    fn new(lr: f64, beta1: f64, ckp1: f64, weight_decay: f64) -> Coefficients<T> {
+        Coefficients {
+            towards_z: Lerp::new(ckp1),
+            // alpha=lr*(beta1*(1-ckp1)-1), in f64 as the reference computes it in Python.
+            y_step: T::from_f64(lr * (beta1 * (1.0 - ckp1) - 1.0)),
+            z_step: T::from_f64(-lr),
+            weight_decay: (weight_decay != 0.0).then(|| T::from_f64(weight_decay)),
+        }
+    }
+
     /// Decays the direction at y, then moves y and z; returns nothing, stores both.
     #[inline(always)]
     unsafe fn move_y_and_z<S: Lanes<T>>(&self, s: S, y: *mut T, z: *mut T, mut d: S::V) {
@@ -77,176 +63,84 @@ impl<T: Element> Coefficients<T> {
     }
 }
 
-/// Schedule-Free AdamW settings of one group for one step.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamwScheduleFreeConfig {
-    step: Interpolation,
-    beta2: f64,
-    eps: f64,
-    bias_correction2: f64,
+optimizer! {
+    /// Schedule-Free AdamW settings of one group for one step (`lr` after warm-up).
+    pub struct AdamwScheduleFreeConfig = "adamw_schedulefree" {
+        lr: f64,
+        betas: (beta1, beta2),
+        eps: f64,
+        weight_decay: f64,
+        ckp1: f64,
+        bias_correction2: f64,
+    }
+    state: ["z", "exp_avg_sq"],
+    scalars: [],
 }
 
-impl Optimizer for AdamwScheduleFreeConfig {
-    const NAME: &'static str = "adamw_schedulefree";
-    const HYPER: &'static [(&'static str, HyperKind)] = &[
-        ("lr", HyperKind::Float),
-        ("betas", HyperKind::Pair),
-        ("eps", HyperKind::Float),
-        ("weight_decay", HyperKind::Float),
-        ("ckp1", HyperKind::Float),
-        ("bias_correction2", HyperKind::Float),
-    ];
-    const STATE: &'static [&'static str] = &["z", "exp_avg_sq"];
-    const SCALARS: &'static [&'static str] = &[];
+impl PerElement for AdamwScheduleFreeConfig {
+    type Slot = ();
+    type Update<T: Element> = AdamwScheduleFreeUpdate<T>;
 
-    fn from_hyper(h: &mut Hyper) -> Result<Self> {
-        let lr = h.float("lr")?;
-        let (beta1, beta2) = h.pair("betas")?;
-        Ok(AdamwScheduleFreeConfig {
-            beta2,
-            eps: h.float("eps")?,
-            step: Interpolation {
-                lr,
-                beta1,
-                weight_decay: h.float("weight_decay")?,
-                ckp1: h.float("ckp1")?,
-            },
-            bias_correction2: h.float("bias_correction2")?,
-        })
-    }
-
-    fn state_keys(&self) -> Vec<&'static str> {
-        Self::STATE.to_vec()
-    }
-
-    fn step(&self, batch: &TensorBatch, _scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        engine::run(&AdamwScheduleFreeKernel { config: self }, batch, exec);
-        Ok(())
+    fn update<T: Element>(&self, _: ()) -> AdamwScheduleFreeUpdate<T> {
+        AdamwScheduleFreeUpdate {
+            moves: Coefficients::new(self.lr, self.beta1, self.ckp1, self.weight_decay),
+            second_moment: SecondMoment::new(self.beta2),
+            bias_correction2: T::from_f64(self.bias_correction2),
+            eps: T::from_f64(self.eps),
+        }
     }
 }
 
-struct AdamwScheduleFreeKernel<'a> {
-    config: &'a AdamwScheduleFreeConfig,
-}
-
-impl Elementwise for AdamwScheduleFreeKernel<'_> {
-    fn apply<T: Element>(&self, backend: Backend, _slot: usize, arrays: &mut [&mut [T]]) {
-        let c = self.config;
-        let n = common_len(arrays, 4);
-        let mut block = AdamwScheduleFreeBlock {
-            moves: c.step.coefficients(),
-            second_moment: SecondMoment::new(c.beta2),
-            bias_correction2: T::from_f64(c.bias_correction2),
-            eps: T::from_f64(c.eps),
-            y: arrays[0].as_mut_ptr(),
-            grad: arrays[1].as_ptr(),
-            z: arrays[2].as_mut_ptr(),
-            exp_avg_sq: arrays[3].as_mut_ptr(),
-        };
-        // SAFETY: every array holds `n` elements (checked by `common_len`).
-        unsafe { run_block(backend, n, &mut block) }
-    }
-}
-
-struct AdamwScheduleFreeBlock<T> {
+pub(crate) struct AdamwScheduleFreeUpdate<T> {
     moves: Coefficients<T>,
     second_moment: SecondMoment<T>,
     bias_correction2: T,
     eps: T,
-    y: *mut T,
-    grad: *const T,
-    z: *mut T,
-    exp_avg_sq: *mut T,
 }
 
-impl<T: Element> LaneBlock<T> for AdamwScheduleFreeBlock<T> {
+impl<T: Element> LaneUpdate<T> for AdamwScheduleFreeUpdate<T> {
     #[inline(always)]
-    unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
-        // SAFETY: `run_blocks` keeps i + WIDTH within the arrays.
+    unsafe fn apply<S: Lanes<T>>(&self, s: S, [y, grad, z, exp_avg_sq, ..]: Arrays<T>) {
+        // SAFETY: the caller's pointers are valid for S::WIDTH elements.
         unsafe {
-            let g = s.load(self.grad.add(i));
-            let v = self.second_moment.update(s, self.exp_avg_sq.add(i), g);
+            let g = s.load(grad);
+            let v = self.second_moment.update(s, exp_avg_sq, g);
             // denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps); grad.div_(denom)
             let denom = s.add(
                 s.sqrt(s.div(v, s.splat(self.bias_correction2))),
                 s.splat(self.eps),
             );
-            self.moves
-                .move_y_and_z(s, self.y.add(i), self.z.add(i), s.div(g, denom));
+            self.moves.move_y_and_z(s, y, z, s.div(g, denom));
         }
     }
 }
 
-/// Schedule-Free SGD settings of one group for one step.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SgdScheduleFreeConfig {
-    step: Interpolation,
+optimizer! {
+    /// Schedule-Free SGD settings of one group for one step (`lr` after warm-up).
+    pub struct SgdScheduleFreeConfig = "sgd_schedulefree" {
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        ckp1: f64,
+    }
+    state: ["z"],
+    scalars: [],
 }
 
-impl Optimizer for SgdScheduleFreeConfig {
-    const NAME: &'static str = "sgd_schedulefree";
-    const HYPER: &'static [(&'static str, HyperKind)] = &[
-        ("lr", HyperKind::Float),
-        ("momentum", HyperKind::Float),
-        ("weight_decay", HyperKind::Float),
-        ("ckp1", HyperKind::Float),
-    ];
-    const STATE: &'static [&'static str] = &["z"];
-    const SCALARS: &'static [&'static str] = &[];
+impl PerElement for SgdScheduleFreeConfig {
+    type Slot = ();
+    type Update<T: Element> = Coefficients<T>;
 
-    fn from_hyper(h: &mut Hyper) -> Result<Self> {
-        Ok(SgdScheduleFreeConfig {
-            step: Interpolation {
-                lr: h.float("lr")?,
-                beta1: h.float("momentum")?,
-                weight_decay: h.float("weight_decay")?,
-                ckp1: h.float("ckp1")?,
-            },
-        })
-    }
-
-    fn state_keys(&self) -> Vec<&'static str> {
-        Self::STATE.to_vec()
-    }
-
-    fn step(&self, batch: &TensorBatch, _scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        engine::run(&SgdScheduleFreeKernel { config: self }, batch, exec);
-        Ok(())
+    fn update<T: Element>(&self, _: ()) -> Coefficients<T> {
+        Coefficients::new(self.lr, self.momentum, self.ckp1, self.weight_decay)
     }
 }
 
-struct SgdScheduleFreeKernel<'a> {
-    config: &'a SgdScheduleFreeConfig,
-}
-
-impl Elementwise for SgdScheduleFreeKernel<'_> {
-    fn apply<T: Element>(&self, backend: Backend, _slot: usize, arrays: &mut [&mut [T]]) {
-        let n = common_len(arrays, 3);
-        let mut block = SgdScheduleFreeBlock {
-            moves: self.config.step.coefficients(),
-            y: arrays[0].as_mut_ptr(),
-            grad: arrays[1].as_ptr(),
-            z: arrays[2].as_mut_ptr(),
-        };
-        // SAFETY: every array holds `n` elements (checked by `common_len`).
-        unsafe { run_block(backend, n, &mut block) }
-    }
-}
-
-struct SgdScheduleFreeBlock<T> {
-    moves: Coefficients<T>,
-    y: *mut T,
-    grad: *const T,
-    z: *mut T,
-}
-
-impl<T: Element> LaneBlock<T> for SgdScheduleFreeBlock<T> {
+/// Schedule-Free SGD's whole update: the gradient is the direction.
+impl<T: Element> LaneUpdate<T> for Coefficients<T> {
     #[inline(always)]
-    unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
-        // SAFETY: `run_blocks` keeps i + WIDTH within the arrays.
-        unsafe {
-            let g = s.load(self.grad.add(i));
-            self.moves.move_y_and_z(s, self.y.add(i), self.z.add(i), g);
-        }
+    unsafe fn apply<S: Lanes<T>>(&self, s: S, [y, grad, z, ..]: Arrays<T>) {
+        // SAFETY: the caller's pointers are valid for S::WIDTH elements.
+        unsafe { self.move_y_and_z(s, y, z, s.load(grad)) }
     }
 }

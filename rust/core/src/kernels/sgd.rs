@@ -1,68 +1,35 @@
 //! SGD with momentum, dampening, Nesterov, weight decay and maximize,
 //! operation for operation as torch's `_single_tensor_sgd`.
 
-use super::common_len;
-use crate::dispatch::{run_block, Backend, Element};
-use crate::engine::{self, Elementwise, Exec};
+use super::declare::{self, optimizer, Arrays, LaneUpdate, PerElement};
+use crate::dispatch::Element;
+use crate::engine::Exec;
 use crate::error::{Error, Result};
-use crate::optimizer::{Hyper, HyperKind, Optimizer};
-use crate::simd::{LaneBlock, Lanes};
-use crate::tensors::{ScalarState, TensorBatch};
+use crate::optimizer::Optimizer;
+use crate::simd::Lanes;
+use crate::tensors::TensorBatch;
 
-/// SGD hyper-parameters of one parameter group.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SgdConfig {
-    pub lr: f64,
-    pub momentum: f64,
-    pub dampening: f64,
-    pub weight_decay: f64,
-    pub nesterov: bool,
-    pub maximize: bool,
+optimizer! {
+    /// SGD hyper-parameters of one parameter group.
+    pub struct SgdConfig = "sgd" {
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
+        nesterov: bool,
+        maximize: bool,
+    }
+    // The momentum buffer exists when momentum is on. Through the table it
+    // must exist already: torch creates it on a parameter's first step (as
+    // the gradient itself), which stays torch's to run.
+    state: ["momentum_buffer" if momentum != 0.0],
+    scalars: [],
 }
 
 impl SgdConfig {
     /// Arrays per tensor slot: `[param, grad]`, plus the momentum buffer when momentum is on.
     pub fn arity(&self) -> usize {
-        if self.momentum != 0.0 {
-            3
-        } else {
-            2
-        }
-    }
-}
-
-impl Optimizer for SgdConfig {
-    const NAME: &'static str = "sgd";
-    const HYPER: &'static [(&'static str, HyperKind)] = &[
-        ("lr", HyperKind::Float),
-        ("momentum", HyperKind::Float),
-        ("dampening", HyperKind::Float),
-        ("weight_decay", HyperKind::Float),
-        ("nesterov", HyperKind::Flag),
-        ("maximize", HyperKind::Flag),
-    ];
-    const STATE: &'static [&'static str] = &["momentum_buffer"];
-    const SCALARS: &'static [&'static str] = &[];
-
-    fn from_hyper(h: &mut Hyper) -> Result<Self> {
-        Ok(SgdConfig {
-            lr: h.float("lr")?,
-            momentum: h.float("momentum")?,
-            dampening: h.float("dampening")?,
-            weight_decay: h.float("weight_decay")?,
-            nesterov: h.flag("nesterov")?,
-            maximize: h.flag("maximize")?,
-        })
-    }
-
-    fn state_keys(&self) -> Vec<&'static str> {
-        Self::STATE[..self.arity() - 2].to_vec()
-    }
-
-    /// Momentum buffers must exist: torch creates them on a parameter's
-    /// first step (as the gradient itself), which stays torch's to run.
-    fn step(&self, batch: &TensorBatch, _scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        sgd_step(self, batch, &vec![false; batch.slots()], exec)
+        2 + self.state_keys().len()
     }
 }
 
@@ -85,45 +52,34 @@ pub fn sgd_step(config: &SgdConfig, batch: &TensorBatch, fresh: &[bool], exec: E
             batch.slots()
         )));
     }
-    engine::run(&SgdKernel { config, fresh }, batch, exec);
+    let fresh: Vec<bool> = (0..batch.slots())
+        .map(|i| config.momentum != 0.0 && fresh[i])
+        .collect();
+    declare::run(config, &fresh, batch, exec);
     Ok(())
 }
 
-struct SgdKernel<'a> {
-    config: &'a SgdConfig,
-    fresh: &'a [bool],
-}
+impl PerElement for SgdConfig {
+    /// Whether the momentum buffer was created this step.
+    type Slot = bool;
+    type Update<T: Element> = SgdUpdate<T>;
 
-impl Elementwise for SgdKernel<'_> {
-    fn apply<T: Element>(&self, backend: Backend, slot: usize, arrays: &mut [&mut [T]]) {
-        let c = self.config;
-        let n = common_len(arrays, c.arity());
-        let mut block = SgdBlock {
-            lr_neg: T::from_f64(-c.lr),
-            momentum: T::from_f64(c.momentum),
-            blend: T::from_f64(1.0 - c.dampening),
-            weight_decay: T::from_f64(c.weight_decay),
-            use_weight_decay: c.weight_decay != 0.0,
-            use_momentum: c.momentum != 0.0,
-            fresh: c.momentum != 0.0 && self.fresh[slot],
-            nesterov: c.nesterov,
-            maximize: c.maximize,
-            param: arrays[0].as_mut_ptr(),
-            grad: arrays[1].as_ptr(),
-            buf: arrays
-                .get_mut(2)
-                .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()),
-        };
-        // SAFETY: every array holds `n` elements (checked by `common_len`).
-        unsafe { run_block(backend, n, &mut block) }
-    }
-
-    fn writes(&self, k: usize) -> bool {
-        k != 1
+    fn update<T: Element>(&self, fresh: bool) -> SgdUpdate<T> {
+        SgdUpdate {
+            lr_neg: T::from_f64(-self.lr),
+            momentum: T::from_f64(self.momentum),
+            blend: T::from_f64(1.0 - self.dampening),
+            weight_decay: T::from_f64(self.weight_decay),
+            use_weight_decay: self.weight_decay != 0.0,
+            use_momentum: self.momentum != 0.0,
+            fresh,
+            nesterov: self.nesterov,
+            maximize: self.maximize,
+        }
     }
 }
 
-struct SgdBlock<T> {
+pub(crate) struct SgdUpdate<T> {
     lr_neg: T,
     momentum: T,
     blend: T,
@@ -133,19 +89,16 @@ struct SgdBlock<T> {
     fresh: bool,
     nesterov: bool,
     maximize: bool,
-    param: *mut T,
-    grad: *const T,
-    buf: *mut T,
 }
 
-impl<T: Element> LaneBlock<T> for SgdBlock<T> {
+impl<T: Element> LaneUpdate<T> for SgdUpdate<T> {
     #[inline(always)]
-    unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
-        // SAFETY: `run_blocks` keeps i + WIDTH within the arrays; `buf` is
-        // only touched when momentum is on, where it is a full array.
+    unsafe fn apply<S: Lanes<T>>(&self, s: S, [param, grad, buf, ..]: Arrays<T>) {
+        // SAFETY: the caller's pointers are valid for S::WIDTH elements; `buf`
+        // is only touched when momentum is on, where it is a full array.
         unsafe {
-            let mut p = s.load(self.param.add(i));
-            let mut g = s.load(self.grad.add(i));
+            let mut p = s.load(param);
+            let mut g = s.load(grad);
             if self.maximize {
                 g = s.mul(g, s.splat(-T::ONE)); // exact negation, -0 included
             }
@@ -153,21 +106,21 @@ impl<T: Element> LaneBlock<T> for SgdBlock<T> {
                 g = s.mul_add(p, s.splat(self.weight_decay), g);
             }
             if self.use_momentum {
-                let buf = if self.fresh {
+                let b = if self.fresh {
                     g
                 } else {
-                    let decayed = s.mul(s.load(self.buf.add(i)), s.splat(self.momentum));
+                    let decayed = s.mul(s.load(buf), s.splat(self.momentum));
                     s.mul_add(g, s.splat(self.blend), decayed)
                 };
-                s.store(self.buf.add(i), buf);
+                s.store(buf, b);
                 g = if self.nesterov {
-                    s.mul_add(buf, s.splat(self.momentum), g)
+                    s.mul_add(b, s.splat(self.momentum), g)
                 } else {
-                    buf
+                    b
                 };
             }
             p = s.mul_add(g, s.splat(self.lr_neg), p);
-            s.store(self.param.add(i), p);
+            s.store(param, p);
         }
     }
 }

@@ -1,0 +1,154 @@
+"""Prodigy against ``prodigyopt.Prodigy`` (its reference package): the
+plain-torch statement of its maths bit for bit, the Rust path to rounding
+(each tensor's sums of the estimate of d are reduced in a fixed order, not by
+torch's dot/sum) while d moves. The shared tests (tests/optimizers.py, TWINS)
+cover state_dict both ways, bad input, layouts, threads and skip_nonfinite."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import prodigyopt
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oxoptim
+from oxoptim.prodigy import ProdigyReference
+
+SHAPES = st.sampled_from([(), (0,), (1,), (7,), (17,), (33,), (3, 5), (2, 3, 7), (257, 9)])
+HYPER = st.fixed_dictionaries(
+    {
+        "lr": st.sampled_from([1.0, 0.5]),
+        "betas": st.sampled_from([(0.9, 0.999), (0.0, 0.99), (0.5, 0.9)]),
+        "beta3": st.sampled_from([None, 0.9]),
+        "eps": st.sampled_from([1e-8, 1e-3]),
+        "weight_decay": st.sampled_from([0.0, 0.1]),
+        "decouple": st.booleans(),
+        "use_bias_correction": st.booleans(),
+        "safeguard_warmup": st.booleans(),
+        "d0": st.sampled_from([1e-6, 1e-2]),
+        "d_coef": st.sampled_from([1.0, 2.0]),
+        "growth_rate": st.sampled_from([float("inf"), 1.05]),
+    }
+)
+
+
+def _run(make, params, hyper, steps, seed, zero_first=False):
+    """``steps`` steps on the gradient of ½‖p − target‖² plus noise (d moves), fresh each step."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    opt = make(params, **hyper)
+    d = []
+    for k in range(steps):
+        for p, t in zip(params, targets):
+            noise = 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad = torch.zeros_like(p) if zero_first and k == 0 else (p.detach() - t) + noise
+        with contextlib.redirect_stdout(io.StringIO()):  # prodigyopt prints about weight decay
+            opt.step()
+        d.append(opt.param_groups[0]["d"])
+    return opt, d
+
+
+def _params(shapes, dtype, zero_some, layout):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i, s in enumerate(shapes):
+        x = torch.zeros(s, dtype=dtype) if zero_some and i % 2 else torch.randn(s, generator=gen, dtype=dtype)
+        if layout == "transposed" and x.dim() == 2:
+            x = x.t().contiguous().t()  # a non-contiguous parameter: torch's path
+        out.append(x)
+    return out
+
+
+def _clone(params):
+    return [p.detach().clone().requires_grad_(True) for p in params]
+
+
+@given(shapes=st.lists(SHAPES, min_size=1, max_size=4), hyper=HYPER, dtype=st.sampled_from([torch.float32, torch.float64]),
+       zero_some=st.booleans(), slice_p=st.sampled_from([1, 1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=25, deadline=None)
+def test_the_torch_reference_is_prodigyopt_bit_for_bit(shapes, hyper, dtype, zero_some, slice_p, seed) -> None:
+    params = _params(shapes, dtype, zero_some, "contiguous")
+    ours, d_ours = _run(ProdigyReference, _clone(params), {**hyper, "slice_p": slice_p}, 12, seed)
+    theirs, d_theirs = _run(prodigyopt.Prodigy, _clone(params), {**hyper, "slice_p": slice_p}, 12, seed)
+    assert d_ours == d_theirs
+    _assert_states(ours, theirs, exact=True)
+
+
+@given(shapes=st.lists(SHAPES, min_size=1, max_size=4), hyper=HYPER, dtype=st.sampled_from([torch.float32, torch.float64]),
+       zero_some=st.booleans(), layout=st.sampled_from(["contiguous", "contiguous", "transposed"]),
+       zero_first=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_matches_prodigyopt_to_rounding_while_d_moves(shapes, hyper, dtype, zero_some, layout, zero_first, seed) -> None:
+    params = _params(shapes, dtype, zero_some, layout)
+    ours, d_ours = _run(oxoptim.Prodigy, _clone(params), hyper, 15, seed, zero_first)
+    theirs, d_theirs = _run(prodigyopt.Prodigy, _clone(params), hyper, 15, seed, zero_first)
+    # d: each tensor's sums agree to rounding (float32: a few ulps of the sum), so d does.
+    rel = 1e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(d_ours, d_theirs):
+        assert abs(a - b) <= rel * abs(b), (d_ours, d_theirs)
+    _assert_states(ours, theirs, exact=False)
+
+
+def _assert_states(ours, theirs, exact: bool) -> None:
+    for g, h in zip(ours.param_groups, theirs.param_groups):
+        assert g.keys() - {"skip_nonfinite"} == h.keys()
+        assert g["k"] == h["k"]
+        for p, q in zip(g["params"], h["params"]):
+            pairs = [(p.detach(), q.detach())] + [(ours.state[p][k], theirs.state[q][k]) for k in theirs.state[q]]
+            assert ours.state[p].keys() == theirs.state[q].keys()
+            assert ours.state[p]["step"] == theirs.state[q]["step"] and type(ours.state[p]["step"]) is int
+            for a, b in pairs:
+                if not torch.is_tensor(b):
+                    continue
+                if exact:
+                    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                else:
+                    # Relative to each element and to the tensor's scale (s and the moments
+                    # scale with d, elements near zero cancel).
+                    rtol, scale = (1e-4, 1e-5) if a.dtype == torch.float32 else (1e-9, 1e-11)
+                    atol = scale * float(b.abs().max()) if b.numel() else 0.0
+                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_the_native_passes_run(monkeypatch) -> None:
+    """Float32/float64 CPU groups take the Rust passes, never the torch reference's."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch's path ran")
+
+    for name in ("_moments", "_params"):
+        monkeypatch.setattr(ProdigyReference, name, forbidden)
+    sums = []
+    original = oxoptim._core.prodigy_sums
+    monkeypatch.setattr(oxoptim._core, "prodigy_sums", lambda *a, **k: sums.append(1) or original(*a, **k))
+    params = _clone([torch.randn(5, 3), torch.zeros(4), torch.randn(2, dtype=torch.float64)])
+    _run(oxoptim.Prodigy, params, dict(weight_decay=0.1, decouple=False, d0=1e-2), 3, 0)
+    assert len(sums) == 3 * 2  # per step: the parameters with a p0, then those whose p0 is zero
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    params = [torch.randn(300_001), torch.randn(70_001)]
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            opt, d = _run(oxoptim.Prodigy, _clone(params), dict(d0=1e-2), 4, 1)
+            results.append(([p.detach() for g in opt.param_groups for p in g["params"]], d))
+    finally:
+        torch.set_num_threads(before)
+    assert results[0][1] == results[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+
+
+def test_step_in_backward_and_fsdp_are_refused() -> None:
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="every gradient"):
+        with oxoptim.step_in_backward(oxoptim.Prodigy(model.parameters())):
+            pass
+    with pytest.raises(ValueError, match="fsdp_in_use"):
+        oxoptim.Prodigy(model.parameters(), fsdp_in_use=True)
