@@ -6,7 +6,7 @@ Contenders (all AdamW, lr 1e-3):
 
 * ordinary loop ``backward(); step(); zero_grad(set_to_none=True)`` with torch's
   default AdamW (on CPU the for-loop), torch ``fused=True`` and oxoptim;
-* ``oxoptim.step_in_backward`` (default buckets), and with ``overlap=True``;
+* ``oxoptim.step_in_backward`` (default buckets);
 * torch's tutorial pattern ("How to save memory by fusing the optimizer step
   into the backward pass"): one torch ``AdamW(fused=True)`` per parameter,
   stepped and zeroed from ``register_post_accumulate_grad_hook``.
@@ -120,10 +120,6 @@ class Contender:
             context = oxoptim.step_in_backward(opt)
             context.__enter__()
             return opt
-        if self.in_backward == "overlap":
-            opt = self.make(params)
-            oxoptim.step_in_backward(opt, overlap=True).__enter__()
-            return opt
         if self.in_backward == "tutorial":
             per_param = {p: torch.optim.AdamW([p], lr=1e-3, fused=True) for p in params}
 
@@ -150,7 +146,6 @@ CONTENDERS = [
     Contender("torch AdamW fused, loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
     Contender("oxoptim AdamW, loop", lambda ps: oxoptim.AdamW(ps, lr=1e-3)),
     Contender("oxoptim AdamW, in backward", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "oxoptim"),
-    Contender("oxoptim AdamW, in backward, overlap", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "overlap"),
     Contender("torch fused AdamW per param, in backward (tutorial)", lambda ps: None, "tutorial"),
     # A quarter of the memory: bfloat16 weights (stochastic rounding), 8-bit moments, no gradients kept.
     Contender("oxoptim AdamW8bit, bf16 weights + SR, loop",

@@ -68,10 +68,11 @@ optimizers, which oxoptim's classes are not). DDP allows one communication
 hook per model; it stays registered and is a plain allreduce once the context
 is closed. DDP keeps its bucket buffers, so no gradient memory is saved there.
 
-``overlap=True`` runs the updates on one worker thread while autograd goes on
-(the native call releases the GIL); ``optimizer.step()`` waits for them.
-Results are the same; whether it is faster depends on the cores left to
-autograd.
+``overlap=True`` (updates on a worker thread while autograd goes on) is
+refused: a second Python thread running during backward crashed the process
+inside torch (its garbage collector traversing autograd state that backward,
+without the GIL, was changing; and a storage object freed there tripped
+torch's ``THPStorage_dealloc`` assertion). Updates run in backward's own thread.
 
 A parameter may be updated in place during backward only because autograd
 has finished with it when its gradient is complete; a graph that reads a
@@ -83,7 +84,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -155,7 +155,7 @@ class StepInBackward:
         bucket_numel: parameters of a group are gathered, in reverse order, into buckets of at
             least this many elements, each updated by one native call once all its gradients
             are in (0: one call per parameter).
-        overlap: run the updates on a worker thread while autograd continues.
+        overlap: must be False: updates on a worker thread during backward are refused (module docstring).
         ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce (with
             ``accumulate=K``: the allreduce of the K-th forward/backward; the earlier ones under
             ``model.no_sync()`` or not, as in the ordinary loop).
@@ -179,7 +179,7 @@ class StepInBackward:
                 "step_in_backward needs a Rust-backed oxoptim optimizer (the torch twins, Lion, the Schedule-Free "
                 f"optimizers, Adam8bit, AdamW8bit), got {type(optimizer).__name__}"
             )
-        if not optimizer.STEPS_IN_BACKWARD:
+        if not getattr(optimizer, "STEPS_IN_BACKWARD", True):
             raise TypeError(f"step_in_backward cannot step {type(optimizer).__name__}: its step needs every gradient before any update")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
@@ -207,8 +207,14 @@ class StepInBackward:
                 "a GradScaler cannot be honoured by step_in_backward: unscaling and its inf check need every "
                 "gradient before any parameter is updated. Use bfloat16 autocast (no scaling) or the ordinary loop."
             )
-        if ddp is not None and (overlap or (accumulate > 1 and accumulation == "optimizer")):
-            raise ValueError("with ddp=, step_in_backward takes neither overlap=True nor accumulation='optimizer' "
+        if overlap:
+            raise ValueError(
+                "step_in_backward(overlap=True) is refused: a Python worker thread running while backward goes on "
+                "can crash the process inside torch (garbage collection of autograd state backward is changing); "
+                "the updates run in backward's own thread"
+            )
+        if ddp is not None and accumulate > 1 and accumulation == "optimizer":
+            raise ValueError("with ddp=, step_in_backward does not take accumulation='optimizer' "
                              "(the updates run in DDP's communication hook, once per reduced bucket)")
         if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 0:
             raise ValueError(f"bucket_numel must be a non-negative int, got {bucket_numel!r}")
@@ -228,8 +234,6 @@ class StepInBackward:
         self._bucket_of: dict[torch.Tensor, _Bucket] = {}
         self._arrivals: dict[torch.Tensor, int] = {}
         self._handles: list[Any] = []
-        self._pending: list[Future] = []
-        self._executor: Optional[ThreadPoolExecutor] = None
         self._leftover_cache = _core.TensorCache()
         self._forwards = 0  # under DDP: forward passes (with grad) in this iteration
         self._lock = threading.Lock()
@@ -242,8 +246,6 @@ class StepInBackward:
         if self.optimizer.__dict__.get(_ACTIVE) is not None:
             raise RuntimeError(f"{type(self.optimizer).__name__} already steps inside backward (nested step_in_backward)")
         self._build_buckets()
-        if self.overlap:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxoptim-step")
         if self.ddp is not None:
             _DdpSlot.install(self.ddp).active = self
             self._handles.append(self.ddp.register_forward_pre_hook(self._count_forward))
@@ -259,22 +261,16 @@ class StepInBackward:
         self.close()
 
     def close(self) -> None:
-        """Waits for updates in flight and removes the hooks (the optimizer steps normally again)."""
-        try:
-            self._wait()
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            if self.ddp is not None:
-                _DdpSlot.install(self.ddp).active = None
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            if self.optimizer.__dict__.get(_ACTIVE) is self:
-                del self.optimizer.__dict__[_ACTIVE]
-            self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
-            self._entered = False
+        """Removes the hooks (the optimizer steps normally again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.ddp is not None:
+            _DdpSlot.install(self.ddp).active = None
+        if self.optimizer.__dict__.get(_ACTIVE) is self:
+            del self.optimizer.__dict__[_ACTIVE]
+        self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
+        self._entered = False
 
     def _build_buckets(self) -> None:
         """Per group, in reverse order (roughly the order backward completes them): parameters
@@ -353,10 +349,7 @@ class StepInBackward:
     def _dispatch(self, bucket: _Bucket) -> None:
         bucket.done = True
         self._group(bucket)
-        if self._executor is None:
-            self._update(bucket.group, bucket.params, bucket.cache)
-        else:
-            self._pending.append(self._executor.submit(self._update, bucket.group, bucket.params, bucket.cache))
+        self._update(bucket.group, bucket.params, bucket.cache)
 
     @torch.no_grad()
     def _update(self, group: dict, params: list[torch.Tensor], cache: Any, release: bool = True) -> None:
@@ -421,7 +414,6 @@ class StepInBackward:
         gradients set by hand), then starts the next iteration's bookkeeping."""
         if self.optimizer.__dict__.get("grad_scale") is not None or self.optimizer.__dict__.get("found_inf") is not None:
             raise RuntimeError("a GradScaler cannot be honoured by step_in_backward (see its grad_scaler argument)")
-        self._wait()
         for group in self.optimizer.param_groups:
             left = [
                 p
@@ -459,13 +451,6 @@ class StepInBackward:
         total = torch.linalg.vector_norm(torch.stack(norms), clip.norm_type)
         self.grad_norm = total
         self._coef = _clip_coefficient(clip, total)
-
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]
-        for error in errors:
-            if error is not None:
-                raise error
 
     # -- DDP ------------------------------------------------------------------
     def _count_forward(self, module: Any, args: Any) -> None:

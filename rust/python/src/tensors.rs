@@ -48,7 +48,7 @@ pub(crate) struct TorchTypes {
     data_ptr: Py<PyAny>,
     numel: Py<PyAny>,
     is_contiguous: Py<PyAny>,
-    untyped_storage: Py<PyAny>,
+    detach: Py<PyAny>,
     dtypes: [(Py<PyAny>, DType); 5],
 }
 
@@ -66,7 +66,7 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
             data_ptr: method("data_ptr")?,
             numel: method("numel")?,
             is_contiguous: method("is_contiguous")?,
-            untyped_storage: method("untyped_storage")?,
+            detach: method("detach")?,
             dtypes: [
                 (get("float32")?, DType::F32),
                 (get("float64")?, DType::F64),
@@ -88,8 +88,13 @@ impl TorchTypes {
     pub(crate) fn is_contiguous(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.is_contiguous.bind(t.py()).call1((t,))?.extract()
     }
-    fn untyped_storage<'py>(&self, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.untyped_storage.bind(t.py()).call1((t,))
+    /// A new tensor of its own on `t`'s storage: it keeps that memory
+    /// allocated whatever happens to `t`. Not `untyped_storage()`: a Python
+    /// storage object freed while autograd (without the GIL) drops other
+    /// references to the same storage trips torch's `THPStorage_dealloc`
+    /// assertion and aborts the process (seen with `step_in_backward(overlap=True)`).
+    fn storage_holder<'py>(&self, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.detach.bind(t.py()).call1((t,))
     }
     /// A plain tensor or parameter: its attributes and methods are C code, so
     /// a description is read with the GIL held throughout (no other thread can
@@ -125,7 +130,7 @@ fn describe_with_storage<'py>(
         return Ok(None);
     }
     // The storage first: it holds the memory `data_ptr` points into.
-    let storage = types.untyped_storage(t)?;
+    let storage = types.storage_holder(t)?;
     let len = types.numel(t)?;
     let addr = types.data_ptr(t)?;
     Ok(Some((RawTensor { addr, len, dtype }, storage)))
