@@ -81,12 +81,13 @@ def _copy_hyper(value: Any) -> Any:
     return value
 
 
-def _assert_close(ours: Any, theirs: Any, what: str, exact: bool) -> None:
+def _assert_close(ours: Any, theirs: Any, what: str, exact: bool, tolerance: Any = None) -> None:
     if not isinstance(ours, torch.Tensor):
         assert float(ours) == float(theirs), what
         return
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, f"{what}: {ours.dtype}{tuple(ours.shape)} vs torch's {theirs.dtype}{tuple(theirs.shape)}"
-    tol = dict(rtol=0, atol=0) if exact else TOLERANCE.get(ours.dtype, TOLERANCE[torch.float32])
+    table = tolerance or TOLERANCE
+    tol = dict(rtol=0, atol=0) if exact else table.get(ours.dtype, table[torch.float32])
     torch.testing.assert_close(ours.detach(), theirs.detach(), equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
 
 
@@ -440,11 +441,11 @@ class OptimizerMirror(RuleBasedStateMachine):
                 assert same_setting(a, b), f"group {i} {key}: {a!r} vs torch's {b!r}"
         exact = self.twin.bit_exact
         for i, (p, q) in enumerate(self._pairs()):
-            _assert_close(p, q, f"param {i}", exact)
+            _assert_close(p, q, f"param {i}", exact, self.twin.tolerance)
             s, t = ours.state.get(p, {}), theirs.state.get(q, {})
             assert s.keys() == t.keys(), f"state {i}: {sorted(s)} vs torch's {sorted(t)}"
             for key in s:
-                _assert_close(s[key], t[key], f"state {i} {key!r}", exact)
+                _assert_close(s[key], t[key], f"state {i} {key!r}", exact, self.twin.tolerance)
 
 
 def _copy_without_grads(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
