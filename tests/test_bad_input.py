@@ -182,13 +182,13 @@ def test_mixed_devices_in_one_group_use_torchs_path(twin: Twin) -> None:
     whole: the same result, or the same error where torch cannot step meta
     tensors (ASGD reads its ``eta`` with ``.item()``)."""
     gen = torch.Generator().manual_seed(2)
-    if not twin.meta_params:
-        pytest.skip(f"{twin.name}'s reference cannot step a meta-device parameter")
     cpu = [torch.randn(5, generator=gen)]
     mine, ref = clone_params(cpu), clone_params(cpu)
     meta_a, meta_b = torch.empty(3, device="meta", requires_grad=True), torch.empty(3, device="meta", requires_grad=True)
     ours, theirs = twin.make_ours(mine + [meta_a], **twin.typical), twin.make_theirs(ref + [meta_b], **twin.typical)
-    for _ in range(3):
+    # prodigyopt half-creates its state on the first (failing) step, so its later steps fail
+    # otherwise (KeyError) than ours, which writes nothing: compare its first step only.
+    for _ in range(3 if twin.meta_params else 1):
         set_grads(gen, mine, ref)
         meta_a.grad, meta_b.grad = torch.empty(3, device="meta"), torch.empty(3, device="meta")
         errors = []

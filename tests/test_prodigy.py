@@ -14,26 +14,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optimizers import _prodigy_hyper
 
 import oxoptim
 from oxoptim.prodigy import ProdigyReference
 
 SHAPES = st.sampled_from([(), (0,), (1,), (7,), (17,), (33,), (3, 5), (2, 3, 7), (257, 9)])
-HYPER = st.fixed_dictionaries(
-    {
-        "lr": st.sampled_from([1.0, 0.5]),
-        "betas": st.sampled_from([(0.9, 0.999), (0.0, 0.99), (0.5, 0.9)]),
-        "beta3": st.sampled_from([None, 0.9]),
-        "eps": st.sampled_from([1e-8, 1e-3]),
-        "weight_decay": st.sampled_from([0.0, 0.1]),
-        "decouple": st.booleans(),
-        "use_bias_correction": st.booleans(),
-        "safeguard_warmup": st.booleans(),
-        "d0": st.sampled_from([1e-6, 1e-2]),
-        "d_coef": st.sampled_from([1.0, 2.0]),
-        "growth_rate": st.sampled_from([float("inf"), 1.05]),
-    }
-)
+HYPER = _prodigy_hyper()  # the shared table's strategy
 
 
 def _run(make, params, hyper, steps, seed, zero_first=False):
