@@ -5,23 +5,38 @@ use super::common_len;
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
-use crate::optimizer::{Hyper, HyperKind, Optimizer};
+use super::declare::optimizer;
 use crate::simd::{run_blocks, LaneBlock, Lanes};
 use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
 use crate::tensors::{ScalarState, TensorBatch};
 
-/// Adam hyper-parameters of one parameter group.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub amsgrad: bool,
-    pub maximize: bool,
-    /// AdamW: decay the parameter instead of adding `weight_decay * param` to the gradient.
-    pub decoupled_weight_decay: bool,
+optimizer! {
+    /// Adam hyper-parameters of one parameter group (torch's AdamW is Adam
+    /// with `decoupled_weight_decay=True`).
+    pub struct AdamConfig = "adam" {
+        lr: f64,
+        betas: (beta1, beta2),
+        eps: f64,
+        weight_decay: f64,
+        amsgrad: bool,
+        maximize: bool,
+        /// AdamW: decay the parameter instead of adding `weight_decay * param` to the gradient.
+        decoupled_weight_decay: bool,
+    }
+    state: ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad],
+    scalars: ["step"],
+    // Its own step: the fused path for every storage layout (`crate::storage`).
+    impl {
+        fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+            // Everything is checked before the first counter is written: a
+            // refused call leaves the step counters as they were.
+            check(self, batch, scalars.slots())?;
+            let steps: Vec<f64> = (0..batch.slots())
+                .map(|i| scalars.increment(i, 0))
+                .collect();
+            adam_step(self, batch, &steps, exec)
+        }
+    }
 }
 
 impl AdamConfig {
@@ -32,50 +47,6 @@ impl AdamConfig {
         } else {
             4
         }
-    }
-}
-
-/// Adam and AdamW (torch's AdamW is Adam with `decoupled_weight_decay=True`).
-impl Optimizer for AdamConfig {
-    const NAME: &'static str = "adam";
-    const HYPER: &'static [(&'static str, HyperKind)] = &[
-        ("lr", HyperKind::Float),
-        ("betas", HyperKind::Pair),
-        ("eps", HyperKind::Float),
-        ("weight_decay", HyperKind::Float),
-        ("amsgrad", HyperKind::Flag),
-        ("maximize", HyperKind::Flag),
-        ("decoupled_weight_decay", HyperKind::Flag),
-    ];
-    const STATE: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
-    const SCALARS: &'static [&'static str] = &["step"];
-
-    fn from_hyper(h: &mut Hyper) -> Result<Self> {
-        let (beta1, beta2) = h.pair("betas")?;
-        Ok(AdamConfig {
-            lr: h.float("lr")?,
-            beta1,
-            beta2,
-            eps: h.float("eps")?,
-            weight_decay: h.float("weight_decay")?,
-            amsgrad: h.flag("amsgrad")?,
-            maximize: h.flag("maximize")?,
-            decoupled_weight_decay: h.flag("decoupled_weight_decay")?,
-        })
-    }
-
-    fn state_keys(&self) -> Vec<&'static str> {
-        Self::STATE[..self.arity() - 2].to_vec()
-    }
-
-    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        // Everything is checked before the first counter is written: a
-        // refused call leaves the step counters as they were.
-        check(self, batch, scalars.slots())?;
-        let steps: Vec<f64> = (0..batch.slots())
-            .map(|i| scalars.increment(i, 0))
-            .collect();
-        adam_step(self, batch, &steps, exec)
     }
 }
 
