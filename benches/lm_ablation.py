@@ -33,7 +33,8 @@ import platform
 import time
 from typing import Dict, List, Optional
 
-from seed_vs_multistage import _pct, config_digest, mean_sd  # benches/ is on sys.path when run as a script
+import seeded_runs  # benches/ is on sys.path when run as a script
+from seeded_runs import Results, config_digest, pct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = {
@@ -77,18 +78,11 @@ def run_one(job: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> dict:
 
 
 def aggregate(rows: List[dict]) -> Dict[str, dict]:
-    jobs: Dict[str, List[dict]] = {}
-    for r in rows:
-        jobs.setdefault(r["job"], []).append(r)
-    out = {}
-    for job, rs in jobs.items():
-        out[job] = {"seeds": [r["seed"] for r in rs]}
-        for key in ("test_accuracy", "val_accuracy", "finetune_s"):
-            m, s = mean_sd([float(r[key]) for r in rs])
-            out[job][key] = {"mean": m, "sd": s}
-        trained = [r for r in rs if r.get("pretrain_s") is not None]
-        out[job]["pretrain_val_bpc"] = trained[0]["pretrain_val_bpc"] if trained else None
-        out[job]["pretrain_s"] = trained[0]["pretrain_s"] if trained else None
+    out = seeded_runs.aggregate(rows, "job", ("test_accuracy", "val_accuracy", "finetune_s"))
+    for job, a in out.items():
+        trained = [r for r in rows if r["job"] == job and r.get("pretrain_s") is not None]
+        a["pretrain_val_bpc"] = trained[0]["pretrain_val_bpc"] if trained else None
+        a["pretrain_s"] = trained[0]["pretrain_s"] if trained else None
     return out
 
 
@@ -120,12 +114,12 @@ def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict, bigru: Optional
     ]
     for job, a in agg.items():
         pre = "—" if a["pretrain_s"] is None else f"{a['pretrain_val_bpc']:.3f}, {a['pretrain_s']:.0f}"
-        out.append(f"| {job} | {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
-                   f"{_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {len(a['seeds'])} | {pre} | "
+        out.append(f"| {job} | {pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
+                   f"{pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {len(a['seeds'])} | {pre} | "
                    f"{a['finetune_s']['mean']:.0f} |")
     if bigru is not None:
-        out.append(f"| {BIGRU} | {_pct(bigru['test_accuracy']['mean'], bigru['test_accuracy']['sd'])} | "
-                   f"{_pct(bigru['val_accuracy']['mean'], bigru['val_accuracy']['sd'])} | {len(bigru['seeds'])} | — | "
+        out.append(f"| {BIGRU} | {pct(bigru['test_accuracy']['mean'], bigru['test_accuracy']['sd'])} | "
+                   f"{pct(bigru['val_accuracy']['mean'], bigru['val_accuracy']['sd'])} | {len(bigru['seeds'])} | — | "
                    f"{bigru['wall_time_s']['mean']:.0f} (training) |")
         out += ["", "BiGRU row: `benches/results/seed_vs_multistage.json` (its seeds also vary the split)."]
     out += ["", "sd: sample standard deviation over the seeds (n − 1).", "", "Per run:", "",
@@ -152,34 +146,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from oxoptim.training.config import load_config
 
-    previous = {}
-    if args.reuse and os.path.isfile(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            previous = {(r["job"], r["seed"], r["config_digest"]): r for r in json.load(f).get("rows", [])}
     meta = {"seeds": args.seeds, "quick": args.quick, "cpus": os.cpu_count(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     bigru = bigru_row(os.path.join(ROOT, "benches", "results", "seed_vs_multistage.json"))
-    rows: List[dict] = []
+    results = Results(args.out, args.md, meta, "job", args.reuse, aggregate,
+                      lambda rows, agg: markdown(rows, agg, meta, None if args.quick else bigru))
     for job in args.jobs:
         base = load_config(os.path.join(ROOT, JOBS[job]))
         if args.quick:
             base = quick(base)
         for seed in args.seeds:
             cfg = {**copy.deepcopy(base), "seed": int(seed)}
-            row = previous.get((job, seed, config_digest(cfg))) or run_one(job, seed, cfg, args.run_root, args.quiet)
-            rows.append(row)
-            agg = aggregate(rows)
-            for path, text in ((args.out, json.dumps({"meta": meta, "summary": agg, "rows": rows}, indent=2) + "\n"),
-                               (args.md, markdown(rows, agg, meta, None if args.quick else bigru))):
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(text)
+            row = results.earlier(job, seed, cfg) or run_one(job, seed, cfg, args.run_root, args.quiet)
+            results.add(row)
             print(f"{job:<34} seed {seed}: test {row['test_accuracy']:.4f} val {row['val_accuracy']:.4f} "
                   f"fine-tuning {row['finetune_s']:.0f}s wall {row['wall_time_s']:.0f}s", flush=True)
     print()
-    for job, a in aggregate(rows).items():
-        print(f"{job:<34} test {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])}  "
-              f"val {_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])}  ({len(a['seeds'])} seeds)")
+    for job, a in aggregate(results.rows).items():
+        print(f"{job:<34} test {pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])}  "
+              f"val {pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])}  ({len(a['seeds'])} seeds)")
     return 0
 
 

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
 from typing import Dict, List, Optional
 
-from seed_vs_multistage import _pct, config_digest, mean_sd  # benches/ is on sys.path when run as a script
+from seeded_runs import Results, aggregate, config_digest, pct  # benches/ is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -62,19 +61,6 @@ def run_one(variant: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> d
     }
 
 
-def aggregate(rows: List[dict]) -> Dict[str, dict]:
-    by: Dict[str, List[dict]] = {}
-    for r in rows:
-        by.setdefault(r["variant"], []).append(r)
-    out = {}
-    for variant, rs in by.items():
-        out[variant] = {"seeds": [r["seed"] for r in rs]}
-        for key in ("test_accuracy", "val_accuracy", "wall_time_s"):
-            m, s = mean_sd([float(r[key]) for r in rs])
-            out[variant][key] = {"mean": m, "sd": s}
-    return out
-
-
 def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict) -> str:
     import torch
 
@@ -92,8 +78,8 @@ def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict) -> str:
         delta = "—"
         if fp32 is not None and variant != "fp32":
             delta = f"{100 * (a['test_accuracy']['mean'] - fp32['test_accuracy']['mean']):+.2f}"
-        out.append(f"| {VARIANTS[variant][0]} | {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
-                   f"{_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {', '.join(map(str, a['seeds']))} | {delta} |")
+        out.append(f"| {VARIANTS[variant][0]} | {pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
+                   f"{pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {', '.join(map(str, a['seeds']))} | {delta} |")
     out += ["", "sd: sample standard deviation over the seeds (n − 1).", "", "Per run:", "",
             "| variant | seed | test acc | val acc | training s |", "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -115,24 +101,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from oxoptim.training.config import load_config
 
-    previous: Dict[tuple, dict] = {}
-    if args.reuse and os.path.isfile(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            previous = {(r["variant"], r["seed"], r["config_digest"]): r for r in json.load(f).get("rows", [])}
     meta = {"seeds": args.seeds, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = Results(args.out, args.md, meta, "variant", args.reuse,
+                      lambda rows: aggregate(rows, "variant", ("test_accuracy", "val_accuracy", "wall_time_s")),
+                      lambda rows, agg: markdown(rows, agg, meta))
     base = load_config(os.path.join(ROOT, "configs", "default.toml"))
-    rows: List[dict] = []
     for seed in args.seeds:  # seed-major: a partial run already compares every variant
         for variant in args.variants:
             cfg = variant_config(base, variant, seed)
-            row = previous.get((variant, seed, config_digest(cfg))) or run_one(variant, seed, cfg, args.run_root, args.quiet)
-            rows.append(row)
-            agg = aggregate(rows)
-            for path, text in ((args.out, json.dumps({"meta": meta, "summary": agg, "rows": rows}, indent=2) + "\n"),
-                               (args.md, markdown(rows, agg, meta))):
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(text)
+            row = results.earlier(variant, seed, cfg) or run_one(variant, seed, cfg, args.run_root, args.quiet)
+            results.add(row)
             print(f"{variant:<14} seed {seed}: test {row['test_accuracy']:.4f} val {row['val_accuracy']:.4f} "
                   f"training {row['wall_time_s']:.0f}s", flush=True)
     return 0

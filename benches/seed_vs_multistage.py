@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import os
 import platform
-import statistics
 import time
 from typing import Callable, Dict, List, Optional
+
+import seeded_runs  # benches/ is on sys.path when run as a script
+from seeded_runs import Results, config_digest, pct
 
 PLAN = "default multi-stage plan"
 SEED_RECIPE = "seed recipe"
@@ -96,10 +96,6 @@ def quick(cfg: dict) -> dict:
     return cfg
 
 
-def config_digest(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def chosen_epoch(history: List[dict], summary: dict) -> dict:
     """The epoch whose weights were tested: the best ``val_accuracy`` of the last stage (first on ties,
     as ``restore_best`` keeps the first best). Raises if the tested weights do not score what it scored."""
@@ -140,26 +136,8 @@ def run_one(job: str, seed: int, cfg: dict, run_root: str, quiet: bool) -> dict:
     }
 
 
-def mean_sd(values: List[float]) -> tuple:
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return statistics.fmean(values), sd
-
-
 def aggregate(rows: List[dict]) -> Dict[str, dict]:
-    jobs: Dict[str, List[dict]] = {}
-    for r in rows:
-        jobs.setdefault(r["job"], []).append(r)
-    out = {}
-    for job, rs in jobs.items():
-        out[job] = {"seeds": [r["seed"] for r in rs]}
-        for key in ("test_accuracy", "val_accuracy", "wall_time_s", "epochs"):
-            m, s = mean_sd([float(r[key]) for r in rs])
-            out[job][key] = {"mean": m, "sd": s}
-    return out
-
-
-def _pct(m: float, s: float) -> str:
-    return f"{100 * m:.2f}%" + ("" if math.isnan(s) else f" ± {100 * s:.2f}")
+    return seeded_runs.aggregate(rows, "job", ("test_accuracy", "val_accuracy", "wall_time_s", "epochs"))
 
 
 def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict) -> str:
@@ -185,8 +163,8 @@ def markdown(rows: List[dict], agg: Dict[str, dict], meta: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for job, a in agg.items():
-        out.append(f"| {job} | {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
-                   f"{_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {len(a['seeds'])} | "
+        out.append(f"| {job} | {pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])} | "
+                   f"{pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])} | {len(a['seeds'])} | "
                    f"{a['wall_time_s']['mean']:.0f} |")
     out += ["", "sd is the sample standard deviation over the seeds (n − 1).", "", "Per run:", "",
             "| job | seed | test acc | val acc (tested weights) | chosen epoch | best val acc, any epoch | "
@@ -225,25 +203,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from oxoptim.training.config import default_config
 
     shrink: Callable[[dict], dict] = quick if args.quick else (lambda c: c)
-    previous = {}
-    if args.reuse and os.path.isfile(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            previous = {(r["job"], r["seed"], r["config_digest"]): r for r in json.load(f).get("rows", [])}
     meta = {"seeds": args.seeds, "quick": args.quick, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    rows: List[dict] = []
+    results = Results(args.out, args.md, meta, "job", args.reuse, aggregate, lambda rows, agg: markdown(rows, agg, meta))
 
     def record(job: str, seed: int, cfg: dict) -> dict:
-        key = (job, seed, config_digest(cfg))
-        row = previous.get(key)
-        if row is None:
-            row = run_one(job, seed, cfg, args.run_root, args.quiet)
-        rows.append(row)
-        agg = aggregate(rows)
-        for path, text in ((args.out, json.dumps({"meta": meta, "summary": agg, "rows": rows}, indent=2) + "\n"),
-                           (args.md, markdown(rows, agg, meta))):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+        row = results.earlier(job, seed, cfg) or run_one(job, seed, cfg, args.run_root, args.quiet)
+        results.add(row)
         print(f"{job:<60} seed {seed}: test {row['test_accuracy']:.4f} val {row['val_accuracy']:.4f} "
               f"(epoch {row['chosen_epoch']} of {row['epochs']}) wall {row['wall_time_s']:.0f}s", flush=True)
         return row
@@ -261,9 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             record(f"default plan, {desc}", seed, cfg)
 
     print()
-    for job, a in aggregate(rows).items():
-        print(f"{job:<60} test {_pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])}  "
-              f"val {_pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])}  ({len(a['seeds'])} seeds)")
+    for job, a in aggregate(results.rows).items():
+        print(f"{job:<60} test {pct(a['test_accuracy']['mean'], a['test_accuracy']['sd'])}  "
+              f"val {pct(a['val_accuracy']['mean'], a['val_accuracy']['sd'])}  ({len(a['seeds'])} seeds)")
     return 0
 
 
