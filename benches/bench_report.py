@@ -103,12 +103,21 @@ def _mib(n: int) -> str:
 def header_lines(data: dict) -> List[str]:
     roof = data["roofline"]
     mixes = ", ".join(f"{k.replace(':', ' read/')} written {v:.1f} GB/s" for k, v in roof["gbps"].items())
+    # Runs since the engine probe record each probe's best apart.
+    by_probe = [
+        f"{name} " + ", ".join(f"{k} {max(r[f'{prefix} {k}'] for r in roof['runs']):.1f}" for k in roof["gbps"])
+        for name, prefix in (("oxoptim's engine (`_core.stream_probe`)", "engine"), ("`stream_probe.rs`", "stream_probe.rs"))
+        if all(f"{prefix} {k}" in r for r in roof["runs"] for k in roof["gbps"])
+    ]
+    probes = "`benches/stream_probe.rs` and oxoptim's engine" if by_probe else "`benches/stream_probe.rs`"
     return [
         f"- machine: {data['machine']}; torch {data['torch']}, oxoptim {data['oxoptim']} (SIMD `{data['simd']}`"
         + (f", workers `{data['parallel']}`" if data.get("parallel") else "")
         + f"), {data['threads']} threads, Python {data['python']}",
-        f"- last-level cache {_mib(roof['llc_bytes'])} ({roof['llc_source']}); DRAM roofline from `benches/stream_probe.rs` "
-        f"({_mib(roof['elements_per_array'] * F32)} per array, best of {len(roof['runs'])} runs, at the start and after each shape set; each mix with same-offset and staggered arrays, in chunks and in one piece per thread): {mixes}; "
+        f"- last-level cache {_mib(roof['llc_bytes'])} ({roof['llc_source']}); DRAM roofline from {probes} "
+        f"({_mib(roof['elements_per_array'] * F32)} per array, best of {len(roof['runs'])} runs, at the start and after each shape set; each mix with same-offset and staggered arrays, in chunks and in one piece per thread): {mixes}"
+        + (f" (best GB/s per probe: {'; '.join(by_probe)})" if by_probe else "")
+        + "; "
         f"cross-check, torch `a += s·b` {roof['torch_inplace_gbps']:.1f} GB/s"
         + (
             " — **faster than the probe's 2 read/1 written: the probe is not a ceiling in this run**"

@@ -151,6 +151,28 @@ def test_probe_streams_every_array_of_every_pattern():
     assert struct.pack("d", data["checksum"]) == struct.pack("d", _expected_checksum(n, reps))
 
 
+def test_engine_probe_runs_every_mix_in_both_layouts_and_joins_the_roofline(monkeypatch):
+    out = bandwidth.engine_probe(50_003, 2, 2)
+    for r, w in bandwidth.PATTERNS:
+        layouts = [out[f"{layout} {r}:{w}"] for layout in ("separate", "staggered")]
+        assert min(layouts) > 0 and out[f"{r}:{w}"] == max(layouts)
+    # The roofline keeps, per mix, the better of the two probes and records each.
+    rust = {"2:1": 10.0, "3:2": 99.0, "4:3": 30.0}
+    engine = {"2:1": 20.0, "3:2": 15.0, "4:3": 31.0}
+    monkeypatch.setattr(bandwidth, "_run_probe", lambda *a: dict(rust))
+    monkeypatch.setattr(bandwidth, "engine_probe", lambda *a: dict(engine))
+    monkeypatch.setattr(bandwidth, "torch_inplace_gbps", lambda *a: 1.0)
+    roof = bandwidth.Roofline(LLC, "test", 1000, 2, {}, [], 0.0)
+    roof.remeasure(1)
+    assert roof.gbps == {(2, 1): 20.0, (3, 2): 99.0, (4, 3): 31.0}
+    assert roof.runs[0]["engine 4:3"] == 31.0 and roof.runs[0]["stream_probe.rs 4:3"] == 30.0
+    data = _synthetic()
+    data["roofline"] = roof.to_json()
+    header = "\n".join(bench_report.header_lines(data))
+    assert "oxoptim's engine (`_core.stream_probe`) 2:1 20.0, 3:2 15.0, 4:3 31.0" in header
+    assert "`stream_probe.rs` 2:1 10.0, 3:2 99.0, 4:3 30.0" in header
+
+
 def test_ratios_are_per_round():
     # Round 1 ran everything 10× slower: per-round ratios stay 2, a ratio of extremes would not.
     assert bench_report.ratio_rounds([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)

@@ -24,6 +24,7 @@ __all__ = [
     "scale_",
     "simd_backend",
     "step",
+    "stream_probe",
     "subgradient_step",
     "supported_backends",
     "tensor_norm",
@@ -151,6 +152,12 @@ def scale_(
     tensors: list[torch.Tensor],
     *,
     scale: float,
+    num_threads: int = 1,
+    backend: Optional[str] = None,
+) -> bool: ...
+def stream_probe(
+    arrays: list[list[torch.Tensor]],
+    *,
     num_threads: int = 1,
     backend: Optional[str] = None,
 ) -> bool: ...

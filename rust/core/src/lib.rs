@@ -27,6 +27,7 @@ pub use kernels::adam::{adam_step, AdamConfig};
 pub use kernels::averaging::{accumulate_mean, lerp_average, scale_into};
 pub use kernels::prodigy::{prodigy_sums, ProdigySums};
 pub use kernels::sgd::{sgd_step, SgdConfig};
+pub use kernels::stream_probe::stream_probe;
 pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
 pub use kernels::OPTIMIZERS;
 pub use optimizer::{Configured, Entry, Hyper, HyperKind, HyperValue, Optimizer};

@@ -725,12 +725,20 @@ fn a_tensors_random_bits_follow_its_stream_id_not_its_slot() {
         let exec = Exec::new(Backend::active(), 2).with_rounding(stochastic(3));
         sgd_step(&sgd, &batch, &vec![false; tensors], exec).unwrap();
         drop(batch);
-        p.last().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        p.last()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
     };
     let second_of_two = run(2, Some(vec![5, 9]));
     assert_eq!(run(1, Some(vec![9])), second_of_two, "stream 9 alone");
     assert_ne!(run(1, None), second_of_two, "slot 0's stream");
-    assert_eq!(run(2, None), run(1, Some(vec![1])), "the default stream is the slot index");
+    assert_eq!(
+        run(2, None),
+        run(1, Some(vec![1])),
+        "the default stream is the slot index"
+    );
     let mut short = vec![bf16::ONE; 4];
     let raw = RawTensor {
         addr: short.as_mut_ptr() as usize,

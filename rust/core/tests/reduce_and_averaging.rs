@@ -1,11 +1,11 @@
-//! The subgradient, averaging and reduction kernels: every SIMD backend is
+//! The subgradient, averaging, stream-probe and reduction kernels: every SIMD backend is
 //! bit-identical to the scalar reference for lengths 0..=67, misaligned
 //! starts and every dtype; reductions do not depend on the thread count.
 
 use half::{bf16, f16};
 use oxoptim_core::{
-    accumulate_mean, any_nonfinite, lerp_average, norm, reduce, scale_into, subgradient_step,
-    Backend, DType, Exec, RawTensor, Reduction, SubgradientConfig, TensorBatch,
+    accumulate_mean, any_nonfinite, lerp_average, norm, reduce, scale_into, stream_probe,
+    subgradient_step, Backend, DType, Exec, RawTensor, Reduction, SubgradientConfig, TensorBatch,
 };
 
 mod common;
@@ -97,6 +97,11 @@ fn run_all_updates<T: Storage>(lens: &[usize], threads: &[usize]) {
     check_all_backends::<T>(lens, 1, &[], threads, |b, _, e| {
         scale_into(b, 0.3, e).unwrap()
     });
+    for arity in 2..=4 {
+        check_all_backends::<T>(lens, arity, &[], threads, |b, _, e| {
+            stream_probe(b, e).unwrap()
+        });
+    }
 }
 
 #[test]
@@ -237,4 +242,60 @@ fn running_mean_of_uneven_batches_is_the_weighted_mean() {
     for x in mean {
         assert!((x - want).abs() < 1e-15);
     }
+}
+
+#[test]
+fn stream_probe_streams_each_mix_with_one_multiply_add_per_written_element() {
+    let c = 0.999f32;
+    let start: [Vec<f32>; 4] =
+        std::array::from_fn(|k| (0..37).map(|i| (i * 7 + k) as f32 * 0.01 - 0.2).collect());
+    for arity in 2..=4 {
+        let mut arrays = start.clone();
+        let raws = arrays[..arity]
+            .iter_mut()
+            .map(|a| RawTensor {
+                addr: a.as_mut_ptr() as usize,
+                len: a.len(),
+                dtype: DType::F32,
+            })
+            .collect();
+        // SAFETY: the vectors outlive the batch and nothing else touches them.
+        let batch = unsafe { TensorBatch::new(raws, arity).unwrap() };
+        stream_probe(&batch, Exec::new(Backend::Scalar, 1)).unwrap();
+        drop(batch);
+        let [p, g, m, v] = &start;
+        for i in 0..37 {
+            let m1 = m[i].mul_add(c, g[i]);
+            let v1 = v[i].mul_add(c, g[i]);
+            let step = match arity {
+                2 => g[i],
+                3 => m1,
+                _ => m1 + v1,
+            };
+            assert_eq!(
+                arrays[0][i],
+                p[i].mul_add(c, step),
+                "arity {arity}, param {i}"
+            );
+            assert_eq!(arrays[1][i], g[i], "the gradient is only read");
+            if arity >= 3 {
+                assert_eq!(arrays[2][i], m1);
+            }
+            if arity == 4 {
+                assert_eq!(arrays[3][i], v1);
+            }
+        }
+    }
+    let mut one = vec![0f32; 4];
+    let raw = RawTensor {
+        addr: one.as_mut_ptr() as usize,
+        len: 4,
+        dtype: DType::F32,
+    };
+    // SAFETY: as above.
+    let batch = unsafe { TensorBatch::new(vec![raw], 1).unwrap() };
+    assert!(
+        stream_probe(&batch, Exec::default()).is_err(),
+        "one array is no mix"
+    );
 }

@@ -321,6 +321,23 @@ fn scale_(
     })
 }
 
+/// One pass of the bandwidth probe over `arrays` (`[params, grads(, m(, v))]`,
+/// lists of equal length): the kernels' engine with one multiply-add per
+/// written element (`benches/bandwidth.py`). False: some tensor needs torch.
+#[pyfunction]
+#[pyo3(signature = (arrays, *, num_threads=1, backend=None))]
+fn stream_probe(
+    py: Python<'_>,
+    arrays: Vec<Bound<'_, PyList>>,
+    num_threads: usize,
+    backend: Option<&str>,
+) -> PyResult<bool> {
+    let exec = exec(num_threads, backend)?;
+    let lists: Vec<_> = arrays.iter().map(|l| (l, "array")).collect();
+    let written: Vec<bool> = (0..arrays.len()).map(|k| k != 1).collect();
+    update(py, &lists, &written, &[], |b| core::stream_probe(b, exec))
+}
+
 /// Adds this file's functions to `oxoptim._core`.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(subgradient_step, m)?)?;
@@ -332,5 +349,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lerp_average, m)?)?;
     m.add_function(wrap_pyfunction!(copy_scaled, m)?)?;
     m.add_function(wrap_pyfunction!(scale_, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_probe, m)?)?;
     Ok(())
 }

@@ -2,10 +2,10 @@
 //! for operation as torch's `_single_tensor_adam` on its vectorised CPU path.
 
 use super::common_len;
+use super::declare::optimizer;
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
-use super::declare::optimizer;
 use crate::simd::{run_blocks, LaneBlock, Lanes};
 use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
 use crate::tensors::{ScalarState, TensorBatch};

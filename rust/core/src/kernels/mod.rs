@@ -18,6 +18,7 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod schedule_free;
 pub mod sgd;
+pub mod stream_probe;
 pub mod subgradient;
 
 use crate::dispatch::Element;
