@@ -1,15 +1,17 @@
 //! Criterion benches: every kernel, scalar reference vs the dispatched SIMD
 //! path, single-threaded, reporting bytes/s of memory traffic (each array
 //! read once, each written array written once).
+//! Also the cost of the in-flight registry per native call (`in_flight`).
 //! Run: `cargo bench -p oxoptim-core` (set OXOPTIM_BENCH_MAX to cap the size).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use oxoptim_core::{
-    accumulate_mean, adam_step, lerp_average, reduce, scale_into, sgd_step, subgradient_step,
-    AdamConfig, Backend, DType, Exec, RawTensor, Reduction, SgdConfig, SubgradientConfig,
-    TensorBatch,
+    accumulate_mean, adam_step, inflight, lerp_average, reduce, scale_into, sgd_step,
+    subgradient_step, AdamConfig, Backend, DType, Exec, Footprint, RawTensor, Reduction,
+    SgdConfig, SubgradientConfig, TensorBatch,
 };
 use std::hint::black_box;
+use std::sync::Arc;
 
 fn sizes() -> Vec<usize> {
     let max: usize = std::env::var("OXOPTIM_BENCH_MAX")
@@ -130,5 +132,50 @@ fn kernels(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, kernels);
+/// A batch of `tensors` Adam slots (`[param, grad, exp_avg, exp_avg_sq]`, 16
+/// elements each) over `bufs`; the registry's cost does not depend on sizes.
+fn adam_group(bufs: &mut [Vec<f32>]) -> Arc<TensorBatch> {
+    let raws = bufs
+        .iter_mut()
+        .map(|b| RawTensor {
+            addr: b.as_mut_ptr() as usize,
+            len: b.len(),
+            dtype: DType::F32,
+        })
+        .collect();
+    // SAFETY: the buffers outlive the batch and nothing else touches them.
+    Arc::new(unsafe { TensorBatch::new(raws, 4).unwrap() })
+}
+
+/// The in-flight registry around one native call: register the call's
+/// footprint, release it. Alone, it is a lock and a push/pop whatever the
+/// group's size; with another call in flight the two footprints' ranges are
+/// compared.
+fn in_flight(c: &mut Criterion) {
+    const WRITTEN: [bool; 4] = [true, false, true, true];
+    let mut group = c.benchmark_group("in_flight");
+    let mut mine: Vec<Vec<f32>> = (0..4 * 2000).map(|_| vec![0.0; 16]).collect();
+    let mut theirs: Vec<Vec<f32>> = (0..4 * 2000).map(|_| vec![0.0; 16]).collect();
+    for tensors in [1usize, 2000] {
+        let batch = adam_group(&mut mine[..4 * tensors]);
+        group.bench_function(BenchmarkId::new("alone", tensors), |b| {
+            b.iter(|| {
+                let footprint = Footprint::new(&batch, &WRITTEN).unwrap();
+                drop(black_box(inflight::enter(footprint).unwrap()));
+            })
+        });
+    }
+    let batch = adam_group(&mut mine);
+    let other = adam_group(&mut theirs);
+    let _held = inflight::enter(Footprint::new(&other, &WRITTEN).unwrap()).unwrap();
+    group.bench_function(BenchmarkId::new("beside another call", 2000), |b| {
+        b.iter(|| {
+            let footprint = Footprint::new(&batch, &WRITTEN).unwrap();
+            drop(black_box(inflight::enter(footprint).unwrap()));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, kernels, in_flight);
 criterion_main!(benches);

@@ -380,3 +380,23 @@ def test_lowbit_sentiment_reuse_finds_a_run_whatever_the_job_filled_in(tmp_path,
     digest = bench.config_digest(cfg)
     row = bench.run_one("adamw8bit", 3, cfg, str(tmp_path), True)
     assert row["config_digest"] == digest == bench.config_digest(cfg)  # the key --reuse looks up
+
+
+def test_overheads_reports_per_tensor_cost_of_every_contender_in_both_modes(tmp_path, monkeypatch):
+    import overheads
+
+    import oxoptim
+
+    only = compare_torch.Case("AdamW", 4, 3, {
+        "oxoptim": compare_torch._opt(oxoptim.AdamW, lr=1e-3),
+        "torch fused": compare_torch._opt(torch.optim.AdamW, lr=1e-3, fused=True),
+    })
+    monkeypatch.setattr(overheads, "cases", lambda notes: [only])
+    out = tmp_path / "overheads.md"
+    assert overheads.main(["--tensors", "20", "--numel", "4", "--rounds", "2", "--target", "0.001", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| oxoptim | " in text and "| torch fused | " in text
+    fused = next(line for line in text.splitlines() if line.startswith("| torch fused |"))
+    assert fused.count("×") == 2  # a per-round ratio to oxoptim in both modes
+    for name in overheads.DESCRIBE_CALLS:
+        assert f"`Tensor.{name}`: " in text
