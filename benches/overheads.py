@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 import timeit
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
