@@ -7,8 +7,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use oxoptim_core::{
     accumulate_mean, adam_step, inflight, lerp_average, reduce, scale_into, sgd_step,
-    subgradient_step, AdamConfig, Backend, DType, Exec, Footprint, RawTensor, Reduction,
-    SgdConfig, SubgradientConfig, TensorBatch,
+    subgradient_step, AdamConfig, Backend, DType, Exec, Footprint, RawTensor, Reduction, SgdConfig,
+    SubgradientConfig, TensorBatch,
 };
 use std::hint::black_box;
 use std::sync::Arc;
@@ -36,6 +36,12 @@ fn arrays(n: usize, arity: usize) -> Vec<Vec<f32>> {
 }
 
 fn batch(bufs: &mut [Vec<f32>]) -> TensorBatch {
+    let arity = bufs.len();
+    slots(bufs, arity)
+}
+
+/// `bufs` as slots of `arity` arrays each.
+fn slots(bufs: &mut [Vec<f32>], arity: usize) -> TensorBatch {
     let raws = bufs
         .iter_mut()
         .map(|b| RawTensor {
@@ -45,7 +51,7 @@ fn batch(bufs: &mut [Vec<f32>]) -> TensorBatch {
         })
         .collect();
     // SAFETY: the buffers outlive the batch and nothing else touches them.
-    unsafe { TensorBatch::new(raws, bufs.len()).unwrap() }
+    unsafe { TensorBatch::new(raws, arity).unwrap() }
 }
 
 /// Bytes moved per step: `arrays_moved` array passes (reads plus writes) of `n` f32.
@@ -135,16 +141,7 @@ fn kernels(c: &mut Criterion) {
 /// A batch of `tensors` Adam slots (`[param, grad, exp_avg, exp_avg_sq]`, 16
 /// elements each) over `bufs`; the registry's cost does not depend on sizes.
 fn adam_group(bufs: &mut [Vec<f32>]) -> Arc<TensorBatch> {
-    let raws = bufs
-        .iter_mut()
-        .map(|b| RawTensor {
-            addr: b.as_mut_ptr() as usize,
-            len: b.len(),
-            dtype: DType::F32,
-        })
-        .collect();
-    // SAFETY: the buffers outlive the batch and nothing else touches them.
-    Arc::new(unsafe { TensorBatch::new(raws, 4).unwrap() })
+    Arc::new(slots(bufs, 4))
 }
 
 /// The in-flight registry around one native call: register the call's

@@ -548,48 +548,26 @@ fn eight_bit_state_with_bf16_weights_is_the_f32_update_rounded() {
     assert_eq!((s.p, s.step), (before, vec![0.0]));
 }
 
+/// One buffer per length (`offset` extra elements in front), from `values`
+/// seeded by the slot plus `seed`, mapped by `to`.
+fn filled<T>(lens: &[usize], offset: usize, seed: u64, to: impl Fn(f64) -> T) -> Vec<Vec<T>> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            values(i as u64 + seed, n + offset)
+                .into_iter()
+                .map(&to)
+                .collect()
+        })
+        .collect()
+}
+
 /// float32 weights and gradients, bfloat16 Adam moments, one slot per length.
 fn bf16_state_run(lens: &[usize], offset: usize, exec: Exec) -> (Vec<Vec<u32>>, Vec<Vec<u16>>) {
-    let mut p: Vec<Vec<f32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            values(i as u64, n + offset)
-                .iter()
-                .map(|&x| x as f32)
-                .collect()
-        })
-        .collect();
-    let mut g: Vec<Vec<f32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            values(i as u64 + 50, n + offset)
-                .iter()
-                .map(|&x| x as f32)
-                .collect()
-        })
-        .collect();
-    let mut m: Vec<Vec<bf16>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            values(i as u64 + 70, n + offset)
-                .iter()
-                .map(|&x| bf16::from_f64(x * 0.1))
-                .collect()
-        })
-        .collect();
-    let mut v: Vec<Vec<bf16>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            values(i as u64 + 90, n + offset)
-                .iter()
-                .map(|&x| bf16::from_f64(x * x * 0.01))
-                .collect()
-        })
-        .collect();
+    let mut p = filled(lens, offset, 0, |x| x as f32);
+    let mut g = filled(lens, offset, 50, |x| x as f32);
+    let mut m = filled(lens, offset, 70, |x| bf16::from_f64(x * 0.1));
+    let mut v = filled(lens, offset, 90, |x| bf16::from_f64(x * x * 0.01));
     let mut arrays = Vec::new();
     for i in 0..lens.len() {
         let n = lens[i];
