@@ -479,7 +479,7 @@ fn fused<K: Elementwise>(
 
 /// Where a widened block lies and how its parameter is stored back.
 #[derive(Clone, Copy)]
-struct Narrowing {
+pub(crate) struct Narrowing {
     rounding: ParamRounding,
     backend: Backend,
     slot: usize,
