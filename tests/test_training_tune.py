@@ -453,6 +453,31 @@ def test_settings_infeasible_together_prune_the_trial(tmp_path):
     assert len(study.trials) == 12
 
 
+def final_job(cfg, run_dir, quiet=False, announce=True):
+    """A picklable stand-in for run_job in the final runs: scores from the seed and lr, and the process."""
+    lr, seed = cfg["stages"][0]["lr"], cfg["seed"]
+    return {"val": {"accuracy": lr + seed / 100}, "test": {"accuracy": lr - seed / 100, "pid": os.getpid()},
+            "wall_time_s": 0.0}
+
+
+def test_final_runs_on_worker_processes_are_the_runs_one_after_another(tmp_path):
+    from oxoptim.training.tune import final_runs
+
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)  # a default lr: the hand-written plan is re-run too
+    raw["stages"] = [dict(raw["stages"][0], epochs=4, lr={"uniform": [0.0, 0.1], "default": 0.05})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none", "final_seeds": 3}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "f", create=True)
+    Worker(plan, study, str(tmp_path), trials=3, say=lambda *a: None, run_job=FakeJob()).work()
+    lines = {1: [], 2: []}
+    out = {jobs: final_runs(plan, study, str(tmp_path), lines[jobs].append, run_job=final_job, jobs=jobs)
+           for jobs in (1, 2)}
+    pids = {jobs: {r["test"].pop("pid") for label in out[jobs] for r in out[jobs][label]["runs"]} for jobs in (1, 2)}
+    assert pids[1] == {os.getpid()} and len(pids[2]) == 2 and os.getpid() not in pids[2]
+    assert out[1] == out[2] and lines[1] == lines[2]  # same results, same order: best plan first, by seed
+    assert list(out[2]) == ["best", "default"] and [r["seed"] for r in out[2]["best"]["runs"]] == [0, 1, 2]
+    assert out[2]["default"]["values"] == {"explore.lr": 0.05}
+
+
 def test_planned_epochs_counts_a_trial_rule_once_per_extra_candidate():
     from oxoptim.training.tune import planned_epochs
 

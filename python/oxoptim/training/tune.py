@@ -486,30 +486,54 @@ def baseline_trial(study):
     return None
 
 
-def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = print,
-               run_job: Optional[Callable[..., Optional[dict]]] = None) -> Dict[str, Any]:
-    """The best plan (and the hand-written one, if the space gives it) re-run with
-    ``final_seeds`` training seeds, each evaluated on the test split once."""
+def _final_run(run_job: Optional[Callable[..., Optional[dict]]], cfg: dict, run_dir: str) -> dict:
+    """One final run (module-level: worker processes run it too)."""
     if run_job is None:
         from .job import run_job
+    summary = run_job(cfg, run_dir, quiet=True, announce=False)
+    assert summary is not None
+    return summary
+
+
+def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = print,
+               run_job: Optional[Callable[..., Optional[dict]]] = None, jobs: int = 1) -> Dict[str, Any]:
+    """The best plan (and the hand-written one, if the space gives it) re-run with
+    ``final_seeds`` training seeds, each evaluated on the test split once. With ``jobs`` > 1 the
+    runs go to that many worker processes (each run sets its own threads and seeds, so the
+    results are those of running them one after another); ``run_job`` must then be picklable."""
     n = plan.settings.final_seeds
     plans = {"best": trial_values(plan, study.best_trial.params)}
     if plan.defaults is not None:
         plans["default"] = plan.defaults
-    out: Dict[str, Any] = {}
-    for label, values in plans.items():
-        job = plan.job(values)
-        runs = []
-        for seed in seeds_for(job, n):
-            cfg = dict(job, seed=seed)
-            summary = run_job(cfg, os.path.join(run_dir, "final", label, f"seed{seed}"), quiet=True, announce=False)
-            assert summary is not None
-            runs.append({"seed": seed, "val": summary["val"], "test": summary.get("test"),
-                         "wall_time_s": summary.get("wall_time_s")})
+    runs_of = [(label, values, seed, dict(plan.job(values), seed=seed))
+               for label, values in plans.items() for seed in seeds_for(plan.job(values), n)]
+    dirs = [os.path.join(run_dir, "final", label, f"seed{seed}") for label, _, seed, _ in runs_of]
+    pool = None
+    if jobs > 1 and len(runs_of) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn: a forked child would inherit torch's thread pools mid-state
+        pool = concurrent.futures.ProcessPoolExecutor(min(jobs, len(runs_of)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        if pool is not None:
+            pending = [pool.submit(_final_run, run_job, cfg, d) for (_, _, _, cfg), d in zip(runs_of, dirs)]
+            summaries = (f.result() for f in pending)  # in submission order: best plan first, by seed
+        else:
+            summaries = (_final_run(run_job, cfg, d) for (_, _, _, cfg), d in zip(runs_of, dirs))
+        out: Dict[str, Any] = {}
+        for (label, values, seed, _), summary in zip(runs_of, summaries):
+            entry = out.setdefault(label, {"values": values, "runs": []})
+            entry["runs"].append({"seed": seed, "val": summary["val"], "test": summary.get("test"),
+                                  "wall_time_s": summary.get("wall_time_s")})
             test = summary.get("test") or {}
             say(f"final {label} plan, seed {seed}: test accuracy {test.get('accuracy', float('nan')):.4f}, "
                 f"validation {summary['val']['accuracy']:.4f}")
-        out[label] = {"values": values, "runs": runs,
-                      "test_accuracy": mean_sd([r["test"]["accuracy"] for r in runs if r["test"]]),
-                      "val_accuracy": mean_sd([r["val"]["accuracy"] for r in runs])}
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for entry in out.values():
+        runs = entry["runs"]
+        entry["test_accuracy"] = mean_sd([r["test"]["accuracy"] for r in runs if r["test"]])
+        entry["val_accuracy"] = mean_sd([r["val"]["accuracy"] for r in runs])
     return out

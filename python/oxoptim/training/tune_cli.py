@@ -22,8 +22,8 @@ def add_tune_parser(subparsers):
         description="Runs trials of a plan whose TOML gives distributions instead of values (lr = { log_uniform "
         "= [1e-4, 1e-2] }, optimizer = { choice = [\"adamw\", \"lion\"] }, ...) and a [tune] table; each trial "
         "trains through the normal Trainer, reports validation after every epoch and is pruned when the pruner "
-        "says so. Then the best plan is written to best.toml and re-run with [tune] final_seeds seeds, each "
-        "evaluated on the test split once. Running the same command again with the same --run-dir (or --storage and "
+        "says so. Then the best plan is written to best.toml and re-run with [tune] final_seeds seeds (on --jobs "
+        "processes), each evaluated on the test split once. Running the same command again with the same --run-dir (or --storage and "
         "--study) continues the study.",
     )
     p.add_argument("--config", metavar="PLAN.toml", required=True, help="the plan with its search space")
@@ -105,7 +105,7 @@ def run_tune(args) -> int:
         raise
     if args.worker_only:
         return 0
-    return _report(plan, study, run_dir, storage, trials, say)
+    return _report(plan, study, run_dir, storage, trials, say, jobs=args.jobs)
 
 
 def _check_folds(job: dict, folds: int) -> None:
@@ -123,7 +123,7 @@ def _check_folds(job: dict, folds: int) -> None:
                           f"{len(data['train'])}")
 
 
-def _report(plan, study, run_dir: str, storage: str, trials: int, say) -> int:
+def _report(plan, study, run_dir: str, storage: str, trials: int, say, jobs: int = 1) -> int:
     from .tune import baseline_trial, final_runs, redact, wait_for_others
     from .tune_report import (compute_spent, format_mean_sd, write_best_plan, write_plots, write_summary,
                               write_trials)
@@ -143,7 +143,7 @@ def _report(plan, study, run_dir: str, storage: str, trials: int, say) -> int:
     if spent["fraction"] is not None:
         say(f"compute: {spent['epochs_run']} epochs run of {spent['epochs_unpruned']} unpruned "
             f"({spent['fraction']:.0%}); trials {json.dumps(spent['trials'])}")
-    final = final_runs(plan, study, run_dir, say) if plan.settings.final_seeds else {}
+    final = final_runs(plan, study, run_dir, say, jobs=jobs) if plan.settings.final_seeds else {}
     for label, r in final.items():
         say(f"{label} plan over seeds {[x['seed'] for x in r['runs']]}: test accuracy "
             f"{format_mean_sd(r['test_accuracy'])}, validation {format_mean_sd(r['val_accuracy'])}")
