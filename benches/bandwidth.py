@@ -178,6 +178,8 @@ def _run_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
 
 #: Elements between the starts of neighbouring arrays in the staggered layout (stream_probe.rs's STAGGER).
 STAGGER = 272
+#: float32 elements per 4 KiB page (4K aliasing compares the low 12 address bits).
+PAGE_FLOATS = 4096 // F32
 
 
 def engine_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
@@ -188,8 +190,11 @@ def engine_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
 
     arity = max(r for r, _ in PATTERNS)
     separate = [torch.empty(elements, dtype=torch.float32).uniform_() for _ in range(arity)]
-    buffer = torch.empty(arity * (elements + STAGGER), dtype=torch.float32).uniform_()
-    staggered = [buffer[k * (elements + STAGGER):k * (elements + STAGGER) + elements] for k in range(arity)]
+    # Each array starts a whole number of pages plus STAGGER after the previous one, so their page
+    # offsets differ by STAGGER floats whatever ``elements`` is (stream_probe.rs's offsets).
+    stride = -(-elements // PAGE_FLOATS) * PAGE_FLOATS + STAGGER
+    buffer = torch.empty(arity * stride, dtype=torch.float32).uniform_()
+    staggered = [buffer[k * stride:k * stride + elements] for k in range(arity)]
     out: Dict[str, float] = {}
     for layout, arrays in (("separate", separate), ("staggered", staggered)):
         for r, w in PATTERNS:

@@ -173,6 +173,19 @@ def test_engine_probe_runs_every_mix_in_both_layouts_and_joins_the_roofline(monk
     assert "`stream_probe.rs` 2:1 10.0, 3:2 99.0, 4:3 30.0" in header
 
 
+def test_engine_probe_staggers_its_arrays_like_stream_probe_rs_whatever_their_length(monkeypatch):
+    # Array k must start k·STAGGER floats further into a page than array 0, as in stream_probe.rs;
+    # 8944 floats + STAGGER is a whole number of pages, which would put all four at one offset.
+    from oxoptim import _core
+
+    seen = []
+    monkeypatch.setattr(_core, "stream_probe", lambda lists, **kw: seen.append([t.data_ptr() for (t,) in lists]) or True)
+    for elements in (8944, 50_003, 1 << 14):
+        bandwidth.engine_probe(elements, 1, 1)
+        staggered = seen[-1]  # the last call: the staggered layout's 4:3 mix
+        assert [(a - staggered[0]) % 4096 for a in staggered] == [k * bandwidth.STAGGER * 4 % 4096 for k in range(4)], elements
+
+
 def test_ratios_are_per_round():
     # Round 1 ran everything 10× slower: per-round ratios stay 2, a ratio of extremes would not.
     assert bench_report.ratio_rounds([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)
