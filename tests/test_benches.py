@@ -186,6 +186,24 @@ def test_engine_probe_staggers_its_arrays_like_stream_probe_rs_whatever_their_le
         assert [(a - staggered[0]) % 4096 for a in staggered] == [k * bandwidth.STAGGER * 4 % 4096 for k in range(4)], elements
 
 
+def test_engine_probe_binding_bumps_what_it_writes_and_leaves_refused_input_untouched():
+    from oxoptim import _core
+
+    arrays = [torch.rand(37) for _ in range(4)]
+    versions = [a._version for a in arrays]
+    assert _core.stream_probe([[a] for a in arrays])
+    # autograd is told of the in-place writes (param, state), not of the gradient, which is only read
+    assert [a._version > v for a, v in zip(arrays, versions)] == [True, False, True, True]
+    p = torch.rand(37)
+    for lists in ([[p]], [[p]] * 5, [[p], [p]]):  # one array, five, the parameter as its own gradient
+        before, version = p.clone(), p._version
+        try:
+            assert _core.stream_probe(lists) is False  # aliasing: torch's job, says the binding
+        except RuntimeError as e:
+            assert "2 to 4 arrays" in str(e)
+        assert torch.equal(p, before) and p._version == version
+
+
 def test_ratios_are_per_round():
     # Round 1 ran everything 10× slower: per-round ratios stay 2, a ratio of extremes would not.
     assert bench_report.ratio_rounds([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)
