@@ -431,3 +431,20 @@ def test_overheads_reports_per_tensor_cost_of_every_contender_in_both_modes(tmp_
     assert fused.count("×") == 2  # a per-round ratio to oxoptim in both modes
     for name in overheads.DESCRIBE_CALLS:
         assert f"`Tensor.{name}`: " in text
+
+
+def test_overheads_figures_are_ms_per_step_over_tensors_and_per_round_ratios(tmp_path, monkeypatch):
+    import overheads
+
+    rows = [dict(impl="oxoptim", mode=m, ms=[1.0, 2.0, 4.0], note="") for m in ("fresh", "reused")]
+    rows += [dict(impl="torch fused", mode=m, ms=[3.0, 2.0, 4.0], note="") for m in ("fresh", "reused")]
+    monkeypatch.setattr(overheads, "run_case", lambda *a: (rows, 5))
+    monkeypatch.setattr(overheads, "per_call_ns", lambda name: 42.0)
+    out = tmp_path / "overheads.md"
+    overheads.main(["--tensors", "20", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    # 2 ms per step over 20 tensors is 100 µs per tensor; ratios 3, 1, 1 per round
+    assert "| oxoptim | 100.00 (50.00–200.00) | — | 100.00 (50.00–200.00) | — |" in lines
+    assert "| torch fused | 150.00 (100.00–200.00) | 1.00× (1.00–3.00) | 150.00 (100.00–200.00) | 1.00× (1.00–3.00) |" in lines
+    assert "- `Tensor.detach`: 42 ns" in lines
+
