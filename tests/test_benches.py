@@ -448,3 +448,27 @@ def test_overheads_figures_are_ms_per_step_over_tensors_and_per_round_ratios(tmp
     assert "| torch fused | 150.00 (100.00–200.00) | 1.00× (1.00–3.00) | 150.00 (100.00–200.00) | 1.00× (1.00–3.00) |" in lines
     assert "- `Tensor.detach`: 42 ns" in lines
 
+
+
+def test_seeded_runs_rewrite_results_after_every_row_and_reuse_only_the_same_name_seed_and_config(tmp_path):
+    import seeded_runs
+
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    cfg = {"lr": 0.1}
+
+    def results(reuse):
+        return seeded_runs.Results(str(out), str(md), {"m": 1}, "job", reuse,
+                                   lambda rows: seeded_runs.aggregate(rows, "job", ("acc",)),
+                                   lambda rows, agg: f"{len(rows)} rows, {sorted(agg)}\n")
+
+    first = results(reuse=True)  # nothing to reuse yet
+    for seed, acc in ((1, 0.5), (2, 0.7)):
+        first.add({"job": "a", "seed": seed, "config_digest": seeded_runs.config_digest(cfg), "acc": acc})
+        written = json.loads(out.read_text())
+        assert len(written["rows"]) == seed and md.read_text() == f"{seed} rows, ['a']\n"  # after every row
+    assert written["summary"]["a"]["acc"]["mean"] == pytest.approx(0.6)
+    again = results(reuse=True)
+    assert again.earlier("a", 2, dict(cfg))["acc"] == 0.7
+    assert again.earlier("a", 3, cfg) is None and again.earlier("b", 2, cfg) is None
+    assert again.earlier("a", 2, {"lr": 0.2}) is None  # another configuration
+    assert results(reuse=False).earlier("a", 2, cfg) is None
