@@ -186,6 +186,27 @@ def test_engine_probe_staggers_its_arrays_like_stream_probe_rs_whatever_their_le
         assert [(a - staggered[0]) % 4096 for a in staggered] == [k * bandwidth.STAGGER * 4 % 4096 for k in range(4)], elements
 
 
+def test_engine_probe_frees_one_layout_before_making_the_next(monkeypatch):
+    # Each layout is 4 arrays of 4 LLCs: both alive at once would double the probe's peak memory.
+    import weakref
+
+    from oxoptim import _core
+
+    separate, alive = [], []
+
+    def probe(lists, **kw):
+        arrays = [t for (t,) in lists]
+        if arrays[0]._base is None:
+            separate.extend(weakref.ref(t) for t in arrays)
+        else:  # a view of the staggered layout's buffer
+            alive.append(sum(ref() is not None for ref in separate))
+        return True
+
+    monkeypatch.setattr(_core, "stream_probe", probe)
+    bandwidth.engine_probe(1000, 1, 1)
+    assert separate and alive and max(alive) == 0
+
+
 def test_engine_probe_binding_bumps_what_it_writes_and_leaves_refused_input_untouched():
     from oxoptim import _core
 
