@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -178,6 +178,8 @@ def _run_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
 
 #: Elements between the starts of neighbouring arrays in the staggered layout (stream_probe.rs's STAGGER).
 STAGGER = 272
+#: float32 elements per 4 KiB page (4K aliasing compares the low 12 address bits).
+PAGE_FLOATS = 4096 // F32
 
 
 def engine_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
@@ -186,12 +188,8 @@ def engine_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
     one buffer; also per layout (``"separate 4:3"``, ``"staggered 4:3"``)."""
     from oxoptim import _core
 
-    arity = max(r for r, _ in PATTERNS)
-    separate = [torch.empty(elements, dtype=torch.float32).uniform_() for _ in range(arity)]
-    buffer = torch.empty(arity * (elements + STAGGER), dtype=torch.float32).uniform_()
-    staggered = [buffer[k * (elements + STAGGER):k * (elements + STAGGER) + elements] for k in range(arity)]
     out: Dict[str, float] = {}
-    for layout, arrays in (("separate", separate), ("staggered", staggered)):
+    for layout, arrays in _engine_layouts(elements, max(r for r, _ in PATTERNS)):
         for r, w in PATTERNS:
             streams = [[a] for a in arrays[:r]]
             _core.stream_probe(streams, num_threads=threads)  # warm-up: pages touched, workers up
@@ -203,7 +201,18 @@ def engine_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
                 best = max(best, (r + w) * elements * F32 / (time.perf_counter() - t) / 1e9)
             out[f"{layout} {r}:{w}"] = best
             out[f"{r}:{w}"] = max(out.get(f"{r}:{w}", 0.0), best)
+        del arrays, streams  # freed before the next layout is made
     return out
+
+
+def _engine_layouts(elements: int, arity: int) -> Iterator[Tuple[str, List[torch.Tensor]]]:
+    """The engine probe's layouts, made one at a time (each is ``arity`` arrays of 4 LLCs)."""
+    yield "separate", [torch.empty(elements, dtype=torch.float32).uniform_() for _ in range(arity)]
+    # Each array starts a whole number of pages plus STAGGER after the previous one, so their page
+    # offsets differ by STAGGER floats whatever ``elements`` is (stream_probe.rs's offsets).
+    stride = -(-elements // PAGE_FLOATS) * PAGE_FLOATS + STAGGER
+    buffer = torch.empty(arity * stride, dtype=torch.float32).uniform_()
+    yield "staggered", [buffer[k * stride:k * stride + elements] for k in range(arity)]
 
 
 def torch_inplace_gbps(elements: int, reps: int) -> float:

@@ -7,8 +7,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use oxoptim_core::{
     accumulate_mean, adam_step, inflight, lerp_average, reduce, scale_into, sgd_step,
-    subgradient_step, AdamConfig, Backend, DType, Exec, Footprint, RawTensor, Reduction, SgdConfig,
-    SubgradientConfig, TensorBatch,
+    subgradient_step, AdamConfig, Backend, DType, Exec, Footprint, RawTensor, Reduction,
+    ScalarState, SgdConfig, SubgradientConfig, TensorBatch,
 };
 use std::hint::black_box;
 use std::sync::Arc;
@@ -139,38 +139,63 @@ fn kernels(c: &mut Criterion) {
 }
 
 /// A batch of `tensors` Adam slots (`[param, grad, exp_avg, exp_avg_sq]`, 16
-/// elements each) over `bufs`; the registry's cost does not depend on sizes.
-fn adam_group(bufs: &mut [Vec<f32>]) -> Arc<TensorBatch> {
-    Arc::new(slots(bufs, 4))
+/// elements each) over `bufs`, with its step counters (one cell per tensor
+/// in `steps`); the registry's cost does not depend on sizes.
+fn adam_group(bufs: &mut [Vec<f32>], steps: &mut [f32]) -> (Arc<TensorBatch>, ScalarState) {
+    let batch = slots(bufs, 4);
+    let cells = steps
+        .iter_mut()
+        .map(|s| RawTensor {
+            addr: s as *mut f32 as usize,
+            len: 1,
+            dtype: DType::F32,
+        })
+        .collect();
+    // SAFETY: the counters outlive the state and nothing else touches them.
+    let scalars = unsafe { ScalarState::new(cells, 1, &batch).unwrap() };
+    (Arc::new(batch), scalars)
 }
 
-/// The in-flight registry around one native call: register the call's
-/// footprint, release it. Alone, it is a lock and a push/pop whatever the
-/// group's size; with another call in flight the two footprints' ranges are
-/// compared.
+/// What an optimizer step registers (`rust/python/src/generic.rs`): its
+/// arrays, the gradient only read, and its step counters, which are written.
+fn footprint(batch: &Arc<TensorBatch>, scalars: &ScalarState) -> Footprint {
+    Footprint::new(batch, &[true, false, true, true])
+        .unwrap()
+        .with_scalars(scalars)
+}
+
+/// The in-flight registry around one optimizer step: register the call's
+/// footprint, release it. Alone, it is a lock and a push/pop plus a copy of
+/// the counters' descriptions; with another call in flight the two
+/// footprints' ranges are compared.
 fn in_flight(c: &mut Criterion) {
-    const WRITTEN: [bool; 4] = [true, false, true, true];
     let mut group = c.benchmark_group("in_flight");
     let mut mine: Vec<Vec<f32>> = (0..4 * 2000).map(|_| vec![0.0; 16]).collect();
     let mut theirs: Vec<Vec<f32>> = (0..4 * 2000).map(|_| vec![0.0; 16]).collect();
+    let (mut my_steps, mut their_steps) = (vec![0f32; 2000], vec![0f32; 2000]);
+    let mut bench =
+        |name: &str, tensors: usize, (batch, scalars): (Arc<TensorBatch>, ScalarState)| {
+            group.bench_function(BenchmarkId::new(name, tensors), |b| {
+                b.iter(|| {
+                    drop(black_box(
+                        inflight::enter(footprint(&batch, &scalars)).unwrap(),
+                    ))
+                })
+            });
+        };
     for tensors in [1usize, 2000] {
-        let batch = adam_group(&mut mine[..4 * tensors]);
-        group.bench_function(BenchmarkId::new("alone", tensors), |b| {
-            b.iter(|| {
-                let footprint = Footprint::new(&batch, &WRITTEN).unwrap();
-                drop(black_box(inflight::enter(footprint).unwrap()));
-            })
-        });
+        let alone = adam_group(&mut mine[..4 * tensors], &mut my_steps[..tensors]);
+        bench("alone", tensors, alone);
     }
-    let batch = adam_group(&mut mine);
-    let other = adam_group(&mut theirs);
-    let _held = inflight::enter(Footprint::new(&other, &WRITTEN).unwrap()).unwrap();
-    group.bench_function(BenchmarkId::new("beside another call", 2000), |b| {
-        b.iter(|| {
-            let footprint = Footprint::new(&batch, &WRITTEN).unwrap();
-            drop(black_box(inflight::enter(footprint).unwrap()));
-        })
-    });
+    // Registered only now: the benches above ran with nothing else in flight.
+    let (other, other_steps) = adam_group(&mut theirs, &mut their_steps);
+    let held = inflight::enter(footprint(&other, &other_steps)).unwrap();
+    bench(
+        "beside another call",
+        2000,
+        adam_group(&mut mine, &mut my_steps),
+    );
+    drop(held);
     group.finish();
 }
 

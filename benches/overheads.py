@@ -3,10 +3,11 @@
 
     python benches/overheads.py [--tensors 2000] [--numel 16] [--rounds 7] [--out benches/results/overheads.md]
 
-AdamW on ``--tensors`` parameters of ``--numel`` elements each (2,000 × 16 by default: 128 KiB of
-arrays, so the time is what every implementation spends per tensor, not per byte), every contender
-of ``compare_torch.py``'s AdamW case, fresh gradient tensors every step and the same ones reused,
-round-robin rounds, medians with min–max; µs per tensor = ms per step / tensors.
+AdamW on ``--tensors`` parameters of ``--numel`` elements each (2,000 × 16 by default: 125 KiB per
+array, 500 KiB for param, gradient and both moments, so the time is what every implementation
+spends per tensor, not per byte), every contender of ``compare_torch.py``'s AdamW case, fresh
+gradient tensors every step and the same ones reused, round-robin rounds, medians with min–max;
+µs per tensor = ms per step / tensors.
 
 It also times, in this process, the torch calls oxoptim makes per tensor to describe it and keep it
 alive while a kernel runs without the GIL (``data_ptr``, ``is_contiguous``, ``numel``, and

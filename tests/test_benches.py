@@ -173,6 +173,58 @@ def test_engine_probe_runs_every_mix_in_both_layouts_and_joins_the_roofline(monk
     assert "`stream_probe.rs` 2:1 10.0, 3:2 99.0, 4:3 30.0" in header
 
 
+def test_engine_probe_staggers_its_arrays_like_stream_probe_rs_whatever_their_length(monkeypatch):
+    # Array k must start k·STAGGER floats further into a page than array 0, as in stream_probe.rs;
+    # 8944 floats + STAGGER is a whole number of pages, which would put all four at one offset.
+    from oxoptim import _core
+
+    seen = []
+    monkeypatch.setattr(_core, "stream_probe", lambda lists, **kw: seen.append([t.data_ptr() for (t,) in lists]) or True)
+    for elements in (8944, 50_003, 1 << 14):
+        bandwidth.engine_probe(elements, 1, 1)
+        staggered = seen[-1]  # the last call: the staggered layout's 4:3 mix
+        assert [(a - staggered[0]) % 4096 for a in staggered] == [k * bandwidth.STAGGER * 4 % 4096 for k in range(4)], elements
+
+
+def test_engine_probe_frees_one_layout_before_making_the_next(monkeypatch):
+    # Each layout is 4 arrays of 4 LLCs: both alive at once would double the probe's peak memory.
+    import weakref
+
+    from oxoptim import _core
+
+    separate, alive = [], []
+
+    def probe(lists, **kw):
+        arrays = [t for (t,) in lists]
+        if arrays[0]._base is None:
+            separate.extend(weakref.ref(t) for t in arrays)
+        else:  # a view of the staggered layout's buffer
+            alive.append(sum(ref() is not None for ref in separate))
+        return True
+
+    monkeypatch.setattr(_core, "stream_probe", probe)
+    bandwidth.engine_probe(1000, 1, 1)
+    assert separate and alive and max(alive) == 0
+
+
+def test_engine_probe_binding_bumps_what_it_writes_and_leaves_refused_input_untouched():
+    from oxoptim import _core
+
+    arrays = [torch.rand(37) for _ in range(4)]
+    versions = [a._version for a in arrays]
+    assert _core.stream_probe([[a] for a in arrays])
+    # autograd is told of the in-place writes (param, state), not of the gradient, which is only read
+    assert [a._version > v for a, v in zip(arrays, versions)] == [True, False, True, True]
+    p = torch.rand(37)
+    for lists in ([[p]], [[p]] * 5, [[p], [p]]):  # one array, five, the parameter as its own gradient
+        before, version = p.clone(), p._version
+        try:
+            assert _core.stream_probe(lists) is False  # aliasing: torch's job, says the binding
+        except RuntimeError as e:
+            assert "2 to 4 arrays" in str(e)
+        assert torch.equal(p, before) and p._version == version
+
+
 def test_ratios_are_per_round():
     # Round 1 ran everything 10× slower: per-round ratios stay 2, a ratio of extremes would not.
     assert bench_report.ratio_rounds([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)
@@ -400,3 +452,44 @@ def test_overheads_reports_per_tensor_cost_of_every_contender_in_both_modes(tmp_
     assert fused.count("×") == 2  # a per-round ratio to oxoptim in both modes
     for name in overheads.DESCRIBE_CALLS:
         assert f"`Tensor.{name}`: " in text
+
+
+def test_overheads_figures_are_ms_per_step_over_tensors_and_per_round_ratios(tmp_path, monkeypatch):
+    import overheads
+
+    rows = [dict(impl="oxoptim", mode=m, ms=[1.0, 2.0, 4.0], note="") for m in ("fresh", "reused")]
+    rows += [dict(impl="torch fused", mode=m, ms=[3.0, 2.0, 4.0], note="") for m in ("fresh", "reused")]
+    monkeypatch.setattr(overheads, "run_case", lambda *a: (rows, 5))
+    monkeypatch.setattr(overheads, "per_call_ns", lambda name: 42.0)
+    out = tmp_path / "overheads.md"
+    overheads.main(["--tensors", "20", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    # 2 ms per step over 20 tensors is 100 µs per tensor; ratios 3, 1, 1 per round
+    assert "| oxoptim | 100.00 (50.00–200.00) | — | 100.00 (50.00–200.00) | — |" in lines
+    assert "| torch fused | 150.00 (100.00–200.00) | 1.00× (1.00–3.00) | 150.00 (100.00–200.00) | 1.00× (1.00–3.00) |" in lines
+    assert "- `Tensor.detach`: 42 ns" in lines
+
+
+
+def test_seeded_runs_rewrite_results_after_every_row_and_reuse_only_the_same_name_seed_and_config(tmp_path):
+    import seeded_runs
+
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    cfg = {"lr": 0.1}
+
+    def results(reuse):
+        return seeded_runs.Results(str(out), str(md), {"m": 1}, "job", reuse,
+                                   lambda rows: seeded_runs.aggregate(rows, "job", ("acc",)),
+                                   lambda rows, agg: f"{len(rows)} rows, {sorted(agg)}\n")
+
+    first = results(reuse=True)  # nothing to reuse yet
+    for seed, acc in ((1, 0.5), (2, 0.7)):
+        first.add({"job": "a", "seed": seed, "config_digest": seeded_runs.config_digest(cfg), "acc": acc})
+        written = json.loads(out.read_text())
+        assert len(written["rows"]) == seed and md.read_text() == f"{seed} rows, ['a']\n"  # after every row
+    assert written["summary"]["a"]["acc"]["mean"] == pytest.approx(0.6)
+    again = results(reuse=True)
+    assert again.earlier("a", 2, dict(cfg))["acc"] == 0.7
+    assert again.earlier("a", 3, cfg) is None and again.earlier("b", 2, cfg) is None
+    assert again.earlier("a", 2, {"lr": 0.2}) is None  # another configuration
+    assert results(reuse=False).earlier("a", 2, cfg) is None

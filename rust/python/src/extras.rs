@@ -335,7 +335,16 @@ fn stream_probe(
     let exec = exec(num_threads, backend)?;
     let lists: Vec<_> = arrays.iter().map(|l| (l, "array")).collect();
     let written: Vec<bool> = (0..arrays.len()).map(|k| k != 1).collect();
-    update(py, &lists, &written, &[], |b| core::stream_probe(b, exec))
+    // Written in place like any kernel's arrays: autograd must hear of it.
+    let bumped: Vec<_> = arrays
+        .iter()
+        .zip(&written)
+        .filter(|(_, w)| **w)
+        .map(|(l, _)| l)
+        .collect();
+    update(py, &lists, &written, &bumped, |b| {
+        core::stream_probe(b, exec)
+    })
 }
 
 /// Adds this file's functions to `oxoptim._core`.
