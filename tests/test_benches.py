@@ -216,12 +216,13 @@ def test_engine_probe_binding_bumps_what_it_writes_and_leaves_refused_input_unto
     # autograd is told of the in-place writes (param, state), not of the gradient, which is only read
     assert [a._version > v for a, v in zip(arrays, versions)] == [True, False, True, True]
     p = torch.rand(37)
-    for lists in ([[p]], [[p]] * 5, [[p], [p]]):  # one array, five, the parameter as its own gradient
+    for lists in ([], [[p]], [[p]] * 5, [[p], [p]]):  # no array, one, five, the parameter as its own gradient
         before, version = p.clone(), p._version
-        try:
+        if len(lists) == 2:
             assert _core.stream_probe(lists) is False  # aliasing: torch's job, says the binding
-        except RuntimeError as e:
-            assert "2 to 4 arrays" in str(e)
+        else:
+            with pytest.raises(ValueError, match="takes 2 to 4 lists"):
+                _core.stream_probe(lists)
         assert torch.equal(p, before) and p._version == version
 
 

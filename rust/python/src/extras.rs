@@ -332,6 +332,12 @@ fn stream_probe(
     num_threads: usize,
     backend: Option<&str>,
 ) -> PyResult<bool> {
+    if !(2..=4).contains(&arrays.len()) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "the stream probe takes 2 to 4 lists (params, grads, state...), got {}",
+            arrays.len()
+        )));
+    }
     let exec = exec(num_threads, backend)?;
     let lists: Vec<_> = arrays.iter().map(|l| (l, "array")).collect();
     let written: Vec<bool> = (0..arrays.len()).map(|k| k != 1).collect();
