@@ -161,9 +161,7 @@ impl Codebook {
     #[inline(always)]
     pub fn quantize_block<S: Lanes<f32>>(&self, simd: S, values: &[f32], codes: &mut [u8]) -> f32 {
         let absmax = absmax(simd, values);
-        // bitsandbytes multiplies by 1 / absmax; a zero block quantises to the zero code.
-        let inv = if absmax == 0.0 { 0.0 } else { 1.0 / absmax };
-        self.quantize_scaled(simd, values, inv, codes);
+        self.quantize_scaled(simd, values, inverse(absmax), codes);
         absmax
     }
 
@@ -217,6 +215,17 @@ impl Codebook {
                 *dst.add(i) = self.dequantize(*src.add(i), absmax);
             }
         }
+    }
+}
+
+/// What a block's values are multiplied by before they are coded:
+/// bitsandbytes multiplies by 1 / absmax; a zero block gets the zero code.
+#[inline(always)]
+pub fn inverse(absmax: f32) -> f32 {
+    if absmax == 0.0 {
+        0.0
+    } else {
+        1.0 / absmax
     }
 }
 

@@ -153,10 +153,8 @@ pub(super) unsafe fn quantize(src: *const f32, n: usize, inv: f32, book: &Codebo
         for g in (0..n).step_by(64) {
             let mut x = [_mm512_setzero_si512(); 4];
             for (k, v) in x.iter_mut().enumerate() {
-                let y = _mm512_mul_ps(_mm512_loadu_ps(src.add(g + 16 * k)), scale);
-                // Every NaN to +inf (as the scalar path): table 0x55 answers
-                // +inf (token 5) for QNaN and SNaN, keeps every other class.
-                *v = _mm512_castps_si512(_mm512_fixupimm_ps::<0>(y, y, _mm512_set1_epi32(0x55)));
+                *v =
+                    _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(src.add(g + 16 * k)), scale));
             }
             let top = windows(&x, top_at); // sign, exponent bits 7..1
             let negative = _mm512_movepi8_mask(top);
@@ -185,15 +183,17 @@ pub(super) unsafe fn quantize(src: *const f32, n: usize, inv: f32, book: &Codebo
                 lookup256(&split[0], slot, high),
                 lookup256(&split[1], slot, high),
             );
-            // The 7 bits under the window, bit 7 the sign (as the split bytes).
+            // The 7 bits under the window, complemented when negative (as the split bytes).
             let under = windows(&x, _mm512_sub_epi8(offset, _mm512_set1_epi8(7)));
-            let under = _mm512_ternarylogic_epi32::<0xca>(_mm512_set1_epi8(-128), top, under);
-            let above = _mm512_mask_cmpgt_epu8_mask(!negative, under, split)
-                | _mm512_mask_cmplt_epu8_mask(negative, under, split);
+            let seven = _mm512_set1_epi8(0x7f);
+            let flip = _mm512_maskz_mov_epi8(negative, seven);
+            let under = _mm512_ternarylogic_epi32::<0x6c>(under, flip, seven); // (under & 7f) ^ flip
+            let above = _mm512_cmpgt_epu8_mask(under, split);
             let code = _mm512_mask_add_epi8(code, above, code, _mm512_set1_epi8(1));
             let code = _mm512_mask_mov_epi8(code, constant, r);
             _mm512_storeu_si512(out.add(g).cast(), _mm512_permutexvar_epi8(order, code));
-            let tied = _mm512_cmpeq_epu8_mask(under, split) & !constant;
+            let deferred = constant & upper;
+            let tied = (_mm512_cmpeq_epu8_mask(under, split) & !constant) | deferred;
             if tied != 0 {
                 decide_ties(tied, src.add(g), inv, book, out.add(g));
             }
