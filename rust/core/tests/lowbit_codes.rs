@@ -97,16 +97,27 @@ fn awkward_values_in_blocks_of_every_length_and_scale() {
                         assert_eq!(got, want, "{map:?} {backend:?} n={n} inv={inv}");
                     }
                 }
-                // And whole blocks, absmax included (NaN and inf blocks among them).
-                let run = |backend| {
-                    let mut codes = vec![0u8; n];
-                    let mut amax = vec![0f32; n.div_ceil(BLOCK)];
-                    quant::quantize_blockwise(map, backend, &values, &mut codes, &mut amax);
-                    (codes, amax.iter().map(|a| a.to_bits()).collect::<Vec<_>>())
-                };
-                let reference = run(Backend::Scalar);
-                for backend in vector_paths() {
-                    assert_eq!(run(backend), reference, "{map:?} {backend:?} n={n}");
+                // And whole blocks, absmax included: with NaN and inf (whose
+                // blocks code alike), and finite only.
+                let finite: Vec<f32> = all
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .cycle()
+                    .skip(offset * 7)
+                    .take(n)
+                    .copied()
+                    .collect();
+                for values in [&values, &finite] {
+                    let run = |backend| {
+                        let mut codes = vec![0u8; n];
+                        let mut amax = vec![0f32; n.div_ceil(BLOCK)];
+                        quant::quantize_blockwise(map, backend, values, &mut codes, &mut amax);
+                        (codes, amax.iter().map(|a| a.to_bits()).collect::<Vec<_>>())
+                    };
+                    let reference = run(Backend::Scalar);
+                    for backend in vector_paths() {
+                        assert_eq!(run(backend), reference, "{map:?} {backend:?} n={n}");
+                    }
                 }
             }
         }
