@@ -188,6 +188,15 @@ impl_lanes!(
     },
     codes = {
         #[inline(always)]
+        fn max_magnitude(self, acc: __m256, x: __m256) -> __m256 {
+            // Magnitudes order as their bits, NaN above infinity: one integer max.
+            // SAFETY: see the module note.
+            unsafe {
+                let bits = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fff_ffff));
+                _mm256_castsi256_ps(_mm256_max_epu32(_mm256_castps_si256(acc), bits))
+            }
+        }
+        #[inline(always)]
         unsafe fn dequantize(self, codes: *const u8, book: &Codebook, scale: f32) -> __m256 {
             // SAFETY: see the module note; `codes` holds 8 bytes (caller),
             // every code indexes the 256 values.
