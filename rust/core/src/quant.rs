@@ -14,7 +14,7 @@
 //! a gather on AVX2, sixteen scalar loads on AVX-512, which measured faster
 //! than its gather on the Zen 4 dev VM). With AVX-512 VBMI, byte permutes
 //! code 64 values at a time from tables held in registers instead
-//! ([`crate::quant_bytes`]). Every NaN codes as +inf: a NaN's sign is not
+//! (`quant_bytes`). Every NaN codes as +inf: a NaN's sign is not
 //! reliable, and every path must give the same code.
 
 use crate::dispatch::{dispatch_codes, Backend, WithLanes};
