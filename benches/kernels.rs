@@ -1,10 +1,13 @@
 //! Criterion benches: every kernel, scalar reference vs the dispatched SIMD
 //! path, single-threaded, reporting bytes/s of memory traffic (each array
 //! read once, each written array written once).
-//! Also the cost of the in-flight registry per native call (`in_flight`).
-//! Run: `cargo bench -p oxoptim-core` (set OXOPTIM_BENCH_MAX to cap the size).
+//! Also the 8-bit coders on every path and the cost of the in-flight registry
+//! per native call (`in_flight`).
+//! Run: `cargo bench -p oxoptim-core` (set OXOPTIM_BENCH_MAX to cap the size;
+//! `-- 8bit` for the 8-bit coders alone, `-- in_flight` for the registry).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use oxoptim_core::quant::{self, Map};
 use oxoptim_core::{
     accumulate_mean, adam_step, inflight, lerp_average, reduce, scale_into, sgd_step,
     subgradient_step, AdamConfig, Backend, DType, Exec, Footprint, RawTensor, Reduction,
@@ -199,5 +202,49 @@ fn in_flight(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, kernels, in_flight);
+/// 8-bit block-wise coding on every path this CPU has (the byte-permute
+/// one among them): signed map, f32 in, u8 out (quantising also copies its
+/// input once) and back.
+fn codes(c: &mut Criterion) {
+    for (name, quantize) in [("quantize_8bit", true), ("dequantize_8bit", false)] {
+        let mut group = c.benchmark_group(name);
+        group.sample_size(10);
+        for n in sizes().into_iter().filter(|&n| n <= 10_000_000) {
+            let values: Vec<f32> = arrays(n, 1).remove(0).iter().map(|x| x - 0.07).collect();
+            let mut codes = vec![0u8; n];
+            let mut absmax = vec![0f32; n.div_ceil(quant::BLOCK)];
+            let mut out = vec![0f32; n];
+            quant::quantize_blockwise(
+                Map::Signed,
+                Backend::Scalar,
+                &values,
+                &mut codes,
+                &mut absmax,
+            );
+            group.throughput(Throughput::Bytes((n * 5) as u64));
+            for backend in Backend::supported() {
+                group.bench_with_input(BenchmarkId::new(backend.name(), n), &n, |bench, _| {
+                    bench.iter(|| {
+                        if quantize {
+                            let v = black_box(&values);
+                            quant::quantize_blockwise(
+                                Map::Signed,
+                                backend,
+                                v,
+                                &mut codes,
+                                &mut absmax,
+                            )
+                        } else {
+                            let c = black_box(&codes);
+                            quant::dequantize_blockwise(Map::Signed, backend, c, &absmax, &mut out)
+                        }
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, kernels, codes, in_flight);
 criterion_main!(benches);

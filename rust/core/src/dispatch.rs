@@ -1,6 +1,6 @@
 //! Runtime CPU dispatch, decided once per process.
 //!
-//! `OXOPTIM_SIMD=scalar|avx2|avx512|neon|auto` overrides the choice; a request
+//! `OXOPTIM_SIMD=scalar|avx2|avx512|avx512vbmi|neon|auto` overrides the choice; a request
 //! the CPU cannot run falls back to the best supported path below it.
 
 use crate::simd::{Lanes, Real, Scalar};
@@ -13,6 +13,9 @@ pub enum Backend {
     Neon,
     Avx2,
     Avx512,
+    /// AVX-512 with VBMI: the 8-bit coders use byte permutes
+    /// ([`dispatch_codes`]); every other kernel runs as on [`Backend::Avx512`].
+    Avx512Vbmi,
 }
 
 impl Backend {
@@ -22,6 +25,7 @@ impl Backend {
             Backend::Neon => "neon",
             Backend::Avx2 => "avx2",
             Backend::Avx512 => "avx512",
+            Backend::Avx512Vbmi => "avx512vbmi",
         }
     }
 
@@ -31,6 +35,7 @@ impl Backend {
             "neon" => Some(Backend::Neon),
             "avx2" => Some(Backend::Avx2),
             "avx512" => Some(Backend::Avx512),
+            "avx512vbmi" => Some(Backend::Avx512Vbmi),
             _ => None,
         }
     }
@@ -43,6 +48,8 @@ impl Backend {
             Backend::Avx2 => crate::simd::x86::Avx2::try_new().is_some(),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => crate::simd::x86::Avx512::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512Vbmi => crate::simd::x86::Avx512Vbmi::try_new().is_some(),
             #[cfg(target_arch = "aarch64")]
             Backend::Neon => crate::simd::neon::Neon::try_new().is_some(),
             #[allow(unreachable_patterns)]
@@ -57,6 +64,7 @@ impl Backend {
             Backend::Neon,
             Backend::Avx2,
             Backend::Avx512,
+            Backend::Avx512Vbmi,
         ]
         .into_iter()
         .filter(|b| b.is_supported())
@@ -102,7 +110,7 @@ macro_rules! impl_element {
             fn dispatch<B: WithLanes<$t>>(backend: Backend, body: &mut B) {
                 match backend {
                     #[cfg(target_arch = "x86_64")]
-                    Backend::Avx512 => {
+                    Backend::Avx512 | Backend::Avx512Vbmi => {
                         if let Some(simd) = crate::simd::x86::Avx512::try_new() {
                             return simd.enter(body);
                         }
@@ -128,6 +136,20 @@ macro_rules! impl_element {
 }
 impl_element!(f32);
 impl_element!(f64);
+
+/// [`Element::dispatch`] for the 8-bit coding kernels, the only ones that
+/// [`Backend::Avx512Vbmi`] runs differently (so that no other kernel is
+/// compiled once more for it).
+#[inline]
+pub fn dispatch_codes<B: WithLanes<f32>>(backend: Backend, body: &mut B) {
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx512Vbmi {
+        if let Some(simd) = crate::simd::x86::Avx512Vbmi::try_new() {
+            return simd.enter(body);
+        }
+    }
+    f32::dispatch(backend, body)
+}
 
 /// Runs `block` over `n` elements on `backend` (vectors, then a scalar tail).
 ///

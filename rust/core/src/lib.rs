@@ -13,6 +13,7 @@ pub mod inflight;
 pub mod kernels;
 pub mod optimizer;
 pub mod quant;
+mod quant_bytes;
 pub mod reduce;
 pub mod rounding;
 pub mod simd;

@@ -12,11 +12,15 @@
 //! bits of the midpoint inside it, if any, so one integer comparison of the
 //! value's own low bits finishes the job (vector paths: one load per value,
 //! a gather on AVX2, sixteen scalar loads on AVX-512, which measured faster
-//! than its gather on the Zen 4 dev VM).
+//! than its gather on the Zen 4 dev VM). With AVX-512 VBMI, byte permutes
+//! code 64 values at a time from tables held in registers instead
+//! (`quant_bytes`). Every NaN codes as +inf: a NaN's sign is not
+//! reliable, and every path must give the same code.
 
-use crate::dispatch::{Backend, Element, WithLanes};
+use crate::dispatch::{dispatch_codes, Backend, WithLanes};
 use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
+use crate::quant_bytes::ByteTables;
 use crate::simd::{Lanes, MAX_WIDTH};
 use crate::tensors::{ArraySpec, Column, DType, Extent, TensorBatch};
 use std::sync::OnceLock;
@@ -61,6 +65,8 @@ pub struct Codebook {
     /// [`HAS_MIDPOINT`], and the low [`KEY_SHIFT`] bits of that midpoint's
     /// magnitude (bits 16-31).
     entries: Vec<u32>,
+    /// The same code by byte lookups (vector paths with byte permutes).
+    pub(crate) bytes: ByteTables,
 }
 
 impl Codebook {
@@ -111,31 +117,20 @@ impl Codebook {
                 entries[key] = entry;
             }
         }
+        let bytes = ByteTables::build(&values, &mid[..255], |x| quantize_with(&entries, x));
         Codebook {
             values,
             mid,
             entries,
+            bytes,
         }
     }
 
     /// The code of a normalised value (`value / absmax`, in [-1, 1]); any
-    /// input, NaN included, gives some code.
+    /// input gives a code, every NaN that of +inf.
     #[inline(always)]
     pub fn quantize(&self, x: f32) -> u8 {
-        let bits = x.to_bits();
-        let magnitude = bits & 0x7fff_ffff;
-        let negative = bits >> 31 != 0;
-        let bucket = ((magnitude >> KEY_SHIFT) as usize)
-            .saturating_sub(KEY_BASE)
-            .min(BUCKETS - 1)
-            + usize::from(negative) * BUCKETS;
-        // SAFETY: bucket < 2 * BUCKETS = entries.len().
-        let entry = unsafe { *self.entries.get_unchecked(bucket) };
-        let low = magnitude & ((1 << KEY_SHIFT) - 1);
-        let split = entry >> 16;
-        // Above the midpoint: a larger magnitude when positive, smaller when negative.
-        let above = if negative { low < split } else { low > split };
-        entry as u8 + u8::from(above && entry & HAS_MIDPOINT != 0)
+        quantize_with(&self.entries, x)
     }
 
     /// The 255 midpoints between neighbouring entries (f32, as bitsandbytes computes them).
@@ -169,14 +164,28 @@ impl Codebook {
     #[inline(always)]
     pub fn quantize_block<S: Lanes<f32>>(&self, simd: S, values: &[f32], codes: &mut [u8]) -> f32 {
         let absmax = absmax(simd, values);
-        // bitsandbytes multiplies by 1 / absmax; a zero block quantises to the zero code.
-        let inv = if absmax == 0.0 { 0.0 } else { 1.0 / absmax };
+        self.quantize_scaled(simd, values, inverse(absmax), codes);
+        absmax
+    }
+
+    /// `codes[i] = self.quantize(values[i] * inv)`: runs of
+    /// [`Lanes::CODE_RUN`], vectors, scalar tail.
+    #[inline(always)]
+    pub fn quantize_scaled<S: Lanes<f32>>(
+        &self,
+        simd: S,
+        values: &[f32],
+        inv: f32,
+        codes: &mut [u8],
+    ) {
         let n = values.len().min(codes.len());
+        let runs = n - n % S::CODE_RUN;
         let full = n - n % S::WIDTH;
         let (src, dst) = (values.as_ptr(), codes.as_mut_ptr());
         // SAFETY: every access is below `n`.
         unsafe {
-            for i in (0..full).step_by(S::WIDTH) {
+            simd.quantize_many(src, runs, inv, self, dst);
+            for i in (runs..full).step_by(S::WIDTH) {
                 let x = simd.mul(simd.load(src.add(i)), simd.splat(inv));
                 simd.quantize(x, self, dst.add(i));
             }
@@ -184,7 +193,6 @@ impl Codebook {
                 *dst.add(i) = self.quantize(*src.add(i) * inv);
             }
         }
-        absmax
     }
 
     /// Dequantises one block (vectors of `simd`, scalar tail).
@@ -197,11 +205,13 @@ impl Codebook {
         out: &mut [f32],
     ) {
         let n = out.len().min(codes.len());
+        let runs = n - n % S::CODE_RUN;
         let full = n - n % S::WIDTH;
         let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
         // SAFETY: every access is below `n`.
         unsafe {
-            for i in (0..full).step_by(S::WIDTH) {
+            simd.dequantize_many(src, runs, self, absmax, dst);
+            for i in (runs..full).step_by(S::WIDTH) {
                 simd.store(dst.add(i), simd.dequantize(src.add(i), self, absmax));
             }
             for i in full..n {
@@ -209,6 +219,41 @@ impl Codebook {
             }
         }
     }
+}
+
+/// What a block's values are multiplied by before they are coded:
+/// bitsandbytes multiplies by 1 / absmax; a zero block gets the zero code.
+#[inline(always)]
+pub fn inverse(absmax: f32) -> f32 {
+    if absmax == 0.0 {
+        0.0
+    } else {
+        1.0 / absmax
+    }
+}
+
+/// [`Codebook::quantize`] with the bucket table `entries`.
+#[inline(always)]
+fn quantize_with(entries: &[u32], x: f32) -> u8 {
+    // Every NaN codes as +inf: a NaN's sign is not reliable (LLVM may give
+    // any NaN for `x * inv`), and the code must be the same on every path.
+    let bits = if x.is_nan() {
+        f32::INFINITY.to_bits()
+    } else {
+        x.to_bits()
+    };
+    let magnitude = bits & 0x7fff_ffff;
+    let negative = bits >> 31 != 0;
+    let bucket = ((magnitude >> KEY_SHIFT) as usize)
+        .saturating_sub(KEY_BASE)
+        .min(BUCKETS - 1)
+        + usize::from(negative) * BUCKETS;
+    let entry = entries[bucket];
+    let low = magnitude & ((1 << KEY_SHIFT) - 1);
+    let split = entry >> 16;
+    // Above the midpoint: a larger magnitude when positive, smaller when negative.
+    let above = if negative { low < split } else { low > split };
+    entry as u8 + u8::from(above && entry & HAS_MIDPOINT != 0)
 }
 
 /// The largest magnitude of `values` (NaN if any is NaN, 0 if empty); exact,
@@ -221,21 +266,22 @@ pub fn absmax<S: Lanes<f32>>(simd: S, values: &[f32]) -> f32 {
     // SAFETY: every load is below `n`.
     unsafe {
         for i in (0..full).step_by(S::WIDTH) {
-            acc = simd.max(acc, simd.abs(simd.load(values.as_ptr().add(i))));
+            acc = simd.max_magnitude(acc, simd.load(values.as_ptr().add(i)));
         }
     }
     let mut lanes = [0f32; MAX_WIDTH];
     // SAFETY: `lanes` holds MAX_WIDTH >= WIDTH elements.
     unsafe { simd.store(lanes.as_mut_ptr(), acc) };
-    let mut m = 0.0f32;
-    for &x in lanes[..S::WIDTH].iter().chain(&values[full..]) {
-        let x = x.abs();
-        if x.is_nan() {
-            return f32::NAN; // one NaN whatever the payload, on every path
-        }
-        m = m.max(x);
+    // Magnitudes order as their bits, NaN above infinity: an integer max, no branch.
+    let m = lanes[..S::WIDTH]
+        .iter()
+        .chain(&values[full..])
+        .fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    if m > f32::INFINITY.to_bits() {
+        f32::NAN // one NaN whatever the payload, on every path
+    } else {
+        f32::from_bits(m)
     }
-    m
 }
 
 /// Quantises `values` block by block into `codes` and `absmax` (one per block).
@@ -249,7 +295,7 @@ pub fn quantize_blockwise(
     assert_eq!(values.len(), codes.len());
     assert_eq!(absmax.len(), values.len().div_ceil(BLOCK));
     let mut values = values.to_vec(); // the coder takes mutable values (it also dequantises)
-    f32::dispatch(
+    dispatch_codes(
         backend,
         &mut Blocks {
             book: Codebook::get(map),
@@ -257,6 +303,35 @@ pub fn quantize_blockwise(
             values: &mut values,
             codes,
             absmax,
+        },
+    );
+}
+
+/// `codes[i] = quantize(values[i] * inv)` on `backend`'s path, one
+/// multiplier for all (what a block does after its absmax): for tests.
+pub fn quantize_scaled(map: Map, backend: Backend, values: &[f32], inv: f32, codes: &mut [u8]) {
+    struct Scaled<'a> {
+        book: &'static Codebook,
+        values: &'a [f32],
+        inv: f32,
+        codes: &'a mut [u8],
+    }
+    impl WithLanes<f32> for Scaled<'_> {
+        #[inline(always)]
+        fn run<S: Lanes<f32>>(&mut self, simd: S) {
+            self.book
+                .quantize_scaled(simd, self.values, self.inv, self.codes)
+        }
+    }
+    assert_eq!(values.len(), codes.len());
+    let book = Codebook::get(map);
+    dispatch_codes(
+        backend,
+        &mut Scaled {
+            book,
+            values,
+            inv,
+            codes,
         },
     );
 }
@@ -272,7 +347,7 @@ pub fn dequantize_blockwise(
     assert_eq!(out.len(), codes.len());
     assert_eq!(absmax.len(), codes.len().div_ceil(BLOCK));
     let (mut codes, mut absmax) = (codes.to_vec(), absmax.to_vec());
-    f32::dispatch(
+    dispatch_codes(
         backend,
         &mut Blocks {
             book: Codebook::get(map),
@@ -344,7 +419,7 @@ impl Blockwise for Coder {
             codes,
             absmax,
         };
-        f32::dispatch(backend, &mut blocks);
+        dispatch_codes(backend, &mut blocks);
     }
 }
 
@@ -485,10 +560,11 @@ mod tests {
                 }
             }
             assert_eq!(book.values[book.zero_code() as usize], 0.0);
-            // Out-of-range input still gives a code: the end entries, NaN one of them.
+            // Out-of-range input still gives a code: the end entries, NaN that of +inf.
             assert_eq!(book.quantize(f32::INFINITY), 255);
             assert_eq!(book.quantize(f32::NEG_INFINITY), 0);
-            let _ = book.quantize(f32::NAN);
+            assert_eq!(book.quantize(f32::NAN), 255);
+            assert_eq!(book.quantize(-f32::NAN), 255);
         }
     }
 

@@ -20,9 +20,12 @@ fn paths() -> Vec<PathCheck> {
     let mut out: Vec<PathCheck> = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        use oxoptim_core::simd::x86::{Avx2, Avx512};
+        use oxoptim_core::simd::x86::{Avx2, Avx512, Avx512Vbmi};
         out.push(("avx2", Avx2::FEATURES, |has| Avx2::supported_by(has)));
         out.push(("avx512", Avx512::FEATURES, |has| Avx512::supported_by(has)));
+        out.push(("avx512vbmi", Avx512Vbmi::FEATURES, |has| {
+            Avx512Vbmi::supported_by(has)
+        }));
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -54,6 +57,16 @@ fn the_avx512_path_lists_what_its_glue_is_compiled_with() {
     use oxoptim_core::simd::x86::Avx512;
     for feature in ["avx512f", "avx2", "fma"] {
         assert!(Avx512::FEATURES.contains(&feature), "{feature} missing");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_vbmi_path_lists_the_byte_permutes_and_everything_of_avx512() {
+    use oxoptim_core::simd::x86::{Avx512, Avx512Vbmi};
+    // Byte permutes and multishift (VBMI), byte compares and 64-bit masks (BW).
+    for feature in Avx512::FEATURES.iter().chain(&["avx512bw", "avx512vbmi"]) {
+        assert!(Avx512Vbmi::FEATURES.contains(feature), "{feature} missing");
     }
 }
 

@@ -34,7 +34,8 @@ pub(crate) fn core_error(e: core::Error) -> PyErr {
     }
 }
 
-/// The instruction set the kernels run on: "avx512", "avx2", "neon" or "scalar".
+/// The instruction set the kernels run on: "avx512vbmi" (AVX-512 with byte
+/// permutes for the 8-bit state), "avx512", "avx2", "neon" or "scalar".
 #[pyfunction]
 fn simd_backend() -> &'static str {
     Backend::active().name()

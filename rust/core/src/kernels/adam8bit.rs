@@ -8,7 +8,7 @@
 //! the same whatever the thread count or SIMD path.
 
 use super::adam::{AdamConfig, BiasCorrection, FusedAdam};
-use crate::dispatch::{Backend, Element, WithLanes};
+use crate::dispatch::{dispatch_codes, Backend, WithLanes};
 use crate::engine::{self, Blockwise, Exec};
 use crate::error::{Error, Result};
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
@@ -144,7 +144,7 @@ impl Blockwise for Adam8bitKernel<'_> {
             },
             _ => unreachable!("the step checked the parameter dtypes"),
         };
-        f32::dispatch(
+        dispatch_codes(
             backend,
             &mut Blocks {
                 kernel: self,

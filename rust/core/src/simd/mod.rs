@@ -69,6 +69,8 @@ pub mod neon;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_vbmi;
 
 pub use scalar::Scalar;
 
@@ -195,6 +197,59 @@ pub trait Lanes<T: Real>: Copy + Send + Sync + 'static {
         }
         // SAFETY: `lanes` holds at least WIDTH elements.
         unsafe { self.load(lanes.as_ptr()) }
+    }
+
+    /// Values [`Self::quantize_many`] and [`Self::dequantize_many`] take at a time.
+    const CODE_RUN: usize = Self::WIDTH;
+
+    /// `out[i] = book.dequantize(codes[i], scale)` for `n` codes, `n` a
+    /// multiple of [`Self::CODE_RUN`].
+    ///
+    /// # Safety
+    /// `codes` must be readable and `out` writable for `n` elements.
+    #[inline(always)]
+    unsafe fn dequantize_many(
+        self,
+        codes: *const u8,
+        n: usize,
+        book: &crate::quant::Codebook,
+        scale: T,
+        out: *mut T,
+    ) {
+        for i in (0..n).step_by(Self::WIDTH) {
+            // SAFETY: i + WIDTH <= n, within the caller's guarantee.
+            unsafe { self.store(out.add(i), self.dequantize(codes.add(i), book, scale)) };
+        }
+    }
+
+    /// `out[i] = book.quantize(src[i] * inv)` for `n` values, `n` a multiple
+    /// of [`Self::CODE_RUN`].
+    ///
+    /// # Safety
+    /// `src` must be readable and `out` writable for `n` elements.
+    #[inline(always)]
+    unsafe fn quantize_many(
+        self,
+        src: *const T,
+        n: usize,
+        inv: T,
+        book: &crate::quant::Codebook,
+        out: *mut u8,
+    ) {
+        for i in (0..n).step_by(Self::WIDTH) {
+            // SAFETY: i + WIDTH <= n, within the caller's guarantee.
+            unsafe {
+                let x = self.mul(self.load(src.add(i)), self.splat(inv));
+                self.quantize(x, book, out.add(i));
+            }
+        }
+    }
+
+    /// `max(acc, |x|)` lane-wise, NaN kept (any payload): the step of
+    /// [`crate::quant::absmax`].
+    #[inline(always)]
+    fn max_magnitude(self, acc: Self::V, x: Self::V) -> Self::V {
+        self.max(acc, self.abs(x))
     }
 
     /// Writes the 8-bit codes of the `WIDTH` normalised values of `x`, lane

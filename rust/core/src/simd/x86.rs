@@ -1,4 +1,5 @@
-//! x86_64 vector paths: AVX2+FMA (256-bit) and AVX-512F (512-bit).
+//! x86_64 vector paths: AVX2+FMA (256-bit), AVX-512F (512-bit), and
+//! AVX-512 with VBMI (the same, with byte-permute 8-bit coding).
 //!
 //! The types are zero-sized tokens; holding one means every CPU feature its
 //! code is compiled with was detected (see `cpu_path!`), which is what makes
@@ -22,6 +23,15 @@ cpu_path!(
     Avx512,
     detect = is_x86_feature_detected,
     features = ["avx512f", "avx2", "fma"]
+);
+
+cpu_path!(
+    /// Token for AVX-512F with BW and VBMI's byte permutes, which code 8-bit
+    /// state 64 values at a time (`x86_vbmi`); otherwise as [`Avx512`].
+    /// Only constructed after runtime detection.
+    Avx512Vbmi,
+    detect = is_x86_feature_detected,
+    features = ["avx512f", "avx512bw", "avx512vbmi", "avx2", "fma"]
 );
 
 // SAFETY (whole module): every method below runs an intrinsic of the token's
@@ -178,6 +188,15 @@ impl_lanes!(
     },
     codes = {
         #[inline(always)]
+        fn max_magnitude(self, acc: __m256, x: __m256) -> __m256 {
+            // Magnitudes order as their bits, NaN above infinity: one integer max.
+            // SAFETY: see the module note.
+            unsafe {
+                let bits = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fff_ffff));
+                _mm256_castsi256_ps(_mm256_max_epu32(_mm256_castps_si256(acc), bits))
+            }
+        }
+        #[inline(always)]
         unsafe fn dequantize(self, codes: *const u8, book: &Codebook, scale: f32) -> __m256 {
             // SAFETY: see the module note; `codes` holds 8 bytes (caller),
             // every code indexes the 256 values.
@@ -260,7 +279,9 @@ impl_lanes!(
                     _mm256_max_epi32(bucket, _mm256_setzero_si256()),
                     _mm256_set1_epi32(BUCKETS as i32 - 1),
                 );
-                let negative = _mm256_srai_epi32::<31>(bits);
+                // An ordered compare: NaN codes as positive (+inf), as the scalar path.
+                let negative =
+                    _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps()));
                 let bucket = _mm256_add_epi32(
                     bucket,
                     _mm256_and_si256(negative, _mm256_set1_epi32(BUCKETS as i32)),
@@ -329,143 +350,192 @@ impl_lanes!(
     }
 );
 
-impl_lanes!(
-    Avx512,
-    f32,
-    __m512,
-    16,
-    set1 = _mm512_set1_ps,
-    loadu = _mm512_loadu_ps,
-    storeu = _mm512_storeu_ps,
-    add = _mm512_add_ps,
-    sub = _mm512_sub_ps,
-    mul = _mm512_mul_ps,
-    div = _mm512_div_ps,
-    sqrt = _mm512_sqrt_ps,
-    fmadd = _mm512_fmadd_ps,
-    max_nan = |a, b| {
-        let take_a =
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a);
-        _mm512_mask_blend_ps(take_a, b, a)
-    },
-    abs = |a| _mm512_abs_ps(a),
-    sign = |v| {
-        let zero = _mm512_setzero_ps();
-        let one = _mm512_set1_ps(1.0);
-        let pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, zero), one);
-        let neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero), one);
-        _mm512_sub_ps(pos, neg)
-    },
-    lt_select = |a, b, then, otherwise| _mm512_mask_blend_ps(
-        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b),
-        otherwise,
-        then
-    ),
-    reduce = |v| sum_in_order(std::mem::transmute::<__m512, [f32; 16]>(v)),
-    nonfinite = |v| {
-        let d = _mm512_sub_ps(v, v);
-        _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
-    },
-    codes = {
-        #[inline(always)]
-        unsafe fn dequantize(self, codes: *const u8, book: &Codebook, scale: f32) -> __m512 {
-            // Sixteen scalar loads beat a gather here. SAFETY: see the AVX2 version.
-            unsafe {
-                let mut lanes = [0f32; 16];
-                for (i, lane) in lanes.iter_mut().enumerate() {
-                    *lane = *book.values.get_unchecked(*codes.add(i) as usize);
+/// The f32 lanes of the AVX-512 tokens (`extra`: a token's own methods).
+macro_rules! avx512_f32 {
+    ($token:ty $(, extra = { $($extra:item)* })?) => {
+        impl_lanes!(
+            $token,
+            f32,
+            __m512,
+            16,
+            set1 = _mm512_set1_ps,
+            loadu = _mm512_loadu_ps,
+            storeu = _mm512_storeu_ps,
+            add = _mm512_add_ps,
+            sub = _mm512_sub_ps,
+            mul = _mm512_mul_ps,
+            div = _mm512_div_ps,
+            sqrt = _mm512_sqrt_ps,
+            fmadd = _mm512_fmadd_ps,
+            max_nan = |a, b| {
+                let take_a =
+                    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a);
+                _mm512_mask_blend_ps(take_a, b, a)
+            },
+            abs = |a| _mm512_abs_ps(a),
+            sign = |v| {
+                let zero = _mm512_setzero_ps();
+                let one = _mm512_set1_ps(1.0);
+                let pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, zero), one);
+                let neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero), one);
+                _mm512_sub_ps(pos, neg)
+            },
+            lt_select = |a, b, then, otherwise| _mm512_mask_blend_ps(
+                _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b),
+                otherwise,
+                then
+            ),
+            reduce = |v| sum_in_order(std::mem::transmute::<__m512, [f32; 16]>(v)),
+            nonfinite = |v| {
+                let d = _mm512_sub_ps(v, v);
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
+            },
+            codes = {
+                $($($extra)*)?
+                #[inline(always)]
+                fn max_magnitude(self, acc: __m512, x: __m512) -> __m512 {
+                    // Magnitudes order as their bits, NaN above infinity: one integer max.
+                    // SAFETY: see the module note.
+                    unsafe {
+                        let bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fff_ffff));
+                        _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(acc), bits))
+                    }
                 }
-                _mm512_mul_ps(_mm512_loadu_ps(lanes.as_ptr()), _mm512_set1_ps(scale))
+                #[inline(always)]
+                unsafe fn dequantize(self, codes: *const u8, book: &Codebook, scale: f32) -> __m512 {
+                    // Sixteen scalar loads beat a gather here. SAFETY: see the AVX2 version.
+                    unsafe {
+                        let mut lanes = [0f32; 16];
+                        for (i, lane) in lanes.iter_mut().enumerate() {
+                            *lane = *book.values.get_unchecked(*codes.add(i) as usize);
+                        }
+                        _mm512_mul_ps(_mm512_loadu_ps(lanes.as_ptr()), _mm512_set1_ps(scale))
+                    }
+                }
+                #[inline(always)]
+                unsafe fn widen_bf16(self, src: *const u16) -> __m512 {
+                    // SAFETY: see the module note; `src` holds 16 u16 (caller).
+                    unsafe {
+                        let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i));
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+                    }
+                }
+                #[inline(always)]
+                fn round_bf16(self, x: __m512) -> __m512 {
+                    // SAFETY: see the module note.
+                    unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(nearest_bf16_avx512(x))) }
+                }
+                #[inline(always)]
+                unsafe fn narrow_bf16_nearest(self, x: __m512, out: *mut u16) {
+                    // SAFETY: see the module note; `out` holds 16 u16 (caller).
+                    unsafe {
+                        let halves = nearest_bf16_avx512(x);
+                        _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
+                    }
+                }
+                #[inline(always)]
+                unsafe fn narrow_bf16_stochastic(
+                    self,
+                    x: __m512,
+                    first: u32,
+                    key: StreamKey,
+                    out: *mut u16,
+                ) {
+                    // SAFETY: see the module note; `out` holds 16 u16 (caller).
+                    unsafe {
+                        let index = _mm512_add_epi32(
+                            _mm512_set1_epi32(first as i32),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        );
+                        let h = lowbias32_avx512(_mm512_xor_si512(index, _mm512_set1_epi32(key.k1 as i32)));
+                        let h = lowbias32_avx512(_mm512_add_epi32(h, _mm512_set1_epi32(key.k2 as i32)));
+                        let sum = _mm512_add_epi32(
+                            _mm512_castps_si512(x),
+                            _mm512_and_si512(h, _mm512_set1_epi32(0xffff)),
+                        );
+                        let halves = _mm512_mask_blend_epi32(
+                            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+                            _mm512_srli_epi32::<16>(sum),
+                            _mm512_set1_epi32(BF16_NAN_BITS as i32),
+                        );
+                        _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
+                    }
+                }
+                #[inline(always)]
+                unsafe fn quantize(self, x: __m512, book: &Codebook, out: *mut u8) {
+                    // SAFETY: see the AVX2 version; `out` holds 16 bytes (caller).
+                    unsafe {
+                        let bits = _mm512_castps_si512(x);
+                        let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+                        let bucket = _mm512_sub_epi32(
+                            _mm512_srli_epi32::<{ KEY_SHIFT }>(magnitude),
+                            _mm512_set1_epi32(KEY_BASE as i32),
+                        );
+                        let bucket = _mm512_min_epi32(
+                            _mm512_max_epi32(bucket, _mm512_setzero_si512()),
+                            _mm512_set1_epi32(BUCKETS as i32 - 1),
+                        );
+                        // An ordered compare: NaN codes as positive (+inf), as the scalar path.
+                let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+                        let bucket = _mm512_mask_add_epi32(
+                            bucket,
+                            negative,
+                            bucket,
+                            _mm512_set1_epi32(BUCKETS as i32),
+                        );
+                        // Sixteen scalar loads beat a gather here.
+                        let mut keys = [0u32; 16];
+                        _mm512_storeu_si512(keys.as_mut_ptr() as *mut __m512i, bucket);
+                        let mut entries = [0u32; 16];
+                        for (e, &k) in entries.iter_mut().zip(&keys) {
+                            *e = *book.entries_ptr().add(k as usize);
+                        }
+                        let entry = _mm512_loadu_si512(entries.as_ptr() as *const __m512i);
+                        let low = _mm512_and_si512(magnitude, _mm512_set1_epi32((1 << KEY_SHIFT) - 1));
+                        let split = _mm512_srli_epi32::<16>(entry);
+                        let above = (_mm512_cmpgt_epi32_mask(low, split) & !negative)
+                            | (_mm512_cmplt_epi32_mask(low, split) & negative);
+                        let up =
+                            above & _mm512_test_epi32_mask(entry, _mm512_set1_epi32(HAS_MIDPOINT as i32));
+                        let code = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
+                        let code = _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+                        _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(code));
+                    }
+                }
             }
-        }
+        );
+    };
+}
+
+avx512_f32!(Avx512);
+
+avx512_f32!(
+    Avx512Vbmi,
+    extra = {
+        const CODE_RUN: usize = 64;
         #[inline(always)]
-        unsafe fn widen_bf16(self, src: *const u16) -> __m512 {
-            // SAFETY: see the module note; `src` holds 16 u16 (caller).
-            unsafe {
-                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i));
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
-            }
-        }
-        #[inline(always)]
-        fn round_bf16(self, x: __m512) -> __m512 {
-            // SAFETY: see the module note.
-            unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(nearest_bf16_avx512(x))) }
-        }
-        #[inline(always)]
-        unsafe fn narrow_bf16_nearest(self, x: __m512, out: *mut u16) {
-            // SAFETY: see the module note; `out` holds 16 u16 (caller).
-            unsafe {
-                let halves = nearest_bf16_avx512(x);
-                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
-            }
-        }
-        #[inline(always)]
-        unsafe fn narrow_bf16_stochastic(
+        unsafe fn dequantize_many(
             self,
-            x: __m512,
-            first: u32,
-            key: StreamKey,
-            out: *mut u16,
+            codes: *const u8,
+            n: usize,
+            book: &Codebook,
+            scale: f32,
+            out: *mut f32,
         ) {
-            // SAFETY: see the module note; `out` holds 16 u16 (caller).
-            unsafe {
-                let index = _mm512_add_epi32(
-                    _mm512_set1_epi32(first as i32),
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                );
-                let h = lowbias32_avx512(_mm512_xor_si512(index, _mm512_set1_epi32(key.k1 as i32)));
-                let h = lowbias32_avx512(_mm512_add_epi32(h, _mm512_set1_epi32(key.k2 as i32)));
-                let sum = _mm512_add_epi32(
-                    _mm512_castps_si512(x),
-                    _mm512_and_si512(h, _mm512_set1_epi32(0xffff)),
-                );
-                let halves = _mm512_mask_blend_epi32(
-                    _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
-                    _mm512_srli_epi32::<16>(sum),
-                    _mm512_set1_epi32(BF16_NAN_BITS as i32),
-                );
-                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(halves));
-            }
+            // SAFETY: the token proves AVX-512 F/BW/VBMI; the pointers are the caller's.
+            unsafe { super::x86_vbmi::dequantize(codes, n, book, scale, out) }
         }
         #[inline(always)]
-        unsafe fn quantize(self, x: __m512, book: &Codebook, out: *mut u8) {
-            // SAFETY: see the AVX2 version; `out` holds 16 bytes (caller).
-            unsafe {
-                let bits = _mm512_castps_si512(x);
-                let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
-                let bucket = _mm512_sub_epi32(
-                    _mm512_srli_epi32::<{ KEY_SHIFT }>(magnitude),
-                    _mm512_set1_epi32(KEY_BASE as i32),
-                );
-                let bucket = _mm512_min_epi32(
-                    _mm512_max_epi32(bucket, _mm512_setzero_si512()),
-                    _mm512_set1_epi32(BUCKETS as i32 - 1),
-                );
-                let negative = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
-                let bucket = _mm512_mask_add_epi32(
-                    bucket,
-                    negative,
-                    bucket,
-                    _mm512_set1_epi32(BUCKETS as i32),
-                );
-                // Sixteen scalar loads beat a gather here.
-                let mut keys = [0u32; 16];
-                _mm512_storeu_si512(keys.as_mut_ptr() as *mut __m512i, bucket);
-                let mut entries = [0u32; 16];
-                for (e, &k) in entries.iter_mut().zip(&keys) {
-                    *e = *book.entries_ptr().add(k as usize);
-                }
-                let entry = _mm512_loadu_si512(entries.as_ptr() as *const __m512i);
-                let low = _mm512_and_si512(magnitude, _mm512_set1_epi32((1 << KEY_SHIFT) - 1));
-                let split = _mm512_srli_epi32::<16>(entry);
-                let above = (_mm512_cmpgt_epi32_mask(low, split) & !negative)
-                    | (_mm512_cmplt_epi32_mask(low, split) & negative);
-                let up =
-                    above & _mm512_test_epi32_mask(entry, _mm512_set1_epi32(HAS_MIDPOINT as i32));
-                let code = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
-                let code = _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
-                _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(code));
-            }
+        unsafe fn quantize_many(
+            self,
+            src: *const f32,
+            n: usize,
+            inv: f32,
+            book: &Codebook,
+            out: *mut u8,
+        ) {
+            // SAFETY: as `dequantize_many`.
+            unsafe { super::x86_vbmi::quantize(src, n, inv, book, out) }
         }
     }
 );
