@@ -478,6 +478,27 @@ def test_final_runs_on_worker_processes_are_the_runs_one_after_another(tmp_path)
     assert out[2]["default"]["values"] == {"explore.lr": 0.05}
 
 
+def test_final_runs_of_a_search_that_kept_the_hand_written_plan_run_it_once(tmp_path):
+    from oxoptim.training.tune import final_runs
+
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)  # the default lr scores 1.0 from the first epoch: nothing beats it
+    raw["stages"] = [dict(raw["stages"][0], epochs=4, lr={"uniform": [0.0, 0.1], "default": 0.1})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none", "final_seeds": 2}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "kept", create=True)
+    Worker(plan, study, str(tmp_path), trials=3, say=lambda *a: None, run_job=FakeJob()).work()
+    assert study.best_trial.number == 0 and study.best_trial.user_attrs["baseline"]
+    calls = []
+
+    def job(cfg, run_dir, quiet=False, announce=True):
+        calls.append(cfg["seed"])
+        return final_job(cfg, run_dir)
+
+    out = final_runs(plan, study, str(tmp_path), lambda *a: None, run_job=job)
+    assert calls == [0, 1]  # two seeds, once: not again for the hand-written plan
+    assert out["default"]["same_as"] == "best"
+    assert out["default"]["runs"] == out["best"]["runs"] and out["default"]["values"] == {"explore.lr": 0.1}
+
+
 def test_planned_epochs_counts_a_trial_rule_once_per_extra_candidate():
     from oxoptim.training.tune import planned_epochs
 

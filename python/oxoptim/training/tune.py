@@ -498,13 +498,16 @@ def _final_run(run_job: Optional[Callable[..., Optional[dict]]], cfg: dict, run_
 def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = print,
                run_job: Optional[Callable[..., Optional[dict]]] = None, jobs: int = 1) -> Dict[str, Any]:
     """The best plan (and the hand-written one, if the space gives it) re-run with
-    ``final_seeds`` training seeds, each evaluated on the test split once. With ``jobs`` > 1 the
+    ``final_seeds`` training seeds, each evaluated on the test split once; when the best plan
+    is the hand-written one its runs serve both (``"same_as": "best"``). With ``jobs`` > 1 the
     runs go to that many worker processes (each run sets its own threads and seeds, so the
     results are those of running them one after another); ``run_job`` must then be picklable."""
     n = plan.settings.final_seeds
     plans = {"best": trial_values(plan, study.best_trial.params)}
     if plan.defaults is not None:
         plans["default"] = plan.defaults
+    if plans.get("default") == plans["best"]:  # the search kept the hand-written plan: run it once
+        del plans["default"]
     runs_of = [(label, values, seed, dict(plan.job(values), seed=seed))
                for label, values in plans.items() for seed in seeds_for(plan.job(values), n)]
     dirs = [os.path.join(run_dir, "final", label, f"seed{seed}") for label, _, seed, _ in runs_of]
@@ -536,4 +539,6 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
         runs = entry["runs"]
         entry["test_accuracy"] = mean_sd([r["test"]["accuracy"] for r in runs if r["test"]])
         entry["val_accuracy"] = mean_sd([r["val"]["accuracy"] for r in runs])
-    return out
+    if "default" in plans or plan.defaults is None:
+        return out
+    return {**out, "default": dict(out["best"], same_as="best")}
