@@ -15,22 +15,9 @@ use oxoptim_core::{
 };
 
 mod common;
-use common::{values, OFFSETS};
+use common::{adam_config, values, OFFSETS};
 
 const SEED: u64 = 0x5eed;
-
-fn config(amsgrad: bool, decoupled: bool) -> AdamConfig {
-    AdamConfig {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        amsgrad,
-        maximize: false,
-        decoupled_weight_decay: decoupled,
-    }
-}
 
 /// Array `k` of slot `t`: values with specials (NaN and ±inf gradients,
 /// weights near f32::MAX that overflow when rounded), second moments ≥ 0.
@@ -221,7 +208,7 @@ fn raw(addr: usize, len: usize, dtype: DType) -> RawTensor {
 /// Three steps under test against three reference steps, compared after each.
 fn check(lens: &[usize], f32_params: bool, rounding: ParamRounding, threads: &[usize]) {
     for (amsgrad, decoupled) in [(false, true), (true, false)] {
-        let config = config(amsgrad, decoupled);
+        let config = adam_config(amsgrad, decoupled);
         let arity = config.arity();
         for offset in OFFSETS {
             let mut want = Slots::new(lens, arity, offset, f32_params);

@@ -12,7 +12,7 @@ use oxoptim_core::{
 };
 
 mod common;
-use common::{check_all_backends, values, OFFSETS};
+use common::{adam_config, check_all_backends, values, OFFSETS};
 
 const SR: ParamRounding = ParamRounding::Stochastic {
     seed: 0x5eed,
@@ -20,16 +20,7 @@ const SR: ParamRounding = ParamRounding::Stochastic {
 };
 
 fn adamw() -> AdamConfig {
-    AdamConfig {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        amsgrad: false,
-        maximize: false,
-        decoupled_weight_decay: true,
-    }
+    adam_config(false, true)
 }
 
 fn stochastic(count: u64) -> ParamRounding {

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use half::{bf16, f16};
-use oxoptim_core::{Backend, DType, Exec, RawTensor, TensorBatch};
+use oxoptim_core::{AdamConfig, Backend, DType, Exec, RawTensor, TensorBatch};
 
 /// Deterministic pseudo-random values in [-2, 2), with some exact zeros so
 /// that sign(0) and zero gradients are exercised.
@@ -141,5 +141,20 @@ pub fn check_all_backends<T: Storage>(
                 );
             }
         }
+    }
+}
+
+/// Adam settings the fused-storage and parameter-rounding tests share (lr 1e-2,
+/// weight decay 0.1, coupled or decoupled).
+pub fn adam_config(amsgrad: bool, decoupled: bool) -> AdamConfig {
+    AdamConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        amsgrad,
+        maximize: false,
+        decoupled_weight_decay: decoupled,
     }
 }
