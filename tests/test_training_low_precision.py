@@ -31,6 +31,16 @@ def blobs(n: int = 240, d: int = 8, c: int = 3):
     return (x[:180], y[:180]), (x[180:], y[180:])
 
 
+def train_blobs(stage: Stage):
+    """A small MLP trained on the blobs by one stage: (model, trainer, validation loss before, history)."""
+    train, val = blobs()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    trainer = Trainer(model, F.cross_entropy, train, val, [stage], quiet=True)
+    before = trainer.evaluate(val)["loss"]
+    return model, trainer, before, trainer.fit()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "sgd"])
 def test_a_bfloat16_stage_from_toml_trains_with_stochastic_rounding(tmp_path, optimizer: str) -> None:
     path = tmp_path / "job.toml"
@@ -38,12 +48,7 @@ def test_a_bfloat16_stage_from_toml_trains_with_stochastic_rounding(tmp_path, op
     stage = Stage(**load_config(str(path))["stages"][0])
     assert stage.param_dtype == "bfloat16" and stage.stochastic_rounding
     assert "bfloat16 weights with stochastic rounding" in stage.describe()
-    train, val = blobs()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
-    trainer = Trainer(model, F.cross_entropy, train, val, [stage], quiet=True)
-    before = trainer.evaluate(val)["loss"]
-    history = trainer.fit()
+    model, trainer, before, history = train_blobs(stage)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     opt = trainer.phase.optimizer if trainer.phase is not None else None
     if opt is not None:
@@ -90,12 +95,7 @@ def test_a_stage_from_toml_keeps_bfloat16_optimizer_state(tmp_path, optimizer: s
     tensors = [v for v in opt.state[w].values() if isinstance(v, torch.Tensor) and v.numel() == 300]
     assert tensors and all(v.dtype == torch.bfloat16 for v in tensors) and w.dtype == torch.float32
     # And a model trains with it.
-    train, val = blobs()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
-    trainer = Trainer(model, F.cross_entropy, train, val, [stage], quiet=True)
-    before = trainer.evaluate(val)["loss"]
-    history = trainer.fit()
+    model, trainer, before, history = train_blobs(stage)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert history[-1]["val_loss"] < before
 
