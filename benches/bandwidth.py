@@ -165,14 +165,16 @@ class Roofline:
         }
 
 
-def _run_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
-    out = subprocess.run([str(_probe_binary()), str(elements), str(threads), str(reps)], capture_output=True, text=True, check=True)
+def _run_probe(elements: int, threads: int, reps: int, mix: Optional[Tuple[int, int]] = None) -> Dict[str, float]:
+    """stream_probe.rs's best GB/s per mix (only ``mix`` when given), also per layout ("aligned chunks 4:3")."""
+    cmd = [str(_probe_binary()), str(elements), str(threads), str(reps)] + ([f"{mix[0]}:{mix[1]}"] if mix else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     if not data["uniform"]:
         raise RuntimeError(f"stream probe did not stream every element: {out.stdout}")
-    run = {f"{r}:{w}": float(data[f"{r}:{w}"]) for r, w in PATTERNS}
+    run = {f"{r}:{w}": float(data[f"{r}:{w}"]) for r, w in ([mix] if mix else PATTERNS)}
     for layout, mixes in data["layouts"].items():
-        run.update({f"{layout} {mix}": float(v) for mix, v in mixes.items()})
+        run.update({f"{layout} {m}": float(v) for m, v in mixes.items()})
     return run
 
 
@@ -186,23 +188,45 @@ def engine_probe(elements: int, threads: int, reps: int) -> Dict[str, float]:
     """Best GB/s per mix of ``_core.stream_probe`` (oxoptim's engine) over torch-allocated arrays of
     ``elements`` each, with the arrays allocated one by one (as tensors are) and staggered inside
     one buffer; also per layout (``"separate 4:3"``, ``"staggered 4:3"``)."""
-    from oxoptim import _core
-
     out: Dict[str, float] = {}
     for layout, arrays in _engine_layouts(elements, max(r for r, _ in PATTERNS)):
         for r, w in PATTERNS:
-            streams = [[a] for a in arrays[:r]]
-            _core.stream_probe(streams, num_threads=threads)  # warm-up: pages touched, workers up
-            best = 0.0
-            for _ in range(reps):
-                t = time.perf_counter()
-                if not _core.stream_probe(streams, num_threads=threads):
-                    raise RuntimeError("the engine probe refused its arrays")
-                best = max(best, (r + w) * elements * F32 / (time.perf_counter() - t) / 1e9)
+            best = _engine_mix_gbps(arrays, r, w, threads, reps)
             out[f"{layout} {r}:{w}"] = best
             out[f"{r}:{w}"] = max(out.get(f"{r}:{w}", 0.0), best)
-        del arrays, streams  # freed before the next layout is made
+        del arrays  # freed before the next layout is made
     return out
+
+
+def _engine_mix_gbps(arrays: List[torch.Tensor], reads: int, writes: int, threads: int, reps: int) -> float:
+    """Best GB/s of ``reps`` engine probe passes of one mix over the first ``reads`` arrays (after one warm-up pass)."""
+    from oxoptim import _core
+
+    streams = [[a] for a in arrays[:reads]]
+    elements = arrays[0].numel()
+    _core.stream_probe(streams, num_threads=threads)  # warm-up: pages touched, workers up
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        if not _core.stream_probe(streams, num_threads=threads):
+            raise RuntimeError("the engine probe refused its arrays")
+        best = max(best, (reads + writes) * elements * F32 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+class RoundProbe:
+    """A ceiling for one mix taken between benchmark rounds, so that a row's % compares it with the
+    machine as it was in the same minute (a VM's bandwidth drifts between minutes): the best of both
+    probes, the engine's arrays (both layouts) kept for the whole case."""
+
+    def __init__(self, elements: int, threads: int, reads: int, writes: int) -> None:
+        self.elements, self.threads, self.mix = elements, threads, (reads, writes)
+        self.layouts = list(_engine_layouts(elements, reads))
+
+    def measure(self, reps: int) -> float:
+        r, w = self.mix
+        best = max(_engine_mix_gbps(arrays, r, w, self.threads, reps) for _, arrays in self.layouts)
+        return max(best, _run_probe(self.elements, self.threads, reps, self.mix)[f"{r}:{w}"])
 
 
 def _engine_layouts(elements: int, arity: int) -> Iterator[Tuple[str, List[torch.Tensor]]]:

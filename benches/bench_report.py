@@ -79,11 +79,21 @@ class Table:
     def working_set(self, rec: dict) -> int:
         return rec["reads"] * rec["numel"] * F32
 
+    def roofline_percent(self, rec: dict) -> Tuple[float, float, float]:
+        """% of the DRAM roofline as min, median, max: per round against that round's probe when the
+        run probed every round, else the median against the run's best probe (min = max = median)."""
+        if rec.get("probe_gbps"):
+            moved = (rec["reads"] + rec["writes"]) * rec["numel"] * F32 / 1e6  # GB/s = moved / ms
+            return ratio_rounds([100 * moved / ms for ms in rec["ms"]], rec["probe_gbps"])
+        pct = 100 * self.gbps(rec) / self.roof[(rec["reads"], rec["writes"])]
+        return pct, pct, pct
+
     def roofline_cell(self, rec: dict) -> str:
         label = cache_label(self.working_set(rec), self.llc)
         if label is not None:
             return label
-        return f"{100 * self.gbps(rec) / self.roof[(rec['reads'], rec['writes'])]:.0f}%"
+        lo, mid, hi = self.roofline_percent(rec)
+        return f"{mid:.0f}% ({lo:.0f}–{hi:.0f})" if rec.get("probe_gbps") else f"{mid:.0f}%"
 
     def speedup(self, set_name: str, case: str, impl: str, mode: str) -> Tuple[float, float, float]:
         """oxoptim's per-round speedup over ``impl`` (impl ms / oxoptim ms)."""
@@ -127,8 +137,14 @@ def header_lines(data: dict) -> List[str]:
         f"- {data['rounds']} round-robin rounds; per step only `step()` is timed; medians over rounds, speedups are per-round ratios "
         "(contender ms / oxoptim ms in the same round, > 1: oxoptim faster) as median (min–max)",
         "- GB/s counts each array read or written once per step (SGD momentum 3 read + 2 written, Adam/AdamW 4 + 3, plain SGD/Subgradient "
-        "2 + 1, EMA 2 + 1; 4 bytes each); % is of the probe with the same mix; rows whose working set (arrays read × size) is under "
-        "4× the LLC show its size in LLCs instead",
+        "2 + 1, EMA 2 + 1; 4 bytes each); "
+        + (
+            "% is per round, of that round's ceiling (both probes with the same mix, run before and after every round of the case; "
+            "the better of the two either side), as median (min–max) over rounds"
+            if any(r.get("probe_gbps") for r in data["results"])
+            else "% is of the probe with the same mix"
+        )
+        + "; rows whose working set (arrays read × size) is under 4× the LLC show its size in LLCs instead",
         f"- command: `{data['command']}`",
     ]
 
@@ -217,7 +233,7 @@ def findings(t: Table) -> List[str]:
     over = []
     for rec in t.data["results"]:
         if rec["ms"] and rec["mode"] in ("fresh", "none") and cache_label(t.working_set(rec), t.llc) is None:
-            pct = 100 * t.gbps(rec) / t.roof[(rec["reads"], rec["writes"])]
+            pct = t.roofline_percent(rec)[1]
             if pct > 100:
                 over.append(f"{rec['set']} {rec['case']} {rec['impl']} {pct:.0f}%")
     diffs = mode_differences(t)

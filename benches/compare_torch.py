@@ -31,6 +31,7 @@ assertions: this is a measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -46,7 +47,7 @@ import torch.optim.optimizer as _torch_optimizer
 import oxoptim
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bandwidth import measure_roofline  # noqa: E402
+from bandwidth import RoundProbe, cache_label, measure_roofline  # noqa: E402
 from bench_report import chart, compare_markdown, machine_line  # noqa: E402
 
 Shape = Tuple[int, ...]
@@ -252,8 +253,20 @@ def _timed_block(c: Contender, grads: List[torch.Tensor], mode: str, n_steps: in
     return total / n_steps
 
 
-def run_case(shapes: List[Shape], case: Case, rounds: int, target_s: float, grad_modes: Sequence[str] = GRAD_MODES) -> Tuple[List[dict], int]:
-    """Times every contender of ``case`` in ``grad_modes``; returns result records and steps per block."""
+def run_case(
+    shapes: List[Shape],
+    case: Case,
+    rounds: int,
+    target_s: float,
+    grad_modes: Sequence[str] = GRAD_MODES,
+    probe: Optional[Callable[[], float]] = None,
+) -> Tuple[List[dict], int]:
+    """Times every contender of ``case`` in ``grad_modes``; returns result records and steps per block.
+
+    With ``probe`` (GB/s of the case's stream mix), it also runs before the first round and after
+    each one; every record then carries ``probe_gbps``, round r's ceiling: the better of the probes
+    either side of it.
+    """
     gen = torch.Generator().manual_seed(0)
     grads = [torch.empty(s).uniform_(-1e-3, 1e-3, generator=gen) for s in shapes]
     base = [torch.empty(s).uniform_(-0.05, 0.05, generator=gen) for s in shapes]
@@ -282,12 +295,16 @@ def run_case(shapes: List[Shape], case: Case, rounds: int, target_s: float, grad
     n_steps = max(1, min(200, int(target_s / max(slowest, 1e-6))))
     times: Dict[Tuple[str, str], List[float]] = {(impl, mode): [] for impl in contenders for mode in modes}
     order = list(contenders)
+    probes = [probe()] if probe else []
     for r in range(rounds):
         k = r % len(order) if order else 0
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             for impl in order[k:] + order[:k]:
                 times[(impl, mode)].append(1e3 * _timed_block(contenders[impl], grads, mode, n_steps))
-    records += [dict(impl=impl, mode=mode, ms=ts, note=notes.get(impl, "")) for (impl, mode), ts in times.items()]
+        if probe:
+            probes.append(probe())
+    ceilings = {"probe_gbps": [max(a, b) for a, b in zip(probes, probes[1:])]} if probe else {}
+    records += [dict(impl=impl, mode=mode, ms=ts, note=notes.get(impl, ""), **ceilings) for (impl, mode), ts in times.items()]
     contenders.clear()
     del grads
     gc.collect()
@@ -326,6 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rounds = args.rounds or (3 if args.quick else 7)
     target = args.target or (0.02 if args.quick else 0.25)
     probe_reps = 5 if args.quick else 10
+    round_reps = 2 if args.quick else 3
     out = args.out or here / "results" / ("compare_torch_quick.md" if args.quick else "compare_torch.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python benches/compare_torch.py"] + without_out(list(argv if argv is not None else sys.argv[1:])))
@@ -349,7 +367,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if sel_opts and not any(s in case.name.lower() for s in sel_opts):
                 continue
             t_case = time.perf_counter()
-            records, n_steps = run_case(shapes, case, rounds, target)
+            # DRAM-bound rows get a ceiling per round (see RoundProbe); arrays for it only then.
+            round_probe = None
+            if cache_label(case.reads * numel * 4, roof.llc) is None:
+                round_probe = RoundProbe(roof.elements, roof.threads, case.reads, case.writes)
+            probe = functools.partial(round_probe.measure, round_reps) if round_probe else None
+            records, n_steps = run_case(shapes, case, rounds, target, probe=probe)
+            del round_probe, probe
             print(f"  -- {case.name}: {n_steps} steps per block, {time.perf_counter() - t_case:.1f} s")
             for rec in records:
                 rec.update({"set": set_name, "tensors": len(shapes), "numel": numel, "case": case.name, "reads": case.reads, "writes": case.writes, "steps_per_block": n_steps})

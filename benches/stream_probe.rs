@@ -20,7 +20,8 @@
 //! pattern over the four, and per layout; bytes counted as (R + W) · n · 4 per pass, i.e.
 //! each array read or written once.
 //!
-//! usage: stream_probe ELEMENTS_PER_ARRAY THREADS REPS
+//! usage: stream_probe ELEMENTS_PER_ARRAY THREADS REPS [READS:WRITES]
+//! (with a mix, only that one runs: the per-round probe of `compare_torch.py`)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -119,14 +120,28 @@ fn timed_pass(buffers: &mut [Vec<f32>], len: usize, stagger: usize, chunk: usize
     start.elapsed().as_secs_f64()
 }
 
+const USAGE: &str = "usage: stream_probe ELEMENTS_PER_ARRAY THREADS REPS [READS:WRITES]";
+const MIXES: [(usize, usize); 3] = [(2, 1), (3, 2), (4, 3)];
+
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("usage: stream_probe ELEMENTS_PER_ARRAY THREADS REPS"))
-        .collect();
-    let [n, threads, reps] = args[..] else {
-        panic!("usage: stream_probe ELEMENTS_PER_ARRAY THREADS REPS");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (numbers, mix) = match args.len() {
+        3 => (&args[..], None),
+        4 => (&args[..3], Some(args[3].as_str())),
+        _ => panic!("{USAGE}"),
     };
+    let numbers: Vec<usize> = numbers.iter().map(|a| a.parse().expect(USAGE)).collect();
+    let [n, threads, reps] = numbers[..] else {
+        panic!("{USAGE}");
+    };
+    let mixes: Vec<(usize, usize)> = match mix {
+        None => MIXES.to_vec(),
+        Some(m) => vec![*MIXES
+            .iter()
+            .find(|(r, w)| format!("{r}:{w}") == m)
+            .unwrap_or_else(|| panic!("unknown mix {m}; {USAGE}"))],
+    };
+    let arrays = mixes.iter().map(|(r, _)| *r).max().unwrap_or(2);
     let threads = threads.max(1);
     // Written once (first touch) before any timing; distinct values per array.
     // Each layout with two ways of sharing the work: chunks of CHUNK taken in
@@ -143,11 +158,11 @@ fn main() {
     let mut per_layout = Vec::new();
     let mut checksum = 0.0f64;
     let mut uniform = true;
-    let mut best_gbps = [0.0f64; 3];
+    let mut best_gbps = vec![0.0f64; mixes.len()];
     for (name, stagger, chunk) in layouts {
-        let mut buffers: Vec<Vec<f32>> = (0..4).map(|k| vec![1.0 / (k as f32 + 2.0); n + 3 * stagger]).collect();
+        let mut buffers: Vec<Vec<f32>> = (0..arrays).map(|k| vec![1.0 / (k as f32 + 2.0); n + 3 * stagger]).collect();
         let mut layout_fields = Vec::new();
-        for (i, (reads, writes)) in [(2usize, 1usize), (3, 2), (4, 3)].into_iter().enumerate() {
+        for (i, &(reads, writes)) in mixes.iter().enumerate() {
             let best = (0..reps.max(1))
                 .map(|_| timed_pass(&mut buffers, n, stagger, chunk, reads, threads))
                 .fold(f64::INFINITY, f64::min);
@@ -164,7 +179,7 @@ fn main() {
             uniform &= a.iter().all(|x| *x == a[0]);
         }
     }
-    for (i, (reads, writes)) in [(2usize, 1usize), (3, 2), (4, 3)].into_iter().enumerate() {
+    for (i, (reads, writes)) in mixes.iter().enumerate() {
         fields.push(format!("\"{reads}:{writes}\": {:.3}", best_gbps[i]));
     }
     println!(

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import oxoptim
+
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 sys.path.insert(0, str(BENCHES))
 
@@ -281,6 +283,62 @@ def test_rows_beating_the_probe_and_a_weak_probe_are_flagged():
     assert bench_report.findings(bench_report.Table(data))[1].startswith("- rows above 100% of their DRAM roofline: big Adam oxoptim 112% —")
     data["roofline"]["torch_inplace_gbps"] = 41.0  # above the 2:1 probe's 40
     assert "probe is not a ceiling in this run" in "\n".join(bench_report.header_lines(data))
+
+
+def test_percent_of_roofline_is_per_round_against_that_rounds_probe():
+    # big oxoptim moves 5.6 GB per step: 100, 110, 90 ms are 56, 50.9, 62.2 GB/s; the machine sped up in
+    # round 2 (probe 70): against the run's best probe (70) round 0 would read 80%, against its own 100%.
+    data = _synthetic()
+    for rec in data["results"]:
+        rec["probe_gbps"] = [56.0, 56.0, 70.0]
+    data["roofline"]["gbps"]["4:3"] = 70.0
+    t = bench_report.Table(data)
+    ox = t.get("big", "Adam", "oxoptim", "fresh")
+    lo, mid, hi = t.roofline_percent(ox)
+    assert (round(lo, 1), round(mid, 1), round(hi, 1)) == (88.9, 90.9, 100.0)
+    assert t.roofline_cell(ox) == "91% (89–100)"
+    assert "% is per round, of that round's ceiling" in "\n".join(bench_report.header_lines(data))
+    # judged per round: a run-wide best probe of 50 would flag 112%, the rounds' own probes do not
+    data["roofline"]["gbps"]["4:3"] = 50.0
+    assert bench_report.findings(bench_report.Table(data))[1] == "- rows above 100% of their DRAM roofline: none."
+    for rec in data["results"]:
+        rec["probe_gbps"] = [50.0, 50.0, 50.0]
+    assert "big Adam oxoptim 112%" in bench_report.findings(bench_report.Table(data))[1]
+
+
+def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neighbour():
+    probes = iter([10.0, 30.0, 20.0, 5.0])
+    calls = []
+
+    def probe():
+        calls.append(len(calls))
+        return next(probes)
+
+    case = compare_torch.Case("SGD", 2, 1, {"oxoptim": compare_torch._opt(oxoptim.Subgradient, lr=1e-3)})
+    records, _ = compare_torch.run_case([(8,)], case, rounds=3, target_s=1e-4, probe=probe)
+    assert len(calls) == 4  # before round 0, after each of 3
+    assert all(r["probe_gbps"] == [30.0, 30.0, 20.0] for r in records)
+    assert all(len(r["ms"]) == 3 for r in records)
+    records, _ = compare_torch.run_case([(8,)], case, rounds=2, target_s=1e-4)
+    assert all("probe_gbps" not in r for r in records)
+
+
+@pytest.mark.skipif(shutil.which("rustc") is None, reason="rustc absent: the probe cannot be built")
+def test_round_probe_runs_its_mix_on_both_probes(monkeypatch):
+    rust_calls = []
+    real = bandwidth._run_probe
+
+    def run_probe(*args):
+        rust_calls.append(args)
+        out = real(*args)
+        assert set(k for k in out if ":" in k and " " not in k) == {"3:2"}  # only the asked mix ran
+        return out
+
+    monkeypatch.setattr(bandwidth, "_run_probe", run_probe)
+    probe = bandwidth.RoundProbe(50_003, 2, 3, 2)
+    assert [len(arrays) for _, arrays in probe.layouts] == [3, 3]
+    assert probe.measure(1) > 0
+    assert rust_calls == [(50_003, 2, 1, (3, 2))]
 
 
 def test_readme_block_is_replaced_and_checked(tmp_path):
