@@ -213,7 +213,9 @@ impl<'py> Gathered<'py> {
         let batch = if self.streams.is_empty() {
             batch
         } else {
-            batch.with_streams(self.streams.clone()).map_err(core_error)?
+            batch
+                .with_streams(self.streams.clone())
+                .map_err(core_error)?
         };
         let batch = Arc::new(batch);
         // SAFETY: the cells were described like the arrays, from live 0-d CPU
@@ -313,7 +315,9 @@ fn step<'py>(
         if !gathered.push(None, &param, &grads[i], &state, &cells, comp.as_ref())? {
             return Ok(false);
         }
-        gathered.streams.extend(stream_ids.as_ref().map(|ids| ids[i]));
+        gathered
+            .streams
+            .extend(stream_ids.as_ref().map(|ids| ids[i]));
     }
     let memos = (&mut DisjointMemo::default(), &mut DisjointMemo::default());
     if !gathered.run(&entry, configured.as_ref(), exec, memos)? {
@@ -407,7 +411,9 @@ fn group_step<'py>(
         if !gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells, comp.as_ref())? {
             return Ok(false);
         }
-        gathered.streams.extend(stream_ids.as_ref().map(|ids| ids[i]));
+        gathered
+            .streams
+            .extend(stream_ids.as_ref().map(|ids| ids[i]));
     }
     let exec = exec(num_threads, None)?.with_rounding(rounding);
     if !gathered.run(
