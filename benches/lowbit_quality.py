@@ -18,6 +18,7 @@ fp32 AdamW in %, optimizer state bytes per parameter, and seconds per run.
 
     python benches/lowbit_quality.py                        # 3 seeds, 400 steps
     python benches/lowbit_quality.py --seeds 0 --steps 60   # quick check
+    python benches/lowbit_quality.py --jobs 2 ...            # runs in 2 processes of --threads each
 
 No assertions: a measurement. Writes ``--out`` (default benches/results/lowbit_quality.md) and JSON
 beside it.
@@ -26,8 +27,10 @@ beside it.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -103,6 +106,28 @@ def run(label: str, seed: int, corpus, args) -> dict:
             "state_bytes_per_param": state_bytes / n_params, "params": n_params}
 
 
+_WORKER: dict = {}
+
+
+def _corpus(args):
+    return build_corpus(pretraining_lines(["tag"], []), min_count=3, max_vocab=3000, val_fraction=0.02,
+                        max_chars=args.max_chars, seed=0)
+
+
+def _start_worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    _WORKER.update(args=args, corpus=_corpus(args))
+
+
+def _run_in_worker(label: str, seed: int) -> dict:
+    return run(label, seed, _WORKER["corpus"], _WORKER["args"])
+
+
+def _report(r: dict) -> None:
+    print(f"{r['variant']:>20} seed {r['seed']}: val {r['val_bpc']:.4f} bpc, {r['seconds']:.0f}s, "
+          f"state {r['state_bytes_per_param']:.2f} B/param", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -115,19 +140,26 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-chars", type=int, default=1_500_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (spawned)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lowbit_quality.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    corpus = build_corpus(pretraining_lines(["tag"], []), min_count=3, max_vocab=3000, val_fraction=0.02,
-                          max_chars=args.max_chars, seed=0)
+    corpus = _corpus(args)
+    pairs = [(label, seed) for seed in args.seeds for label in args.variants]
     rows: List[dict] = []
-    for seed in args.seeds:
-        for label in args.variants:
-            r = run(label, seed, corpus, args)
-            rows.append(r)
-            print(f"{label:>20} seed {seed}: val {r['val_bpc']:.4f} bpc, {r['seconds']:.0f}s, "
-                  f"state {r['state_bytes_per_param']:.2f} B/param", flush=True)
+    if args.jobs <= 1:
+        for label, seed in pairs:
+            rows.append(run(label, seed, corpus, args))
+            _report(rows[-1])
+    else:
+        # Each run is the same computation whatever process it lands in: results do not depend on --jobs.
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_start_worker, initargs=(args,)) as pool:
+            futures = [pool.submit(_run_in_worker, label, seed) for label, seed in pairs]
+            for f in concurrent.futures.as_completed(futures):
+                _report(f.result())
+            rows = [f.result() for f in futures]  # in (seed, variant) order
     ref = statistics.fmean(r["val_bpc"] for r in rows if r["variant"] == "fp32 AdamW") \
         if any(r["variant"] == "fp32 AdamW" for r in rows) else None
     lines = [

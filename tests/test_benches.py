@@ -552,3 +552,19 @@ def test_seeded_runs_rewrite_results_after_every_row_and_reuse_only_the_same_nam
     assert again.earlier("a", 3, cfg) is None and again.earlier("b", 2, cfg) is None
     assert again.earlier("a", 2, {"lr": 0.2}) is None  # another configuration
     assert results(reuse=False).earlier("a", 2, cfg) is None
+
+
+def test_lowbit_quality_gives_the_same_runs_in_parallel_processes_as_in_one(tmp_path):
+    import lowbit_quality
+
+    tiny = ["--seeds", "0", "1", "--steps", "3", "--warmup", "1", "--batch", "2", "--block", "8", "--layers", "1",
+            "--dim", "16", "--max-chars", "20000", "--variants", "fp32 AdamW", "bf16 + SR"]
+    rows = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"q{jobs}.md"
+        assert lowbit_quality.main(tiny + ["--jobs", jobs, "--out", str(out)]) == 0
+        rows[jobs] = json.loads(out.with_suffix(".json").read_text())["rows"]
+    key = [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["1"]]
+    assert key == [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["2"]]
+    assert [(v, s) for v, s, *_ in key] == [("fp32 AdamW", 0), ("bf16 + SR", 0), ("fp32 AdamW", 1), ("bf16 + SR", 1)]
+    assert len({v for _, _, v, _ in key}) == 4  # the runs differ: not one result copied
