@@ -114,6 +114,13 @@ def shape_sets(quick: bool) -> Dict[str, List[Shape]]:
     }
 
 
+#: Sets run only when ``--sets`` names them.
+EXTRA_SETS: Dict[str, List[Shape]] = {
+    # In cache: a step is bound by arithmetic, not memory (Adam: torch's sqrt and two divisions per element).
+    "one 100K tensor": [(100_000,)],
+}
+
+
 # --------------------------------------------------------------------------- contenders
 
 Build = Callable[[List[torch.Tensor]], Callable[[], None]]
@@ -334,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds per case (default 7, quick 3)")
     ap.add_argument("--target", type=float, help="seconds per contender per mode per round (default 0.25, quick 0.02)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (oxoptim follows torch.get_num_threads())")
-    ap.add_argument("--sets", help="comma-separated substrings selecting shape sets")
+    ap.add_argument("--sets", help="comma-separated substrings selecting shape sets (also: 'one 100K tensor', in cache)")
     ap.add_argument("--optimizers", help="comma-separated substrings selecting optimizers")
     ap.add_argument("--out", type=Path, help="markdown output (default benches/results/compare_torch[_quick].md); .json and .png alongside")
     args = ap.parse_args(argv)
@@ -358,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sel_opts = [s.strip().lower() for s in args.optimizers.split(",")] if args.optimizers else None
     results: List[dict] = []
     t0 = time.perf_counter()
-    for set_name, shapes in shape_sets(args.quick).items():
+    for set_name, shapes in {**shape_sets(args.quick), **(EXTRA_SETS if sel_sets else {})}.items():
         if sel_sets and not any(s in set_name.lower() for s in sel_sets):
             continue
         numel = sum(int(torch.Size(s).numel()) for s in shapes)
