@@ -325,20 +325,31 @@ def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neigh
 
 @pytest.mark.skipif(shutil.which("rustc") is None, reason="rustc absent: the probe cannot be built")
 def test_round_probe_runs_its_mix_on_both_probes(monkeypatch):
-    rust_calls = []
-    real = bandwidth._run_probe
+    rust_calls, engine_calls = [], []
+    real_rust, real_engine = bandwidth._run_probe, bandwidth._engine_mix_gbps
+    engine_says = {"gbps": 1e6}
 
     def run_probe(*args):
         rust_calls.append(args)
-        out = real(*args)
+        out = real_rust(*args)
         assert set(k for k in out if ":" in k and " " not in k) == {"3:2"}  # only the asked mix ran
         return out
 
+    def engine(arrays, reads, writes, threads, reps):
+        engine_calls.append((len(arrays), arrays[0].numel(), reads, writes, threads, reps))
+        assert real_engine(arrays, reads, writes, threads, reps) > 0  # the engine's pass itself runs
+        return engine_says["gbps"]
+
     monkeypatch.setattr(bandwidth, "_run_probe", run_probe)
+    monkeypatch.setattr(bandwidth, "_engine_mix_gbps", engine)
     probe = bandwidth.RoundProbe(50_003, 2, 3, 2)
     assert [len(arrays) for _, arrays in probe.layouts] == [3, 3]
-    assert probe.measure(1) > 0
+    # the ceiling is the better of the two probes, whichever it is
+    assert probe.measure(1) == 1e6  # the engine's (stubbed far above any real stream)
+    assert engine_calls == [(3, 50_003, 3, 2, 2, 1)] * 2  # both layouts, the case's mix
     assert rust_calls == [(50_003, 2, 1, (3, 2))]
+    engine_says["gbps"] = 0.0
+    assert 0 < probe.measure(1) < 1e6  # stream_probe.rs's
 
 
 def test_readme_block_is_replaced_and_checked(tmp_path):
