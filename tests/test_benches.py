@@ -571,10 +571,16 @@ def test_lowbit_quality_gives_the_same_runs_in_parallel_processes_as_in_one(tmp_
     tiny = ["--seeds", "0", "1", "--steps", "3", "--warmup", "1", "--batch", "2", "--block", "8", "--layers", "1",
             "--dim", "16", "--max-chars", "20000", "--variants", "fp32 AdamW", "bf16 + SR"]
     rows = {}
-    for jobs in ("1", "2"):
-        out = tmp_path / f"q{jobs}.md"
-        assert lowbit_quality.main(tiny + ["--jobs", jobs, "--out", str(out)]) == 0
-        rows[jobs] = json.loads(out.with_suffix(".json").read_text())["rows"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for jobs in ("1", "2"):
+            out = tmp_path / f"q{jobs}.md"
+            assert lowbit_quality.main(tiny + ["--threads", "1", "--jobs", jobs, "--out", str(out)]) == 0
+            rows[jobs] = json.loads(out.with_suffix(".json").read_text())["rows"]
+            assert torch.get_num_threads() == 2  # --threads holds for the runs only, not for the tests after this one
+    finally:
+        torch.set_num_threads(threads)
     key = [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["1"]]
     assert key == [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["2"]]
     assert [(v, s) for v, s, *_ in key] == [("fp32 AdamW", 0), ("bf16 + SR", 0), ("fp32 AdamW", 1), ("bf16 + SR", 1)]
