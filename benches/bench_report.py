@@ -83,6 +83,11 @@ class Table:
         """% of the DRAM roofline as min, median, max: per round against that round's probe when the
         run probed every round, else the median against the run's best probe (min = max = median)."""
         if rec.get("probe_gbps"):
+            if len(rec["probe_gbps"]) != len(rec["ms"]):
+                raise ValueError(
+                    f"{rec.get('set')} {rec.get('case')} {rec.get('impl')} {rec.get('mode')}: {len(rec['ms'])} rounds but "
+                    f"{len(rec['probe_gbps'])} ceilings (probe_gbps holds one per round)"
+                )
             moved = (rec["reads"] + rec["writes"]) * rec["numel"] * F32 / 1e6  # GB/s = moved / ms
             return ratio_rounds([100 * moved / ms for ms in rec["ms"]], rec["probe_gbps"])
         pct = 100 * self.gbps(rec) / self.roof[(rec["reads"], rec["writes"])]

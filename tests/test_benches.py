@@ -306,6 +306,17 @@ def test_percent_of_roofline_is_per_round_against_that_rounds_probe():
     assert "big Adam oxoptim 112%" in bench_report.findings(bench_report.Table(data))[1]
 
 
+def test_percent_per_round_refuses_a_ceiling_list_that_does_not_match_the_rounds():
+    # zip() would pair round r's time with another round's ceiling, or drop rounds, without a word
+    data = _synthetic()
+    t = bench_report.Table(data)
+    ox = t.get("big", "Adam", "oxoptim", "fresh")
+    for ceilings in ([56.0, 70.0], [56.0, 56.0, 70.0, 70.0]):
+        ox["probe_gbps"] = ceilings
+        with pytest.raises(ValueError, match="3 rounds but 2 ceilings|3 rounds but 4 ceilings"):
+            t.roofline_percent(ox)
+
+
 def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neighbour():
     probes = iter([10.0, 30.0, 20.0, 5.0])
     calls = []
