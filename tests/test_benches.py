@@ -317,6 +317,14 @@ def test_percent_per_round_refuses_a_ceiling_list_that_does_not_match_the_rounds
             t.roofline_percent(ox)
 
 
+def test_a_row_just_above_the_roofline_is_not_listed_as_100_percent():
+    # "rows above 100%: ... 100%" reads as a contradiction: the list shows what puts the row over
+    data = _synthetic()
+    ox = next(r for r in data["results"] if (r["set"], r["impl"], r["mode"]) == ("big", "oxoptim", "fresh"))
+    ox["ms"], ox["probe_gbps"] = [100.0] * 3, [56.0 / 1.002] * 3  # 56 GB/s every round: 100.2%
+    assert "big Adam oxoptim 100.2% —" in bench_report.findings(bench_report.Table(data))[1]
+
+
 def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neighbour():
     probes = iter([10.0, 30.0, 20.0, 5.0])
     calls = []
