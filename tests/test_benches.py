@@ -342,6 +342,29 @@ def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neigh
     assert all("probe_gbps" not in r for r in records)
 
 
+def test_run_case_ceilings_line_up_with_rounds_past_an_unavailable_contender_and_in_mode_none():
+    def unavailable(params):
+        raise RuntimeError("no fused path here")
+
+    probes = iter(float(x) for x in range(100))
+    for reads_grads, modes in ((True, {"fresh", "reused"}), (False, {"none"})):
+        contenders = {"torch fused": unavailable, "oxoptim": compare_torch._opt(oxoptim.Subgradient, lr=1e-3)}
+        case = compare_torch.Case("SGD", 2, 1, contenders, reads_grads=reads_grads)
+        records, _ = compare_torch.run_case([(8,)], case, rounds=2, target_s=1e-4, probe=lambda: next(probes))
+        fused = [r for r in records if r["impl"] == "torch fused"]
+        assert len(fused) == 1 and fused[0]["ms"] == [] and "probe_gbps" not in fused[0]
+        timed = [r for r in records if r["impl"] == "oxoptim"]
+        assert {r["mode"] for r in timed} == modes
+        assert all(len(r["ms"]) == len(r["probe_gbps"]) == 2 for r in timed)
+    # the unavailable contender's row renders as n/a beside per-round rows
+    for r in records:
+        r.update(set="big", tensors=1, numel=200_000_000, case="SGD", reads=2, writes=1, steps_per_block=1)
+    data = _synthetic()
+    data["results"] = records
+    md = bench_report.compare_markdown(data)
+    assert "| big | SGD | torch fused | n/a | | | | | unavailable: RuntimeError: no fused path here |" in md
+
+
 @pytest.mark.skipif(shutil.which("rustc") is None, reason="rustc absent: the probe cannot be built")
 def test_round_probe_runs_its_mix_on_both_probes(monkeypatch):
     rust_calls, engine_calls = [], []
