@@ -83,6 +83,11 @@ class Table:
         """% of the DRAM roofline as min, median, max: per round against that round's probe when the
         run probed every round, else the median against the run's best probe (min = max = median)."""
         if rec.get("probe_gbps"):
+            if len(rec["probe_gbps"]) != len(rec["ms"]):
+                raise ValueError(
+                    f"{rec.get('set')} {rec.get('case')} {rec.get('impl')} {rec.get('mode')}: {len(rec['ms'])} rounds but "
+                    f"{len(rec['probe_gbps'])} ceilings (probe_gbps holds one per round)"
+                )
             moved = (rec["reads"] + rec["writes"]) * rec["numel"] * F32 / 1e6  # GB/s = moved / ms
             return ratio_rounds([100 * moved / ms for ms in rec["ms"]], rec["probe_gbps"])
         pct = 100 * self.gbps(rec) / self.roof[(rec["reads"], rec["writes"])]
@@ -235,7 +240,8 @@ def findings(t: Table) -> List[str]:
         if rec["ms"] and rec["mode"] in ("fresh", "none") and cache_label(t.working_set(rec), t.llc) is None:
             pct = t.roofline_percent(rec)[1]
             if pct > 100:
-                over.append(f"{rec['set']} {rec['case']} {rec['impl']} {pct:.0f}%")
+                shown = f"{pct:.0f}" if pct >= 100.5 else f"{pct:.1f}"  # never "100%" in a list of rows above 100%
+                over.append(f"{rec['set']} {rec['case']} {rec['impl']} {shown}%")
     diffs = mode_differences(t)
     out = [
         "- oxoptim slower than a torch path (fresh gradients, median speedup < 1): " + ("; ".join(slower) if slower else "none") + ".",

@@ -271,8 +271,8 @@ def run_case(
     """Times every contender of ``case`` in ``grad_modes``; returns result records and steps per block.
 
     With ``probe`` (GB/s of the case's stream mix), it also runs before the first round and after
-    each one; every record then carries ``probe_gbps``, round r's ceiling: the better of the probes
-    either side of it.
+    each one; every timed record (not an unavailable contender's) then carries ``probe_gbps``, round r's
+    ceiling: the better of the probes either side of it.
     """
     gen = torch.Generator().manual_seed(0)
     grads = [torch.empty(s).uniform_(-1e-3, 1e-3, generator=gen) for s in shapes]

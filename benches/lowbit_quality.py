@@ -128,6 +128,30 @@ def _report(r: dict) -> None:
           f"state {r['state_bytes_per_param']:.2f} B/param", flush=True)
 
 
+def _all_runs(args, corpus) -> List[dict]:
+    """Every run, in (seed, variant) order, on --threads threads: here, or in --jobs spawned processes.
+    This process's thread count is restored after (main() is also called from the tests)."""
+    pairs = [(label, seed) for seed in args.seeds for label in args.variants]
+    if args.jobs > 1:
+        # Each run is the same computation whatever process it lands in: results do not depend on --jobs.
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_start_worker, initargs=(args,)) as pool:
+            futures = [pool.submit(_run_in_worker, label, seed) for label, seed in pairs]
+            for f in concurrent.futures.as_completed(futures):
+                _report(f.result())
+            return [f.result() for f in futures]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows: List[dict] = []
+        for label, seed in pairs:
+            rows.append(run(label, seed, corpus, args))
+            _report(rows[-1])
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -144,22 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lowbit_quality.md"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     corpus = _corpus(args)
-    pairs = [(label, seed) for seed in args.seeds for label in args.variants]
-    rows: List[dict] = []
-    if args.jobs <= 1:
-        for label, seed in pairs:
-            rows.append(run(label, seed, corpus, args))
-            _report(rows[-1])
-    else:
-        # Each run is the same computation whatever process it lands in: results do not depend on --jobs.
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_start_worker, initargs=(args,)) as pool:
-            futures = [pool.submit(_run_in_worker, label, seed) for label, seed in pairs]
-            for f in concurrent.futures.as_completed(futures):
-                _report(f.result())
-            rows = [f.result() for f in futures]  # in (seed, variant) order
+    rows = _all_runs(args, corpus)
     ref = statistics.fmean(r["val_bpc"] for r in rows if r["variant"] == "fp32 AdamW") \
         if any(r["variant"] == "fp32 AdamW" for r in rows) else None
     lines = [

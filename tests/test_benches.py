@@ -306,6 +306,25 @@ def test_percent_of_roofline_is_per_round_against_that_rounds_probe():
     assert "big Adam oxoptim 112%" in bench_report.findings(bench_report.Table(data))[1]
 
 
+def test_percent_per_round_refuses_a_ceiling_list_that_does_not_match_the_rounds():
+    # zip() would pair round r's time with another round's ceiling, or drop rounds, without a word
+    data = _synthetic()
+    t = bench_report.Table(data)
+    ox = t.get("big", "Adam", "oxoptim", "fresh")
+    for ceilings in ([56.0, 70.0], [56.0, 56.0, 70.0, 70.0]):
+        ox["probe_gbps"] = ceilings
+        with pytest.raises(ValueError, match="3 rounds but 2 ceilings|3 rounds but 4 ceilings"):
+            t.roofline_percent(ox)
+
+
+def test_a_row_just_above_the_roofline_is_not_listed_as_100_percent():
+    # "rows above 100%: ... 100%" reads as a contradiction: the list shows what puts the row over
+    data = _synthetic()
+    ox = next(r for r in data["results"] if (r["set"], r["impl"], r["mode"]) == ("big", "oxoptim", "fresh"))
+    ox["ms"], ox["probe_gbps"] = [100.0] * 3, [56.0 / 1.002] * 3  # 56 GB/s every round: 100.2%
+    assert "big Adam oxoptim 100.2% —" in bench_report.findings(bench_report.Table(data))[1]
+
+
 def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neighbour():
     probes = iter([10.0, 30.0, 20.0, 5.0])
     calls = []
@@ -323,22 +342,56 @@ def test_run_case_probes_before_and_after_every_round_and_keeps_the_better_neigh
     assert all("probe_gbps" not in r for r in records)
 
 
+def test_run_case_ceilings_line_up_with_rounds_past_an_unavailable_contender_and_in_mode_none():
+    def unavailable(params):
+        raise RuntimeError("no fused path here")
+
+    probes = iter(float(x) for x in range(100))
+    for reads_grads, modes in ((True, {"fresh", "reused"}), (False, {"none"})):
+        contenders = {"torch fused": unavailable, "oxoptim": compare_torch._opt(oxoptim.Subgradient, lr=1e-3)}
+        case = compare_torch.Case("SGD", 2, 1, contenders, reads_grads=reads_grads)
+        records, _ = compare_torch.run_case([(8,)], case, rounds=2, target_s=1e-4, probe=lambda: next(probes))
+        fused = [r for r in records if r["impl"] == "torch fused"]
+        assert len(fused) == 1 and fused[0]["ms"] == [] and "probe_gbps" not in fused[0]
+        timed = [r for r in records if r["impl"] == "oxoptim"]
+        assert {r["mode"] for r in timed} == modes
+        assert all(len(r["ms"]) == len(r["probe_gbps"]) == 2 for r in timed)
+    # the unavailable contender's row renders as n/a beside per-round rows
+    for r in records:
+        r.update(set="big", tensors=1, numel=200_000_000, case="SGD", reads=2, writes=1, steps_per_block=1)
+    data = _synthetic()
+    data["results"] = records
+    md = bench_report.compare_markdown(data)
+    assert "| big | SGD | torch fused | n/a | | | | | unavailable: RuntimeError: no fused path here |" in md
+
+
 @pytest.mark.skipif(shutil.which("rustc") is None, reason="rustc absent: the probe cannot be built")
 def test_round_probe_runs_its_mix_on_both_probes(monkeypatch):
-    rust_calls = []
-    real = bandwidth._run_probe
+    rust_calls, engine_calls = [], []
+    real_rust, real_engine = bandwidth._run_probe, bandwidth._engine_mix_gbps
+    engine_says = {"gbps": 1e6}
 
     def run_probe(*args):
         rust_calls.append(args)
-        out = real(*args)
+        out = real_rust(*args)
         assert set(k for k in out if ":" in k and " " not in k) == {"3:2"}  # only the asked mix ran
         return out
 
+    def engine(arrays, reads, writes, threads, reps):
+        engine_calls.append((len(arrays), arrays[0].numel(), reads, writes, threads, reps))
+        assert real_engine(arrays, reads, writes, threads, reps) > 0  # the engine's pass itself runs
+        return engine_says["gbps"]
+
     monkeypatch.setattr(bandwidth, "_run_probe", run_probe)
+    monkeypatch.setattr(bandwidth, "_engine_mix_gbps", engine)
     probe = bandwidth.RoundProbe(50_003, 2, 3, 2)
     assert [len(arrays) for _, arrays in probe.layouts] == [3, 3]
-    assert probe.measure(1) > 0
+    # the ceiling is the better of the two probes, whichever it is
+    assert probe.measure(1) == 1e6  # the engine's (stubbed far above any real stream)
+    assert engine_calls == [(3, 50_003, 3, 2, 2, 1)] * 2  # both layouts, the case's mix
     assert rust_calls == [(50_003, 2, 1, (3, 2))]
+    engine_says["gbps"] = 0.0
+    assert 0 < probe.measure(1) < 1e6  # stream_probe.rs's
 
 
 def test_readme_block_is_replaced_and_checked(tmp_path):
@@ -560,10 +613,16 @@ def test_lowbit_quality_gives_the_same_runs_in_parallel_processes_as_in_one(tmp_
     tiny = ["--seeds", "0", "1", "--steps", "3", "--warmup", "1", "--batch", "2", "--block", "8", "--layers", "1",
             "--dim", "16", "--max-chars", "20000", "--variants", "fp32 AdamW", "bf16 + SR"]
     rows = {}
-    for jobs in ("1", "2"):
-        out = tmp_path / f"q{jobs}.md"
-        assert lowbit_quality.main(tiny + ["--jobs", jobs, "--out", str(out)]) == 0
-        rows[jobs] = json.loads(out.with_suffix(".json").read_text())["rows"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for jobs in ("1", "2"):
+            out = tmp_path / f"q{jobs}.md"
+            assert lowbit_quality.main(tiny + ["--threads", "1", "--jobs", jobs, "--out", str(out)]) == 0
+            rows[jobs] = json.loads(out.with_suffix(".json").read_text())["rows"]
+            assert torch.get_num_threads() == 2  # --threads holds for the runs only, not for the tests after this one
+    finally:
+        torch.set_num_threads(threads)
     key = [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["1"]]
     assert key == [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["2"]]
     assert [(v, s) for v, s, *_ in key] == [("fp32 AdamW", 0), ("bf16 + SR", 0), ("fp32 AdamW", 1), ("bf16 + SR", 1)]
