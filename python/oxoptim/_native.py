@@ -63,21 +63,13 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return False
     exact: frozenset[str] = getattr(optimizer, "EXACT_TENSOR_HYPER", frozenset())
-    return not any(
-        isinstance(v, torch.Tensor) and (v.requires_grad or key not in exact) for key, v in _hyper_values(group)
-    )
-
-
-def _hyper_values(group: dict):
-    """``(name, value)`` for every hyper-parameter of a group, tuples (betas) unpacked."""
-    for key, value in group.items():
+    for key, value in group.items():  # a plain loop: it runs for every group on every step
         if key == "params":
             continue
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                yield key, item
-        else:
-            yield key, value
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, torch.Tensor) and (v.requires_grad or key not in exact):
+                return False
+    return True
 
 
 def tensor_cache(optimizer: torch.optim.Optimizer) -> Any:
