@@ -88,6 +88,20 @@ fn bench_kernel(
     group.finish();
 }
 
+/// The AdamW settings every Adam bench uses.
+fn adamw() -> AdamConfig {
+    AdamConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 1e-2,
+        amsgrad: false,
+        maximize: false,
+        decoupled_weight_decay: true,
+    }
+}
+
 fn kernels(c: &mut Criterion) {
     let sgd = SgdConfig {
         lr: 1e-3,
@@ -100,16 +114,7 @@ fn kernels(c: &mut Criterion) {
     bench_kernel(c, "sgd_momentum", sgd.arity(), 5, |b, exec| {
         sgd_step(&sgd, b, &[false], exec).unwrap()
     });
-    let adam = AdamConfig {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 1e-2,
-        amsgrad: false,
-        maximize: false,
-        decoupled_weight_decay: true,
-    };
+    let adam = adamw();
     bench_kernel(c, "adamw", adam.arity(), 7, |b, exec| {
         adam_step(&adam, b, &[10.0], exec).unwrap()
     });
@@ -255,16 +260,7 @@ fn codes(c: &mut Criterion) {
 /// its input once). In cache (100,000 elements) it is the arithmetic; at 10M
 /// the memory too. Throughput counts elements, not bytes.
 fn adam8bit(c: &mut Criterion) {
-    let adam = AdamConfig {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 1e-2,
-        amsgrad: false,
-        maximize: false,
-        decoupled_weight_decay: true,
-    };
+    let adam = adamw();
     let config = Adam8bitConfig { adam };
     let entry = find(OPTIMIZERS, "adam8bit").unwrap();
     let mut group = c.benchmark_group("adam8bit");
