@@ -116,7 +116,7 @@ def shape_sets(quick: bool) -> Dict[str, List[Shape]]:
 
 #: Sets run only when ``--sets`` names them.
 EXTRA_SETS: Dict[str, List[Shape]] = {
-    # In cache: a step is bound by arithmetic, not memory (Adam: torch's sqrt and two divisions per element).
+    # In cache: per-call cost and arithmetic, not memory bandwidth, decide a step.
     "one 100K tensor": [(100_000,)],
 }
 
