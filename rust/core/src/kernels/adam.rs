@@ -3,6 +3,7 @@
 
 use super::common_len;
 use super::declare::optimizer;
+use super::sqrt_over::SqrtOver;
 use crate::dispatch::{run_block, Backend, Element};
 use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
@@ -235,7 +236,8 @@ pub(crate) struct AdamBlock<T, P = *mut T, G = *mut T, A = *mut T> {
     one_minus_beta2: T,
     eps: T,
     step_size_neg: T,
-    bias_correction2_sqrt: T,
+    /// `sqrt(·) / bias_correction2_sqrt`, exactly as torch divides.
+    sqrt_over_bc2: SqrtOver<T>,
     weight_decay: T,
     param_decay: T,
     coupled_decay: bool,
@@ -273,7 +275,7 @@ impl<T: Element, P, G, A> AdamBlock<T, P, G, A> {
             one_minus_beta2: T::from_f64(1.0 - c.beta2),
             eps: T::from_f64(c.eps),
             step_size_neg: T::from_f64(-bc.step_size),
-            bias_correction2_sqrt: T::from_f64(bc.bias_correction2_sqrt),
+            sqrt_over_bc2: SqrtOver::new(T::from_f64(bc.bias_correction2_sqrt)),
             weight_decay: T::from_f64(c.weight_decay),
             param_decay: T::from_f64(1.0 - c.lr * c.weight_decay),
             coupled_decay: c.weight_decay != 0.0 && !c.decoupled_weight_decay,
@@ -329,10 +331,7 @@ impl<T: Element, P: ParamArray<T>, G: LaneArray<T>, A: LaneArray<T>> LaneBlock<T
                 v
             };
             // denom = second.sqrt() / bias_correction2_sqrt + eps
-            let denom = s.add(
-                s.div(s.sqrt(second), s.splat(self.bias_correction2_sqrt)),
-                s.splat(self.eps),
-            );
+            let denom = s.add(self.sqrt_over_bc2.apply(s, second), s.splat(self.eps));
             // param.addcdiv_(exp_avg, denom, value=-step_size)
             p = s.add(p, s.div(s.mul(s.splat(self.step_size_neg), m), denom));
             self.param.store_param(s, i, p);

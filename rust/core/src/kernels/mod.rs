@@ -18,6 +18,7 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod schedule_free;
 pub mod sgd;
+mod sqrt_over;
 pub mod stream_probe;
 pub mod subgradient;
 

@@ -1,0 +1,179 @@
+//! `sqrt(x) / d` for a per-step constant `d`, bit for bit the division torch
+//! performs, without the divider (Adam's `exp_avg_sq.sqrt() / bias_correction2_sqrt`).
+//!
+//! A vector division is the slowest instruction of Adam's update, and Adam
+//! has two; this one divides by a constant. With `y = 1/d` correctly rounded,
+//! `q = sqrt(x)·y` is within an ulp of the quotient, its remainder
+//! `r = sqrt(x) − q·d` is exact in one FMA, and `q + r·y` is the correctly
+//! rounded quotient (Markstein's theorem) as long as nothing overflows or
+//! underflows. Square roots keep both away: the smallest nonzero one is about
+//! 2^-75 (f32), so `r` stays a normal number, and `d` lies in `(0, 1]`, so the
+//! quotient is no smaller than the root and, with `d ≥ 2^-27` (what any β2 < 1
+//! gives), no larger than finite. Where `r` is zero or NaN (exact quotients,
+//! ±0, infinity, NaN) `q` is already the answer. Any other `d` divides.
+//! `tests` checks every f32 input against the division.
+
+use crate::dispatch::Element;
+use crate::simd::Lanes;
+
+/// `sqrt(x) / divisor` for one divisor (see the module note).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SqrtOver<T> {
+    divisor: T,
+    /// `1 / divisor`, correctly rounded; `None`: divide.
+    reciprocal: Option<T>,
+}
+
+impl<T: Element> SqrtOver<T> {
+    pub(crate) fn new(divisor: T) -> SqrtOver<T> {
+        let proven = divisor >= T::from_f64(2f64.powi(-27)) && divisor <= T::ONE;
+        SqrtOver {
+            divisor,
+            reciprocal: proven.then(|| T::ONE / divisor),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn apply<S: Lanes<T>>(&self, s: S, x: S::V) -> S::V {
+        let root = s.sqrt(x);
+        let Some(y) = self.reciprocal else {
+            return s.div(root, s.splat(self.divisor));
+        };
+        let q = s.mul(root, s.splat(y));
+        let r = s.mul_add(q, s.splat(-self.divisor), root);
+        let corrected = s.mul_add(r, s.splat(y), q);
+        // `corrected` where 0 < |r|; `q` where r is ±0 or NaN.
+        s.lt_select(s.splat(T::ZERO), s.abs(r), corrected, q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{run_block, Backend};
+    use crate::simd::LaneBlock;
+
+    /// Writes `op` (or, without one, `sqrt(x) / divisor` by division) of
+    /// `src` into `dst`.
+    struct Apply<'a> {
+        op: Option<SqrtOver<f32>>,
+        divisor: f32,
+        src: &'a [f32],
+        dst: &'a mut [f32],
+    }
+
+    impl LaneBlock<f32> for Apply<'_> {
+        #[inline(always)]
+        unsafe fn apply<S: Lanes<f32>>(&mut self, s: S, i: usize) {
+            // SAFETY: `run_block` keeps i + WIDTH within both slices.
+            unsafe {
+                let x = s.load(self.src.as_ptr().add(i));
+                let v = match self.op {
+                    Some(op) => op.apply(s, x),
+                    None => s.div(s.sqrt(x), s.splat(self.divisor)),
+                };
+                s.store(self.dst.as_mut_ptr().add(i), v);
+            }
+        }
+    }
+
+    /// The divisors Adam meets: `sqrt(1 − β2^t)` for common and extreme β2,
+    /// and the ends of the proven range.
+    fn divisors() -> Vec<f32> {
+        let mut out = vec![1.0, 2f32.powi(-27)];
+        for (beta2, t) in [
+            (0.999f64, 1.0),
+            (0.999, 10.0),
+            (0.99, 3.0),
+            (0.9999, 1.0),
+            (0.5, 2.0),
+        ] {
+            out.push((1.0 - beta2.powf(t)).powf(0.5) as f32);
+        }
+        out.push((f64::EPSILON / 2.0).sqrt() as f32);
+        out
+    }
+
+    /// Lanes of `backend` that differ from the division (whose vector and
+    /// scalar forms are both IEEE-exact), over the bit patterns `x` from 0
+    /// upwards in steps of `stride`: every non-negative f32, NaN and infinity
+    /// included, when 1 (negative inputs give NaN either way), plus -0 and -1.
+    fn mismatches(backend: Backend, d: f32, stride: u32) -> u64 {
+        let chunk = 1 << 16;
+        let (mut src, mut got, mut want) =
+            (vec![0f32; chunk], vec![0f32; chunk], vec![0f32; chunk]);
+        let mut run = |op, src: &[f32], dst: &mut [f32]| {
+            let n = src.len();
+            let mut block = Apply {
+                op,
+                divisor: d,
+                src,
+                dst,
+            };
+            // SAFETY: both slices hold n elements.
+            unsafe { run_block(backend, n, &mut block) };
+        };
+        let mut bad = 0;
+        let ends = [0x8000_0000, (-1f32).to_bits()];
+        let last = 0x7fff_ffffu64 / stride as u64;
+        let mut k = 0u64;
+        loop {
+            let n = (last + 1 + ends.len() as u64 - k).min(chunk as u64) as usize;
+            if n == 0 {
+                return bad;
+            }
+            for (i, x) in src[..n].iter_mut().enumerate() {
+                let j = k + i as u64;
+                let bits = if j <= last {
+                    (j * stride as u64) as u32
+                } else {
+                    ends[(j - last - 1) as usize]
+                };
+                *x = f32::from_bits(bits);
+            }
+            k += n as u64;
+            run(Some(SqrtOver::new(d)), &src[..n], &mut got[..n]);
+            run(None, &src[..n], &mut want[..n]);
+            bad += got[..n]
+                .iter()
+                .zip(&want[..n])
+                .filter(|(g, w)| g.to_bits() != w.to_bits() && !(g.is_nan() && w.is_nan()))
+                .count() as u64;
+        }
+    }
+
+    #[test]
+    fn equals_the_division_for_every_f32() {
+        // Every input on the backend this machine runs, for the divisors
+        // of the hardest shapes (tiny, a first step, later steps); a stride
+        // of inputs on every backend for all of them.
+        let exhaustive = if cfg!(debug_assertions) { 0 } else { 4 };
+        let all = divisors();
+        for &d in &all[1..1 + exhaustive] {
+            assert_eq!(
+                mismatches(Backend::active(), d, 1),
+                0,
+                "{} d={d:e}",
+                Backend::active().name()
+            );
+        }
+        for backend in Backend::supported() {
+            for &d in &all {
+                assert_eq!(
+                    mismatches(backend, d, 4099),
+                    0,
+                    "{} d={d:e}",
+                    backend.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn divides_outside_the_proven_range() {
+        for d in [2.0f32, 1e-9, f32::INFINITY] {
+            assert!(SqrtOver::new(d).reciprocal.is_none(), "{d}");
+        }
+        assert!(SqrtOver::new(1e-8f32).reciprocal.is_some());
+    }
+}
