@@ -7,7 +7,7 @@
 //! `r = sqrt(x) − q·d` is exact in one FMA, and `q + r·y` is the correctly
 //! rounded quotient (Markstein's theorem) as long as nothing overflows or
 //! underflows. Square roots keep both away: the smallest nonzero one is about
-//! 2^-75 (f32), so `r` stays a normal number, and `d` lies in `(0, 1]`, so the
+//! 2^-75 (f32; 2^-537 for f64), so `r` stays a normal number, and `d` lies in `(0, 1]`, so the
 //! quotient is no smaller than the root and, with `d ≥ 2^-27` (what any β2 < 1
 //! gives), no larger than finite. Where `r` is zero or NaN (exact quotients,
 //! ±0, infinity, NaN) `q` is already the answer. Any other `d` divides.
