@@ -100,7 +100,8 @@ def keep_own_options(groups: list, saved_groups: Any) -> Any:
 def check_low_precision(name: str, group: dict) -> None:
     """Raises ValueError, torch-style, unless the group's low-precision options fit its parameters."""
     params = group["params"]
-    params = [params] if isinstance(params, torch.Tensor) else params
+    if type(params) is not list and isinstance(params, torch.Tensor):  # `type` first: torch's isinstance is slow
+        params = [params]
     if group.get("state_dtype") == torch.bfloat16:
         for i, p in enumerate(params):
             if p.dtype not in (torch.float32, torch.bfloat16):

@@ -64,12 +64,18 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
         return False
     exact: frozenset[str] = getattr(optimizer, "EXACT_TENSOR_HYPER", frozenset())
     for key, value in group.items():  # a plain loop: it runs for every group on every step
-        if key == "params":
+        # Numbers, flags and names are passed over by type: `isinstance(v, torch.Tensor)`
+        # runs torch's Python `__instancecheck__` (~0.1 µs, per key on every step).
+        if type(value) in _PLAIN or key == "params":
             continue
         for v in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(v, torch.Tensor) and (v.requires_grad or key not in exact):
+            if type(v) not in _PLAIN and isinstance(v, torch.Tensor) and (v.requires_grad or key not in exact):
                 return False
     return True
+
+
+#: Hyper-parameter types that are never tensors.
+_PLAIN = frozenset({float, int, bool, str, type(None)})
 
 
 def tensor_cache(optimizer: torch.optim.Optimizer) -> Any:
