@@ -55,16 +55,16 @@ mod tests {
 
     /// Writes `op` (or, without one, `sqrt(x) / divisor` by division) of
     /// `src` into `dst`.
-    struct Apply<'a> {
-        op: Option<SqrtOver<f32>>,
-        divisor: f32,
-        src: &'a [f32],
-        dst: &'a mut [f32],
+    struct Apply<'a, T> {
+        op: Option<SqrtOver<T>>,
+        divisor: T,
+        src: &'a [T],
+        dst: &'a mut [T],
     }
 
-    impl LaneBlock<f32> for Apply<'_> {
+    impl<T: Element> LaneBlock<T> for Apply<'_, T> {
         #[inline(always)]
-        unsafe fn apply<S: Lanes<f32>>(&mut self, s: S, i: usize) {
+        unsafe fn apply<S: Lanes<T>>(&mut self, s: S, i: usize) {
             // SAFETY: `run_block` keeps i + WIDTH within both slices.
             unsafe {
                 let x = s.load(self.src.as_ptr().add(i));
@@ -77,20 +77,41 @@ mod tests {
         }
     }
 
-    /// The divisors Adam meets: `sqrt(1 − β2^t)` for common and extreme β2,
-    /// and the ends of the proven range.
-    fn divisors() -> Vec<f32> {
-        let mut out = vec![1.0, 2f32.powi(-27)];
+    /// `op` (or the division) of every element of `src` on `backend`.
+    fn run<T: Element>(backend: Backend, op: Option<SqrtOver<T>>, d: T, src: &[T], dst: &mut [T]) {
+        let n = src.len();
+        let mut block = Apply {
+            op,
+            divisor: d,
+            src,
+            dst,
+        };
+        // SAFETY: both slices hold n elements.
+        unsafe { run_block(backend, n, &mut block) };
+    }
+
+    /// The divisors Adam meets: `sqrt(1 − β2^t)` for common and extreme β2
+    /// (late steps too, where it nears 1), and the ends of the proven range
+    /// (also the largest value below 1, whose reciprocal is the hardest).
+    fn divisors<T: Element>() -> Vec<T> {
+        let mut out = vec![T::ONE, T::from_f64(2f64.powi(-27))];
         for (beta2, t) in [
             (0.999f64, 1.0),
             (0.999, 10.0),
             (0.99, 3.0),
             (0.9999, 1.0),
             (0.5, 2.0),
+            (0.999, 5000.0),
         ] {
-            out.push((1.0 - beta2.powf(t)).powf(0.5) as f32);
+            out.push(T::from_f64((1.0 - beta2.powf(t)).powf(0.5)));
         }
-        out.push((f64::EPSILON / 2.0).sqrt() as f32);
+        out.push(T::from_f64((f64::EPSILON / 2.0).sqrt()));
+        let below_one = T::ONE - T::from_f64(f64::EPSILON / 2.0);
+        out.push(if below_one < T::ONE {
+            below_one
+        } else {
+            T::from_f64(1.0 - f32::EPSILON as f64 / 2.0)
+        });
         out
     }
 
@@ -102,17 +123,6 @@ mod tests {
         let chunk = 1 << 16;
         let (mut src, mut got, mut want) =
             (vec![0f32; chunk], vec![0f32; chunk], vec![0f32; chunk]);
-        let mut run = |op, src: &[f32], dst: &mut [f32]| {
-            let n = src.len();
-            let mut block = Apply {
-                op,
-                divisor: d,
-                src,
-                dst,
-            };
-            // SAFETY: both slices hold n elements.
-            unsafe { run_block(backend, n, &mut block) };
-        };
         let mut bad = 0;
         let ends = [0x8000_0000, (-1f32).to_bits()];
         let last = 0x7fff_ffffu64 / stride as u64;
@@ -132,8 +142,8 @@ mod tests {
                 *x = f32::from_bits(bits);
             }
             k += n as u64;
-            run(Some(SqrtOver::new(d)), &src[..n], &mut got[..n]);
-            run(None, &src[..n], &mut want[..n]);
+            run(backend, Some(SqrtOver::new(d)), d, &src[..n], &mut got[..n]);
+            run(backend, None, d, &src[..n], &mut want[..n]);
             bad += got[..n]
                 .iter()
                 .zip(&want[..n])
@@ -148,7 +158,7 @@ mod tests {
         // of the hardest shapes (tiny, a first step, later steps); a stride
         // of inputs on every backend for all of them.
         let exhaustive = if cfg!(debug_assertions) { 0 } else { 4 };
-        let all = divisors();
+        let all = divisors::<f32>();
         for &d in &all[1..1 + exhaustive] {
             assert_eq!(
                 mismatches(Backend::active(), d, 1),
@@ -165,6 +175,55 @@ mod tests {
                     "{} d={d:e}",
                     backend.name()
                 );
+            }
+        }
+    }
+
+    /// f64 has too many inputs to try them all: random bit patterns over the
+    /// whole non-negative range, mantissas just below a power of two, and
+    /// the ends (0, -0, subnormals, the largest, infinity, NaN, negatives).
+    #[test]
+    fn equals_the_division_for_sampled_f64() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut src: Vec<f64> = (0..1 << 16)
+            .map(|i| {
+                let r = next();
+                let bits = if i % 2 == 0 {
+                    r >> 1
+                } else {
+                    (r >> 1 & 0x7ff0_0000_0000_0000) | ((1 << 52) - 1 - (r & 0xfff))
+                };
+                f64::from_bits(bits)
+            })
+            .collect();
+        src.extend([
+            0.0,
+            -0.0,
+            f64::from_bits(1),
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NAN,
+            -1.0,
+            -f64::from_bits(1),
+        ]);
+        let (mut got, mut want) = (vec![0f64; src.len()], vec![0f64; src.len()]);
+        for backend in Backend::supported() {
+            for &d in &divisors::<f64>() {
+                run(backend, Some(SqrtOver::new(d)), d, &src, &mut got);
+                run(backend, None, d, &src, &mut want);
+                let bad = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(g, w)| g.to_bits() != w.to_bits() && !(g.is_nan() && w.is_nan()))
+                    .count();
+                assert_eq!(bad, 0, "{} d={d:e}", backend.name());
             }
         }
     }
