@@ -3,10 +3,13 @@
 //!
 //! A vector division is the slowest instruction of Adam's update, and Adam
 //! has two; this one divides by a constant. With `y = 1/d` correctly rounded,
-//! `q = sqrt(x)·y` is within an ulp of the quotient, its remainder
-//! `r = sqrt(x) − q·d` is exact in one FMA, and `q + r·y` is the correctly
-//! rounded quotient (Markstein's theorem) as long as nothing overflows or
-//! underflows. Square roots keep both away: the smallest nonzero one is about
+//! `q = sqrt(x)·y`, its remainder `r = sqrt(x) − q·d` in one FMA, and
+//! `q + r·y` in another. Markstein's theorem proves that correctly rounded
+//! only where `q` is within an ulp of the quotient, and `RN(a·RN(1/d))` is
+//! not always (up to ~1.5 ulp; then `r` can round too): the identity with
+//! the division rests on the tests (every f32 input for a few divisors,
+//! f64 sampled), not on the theorem. It needs nothing to overflow or
+//! underflow. Square roots keep both away: the smallest nonzero one is about
 //! 2^-75 (f32; 2^-537 for f64), so `r` stays a normal number, and `d` lies in `(0, 1]`, so the
 //! quotient is no smaller than the root and, with `d ≥ 2^-27` (what any β2 < 1
 //! gives), no larger than finite. Where `r` is zero or NaN (exact quotients,
