@@ -14,7 +14,8 @@
 //! quotient is no smaller than the root and, with `d ≥ 2^-27` (what any β2 < 1
 //! gives), no larger than finite. Where `r` is zero or NaN (exact quotients,
 //! ±0, infinity, NaN) `q` is already the answer. Any other `d` divides.
-//! `tests` checks every f32 input against the division.
+//! `tests` checks every f32 input against the division for a few divisors,
+//! and f64 at random and next to rounding midpoints (the hardest quotients).
 
 use crate::dispatch::Element;
 use crate::simd::Lanes;
@@ -38,7 +39,12 @@ impl<T: Element> SqrtOver<T> {
 
     #[inline(always)]
     pub(crate) fn apply<S: Lanes<T>>(&self, s: S, x: S::V) -> S::V {
-        let root = s.sqrt(x);
+        self.over(s, s.sqrt(x))
+    }
+
+    /// `root / divisor` (see the module note).
+    #[inline(always)]
+    fn over<S: Lanes<T>>(&self, s: S, root: S::V) -> S::V {
         let Some(y) = self.reciprocal else {
             return s.div(root, s.splat(self.divisor));
         };
@@ -57,9 +63,10 @@ mod tests {
     use crate::simd::LaneBlock;
 
     /// Writes `op` (or, without one, `sqrt(x) / divisor` by division) of
-    /// `src` into `dst`.
+    /// `src` into `dst`; of `x` itself, not its root, where `no_root`.
     struct Apply<'a, T> {
         op: Option<SqrtOver<T>>,
+        no_root: bool,
         divisor: T,
         src: &'a [T],
         dst: &'a mut [T],
@@ -72,6 +79,8 @@ mod tests {
             unsafe {
                 let x = s.load(self.src.as_ptr().add(i));
                 let v = match self.op {
+                    Some(op) if self.no_root => op.over(s, x),
+                    None if self.no_root => s.div(x, s.splat(self.divisor)),
                     Some(op) => op.apply(s, x),
                     None => s.div(s.sqrt(x), s.splat(self.divisor)),
                 };
@@ -82,9 +91,22 @@ mod tests {
 
     /// `op` (or the division) of every element of `src` on `backend`.
     fn run<T: Element>(backend: Backend, op: Option<SqrtOver<T>>, d: T, src: &[T], dst: &mut [T]) {
+        run_on(backend, op, false, d, src, dst);
+    }
+
+    /// `run` of `src` itself (`no_root`) or of its roots.
+    fn run_on<T: Element>(
+        backend: Backend,
+        op: Option<SqrtOver<T>>,
+        no_root: bool,
+        d: T,
+        src: &[T],
+        dst: &mut [T],
+    ) {
         let n = src.len();
         let mut block = Apply {
             op,
+            no_root,
             divisor: d,
             src,
             dst,
@@ -229,6 +251,60 @@ mod tests {
                 assert_eq!(bad, 0, "{} d={d:e}", backend.name());
             }
         }
+    }
+
+    /// The hardest f64 quotients: `a / d` as close to a rounding midpoint as
+    /// two 53-bit numbers allow (`M·D = A·2^54 + t`, `M` odd, `t` small and
+    /// odd), where the uncorrected product is wrong about half the time.
+    #[test]
+    fn equals_the_division_next_to_f64_midpoints() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (top, mask) = (1u128 << 52, (1u128 << 54) - 1);
+        let mut hard = 0;
+        for backend in Backend::supported() {
+            for i in 0..400 {
+                // Odd mantissas, a quarter of them just below 2 (d near 1).
+                let dm = if i % 4 == 0 {
+                    2 * top - 1 - 2 * (next() as u128 & 0xffff)
+                } else {
+                    top | (next() as u128 & (top - 1)) | 1
+                };
+                let mut inv = dm; // dm⁻¹ mod 2^54 (Newton, each step doubles the bits)
+                for _ in 0..6 {
+                    inv = inv.wrapping_mul(2u128.wrapping_sub(dm.wrapping_mul(inv))) & mask;
+                }
+                let mut roots = vec![];
+                for t in [1i128, -1, 3, -3, 5, -5, 7, -7] {
+                    let m = (t.rem_euclid(1 << 54) as u128).wrapping_mul(inv) & mask;
+                    let a = ((m * dm) as i128 - t) >> 54;
+                    if m >> 53 == 1 && (top as i128..2 * top as i128).contains(&a) {
+                        roots.push(f64::from_bits(
+                            0x3ff0_0000_0000_0000 | (a as u64 & (top as u64 - 1)),
+                        ));
+                    }
+                }
+                let d = f64::from_bits(0x3fe0_0000_0000_0000 | (dm as u64 & (top as u64 - 1)));
+                let (mut got, mut want) = (vec![0f64; roots.len()], vec![0f64; roots.len()]);
+                run_on(backend, Some(SqrtOver::new(d)), true, d, &roots, &mut got);
+                run_on(backend, None, true, d, &roots, &mut want);
+                for ((g, w), a) in got.iter().zip(&want).zip(&roots) {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{} a={a:e} d={d:e}",
+                        backend.name()
+                    );
+                    hard += usize::from((a * (1.0 / d)).to_bits() != w.to_bits());
+                }
+            }
+        }
+        assert!(hard > 100, "only {hard} quotients the product gets wrong");
     }
 
     #[test]
