@@ -15,7 +15,10 @@
 //! gives), no larger than finite. Where `r` is zero or NaN (exact quotients,
 //! ±0, infinity, NaN) `q` is already the answer. Any other `d` divides.
 //! `tests` checks every f32 input against the division for a few divisors,
-//! and f64 at random and next to rounding midpoints (the hardest quotients).
+//! every quotient significand for 24 divisors of the one kind where a
+//! rounded `r` could push the result across a midpoint (significand near 2,
+//! reciprocal rounded by nearly half an ulp), and f64 at random and next to
+//! rounding midpoints (the hardest quotients).
 
 use crate::dispatch::Element;
 use crate::simd::Lanes;
@@ -305,6 +308,46 @@ mod tests {
             }
         }
         assert!(hard > 100, "only {hard} quotients the product gets wrong");
+    }
+
+    /// Divisors whose reciprocal rounds by nearly half an ulp and whose
+    /// significand is nearly 2: there `q` can be 1.5 ulp off and `r` can
+    /// round, the only place the correction could land on the wrong side of
+    /// a midpoint (a quotient of two f32 is at least 2^-25 ulp from one).
+    fn hardest_divisors(count: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(count);
+        let mut bits = 2f32.to_bits() - 1; // significand all ones, in [1, 2)
+        while out.len() < count {
+            let d = f32::from_bits(bits);
+            let error = ((1.0 / d) as f64 * d as f64 - 1.0).abs();
+            if error > 0.9 * d as f64 * 2f64.powi(-25) {
+                out.push(d * 2f32.powi(-4)); // into Adam's (0, 1]; scaling by 2^k changes no bit of the result
+            }
+            bits -= 1;
+        }
+        out
+    }
+
+    #[test]
+    fn equals_the_division_for_the_hardest_divisors() {
+        // Every root significand in [1, 4) (all quotient significands), on
+        // the backend this machine runs; a few divisors in debug builds.
+        let count = if cfg!(debug_assertions) { 2 } else { 24 };
+        let backend = Backend::active();
+        let roots: Vec<f32> = (1f32.to_bits()..4f32.to_bits())
+            .map(f32::from_bits)
+            .collect();
+        let (mut got, mut want) = (vec![0f32; roots.len()], vec![0f32; roots.len()]);
+        for d in hardest_divisors(count) {
+            run_on(backend, Some(SqrtOver::new(d)), true, d, &roots, &mut got);
+            run_on(backend, None, true, d, &roots, &mut want);
+            let bad = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(bad, 0, "{} d={d:e}", backend.name());
+        }
     }
 
     #[test]
