@@ -33,10 +33,10 @@ pub(crate) struct SqrtOver<T> {
 
 impl<T: Element> SqrtOver<T> {
     pub(crate) fn new(divisor: T) -> SqrtOver<T> {
-        let proven = divisor >= T::from_f64(2f64.powi(-27)) && divisor <= T::ONE;
+        let in_range = divisor >= T::from_f64(2f64.powi(-27)) && divisor <= T::ONE;
         SqrtOver {
             divisor,
-            reciprocal: proven.then(|| T::ONE / divisor),
+            reciprocal: in_range.then(|| T::ONE / divisor),
         }
     }
 
@@ -119,7 +119,7 @@ mod tests {
     }
 
     /// The divisors Adam meets: `sqrt(1 − β2^t)` for common and extreme β2
-    /// (late steps too, where it nears 1), and the ends of the proven range
+    /// (late steps too, where it nears 1), and the ends of the range it is used in
     /// (also the largest value below 1, whose reciprocal is the hardest).
     fn divisors<T: Element>() -> Vec<T> {
         let mut out = vec![T::ONE, T::from_f64(2f64.powi(-27))];
@@ -351,7 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn divides_outside_the_proven_range() {
+    fn divides_outside_its_range() {
         for d in [2.0f32, 1e-9, f32::INFINITY] {
             assert!(SqrtOver::new(d).reciprocal.is_none(), "{d}");
         }
