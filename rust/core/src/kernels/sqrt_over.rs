@@ -207,18 +207,22 @@ mod tests {
         }
     }
 
+    /// A seeded xorshift64 stream: reproducible test inputs without a crate.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// f64 has too many inputs to try them all: random bit patterns over the
     /// whole non-negative range, mantissas just below a power of two, and
     /// the ends (0, -0, subnormals, the largest, infinity, NaN, negatives).
     #[test]
     fn equals_the_division_for_sampled_f64() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let mut src: Vec<f64> = (0..1 << 16)
             .map(|i| {
                 let r = next();
@@ -261,13 +265,7 @@ mod tests {
     /// odd), where the uncorrected product is wrong about half the time.
     #[test]
     fn equals_the_division_next_to_f64_midpoints() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let (top, mask) = (1u128 << 52, (1u128 << 54) - 1);
         let mut hard = 0;
         for backend in Backend::supported() {
