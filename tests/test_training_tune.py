@@ -301,6 +301,29 @@ def _spawn(args, cwd):
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _kill_mid_trial(proc, read_trials, epochs, mine=lambda t: True):
+    """SIGKILLs ``proc`` once it has finished a trial and is inside another with epochs to spare,
+    and returns that trial. One read as running in its last epoch may be finishing as the signal
+    lands, so the victim must have reported at most epochs - 3; read again after the kill, it must
+    not have finished (it is running, or failed as stale by a surviving worker)."""
+    seen = {}
+
+    def running_mid_trial():
+        ts = [t for t in read_trials() if mine(t)]
+        busy = [t for t in ts if t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= epochs - 3]
+        if busy and any(t.state.name == "COMPLETE" for t in ts):
+            seen["victim"] = busy[0]
+        return seen
+
+    _wait_for(running_mid_trial, 300, "a trial done and another one mid-way")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    victim = seen["victim"]
+    after = next(t for t in read_trials() if t.number == victim.number)
+    assert after.state.name in ("RUNNING", "FAIL"), (after.state.name, len(victim.intermediate_values))
+    return victim
+
+
 def _check_killed_trial_retried(trials, n, victim_trial):
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == n
@@ -317,11 +340,7 @@ def test_resume_after_the_coordinator_is_killed(tmp_path):
     url = f"sqlite:///{run}/study.db"
     args = ["tune", "--config", str(plan), "--run-dir", str(run)]
     p = _spawn(args, tmp_path)
-    _wait_for(lambda: any(t.state.name == "COMPLETE" for t in _trials(url))
-              and any(t.state.name == "RUNNING" for t in _trials(url)), 300, "a trial done and one running")
-    victim = next(t for t in _trials(url) if t.state.name == "RUNNING")
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    victim = _kill_mid_trial(p, lambda: _trials(url), epochs=6)
     r = run_cli(args, cwd=tmp_path, timeout=600)  # the same command again continues the study
     assert r.returncode == 0, r.stdout + r.stderr
     _check_killed_trial_retried(_trials(url), 4, victim)
@@ -352,17 +371,8 @@ def test_two_workers_share_a_postgres_study_and_survive_a_kill(tmp_path, postgre
     a = _spawn(common + ["--run-dir", str(tmp_path / "a")], tmp_path)
     _wait_for(lambda: _trials(postgres_url, "shared"), 120, "the study")
     b = _spawn(common + ["--run-dir", str(tmp_path / "b"), "--worker-only"], tmp_path)
-
-    def b_done_one_and_running():
-        ts = _trials(postgres_url, "shared")
-        mine = [t for t in ts if t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
-        return any(t.state.name == "COMPLETE" for t in mine) and any(t.state.name == "RUNNING" for t in mine)
-
-    _wait_for(b_done_one_and_running, 300, "worker b to finish a trial and start another")
-    victim = next(t for t in _trials(postgres_url, "shared")
-                  if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{b.pid}"))
-    b.send_signal(signal.SIGKILL)
-    b.wait()
+    victim = _kill_mid_trial(b, lambda: _trials(postgres_url, "shared"), epochs=24,
+                             mine=lambda t: t.user_attrs.get("worker", "").endswith(f":{b.pid}"))
     out, _ = a.communicate(timeout=600)
     assert a.returncode == 0, out
     trials = _trials(postgres_url, "shared")
