@@ -64,8 +64,9 @@ class TinyLM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(t)
-        h = self.tok(x) + self.pos(torch.arange(t))
-        return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
+        # oxoptim.rows: F.embedding / F.linear, unless step_in_backward releases the weight's rows.
+        h = oxoptim.rows.embedding(x, self.tok.weight) + self.pos(torch.arange(t))
+        return oxoptim.rows.linear(self.norm(self.blocks(h, mask=mask, is_causal=True)), self.head.weight)
 
 
 LossFn = Callable[[nn.Module], torch.Tensor]

@@ -6,7 +6,9 @@ Contenders (all AdamW, lr 1e-3):
 
 * ordinary loop ``backward(); step(); zero_grad(set_to_none=True)`` with torch's
   default AdamW (on CPU the for-loop), torch ``fused=True`` and oxoptim;
-* ``oxoptim.step_in_backward`` (default buckets);
+* ``oxoptim.step_in_backward`` (default buckets), and with ``release_rows`` (the
+  LMs' token embedding and output head updated row block by row block, so
+  that their gradients never exist whole: ``oxoptim.rows``);
 * torch's tutorial pattern ("How to save memory by fusing the optimizer step
   into the backward pass"): one torch ``AdamW(fused=True)`` per parameter,
   stepped and zeroed from ``register_post_accumulate_grad_hook``.
@@ -105,6 +107,13 @@ def build(key: str) -> Tuple[nn.Module, LossFn, str]:
     raise SystemExit(f"unknown model {key!r} (gpt2s, gpt2s_untied, lm, seed)")
 
 
+def _released_weights(model: nn.Module) -> List[torch.Tensor]:
+    """The LM's token embedding and output head (one weight when tied); none for other models."""
+    if not isinstance(model, TinyLM):
+        raise ValueError("rows are released only in the transformer LMs (oxoptim.rows in their forward)")
+    return list({id(w): w for w in (model.tok.weight, model.head.weight)}.values())
+
+
 class Contender:
     """One way of training: ``start`` builds the optimizer (and hooks), ``iteration`` runs one.
     ``dtype``: the model is cast to it first (bfloat16 weights, no fp32 master copy)."""
@@ -112,12 +121,16 @@ class Contender:
     def __init__(self, name: str, make: Callable[[List[nn.Parameter]], Any], in_backward: str = "", dtype: torch.dtype = torch.float32) -> None:
         self.name, self.make, self.in_backward, self.dtype = name, make, in_backward, dtype
 
+    def applies(self, model: nn.Module) -> bool:
+        return self.in_backward != "oxoptim rows" or isinstance(model, TinyLM)
+
     def start(self, model: nn.Module) -> Any:
         model.to(self.dtype)  # in place: the parameters stay the same objects (and tied)
         params = [p for p in model.parameters()]
-        if self.in_backward == "oxoptim":
+        if self.in_backward in ("oxoptim", "oxoptim rows"):
             opt = self.make(params)
-            context = oxoptim.step_in_backward(opt)
+            rows = _released_weights(model) if self.in_backward == "oxoptim rows" else []
+            context = oxoptim.step_in_backward(opt, release_rows=rows)
             context.__enter__()
             return opt
         if self.in_backward == "tutorial":
@@ -146,6 +159,8 @@ CONTENDERS = [
     Contender("torch AdamW fused, loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
     Contender("oxoptim AdamW, loop", lambda ps: oxoptim.AdamW(ps, lr=1e-3)),
     Contender("oxoptim AdamW, in backward", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "oxoptim"),
+    # The token embedding and output head (tied or not) updated row block by row block: no whole gradient.
+    Contender("oxoptim AdamW, in backward, rows released", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "oxoptim rows"),
     Contender("torch fused AdamW per param, in backward (tutorial)", lambda ps: None, "tutorial"),
     # A quarter of the memory: bfloat16 weights (stochastic rounding), 8-bit moments, no gradients kept.
     Contender("oxoptim AdamW8bit, bf16 weights + SR, loop",
@@ -207,7 +222,7 @@ def time_model(key: str, names: List[str], rounds: int, iters: int) -> Dict[str,
     model, loss_fn, _ = build(key)
     runs = {}
     for c in CONTENDERS:
-        if c.name not in names:
+        if c.name not in names or not c.applies(model):
             continue
         m = copy.deepcopy(model)
         if isinstance(m, GPT2Small):
@@ -320,11 +335,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key in keys:
         model, _, description = build(key)
         n = sum(p.numel() for p in model.parameters())
+        applicable = [name for name in names if next(c for c in CONTENDERS if c.name == name).applies(model)]
         del model
         entry = {"key": key, "name": f"{key} ({n / 1e6:.1f}M params)", "description": description, "params": n, "grad_mib": n * 4 / 2**20, "results": {}}
         print(f"\n== {entry['name']}: {description}", flush=True)
         times = {} if args.no_time else time_model(key, names, args.rounds, args.iters)
-        for name in names:
+        for name in applicable:
             rec: dict = {"iter_ms": times.get(name, [])}
             if not args.no_memory:
                 rec["memory"] = measure_memory(key, name, args.threads)

@@ -52,6 +52,9 @@ class Twin:
     group_path: bool = True
     # Whether step_in_backward can step it (not Prodigy: its step needs every gradient first).
     in_backward: bool = True
+    # Whether step_in_backward(release_rows=...) can update a weight row block by row block
+    # (elementwise updates over parameter-shaped state; not Adafactor's factored moments).
+    rows: bool = True
     # Whether groups may have different learning rates (prodigyopt: only the largest or 0).
     per_group_lr: bool = True
     # Whether the twin steps complex parameters (prodigyopt's estimate of d is a real number).
@@ -316,7 +319,7 @@ TWINS = [
     # (rust/core/src/kernels/adafactor.rs). torch cannot step an empty
     # parameter (ZeroDivisionError in its RMS): those shapes are left out.
     Twin("adafactor", oxoptim.Adafactor, torch.optim.Adafactor, _adafactor_hyper, dict(lr=0.1, weight_decay=0.01, d=1.0), bit_exact=True,
-         group_path=False, steps_shape=_nonempty),
+         group_path=False, steps_shape=_nonempty, rows=False),
     # Beyond torch.optim: twins of their reference packages on PyPI.
     Twin("adamw_schedulefree", oxoptim.AdamWScheduleFree, schedulefree.AdamWScheduleFree,
          _schedule_free_hyper({"lr": st.sampled_from([1e-3, 0.01, 0.0025]), "betas": st.sampled_from([(0.9, 0.999), (0.5, 0.9)]), "eps": st.sampled_from([1e-8, 1e-3])}),
@@ -328,7 +331,7 @@ TWINS = [
     # torch's dot/sum, so d (and through it every update) agrees to rounding; the reference adds
     # its coupled weight decay to p.grad in place.
     Twin("prodigy", oxoptim.Prodigy, prodigyopt.Prodigy, _prodigy_hyper, dict(weight_decay=0.01, decouple=False, d0=1e-2),
-         theirs_kwargs={}, mutates_grad=True, in_backward=False, per_group_lr=False, complex_params=False,
+         theirs_kwargs={}, mutates_grad=True, in_backward=False, rows=False, per_group_lr=False, complex_params=False,
          meta_params=False,
          loads_like_reference=frozenset({"an entry without 'step'", "'step' not a number", "'step' two numbers"}),
          # To rounding only (each sum in a fixed order, not torch's dot): over many steps with lr 1,

@@ -19,6 +19,7 @@ from .adam8bit import Adam8bit, AdamW8bit
 from .adamax import Adamax
 from .asgd import ASGD
 from .averaging import GradientAverager, ParamAverager
+from . import rows
 from .backward import ClipPerParameter, ClipPreviousNorm, StepInBackward, step_in_backward
 from .clip import clip_grad_norm_, get_total_norm
 from .lion import Lion

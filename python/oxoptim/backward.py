@@ -91,6 +91,7 @@ import torch
 
 from . import _core
 from .clip import clip_grad_norm_
+from .rows import RowRelease, check_release
 
 __all__ = ["ClipPerParameter", "ClipPreviousNorm", "StepInBackward", "step_in_backward"]
 
@@ -160,6 +161,11 @@ class StepInBackward:
             ``accumulate=K``: the allreduce of the K-th forward/backward; the earlier ones under
             ``model.no_sync()`` or not, as in the ordinary loop).
         grad_scaler: pass the ``GradScaler`` in use so that an enabled one is refused here.
+        release_rows: 2-D weights (a token embedding, an output head, the two tied) whose gradient
+            is never formed whole: the model computes with ``oxoptim.rows.embedding`` /
+            ``oxoptim.rows.linear``, and their rows are updated ``row_chunk`` at a time inside
+            backward (:mod:`oxoptim.rows`).
+        row_chunk: rows per native call of a released weight's output-layer gradient.
     """
 
     def __init__(
@@ -173,6 +179,8 @@ class StepInBackward:
         overlap: bool = False,
         ddp: Optional[torch.nn.Module] = None,
         grad_scaler: Any = None,
+        release_rows: Any = (),
+        row_chunk: int = 1024,
     ) -> None:
         if not callable(getattr(optimizer, "_step_part", None)):
             raise TypeError(
@@ -218,6 +226,8 @@ class StepInBackward:
                              "(the updates run in DDP's communication hook, once per reduced bucket)")
         if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 0:
             raise ValueError(f"bucket_numel must be a non-negative int, got {bucket_numel!r}")
+        released = check_release(optimizer, release_rows, row_chunk, accumulate=accumulate, clip=clip, ddp=ddp)
+        self._rows = [RowRelease(optimizer, w, row_chunk) for w in released]
         self.optimizer = optimizer
         self.accumulate = accumulate
         self.accumulation = accumulation
@@ -246,6 +256,15 @@ class StepInBackward:
         if self.optimizer.__dict__.get(_ACTIVE) is not None:
             raise RuntimeError(f"{type(self.optimizer).__name__} already steps inside backward (nested step_in_backward)")
         self._build_buckets()
+        opened: list[RowRelease] = []
+        try:
+            for rows in self._rows:
+                rows.open()
+                opened.append(rows)
+        except RuntimeError:
+            for rows in opened:
+                rows.close()
+            raise
         if self.ddp is not None:
             _DdpSlot.install(self.ddp).active = self
             self._handles.append(self.ddp.register_forward_pre_hook(self._count_forward))
@@ -269,6 +288,8 @@ class StepInBackward:
             _DdpSlot.install(self.ddp).active = None
         if self.optimizer.__dict__.get(_ACTIVE) is self:
             del self.optimizer.__dict__[_ACTIVE]
+        for rows in self._rows:
+            rows.close()
         self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
         self._entered = False
 
@@ -279,6 +300,7 @@ class StepInBackward:
         index = 0
         # Under DDP, DDP's buckets decide when parameters are updated; ours only record it.
         limit = 0 if self.ddp is not None else self.bucket_numel
+        released = {id(rows.weight) for rows in self._rows}
         for group in self.optimizer.param_groups:
             current: list[torch.Tensor] = []
             size = 0
@@ -286,8 +308,8 @@ class StepInBackward:
                 self._order[p] = index
                 index += 1
             for p in reversed(group["params"]):
-                if not p.requires_grad:
-                    continue  # frozen: never gets a gradient, never stepped (as in the ordinary loop)
+                if not p.requires_grad or id(p) in released:
+                    continue  # frozen (never gets a gradient, as in the ordinary loop) or updated by its rows
                 current.append(p)
                 size += p.numel()
                 if size >= limit:
@@ -414,6 +436,8 @@ class StepInBackward:
         gradients set by hand), then starts the next iteration's bookkeeping."""
         if self.optimizer.__dict__.get("grad_scale") is not None or self.optimizer.__dict__.get("found_inf") is not None:
             raise RuntimeError("a GradScaler cannot be honoured by step_in_backward (see its grad_scaler argument)")
+        for rows in self._rows:  # before the leftovers: a released weight must not also have a .grad
+            rows.finish()
         for group in self.optimizer.param_groups:
             left = [
                 p

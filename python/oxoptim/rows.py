@@ -1,0 +1,353 @@
+"""Row release: a large 2-D weight updated row block by row block inside backward.
+
+``step_in_backward`` updates a parameter when its gradient is complete and
+frees it, so the gradients never all exist together; but the largest one must
+still exist whole. In a language model that is the token embedding (in GPT-2
+small, 50257×768: 31% of all gradients), and when the output head is tied to
+it, its gradient is complete only at the very end of backward. Row release
+removes it too. The model computes the embedding and the output layer with
+this module's functions, drop-in for ``F.embedding(ids, weight)`` and
+``F.linear(x, weight)``::
+
+    h = oxoptim.rows.embedding(ids, model.tok.weight)
+    ...
+    logits = oxoptim.rows.linear(h, model.tok.weight)       # tied head
+
+    with oxoptim.step_in_backward(opt, release_rows=[model.tok.weight]):
+        ...
+
+Outside such a context (or under ``torch.no_grad()``) they are the plain
+torch functions. Inside it, the weight never gets a ``.grad``:
+
+* the output layer's backward computes the input gradient first (with the
+  weights before the update, as autograd's), then the weight's gradient
+  ``row_chunk`` rows at a time (autograd's ``(x.T @ grad).T`` restricted to
+  those columns), and updates those rows at once, one native call per chunk;
+* rows the embedding looked up in this iteration (at most one per token) also
+  get the embedding's gradient, which exists only at the end of backward:
+  their head gradient is kept (a few rows) and they are updated when the
+  embedding's backward arrives, with the sum the ordinary loop forms;
+* an embedding without a head (an untied one) updates its looked-up rows
+  with their gradient and every other row with a zero gradient, a chunk at a
+  time, as the ordinary loop's dense gradient does.
+
+Each row is updated once per iteration with its whole gradient, and the
+optimizers allowed here are elementwise (an element's update reads only its
+own gradient and state and the per-parameter step count, which advances once
+per iteration), so the weight and its state are those of the ordinary loop
+given the same gradient (the tests check this bit for bit, optimizer by
+optimizer). The gradient itself may differ from autograd's in the last bits:
+a BLAS may sum a slice of a product in another order than the whole product
+(MKL here does for slices of 8 columns or fewer, and for some shapes at any
+width), and a
+−0 stays −0 where the ordinary loop's sum with the embedding's zeros gives
++0. Not available (refused with a clear error): optimizers whose state is not
+elementwise or is created from the first gradient (Adafactor, the 8-bit
+optimizers, Prodigy, SGD with momentum), low-precision options,
+``accumulate > 1``, clipping, DDP; and more than one ``linear`` or one
+``embedding`` call per weight and iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _core
+from ._native import group_is_native, num_threads
+
+__all__ = ["embedding", "linear"]
+
+# Kinds whose update is elementwise over parameter-shaped state.
+_ELEMENTWISE = frozenset({"sgd", "adam", "rmsprop", "adagrad", "adamax", "nadam", "radam", "adadelta", "asgd",
+                          "rprop", "lion", "adamw_schedulefree", "sgd_schedulefree"})
+_ACTIVE: dict[int, "RowRelease"] = {}  # id(weight) -> its release, while a step_in_backward context is open
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(ids, weight)``; inside ``step_in_backward(release_rows=[weight])`` the
+    looked-up rows are updated when their gradient is complete (module docstring)."""
+    rows = _released(weight)
+    if rows is None:
+        return F.embedding(ids, weight)
+    return _Embedding.apply(ids, weight, rows)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias); inside ``step_in_backward(release_rows=[weight])`` the
+    weight's gradient is formed and applied ``row_chunk`` rows at a time (module docstring)."""
+    rows = _released(weight)
+    if rows is None:
+        return F.linear(x, weight)
+    return _Linear.apply(x, weight, rows)
+
+
+def _released(weight: torch.Tensor) -> Optional["RowRelease"]:
+    rows = _ACTIVE.get(id(weight))
+    if rows is None or rows.weight is not weight or not (torch.is_grad_enabled() and weight.requires_grad):
+        return None
+    return rows
+
+
+class _Embedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, rows: "RowRelease") -> torch.Tensor:
+        rows.record("embedding", ids)
+        ctx.rows = rows
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (ids,) = ctx.saved_tensors
+        ctx.rows.embedding_backward(ids, grad)
+        return None, None, None
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, rows: "RowRelease") -> torch.Tensor:
+        rows.record("linear", None)
+        ctx.rows = rows
+        ctx.save_for_backward(x)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (x,) = ctx.saved_tensors
+        return ctx.rows.linear_backward(x, grad, ctx.needs_input_grad[0]), None, None
+
+
+def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: int, clip: Any, ddp: Any) -> list:
+    """The weights of ``step_in_backward(release_rows=...)``, validated before anything is installed."""
+    weights = list(weights)
+    if not weights:
+        return []
+    if isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk < 1:
+        raise ValueError(f"row_chunk must be a positive int, got {row_chunk!r}")
+    kind = getattr(optimizer, "KIND", None)
+    if kind not in _ELEMENTWISE:
+        raise ValueError(f"release_rows needs an optimizer whose update is elementwise over its state; "
+                         f"{type(optimizer).__name__} is not (Adafactor, 8-bit state and Prodigy are not)")
+    if accumulate != 1 or clip is not None or ddp is not None:
+        raise ValueError("release_rows cannot be combined with accumulate > 1, clip or ddp: each needs the "
+                         "weight's whole gradient")
+    for w in weights:
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"release_rows takes parameters (tensors), got {type(w).__name__}")
+        if sum(1 for v in weights if v is w) > 1:
+            raise ValueError("release_rows lists a weight twice")
+        group = _group_of(optimizer, w)
+        if group is None:
+            raise ValueError(f"release_rows: a weight of shape {tuple(w.shape)} is not a parameter of this optimizer")
+        if w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) \
+                or not w.requires_grad:
+            raise ValueError(f"release_rows takes contiguous 2-D float32/float64 CPU parameters that require grad, got "
+                             f"shape {tuple(w.shape)}, {w.dtype} on {w.device}")
+        if kind == "sgd" and group["momentum"] != 0:
+            raise ValueError("release_rows cannot step SGD with momentum: torch creates its buffer from the whole "
+                             "first gradient")
+        if not group_is_native(optimizer, group) or optimizer._native_options(group, None):
+            raise ValueError("release_rows: the weight's group must take the native path without low-precision "
+                             "options (bf16 weights or state, stochastic rounding, Kahan summation)")
+    return weights
+
+
+def _group_of(optimizer: Any, weight: torch.Tensor) -> Optional[dict]:
+    return next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
+
+
+class RowRelease:
+    """One weight's row-by-row update within one ``step_in_backward`` context."""
+
+    def __init__(self, optimizer: Any, weight: torch.Tensor, row_chunk: int) -> None:
+        self.optimizer = optimizer
+        self.weight = weight
+        self.row_chunk = row_chunk
+        self._reset()
+
+    def open(self) -> None:
+        if id(self.weight) in _ACTIVE:
+            raise RuntimeError("this weight's rows are already released by another step_in_backward context")
+        _ACTIVE[id(self.weight)] = self
+
+    def close(self) -> None:
+        if _ACTIVE.get(id(self.weight)) is self:
+            del _ACTIVE[id(self.weight)]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._calls: dict[str, int] = {}
+        self._looked_up: Optional[torch.Tensor] = None  # sorted unique rows the embedding read
+        self._head_rows: Optional[torch.Tensor] = None  # the head's gradient of those rows
+        self._backwards: set[str] = set()
+        self._scalar_keys: tuple = ()
+        self._cells: Optional[list] = None  # scalar state as the iteration started
+        self._advanced: Optional[list] = None  # scalar state after one update of this iteration
+
+    # -- forward --------------------------------------------------------------
+    def record(self, op: str, ids: Optional[torch.Tensor]) -> None:
+        if self._calls.get(op):
+            raise RuntimeError(f"oxoptim.rows.{op} was called twice on one released weight in one iteration; "
+                               "release_rows allows one embedding and one linear call per iteration")
+        self._calls[op] = 1
+        if ids is not None:
+            self._looked_up = torch.unique(ids.reshape(-1))  # sorted
+
+    # -- backward -------------------------------------------------------------
+    @torch.no_grad()
+    def linear_backward(self, x: torch.Tensor, grad: torch.Tensor, needs_x: bool) -> Optional[torch.Tensor]:
+        if "embedding" in self._backwards:
+            raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
+                               "cannot be updated row by row in that order")
+        w = self.weight
+        rows, dim = w.shape
+        x2, g2 = x.reshape(-1, dim), grad.reshape(-1, rows)
+        dx = g2.mm(w).reshape(x.shape) if needs_x else None  # with the weights before any update
+        looked_up = self._looked_up
+        tied = looked_up is not None
+        if tied:
+            self._head_rows = torch.empty(len(looked_up), dim, dtype=w.dtype)
+        chunk = torch.empty(min(self.row_chunk, rows), dim, dtype=w.dtype)
+        for a in range(0, rows, self.row_chunk):
+            b = min(a + self.row_chunk, rows)
+            part = chunk[: b - a]
+            part.copy_(weight_gradient_rows(x2, g2, a, b))
+            if tied:
+                held = _within(looked_up, a, b)
+                self._head_rows[held] = part[looked_up[held] - a]
+                self._update(_runs_outside(looked_up[held] - a, b - a), part, a)
+            else:
+                self._update([(0, b - a)], part, a)
+        self._backwards.add("linear")
+        if not tied:
+            self._complete()
+        return dx
+
+    @torch.no_grad()
+    def embedding_backward(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        w = self.weight
+        rows, dim = w.shape
+        looked_up = self._looked_up
+        assert looked_up is not None
+        at = torch.searchsorted(looked_up, ids.reshape(-1))
+        summed = torch.zeros(len(looked_up), dim, dtype=w.dtype).index_add_(0, at, grad.reshape(-1, dim))
+        if "linear" in self._backwards:
+            assert self._head_rows is not None
+            summed = self._head_rows + summed
+        elif self._calls.get("linear"):
+            raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
+                               "cannot be updated row by row in that order")
+        else:  # no head: every other row steps with a zero gradient, as in the dense gradient
+            zeros = torch.zeros(min(self.row_chunk, rows), dim, dtype=w.dtype)
+            for a in range(0, rows, self.row_chunk):
+                b = min(a + self.row_chunk, rows)
+                held = _within(looked_up, a, b)
+                self._update(_runs_outside(looked_up[held] - a, b - a), zeros[: b - a], a)
+        self._update_rows(looked_up, summed)
+        self._backwards.add("embedding")
+        self._complete()
+
+    def finish(self) -> None:
+        """At ``optimizer.step()``: rows whose embedding backward never came get the head's gradient alone."""
+        if self.weight.grad is not None and self._backwards:
+            raise RuntimeError("a released weight also got a .grad (an operation other than oxoptim.rows used it) "
+                               "after some of its rows were updated in this iteration")
+        if "linear" in self._backwards and "embedding" not in self._backwards and self._looked_up is not None:
+            assert self._head_rows is not None
+            self._update_rows(self._looked_up, self._head_rows)
+            self._complete()
+        self._reset()
+
+    # -- updates --------------------------------------------------------------
+    def _update_rows(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """Rows ``rows`` (sorted) with gradients ``grads`` (one row each): runs of consecutive rows per call."""
+        listed = rows.tolist()
+        runs, start = [], 0
+        for i in range(1, len(listed) + 1):
+            if i == len(listed) or listed[i] != listed[i - 1] + 1:
+                runs.append((start, i))
+                start = i
+        if not runs:
+            return
+        group = _group_of(self.optimizer, self.weight)
+        assert group is not None
+        self._call(group, [(listed[s], listed[s] + (e - s), grads[s:e]) for s, e in runs])
+
+    def _update(self, runs: list, grad: torch.Tensor, offset: int) -> None:
+        """Rows ``offset + a .. offset + b`` for each run ``(a, b)``, gradients ``grad[a:b]``."""
+        if not runs:
+            return
+        group = _group_of(self.optimizer, self.weight)
+        assert group is not None
+        self._call(group, [(offset + a, offset + b, grad[a:b]) for a, b in runs])
+
+    def _call(self, group: dict, pieces: list) -> None:
+        optimizer, w = self.optimizer, self.weight
+        if self._cells is None:
+            self._begin(group)
+        arrays, scalars = _core.layout(optimizer.KIND, optimizer._hyper(group))
+        entry = optimizer.state[w] if arrays else {}  # no empty entry for stateless SGD, as its step
+        base = w.detach()
+        params = [base[a:b] for a, b, _ in pieces]
+        grads = [g for _, _, g in pieces]
+        state = [[entry[key][a:b] for a, b, _ in pieces] for key in arrays]
+        # Each piece steps its own copy of the iteration's starting scalars: the count advances once.
+        assert self._cells is not None
+        cells = [[c.clone() for _ in pieces] for c in self._cells]
+        if not _core.step(optimizer.KIND, params, grads, state, cells, optimizer._hyper(group), num_threads=num_threads()):
+            raise RuntimeError("release_rows: the native kernel refused the weight's rows")
+        self._advanced = [c[0] for c in cells]
+
+    def _begin(self, group: dict) -> None:
+        """The first update of an iteration: state made as the ordinary step would, scalars kept."""
+        optimizer, w = self.optimizer, self.weight
+        arrays, scalars = _core.layout(optimizer.KIND, optimizer._hyper(group))
+        entry = optimizer.state.get(w, {})
+        if any(key not in entry for key in (*arrays, *scalars)):
+            w.grad = torch.zeros((), dtype=w.dtype).expand_as(w)  # what _init_group reads, without the memory
+            try:
+                lists: list[list[Any]] = [[] for _ in range(optimizer._INIT_LISTS)]
+                optimizer._init_group({**group, "params": [w]}, *lists)
+            finally:
+                w.grad = None
+            entry = optimizer.state[w]
+            missing = [key for key in (*arrays, *scalars) if key not in entry]
+            if missing:
+                raise RuntimeError(f"release_rows: {type(optimizer).__name__} creates {missing} on its first step")
+        self._scalar_keys = tuple(scalars)
+        self._cells = [entry[key].clone() for key in scalars]
+
+    def _complete(self) -> None:
+        """Every row has its update: the scalar state moves on once."""
+        if self._advanced:
+            entry = self.optimizer.state[self.weight]
+            for key, value in zip(self._scalar_keys, self._advanced):
+                entry[key].copy_(value)
+        self._cells = self._advanced = None
+
+
+def weight_gradient_rows(x2: torch.Tensor, g2: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows ``a:b`` of the output layer's weight gradient, as autograd forms the whole one
+    (``(x.T @ grad).T``) restricted to those columns; ``x2`` and ``g2`` are the layer's input
+    and output gradient flattened to 2-D. The BLAS may sum a narrow slice in another order."""
+    return x2.t().mm(g2[:, a:b]).t()
+
+
+def _within(sorted_rows: torch.Tensor, a: int, b: int) -> slice:
+    lo, hi = torch.searchsorted(sorted_rows, torch.tensor([a, b])).tolist()
+    return slice(lo, hi)
+
+
+def _runs_outside(held: torch.Tensor, n: int) -> list:
+    """The runs ``(a, b)`` of 0..n that avoid the sorted rows ``held``."""
+    runs, start = [], 0
+    for r in held.tolist():
+        if r > start:
+            runs.append((start, r))
+        start = r + 1
+    if n > start:
+        runs.append((start, n))
+    return runs

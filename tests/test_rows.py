@@ -1,0 +1,295 @@
+"""step_in_backward(release_rows=...): a token embedding and output head (tied or not) updated
+row block by row block inside backward, bit-identical to the ordinary loop, their whole gradient
+never formed; every optimizer of the table either does it or is refused at entry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optimizers import TWINS, TWIN_IDS, forbid_torch_fallback
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import oxoptim
+from oxoptim import rows, step_in_backward
+from oxoptim.rows import _ACTIVE, weight_gradient_rows
+
+LAYOUTS = ["tied", "untied", "embedding", "head"]
+
+
+class TinyLM(torch.nn.Module):
+    """``tied``: one weight is the embedding and the output layer; ``untied``: two weights;
+    ``embedding``: an embedding whose output feeds a loss without an output layer; ``head``: an
+    output layer whose input comes from a small ordinary (not released) embedding."""
+
+    def __init__(self, layout: str, vocab: int, dim: int, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 chunked: int | None = None) -> None:
+        super().__init__()
+        self.chunked = chunked  # the ordinary loop's output layer with release_rows' weight gradient
+        gen = torch.Generator().manual_seed(seed)
+
+        def param(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype) * 0.5)
+
+        self.layout = layout
+        self.emb = param(8 if layout == "head" else vocab, dim)
+        self.mid = param(dim, dim)
+        self.bias = param(dim)
+        if layout in ("untied", "head"):
+            self.head = param(vocab, dim)
+
+    def released(self) -> list[torch.Tensor]:
+        if self.layout in ("tied", "embedding"):
+            return [self.emb]
+        return [self.emb, self.head] if self.layout == "untied" else [self.head]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x, y = ids[:, :-1], ids[:, 1:]
+        e = F.embedding(x % 8, self.emb) if self.layout == "head" else rows.embedding(x, self.emb)
+        h = torch.tanh(e @ self.mid.T + self.bias)
+        if self.layout == "embedding":
+            return h.square().mean()
+        w = self.emb if self.layout == "tied" else self.head
+        logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class ChunkedLinear(torch.autograd.Function):
+    """``F.linear(x, w)`` whose weight gradient is formed as release_rows forms it, ``chunk`` rows at
+    a time: the reference that separates the update machinery from the BLAS's summation order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.chunk = chunk
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        n, dim = w.shape
+        x2, g2 = x.reshape(-1, dim), grad.reshape(-1, n)
+        gw = torch.cat([weight_gradient_rows(x2, g2, a, min(a + ctx.chunk, n)) for a in range(0, n, ctx.chunk)])
+        return g2.mm(w).reshape(x.shape), gw, None
+
+
+def token_batches(n: int, vocab: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # Few distinct tokens in a small vocabulary: repeated rows, runs of neighbouring rows.
+    return [torch.randint(0, vocab, (2, 7), generator=gen) for _ in range(n)]
+
+
+def train(model: TinyLM, opt, batches, sib: dict | None = None, decay: float = 0.7) -> None:
+    """The ordinary loop, or the same inside step_in_backward(opt, **sib); lr decays each step."""
+    def loop() -> None:
+        for ids in batches:
+            model(ids).backward()
+            opt.step()
+            opt.zero_grad()
+            for group in opt.param_groups:
+                group["lr"] *= decay
+
+    if sib is None:
+        loop()
+    else:
+        with step_in_backward(opt, **sib):
+            loop()
+
+
+def assert_same(a: TinyLM, opt_a, b: TinyLM, opt_b) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"parameter {name} differs"
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for key, entry in sa["state"].items():
+        assert entry.keys() == sb["state"][key].keys()
+        for name, value in entry.items():
+            other = sb["state"][key][name]
+            same = torch.equal(value, other) if torch.is_tensor(value) else value == other
+            assert same, f"state[{key}][{name!r}] differs: {value} vs {other}"
+
+
+def refused(twin, hyper: dict) -> bool:
+    return not twin.rows or (twin.name == "sgd" and hyper.get("momentum", 0) != 0)
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.in_backward], ids=[t.name for t in TWINS if t.in_backward])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_released_rows_are_bit_identical_to_the_ordinary_loop(twin, data) -> None:
+    hyper = data.draw(twin.hyper(), label="hyper")
+    layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+    vocab = data.draw(st.sampled_from([1, 2, 37, 300]), label="vocab")
+    dim = data.draw(st.sampled_from([1, 7, 16, 33]), label="dim")
+    row_chunk = data.draw(st.sampled_from([1, 5, 64, 4096]), label="row_chunk")
+    two_groups = data.draw(st.booleans(), label="two_groups")
+    batches = token_batches(3, vocab)
+    with pytest.MonkeyPatch.context() as mp:  # not the fixture: hypothesis reruns the body
+        forbid_torch_fallback(mp)
+        a, b = TinyLM(layout, vocab, dim, dtype, chunked=row_chunk), TinyLM(layout, vocab, dim, dtype)
+
+        def make(model: TinyLM):
+            params = list(model.parameters())
+            groups = [{"params": params[:2]}, {"params": params[2:], "lr": hyper.get("lr", 0.01) * 0.5}]
+            return twin.make_ours(groups if two_groups else params, **hyper)
+
+        opt_a, opt_b = make(a), make(b)
+        sib = dict(release_rows=b.released(), row_chunk=row_chunk)
+        if refused(twin, hyper):
+            with pytest.raises(ValueError, match="release_rows"):
+                step_in_backward(opt_b, **sib)
+            return
+        train(a, opt_a, batches)
+        train(b, opt_b, batches, sib)
+    assert_same(a, opt_a, b, opt_b)
+    assert all(p.grad is None for p in b.released())
+    assert not _ACTIVE
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(1, 80), dim=st.sampled_from([1, 7, 16, 33, 100]), vocab=st.integers(1, 700),
+       chunk=st.sampled_from([1, 5, 64, 4096]), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_chunked_weight_gradient_is_autograds_to_rounding(tokens, dim, vocab, chunk, dtype) -> None:
+    gen = torch.Generator().manual_seed(tokens * 1000 + vocab)
+    x = torch.randn(tokens, dim, generator=gen, dtype=dtype)
+    w = torch.randn(vocab, dim, generator=gen, dtype=dtype, requires_grad=True)
+    g = torch.randn(tokens, vocab, generator=gen, dtype=dtype)
+    F.linear(x, w).backward(g)
+    chunked = torch.cat([weight_gradient_rows(x, g, a, min(a + chunk, vocab)) for a in range(0, vocab, chunk)])
+    # The same sums, perhaps in another order: within a few ulps of each term's size.
+    scale = (x.abs().t() @ g.abs()).t()
+    eps = torch.finfo(dtype).eps
+    assert ((chunked - w.grad).abs() <= 4 * tokens * eps * scale).all()
+
+
+class LargestOutput(TorchDispatchMode):
+    """The most elements of new memory an operator returns while the mode is on (views of
+    its inputs' storage, as detach or slicing return, are not new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.most = max(self.most, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_tensor_the_size_of_a_released_weight_is_formed_in_backward(layout) -> None:
+    vocab, dim, chunk = 500, 64, 50  # a weight (32,000 elements) larger than the logits' gradient (12 × 500)
+    batches = token_batches(3, vocab)
+    assert _largest_in_backward(layout, vocab, dim, batches, release=False) >= vocab * dim  # the test sees one
+    most = _largest_in_backward(layout, vocab, dim, batches, release=True, row_chunk=chunk)
+    assert most <= max(chunk * dim, 12 * vocab), most
+
+
+def _largest_in_backward(layout: str, vocab: int, dim: int, batches, release: bool, row_chunk: int = 4096) -> int:
+    """The most elements of a tensor formed in backward after the first iteration, inside
+    step_in_backward with or without release."""
+    model = TinyLM(layout, vocab, dim)
+    opt = oxoptim.AdamW(model.parameters(), lr=0.01)
+    most = 0
+    with step_in_backward(opt, release_rows=model.released() if release else [], row_chunk=row_chunk):
+        for i, ids in enumerate(batches):
+            loss = model(ids)
+            with LargestOutput() as mode:
+                loss.backward()
+            if i:  # the first creates the optimizer state, weight-sized
+                most = max(most, mode.most)
+            assert all(p.grad is None for p in model.parameters())
+            opt.step()
+    return most
+
+
+def test_a_checkpoint_taken_between_iterations_resumes_bit_identically() -> None:
+    batches = token_batches(6, 37)
+    a = TinyLM("tied", 37, 16, chunked=5)
+    opt_a = oxoptim.NAdam(a.parameters(), lr=0.01)
+    train(a, opt_a, batches)
+    b = TinyLM("tied", 37, 16)
+    opt_b = oxoptim.NAdam(b.parameters(), lr=0.01)
+    train(b, opt_b, batches[:3], dict(release_rows=[b.emb], row_chunk=5))
+    saved = {"model": {k: v.clone() for k, v in b.state_dict().items()}, "opt": opt_b.state_dict()}
+    c = TinyLM("tied", 37, 16, seed=9)
+    c.load_state_dict(saved["model"])
+    opt_c = oxoptim.NAdam(c.parameters(), lr=0.01)
+    opt_c.load_state_dict(saved["opt"])
+    train(c, opt_c, batches[3:], dict(release_rows=[c.emb], row_chunk=5))
+    assert_same(a, opt_a, c, opt_c)
+
+
+def test_outside_the_context_and_under_no_grad_they_are_the_torch_functions() -> None:
+    w = torch.nn.Parameter(torch.randn(11, 4))
+    ids, x = torch.tensor([[1, 3, 3]]), torch.randn(2, 4)
+    assert torch.equal(rows.embedding(ids, w), F.embedding(ids, w))
+    rows.linear(x, w).sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, x.sum(0).expand(11, 4))
+    opt = oxoptim.Adam([w])
+    with step_in_backward(opt, release_rows=[w]), torch.no_grad():
+        assert torch.equal(rows.linear(x, w), F.linear(x, w))
+        assert rows.linear(x, w).grad_fn is None
+
+
+REFUSED = [
+    ("Adafactor", lambda ps: oxoptim.Adafactor(ps), {}, "elementwise"),
+    ("AdamW8bit", lambda ps: oxoptim.AdamW8bit(ps), {}, "elementwise"),
+    ("SGD with momentum", lambda ps: oxoptim.SGD(ps, lr=0.1, momentum=0.9), {}, "momentum"),
+    ("bf16 state", lambda ps: oxoptim.AdamW(ps, state_dtype=torch.bfloat16), {}, "low-precision"),
+    ("accumulate 2", lambda ps: oxoptim.AdamW(ps), {"accumulate": 2}, "accumulate"),
+    ("clipping", lambda ps: oxoptim.AdamW(ps), {"clip": oxoptim.ClipPerParameter(1.0)}, "clip"),
+    ("row_chunk 0", lambda ps: oxoptim.AdamW(ps), {"row_chunk": 0}, "row_chunk"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_what_cannot_be_released_is_refused_at_entry(case) -> None:
+    _, make, kwargs, message = case
+    model = TinyLM("tied", 37, 16)
+    opt = make(model.parameters())
+    with pytest.raises(ValueError, match=message):
+        step_in_backward(opt, release_rows=[model.emb], **kwargs)
+    assert not _ACTIVE and "_oxoptim_step_in_backward" not in opt.__dict__
+
+
+@pytest.mark.parametrize("weight, message", [
+    (lambda m: m.bias, "2-D"),
+    (lambda m: torch.nn.Parameter(torch.randn(3, 3)), "not a parameter of this optimizer"),
+])
+def test_a_weight_that_cannot_be_released_is_refused(weight, message) -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=message):
+        step_in_backward(opt, release_rows=[weight(model)])
+    with pytest.raises(ValueError, match="twice"):
+        step_in_backward(opt, release_rows=[model.emb, model.emb])
+
+
+def test_two_output_layers_in_one_iteration_are_an_error() -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters())
+    with step_in_backward(opt, release_rows=[model.emb]):
+        h = torch.randn(3, 16)
+        rows.linear(h, model.emb)
+        with pytest.raises(RuntimeError, match="twice"):
+            rows.linear(h, model.emb)
+    assert not _ACTIVE
+
+
+def test_a_released_weight_used_by_another_operation_too_is_an_error() -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters())
+    with step_in_backward(opt, release_rows=[model.emb]):
+        ids = token_batches(1, 37)[0]
+        (model(ids) + model.emb.sum()).backward()  # the sum gives it a .grad after its rows were updated
+        with pytest.raises(RuntimeError, match="also got a .grad"):
+            opt.step()
