@@ -206,23 +206,22 @@ class RowRelease:
         rows, dim = w.shape
         x2, g2 = x.reshape(-1, dim), grad.reshape(-1, rows)
         dx = g2.mm(w).reshape(x.shape) if needs_x else None  # with the weights before any update
-        looked_up = self._looked_up
-        tied = looked_up is not None
-        if tied:
-            self._head_rows = torch.empty(len(looked_up), dim, dtype=w.dtype)
+        looked_up = self._looked_up  # tied: rows whose update waits for the embedding's gradient
+        head_rows = None if looked_up is None else torch.empty(len(looked_up), dim, dtype=w.dtype)
         chunk = torch.empty(min(self.row_chunk, rows), dim, dtype=w.dtype)
         for a in range(0, rows, self.row_chunk):
             b = min(a + self.row_chunk, rows)
             part = chunk[: b - a]
             part.copy_(weight_gradient_rows(x2, g2, a, b))
-            if tied:
-                held = _within(looked_up, a, b)
-                self._head_rows[held] = part[looked_up[held] - a]
-                self._update(_runs_outside(looked_up[held] - a, b - a), part, a)
-            else:
+            if looked_up is None or head_rows is None:
                 self._update([(0, b - a)], part, a)
+                continue
+            held = _within(looked_up, a, b)
+            head_rows[held] = part[looked_up[held] - a]
+            self._update(_runs_outside(looked_up[held] - a, b - a), part, a)
+        self._head_rows = head_rows
         self._backwards.add("linear")
-        if not tied:
+        if looked_up is None:
             self._complete()
         return dx
 
@@ -318,7 +317,7 @@ class RowRelease:
             if missing:
                 raise RuntimeError(f"release_rows: {type(optimizer).__name__} creates {missing} on its first step")
         self._scalar_keys = tuple(scalars)
-        self._cells = [entry[key].clone() for key in scalars]
+        self._cells = [entry[key] for key in scalars]
 
     def _complete(self) -> None:
         """Every row has its update: the scalar state moves on once."""
