@@ -56,6 +56,7 @@ def step(
     compensation: Optional[list[torch.Tensor]] = None,
     bf16_state: bool = False,
     stream_ids: Optional[list[int]] = None,
+    stream_offsets: Optional[list[int]] = None,
 ) -> bool: ...
 def group_step(
     kind: str,

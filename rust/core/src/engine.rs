@@ -485,7 +485,7 @@ pub(crate) struct Narrowing {
     slot: usize,
     /// The slot's random stream ([`TensorBatch::stream`]).
     stream: usize,
-    /// The slot element the work item starts at.
+    /// The stream element the work item starts at (the slot's offset plus its start in the slot).
     start: usize,
 }
 
@@ -496,7 +496,7 @@ impl Narrowing {
             backend: exec.backend,
             slot,
             stream: batch.stream(slot),
-            start,
+            start: batch.offset(slot) + start,
         }
     }
 }

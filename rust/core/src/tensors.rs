@@ -176,6 +176,9 @@ pub struct TensorBatch {
     /// that a tensor draws the same bits whichever call, at whichever
     /// position, steps it; empty: the slot index ([`TensorBatch::with_streams`]).
     streams: Vec<u64>,
+    /// Where each slot starts within its stream, in elements: a slot that is
+    /// a piece of a larger tensor draws that tensor's bits (empty: 0).
+    offsets: Vec<u64>,
 }
 
 impl TensorBatch {
@@ -241,6 +244,7 @@ impl TensorBatch {
             read_only: false,
             compensation: Vec::new(),
             streams: Vec::new(),
+            offsets: Vec::new(),
         })
     }
 
@@ -266,6 +270,7 @@ impl TensorBatch {
             read_only: true,
             compensation: Vec::new(),
             streams: Vec::new(),
+            offsets: Vec::new(),
         })
     }
 
@@ -308,6 +313,24 @@ impl TensorBatch {
     /// The random stream of `slot`: the caller's id, or the slot index.
     pub fn stream(&self, slot: usize) -> usize {
         self.streams.get(slot).map_or(slot, |&id| id as usize)
+    }
+
+    /// Gives each slot the element of its stream it starts at (one per slot; see `offsets`).
+    pub fn with_offsets(mut self, offsets: Vec<u64>) -> Result<TensorBatch> {
+        if offsets.len() != self.slots() {
+            return Err(Error::Mismatch(format!(
+                "{} stream offsets for {} tensors",
+                offsets.len(),
+                self.slots()
+            )));
+        }
+        self.offsets = offsets;
+        Ok(self)
+    }
+
+    /// The element of its stream that `slot` starts at.
+    pub fn offset(&self, slot: usize) -> usize {
+        self.offsets.get(slot).map_or(0, |&at| at as usize)
     }
 
     /// Adds a Kahan compensation array per slot: bfloat16, as long as the

@@ -725,3 +725,66 @@ fn a_tensors_random_bits_follow_its_stream_id_not_its_slot() {
         Err(oxoptim_core::Error::Mismatch(_))
     ));
 }
+
+#[test]
+fn pieces_of_a_tensor_with_their_offsets_draw_the_whole_tensors_bits() {
+    // Halfway cases, so every element's rounding shows its bits; the 8-bit
+    // kernel takes the same offsets (tests/test_rows.py steps it in pieces).
+    let sgd = SgdConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        dampening: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+        maximize: false,
+    };
+    let n = 1000;
+    // `cuts` split the tensor into pieces, each a slot of one batch with its offset.
+    let run = |cuts: &[usize], offsets: bool| {
+        let mut p = vec![bf16::ONE; n];
+        let mut g = vec![bf16::from_f32(-1.0 / 256.0); n];
+        let mut raws = Vec::new();
+        let mut starts = Vec::new();
+        for w in cuts.windows(2) {
+            for b in [&mut p, &mut g] {
+                raws.push(RawTensor {
+                    addr: b[w[0]..].as_mut_ptr() as usize,
+                    len: w[1] - w[0],
+                    dtype: DType::BF16,
+                });
+            }
+            starts.push(w[0] as u64);
+        }
+        let slots = starts.len();
+        // SAFETY: the vectors outlive the batch and its pieces are disjoint.
+        let mut batch = unsafe { TensorBatch::new(raws, 2).unwrap() }
+            .with_streams(vec![4; slots])
+            .unwrap();
+        if offsets {
+            batch = batch.with_offsets(starts).unwrap();
+        }
+        let exec = Exec::new(Backend::active(), 2).with_rounding(stochastic(3));
+        sgd_step(&sgd, &batch, &vec![false; slots], exec).unwrap();
+        drop(batch);
+        p.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    let whole = run(&[0, n], false);
+    assert_eq!(run(&[0, 1, 17, 300, 301, n], true), whole);
+    assert_ne!(run(&[0, 300, n], false), whole, "without offsets a piece restarts the stream");
+    let mut short = vec![bf16::ONE; 4];
+    let raw = RawTensor {
+        addr: short.as_mut_ptr() as usize,
+        len: 2,
+        dtype: DType::BF16,
+    };
+    let other = RawTensor {
+        addr: short[2..].as_mut_ptr() as usize,
+        ..raw
+    };
+    // SAFETY: `short` outlives the batch.
+    let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
+    assert!(matches!(
+        batch.with_offsets(vec![1, 2]),
+        Err(oxoptim_core::Error::Mismatch(_))
+    ));
+}

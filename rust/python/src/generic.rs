@@ -92,6 +92,8 @@ struct Gathered<'py> {
     compensation: Vec<RawTensor>,
     /// The caller's random-stream id of each slot (empty: the slot index).
     streams: Vec<u64>,
+    /// The stream element each slot starts at (empty: 0).
+    offsets: Vec<u64>,
     /// Every tensor described and the storage it pointed at, held until the call ends.
     keep: KeepAlive<'py>,
     params: Bound<'py, PyList>,
@@ -107,6 +109,7 @@ impl<'py> Gathered<'py> {
             cells: Vec::new(),
             compensation: Vec::new(),
             streams: Vec::new(),
+            offsets: Vec::new(),
             keep: KeepAlive::with_capacity(capacity * (arity + 1)),
             params: PyList::empty(py),
         })
@@ -217,6 +220,13 @@ impl<'py> Gathered<'py> {
                 .with_streams(self.streams.clone())
                 .map_err(core_error)?
         };
+        let batch = if self.offsets.is_empty() {
+            batch
+        } else {
+            batch
+                .with_offsets(self.offsets.clone())
+                .map_err(core_error)?
+        };
         let batch = Arc::new(batch);
         // SAFETY: the cells were described like the arrays, from live 0-d CPU
         // tensors held the same way.
@@ -246,7 +256,7 @@ impl<'py> Gathered<'py> {
 /// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
 /// touched nothing) when some tensor needs torch's own implementation.
 #[pyfunction]
-#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false, stream_ids=None))]
+#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false, stream_ids=None, stream_offsets=None))]
 #[allow(clippy::too_many_arguments)]
 fn step<'py>(
     py: Python<'py>,
@@ -262,6 +272,7 @@ fn step<'py>(
     compensation: Option<Bound<'py, PyList>>,
     bf16_state: bool,
     stream_ids: Option<Vec<u64>>,
+    stream_offsets: Option<Vec<u64>>,
 ) -> PyResult<bool> {
     let entry = entry(kind)?;
     let configured = configure(&entry, hyper)?;
@@ -305,9 +316,15 @@ fn step<'py>(
         )));
     }
     check_stream_ids(kind, stream_ids.as_deref(), n)?;
+    if stream_offsets.as_ref().is_some_and(|at| at.len() != n) {
+        return Err(PyValueError::new_err(format!(
+            "{kind}: expected {n} stream offsets"
+        )));
+    }
     let exec = exec(num_threads, backend)?
         .with_rounding(rounding(stochastic_round, compensation.is_some())?);
     let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), n)?;
+    gathered.offsets = stream_offsets.unwrap_or_default();
     for (i, param) in params.iter().enumerate() {
         let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
         let cells: Vec<_> = scalar_lists.iter().map(|l| l[i].clone()).collect();

@@ -102,7 +102,7 @@ impl Optimizer for Adam8bitConfig {
                 m: Codebook::get(Map::Signed),
                 v: Codebook::get(Map::Unsigned),
                 rounding: exec.rounding,
-                streams: (0..batch.slots()).map(|i| batch.stream(i)).collect(),
+                streams: (0..batch.slots()).map(|i| (batch.stream(i), batch.offset(i))).collect(),
             },
             batch,
             exec,
@@ -118,8 +118,8 @@ struct Adam8bitKernel<'a> {
     v: &'static Codebook,
     /// How bfloat16 parameters are stored back.
     rounding: ParamRounding,
-    /// Each slot's random stream (stochastic rounding).
-    streams: Vec<usize>,
+    /// Each slot's random stream and the stream element it starts at (stochastic rounding).
+    streams: Vec<(usize, usize)>,
 }
 
 impl Blockwise for Adam8bitKernel<'_> {
@@ -140,7 +140,7 @@ impl Blockwise for Adam8bitKernel<'_> {
             (Column::BF16(p), Column::BF16(g)) => Param::BF16 {
                 param: p,
                 grad: g,
-                at: (self.streams[slot], start),
+                at: (self.streams[slot].0, self.streams[slot].1 + start),
             },
             _ => unreachable!("the step checked the parameter dtypes"),
         };
