@@ -50,19 +50,24 @@ optimizers, Prodigy, SGD with momentum), low-precision options,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import _blockwise as bw
 from . import _core
+from ._lowprec import KAHAN_COMP
 from ._native import group_is_native, num_threads
 
 __all__ = ["embedding", "linear"]
 
-# Kinds whose update is elementwise over parameter-shaped state.
+# Kinds whose update is elementwise over parameter-shaped state (or, for the 8-bit optimizers,
+# over blocks of 256 elements, which whole rows cover when a row holds a multiple of 256).
 _ELEMENTWISE = frozenset({"sgd", "adam", "rmsprop", "adagrad", "adamax", "nadam", "radam", "adadelta", "asgd",
-                          "rprop", "lion", "adamw_schedulefree", "sgd_schedulefree"})
+                          "rprop", "lion", "adamw_schedulefree", "sgd_schedulefree", "adam8bit"})
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _ACTIVE: dict[int, "RowRelease"] = {}  # id(weight) -> its release, while a step_in_backward context is open
 
 
@@ -130,7 +135,7 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
     kind = getattr(optimizer, "KIND", None)
     if kind not in _ELEMENTWISE:
         raise ValueError(f"release_rows needs an optimizer whose update is elementwise over its state; "
-                         f"{type(optimizer).__name__} is not (Adafactor, 8-bit state and Prodigy are not)")
+                         f"{type(optimizer).__name__} is not (Adafactor's factored moments, Prodigy's d are not)")
     if accumulate != 1 or clip is not None or ddp is not None:
         raise ValueError("release_rows cannot be combined with accumulate > 1, clip or ddp: each needs the "
                          "weight's whole gradient")
@@ -142,17 +147,66 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
         group = _group_of(optimizer, w)
         if group is None:
             raise ValueError(f"release_rows: a weight of shape {tuple(w.shape)} is not a parameter of this optimizer")
-        if w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) \
-                or not w.requires_grad:
-            raise ValueError(f"release_rows takes contiguous 2-D float32/float64 CPU parameters that require grad, got "
+        if w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.dtype not in _DTYPES or not w.requires_grad:
+            raise ValueError(f"release_rows takes contiguous 2-D floating-point CPU parameters that require grad, got "
                              f"shape {tuple(w.shape)}, {w.dtype} on {w.device}")
         if kind == "sgd" and group["momentum"] != 0:
             raise ValueError("release_rows cannot step SGD with momentum: torch creates its buffer from the whole "
                              "first gradient")
-        if not group_is_native(optimizer, group) or optimizer._native_options(group, None):
-            raise ValueError("release_rows: the weight's group must take the native path without low-precision "
-                             "options (bf16 weights or state, stochastic rounding, Kahan summation)")
+        if kind == "adam8bit":
+            if w.numel() >= group["min_8bit_size"] and w.shape[1] % bw.BLOCK:
+                raise ValueError(f"release_rows: 8-bit state is kept in blocks of {bw.BLOCK} elements, so a released "
+                                 f"weight's rows must hold a multiple of {bw.BLOCK}, not {w.shape[1]}")
+        elif not group_is_native(optimizer, group):
+            raise ValueError("release_rows: the weight's group must take the native path (no differentiable, "
+                             "capturable or tensor hyper-parameters, no AMP grad scaling)")
     return weights
+
+
+@dataclass
+class _Kernel:
+    """One native call's description for pieces (row ranges) of one weight."""
+
+    kind: str
+    hyper: dict
+    arrays: list  # (state key, elements per entry: 1, or bw.BLOCK for a block's absmax)
+    scalars: list  # per-parameter scalar state keys
+    options: dict = field(default_factory=dict)  # call-wide (stochastic rounding, bfloat16 state)
+    stream: Optional[int] = None  # the weight's random stream (stochastic rounding)
+    compensation: bool = False  # Kahan summation: the weight's compensation buffer, sliced too
+
+
+def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
+    """The weight's native call, its state made first as the ordinary step would make it."""
+    if optimizer.KIND == "adam8bit":
+        if not optimizer.state.get(w):
+            optimizer.state[w] = optimizer._fresh_state(w, group["min_8bit_size"])
+        rounding = dict(optimizer._rounding(group, [w]))
+        stream = rounding.pop("stream_ids", [None])[0]
+        hyper = optimizer._hyper(group)
+        if bw.is_8bit(optimizer.state[w]):
+            codes = [("exp_avg", 1), ("exp_avg_sq", 1), ("exp_avg_absmax", bw.BLOCK), ("exp_avg_sq_absmax", bw.BLOCK)]
+            return _Kernel(optimizer.KIND, hyper, codes, ["step"], rounding, stream)
+        hyper = {**hyper, "amsgrad": False, "maximize": False}
+        return _Kernel("adam", hyper, [("exp_avg", 1), ("exp_avg_sq", 1)], ["step"], rounding, stream)
+    hyper = optimizer._hyper(group)
+    arrays, scalars = _core.layout(optimizer.KIND, hyper)
+    entry = optimizer.state.get(w, {})
+    if any(key not in entry for key in (*arrays, *scalars)):
+        w.grad = torch.zeros((), dtype=w.dtype).expand_as(w)  # what _init_group reads, without the memory
+        try:
+            lists: list[list[Any]] = [[] for _ in range(optimizer._INIT_LISTS)]
+            optimizer._init_group({**group, "params": [w]}, *lists)
+        finally:
+            w.grad = None
+        entry = optimizer.state.get(w, {})
+        missing = [key for key in (*arrays, *scalars) if key not in entry]
+        if missing:
+            raise RuntimeError(f"release_rows: {type(optimizer).__name__} creates {missing} on its first step")
+    options = dict(optimizer._native_options(group, [w]))  # bfloat16 and Kahan state made here too
+    stream = options.pop("stream_ids", [None])[0]
+    compensation = options.pop("compensation", None) is not None
+    return _Kernel(optimizer.KIND, hyper, [(key, 1) for key in arrays], list(scalars), options, stream, compensation)
 
 
 def _group_of(optimizer: Any, weight: torch.Tensor) -> Optional[dict]:
@@ -231,8 +285,9 @@ class RowRelease:
         rows, dim = w.shape
         looked_up = self._looked_up
         assert looked_up is not None
+        # torch's own embedding backward on the looked-up rows alone: each row's sum in its order and precision.
         at = torch.searchsorted(looked_up, ids.reshape(-1))
-        summed = torch.zeros(len(looked_up), dim, dtype=w.dtype).index_add_(0, at, grad.reshape(-1, dim))
+        summed = torch.ops.aten.embedding_dense_backward(grad.reshape(-1, dim), at, len(looked_up), -1, False)
         if "linear" in self._backwards:
             assert self._head_rows is not None
             summed = self._head_rows + summed
@@ -284,40 +339,30 @@ class RowRelease:
         self._call(group, [(offset + a, offset + b, grad[a:b]) for a, b in runs])
 
     def _call(self, group: dict, pieces: list) -> None:
+        """One native call stepping ``pieces``, ``(first row, end row, gradient rows)`` each."""
         optimizer, w = self.optimizer, self.weight
-        if self._cells is None:
-            self._begin(group)
-        arrays, scalars = _core.layout(optimizer.KIND, optimizer._hyper(group))
-        entry = optimizer.state[w] if arrays else {}  # no empty entry for stateless SGD, as its step
+        kernel = _kernel(optimizer, group, w)
+        entry = optimizer.state.get(w, {})
+        if self._cells is None:  # the iteration's first update: its scalars, which each piece copies
+            self._scalar_keys = tuple(kernel.scalars)
+            self._cells = [entry[key] for key in kernel.scalars]
+        width = w.shape[1]
         base = w.detach()
         params = [base[a:b] for a, b, _ in pieces]
         grads = [g for _, _, g in pieces]
-        state = [[entry[key][a:b] for a, b, _ in pieces] for key in arrays]
-        # Each piece steps its own copy of the iteration's starting scalars: the count advances once.
-        assert self._cells is not None
+        # Per block: rows a..b hold elements a*width..b*width, whole blocks but maybe the weight's last.
+        state = [[entry[key][a:b] if per == 1 else entry[key][a * width // per:-(-b * width // per)]
+                  for a, b, _ in pieces] for key, per in kernel.arrays]
+        # Each piece steps its own copy of the iteration's starting scalars: they advance once.
         cells = [[c.clone() for _ in pieces] for c in self._cells]
-        if not _core.step(optimizer.KIND, params, grads, state, cells, optimizer._hyper(group), num_threads=num_threads()):
+        options = dict(kernel.options)
+        if kernel.stream is not None:  # each piece draws its rows' bits of the weight's stream
+            options.update(stream_ids=[kernel.stream] * len(pieces), stream_offsets=[a * width for a, _, _ in pieces])
+        if kernel.compensation:
+            options["compensation"] = [entry[KAHAN_COMP][a:b] for a, b, _ in pieces]
+        if not _core.step(kernel.kind, params, grads, state, cells, kernel.hyper, num_threads=num_threads(), **options):
             raise RuntimeError("release_rows: the native kernel refused the weight's rows")
         self._advanced = [c[0] for c in cells]
-
-    def _begin(self, group: dict) -> None:
-        """The first update of an iteration: state made as the ordinary step would, scalars kept."""
-        optimizer, w = self.optimizer, self.weight
-        arrays, scalars = _core.layout(optimizer.KIND, optimizer._hyper(group))
-        entry = optimizer.state.get(w, {})
-        if any(key not in entry for key in (*arrays, *scalars)):
-            w.grad = torch.zeros((), dtype=w.dtype).expand_as(w)  # what _init_group reads, without the memory
-            try:
-                lists: list[list[Any]] = [[] for _ in range(optimizer._INIT_LISTS)]
-                optimizer._init_group({**group, "params": [w]}, *lists)
-            finally:
-                w.grad = None
-            entry = optimizer.state[w]
-            missing = [key for key in (*arrays, *scalars) if key not in entry]
-            if missing:
-                raise RuntimeError(f"release_rows: {type(optimizer).__name__} creates {missing} on its first step")
-        self._scalar_keys = tuple(scalars)
-        self._cells = [entry[key] for key in scalars]
 
     def _complete(self) -> None:
         """Every row has its update: the scalar state moves on once."""
