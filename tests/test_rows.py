@@ -168,7 +168,7 @@ def test_the_chunked_weight_gradient_is_autograds_to_rounding(tokens, dim, vocab
 
 
 # bfloat16 weights with stochastic rounding (each piece draws its rows' bits of the weight's stream),
-# Kahan summation, bfloat16 state and 8-bit state (rows of 256: whole blocks); SGD with momentum is refused.
+# Kahan summation, bfloat16 state and 8-bit state (rows of 512: two whole blocks); SGD with momentum is refused.
 LOW_PRECISION = [case for case in SIB_LOW_PRECISION if not case[0].startswith("sgd_momentum")]
 
 
@@ -179,7 +179,7 @@ def test_low_precision_released_rows_are_bit_identical_to_the_ordinary_loop(name
     results = []
     for release in (False, True):
         torch.manual_seed(5)  # the same stochastic-rounding seeds
-        model = TinyLM(layout, 37, 256, torch.bfloat16, chunked=None if release else 5)
+        model = TinyLM(layout, 37, 512, torch.bfloat16, chunked=None if release else 5)  # 2 blocks a row
         opt = cls(model.parameters(), **hyper)
         train(model, opt, batches, dict(release_rows=model.released(), row_chunk=5) if release else None)
         results.append((model, opt))
