@@ -167,6 +167,8 @@ CONTENDERS = [
               lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), dtype=torch.bfloat16),
     Contender("oxoptim AdamW8bit, bf16 weights + SR, in backward",
               lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), "oxoptim", dtype=torch.bfloat16),
+    Contender("oxoptim AdamW8bit, bf16 weights + SR, in backward, rows released",
+              lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), "oxoptim rows", dtype=torch.bfloat16),
 ]
 REFERENCE = "torch AdamW fused, loop"
 
