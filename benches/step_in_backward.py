@@ -246,6 +246,22 @@ def time_model(key: str, names: List[str], rounds: int, iters: int) -> Dict[str,
     return times
 
 
+def rows_match_loop(key: str, iterations: int = 3) -> bool:
+    """Whether oxoptim AdamW with released rows ends bit-identical to its ordinary loop after a few
+    iterations on this model (the chunked weight gradient may differ from autograd's in the last
+    bits on other shapes or BLAS builds: oxoptim.rows)."""
+    model, loss_fn, _ = build(key)
+    ends = []
+    for name in ("oxoptim AdamW, loop", "oxoptim AdamW, in backward, rows released"):
+        c = next(c for c in CONTENDERS if c.name == name)
+        m = copy.deepcopy(model)
+        opt = c.start(m)
+        for _ in range(iterations):
+            c.iteration(m, opt, loss_fn)
+        ends.append([p.detach().clone() for p in m.parameters()])
+    return all(torch.equal(a, b) for a, b in zip(*ends))
+
+
 def _median(xs: List[float]) -> float:
     s = sorted(xs)
     n = len(s)
@@ -264,6 +280,11 @@ def markdown(data: dict) -> str:
         lines += [
             f"**{model['name']}** — {model['description']}; gradients {model['grad_mib']:.0f} MiB",
             "",
+        ]
+        if "rows_bit_identical_to_loop" in model:
+            lines += [f"Released rows (oxoptim AdamW) bit-identical to its ordinary loop after 3 iterations: "
+                      f"{model['rows_bit_identical_to_loop']}", ""]
+        lines += [
             "| contender | ms/iter median (min–max) | peak RSS MiB | peak over warm-up MiB | saved vs torch fused loop, share of gradients "
             "| weights + state MiB | peak over pre-model RSS MiB (share of torch fused loop's) |",
             "|---|---|---|---|---|---|---|",
@@ -299,6 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--check-rows", action="store_true",
+                    help="also check that released rows end bit-identical to the ordinary loop (LMs)")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -341,6 +364,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del model
         entry = {"key": key, "name": f"{key} ({n / 1e6:.1f}M params)", "description": description, "params": n, "grad_mib": n * 4 / 2**20, "results": {}}
         print(f"\n== {entry['name']}: {description}", flush=True)
+        if args.check_rows and key.startswith("gpt2s"):
+            entry["rows_bit_identical_to_loop"] = rows_match_loop(key)
+            print(f"  released rows bit-identical to the ordinary loop after 3 iterations: "
+                  f"{entry['rows_bit_identical_to_loop']}", flush=True)
         times = {} if args.no_time else time_model(key, names, args.rounds, args.iters)
         for name in applicable:
             rec: dict = {"iter_ms": times.get(name, [])}

@@ -484,6 +484,34 @@ def test_step_in_backward_contenders_train_as_their_ordinary_loops():
     assert all(torch.equal(a, b) for a, b in zip(quarter, inside))
 
 
+def test_rows_released_contenders_train_as_their_ordinary_loops():
+    # One chunk covers this vocabulary: the weight gradient is autograd's product itself, bit for bit.
+    import step_in_backward as bench
+    from e2e import TinyLM
+
+    def trained(name, tied=True):
+        torch.manual_seed(0)
+        model = TinyLM(vocab=50, d=16, layers=1, heads=2, ctx=8)
+        if tied:
+            model.head.weight = model.tok.weight
+        contender = next(c for c in bench.CONTENDERS if c.name == name)
+        opt = contender.start(model)
+        loss = bench._lm_loss(model, 50, 2, 7)
+        for _ in range(3):
+            contender.iteration(model, opt, loss)
+            assert all(p.grad is None for p in model.parameters())
+        return [p.detach() for p in model.parameters()]
+
+    for tied in (True, False):
+        loop, rows = trained("oxoptim AdamW, loop", tied), trained("oxoptim AdamW, in backward, rows released", tied)
+        assert all(torch.equal(a, b) for a, b in zip(loop, rows))
+        quarter = trained("oxoptim AdamW8bit, bf16 weights + SR, loop", tied)
+        inside = trained("oxoptim AdamW8bit, bf16 weights + SR, in backward, rows released", tied)
+        assert all(torch.equal(a, b) for a, b in zip(quarter, inside))
+    with pytest.raises(ValueError, match="transformer LMs"):
+        bench._released_weights(torch.nn.Linear(2, 2))
+
+
 def test_lowbit_sentiment_variants_change_every_stage_and_only_that():
     import lowbit_sentiment as bench
 
