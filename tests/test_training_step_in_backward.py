@@ -137,12 +137,50 @@ def test_hooks_are_removed_when_a_run_fails():
     ({"step_in_backward": True, "optimizer": "subgradient", "lr": 0.1}, "needs a Rust-backed oxoptim optimizer"),
     ({"accumulate": 100}, "must be <= batch_size"),
     ({"accumulation": "gradients"}, "did you mean 'gradient'"),
+    ({"release_rows": True}, "release_rows needs step_in_backward = true"),
+    ({"step_in_backward": True, "release_rows": True, "accumulate": 2}, "release_rows cannot be combined"),
+    ({"step_in_backward": True, "release_rows": True, "optimizer": "adafactor"}, "elementwise"),
 ])
 def test_refused_at_start_up(settings, message):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)
     raw["stages"] = [{"name": "s", "optimizer": "adamw", "epochs": 2, "batch_size": 32, "lr": 1e-3, **settings}]
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(raw)
+
+
+def test_release_rows_stage_equals_the_same_stage_without_it(monkeypatch):
+    """A GPT classifier's token embedding updated row block by row block inside backward: the same
+    weights and records as step_in_backward alone (an embedding's rows are exact: oxoptim.rows)."""
+    import oxoptim.rows
+    from oxoptim.training.gpt import GPT, GPTClassifier
+
+    opened = []
+    original = oxoptim.rows.RowRelease.open
+    monkeypatch.setattr(oxoptim.rows.RowRelease, "open", lambda self: (opened.append(self.weight), original(self))[1])
+
+    def run(release):
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        m = GPTClassifier(GPT(30, block=10, layers=1, dim=16, heads=2), num_classes=3)
+        train_data, val_data = data()
+        stages = [Stage("a", "adamw", epochs=2, batch_size=32, lr=3e-3, step_in_backward=True, release_rows=release),
+                  Stage("b", "lion", epochs=1, batch_size=20, lr=1e-4, step_in_backward=True, release_rows=release)]
+        history = Trainer(m, F.cross_entropy, train_data, val_data, stages, run_dir=None, quiet=True).fit()
+        return m, history
+
+    plain, h_plain = run(False)
+    assert not opened
+    released, h_released = run(True)
+    assert [w is released.body.tok.weight for w in opened] == [True, True]  # one per stage
+    assert same_weights(plain, released)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in h]  # noqa: E731
+    assert strip(h_plain) == strip(h_released)
+    assert no_hooks(released) and not any(id(p) in oxoptim.rows._ACTIVE for p in released.parameters())
+
+
+def test_release_rows_needs_a_model_that_has_rows_to_release():
+    with pytest.raises(ValueError, match="release_rows needs a model whose token embedding"):
+        train([Stage("a", "adamw", epochs=1, batch_size=32, lr=3e-3, step_in_backward=True, release_rows=True)])
 
 
 JOB = synthetic_job("""[

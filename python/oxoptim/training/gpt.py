@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oxoptim import rows
+
 __all__ = ["GPT", "GPTClassifier", "GPT_POOLS"]
 
 GPT_POOLS = ("mean", "last")
@@ -70,13 +72,18 @@ class GPT(nn.Module):
     def features(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] > self.block:
             raise ValueError(f"sequences of {ids.shape[1]} tokens, the model takes at most {self.block}")
-        x = self.drop(self.tok(ids) + self.pos.weight[: ids.shape[1]])
+        x = self.drop(rows.embedding(ids, self.tok.weight) + self.pos.weight[: ids.shape[1]])
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.features(ids) @ self.tok.weight.t()
+        return rows.linear(self.features(ids), self.tok.weight)
+
+    def released_rows(self) -> List[torch.Tensor]:
+        """What a ``release_rows`` stage updates row block by row block (:mod:`oxoptim.rows`): the
+        token embedding, also the output layer."""
+        return [self.tok.weight]
 
     def layer_groups(self) -> List[List[torch.Tensor]]:
         """Parameters from the input up: embeddings, each block, the final norm."""
@@ -113,6 +120,10 @@ class GPTClassifier(nn.Module):
         else:
             feat = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1).clamp(min=1).unsqueeze(-1)
         return self.head(self.drop(feat))
+
+    def released_rows(self) -> List[torch.Tensor]:
+        """The body's token embedding (:meth:`GPT.released_rows`); the head is small."""
+        return self.body.released_rows()
 
     def layer_groups(self) -> List[List[torch.Tensor]]:
         """The body's groups from the input up, then the head."""

@@ -51,7 +51,7 @@ class Phase:
         ``step_in_backward`` stage's optimizer then steps inside backward (through ``ddp``'s
         communication hook when distributed) until :meth:`close`."""
         ph = cls._build(stage, model, steps_per_epoch, overrides, carried)
-        ph._step_in_backward(stage, ddp)
+        ph._step_in_backward(stage, model, ddp)
         return ph
 
     @classmethod
@@ -95,18 +95,25 @@ class Phase:
             ph.optimizer.train()  # checkpoints are saved in train mode: a no-op, kept for older ones
         if ph.averager is not None and saved["averager"] is not None:
             ph.averager.load_state_dict(saved["averager"])
-        ph._step_in_backward(stage, ddp)
+        ph._step_in_backward(stage, model, ddp)
         if ph.in_backward is not None and saved.get("in_backward") is not None:
             ph.in_backward.load_state_dict(saved["in_backward"])
         return ph
 
-    def _step_in_backward(self, stage: Stage, ddp: Optional[nn.Module]) -> None:
+    def _step_in_backward(self, stage: Stage, model: nn.Module, ddp: Optional[nn.Module]) -> None:
         if stage.step_in_backward:
             from oxoptim.backward import StepInBackward
 
+            rows = []
+            if stage.release_rows:
+                released = getattr(model, "released_rows", None)
+                if released is None:
+                    raise ValueError(f"stage {stage.name!r}: release_rows needs a model whose token embedding is "
+                                     f"computed by oxoptim.rows (the GPT models); {type(model).__name__} has none")
+                rows = released()
             self.in_backward = StepInBackward(self.optimizer, accumulate=stage.accumulate,
                                               accumulation=stage.accumulation, clip=stage.backward_clip(),
-                                              ddp=ddp).__enter__()
+                                              ddp=ddp, release_rows=rows).__enter__()
 
     def close(self) -> None:
         """Removes a step_in_backward stage's hooks (the phase is over, or training stopped)."""

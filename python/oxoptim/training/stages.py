@@ -43,7 +43,7 @@ OPTIMIZERS = {
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
               "layer_lr_decay", "continue_optimizer", "accumulate", "step_in_backward", "accumulation",
-              "grad_clip_mode", "param_dtype", "stochastic_rounding", "state_dtype")
+              "grad_clip_mode", "param_dtype", "stochastic_rounding", "state_dtype", "release_rows")
 # Names a stage can give for its parameters' dtype (None: leave the model's as it is).
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE = ("all", "head")
@@ -151,6 +151,10 @@ class Stage:
         step_in_backward: update each parameter inside backward, as soon as its gradient is
             complete, and release the gradient (:func:`oxoptim.step_in_backward`); not with
             adversarial steps (two backward passes per step) or full-batch stages.
+        release_rows: with ``step_in_backward``, the model's token embedding (the GPT models',
+            whose output layer is tied to it) is updated row block by row block inside backward,
+            so that its gradient never exists whole (``oxoptim.step_in_backward(release_rows=)``,
+            :mod:`oxoptim.rows`); not with ``accumulate > 1`` or ``grad_clip``.
         accumulation: with ``step_in_backward`` and ``accumulate > 1``: ``"gradient"`` (exact,
             ``p.grad`` is the buffer) or ``"optimizer"`` (Adam/AdamW: micro-batches absorbed into
             the moments, no gradient buffer).
@@ -204,6 +208,7 @@ class Stage:
     param_dtype: Optional[str] = None
     stochastic_rounding: bool = False
     state_dtype: Optional[str] = None
+    release_rows: bool = False
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -231,6 +236,7 @@ class Stage:
         param_dtype: Optional[str] = None,
         stochastic_rounding: bool = False,
         state_dtype: Optional[str] = None,
+        release_rows: bool = False,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -268,6 +274,9 @@ class Stage:
             if not isinstance(step_in_backward, bool):
                 raise ValueError(f"step_in_backward must be true or false, not {step_in_backward!r}")
             self.step_in_backward = step_in_backward
+            if not isinstance(release_rows, bool):
+                raise ValueError(f"release_rows must be true or false, not {release_rows!r}")
+            self.release_rows = release_rows
             self.accumulation = choices_of("accumulation", accumulation, ACCUMULATIONS)
             self.grad_clip_mode = choices_of("grad_clip_mode", grad_clip_mode, CLIP_MODES)
             self._check_backward_options()
@@ -298,6 +307,11 @@ class Stage:
             raise ValueError(f"grad_clip_mode {self.grad_clip_mode!r} needs grad_clip (the norm to clip to)")
         if self.accumulation == "optimizer" and self.accumulate == 1:
             raise ValueError("accumulation 'optimizer' needs accumulate > 1 (micro-batches to absorb)")
+        if self.release_rows and not self.step_in_backward:
+            raise ValueError("release_rows needs step_in_backward = true (the rows are updated inside backward)")
+        if self.release_rows and (self.accumulate > 1 or self.grad_clip):
+            raise ValueError("release_rows cannot be combined with accumulate > 1 or grad_clip: each needs the "
+                             "embedding's whole gradient")
         if not self.step_in_backward:
             if self.grad_clip_mode == "previous_norm":
                 raise ValueError("grad_clip_mode 'previous_norm' is for step_in_backward stages")
@@ -349,12 +363,14 @@ class Stage:
                 kwargs = {**self.optimizer_kwargs, **self.rounding_kwargs(), **overrides}
                 dtype = PARAM_DTYPES[self.param_dtype or "float32"]
                 try:
-                    opt = cls([torch.zeros(1, dtype=dtype, requires_grad=True)], **kwargs)
+                    # a row of 256 elements: what release_rows needs of every optimizer (8-bit blocks)
+                    probe = torch.zeros((1, 256) if self.release_rows else 1, dtype=dtype, requires_grad=True)
+                    opt = cls([probe], **kwargs)
                     if self.step_in_backward:  # its own checks: a Rust-backed optimizer, the options
                         from oxoptim.backward import StepInBackward
 
                         StepInBackward(opt, accumulate=self.accumulate, accumulation=self.accumulation,
-                                       clip=self.backward_clip())
+                                       clip=self.backward_clip(), release_rows=[probe] if self.release_rows else ())
                 except (ValueError, TypeError) as e:
                     where = f"trial candidate {overrides}: " if overrides else ""
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
