@@ -491,7 +491,7 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
 
     def trained(name, tied=True):
         torch.manual_seed(0)
-        model = TinyLM(vocab=50, d=16, layers=1, heads=2, ctx=8)
+        model = TinyLM(vocab=50, d=256, layers=1, heads=2, ctx=8)  # 50 x 256: 8-bit state, whole blocks
         if tied:
             model.head.weight = model.tok.weight
         contender = next(c for c in bench.CONTENDERS if c.name == name)
@@ -500,6 +500,8 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
         for _ in range(3):
             contender.iteration(model, opt, loss)
             assert all(p.grad is None for p in model.parameters())
+        if "8bit" in name:
+            assert opt.state[model.tok.weight]["exp_avg"].dtype == torch.uint8
         return [p.detach() for p in model.parameters()]
 
     for tied in (True, False):

@@ -104,9 +104,20 @@ def train(model: TinyLM, opt, batches, sib: dict | None = None, decay: float = 0
             loop()
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (torch.equal takes -0 for +0)."""
+    if not t.is_floating_point():
+        return t
+    return t.detach().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
 def assert_same(a: TinyLM, opt_a, b: TinyLM, opt_b) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), f"parameter {name} differs"
+        assert same_bits(p, q), f"parameter {name} differs"
     sa, sb = opt_a.state_dict(), opt_b.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
     assert sa["state"].keys() == sb["state"].keys()
@@ -114,7 +125,7 @@ def assert_same(a: TinyLM, opt_a, b: TinyLM, opt_b) -> None:
         assert entry.keys() == sb["state"][key].keys()
         for name, value in entry.items():
             other = sb["state"][key][name]
-            same = torch.equal(value, other) if torch.is_tensor(value) else value == other
+            same = same_bits(value, other) if torch.is_tensor(value) else value == other
             assert same, f"state[{key}][{name!r}] differs: {value} vs {other}"
 
 
@@ -275,6 +286,7 @@ REFUSED = [
     ("accumulate 2", lambda ps: oxoptim.AdamW(ps), {"accumulate": 2}, "accumulate"),
     ("clipping", lambda ps: oxoptim.AdamW(ps), {"clip": oxoptim.ClipPerParameter(1.0)}, "clip"),
     ("row_chunk 0", lambda ps: oxoptim.AdamW(ps), {"row_chunk": 0}, "row_chunk"),
+    ("ddp", lambda ps: oxoptim.AdamW(ps), {"ddp": torch.nn.Linear(1, 1)}, "ddp"),
 ]
 
 
@@ -301,15 +313,138 @@ def test_a_weight_that_cannot_be_released_is_refused(weight, message) -> None:
         step_in_backward(opt, release_rows=[model.emb, model.emb])
 
 
-def test_two_output_layers_in_one_iteration_are_an_error() -> None:
+def test_a_second_backward_through_a_released_weight_in_one_iteration_is_an_error() -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters())
+    ids = token_batches(1, 37)[0]
+    with step_in_backward(opt, release_rows=[model.emb]):
+        loss = model(ids)
+        loss.backward(retain_graph=True)
+        opt.step()
+        step = opt.state[model.emb]["step"].clone()
+        loss = model(ids)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="ran twice"):
+            loss.backward()
+        assert opt.state[model.emb]["step"] == step + 1
+        opt.step()
+        h = torch.randn(3, 16)
+        with pytest.raises(RuntimeError, match="ran twice"):
+            (rows.linear(h, model.emb).sum() + rows.linear(h, model.emb).sum()).backward()
+    assert not released_now(model)
+
+
+def test_a_forward_without_backward_changes_nothing() -> None:
+    """A forward whose graph is dropped (a validation loss with grad enabled, a skipped batch):
+    the rows it looked up get their head gradient alone, which is all they got; the next one works."""
+    batches = token_batches(4, 37)
+    a = TinyLM("tied", 37, 16, chunked=5)
+    opt_a = oxoptim.AdamW(a.parameters(), lr=0.01)
+    train(a, opt_a, batches)
+    b = TinyLM("tied", 37, 16)
+    opt_b = oxoptim.AdamW(b.parameters(), lr=0.01)
+    with step_in_backward(opt_b, release_rows=[b.emb], row_chunk=5):
+        for i, ids in enumerate(batches):
+            b(token_batches(1, 37, seed=100 + i)[0])  # dropped
+            b(ids).backward()
+            opt_b.step()
+            opt_b.zero_grad()
+            for group in opt_b.param_groups:
+                group["lr"] *= 0.7
+    assert_same(a, opt_a, b, opt_b)
+
+
+def test_rows_whose_embedding_backward_never_comes_get_the_heads_gradient() -> None:
+    """The embedding is looked up but its output does not reach the loss: at optimizer.step() its
+    rows get the head's gradient alone, as in the ordinary loop."""
+    class HeadOnlyLoss(TinyLM):
+        def forward(self, ids):
+            rows.embedding(ids, self.emb)  # looked up, unused
+            h = torch.tanh(F.embedding(ids[:, :-1] % 3, self.mid) @ self.mid.T + self.bias)
+            w = self.emb
+            logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    batches = token_batches(3, 37)
+    a, b = HeadOnlyLoss("tied", 37, 16, chunked=4), HeadOnlyLoss("tied", 37, 16)
+    opt_a, opt_b = oxoptim.Adam(a.parameters(), lr=0.01), oxoptim.Adam(b.parameters(), lr=0.01)
+    train(a, opt_a, batches)
+    train(b, opt_b, batches, dict(release_rows=[b.emb], row_chunk=4))
+    assert_same(a, opt_a, b, opt_b)
+
+
+def test_gradients_that_leave_the_weight_out_update_nothing() -> None:
+    head = torch.nn.Parameter(torch.randn(11, 4))
+    h = torch.randn(3, 4, requires_grad=True)
+    y = torch.tensor([1, 2, 3])
+    opt = oxoptim.AdamW([head], lr=0.1)
+    before = head.detach().clone()
+    with step_in_backward(opt, release_rows=[head]):
+        (g,) = torch.autograd.grad(F.cross_entropy(rows.linear(h, head), y), h, create_graph=True)
+        (g2,) = torch.autograd.grad(F.cross_entropy(F.linear(h, head), y), h, create_graph=True)
+        assert g.requires_grad and torch.equal(g, g2)
+        F.cross_entropy(rows.linear(h, head), y).backward(inputs=[h])
+        _, gw = torch.autograd.grad(F.cross_entropy(rows.linear(h, head), y), [h, head])
+        _, gw_plain = torch.autograd.grad(F.cross_entropy(F.linear(h, head), y), [h, head])
+        assert torch.equal(gw, gw_plain)  # autograd.grad returns the weight's gradient, updates nothing
+        assert not opt.state[head] and torch.equal(head, before) and head.grad is None
+        with pytest.raises(RuntimeError, match="create_graph"):
+            F.cross_entropy(rows.linear(h, head), y).backward(create_graph=True)
+
+
+def test_a_graph_backpropagated_after_the_context_closed_gives_an_ordinary_gradient() -> None:
+    model = TinyLM("untied", 37, 16)
+    twin = TinyLM("untied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters())
+    ids = token_batches(1, 37)[0]
+    with step_in_backward(opt, release_rows=model.released()):
+        loss = model(ids)
+    loss.backward()
+    twin(ids).backward()
+    assert not opt.state
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert same_bits(p.grad, q.grad)
+
+
+def test_a_graph_from_an_earlier_iteration_is_an_error() -> None:
     model = TinyLM("tied", 37, 16)
     opt = oxoptim.AdamW(model.parameters())
     with step_in_backward(opt, release_rows=[model.emb]):
-        h = torch.randn(3, 16)
-        rows.linear(h, model.emb)
-        with pytest.raises(RuntimeError, match="twice"):
-            rows.linear(h, model.emb)
-    assert not released_now(model)
+        old = model(token_batches(1, 37)[0])
+        opt.step()
+        with pytest.raises(RuntimeError, match="before the last optimizer.step"):
+            old.backward()
+
+
+def test_the_embedding_backward_before_the_output_layers_is_an_error() -> None:
+    w = torch.nn.Parameter(torch.randn(11, 4))
+    opt = oxoptim.AdamW([w])
+    with step_in_backward(opt, release_rows=[w]):
+        logits = rows.linear(torch.randn(3, 4), w)  # built first: its backward runs last
+        e = rows.embedding(torch.tensor([1, 2]), w)
+        with pytest.raises(RuntimeError, match="before the output layer's"):
+            (logits.sum() + e.sum()).backward()
+
+
+def test_autocast_around_a_released_output_layer_is_refused() -> None:
+    w = torch.nn.Parameter(torch.randn(11, 4))
+    opt = oxoptim.AdamW([w])
+    with step_in_backward(opt, release_rows=[w]), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="autocast"):
+            rows.linear(torch.randn(3, 4), w)
+
+
+def test_8bit_state_loaded_on_rows_that_split_blocks_is_refused_before_any_update() -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01)  # 37 x 16 < min_8bit_size: float32 state
+    saved = oxoptim.AdamW8bit(TinyLM("tied", 37, 16).parameters(), lr=0.01, min_8bit_size=16)
+    train(TinyLM("tied", 37, 16), saved, token_batches(1, 37))
+    with step_in_backward(opt, release_rows=[model.emb]):
+        opt.load_state_dict(saved.state_dict())
+        before = model.emb.detach().clone()
+        with pytest.raises(ValueError, match="whole blocks"):
+            model(token_batches(1, 37)[0]).backward()
+        assert torch.equal(model.emb, before)
 
 
 def test_a_released_weight_used_by_another_operation_too_is_an_error() -> None:
@@ -320,6 +455,9 @@ def test_a_released_weight_used_by_another_operation_too_is_an_error() -> None:
         (model(ids) + model.emb.sum()).backward()  # the sum gives it a .grad after its rows were updated
         with pytest.raises(RuntimeError, match="also got a .grad"):
             opt.step()
+        model.emb.grad = None
+        model(ids).backward()  # the context goes on
+        opt.step()
 
 
 def test_stream_offsets_need_one_per_tensor() -> None:
@@ -330,3 +468,19 @@ def test_stream_offsets_need_one_per_tensor() -> None:
                            "weight_decay": 0.0, "nesterov": False, "maximize": False},
                            stochastic_round=(1, 0), stream_ids=[0, 0], stream_offsets=[0])
     assert all(torch.equal(p, torch.zeros(4, dtype=torch.bfloat16)) for p in params)
+
+
+def test_a_released_weight_used_only_by_plain_operations_steps_as_usual() -> None:
+    """A model that calls F.embedding instead of oxoptim.rows: the weight's .grad is stepped by
+    optimizer.step(), as without release_rows."""
+    class Plain(TinyLM):
+        def forward(self, ids):
+            h = torch.tanh(F.embedding(ids[:, :-1], self.emb) @ self.mid.T + self.bias)
+            return F.cross_entropy(F.linear(h, self.emb).reshape(-1, self.emb.shape[0]), ids[:, 1:].reshape(-1))
+
+    batches = token_batches(3, 37)
+    a, b = Plain("tied", 37, 16), Plain("tied", 37, 16)
+    opt_a, opt_b = oxoptim.AdamW(a.parameters(), lr=0.01), oxoptim.AdamW(b.parameters(), lr=0.01)
+    train(a, opt_a, batches, dict())
+    train(b, opt_b, batches, dict(release_rows=[b.emb]))
+    assert_same(a, opt_a, b, opt_b)

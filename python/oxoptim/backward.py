@@ -436,13 +436,19 @@ class StepInBackward:
         gradients set by hand), then starts the next iteration's bookkeeping."""
         if self.optimizer.__dict__.get("grad_scale") is not None or self.optimizer.__dict__.get("found_inf") is not None:
             raise RuntimeError("a GradScaler cannot be honoured by step_in_backward (see its grad_scaler argument)")
-        for rows in self._rows:  # before the leftovers: a released weight must not also have a .grad
-            rows.finish()
+        errors, refused = [], set()
+        for rows in self._rows:  # raised once the iteration is finished, which goes on without that .grad
+            try:
+                rows.finish()
+            except RuntimeError as e:
+                errors.append(e)
+                refused.add(id(rows.weight))
         for group in self.optimizer.param_groups:
             left = [
                 p
                 for p in group["params"]
                 if p.grad is not None and not (p in self._bucket_of and self._bucket_of[p].done)
+                and id(p) not in refused
             ]
             if left:
                 self._update(group, left, self._leftover_cache)
@@ -453,6 +459,8 @@ class StepInBackward:
         if isinstance(self.clip, ClipPreviousNorm):
             self._finish_norm(self.clip)
         self._next_iteration()
+        if errors:
+            raise errors[0]
 
     def _next_iteration(self) -> None:
         self._forwards = 0

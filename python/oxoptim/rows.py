@@ -31,21 +31,35 @@ torch functions. Inside it, the weight never gets a ``.grad``:
   with their gradient and every other row with a zero gradient, a chunk at a
   time, as the ordinary loop's dense gradient does.
 
-Each row is updated once per iteration with its whole gradient, and the
-optimizers allowed here are elementwise (an element's update reads only its
-own gradient and state and the per-parameter step count, which advances once
-per iteration), so the weight and its state are those of the ordinary loop
-given the same gradient (the tests check this bit for bit, optimizer by
-optimizer). The gradient itself may differ from autograd's in the last bits:
-a BLAS may sum a slice of a product in another order than the whole product
-(MKL here does for slices of 8 columns or fewer, and for some shapes at any
-width), and a
-−0 stays −0 where the ordinary loop's sum with the embedding's zeros gives
-+0. Not available (refused with a clear error): optimizers whose state is not
-elementwise or is created from the first gradient (Adafactor, the 8-bit
-optimizers, Prodigy, SGD with momentum), low-precision options,
-``accumulate > 1``, clipping, DDP; and more than one ``linear`` or one
-``embedding`` call per weight and iteration.
+Each row is updated once per iteration with its whole gradient (a second
+backward through the output layer or the embedding in one iteration, as with
+``retain_graph``, raises), and the optimizers allowed here are elementwise (an
+element's update reads only its own gradient and state and the per-parameter
+step count, which advances once per iteration), so the weight and its state
+are those of the ordinary loop given the same gradient (the tests check this
+bit for bit, optimizer by optimizer, float32/float64, bfloat16 weights with
+stochastic rounding, Kahan summation, bfloat16 and 8-bit state). The gradient
+itself may differ from autograd's in the last bits: a BLAS may sum a slice of
+a product in another order than the whole product (MKL here does for slices
+of 8 columns or fewer, and for some shapes at any width).
+
+What the weight's gradient costs instead: ``row_chunk`` rows (and the
+product's transposed chunk) at a time, plus the head gradient of the rows the
+embedding looked up (one row per distinct token), so the saving needs batches
+with far fewer distinct tokens than the vocabulary, as fine-tuning on a CPU
+has; the logits and their gradient (tokens × vocabulary) are there as in the
+ordinary loop.
+
+Refused with a clear error: optimizers whose state is not elementwise or is
+created from the whole first gradient (Adafactor, Prodigy, SGD with
+momentum), 8-bit state on rows that do not hold a multiple of 256 elements,
+``accumulate > 1``, clipping, DDP, autocast around ``linear``, and
+``create_graph`` through an update. A graph built in an earlier iteration
+cannot update rows; one backpropagated after the context closed gives the
+weight an ordinary gradient, as do ``torch.autograd.grad`` calls that leave
+the weight out (they update nothing). A released weight that also gets a
+``.grad`` from another operation makes ``optimizer.step()`` raise, after its
+rows were updated.
 """
 
 from __future__ import annotations
@@ -72,8 +86,9 @@ _ACTIVE: dict[int, "RowRelease"] = {}  # id(weight) -> its release, while a step
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.embedding(ids, weight)``; inside ``step_in_backward(release_rows=[weight])`` the
-    looked-up rows are updated when their gradient is complete (module docstring)."""
+    """``F.embedding(ids, weight)`` (no ``padding_idx``, ``max_norm`` or ``scale_grad_by_freq``);
+    inside ``step_in_backward(release_rows=[weight])`` the looked-up rows are updated when their
+    gradient is complete (module docstring)."""
     rows = _released(weight)
     if rows is None:
         return F.embedding(ids, weight)
@@ -86,6 +101,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = _released(weight)
     if rows is None:
         return F.linear(x, weight)
+    if torch.is_autocast_enabled(weight.device.type):
+        raise RuntimeError("oxoptim.rows.linear on a released weight does not run under autocast (its backward "
+                           "forms the weight's gradient in the weight's dtype); cast the model instead")
     return _Linear.apply(x, weight, rows)
 
 
@@ -96,17 +114,51 @@ def _released(weight: torch.Tensor) -> Optional["RowRelease"]:
     return rows
 
 
+def _accumulates(ctx: Any) -> Optional[bool]:
+    """Whether this backward pass accumulates into the weight (input 1): True for ``backward()``,
+    False for ``backward(inputs=...)`` that leaves it out, None for ``torch.autograd.grad``
+    (which accumulates nothing: it may return the weight's gradient)."""
+    node = ctx.next_functions[1][0]
+    if not ctx.needs_input_grad[1] or node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # torch refuses the question for a leaf under autograd.grad
+        return None
+
+
+def _stepping(ctx: Any) -> bool:
+    """Whether a backward of ``ctx``'s graph updates rows (else the weight's gradient is ordinary)."""
+    rows: RowRelease = ctx.rows
+    if not _accumulates(ctx):
+        return False
+    if _ACTIVE.get(id(rows.weight)) is not rows:
+        return False  # the context was closed: the weight is an ordinary parameter again
+    if ctx.iteration != rows.iteration:
+        raise RuntimeError("release_rows: this graph was built before the last optimizer.step(); backward it "
+                           "in the iteration that built it")
+    if torch.is_grad_enabled():
+        raise RuntimeError("release_rows cannot differentiate a backward that updates the weight "
+                           "(create_graph=True)")
+    return True
+
+
 class _Embedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, rows: "RowRelease") -> torch.Tensor:
-        rows.record("embedding", ids)
-        ctx.rows = rows
+        out = F.embedding(ids, weight)
+        rows.record_embedding(ids)
+        ctx.rows, ctx.iteration, ctx.num_rows = rows, rows.iteration, weight.shape[0]
         ctx.save_for_backward(ids)
-        return F.embedding(ids, weight)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         (ids,) = ctx.saved_tensors
+        if not _stepping(ctx):
+            wanted = _accumulates(ctx) is not False
+            ordinary = torch.ops.aten.embedding_dense_backward(grad, ids, ctx.num_rows, -1, False) if wanted else None
+            return None, ordinary, None
         ctx.rows.embedding_backward(ids, grad)
         return None, None, None
 
@@ -114,14 +166,21 @@ class _Embedding(torch.autograd.Function):
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, rows: "RowRelease") -> torch.Tensor:
-        rows.record("linear", None)
-        ctx.rows = rows
+        rows.record_linear()
+        ctx.rows, ctx.iteration = rows, rows.iteration
         ctx.save_for_backward(x)
         return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         (x,) = ctx.saved_tensors
+        w = ctx.rows.weight
+        if not _stepping(ctx):
+            dx = grad.matmul(w) if ctx.needs_input_grad[0] else None
+            gw = None
+            if _accumulates(ctx) is not False:
+                gw = weight_gradient_rows(x.reshape(-1, w.shape[1]), grad.reshape(-1, w.shape[0]), 0, w.shape[0])
+            return dx, gw, None
         return ctx.rows.linear_backward(x, grad, ctx.needs_input_grad[0]), None, None
 
 
@@ -185,6 +244,9 @@ def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
         stream = rounding.pop("stream_ids", [None])[0]
         hyper = optimizer._hyper(group)
         if bw.is_8bit(optimizer.state[w]):
+            if w.shape[1] % bw.BLOCK:  # 8-bit state loaded after entry (checked there against min_8bit_size)
+                raise ValueError(f"release_rows: the weight's 8-bit state is kept in blocks of {bw.BLOCK} elements; "
+                                 f"its rows of {w.shape[1]} do not cover whole blocks")
             codes = [("exp_avg", 1), ("exp_avg_sq", 1), ("exp_avg_absmax", bw.BLOCK), ("exp_avg_sq_absmax", bw.BLOCK)]
             return _Kernel(optimizer.KIND, hyper, codes, ["step"], rounding, stream)
         hyper = {**hyper, "amsgrad": False, "maximize": False}
@@ -233,7 +295,9 @@ class RowRelease:
         self._reset()
 
     def _reset(self) -> None:
-        self._calls: dict[str, int] = {}
+        # A graph built before this reset (an earlier iteration) cannot update rows.
+        self.iteration = getattr(self, "iteration", -1) + 1
+        self._linear_forward = False
         self._looked_up: Optional[torch.Tensor] = None  # sorted unique rows the embedding read
         self._head_rows: Optional[torch.Tensor] = None  # the head's gradient of those rows
         self._backwards: set[str] = set()
@@ -242,17 +306,21 @@ class RowRelease:
         self._advanced: Optional[list] = None  # scalar state after one update of this iteration
 
     # -- forward --------------------------------------------------------------
-    def record(self, op: str, ids: Optional[torch.Tensor]) -> None:
-        if self._calls.get(op):
-            raise RuntimeError(f"oxoptim.rows.{op} was called twice on one released weight in one iteration; "
-                               "release_rows allows one embedding and one linear call per iteration")
-        self._calls[op] = 1
-        if ids is not None:
-            self._looked_up = torch.unique(ids.reshape(-1))  # sorted
+    def record_linear(self) -> None:
+        self._linear_forward = True
+
+    def record_embedding(self, ids: torch.Tensor) -> None:
+        """Rows looked up by any forward of this iteration wait for their embedding gradient; a row
+        whose embedding backward never comes (a forward without backward) gets the head's alone."""
+        seen = ids.reshape(-1) if self._looked_up is None else torch.cat([self._looked_up, ids.reshape(-1)])
+        self._looked_up = torch.unique(seen)  # sorted
 
     # -- backward -------------------------------------------------------------
     @torch.no_grad()
     def linear_backward(self, x: torch.Tensor, grad: torch.Tensor, needs_x: bool) -> Optional[torch.Tensor]:
+        if "linear" in self._backwards:
+            raise RuntimeError("release_rows: the output layer's backward ran twice in one iteration (two "
+                               "oxoptim.rows.linear calls, or retain_graph); its rows were updated by the first")
         if "embedding" in self._backwards:
             raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
                                "cannot be updated row by row in that order")
@@ -281,6 +349,9 @@ class RowRelease:
 
     @torch.no_grad()
     def embedding_backward(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        if "embedding" in self._backwards:
+            raise RuntimeError("release_rows: the embedding's backward ran twice in one iteration (two "
+                               "oxoptim.rows.embedding calls, or retain_graph); its rows were updated by the first")
         w = self.weight
         rows, dim = w.shape
         looked_up = self._looked_up
@@ -290,8 +361,9 @@ class RowRelease:
         summed = torch.ops.aten.embedding_dense_backward(grad.reshape(-1, dim), at, len(looked_up), -1, False)
         if "linear" in self._backwards:
             assert self._head_rows is not None
-            summed = self._head_rows + summed
-        elif self._calls.get("linear"):
+            summed.add_(self._head_rows)  # the ordinary loop's head + embedding (the same bits either way round)
+            self._head_rows = None
+        elif self._linear_forward:
             raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
                                "cannot be updated row by row in that order")
         else:  # no head: every other row steps with a zero gradient, as in the dense gradient
@@ -306,14 +378,16 @@ class RowRelease:
 
     def finish(self) -> None:
         """At ``optimizer.step()``: rows whose embedding backward never came get the head's gradient alone."""
-        if self.weight.grad is not None and self._backwards:
-            raise RuntimeError("a released weight also got a .grad (an operation other than oxoptim.rows used it) "
-                               "after some of its rows were updated in this iteration")
-        if "linear" in self._backwards and "embedding" not in self._backwards and self._looked_up is not None:
-            assert self._head_rows is not None
-            self._update_rows(self._looked_up, self._head_rows)
-            self._complete()
-        self._reset()
+        try:
+            if self.weight.grad is not None and self._backwards:
+                raise RuntimeError("a released weight also got a .grad (an operation other than oxoptim.rows used "
+                                   "it); its rows were already updated in this iteration, the .grad is left as is")
+            if "linear" in self._backwards and "embedding" not in self._backwards and self._looked_up is not None:
+                assert self._head_rows is not None
+                self._update_rows(self._looked_up, self._head_rows)
+                self._complete()
+        finally:
+            self._reset()
 
     # -- updates --------------------------------------------------------------
     def _update_rows(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
