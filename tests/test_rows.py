@@ -346,7 +346,9 @@ def test_a_forward_without_backward_changes_nothing() -> None:
     with step_in_backward(opt_b, release_rows=[b.emb], row_chunk=5):
         for i, ids in enumerate(batches):
             b(token_batches(1, 37, seed=100 + i)[0])  # dropped
-            b(ids).backward()
+            loss = b(ids)
+            b(token_batches(1, 37, seed=200 + i)[0])  # dropped, between the forward and its backward
+            loss.backward()
             opt_b.step()
             opt_b.zero_grad()
             for group in opt_b.param_groups:
