@@ -324,6 +324,18 @@ impl TensorBatch {
                 self.slots()
             )));
         }
+        // An element's index in its stream must not wrap (it keys its random bits).
+        for (slot, &at) in offsets.iter().enumerate() {
+            let len = self.slot(slot).len as u64;
+            if at
+                .checked_add(len)
+                .is_none_or(|end| end > isize::MAX as u64)
+            {
+                return Err(Error::Mismatch(format!(
+                    "stream offset {at} of tensor {slot} runs past the largest index"
+                )));
+            }
+        }
         self.offsets = offsets;
         Ok(self)
     }

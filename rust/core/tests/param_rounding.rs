@@ -770,7 +770,11 @@ fn pieces_of_a_tensor_with_their_offsets_draw_the_whole_tensors_bits() {
     };
     let whole = run(&[0, n], false);
     assert_eq!(run(&[0, 1, 17, 300, 301, n], true), whole);
-    assert_ne!(run(&[0, 300, n], false), whole, "without offsets a piece restarts the stream");
+    assert_ne!(
+        run(&[0, 300, n], false),
+        whole,
+        "without offsets a piece restarts the stream"
+    );
     let mut short = vec![bf16::ONE; 4];
     let raw = RawTensor {
         addr: short.as_mut_ptr() as usize,
@@ -785,6 +789,12 @@ fn pieces_of_a_tensor_with_their_offsets_draw_the_whole_tensors_bits() {
     let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
     assert!(matches!(
         batch.with_offsets(vec![1, 2]),
+        Err(oxoptim_core::Error::Mismatch(_))
+    ));
+    // SAFETY: as above.
+    let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
+    assert!(matches!(
+        batch.with_offsets(vec![u64::MAX - 1]),
         Err(oxoptim_core::Error::Mismatch(_))
     ));
 }

@@ -102,7 +102,9 @@ impl Optimizer for Adam8bitConfig {
                 m: Codebook::get(Map::Signed),
                 v: Codebook::get(Map::Unsigned),
                 rounding: exec.rounding,
-                streams: (0..batch.slots()).map(|i| (batch.stream(i), batch.offset(i))).collect(),
+                streams: (0..batch.slots())
+                    .map(|i| (batch.stream(i), batch.offset(i)))
+                    .collect(),
             },
             batch,
             exec,
