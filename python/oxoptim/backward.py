@@ -68,6 +68,11 @@ optimizers, which oxoptim's classes are not). DDP allows one communication
 hook per model; it stays registered and is a plain allreduce once the context
 is closed. DDP keeps its bucket buffers, so no gradient memory is saved there.
 
+``release_rows=[w]``: a token embedding or output head (tied or not) whose
+gradient is never formed whole; its rows are updated a chunk at a time inside
+the backward of ``oxoptim.rows.embedding`` / ``oxoptim.rows.linear``, which the
+model calls instead of ``F.embedding`` / ``F.linear`` (:mod:`oxoptim.rows`).
+
 ``overlap=True`` (updates on a worker thread while autograd goes on) is
 refused: a second Python thread running during backward crashed the process
 inside torch (its garbage collector traversing autograd state that backward,
