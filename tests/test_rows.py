@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optimizers import TWINS, forbid_torch_fallback
 from test_step_in_backward import LOW_PRECISION as SIB_LOW_PRECISION
+from test_step_in_backward import assert_same_training
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oxoptim
@@ -116,17 +117,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_same(a: TinyLM, opt_a, b: TinyLM, opt_b) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert same_bits(p, q), f"parameter {name} differs"
-    sa, sb = opt_a.state_dict(), opt_b.state_dict()
-    assert sa["param_groups"] == sb["param_groups"]
-    assert sa["state"].keys() == sb["state"].keys()
-    for key, entry in sa["state"].items():
-        assert entry.keys() == sb["state"][key].keys()
-        for name, value in entry.items():
-            other = sb["state"][key][name]
-            same = same_bits(value, other) if torch.is_tensor(value) else value == other
-            assert same, f"state[{key}][{name!r}] differs: {value} vs {other}"
+    assert_same_training(a, opt_a, b, opt_b, same=same_bits)
+
+
+def ordinary(cls, batches, layout: str = "tied", row_chunk: int = 5, **hyper):
+    """The ordinary loop on a 37 × 16 model with release_rows' weight gradient: the reference."""
+    model = TinyLM(layout, 37, 16, chunked=row_chunk)
+    opt = cls(model.parameters(), **hyper)
+    train(model, opt, batches)
+    return model, opt
 
 
 def refused(twin, hyper: dict) -> bool:
@@ -252,9 +251,7 @@ def _largest_in_backward(layout: str, vocab: int, dim: int, batches, release: bo
 
 def test_a_checkpoint_taken_between_iterations_resumes_bit_identically() -> None:
     batches = token_batches(6, 37)
-    a = TinyLM("tied", 37, 16, chunked=5)
-    opt_a = oxoptim.NAdam(a.parameters(), lr=0.01)
-    train(a, opt_a, batches)
+    a, opt_a = ordinary(oxoptim.NAdam, batches, lr=0.01)
     b = TinyLM("tied", 37, 16)
     opt_b = oxoptim.NAdam(b.parameters(), lr=0.01)
     train(b, opt_b, batches[:3], dict(release_rows=[b.emb], row_chunk=5))
@@ -338,9 +335,7 @@ def test_a_forward_without_backward_changes_nothing() -> None:
     """A forward whose graph is dropped (a validation loss with grad enabled, a skipped batch):
     the rows it looked up get their head gradient alone, which is all they got; the next one works."""
     batches = token_batches(4, 37)
-    a = TinyLM("tied", 37, 16, chunked=5)
-    opt_a = oxoptim.AdamW(a.parameters(), lr=0.01)
-    train(a, opt_a, batches)
+    a, opt_a = ordinary(oxoptim.AdamW, batches, lr=0.01)
     b = TinyLM("tied", 37, 16)
     opt_b = oxoptim.AdamW(b.parameters(), lr=0.01)
     with step_in_backward(opt_b, release_rows=[b.emb], row_chunk=5):

@@ -93,9 +93,11 @@ def train(model: Toy, opt: torch.optim.Optimizer, xs: list[torch.Tensor], accumu
     return context
 
 
-def assert_same_training(a: Toy, opt_a: torch.optim.Optimizer, b: Toy, opt_b: torch.optim.Optimizer) -> None:
+def assert_same_training(a: torch.nn.Module, opt_a: torch.optim.Optimizer, b: torch.nn.Module, opt_b: torch.optim.Optimizer,
+                         same: Callable[[torch.Tensor, torch.Tensor], bool] = torch.equal) -> None:
+    """Parameters, groups and state equal by ``same`` (tensors) and ``==`` (the rest)."""
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), f"parameter {name} differs"
+        assert same(p, q), f"parameter {name} differs"
     sa, sb = opt_a.state_dict(), opt_b.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
     assert sa["state"].keys() == sb["state"].keys()
@@ -104,7 +106,7 @@ def assert_same_training(a: Toy, opt_a: torch.optim.Optimizer, b: Toy, opt_b: to
         for name, value in entry.items():
             other = sb["state"][key][name]
             if torch.is_tensor(value):
-                assert value.dtype == other.dtype and torch.equal(value, other), f"state[{key}][{name!r}] differs"
+                assert value.dtype == other.dtype and same(value, other), f"state[{key}][{name!r}] differs"
             else:
                 assert value == other, f"state[{key}][{name!r}] differs"
 

@@ -709,17 +709,8 @@ fn a_tensors_random_bits_follow_its_stream_id_not_its_slot() {
         "the default stream is the slot index"
     );
     let mut short = vec![bf16::ONE; 4];
-    let raw = RawTensor {
-        addr: short.as_mut_ptr() as usize,
-        len: 2,
-        dtype: DType::BF16,
-    };
-    let other = RawTensor {
-        addr: short[2..].as_mut_ptr() as usize,
-        ..raw
-    };
     // SAFETY: `short` outlives the batch.
-    let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
+    let batch = unsafe { one_short_slot(&mut short) };
     assert!(matches!(
         batch.with_streams(vec![1, 2]),
         Err(oxoptim_core::Error::Mismatch(_))
@@ -776,6 +767,25 @@ fn pieces_of_a_tensor_with_their_offsets_draw_the_whole_tensors_bits() {
         "without offsets a piece restarts the stream"
     );
     let mut short = vec![bf16::ONE; 4];
+    // SAFETY: `short` outlives both batches.
+    let batch = unsafe { one_short_slot(&mut short) };
+    assert!(matches!(
+        batch.with_offsets(vec![1, 2]),
+        Err(oxoptim_core::Error::Mismatch(_))
+    ));
+    // SAFETY: as above.
+    let batch = unsafe { one_short_slot(&mut short) };
+    assert!(matches!(
+        batch.with_offsets(vec![u64::MAX - 1]),
+        Err(oxoptim_core::Error::Mismatch(_))
+    ));
+}
+
+/// A batch of one slot (parameter and gradient, 2 elements each) in `short` (4 elements).
+///
+/// # Safety
+/// `short` must outlive the batch.
+unsafe fn one_short_slot(short: &mut [bf16]) -> TensorBatch {
     let raw = RawTensor {
         addr: short.as_mut_ptr() as usize,
         len: 2,
@@ -785,16 +795,5 @@ fn pieces_of_a_tensor_with_their_offsets_draw_the_whole_tensors_bits() {
         addr: short[2..].as_mut_ptr() as usize,
         ..raw
     };
-    // SAFETY: `short` outlives the batch.
-    let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
-    assert!(matches!(
-        batch.with_offsets(vec![1, 2]),
-        Err(oxoptim_core::Error::Mismatch(_))
-    ));
-    // SAFETY: as above.
-    let batch = unsafe { TensorBatch::new(vec![raw, other], 2).unwrap() };
-    assert!(matches!(
-        batch.with_offsets(vec![u64::MAX - 1]),
-        Err(oxoptim_core::Error::Mismatch(_))
-    ));
+    TensorBatch::new(vec![raw, other], 2).unwrap()
 }
