@@ -333,8 +333,7 @@ class RowRelease:
         chunk = torch.empty(min(self.row_chunk, rows), dim, dtype=w.dtype)
         for a in range(0, rows, self.row_chunk):
             b = min(a + self.row_chunk, rows)
-            part = chunk[: b - a]
-            part.copy_(weight_gradient_rows(x2, g2, a, b))
+            part = weight_gradient_rows(x2, g2, a, b, out=chunk[: b - a])
             if looked_up is None or head_rows is None:
                 self._update([(0, b - a)], part, a)
                 continue
@@ -447,11 +446,12 @@ class RowRelease:
         self._cells = self._advanced = None
 
 
-def weight_gradient_rows(x2: torch.Tensor, g2: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Rows ``a:b`` of the output layer's weight gradient, as autograd forms the whole one
-    (``(x.T @ grad).T``) restricted to those columns; ``x2`` and ``g2`` are the layer's input
-    and output gradient flattened to 2-D. The BLAS may sum a narrow slice in another order."""
-    return x2.t().mm(g2[:, a:b]).t()
+def weight_gradient_rows(x2: torch.Tensor, g2: torch.Tensor, a: int, b: int, out: Optional[torch.Tensor] = None
+                         ) -> torch.Tensor:
+    """Rows ``a:b`` of the output layer's weight gradient, ``grad[:, a:b].T @ x``, contiguous (into
+    ``out`` when given); ``x2`` and ``g2`` are the layer's input and output gradient flattened to 2-D.
+    The same sums as autograd's ``(x.T @ grad).T``; a BLAS may add them in another order."""
+    return torch.mm(g2[:, a:b].t(), x2, out=out)
 
 
 def _within(sorted_rows: torch.Tensor, a: int, b: int) -> slice:
