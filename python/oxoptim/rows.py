@@ -21,8 +21,9 @@ torch functions. Inside it, the weight never gets a ``.grad``:
 
 * the output layer's backward computes the input gradient first (with the
   weights before the update, as autograd's), then the weight's gradient
-  ``row_chunk`` rows at a time (autograd's ``(x.T @ grad).T`` restricted to
-  those columns), and updates those rows at once, one native call per chunk;
+  ``row_chunk`` rows at a time (``grad[:, rows].T @ x``: the sums autograd
+  forms as ``(x.T @ grad).T``), and updates those rows at once, one native
+  call per chunk;
 * rows the embedding looked up in this iteration (at most one per token) also
   get the embedding's gradient, which exists only at the end of backward:
   their head gradient is kept (a few rows) and they are updated when the
@@ -43,8 +44,7 @@ itself may differ from autograd's in the last bits: a BLAS may sum a slice of
 a product in another order than the whole product (MKL here does for slices
 of 8 columns or fewer, and for some shapes at any width).
 
-What the weight's gradient costs instead: ``row_chunk`` rows (and the
-product's transposed chunk) at a time, plus the head gradient of the rows the
+What the weight's gradient costs instead: ``row_chunk`` rows at a time, plus the head gradient of the rows the
 embedding looked up (one row per distinct token), so the saving needs batches
 with far fewer distinct tokens than the vocabulary, as fine-tuning on a CPU
 has; the logits and their gradient (tokens × vocabulary) are there as in the
