@@ -42,7 +42,8 @@ bit for bit, optimizer by optimizer, float32/float64, bfloat16 weights with
 stochastic rounding, Kahan summation, bfloat16 and 8-bit state). The gradient
 itself may differ from autograd's in the last bits: a BLAS may sum a slice of
 a product in another order than the whole product (MKL here does for slices
-of 8 columns or fewer, and for some shapes at any width).
+of 9 rows or fewer, and at any slice size for some widths, 7 features among
+them).
 
 What the weight's gradient costs instead: ``row_chunk`` rows at a time, plus the head gradient of the rows the
 embedding looked up (one row per distinct token), so the saving needs batches
