@@ -370,6 +370,7 @@ def test_rows_whose_embedding_backward_never_comes_get_the_heads_gradient() -> N
     assert_same(a, opt_a, b, opt_b)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")  # torch's, expected
 def test_gradients_that_leave_the_weight_out_update_nothing() -> None:
     head = torch.nn.Parameter(torch.randn(11, 4))
     h = torch.randn(3, 4, requires_grad=True)

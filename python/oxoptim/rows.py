@@ -122,8 +122,11 @@ def _accumulates(ctx: Any) -> Optional[bool]:
     node = ctx.next_functions[1][0]
     if not ctx.needs_input_grad[1] or node is None:
         return False
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # private: torch.utils.checkpoint's
+    if will_execute is None:
+        raise RuntimeError("release_rows needs torch._C._will_engine_execute_node, which this torch lacks")
     try:
-        return bool(torch._C._will_engine_execute_node(node))
+        return bool(will_execute(node))
     except RuntimeError:  # torch refuses the question for a leaf under autograd.grad
         return None
 
