@@ -360,14 +360,7 @@ fn each_element_of_a_long_tensor_has_its_own_random_bits() {
     // repeat in the next, nor in another tensor of the call, nor at the next step.
     let chunk = oxoptim_core::engine::CHUNK;
     let n = 2 * chunk;
-    let sgd = SgdConfig {
-        lr: 1.0,
-        momentum: 0.0,
-        dampening: 0.0,
-        weight_decay: 0.0,
-        nesterov: false,
-        maximize: false,
-    };
+    let sgd = plain_sgd();
     let pattern = |count: u64| {
         let mut p = vec![vec![bf16::ONE; n]; 2];
         let mut g = vec![vec![bf16::from_f32(-1.0 / 256.0); n]; 2];
@@ -664,14 +657,7 @@ fn nearest_narrowing_and_widening_match_half_on_every_path() {
 #[test]
 fn a_tensors_random_bits_follow_its_stream_id_not_its_slot() {
     // Halfway cases (as above), so every element's rounding shows its bits.
-    let sgd = SgdConfig {
-        lr: 1.0,
-        momentum: 0.0,
-        dampening: 0.0,
-        weight_decay: 0.0,
-        nesterov: false,
-        maximize: false,
-    };
+    let sgd = plain_sgd();
     let n = 777;
     let run = |tensors: usize, streams: Option<Vec<u64>>| {
         let mut p = vec![vec![bf16::ONE; n]; tensors];
@@ -721,14 +707,7 @@ fn a_tensors_random_bits_follow_its_stream_id_not_its_slot() {
 fn pieces_of_a_tensor_with_their_offsets_draw_the_whole_tensors_bits() {
     // Halfway cases, so every element's rounding shows its bits; the 8-bit
     // kernel takes the same offsets (tests/test_rows.py steps it in pieces).
-    let sgd = SgdConfig {
-        lr: 1.0,
-        momentum: 0.0,
-        dampening: 0.0,
-        weight_decay: 0.0,
-        nesterov: false,
-        maximize: false,
-    };
+    let sgd = plain_sgd();
     let n = 1000;
     // `cuts` split the tensor into pieces, each a slot of one batch with its offset.
     let run = |cuts: &[usize], offsets: bool| {
@@ -796,4 +775,16 @@ unsafe fn one_short_slot(short: &mut [bf16]) -> TensorBatch {
         ..raw
     };
     TensorBatch::new(vec![raw, other], 2).unwrap()
+}
+
+/// SGD with lr 1 and nothing else: the update is the gradient itself.
+fn plain_sgd() -> SgdConfig {
+    SgdConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        dampening: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+        maximize: false,
+    }
 }
