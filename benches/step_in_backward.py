@@ -21,6 +21,11 @@ parameters; batch 1×64 tokens, as fine-tuning on a CPU), the default BiGRU job
 Time: one process; each contender trains its own copy of the same model on the
 same batch; contenders run round-robin (the first one rotates), each figure is
 the median over rounds of ms per whole iteration, with the min–max over rounds.
+With ``--processes N`` that is repeated in N processes (``PYTHONHASHSEED`` 0..N-1)
+and their rounds are pooled: the memory layout of a process can move a
+contender's time (the small LM's 8-bit step inside backward runs about 1.7×
+slower in some processes, ``PYTHONHASHSEED=3`` among them), so one process is
+one sample.
 
 Memory: a separate process per contender builds the model and optimizer, runs
 one warm-up iteration (state created), resets the peak resident set size
@@ -35,6 +40,7 @@ saves against torch fused's ordinary loop.
 
     python benches/step_in_backward.py                 # full: gpt2s, seed, lm
     python benches/step_in_backward.py --models lm,seed --rounds 3 --iters 1   # reduced
+    python benches/step_in_backward.py --models lm --no-memory --processes 4   # time over 4 processes
 
 Writes benches/results/step_in_backward[_<models>].json and .md.
 """
@@ -249,6 +255,24 @@ def time_model(key: str, names: List[str], rounds: int, iters: int) -> Dict[str,
     return times
 
 
+def time_in_processes(key: str, names: List[str], rounds: int, iters: int, processes: int,
+                      threads: Optional[int]) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """``time_model`` in ``processes`` child processes, the i-th with ``PYTHONHASHSEED=i``: a process's
+    memory layout (which the hash seed changes) can move a contender's time, so one process is one sample.
+    Returns every round of every process pooled, and each process's median, per contender."""
+    pooled: Dict[str, List[float]] = {}
+    per_process: Dict[str, List[float]] = {}
+    for i in range(processes):
+        cmd = [sys.executable, __file__, "--time-child", key, "|".join(names), str(rounds), str(iters)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": str(i)})
+        for name, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            pooled.setdefault(name, []).extend(ms)
+            per_process.setdefault(name, []).append(_median(ms))
+    return pooled, per_process
+
+
 def rows_match_loop(key: str, iterations: int = 3) -> bool:
     """Whether oxoptim AdamW with released rows ends bit-identical to its ordinary loop after a few
     iterations on this model (the chunked weight gradient may differ from autograd's in the last
@@ -276,6 +300,8 @@ def markdown(data: dict) -> str:
         f"Machine: {data['machine']}; torch {data['torch']}, oxoptim {data['oxoptim']}, {data['threads']} threads; "
         f"{data['rounds']} rounds × {data['iters']} iterations per contender; command `{data['command']}`.",
         "",
+        *([f"Time: {data['processes']} processes (PYTHONHASHSEED 0..{data['processes'] - 1}), their rounds pooled; "
+           "[per-process medians] after each figure.", ""] if data.get("processes", 1) > 1 else []),
         f"Memory: {data['memory_method']}",
         "",
     ]
@@ -296,6 +322,8 @@ def markdown(data: dict) -> str:
         for name, rec in model["results"].items():
             ms = rec.get("iter_ms", [])
             t = f"{_median(ms):.1f} ({min(ms):.1f}–{max(ms):.1f})" if ms else "—"
+            if len(rec.get("process_medians", [])) > 1:
+                t += " [" + ", ".join(f"{m:.0f}" for m in rec["process_medians"]) + "]"
             mem = rec.get("memory", {})
             if "peak_rss_mib" in mem:
                 saved = ""
@@ -325,7 +353,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--check-rows", action="store_true",
                     help="also check that released rows end bit-identical to the ordinary loop (LMs)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="time in this many child processes (PYTHONHASHSEED 0, 1, ...), rounds pooled")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--time-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.threads:
@@ -333,6 +364,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
         return 0
+    if args.time_child:
+        key, wanted, rounds, iters = args.time_child
+        print(json.dumps(time_model(key, wanted.split("|"), int(rounds), int(iters))))
+        return 0
+    if args.processes < 1:
+        ap.error("--processes must be at least 1")
     keys = args.models.split(",")
     names = [c.name for c in CONTENDERS]
     if args.contenders:
@@ -351,6 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "python": platform.python_version(),
         "rounds": args.rounds,
         "iters": args.iters,
+        "processes": args.processes,
         "memory_method": "not measured" if args.no_memory else (
             f"peak RSS (VmHWM) of a separate process per contender: build, 1 warm-up iteration, reset the peak "
             f"(/proc/self/clear_refs), {MEMORY_ITERS} iterations; glibc's mmap threshold fixed at 128 KiB "
@@ -371,9 +409,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             entry["rows_bit_identical_to_loop"] = rows_match_loop(key)
             print(f"  released rows bit-identical to the ordinary loop after 3 iterations: "
                   f"{entry['rows_bit_identical_to_loop']}", flush=True)
-        times = {} if args.no_time else time_model(key, names, args.rounds, args.iters)
+        process_medians: Dict[str, List[float]] = {}
+        if args.no_time:
+            times: Dict[str, List[float]] = {}
+        elif args.processes > 1:
+            times, process_medians = time_in_processes(key, names, args.rounds, args.iters, args.processes, args.threads)
+        else:
+            times = time_model(key, names, args.rounds, args.iters)
         for name in applicable:
             rec: dict = {"iter_ms": times.get(name, [])}
+            if name in process_medians:
+                rec["process_medians"] = process_medians[name]
             if not args.no_memory:
                 rec["memory"] = measure_memory(key, name, args.threads)
             entry["results"][name] = rec
