@@ -129,7 +129,7 @@ def ordinary(cls, batches, layout: str = "tied", row_chunk: int = 5, **hyper):
 
 
 def refused(twin, hyper: dict) -> bool:
-    return not twin.rows or (twin.name == "sgd" and hyper.get("momentum", 0) != 0)
+    return not twin.rows
 
 
 @pytest.mark.parametrize("twin", [t for t in TWINS if t.in_backward], ids=[t.name for t in TWINS if t.in_backward])
@@ -166,6 +166,22 @@ def test_released_rows_are_bit_identical_to_the_ordinary_loop(twin, data) -> Non
     assert not released_now(b)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hyper", [dict(momentum=0.9), dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+                                   dict(momentum=0.5, nesterov=True, maximize=True)], ids=["plain", "dampening", "nesterov"])
+def test_sgd_momentum_rows_make_their_buffer_as_the_ordinary_step_does(layout, hyper) -> None:
+    # The first iteration makes the buffer (from zero, or torch's step with dampening), piece by piece.
+    batches = token_batches(3, 37)
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_torch_fallback(mp)
+        a, b = TinyLM(layout, 37, 16, chunked=5), TinyLM(layout, 37, 16)
+        opt_a, opt_b = oxoptim.SGD(a.parameters(), lr=0.1, **hyper), oxoptim.SGD(b.parameters(), lr=0.1, **hyper)
+        train(a, opt_a, batches)
+        train(b, opt_b, batches, dict(release_rows=b.released(), row_chunk=5))
+    assert_same(a, opt_a, b, opt_b)
+    assert all("momentum_buffer" in opt_b.state[w] for w in b.released())
+
+
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(1, 80), dim=st.sampled_from([1, 7, 16, 33, 100]), vocab=st.integers(1, 700),
        chunk=st.sampled_from([1, 5, 64, 4096]), dtype=st.sampled_from([torch.float32, torch.float64]))
@@ -183,8 +199,9 @@ def test_the_chunked_weight_gradient_is_autograds_to_rounding(tokens, dim, vocab
 
 
 # bfloat16 weights with stochastic rounding (each piece draws its rows' bits of the weight's stream),
-# Kahan summation, bfloat16 state and 8-bit state (rows of 512: two whole blocks); SGD with momentum is refused.
-LOW_PRECISION = [case for case in SIB_LOW_PRECISION if not case[0].startswith("sgd_momentum")]
+# Kahan summation, bfloat16 state and 8-bit state (rows of 512: two whole blocks), SGD's momentum buffer made
+# from zero (dampening 0) by the first piece of each row block.
+LOW_PRECISION = SIB_LOW_PRECISION
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -279,7 +296,8 @@ def test_outside_the_context_and_under_no_grad_they_are_the_torch_functions() ->
 REFUSED = [
     ("Adafactor", lambda ps: oxoptim.Adafactor(ps), {}, "elementwise"),
     ("AdamW8bit, rows of 16", lambda ps: oxoptim.AdamW8bit(ps, min_8bit_size=16), {}, "multiple of 256"),
-    ("SGD with momentum", lambda ps: oxoptim.SGD(ps, lr=0.1, momentum=0.9), {}, "momentum"),
+    ("SGD's first momentum buffer with dampening, bf16 state",
+     lambda ps: oxoptim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, state_dtype=torch.bfloat16), {}, "dampening"),
     ("accumulate 2", lambda ps: oxoptim.AdamW(ps), {"accumulate": 2}, "accumulate"),
     ("clipping", lambda ps: oxoptim.AdamW(ps), {"clip": oxoptim.ClipPerParameter(1.0)}, "clip"),
     ("row_chunk 0", lambda ps: oxoptim.AdamW(ps), {"row_chunk": 0}, "row_chunk"),

@@ -51,9 +51,14 @@ with far fewer distinct tokens than the vocabulary, as fine-tuning on a CPU
 has; the logits and their gradient (tokens × vocabulary) are there as in the
 ordinary loop.
 
-Refused with a clear error: optimizers whose state is not elementwise or is
-created from the whole first gradient (Adafactor, Prodigy, SGD with
-momentum), 8-bit state on rows that do not hold a multiple of 256 elements,
+SGD with momentum makes its buffer on the first step as the ordinary step
+does: from a zero buffer with dampening 0, else with torch's own step on each
+piece (elementwise, so the same bits).
+
+Refused with a clear error: optimizers whose state is not elementwise
+(Adafactor's factored moments, Prodigy's d), SGD's first momentum buffer with
+dampening under a low-precision option (bfloat16 weights or state, Kahan),
+8-bit state on rows that do not hold a multiple of 256 elements,
 ``accumulate > 1``, clipping, DDP, autocast around ``linear``, and
 ``create_graph`` through an update. A graph built in an earlier iteration
 cannot update rows; one backpropagated after the context closed gives the
@@ -70,6 +75,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.optim.sgd import sgd as torch_sgd
 
 from . import _blockwise as bw
 from . import _core
@@ -213,9 +219,9 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
         if w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.dtype not in _DTYPES or not w.requires_grad:
             raise ValueError(f"release_rows takes contiguous 2-D floating-point CPU parameters that require grad, got "
                              f"shape {tuple(w.shape)}, {w.dtype} on {w.device}")
-        if kind == "sgd" and group["momentum"] != 0:
-            raise ValueError("release_rows cannot step SGD with momentum: torch creates its buffer from the whole "
-                             "first gradient")
+        if _first_momentum_by_torch(optimizer, group, w) and _low_precision(group):
+            raise ValueError("release_rows cannot make SGD's first momentum buffer with dampening in low precision "
+                             "(torch's step makes it; take one ordinary step first, or set dampening=0)")
         if kind == "adam8bit":
             if w.numel() >= group["min_8bit_size"] and w.shape[1] % bw.BLOCK:
                 raise ValueError(f"release_rows: 8-bit state is kept in blocks of {bw.BLOCK} elements, so a released "
@@ -257,6 +263,9 @@ def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
         return _Kernel("adam", hyper, [("exp_avg", 1), ("exp_avg_sq", 1)], ["step"], rounding, stream)
     hyper = optimizer._hyper(group)
     arrays, scalars = _core.layout(optimizer.KIND, hyper)
+    if optimizer.KIND == "sgd" and "momentum_buffer" in arrays and "momentum_buffer" not in optimizer.state[w]:
+        # As oxoptim.SGD's first step: from a zero buffer (dampening 0), or the rows of torch's.
+        optimizer.state[w]["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
     entry = optimizer.state.get(w, {})
     if any(key not in entry for key in (*arrays, *scalars)):
         w.grad = torch.zeros((), dtype=w.dtype).expand_as(w)  # what _init_group reads, without the memory
@@ -273,6 +282,32 @@ def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
     stream = options.pop("stream_ids", [None])[0]
     compensation = options.pop("compensation", None) is not None
     return _Kernel(optimizer.KIND, hyper, [(key, 1) for key in arrays], list(scalars), options, stream, compensation)
+
+
+def _first_momentum_by_torch(optimizer: Any, group: dict, w: torch.Tensor) -> bool:
+    """Whether SGD's next step of ``w`` makes its momentum buffer with dampening: torch's step makes
+    it (the gradient itself, undamped), as the ordinary step leaves it to torch (``oxoptim.SGD``). With
+    dampening 0 the kernel's step from a zero buffer gives the same numbers."""
+    return (optimizer.KIND == "sgd" and group["momentum"] != 0 and group["dampening"] != 0
+            and "momentum_buffer" not in optimizer.state.get(w, {}))
+
+
+def _low_precision(group: dict) -> bool:
+    return bool(group.get("bf16_stochastic_round") or group.get("kahan_sum") or group.get("state_dtype") is not None)
+
+
+def _sgd_first_momentum(weight: torch.Tensor, group: dict, buffer: torch.Tensor, pieces: list) -> None:
+    """Steps ``pieces`` (``(first row, end row, gradient rows)``) of a weight whose momentum buffer
+    this iteration makes, with torch's own SGD as the ordinary step does (elementwise: each piece
+    gets the bits of the whole), and keeps each piece's new buffer in ``buffer``'s rows."""
+    made: list[Optional[torch.Tensor]] = [None] * len(pieces)
+    torch_sgd(
+        [weight.detach()[a:b] for a, b, _ in pieces], [g for _, _, g in pieces], made,
+        weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+        nesterov=group["nesterov"], maximize=group["maximize"], foreach=group.get("foreach"), fused=group.get("fused"))
+    for (a, b, _), rows in zip(pieces, made):
+        assert rows is not None
+        buffer[a:b].copy_(rows)
 
 
 def _group_of(optimizer: Any, weight: torch.Tensor) -> Optional[dict]:
@@ -308,6 +343,7 @@ class RowRelease:
         self._scalar_keys: tuple = ()
         self._cells: Optional[list] = None  # scalar state as the iteration started
         self._advanced: Optional[list] = None  # scalar state after one update of this iteration
+        self._torch_momentum = False  # this iteration makes SGD's momentum buffer with torch's step
 
     # -- forward --------------------------------------------------------------
     def record_linear(self) -> None:
@@ -418,8 +454,17 @@ class RowRelease:
     def _call(self, group: dict, pieces: list) -> None:
         """One native call stepping ``pieces``, ``(first row, end row, gradient rows)`` each."""
         optimizer, w = self.optimizer, self.weight
+        if self._cells is None:  # the iteration's first update decides how this iteration steps
+            self._torch_momentum = _first_momentum_by_torch(optimizer, group, w)
+            if self._torch_momentum and _low_precision(group):  # state loaded after entry
+                raise ValueError("release_rows cannot make SGD's first momentum buffer with dampening in low "
+                                 "precision (torch's step makes it; take one ordinary step first, or set dampening=0)")
         kernel = _kernel(optimizer, group, w)
         entry = optimizer.state.get(w, {})
+        if self._torch_momentum:
+            _sgd_first_momentum(w, group, entry["momentum_buffer"], pieces)
+            self._cells, self._advanced = [], []  # SGD keeps no scalar state
+            return
         if self._cells is None:  # the iteration's first update: its scalars, which each piece copies
             self._scalar_keys = tuple(kernel.scalars)
             self._cells = [entry[key] for key in kernel.scalars]
