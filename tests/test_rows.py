@@ -182,6 +182,21 @@ def test_sgd_momentum_rows_make_their_buffer_as_the_ordinary_step_does(layout, h
     assert all("momentum_buffer" in opt_b.state[w] for w in b.released())
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.1])
+def test_a_momentum_buffer_saved_as_none_is_made_as_a_missing_one(dampening) -> None:
+    # torch keeps momentum_buffer=None for a parameter stepped while momentum was 0.
+    batches = token_batches(3, 37)
+    a, b = TinyLM("tied", 37, 16, chunked=5), TinyLM("tied", 37, 16)
+    opt_a = oxoptim.SGD(a.parameters(), lr=0.1, momentum=0.9, dampening=dampening)
+    opt_b = oxoptim.SGD(b.parameters(), lr=0.1, momentum=0.9, dampening=dampening)
+    for opt, model in ((opt_a, a), (opt_b, b)):
+        for p in model.parameters():
+            opt.state[p]["momentum_buffer"] = None
+    train(a, opt_a, batches)
+    train(b, opt_b, batches, dict(release_rows=b.released(), row_chunk=5))
+    assert_same(a, opt_a, b, opt_b)
+
+
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(1, 80), dim=st.sampled_from([1, 7, 16, 33, 100]), vocab=st.integers(1, 700),
        chunk=st.sampled_from([1, 5, 64, 4096]), dtype=st.sampled_from([torch.float32, torch.float64]))

@@ -263,7 +263,7 @@ def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
         return _Kernel("adam", hyper, [("exp_avg", 1), ("exp_avg_sq", 1)], ["step"], rounding, stream)
     hyper = optimizer._hyper(group)
     arrays, scalars = _core.layout(optimizer.KIND, hyper)
-    if optimizer.KIND == "sgd" and "momentum_buffer" in arrays and "momentum_buffer" not in optimizer.state[w]:
+    if optimizer.KIND == "sgd" and "momentum_buffer" in arrays and optimizer.state[w].get("momentum_buffer") is None:
         # As oxoptim.SGD's first step: from a zero buffer (dampening 0), or the rows of torch's.
         optimizer.state[w]["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
     entry = optimizer.state.get(w, {})
@@ -289,7 +289,7 @@ def _first_momentum_by_torch(optimizer: Any, group: dict, w: torch.Tensor) -> bo
     it (the gradient itself, undamped), as the ordinary step leaves it to torch (``oxoptim.SGD``). With
     dampening 0 the kernel's step from a zero buffer gives the same numbers."""
     return (optimizer.KIND == "sgd" and group["momentum"] != 0 and group["dampening"] != 0
-            and "momentum_buffer" not in optimizer.state.get(w, {}))
+            and optimizer.state.get(w, {}).get("momentum_buffer") is None)
 
 
 def _low_precision(group: dict) -> bool:
