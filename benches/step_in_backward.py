@@ -128,10 +128,10 @@ class Contender:
         self.name, self.make, self.in_backward, self.dtype = name, make, in_backward, dtype
 
     def applies(self, model: nn.Module) -> bool:
-        """Rows are released in the transformer LMs; in 8 bits, on rows of whole 256-element blocks."""
+        """Rows are released in the transformer LMs."""
         if self.in_backward != "oxoptim rows":
             return True
-        return isinstance(model, TinyLM) and ("8bit" not in self.name or model.tok.weight.shape[1] % 256 == 0)
+        return isinstance(model, TinyLM)
 
     def start(self, model: nn.Module) -> Any:
         model.to(self.dtype)  # in place: the parameters stay the same objects (and tied)

@@ -4,6 +4,8 @@ never formed; every optimizer of the table either does it or is refused at entry
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,6 +238,39 @@ def test_low_precision_released_rows_are_bit_identical_to_the_ordinary_loop(name
         assert all(opt_b.state[w]["exp_avg"].dtype == torch.uint8 for w in b.released())
 
 
+# Rows that split 8-bit blocks are updated in whole units: the fewest rows that end on a block
+# boundary (384 → 2 rows, 16 → 16, 300 → 64, 7 → 256); row_chunk is rounded up to whole units.
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dim, unit", [(384, 2), (16, 16), (300, 64), (7, 256)])
+@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bf16_sr"])
+def test_8bit_rows_that_split_blocks_are_bit_identical_to_the_ordinary_loop(layout, dim, unit, low_precision) -> None:
+    batches = token_batches(4, 150)
+    step = -(-5 // unit) * unit
+    dtype = torch.bfloat16 if low_precision else torch.float32
+    results = []
+    for release in (False, True):
+        torch.manual_seed(5)  # the same stochastic-rounding seeds
+        model = TinyLM(layout, 150, dim, dtype, chunked=None if release else step)
+        opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16, bf16_stochastic_round=low_precision)
+        train(model, opt, batches, dict(release_rows=model.released(), row_chunk=5) if release else None)
+        results.append((model, opt))
+    (a, opt_a), (b, opt_b) = results
+    assert_same(a, opt_a, b, opt_b)
+    assert all(opt_b.state[w]["exp_avg"].dtype == torch.uint8 for w in b.released())
+
+
+def test_held_rows_are_the_looked_up_rows_widened_to_whole_units() -> None:
+    model = TinyLM("tied", 150, 384)
+    opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16)
+    with step_in_backward(opt, release_rows=[model.emb], row_chunk=5) as sib:
+        release = _ACTIVE[id(model.emb)]
+        assert release._unit() == 2 and release._chunk_rows(2) == 6
+        release.record_embedding(torch.tensor([5, 6, 149, 6]))
+        assert release._held_rows(2).tolist() == [4, 5, 6, 7, 148, 149]
+        release._reset()
+    del sib
+
+
 class LargestOutput(TorchDispatchMode):
     """The most elements of new memory an operator returns while the mode is on (views of
     its inputs' storage, as detach or slicing return, are not new)."""
@@ -310,7 +345,6 @@ def test_outside_the_context_and_under_no_grad_they_are_the_torch_functions() ->
 
 REFUSED = [
     ("Adafactor", lambda ps: oxoptim.Adafactor(ps), {}, "elementwise"),
-    ("AdamW8bit, rows of 16", lambda ps: oxoptim.AdamW8bit(ps, min_8bit_size=16), {}, "multiple of 256"),
     ("SGD's first momentum buffer with dampening, bf16 state",
      lambda ps: oxoptim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, state_dtype=torch.bfloat16), {}, "dampening"),
     ("accumulate 2", lambda ps: oxoptim.AdamW(ps), {"accumulate": 2}, "accumulate"),
@@ -465,17 +499,21 @@ def test_autocast_around_a_released_output_layer_is_refused() -> None:
             rows.linear(torch.randn(3, 4), w)
 
 
-def test_8bit_state_loaded_on_rows_that_split_blocks_is_refused_before_any_update() -> None:
-    model = TinyLM("tied", 37, 16)
-    opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01)  # 37 x 16 < min_8bit_size: float32 state
-    saved = oxoptim.AdamW8bit(TinyLM("tied", 37, 16).parameters(), lr=0.01, min_8bit_size=16)
-    train(TinyLM("tied", 37, 16), saved, token_batches(1, 37))
-    with step_in_backward(opt, release_rows=[model.emb]):
-        opt.load_state_dict(saved.state_dict())
-        before = model.emb.detach().clone()
-        with pytest.raises(ValueError, match="whole blocks"):
-            model(token_batches(1, 37)[0]).backward()
-        assert torch.equal(model.emb, before)
+def test_8bit_state_loaded_after_entry_on_rows_that_split_blocks_is_stepped_in_whole_units() -> None:
+    # Float32 state at entry (37 x 16 < min_8bit_size), 8-bit state loaded inside the context.
+    source = TinyLM("tied", 37, 16, chunked=16)
+    saved = oxoptim.AdamW8bit(source.parameters(), lr=0.01, min_8bit_size=16)
+    train(source, saved, token_batches(1, 37))
+    batches = token_batches(3, 37, seed=2)
+    a, b = TinyLM("tied", 37, 16, chunked=16), TinyLM("tied", 37, 16)  # 16 rows: whole blocks of 256
+    opt_a, opt_b = (oxoptim.AdamW8bit(m.parameters(), lr=0.01) for m in (a, b))
+    opt_a.load_state_dict(copy.deepcopy(saved.state_dict()))  # torch's load keeps same-dtype tensors shared
+    with step_in_backward(opt_b, release_rows=[b.emb], row_chunk=5):
+        opt_b.load_state_dict(copy.deepcopy(saved.state_dict()))
+        assert opt_b.state[b.emb]["exp_avg"].dtype == torch.uint8
+    train(a, opt_a, batches)
+    train(b, opt_b, batches, dict(release_rows=[b.emb], row_chunk=5))
+    assert_same(a, opt_a, b, opt_b)
 
 
 def test_a_released_weight_used_by_another_operation_too_is_an_error() -> None:

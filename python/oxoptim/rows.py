@@ -55,10 +55,17 @@ SGD with momentum makes its buffer on the first step as the ordinary step
 does: from a zero buffer with dampening 0, else with torch's own step on each
 piece (elementwise, so the same bits).
 
+8-bit state is kept in blocks of 256 elements, each dequantised, updated and
+quantised whole. Rows that split blocks (a width that is not a multiple of
+256) are therefore updated in units: the fewest rows that end on a block
+boundary (``256 / gcd(width, 256)``: 2 rows of 384, 64 rows of 300).
+``row_chunk`` is rounded up to whole units, and the rows that wait for the
+embedding's gradient are the units that hold a looked-up row (their other
+rows' embedding gradient is zero, as in the dense gradient).
+
 Refused with a clear error: optimizers whose state is not elementwise
 (Adafactor's factored moments, Prodigy's d), SGD's first momentum buffer with
 dampening under a low-precision option (bfloat16 weights or state, Kahan),
-8-bit state on rows that do not hold a multiple of 256 elements,
 ``accumulate > 1``, clipping, DDP, autocast around ``linear``, and
 ``create_graph`` through an update. A graph built in an earlier iteration
 cannot update rows; one backpropagated after the context closed gives the
@@ -70,6 +77,7 @@ rows were updated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -85,7 +93,7 @@ from ._native import group_is_native, num_threads
 __all__ = ["embedding", "linear"]
 
 # Kinds whose update is elementwise over parameter-shaped state (or, for the 8-bit optimizers,
-# over blocks of 256 elements, which whole rows cover when a row holds a multiple of 256).
+# over blocks of 256 elements: rows are then updated in units that cover whole blocks).
 _ELEMENTWISE = frozenset({"sgd", "adam", "rmsprop", "adagrad", "adamax", "nadam", "radam", "adadelta", "asgd",
                           "rprop", "lion", "adamw_schedulefree", "sgd_schedulefree", "adam8bit"})
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -222,11 +230,7 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
         if _first_momentum_by_torch(optimizer, group, w) and _low_precision(group):
             raise ValueError("release_rows cannot make SGD's first momentum buffer with dampening in low precision "
                              "(torch's step makes it; take one ordinary step first, or set dampening=0)")
-        if kind == "adam8bit":
-            if w.numel() >= group["min_8bit_size"] and w.shape[1] % bw.BLOCK:
-                raise ValueError(f"release_rows: 8-bit state is kept in blocks of {bw.BLOCK} elements, so a released "
-                                 f"weight's rows must hold a multiple of {bw.BLOCK}, not {w.shape[1]}")
-        elif not group_is_native(optimizer, group):
+        if kind != "adam8bit" and not group_is_native(optimizer, group):
             raise ValueError("release_rows: the weight's group must take the native path (no differentiable, "
                              "capturable or tensor hyper-parameters, no AMP grad scaling)")
     return weights
@@ -254,9 +258,6 @@ def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
         stream = rounding.pop("stream_ids", [None])[0]
         hyper = optimizer._hyper(group)
         if bw.is_8bit(optimizer.state[w]):
-            if w.shape[1] % bw.BLOCK:  # 8-bit state loaded after entry (checked there against min_8bit_size)
-                raise ValueError(f"release_rows: the weight's 8-bit state is kept in blocks of {bw.BLOCK} elements; "
-                                 f"its rows of {w.shape[1]} do not cover whole blocks")
             codes = [("exp_avg", 1), ("exp_avg_sq", 1), ("exp_avg_absmax", bw.BLOCK), ("exp_avg_sq_absmax", bw.BLOCK)]
             return _Kernel(optimizer.KIND, hyper, codes, ["step"], rounding, stream)
         hyper = {**hyper, "amsgrad": False, "maximize": False}
@@ -338,12 +339,36 @@ class RowRelease:
         self.iteration = getattr(self, "iteration", -1) + 1
         self._linear_forward = False
         self._looked_up: Optional[torch.Tensor] = None  # sorted unique rows the embedding read
-        self._head_rows: Optional[torch.Tensor] = None  # the head's gradient of those rows
+        self._held: Optional[torch.Tensor] = None  # rows whose update waits for the embedding's gradient
+        self._head_rows: Optional[torch.Tensor] = None  # the head's gradient of the held rows
         self._backwards: set[str] = set()
         self._scalar_keys: tuple = ()
         self._cells: Optional[list] = None  # scalar state as the iteration started
         self._advanced: Optional[list] = None  # scalar state after one update of this iteration
         self._torch_momentum = False  # this iteration makes SGD's momentum buffer with torch's step
+
+    def _unit(self) -> int:
+        """Rows updated together: 1, or for 8-bit state on rows that split its blocks, the fewest rows
+        that end on a block boundary (a block is dequantised, updated and quantised whole)."""
+        w, optimizer = self.weight, self.optimizer
+        if optimizer.KIND != "adam8bit" or w.shape[1] % bw.BLOCK == 0:
+            return 1
+        entry = optimizer.state.get(w)
+        group = _group_of(optimizer, w)
+        eight_bit = bw.is_8bit(entry) if entry else (group is not None and w.numel() >= group["min_8bit_size"])
+        return bw.BLOCK // math.gcd(w.shape[1], bw.BLOCK) if eight_bit else 1
+
+    def _chunk_rows(self, unit: int) -> int:
+        return -(-self.row_chunk // unit) * unit  # row_chunk rounded up to whole units
+
+    def _held_rows(self, unit: int) -> Optional[torch.Tensor]:
+        """The looked-up rows, widened to the whole units that hold them (sorted)."""
+        looked_up = self._looked_up
+        if looked_up is None or unit == 1:
+            return looked_up
+        starts = torch.unique(looked_up // unit) * unit
+        rows = (starts[:, None] + torch.arange(unit)).reshape(-1)
+        return rows[rows < self.weight.shape[0]]
 
     # -- forward --------------------------------------------------------------
     def record_linear(self) -> None:
@@ -368,21 +393,23 @@ class RowRelease:
         rows, dim = w.shape
         x2, g2 = x.reshape(-1, dim), grad.reshape(-1, rows)
         dx = g2.mm(w).reshape(x.shape) if needs_x else None  # with the weights before any update
-        looked_up = self._looked_up  # tied: rows whose update waits for the embedding's gradient
-        head_rows = None if looked_up is None else torch.empty(len(looked_up), dim, dtype=w.dtype)
-        chunk = torch.empty(min(self.row_chunk, rows), dim, dtype=w.dtype)
-        for a in range(0, rows, self.row_chunk):
-            b = min(a + self.row_chunk, rows)
+        unit = self._unit()
+        held = self._held = self._held_rows(unit)  # tied: rows whose update waits for the embedding's gradient
+        head_rows = None if held is None else torch.empty(len(held), dim, dtype=w.dtype)
+        step = self._chunk_rows(unit)
+        chunk = torch.empty(min(step, rows), dim, dtype=w.dtype)
+        for a in range(0, rows, step):
+            b = min(a + step, rows)
             part = weight_gradient_rows(x2, g2, a, b, out=chunk[: b - a])
-            if looked_up is None or head_rows is None:
+            if held is None or head_rows is None:
                 self._update([(0, b - a)], part, a)
                 continue
-            held = _within(looked_up, a, b)
-            head_rows[held] = part[looked_up[held] - a]
-            self._update(_runs_outside(looked_up[held] - a, b - a), part, a)
+            inside = _within(held, a, b)
+            head_rows[inside] = part[held[inside] - a]
+            self._update(_runs_outside(held[inside] - a, b - a), part, a)
         self._head_rows = head_rows
         self._backwards.add("linear")
-        if looked_up is None:
+        if held is None:
             self._complete()
         return dx
 
@@ -399,19 +426,30 @@ class RowRelease:
         at = torch.searchsorted(looked_up, ids.reshape(-1))
         summed = torch.ops.aten.embedding_dense_backward(grad.reshape(-1, dim), at, len(looked_up), -1, False)
         if "linear" in self._backwards:
-            assert self._head_rows is not None
-            summed.add_(self._head_rows)  # the ordinary loop's head + embedding (the same bits either way round)
-            self._head_rows = None
+            held = self._held
+            assert self._head_rows is not None and held is not None
         elif self._linear_forward:
             raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
                                "cannot be updated row by row in that order")
+        else:
+            held = self._held_rows(self._unit())
+            assert held is not None
+        if len(held) != len(looked_up):  # whole units: their other rows' embedding gradient is zero
+            full = torch.zeros(len(held), dim, dtype=summed.dtype)
+            full[torch.searchsorted(held, looked_up)] = summed
+            summed = full
+        if "linear" in self._backwards:
+            assert self._head_rows is not None
+            summed.add_(self._head_rows)  # the ordinary loop's head + embedding (the same bits either way round)
+            self._head_rows = None
         else:  # no head: every other row steps with a zero gradient, as in the dense gradient
-            zeros = torch.zeros(min(self.row_chunk, rows), dim, dtype=w.dtype)
-            for a in range(0, rows, self.row_chunk):
-                b = min(a + self.row_chunk, rows)
-                held = _within(looked_up, a, b)
-                self._update(_runs_outside(looked_up[held] - a, b - a), zeros[: b - a], a)
-        self._update_rows(looked_up, summed)
+            step = self._chunk_rows(self._unit())
+            zeros = torch.zeros(min(step, rows), dim, dtype=w.dtype)
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                inside = _within(held, a, b)
+                self._update(_runs_outside(held[inside] - a, b - a), zeros[: b - a], a)
+        self._update_rows(held, summed)
         self._backwards.add("embedding")
         self._complete()
 
@@ -421,9 +459,9 @@ class RowRelease:
             if self.weight.grad is not None and self._backwards:
                 raise RuntimeError("a released weight also got a .grad (an operation other than oxoptim.rows used "
                                    "it); its rows were already updated in this iteration, the .grad is left as is")
-            if "linear" in self._backwards and "embedding" not in self._backwards and self._looked_up is not None:
+            if "linear" in self._backwards and "embedding" not in self._backwards and self._held is not None:
                 assert self._head_rows is not None
-                self._update_rows(self._looked_up, self._head_rows)
+                self._update_rows(self._held, self._head_rows)
                 self._complete()
         finally:
             self._reset()
