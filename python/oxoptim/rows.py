@@ -53,7 +53,10 @@ ordinary loop.
 
 SGD with momentum makes its buffer on the first step as the ordinary step
 does: from a zero buffer with dampening 0, else with torch's own step on each
-piece (elementwise, so the same bits).
+piece (elementwise: the same bits for float32/float64 weights; refused for
+half-precision weights, whose pieces torch would round apart at their tails,
+and under the low-precision options, whose ordinary first step with dampening
+is refused too).
 
 8-bit state is kept in blocks of 256 elements, each dequantised, updated and
 quantised whole. Rows that split blocks (a width that is not a multiple of
@@ -65,7 +68,7 @@ rows' embedding gradient is zero, as in the dense gradient).
 
 Refused with a clear error: optimizers whose state is not elementwise
 (Adafactor's factored moments, Prodigy's d), SGD's first momentum buffer with
-dampening under a low-precision option (bfloat16 weights or state, Kahan),
+dampening for half-precision weights or under a low-precision option,
 ``accumulate > 1``, clipping, DDP, autocast around ``linear``, and
 ``create_graph`` through an update. A graph built in an earlier iteration
 cannot update rows; one backpropagated after the context closed gives the
@@ -227,9 +230,8 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
         if w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.dtype not in _DTYPES or not w.requires_grad:
             raise ValueError(f"release_rows takes contiguous 2-D floating-point CPU parameters that require grad, got "
                              f"shape {tuple(w.shape)}, {w.dtype} on {w.device}")
-        if _first_momentum_by_torch(optimizer, group, w) and _low_precision(group):
-            raise ValueError("release_rows cannot make SGD's first momentum buffer with dampening in low precision "
-                             "(torch's step makes it; take one ordinary step first, or set dampening=0)")
+        if _first_momentum_by_torch(optimizer, group, w):
+            _check_torch_momentum(group, w)
         if kind != "adam8bit" and not group_is_native(optimizer, group):
             raise ValueError("release_rows: the weight's group must take the native path (no differentiable, "
                              "capturable or tensor hyper-parameters, no AMP grad scaling)")
@@ -293,8 +295,21 @@ def _first_momentum_by_torch(optimizer: Any, group: dict, w: torch.Tensor) -> bo
             and optimizer.state.get(w, {}).get("momentum_buffer") is None)
 
 
-def _low_precision(group: dict) -> bool:
-    return bool(group.get("bf16_stochastic_round") or group.get("kahan_sum") or group.get("state_dtype") is not None)
+def _check_torch_momentum(group: dict, w: torch.Tensor) -> None:
+    """Refuses what torch's step cannot make piece by piece as the ordinary step makes it whole:
+    half-precision weights (torch's CPU ``add`` rounds a tensor's vectorised body and its tail apart,
+    so the pieces' tails round differently), and the low-precision options (whose ordinary first
+    step with dampening is refused too)."""
+    options = [k for k in ("bf16_stochastic_round", "kahan_sum") if group.get(k)]
+    if group.get("state_dtype") not in (None, torch.float32):
+        options.append("state_dtype")
+    if options:
+        raise ValueError(f"release_rows cannot make SGD's first momentum buffer with dampening under {options[0]}; "
+                         "set dampening=0")
+    if w.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"release_rows cannot make SGD's first momentum buffer with dampening for {w.dtype} weights "
+                         "(torch's step would round each chunk's tail apart); set dampening=0, or let one ordinary "
+                         "step make the buffer before entering")
 
 
 def _sgd_first_momentum(weight: torch.Tensor, group: dict, buffer: torch.Tensor, pieces: list) -> None:
@@ -494,9 +509,8 @@ class RowRelease:
         optimizer, w = self.optimizer, self.weight
         if self._cells is None:  # the iteration's first update decides how this iteration steps
             self._torch_momentum = _first_momentum_by_torch(optimizer, group, w)
-            if self._torch_momentum and _low_precision(group):  # state loaded after entry
-                raise ValueError("release_rows cannot make SGD's first momentum buffer with dampening in low "
-                                 "precision (torch's step makes it; take one ordinary step first, or set dampening=0)")
+            if self._torch_momentum:  # settings or state changed after entry: before any row is updated
+                _check_torch_momentum(group, w)
         kernel = _kernel(optimizer, group, w)
         entry = optimizer.state.get(w, {})
         if self._torch_momentum:
