@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import oxoptim
 from oxoptim import rows, step_in_backward
-from oxoptim.rows import _ACTIVE, weight_gradient_rows
+from oxoptim.rows import _ACTIVE, _head_plus_embedding, weight_gradient_rows
 
 LAYOUTS = ["tied", "untied", "embedding", "head"]
 
@@ -296,6 +296,48 @@ def test_8bit_rows_that_split_blocks_are_bit_identical_to_the_ordinary_loop(layo
     assert all(opt_b.state[w]["exp_avg"].dtype == torch.uint8 for w in b.released())
 
 
+def test_the_unit_follows_the_state_kept_not_the_groups_threshold() -> None:
+    # 8-bit state made with min_8bit_size=16, then the threshold raised: the state stays 8-bit.
+    batches = token_batches(4, 150)
+    results = []
+    for release in (False, True):
+        model = TinyLM("tied", 150, 100, chunked=None if release else 64)
+        opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16)
+        train(model, opt, batches[:1])
+        opt.param_groups[0]["min_8bit_size"] = 10**9
+        train(model, opt, batches[1:], dict(release_rows=model.released(), row_chunk=5) if release else None)
+        assert opt.state[model.emb]["exp_avg"].dtype == torch.uint8
+        results.append((model, opt))
+    (a, opt_a), (b, opt_b) = results
+    assert_same(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("held, looked_up", [(6, [1, 4]), (6, list(range(6))), (5000, [0, 4999, 4096])])
+def test_head_plus_embedding_is_the_dense_sum_bit_for_bit(held, looked_up) -> None:
+    # The dense gradient adds a +0 to the rows not looked up: a head's -0 becomes +0 there.
+    gen = torch.Generator().manual_seed(held)
+    head = torch.randn(held, 3, generator=gen)
+    head[::2, 0] = -0.0
+    at = torch.tensor(looked_up)
+    embedding = torch.randn(len(at), 3, generator=gen)
+    embedding[:, 1] = -0.0
+    dense = torch.zeros(held, 3)
+    dense[at] = embedding
+    expected = head + dense
+    assert same_bits(_head_plus_embedding(head.clone(), embedding, at), expected)
+
+
+def test_an_embedding_looked_up_after_the_output_layers_backward_is_an_error() -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters(), lr=0.01)
+    w = model.emb
+    with step_in_backward(opt, release_rows=[w]):
+        rows.linear(torch.randn(3, 16), w).sum().backward()
+        with pytest.raises(RuntimeError, match="after the output layer's backward"):
+            rows.embedding(torch.tensor([1, 2]), w).sum().backward()
+        opt.step()
+
+
 def test_held_rows_are_the_looked_up_rows_widened_to_whole_units() -> None:
     model = TinyLM("tied", 150, 384)
     opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16)
@@ -335,11 +377,22 @@ def test_no_tensor_the_size_of_a_released_weight_is_formed_in_backward(layout) -
     assert most <= max(chunk * dim, 12 * vocab), most
 
 
-def _largest_in_backward(layout: str, vocab: int, dim: int, batches, release: bool, row_chunk: int = 4096) -> int:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_8bit_rows_in_units_form_nothing_the_size_of_the_weight_in_backward(layout) -> None:
+    # Width 100: units of 64 rows; 12 tokens hold at most 12 units.
+    vocab, dim, chunk, unit = 2000, 100, 50, 64
+    batches = token_batches(3, vocab)
+    make = lambda ps: oxoptim.AdamW8bit(ps, lr=0.01, min_8bit_size=16)  # noqa: E731
+    most = _largest_in_backward(layout, vocab, dim, batches, release=True, row_chunk=chunk, make=make)
+    assert most <= max(unit * dim, 12 * vocab, 12 * unit * dim) < vocab * dim, most
+
+
+def _largest_in_backward(layout: str, vocab: int, dim: int, batches, release: bool, row_chunk: int = 4096,
+                         make=lambda ps: oxoptim.AdamW(ps, lr=0.01)) -> int:
     """The most elements of a tensor formed in backward after the first iteration, inside
     step_in_backward with or without release."""
     model = TinyLM(layout, vocab, dim)
-    opt = oxoptim.AdamW(model.parameters(), lr=0.01)
+    opt = make(model.parameters())
     most = 0
     with step_in_backward(opt, release_rows=model.released() if release else [], row_chunk=row_chunk):
         for i, ids in enumerate(batches):

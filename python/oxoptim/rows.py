@@ -46,9 +46,11 @@ of 9 rows or fewer, and at any slice size for some widths, 7 features among
 them).
 
 What the weight's gradient costs instead: ``row_chunk`` rows at a time, plus the head gradient of the rows the
-embedding looked up (one row per distinct token), so the saving needs batches
-with far fewer distinct tokens than the vocabulary, as fine-tuning on a CPU
-has; the logits and their gradient (tokens × vocabulary) are there as in the
+embedding looked up (one row per distinct token; with 8-bit state on rows
+that split blocks, every row of each unit that holds one, up to a unit of
+rows per distinct token: 2 rows of 384, but 256 rows of 7), so the saving
+needs batches with far fewer distinct tokens (units) than the vocabulary, as
+fine-tuning on a CPU has; the logits and their gradient (tokens × vocabulary) are there as in the
 ordinary loop.
 
 SGD with momentum makes its buffer on the first step as the ordinary step
@@ -436,28 +438,31 @@ class RowRelease:
         w = self.weight
         rows, dim = w.shape
         looked_up = self._looked_up
-        assert looked_up is not None
+        if looked_up is None or ("linear" in self._backwards and self._held is None):
+            raise RuntimeError("release_rows: the embedding was looked up after the output layer's backward in this "
+                               "iteration; its rows were already updated with the head's gradient alone")
         # torch's own embedding backward on the looked-up rows alone: each row's sum in its order and precision.
         at = torch.searchsorted(looked_up, ids.reshape(-1))
         summed = torch.ops.aten.embedding_dense_backward(grad.reshape(-1, dim), at, len(looked_up), -1, False)
         if "linear" in self._backwards:
             held = self._held
-            assert self._head_rows is not None and held is not None
+            assert self._head_rows is not None and held is not None  # checked above
         elif self._linear_forward:
             raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
                                "cannot be updated row by row in that order")
         else:
             held = self._held_rows(self._unit())
             assert held is not None
-        if len(held) != len(looked_up):  # whole units: their other rows' embedding gradient is zero
+        if "linear" in self._backwards:
+            assert self._head_rows is not None
+            summed = _head_plus_embedding(self._head_rows, summed, torch.searchsorted(held, looked_up))
+            self._head_rows = None
+        elif len(held) != len(looked_up):  # whole units: their other rows' embedding gradient is zero
             full = torch.zeros(len(held), dim, dtype=summed.dtype)
             full[torch.searchsorted(held, looked_up)] = summed
             summed = full
-        if "linear" in self._backwards:
-            assert self._head_rows is not None
-            summed.add_(self._head_rows)  # the ordinary loop's head + embedding (the same bits either way round)
-            self._head_rows = None
-        else:  # no head: every other row steps with a zero gradient, as in the dense gradient
+        if "linear" not in self._backwards:
+            # No head: every other row steps with a zero gradient, as in the dense gradient.
             step = self._chunk_rows(self._unit())
             zeros = torch.zeros(min(step, rows), dim, dtype=w.dtype)
             for a in range(0, rows, step):
@@ -545,6 +550,23 @@ class RowRelease:
             for key, value in zip(self._scalar_keys, self._advanced):
                 entry[key].copy_(value)
         self._cells = self._advanced = None
+
+
+def _head_plus_embedding(head: torch.Tensor, embedding: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The ordinary loop's head + embedding gradient of the held rows, in ``head``'s memory: the
+    looked-up rows ``at`` get their embedding gradient, the others a zero (as the dense gradient,
+    which turns a head's -0 into +0), a block of rows at a time so that no second copy of the held
+    rows exists. Addition commutes, so the bits are those of either order."""
+    if len(at) == len(head):
+        return head.add_(embedding)
+    block = 4096
+    for a in range(0, len(head), block):
+        b = min(a + block, len(head))
+        inside = _within(at, a, b)
+        part = torch.zeros(b - a, head.shape[1], dtype=embedding.dtype)
+        part[at[inside] - a] = embedding[inside]
+        head[a:b].add_(part)
+    return head
 
 
 def weight_gradient_rows(x2: torch.Tensor, g2: torch.Tensor, a: int, b: int, out: Optional[torch.Tensor] = None
