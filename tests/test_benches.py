@@ -657,3 +657,12 @@ def test_lowbit_quality_gives_the_same_runs_in_parallel_processes_as_in_one(tmp_
     assert key == [(r["variant"], r["seed"], r["val_bpc"], r["train_loss_last"]) for r in rows["2"]]
     assert [(v, s) for v, s, *_ in key] == [("fp32 AdamW", 0), ("bf16 + SR", 0), ("fp32 AdamW", 1), ("bf16 + SR", 1)]
     assert len({v for _, _, v, _ in key}) == 4  # the runs differ: not one result copied
+
+
+def test_contention_child_times_the_loop_and_the_step_inside_backward():
+    import contention
+
+    times = contention.child(1)
+    assert sorted(times) == sorted(contention.CONTENDERS)
+    assert all(len(ms) == 1 and ms[0] > 0 for ms in times.values())
+    assert contention.fmt([2.0, 1.0, 3.0]) == "2.00 (1.00–3.00)"
