@@ -298,7 +298,8 @@ def _median(xs: List[float]) -> float:
 def markdown(data: dict) -> str:
     lines = [
         f"Machine: {data['machine']}; torch {data['torch']}, oxoptim {data['oxoptim']}, {data['threads']} threads; "
-        f"{data['rounds']} rounds × {data['iters']} iterations per contender; command `{data['command']}`.",
+        f"{data['rounds']} rounds × {data['iters']} iterations per contender; command `{data['command']}`"
+        + (f", environment {data['env']}" if data.get("env") else "") + ".",
         "",
         *([f"Time: {data['processes']} processes (PYTHONHASHSEED 0..{data['processes'] - 1}), their rounds pooled; "
            "[per-process medians] after each figure.", ""] if data.get("processes", 1) > 1 else []),
@@ -389,6 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "rounds": args.rounds,
         "iters": args.iters,
         "processes": args.processes,
+        "env": " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ),
         "memory_method": "not measured" if args.no_memory else (
             f"peak RSS (VmHWM) of a separate process per contender: build, 1 warm-up iteration, reset the peak "
             f"(/proc/self/clear_refs), {MEMORY_ITERS} iterations; glibc's mmap threshold fixed at 128 KiB "
