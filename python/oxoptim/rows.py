@@ -445,25 +445,22 @@ class RowRelease:
         at = torch.searchsorted(looked_up, ids.reshape(-1))
         summed = torch.ops.aten.embedding_dense_backward(grad.reshape(-1, dim), at, len(looked_up), -1, False)
         if "linear" in self._backwards:
-            held = self._held
-            assert self._head_rows is not None and held is not None  # checked above
+            held, head_rows = self._held, self._head_rows
+            assert held is not None and head_rows is not None  # checked above
+            summed = _head_plus_embedding(head_rows, summed, torch.searchsorted(held, looked_up))
+            self._head_rows = None
         elif self._linear_forward:
             raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
                                "cannot be updated row by row in that order")
-        else:
-            held = self._held_rows(self._unit())
+        else:  # no head: every other row steps with a zero gradient, as in the dense gradient
+            unit = self._unit()
+            held = self._held_rows(unit)
             assert held is not None
-        if "linear" in self._backwards:
-            assert self._head_rows is not None
-            summed = _head_plus_embedding(self._head_rows, summed, torch.searchsorted(held, looked_up))
-            self._head_rows = None
-        elif len(held) != len(looked_up):  # whole units: their other rows' embedding gradient is zero
-            full = torch.zeros(len(held), dim, dtype=summed.dtype)
-            full[torch.searchsorted(held, looked_up)] = summed
-            summed = full
-        if "linear" not in self._backwards:
-            # No head: every other row steps with a zero gradient, as in the dense gradient.
-            step = self._chunk_rows(self._unit())
+            if len(held) != len(looked_up):  # whole units: their other rows' embedding gradient is zero
+                full = torch.zeros(len(held), dim, dtype=summed.dtype)
+                full[torch.searchsorted(held, looked_up)] = summed
+                summed = full
+            step = self._chunk_rows(unit)
             zeros = torch.zeros(min(step, rows), dim, dtype=w.dtype)
             for a in range(0, rows, step):
                 b = min(a + step, rows)
