@@ -211,16 +211,6 @@ def test_sgd_first_momentum_with_dampening_that_chunks_cannot_make_is_refused(dt
     assert same_bits(model.emb.detach(), before) and opt.state[model.emb].get("momentum_buffer") is None
 
 
-def test_sgd_first_momentum_with_dampening_for_float32_state_is_stepped() -> None:
-    batches = token_batches(3, 37)
-    a, b = TinyLM("tied", 37, 16, chunked=5), TinyLM("tied", 37, 16)
-    hyper = dict(lr=0.1, momentum=0.9, dampening=0.1, state_dtype=torch.float32)
-    opt_a, opt_b = oxoptim.SGD(a.parameters(), **hyper), oxoptim.SGD(b.parameters(), **hyper)
-    train(a, opt_a, batches)
-    train(b, opt_b, batches, dict(release_rows=b.released(), row_chunk=5))
-    assert_same(a, opt_a, b, opt_b)
-
-
 @pytest.mark.parametrize("dampening", [0.0, 0.1])
 def test_a_momentum_buffer_of_none_is_made_as_a_missing_one(dampening) -> None:
     # A hand-made state may hold momentum_buffer=None (oxoptim's load_state_dict refuses one).
