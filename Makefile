@@ -8,10 +8,10 @@ DEV_DEPS := "maturin>=1.5,<2" ziglang "pytest>=7" "hypothesis>=6" "mypy>=1.8" sn
             "optuna>=4" "psycopg[binary]"
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build test test-rust test-python stubtest demo bench clean
+.PHONY: help venv build test test-rust test-aarch64 test-python stubtest demo bench clean
 
 help: ## Show this help
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -27,6 +27,14 @@ build: venv ## Build the Rust extension (release, LTO) into .venv
 
 test-rust: ## Rust tests: kernels, SIMD vs scalar, dispatch
 	cargo test --release -q
+
+# The aarch64 (NEON) kernels under qemu-user; `.ci/aarch64-tools.sh` installs what it needs.
+AARCH64 := aarch64-unknown-linux-gnu
+test-aarch64: ## Rust core tests on aarch64 (the NEON path) under qemu-user, and the bindings compiled for it
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+	OXOPTIM_EXHAUSTIVE_DIVISORS=1 cargo test -p oxoptim-core --release -q --target $(AARCH64)
+	cargo check -p oxoptim-python --release -q --target $(AARCH64)
 
 test-python: build ## Python tests: equivalence with torch.optim (hypothesis), state_dict interchange
 	$(PY) -m pytest -q

@@ -66,6 +66,7 @@ pub struct Codebook {
     /// magnitude (bits 16-31).
     entries: Vec<u32>,
     /// The same code by byte lookups (vector paths with byte permutes).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) bytes: ByteTables,
 }
 
@@ -139,6 +140,7 @@ impl Codebook {
     }
 
     /// The bucket table, for vector lookups.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn entries_ptr(&self) -> *const u32 {
         self.entries.as_ptr()
     }

@@ -109,3 +109,12 @@ fn target_features_are_enabled_and_detected_only_by_the_one_macro() {
         }
     }
 }
+
+/// NEON is part of every aarch64 CPU: the NEON path must be found there (and so
+/// is what `make test-aarch64` checks under qemu, not the scalar one).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_is_found_on_aarch64() {
+    use oxoptim_core::Backend;
+    assert!(Backend::supported().contains(&Backend::Neon));
+}
