@@ -108,3 +108,53 @@ def test_deepcopy_and_pickle_carry_the_state_and_continue_identically(twin: Twin
             assert torch.equal(p, q)
     # The state mattered: without it the same steps end elsewhere.
     assert not all(torch.equal(p, q) for p, q in zip(params, _params_of(fresh)))
+
+
+def _filled_on_load(twin: Twin, sd: dict) -> list[str]:
+    """The group settings the twin's own ``load_state_dict`` puts back when a state dict
+    lacks them (flags a later torch release added): what an older checkpoint misses."""
+    filled = []
+    for key in sd["param_groups"][0]:
+        if key == "params":
+            continue
+        older = copy.deepcopy(sd)
+        for group in older["param_groups"]:
+            del group[key]
+        ref = twin.make_theirs(clone_params([torch.zeros(5)]), **twin.typical)
+        try:
+            ref.load_state_dict(older)
+        except Exception:
+            continue
+        if key in ref.param_groups[0]:
+            filled.append(key)
+    return filled
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_a_checkpoint_from_an_older_torch_loads_as_torch_loads_it(twin: Twin) -> None:
+    """A state dict saved before torch added a group setting (Adam's ``decoupled_weight_decay``,
+    ``maximize``...) loads: torch's ``__setstate__`` fills the setting, so oxoptim must too."""
+    gen = torch.Generator().manual_seed(4)
+    mine = clone_params([torch.randn(5, generator=gen)])
+    ref = clone_params(mine)
+    ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+    set_grads(gen, mine, ref)
+    ours.step()
+    theirs.step()
+    sd = theirs.state_dict()
+    filled = _filled_on_load(twin, sd)
+    if twin.theirs.__module__.startswith("torch.optim"):
+        assert filled, "torch fills no setting of this optimizer: the test would check nothing"
+    older = copy.deepcopy(sd)
+    for group in older["param_groups"]:
+        for key in filled:
+            del group[key]
+    ours.load_state_dict(copy.deepcopy(older))
+    theirs.load_state_dict(copy.deepcopy(older))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in theirs.param_groups
+    ]
+    set_grads(gen, mine, ref)
+    ours.step()
+    theirs.step()
+    assert_twin_matches(twin, mine[0].detach(), ref[0].detach())

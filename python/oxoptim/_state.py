@@ -42,6 +42,22 @@ _HYPER_NAMES = {
 }
 
 
+#: Group settings later torch releases added: their ``__setstate__`` fills a state dict
+#: saved without them (an older checkpoint) with these values after this check runs.
+_FILLED_BY_TORCH = {
+    "amsgrad": False,
+    "capturable": False,
+    "centered": False,
+    "decoupled_weight_decay": False,
+    "differentiable": False,
+    "foreach": None,
+    "fused": None,
+    "maximize": False,
+    "momentum": 0,
+    "nesterov": False,
+}
+
+
 def _is_nan(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and bool(torch.isnan(value).item())
@@ -83,7 +99,7 @@ class CheckedStateDict:
             return  # not an optimizer's state: torch's own __setstate__ reports it
         ids: dict[int, int] = {}  # numbered as state_dict() numbers them
         for group in groups:
-            required = self.required_state(group)
+            required = self.required_state({**_FILLED_BY_TORCH, **group})
             for param in group["params"]:
                 key = ids.setdefault(id(param), len(ids))
                 entry = entries.get(param)
