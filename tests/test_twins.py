@@ -392,3 +392,64 @@ def test_asgd_eta_and_mu_rounded_like_torch_in_float64_state() -> None:
     for key in ("eta", "mu", "ax"):
         assert torch.equal(ours[key], theirs[key]), key
     assert torch.equal(params[0], params[1])
+
+
+def _pairs(twin: Twin) -> dict:
+    """The twin's hyper-parameters that are pairs (tuple defaults or typical values), as lists."""
+    pairs = {k: list(v.default) for k, v in inspect.signature(twin.ours).parameters.items() if isinstance(v.default, tuple)}
+    pairs.update({k: list(v) for k, v in twin.typical.items() if isinstance(v, tuple)})
+    return pairs
+
+
+TWINS_WITH_PAIRS = [t for t in TWINS if _pairs(t)]
+
+
+@pytest.mark.parametrize("twin", TWINS_WITH_PAIRS, ids=[t.name for t in TWINS_WITH_PAIRS])
+def test_pairs_given_as_lists_step_as_tuples_do(twin: Twin) -> None:
+    """Hyper-parameter pairs (``betas``, ``etas``, ``step_sizes``, ``eps``) read from a JSON or YAML
+    config are lists: the twin steps them as torch does, to the same bits as the tuples."""
+    pairs = _pairs(twin)
+    gen = torch.Generator().manual_seed(6)
+    as_lists = clone_params([torch.randn(40, generator=gen)])
+    as_tuples = clone_params(as_lists)
+    kw = {**twin.typical, **pairs}
+    ours = twin.make_ours(as_lists, **kw)
+    reference = twin.make_ours(as_tuples, **{**kw, **{k: tuple(v) for k, v in pairs.items()}})
+    ours.param_groups[0].update(pairs)  # some constructors convert: the group holds lists now
+    for _ in range(3):
+        set_grads(gen, as_lists, as_tuples)
+        ours.step()
+        reference.step()
+    assert torch.equal(as_lists[0], as_tuples[0])
+
+
+def test_adafactor_sizes_whose_square_root_pow_rounds_differently_match_torch() -> None:
+    """torch's Adafactor divides by ``numel ** 0.5`` (Python: the C library's pow), which for some
+    sizes is a last bit away from the square root: 3541 and 8414 elements among them."""
+    gen = torch.Generator().manual_seed(11)
+    mine = clone_params([torch.randn(n, dtype=torch.float64, generator=gen) for n in (3541, 8414)])
+    ref = clone_params(mine)
+    ours, theirs = oxoptim.Adafactor(mine, lr=0.01), torch.optim.Adafactor(ref, lr=0.01, foreach=False)
+    for _ in range(3):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+    for a, b in zip(mine, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.bit_exact], ids=[t.name for t in TWINS if t.bit_exact])
+def test_a_numpy_float32_learning_rate_is_computed_as_torch_computes_it(twin: Twin) -> None:
+    """A NumPy float32 ``lr`` (a schedule computed with NumPy): torch's Python arithmetic on it stays
+    in float32 (NumPy 2), so the step must too, bit for bit."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(12)
+    mine = clone_params([torch.randn(1000, generator=gen)])
+    ref = clone_params(mine)
+    kw = {**twin.typical, "lr": np.float32(0.0123)}
+    ours, theirs = twin.make_ours(mine, **kw), twin.make_theirs(ref, **kw)
+    for _ in range(3):
+        set_grads(gen, mine, ref)
+        ours.step()
+        theirs.step()
+    assert torch.equal(mine[0], ref[0])

@@ -51,8 +51,9 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether a group's settings allow the Rust path; tensors are checked in Rust.
 
     Differentiable and capturable steps, AMP grad scaling (``grad_scale``/``found_inf``),
-    hyper-parameters that require grad, and tensor hyper-parameters not in the
-    optimizer's ``EXACT_TENSOR_HYPER`` stay on torch's implementation. torch
+    hyper-parameters that require grad, tensor hyper-parameters not in the
+    optimizer's ``EXACT_TENSOR_HYPER`` and NumPy scalars other than float64 stay
+    on torch's implementation. torch
     does arithmetic on tensor hyper-parameters in their dtype (Adam's
     ``1 - beta1 ** step`` in float32 for a float32 ``beta1``), which the
     kernels, taking each hyper-parameter as one float64, cannot reproduce; the
@@ -69,7 +70,14 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
         if type(value) in _PLAIN or key == "params":
             continue
         for v in value if isinstance(value, (tuple, list)) else (value,):
-            if type(v) not in _PLAIN and isinstance(v, torch.Tensor) and (v.requires_grad or key not in exact):
+            if type(v) in _PLAIN:
+                continue
+            if isinstance(v, torch.Tensor):
+                if v.requires_grad or key not in exact:
+                    return False
+            elif type(v).__module__ == "numpy" and not isinstance(v, float):
+                # A NumPy float32 (or other non-float64) scalar: torch's Python arithmetic
+                # on it stays in its precision (NumPy 2), the kernels would compute in float64.
                 return False
     return True
 

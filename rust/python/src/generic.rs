@@ -57,10 +57,15 @@ fn hyper_entries(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(Stri
         };
         let parsed = match kind {
             Some(HyperKind::Flag) => HyperValue::Flag(value.is_truthy()?),
-            Some(HyperKind::Pair) => {
-                let pair: (f64, f64) = value.extract().map_err(|_| bad("a pair of numbers"))?;
-                HyperValue::Pair(pair.0, pair.1)
-            }
+            // Any sequence of two numbers, as torch unpacks it (`beta1, beta2 = group["betas"]`):
+            // configs read from JSON or YAML give lists.
+            Some(HyperKind::Pair) => match value.extract::<(f64, f64)>() {
+                Ok((a, b)) => HyperValue::Pair(a, b),
+                Err(_) => match value.extract::<Vec<f64>>().as_deref() {
+                    Ok(&[a, b]) => HyperValue::Pair(a, b),
+                    _ => return Err(bad("a pair of numbers")),
+                },
+            },
             Some(HyperKind::Float) => {
                 HyperValue::Float(value.extract().map_err(|_| bad("a number"))?)
             }

@@ -143,7 +143,7 @@ struct PerStep {
 
 impl PerStep {
     fn new(c: &AdafactorConfig, step: f64, shape: Option<Matrix>) -> PerStep {
-        let inv_sqrt = 1.0 / step.powf(0.5);
+        let inv_sqrt = 1.0 / super::py_pow_half(step);
         PerStep {
             one_minus_beta2: step.powf(c.beta2_decay),
             // Python's min(lr, x) keeps lr unless x is smaller.
@@ -478,7 +478,7 @@ impl<T: Element> WithLanes<T> for SlotUpdate<'_, T> {
         // alpha = max(eps2, param.norm(2).item() / numel ** 0.5) * rho_t, before the decay.
         let mut param_squares = SquareSum::new(n);
         param_squares.push(self.param);
-        let rms = param_squares.finish().sqrt().to_f64() / (n as f64).powf(0.5);
+        let rms = param_squares.finish().sqrt().to_f64() / super::py_pow_half(n as f64);
         let alpha = py_max(c.eps2, rms) * self.per.rho;
         let mut block = UpdateBlock {
             pass: Pass::Norm,
@@ -499,7 +499,7 @@ impl<T: Element> WithLanes<T> for SlotUpdate<'_, T> {
         let update_squares = self.pass(simd, &mut block);
         // denom = max(1.0, update.norm(2).item() / (numel ** 0.5 * d)); param.add_(update, alpha=-alpha / denom)
         let update_norm = update_squares.sqrt().to_f64();
-        let denom = py_max(1.0, update_norm / ((n as f64).powf(0.5) * c.d));
+        let denom = py_max(1.0, update_norm / (super::py_pow_half(n as f64) * c.d));
         block.step = T::from_f64(-alpha / denom);
         block.pass = Pass::Apply;
         self.pass(simd, &mut block);

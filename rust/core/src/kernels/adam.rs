@@ -109,7 +109,7 @@ impl BiasCorrection {
         let bias_correction2 = 1.0 - c.beta2.powf(step);
         BiasCorrection {
             step_size: c.lr / bias_correction1,
-            bias_correction2_sqrt: bias_correction2.powf(0.5),
+            bias_correction2_sqrt: super::py_pow_half(bias_correction2),
         }
     }
 }

@@ -42,12 +42,13 @@ impl PerElement for RadamConfig {
         let rho_inf = 2.0 / (1.0 - self.beta2) - 1.0;
         let rho_t = rho_inf - 2.0 * step * self.beta2.powf(step) / bias_correction2;
         let rect = (rho_t > 5.0).then(|| {
-            ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
-                .powf(0.5)
+            super::py_pow_half(
+                (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t),
+            )
         });
         Rectification {
             bias_correction1,
-            bias_correction2_sqrt: bias_correction2.powf(0.5),
+            bias_correction2_sqrt: super::py_pow_half(bias_correction2),
             rect,
         }
     }
