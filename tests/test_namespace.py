@@ -114,3 +114,19 @@ def test_a_torch_training_script_runs_with_oxoptim_as_optim() -> None:
         return losses
 
     torch.testing.assert_close(train(oxoptim), train(torch.optim))
+
+
+def test_every_name_of_torch_optim_and_its_modules_resolves() -> None:
+    """Every public name of ``torch.optim`` is in ``oxoptim``, and every name of its scheduler and SWA
+    modules, private ones included (``class Warmup(optim.lr_scheduler._LRScheduler)`` is common),
+    resolves to torch's own."""
+    for name in torch.optim.__all__:
+        assert name in oxoptim.__all__, name
+        getattr(oxoptim, name)
+    for module, theirs in ((oxoptim.lr_scheduler, torch.optim.lr_scheduler), (oxoptim.swa_utils, torch.optim.swa_utils)):
+        for name in dir(theirs):
+            if not name.startswith("__"):
+                assert getattr(module, name) is getattr(theirs, name), name
+        with pytest.raises(AttributeError, match="no attribute 'NoSuchScheduler'"):
+            module.NoSuchScheduler  # noqa: B018
+    assert oxoptim.lr_scheduler._LRScheduler is torch.optim.lr_scheduler._LRScheduler

@@ -75,6 +75,13 @@ __all__ = [
     "__version__",
 ]
 
+# torch.optim's other public names, in the torch releases that have them.
+for _name in ("functional", "swap_in_optimizer_params_and_state"):
+    if hasattr(torch.optim, _name):
+        globals()[_name] = getattr(torch.optim, _name)
+        __all__.append(_name)
+del _name
+
 # A Rust-backed twin where torch has the class (torch >= 2.5).
 if hasattr(torch.optim, "Adafactor"):
     from .adafactor import Adafactor
