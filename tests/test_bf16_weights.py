@@ -506,3 +506,71 @@ def test_eight_bit_refuses_a_parameter_its_rounding_cannot_take_before_writing()
     with pytest.raises(ValueError, match="needs dense contiguous bfloat16 CPU tensors"):
         opt.step()
     assert torch.equal(before, big) and not opt.state and opt.param_groups[0]["sr_count"] == 0
+
+
+def test_sgd_with_dampening_takes_first_steps_under_bf16_state() -> None:
+    """SGD with momentum and dampening under ``state_dtype=bfloat16``: a parameter's first
+    step (torch's ``buf = clone(grad)``, dampening unused) and the later ones are the float32-
+    state SGD's from the same widened state, bit for bit, also when a parameter's first
+    gradient comes after the others' (a group with fresh and running buffers)."""
+    kw = dict(lr=1e-2, momentum=0.9, dampening=0.3, weight_decay=0.1)
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(300,), (17, 5)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = oxoptim.SGD(params, **kw, **BF16_STATE), oxoptim.SGD(twins, **kw)
+    for s in range(4):
+        grads = grads_for(params, s)
+        for i, (p, t, g) in enumerate(zip(params, twins, grads)):
+            late = i == 1 and s < 2  # the second parameter's first gradient arrives at step 2
+            p.grad, t.grad = (None, None) if late else (g, g.clone())
+        for p, t in zip(params, twins):
+            with torch.no_grad():
+                t.copy_(p)
+            if "momentum_buffer" in ours.state[p]:
+                theirs.state[t]["momentum_buffer"] = ours.state[p]["momentum_buffer"].float()
+        ours.step()
+        theirs.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
+            if "momentum_buffer" in theirs.state[t]:
+                buf = ours.state[p]["momentum_buffer"]
+                assert buf.dtype == torch.bfloat16 and torch.equal(buf, theirs.state[t]["momentum_buffer"].to(torch.bfloat16))
+    assert all("momentum_buffer" in ours.state[p] for p in params)
+
+
+@pytest.mark.parametrize("options", [SR, KAHAN], ids=["SR", "kahan"])
+def test_sgd_with_dampening_steps_bfloat16_weights(options: dict) -> None:
+    """bfloat16 weights with SGD momentum and dampening: the first step (fresh buffers) lands
+    on a bfloat16 neighbour of the float32 SGD's result, and training goes on."""
+    n = 20_000
+    g = torch.Generator().manual_seed(5)
+    weights, grads = torch.randn(n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
+    ours, exact = torch.nn.Parameter(weights.clone()), torch.nn.Parameter(weights.float())
+    kw = dict(lr=2.0**-6, momentum=0.9, dampening=0.5)
+    opt, reference = oxoptim.SGD([ours], **kw, **options), torch.optim.SGD([exact], **kw)
+    ours.grad, exact.grad = grads.clone(), grads.float()
+    opt.step()
+    reference.step()
+    below, above = neighbours(exact.detach().double())
+    assert bool(((ours.detach() == below) | (ours.detach() == above)).all())
+    assert torch.equal(opt.state[ours]["momentum_buffer"], grads)  # torch's first buffer: the gradient
+    ours.grad = torch.randn(n, generator=g).to(torch.bfloat16)
+    opt.step()
+
+
+@pytest.mark.parametrize("options", [SR, KAHAN, BF16_STATE], ids=["SR", "kahan", "bf16_state"])
+def test_parameters_sharing_memory_in_a_later_group_are_refused_before_any_group_steps(options: dict) -> None:
+    """Views of one tensor in the second group: refused (the native call cannot take them) before
+    the first group is stepped, its rounding stream not moved."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    first = torch.nn.Parameter(torch.randn(64).to(dtype))
+    base = torch.randn(100).to(dtype)
+    views = [torch.nn.Parameter(base[:64]), torch.nn.Parameter(base[10:74])]
+    for p in (first, *views):
+        p.grad = torch.randn_like(p)
+    opt = oxoptim.AdamW([{"params": [first]}, {"params": views}], **options)
+    before, groups = first.detach().clone(), copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    with pytest.raises(ValueError, match="no shared memory"):
+        opt.step()
+    assert torch.equal(first, before) and not opt.state
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups

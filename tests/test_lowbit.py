@@ -409,3 +409,114 @@ def test_one_step_agrees_with_bitsandbytes() -> None:
         theirs_err = (code[bt[bname].long()] - y).abs()
         assert (ours_err <= theirs_err + 1e-12).all()
     assert torch.allclose(ours_p, theirs_p, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [oxoptim.Adam8bit, oxoptim.AdamW8bit])
+def test_small_parameters_torch_must_step_take_torchs_step(cls) -> None:
+    """A small (float32-state) parameter the kernels cannot take (a channels-last conv
+    weight: not contiguous) is stepped by torch's own Adam, as ``oxoptim.Adam`` steps it,
+    beside the 8-bit parameters of the same group."""
+    torch.manual_seed(0)
+    conv = torch.nn.Parameter(torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last))
+    big = torch.nn.Parameter(torch.randn(5000))
+    assert not conv.is_contiguous()
+    twin_cls = oxoptim.AdamW if cls.DECOUPLED else oxoptim.Adam
+    twin_conv = torch.nn.Parameter(conv.detach().clone().to(memory_format=torch.channels_last))
+    ours, twin = cls([conv, big], weight_decay=0.1), twin_cls([twin_conv], weight_decay=0.1)
+    for step in range(3):
+        g = torch.randn_like(conv)
+        conv.grad, twin_conv.grad, big.grad = g.clone(), g.clone(), torch.randn_like(big)
+        ours.step()
+        twin.step()
+    assert torch.equal(conv, twin_conv)
+    assert float(ours.state[big]["step"]) == 3 and bw.is_8bit(ours.state[big])
+
+
+def test_a_refused_group_is_not_added() -> None:
+    """``add_param_group`` refuses what the constructor refuses and leaves the groups as they were."""
+    weights = torch.nn.Parameter(torch.randn(5000, dtype=torch.bfloat16))
+    opt = oxoptim.AdamW8bit([weights], bf16_stochastic_round=True)
+    with pytest.raises(ValueError, match="needs bfloat16 parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5000))]})
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(10, dtype=torch.bfloat16))], "amsgrad": True})
+    assert len(opt.param_groups) == 1
+    weights.grad = torch.randn_like(weights)
+    opt.step()
+
+
+def test_a_refused_8bit_call_leaves_no_fresh_state() -> None:
+    """Two parameters on one storage: the 8-bit call refuses before writing anything, and the
+    fresh state made for it is taken back."""
+    storage = torch.randn(10000)
+    a, b = torch.nn.Parameter(storage[:5000]), torch.nn.Parameter(storage[4000:9000])
+    a.grad, b.grad = torch.randn(5000), torch.randn(5000)
+    opt = oxoptim.AdamW8bit([a, b])
+    before = storage.clone()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(storage, before) and not any(opt.state.values())
+
+
+def test_loading_options_for_other_weights_is_refused_and_the_dequantised_dict_loads() -> None:
+    """A state dict saved with bfloat16 weights and stochastic rounding is refused, whole, by
+    an optimizer over float32 weights (as its constructor refuses the option); its dequantised
+    form is torch's and loads into ``oxoptim.AdamW`` as into ``torch.optim.AdamW``."""
+    weights = torch.nn.Parameter(torch.randn(5000, dtype=torch.bfloat16))
+    weights.grad = torch.randn_like(weights)
+    source = oxoptim.AdamW8bit([weights], bf16_stochastic_round=True, min_8bit_size=0)
+    source.step()
+    full = torch.nn.Parameter(weights.detach().float())
+    target = oxoptim.AdamW8bit([full], min_8bit_size=0)
+    with pytest.raises(ValueError, match="needs bfloat16 parameters"):
+        target.load_state_dict(source.state_dict())
+    assert not target.state and "bf16_stochastic_round" not in target.param_groups[0]
+    dense = source.dequantized_state_dict()
+    assert not any(k in g for g in dense["param_groups"] for k in ("bf16_stochastic_round", "sr_seed", "sr_count"))
+    ours, theirs = oxoptim.AdamW([full]), torch.optim.AdamW([torch.nn.Parameter(full.detach().clone())])
+    ours.load_state_dict(copy.deepcopy(dense))
+    theirs.load_state_dict(copy.deepcopy(dense))
+    full.grad = theirs.param_groups[0]["params"][0].grad = torch.randn(5000)
+    ours.step()
+    theirs.step()
+    torch.testing.assert_close(full, theirs.param_groups[0]["params"][0], rtol=1.3e-6, atol=1e-5)  # torch's sqrt: README †
+
+
+def test_a_torch_state_dict_keeps_the_groups_own_threshold() -> None:
+    """Loading a torch AdamW state dict keeps each group's own ``min_8bit_size``."""
+    small = torch.nn.Parameter(torch.randn(300))
+    small.grad = torch.randn(300)
+    theirs = torch.optim.AdamW([torch.nn.Parameter(small.detach().clone())])
+    theirs.param_groups[0]["params"][0].grad = small.grad.clone()
+    theirs.step()
+    theirs.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    ours = oxoptim.AdamW8bit([torch.nn.Parameter(torch.randn(3))])  # the default threshold, 4096
+    ours.add_param_group({"params": [small], "min_8bit_size": 0})
+    sd = theirs.state_dict()
+    sd["param_groups"] = sd["param_groups"][::-1]  # the 300-element parameter in the second group
+    sd["param_groups"][0]["params"], sd["param_groups"][1]["params"] = [1], [0]
+    ours.load_state_dict(sd)
+    assert ours.param_groups[1]["min_8bit_size"] == 0 and bw.is_8bit(ours.state[small])
+
+
+def test_parameters_sharing_memory_are_refused_before_any_group_steps() -> None:
+    """Views of one tensor in the second group, or a parameter listed twice: refused before the first
+    group is stepped and before any state is made."""
+    first = torch.nn.Parameter(torch.randn(8192))
+    base = torch.randn(10000)
+    views = [torch.nn.Parameter(base[:8192]), torch.nn.Parameter(base[1000:9192])]
+    for p in (first, *views):
+        p.grad = torch.randn_like(p)
+    opt = oxoptim.AdamW8bit([{"params": [first]}, {"params": views}])
+    before = first.detach().clone()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(first, before) and not opt.state
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of the duplicate
+        twice = oxoptim.AdamW8bit([first, first])
+    with pytest.raises(ValueError, match="share memory"):
+        twice.step()
+    assert torch.equal(first, before) and not twice.state

@@ -352,6 +352,8 @@ REFUSED = [
     ("a GradScaler", lambda ps: oxoptim.Adam(ps), {"grad_scaler": torch.amp.GradScaler("cpu")}, ValueError, "GradScaler cannot be honoured"),
     ("optimizer accumulation for SGD", lambda ps: oxoptim.SGD(ps, lr=0.1), {"accumulation": "optimizer"}, ValueError, "Adam and AdamW"),
     ("optimizer accumulation with amsgrad", lambda ps: oxoptim.Adam(ps, amsgrad=True), {"accumulation": "optimizer"}, ValueError, "amsgrad"),
+    ("optimizer accumulation with bfloat16 state", lambda ps: oxoptim.AdamW(ps, state_dtype=torch.bfloat16), {"accumulation": "optimizer"},
+     ValueError, "state_dtype"),
     ("previous norm with optimizer accumulation", lambda ps: oxoptim.Adam(ps), {"accumulation": "optimizer", "clip": ClipPreviousNorm(1.0)}, ValueError, "ClipPreviousNorm"),
     ("accumulate 0", lambda ps: oxoptim.Adam(ps), {"accumulate": 0}, ValueError, "positive int"),
     ("an unknown accumulation", lambda ps: oxoptim.Adam(ps), {"accumulation": "sum"}, ValueError, "'gradient' or 'optimizer'"),

@@ -41,7 +41,8 @@ import torch
 from . import _core
 from ._native import evaluate_closure, group_is_native
 
-__all__ = ["GROUP_KEYS", "KAHAN_COMP", "LowPrecisionWeights", "check_low_precision", "draw_seed", "keep_own_options", "stream_ids"]
+__all__ = ["GROUP_KEYS", "KAHAN_COMP", "LOW_PRECISION_OPTIONS", "LowPrecisionWeights", "check_low_precision", "draw_seed", "keep_own_options",
+           "shares_memory", "stream_ids"]
 
 #: The state entry of a parameter's Kahan compensation (torch-optimi's name).
 KAHAN_COMP = "kahan_comp"
@@ -80,6 +81,8 @@ def stream_ids(optimizer: Any, params: list) -> list[int]:
 
 #: The group keys of the options and of the stochastic-rounding stream.
 GROUP_KEYS = (*_OPTIONS, "state_dtype", "sr_seed", "sr_count")
+#: The options that run on the native path only.
+LOW_PRECISION_OPTIONS = (*_OPTIONS, "state_dtype")
 
 
 def keep_own_options(groups: list, saved_groups: Any) -> Any:
@@ -95,6 +98,27 @@ def keep_own_options(groups: list, saved_groups: Any) -> Any:
             saved = {**saved, **own}
         out.append(saved)
     return out
+
+
+def shares_memory(written: list, read: list) -> bool:
+    """Whether a tensor of ``written`` overlaps in memory any other tensor of either list: what the
+    native call refuses (having written nothing), checked for every group before any is stepped."""
+    spans = []
+    for tensors, writes in ((written, True), (read, False)):
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            if size:
+                start = t.data_ptr()
+                spans.append((start, start + size, writes))
+    spans.sort()
+    reach, reach_written = 0, 0  # the furthest end of any span, and of a written one, so far
+    for start, end, writes in spans:
+        if start < reach_written or (writes and start < reach):
+            return True
+        reach = max(reach, end)
+        if writes:
+            reach_written = max(reach_written, end)
+    return False
 
 
 def check_low_precision(name: str, group: dict) -> None:
@@ -168,6 +192,12 @@ class LowPrecisionWeights:
         if isinstance(state_dict, dict) and "param_groups" in state_dict:
             groups = keep_own_options(self.param_groups, state_dict["param_groups"])  # type: ignore[attr-defined]
             state_dict = {**state_dict, "param_groups": groups}
+            if isinstance(groups, list) and len(groups) == len(self.param_groups):  # type: ignore[attr-defined]
+                # Options saved for other weights (bfloat16 ones, now float32) are refused
+                # before anything is loaded, as the constructor refuses them.
+                for saved, group in zip(groups, self.param_groups):  # type: ignore[attr-defined]
+                    if isinstance(saved, dict):
+                        check_low_precision(type(self).__name__, {**saved, "params": group["params"]})
         super().load_state_dict(state_dict)  # type: ignore[misc]
         # torch casts every loaded state tensor but ``step`` to its parameter's dtype; with the
         # options on, 0-d state (NAdam's mu_product, ASGD's eta and mu) stays as saved, in
@@ -235,11 +265,16 @@ class LowPrecisionWeights:
 
     def _check_native(self, group: dict) -> None:
         """Raises the native-only error now, before any group is stepped, when the group's
-        settings or some parameter with a gradient keep it off the native path (what Rust also
-        refuses, tensors sharing memory, is still found only when the group's call is made)."""
+        settings, some parameter with a gradient, or tensors sharing memory (what the native
+        call would refuse) keep it off the native path."""
         if not any(group.get(k) for k in (*_OPTIONS, "state_dtype")):
             return
-        if not (group_is_native(self, group) and all(_native_pair(p) for p in group["params"] if p.grad is not None)):  # type: ignore[arg-type]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not (group_is_native(self, group) and all(_native_pair(p) for p in params)):  # type: ignore[arg-type]
+            self._torch_step(group)  # raises
+        state = self.state  # type: ignore[attr-defined]
+        written = [*params, *(t for p in params for t in state.get(p, {}).values() if isinstance(t, torch.Tensor) and t.dim())]
+        if shares_memory(written, [p.grad for p in params]):
             self._torch_step(group)  # raises
 
     def _torch_step(self, group: dict) -> None:

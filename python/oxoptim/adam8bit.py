@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from torch.optim.adam import adam as torch_adam  # `torch.optim.adam` is not an attribute: torch deletes it
 
 from . import _blockwise as bw
 from . import _core
-from ._lowprec import check_low_precision, draw_seed, keep_own_options, stream_ids
+from ._lowprec import GROUP_KEYS, check_low_precision, draw_seed, keep_own_options, shares_memory, stream_ids
 from ._native import evaluate_closure, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
@@ -85,7 +86,12 @@ class Adam8bit(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_low_precision(type(self).__name__, group)
+        try:  # torch fills the defaults in as it appends: checked after, taken back if refused
+            self._check_group(group)
+            check_low_precision(type(self).__name__, group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
         if group.get("bf16_stochastic_round"):
             group.setdefault("sr_seed", draw_seed())
             group.setdefault("sr_count", 0)
@@ -153,8 +159,13 @@ class Adam8bit(torch.optim.Optimizer):
     def _apply(self, group: dict, plan: tuple[dict, list, list]) -> None:
         fresh, eight, full = plan
         self.state.update(fresh)
-        self._step_8bit(group, eight)
-        self._step_fp32(group, full)
+        try:  # the one call that can still refuse (state sharing memory), having written nothing
+            self._step_8bit(group, eight)
+        except BaseException:
+            for p in fresh:
+                del self.state[p]
+            raise
+        self._step_fp32(group, full)  # cannot refuse: torch's own step takes what Rust does not
 
     def _advance_group(self, group: dict) -> None:
         """Once per step of the group (``step_in_backward`` steps it in pieces): the rounding stream moves on."""
@@ -201,6 +212,11 @@ class Adam8bit(torch.optim.Optimizer):
                     raise ValueError(f"{name}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory; "
                                      f"parameter {i} or its gradient is not")
                 full.append((p, entry))
+        stepped = [*eight, *full]
+        written = [*(p for p, _ in stepped), *(t for _, entry in stepped for t in entry.values() if t.dim())]
+        if shares_memory(written, [p.grad for p, _ in stepped]):
+            raise ValueError(f"{name}: parameters, gradients or state of this group share memory (a parameter listed twice, "
+                             "or views of one tensor); the native step cannot take them")
         return fresh, eight, full
 
     def _fresh_state(self, p: torch.Tensor, min_8bit_size: int) -> dict:
@@ -243,7 +259,7 @@ class Adam8bit(torch.optim.Optimizer):
         if group.get("bf16_stochastic_round"):
             raise ValueError(f"{type(self).__name__}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory")
         beta1, beta2 = hyper["betas"]
-        torch.optim.adam.adam(
+        torch_adam(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
             decoupled_weight_decay=self.DECOUPLED, amsgrad=False, beta1=beta1, beta2=beta2,
             lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=False,
@@ -278,9 +294,10 @@ class Adam8bit(torch.optim.Optimizer):
         new_state: dict = dict(entries)
         for group, saved in zip(groups, saved_groups):
             merged = dict(saved)
-            merged.setdefault("min_8bit_size", self.defaults["min_8bit_size"])
+            merged.setdefault("min_8bit_size", group["min_8bit_size"])
             merged.setdefault("amsgrad", False)
             self._check_group(merged)
+            check_low_precision(type(self).__name__, {**merged, "params": group["params"]})
             new_groups.append(merged)
             for key, p in zip(saved["params"], group["params"]):
                 if key not in entries:
@@ -319,7 +336,8 @@ class Adam8bit(torch.optim.Optimizer):
             state[key] = entry
         groups = []
         for saved in state_dict["param_groups"]:
-            group = {k: v for k, v in saved.items() if k != "min_8bit_size"}
+            # torch's group keys only: the loading optimizer keeps its own low-precision options.
+            group = {k: v for k, v in saved.items() if k != "min_8bit_size" and k not in GROUP_KEYS}
             group.update(_TORCH_FLAGS, decoupled_weight_decay=cls.DECOUPLED)
             groups.append(group)
         return {"state": state, "param_groups": groups}

@@ -202,6 +202,9 @@ class StepInBackward:
             raise ValueError(f"accumulation='optimizer' is defined for Adam and AdamW, not {type(optimizer).__name__}")
         if accumulation == "optimizer" and any(g.get("amsgrad") for g in optimizer.param_groups):
             raise ValueError("accumulation='optimizer' is not defined with amsgrad=True")
+        if accumulation == "optimizer" and any(g.get("state_dtype") is not None for g in optimizer.param_groups):
+            raise ValueError("accumulation='optimizer' absorbs micro-batches into moments of the parameters' dtype; "
+                             "state_dtype=torch.bfloat16 is not supported with it (use accumulation='gradient')")
         if clip is not None:
             if not isinstance(clip, (ClipPerParameter, ClipPreviousNorm)):
                 raise TypeError(f"clip must be ClipPerParameter, ClipPreviousNorm or None, got {type(clip).__name__}")

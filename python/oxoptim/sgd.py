@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._lowprec import LowPrecisionWeights
+from ._lowprec import LOW_PRECISION_OPTIONS, LowPrecisionWeights
 from ._twin import TorchTwin
 
 __all__ = ["SGD"]
@@ -41,20 +41,50 @@ class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
         return ()
 
     def _list_step(self, group: dict, params: list, grads: list) -> bool:
-        # torch's first momentum step copies the gradient into a new buffer. With
-        # dampening 0 that is one step from a zero buffer (0·momentum + g = g), so
-        # the first step stays on the kernels, and in float32 for half-precision
-        # parameters as torch's fused path computes it; otherwise torch runs it.
-        # A sparse (or other non-strided) gradient takes torch's path, which
-        # creates the buffer as it does.
-        if group["momentum"] == 0 or group["dampening"] != 0 or any(g.layout != torch.strided for g in grads):
+        # torch's first momentum step copies the gradient into a new buffer, whatever the
+        # dampening. That is one step from a zero buffer without dampening
+        # (0·momentum + 1·g = g), so a first step stays on the kernels: with dampening 0,
+        # and in float32 for half-precision parameters as torch's fused path computes it;
+        # with dampening under a low-precision option (native only), as a step whose
+        # dampening is 0. Otherwise torch runs it. A sparse (or other non-strided)
+        # gradient takes torch's path, which creates the buffer as it does.
+        if group["momentum"] == 0 or any(g.layout != torch.strided for g in grads):
             return super()._list_step(group, params, grads)
-        fresh = [p for p in params if self.state[p].get("momentum_buffer") is None]
-        for p, g in zip(params, grads):
-            if self.state[p].get("momentum_buffer") is None:
+        fresh = [self.state[p].get("momentum_buffer") is None for p in params]
+        if group["dampening"] != 0:
+            if not any(fresh) or not any(group.get(k) for k in LOW_PRECISION_OPTIONS):
+                return super()._list_step(group, params, grads)
+            return self._first_steps_undamped(group, params, grads, fresh)
+        for p, g, new in zip(params, grads, fresh):
+            if new:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
         if super()._list_step(group, params, grads):
             return True
-        for p in fresh:  # torch's step creates them as it would have
-            self.state[p].pop("momentum_buffer", None)
+        for p, new in zip(params, fresh):  # torch's step creates them as it would have
+            if new:
+                self.state[p].pop("momentum_buffer", None)
         return False
+
+    def _first_steps_undamped(self, group: dict, params: list, grads: list, fresh: list) -> bool:
+        """A low-precision group with dampening whose parameters include fresh ones: those take
+        their first step from a zero buffer with dampening 0, the others the group's step
+        (two native calls, so they must not share memory: refused as one call refuses)."""
+        first = [(p, g) for p, g, new in zip(params, grads, fresh) if new]
+        later = [(p, g) for p, g, new in zip(params, grads, fresh) if not new]
+        if later and _storages(first) & _storages(later):
+            return False  # the group's error: parameters sharing memory
+        for p, g in first:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        undamped = {**group, "dampening": 0}
+        if not super()._list_step(undamped, [p for p, _ in first], [g for _, g in first]):
+            for p, _ in first:
+                self.state[p].pop("momentum_buffer", None)
+            return False
+        if later:  # a failure here cannot leave the first call half done: it refuses before writing
+            return super()._list_step(group, [p for p, _ in later], [g for _, g in later])
+        return True
+
+
+def _storages(pairs: list) -> set:
+    """The storages the parameters, gradients and buffers of ``pairs`` live in."""
+    return {t.untyped_storage().data_ptr() for pair in pairs for t in pair}
