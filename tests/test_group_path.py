@@ -120,3 +120,31 @@ def test_in_place_edits_of_params_and_state_are_seen(twin: Twin, fast_path: list
     _steps(gen, mine, ref, ours, theirs)
     assert fast_path[-3:] == [True] * 3
     _check(twin, mine, ref)
+
+
+@pytest.mark.parametrize("twin", GROUP_PATH_TWINS, ids=GROUP_PATH_IDS)
+def test_a_fast_path_step_moves_the_versions_torch_moves(twin: Twin, fast_path: list) -> None:
+    """Parameters and the state tensors the twin's step writes in place get new version counters on
+    the fast path too, as torch's in-place ops give them (autograd's check of a saved tensor relies
+    on it)."""
+    gen, mine, ref, ours, theirs = _pair(twin)
+    _steps(gen, mine, ref, ours, theirs, n=2)
+
+    def versions(opt, params):
+        return [(p._version, {k: t._version for k, t in opt.state[p].items() if torch.is_tensor(t)}) for p in params]
+
+    ours_before, theirs_before = versions(ours, mine), versions(theirs, ref)
+    set_grads(gen, mine, ref)
+    ours.step()
+    theirs.step()
+    assert fast_path[-1] is True
+    moved = 0
+    for (p, state), (p_was, state_was), (_, ref_state), (_, ref_was) in zip(
+        versions(ours, mine), ours_before, versions(theirs, ref), theirs_before
+    ):
+        assert p > p_was
+        for key, version in ref_state.items():
+            if key in ref_was and version > ref_was[key] and key in state:
+                assert state[key] > state_was[key], key
+                moved += 1
+    assert moved, "torch moved no state tensor's version: the test checks only the parameters"

@@ -395,6 +395,8 @@ fn group_step<'py>(
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
     let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), params.len())?;
     let empty = PyDict::new(py);
+    // The state tensors the step writes: their version counters move, as torch's in-place ops move them.
+    let written = PyList::empty(py);
     for (i, p) in params.iter().enumerate() {
         let grad = p.getattr(intern!(py, "grad"))?;
         if grad.is_none() {
@@ -433,6 +435,9 @@ fn group_step<'py>(
         if !gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells, comp.as_ref())? {
             return Ok(false);
         }
+        for t in tensors.iter().chain(&cells).chain(&comp) {
+            written.append(t)?;
+        }
         gathered
             .streams
             .extend(stream_ids.as_ref().map(|ids| ids[i]));
@@ -446,7 +451,7 @@ fn group_step<'py>(
     )? {
         return Ok(false);
     }
-    bump_versions(py, &[&gathered.params])?;
+    bump_versions(py, &[&gathered.params, &written])?;
     Ok(true)
 }
 
