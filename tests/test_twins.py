@@ -109,8 +109,13 @@ def test_hyper_parameter_types_are_checked(twin: Twin) -> None:
     hyper = _calls(opt, params)[0][4]
     for key, value in hyper.items():
         if not isinstance(value, bool):
-            with pytest.raises(ValueError, match=f"{key}.*must be (a number|a pair of numbers)"):
-                _core.layout(opt.KIND, {**hyper, key: "fast"})
+            # torch's own arithmetic raises TypeError on these, ValueError on a pair that does not unpack.
+            for wrong in ("fast", None):
+                with pytest.raises(TypeError, match=f"{key}.*must be (a number|a pair of numbers)"):
+                    _core.layout(opt.KIND, {**hyper, key: wrong})
+            if isinstance(value, tuple):
+                with pytest.raises(ValueError, match=f"{key}.*must be a pair of numbers"):
+                    _core.layout(opt.KIND, {**hyper, key: [*value, 0.5]})
 
 
 def _grad_dtype(new, grads, state, cells):

@@ -24,7 +24,7 @@ use oxoptim_core::{
     ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, ParamRounding,
     RawTensor, ScalarState, TensorBatch, OPTIMIZERS,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -46,15 +46,18 @@ fn hyper_entries(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(Stri
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, kind)| *kind);
-        let bad = |what: &str| {
-            PyValueError::new_err(format!(
+        // torch's own arithmetic raises TypeError on a value that is not a number (None, a
+        // string) and ValueError when a pair does not unpack into two.
+        let message = |what: &str| {
+            format!(
                 "{}: hyper-parameter {key:?} must be {what}, got {}",
                 entry.name,
                 value
                     .repr()
                     .map_or_else(|_| "?".to_string(), |r| r.to_string())
-            ))
+            )
         };
+        let bad = |what: &str| PyTypeError::new_err(message(what));
         let parsed = match kind {
             Some(HyperKind::Flag) => HyperValue::Flag(value.is_truthy()?),
             // Any sequence of two numbers, as torch unpacks it (`beta1, beta2 = group["betas"]`):
@@ -63,7 +66,8 @@ fn hyper_entries(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(Stri
                 Ok((a, b)) => HyperValue::Pair(a, b),
                 Err(_) => match value.extract::<Vec<f64>>().as_deref() {
                     Ok(&[a, b]) => HyperValue::Pair(a, b),
-                    _ => return Err(bad("a pair of numbers")),
+                    Ok(_) => return Err(PyValueError::new_err(message("a pair of numbers"))),
+                    Err(_) => return Err(bad("a pair of numbers")),
                 },
             },
             Some(HyperKind::Float) => {
