@@ -48,15 +48,22 @@ def test_state_dict_moves_between_libraries_mid_training(twin: Twin, direction: 
             assert_twin_matches(twin, src.state[pa][key], dst.state[pb][key])
 
 
-@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
-def test_state_dict_layout_is_torchs(twin: Twin) -> None:
-    gen = torch.Generator().manual_seed(2)
+def _stepped_once(twin: Twin, seed: int) -> tuple:
+    """The twin and its reference over one 5-element parameter each, stepped once alike:
+    ``(generator, ours' params, theirs' params, ours, theirs)``."""
+    gen = torch.Generator().manual_seed(seed)
     mine = clone_params([torch.randn(5, generator=gen)])
     ref = clone_params(mine)
     ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
     set_grads(gen, mine, ref)
     ours.step()
     theirs.step()
+    return gen, mine, ref, ours, theirs
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_state_dict_layout_is_torchs(twin: Twin) -> None:
+    _, _, _, ours, theirs = _stepped_once(twin, seed=2)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
@@ -134,13 +141,7 @@ def _filled_on_load(twin: Twin, sd: dict) -> list[str]:
 def test_a_checkpoint_from_an_older_torch_loads_as_torch_loads_it(twin: Twin) -> None:
     """A state dict saved before torch added a group setting (Adam's ``decoupled_weight_decay``,
     ``maximize``...) loads: torch's ``__setstate__`` fills the setting, so oxoptim must too."""
-    gen = torch.Generator().manual_seed(4)
-    mine = clone_params([torch.randn(5, generator=gen)])
-    ref = clone_params(mine)
-    ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
-    set_grads(gen, mine, ref)
-    ours.step()
-    theirs.step()
+    gen, mine, ref, ours, theirs = _stepped_once(twin, seed=4)
     sd = theirs.state_dict()
     filled = _filled_on_load(twin, sd)
     if twin.theirs.__module__.startswith("torch.optim"):
