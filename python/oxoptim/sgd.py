@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._lowprec import LOW_PRECISION_OPTIONS, LowPrecisionWeights
+from ._lowprec import LOW_PRECISION_OPTIONS, LowPrecisionWeights, shares_memory
 from ._twin import TorchTwin
 
 __all__ = ["SGD"]
@@ -68,11 +68,12 @@ class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
     def _first_steps_undamped(self, group: dict, params: list, grads: list, fresh: list) -> bool:
         """A low-precision group with dampening whose parameters include fresh ones: those take
         their first step from a zero buffer with dampening 0, the others the group's step
-        (two native calls, so they must not share memory: refused as one call refuses)."""
+        (two native calls: memory shared anywhere among them is refused, as one call refuses it)."""
         first = [(p, g) for p, g, new in zip(params, grads, fresh) if new]
         later = [(p, g) for p, g, new in zip(params, grads, fresh) if not new]
-        if later and _storages(first) & _storages(later):
-            return False  # the group's error: parameters sharing memory
+        buffers = [self.state[p]["momentum_buffer"] for p, _ in later]
+        if later and shares_memory([*params, *buffers], list(grads)):
+            return False  # what one call would refuse: the group's error (parameters sharing memory)
         for p, g in first:
             self.state[p]["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
         undamped = {**group, "dampening": 0}
@@ -83,8 +84,3 @@ class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
         if later:  # a failure here cannot leave the first call half done: it refuses before writing
             return super()._list_step(group, [p for p, _ in later], [g for _, g in later])
         return True
-
-
-def _storages(pairs: list) -> set:
-    """The storages the parameters, gradients and buffers of ``pairs`` live in."""
-    return {t.untyped_storage().data_ptr() for pair in pairs for t in pair}
