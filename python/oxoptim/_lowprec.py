@@ -79,10 +79,10 @@ def stream_ids(optimizer: Any, params: list) -> list[int]:
     return [where[p][2] for p in params]
 
 
-#: The group keys of the options and of the stochastic-rounding stream.
-GROUP_KEYS = (*_OPTIONS, "state_dtype", "sr_seed", "sr_count")
 #: The options that run on the native path only.
 LOW_PRECISION_OPTIONS = (*_OPTIONS, "state_dtype")
+#: The group keys of the options and of the stochastic-rounding stream.
+GROUP_KEYS = (*LOW_PRECISION_OPTIONS, "sr_seed", "sr_count")
 
 
 def keep_own_options(groups: list, saved_groups: Any) -> Any:
@@ -94,7 +94,7 @@ def keep_own_options(groups: list, saved_groups: Any) -> Any:
     out = []
     for group, saved in zip(groups, saved_groups):
         own = {k: group[k] for k in GROUP_KEYS if k in group}
-        if own and isinstance(saved, dict) and not any(k in saved for k in (*_OPTIONS, "state_dtype")):
+        if own and isinstance(saved, dict) and not any(k in saved for k in LOW_PRECISION_OPTIONS):
             saved = {**saved, **own}
         out.append(saved)
     return out
@@ -176,7 +176,7 @@ class LowPrecisionWeights:
     def add_param_group(self, param_group: dict) -> None:
         options = self.__dict__.get("_oxoptim_low_precision")
         if options is None:
-            options = {k: self.defaults[k] for k in (*_OPTIONS, "state_dtype") if self.defaults.get(k)}  # type: ignore[attr-defined]
+            options = {k: self.defaults[k] for k in LOW_PRECISION_OPTIONS if self.defaults.get(k)}  # type: ignore[attr-defined]
         for key, value in options.items():
             param_group.setdefault(key, value)
         params = param_group["params"]
@@ -204,7 +204,7 @@ class LowPrecisionWeights:
         # float32: the native path computes with it, as it did before the checkpoint.
         saved_groups, entries = state_dict["param_groups"], state_dict["state"]
         for saved, group in zip(saved_groups, self.param_groups):  # type: ignore[attr-defined]
-            if not any(group.get(k) for k in (*_OPTIONS, "state_dtype")):
+            if not any(group.get(k) for k in LOW_PRECISION_OPTIONS):
                 continue
             for key, p in zip(saved["params"], group["params"]):
                 for name, value in entries.get(key, {}).items():
@@ -267,7 +267,7 @@ class LowPrecisionWeights:
         """Raises the native-only error now, before any group is stepped, when the group's
         settings, some parameter with a gradient, or tensors sharing memory (what the native
         call would refuse) keep it off the native path."""
-        if not any(group.get(k) for k in (*_OPTIONS, "state_dtype")):
+        if not any(group.get(k) for k in LOW_PRECISION_OPTIONS):
             return
         params = [p for p in group["params"] if p.grad is not None]
         if not (group_is_native(self, group) and all(_native_pair(p) for p in params)):  # type: ignore[arg-type]
@@ -278,7 +278,7 @@ class LowPrecisionWeights:
             self._torch_step(group)  # raises
 
     def _torch_step(self, group: dict) -> None:
-        for option in (*_OPTIONS, "state_dtype"):
+        for option in LOW_PRECISION_OPTIONS:
             if group.get(option):
                 raise ValueError(
                     f"{type(self).__name__}: {option}={group[option]} runs on the native path only, which needs dense "
