@@ -257,3 +257,44 @@ def test_adafactor_state_of_another_shape_raises_like_torch() -> None:
     assert outcomes[0][0] is outcomes[1][0]
     assert torch.equal(outcomes[0][1], outcomes[1][1])
     assert all(torch.equal(outcomes[0][2][k], outcomes[1][2][k]) for k in outcomes[1][2])
+
+
+# Settings torch accepts (or that are set after construction, where torch checks nothing) whose step
+# arithmetic torch does in Python floats, which raise: (class, constructor arguments, settings set
+# after one good step or None to fail on the first step, the error).
+PYTHON_ARITHMETIC_ERRORS = [
+    ("Adagrad", dict(lr=0.1), dict(lr_decay=-1.0), ZeroDivisionError("float division by zero")),
+    ("Adagrad", dict(lr=0.1), dict(lr_decay=-0.5, initial_accumulator_value=0.0), None),  # fails a step later
+    ("ASGD", dict(lr=0.1, alpha=1e308), None, OverflowError("(34, 'Numerical result out of range')")),
+    ("ASGD", dict(lr=0.1), dict(alpha=-1e308), ZeroDivisionError("float division by zero")),
+    ("ASGD", dict(lr=0.1), dict(alpha=1e308), OverflowError("(34, 'Numerical result out of range')")),
+    ("Adafactor", dict(lr=0.1), dict(d=0.0), ZeroDivisionError("float division by zero")),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, later, error", PYTHON_ARITHMETIC_ERRORS, ids=[f"{c[0]}-{c[2] or c[1]}" for c in PYTHON_ARITHMETIC_ERRORS])
+def test_step_arithmetic_torch_refuses_raises_its_error_and_changes_nothing(name, kwargs, later, error) -> None:
+    """torch raises part way through its per-parameter loop (earlier parameters stepped); oxoptim
+    raises the same error before anything is written, on the fast and the first-step paths."""
+    if error is None:  # Adagrad's divisor 1 + (step - 1) * lr_decay reaches 0 at step 3
+        error, failing_step = ZeroDivisionError("float division by zero"), 3
+    else:
+        failing_step = 1 if later is None else 2
+    raised = []
+    for cls in (getattr(torch.optim, name), getattr(oxoptim, name)):
+        params = [torch.linspace(-1, 1, 12).reshape(3, 4).requires_grad_(), torch.linspace(0, 1, 7).requires_grad_()]
+        opt = cls(params, **kwargs)
+        for step in range(1, failing_step + 1):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            if step == 2 and later is not None:
+                opt.param_groups[0].update(later)
+            if step < failing_step:
+                opt.step()
+        before = snapshot(opt)
+        with pytest.raises(type(error)) as info:
+            opt.step()
+        raised.append(str(info.value))
+        if cls is getattr(oxoptim, name):
+            assert_unchanged(opt, before)
+    assert raised == [str(error)] * 2

@@ -179,12 +179,17 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
             stateless = [p for p in group["params"] if not state.get(p)]
             lists: list[list[Any]] = [[] for _ in range(self._INIT_LISTS)]
             self._init_group(group, *lists)  # type: ignore[attr-defined]
-            if self._list_step(group, lists[0], lists[1]):
+            stepped = False
+            try:
+                stepped = self._list_step(group, lists[0], lists[1])
+            finally:
+                # Refused or failed, the call leaves no state it made; the reference
+                # creates state as it goes (lazily, or all up front as torch does).
+                if not stepped:
+                    for p in stateless:
+                        state.pop(p, None)
+            if stepped:
                 return
-            # The reference creates state as it goes (lazily, or all up front as
-            # torch does): it starts from the state the group had.
-            for p in stateless:
-                state.pop(p, None)
         self._torch_step(group)
 
     def _kernel_calls(self, group: dict, params: list) -> list[tuple[dict, list]]:

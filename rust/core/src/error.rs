@@ -17,6 +17,19 @@ pub enum Error {
     /// Memory this call would touch is being written (or, for a write, read)
     /// by another call in flight on another thread.
     Busy(String),
+    /// The twin's Python arithmetic raises ZeroDivisionError at this step
+    /// (a float divided by zero); the message is Python's.
+    ZeroDivision(String),
+    /// The twin's Python arithmetic raises OverflowError at this step (`**` out
+    /// of range); the message is Python's.
+    Overflow(String),
+}
+
+impl Error {
+    /// Python's error for `x / 0.0`.
+    pub fn float_division_by_zero() -> Error {
+        Error::ZeroDivision("float division by zero".into())
+    }
 }
 
 impl fmt::Display for Error {
@@ -27,7 +40,9 @@ impl fmt::Display for Error {
             | Error::BadAddress(m)
             | Error::Overlap(m)
             | Error::Unsupported(m)
-            | Error::Busy(m) => f.write_str(m),
+            | Error::Busy(m)
+            | Error::ZeroDivision(m)
+            | Error::Overflow(m) => f.write_str(m),
         }
     }
 }

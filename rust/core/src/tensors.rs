@@ -748,21 +748,15 @@ impl ScalarState {
 
     /// `cell += 1` in the cell's own dtype (torch's `step_t += 1`); returns the new value.
     pub fn increment(&mut self, slot: usize, k: usize) -> f64 {
-        let c = self.cell(slot, k);
-        // SAFETY: as in `set`.
-        unsafe {
-            match c.dtype {
-                DType::F32 => {
-                    let p = c.addr as *mut f32;
-                    *p += 1.0;
-                    *p as f64
-                }
-                _ => {
-                    let p = c.addr as *mut f64;
-                    *p += 1.0;
-                    *p
-                }
-            }
+        let next = self.incremented(slot, k);
+        self.set(slot, k, next)
+    }
+
+    /// What [`ScalarState::increment`] would store, without storing it.
+    pub fn incremented(&self, slot: usize, k: usize) -> f64 {
+        match self.cell(slot, k).dtype {
+            DType::F32 => (self.get(slot, k) as f32 + 1.0) as f64,
+            _ => self.get(slot, k) + 1.0,
         }
     }
 

@@ -2,7 +2,7 @@
 //! memory descriptors and calls the pure Rust kernels with the GIL released.
 
 use oxoptim_core::{self as core, inflight, Backend, Exec, Footprint, RawTensor, TensorBatch};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyValueError, PyZeroDivisionError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple};
@@ -30,6 +30,8 @@ pub(crate) fn or_fallback<T>(r: core::Result<T>) -> PyResult<Option<T>> {
 pub(crate) fn core_error(e: core::Error) -> PyErr {
     match e {
         core::Error::InvalidArgument(m) => PyValueError::new_err(m),
+        core::Error::ZeroDivision(m) => PyZeroDivisionError::new_err(m),
+        core::Error::Overflow(m) => PyOverflowError::new_err(m),
         other => PyRuntimeError::new_err(other.to_string()),
     }
 }

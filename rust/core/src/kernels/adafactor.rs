@@ -61,6 +61,10 @@ optimizer! {
 
         fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
             // Everything is checked before the first counter is written.
+            if self.d == 0.0 {
+                // torch divides by `numel ** 0.5 * d` in Python.
+                return Err(Error::float_division_by_zero());
+            }
             let mut shapes = Vec::with_capacity(batch.slots());
             for slot in 0..batch.slots() {
                 let p = batch.slot(slot);

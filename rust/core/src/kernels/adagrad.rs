@@ -4,6 +4,7 @@
 use super::decayed_grad;
 use super::declare::{optimizer, Arrays, LaneUpdate, PerElement};
 use crate::dispatch::Element;
+use crate::error::{Error, Result};
 use crate::simd::Lanes;
 use crate::tensors::ScalarState;
 
@@ -26,9 +27,16 @@ impl PerElement for AdagradConfig {
     type Slot = f64;
     type Update<T: Element> = AdagradUpdate<T>;
 
+    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+        match self.decay(scalars.incremented(slot, 0)) {
+            0.0 => Err(Error::float_division_by_zero()),
+            _ => Ok(()),
+        }
+    }
+
     fn advance(&self, scalars: &mut ScalarState, slot: usize) -> f64 {
         let step = scalars.increment(slot, 0);
-        self.lr / (1.0 + (step - 1.0) * self.lr_decay)
+        self.lr / self.decay(step)
     }
 
     fn update<T: Element>(&self, clr: f64) -> AdagradUpdate<T> {
@@ -38,6 +46,13 @@ impl PerElement for AdagradConfig {
             weight_decay: (self.weight_decay != 0.0).then(|| T::from_f64(self.weight_decay)),
             maximize: self.maximize,
         }
+    }
+}
+
+impl AdagradConfig {
+    /// The divisor of `lr` at step `step`.
+    fn decay(&self, step: f64) -> f64 {
+        1.0 + (step - 1.0) * self.lr_decay
     }
 }
 

@@ -5,6 +5,7 @@
 use super::decayed_grad;
 use super::declare::{optimizer, Arrays, LaneUpdate, PerElement};
 use crate::dispatch::Element;
+use crate::error::{Error, Result};
 use crate::simd::Lanes;
 use crate::tensors::ScalarState;
 
@@ -42,10 +43,29 @@ impl PerElement for AsgdConfig {
                 v
             }
         };
-        let new_eta = self.lr / (1.0 + self.lambd * self.lr * step).powf(self.alpha);
+        let new_eta = self.lr / self.eta_divisor(step);
         scalars.set(slot, 1, stored(new_eta));
         scalars.set(slot, 2, stored(1.0 / (step - self.t0).max(1.0)));
         (eta, mu)
+    }
+
+    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+        let base = 1.0 + self.lambd * self.lr * scalars.incremented(slot, 0);
+        let divisor = self.eta_divisor(scalars.incremented(slot, 0));
+        if base == 0.0 && self.alpha < 0.0 {
+            Err(Error::ZeroDivision(
+                "0.0 cannot be raised to a negative power".into(),
+            ))
+        } else if divisor.is_infinite() && base.is_finite() && self.alpha.is_finite() {
+            // CPython's float `**` refuses a finite result it cannot represent.
+            Err(Error::Overflow(
+                "(34, 'Numerical result out of range')".into(),
+            ))
+        } else if divisor == 0.0 {
+            Err(Error::float_division_by_zero())
+        } else {
+            Ok(())
+        }
     }
 
     fn update<T: Element>(&self, (eta, mu): (f64, f64)) -> AsgdUpdate<T> {
@@ -57,6 +77,13 @@ impl PerElement for AsgdConfig {
             weight_decay: (self.weight_decay != 0.0).then(|| T::from_f64(self.weight_decay)),
             maximize: self.maximize,
         }
+    }
+}
+
+impl AsgdConfig {
+    /// `(1 + lambd * lr * step) ** alpha`, the divisor of `lr` in the next `eta`.
+    fn eta_divisor(&self, step: f64) -> f64 {
+        (1.0 + self.lambd * self.lr * step).powf(self.alpha)
     }
 }
 

@@ -148,6 +148,13 @@ pub(crate) trait PerElement: Optimizer {
         Self::Slot::default()
     }
 
+    /// Fails where the twin's Python arithmetic raises for tensor `slot`'s next
+    /// step (a division by zero, a power out of range). Every slot is checked
+    /// before any scalar state advances.
+    fn check(&self, _scalars: &ScalarState, _slot: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// The update of a tensor whose step values are `slot`.
     fn update<T: Element>(&self, slot: Self::Slot) -> Self::Update<T>;
 }
@@ -193,6 +200,9 @@ pub(crate) fn step<O: PerElement>(
             scalars.per_slot(),
             scalars.slots()
         )));
+    }
+    for slot in 0..batch.slots() {
+        optimizer.check(scalars, slot)?;
     }
     let per_slot: Vec<O::Slot> = (0..batch.slots())
         .map(|slot| optimizer.advance(scalars, slot))

@@ -322,7 +322,10 @@ mod tests {
             differs_from_sqrt += usize::from(expected != x.sqrt());
         }
         if cfg!(all(target_os = "linux", target_env = "gnu")) {
-            assert!(differs_from_sqrt > 0, "glibc's pow equals sqrt on these: the test checks nothing");
+            assert!(
+                differs_from_sqrt > 0,
+                "glibc's pow equals sqrt on these: the test checks nothing"
+            );
         }
     }
 }

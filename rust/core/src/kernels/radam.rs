@@ -43,7 +43,8 @@ impl PerElement for RadamConfig {
         let rho_t = rho_inf - 2.0 * step * self.beta2.powf(step) / bias_correction2;
         let rect = (rho_t > 5.0).then(|| {
             super::py_pow_half(
-                (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t),
+                (rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                    / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t),
             )
         });
         Rectification {
