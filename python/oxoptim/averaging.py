@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional
+import math
+import numbers
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
+from torch.optim.swa_utils import get_swa_avg_fn
 
 from . import _core
 from ._native import num_threads
@@ -26,6 +29,15 @@ def _param_list(params: Any) -> list:
     return out
 
 
+def _check_shapes(targets: list, averages: list) -> None:
+    """Refuses to write averages into parameters of another count or shape (a copy by element count would scramble them)."""
+    if len(targets) != len(averages):
+        raise ValueError(f"{len(averages)} averages for {len(targets)} parameters")
+    for i, (t, a) in enumerate(zip(targets, averages)):
+        if t.shape != a.shape:
+            raise ValueError(f"parameter {i} is {tuple(t.shape)} but its average is {tuple(a.shape)}")
+
+
 def _copy(dst: list, src: list) -> None:
     if dst and not _core.copy_scaled(dst, src, scale=1.0, num_threads=num_threads()):
         torch._foreach_copy_(dst, src)
@@ -44,7 +56,10 @@ class GradientAverager:
     samples, which averaging per-batch gradients equally gets wrong.
 
     A parameter without a gradient in some micro-batch counts as a zero
-    gradient for it. Usable as a context manager: ``finalize()`` runs on a
+    gradient for it; one without a gradient in every micro-batch since the
+    last ``finalize()`` keeps its ``.grad`` (``None`` after ``zero_grad``), so
+    an optimizer leaves it alone. ``n_samples`` may be any positive weight
+    (e.g. a token count), not only a sample count. Usable as a context manager: ``finalize()`` runs on a
     normal exit (if anything was accumulated), and nothing is written back
     when the block raises.
     """
@@ -52,15 +67,19 @@ class GradientAverager:
     def __init__(self, params: Any) -> None:
         self.params = _param_list(params)
         self._means: list[Optional[torch.Tensor]] = [None] * len(self.params)
-        self.samples = 0
+        # Whether each parameter had a gradient in some micro-batch since the last reset.
+        self._seen = [False] * len(self.params)
+        self.samples: Union[int, float] = 0
         self.batches = 0
 
     @torch.no_grad()
-    def accumulate(self, n_samples: int) -> None:
+    def accumulate(self, n_samples: Union[int, float]) -> None:
         """Folds the current ``.grad``s, from a micro-batch of ``n_samples`` samples, into the mean."""
-        n = int(n_samples)
-        if n <= 0:
-            raise ValueError(f"n_samples must be positive, got {n_samples}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Real):
+            raise TypeError(f"n_samples must be a number, got {type(n_samples).__name__}")
+        if not (math.isfinite(n_samples) and n_samples > 0):
+            raise ValueError(f"n_samples must be positive and finite, got {n_samples}")
+        n = n_samples if isinstance(n_samples, numbers.Integral) else float(n_samples)
         total = self.samples + n
         weight = n / total
         first = self.samples == 0
@@ -69,7 +88,7 @@ class GradientAverager:
             g = p.grad
             m = self._means[i]
             if g is None:
-                if m is not None and not first:
+                if m is not None and not first and self._seen[i]:
                     absent.append(m)
                 continue
             if g.is_sparse:
@@ -79,6 +98,7 @@ class GradientAverager:
                 self._means[i] = m
             means.append(m)
             grads.append(g)
+        had_grad = [p.grad is not None for p in self.params]
         if means and not _core.accumulate_mean(means, grads, weight=weight, first=first, num_threads=num_threads()):
             for m, g in zip(means, grads):
                 if first:
@@ -94,17 +114,18 @@ class GradientAverager:
             for m in self._means:
                 if m is not None and id(m) not in seen:
                     m.zero_()
+        self._seen = had_grad if first else [a or b for a, b in zip(self._seen, had_grad)]
         self.samples = total
         self.batches += 1
 
     @torch.no_grad()
-    def finalize(self) -> int:
+    def finalize(self) -> Union[int, float]:
         """Writes the mean gradient into ``.grad`` and starts over; returns the sample count."""
         if self.samples == 0:
             raise RuntimeError("finalize() before any accumulate()")
         dst, src = [], []
-        for p, m in zip(self.params, self._means):
-            if m is None:
+        for p, m, seen in zip(self.params, self._means, self._seen):
+            if m is None or not seen:
                 continue
             if p.grad is None or p.grad.shape != m.shape or p.grad.dtype != m.dtype or not p.grad.is_contiguous():
                 p.grad = torch.empty_like(m)
@@ -119,6 +140,7 @@ class GradientAverager:
         """Forgets what was accumulated (the buffers are kept for reuse)."""
         self.samples = 0
         self.batches = 0
+        self._seen = [False] * len(self.params)
 
     def __enter__(self) -> "GradientAverager":
         self.reset()
@@ -136,11 +158,11 @@ class ParamAverager:
 
     Call :meth:`update` after each optimizer step. The first ``start_step``
     calls are ignored; the next one copies the parameters; after that each
-    call blends them in with one fused Rust lerp over all tensors:
-    ``avg ← avg + w·(θ − avg)`` with ``w = 1 − decay`` (``mode="ema"``) or
-    ``w = 1/(n_averaged + 1)`` (``mode="swa"``, the running mean), exactly as
-    ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` or
-    its default SWA averaging.
+    call blends them in, bit for bit as ``torch.optim.swa_utils.AveragedModel``
+    does on the CPU: ``mode="ema"`` with one fused Rust lerp over all tensors,
+    ``avg ← avg + (1 − decay)·(θ − avg)`` (its ``get_ema_multi_avg_fn``);
+    ``mode="swa"``, the running mean, with torch's own
+    ``avg + (θ − avg) / (n_averaged + 1)`` per tensor (its default averaging).
 
     ``with averager.averaged():`` puts the averaged weights into the
     parameters (e.g. for evaluation) and restores the live ones afterwards,
@@ -149,12 +171,7 @@ class ParamAverager:
     """
 
     def __init__(self, params: Any, mode: str = "ema", decay: float = 0.999, start_step: int = 0) -> None:
-        if mode not in ("ema", "swa"):
-            raise ValueError(f"Invalid mode {mode!r}: expected 'ema' or 'swa'")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
-        if start_step < 0:
-            raise ValueError(f"Invalid start_step: {start_step}")
+        _check_settings(mode, decay, start_step)
         self.params = _param_list(params)
         self.mode = mode
         self.decay = float(decay)
@@ -182,9 +199,13 @@ class ParamAverager:
                         f"parameter {i} is now {tuple(p.shape)} {p.dtype} on {p.device} but its average is "
                         f"{tuple(a.shape)} {a.dtype} on {a.device}; average it with a new ParamAverager"
                     )
-            weight = 1.0 - self.decay if self.mode == "ema" else 1.0 / (self.n_averaged + 1)
-            if not _core.lerp_average(self.averages, live, weight=weight, num_threads=num_threads()):
-                torch._foreach_lerp_(self.averages, live, weight)
+            if self.mode == "swa":
+                n_averaged = torch.tensor(self.n_averaged)
+                average = get_swa_avg_fn()
+                for a, p in zip(self.averages, live):
+                    a.copy_(average(a, p, n_averaged.to(p.device)))
+            elif not _core.lerp_average(self.averages, live, weight=1.0 - self.decay, num_threads=num_threads()):
+                torch._foreach_lerp_(self.averages, live, 1.0 - self.decay)
         self.n_updates += 1
         self.n_averaged += 1
 
@@ -195,6 +216,7 @@ class ParamAverager:
             yield
             return
         live = [p.detach() for p in self.params]
+        _check_shapes(live, self.averages)
         with torch.no_grad():
             backup = [t.clone(memory_format=torch.contiguous_format) for t in live]
             _copy(live, self.averages)
@@ -210,6 +232,7 @@ class ParamAverager:
         if self.n_averaged == 0:
             raise RuntimeError("nothing has been averaged yet")
         targets = [p.detach() for p in (self.params if params is None else _param_list(params))]
+        _check_shapes(targets, self.averages)
         _copy(targets, self.averages)
 
     def state_dict(self) -> dict:
@@ -224,15 +247,34 @@ class ParamAverager:
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        averages = state_dict["averages"]
-        if averages and len(averages) != len(self.params):
-            raise ValueError(f"state holds {len(averages)} averages for {len(self.params)} parameters")
-        self.mode = state_dict["mode"]
-        self.decay = float(state_dict["decay"])
-        self.start_step = int(state_dict["start_step"])
-        self.n_updates = int(state_dict["n_updates"])
-        self.n_averaged = int(state_dict["n_averaged"])
-        self.averages = [
-            a.detach().to(device=p.device, dtype=p.dtype).clone(memory_format=torch.contiguous_format)
-            for a, p in zip(averages, self.params)
-        ]
+        """Loads what :meth:`state_dict` saved; everything is checked first, so a refused dict changes nothing."""
+        missing = [k for k in ("mode", "decay", "start_step", "n_updates", "n_averaged", "averages") if k not in state_dict]
+        if missing:
+            raise KeyError(f"ParamAverager state dict lacks {', '.join(map(repr, missing))}")
+        mode, decay, start_step = state_dict["mode"], state_dict["decay"], state_dict["start_step"]
+        _check_settings(mode, decay, start_step)
+        counts = {k: state_dict[k] for k in ("n_updates", "n_averaged")}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state dict entry {key!r} must be a non-negative int, got {value!r}")
+        averages = list(state_dict["averages"])
+        if (len(averages) > 0) != (counts["n_averaged"] > 0):
+            raise ValueError(f"state dict holds {len(averages)} averages but n_averaged={counts['n_averaged']}")
+        if averages:
+            if not all(isinstance(a, torch.Tensor) for a in averages):
+                raise TypeError("state dict entry 'averages' must be a list of tensors")
+            _check_shapes([p.detach() for p in self.params], averages)
+        loaded = [a.detach().to(device=p.device, dtype=p.dtype).clone(memory_format=torch.contiguous_format) for a, p in zip(averages, self.params)]
+        self.mode, self.decay, self.start_step = mode, float(decay), int(start_step)
+        self.n_updates, self.n_averaged = counts["n_updates"], counts["n_averaged"]
+        self.averages = loaded
+
+
+def _check_settings(mode: Any, decay: Any, start_step: Any) -> None:
+    """ParamAverager's settings, as the constructor and a loaded state dict must give them."""
+    if mode not in ("ema", "swa"):
+        raise ValueError(f"Invalid mode {mode!r}: expected 'ema' or 'swa'")
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
+    if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
+        raise ValueError(f"Invalid start_step: {start_step}")
