@@ -143,3 +143,38 @@ def test_step_in_backward_and_fsdp_are_refused() -> None:
             pass
     with pytest.raises(ValueError, match="fsdp_in_use"):
         oxoptim.Prodigy(model.parameters(), fsdp_in_use=True)
+
+
+@pytest.mark.parametrize("bad_group", [0, 1])
+def test_a_group_skipped_for_a_nonfinite_gradient_steps_as_a_group_without_gradients(bad_group) -> None:
+    """A NaN in either group gives what that group having no gradient gives (whichever group it
+    is): its parameters and state untouched, while the one estimate of d moves on in every group."""
+    torch.manual_seed(0)
+    start = [torch.randn(6, 4), torch.randn(5)]
+
+    def run(bad: str) -> tuple:
+        params = [t.clone().requires_grad_() for t in start]
+        opt = oxoptim.Prodigy([{"params": [params[0]]}, {"params": [params[1]]}], d0=1e-3, skip_nonfinite=True)
+        for step in range(6):
+            for i, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.1 * (step + 1) * (i + 1))
+                if i == bad_group and step == 3:
+                    p.grad = None if bad == "none" else p.grad.fill_(float("nan"))
+            opt.step()
+        settings = [{k: g[k] for k in ("d", "d_max", "d_numerator", "k")} for g in opt.param_groups]
+        return [p.detach() for p in params], settings, opt.skipped_steps
+
+    skipped, without = run("nan"), run("none")
+    assert skipped[2] == 1 and without[2] == 0
+    assert all(torch.equal(a, b) for a, b in zip(skipped[0], without[0]))
+    assert skipped[1] == without[1] and skipped[1][0] == skipped[1][1]
+
+
+def test_a_refused_step_counts_no_skip() -> None:
+    params = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+    opt = oxoptim.Prodigy([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.5}], skip_nonfinite=True)
+    params[0].grad, params[1].grad = torch.full((3,), float("nan")), torch.ones(2)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="different lr values"):
+            opt.step()
+    assert opt.skipped_steps == 0

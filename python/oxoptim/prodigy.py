@@ -233,7 +233,7 @@ class ProdigyReference(torch.optim.Optimizer):
         group["k"] = group["k"] + 1
 
     def _step_all(self, skipped: frozenset = frozenset()) -> None:
-        """One step; the groups at ``skipped`` take part with no parameter and keep their settings."""
+        """One step; the groups at ``skipped`` take part with no parameter, as groups without gradients."""
         start = self._start()
         gathered = []
         for i, group in enumerate(self.param_groups):
@@ -257,11 +257,11 @@ class ProdigyReference(torch.optim.Optimizer):
                 self._moments(group, start, params, grads)
         if estimate is None:
             return  # the reference's early return: no gradient information
-        for i, ((group, params, grads), done) in enumerate(zip(gathered, fused)):
+        for (group, params, grads), done in zip(gathered, fused):
             if not done:
                 self._params(group, start, estimate, params, grads)
-            if i not in skipped:  # a skipped group is untouched, its settings included
-                self._commit(group, estimate)
+            # Every group, a skipped one too, stores the one estimate of d (the next step reads group 0's).
+            self._commit(group, estimate)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -290,8 +290,10 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     kernels do not take run the plain-torch reference (:class:`ProdigyReference`).
     The step needs every gradient before any update: it cannot run inside
     ``step_in_backward``. With ``skip_nonfinite=True``, a group whose
-    gradients hold a NaN/Inf takes part in the step with no parameter and
-    keeps its settings (``d``... as they were).
+    gradients hold a NaN/Inf takes part in the step as a group without
+    gradients: its parameters and their state are untouched, while the one
+    estimate of ``d`` (``d``, ``d_max``, ``d_numerator``, ``k``, kept alike in
+    every group) moves on from the other groups' gradients.
 """
         + NATIVE_NOTE
     )
@@ -398,6 +400,7 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
                 and returns the loss.
         """
         loss = evaluate_closure(closure)
+        self._start()  # the reference's check of the groups' lr: a refused step counts no skip
         # A group skipped for a NaN/Inf gradient takes part with no parameter (its
         # gradients add nothing to the estimate of d, its parameters do not move).
         skipped = frozenset(i for i, g in enumerate(self.param_groups) if g.get("skip_nonfinite") and self._skip_group(g))
