@@ -610,3 +610,151 @@ def test_a_checkpoint_loaded_inside_the_context_is_the_one_trained_on(cls, hyper
         results.append((model, opt))
     (a, opt_a), (b, opt_b) = results
     assert_same_training(a, opt_a, b, opt_b)
+
+
+# -- what the ordinary step refuses or hands to torch, decided for the whole iteration -------------
+
+
+def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple:
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _assert_untouched(model: torch.nn.Module, opt: torch.optim.Optimizer, before: tuple) -> None:
+    params, state = before
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    now = opt.state_dict()
+    assert now["param_groups"] == state["param_groups"] and now["state"].keys() == state["state"].keys()
+    for key, entry in state["state"].items():
+        assert all(torch.equal(v, now["state"][key][k]) if torch.is_tensor(v) else v == now["state"][key][k] for k, v in entry.items())
+
+
+def _bf16_channels_last_conv() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    return model.to(torch.bfloat16, memory_format=torch.channels_last)
+
+
+def _float_conv() -> torch.nn.Module:
+    return _bf16_channels_last_conv().float().to(memory_format=torch.contiguous_format)
+
+
+def _half_then_float() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16).half(), torch.nn.Linear(16, 16))
+
+
+def _conv_loss(model: torch.nn.Module) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    return model(torch.randn(2, 3, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)).float().square().sum()
+
+
+# (case, model, optimizer, a change after entry, the loss, the error, its message)
+REFUSED_IN_BACKWARD = [
+    ("schedule-free in eval mode", _float_conv, lambda m: oxoptim.AdamWScheduleFree(m.parameters(), lr=0.1), lambda opt: opt.eval(),
+     _conv_loss, Exception, "not in train mode"),
+    ("stochastic rounding of a channels-last weight", _bf16_channels_last_conv,
+     lambda m: oxoptim.AdamW(m.parameters(), lr=0.1, bf16_stochastic_round=True), None, _conv_loss, ValueError, "native path only"),
+    ("8-bit state of a float16 weight", _half_then_float, lambda m: oxoptim.AdamW8bit(m.parameters(), lr=0.1, min_8bit_size=16), None,
+     lambda m: m[1](m[0](torch.randn(2, 16).half()).float()).sum(), ValueError, "8-bit state needs"),
+    ("skip_nonfinite set after entry", _float_conv, lambda m: oxoptim.AdamW(m.parameters(), lr=0.1),
+     lambda opt: opt.param_groups[0].update(skip_nonfinite=True), _conv_loss, ValueError, "set after step_in_backward was entered"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSED_IN_BACKWARD, ids=[c[0] for c in REFUSED_IN_BACKWARD])
+def test_what_the_step_refuses_is_refused_before_backward_updates_anything(case) -> None:
+    """Refusals the ordinary step makes before writing anything are made before the first update of
+    the iteration, not at the bucket of the parameter concerned (after earlier buckets were updated)."""
+    _, make_model, make_opt, after_entry, loss, error, message = case
+    model = make_model()
+    opt = make_opt(model)
+    if isinstance(opt, oxoptim.AdamWScheduleFree):
+        opt.train()
+    with step_in_backward(opt, bucket_numel=0):
+        if after_entry is not None:
+            after_entry(opt)
+        before = _snapshot(model, opt)
+        with pytest.raises(error, match=message):
+            loss(model).backward()
+        _assert_untouched(model, opt, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_the_ordinary_step_hands_to_torch_is_handed_whole(dtype) -> None:
+    """One channels-last weight sends the ordinary step's whole group to torch's implementation;
+    inside backward every bucket of that group goes there too, so results stay bit-identical."""
+    models = [_bf16_channels_last_conv().to(dtype) for _ in range(2)]
+    opts = [oxoptim.AdamW(m.parameters(), lr=0.01) for m in models]
+    xs = [torch.randn(2, 3, 8, 8, dtype=dtype).to(memory_format=torch.channels_last) for _ in range(3)]
+    for x in xs:
+        models[0](x).float().square().sum().backward()
+        opts[0].step()
+        opts[0].zero_grad()
+    with step_in_backward(opts[1], bucket_numel=0):
+        for x in xs:
+            models[1](x).float().square().sum().backward()
+            opts[1].step()
+    assert_same_training(models[0], opts[0], models[1], opts[1])
+
+
+@pytest.mark.parametrize("bucket_numel", [0, 1 << 16])
+def test_adafactor_resolves_eps1_from_the_group_not_the_bucket(bucket_numel) -> None:
+    """``eps=(None, ...)``: torch takes eps1 from the group's first parameter (float32 here); a bucket
+    starting at the bfloat16 weight must still use it (tiny gradients, where the eps1 clamps act)."""
+    def run(in_backward: bool) -> tuple:
+        torch.manual_seed(0)
+        w1, w2 = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
+        opt = oxoptim.Adafactor([w1, w2], lr=0.01)
+        x = torch.randn(3, 4)
+        context = step_in_backward(opt, bucket_numel=bucket_numel) if in_backward else contextlib.nullcontext()
+        with context:
+            for _ in range(3):
+                ((x @ w1).bfloat16() @ w2).float().square().sum().mul(1e-6).backward()
+                opt.step()
+                opt.zero_grad()
+        return torch.nn.ParameterList([w1, w2]), opt
+
+    assert_same_training(*run(False), *run(True))
+
+
+class _FailingIdentity(torch.autograd.Function):
+    fail = False
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        if _FailingIdentity.fail:
+            raise RuntimeError("simulated failure in backward")
+        return g
+
+
+def test_zero_grad_after_a_failed_backward_starts_a_new_iteration() -> None:
+    """A backward that raised (the batch skipped with ``zero_grad()``) does not poison the context;
+    what it had already updated (the layer after the failing node) stays updated."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt = oxoptim.Adam([*first.parameters(), *second.parameters()], lr=0.1)
+    with step_in_backward(opt, bucket_numel=0):
+        for i in range(4):
+            _FailingIdentity.fail = i == 1
+            try:
+                second(_FailingIdentity.apply(first(torch.randn(2, 4)))).sum().backward()
+            except RuntimeError:
+                opt.zero_grad()
+                continue
+            opt.step()
+    _FailingIdentity.fail = False
+    steps = [int(opt.state[p]["step"]) for p in [*first.parameters(), *second.parameters()]]
+    assert steps == [3, 3, 4, 4]
+
+
+def test_a_parameter_listed_twice_is_refused_at_entry() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = oxoptim.SGD([w, w], lr=0.1)
+    with pytest.raises(ValueError, match="appears twice"):
+        with step_in_backward(opt):
+            pytest.fail("entered")
+    assert not w._post_accumulate_grad_hooks

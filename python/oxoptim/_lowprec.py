@@ -225,6 +225,15 @@ class LowPrecisionWeights:
                 self._advance_group(group)
         return loss
 
+    def _check_before_backward_steps(self) -> None:
+        super()._check_before_backward_steps()  # type: ignore[misc]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            check_low_precision(type(self).__name__, group)
+            if any(group.get(k) for k in LOW_PRECISION_OPTIONS):
+                trained = [p for p in group["params"] if p.requires_grad]
+                if not (group_is_native(self, group) and all(_native_param(p) for p in trained)):  # type: ignore[arg-type]
+                    self._torch_step(group)  # raises
+
     def _advance_group(self, group: dict) -> None:
         super()._advance_group(group)  # type: ignore[misc]
         if group.get("bf16_stochastic_round"):
@@ -288,11 +297,16 @@ class LowPrecisionWeights:
         super()._torch_step(group)  # type: ignore[misc]
 
 
+def _native_param(p: torch.Tensor) -> bool:
+    """Whether the native path can take the parameter ``p``: dense, contiguous, on the CPU."""
+    return p.device.type == "cpu" and p.layout == torch.strided and p.is_contiguous()
+
+
 def _native_pair(p: torch.Tensor) -> bool:
     """Whether the native path can take ``p`` and its gradient: dense contiguous CPU tensors
     of one dtype and shape (rust/python/src/tensors.rs ``describe_grad_twin``)."""
     g = p.grad
     return (
-        g is not None and p.device.type == "cpu" and g.device.type == "cpu" and p.layout == torch.strided
-        and g.layout == torch.strided and p.is_contiguous() and g.is_contiguous() and g.dtype == p.dtype and g.shape == p.shape
+        g is not None and _native_param(p) and g.device.type == "cpu"
+        and g.layout == torch.strided and g.is_contiguous() and g.dtype == p.dtype and g.shape == p.shape
     )

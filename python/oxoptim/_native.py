@@ -10,7 +10,7 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "step_groups", "tensor_cache"]
+__all__ = ["drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "step_groups", "tensor_cache"]
 
 
 def use_grad_for_differentiable(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,6 +84,15 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 
 #: Hyper-parameter types that are never tensors.
 _PLAIN = frozenset({float, int, bool, str, type(None)})
+
+
+def drop_unfinished_iteration(optimizer: torch.optim.Optimizer) -> None:
+    """``zero_grad()`` under ``step_in_backward`` before the iteration's ``step()`` (a backward that
+    raised, a batch skipped): the next backward starts a new iteration. What backward already
+    updated stays updated."""
+    in_backward = optimizer.__dict__.get("_oxoptim_step_in_backward")
+    if in_backward is not None:
+        in_backward.drop_iteration()
 
 
 def tensor_cache(optimizer: torch.optim.Optimizer) -> Any:

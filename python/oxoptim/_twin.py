@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from . import _core
-from ._native import evaluate_closure, group_is_native, num_threads, step_groups, use_grad_for_differentiable
+from ._native import drop_unfinished_iteration, evaluate_closure, group_is_native, num_threads, step_groups, use_grad_for_differentiable
 from ._skip import SkipNonfinite
 from ._state import CheckedStateDict
 
@@ -161,12 +161,25 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         ordinary step does it with each group; ``step_in_backward``, which steps a group in pieces,
         once per iteration. Most optimizers keep no such state."""
 
-    def _step_part(self, group: dict, cache: Any) -> None:
+    def _step_part(self, group: dict, cache: Any, native: bool = True) -> None:
         """Steps ``group``, a copy of one of the groups holding some of its parameters:
-        what ``step_in_backward`` runs per bucket (its ``cache`` keeps the bucket's layout)."""
-        native = group_is_native(self, group)  # type: ignore[arg-type]
+        what ``step_in_backward`` runs per bucket (its ``cache`` keeps the bucket's layout).
+        ``native=False``: the whole group runs torch's implementation, as the ordinary step would run it."""
+        native = native and group_is_native(self, group)  # type: ignore[arg-type]
         if not (native and self._fast_step(group, cache)):
             self._general_step(group, native)
+
+    def _bucket_group(self, group: dict, params: list) -> dict:
+        """The group ``step_in_backward`` steps for one bucket: a copy of ``group`` holding ``params``."""
+        return {**group, "params": params}
+
+    def _check_before_backward_steps(self) -> None:
+        """What ``step`` refuses before any group is stepped, checked by ``step_in_backward`` before
+        its first update of each iteration (gradients are not known yet: the parameters are)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+        drop_unfinished_iteration(self)
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
         state = self.state  # type: ignore[attr-defined]

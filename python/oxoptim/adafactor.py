@@ -66,6 +66,16 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
     def _fast_step(self, group: dict, cache: Any) -> bool:
         return False  # a group mixes factored and vector state: the list path splits it
 
+    def _bucket_group(self, group: dict, params: list) -> dict:
+        """A bucket's group keeps the group's ``eps1``: torch resolves ``None`` from the group's first
+        parameter with a gradient (here: the first that requires one), not from the bucket's."""
+        sub = super()._bucket_group(group, params)
+        eps1, eps2 = group["eps"]
+        first = next((p for p in group["params"] if p.requires_grad), None)
+        if eps1 is None and first is not None:
+            sub["eps"] = (torch.finfo(first.dtype).eps, eps2)
+        return sub
+
     def _kernel_calls(self, group: dict, params: list) -> list[tuple[dict, list]]:
         """One call for the matrices (factored state), one for the vectors."""
         if not params:

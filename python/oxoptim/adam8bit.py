@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.optim.adam import adam as torch_adam  # `torch.optim.adam` is not an attribute: torch deletes it
@@ -11,7 +11,7 @@ from torch.optim.adam import adam as torch_adam  # `torch.optim.adam` is not an 
 from . import _blockwise as bw
 from . import _core
 from ._lowprec import GROUP_KEYS, check_low_precision, draw_seed, keep_own_options, shares_memory, stream_ids
-from ._native import evaluate_closure, num_threads
+from ._native import drop_unfinished_iteration, evaluate_closure, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
 
@@ -151,10 +151,29 @@ class Adam8bit(torch.optim.Optimizer):
             self._advance_group(group)
         return loss
 
-    def _step_part(self, group: dict, cache: Any) -> None:
+    def _step_part(self, group: dict, cache: Any, native: bool = True) -> None:
         """Steps ``group``, a copy of one of the groups holding some of its parameters
-        (``step_in_backward``'s bucket; 8-bit calls keep no layout cache)."""
+        (``step_in_backward``'s bucket; 8-bit calls keep no layout cache; what they cannot
+        take is refused, never handed to torch, so ``native`` changes nothing)."""
         self._apply(group, self._plan(group))
+
+    def _bucket_group(self, group: dict, params: list) -> dict:
+        """The group ``step_in_backward`` steps for one bucket: a copy of ``group`` holding ``params``."""
+        return {**group, "params": params}
+
+    def _check_before_backward_steps(self) -> None:
+        """What ``step`` refuses for a parameter (not its gradient), checked by ``step_in_backward``
+        before its first update of each iteration."""
+        for group in self.param_groups:
+            self._check_group(group)
+            check_low_precision(type(self).__name__, group)
+            for i, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    self._check_param(group, i, p, self.state.get(p) or None)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        drop_unfinished_iteration(self)
 
     def _apply(self, group: dict, plan: tuple[dict, list, list]) -> None:
         fresh, eight, full = plan
@@ -195,22 +214,17 @@ class Adam8bit(torch.optim.Optimizer):
                 raise RuntimeError(f"{name} does not support sparse gradients")
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(f"{name}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, the parameter {p.dtype} {tuple(p.shape)} on {p.device}")
-            entry = self.state.get(p)
-            if not entry:
+            entry = self.state.get(p) or None
+            self._check_param(group, i, p, entry)
+            if entry is None:
                 entry = self._fresh_state(p, group["min_8bit_size"])
                 fresh[p] = entry
-            else:
-                bw.check_entry(f"{name}: state of parameter {i}", entry, p)
             if bw.is_8bit(entry):
-                if p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES or not p.is_contiguous():
-                    raise ValueError(f"{name}: 8-bit state needs dense contiguous float32 or bfloat16 CPU parameters; parameter {i} is {p.dtype} on {p.device}")
-                if any(entry[k].device.type != "cpu" or not entry[k].is_contiguous() for k in _EIGHT_BIT_KEYS):
-                    raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
                 eight.append((p, entry))
             else:
-                if group.get("bf16_stochastic_round") and not (p.device.type == "cpu" and p.is_contiguous() and g.is_contiguous()):
+                if group.get("bf16_stochastic_round") and not g.is_contiguous():
                     raise ValueError(f"{name}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory; "
-                                     f"parameter {i} or its gradient is not")
+                                     f"the gradient of parameter {i} is not")
                 full.append((p, entry))
         stepped = [*eight, *full]
         written = [*(p for p, _ in stepped), *(t for _, entry in stepped for t in entry.values() if t.dim())]
@@ -219,14 +233,33 @@ class Adam8bit(torch.optim.Optimizer):
                              "or views of one tensor); the native step cannot take them")
         return fresh, eight, full
 
+    def _check_param(self, group: dict, i: int, p: torch.Tensor, entry: Optional[dict]) -> None:
+        """Raises unless the step can take parameter ``i`` of ``group`` with its state ``entry``
+        (None: fresh state, made by size)."""
+        name = type(self).__name__
+        if entry is None:
+            size = group["min_8bit_size"]
+            if p.numel() >= size and (p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES):
+                raise ValueError(
+                    f"{name}: 8-bit state needs float32 or bfloat16 CPU parameters, got {p.dtype} on {p.device} "
+                    f"({p.numel()} elements >= min_8bit_size={size})"
+                )
+            eight = p.numel() >= size
+        else:
+            bw.check_entry(f"{name}: state of parameter {i}", entry, p)
+            eight = bw.is_8bit(entry)
+            if eight and any(entry[k].device.type != "cpu" or not entry[k].is_contiguous() for k in _EIGHT_BIT_KEYS):
+                raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
+        if eight and (p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES or not p.is_contiguous()):
+            raise ValueError(f"{name}: 8-bit state needs dense contiguous float32 or bfloat16 CPU parameters; parameter {i} is {p.dtype} on {p.device}")
+        if not eight and group.get("bf16_stochastic_round") and not (p.device.type == "cpu" and p.is_contiguous()):
+            raise ValueError(f"{name}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory; "
+                             f"parameter {i} is not")
+
     def _fresh_state(self, p: torch.Tensor, min_8bit_size: int) -> dict:
+        """Zero state for ``p`` (checked by ``_check_param``): 8-bit moments from ``min_8bit_size`` elements."""
         entry: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
         if p.numel() >= min_8bit_size:
-            if p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES:
-                raise ValueError(
-                    f"{type(self).__name__}: 8-bit state needs float32 or bfloat16 CPU parameters, got {p.dtype} on {p.device} "
-                    f"({p.numel()} elements >= min_8bit_size={min_8bit_size})"
-                )
             for moment in bw.SIGNED:
                 entry.update(bw.fresh(p, moment))
         else:

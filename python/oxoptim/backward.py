@@ -50,6 +50,25 @@ parameter's gradient by its own norm (``clip_grad_norm_([p], max_norm)``);
 iteration (as AdaLomo/LOMO do); iteration 0 is not clipped. ``sib.grad_norm``
 is the global norm of the last finished iteration's (unclipped) gradients.
 
+Before its first update of each iteration the context makes the checks the
+ordinary ``step()`` makes before writing anything, on the parameters (their
+gradients are not known yet): Schedule-Free's train mode, the low-precision
+and 8-bit options' needs, ``skip_nonfinite`` switched on after entry. A
+refusal is raised by backward with nothing updated. A group the ordinary step
+would hand whole to torch's implementation (a parameter the kernels cannot
+take, such as a channels-last weight, or parameters sharing memory) goes to
+torch bucket by bucket, so results stay bit-identical. What only a gradient
+shows (a sparse one) sends that bucket alone to torch: the other buckets of
+its group run the kernels, equal to torch's to rounding (sqrt) rather than bit
+for bit. ``optimizer.zero_grad()`` before ``step()`` (a backward that raised,
+a skipped batch) drops the unfinished iteration: what its backward already
+updated stays updated, and the next backward starts a new iteration.
+
+Not supported: a parameter listed twice (refused at entry); a layer shared by
+two reentrant activation-checkpointing blocks (``use_reentrant=True``: each
+block's inner backward completes the parameter's gradient once, so the first
+updates it before autograd is done with it; use ``use_reentrant=False``).
+
 Refused at entry with a clear error, never silently skipped: optimizers
 constructed with ``skip_nonfinite=True`` (the skip decision needs every
 gradient of a group), an enabled ``torch.amp.GradScaler`` passed as
@@ -95,6 +114,8 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _core
+from ._lowprec import shares_memory
+from ._native import group_is_native
 from .clip import clip_grad_norm_
 from .rows import RowRelease, check_release
 
@@ -122,6 +143,24 @@ class ClipPreviousNorm:
 
 
 Clip = Union[ClipPerParameter, ClipPreviousNorm, None]
+
+
+_SKIP_NONFINITE_REFUSED = (
+    "skip_nonfinite=True cannot be honoured by step_in_backward: a group's step is skipped only when "
+    "every gradient of the group is known, after backward, but its parameters are updated during "
+    "backward. Construct the optimizer without skip_nonfinite, or use the ordinary loop."
+)
+
+
+def _group_takes_kernels(optimizer: Any, group: dict) -> bool:
+    """Whether the ordinary step could run ``group`` on the kernels as far as its settings and
+    parameters tell (the gradients, not known before backward, are checked per bucket)."""
+    if not group_is_native(optimizer, group):
+        return False
+    trained = [p for p in group["params"] if p.requires_grad]
+    if not all(p.device.type == "cpu" and p.layout == torch.strided and p.is_contiguous() for p in trained):
+        return False
+    return not shares_memory(trained, [])
 
 
 def _clip_coefficient(clip: ClipPreviousNorm, norm: torch.Tensor) -> torch.Tensor:
@@ -213,11 +252,7 @@ class StepInBackward:
             if isinstance(clip, ClipPreviousNorm) and accumulation == "optimizer":
                 raise ValueError("ClipPreviousNorm cannot be combined with accumulation='optimizer' (no whole-iteration gradient exists)")
         if any(g.get("skip_nonfinite") for g in optimizer.param_groups):
-            raise ValueError(
-                "skip_nonfinite=True cannot be honoured by step_in_backward: a group's step is skipped only when "
-                "every gradient of the group is known, after backward, but its parameters are updated during "
-                "backward. Construct the optimizer without skip_nonfinite, or use the ordinary loop."
-            )
+            raise ValueError(_SKIP_NONFINITE_REFUSED)
         if grad_scaler is not None and grad_scaler.is_enabled():
             raise ValueError(
                 "a GradScaler cannot be honoured by step_in_backward: unscaling and its inf check need every "
@@ -254,6 +289,8 @@ class StepInBackward:
         self._handles: list[Any] = []
         self._leftover_cache = _core.TensorCache()
         self._forwards = 0  # under DDP: forward passes (with grad) in this iteration
+        self._checked = False  # whether this iteration's first update passed the step's checks
+        self._torch_groups: set[int] = set()  # ids of the groups the ordinary step hands to torch
         self._lock = threading.Lock()
         self._entered = False
 
@@ -313,6 +350,11 @@ class StepInBackward:
             current: list[torch.Tensor] = []
             size = 0
             for p in group["params"]:
+                if p in self._order:
+                    raise ValueError(
+                        "step_in_backward: a parameter appears twice in the optimizer's groups; torch's step updates "
+                        "it twice, which one update per complete gradient inside backward cannot do"
+                    )
                 self._order[p] = index
                 index += 1
             for p in reversed(group["params"]):
@@ -385,12 +427,12 @@ class StepInBackward:
     def _update(self, group: dict, params: list[torch.Tensor], cache: Any, release: bool = True) -> None:
         """One native call for ``params`` (those with a gradient), then their gradients are released."""
         optimizer: Any = self.optimizer
+        self._begin_iteration()
         self._clip(params)
-        sub = dict(group)
-        sub["params"] = params
+        sub = optimizer._bucket_group(group, params)
         cache.begin_step()
         try:
-            optimizer._step_part(sub, cache)
+            optimizer._step_part(sub, cache, native=id(group) not in self._torch_groups)
         finally:
             cache.finish_step()
         if release:
@@ -414,6 +456,19 @@ class StepInBackward:
                 if self._coef is not None:
                     g.mul_(self._coef)
 
+    def _begin_iteration(self) -> None:
+        """Before the iteration's first update: what the ordinary ``step()`` refuses before it writes
+        anything (options set after entry, the optimizer's own checks), and which groups it would hand
+        whole to torch (a parameter the kernels cannot take, parameters sharing memory)."""
+        if self._checked:
+            return
+        optimizer: Any = self.optimizer
+        if any(g.get("skip_nonfinite") for g in optimizer.param_groups):
+            raise ValueError("skip_nonfinite=True was set after step_in_backward was entered; " + _SKIP_NONFINITE_REFUSED)
+        optimizer._check_before_backward_steps()
+        self._torch_groups = {id(g) for g in optimizer.param_groups if not _group_takes_kernels(optimizer, g)}
+        self._checked = True
+
     @torch.no_grad()
     def _absorb(self, p: torch.Tensor) -> None:
         """Optimizer accumulation of one micro-batch (k < K) into Adam's moments; releases the gradient."""
@@ -422,6 +477,7 @@ class StepInBackward:
         g = p.grad
         if g is None:
             return
+        self._begin_iteration()
         self._clip([p])
         lists: list[list[Any]] = [[] for _ in range(optimizer._INIT_LISTS)]
         optimizer._init_group({**group, "params": [p]}, *lists)  # creates the state as the step would
@@ -470,7 +526,14 @@ class StepInBackward:
         if errors:
             raise errors[0]
 
+    def drop_iteration(self) -> None:
+        """``optimizer.zero_grad()`` before ``step()``: the unfinished iteration is dropped (what its
+        backward updated stays updated) and the next backward starts a new one."""
+        if self._arrivals or self._checked:
+            self._next_iteration()
+
     def _next_iteration(self) -> None:
+        self._checked = False
         self._forwards = 0
         for bucket in self._buckets:
             bucket.ready = 0

@@ -226,6 +226,10 @@ class _ScheduleFreeTwin:
         self._require_train_mode()  # type: ignore[attr-defined]
         return super().step(closure)  # type: ignore[misc]
 
+    def _check_before_backward_steps(self) -> None:
+        self._require_train_mode()  # type: ignore[attr-defined]
+        super()._check_before_backward_steps()  # type: ignore[misc]
+
     def required_state(self, group: dict) -> tuple[str, ...]:
         return self.STATE_KEYS  # type: ignore[attr-defined, no-any-return]
 
