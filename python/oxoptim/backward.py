@@ -396,7 +396,8 @@ class StepInBackward:
             if arrived > self.accumulate:
                 raise RuntimeError(
                     f"step_in_backward(accumulate={self.accumulate}): a parameter received more than "
-                    f"{self.accumulate} gradient(s) before optimizer.step()"
+                    f"{self.accumulate} gradient(s) before optimizer.step() (more backward passes than accumulate, "
+                    "or a layer shared by two use_reentrant=True checkpoint blocks, which step_in_backward cannot take)"
                 )
             self._arrivals[p] = arrived
             bucket = self._bucket_of[p]
