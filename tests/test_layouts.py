@@ -84,3 +84,21 @@ def test_layouts_match_torch_and_stay_inside(twin: Twin, layouts, seed, odd_grad
             probe.fill_(float("nan"))
             outside = ~torch.isnan(marker)
         assert torch.equal(base_ours.detach()[outside], base_ref.detach()[outside])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_a_lazily_negated_gradient_is_read_as_its_values(twin: Twin) -> None:
+    """A gradient with torch's neg bit (``z.conj().imag`` of one element, or ``torch._neg_view``)
+    is contiguous, but its memory holds the values un-negated: it must not be read as raw memory."""
+    runs = []
+    for make_opt in (twin.make_ours, twin.make_theirs):
+        params = [torch.linspace(-1, 1, 6).requires_grad_(), torch.tensor([0.5]).requires_grad_()]
+        opt = make_opt(params, **twin.typical)
+        for step in range(3):
+            params[0].grad = torch._neg_view(torch.linspace(0.2, 1.2, 6) * (step + 1))
+            params[1].grad = torch.tensor([0.1 + (0.3 + step) * 1j]).conj().imag
+            assert params[0].grad.is_neg() and params[1].grad.is_neg() and params[1].grad.is_contiguous()
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for ours, theirs in zip(*runs):
+        assert_twin_matches(twin, ours, theirs)
