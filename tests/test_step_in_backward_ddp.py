@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -113,3 +114,169 @@ def test_accumulation_equals_the_ordinary_ddp_loop(results, pattern) -> None:
         released = rank[f"in_backward_acc_{pattern}_released"]
         assert released == [False, True] * STEPS  # kept after the 1st micro-batch, gone after the 2nd
     assert not all(torch.equal(a, b) for a, b in zip(results[0]["ordinary_acc_no_sync"], results[0]["ordinary"]))
+
+
+# -- which backward is the K-th; parameters no rank used ----------------------------------------
+
+ITERS = 3
+
+
+class _Branchy(torch.nn.Module):
+    """``unused`` takes part in no forward (no rank uses it: DDP leaves its gradient None);
+    ``rank0`` is used on rank 0 only (DDP reduces it: the other rank contributes zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 64)
+        self.unused = torch.nn.Linear(64, 4)
+        self.rank0 = torch.nn.Linear(64, 4)
+        self.b = torch.nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor, use_rank0: bool) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        out = self.b(h)
+        return out + self.rank0(h) if use_rank0 else out
+
+
+def _snapshot(model: torch.nn.Module, opt: Any) -> dict:
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict()["state"]}
+
+
+def _robust_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        out: dict = {}
+        mse = torch.nn.functional.mse_loss
+        # Defect A: accumulate=2 with one grad-enabled forward per iteration that is never
+        # backpropagated (a metric computed without torch.no_grad()).
+        for pattern in ("no_sync", "sync"):
+            for name in ("ordinary", "in_backward"):
+                model = DDP(_model(), bucket_cap_mb=0.01)
+                opt = oxoptim.Adam(model.parameters(), lr=0.01)
+                ctx = oxoptim.step_in_backward(opt, ddp=model, accumulate=2) if name == "in_backward" else None
+                if ctx is not None:
+                    ctx.__enter__()
+                for step in range(ITERS):
+                    x, _ = _batch(rank, 100 + step)
+                    metric = model(x).abs().mean()  # grad enabled, never backpropagated
+                    assert metric.requires_grad
+                    for micro in range(2):
+                        x, y = _batch(rank, 2 * step + micro)
+                        sync = model.no_sync() if (pattern == "no_sync" and micro == 0) else contextlib.nullcontext()
+                        with sync:
+                            (mse(model(x), y) / 2).backward()
+                    opt.step()
+                    opt.zero_grad()
+                if ctx is not None:
+                    ctx.close()
+                out[f"extra_forward_{pattern}_{name}"] = _snapshot(model, opt)
+        # More backward passes than accumulate= before optimizer.step(): refused, not stepped twice.
+        model = DDP(_model(), bucket_cap_mb=0.01)
+        opt = oxoptim.Adam(model.parameters(), lr=0.01)
+        with oxoptim.step_in_backward(opt, ddp=model, accumulate=2):
+            message = None
+            try:
+                for micro in range(3):
+                    x, y = _batch(rank, micro)
+                    mse(model(x), y).backward()
+            except RuntimeError as e:
+                message = str(e)
+            out["third_backward_error"] = message
+            out["third_backward_steps"] = sorted(float(s["step"]) for s in opt.state.values())
+        # Defect B: find_unused_parameters=True; accumulate=1, and accumulate=2 under no_sync()
+        # with rank0 used in the first micro-batch only.
+        for accumulate in (1, 2):
+            for name in ("ordinary", "in_backward"):
+                model = DDP(_Branchy(), bucket_cap_mb=0.001, find_unused_parameters=True)
+                opt = oxoptim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+                ctx = oxoptim.step_in_backward(opt, ddp=model, accumulate=accumulate) if name == "in_backward" else None
+                if ctx is not None:
+                    ctx.__enter__()
+                for step in range(ITERS):
+                    for micro in range(accumulate):
+                        x, y = _batch(rank, accumulate * step + micro)
+                        last = micro == accumulate - 1
+                        sync = contextlib.nullcontext() if last else model.no_sync()
+                        with sync:
+                            use = rank == 0 and (accumulate == 1 or not last)
+                            (mse(model(x, use), y) / accumulate).backward()
+                    opt.step()
+                    opt.zero_grad()
+                if ctx is not None:
+                    ctx.close()
+                out[f"unused_{accumulate}_{name}"] = _snapshot(model, opt)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def robust_results():
+    return run_workers(_robust_worker)
+
+
+def _assert_same(ordinary: dict, in_backward: dict) -> None:
+    assert len(ordinary["params"]) == len(in_backward["params"])
+    for i, (a, b) in enumerate(zip(ordinary["params"], in_backward["params"])):
+        assert torch.equal(a, b), f"parameter {i}: max |diff| {(a - b).abs().max().item()}"
+    assert ordinary["state"].keys() == in_backward["state"].keys()
+    for key, entry in ordinary["state"].items():
+        assert entry.keys() == in_backward["state"][key].keys(), f"state[{key}]"
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(in_backward["state"][key][name])), f"state[{key}][{name!r}]"
+
+
+@pytest.mark.parametrize("pattern", ["no_sync", "sync"])
+def test_a_forward_never_backpropagated_does_not_shift_the_kth_backward(robust_results, pattern) -> None:
+    """accumulate=2 with an extra grad-enabled forward per iteration (a metric without no_grad):
+    the update still runs once per iteration, in the 2nd backward, bit-identical to the ordinary loop."""
+    for rank in robust_results:
+        _assert_same(rank[f"extra_forward_{pattern}_ordinary"], rank[f"extra_forward_{pattern}_in_backward"])
+        assert {float(s["step"]) for s in rank[f"extra_forward_{pattern}_in_backward"]["state"].values()} == {float(ITERS)}
+
+
+def test_more_backward_passes_than_accumulate_raise(robust_results) -> None:
+    for rank in robust_results:
+        assert rank["third_backward_error"] is not None and "accumulate=2" in rank["third_backward_error"]
+        assert set(rank["third_backward_steps"]) == {1.0}  # the 2nd backward's update only
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_parameters_no_rank_used_are_skipped_as_in_the_ordinary_loop(robust_results, accumulate) -> None:
+    """find_unused_parameters=True: a parameter that no rank used keeps no gradient in the ordinary
+    loop, so AdamW leaves it (no weight decay, no state); one used on rank 0 only is reduced and stepped."""
+    for rank in robust_results:
+        ordinary, in_backward = rank[f"unused_{accumulate}_ordinary"], rank[f"unused_{accumulate}_in_backward"]
+        _assert_same(ordinary, in_backward)
+        assert len(in_backward["state"]) == 6  # a, rank0, b: weight and bias each; not unused
+
+
+def test_a_ddp_bucket_is_never_updated_twice_in_one_iteration() -> None:
+    """The guard behind the count: in the iteration's last backward pass, a DDP bucket whose
+    parameters were updated is refused a second update (no process group: the context is not entered)."""
+    model = _model()
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+    sib = oxoptim.step_in_backward(opt, ddp=model, accumulate=2)
+    sib._build_buckets()
+    params = list(model.parameters())[-2:]
+
+    class Bucket:
+        def index(self) -> int:
+            return 0
+
+        def parameters(self) -> list:
+            return params
+
+    sib._backwards = 1
+    assert sib._ddp_bucket_launched(Bucket()) is None  # not the last backward pass: a plain allreduce
+    sib._backwards = 2
+    sib._used = {id(params[0])}
+    assert sib._ddp_bucket_launched(Bucket()) == {id(params[0])}  # params[1] is left to optimizer.step()
+    with pytest.raises(RuntimeError, match="second time"):
+        sib._ddp_bucket_launched(Bucket())

@@ -81,11 +81,21 @@ torch's "No inf checks were recorded for this optimizer".
 DDP: pass ``ddp=model``. Post-accumulate hooks would fire before the
 allreduce, so instead a DDP communication hook updates each DDP bucket's
 parameters as soon as its allreduce completes (with ``accumulate=K``: the
-allreduce of the K-th micro-batch, the earlier ones under ``no_sync()`` or not) (what
+allreduce of the K-th backward pass, the earlier ones under ``no_sync()`` or not) (what
 ``DistributedDataParallel._register_fused_optim`` does for torch's functional
-optimizers, which oxoptim's classes are not). DDP allows one communication
-hook per model; it stays registered and is a plain allreduce once the context
-is closed. DDP keeps its bucket buffers, so no gradient memory is saved there.
+optimizers, which oxoptim's classes are not). Backward passes are counted when
+they reach the model's outputs (once per autograd graph task, so a forward that
+is never backpropagated, such as a metric computed without ``torch.no_grad()``,
+counts nothing); a (K+1)-th backward pass before ``optimizer.step()`` raises, and
+a DDP bucket is updated at most once per iteration (a second update raises).
+Only parameters that the K-th backward gave a gradient on this rank are updated
+in the hook; the others are left to ``optimizer.step()``, which steps them with
+what DDP leaves in ``p.grad``, as the ordinary loop does: under
+``find_unused_parameters=True`` the reduced gradient of a parameter another rank
+used, and none (no step, no weight decay, no state) for one that no rank used.
+DDP allows one communication hook per model; it stays registered and is a plain
+allreduce once the context is closed. DDP keeps its bucket buffers, so no
+gradient memory is saved there.
 
 ``release_rows=[w]``: a token embedding or output head (tied or not) whose
 gradient is never formed whole; its rows are updated a chunk at a time inside
@@ -202,7 +212,7 @@ class StepInBackward:
             are in (0: one call per parameter).
         overlap: must be False: updates on a worker thread during backward are refused (module docstring).
         ddp: the ``DistributedDataParallel`` model: update each bucket after its allreduce (with
-            ``accumulate=K``: the allreduce of the K-th forward/backward; the earlier ones under
+            ``accumulate=K``: the allreduce of the K-th backward through the model; the earlier ones under
             ``model.no_sync()`` or not, as in the ordinary loop).
         grad_scaler: pass the ``GradScaler`` in use so that an enabled one is refused here.
         release_rows: 2-D weights (a token embedding, an output head, the two tied) whose gradient
@@ -288,9 +298,15 @@ class StepInBackward:
         self._arrivals: dict[torch.Tensor, int] = {}
         self._handles: list[Any] = []
         self._leftover_cache = _core.TensorCache()
-        self._forwards = 0  # under DDP: forward passes (with grad) in this iteration
         self._checked = False  # whether this iteration's first update passed the step's checks
         self._torch_groups: set[int] = set()  # ids of the groups the ordinary step hands to torch
+        # Under DDP: backward passes through the model's outputs in this iteration, the autograd
+        # graph task counted last, the parameters given a gradient by that backward (ids), and the
+        # DDP buckets (indices) updated in this iteration.
+        self._backwards = 0
+        self._backward_task: Optional[int] = None
+        self._used: set[int] = set()
+        self._reduced: set[int] = set()
         self._lock = threading.Lock()
         self._entered = False
 
@@ -312,7 +328,7 @@ class StepInBackward:
             raise
         if self.ddp is not None:
             _DdpSlot.install(self.ddp).active = self
-            self._handles.append(self.ddp.register_forward_pre_hook(self._count_forward))
+            self._watch_ddp()
         else:
             for bucket in self._buckets:
                 for p in bucket.params:
@@ -535,7 +551,9 @@ class StepInBackward:
 
     def _next_iteration(self) -> None:
         self._checked = False
-        self._forwards = 0
+        self._backwards, self._backward_task = 0, None
+        self._used.clear()
+        self._reduced.clear()
         for bucket in self._buckets:
             bucket.ready = 0
             bucket.done = False
@@ -557,22 +575,85 @@ class StepInBackward:
         self._coef = _clip_coefficient(clip, total)
 
     # -- DDP ------------------------------------------------------------------
-    def _count_forward(self, module: Any, args: Any) -> None:
-        if torch.is_grad_enabled():
-            self._forwards += 1
+    def _watch_ddp(self) -> None:
+        """Counts backward passes through the DDP model's outputs (a forward that is never
+        backpropagated counts nothing) and records which parameters each one gives a gradient."""
+        ddp: Any = self.ddp
+        self._handles.append(ddp.register_forward_hook(self._watch_outputs))
+        for p in ddp.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._mark_used))
 
-    def _ddp_bucket_reduced(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Updates one DDP bucket's parameters with their allreduced (averaged) gradients, in the
-        iteration's K-th micro-batch (forward passes count them: the earlier ones may have run
-        under ``no_sync()``, or been reduced and left in ``p.grad`` to sum with the next, as the
-        ordinary DDP loop does)."""
-        if self._forwards < self.accumulate:
+    def _watch_outputs(self, module: Any, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
             return
+        from torch.nn.parallel.distributed import _find_tensors
+
+        for t in _find_tensors(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._backward_through_output)
+
+    def _backward_through_output(self, grad: torch.Tensor) -> None:
+        """Runs when backward reaches an output of the DDP model, before any of its parameters'
+        gradients: the first time in a graph task, a backward pass of this iteration begins.
+        (The model's outputs belong to the backward's own graph task, also when the model
+        checkpoints with ``use_reentrant=True``, whose recomputations run in nested tasks.)"""
+        task = torch._C._current_graph_task_id()
+        with self._lock:
+            if task == self._backward_task:
+                return  # another output (another forward) of the same backward
+            self._backward_task = task
+            self._backwards += 1
+            self._used.clear()
+            count = self._backwards
+        if count > self.accumulate:
+            raise RuntimeError(
+                f"step_in_backward(accumulate={self.accumulate}, ddp=...): backward pass {count} through the "
+                f"model before optimizer.step(); the update ran in backward pass {self.accumulate}. Call "
+                "optimizer.step() after every accumulate= backward passes (change accumulate between iterations "
+                "for a short one)"
+            )
+
+    def _mark_used(self, p: torch.Tensor) -> None:
+        self._used.add(id(p))
+
+    def _ddp_bucket_launched(self, bucket: Any) -> Optional[set[int]]:
+        """Called as DDP launches a bucket's allreduce (in backward's thread). In the iteration's
+        K-th backward pass returns the ids of the bucket's parameters to update once it is reduced:
+        those this optimizer steps that this backward gave a gradient. A parameter this rank did not
+        use is left to ``optimizer.step()``, which steps it with what DDP leaves in ``p.grad`` exactly
+        as the ordinary loop does: the reduced gradient if another rank used it, and None (no step)
+        if no rank did (``find_unused_parameters=True``). Returns None in other backward passes.
+        A bucket is updated at most once per iteration: a second update raises."""
+        with self._lock:
+            if self._backwards != self.accumulate:
+                return None
+            index = bucket.index()
+            params = bucket.parameters()
+            if index in self._reduced or any(p in self._bucket_of and self._bucket_of[p].done for p in params):
+                raise RuntimeError(
+                    f"step_in_backward(accumulate={self.accumulate}, ddp=...): DDP reduced bucket {index} a second "
+                    "time in the iteration's last backward pass, after its parameters were updated; a parameter is "
+                    "never updated twice per optimizer.step() (a backward that did not pass through the model's "
+                    "outputs, or more backward passes than accumulate=?)"
+                )
+            self._reduced.add(index)
+            chosen = set()
+            for p in params:
+                if p in self._bucket_of and id(p) in self._used:
+                    self._bucket_of[p].done = True
+                    chosen.add(id(p))
+            return chosen
+
+    def _ddp_bucket_reduced(self, chosen: set[int], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Updates the ``chosen`` parameters of one DDP bucket with their allreduced (averaged)
+        gradients (the earlier micro-batches may have run under ``no_sync()``, or been reduced and
+        left in ``p.grad`` to sum with the next, as the ordinary DDP loop does)."""
         by_group: dict[int, list[torch.Tensor]] = {}
         local: list[tuple[torch.Tensor, Any]] = []
         for p, g in zip(params, grads):
-            if p not in self._bucket_of:
-                continue  # not this optimizer's, or frozen
+            if id(p) not in chosen:
+                continue  # not this optimizer's, frozen, or not used by this rank in this backward
             # The reducer copies the bucket back into the local gradient after this hook and
             # asserts they are not aliases: lend the reduced view for the update only.
             local.append((p, p.grad))
@@ -580,11 +661,9 @@ class StepInBackward:
             by_group.setdefault(id(self._group(self._bucket_of[p])), []).append(p)
         try:
             for group in self.optimizer.param_groups:
-                chosen = by_group.get(id(group))
-                if chosen:
-                    for p in chosen:
-                        self._bucket_of[p].done = True
-                    self._update(group, chosen, _core.TensorCache(), release=False)
+                params_of_group = by_group.get(id(group))
+                if params_of_group:
+                    self._update(group, params_of_group, _core.TensorCache(), release=False)
         finally:
             for p, grad in local:
                 p.grad = grad
@@ -610,10 +689,13 @@ class _DdpSlot:
                 context = slot.active
                 if context is None:
                     return future
+                chosen = context._ddp_bucket_launched(bucket)
+                if not chosen:
+                    return future  # not the iteration's last backward pass, or nothing to update here
 
                 def then(done: Any) -> Any:
                     buffer = done.value()
-                    context._ddp_bucket_reduced(bucket.parameters(), bucket.gradients())
+                    context._ddp_bucket_reduced(chosen, bucket.parameters(), bucket.gradients())
                     return buffer
 
                 _release_after_backward(ddp, context)  # queued from backward's thread, after DDP's own
