@@ -102,3 +102,40 @@ def test_a_lazily_negated_gradient_is_read_as_its_values(twin: Twin) -> None:
         runs.append([p.detach() for p in params])
     for ours, theirs in zip(*runs):
         assert_twin_matches(twin, ours, theirs)
+
+
+def _grad_in(layout: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    """A gradient of ``shape`` laid out as ``layout`` inside a larger buffer."""
+    n = 1
+    for d in shape:
+        n *= d
+    buffer = torch.randn(3 * n + 11, generator=gen)
+    if layout == "offset":  # contiguous, storage_offset 5
+        return buffer[5 : 5 + n].view(shape)
+    if layout == "odd strides of size-1 dims":  # contiguous by torch's rule, strides not row-major
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        strides = [17 if d == 1 else s for d, s in zip(shape, strides)]
+        return buffer.as_strided(shape, strides, 3)
+    return buffer[: 2 * n : 2].view(-1).as_strided(shape, [2 * s for s in torch.empty(shape).stride()], 1)  # every other element
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("layout", ["offset", "odd strides of size-1 dims", "every other element"])
+def test_gradients_in_any_layout_match_torch(twin: Twin, layout: str) -> None:
+    """Gradients that are views (an offset into a buffer, size-1 dimensions with any stride,
+    strided): read where torch reads them (the fresh-gradient description goes through DLPack)."""
+    shapes = [(3, 4), (1, 5), (7,), (2, 1, 3)]
+    runs = []
+    for make_opt in (twin.make_ours, twin.make_theirs):
+        params = [torch.linspace(-1, 1, int(torch.tensor(s).prod())).reshape(s).requires_grad_() for s in shapes]
+        opt = make_opt(params, **twin.typical)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in params:
+                p.grad = _grad_in(layout, tuple(p.shape), gen)
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for ours, theirs in zip(*runs):
+        assert_twin_matches(twin, ours, theirs)
