@@ -10,10 +10,9 @@ gradient tensors every step and the same ones reused, round-robin rounds, median
 µs per tensor = ms per step / tensors.
 
 It also times, in this process, the torch calls oxoptim makes per tensor to describe it and keep it
-alive while a kernel runs without the GIL: ``data_ptr``, ``is_contiguous``, ``numel``, ``is_neg``
-and ``detach`` (whose alias holds an uncached parameter's or state tensor's storage); a fresh
-gradient is described by one ``torch.utils.dlpack.to_dlpack`` call (whose capsule holds its memory)
-plus ``is_neg`` and the parameter's ``shape``. The in-flight registry's cost
+alive while a kernel runs without the GIL (``data_ptr``, ``is_contiguous``, ``numel``, ``is_neg``
+and ``detach``, whose alias holds each uncached tensor's storage: fresh gradients get one every step),
+so the part of the per-tensor cost that buys memory safety is visible. The in-flight registry's cost
 per native call is a Rust bench: ``cargo bench -p oxoptim-core --bench kernels -- in_flight``.
 """
 
@@ -37,9 +36,9 @@ DESCRIBE_CALLS = ("data_ptr", "is_contiguous", "numel", "is_neg", "detach")
 
 
 def per_call_ns(name: str, number: int = 200_000) -> float:
-    """Best-of-5 ns of one unbound ``Tensor.<name>`` call (or ``to_dlpack``) on a 16-element tensor (loop cost subtracted)."""
+    """Best-of-5 ns of one unbound ``Tensor.<name>`` call on a 16-element tensor (loop cost subtracted)."""
     t = torch.zeros(16)
-    method = torch.utils.dlpack.to_dlpack if name == "to_dlpack" else getattr(torch.Tensor, name)
+    method = getattr(torch.Tensor, name)
     empty = min(timeit.repeat(lambda: None, number=number, repeat=5))
     best = min(timeit.repeat(lambda: method(t), number=number, repeat=5))
     return 1e9 * (best - empty) / number
@@ -72,10 +71,10 @@ def markdown(rows: List[dict], calls: Dict[str, float], meta: dict) -> str:
             cells.append("—" if impl == "oxoptim" else spread(*ratio_rounds(r["ms"], ours["ms"])))
         out.append(f"| {impl} | " + " | ".join(cells) + " |")
     out += ["", "torch calls oxoptim makes per described tensor (ns per call, best of 5):", ""]
-    out += [f"- `{'torch.utils.dlpack.' if name == 'to_dlpack' else 'Tensor.'}{name}`: {ns:.0f} ns" for name, ns in calls.items()]
+    out += [f"- `Tensor.{name}`: {ns:.0f} ns" for name, ns in calls.items()]
     out += ["", "A cached tensor (parameter, optimizer state) costs `data_ptr` plus `is_contiguous` or `numel` per step; "
-            "a fresh gradient costs `to_dlpack` (its capsule keeps the memory alive while the kernel runs without "
-            "the GIL), `is_neg` and the parameter's `shape`."]
+            "a fresh gradient is described in full, `detach` included (its alias keeps the storage alive while the "
+            "kernel runs without the GIL)."]
     return "\n".join(out) + "\n"
 
 
@@ -89,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     (adamw,) = [c for c in cases([]) if c.name == "AdamW"]
     rows, steps = run_case([(args.numel,)] * args.tensors, adamw, args.rounds, args.target)
-    calls = {name: per_call_ns(name) for name in (*DESCRIBE_CALLS, "to_dlpack")}
+    calls = {name: per_call_ns(name) for name in DESCRIBE_CALLS}
     meta = dict(machine=machine_line(), tensors=args.tensors, numel=args.numel, rounds=args.rounds, steps=steps,
                 command="python benches/overheads.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])))
     args.out.parent.mkdir(parents=True, exist_ok=True)

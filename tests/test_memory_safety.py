@@ -132,23 +132,31 @@ def _grads(seed: int) -> list[torch.Tensor]:
     return _fresh(100 + seed) + [torch.randn(SMALL, generator=torch.Generator().manual_seed(seed))]
 
 
-def _group_run(cls, kw, steps: Optional[int] = None) -> tuple[list[torch.Tensor], int, int]:
+def _group_run(cls, kw, steps: Optional[int] = None, repoint: bool = False) -> tuple[list[torch.Tensor], int, int]:
     """Steps until the attack struck ROUNDS times (at most MAX_TRIES steps),
     or exactly ``steps`` times without an attack; returns the parameters,
-    the steps taken and the attacks."""
+    the steps taken and the attacks. The attack drops the gradients
+    (``p.grad = None``) or, with ``repoint``, re-points the gradient tensors
+    themselves at empty storage (``set_()``), which frees their memory unless
+    the call holds the storage, not only the tensor."""
     params = [_fresh(0)[0].requires_grad_(), torch.randn(SMALL, generator=torch.Generator().manual_seed(0)).requires_grad_()]
     opt = cls(params, **kw)
     sizes = [BIG, SMALL]
+    current: list[torch.Tensor] = []  # this step's gradient tensors
 
     def attack():
-        for p in params:
-            p.grad = None
+        for p, g in zip(params, current):
+            if repoint:
+                g.set_()
+            else:
+                p.grad = None
         return _junk_like(sizes)
 
     vandal = OnNativeCall([cls._fast_step], attack) if steps is None else None
     step = 0
     while (step < steps) if vandal is None else (vandal.hits < ROUNDS and step < MAX_TRIES):
-        for p, g in zip(params, _grads(step)):
+        current[:] = _grads(step)
+        for p, g in zip(params, current):
             p.grad = g
         del g
         if vandal is not None and step > 0:  # step 0 creates the state (list path)
@@ -167,15 +175,19 @@ def _group_run(cls, kw, steps: Optional[int] = None) -> tuple[list[torch.Tensor]
     return [p.detach().clone() for p in params], step, hits
 
 
-def scenario_group() -> None:
+def scenario_group(repoint: bool = False) -> None:
     torch.set_num_threads(1)
     for cls, kw in GROUP_CASES:
-        got, steps, hits = _group_run(cls, kw)
+        got, steps, hits = _group_run(cls, kw, repoint=repoint)
         want, _, _ = _group_run(cls, kw, steps)
         assert hits > 0, f"{cls.__name__}: the attack never struck during a step"
         for a, b in zip(got, want):
-            assert torch.equal(a, b), f"{cls.__name__} {kw}: wrong numbers after grads were dropped mid-step"
+            assert torch.equal(a, b), f"{cls.__name__} {kw}: wrong numbers after grads were {'re-pointed' if repoint else 'dropped'} mid-step"
         print(f"group {cls.__name__} {kw}: {hits} attacks in {steps} steps survived, numbers exact", flush=True)
+
+
+def scenario_group_repoint() -> None:
+    scenario_group(repoint=True)
 
 
 # --- scenario "lists": every native entry point, its lists emptied mid-call ---
@@ -761,7 +773,7 @@ def test_a_tensor_read_by_two_calls_at_once_is_fine(one_thread) -> None:
     assert error is None, f"two calls only reading a tensor conflicted: {error!r}"
 
 
-SCENARIOS = {"group": scenario_group, "lists": scenario_lists}
+SCENARIOS = {"group": scenario_group, "group_repoint": scenario_group_repoint, "lists": scenario_lists}
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

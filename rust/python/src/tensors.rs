@@ -6,9 +6,8 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyCapsule, PyCapsuleMethods, PyList, PyTuple};
+use pyo3::types::PyList;
 use std::collections::HashMap;
-use std::ffi::c_void;
 
 pub enum Described {
     /// Every tensor is a dense, contiguous CPU tensor of a supported dtype.
@@ -51,8 +50,6 @@ pub(crate) struct TorchTypes {
     is_contiguous: Py<PyAny>,
     is_neg: Py<PyAny>,
     detach: Py<PyAny>,
-    /// `torch.utils.dlpack.to_dlpack`: one call describes a gradient and holds its memory.
-    to_dlpack: Py<PyAny>,
     dtypes: [(Py<PyAny>, DType); 5],
 }
 
@@ -72,10 +69,6 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
             is_contiguous: method("is_contiguous")?,
             is_neg: method("is_neg")?,
             detach: method("detach")?,
-            to_dlpack: py
-                .import("torch.utils.dlpack")?
-                .getattr("to_dlpack")?
-                .unbind(),
             dtypes: [
                 (get("float32")?, DType::F32),
                 (get("float64")?, DType::F64),
@@ -97,7 +90,7 @@ impl TorchTypes {
     pub(crate) fn is_contiguous(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.is_contiguous.bind(t.py()).call1((t,))?.extract()
     }
-    /// A lazily negated view (the neg bit; `data_ptr` holds the values un-negated).
+    /// A lazily negated view (the neg bit): its memory holds the values un-negated.
     fn is_neg(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.is_neg.bind(t.py()).call1((t,))?.extract()
     }
@@ -106,6 +99,8 @@ impl TorchTypes {
     /// storage object freed while autograd (without the GIL) drops other
     /// references to the same storage trips torch's `THPStorage_dealloc`
     /// assertion and aborts the process (seen with `step_in_backward(overlap=True)`).
+    /// Not a DLPack capsule (`to_dlpack`) either: torch's capsule holds the
+    /// tensor itself, so a `set_` on it frees the memory under the capsule.
     fn storage_holder<'py>(&self, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         self.detach.bind(t.py()).call1((t,))
     }
@@ -138,7 +133,8 @@ fn describe_with_storage<'py>(
     let Some(&(_, dtype)) = types.dtypes.iter().find(|(d, _)| dtype.is(d.bind(py))) else {
         return Ok(None);
     };
-    // A contiguous strided tensor occupies exactly `numel` elements from `data_ptr`.
+    // A contiguous strided tensor occupies exactly `numel` elements from `data_ptr`;
+    // a neg-bit view's memory holds its values un-negated.
     if !types.is_contiguous(t)? || types.is_neg(t)? {
         return Ok(None);
     }
@@ -147,104 +143,6 @@ fn describe_with_storage<'py>(
     let len = types.numel(t)?;
     let addr = types.data_ptr(t)?;
     Ok(Some((RawTensor { addr, len, dtype }, storage)))
-}
-
-/// The head of DLPack's `DLManagedTensor` (its first member, a `DLTensor`), as
-/// `dlpack.h` lays it out (a stable C ABI).
-#[repr(C)]
-struct DlTensor {
-    data: *mut c_void,
-    device_type: i32,
-    device_id: i32,
-    ndim: i32,
-    dtype_code: u8,
-    dtype_bits: u8,
-    dtype_lanes: u16,
-    shape: *const i64,
-    strides: *const i64,
-    byte_offset: u64,
-}
-
-/// Describes the gradient `g` of `param` (described as `param_raw`) through
-/// one `to_dlpack` call (a fifth of reading each attribute), holding `g` and
-/// the capsule, which keeps `g`'s memory allocated, in `keep`: `None` unless
-/// it is a plain dense contiguous CPU tensor of the parameter's dtype and
-/// shape without the neg bit (the callers then take the attribute path,
-/// which also reports what is wrong).
-fn describe_grad_dlpack<'py>(
-    g: &Bound<'py, PyAny>,
-    param: &Bound<'py, PyAny>,
-    param_raw: RawTensor,
-    types: &TorchTypes,
-    keep: &mut KeepAlive<'py>,
-) -> PyResult<Option<RawTensor>> {
-    let py = g.py();
-    if !types.is_plain(g) {
-        return Ok(None);
-    }
-    let Ok(capsule) = types.to_dlpack.bind(py).call1((g,)) else {
-        return Ok(None); // sparse, meta...: not exported
-    };
-    let Ok(capsule) = capsule.cast_into::<PyCapsule>() else {
-        return Ok(None);
-    };
-    let Ok(head) = capsule.pointer_checked(Some(c"dltensor")) else {
-        return Ok(None);
-    };
-    // SAFETY: a "dltensor" capsule points at a `DLManagedTensor`, whose first
-    // member is the `DLTensor`; it and its shape and strides arrays stay valid
-    // while the capsule lives (held here and then in `keep`).
-    let t = unsafe { &*(head.as_ptr() as *const DlTensor) };
-    const CPU: i32 = 1;
-    let dtype = match (t.dtype_code, t.dtype_bits, t.dtype_lanes) {
-        (2, 32, 1) => DType::F32,
-        (2, 64, 1) => DType::F64,
-        (4, 16, 1) => DType::BF16,
-        (2, 16, 1) => DType::F16,
-        _ => return Ok(None),
-    };
-    if t.device_type != CPU || dtype != param_raw.dtype || t.ndim < 0 || t.data.is_null() {
-        return Ok(None);
-    }
-    let ndim = t.ndim as usize;
-    // SAFETY: as above; DLPack's arrays hold `ndim` entries (strides may be null: compact).
-    let shape = unsafe { std::slice::from_raw_parts(t.shape, ndim) };
-    let strides = (!t.strides.is_null()).then(|| unsafe { std::slice::from_raw_parts(t.strides, ndim) });
-    let Some(len) = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?)) else {
-        return Ok(None);
-    };
-    // torch's contiguity: every dimension of size other than 1 has the row-major stride.
-    if let Some(strides) = strides {
-        let mut expected = 1i64;
-        for (&size, &stride) in shape.iter().zip(strides).rev() {
-            if size != 1 && stride != expected && len != 0 {
-                return Ok(None);
-            }
-            expected = expected.saturating_mul(size);
-        }
-    }
-    if len != param_raw.len {
-        return Ok(None);
-    }
-    let param_shape = param.getattr(intern!(py, "shape"))?;
-    let Ok(param_shape) = param_shape.cast::<PyTuple>() else {
-        return Ok(None);
-    };
-    if param_shape.len() != ndim {
-        return Ok(None);
-    }
-    for (d, &size) in param_shape.iter().zip(shape) {
-        if d.extract::<i64>()? != size {
-            return Ok(None);
-        }
-    }
-    // DLPack drops the neg bit: such a view must not be read as its values.
-    if types.is_neg(g)? {
-        return Ok(None);
-    }
-    let addr = (t.data as usize).wrapping_add(t.byte_offset as usize);
-    keep.hold(g, capsule.into_any());
-    Ok(Some(RawTensor { addr, len, dtype }))
 }
 
 /// Describes one tensor, holding it and its storage in `keep`, or `None`
@@ -364,9 +262,6 @@ pub(crate) fn describe_grad<'py>(
     types: &TorchTypes,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<RawTensor>> {
-    if let Some(raw) = describe_grad_dlpack(g, param, param_raw, types, keep)? {
-        return Ok(Some(raw));
-    }
     let py = g.py();
     let Some((raw, storage)) = describe_with_storage(g, types)? else {
         return Ok(None);
@@ -409,9 +304,6 @@ pub(crate) fn describe_grad_twin<'py>(
     types: &TorchTypes,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<RawTensor>> {
-    if let Some(raw) = describe_grad_dlpack(g, param, param_raw, types, keep)? {
-        return Ok(Some(raw));
-    }
     let py = g.py();
     let Some((raw, storage)) = describe_with_storage(g, types)? else {
         return Ok(None);
