@@ -18,6 +18,9 @@ $(VENV)/.deps:
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(RUNTIME_DEPS) $(DEV_DEPS)
 	$(PIP) install -q --ignore-installed "maturin>=1.5,<2"  # its script must live in the venv
+	# Reference packages of some tests, without their dependencies (they must not change torch).
+	$(PIP) install -q --no-deps torch-optimi
+	$(PIP) install -q --no-deps bitsandbytes || echo "bitsandbytes did not install: its comparison tests will be skipped"
 	touch $@
 
 venv: $(VENV)/.deps ## Create .venv (reuses a system torch if present) with runtime and dev deps
