@@ -90,3 +90,85 @@ def test_default_config_parses_and_matches_shipped_file():
         pytest.skip("configs/ is not next to these tests (a copy run against an installed wheel)")
     assert open(shipped, encoding="utf-8").read() == DEFAULT_CONFIG_TOML
 
+
+
+# ----- the run directory: refused before anything is written ------------------------------------
+
+def _tiny_job(tmp_path, extra_stage=""):
+    write_rows(tmp_path / "reviews.jsonl", [(t, 5 if l == "pos" else 1) for t, l in reviews(120, seed=5)],
+               text_key="review", label_key="stars")
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(TINY.format(train="reviews.jsonl").replace("epochs = 2", "epochs = 1") + extra_stage)
+    return cfg
+
+
+def _old_run(run):
+    """A run directory as an interrupted run leaves it (contents need not be real for these checks)."""
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"an": "interrupted run"}\n')
+    (run / "checkpoints" / "ckpt-0000000005.pt").write_bytes(b"old checkpoint")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("oxoptim train: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_fresh_run_in_a_directory_holding_a_run_is_refused_unless_overwrite(tmp_path, capsys):
+    cfg = _tiny_job(tmp_path)
+    run = tmp_path / "run"
+    before = _old_run(run)
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--quiet"]) == 2
+    err = _one_line(capsys)
+    assert "already holds a run" in err and f"--resume {run}" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # only the checkpoints: also a run
+    (run / "config.json").unlink()
+    (run / "metrics.jsonl").unlink()
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--quiet"]) == 2
+    assert "already holds a run (checkpoints)" in _one_line(capsys)
+    # an empty directory is fine, and --overwrite starts afresh over an old run
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "empty"), "--quiet"]) == 0
+    _old_run(tmp_path / "again")
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "again"), "--quiet", "--overwrite"]) == 0
+    assert b"old checkpoint" not in b"".join(p.read_bytes() for p in (tmp_path / "again" / "checkpoints").iterdir())
+    assert "interrupted" not in (tmp_path / "again" / "config.json").read_text()
+
+
+def test_job_refused_at_start_up_leaves_the_run_directory_untouched(tmp_path, capsys):
+    """A refusal by the Trainer's own checks (the model has no layer groups) comes before config.json
+    is written: an interrupted run in the directory can still be resumed, even with --overwrite."""
+    cfg = _tiny_job(tmp_path, '\n[[stages]]\nname = "head"\nepochs = 1\nbatch_size = 16\ntrainable = "head"\n')
+    run = tmp_path / "run"
+    before = _old_run(run)
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--quiet", "--overwrite"]) == 2
+    assert "layer_groups" in _one_line(capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    fresh = tmp_path / "fresh"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(fresh), "--quiet"]) == 2
+    _one_line(capsys)
+    assert not fresh.exists()
+
+
+def test_resume_refuses_config_run_dir_and_overwrite(tmp_path, capsys):
+    cfg = _tiny_job(tmp_path)
+    run = tmp_path / "run"
+    _old_run(run)
+    for extra in (["--config", str(cfg)], ["--run-dir", str(tmp_path / "elsewhere")], ["--overwrite"]):
+        assert main(["train", "--resume", str(run), "--quiet"] + extra) == 2
+        err = _one_line(capsys)
+        assert extra[0] in err and "--resume" in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_run_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    cfg = _tiny_job(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for run_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["train", "--config", str(cfg), "--run-dir", str(run_dir), "--quiet"]) == 2
+        assert "cannot make the run directory" in _one_line(capsys)
+    assert (tmp_path / "afile").read_text() == "x"

@@ -25,6 +25,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help="output directory (default: runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
     p.add_argument("--seed", type=int, metavar="N", help="the job's seed instead of the config's (not with --resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --run-dir that already holds a run, deleting its checkpoints and metrics "
+                   "(without it such a directory is refused: continue it with --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--print-config", action="store_true", help="print the default config as TOML and exit")
     p.set_defaults(run=run_train)
@@ -65,6 +68,36 @@ def _check_for_processes(cfg: dict, world: int) -> None:
             raise ConfigError(str(e)) from e
 
 
+def _existing_run(run_dir: str) -> str:
+    """What in ``run_dir`` shows that a run lives there ("" when nothing does)."""
+    from .checkpoint import list_checkpoints
+
+    for name in ("config.json", "metrics.jsonl", "summary.json", "final.pt"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            return name
+    return "checkpoints" if os.path.isdir(run_dir) and list_checkpoints(run_dir) else ""
+
+
+def _check_run_dir(run_dir: str, overwrite: bool) -> None:
+    """A fresh run's directory can be made (or is one) and holds no run, unless ``overwrite``:
+    checked before anything is written."""
+    from .errors import ConfigError
+
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"cannot make the run directory {run_dir}: it exists and is not a directory")
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot make the run directory {run_dir}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot make the run directory {run_dir}: {parent} is not writable")
+    found = _existing_run(run_dir) if os.path.isdir(run_dir) else ""
+    if found and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({found}): continue it with --resume {run_dir}, or pass "
+                          f"--overwrite to delete its checkpoints and metrics and start afresh")
+
+
 def run_train(args) -> int:
     from .checkpoint import CheckpointError
     from .config import DEFAULT_CONFIG_TOML, check_sources, default_config, load_config, load_run_config
@@ -78,6 +111,11 @@ def run_train(args) -> int:
         if args.resume:
             if getattr(args, "seed", None) is not None:
                 raise ConfigError("--seed cannot change a run being resumed (its seed is in its config.json)")
+            for flag, value in (("--config", args.config), ("--run-dir", args.run_dir),
+                                ("--overwrite", getattr(args, "overwrite", False))):
+                if value:
+                    raise ConfigError(f"{flag} cannot be combined with --resume (a resumed run keeps its directory "
+                                      f"and the job in its config.json)")
             run_dir = args.resume
             cfg = load_run_config(run_dir)
         else:
@@ -85,6 +123,7 @@ def run_train(args) -> int:
             if getattr(args, "seed", None) is not None:
                 cfg["seed"] = args.seed
             run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S"))
+            _check_run_dir(run_dir, getattr(args, "overwrite", False))
         check_sources(cfg)
         _check_for_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, MissingDependency) as e:

@@ -69,10 +69,6 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
     for split in ("train", "val"):
         if len(data[split]) == 0:
             raise ConfigError(f"[data] no {split} texts left after cleaning (removed: {data['report']['removed']})")
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        if not resume:
-            atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
     say = (lambda *a: None) if (quiet or rank != 0) else (lambda *a: print(*a, flush=True))
     removed = {k: n for k, n in data["report"]["removed"].items() if n}
     say(f"data: {len(data['train'])} train / {len(data['val'])} val / "
@@ -111,6 +107,14 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    # Every check has passed: only now is anything written (a refused job leaves the directory as it was).
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
+        if not resume:
+            atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
     trainer.fit(resume=resume)
     extra = {"data": data["report"], "val": trainer.evaluate(data["val"])}
     if fold is not None:
