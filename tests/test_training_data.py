@@ -159,3 +159,26 @@ def test_summary_json_counts_what_was_removed(tmp_path, capsys):
     assert report["kept"] == {"train": 80, "val": 20, "test": 0}
     assert report["removed"]["exact_duplicates"] == 5 and report["removed"]["normalised_duplicates"] == 3
     assert report["removed"]["val_in_train"] == 2
+
+
+def test_labels_come_from_the_training_split_alone(tmp_path, capsys):
+    """A label that only validation or test hold would add an output class (changing the head, its
+    initialisation and the whole run): it is refused, naming the split and the label."""
+    from oxoptim.__main__ import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", [("好", "pos"), ("差", "neg"), ("好好", "pos")])
+    val = write_jsonl(tmp_path / "val.jsonl", [("还好", "pos")])
+    d = build_text_data(train=train, val=val, max_len=4)
+    assert d["label_names"] == ["neg", "pos"] and d["num_classes"] == 2
+    test = write_jsonl(tmp_path / "test.jsonl", [("一般", "neutral"), ("差差", "neg")])
+    with pytest.raises(ValueError, match=r"the test split has label 'neutral' \(1 example"):
+        build_text_data(train=train, val=val, test=test, max_len=4)
+    bad_val = write_jsonl(tmp_path / "bad_val.jsonl", [("还好", "pos"), ("一般", "meh")])
+    with pytest.raises(ValueError, match=r"the validation split has label 'meh'"):
+        build_text_data(train=train, val=bad_val, max_len=4)
+    (tmp_path / "job.toml").write_text('threads = 1\n[data]\ntrain = "train.jsonl"\nval = "val.jsonl"\n'
+                                       'test = "test.jsonl"\nmax_len = 4\n[[stages]]\nname = "s"\n')
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "[data]" in err and "test split" in err and "'neutral'" in err, err
+    assert not (tmp_path / "run").exists()

@@ -233,7 +233,16 @@ def build_text_data(
             raw_te = deduplicate(load_text_file(test, text_column, label_column), normalise_text, removed) if test else []
             raw_te = drop_seen(raw_te, in_train, normalise_text, removed, "test_in_train")
             raw_te = drop_seen(raw_te, {normalise_text(t) for t, _ in raw_va}, normalise_text, removed, "test_in_val")
-        labels = {l for _, l in raw_tr + raw_va + raw_te}
+        # Output classes come from the training split alone: what validation and test hold must
+        # not change the model (its head, its initialisation, the random stream after it).
+        labels = {l for _, l in raw_tr}
+        for split_name, part in (("validation", raw_va), ("test", raw_te)):
+            unseen = sorted({l for _, l in part} - labels)
+            if unseen:
+                n = sum(l == unseen[0] for _, l in part)
+                raise ValueError(f"the {split_name} split has label {unseen[0]!r} ({n} example(s)"
+                                 + (f"; also {', '.join(map(repr, unseen[1:]))}" if len(unseen) > 1 else "")
+                                 + ") that the training split lacks: a model cannot learn a class it never sees")
         try:
             names = sorted(labels, key=lambda s: (0, float(s), s))
         except ValueError:
