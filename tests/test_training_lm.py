@@ -360,6 +360,26 @@ def test_pretrained_model_is_reused_and_random_init_skips_it(lm_reference, tmp_p
     assert json.loads((tmp_path / "runs" / "rand" / "summary.json").read_text())["init"] == "random"
 
 
+def test_resume_of_fine_tuning_checks_the_data_fingerprint(lm_reference):
+    """The fine-tuning checkpoints hold the fingerprint of the reviews as encoded for the GPT; a
+    run whose checkpoints were trained on other data is refused in one line."""
+    import shutil
+
+    from oxoptim.training.checkpoint import load_checkpoint, save_checkpoint
+
+    d, _ = lm_reference
+    run = d / "ref" / "other_data"
+    shutil.copytree(d / "ref" / "run", run, symlinks=True)
+    latest = list_checkpoints(str(run))[0]
+    state = load_checkpoint(latest)
+    assert len(state["meta"]["data_fingerprint"]) == 64
+    state["meta"]["data_fingerprint"] = "0" * 64
+    save_checkpoint(str(run), int(latest[-13:-3]), state)
+    r = run_cli(["train", "--resume", str(run), "--quiet"], cwd=d)
+    assert r.returncode == 2 and "trained on other data" in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # Checkpoints every 4 steps and at each epoch end. Pretraining: steps 4, 6 (the end of the warm-up
 # stage: the next one continues its optimizer), 8, 12, ...; fine-tuning after 10 of them. Killed
 # after the 2nd (in pretraining, between stages) and after the 12th (in fine-tuning).

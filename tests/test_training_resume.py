@@ -200,3 +200,60 @@ def test_resume_with_another_process_count_is_refused_and_changes_nothing(tmp_pa
     assert len(err.splitlines()) == 1 and "state of 2 process(es), this run has 1" in err
     assert "--nproc-per-node 2" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_a_run_whose_data_changed(tmp_path, capsys):
+    """--resume checks that the data is what the checkpoints were trained on (a fingerprint saved at
+    the start): changed files give one line, not a mixed run or a load_state_dict traceback. Runs
+    saved without a fingerprint resume as before."""
+    from oxoptim.__main__ import main
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    (tmp_path / "job.toml").write_text(CLI_JOB.replace('embed_init = "cooccurrence"', ""))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    latest = list_checkpoints(str(run))[0]
+    assert len(load_checkpoint(latest)["meta"]["data_fingerprint"]) == 64
+    good = (tmp_path / "reviews.jsonl").read_bytes()
+    write_rows(tmp_path / "reviews.jsonl", reviews(150, seed=7))  # other texts: another vocabulary too
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained on other data" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # one label flipped: same vocabulary and shapes, still refused
+    rows = reviews(120, seed=1)
+    rows[0] = (rows[0][0], "neg" if rows[0][1] == "pos" else "pos")
+    write_rows(tmp_path / "reviews.jsonl", rows)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    (tmp_path / "reviews.jsonl").write_bytes(good)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    # a checkpoint from before fingerprints: resumed as before
+    state = load_checkpoint(latest)
+    del state["meta"]["data_fingerprint"]
+    save_checkpoint(str(run), int(latest[-13:-3]), state)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+
+
+def test_stale_checkpoint_temp_files_are_removed_on_resume(tmp_path):
+    """A process killed while writing a checkpoint leaves checkpoints/.ckpt-<step>.pt.tmp<pid>: the
+    next resume (or fresh start) removes such files, and only them."""
+    from oxoptim.__main__ import main
+    from oxoptim.training.checkpoint import remove_stale_temp_files
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    (tmp_path / "job.toml").write_text(CLI_JOB.replace('embed_init = "cooccurrence"', ""))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    ckdir = run / "checkpoints"
+    stale = ckdir / ".ckpt-0000000123.pt.tmp999999"
+    keep = [ckdir / "notes.txt", ckdir / ".ckpt-0000000123.pt.tmpx", run / ".summary.json.tmp999999",
+            ckdir / f".ckpt-0000000124.pt.tmp{os.getpid()}"]  # not the pattern, or this process's own
+    for p in [stale] + keep:
+        p.write_bytes(b"half a checkpoint")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert not stale.exists() and all(p.exists() for p in keep)
+    stale.write_bytes(b"x")
+    assert remove_stale_temp_files(str(run)) == [str(stale)]

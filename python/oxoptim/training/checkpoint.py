@@ -12,10 +12,12 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_good_checkpoint", "list_checkpoints",
-           "atomic_write_bytes"]
+           "atomic_write_bytes", "remove_stale_temp_files"]
 
 MAGIC = b"OXCKPT1\n"
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
+# The temporary file atomic_write_bytes writes a checkpoint to (suffix: the writer's process id).
+_TEMP_NAME = re.compile(r"^\.ckpt-\d{10}\.pt\.tmp(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +59,26 @@ def save_checkpoint(run_dir: str, step: int, state: Any, keep: int = 3) -> str:
         except OSError:
             pass
     return path
+
+
+def remove_stale_temp_files(run_dir: str) -> List[str]:
+    """Deletes the checkpoint temp files (``checkpoints/.ckpt-<step>.pt.tmp<pid>``) that processes
+    killed while writing left in ``run_dir``; only files of that pattern, never this process's own.
+    Returns the paths removed."""
+    ckdir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckdir):
+        return []
+    removed = []
+    for n in sorted(os.listdir(ckdir)):
+        m = _TEMP_NAME.match(n)
+        path = os.path.join(ckdir, n)
+        if m and int(m.group(1)) != os.getpid() and os.path.isfile(path):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def list_checkpoints(run_dir: str) -> List[str]:

@@ -27,6 +27,7 @@ __all__ = [
     "load_text_file",
     "encode_texts",
     "build_text_data",
+    "data_fingerprint",
 ]
 
 PAD, UNK = 0, 1
@@ -263,6 +264,27 @@ def build_text_data(
                    "duplicates": duplicates, "kept": {"train": len(tr), "val": len(va), "test": len(te)},
                    "removed": removed},
     }
+
+
+def data_fingerprint(data: dict) -> str:
+    """SHA-256 of what a run trains and validates on: the encoded splits, the vocabulary and the
+    label names (a resumed run must see the data its checkpoints were trained on)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"vocab": data["vocab"].itos, "labels": [str(n) for n in data["label_names"]],
+                         "classes": data["num_classes"]}, ensure_ascii=False).encode())
+    for split in ("train", "val", "test"):
+        ds = data.get(split)
+        h.update(split.encode())
+        if ds is None:
+            h.update(b"none")
+            continue
+        for t in (ds.x, ds.y):
+            t = t.contiguous()
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def fold_indices(n: int, k: int, seed: int) -> List[List[int]]:

@@ -40,7 +40,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
 
     from .checkpoint import atomic_write_bytes
     from .config import check_embed_init, stage_from_dict
-    from .data import build_text_data, cv_fold
+    from .data import build_text_data, cv_fold, data_fingerprint
     from .model import BiGRUClassifier
     from .trainer import Trainer
 
@@ -103,7 +103,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
             model, loss_fn, data["train"], data["val"], stages, metrics=["accuracy"], run_dir=run_dir,
             seed=int(cfg["seed"]), checkpoint_every=int(cfg.get("checkpoint_every", 100)),
             eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet, bucket=int(d.get("bucket", 0)),
-            on_record=on_record,
+            on_record=on_record, meta={"data_fingerprint": data_fingerprint(data)},
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -191,7 +191,7 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     from .checkpoint import atomic_write_bytes
     from .config import stage_from_dict
     from .corpus import build_corpus, pretraining_lines
-    from .data import build_text_data, encode_texts
+    from .data import build_text_data, data_fingerprint, encode_texts
     from .gpt import GPT, GPTClassifier
     from .trainer import Trainer
 
@@ -231,7 +231,8 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
                       run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
                       eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
-                      on_record=on_record)
+                      on_record=on_record, meta={"data_fingerprint": data_fingerprint(dict(data, vocab=corpus.vocab,
+                                                                                           **splits))})
     trainer.fit(resume=resume)
     extra: Dict[str, Any] = {"job": "language_model", "corpus": rep, "init": f["init"],
                              "val": trainer.evaluate(splits["val"])}

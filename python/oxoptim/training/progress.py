@@ -81,8 +81,9 @@ class Progress:
     # ----- files ----------------------------------------------------------------------------
 
     def start_fresh(self) -> None:
-        """A fresh run: no stale checkpoints or metrics."""
+        """A fresh run: no stale checkpoints, checkpoint temp files or metrics."""
         if self.writes:
+            ckpt.remove_stale_temp_files(self.path(""))
             for old in ckpt.list_checkpoints(self.path("")):
                 os.remove(old)
             ckpt.atomic_write_bytes(self.path("metrics.jsonl"), b"")

@@ -67,6 +67,8 @@ def resume(t: "Trainer") -> bool:
     """Puts the run back as of its last good checkpoint; False when there is none."""
     if not t.run_dir:
         raise ValueError("resume needs a run_dir")
+    if t.progress.writes:  # what a process killed while writing a checkpoint left behind
+        ckpt.remove_stale_temp_files(t.run_dir)
     found = ckpt.latest_good_checkpoint(t.run_dir, warn=lambda m: print(m, file=sys.stderr, flush=True))
     if found is None:
         t.progress.say(f"no checkpoint in {t.run_dir}: starting from scratch")
@@ -74,6 +76,13 @@ def resume(t: "Trainer") -> bool:
     path, s = found
     if s.get("plan") != t.plan():
         raise ckpt.CheckpointError(f"{path} was written for a different plan: {s.get('plan')}")
+    # Runs from before data fingerprints were saved have none: they resume as they did.
+    saved, now = (s.get("meta") or {}).get("data_fingerprint"), t.meta.get("data_fingerprint")
+    if saved is not None and now is not None and saved != now:
+        raise ckpt.CheckpointError(
+            f"{path} was trained on other data: the data files (or what is loaded from them: splits, "
+            f"vocabulary, labels) changed since the run started (fingerprint {saved[:12]}, now {now[:12]}); "
+            f"restore them to resume, or start a new run")
     # Version 1 checkpoints hold one process's state (rank 0's).
     ranks = s["ranks"] if "ranks" in s else [{"rng": s["rng"], "acc": s["acc"]}]
     if len(ranks) != t.procs.world:
