@@ -1,6 +1,7 @@
 """Config validation: every name and value of a job is checked before anything trains, and the CLI
 says what is wrong in one line that lists the valid names."""
 
+import os
 import re
 
 import pytest
@@ -198,3 +199,17 @@ def test_data_left_empty_by_cleaning_fails_at_start(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no val texts left" in err and "'val_in_train': 10" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_relative_data_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """Like `base =`: a same-named file in the working directory is never taken instead."""
+    (tmp_path / "exp").mkdir()
+    write_rows(tmp_path / "exp" / "reviews.jsonl", reviews(50, seed=1))
+    write_rows(tmp_path / "reviews.jsonl", reviews(90, seed=9))  # an unrelated file in the working directory
+    (tmp_path / "exp" / "job.toml").write_text(JOB)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("exp/job.toml")
+    assert os.path.realpath(cfg["data"]["train"]) == os.path.realpath(tmp_path / "exp" / "reviews.jsonl")
+    (tmp_path / "exp" / "reviews.jsonl").unlink()  # not there: an error, not the working directory's file
+    cfg = load_config("exp/job.toml")
+    assert os.path.realpath(cfg["data"]["train"]) == os.path.realpath(tmp_path / "exp" / "reviews.jsonl")

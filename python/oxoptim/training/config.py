@@ -282,11 +282,12 @@ def load_run_config(run_dir: str) -> dict:
 
 
 def resolve_paths(cfg: dict, base: str) -> dict:
-    """Data paths: as given when they exist from the working directory, else relative to ``base``."""
+    """Relative data paths are relative to ``base`` (the config file's directory, as ``base =``
+    is), never to the working directory; they are made absolute."""
     for key in ("train", "val", "test"):
         p = cfg["data"].get(key)
         if p and not os.path.isabs(p):
-            cfg["data"][key] = os.path.abspath(p if os.path.exists(p) else os.path.join(base, p))
+            cfg["data"][key] = os.path.abspath(os.path.join(base, p))
     return cfg
 
 
