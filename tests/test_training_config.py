@@ -93,6 +93,19 @@ BAD = [
     ('threads = 1', 'threads = -1', ["threads", ">= 0"]),
     ('threads = 1', 'threads = 1\nlabel_smoothing = 1.0', ["label_smoothing", "[0, 1)"]),
     ('train = "reviews.jsonl"', 'train = "review.jsonl"', ["[data] train", "review.jsonl", "no such file"]),
+    # numbers that torch's own checks let through: infinite, or true/false
+    ('lr = 0.05', 'lr = inf', ["stage 'last'", "lr must be a finite number, not inf"]),
+    ('lr = 0.05', 'lr = true', ["stage 'last'", "lr must be a number, not true"]),
+    ('momentum = 0.9', 'momentum = nan', ["stage 'last'", "momentum must be a finite number, not nan"]),
+    ('adjust = [{ rule = "restore_best"', 'adjust = [{ rule = "trial", candidates = [1e-2, inf], epochs = 1 }, { rule = "restore_best"',
+     ["stage 'last'", "trial candidate {'lr': inf}", "lr must be a finite number"]),
+    # a tuple argument with too few values (was an IndexError traceback)
+    ('lr = 1e-2', 'lr = 1e-2\nbetas = [0.9]', ["stage 'warm'", "betas must be 2 numbers", "[0.9]"]),
+    # Polyak steps need the loss at the current weights: full-batch stages only (was a crash after
+    # the earlier stages had trained)
+    ('optimizer = "sgd"\nepochs = 2\nbatch_size = 32\nlr = 0.05\nmomentum = 0.9',
+     'optimizer = "subgradient"\nepochs = 2\nbatch_size = 32\nlr = 0.05\nstep_rule = "polyak"\nf_star = 0.0',
+     ["stage 'last'", 'step_rule = "polyak"', 'batch_size = "full"']),
 ]
 
 
@@ -199,6 +212,24 @@ def test_data_left_empty_by_cleaning_fails_at_start(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no val texts left" in err and "'val_in_train': 10" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_numeric_optimizer_arguments_in_python():
+    with pytest.raises(ValueError, match="lr must be a finite number, not inf"):
+        Stage("s", optimizer="sgd", lr=float("inf"))
+    with pytest.raises(ValueError, match="lr must be a number, not true"):
+        Stage("s", optimizer="subgradient", lr=True)
+    with pytest.raises(ValueError, match=r"betas must be 2 numbers.*not \[0.9, 0.99, 0.9\]"):
+        Stage("s", optimizer="adam", betas=(0.9, 0.99, 0.9))
+    with pytest.raises(ValueError, match="polyak"):
+        Stage("s", optimizer="subgradient", lr=1.0, step_rule="polyak", f_star=0.0,
+              adjust=[{"rule": "trial", "candidates": [{"step_rule": "sqrt"}, {"step_rule": "polyak"}], "epochs": 1}],
+              epochs=2)
+    # still fine: an infinite default (Prodigy's growth_rate), booleans where booleans belong, Polyak
+    # steps in a full-batch stage
+    Stage("s", optimizer="prodigy", growth_rate=float("inf"))
+    Stage("s", optimizer="adam", amsgrad=True, lr=1e-3, betas=(0.8, 0.9))
+    Stage("s", optimizer="subgradient", batch_size="full", lr=1.0, step_rule="polyak", f_star=0.0)
 
 
 def test_relative_data_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):

@@ -362,6 +362,16 @@ class Stage:
                         raise ValueError("trial: " + unknown_name("optimizer argument", key, names))
                 kwargs = {**self.optimizer_kwargs, **self.rounding_kwargs(), **overrides}
                 dtype = PARAM_DTYPES[self.param_dtype or "float32"]
+                where = f"trial candidate {overrides}: " if overrides else ""
+                try:
+                    _check_numbers(kwargs, optimizer_defaults(cls))
+                except ValueError as e:
+                    raise ValueError(f"{where}{e}") from e
+                if (not self.full_batch and kwargs.get("step_rule") == "polyak"
+                        and hasattr(cls, "record_loss")):
+                    raise ValueError(f'{where}step_rule = "polyak" needs the objective at the current weights, '
+                                     f'which only a full-batch stage computes: use batch_size = "full" or another '
+                                     f'step_rule')
                 try:
                     # a row of 256 elements: what release_rows needs of every optimizer (8-bit blocks)
                     probe = torch.zeros((1, 256) if self.release_rows else 1, dtype=dtype, requires_grad=True)
@@ -371,8 +381,7 @@ class Stage:
 
                         StepInBackward(opt, accumulate=self.accumulate, accumulation=self.accumulation,
                                        clip=self.backward_clip(), release_rows=[probe] if self.release_rows else ())
-                except (ValueError, TypeError) as e:
-                    where = f"trial candidate {overrides}: " if overrides else ""
+                except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as e:
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
                     raise ValueError(f"{where}{call}: {e}") from e
         except ValueError as e:
@@ -421,6 +430,63 @@ class Stage:
             f", {self.param_dtype} weights" if self.param_dtype else "") + (
             " with stochastic rounding" if self.stochastic_rounding else "") + (
             f", {self.state_dtype} optimizer state" if self.state_dtype else "")
+
+
+# Numeric optimizer arguments whose default (None, or none at all) does not show that they are numbers.
+NUMERIC_ARGUMENTS = ("lr", "f_star", "beta3")
+
+
+def optimizer_defaults(cls: type) -> Dict[str, Any]:
+    """The default of each keyword argument ``cls(params, ...)`` takes (``inspect.Parameter.empty``
+    when it has none), following ``**kwargs`` up the class hierarchy like :func:`optimizer_arguments`."""
+    defaults: Dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is torch.optim.Optimizer:
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[2:]
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                defaults.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return defaults
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(label: str, value: Any, default: Any) -> None:
+    """A numeric argument: not true/false (``lr = true`` is not 1.0) and finite (unless its default
+    is infinite, as Prodigy's ``growth_rate``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{label} must be a number, not {str(value).lower()}")
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value) or not (isinstance(default, float) and math.isinf(default)):
+            raise ValueError(f"{label} must be a finite number, not {value}")
+
+
+def _check_numbers(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -> None:
+    """Optimizer arguments that are numbers (their default is, or they are ``lr``, ...) or tuples of
+    them (``betas``: as many values as the default has)."""
+    for key, value in kwargs.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(default, tuple):
+            if not isinstance(value, (tuple, list)):
+                if isinstance(value, (bool, int, float)):
+                    raise ValueError(f"{key} must be {len(default)} numbers, like {list(default)}, not {value!r}")
+                continue
+            if len(value) != len(default):
+                raise ValueError(f"{key} must be {len(default)} numbers, like {list(default)}, not {list(value)!r}")
+            for i, (v, d) in enumerate(zip(value, default)):
+                if v is not None or d is not None:
+                    _check_number(f"{key}[{i}]", v, d)
+        elif key in NUMERIC_ARGUMENTS or _is_number(default):
+            if value is not None or key == "lr":
+                _check_number(key, value, default)
 
 
 def optimizer_arguments(cls: type) -> Optional[set]:
