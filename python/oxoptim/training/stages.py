@@ -128,7 +128,7 @@ class Stage:
 
     Args:
         name: label in logs and plots.
-        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"subgradient"`` or an optimizer class.
+        optimizer: a name from ``OPTIMIZERS`` (``"adamw"``, ``"sgd"``, ``"adamw8bit"``, ``"lion"``, ...) or an optimizer class.
         epochs: epochs of this stage: passes over the training set, or ``steps_per_epoch``
             steps (for a full-batch stage: exact full-gradient steps, default 1; for a mini-batch
             stage: batches drawn without replacement within the epoch, for long data streams).
