@@ -144,3 +144,41 @@ def test_torchrun_resume_after_kill_is_bit_identical(job_dir, reference, tmp_pat
     assert "resumed from" not in r.stdout  # --quiet
     assert_same_run(reference[0], run)
     assert summary(run)["rank_param_digests"] == summary(reference[0])["rank_param_digests"]
+
+
+POLYAK_JOB = """
+seed = 1
+threads = 1
+checkpoint_every = 0
+
+[data]
+train = "reviews.csv"
+max_len = 12
+split = [0.7, 0.15, 0.15]
+
+[model]
+embed_dim = 8
+hidden = 8
+
+[[stages]]
+name = "sub"
+optimizer = "subgradient"
+batch_size = "full"
+epochs = 3
+lr = 0.5
+step_rule = "polyak"
+f_star = 0.0
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("oxoptim"), "Subgradient"), reason="oxoptim.Subgradient missing")
+def test_torchrun_full_batch_polyak_step_is_the_same_on_every_rank(job_dir):
+    """Polyak's step size comes from the loss over all ranks' examples (each rank holds a shard):
+    every rank takes the same step and the ranks end with the same weights."""
+    (job_dir / "polyak.toml").write_text(POLYAK_JOB)
+    r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--config", "polyak.toml", "--run-dir", "polyak", "--quiet"],
+                cwd=job_dir, prefix=[])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ranks' final parameters differ" not in r.stderr
+    s = summary(job_dir / "polyak")
+    assert s["ranks_agree"] is True and s["rank_param_digests"][0] == final_digest(job_dir / "polyak")

@@ -364,8 +364,10 @@ class Trainer:
         if st.full_batch:
             loss_sum, n = full_batch_gradient(self.model, self.n_train, st.micro_batch, self.procs,
                                               self._forward_backward)
-            if hasattr(ph.optimizer, "record_loss"):  # Subgradient: keeps the best iterate
-                ph.optimizer.record_loss(loss_sum / max(1, n))
+            if hasattr(ph.optimizer, "record_loss"):  # Subgradient: keeps the best iterate, Polyak's step
+                # the loss over all ranks' examples, so that every rank takes the same step
+                total = self.procs.sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
+                ph.optimizer.record_loss(float(total[0] / max(1.0, float(total[1]))))
         else:
             bs = int(st.batch_size)
             assert order is not None
