@@ -340,3 +340,32 @@ def test_schedule_free_stage_evaluates_the_average_and_ends_on_it(name):
     assert [h["val_loss"] for h in hist] == pytest.approx(losses, rel=0, abs=0)
     for a, b in zip(model.parameters(), manual.parameters()):
         assert torch.equal(a, b)
+
+
+# ----- a Trial's winner, divergence, the final summary -------------------------------------------
+
+def dropout_mlp(seed=0, d=8, c=3):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(16, c))
+
+
+def test_trial_continues_from_the_winner_whatever_ran_after_it():
+    """The main run continues from the winning candidate's weights, optimizer, RNG state and data
+    order: candidates that lost after it (here a third one) change nothing (a dropout model draws
+    from the RNG at every step)."""
+    train, val = blobs()
+
+    def run(candidates):
+        st = Stage("s", "adamw", epochs=3, batch_size=32, lr=1e-2,
+                   adjust=[Trial(candidates, epochs=1, monitor="val_loss")])
+        model = dropout_mlp()
+        tr = Trainer(model, F.cross_entropy, train, val, [st], quiet=True, seed=0)
+        hist = tr.fit()
+        return tr.run.events, model.state_dict(), [r for r in hist if r["phase"] == "main"]
+
+    e2, w2, main2 = run([1e-2, 1e-7])
+    e3, w3, main3 = run([1e-2, 1e-7, 1e-7])
+    assert e2 == e3 and "{'lr': 0.01}" in e2[0]  # the same winner
+    assert [r["val_loss"] for r in main2] == [r["val_loss"] for r in main3]
+    for k in w2:
+        assert torch.equal(w2[k], w3[k]), k

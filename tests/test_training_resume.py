@@ -257,3 +257,50 @@ def test_stale_checkpoint_temp_files_are_removed_on_resume(tmp_path):
     assert not stale.exists() and all(p.exists() for p in keep)
     stale.write_bytes(b"x")
     assert remove_stale_temp_files(str(run)) == [str(stale)]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _trial_run(run_dir, kill_at=None, resume=False):
+    """A Trial whose winner (candidate 0) is not the last candidate, in a dropout model: the main
+    run takes the winner's RNG state and data order back. ``kill_at``: the run dies before that
+    step (nothing is written after a kill), as it would under SIGKILL."""
+    import torch.nn.functional as F
+
+    from oxoptim.training import Stage, Trainer, Trial
+
+    class Dies(Trainer):
+        def train_step(self, order, b):
+            if self.global_step == kill_at:
+                raise _Killed
+            return super().train_step(order, b)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 10, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 2))
+    stages = [Stage("s", "adamw", epochs=3, batch_size=32, lr=1e-2,
+                    adjust=[Trial([1e-2, 1e-7, 1e-7], epochs=1, monitor="val_accuracy")])]
+    t = Dies(model, F.cross_entropy, (x[:300], y[:300]), (x[300:], y[300:]), stages, run_dir=str(run_dir),
+             quiet=True, checkpoint_every=4)
+    t.fit(resume=resume)
+    return t
+
+
+@pytest.mark.parametrize("kill_at", [14, 26, 33])  # in the second and third candidates, in the main run
+def test_resume_around_a_trial_whose_winner_is_not_last_is_bit_identical(tmp_path, kill_at):
+    ref = _trial_run(tmp_path / "ref")
+    assert ref.run.events[0].startswith("[s e2] trial chose {'lr': 0.01}")
+    with pytest.raises(_Killed):
+        _trial_run(tmp_path / "run", kill_at=kill_at)
+    assert list_checkpoints(str(tmp_path / "run"))
+    got = _trial_run(tmp_path / "run", resume=True)
+    a, b = torch.load(tmp_path / "ref" / "final.pt"), torch.load(tmp_path / "run" / "final.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert strip_times((tmp_path / "run" / "metrics.jsonl").read_text()) == strip_times(
+        (tmp_path / "ref" / "metrics.jsonl").read_text())
+    assert got.run.events == ref.run.events

@@ -182,3 +182,28 @@ def test_torchrun_full_batch_polyak_step_is_the_same_on_every_rank(job_dir):
     assert "ranks' final parameters differ" not in r.stderr
     s = summary(job_dir / "polyak")
     assert s["ranks_agree"] is True and s["rank_param_digests"][0] == final_digest(job_dir / "polyak")
+
+
+def test_torchrun_trial_whose_winner_is_not_last_resumes_bit_identical(job_dir, tmp_path):
+    """The winner (candidate 0) is not the last candidate: the main run takes back every rank's own
+    random state from the winner's end; killed in candidate 1 (after the winner's checkpointed) and
+    resumed, the run ends as the uninterrupted one."""
+    job = JOB.replace("candidates = [3e-3, 1e-2], epochs = 1, monitor = \"val_loss\"",
+                      "candidates = [1e-2, 1e-7], epochs = 1, monitor = \"val_loss\"")
+    assert job != JOB
+    (job_dir / "winner_first.toml").write_text(job)
+    r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--config", "winner_first.toml", "--run-dir", str(tmp_path / "ref"),
+                            "--quiet"], cwd=job_dir, prefix=[])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert summary(tmp_path / "ref")["events"][0].startswith("[explore e2] trial chose {'lr': 0.01}")
+    (tmp_path / "wrapper.py").write_text(KILL_ALL_MID_RUN)
+    env = {**os.environ, "KILL_DIR": str(tmp_path), "KILL_STEP": str(KILL_STEP)}
+    r = run_cli(TORCHRUN + [str(tmp_path / "wrapper.py"), "train", "--config", "winner_first.toml", "--run-dir",
+                            str(tmp_path / "run"), "--quiet"], cwd=job_dir, env=env, prefix=[])
+    assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "run"
+    assert list_checkpoints(str(run)) and not (run / "final.pt").exists()
+    r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--resume", str(run), "--quiet"], cwd=job_dir, prefix=[])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_same_run(tmp_path / "ref", run)
+    assert summary(run)["rank_param_digests"] == summary(tmp_path / "ref")["rank_param_digests"]

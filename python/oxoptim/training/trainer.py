@@ -224,11 +224,17 @@ class Trainer:
 
     def _run_trials(self, spe: int) -> None:
         """Each candidate from the stage's starting weights for ``trial.epochs`` epochs; the main
-        run continues from the best one (its weights, optimizer, averager and RNG state)."""
+        run continues from the best one (its weights, optimizer, averager and RNG state, and the
+        data order it would have had next, so that candidates that ran after it change nothing).
+        Candidate k's epochs draw the data orders of epochs ``k * trial.epochs ...`` after the
+        stage's start."""
         trial, pos, ss = self.stage.trial(), self.run.pos, self.run.stage
         assert trial is not None  # a trial position only exists in a stage with a Trial
         while pos.trial is not None:
             k = pos.trial
+            # epochs of the plan before this candidate's first (also when resumed inside it: the
+            # counter moves on at the end of each epoch, with the position)
+            first_epoch = self.run.epoch_counter - pos.epoch
             if self.phase is None:
                 self.phase = self.make_phase(trial.candidates[k])
             while pos.epoch < trial.epochs:
@@ -239,7 +245,7 @@ class Trainer:
             score = float(record[trial.monitor])
             if trial.score_better(score, None if ss.trial_best is None else ss.trial_best.score):
                 ss.trial_best = TrialBest(score, k, clone_state(self.model.state_dict()), self.phase.state_dict(),
-                                          torch.get_rng_state())
+                                          self._rng_states())
             self._drop_phase()
             if k + 1 < len(trial.candidates):
                 assert ss.trial_start is not None
@@ -251,10 +257,28 @@ class Trainer:
                 ss.chosen = dict(trial.candidates[best.index])
                 self.load_model_state(best.model)
                 self.phase = self.load_phase(best.phase)
+                self._set_rng_states(best.rng)
+                self.run.epoch_counter = first_epoch - (k - best.index) * trial.epochs + trial.epochs
                 ss.trial_start, ss.trial_best = None, None
                 pos.at(trial=None, epoch=trial.epochs)
                 self.log_event(f"trial chose {ss.chosen} ({trial.monitor}={best.score:.4g})")
             self.checkpoint()
+
+    def _rng_states(self) -> torch.Tensor:
+        """torch's random state here; under torch.distributed every rank's, one row each (a
+        checkpoint, written by rank 0, then carries every rank's)."""
+        state = torch.get_rng_state()
+        if not self.procs.distributed:
+            return state
+        import torch.distributed as dist
+
+        states: List[Any] = [None] * self.world
+        dist.all_gather_object(states, state)
+        return torch.stack(states)
+
+    def _set_rng_states(self, rng: torch.Tensor) -> None:
+        # a copy: torch.set_rng_state reads a view at an offset (a row) from the wrong place, or crashes
+        torch.set_rng_state((rng[self.procs.rank] if rng.dim() == 2 else rng).clone())
 
     def _run_main(self, spe: int) -> None:
         """The stage's epochs after any trial, each followed by its adjust rules."""
