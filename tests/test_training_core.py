@@ -142,10 +142,12 @@ def test_stages_switch_as_configured_and_metrics_logged(tmp_path):
 
 
 def scripted_metric(values):
+    """A validation metric that returns ``values`` in turn (one validation batch per epoch), then
+    the last one again (the validation of the final weights after the last epoch)."""
     it = iter(values)
 
     def score(out, y):
-        return next(it)
+        return next(it, values[-1])
 
     return score
 
@@ -369,3 +371,23 @@ def test_trial_continues_from_the_winner_whatever_ran_after_it():
     assert [r["val_loss"] for r in main2] == [r["val_loss"] for r in main3]
     for k in w2:
         assert torch.equal(w2[k], w3[k]), k
+
+
+def test_summary_final_describes_the_restored_weights(tmp_path):
+    """After RestoreBest in the last stage, summary.json's "final" is the validation of the weights
+    in final.pt (the restored epoch's), and the restore is logged at the stage's last epoch."""
+    train, val = blobs()
+    st = Stage("a", "sgd", epochs=4, batch_size=30, lr=2.0, adjust=[RestoreBest("val_loss")])
+    model = mlp()
+    tr = Trainer(model, F.cross_entropy, train, val, [st], run_dir=str(tmp_path), quiet=True)
+    hist = tr.fit()
+    s = json.loads((tmp_path / "summary.json").read_text())
+    best = min(hist, key=lambda r: r["val_loss"])
+    assert best is not hist[-1], "the job must restore an earlier epoch"
+    truth = tr.evaluate(val)
+    model.load_state_dict(torch.load(tmp_path / "final.pt"))
+    assert tr.evaluate(val) == truth
+    assert s["final"] == {"val_loss": truth["loss"], "val_accuracy": truth["accuracy"],
+                          "train_loss": best["train_loss"], "global_epoch": best["global_epoch"]}
+    assert s["final"]["val_loss"] == best["val_loss"]
+    assert s["events"] == [f"[a e4] restored best val_loss={best['val_loss']:.4g} from stage epoch {best['epoch']}"]

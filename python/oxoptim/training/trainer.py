@@ -126,6 +126,7 @@ class Trainer:
         self.phase: Optional[Phase] = None
         self._t0 = time.time()
         self._elapsed_base = 0.0
+        self._final: Optional[dict] = None  # validation of the weights the run ended with (final.pt)
 
     # ----- what rules and callers see -------------------------------------------------------
 
@@ -294,13 +295,13 @@ class Trainer:
                 a = r.on_epoch_end(self, record)
                 if a == "stop" or (a == "next_stage" and action is None):
                     action = a
-            pos.next_epoch()
             if action == "stop":
                 self.run.stopped = True
-            if action is not None or pos.epoch >= st.epochs:
-                self._end_stage()
+            if action is not None or pos.epoch + 1 >= st.epochs:
+                self._end_stage()  # its events carry this epoch's label; it moves the position on
                 self.checkpoint()
                 return
+            pos.next_epoch()
             self.checkpoint()
 
     def _end_stage(self) -> None:
@@ -464,14 +465,18 @@ class Trainer:
 
     def summary(self) -> dict:
         run = self.run
-        main = [r for r in run.history if r["phase"] == "main"]
-        last = main[-1] if main else (run.history[-1] if run.history else {})
+        if self._final is not None:
+            final = dict(self._final)
+        else:  # before fit has finished: the last epoch's
+            main = [r for r in run.history if r["phase"] == "main"]
+            last = main[-1] if main else (run.history[-1] if run.history else {})
+            final = {k: v for k, v in last.items() if k.startswith("val_") or k == "train_loss"}
         return {
             "plan": self.plan(),
             "epochs_run": len(run.history),
             "steps": run.global_step,
             "stopped_early": run.stopped,
-            "final": {k: v for k, v in last.items() if k.startswith("val_") or k == "train_loss"},
+            "final": final,
             "wall_time_s": round(run.elapsed, 2),
             "events": run.events,
             "threads": torch.get_num_threads(),
@@ -484,9 +489,23 @@ class Trainer:
         """SHA-256 of the model's state (names, dtypes, shapes and bytes): equal digests, equal weights."""
         return param_digest(self.model)
 
+    def _final_metrics(self) -> dict:
+        """Validation of the weights the run ends with (those of ``final.pt``: after a RestoreBest,
+        the restored ones, not the last epoch's), as ``val_<name>``; with the ``train_loss`` and
+        ``global_epoch`` of the epoch record that scored exactly these values, if there is one."""
+        if not self.run.history:
+            return {}
+        final = {f"val_{k}": v for k, v in self.evaluate(self.task.val).items()}
+        for record in reversed(self.run.history):
+            if all(record.get(k) == v for k, v in final.items()):
+                final.update(train_loss=record["train_loss"], global_epoch=record["global_epoch"])
+                break
+        return final
+
     def _finish(self) -> None:
         if self.procs.distributed:  # every rank must hold the same weights; the summary records it
             self.meta.update(self.procs.agreement(self.model))
+        self._final = self._final_metrics()
         self.progress.write_final(self.model, self.run.history)
         self.write_summary()
 
