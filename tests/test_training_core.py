@@ -373,6 +373,80 @@ def test_trial_continues_from_the_winner_whatever_ran_after_it():
         assert torch.equal(w2[k], w3[k]), k
 
 
+def test_divergent_training_stops_with_nonfinite_loss_and_can_resume(tmp_path):
+    """A stage whose loss goes NaN stops the run with NonFiniteLoss at the end of that epoch: no
+    NaN record, no summary.json or final.pt, no checkpoint of diverged weights; the run resumes
+    from its last good checkpoint (and, its settings unchanged, stops there again)."""
+    from oxoptim.training.checkpoint import list_checkpoints, load_checkpoint
+    from oxoptim.training.errors import ConfigError
+    from oxoptim.training.trainer import NonFiniteLoss
+
+    train, val = blobs()
+    stages = [Stage("good", "sgd", epochs=2, batch_size=30, lr=0.05),
+              Stage("bad", "sgd", epochs=2, batch_size=30, lr=1e38)]
+
+    def trainer():
+        return Trainer(mlp(), F.cross_entropy, train, val, stages, run_dir=str(tmp_path), quiet=True,
+                       checkpoint_every=3)
+
+    with pytest.raises(NonFiniteLoss, match=r"training diverged in stage 'bad' epoch 1.*training loss is (nan|inf)") as e:
+        trainer().fit()
+    assert isinstance(e.value, ConfigError)  # `oxoptim train`: one line, exit status 2
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["good", "good"]
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "final.pt").exists()
+    for path in list_checkpoints(str(tmp_path)):
+        s = load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in s["model"].values()), path
+    latest = load_checkpoint(list_checkpoints(str(tmp_path))[0])
+    assert latest["pos"]["stage"] == 1 and latest["global_step"] >= 12  # the good stage's 12 steps are kept
+    tr = trainer()
+    with pytest.raises(NonFiniteLoss, match="stage 'bad' epoch 1"):
+        tr.fit(resume=True)
+    assert len(tr.history) == 2  # resumed: the good stage was not run again
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_nonfinite_loss_from_the_cli_is_one_line(tmp_path, capsys):
+    from oxoptim.__main__ import main
+    from training_jobs import TINY_DATA, reviews, write_rows
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    (tmp_path / "job.toml").write_text("seed = 1\nthreads = 1\n" + TINY_DATA.format(train="reviews.jsonl").replace(
+        'text_column = "review"\nlabel_column = "stars"\n', "") + """
+[model]
+embed_dim = 8
+hidden = 8
+
+[[stages]]
+name = "a"
+epochs = 2
+batch_size = 16
+lr = 1e30
+""")
+    capsys.readouterr()
+    rc = main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(tmp_path / "run"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc != 0
+    assert len(err.strip().splitlines()) == 1 and err.startswith("oxoptim train: error: training diverged"), err
+    assert "test accuracy" not in out and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_diverging_trial_candidate_drops_out():
+    from oxoptim.training.trainer import NonFiniteLoss
+
+    train, val = blobs()
+    st = Stage("s", "sgd", epochs=3, batch_size=30, lr=0.05, adjust=[Trial([1e38, 0.05, 3e38], epochs=1)])
+    tr = Trainer(mlp(), F.cross_entropy, train, val, [st], quiet=True)
+    hist = tr.fit()
+    assert [r["phase"] for r in hist] == ["trial 1 {'lr': 0.05}", "main", "main"]
+    assert tr.run.stage.chosen == {} and any("trial chose {'lr': 0.05}" in e for e in tr.run.events)
+    assert sum("dropped out" in e for e in tr.run.events) == 2
+    st = Stage("s", "sgd", epochs=3, batch_size=30, lr=0.05, adjust=[Trial([1e38, 3e38], epochs=1)])
+    with pytest.raises(NonFiniteLoss, match="every trial candidate diverged"):
+        Trainer(mlp(), F.cross_entropy, train, val, [st], quiet=True).fit()
+
+
 def test_summary_final_describes_the_restored_weights(tmp_path):
     """After RestoreBest in the last stage, summary.json's "final" is the validation of the weights
     in final.pt (the restored epoch's), and the restore is logged at the stage's last epoch."""

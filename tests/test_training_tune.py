@@ -548,3 +548,34 @@ def test_distributed_stage_checks():
     _check_for_processes(cfg, 1)
     with pytest.raises(ConfigError, match="under DDP, step_in_backward accumulates gradients"):
         _check_for_processes(cfg, 2)
+
+
+# ----- divergence, and a study without a completed trial ---------------------------------------------
+
+class DivergingJob(FakeJob):
+    """FakeJob, except that a trial with lr above ``limit`` diverges in its second epoch."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def __call__(self, cfg, run_dir, quiet=False, on_record=None, evaluate_test=True, fold=None, announce=True):
+        from oxoptim.training.trainer import NonFiniteLoss
+
+        if cfg["stages"][0]["lr"] > self.limit:
+            on_record({"global_epoch": 1, "val_accuracy": 0.5})
+            raise NonFiniteLoss("training diverged in stage 'explore' epoch 2, by step 9: the training loss is nan")
+        return super().__call__(cfg, run_dir, quiet, on_record, evaluate_test, fold, announce)
+
+
+def test_a_diverging_trial_is_pruned_not_failed(tmp_path):
+    """A trial whose training diverges (NonFiniteLoss) is pruned with the reason: the search goes on
+    (three in a row do not stop the worker as failures would)."""
+    plan = fake_plan({"pruner": "none", "sampler": "random", "seed": 2})
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "div", create=True)
+    lines = []
+    Worker(plan, study, str(tmp_path), trials=8, say=lines.append, run_job=DivergingJob(limit=0.0)).work()
+    trials = study.get_trials()
+    assert len(trials) == 8 and all(t.state.name == "PRUNED" and "diverged" in t.user_attrs for t in trials)
+    assert all(t.user_attrs["epochs_run"] == 1 for t in trials)
+    assert sum("pruned: training diverged" in line for line in lines) == 8

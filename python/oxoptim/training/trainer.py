@@ -9,6 +9,7 @@ run's progress in the typed records of :mod:`.state`.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from . import resume as checkpoints
 from .adversarial import EmbeddingAdversary
 from .batching import epoch_order, full_batch_gradient, steps_per_epoch
 from .distributed import Processes, check_distributed_stage, param_digest
+from .errors import ConfigError
 from .evaluation import evaluate
 from .phase import Phase
 from .progress import Progress, epoch_line
@@ -28,7 +30,20 @@ from .stages import Stage
 from .state import RunningLoss, RunState, StageState, TrialBest, clone_state
 from .tasks import ClassificationTask, Task
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "NonFiniteLoss"]
+
+
+class NonFiniteLoss(ConfigError, ArithmeticError):
+    """Training diverged: an epoch's training loss (or the weights) became NaN or infinite.
+
+    :meth:`Trainer.fit` raises it at the end of that epoch (or at a checkpoint inside it), before the
+    epoch is evaluated or recorded and before any checkpoint of the diverged state is written, so the
+    run directory keeps the checkpoints from before (``fit(resume=True)`` continues from the last
+    of them) and gets no ``summary.json`` or ``final.pt``. A Trial candidate that diverges only
+    loses the trial; the run stops when every candidate does. It is a :class:`ConfigError` (the
+    job's settings do not train, e.g. the learning rate is too high): ``oxoptim train`` prints it in
+    one line and exits with status 2.
+    """
 
 
 class Trainer:
@@ -228,7 +243,8 @@ class Trainer:
         run continues from the best one (its weights, optimizer, averager and RNG state, and the
         data order it would have had next, so that candidates that ran after it change nothing).
         Candidate k's epochs draw the data orders of epochs ``k * trial.epochs ...`` after the
-        stage's start."""
+        stage's start. A candidate whose training diverges (:class:`NonFiniteLoss`) drops out; the
+        run stops when every candidate does."""
         trial, pos, ss = self.stage.trial(), self.run.pos, self.run.stage
         assert trial is not None  # a trial position only exists in a stage with a Trial
         while pos.trial is not None:
@@ -238,15 +254,25 @@ class Trainer:
             first_epoch = self.run.epoch_counter - pos.epoch
             if self.phase is None:
                 self.phase = self.make_phase(trial.candidates[k])
-            while pos.epoch < trial.epochs:
-                record = self._run_epoch(spe, f"trial {k} {trial.candidates[k]}")
-                pos.next_epoch()
-                if pos.epoch < trial.epochs:
-                    self.checkpoint()
-            score = float(record[trial.monitor])
-            if trial.score_better(score, None if ss.trial_best is None else ss.trial_best.score):
-                ss.trial_best = TrialBest(score, k, clone_state(self.model.state_dict()), self.phase.state_dict(),
-                                          self._rng_states())
+            record: Optional[dict] = None
+            try:
+                while pos.epoch < trial.epochs:
+                    record = self._run_epoch(spe, f"trial {k} {trial.candidates[k]}")
+                    pos.next_epoch()
+                    if pos.epoch < trial.epochs:
+                        self.checkpoint()
+            except NonFiniteLoss as e:
+                if k + 1 == len(trial.candidates) and ss.trial_best is None:
+                    raise NonFiniteLoss(f"every trial candidate diverged; the last: {e}") from None
+                record = None
+                self.run.running = RunningLoss()
+                self.run.epoch_counter = first_epoch + trial.epochs  # as if it had run them all
+                self.log_event(f"trial {k} {trial.candidates[k]} dropped out: its training diverged")
+            if record is not None:
+                score = float(record[trial.monitor])
+                if trial.score_better(score, None if ss.trial_best is None else ss.trial_best.score):
+                    ss.trial_best = TrialBest(score, k, clone_state(self.model.state_dict()),
+                                              self.phase.state_dict(), self._rng_states())
             self._drop_phase()
             if k + 1 < len(trial.candidates):
                 assert ss.trial_start is not None
@@ -360,7 +386,9 @@ class Trainer:
             self.progress.close_bar()
         run.epoch_counter += 1
         train_s = time.time() - t_epoch
-        totals = self.procs.sum(torch.tensor([run.running.loss_sum, float(run.running.n)], dtype=torch.float64))
+        totals = self.procs.sum(torch.tensor([run.running.loss_sum, float(run.running.n), self._bad_weights()],
+                                             dtype=torch.float64))
+        self._stop_if_diverged(totals, phase_label)
         val = {f"val_{k}": v for k, v in self.evaluate(self.task.val, weights="evaluated").items()}
         run.elapsed = self.elapsed_now()
         record = {
@@ -461,7 +489,31 @@ class Trainer:
             return evaluate(self.task, self.model, data, self.eval_batch_size, self.procs, self.bucket > 0)
 
     def checkpoint(self) -> None:
+        """Saves the run (never a diverged one: :class:`NonFiniteLoss` instead)."""
+        self._stop_if_diverged(self.procs.sum(torch.tensor(
+            [self.run.running.loss_sum, float(self.run.running.n), self._bad_weights()], dtype=torch.float64)))
         checkpoints.save(self)
+
+    def _bad_weights(self) -> float:
+        """1.0 when a trained parameter holds NaN or inf."""
+        return float(any(not bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad))
+
+    def _stop_if_diverged(self, totals: torch.Tensor, phase_label: Optional[str] = None) -> None:
+        """Raises :class:`NonFiniteLoss` when the summed training loss (over the ranks) or the
+        weights are not finite; ``totals`` is [loss sum, examples, ranks with bad weights], the same
+        on every rank, so that every rank stops together."""
+        loss = float(totals[0]) / max(1.0, float(totals[1]))
+        if math.isfinite(loss) and not float(totals[2]):
+            return
+        pos = self.run.pos
+        where = (f"stage {self.stage.name!r} epoch {pos.epoch + 1}" if pos.stage < len(self.stages)
+                 else "the last stage")
+        if phase_label is not None and phase_label != "main":
+            where += f" ({phase_label})"
+        what = (f"the training loss is {loss}" if not math.isfinite(loss) else "the weights hold NaN or inf")
+        raise NonFiniteLoss(f"training diverged in {where}, by step {self.run.global_step}: {what} "
+                            f"(lower the learning rate?); the run stopped before writing a summary (checkpoints from "
+                            f"before the divergence are kept)")
 
     def summary(self) -> dict:
         run = self.run

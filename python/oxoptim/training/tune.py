@@ -372,6 +372,8 @@ class Worker:
             trial.set_user_attr("infeasible", str(e))
             trial.set_user_attr("epochs_run", 0)
             raise optuna.TrialPruned(f"infeasible: {e}") from None
+        from .trainer import NonFiniteLoss
+
         folds = self.plan.settings.cv_folds
         trial_dir = self._trial_dir(trial)
         planned = planned_epochs(job, folds)
@@ -404,6 +406,9 @@ class Worker:
                 if i + 1 < folds and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {i + 1} of {folds}")
             return statistics.fmean(scores)
+        except NonFiniteLoss as e:  # a setting that diverges loses: not a failure, run again
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
             trial.set_user_attr("epochs_run", spent["epochs"])
             trial.set_user_attr("train_s", round(time.time() - t0, 2))
@@ -432,6 +437,10 @@ class Worker:
         self.failures = 0
         if trial.user_attrs.get("infeasible"):
             self.say(f"trial {trial.number} pruned before training, infeasible: {trial.user_attrs['infeasible']}")
+            return
+        if trial.user_attrs.get("diverged"):
+            self.say(f"trial {trial.number} pruned: {trial.user_attrs['diverged']} "
+                     f"({', '.join(f'{k}={_short(v)}' for k, v in trial.params.items())})")
             return
         value = trial.value if trial.value is not None else (
             trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
