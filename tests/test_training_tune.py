@@ -579,3 +579,60 @@ def test_a_diverging_trial_is_pruned_not_failed(tmp_path):
     assert len(trials) == 8 and all(t.state.name == "PRUNED" and "diverged" in t.user_attrs for t in trials)
     assert all(t.user_attrs["epochs_run"] == 1 for t in trials)
     assert sum("pruned: training diverged" in line for line in lines) == 8
+
+
+def test_no_completed_trial_is_a_one_line_error(tmp_path, capsys):
+    """Every trial pruned: the report says so in one line (how many pruned, failed), exit status 1,
+    after writing trials.md; best.toml and the final runs are refused with the same error."""
+    from oxoptim.training.tune import NoCompletedTrial, final_runs
+    from oxoptim.training.tune_cli import _report
+    from oxoptim.training.tune_report import write_best_plan
+
+    plan = fake_plan({"pruner": "none", "sampler": "random", "seed": 2})
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(plan, url, "none", create=True)
+    Worker(plan, study, str(tmp_path), trials=2, say=lambda *a: None, run_job=DivergingJob(limit=0.0)).work()
+    capsys.readouterr()
+    assert _report(plan, study, str(tmp_path), url, 2, say=print) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"oxoptim tune: error: no trial completed (2 pruned), so there is no best plan; "
+                                f"the trials are listed in {tmp_path / 'trials.md'}"]
+    assert (tmp_path / "trials.md").exists() and not (tmp_path / "best.toml").exists()
+    with pytest.raises(NoCompletedTrial, match=r"no trial completed \(2 pruned\)"):
+        write_best_plan(plan, study, str(tmp_path / "best.toml"))
+    with pytest.raises(NoCompletedTrial):
+        final_runs(plan, study, str(tmp_path), run_job=final_job)
+
+
+def test_tune_cli_without_a_completed_trial(tmp_path, capsys):
+    """The CLI end to end: the only trial draws settings infeasible together (pruned before training)."""
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text("""
+seed = 2
+threads = 1
+[tune]
+trials = 1
+sampler = "random"
+seed = 1
+pruner = "none"
+final_seeds = 1
+heartbeat = 1
+""" + TINY_DATA.replace("{train}", "reviews.jsonl") + """
+[model]
+embed_dim = 8
+hidden = 8
+[[stages]]
+name = "warm"
+epochs = 1
+batch_size = { choice = [16, 2] }
+accumulate = { choice = [1, 4] }
+lr = 1e-2
+""")
+    capsys.readouterr()
+    rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip().splitlines() == [f"oxoptim tune: error: no trial completed (1 pruned), so there is no best "
+                                        f"plan; the trials are listed in {tmp_path / 't' / 'trials.md'}"], err

@@ -28,7 +28,7 @@ from .errors import ConfigError, MissingDependency, integer, unknown_name
 from .rules import monitorable
 from .search_space import Param, as_optuna_params, check_space, default_values, find_params, substitute, suggest
 
-__all__ = ["Plan", "TuneSettings", "TrialsFailing", "redact", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
+__all__ = ["Plan", "TuneSettings", "TrialsFailing", "NoCompletedTrial", "best_trial", "redact", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
            "SAMPLERS", "trial_values", "planned_epochs"]
 
 TUNE_KEYS = ("trials", "metric", "sampler", "pruner", "cv_folds", "final_seeds", "seed", "heartbeat")
@@ -294,6 +294,24 @@ class TrialsFailing(RuntimeError):
     """Trials keep failing: the worker stops (``oxoptim tune`` says so in one line, exit status 1)."""
 
 
+class NoCompletedTrial(RuntimeError):
+    """The study has no completed trial, so no best plan (``oxoptim tune`` says so in one line,
+    exit status 1)."""
+
+
+def best_trial(study):
+    """The study's best completed trial; :class:`NoCompletedTrial` (with the trials' states) when none completed."""
+    if not study.get_trials(deepcopy=False, states=_states("COMPLETE")):
+        counts: Dict[str, int] = {}
+        for t in study.get_trials(deepcopy=False):
+            if not t.user_attrs.get("surplus"):
+                state = {"FAIL": "failed"}.get(t.state.name, t.state.name.lower())
+                counts[state] = counts.get(state, 0) + 1
+        listed = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials"
+        raise NoCompletedTrial(f"no trial completed ({listed}), so there is no best plan")
+    return study.best_trial
+
+
 class _Surplus(Exception):
     """The study already has its trials (finished or under way) without this one."""
 
@@ -512,7 +530,7 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
     runs go to that many worker processes (each run sets its own threads and seeds, so the
     results are those of running them one after another); ``run_job`` must then be picklable."""
     n = plan.settings.final_seeds
-    plans = {"best": trial_values(plan, study.best_trial.params)}
+    plans = {"best": trial_values(plan, best_trial(study).params)}
     if plan.defaults is not None:
         plans["default"] = plan.defaults
     if plans.get("default") == plans["best"]:  # the search kept the hand-written plan: run it once

@@ -34,7 +34,7 @@ def add_tune_parser(subparsers):
                    help="Optuna storage, e.g. postgresql://user:pw@host/db to share the study between machines "
                    f"(default: ${STORAGE_ENV}, else sqlite:///RUN_DIR/study.db)")
     p.add_argument("--study", default="oxoptim", metavar="NAME", help="study name in the storage (default oxoptim)")
-    p.add_argument("--run-dir", metavar="DIR", help="output directory (default: runs/tune-<timestamp>)")
+    p.add_argument("--run-dir", metavar="DIR", help="output directory (default: runs/tune-<timestamp>: a new study each time)")
     p.add_argument("--worker-only", action="store_true", help="only run trials of an existing study (another "
                    "machine's `oxoptim tune` writes the results)")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines")
@@ -124,15 +124,20 @@ def _check_folds(job: dict, folds: int) -> None:
 
 
 def _report(plan, study, run_dir: str, storage: str, trials: int, say, jobs: int = 1) -> int:
-    from .tune import baseline_trial, final_runs, redact, wait_for_others
+    from .tune import NoCompletedTrial, baseline_trial, best_trial, final_runs, redact, wait_for_others
     from .tune_report import (compute_spent, format_mean_sd, write_best_plan, write_plots, write_summary,
                               write_trials)
 
     wait_for_others(study)
     write_trials(study, os.path.join(run_dir, "trials.md"), os.path.join(run_dir, "trials.csv"))
+    try:
+        best = best_trial(study)
+    except NoCompletedTrial as e:
+        print(f"oxoptim tune: error: {e}; the trials are listed in {os.path.join(run_dir, 'trials.md')}",
+              file=sys.stderr, flush=True)
+        return 1
     spent = compute_spent(study)
     missing = write_plots(study, run_dir)
-    best = study.best_trial
     best_path = os.path.join(run_dir, "best.toml")
     write_best_plan(plan, study, best_path)
     base = baseline_trial(study)

@@ -17,9 +17,9 @@ __all__ = ["write_best_plan", "trial_rows", "write_trials", "compute_spent", "wr
 
 def write_best_plan(plan, study, path: str) -> dict:
     """The best trial's job as a TOML file ``oxoptim train --config`` runs; returns that job."""
-    from .tune import trial_values
+    from .tune import best_trial, trial_values
 
-    best = study.best_trial
+    best = best_trial(study)
     values = trial_values(plan, best.params)
     job = plan.job(values)
     scored = (f"mean over {plan.settings.cv_folds}-fold cross-validation of the training split"
