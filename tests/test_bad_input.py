@@ -298,3 +298,25 @@ def test_step_arithmetic_torch_refuses_raises_its_error_and_changes_nothing(name
         if cls is getattr(oxoptim, name):
             assert_unchanged(opt, before)
     assert raised == [str(error)] * 2
+
+
+def test_adafactor_group_torch_fails_part_way_is_not_half_stepped() -> None:
+    """A vector whose state stayed float32 after ``model.double()`` makes torch raise at that
+    vector; a matrix after it in the group (fresh state) must not have been stepped by the
+    kernel's first (matrices) call before the refusal."""
+    outcomes = []
+    for cls in (oxoptim.Adafactor, torch.optim.Adafactor):
+        v, m = torch.linspace(-1, 1, 3).requires_grad_(), torch.linspace(-1, 1, 6).reshape(2, 3).requires_grad_()
+        opt = cls([v, m], lr=0.1)
+        v.grad = torch.full((3,), 0.5)
+        opt.step()  # state for v only, float32
+        for p in (v, m):
+            p.data = p.data.double()
+        v.grad, m.grad = torch.full((3,), 0.5, dtype=torch.float64), torch.full((2, 3), 0.5, dtype=torch.float64)
+        before = m.detach().clone()
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        outcomes.append((str(info.value), v.detach().clone(), m.detach().clone()))
+        assert torch.equal(m.detach(), before), cls
+    assert outcomes[0][0] == outcomes[1][0]
+    assert torch.equal(outcomes[0][1], outcomes[1][1]) and torch.equal(outcomes[0][2], outcomes[1][2])

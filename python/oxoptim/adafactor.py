@@ -124,25 +124,30 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
 
     def _kernel_takes(self, params: list, grads: list) -> bool:
         """Whether every parameter is one the kernel steps as torch would (a
-        float dtype, not empty, its gradient of its shape, its state of the
-        shapes torch gives it) and no parameter or gradient shares memory with
-        another: the two kernel calls each check their own tensors (device,
-        layout, overlaps) before writing, this covers what lies between them."""
+        float dtype, not empty, dense contiguous CPU tensors, its gradient and
+        state of its dtype and of the shapes torch gives them) and no parameter
+        or gradient shares memory with another: what either kernel call would
+        refuse is found before the first one writes (torch, stepping the
+        parameters in order, may raise part-way: a state of another dtype)."""
         state = self.state  # type: ignore[attr-defined]
         storages = set()
         for p, g in zip(params, grads):
             shape = p.shape
-            if p.dtype not in _KERNEL_DTYPES or g.shape != shape or p.numel() == 0 or g.is_sparse:
+            if p.dtype not in _KERNEL_DTYPES or g.shape != shape or p.numel() == 0 or g.is_sparse or g.dtype != p.dtype:
                 return False
             entry = state[p]
             if len(shape) >= 2:
                 row, col = entry.get("row_var"), entry.get("col_var")
                 if row is None or col is None or row.shape != _state_shape("row_var", shape) or col.shape != _state_shape("col_var", shape):
                     return False
+                arrays = [p, g, row, col]
             else:
                 variance = entry.get("variance")
                 if variance is None or variance.shape != shape:
                     return False
+                arrays = [p, g, variance]
+            if not all(t.dtype == p.dtype and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() for t in arrays):
+                return False
             storages.add(p.untyped_storage().data_ptr())
             storages.add(g.untyped_storage().data_ptr())
         return len(storages) == 2 * len(params)
