@@ -151,3 +151,117 @@ def test_total_norm_of_a_tensor_listed_twice_matches_torch():
         torch.testing.assert_close(
             oxoptim.get_total_norm([t, t[:10], t], norm_type), torch.nn.utils.get_total_norm([t, t[:10], t], norm_type)
         )
+
+
+# Gradients whose norm leaves the range of the dtype torch reduces in (float32
+# for float32, bfloat16 and float16; float64 for float64). Each case:
+# (dtype, norm_type, tensors as (numel, value)). torch's per-tensor
+# ``vector_norm`` sums |x|^p in that dtype, then takes the norm of the stacked
+# per-tensor norms; a tensor of one element is its |x|.
+_F32, _BF16, _F16, _F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+RANGE_CASES = {
+    # the review's cases: torch's float32 sum of squares / cubes / powers overflows
+    "f32-p2-4096x4e17": (_F32, 2.0, [(4096, 4e17)]),
+    "f32-p2-2x1.5e19": (_F32, 2.0, [(2, 1.5e19)]),
+    "f32-p3-2x1e13": (_F32, 3.0, [(2, 1e13)]),
+    "f32-p1000-2x2": (_F32, 1000.0, [(2, 2.0)]),
+    # ... or underflows: each |x|^3 is 0 in float32, so torch's norm is 0
+    "f32-p3-5x1e-20": (_F32, 3.0, [(5, 1e-20)]),
+    "f32-p1000-2x0.9": (_F32, 1000.0, [(2, 0.9)]),
+    # |x|^3 = 1e-45 is float32's smallest subnormal: torch's terms lose digits
+    "f32-p3-5x1e-15-subnormal": (_F32, 3.0, [(5, 1e-15)]),
+    # finite per-tensor norms whose stacked norm overflows (the total-norm stage)
+    "f32-p2-total-[1.5e19]+[1.5e19]": (_F32, 2.0, [(1, 1.5e19), (1, 1.5e19)]),
+    "f32-p2-total-2x1.3e19+2x1.3e19": (_F32, 2.0, [(2, 1.3e19), (2, 1.3e19)]),
+    "f32-p3-total-[6e12]+[6e12]": (_F32, 3.0, [(1, 6e12), (1, 6e12)]),
+    "f32-p3-total-[3e38]+empty": (_F32, 3.0, [(1, 3e38), (0, 0.0)]),
+    "bf16-p2-4096x4e17": (_BF16, 2.0, [(4096, 4e17)]),
+    "bf16-p2-total-[1.5e19]+[1.5e19]": (_BF16, 2.0, [(1, 1.5e19), (1, 1.5e19)]),
+    "bf16-p1000-2x2": (_BF16, 1000.0, [(2, 2.0)]),
+    "bf16-p3-4x1e-20": (_BF16, 3.0, [(4, 1e-20)]),
+    "f16-p1000-2x2": (_F16, 1000.0, [(2, 2.0)]),
+    "f16-p20-2x300": (_F16, 20.0, [(2, 300.0)]),
+    # one tensor of one element: torch returns |x| whatever p, with no |x|^p to overflow
+    "f64-p2-single-1e300": (_F64, 2.0, [(1, 1e300)]),
+    "f64-p2-single-1e-200": (_F64, 2.0, [(1, 1e-200)]),
+}
+# Cases the float64 accumulation already got right; they guard the emulation
+# (float16 norms above 65504, p < 1, one-element tensors, float64's own range).
+RANGE_GUARDS = {
+    "f16-p2-2x60000": (_F16, 2.0, [(2, 60000.0)]),
+    "f16-p2-total-[50000]+[50000]": (_F16, 2.0, [(1, 50000.0), (1, 50000.0)]),
+    "f16-p1-total-[40000]+[40000]": (_F16, 1.0, [(1, 40000.0), (1, 40000.0)]),
+    "f16-p2-100000x300": (_F16, 2.0, [(100_000, 300.0)]),
+    "f16-p3-2x60000": (_F16, 3.0, [(2, 60000.0)]),
+    "f16-p3-single-60000": (_F16, 3.0, [(1, 60000.0)]),
+    "f32-p1-2x2e38": (_F32, 1.0, [(2, 2e38)]),
+    "f32-p0.5-2x1e38": (_F32, 0.5, [(2, 1e38)]),
+    "f32-p0.5-2x1e20": (_F32, 0.5, [(2, 1e20)]),
+    "f32-p3-single-3e38": (_F32, 3.0, [(1, 3e38)]),
+    "f32-p3-single-1e-20": (_F32, 3.0, [(1, 1e-20)]),
+    "f32-p1000-single-2": (_F32, 1000.0, [(1, 2.0)]),
+    "f32-p2-1e-23": (_F32, 2.0, [(5, 1e-23)]),
+    "f32-pinf-3e38": (_F32, float("inf"), [(2, 3e38), (1, 3e38)]),
+    "bf16-p2-4x1e-30": (_BF16, 2.0, [(4, 1e-30)]),
+    "f64-p2-total-[1e300]+[1e300]": (_F64, 2.0, [(1, 1e300), (1, 1e300)]),
+    "f64-p1000-2x2": (_F64, 1000.0, [(2, 2.0)]),
+    "f64-p3-2x1e-110": (_F64, 3.0, [(2, 1e-110)]),
+}
+
+
+def _range_grads(dtype, spec):
+    ps = []
+    for numel, value in spec:
+        p = torch.zeros(numel, dtype=dtype, requires_grad=True)
+        p.grad = torch.full((numel,), value, dtype=dtype)
+        ps.append(p)
+    return ps
+
+
+def _check_range_case(dtype, norm_type, spec):
+    ours, theirs = _range_grads(dtype, spec), _range_grads(dtype, spec)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    got = oxoptim.clip_grad_norm_(ours, 1.0, norm_type)
+    assert got.dtype == want.dtype
+    if not want.isfinite() or want.item() == 0.0:
+        assert torch.equal(got, want), (got, want)  # inf and 0 exactly
+    else:
+        torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=0)
+    for p, q in zip(ours, theirs):  # an infinite norm zeroes the gradients (coef = max_norm / inf)
+        torch.testing.assert_close(p.grad, q.grad, rtol=TOL[dtype], atol=0, equal_nan=True)
+    grads = [t.grad for t in _range_grads(dtype, spec)]
+    want_total = torch.nn.utils.get_total_norm(grads, norm_type)
+    got_total = oxoptim.get_total_norm(grads, norm_type)
+    assert torch.equal(got_total, want_total) or want_total.isfinite() and want_total.item() != 0.0
+
+
+@pytest.mark.parametrize("case", list(RANGE_CASES))
+def test_norm_leaving_the_reduction_dtype_range_matches_torch(case):
+    _check_range_case(*RANGE_CASES[case])
+
+
+@pytest.mark.parametrize("case", list(RANGE_GUARDS))
+def test_norm_at_the_range_edges_stays_torch_s(case):
+    _check_range_case(*RANGE_GUARDS[case])
+
+
+@pytest.mark.parametrize(
+    "dtype, norm_type, spec",
+    [
+        (_F32, 1000.0, [(2, 2.0)]),
+        (_F32, 2.0, [(4096, 4e17)]),
+        (_F32, 2.0, [(2, 1.3e19), (2, 1.3e19)]),
+        (_BF16, 3.0, [(2, 1e13)]),
+        (_F16, 1000.0, [(2, 2.0)]),
+    ],
+    ids=["f32-p1000-2x2", "f32-p2-4096x4e17", "f32-p2-total-2x1.3e19+2x1.3e19", "bf16-p3-2x1e13", "f16-p1000-2x2"],
+)
+def test_overflowing_norm_raises_like_torch(dtype, norm_type, spec):
+    with pytest.raises(RuntimeError, match="non-finite") as e2:
+        torch.nn.utils.clip_grad_norm_(_range_grads(dtype, spec), 1.0, norm_type, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite") as e1:
+        oxoptim.clip_grad_norm_(_range_grads(dtype, spec), 1.0, norm_type, error_if_nonfinite=True)
+    assert str(e1.value) == str(e2.value)
+    grads = [p.grad for p in _range_grads(dtype, spec)]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        oxoptim.get_total_norm(grads, norm_type, error_if_nonfinite=True)

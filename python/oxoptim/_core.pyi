@@ -114,6 +114,7 @@ def tensor_norm(
     tensors: list[torch.Tensor],
     norm_type: float,
     *,
+    as_torch: bool = False,
     num_threads: int = 1,
     backend: Optional[str] = None,
 ) -> Optional[float]: ...

@@ -15,13 +15,17 @@ _Tensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 
 
 def _native_total_norm(grads: list, norm_type: float) -> Optional[torch.Tensor]:
-    """The total norm as torch returns it (a 0-d tensor of the gradients' dtype), or None."""
+    """The total norm as torch returns it (a 0-d tensor of the gradients' dtype), or None.
+
+    ``as_torch``: where torch's arithmetic leaves the range of the dtype it
+    reduces in, the native result is torch's (see ``clip_grad_norm_``); the
+    rounding to the dtype below turns a norm beyond its maximum into inf."""
     dtype = grads[0].dtype
     if any(g.dtype != dtype for g in grads):
         return None
     if norm_type == float("inf") and any(g.numel() == 0 for g in grads):
         return None  # torch raises: the infinity norm of an empty tensor has no identity
-    value = _core.tensor_norm(grads, norm_type, num_threads=num_threads())
+    value = _core.tensor_norm(grads, norm_type, as_torch=True, num_threads=num_threads())
     if value is None:
         return None
     return torch.tensor(value, dtype=dtype)
@@ -73,6 +77,42 @@ def clip_grad_norm_(
     listed twice (a parameter listed twice, or parameters sharing one
     gradient tensor) counts twice in the norm and is scaled once per listing
     by ``torch._foreach_mul_``, as torch does.
+
+    Range: torch takes each tensor's ``vector_norm`` — Σ|x|^p accumulated in
+    float32 for float32, bfloat16 and float16 gradients (in float64 for
+    float64), each |x|^p a float32 ``pow``, a tensor of one element being
+    its |x| — then the norm of the stacked per-tensor norms, each stage
+    rounded to the gradients' dtype. The native reduction sums exact terms in
+    float64 (thread-count independent), and reproduces torch where that
+    arithmetic leaves its dtype's range:
+
+    * a sum Σ|x|^p (p = 1, 2 or general, per tensor or over the per-tensor
+      norms) that float32 rounds to inf gives an infinite norm, as torch's
+      float32 accumulator does (one check per call on the float64 sum, which
+      bounds every per-tensor sum and equals the second stage's up to
+      rounding): 4096 × 4e17 at p = 2, ``[1e13, 1e13]`` at p = 3,
+      ``[1.5e19]`` and ``[1.5e19]`` as two tensors at p = 2;
+    * a term |x|^p (general p) beyond float32's maximum is inf (``[2, 2]`` at
+      p = 1000); one below float32's smallest normal takes float32's rounding
+      to a subnormal or 0 (values near 1e-20 at p = 3 give 0). At p = 2 the
+      squares of float32/bfloat16/float16 gradients are float32 products, as
+      torch's; at p = 1 and inf nothing can leave the range;
+    * a lone one-element gradient's norm is its |x| for every p;
+    * a norm beyond the dtype's maximum (float16 above 65504, p < 1) is inf.
+
+    An infinite norm then zeroes the gradients (``max_norm / (inf + 1e-6)``)
+    and raises with ``error_if_nonfinite=True``, as torch does; float64
+    gradients follow float64's range the same way. What still differs:
+    within float32 rounding of the overflow threshold (a sum within ~1e-7 of
+    float32's maximum; a per-tensor norm that torch rounds up to the dtype)
+    torch's answer depends on its summation order and thread count, ours on
+    the float64 sum rounded once. Inside the range torch rounds each
+    per-tensor norm to the dtype and uses float32 ``p`` and ``1/p`` (a
+    relative difference up to ~1e-6 for general p, and one unit of the
+    dtype's last place — large relative to float16 subnormal norms), while
+    float32 accumulation of many small terms onto a large sum loses digits
+    that the float64 sum keeps; these are the normal-range differences the
+    native result always had.
     """
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -32,7 +32,7 @@ pub use kernels::stream_probe::stream_probe;
 pub use kernels::subgradient::{subgradient_step, SubgradientConfig};
 pub use kernels::OPTIMIZERS;
 pub use optimizer::{Configured, Entry, Hyper, HyperKind, HyperValue, Optimizer};
-pub use reduce::{any_nonfinite, norm, reduce, Reduction};
+pub use reduce::{any_nonfinite, norm, reduce, torch_norm, Reduction};
 pub use rounding::ParamRounding;
 pub use tensors::{
     ArraySpec, Column, DType, DisjointMemo, Extent, RawTensor, ScalarState, TensorBatch,

@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const BLOCK: usize = 2048;
 /// Accumulators per block; every backend's vector width divides it.
 pub const VIRTUAL_LANES: usize = 16;
+/// f32's smallest normal, widened: below it an f32 `pow` loses digits or flushes to 0.
+const F32_MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
 
 /// What to compute over every element of a batch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,6 +39,12 @@ pub enum Reduction {
     MaxAbs,
     /// Σ|x|^p over arity-1 slots, accumulated in f64.
     SumPow(f64),
+    /// Σ|x|^p as [`SumPow`](Reduction::SumPow), except that in slots torch
+    /// reduces in f32 (f32, bf16, f16) a term outside f32's normal range
+    /// takes f32's rounding, as torch's f32 `pow` gives it: +inf above f32's
+    /// maximum, a subnormal or 0 below its smallest normal. Terms inside it
+    /// stay exact (no per-term cost but one comparison).
+    SumPowTorch(f64),
     /// 1.0 when some element of an arity-1 batch is NaN or ±inf, else 0.0.
     AnyNonfinite,
     /// Σd² over `[param, grad]` slots, with d the subgradient direction
@@ -70,7 +78,7 @@ pub fn reduce(reduction: Reduction, batch: &TensorBatch, exec: Exec) -> Result<f
             batch.arity()
         )));
     }
-    if let Reduction::SumPow(p) = reduction {
+    if let Reduction::SumPow(p) | Reduction::SumPowTorch(p) = reduction {
         if !(p.is_finite() && p > 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "SumPow needs a finite positive exponent, got {p}"
@@ -115,6 +123,74 @@ pub fn norm(p: f64, batch: &TensorBatch, exec: Exec) -> Result<f64> {
             "norm type {p} is not supported (1, 2, inf or a finite p > 0)"
         )))
     }
+}
+
+/// The p-norm of an arity-1 batch of one dtype as torch's
+/// `clip_grad_norm_` / `get_total_norm` gives it where its arithmetic leaves
+/// the range of the dtype it reduces in (f32 for f32, bf16 and f16 tensors;
+/// f64 for f64): `p` = 1, 2, ∞ or any finite `p > 0`.
+///
+/// Torch takes the norm of every tensor (`vector_norm`: Σ|x|^p accumulated in
+/// f32 for the three f32-reduced dtypes, each |x|^p an f32 `pow`; a tensor of
+/// one element is its |x|, exactly), then the norm of the stacked per-tensor
+/// norms (again |n| when there is one tensor). Inside f32's range the result
+/// is [`norm`]'s (exact terms, f64 sums); outside it, as torch's:
+///
+/// * one tensor of one element: |x|, whatever `p` (no |x|^p to overflow or
+///   underflow);
+/// * a term |x|^p (general p) above f32's maximum is +inf, one below f32's
+///   smallest normal takes f32's rounding (subnormal or 0) — what makes
+///   p = 1000 of `[2, 2]` inf, and p = 3 of values near 1e-20 zero. A tensor
+///   of one element among several meets the same f32 `pow` in the second
+///   stage, so its term is treated alike;
+/// * a sum Σ|x|^p (p = 1, 2, general) that f32 rounds to +inf makes the norm
+///   +inf. Every per-tensor sum is at most this one sum over all elements and
+///   the second stage's sum over the per-tensor norms equals it up to
+///   rounding, so one check per batch decides both stages. For p = 2 the
+///   squares themselves are already f32 (the f32 lanes of [`reduce`]).
+///
+/// A norm beyond the dtype's maximum (p < 1 in f32; any p in f16) becomes
+/// +inf when the caller rounds the result to the dtype, as torch rounds it.
+/// f64 tensors need nothing more than the one-element case: [`norm`]'s f64
+/// arithmetic is torch's range. Batches mixing f64 with other dtypes are
+/// refused (torch reduces each dtype on its own).
+pub fn torch_norm(p: f64, batch: &TensorBatch, exec: Exec) -> Result<f64> {
+    if batch.arity() == 1 && batch.slots() == 1 && batch.slot(0).len == 1 && p > 0.0 {
+        return reduce(Reduction::MaxAbs, batch, exec); // |x|, exactly
+    }
+    let f64_slots = (0..batch.slots())
+        .filter(|&i| batch.slot(i).dtype == DType::F64)
+        .count();
+    if f64_slots == batch.slots() {
+        return norm(p, batch, exec);
+    }
+    if f64_slots != 0 {
+        return Err(Error::InvalidArgument(
+            "torch_norm takes tensors of one dtype (f64 mixed with another)".into(),
+        ));
+    }
+    let reduction = if p == 1.0 {
+        Reduction::SumAbs
+    } else if p == 2.0 {
+        Reduction::SumSquares
+    } else if p == f64::INFINITY {
+        return reduce(Reduction::MaxAbs, batch, exec); // max |x|: exact in any dtype
+    } else if p.is_finite() && p > 0.0 {
+        Reduction::SumPowTorch(p)
+    } else {
+        return Err(Error::InvalidArgument(format!(
+            "norm type {p} is not supported (1, 2, inf or a finite p > 0)"
+        )));
+    };
+    let sum = reduce(reduction, batch, exec)?;
+    if (sum as f32).is_infinite() {
+        return Ok(f64::INFINITY); // torch's f32 accumulator overflows (NaN is not infinite)
+    }
+    Ok(match reduction {
+        Reduction::SumAbs => sum,
+        Reduction::SumSquares => sum.sqrt(),
+        _ => sum.powf(1.0 / p),
+    })
 }
 
 /// Whether any element of an arity-1 batch is NaN or ±inf (one read pass).
@@ -210,11 +286,22 @@ fn reduce_slices<T: Element>(
     a: &[T],
     b: Option<&[T]>,
 ) -> f64 {
-    if let Reduction::SumPow(p) = reduction {
+    if let Reduction::SumPow(p) | Reduction::SumPowTorch(p) = reduction {
         // No vector pow: accumulate |x|^p in f64, same lanes and order as the vector reductions.
+        let as_torch = matches!(reduction, Reduction::SumPowTorch(_));
         let mut lanes = [0f64; VIRTUAL_LANES];
         for (i, x) in a.iter().enumerate() {
-            lanes[i % VIRTUAL_LANES] += x.to_f64().abs().powf(p);
+            let mut term = x.to_f64().abs().powf(p);
+            if as_torch {
+                // T's rounding where T's normal range cannot hold the term: T is
+                // f32 for every f32-reduced dtype (halves arrive widened); for
+                // T = f64 the rounding is the identity.
+                let rounded = T::from_f64(term).to_f64();
+                if rounded.is_infinite() || rounded < F32_MIN_NORMAL {
+                    term = rounded;
+                }
+            }
+            lanes[i % VIRTUAL_LANES] += term;
         }
         return lanes.iter().fold(0.0, |acc, &x| acc + x);
     }
@@ -262,7 +349,9 @@ impl<T: Element> WithLanes<T> for BlockReduce<'_, T> {
                     a,
                     b,
                 ),
-                Reduction::SumPow(_) => unreachable!("handled without vectors"),
+                Reduction::SumPow(_) | Reduction::SumPowTorch(_) => {
+                    unreachable!("handled without vectors")
+                }
             }
         };
     }

@@ -5,7 +5,8 @@
 use half::{bf16, f16};
 use oxoptim_core::{
     accumulate_mean, any_nonfinite, lerp_average, norm, reduce, scale_into, stream_probe,
-    subgradient_step, Backend, DType, Exec, RawTensor, Reduction, SubgradientConfig, TensorBatch,
+    subgradient_step, torch_norm, Backend, DType, Exec, RawTensor, Reduction, SubgradientConfig,
+    TensorBatch,
 };
 
 mod common;
@@ -49,6 +50,8 @@ fn reductions() -> Vec<Reduction> {
         Reduction::SumSquares,
         Reduction::MaxAbs,
         Reduction::SumPow(3.0),
+        Reduction::SumPowTorch(3.0),
+        Reduction::SumPowTorch(40.0),
         Reduction::AnyNonfinite,
         Reduction::DirectionSquares {
             l1: 0.1,
@@ -171,6 +174,58 @@ fn reductions_are_accurate() {
         assert!(any_nonfinite(&batch, e).unwrap());
         assert!(!norm(2.0, &batch, e).unwrap().is_finite());
     }
+}
+
+/// `torch_norm` of f32 (and f64) tensors given as `(len, value)` runs.
+fn torch_norm_of<T: Copy>(p: f64, runs: &[(usize, T)], dtype: DType) -> f64 {
+    let mut data: Vec<Vec<T>> = runs.iter().map(|&(n, v)| vec![v; n]).collect();
+    let raws = data
+        .iter_mut()
+        .map(|b| RawTensor {
+            addr: b.as_mut_ptr() as usize,
+            len: b.len(),
+            dtype,
+        })
+        .collect();
+    // SAFETY: the vectors outlive the batch and nothing else touches them.
+    let batch = unsafe { TensorBatch::new_read_only(raws, 1).unwrap() };
+    let got = torch_norm(p, &batch, Exec::new(Backend::active(), 1)).unwrap();
+    for threads in [2, 5] {
+        let again = torch_norm(p, &batch, Exec::new(Backend::active(), threads)).unwrap();
+        assert_eq!(got.to_bits(), again.to_bits());
+    }
+    got
+}
+
+#[test]
+fn torch_norm_leaves_f32_range_as_torch_does() {
+    let f32_norm = |p: f64, runs: &[(usize, f32)]| torch_norm_of(p, runs, DType::F32);
+    let inf = f64::INFINITY;
+    // torch's f32 sums overflow: per tensor, and across tensors' norms
+    assert_eq!(f32_norm(2.0, &[(4096, 4e17)]), inf);
+    assert_eq!(f32_norm(2.0, &[(2, 1.3e19), (2, 1.3e19)]), inf);
+    assert_eq!(f32_norm(1000.0, &[(2, 2.0)]), inf);
+    assert_eq!(f32_norm(3.0, &[(1, 3e38), (0, 0.0)]), inf);
+    // ... or its f32 terms underflow, to 0 or to subnormals
+    assert_eq!(f32_norm(3.0, &[(5, 1e-20)]), 0.0);
+    let subnormal = f32_norm(3.0, &[(5, 1e-15)]);
+    let want = (5.0 * f64::from(f32::from_bits(1))).cbrt();
+    assert!(
+        (subnormal - want).abs() <= 1e-12 * want,
+        "{subnormal} vs {want}"
+    );
+    // one tensor of one element is |x|, whatever p and dtype
+    assert_eq!(f32_norm(3.0, &[(1, -3e38)]), f64::from(3e38f32));
+    assert_eq!(f32_norm(3.0, &[(1, 1e-20)]), f64::from(1e-20f32));
+    assert_eq!(torch_norm_of(2.0, &[(1, 1e300f64)], DType::F64), 1e300);
+    // inside f32's range: `norm`'s f64 result; infinity norms are exact
+    let normal = f32_norm(2.0, &[(3, 3.0), (1, 4.0)]);
+    assert_eq!(normal, 43f64.sqrt());
+    assert_eq!(
+        f32_norm(f64::INFINITY, &[(2, 3e38), (1, -1.0)]),
+        f64::from(3e38f32)
+    );
+    assert!(f32_norm(2.0, &[(2, f32::NAN), (1, 3e38)]).is_nan());
 }
 
 #[test]

@@ -186,12 +186,15 @@ fn reduce_one<R: Send>(
 
 /// The p-norm (1, 2, inf or finite p > 0) of all tensors as one vector,
 /// deterministic whatever the thread count; `None` when torch must do it.
+/// `as_torch`: where torch's `clip_grad_norm_` would leave the range of the
+/// dtype it reduces in, its result (`core::torch_norm`; tensors of one dtype).
 #[pyfunction]
-#[pyo3(signature = (tensors, norm_type, *, num_threads=1, backend=None))]
+#[pyo3(signature = (tensors, norm_type, *, as_torch=false, num_threads=1, backend=None))]
 fn tensor_norm(
     py: Python<'_>,
     tensors: &Bound<'_, PyList>,
     norm_type: f64,
+    as_torch: bool,
     num_threads: usize,
     backend: Option<&str>,
 ) -> PyResult<Option<f64>> {
@@ -200,7 +203,13 @@ fn tensor_norm(
         return Ok(None);
     }
     let exec = exec(num_threads, backend)?;
-    reduce_one(py, tensors, |b| core::norm(norm_type, b, exec))
+    reduce_one(py, tensors, |b| {
+        if as_torch {
+            core::torch_norm(norm_type, b, exec)
+        } else {
+            core::norm(norm_type, b, exec)
+        }
+    })
 }
 
 /// Whether any element of `tensors` is NaN or ±inf (one read pass); `None` when torch must check.
