@@ -179,7 +179,7 @@ impl<'py> Gathered<'py> {
         }
         let comp = match compensation {
             None => None,
-            Some(t) => match self.describe(t, cache.as_deref_mut(), false)? {
+            Some(t) => match self.describe(t, cache, false)? {
                 Some(raw) if raw.dtype == DType::BF16 && raw.len == p.len => Some(raw),
                 _ => return Ok(false),
             },
