@@ -164,6 +164,25 @@ def steps(params: list, opt: torch.optim.Optimizer, start: int, count: int) -> N
 )
 def test_state_dict_resumes_bit_for_bit(cls: type, options: dict) -> None:
     dtype = torch.float32 if options is BF16_STATE else torch.bfloat16  # bfloat16 state of float32 weights
+    fresh, resumed = resume(cls, options, dtype)
+    if options is BF16_STATE:
+        assert all(v.dtype == torch.bfloat16 for e in fresh.state.values() for v in e.values() if v.dim())
+    if options is KAHAN and cls not in (oxoptim.SGD, oxoptim.Lion):
+        assert fresh.state[resumed[0]]["kahan_comp"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.SGD, *OTHER_TWINS], ids=lambda c: c.__name__)
+def test_half_precision_weights_without_options_resume_bit_for_bit(cls: type, dtype: torch.dtype) -> None:
+    """torch casts loaded 0-d state (NAdam's mu_product, ASGD's eta and mu) to the parameter's
+    dtype; the native path computed with float32 ones before the checkpoint, so it keeps them."""
+    fresh, resumed = resume(cls, {}, dtype)
+    assert all(v.dtype == torch.float32 for e in fresh.state.values() for v in e.values() if v.dim() == 0)
+
+
+def resume(cls: type, options: dict, dtype: torch.dtype) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """Three steps, a checkpoint, three more; a fresh optimizer loads the checkpoint and its three
+    steps must give the same weights, bit for bit. Returns it and its parameters."""
     params, opt = make(cls, options, dtype=dtype)
     steps(params, opt, 0, 3)
     saved = copy.deepcopy(opt.state_dict())
@@ -178,10 +197,7 @@ def test_state_dict_resumes_bit_for_bit(cls: type, options: dict) -> None:
     steps(resumed, fresh, 3, 3)
     for a, b in zip(params, resumed):
         assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
-    if options is BF16_STATE:
-        assert all(v.dtype == torch.bfloat16 for e in fresh.state.values() for v in e.values() if v.dim())
-    if options is KAHAN and cls not in (oxoptim.SGD, oxoptim.Lion):
-        assert fresh.state[resumed[0]]["kahan_comp"].dtype == torch.bfloat16
+    return fresh, resumed
 
 
 def test_seed_comes_from_torchs_generator() -> None:

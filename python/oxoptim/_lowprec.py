@@ -199,14 +199,16 @@ class LowPrecisionWeights:
                     if isinstance(saved, dict):
                         check_low_precision(type(self).__name__, {**saved, "params": group["params"]})
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        # torch casts every loaded state tensor but ``step`` to its parameter's dtype; with the
-        # options on, 0-d state (NAdam's mu_product, ASGD's eta and mu) stays as saved, in
-        # float32: the native path computes with it, as it did before the checkpoint.
+        # torch casts every loaded state tensor but ``step`` to its parameter's dtype; for
+        # half-precision parameters, or with the options on, 0-d state (NAdam's mu_product,
+        # ASGD's eta and mu) stays as saved, in float32: the native path computes with it, as
+        # it did before the checkpoint, so a resumed run stays bit-identical.
         saved_groups, entries = state_dict["param_groups"], state_dict["state"]
         for saved, group in zip(saved_groups, self.param_groups):  # type: ignore[attr-defined]
-            if not any(group.get(k) for k in LOW_PRECISION_OPTIONS):
-                continue
+            options_on = any(group.get(k) for k in LOW_PRECISION_OPTIONS)
             for key, p in zip(saved["params"], group["params"]):
+                if not options_on and p.dtype not in (torch.bfloat16, torch.float16):
+                    continue
                 for name, value in entries.get(key, {}).items():
                     loaded = self.state[p].get(name)  # type: ignore[attr-defined]
                     if (name != "step" and torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()
