@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -113,6 +114,25 @@ def test_rejected_load_state_dict_says_why_and_changes_nothing(twin: Twin) -> No
             opt.load_state_dict(sd)
         assert_unchanged(opt, before)
     opt.load_state_dict(good)  # and the good one still loads
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_an_empty_first_state_entry_loads_or_fails_as_torch_and_a_failure_changes_nothing(twin: Twin) -> None:
+    """torch's Adagrad reads the first entry's ``step`` after replacing its state: ours fails first."""
+    opt, _ = _trained(twin)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0] = {}
+    theirs = twin.make_theirs(clone_params([torch.randn(4), torch.randn(2, 3)]), **twin.typical)
+    try:
+        theirs.load_state_dict(copy.deepcopy(sd))
+    except Exception as e:
+        before = snapshot(opt)
+        with pytest.raises(type(e), match=re.escape(str(e))):
+            opt.load_state_dict(sd)
+        assert_unchanged(opt, before)
+    else:
+        opt.load_state_dict(sd)
+        assert opt.state_dict()["state"].get(0, {}) == {}
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)

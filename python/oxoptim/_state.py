@@ -122,6 +122,11 @@ class CheckedStateDict:
                         raise KeyError(f"{where} has no {name!r} entry")
                 for name, value in entry.items():
                     self._check_entry(f"{where}[{name!r}]", name, value, param)
+        self._check_first_entry(entries)
+
+    def _check_first_entry(self, entries: dict) -> None:
+        """Where torch's ``__setstate__`` reads the first entry's ``step`` (Adagrad), an empty one
+        fails there, after the state was replaced: here it fails first, with torch's ``KeyError``."""
 
     def _check_entry(self, where: str, name: str, value: Any, param: torch.Tensor) -> None:
         if name in self.PARAM_SHAPED:

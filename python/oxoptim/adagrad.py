@@ -22,3 +22,8 @@ class Adagrad(LowPrecisionWeights, TorchTwin, torch.optim.Adagrad, kind="adagrad
         + NATIVE_NOTE
         + LOW_PRECISION_NOTE
     )
+
+    def _check_first_entry(self, entries: dict) -> None:
+        first = next(iter(entries.values()), None)
+        if isinstance(first, dict) and "step" not in first:
+            raise KeyError("step")
