@@ -159,3 +159,26 @@ def test_a_checkpoint_from_an_older_torch_loads_as_torch_loads_it(twin: Twin) ->
     ours.step()
     theirs.step()
     assert_twin_matches(twin, mine[0].detach(), ref[0].detach())
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_sgd_loads_the_none_momentum_buffer_older_torch_saved(momentum: float, nesterov: bool) -> None:
+    """Older torch's SGD saved ``momentum_buffer: None`` (always, without momentum); torch loads it
+    as a fresh buffer."""
+    import oxoptim
+
+    results = []
+    for cls in (torch.optim.SGD, oxoptim.SGD):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = cls([p], lr=0.1, momentum=momentum, nesterov=nesterov)
+        group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        opt.load_state_dict({"state": {0: {"momentum_buffer": None}}, "param_groups": [{**group, "params": [0]}]})
+        for i in range(3):
+            p.grad = torch.linspace(0, 1, 5) * (i + 1)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["momentum_buffer"]))
+    (ours, our_buffer), (theirs, their_buffer) = results[1], results[0]
+    assert torch.equal(ours, theirs)
+    assert (our_buffer is None) == (their_buffer is None)
+    if their_buffer is not None:
+        assert torch.equal(our_buffer, their_buffer)

@@ -17,7 +17,9 @@ else where torch would fail on the next step:
 * a ``step`` tensor that is not one real number, a state tensor whose shape
   is not the parameter's: ``ValueError`` (torch loads these and fails on the
   next step: deliberately stricter);
-* a state tensor entry that is not a tensor: ``TypeError`` (likewise);
+* a state tensor entry that is not a tensor: ``TypeError`` (likewise), but
+  ``None`` where torch takes it for a fresh entry (SGD's ``momentum_buffer``,
+  which older torch saved as ``None`` without momentum);
 * an entry of 8-bit block-wise state (``exp_avg_absmax``...: an
   ``oxoptim.AdamW8bit`` state dict, whose uint8 codes torch has just cast to
   numbers): ``ValueError`` naming ``AdamW8bit.dequantize_state_dict``.
@@ -74,6 +76,7 @@ class CheckedStateDict:
 
     PARAM_SHAPED: ClassVar[tuple[str, ...]] = ()
     SCALAR_STATE: ClassVar[tuple[str, ...]] = ()
+    MAY_BE_NONE: ClassVar[tuple[str, ...]] = ()  # entries torch reads as "not there yet" when None
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
@@ -129,6 +132,8 @@ class CheckedStateDict:
         fails there, after the state was replaced: here it fails first, with torch's ``KeyError``."""
 
     def _check_entry(self, where: str, name: str, value: Any, param: torch.Tensor) -> None:
+        if value is None and name in self.MAY_BE_NONE:
+            return
         if name in self.PARAM_SHAPED:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")

@@ -36,6 +36,8 @@ class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
     # 0-d parameters.
     EXACT_TENSOR_HYPER = frozenset({"lr", "weight_decay"})
 
+    MAY_BE_NONE = ("momentum_buffer",)  # older torch saved it so without momentum
+
     def required_state(self, group: dict) -> tuple[str, ...]:
         # A missing momentum buffer is a fresh one, as in torch: no entry is required.
         return ()
