@@ -182,3 +182,62 @@ def test_sgd_loads_the_none_momentum_buffer_older_torch_saved(momentum: float, n
     assert (our_buffer is None) == (their_buffer is None)
     if their_buffer is not None:
         assert torch.equal(our_buffer, their_buffer)
+
+
+def _hooked_optimizers() -> list:
+    """Every class that overrides ``state_dict``/``load_state_dict``, with what makes it convert."""
+    import oxoptim
+
+    def bf16(n: int) -> list:
+        return [torch.nn.Parameter(torch.randn(n).bfloat16()) for _ in range(2)]
+
+    def f32(n: int) -> list:
+        return [torch.nn.Parameter(torch.randn(n)) for _ in range(2)]
+
+    return [
+        ("AdamW8bit", lambda: oxoptim.AdamW8bit(f32(5000), lr=1e-2)),
+        ("NAdam-bf16", lambda: oxoptim.NAdam(bf16(300), lr=1e-2)),
+        ("AdamW-kahan", lambda: oxoptim.AdamW(bf16(300), lr=1e-2, kahan_sum=True)),
+        ("SGD-skip", lambda: oxoptim.SGD(f32(30), lr=1e-2, momentum=0.9, skip_nonfinite=True)),
+        ("Subgradient", lambda: oxoptim.Subgradient(f32(30), lr=1e-2)),
+        *[(t.ours.__name__, lambda t=t: t.make_ours(f32(30), **t.typical)) for t in TWINS],
+    ]
+
+
+@pytest.mark.parametrize("make", [m for _, m in _hooked_optimizers()], ids=[n for n, _ in _hooked_optimizers()])
+def test_state_dict_hooks_see_what_torchs_hooks_see(make) -> None:
+    """Load pre-hooks get the caller's dict and what they return is loaded; load post-hooks see
+    the state as ``load_state_dict`` leaves it; state-dict post-hooks get the finished dict."""
+    def stepped():
+        opt = make()
+        torch.manual_seed(1)
+        for _ in range(2):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.randn_like(p)
+            opt.step()
+        return opt
+
+    source, target = stepped(), stepped()
+    saved = source.state_dict()
+    seen: dict = {}
+
+    def load_pre(opt, sd):
+        seen["pre"] = sd
+        return {**sd, "param_groups": [{**g, "lr": 0.125} for g in sd["param_groups"]]}
+
+    def dtypes(opt) -> dict:
+        return {(i, k): v.dtype for i, entry in enumerate(opt.state.values()) for k, v in entry.items() if torch.is_tensor(v)}
+
+    target.register_load_state_dict_pre_hook(load_pre)
+    target.register_load_state_dict_post_hook(lambda opt: seen.setdefault("post", dtypes(opt)))
+    target.load_state_dict(saved)
+    assert seen["pre"] == saved and seen["pre"] is not saved  # a shallow copy of the caller's, as torch's
+    assert all(g["lr"] == 0.125 for g in target.param_groups)
+    assert seen["post"] == dtypes(target)
+
+    target.register_state_dict_post_hook(lambda opt, sd: seen.setdefault("saved", sd))
+    target.register_state_dict_post_hook(lambda opt, sd: {"replaced": True})
+    final = target.state_dict()
+    assert final == {"replaced": True}
+    assert seen["saved"].keys() == saved.keys()  # skipped_steps and the like included

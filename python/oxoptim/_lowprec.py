@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from . import _core
+from ._hooks import load_hooks_outside
 from ._native import evaluate_closure, group_is_native
 
 __all__ = ["GROUP_KEYS", "KAHAN_COMP", "LOW_PRECISION_OPTIONS", "LowPrecisionWeights", "check_low_precision", "draw_seed", "keep_own_options",
@@ -188,6 +189,7 @@ class LowPrecisionWeights:
             param_group.setdefault("sr_count", 0)
         super().add_param_group(param_group)  # type: ignore[misc]
 
+    @load_hooks_outside
     def load_state_dict(self, state_dict: dict) -> None:
         if isinstance(state_dict, dict) and "param_groups" in state_dict:
             groups = keep_own_options(self.param_groups, state_dict["param_groups"])  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 from . import _core
+from ._hooks import load_hooks_outside, save_hooks_outside
 from ._native import num_threads
 
 __all__ = ["SkipNonfinite", "grads_nonfinite"]
@@ -66,12 +67,14 @@ class SkipNonfinite:
         state["skipped_steps"] = self.skipped_steps
         return state
 
+    @save_hooks_outside
     def state_dict(self) -> dict:
         state_dict = super().state_dict()  # type: ignore[misc]
         if self.skipped_steps or self.defaults.get("skip_nonfinite") or any(g.get("skip_nonfinite") for g in self.param_groups):  # type: ignore[attr-defined]
             state_dict["skipped_steps"] = self.skipped_steps
         return state_dict
 
+    @load_hooks_outside
     def load_state_dict(self, state_dict: dict) -> None:
         skipped = _saved_skipped_steps(state_dict)  # checked before anything is loaded
         flags = [group.get("skip_nonfinite") for group in self.param_groups]  # type: ignore[attr-defined]

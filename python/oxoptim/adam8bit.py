@@ -10,6 +10,7 @@ from torch.optim.adam import adam as torch_adam  # `torch.optim.adam` is not an 
 
 from . import _blockwise as bw
 from . import _core
+from ._hooks import load_hooks_outside
 from ._lowprec import GROUP_KEYS, check_low_precision, draw_seed, keep_own_options, shares_memory, stream_ids
 from ._native import drop_unfinished_iteration, evaluate_closure, num_threads
 
@@ -300,6 +301,7 @@ class Adam8bit(torch.optim.Optimizer):
 
     # -- state dicts ---------------------------------------------------------
 
+    @load_hooks_outside
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads this class's state dict, or a ``torch.optim.Adam``/``AdamW``
         (or oxoptim) one, whose moments of parameters with at least

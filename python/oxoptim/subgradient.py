@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _core
+from ._hooks import load_hooks_outside, save_hooks_outside
 from ._native import evaluate_closure, num_threads, scalar
 from ._skip import SkipNonfinite, grads_nonfinite
 
@@ -191,6 +192,7 @@ class Subgradient(torch.optim.Optimizer):
         self.best_objective = objective
         self.best_step = self.steps
 
+    @save_hooks_outside
     def state_dict(self) -> dict:  # type: ignore[override]
         sd = super().state_dict()
         sd["subgradient"] = {
@@ -202,6 +204,7 @@ class Subgradient(torch.optim.Optimizer):
         }
         return sd
 
+    @load_hooks_outside
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         state_dict = dict(state_dict)
         extra = state_dict.pop("subgradient", {})
