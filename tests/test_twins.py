@@ -265,15 +265,18 @@ def test_native_paths_run_and_torch_only_where_documented(twin: Twin) -> None:
     assert paths == (["fast"] if twin.group_path else ["fast", "list"]) * 3 and len(torch_steps) == (1 if lazy else 0)
 
 
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("twin", [t for t in TWINS if t.ours.SCALAR_STATE], ids=[t.name for t in TWINS if t.ours.SCALAR_STATE])
-def test_scalar_state_follows_the_default_dtype(twin: Twin) -> None:
-    """torch keeps step (and NAdam's mu_product, ASGD's eta and mu) in the
-    default dtype: float64 cells are read and written as float64."""
+def test_scalar_state_follows_the_default_dtype(twin: Twin, default: torch.dtype) -> None:
+    """torch keeps step (and NAdam's mu_product, ASGD's eta and mu) in float64 under a float64
+    default dtype, else float32: float64 cells are read and written as float64. ASGD rounds each
+    new eta and mu to the default dtype first, a half-precision one too."""
     before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(default)
+    cells = torch.float64 if default == torch.float64 else torch.float32
     try:
         gen = torch.Generator().manual_seed(7)
-        params = [torch.randn(s, generator=gen) for s in [(33,), (2, 5)]]
+        params = [torch.randn(s, generator=gen, dtype=cells) for s in [(33,), (2, 5)]]
         mine, ref = clone_params(params), clone_params(params)
         ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
         for _ in range(8):
@@ -285,7 +288,7 @@ def test_scalar_state_follows_the_default_dtype(twin: Twin) -> None:
     for p, q in zip(mine, ref):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-7)
         for key in twin.ours.SCALAR_STATE:
-            assert ours.state[p][key].dtype == theirs.state[q][key].dtype == torch.float64
+            assert ours.state[p][key].dtype == theirs.state[q][key].dtype == cells
             assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
 
 

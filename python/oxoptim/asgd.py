@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._lowprec import LowPrecisionWeights
@@ -22,9 +24,21 @@ class ASGD(LowPrecisionWeights, TorchTwin, torch.optim.ASGD, kind="asgd"):
         + LOW_PRECISION_NOTE
     )
 
+    # The kernels round eta and mu to float32 or keep float64; any other default dtype (bfloat16,
+    # float16) takes torch's implementation, which rounds them to it.
+    def _fast_step(self, group: dict, cache: Any) -> bool:
+        return _rounds_like_a_kernel() and super()._fast_step(group, cache)
+
+    def _list_step(self, group: dict, params: list, grads: list) -> bool:
+        return _rounds_like_a_kernel() and super()._list_step(group, params, grads)
+
     def _hyper(self, group: dict) -> dict:
         # torch stores each new eta/mu through ``torch.as_tensor(float)``: the
         # default dtype rounds them first, whatever dtype the state cell has.
         hyper = {key: group[key] for key in self._HYPER if key != "default_float32"}
         hyper["default_float32"] = torch.get_default_dtype() == torch.float32
         return hyper
+
+
+def _rounds_like_a_kernel() -> bool:
+    return torch.get_default_dtype() in (torch.float32, torch.float64)
