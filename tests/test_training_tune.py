@@ -444,6 +444,23 @@ def test_start_up_refuses_plans_whose_trials_would_all_fail(change, message):
         make_plan(raw)
 
 
+
+@pytest.mark.parametrize("change, message", [
+    # the whole [data] table searched, its choices on different splits: other trials would train on
+    # the final plan's test examples
+    (lambda d: {"choice": [dict(d, split_seed=0), dict(d, split_seed=1)], "default": dict(d, split_seed=0)},
+     "data.split_seed cannot be searched"),
+    (lambda d: {"choice": [dict(d, max_len=50), dict(d, max_len=100)]}, "data.split cannot be searched"),
+    (lambda d: dict(d, split=[{"uniform": [0.7, 0.8]}, 0.1, 0.1]),
+     "data.split cannot be searched: it decides which examples are validation and test (data.split.0 is part of it)"),
+])
+def test_fixed_settings_cannot_be_searched_inside_a_table_or_in_part(change, message):
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"][0]["lr"] = {"log_uniform": [1e-4, 1e-2], "default": 1e-3}
+    raw["data"] = change(raw["data"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_plan(raw)
+
 def test_settings_infeasible_together_prune_the_trial(tmp_path):
     """Each value is valid alone, the combination is not: the trial is pruned before training
     (it counts as finished, costs nothing), the search goes on."""

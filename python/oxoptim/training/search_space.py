@@ -103,6 +103,38 @@ FIXED = {("seed",): "every trial uses the plan's seed (the final runs vary it)",
          ("data", "test"): "the data files are the plan's"}
 
 
+_ABSENT = object()
+
+
+def _at(value: Any, path: tuple) -> Any:
+    """What ``value`` holds at ``path`` (keys and list indices), or ``_ABSENT``."""
+    for key in path:
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and isinstance(key, int) and 0 <= key < len(value):
+            value = value[key]
+        else:
+            return _ABSENT
+    return value
+
+
+def _check_not_fixed(p: Param) -> None:
+    """A fixed setting may not be searched directly, nor inside a searched table that holds it
+    (``data = { choice = [{..., split_seed = 0}, {..., split_seed = 1}] }``), nor in part
+    (``data.split.0``)."""
+    for fixed, why in FIXED.items():
+        if p.path[:len(fixed)] == fixed:  # the setting itself, or part of it
+            raise ConfigError(f"{'.'.join(fixed)} cannot be searched: {why}"
+                              + (f" ({p.name} is part of it)" if p.path != fixed else ""))
+    below = [f for f in FIXED if f[:len(p.path)] == p.path]
+    if below:  # a table that holds fixed settings: name one the choices set differently, if any
+        values = list(p.args) + ([p.default] if p.has_default else [])
+        differ = [f for f in below if len({repr(_at(v, f[len(p.path):])) for v in values}) > 1]
+        fixed = (differ or below)[0]
+        raise ConfigError(f"{'.'.join(fixed)} cannot be searched: {FIXED[fixed]} (search the settings "
+                          f"inside {p.name or 'the plan'} one by one instead)")
+
+
 def find_params(raw: dict) -> List[Param]:
     """Every distribution in the job ``raw`` (a TOML table without its ``[tune]``), checked."""
     found: List[Param] = []
@@ -119,8 +151,7 @@ def find_params(raw: dict) -> List[Param]:
 
     walk(raw, ())
     for p in found:
-        if p.path in FIXED:
-            raise ConfigError(f"{p.name} cannot be searched: {FIXED[p.path]}")
+        _check_not_fixed(p)
     names = [p.name for p in found]
     for n in names:
         if names.count(n) > 1:
