@@ -461,6 +461,31 @@ def test_fixed_settings_cannot_be_searched_inside_a_table_or_in_part(change, mes
     with pytest.raises(ConfigError, match=re.escape(message)):
         make_plan(raw)
 
+
+@pytest.mark.parametrize("line, message", [
+    ('[tune]\nmetric = ["val_accuracy"]', "[tune] unknown metric ['val_accuracy']"),
+    ('[tune]\npruner = { name = ["median"] }', "[tune] unknown pruner ['median']"),
+    ('[model]\nembed_dim = 8\nhidden = { choice = [8, 1979-05-27] }', "model.hidden: choice values are numbers, "
+     "strings, booleans, arrays or tables, not TOML dates or times (1979-05-27)"),
+    ('[model]\nembed_dim = 8\nhidden = { choice = [8, { at = 07:32:00 }] }', "not TOML dates or times (07:32:00)"),
+])
+def test_plan_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, line, message):
+    """Not a traceback (an unhashable list, a date Optuna cannot store): exit status 2, one line."""
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text("seed = 1\n" + TINY_DATA.replace("{train}", "reviews.jsonl") + line + """
+[[stages]]
+name = "warm"
+epochs = 1
+lr = { log_uniform = [1e-3, 3e-2] }
+""")
+    capsys.readouterr()
+    rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "t").exists()
+
 def test_settings_infeasible_together_prune_the_trial(tmp_path):
     """Each value is valid alone, the combination is not: the trial is pruned before training
     (it counts as finished, costs nothing), the search goes on."""

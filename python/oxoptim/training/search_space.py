@@ -6,15 +6,16 @@
     epochs = { int = [2, 8] }
 
 Distributions: ``uniform`` and ``log_uniform`` (floats), ``int`` and ``log_int`` (integers, with an
-optional ``step`` for ``int``), ``choice`` (any TOML values, tables too). ``default`` (optional, on
-every distribution or none) is the hand-written plan's value: the search runs that plan first as
-its baseline. A parameter is named by where it sits: ``<stage name>.<key>`` inside a stage,
-``model.hidden``, ``data.max_len``, ``explore.adjust.1.patience`` inside a list.
+optional ``step`` for ``int``), ``choice`` (any TOML values but dates and times, tables too).
+``default`` (optional, on every distribution or none) is the hand-written plan's value: the search
+runs that plan first as its baseline. A parameter is named by where it sits: ``<stage name>.<key>``
+inside a stage, ``model.hidden``, ``data.max_len``, ``explore.adjust.1.patience`` inside a list.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 from dataclasses import dataclass
@@ -71,6 +72,17 @@ class Param:
 
 def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
+
+
+def _date_in(value: Any) -> Any:
+    """The first TOML date, time or date-time in ``value`` (inside arrays and tables too), or None."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value
+    for v in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        found = _date_in(v)
+        if found is not None:
+            return found
+    return None
 
 
 def _is_distribution(value: Any) -> bool:
@@ -176,6 +188,10 @@ def _param(spec: dict, path: tuple, raw: dict) -> Param:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{name}: choice needs a non-empty list of values, not {args!r}")
+        dated = _date_in(args)
+        if dated is not None:  # no setting takes one, and Optuna stores choices as JSON, which has none
+            raise ConfigError(f"{name}: choice values are numbers, strings, booleans, arrays or tables, "
+                              f"not TOML dates or times ({dated.isoformat()})")
         if len({json.dumps(a, sort_keys=True) for a in args}) != len(args):
             raise ConfigError(f"{name}: choice lists a value twice: {args!r}")
     else:

@@ -72,14 +72,14 @@ def _settings(table: Any, job_seed: int) -> TuneSettings:
     try:
         s.trials = integer("trials", table.get("trials", s.trials), 1)
         s.metric = table.get("metric", s.metric)
-        if s.metric not in VALIDATION_METRICS:
+        if not isinstance(s.metric, str) or s.metric not in VALIDATION_METRICS:  # a list is unhashable
             raise ValueError(unknown_name("metric", s.metric, VALIDATION_METRICS) + " (a validation score)")
         s.sampler = table.get("sampler", s.sampler)
         if s.sampler not in SAMPLERS:
             raise ValueError(unknown_name("sampler", s.sampler, SAMPLERS))
         pruner = table.get("pruner", s.pruner)
         pruner = {"name": pruner} if isinstance(pruner, str) else dict(pruner) if isinstance(pruner, dict) else pruner
-        if not isinstance(pruner, dict) or pruner.get("name") not in PRUNERS:
+        if not isinstance(pruner, dict) or not isinstance(pruner.get("name"), str) or pruner["name"] not in PRUNERS:
             name = pruner.get("name") if isinstance(pruner, dict) else pruner
             raise ValueError(unknown_name("pruner", name, PRUNERS) + " (a name or a table with a name)")
         for key in pruner:
