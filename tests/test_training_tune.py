@@ -350,6 +350,30 @@ def test_resume_after_the_coordinator_is_killed(tmp_path):
     assert (run / "best.toml").is_file()
 
 
+
+def test_continuing_a_study_whose_data_changed_is_refused(tmp_path, capsys):
+    """As `oxoptim train --resume` refuses a run whose data changed: trials on the old and the new
+    data would be compared as one search. The same data continues the study."""
+    from oxoptim.__main__ import main
+    from oxoptim.training.tune import load_plan
+
+    path = write_plan(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    url = f"sqlite:///{run}/study.db"  # where `oxoptim tune --run-dir run` keeps its study
+    open_study(load_plan(str(path)), url, "oxoptim", create=True)
+    open_study(load_plan(str(path)), url, "oxoptim", create=True)  # the same data: continued
+    rows = (tmp_path / "reviews.jsonl").read_text().splitlines()
+    (tmp_path / "reviews.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # one review fewer
+    with pytest.raises(ConfigError, match="was searched on other data"):
+        open_study(load_plan(str(path)), url, "oxoptim", create=False)  # a worker is refused too
+    capsys.readouterr()
+    rc = main(["tune", "--config", str(path), "--run-dir", str(run), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "study 'oxoptim'" in err[0] and "was searched on other data: the data files" in err[0]
+    assert not (run / "trials").exists()
+
 # ----- PostgreSQL: two workers on one study, one killed ------------------------------------------
 
 @pytest.fixture(scope="module")

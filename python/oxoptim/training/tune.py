@@ -117,12 +117,37 @@ class Plan:
     def defaults(self) -> Optional[Dict[str, Any]]:
         return default_values(self.params)
 
+    def data_fingerprint(self) -> Optional[str]:
+        """The fingerprint ``oxoptim train --resume`` checks (:func:`.data.data_fingerprint`) of the
+        data the plan's files give, read with the first candidate's ``[data]`` settings; None for the
+        built-in data (the installed package's, not the user's files)."""
+        job = self.job({p.name: p.candidates()[0] for p in self.params})
+        if "train" not in job["data"]:
+            return None
+        from .data import data_fingerprint
+
+        return data_fingerprint(read_data(job))
+
     def fingerprint(self) -> str:
         """Equal for plans that search the same space, scored and pruned the same way (the number of
         trials, the final runs and the heartbeat may change between runs of one study)."""
         settings = {k: v for k, v in asdict(self.settings).items() if k in ("metric", "pruner", "cv_folds")}
         blob = json.dumps({"job": self.raw, "tune": settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_data(job: dict) -> dict:
+    """The job's data, read as the job reads it; its problems (the users' files) are config problems."""
+    from .data import build_text_data
+
+    d = job["data"]
+    try:
+        return build_text_data(train=d.get("train"), val=d.get("val"), test=d.get("test"),
+                               text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
+                               max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
+                               seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"[data] {e}") from e
 
 
 def load_plan(path: str) -> Plan:
@@ -246,8 +271,10 @@ def _pruner(settings: TuneSettings):
 
 def open_study(plan: Plan, url: str, name: str, create: bool):
     """The study ``name`` in the storage at ``url``; ``create`` makes it (and queues the hand-written
-    plan as its first trial) if it does not exist. A study searched with another plan is refused."""
+    plan as its first trial) if it does not exist. A study searched with another plan, or on data
+    that has changed since, is refused."""
     optuna = _optuna()
+    data = plan.data_fingerprint()
     storage = _storage(url, plan.settings.heartbeat)
     kw = dict(storage=storage, study_name=name, pruner=_pruner(plan.settings))
     if not create:
@@ -265,6 +292,7 @@ def open_study(plan: Plan, url: str, name: str, create: bool):
         study.set_user_attr("plan_fingerprint", plan.fingerprint())
         study.set_user_attr("plan", plan.raw)
         study.set_user_attr("tune", asdict(plan.settings))
+        study.set_user_attr("data_fingerprint", data)
         if plan.defaults is not None:  # the baseline: the hand-written plan runs first
             study.enqueue_trial(as_optuna_params(plan.params, plan.defaults), user_attrs={"baseline": True})
     elif fingerprint is None:
@@ -272,6 +300,13 @@ def open_study(plan: Plan, url: str, name: str, create: bool):
     elif fingerprint != plan.fingerprint():
         raise ConfigError(f"study {name!r} in {redact(url)} searches another plan (fingerprint {fingerprint}, this plan "
                           f"{plan.fingerprint()}): give another --study name or the same plan")
+    # Studies from before data fingerprints were saved have none: they continue as they did.
+    saved = study.user_attrs.get("data_fingerprint")
+    if saved is not None and data is not None and saved != data:
+        raise ConfigError(f"study {name!r} in {redact(url)} was searched on other data: the data files (or what is "
+                          f"loaded from them: splits, vocabulary, labels) changed since it started (fingerprint "
+                          f"{saved[:12]}, now {data[:12]}); restore them to continue it, or start a new study "
+                          f"(another --run-dir or --study)")
     return study
 
 

@@ -110,17 +110,10 @@ def run_tune(args) -> int:
 
 def _check_folds(job: dict, folds: int) -> None:
     """k-fold cross-validation needs at least k training examples (read now, before any trial)."""
-    from .data import build_text_data
     from .errors import ConfigError
+    from .tune import read_data
 
-    d = job["data"]
-    try:  # the users' files, read as the job reads them: their problems are config problems
-        data = build_text_data(train=d.get("train"), val=d.get("val"), test=d.get("test"),
-                               text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
-                               max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
-                               seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"[data] {e}") from e
+    data = read_data(job)
     if len(data["train"]) < folds:
         raise ConfigError(f"[tune] cv_folds = {folds} needs at least {folds} training examples, the data has "
                           f"{len(data['train'])}")
