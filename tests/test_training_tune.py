@@ -670,12 +670,8 @@ def test_no_completed_trial_is_a_one_line_error(tmp_path, capsys):
         final_runs(plan, study, str(tmp_path), run_job=final_job)
 
 
-def test_tune_cli_without_a_completed_trial(tmp_path, capsys):
-    """The CLI end to end: the only trial draws settings infeasible together (pruned before training)."""
-    from oxoptim.__main__ import main
-
-    write_plan(tmp_path)  # the data
-    (tmp_path / "plan.toml").write_text("""
+# Its only trial (random sampler, seed 1) draws settings infeasible together: pruned before training.
+INFEASIBLE_PLAN = """
 seed = 2
 threads = 1
 [tune]
@@ -695,13 +691,47 @@ epochs = 1
 batch_size = { choice = [16, 2] }
 accumulate = { choice = [1, 4] }
 lr = 1e-2
-""")
+"""
+
+
+def test_tune_cli_without_a_completed_trial(tmp_path, capsys):
+    """The CLI end to end: the only trial draws settings infeasible together (pruned before training)."""
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text(INFEASIBLE_PLAN)
     capsys.readouterr()
     rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1
     assert err.strip().splitlines() == [f"oxoptim tune: error: no trial completed (1 pruned), so there is no best "
                                         f"plan; the trials are listed in {tmp_path / 't' / 'trials.md'}"], err
+
+
+def test_a_run_directory_holds_one_study(tmp_path, capsys):
+    """Another study's trials would restart at trials/0000 and its best.toml replace the first
+    one's: refused in one line, before the study is made; the first study continues."""
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text(INFEASIBLE_PLAN)
+    run = tmp_path / "t"
+
+    def tune(*extra):
+        capsys.readouterr()
+        rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(run), "--quiet", *extra])
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    assert tune("--study", "a")[0] == 1  # no trial completed, but trials/0000 is study a's
+    made = sorted(os.listdir(run))
+    for extra in (["--study", "b"], ["--study", "a", "--storage", f"sqlite:///{tmp_path}/other.db"]):
+        rc, err = tune(*extra)
+        assert rc == 2 and len(err) == 1, err
+        assert f"{run} holds the outputs of study 'a' in {run / 'study.db'}: give study " in err[0], err
+        assert sorted(os.listdir(run)) == made and not (tmp_path / "other.db").exists()
+    studies = optuna.get_all_study_names(f"sqlite:///{run}/study.db")
+    assert studies == ["a"]
+    assert tune("--study", "a")[0] == 1  # the same study continues (its one trial is there)
 
 
 def test_cross_validation_data_with_a_test_only_label_is_a_one_line_error(tmp_path, capsys):

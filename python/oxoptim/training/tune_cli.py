@@ -75,8 +75,12 @@ def run_tune(args) -> int:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
-        storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'study.db'))}"
+        default = f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'study.db'))}"
+        storage = args.storage or default
+        owner = {"study": args.study, "storage": None if storage == default else redact(storage)}
+        _check_run_dir(run_dir, owner)  # before the study is made: a refused command leaves nothing
         study = open_study(plan, storage, args.study, create=not args.worker_only)
+        _claim_run_dir(run_dir, owner)
     except (ConfigError, MissingDependency) as e:
         return _fail(e)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
@@ -106,6 +110,41 @@ def run_tune(args) -> int:
     if args.worker_only:
         return 0
     return _report(plan, study, run_dir, storage, trials, say, jobs=args.jobs)
+
+
+OWNER_FILE = "study.json"  # the study whose outputs a run directory holds
+
+
+def _check_run_dir(run_dir: str, owner: dict) -> None:
+    """One study per run directory: another's trial numbers restart at 0000 in the same trials/, and
+    its best.toml, trials.md and summary would replace the first study's."""
+    from .errors import ConfigError
+
+    path = os.path.join(run_dir, OWNER_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            held = json.load(f)
+    except FileNotFoundError:  # a new run directory, or one from before the file was written
+        try:
+            with open(os.path.join(run_dir, "tune_summary.json"), encoding="utf-8") as f:
+                held = {"study": json.load(f).get("study"), "storage": owner["storage"]}
+        except (OSError, ValueError):
+            return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(held, dict):
+        raise ConfigError(f"cannot read {path}: not a JSON object")
+    if {k: held.get(k) for k in owner} != owner:
+        storage = held.get("storage") or os.path.join(run_dir, "study.db")
+        this = f"study {owner['study']!r}" + (f" in {owner['storage']}" if owner["storage"] else "")
+        raise ConfigError(f"{run_dir} holds the outputs of study {held.get('study')!r} in {storage}: give {this} "
+                          f"another --run-dir (a run directory holds one study's trials and results)")
+
+
+def _claim_run_dir(run_dir: str, owner: dict) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(run_dir, OWNER_FILE), (json.dumps(owner) + "\n").encode("utf-8"))
 
 
 def _check_folds(job: dict, folds: int) -> None:
