@@ -451,3 +451,27 @@ def test_two_runs_at_once_pretrain_once(tmp_path):
     reused = [json.loads((tmp_path / "runs" / n / "summary.json").read_text())["pretrain"]["reused"] for n in "ab"]
     assert sorted(reused) == [False, True]
     assert_same_run(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
+
+
+# Fine-tuning that reuses the reference's pretrained model: checkpoints at steps 4 (the head stage's
+# end), 8, 12 (the end of the bfloat16 stage "all"), 16 and 20 (the end of the plan).
+@pytest.mark.parametrize("kill_at", [3, 5])
+def test_resume_after_a_bfloat16_stage_keeps_the_models_dtype(lm_reference, tmp_path, kill_at):
+    """A checkpoint at a stage boundary after a param_dtype = "bfloat16" stage (the next stage sets
+    none: the model stays bfloat16), or after the plan's end, resumes with a bfloat16 model."""
+    d, _ = lm_reference
+    text = TINY.replace("layer_lr_decay = 0.5", 'layer_lr_decay = 0.5\nparam_dtype = "bfloat16"').replace(
+        "[pretrain]", f"[pretrain]\ncache_dir = {json.dumps(str(d / 'ref' / 'pretrained'))}")
+    (tmp_path / "lm.toml").write_text(text)
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "ref", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path,
+                env={**os.environ, "KILL_AT": str(kill_at)}, prefix=[sys.executable, "-c", KILL_AT_CHECKPOINT])
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not (tmp_path / "run" / "final.pt").exists()
+    r = run_cli(["train", "--resume", "run"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrain: reusing" in r.stdout and r.stdout.count("resumed from") == 1
+    for run in ("ref", "run"):
+        assert {v.dtype for v in torch.load(tmp_path / run / "final.pt").values()} == {torch.bfloat16}, run
+    assert_same_run(tmp_path / "ref", tmp_path / "run")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, List
 import torch
 
 from . import checkpoint as ckpt
+from .stages import set_param_dtype
 from .state import Position, RunningLoss, RunState, StageState
 
 if TYPE_CHECKING:
@@ -96,6 +97,11 @@ def resume(t: "Trainer") -> bool:
                      global_step=s["global_step"], epoch_counter=s["epoch_counter"],
                      running=RunningLoss(**mine["acc"]), history=list(s["history"]), events=list(s["events"]),
                      stopped=s["stopped"], elapsed=s["elapsed"], carried=s.get("carried_optimizer"))
+    # The model's dtype is that of the last stage begun that set one (a stage without param_dtype
+    # leaves it); a phase rebuilt below sets it again, but none is rebuilt at a stage boundary or
+    # after the plan's end, so it is set here, before the weights are loaded into the model.
+    begun = t.stages[:t.run.pos.stage + (1 if t.run.stage.started else 0)]
+    set_param_dtype(t.model, next((st.param_dtype for st in reversed(begun) if st.param_dtype), None))
     t.load_model_state(s["model"])
     if t.run.pos.stage < len(t.stages):
         for r, rs in zip(t.stage.adjust, rules_state):
