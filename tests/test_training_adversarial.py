@@ -118,3 +118,16 @@ def test_trainer_stage_step_equals_manual_step():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert "adversarial 0.7" in stages[0].describe()
+
+
+def test_a_model_without_embedding_outputs_is_refused():
+    """The GPT embeds its tokens through oxoptim.rows, not an nn.Embedding call: nothing is captured,
+    and the "perturbed" pass would add the clean gradient again; the adversary refuses instead."""
+    from oxoptim.training.gpt import GPT, GPTClassifier
+
+    torch.manual_seed(0)
+    model = GPTClassifier(GPT(11, block=8, layers=1, dim=8, heads=2), 2)
+    adv = EmbeddingAdversary(model, 1.0)
+    x, y = torch.randint(1, 11, (4, 8)), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(RuntimeError, match="no nn.Embedding output"):
+        adv.forward_backward(lambda: F.cross_entropy(model(x), y))

@@ -247,6 +247,8 @@ def test_config_errors(tmp_path):
         load(TINY.replace('monitor = "val_bpc"', 'monitor = "val_accuracy"'))
     with pytest.raises(ConfigError, match="unknown job"):
         load(TINY.replace('job = "language_model"', 'job = "lm"'))
+    with pytest.raises(ConfigError, match="'all': adversarial is for the classification job"):
+        load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\nadversarial = 1.0"))
 
 
 def test_config_base_file_and_shipped_configs(tmp_path):

@@ -65,6 +65,10 @@ class EmbeddingAdversary:
                 loss.backward()
         finally:
             self._capture = False
+        if not self._outputs:  # else the "perturbed" pass would only add the clean gradient again
+            raise RuntimeError("adversarial training saw no nn.Embedding output in the forward pass: the model "
+                               "embeds its tokens otherwise (the GPT models, through oxoptim.rows), so there is "
+                               "nothing to perturb")
         deltas = []
         for out in self._outputs:
             g = out.grad

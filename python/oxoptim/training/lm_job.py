@@ -99,6 +99,12 @@ def parse_lm_config(raw: dict) -> dict:
     if f["init"] == "pretrained":
         check_stages(p.get("stages"), monitorable(LanguageModelTask.metric_modes), "pretrain.stages")
     check_stages(f.get("stages"), monitorable({"accuracy": "max"}), "finetune.stages")
+    for where in ("pretrain", "finetune"):
+        for i, t in enumerate(cfg[where].get("stages") or []):
+            if t.get("adversarial"):  # the adversary perturbs nn.Embedding outputs: the GPT has none
+                raise ConfigError(f"[[{where}.stages]] {t.get('name', i + 1)!r}: adversarial is for the "
+                                  f"classification job's model; the GPT embeds its tokens through oxoptim.rows, "
+                                  f"which it cannot perturb")
     return cfg
 
 
