@@ -90,6 +90,10 @@ BAD = [
     ('hidden = 8', 'hidden = 0', ["[model]", "hidden", ">= 1"]),
     ('max_len = 12', 'max_len = 0', ["[data]", "max_len", ">= 1"]),
     ('max_len = 12', 'max_len = 12\nsplit = [0.8, 0.3]', ["[data]", "split", "sum to 1"]),
+    # an empty validation or test split was scored 0.0 (and restore_best followed that score)
+    ('max_len = 12', 'max_len = 12\nsplit = [0.9, 0.1, 0.0]', ["[data]", "split fractions must be > 0"]),
+    ('max_len = 12', 'max_len = 12\nsplit = [1.0, 0.0]', ["[data]", "split fractions must be > 0"]),
+    ('max_len = 12', 'max_len = 12\nsplit = [0.99, 0.008, 0.002]', ["[data]", "no test texts left"]),
     ('threads = 1', 'threads = -1', ["threads", ">= 0"]),
     ('threads = 1', 'threads = 1\nlabel_smoothing = 1.0', ["label_smoothing", "[0, 1)"]),
     ('train = "reviews.jsonl"', 'train = "review.jsonl"', ["[data] train", "review.jsonl", "no such file"]),

@@ -247,6 +247,10 @@ def test_config_errors(tmp_path):
         load(TINY.replace('monitor = "val_bpc"', 'monitor = "val_accuracy"'))
     with pytest.raises(ConfigError, match="unknown job"):
         load(TINY.replace('job = "language_model"', 'job = "lm"'))
+    with pytest.raises(ConfigError, match="split must be 3 fractions"):  # was a traceback in the data split
+        load(TINY.replace("bucket = 4", "bucket = 4\nsplit = [0.9, 0.1]"))
+    with pytest.raises(ConfigError, match="split fractions must be > 0"):  # was scored 0.0
+        load(TINY.replace("bucket = 4", "bucket = 4\nsplit = [0.9, 0.1, 0.0]"))
     with pytest.raises(ConfigError, match="'all': adversarial is for the classification job"):
         load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\nadversarial = 1.0"))
 
@@ -477,3 +481,11 @@ def test_resume_after_a_bfloat16_stage_keeps_the_models_dtype(lm_reference, tmp_
     for run in ("ref", "run"):
         assert {v.dtype for v in torch.load(tmp_path / run / "final.pt").values()} == {torch.bfloat16}, run
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_a_split_that_leaves_no_reviews_is_refused(tmp_path):
+    """Fractions too small to hold one review: one line, exit status 2, before the corpus or any training."""
+    (tmp_path / "lm.toml").write_text(TINY.replace("bucket = 4", "bucket = 4\nsplit = [0.99998, 0.00001, 0.00001]"))
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 2 and "leaves no val reviews" in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "pretrained").exists()

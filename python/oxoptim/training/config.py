@@ -188,6 +188,12 @@ def _check_data(d: dict) -> None:
                 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in split)
                 or not split[0] > 0 or not math.isclose(sum(split), 1.0, abs_tol=1e-6)):
             raise ValueError(f"split must be 2 or 3 fractions (train, val, test) >= 0 that sum to 1, not {split!r}")
+        if "val" not in d:  # the split makes the validation (and test) texts: none may be empty
+            if "train" not in d and len(split) != 3:
+                raise ValueError(f"split must be 3 fractions (train, val, test) for the built-in data, not {split!r}")
+            if not all(f > 0 for f in split):
+                raise ValueError(f"split fractions must be > 0 (an empty validation or test split would be scored "
+                                 f"0; give 2 fractions, with a train file, for no test split), not {split!r}")
         integer("split_seed", d.get("split_seed", 0))
         integer("min_freq", d.get("min_freq", 1), 1)
         integer("bucket", d.get("bucket", 0), 0)

@@ -66,9 +66,11 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
     if fold is not None:
         data = cv_fold(data, *fold, seed=int(d.get("split_seed", 0)), max_len=int(d.get("max_len", 100)),
                        min_freq=int(d.get("min_freq", 1)))
-    for split in ("train", "val"):
-        if len(data[split]) == 0:
-            raise ConfigError(f"[data] no {split} texts left after cleaning (removed: {data['report']['removed']})")
+    wanted = ("train", "val") + (("test",) if "val" not in d and len(d.get("split", (0.8, 0.1, 0.1))) == 3 else ())
+    for split in wanted:
+        if data[split] is None or len(data[split]) == 0:
+            raise ConfigError(f"[data] no {split} texts left after the split and cleaning (removed: "
+                              f"{data['report']['removed']})")
     say = (lambda *a: None) if (quiet or rank != 0) else (lambda *a: print(*a, flush=True))
     removed = {k: n for k, n in data["report"]["removed"].items() if n}
     say(f"data: {len(data['train'])} train / {len(data['val'])} val / "

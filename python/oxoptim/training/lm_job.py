@@ -213,6 +213,9 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     d, c, f = cfg["data"], cfg["corpus"], cfg["finetune"]
     data = build_text_data(max_len=d["max_len"], split=tuple(d["split"]), seed=d["split_seed"])
+    for split, part in data["raw"].items():  # an empty one would be scored 0.0
+        if not part:
+            raise ConfigError(f"[data] split {d['split']} leaves no {split} reviews")
     train_texts = [t for t, _ in data["raw"]["train"]]  # never validation or test reviews
     t0 = time.time()
     corpus = build_corpus(pretraining_lines(c["sources"], train_texts), min_count=c["min_count"],
