@@ -441,6 +441,43 @@ def test_continue_optimizer_is_one_optimizer_through_stages():
     assert not torch.allclose(fresh.weight, m.weight)
 
 
+def test_continue_optimizer_keeps_the_lr_scale_of_the_previous_stage(tmp_path, monkeypatch):
+    """A reduce_lr_on_plateau cut in the stable stage holds in the decay stage that continues its
+    optimizer (it jumped back to the full LR); a stage with its own optimizer starts at scale 1.
+    Killed at the stage boundary and resumed: the same run."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+
+    def fit(run_dir=None, resume=False):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(5, 3)
+        cut = ReduceLROnPlateau("val_loss", patience=0, mode="max")  # a falling loss: cut after epoch 2
+        stages = [Stage("stable", "adamw", epochs=2, batch_size=16, lr=0.01, adjust=[cut]),
+                  Stage("decay", "adamw", epochs=1, batch_size=16, lr=0.02, continue_optimizer=True),
+                  Stage("fresh", "adamw", epochs=1, batch_size=16, lr=0.03)]
+        t = Trainer(model, F.cross_entropy, (x, y), (x, y), stages, metrics=[], quiet=True, run_dir=run_dir)
+        return t.fit(resume=resume), model
+
+    hist, model = fit()
+    assert [r["lr"] for r in hist] == [0.01, 0.01, 0.01, 0.03]  # the decay stage at 0.02 x 0.5
+    save, n = Trainer.checkpoint, [0]
+
+    def save_then_fail(self):
+        save(self)
+        n[0] += 1
+        if n[0] == 2:  # at the end of the stable stage
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "checkpoint", save_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(tmp_path / "run"))
+    monkeypatch.setattr(Trainer, "checkpoint", save)
+    resumed, again = fit(str(tmp_path / "run"), resume=True)
+    assert [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in hist]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
 @pytest.mark.integration
 def test_two_runs_at_once_pretrain_once(tmp_path):
     """Two jobs started together (search trials, parallel runs) share the pretrained folder: a lock

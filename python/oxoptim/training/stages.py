@@ -168,6 +168,8 @@ class Stage:
         continue_optimizer: start from the optimizer state (moments, step counts) the previous
             stage ended with, under this stage's settings: one optimizer run through stages that
             only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters.
+            The LR scale set by the previous stage's ``reduce_lr_on_plateau`` carries over too
+            (other stages start at scale 1).
         param_dtype: ``"float32"`` or ``"bfloat16"``: the model's floating parameters are cast to
             it when the stage starts (its inputs cast to it, its outputs back to float32, so
             losses and metrics stay float32); unset: the model keeps its dtype.

@@ -231,7 +231,8 @@ class Trainer:
         st = self.stage
         for r in st.adjust:
             r.reset()
-        self.run.stage = StageState(started=True)
+        # lr_scale: what _end_stage passed on (a continue_optimizer stage keeps the previous one's)
+        self.run.stage = StageState(started=True, lr_scale=self.run.stage.lr_scale)
         trial = st.trial()
         if trial is not None:
             self.run.stage.trial_start = clone_state(self.model.state_dict())
@@ -342,7 +343,8 @@ class Trainer:
         self._drop_phase()
         self.run.pos.stage = next_stage
         self.run.pos.at(trial=None, epoch=0)
-        self.run.stage = StageState()
+        # one optimizer through stages (warm-up, stable, decay) keeps the LR cuts its rules made
+        self.run.stage = StageState(lr_scale=self.lr_scale if wants else 1.0)
 
     def make_phase(self, overrides: Mapping[str, Any]) -> Phase:
         return Phase.make(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), dict(overrides),
