@@ -251,6 +251,11 @@ def test_config_errors(tmp_path):
         load(TINY.replace("bucket = 4", "bucket = 4\nsplit = [0.9, 0.1]"))
     with pytest.raises(ConfigError, match="split fractions must be > 0"):  # was scored 0.0
         load(TINY.replace("bucket = 4", "bucket = 4\nsplit = [0.9, 0.1, 0.0]"))
+    # were tracebacks once the earlier stages had trained
+    with pytest.raises(ConfigError, match="'all': continue_optimizer needs the previous stage's trainable \\('head'\\)"):
+        load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\ncontinue_optimizer = true"))
+    with pytest.raises(ConfigError, match="release_rows updates the token embedding, which a trainable = \"head\""):
+        load(TINY.replace('trainable = "head"', 'trainable = "head"\nstep_in_backward = true\nrelease_rows = true'))
     with pytest.raises(ConfigError, match="'all': adversarial is for the classification job"):
         load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\nadversarial = 1.0"))
 
@@ -526,3 +531,19 @@ def test_a_split_that_leaves_no_reviews_is_refused(tmp_path):
     r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path)
     assert r.returncode == 2 and "leaves no val reviews" in r.stderr, r.stderr[-3000:]
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "pretrained").exists()
+
+
+@pytest.mark.parametrize("old, new, fragment", [
+    ("max_vocab = 300\n\n[model]\nblock = 24", "max_vocab = 300\nval_fraction = 0.001\n\n[model]\nblock = 256",
+     "the pretraining validation text"),  # one line held out
+    ("max_chars = 20000", "max_chars = 60", "the pretraining training text"),
+    ("[pretrain]", '[pretrain]\ncache_dir = "/proc/nope"', "cache_dir /proc/nope: cannot make it"),
+    ("[pretrain]", '[pretrain]\ncache_dir = "lm.toml"', "lm.toml: cannot make it: File exists"),
+])
+def test_settings_that_crashed_later_are_one_line_errors(tmp_path, old, new, fragment):
+    """Each was a traceback (exit status 1); now one line, exit status 2, before anything trains."""
+    (tmp_path / "lm.toml").write_text(TINY.replace(old, new))
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 2 and fragment in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(tmp_path.glob("**/checkpoints"))

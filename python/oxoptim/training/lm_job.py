@@ -117,11 +117,21 @@ def pretrain_key(cfg: dict, corpus_digest: str) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def make_cache_dir(path: str) -> None:
+    """Makes the pretrained models' folder, or says in one line why it cannot be used."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"[pretrain] cache_dir {path}: cannot make it: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"[pretrain] cache_dir {path}: not writable")
+
+
 def _pretrain(cfg: dict, corpus, run_dir: str, quiet: bool, say: Callable[[str], None]) -> Dict[str, Any]:
     """The pretrained body's weights (trained now, continued from a killed run, or reused) and a report."""
     cache = cfg["pretrain"].get("cache_dir") or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "pretrained")
     pdir = os.path.join(cache, f"gpt-{pretrain_key(cfg, corpus.digest)}")
-    os.makedirs(cache, exist_ok=True)
+    make_cache_dir(cache)
     with _exclusive(pdir + ".lock", lambda: say(f"pretrain: waiting for the process pretraining in {pdir}")):
         return _pretrain_locked(cfg, corpus, pdir, quiet, say)
 
@@ -226,6 +236,11 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
         f"{rep['vocab']} ({rep['unknown_fraction']:.2%} unknown) in {time.time() - t0:.1f}s")
     pre = None
     if f["init"] == "pretrained":
+        for name, stream in (("training", corpus.train), ("validation", corpus.val)):
+            if (stream.numel() - 1) // cfg["model"]["block"] < 1:  # not one block to train or score
+                raise ConfigError(f"[corpus] the pretraining {name} text ({stream.numel()} characters) is shorter "
+                                  f"than one block of [model] block + 1 = {cfg['model']['block'] + 1}: raise "
+                                  f"max_chars or val_fraction, or lower block")
         pre = _pretrain(cfg, corpus, run_dir, quiet, say)
         link = os.path.join(run_dir, "pretrain")
         if not os.path.lexists(link):  # the pretraining's outputs, from the run directory

@@ -314,6 +314,8 @@ class Stage:
         if self.release_rows and (self.accumulate > 1 or self.grad_clip):
             raise ValueError("release_rows cannot be combined with accumulate > 1 or grad_clip: each needs the "
                              "embedding's whole gradient")
+        if self.release_rows and self.trainable == "head":
+            raise ValueError('release_rows updates the token embedding, which a trainable = "head" stage freezes')
         if not self.step_in_backward:
             if self.grad_clip_mode == "previous_norm":
                 raise ValueError("grad_clip_mode 'previous_norm' is for step_in_backward stages")
