@@ -256,6 +256,9 @@ def test_config_errors(tmp_path):
         load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\ncontinue_optimizer = true"))
     with pytest.raises(ConfigError, match="release_rows updates the token embedding, which a trainable = \"head\""):
         load(TINY.replace('trainable = "head"', 'trainable = "head"\nstep_in_backward = true\nrelease_rows = true'))
+    for setting in ('trainable = "head"', "layer_lr_decay = 0.5"):  # the output layer is the bottom group
+        with pytest.raises(ConfigError, match="'warmup': trainable and layer_lr_decay are for fine-tuning"):
+            load(TINY.replace("warmup = 0.9 }", f"warmup = 0.9 }}\n{setting}"))
     with pytest.raises(ConfigError, match="'all': adversarial is for the classification job"):
         load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\nadversarial = 1.0"))
 

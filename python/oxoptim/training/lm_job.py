@@ -96,11 +96,19 @@ def parse_lm_config(raw: dict) -> dict:
     from .rules import monitorable
     from .tasks import LanguageModelTask
 
+    pre_stages = p.get("stages") if f["init"] == "pretrained" and isinstance(p.get("stages"), list) else []
+    for i, t in enumerate(pre_stages):
+        # the GPT's layer groups put the tied token embedding (also its output layer) at the bottom:
+        # "head" would train the final norm alone, and decay would slow the output layer most
+        if isinstance(t, dict) and (t.get("trainable", "all") != "all" or t.get("layer_lr_decay", 1.0) != 1.0):
+            raise ConfigError(f"[[pretrain.stages]] {t.get('name', i + 1)!r}: trainable and layer_lr_decay are for "
+                              f"fine-tuning stages (the language model's output layer is its token embedding, "
+                              f"the bottom layer group)")
     if f["init"] == "pretrained":
         check_stages(p.get("stages"), monitorable(LanguageModelTask.metric_modes), "pretrain.stages")
     check_stages(f.get("stages"), monitorable({"accuracy": "max"}), "finetune.stages")
-    for where in ("pretrain", "finetune"):
-        for i, t in enumerate(cfg[where].get("stages") or []):
+    for where, tables in (("pretrain", pre_stages), ("finetune", f["stages"])):
+        for i, t in enumerate(tables):
             if t.get("adversarial"):  # the adversary perturbs nn.Embedding outputs: the GPT has none
                 raise ConfigError(f"[[{where}.stages]] {t.get('name', i + 1)!r}: adversarial is for the "
                                   f"classification job's model; the GPT embeds its tokens through oxoptim.rows, "
