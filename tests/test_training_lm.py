@@ -292,6 +292,33 @@ def test_config_base_file_and_shipped_configs(tmp_path):
     assert budget(shipped["lm"], "finetune")[1] == budget(shipped["lm_single_stage"], "finetune")[1]
 
 
+def test_shipped_pretraining_comment_states_what_is_drawn():
+    """configs/lm.toml's pretraining draws a fresh permutation every epoch: the blocks it states as
+    seen are what its plan draws from the text's blocks (not "0.6 of a pass")."""
+    from oxoptim.training.batching import epoch_order
+    from oxoptim.training.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    text = open(os.path.join(root, "configs", "lm.toml"), encoding="utf-8").read()
+    cfg = load_config(os.path.join(root, "configs", "lm.toml"))
+    n, seen, drawn, epoch = 22391, set(), 0, 0  # blocks of 128 + 1 characters in its 2,866,129
+    for st in cfg["pretrain"]["stages"]:
+        for _ in range(st["epochs"]):
+            k = st["steps_per_epoch"] * st["batch_size"]
+            seen.update(epoch_order(cfg["pretrain"]["seed"], epoch, n, st["batch_size"], steps=st["steps_per_epoch"])
+                        [:k].tolist())
+            drawn, epoch = drawn + k, epoch + 1
+    assert (drawn, len(seen), round(100 * len(seen) / n)) == (12800, 9950, 44)
+    assert "22,391 blocks" in text and "9,950 distinct ones: 44% of the text seen" in text
+    from oxoptim.training.data import build_text_data
+
+    reviews = build_text_data(max_len=128, split=(0.8, 0.1, 0.1), seed=0)["raw"]["train"]
+    whole = round(100 * sum(len(t) <= cfg["data"]["max_len"] for t, _ in reviews) / len(reviews))
+    assert f"{whole}% of the reviews whole" in text and whole == 82
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    assert "of a pass" not in text + readme.split("### The language-model job")[1][:6000]
+
+
 def test_pretraining_text_has_no_validation_or_test_reviews(tmp_path, monkeypatch):
     """The corpus the job pretrains on holds training-split reviews and never a validation or test one."""
     from oxoptim.training import corpus, lm_job
