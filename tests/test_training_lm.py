@@ -421,6 +421,50 @@ def test_resume_of_fine_tuning_checks_the_data_fingerprint(lm_reference):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_cache_dir_is_config_relative_and_the_pretrain_link_follows_overwrite(lm_reference, tmp_path):
+    """A relative cache_dir is the config file's directory's (stored absolute in config.json, as data
+    paths are), not the working directory's; after --overwrite with another pretraining setting the
+    run's pretrain link points at the new pretrained model (it kept pointing at the old one)."""
+    import shutil
+
+    d, _ = lm_reference
+    conf = tmp_path / "conf"
+    shutil.copytree(d / "ref" / "pretrained", conf / "cache", symlinks=True)  # reused: no pretraining
+    (conf / "lm.toml").write_text(TINY.replace("[pretrain]", '[pretrain]\ncache_dir = "cache"'))
+    r = run_cli(["train", "--config", "conf/lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0 and not (tmp_path / "cache").exists(), r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["pretrain"]["cache_dir"] == str(conf / "cache")
+    old = os.path.realpath(tmp_path / "run" / "pretrain")
+    assert os.path.dirname(old) == str(conf / "cache")
+    (conf / "lm.toml").write_text(TINY.replace("[pretrain]", '[pretrain]\ncache_dir = "cache"\nseed = 1'))
+    r = run_cli(["train", "--config", "conf/lm.toml", "--run-dir", "run", "--overwrite", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = os.path.realpath(tmp_path / "run" / "pretrain")
+    assert new != old and new == json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"]["dir"]
+
+
+def test_a_pretraining_killed_before_its_last_summary_is_finished(lm_reference, tmp_path):
+    """final.pt and the trainer's summary written, the job's (with tokens_per_s) not yet: the cache is
+    finished from its last checkpoint (same weights), not reused without tokens_per_s for good."""
+    import shutil
+
+    d, _ = lm_reference
+    cache = tmp_path / "cache"
+    shutil.copytree(d / "ref" / "pretrained", cache, symlinks=True)
+    pdir = next(p for p in cache.iterdir() if p.is_dir())
+    s = json.loads((pdir / "summary.json").read_text())
+    del s["tokens_per_s"]
+    (pdir / "summary.json").write_text(json.dumps(s))
+    (tmp_path / "lm.toml").write_text(TINY.replace("[pretrain]", '[pretrain]\ncache_dir = "cache"'))
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrain: continuing" in r.stdout and "resumed from" in r.stdout
+    assert json.loads((pdir / "summary.json").read_text())["tokens_per_s"] > 0
+    assert_same_run(d / "ref" / "run" / "pretrain", pdir)
+    assert_same_run(d / "ref" / "run", tmp_path / "run")
+
+
 # Checkpoints every 4 steps and at each epoch end. Pretraining: steps 4, 6 (the end of the warm-up
 # stage: the next one continues its optimizer), 8, 12, ...; fine-tuning after 10 of them. Killed
 # after the 2nd (in pretraining, between stages) and after the 12th (in fine-tuning).

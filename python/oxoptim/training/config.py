@@ -297,12 +297,16 @@ def load_run_config(run_dir: str) -> dict:
 
 
 def resolve_paths(cfg: dict, base: str) -> dict:
-    """Relative data paths are relative to ``base`` (the config file's directory, as ``base =``
-    is), never to the working directory; they are made absolute."""
+    """Relative data paths (and the LM job's ``[pretrain] cache_dir``) are relative to ``base`` (the
+    config file's directory, as ``base =`` is), never to the working directory; they are made
+    absolute, so that a run resumed from another directory finds them."""
     for key in ("train", "val", "test"):
         p = cfg["data"].get(key)
         if p and not os.path.isabs(p):
             cfg["data"][key] = os.path.abspath(os.path.join(base, p))
+    cache = (cfg.get("pretrain") or {}).get("cache_dir")
+    if cache:
+        cfg["pretrain"]["cache_dir"] = os.path.abspath(os.path.join(base, os.path.expanduser(cache)))
     return cfg
 
 

@@ -176,10 +176,15 @@ def _pretrain_locked(cfg: dict, corpus, pdir: str, quiet: bool, say: Callable[[s
     from .trainer import Trainer
 
     final, summary_path = os.path.join(pdir, "final.pt"), os.path.join(pdir, "summary.json")
-    if os.path.isfile(final) and os.path.isfile(summary_path):
-        say(f"pretrain: reusing {pdir}")
+    report = None
+    if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as fh:
             report = json.load(fh)
+    # The trainer writes final.pt and a summary, then this job adds tokens_per_s to it: that last
+    # write marks the model complete; before it, the run is resumed from its last checkpoint and
+    # finished (the weights unchanged).
+    if os.path.isfile(final) and report is not None and "tokens_per_s" in report:
+        say(f"pretrain: reusing {pdir}")
         return {"state": torch.load(final), "dir": pdir, "reused": True, "summary": report}
     resume = bool(list_checkpoints(pdir))
     say(f"pretrain: {'continuing' if resume else 'starting'} in {pdir}")
@@ -250,9 +255,14 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
                                   f"than one block of [model] block + 1 = {cfg['model']['block'] + 1}: raise "
                                   f"max_chars or val_fraction, or lower block")
         pre = _pretrain(cfg, corpus, run_dir, quiet, say)
-        link = os.path.join(run_dir, "pretrain")
-        if not os.path.lexists(link):  # the pretraining's outputs, from the run directory
-            os.symlink(os.path.relpath(pre["dir"], run_dir), link)
+        link, target = os.path.join(run_dir, "pretrain"), os.path.relpath(pre["dir"], run_dir)
+        # the pretraining's outputs, from the run directory; re-pointed when --overwrite changed them
+        if not os.path.islink(link) or os.readlink(link) != target:
+            tmp = link + ".tmp"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
     torch.manual_seed(int(cfg["seed"]))
     body = GPT(len(corpus.vocab), **cfg["model"])
     if pre is not None:
