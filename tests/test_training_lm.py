@@ -605,6 +605,7 @@ def test_a_split_that_leaves_no_reviews_is_refused(tmp_path):
     r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path)
     assert r.returncode == 2 and "leaves no val reviews" in r.stderr, r.stderr[-3000:]
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "pretrained").exists()
+    assert not (tmp_path / "run").exists()  # nothing written: the same --run-dir can be used again
 
 
 @pytest.mark.parametrize("old, new, fragment", [
@@ -620,4 +621,4 @@ def test_settings_that_crashed_later_are_one_line_errors(tmp_path, old, new, fra
     r = run_cli(["train", "--config", "lm.toml", "--run-dir", "run", "--quiet"], cwd=tmp_path)
     assert r.returncode == 2 and fragment in r.stderr, r.stderr[-3000:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not list(tmp_path.glob("**/checkpoints"))
+    assert not list(tmp_path.glob("**/checkpoints")) and not (tmp_path / "run").exists()

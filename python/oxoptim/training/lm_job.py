@@ -230,9 +230,6 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     if not cfg.get("threads"):
         cfg["threads"] = max(1, min(2, os.cpu_count() or 1))
     torch.set_num_threads(int(cfg["threads"]))
-    os.makedirs(run_dir, exist_ok=True)
-    if not resume:
-        atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     d, c, f = cfg["data"], cfg["corpus"], cfg["finetune"]
     data = build_text_data(max_len=d["max_len"], split=tuple(d["split"]), seed=d["split_seed"])
@@ -247,13 +244,17 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     rep = corpus.report()
     say(f"corpus: {rep['train_chars']} training / {rep['val_chars']} validation characters, vocabulary "
         f"{rep['vocab']} ({rep['unknown_fraction']:.2%} unknown) in {time.time() - t0:.1f}s")
+    for name, stream in (("training", corpus.train), ("validation", corpus.val)):
+        if f["init"] == "pretrained" and (stream.numel() - 1) // cfg["model"]["block"] < 1:  # not one block
+            raise ConfigError(f"[corpus] the pretraining {name} text ({stream.numel()} characters) is shorter "
+                              f"than one block of [model] block + 1 = {cfg['model']['block'] + 1}: raise "
+                              f"max_chars or val_fraction, or lower block")
+    # written once the data and corpus are known to do: a refused job leaves no run behind
+    os.makedirs(run_dir, exist_ok=True)
+    if not resume:
+        atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
     pre = None
     if f["init"] == "pretrained":
-        for name, stream in (("training", corpus.train), ("validation", corpus.val)):
-            if (stream.numel() - 1) // cfg["model"]["block"] < 1:  # not one block to train or score
-                raise ConfigError(f"[corpus] the pretraining {name} text ({stream.numel()} characters) is shorter "
-                                  f"than one block of [model] block + 1 = {cfg['model']['block'] + 1}: raise "
-                                  f"max_chars or val_fraction, or lower block")
         pre = _pretrain(cfg, corpus, run_dir, quiet, say)
         link, target = os.path.join(run_dir, "pretrain"), os.path.relpath(pre["dir"], run_dir)
         # the pretraining's outputs, from the run directory; re-pointed when --overwrite changed them
