@@ -139,3 +139,54 @@ def test_gradients_in_any_layout_match_torch(twin: Twin, layout: str) -> None:
         runs.append([p.detach() for p in params])
     for ours, theirs in zip(*runs):
         assert_twin_matches(twin, ours, theirs)
+
+
+def _repoint(t: torch.Tensor, view) -> None:
+    t.data = view(t.data)
+
+
+# Changes that keep a tensor's object, data pointer and element count (what the description
+# cache once re-checked), made after a step cached its description. Each takes (opt, param, key).
+STALE = {
+    "state transposed in place": lambda opt, p, key: opt.state[p][key].t_(),
+    "state viewed as int32": lambda opt, p, key: _repoint(opt.state[p][key], lambda d: d.view(torch.int32)),
+    "state negated lazily": lambda opt, p, key: _repoint(opt.state[p][key], torch._neg_view),
+    "step viewed as int32": lambda opt, p, key: _repoint(opt.state[p]["step"], lambda d: d.view(torch.int32)),
+    "param viewed as int32": lambda opt, p, key: _repoint(p, lambda d: d.view(torch.int32)),
+    "param negated lazily": lambda opt, p, key: _repoint(p, torch._neg_view),
+}
+
+
+@pytest.mark.parametrize("twin", [t for t in TWINS if t.group_path], ids=[t.name for t in TWINS if t.group_path])
+@pytest.mark.parametrize("change", list(STALE))
+def test_a_tensor_changed_under_its_cached_description_is_read_again(twin: Twin, change: str) -> None:
+    """The whole-group path caches tensor descriptions between steps. A tensor re-laid-out
+    in place (``t_()``), re-typed or lazily negated under the same object and data pointer
+    (``.data = .data.view(dtype)``, ``torch._neg_view``) is not the tensor described: it takes
+    torch's path, which computes with it or raises its error, as the twin does."""
+    key = twin.ours.PARAM_SHAPED[0]
+    outcomes = []
+    for make_opt in (twin.make_ours, twin.make_theirs):
+        # No requires_grad: a parameter that requires grad must stay a float tensor.
+        p = torch.linspace(-1, 1, 16).reshape(4, 4)
+        opt = make_opt([p], **twin.typical)
+        error = None
+        for step in range(4):
+            p.grad = torch.linspace(0.5, -0.3, 16).reshape(4, 4) * (step + 1)
+            if step == 3:  # the first steps made the state and cached the descriptions
+                if change.startswith("step") and not (torch.is_tensor(opt.state[p].get("step")) and opt.state[p]["step"].dtype == torch.float32):
+                    pytest.skip("no float32 step counter")
+                STALE[change](opt, p, key)
+            try:
+                opt.step()
+            except Exception as e:  # compared with the twin's
+                error = (type(e), str(e))
+                break
+        outcomes.append((error, p.detach().clone(), opt.state[p][key].clone()))
+    (error, p_ours, s_ours), (want, p_ref, s_ref) = outcomes
+    assert error == want
+    assert p_ours.dtype == p_ref.dtype and s_ours.dtype == s_ref.dtype
+    for ours, theirs in ((p_ours, p_ref), (s_ours, s_ref)):
+        if ours.dtype == torch.int32:  # the float32 bits, stepped by each before the change
+            ours, theirs = ours.view(torch.float32), theirs.view(torch.float32)
+        assert_twin_matches(twin, ours.resolve_neg(), theirs.resolve_neg(), equal_nan=True)

@@ -15,7 +15,7 @@
 //! tensor meanwhile cannot free memory under it.
 
 use crate::tensors::{
-    describe, describe_grad_twin, torch_types, KeepAlive, TensorCache, TorchTypes,
+    describe_grad_twin, describe_with_shape, torch_types, KeepAlive, TensorCache, TorchTypes,
 };
 use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::optimizer::{find, with_bf16_state};
@@ -124,17 +124,16 @@ impl<'py> Gathered<'py> {
         })
     }
 
-    /// Describes `t` (through `cache` when given), holding it and its storage.
-    /// Only plain tensors and parameters are described (`describe`).
+    /// Describes `t` (through `cache` when given) with its shape, holding it
+    /// and its storage. Only plain tensors and parameters are described (`describe`).
     fn describe(
         &mut self,
         t: &Bound<'py, PyAny>,
         cache: Option<&mut TensorCache>,
-        is_param: bool,
-    ) -> PyResult<Option<RawTensor>> {
+    ) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>)>> {
         match cache {
-            Some(cache) => cache.describe(t, self.types, is_param, &mut self.keep),
-            None => describe(t, self.types, &mut self.keep),
+            Some(cache) => cache.describe(t, self.types, &mut self.keep),
+            None => describe_with_shape(t, self.types, &mut self.keep),
         }
     }
 
@@ -150,12 +149,12 @@ impl<'py> Gathered<'py> {
         scalars: &[Bound<'py, PyAny>],
         compensation: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<bool> {
-        let Some(p) = self.describe(param, cache.as_deref_mut(), true)? else {
+        let Some((p, p_shape)) = self.describe(param, cache.as_deref_mut())? else {
             return Ok(false);
         };
         // A gradient must be the parameter's twin: same dtype and shape, dense
         // and contiguous (torch raises or promotes otherwise, so it runs torch's path).
-        let Some(g) = describe_grad_twin(grad, param, p, self.types, &mut self.keep)? else {
+        let Some(g) = describe_grad_twin(grad, &p_shape, p, self.types, &mut self.keep)? else {
             return Ok(false);
         };
         let mut row = Vec::with_capacity(2 + state.len());
@@ -163,15 +162,15 @@ impl<'py> Gathered<'py> {
         row.push(g);
         for (k, t) in state.iter().enumerate() {
             let spec = self.specs[2 + k];
-            match self.describe(t, cache.as_deref_mut(), false)? {
-                Some(raw) if spec.admits(raw, p) => row.push(raw),
+            match self.describe(t, cache.as_deref_mut())? {
+                Some((raw, _)) if spec.admits(raw, p) => row.push(raw),
                 _ => return Ok(false),
             }
         }
         let mut cells = Vec::with_capacity(scalars.len());
         for t in scalars {
-            match self.describe(t, cache.as_deref_mut(), false)? {
-                Some(raw) if raw.len == 1 && matches!(raw.dtype, DType::F32 | DType::F64) => {
+            match self.describe(t, cache.as_deref_mut())? {
+                Some((raw, _)) if raw.len == 1 && matches!(raw.dtype, DType::F32 | DType::F64) => {
                     cells.push(raw)
                 }
                 _ => return Ok(false),
@@ -179,8 +178,8 @@ impl<'py> Gathered<'py> {
         }
         let comp = match compensation {
             None => None,
-            Some(t) => match self.describe(t, cache, false)? {
-                Some(raw) if raw.dtype == DType::BF16 && raw.len == p.len => Some(raw),
+            Some(t) => match self.describe(t, cache)? {
+                Some((raw, _)) if raw.dtype == DType::BF16 && raw.len == p.len => Some(raw),
                 _ => return Ok(false),
             },
         };

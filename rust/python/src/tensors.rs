@@ -81,6 +81,15 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
 }
 
 impl TorchTypes {
+    /// torch's dtype object of `dtype`.
+    fn dtype_object<'py>(&self, py: Python<'py>, dtype: DType) -> &Bound<'py, PyAny> {
+        let (object, _) = self
+            .dtypes
+            .iter()
+            .find(|(_, d)| *d == dtype)
+            .expect("every DType a description holds comes from this table");
+        object.bind(py)
+    }
     pub(crate) fn data_ptr(&self, t: &Bound<'_, PyAny>) -> PyResult<usize> {
         self.data_ptr.bind(t.py()).call1((t,))?.extract()
     }
@@ -143,6 +152,32 @@ fn describe_with_storage<'py>(
     let len = types.numel(t)?;
     let addr = types.data_ptr(t)?;
     Ok(Some((RawTensor { addr, len, dtype }, storage)))
+}
+
+/// [`describe_with_storage`], with the tensor's shape (its `torch.Size`).
+#[allow(clippy::type_complexity)]
+fn describe_shaped<'py>(
+    t: &Bound<'py, PyAny>,
+    types: &TorchTypes,
+) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    let Some((raw, storage)) = describe_with_storage(t, types)? else {
+        return Ok(None);
+    };
+    let shape = t.getattr(intern!(t.py(), "shape"))?;
+    Ok(Some((raw, storage, shape)))
+}
+
+/// Like [`describe`], with the tensor's shape (its `torch.Size`).
+pub(crate) fn describe_with_shape<'py>(
+    t: &Bound<'py, PyAny>,
+    types: &TorchTypes,
+    keep: &mut KeepAlive<'py>,
+) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>)>> {
+    let Some((raw, storage, shape)) = describe_shaped(t, types)? else {
+        return Ok(None);
+    };
+    keep.hold(t, storage);
+    Ok(Some((raw, shape)))
 }
 
 /// Describes one tensor, holding it and its storage in `keep`, or `None`
@@ -293,13 +328,13 @@ pub(crate) fn describe_grad<'py>(
     Ok(Some(raw))
 }
 
-/// Describes the gradient `g` of `param` (described as `param_raw`) for the
-/// generic step, holding it in `keep`: `None` (torch's path, which promotes,
-/// broadcasts or raises its own error) unless it is a plain dense contiguous
-/// CPU tensor of the parameter's dtype and shape.
+/// Describes the gradient `g` of a parameter described as `param_raw`, of
+/// shape `param_shape`, for the generic step, holding it in `keep`: `None`
+/// (torch's path, which promotes, broadcasts or raises its own error) unless
+/// it is a plain dense contiguous CPU tensor of the parameter's dtype and shape.
 pub(crate) fn describe_grad_twin<'py>(
     g: &Bound<'py, PyAny>,
-    param: &Bound<'py, PyAny>,
+    param_shape: &Bound<'py, PyAny>,
     param_raw: RawTensor,
     types: &TorchTypes,
     keep: &mut KeepAlive<'py>,
@@ -311,10 +346,7 @@ pub(crate) fn describe_grad_twin<'py>(
     if raw.dtype != param_raw.dtype || raw.len != param_raw.len {
         return Ok(None);
     }
-    if !g
-        .getattr(intern!(py, "shape"))?
-        .eq(param.getattr(intern!(py, "shape"))?)?
-    {
+    if !g.getattr(intern!(py, "shape"))?.eq(param_shape)? {
         return Ok(None);
     }
     keep.hold(g, storage);
@@ -337,9 +369,13 @@ fn broadcast_error(a: &[i64], b: &[i64]) -> Option<String> {
 }
 
 /// Remembers the full description of long-lived tensors (parameters and
-/// optimizer state) between steps, so that a step re-reads only the data
-/// pointer and, for parameters, contiguity (users swap `.data` for views) or,
-/// for state, the length.
+/// optimizer state) between steps, so that a step re-reads only what can
+/// change while the tensor object stays the same: its data pointer (`set_`,
+/// `resize_`), dtype (`.data = .data.view(dtype)`), shape (`.data =` a
+/// reshaped view, `resize_` to fewer elements at the same address),
+/// contiguity (`t_()`, `.data =` a transposed view) and neg bit (`.data =
+/// torch._neg_view(...)`). Device and layout cannot change under the same
+/// data pointer (`.data =` refuses a tensor of another type).
 ///
 /// Soundness: an entry holds the tensor (so its address, the key, cannot be
 /// reused by another object) and the tensor's storage as it was described, so
@@ -393,6 +429,8 @@ struct CacheEntry {
     tensor: Py<PyAny>,
     storage: Py<PyAny>,
     raw: RawTensor,
+    /// The tensor's `torch.Size` when described.
+    shape: Py<PyAny>,
     epoch: u64,
 }
 
@@ -433,36 +471,43 @@ impl TensorCache {
         (&mut m.0, &mut m.1)
     }
 
-    /// Like [`describe`], answered from the cache when the tensor still points
-    /// at the same memory; holds the tensor and its storage in `keep` either way.
+    /// Like [`describe_with_shape`], answered from the cache when the tensor
+    /// still points at the same memory with the same dtype, shape, contiguity
+    /// and no neg bit; holds the tensor and its storage in `keep` either way.
+    ///
+    /// Cost of a hit: five C-level calls or attribute reads (`data_ptr()`,
+    /// `.dtype`, `.shape`, `is_contiguous()`, `is_neg()`; no `is_contiguous()`
+    /// for a tensor of one element) and one `torch.Size` comparison: about
+    /// 0.4 µs per tensor, against 0.15 µs for the pointer and length alone.
     pub(crate) fn describe<'py>(
         &mut self,
         t: &Bound<'py, PyAny>,
         types: &TorchTypes,
-        is_param: bool,
         keep: &mut KeepAlive<'py>,
-    ) -> PyResult<Option<RawTensor>> {
+    ) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>)>> {
         let py = t.py();
         let key = t.as_ptr() as usize;
         if let Some(entry) = self.entries.get_mut(&key) {
-            let addr = types.data_ptr(t)?;
-            // Parameters are re-checked for contiguity (users swap `.data` for
-            // views) and their length against the gradient's (`describe_grad`);
-            // state is re-checked for length: a tensor `set_` to a smaller
-            // storage that reuses the old address must not keep the old length.
-            let unchanged = if is_param {
-                types.is_contiguous(t)?
-            } else {
-                types.numel(t)? == entry.raw.len
-            };
-            if addr == entry.raw.addr && unchanged {
-                entry.epoch = self.epoch;
-                keep.hold(entry.tensor.bind(py), entry.storage.bind(py).clone());
-                return Ok(Some(entry.raw));
+            // Cheapest first; each can change while the data pointer stays.
+            if types.data_ptr(t)? == entry.raw.addr
+                && t.getattr(intern!(py, "dtype"))?
+                    .is(types.dtype_object(py, entry.raw.dtype))
+            {
+                let shape = t.getattr(intern!(py, "shape"))?;
+                // The same shape: a tensor of at most one element is contiguous
+                // whatever its strides (the step counters: one call saved each).
+                if shape.eq(entry.shape.bind(py))?
+                    && (entry.raw.len <= 1 || types.is_contiguous(t)?)
+                    && !types.is_neg(t)?
+                {
+                    entry.epoch = self.epoch;
+                    keep.hold(entry.tensor.bind(py), entry.storage.bind(py).clone());
+                    return Ok(Some((entry.raw, shape)));
+                }
             }
             self.entries.remove(&key);
         }
-        let Some((raw, storage)) = describe_with_storage(t, types)? else {
+        let Some((raw, storage, shape)) = describe_shaped(t, types)? else {
             return Ok(None);
         };
         self.entries.insert(
@@ -471,10 +516,11 @@ impl TensorCache {
                 tensor: t.clone().unbind(),
                 storage: storage.clone().unbind(),
                 raw,
+                shape: shape.clone().unbind(),
                 epoch: self.epoch,
             },
         );
         keep.hold(t, storage);
-        Ok(Some(raw))
+        Ok(Some((raw, shape)))
     }
 }
