@@ -340,3 +340,54 @@ def test_adafactor_group_torch_fails_part_way_is_not_half_stepped() -> None:
         assert torch.equal(m.detach(), before), cls
     assert outcomes[0][0] == outcomes[1][0]
     assert torch.equal(outcomes[0][1], outcomes[1][1]) and torch.equal(outcomes[0][2], outcomes[1][2])
+
+
+def _reshape_state(opt, p, key) -> None:
+    opt.state[p][key] = opt.state[p][key].reshape(8, 2).clone()
+
+
+def _repoint_state(opt, p, key) -> None:
+    opt.state[p][key].data = opt.state[p][key].data.view(8, 2)
+
+
+def _repoint_param(opt, p, key) -> None:
+    p.data = p.data.view(8, 2)
+
+
+# A parameter of shape (2, 8) and a parameter-shaped state tensor whose shape no longer matches
+# it, with the same number of elements (which is all that was checked).
+SHAPE_MISMATCHES = {
+    "state replaced by one of another shape": _reshape_state,
+    "state re-pointed to another shape": _repoint_state,
+    "parameter re-pointed to another shape": _repoint_param,
+}
+GROUP_TWINS = [t for t in TWINS if t.group_path]
+
+
+@pytest.mark.parametrize("twin", GROUP_TWINS, ids=[t.name for t in GROUP_TWINS])
+@pytest.mark.parametrize("case", list(SHAPE_MISMATCHES))
+def test_state_of_another_shape_than_its_parameter_takes_torchs_path(twin: Twin, case: str) -> None:
+    """torch's in-place ops between a (2, 8) and an (8, 2) tensor raise its size error; the
+    native path must not step them as flat arrays of 16 elements (first and cached steps)."""
+    key = twin.ours.PARAM_SHAPED[0]
+    outcomes = []
+    for make_opt in (twin.make_ours, twin.make_theirs):
+        p = torch.linspace(-1, 1, 16).reshape(2, 8).requires_grad_()
+        opt = make_opt([p], **twin.typical)
+        error = None
+        for step in range(4):
+            if step == 3:  # the state exists and its description is cached
+                SHAPE_MISMATCHES[case](opt, p, key)
+            p.grad = torch.linspace(0.5, -0.3, 16).reshape(p.shape) * (step + 1)
+            try:
+                opt.step()
+            except RuntimeError as e:
+                error = str(e)
+                break
+        outcomes.append((error, p.detach().clone(), opt.state[p][key].clone()))
+    (error, p_ours, s_ours), (want, p_ref, s_ref) = outcomes
+    assert want is not None and "must match the size" in want
+    assert error == want
+    assert p_ours.shape == p_ref.shape and s_ours.shape == s_ref.shape
+    torch.testing.assert_close(p_ours, p_ref, **(twin.tolerance or TOLERANCE)[torch.float32])
+    torch.testing.assert_close(s_ours, s_ref, **(twin.tolerance or TOLERANCE)[torch.float32])

@@ -191,6 +191,11 @@ pub trait Optimizer: Sized + Send + Sync + 'static {
     /// The 0-d state entries of each parameter (torch's `step` and the like),
     /// read and written around the element-wise update.
     const SCALARS: &'static [&'static str];
+    /// The entries of [`Optimizer::STATE`] the reference keeps flat (1-D,
+    /// one element per parameter element) rather than shaped like the
+    /// parameter; every other parameter-shaped entry must have the
+    /// parameter's shape, as the reference's in-place ops require.
+    const FLAT_STATE: &'static [&'static str] = &[];
 
     /// Reads a group's settings (every key of [`Optimizer::HYPER`]).
     fn from_hyper(hyper: &mut Hyper) -> Result<Self>;
@@ -242,6 +247,8 @@ pub struct Entry {
     pub hyper: &'static [(&'static str, HyperKind)],
     pub state: &'static [&'static str],
     pub scalars: &'static [&'static str],
+    /// See [`Optimizer::FLAT_STATE`].
+    pub flat_state: &'static [&'static str],
     configure: fn(&mut Hyper) -> Result<Box<dyn Configured>>,
 }
 
@@ -263,6 +270,7 @@ pub const fn entry<O: Optimizer>() -> Entry {
         hyper: O::HYPER,
         state: O::STATE,
         scalars: O::SCALARS,
+        flat_state: O::FLAT_STATE,
         configure: configure::<O>,
     }
 }

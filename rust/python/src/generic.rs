@@ -93,6 +93,8 @@ struct Gathered<'py> {
     types: &'static TorchTypes,
     /// What each of `[param, grad, state...]` holds.
     specs: Vec<ArraySpec>,
+    /// The shape each state array must have next to its parameter's.
+    shapes: Vec<StateShape>,
     /// `[param, grad, state...]`, one vector per role.
     columns: Vec<Vec<RawTensor>>,
     /// The scalar state cells, slot-major.
@@ -109,11 +111,17 @@ struct Gathered<'py> {
 }
 
 impl<'py> Gathered<'py> {
-    fn new(py: Python<'py>, specs: Vec<ArraySpec>, capacity: usize) -> PyResult<Self> {
+    fn new(
+        py: Python<'py>,
+        specs: Vec<ArraySpec>,
+        shapes: Vec<StateShape>,
+        capacity: usize,
+    ) -> PyResult<Self> {
         let arity = specs.len();
         Ok(Gathered {
             types: torch_types(py)?,
             specs,
+            shapes,
             columns: vec![Vec::with_capacity(capacity); arity],
             cells: Vec::new(),
             compensation: Vec::new(),
@@ -161,11 +169,15 @@ impl<'py> Gathered<'py> {
         row.push(p);
         row.push(g);
         for (k, t) in state.iter().enumerate() {
-            let spec = self.specs[2 + k];
-            match self.describe(t, cache.as_deref_mut())? {
-                Some((raw, _)) if spec.admits(raw, p) => row.push(raw),
-                _ => return Ok(false),
+            let Some((raw, shape)) = self.describe(t, cache.as_deref_mut())? else {
+                return Ok(false);
+            };
+            // A state tensor of the parameter's length but another shape: torch's
+            // in-place ops raise its size error (or broadcast), so torch's path runs.
+            if !self.specs[2 + k].admits(raw, p) || !self.shapes[k].admits(&shape, &p_shape)? {
+                return Ok(false);
             }
+            row.push(raw);
         }
         let mut cells = Vec::with_capacity(scalars.len());
         for t in scalars {
@@ -259,6 +271,43 @@ impl<'py> Gathered<'py> {
     }
 }
 
+/// How a state array's shape must relate to its parameter's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateShape {
+    /// The parameter's shape (a parameter-shaped entry: `zeros_like(p)`).
+    Param,
+    /// 1-D ([`oxoptim_core::optimizer::Optimizer::FLAT_STATE`]: Prodigy's `s`).
+    Flat,
+    /// Whatever shape: its spec fixes its length only (quantised codes, block scales).
+    Any,
+}
+
+impl StateShape {
+    /// Whether a state tensor of shape `shape` fits a parameter of shape `param`.
+    fn admits(self, shape: &Bound<'_, PyAny>, param: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match self {
+            StateShape::Param => shape.eq(param),
+            StateShape::Flat => Ok(shape.len()? == 1),
+            StateShape::Any => Ok(true),
+        }
+    }
+}
+
+/// The shape rule of each state array of `configured`, in step order.
+fn state_shapes(entry: &Entry, configured: &dyn Configured) -> Vec<StateShape> {
+    let specs = configured.array_specs();
+    configured
+        .state_keys()
+        .iter()
+        .zip(specs.iter().skip(2))
+        .map(|(key, spec)| match *spec {
+            ArraySpec::LIKE_PARAM if entry.flat_state.contains(key) => StateShape::Flat,
+            ArraySpec::LIKE_PARAM => StateShape::Param,
+            _ => StateShape::Any,
+        })
+        .collect()
+}
+
 /// One optimizer step over a parameter group given as lists: `state` holds one
 /// list per entry of `layout(kind, hyper)[0]`, `scalars` one per entry of
 /// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
@@ -331,7 +380,12 @@ fn step<'py>(
     }
     let exec = exec(num_threads, backend)?
         .with_rounding(rounding(stochastic_round, compensation.is_some())?);
-    let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), n)?;
+    let mut gathered = Gathered::new(
+        py,
+        specs(configured.as_ref(), bf16_state),
+        state_shapes(&entry, configured.as_ref()),
+        n,
+    )?;
     gathered.offsets = stream_offsets.unwrap_or_default();
     for (i, param) in params.iter().enumerate() {
         let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
@@ -396,7 +450,12 @@ fn group_step<'py>(
         .map(|k| PyString::intern(py, k))
         .collect();
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
-    let mut gathered = Gathered::new(py, specs(configured.as_ref(), bf16_state), params.len())?;
+    let mut gathered = Gathered::new(
+        py,
+        specs(configured.as_ref(), bf16_state),
+        state_shapes(&entry, configured.as_ref()),
+        params.len(),
+    )?;
     let empty = PyDict::new(py);
     // The state tensors the step writes: their version counters move, as torch's in-place ops move them.
     let written = PyList::empty(py);

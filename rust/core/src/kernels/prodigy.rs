@@ -23,7 +23,7 @@ use crate::engine::{self, Exec};
 use crate::error::{Error, Result};
 use crate::reduce::{BLOCK, VIRTUAL_LANES};
 use crate::simd::{Lanes, Scalar};
-use crate::tensors::{DType, TensorBatch};
+use crate::tensors::{DType, ScalarState, TensorBatch};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 optimizer! {
@@ -49,6 +49,13 @@ optimizer! {
     // parameter's elements, `slice_p=1`).
     state: ["exp_avg" if beta1 > 0.0, "exp_avg_sq", "s"],
     scalars: [],
+    impl {
+        const FLAT_STATE: &'static [&'static str] = &["s"];
+
+        fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+            super::declare::step(self, batch, scalars, exec)
+        }
+    }
 }
 
 impl ProdigyConfig {
