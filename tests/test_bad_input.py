@@ -391,3 +391,29 @@ def test_state_of_another_shape_than_its_parameter_takes_torchs_path(twin: Twin,
     assert p_ours.shape == p_ref.shape and s_ours.shape == s_ref.shape
     torch.testing.assert_close(p_ours, p_ref, **(twin.tolerance or TOLERANCE)[torch.float32])
     torch.testing.assert_close(s_ours, s_ref, **(twin.tolerance or TOLERANCE)[torch.float32])
+
+
+KAHAN_TWINS = [t for t in TWINS if hasattr(t.ours, "_check_native") and "step" in t.ours.SCALAR_STATE]
+
+
+@pytest.mark.parametrize("twin", KAHAN_TWINS, ids=[t.name for t in KAHAN_TWINS])
+def test_a_step_counter_inside_the_kahan_compensation_is_refused(twin: Twin) -> None:
+    """The compensation buffer is checked for shared memory like every other array: a step
+    counter re-pointed into it (the kernel would write both) gets the option's native-only
+    error and nothing changes, on the first-step and the cached path."""
+    for warm in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(64, generator=gen).bfloat16().requires_grad_()
+        opt = twin.make_ours([p], **twin.typical, kahan_sum=True)
+        for _ in range(2 if warm else 1):
+            p.grad = torch.randn(64, generator=gen).bfloat16()
+            opt.step()
+        entry = opt.state[p]
+        cell = entry["kahan_comp"].view(torch.float32)[0]
+        cell.fill_(entry["step"].item())
+        entry["step"] = cell
+        p.grad = torch.randn(64, generator=gen).bfloat16()
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match="kahan_sum=True runs on the native path only"):
+            opt.step()
+        assert_unchanged(opt, before)

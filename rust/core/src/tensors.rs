@@ -632,7 +632,8 @@ pub struct ScalarState {
 impl ScalarState {
     /// # Safety
     /// As for [`TensorBatch::new`], for each cell; `batch` must be the batch
-    /// the cells belong to (their memory is checked to be disjoint from it).
+    /// the cells belong to (their memory is checked to be disjoint from its
+    /// arrays and its compensation arrays).
     pub unsafe fn new(
         cells: Vec<RawTensor>,
         per_slot: usize,
@@ -680,8 +681,11 @@ impl ScalarState {
             }
         }
         if !cells.is_empty() {
+            // The Kahan compensation arrays are written too: a cell inside one
+            // would be updated through two aliases.
             let mut all = batch.arrays.clone();
-            all.extend(cells.iter().copied()); // cells show up as slots past the last tensor in messages
+            all.extend(batch.compensation.iter().copied());
+            all.extend(cells.iter().copied()); // compensation and cells show up as slots past the last tensor in messages
             memo.check(&all, batch.arity)?;
         }
         Ok(ScalarState {
@@ -978,6 +982,26 @@ mod tests {
             ));
         }
         assert_eq!((step32[0], mu64[0]), (0.1f32 * 0.9f32, 0.1));
+    }
+
+    #[test]
+    fn a_cell_inside_a_compensation_array_is_an_overlap() {
+        let raw = |addr: usize, len: usize, dtype: DType| RawTensor { addr, len, dtype };
+        // SAFETY: test batches are only checked, never turned into slices.
+        unsafe {
+            let batch = TensorBatch::new(
+                vec![raw(4096, 8, DType::BF16), raw(8192, 8, DType::BF16)],
+                2,
+            )
+            .unwrap()
+            .with_compensation(vec![raw(16384, 8, DType::BF16)])
+            .unwrap();
+            assert!(matches!(
+                ScalarState::new(vec![raw(16384, 1, DType::F32)], 1, &batch),
+                Err(Error::Overlap(_))
+            ));
+            assert!(ScalarState::new(vec![raw(16400, 1, DType::F32)], 1, &batch).is_ok());
+        }
     }
 
     #[test]
