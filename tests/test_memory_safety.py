@@ -27,6 +27,8 @@ import pytest
 import torch
 
 import oxoptim
+from optimizers import TWINS as ALL_TWINS
+from optimizers import assert_twin_matches
 from oxoptim import _core
 
 # The subprocess fixes glibc's mmap threshold at 1 MiB, so freeing a BIG
@@ -653,6 +655,61 @@ def test_parameter_converted_to_double_after_state_exists_behaves_like_torch(our
     assert outcomes[0][0] == outcomes[1][0]
     _assert_same(outcomes[0][1], outcomes[1][1], exact=False)
 
+
+
+# --- ZeroTensors (no memory behind their data pointer) ------------------------
+
+
+# Adafactor's own Python check of the gradients (adafactor.py ``_kernel_takes``) reads
+# ``g.untyped_storage().data_ptr()``, which raises for a ZeroTensor before any native call.
+ZERO_TWINS = [
+    pytest.param(t, id=t.name, marks=pytest.mark.xfail(strict=True, reason="adafactor.py reads a ZeroTensor's storage")) if t.name == "adafactor" else pytest.param(t, id=t.name)
+    for t in ALL_TWINS
+]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["list-path", "group-path"])
+@pytest.mark.parametrize("twin", ZERO_TWINS)
+def test_a_zero_tensor_gradient_takes_torchs_path(twin, warm) -> None:
+    """``torch._efficientzerotensor``: a plain CPU float tensor, dense and contiguous, whose
+    data pointer is 0 (or, for a view of one, an offset from 0): nothing to read there."""
+    outcomes = []
+    for make_opt in (twin.make_ours, twin.make_semantics):  # schedulefree and prodigyopt write into p.grad
+        p = torch.linspace(-1, 1, 12).reshape(3, 4).requires_grad_()
+        opt = make_opt([p], **twin.typical)
+        error = None
+        for step in range(3 if warm else 1):
+            p.grad = torch.full((3, 4), 0.25) if step < (2 if warm else 0) else torch._efficientzerotensor(3, 4)
+            try:
+                opt.step()
+            except Exception as e:  # compared with the twin's
+                error = (type(e), str(e))
+        outcomes.append((error, p.detach().clone()))
+    assert outcomes[0][0] == outcomes[1][0]
+    assert_twin_matches(twin, outcomes[0][1], outcomes[1][1])
+
+
+ZERO_VIEW = """
+import torch, oxoptim
+for cls, kw in ((oxoptim.SGD, dict(lr=0.1, momentum=0.9)), (oxoptim.Adam, dict(lr=0.1))):
+    for warm in (False, True):
+        p = torch.nn.Parameter(torch.ones(500))
+        opt = cls([p], **kw)
+        if warm:
+            for _ in range(2):
+                p.grad = torch.ones(500)
+                opt.step()
+        p.grad = torch._efficientzerotensor(10**6)[500:1000]  # data pointer 2000
+        assert p.grad.data_ptr() == 2000
+        opt.step()
+print("ok")
+"""
+
+
+def test_a_view_of_a_zero_tensor_is_never_read() -> None:
+    """A view of a ZeroTensor has a small non-null, aligned data pointer: read, it faulted."""
+    proc = subprocess.run([sys.executable, "-c", ZERO_VIEW], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", f"return code {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
 
 
 # --- two threads updating the same tensors at once ---------------------------

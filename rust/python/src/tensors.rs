@@ -49,6 +49,7 @@ pub(crate) struct TorchTypes {
     numel: Py<PyAny>,
     is_contiguous: Py<PyAny>,
     is_neg: Py<PyAny>,
+    is_zerotensor: Py<PyAny>,
     detach: Py<PyAny>,
     dtypes: [(Py<PyAny>, DType); 5],
 }
@@ -68,6 +69,7 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
             numel: method("numel")?,
             is_contiguous: method("is_contiguous")?,
             is_neg: method("is_neg")?,
+            is_zerotensor: method("_is_zerotensor")?,
             detach: method("detach")?,
             dtypes: [
                 (get("float32")?, DType::F32),
@@ -102,6 +104,11 @@ impl TorchTypes {
     /// A lazily negated view (the neg bit): its memory holds the values un-negated.
     fn is_neg(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.is_neg.bind(t.py()).call1((t,))?.extract()
+    }
+    /// A ZeroTensor (`torch._efficientzerotensor`, or a view of one): no
+    /// memory behind it, its data pointer 0 or an offset from 0.
+    fn is_zerotensor(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.is_zerotensor.bind(t.py()).call1((t,))?.extract()
     }
     /// A new tensor of its own on `t`'s storage: it keeps that memory
     /// allocated whatever happens to `t`. Not `untyped_storage()`: a Python
@@ -143,8 +150,8 @@ fn describe_with_storage<'py>(
         return Ok(None);
     };
     // A contiguous strided tensor occupies exactly `numel` elements from `data_ptr`;
-    // a neg-bit view's memory holds its values un-negated.
-    if !types.is_contiguous(t)? || types.is_neg(t)? {
+    // a neg-bit view's memory holds its values un-negated; a ZeroTensor has no memory.
+    if !types.is_contiguous(t)? || types.is_neg(t)? || types.is_zerotensor(t)? {
         return Ok(None);
     }
     // The storage first: it holds the memory `data_ptr` points into.
