@@ -417,3 +417,52 @@ def test_a_step_counter_inside_the_kahan_compensation_is_refused(twin: Twin) -> 
         with pytest.raises(ValueError, match="kahan_sum=True runs on the native path only"):
             opt.step()
         assert_unchanged(opt, before)
+
+
+def _inference_copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return t.clone()
+
+
+# Tensors a step writes, made under torch.inference_mode() (state built or loaded there):
+# torch refuses to update them in place outside it.
+INFERENCE = {
+    "state": lambda opt, p, key: opt.state[p].__setitem__(key, _inference_copy(opt.state[p][key])),
+    "step counter": lambda opt, p, key: opt.state[p].__setitem__("step", _inference_copy(opt.state[p]["step"])),
+}
+
+
+@pytest.mark.parametrize("twin", GROUP_TWINS, ids=[t.name for t in GROUP_TWINS])
+@pytest.mark.parametrize("made", ["parameter", *INFERENCE])
+def test_inference_tensors_the_step_writes_raise_torchs_error(twin: Twin, made: str) -> None:
+    """An inference tensor (``is_inference()``) the step would update in place takes torch's
+    path, which refuses it, on the first step (list path) and when its entry was replaced."""
+    key = twin.ours.PARAM_SHAPED[0]
+    outcomes = []
+    for make_opt in (twin.make_ours, twin.make_theirs):
+        p = torch.linspace(-1, 1, 12).reshape(3, 4)
+        if made == "parameter":  # stepped from the first step (the list path), then cached
+            p = _inference_copy(p)
+        opt = make_opt([p], **twin.typical)
+        error = None
+        for step in range(4):
+            if step == 3 and made != "parameter":
+                if made == "step counter" and not torch.is_tensor(opt.state[p].get("step")):
+                    pytest.skip("no step counter tensor")
+                INFERENCE[made](opt, p, key)
+            p.grad = torch.full((3, 4), 0.25 * (step + 1))
+            try:
+                opt.step()
+            except RuntimeError as e:
+                error = str(e)
+                break
+        outcomes.append((error, p.clone(), opt.state[p][key].clone() if key in opt.state[p] else None))
+    (error, p_ours, s_ours), (want, p_ref, s_ref) = outcomes
+    if twin.torch_twin:  # (prodigyopt updates p.data, which torch lets through)
+        assert want is not None and "Inplace update to inference tensor outside InferenceMode" in want
+    assert error == want
+    if error is not None and not twin.torch_twin:
+        return  # lion-pytorch has updated p.data (weight decay) before it raises; oxoptim's reference has not
+    torch.testing.assert_close(p_ours, p_ref, **(twin.tolerance or TOLERANCE)[torch.float32])
+    if s_ref is not None:
+        torch.testing.assert_close(s_ours, s_ref, **(twin.tolerance or TOLERANCE)[torch.float32])

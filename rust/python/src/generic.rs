@@ -132,8 +132,10 @@ impl<'py> Gathered<'py> {
         })
     }
 
-    /// Describes `t` (through `cache` when given) with its shape, holding it
-    /// and its storage. Only plain tensors and parameters are described (`describe`).
+    /// Describes `t`, which the call writes (a parameter, state array, cell or
+    /// compensation), through `cache` when given, with its shape, holding it
+    /// and its storage. Only plain tensors and parameters are described
+    /// (`describe`), and no inference tensor.
     fn describe(
         &mut self,
         t: &Bound<'py, PyAny>,

@@ -50,6 +50,7 @@ pub(crate) struct TorchTypes {
     is_contiguous: Py<PyAny>,
     is_neg: Py<PyAny>,
     is_zerotensor: Py<PyAny>,
+    is_inference: Py<PyAny>,
     detach: Py<PyAny>,
     dtypes: [(Py<PyAny>, DType); 5],
 }
@@ -70,6 +71,7 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
             is_contiguous: method("is_contiguous")?,
             is_neg: method("is_neg")?,
             is_zerotensor: method("_is_zerotensor")?,
+            is_inference: method("is_inference")?,
             detach: method("detach")?,
             dtypes: [
                 (get("float32")?, DType::F32),
@@ -109,6 +111,11 @@ impl TorchTypes {
     /// memory behind it, its data pointer 0 or an offset from 0.
     fn is_zerotensor(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.is_zerotensor.bind(t.py()).call1((t,))?.extract()
+    }
+    /// A tensor made under `torch.inference_mode()`: torch refuses to update
+    /// it in place outside that mode.
+    fn is_inference(&self, t: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.is_inference.bind(t.py()).call1((t,))?.extract()
     }
     /// A new tensor of its own on `t`'s storage: it keeps that memory
     /// allocated whatever happens to `t`. Not `untyped_storage()`: a Python
@@ -161,7 +168,9 @@ fn describe_with_storage<'py>(
     Ok(Some((RawTensor { addr, len, dtype }, storage)))
 }
 
-/// [`describe_with_storage`], with the tensor's shape (its `torch.Size`).
+/// [`describe_with_storage`] of a tensor the call writes, with its shape (its
+/// `torch.Size`): `None` also for an inference tensor, which torch refuses to
+/// update in place (checked once, when the cache first describes a tensor).
 #[allow(clippy::type_complexity)]
 fn describe_shaped<'py>(
     t: &Bound<'py, PyAny>,
@@ -170,11 +179,15 @@ fn describe_shaped<'py>(
     let Some((raw, storage)) = describe_with_storage(t, types)? else {
         return Ok(None);
     };
+    if types.is_inference(t)? {
+        return Ok(None);
+    }
     let shape = t.getattr(intern!(t.py(), "shape"))?;
     Ok(Some((raw, storage, shape)))
 }
 
-/// Like [`describe`], with the tensor's shape (its `torch.Size`).
+/// Like [`describe`], for a tensor the call writes (`None` for an inference
+/// tensor), with its shape (its `torch.Size`).
 pub(crate) fn describe_with_shape<'py>(
     t: &Bound<'py, PyAny>,
     types: &TorchTypes,
