@@ -792,6 +792,26 @@ def test_two_optimizers_stepping_the_same_parameters_at_once_get_an_error(one_th
     _assert_same(a_after, _replayed(opt_a, params, a_before))
 
 
+@pytest.mark.parametrize("cls,kw", [(oxoptim.Adam, dict(lr=0.01)), (oxoptim.SGD, dict(lr=0.1, momentum=0.9))], ids=["Adam", "SGD"])
+def test_two_threads_stepping_one_optimizer_at_once_get_an_error(one_thread, cls, kw) -> None:
+    """The second thread's step of the same optimizer (its description cache held by the
+    running step) gets the in-flight error, as two optimizers over the same tensors do,
+    and changes nothing."""
+    params = [torch.randn(BIG).requires_grad_(), torch.randn(SMALL).requires_grad_()]
+    opt = cls(params, **kw)
+    for p in params:  # state exists: the whole-group path
+        p.grad = torch.ones_like(p)
+    opt.step()
+    error, _, before, after = _during_a_step(opt, params, opt.step, _is_refusal)
+    assert "in flight on another thread" in str(error) and "must not update the same tensors" in str(error)
+    _assert_same(after, _replayed(opt, params, before))
+    for p in params:  # and the optimizer steps on afterwards
+        p.grad = torch.ones_like(p)
+    before = _snapshot(params, opt)
+    opt.step()
+    _assert_same(_snapshot(params, opt), _replayed(opt, params, before))
+
+
 def test_an_averager_reading_parameters_an_optimizer_is_writing_gets_an_error(one_thread) -> None:
     params = [torch.randn(BIG).requires_grad_()]
     opt = oxoptim.Adam(params, lr=0.01)

@@ -427,7 +427,7 @@ fn group_step<'py>(
     kind: &str,
     params: &Bound<'py, PyList>,
     state: &Bound<'py, PyDict>,
-    mut cache: PyRefMut<'_, TensorCache>,
+    cache: &Bound<'py, TensorCache>,
     hyper: &Bound<'py, PyDict>,
     num_threads: usize,
     stochastic_round: Option<(u64, u64)>,
@@ -436,6 +436,7 @@ fn group_step<'py>(
     stream_ids: Option<Vec<u64>>,
 ) -> PyResult<bool> {
     check_stream_ids(kind, stream_ids.as_deref(), params.len())?;
+    let mut cache = TensorCache::borrow_for_step(cache)?;
     let rounding = rounding(stochastic_round, kahan)?;
     let comp_key = PyString::intern(py, KAHAN_COMP);
     let entry = entry(kind)?;

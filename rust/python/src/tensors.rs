@@ -466,20 +466,41 @@ impl TensorCache {
         self.entries.len()
     }
 
-    /// Starts an optimizer step: entries used from now on survive `finish_step`.
-    fn begin_step(&mut self) {
-        self.epoch += 1;
+    /// Starts an optimizer step: entries used from now on survive
+    /// `finish_step`. The in-flight error, changing nothing, while a step of
+    /// the same optimizer runs on another thread.
+    fn begin_step(slf: &Bound<'_, Self>) -> PyResult<()> {
+        TensorCache::borrow_for_step(slf)?.epoch += 1;
+        Ok(())
     }
 
-    /// Ends an optimizer step, dropping entries no group used.
-    fn finish_step(&mut self) {
-        let epoch = self.epoch;
-        self.entries.retain(|_, e| e.epoch == epoch);
-        self.memos.retain(|_, m| m.2 == epoch);
+    /// Ends an optimizer step, dropping entries no group used; nothing while
+    /// a step of the same optimizer runs on another thread (that step's end
+    /// prunes them).
+    fn finish_step(slf: &Bound<'_, Self>) {
+        let Ok(mut cache) = slf.try_borrow_mut() else {
+            return;
+        };
+        let epoch = cache.epoch;
+        cache.entries.retain(|_, e| e.epoch == epoch);
+        cache.memos.retain(|_, m| m.2 == epoch);
     }
 }
 
 impl TensorCache {
+    /// The cache, borrowed for a step: a step of the same optimizer on
+    /// another thread holds it (across its kernel, the GIL released), and
+    /// this one gets the in-flight error of two calls updating the same
+    /// tensors at once (not pyo3's `Already borrowed`), having changed nothing.
+    pub(crate) fn borrow_for_step<'py>(cache: &Bound<'py, Self>) -> PyResult<PyRefMut<'py, Self>> {
+        cache.try_borrow_mut().map_err(|_| {
+            PyRuntimeError::new_err(
+                "this optimizer's step is in flight on another thread: two threads must not \
+                 update the same tensors at the same time (step an optimizer from one thread)",
+            )
+        })
+    }
+
     /// The overlap memos of the group whose params list is `group`.
     pub(crate) fn memos(
         &mut self,
