@@ -133,17 +133,21 @@ impl<'py> Gathered<'py> {
     }
 
     /// Describes `t`, which the call writes (a parameter, state array, cell or
-    /// compensation), through `cache` when given, with its shape, holding it
-    /// and its storage. Only plain tensors and parameters are described
-    /// (`describe`), and no inference tensor.
+    /// compensation), through `cache` when given, with its shape (when
+    /// `want_shape`, or described afresh), holding it and its storage. Only
+    /// plain tensors and parameters are described (`describe`), and no
+    /// inference tensor.
+    #[allow(clippy::type_complexity)]
     fn describe(
         &mut self,
         t: &Bound<'py, PyAny>,
         cache: Option<&mut TensorCache>,
-    ) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>)>> {
+        want_shape: bool,
+    ) -> PyResult<Option<(RawTensor, Option<Bound<'py, PyAny>>)>> {
         match cache {
-            Some(cache) => cache.describe(t, self.types, &mut self.keep),
-            None => describe_with_shape(t, self.types, &mut self.keep),
+            Some(cache) => cache.describe(t, self.types, want_shape, &mut self.keep),
+            None => Ok(describe_with_shape(t, self.types, &mut self.keep)?
+                .map(|(raw, shape)| (raw, Some(shape)))),
         }
     }
 
@@ -159,7 +163,7 @@ impl<'py> Gathered<'py> {
         scalars: &[Bound<'py, PyAny>],
         compensation: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<bool> {
-        let Some((p, p_shape)) = self.describe(param, cache.as_deref_mut())? else {
+        let Some((p, Some(p_shape))) = self.describe(param, cache.as_deref_mut(), true)? else {
             return Ok(false);
         };
         // A gradient must be the parameter's twin: same dtype and shape, dense
@@ -171,19 +175,21 @@ impl<'py> Gathered<'py> {
         row.push(p);
         row.push(g);
         for (k, t) in state.iter().enumerate() {
-            let Some((raw, shape)) = self.describe(t, cache.as_deref_mut())? else {
+            let rule = self.shapes[k];
+            let Some((raw, shape)) = self.describe(t, cache.as_deref_mut(), rule.needs_shape())?
+            else {
                 return Ok(false);
             };
             // A state tensor of the parameter's length but another shape: torch's
             // in-place ops raise its size error (or broadcast), so torch's path runs.
-            if !self.specs[2 + k].admits(raw, p) || !self.shapes[k].admits(&shape, &p_shape)? {
+            if !self.specs[2 + k].admits(raw, p) || !rule.admits(shape.as_ref(), &p_shape)? {
                 return Ok(false);
             }
             row.push(raw);
         }
         let mut cells = Vec::with_capacity(scalars.len());
         for t in scalars {
-            match self.describe(t, cache.as_deref_mut())? {
+            match self.describe(t, cache.as_deref_mut(), false)? {
                 Some((raw, _)) if raw.len == 1 && matches!(raw.dtype, DType::F32 | DType::F64) => {
                     cells.push(raw)
                 }
@@ -192,7 +198,7 @@ impl<'py> Gathered<'py> {
         }
         let comp = match compensation {
             None => None,
-            Some(t) => match self.describe(t, cache)? {
+            Some(t) => match self.describe(t, cache, false)? {
                 Some((raw, _)) if raw.dtype == DType::BF16 && raw.len == p.len => Some(raw),
                 _ => return Ok(false),
             },
@@ -285,12 +291,19 @@ enum StateShape {
 }
 
 impl StateShape {
-    /// Whether a state tensor of shape `shape` fits a parameter of shape `param`.
-    fn admits(self, shape: &Bound<'_, PyAny>, param: &Bound<'_, PyAny>) -> PyResult<bool> {
-        match self {
-            StateShape::Param => shape.eq(param),
-            StateShape::Flat => Ok(shape.len()? == 1),
-            StateShape::Any => Ok(true),
+    /// Whether the rule reads the state tensor's shape.
+    fn needs_shape(self) -> bool {
+        self != StateShape::Any
+    }
+
+    /// Whether a state tensor of shape `shape` (`None`: not read) fits a
+    /// parameter of shape `param`.
+    fn admits(self, shape: Option<&Bound<'_, PyAny>>, param: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match (self, shape) {
+            (StateShape::Any, _) => Ok(true),
+            (StateShape::Param, Some(shape)) => shape.eq(param),
+            (StateShape::Flat, Some(shape)) => Ok(shape.len()? == 1),
+            (_, None) => Ok(false),
         }
     }
 }
