@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import _core
-from ._native import num_threads, scalar
+from ._native import num_threads
 from ._twin import NATIVE_NOTE, TorchTwin
 
 __all__ = ["Adafactor"]
@@ -87,13 +87,15 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
         for factored in (True, False):
             part = [p for p in params if (p.dim() > 1) == factored]
             if part:
+                # As set: the kernels read numbers and 0-d tensors, and decline anything else
+                # (torch's step then runs, using the value or raising its own error).
                 hyper = {
-                    "lr": scalar(group["lr"]),
-                    "beta2_decay": float(group["beta2_decay"]),
-                    "eps1": float(eps1),
-                    "eps2": float(eps2),
-                    "d": float(group["d"]),
-                    "weight_decay": float(group["weight_decay"]),
+                    "lr": group["lr"],
+                    "beta2_decay": group["beta2_decay"],
+                    "eps1": eps1,
+                    "eps2": eps2,
+                    "d": group["d"],
+                    "weight_decay": group["weight_decay"],
                     "maximize": bool(group["maximize"]),
                     "factored": factored,
                 }

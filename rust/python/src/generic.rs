@@ -24,10 +24,10 @@ use oxoptim_core::{
     ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, ParamRounding,
     RawTensor, ScalarState, TensorBatch, OPTIMIZERS,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 use std::sync::Arc;
 
 fn entry(kind: &str) -> PyResult<Entry> {
@@ -37,7 +37,16 @@ fn entry(kind: &str) -> PyResult<Entry> {
 /// Reads a group's hyper-parameters as the table row declares them: numbers
 /// (0-d tensors too), truth values (Python truthiness, as torch tests them),
 /// pairs of numbers. Unknown keys are passed on for `configure` to reject.
-fn hyper_entries(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(String, HyperValue)>> {
+/// `None` when a value is not what the kernels take (`None`, a bool or a
+/// string for a number, a number outside float64's range, `(None, 50)` for a
+/// pair): torch's implementation then runs, which uses it or raises its own
+/// error, as torch would. `lenient`: such a number reads as NaN instead (for
+/// the state layout, which only the flags and zero tests decide).
+fn hyper_entries(
+    entry: &Entry,
+    hyper: &Bound<'_, PyDict>,
+    lenient: bool,
+) -> PyResult<Option<Vec<(String, HyperValue)>>> {
     let mut out = Vec::with_capacity(hyper.len());
     for (key, value) in hyper.iter() {
         let key: String = key.extract()?;
@@ -46,45 +55,54 @@ fn hyper_entries(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(Stri
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, kind)| *kind);
-        // torch's own arithmetic raises TypeError on a value that is not a number (None, a
-        // string) and ValueError when a pair does not unpack into two.
-        let message = |what: &str| {
-            format!(
-                "{}: hyper-parameter {key:?} must be {what}, got {}",
-                entry.name,
-                value
-                    .repr()
-                    .map_or_else(|_| "?".to_string(), |r| r.to_string())
-            )
+        let number = |v: &Bound<'_, PyAny>| -> Option<f64> {
+            // A bool extracts as 0 or 1, but torch's arithmetic treats it otherwise.
+            if v.is_instance_of::<PyBool>() {
+                return None;
+            }
+            v.extract::<f64>().ok()
         };
-        let bad = |what: &str| PyTypeError::new_err(message(what));
         let parsed = match kind {
             Some(HyperKind::Flag) => HyperValue::Flag(value.is_truthy()?),
             // Any sequence of two numbers, as torch unpacks it (`beta1, beta2 = group["betas"]`):
             // configs read from JSON or YAML give lists.
-            Some(HyperKind::Pair) => match value.extract::<(f64, f64)>() {
-                Ok((a, b)) => HyperValue::Pair(a, b),
-                Err(_) => match value.extract::<Vec<f64>>().as_deref() {
-                    Ok(&[a, b]) => HyperValue::Pair(a, b),
-                    Ok(_) => return Err(PyValueError::new_err(message("a pair of numbers"))),
-                    Err(_) => return Err(bad("a pair of numbers")),
-                },
-            },
-            Some(HyperKind::Float) => {
-                HyperValue::Float(value.extract().map_err(|_| bad("a number"))?)
+            Some(HyperKind::Pair) => {
+                let items: Option<Vec<Bound<'_, PyAny>>> = value
+                    .try_iter()
+                    .ok()
+                    .and_then(|it| it.collect::<PyResult<Vec<_>>>().ok());
+                match items.as_deref() {
+                    Some([a, b]) => match (number(a), number(b)) {
+                        (Some(a), Some(b)) => HyperValue::Pair(a, b),
+                        (a, b) if lenient => {
+                            HyperValue::Pair(a.unwrap_or(f64::NAN), b.unwrap_or(f64::NAN))
+                        }
+                        _ => return Ok(None),
+                    },
+                    _ if lenient => HyperValue::Pair(f64::NAN, f64::NAN),
+                    _ => return Ok(None),
+                }
             }
+            Some(HyperKind::Float) => match number(&value) {
+                Some(x) => HyperValue::Float(x),
+                None if lenient => HyperValue::Float(f64::NAN),
+                None => return Ok(None),
+            },
             // Never read: `configure` rejects it by name.
             None => HyperValue::Float(f64::NAN),
         };
         out.push((key, parsed));
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
-fn configure(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Box<dyn Configured>> {
-    entry
-        .configure(hyper_entries(entry, hyper)?)
-        .map_err(core_error)
+/// The group's kernel configuration, or `None` (torch's path) when a value is
+/// not one the kernels take.
+fn configure(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Option<Box<dyn Configured>>> {
+    let Some(entries) = hyper_entries(entry, hyper, false)? else {
+        return Ok(None);
+    };
+    entry.configure(entries).map(Some).map_err(core_error)
 }
 
 /// The described tensors of one call, slot by slot, and the objects that keep
@@ -347,7 +365,9 @@ fn step<'py>(
     stream_offsets: Option<Vec<u64>>,
 ) -> PyResult<bool> {
     let entry = entry(kind)?;
-    let configured = configure(&entry, hyper)?;
+    let Some(configured) = configure(&entry, hyper)? else {
+        return Ok(false);
+    };
     let state_keys = configured.state_keys();
     let n = params.len();
     let columns = |lists: &Bound<'py, PyList>,
@@ -453,7 +473,9 @@ fn group_step<'py>(
     let rounding = rounding(stochastic_round, kahan)?;
     let comp_key = PyString::intern(py, KAHAN_COMP);
     let entry = entry(kind)?;
-    let configured = configure(&entry, hyper)?;
+    let Some(configured) = configure(&entry, hyper)? else {
+        return Ok(false);
+    };
     // Interned once: a `&str` key would build a new Python string per lookup.
     let state_keys: Vec<Bound<'py, PyString>> = configured
         .state_keys()
@@ -578,7 +600,9 @@ fn layout(
     hyper: &Bound<'_, PyDict>,
 ) -> PyResult<(Vec<&'static str>, Vec<&'static str>)> {
     let entry = entry(kind)?;
-    let configured = configure(&entry, hyper)?;
+    let entries =
+        hyper_entries(&entry, hyper, true)?.expect("lenient reading always gives entries");
+    let configured = entry.configure(entries).map_err(core_error)?;
     Ok((configured.state_keys(), entry.scalars.to_vec()))
 }
 
