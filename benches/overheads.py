@@ -72,7 +72,9 @@ def markdown(rows: List[dict], calls: Dict[str, float], meta: dict) -> str:
         out.append(f"| {impl} | " + " | ".join(cells) + " |")
     out += ["", "torch calls oxoptim makes per described tensor (ns per call, best of 5):", ""]
     out += [f"- `Tensor.{name}`: {ns:.0f} ns" for name, ns in calls.items()]
-    out += ["", "A cached tensor (parameter, optimizer state) costs `data_ptr` plus `is_contiguous` or `numel` per step; "
+    out += ["", "A cached tensor (parameter, optimizer state) is re-checked every step: `data_ptr`, `.dtype`, `.shape` "
+            "(a step counter: `numel`), `is_contiguous` (not for one element) and `is_neg`, since each can change "
+            "under the same data pointer; "
             "a fresh gradient is described in full, `detach` included (its alias keeps the storage alive while the "
             "kernel runs without the GIL)."]
     return "\n".join(out) + "\n"
