@@ -3,7 +3,9 @@
 //! touches, or read memory another call in flight writes, is refused before
 //! it touches anything ([`Error::Busy`]) instead of racing: two optimizers,
 //! or an optimizer and an averager, stepping the same tensors from two
-//! threads get an error, not torn values or a broken aliasing guarantee.
+//! threads on the native path get an error, not torn values or a broken
+//! aliasing guarantee. A step that runs torch's implementation (a fallback)
+//! is not registered: it races as torch's own optimizers do.
 //!
 //! Cost with nothing else in flight: one lock and a push, then a lock and a
 //! removal. Only when calls overlap in time are their address ranges compared
