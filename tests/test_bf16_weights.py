@@ -485,16 +485,42 @@ def test_a_checkpoint_saved_without_the_options_keeps_the_optimizers_own(cls: ty
         assert all(v.dtype == torch.bfloat16 for e in opt.state.values() for v in e.values() if v.dim())
 
 
+def _not_contiguous(opt: torch.optim.Optimizer, bad: torch.nn.Parameter) -> None:
+    pass  # the parameter itself is a transposed view
+
+
+def _no_number(opt: torch.optim.Optimizer, bad: torch.nn.Parameter) -> None:
+    opt.param_groups[-1]["weight_decay"] = None  # the kernels take a number
+
+
+def _counter_in_compensation(opt: torch.optim.Optimizer, bad: torch.nn.Parameter) -> None:
+    state = opt.state[bad]
+    if "kahan_comp" not in state or "step" not in state:
+        pytest.skip("no compensation or no step counter")
+    cell = state["kahan_comp"].view(torch.float32).reshape(-1)[0]
+    cell.fill_(state["step"].item())
+    state["step"] = cell  # a 0-d counter inside memory the step writes
+
+
+@pytest.mark.parametrize("fault", [_not_contiguous, _no_number, _counter_in_compensation], ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.RMSprop, oxoptim.Lion], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("options", [SR, KAHAN, BF16_STATE], ids=["sr", "kahan", "bf16_state"])
-def test_a_group_the_native_path_cannot_take_is_refused_before_any_group_steps(cls: type, options: dict) -> None:
+def test_a_group_the_native_path_cannot_take_is_refused_before_any_group_steps(cls: type, options: dict, fault) -> None:
     """The options run on the native path only: a later group it cannot take (a non-contiguous
-    parameter) is refused before the first group is stepped; weights, state and counters stay."""
+    parameter, a hyper-parameter that is no number, a step counter inside the Kahan compensation)
+    is refused before the first group is stepped; weights, state and counters stay."""
     dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
     params, opt = make(cls, options, dtype=dtype)
-    steps(params, opt, 0, 1)
-    bad = torch.nn.Parameter(torch.randn(8, 6).to(dtype).t())  # a transposed view: not contiguous
-    opt.add_param_group({"params": [bad]})
+    if fault is _not_contiguous:
+        steps(params, opt, 0, 1)
+        bad = torch.nn.Parameter(torch.randn(8, 6).to(dtype).t())  # a transposed view: not contiguous
+        opt.add_param_group({"params": [bad]})
+    else:
+        bad = torch.nn.Parameter(torch.randn(6, 8).to(dtype))
+        opt.add_param_group({"params": [bad]})
+        bad.grad = torch.ones(6, 8, dtype=dtype)
+        steps(params, opt, 0, 1)  # the later group's state exists too
+    fault(opt, bad)
     for p, g in zip(params, grads_for(params, 1)):
         p.grad = g
     bad.grad = torch.ones(6, 8, dtype=dtype)

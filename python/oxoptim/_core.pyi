@@ -26,6 +26,7 @@ __all__ = [
     "step",
     "stream_probe",
     "subgradient_step",
+    "takes_hyper",
     "supported_backends",
     "tensor_norm",
 ]
@@ -42,6 +43,7 @@ class TensorCache:
 # Optimizer steps generated from the Rust table (rust/python/src/generic.rs).
 def optimizers() -> dict[str, dict[str, Any]]: ...
 def layout(kind: str, hyper: dict[str, Any]) -> tuple[list[str], list[str]]: ...
+def takes_hyper(kind: str, hyper: dict[str, Any]) -> bool: ...
 def step(
     kind: str,
     params: list[torch.Tensor],

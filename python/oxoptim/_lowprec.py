@@ -285,8 +285,10 @@ class LowPrecisionWeights:
         params = [p for p in group["params"] if p.grad is not None]
         if not (group_is_native(self, group) and all(_native_pair(p) for p in params)):  # type: ignore[arg-type]
             self._torch_step(group)  # raises
+        if not all(_core.takes_hyper(self.KIND, hyper) for hyper, _ in self._kernel_calls(group, params)):  # type: ignore[attr-defined]
+            self._torch_step(group)  # raises
         state = self.state  # type: ignore[attr-defined]
-        written = [*params, *(t for p in params for t in state.get(p, {}).values() if isinstance(t, torch.Tensor) and t.dim())]
+        written = [*params, *(t for p in params for t in state.get(p, {}).values() if isinstance(t, torch.Tensor))]
         if shares_memory(written, [p.grad for p in params]):
             self._torch_step(group)  # raises
 

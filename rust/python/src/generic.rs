@@ -592,6 +592,14 @@ fn rounding(stochastic_round: Option<(u64, u64)>, kahan: bool) -> PyResult<Param
     }
 }
 
+/// Whether the kernels of `kind` take these hyper-parameter values (else a
+/// step declines and torch's implementation runs): what a caller that must
+/// stay native checks before it steps anything.
+#[pyfunction]
+fn takes_hyper(kind: &str, hyper: &Bound<'_, PyDict>) -> PyResult<bool> {
+    Ok(hyper_entries(&entry(kind)?, hyper, false)?.is_some())
+}
+
 /// The state a step of `kind` with these settings uses: its parameter-shaped
 /// entries and its 0-d entries, each in the order `step` takes them.
 #[pyfunction]
@@ -629,6 +637,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step, m)?)?;
     m.add_function(wrap_pyfunction!(group_step, m)?)?;
     m.add_function(wrap_pyfunction!(layout, m)?)?;
+    m.add_function(wrap_pyfunction!(takes_hyper, m)?)?;
     m.add_function(wrap_pyfunction!(optimizers, m)?)?;
     Ok(())
 }
