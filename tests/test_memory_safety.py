@@ -660,12 +660,7 @@ def test_parameter_converted_to_double_after_state_exists_behaves_like_torch(our
 # --- ZeroTensors (no memory behind their data pointer) ------------------------
 
 
-# Adafactor's own Python check of the gradients (adafactor.py ``_kernel_takes``) reads
-# ``g.untyped_storage().data_ptr()``, which raises for a ZeroTensor before any native call.
-ZERO_TWINS = [
-    pytest.param(t, id=t.name, marks=pytest.mark.xfail(strict=True, reason="adafactor.py reads a ZeroTensor's storage")) if t.name == "adafactor" else pytest.param(t, id=t.name)
-    for t in ALL_TWINS
-]
+ZERO_TWINS = [pytest.param(t, id=t.name) for t in ALL_TWINS]
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["list-path", "group-path"])

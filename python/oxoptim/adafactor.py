@@ -137,6 +137,8 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
             shape = p.shape
             if p.dtype not in _KERNEL_DTYPES or g.shape != shape or p.numel() == 0 or g.is_sparse or g.dtype != p.dtype:
                 return False
+            if g._is_zerotensor():  # no storage to read: torch's path
+                return False
             entry = state[p]
             if len(shape) >= 2:
                 row, col = entry.get("row_var"), entry.get("col_var")
