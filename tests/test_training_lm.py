@@ -254,6 +254,8 @@ def test_config_errors(tmp_path):
     # were tracebacks once the earlier stages had trained
     with pytest.raises(ConfigError, match="'all': continue_optimizer needs the previous stage's trainable \\('head'\\)"):
         load(TINY.replace("layer_lr_decay = 0.5", "layer_lr_decay = 0.5\ncontinue_optimizer = true"))
+    with pytest.raises(ConfigError, match="'warmup': continue_optimizer on a plan's first stage"):  # started afresh silently
+        load(TINY.replace('name = "warmup"', 'name = "warmup"\ncontinue_optimizer = true'))
     with pytest.raises(ConfigError, match="release_rows updates the token embedding, which a trainable = \"head\""):
         load(TINY.replace('trainable = "head"', 'trainable = "head"\nstep_in_backward = true\nrelease_rows = true'))
     for setting in ('trainable = "head"', "layer_lr_decay = 0.5"):  # the output layer is the bottom group
@@ -518,6 +520,9 @@ def test_continue_optimizer_is_one_optimizer_through_stages():
     Trainer(fresh, F.cross_entropy, (x, y), (x, y), [Stage(s.name, "adamw", epochs=1, batch_size=64, lr=lr)
                                                   for s, lr in zip(stages, lrs)], metrics=[], quiet=True).fit()
     assert not torch.allclose(fresh.weight, m.weight)
+    with pytest.raises(ValueError, match="'first': continue_optimizer on a plan's first stage"):
+        Trainer(model(), F.cross_entropy, (x, y), (x, y), [Stage("first", "adamw", epochs=1, lr=0.01, continue_optimizer=True)],
+                metrics=[], quiet=True)
 
 
 def test_continue_optimizer_keeps_the_lr_scale_of_the_previous_stage(tmp_path, monkeypatch):

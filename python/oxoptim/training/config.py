@@ -173,6 +173,9 @@ def check_stages(tables: Any, monitors: Dict[str, str], where: str = "stages") -
             raise ConfigError(f"stage {stage.name!r}: {e}") from e
         # the carried state must fit this stage's optimizer and parameter groups (else a crash once
         # the earlier stages have trained)
+        if stage.continue_optimizer and prev is None:
+            raise ConfigError(f"stage {stage.name!r}: continue_optimizer on a plan's first stage: there is no "
+                              "earlier optimizer to continue")
         if stage.continue_optimizer and prev is not None:
             for key in ("optimizer", "trainable"):
                 if getattr(stage, key) != getattr(prev, key):

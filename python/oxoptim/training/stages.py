@@ -167,7 +167,8 @@ class Stage:
             times ``layer_lr_decay ** k``, k = groups above it (the head has k = 0); 1: one LR.
         continue_optimizer: start from the optimizer state (moments, step counts) the previous
             stage ended with, under this stage's settings: one optimizer run through stages that
-            only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters.
+            only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters,
+            and an earlier stage (refused on the first).
             The LR scale set by the previous stage's ``reduce_lr_on_plateau`` carries over too
             (other stages start at scale 1).
         param_dtype: ``"float32"`` or ``"bfloat16"``: the model's floating parameters are cast to

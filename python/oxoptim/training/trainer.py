@@ -110,6 +110,9 @@ class Trainer:
         self.task = task
         self.model = model
         self.stages = list(stages)
+        if self.stages[0].continue_optimizer:
+            raise ValueError(f"stage {self.stages[0].name!r}: continue_optimizer on a plan's first stage: there is no "
+                             "earlier optimizer to continue")
         distributed = Processes.detect().distributed
         for st in self.stages:  # again: rules may have been added since the stage was made
             st.validate()
