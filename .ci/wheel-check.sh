@@ -89,9 +89,11 @@ RUN="$TMP/run"
 mkdir -p "$RUN"
 if [[ -d "$TESTS_DIR" ]]; then cp -r "$TESTS_DIR" "$RUN/tests"; else mkdir -p "$RUN/tests"; fi
 # The bench-script tests (tests/test_benches.py) import benches/ beside tests/; the shipped job
-# configs are checked from configs/ beside tests/ (tests/test_training_lm.py).
+# configs are checked from configs/ beside tests/, and the README's statements about them
+# (tests/test_training_lm.py).
 [[ -d "$REPO/benches" ]] && cp -r "$REPO/benches" "$RUN/benches"
 [[ -d "$REPO/configs" ]] && cp -r "$REPO/configs" "$RUN/configs"
+[[ -f "$REPO/README.md" ]] && cp "$REPO/README.md" "$RUN/README.md"
 find "$RUN/tests" -name __pycache__ -prune -exec rm -rf {} +
 [[ ! -e "$RUN/tests/oxoptim" ]] || { echo "FAIL: tests/ holds an oxoptim package that would shadow the wheel"; exit 1; }
 # Run from $RUN: neither the repo nor its python/ directory is on sys.path.
