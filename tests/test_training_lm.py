@@ -525,6 +525,43 @@ def test_continue_optimizer_is_one_optimizer_through_stages():
                 metrics=[], quiet=True)
 
 
+def test_continue_optimizer_refuses_trial_settings_that_cannot_step_from_the_carried_state():
+    """A continue_optimizer stage's trial candidate that cannot step from the state the previous stage
+    leaves (Adam with amsgrad after Adam without: no max_exp_avg_sq) is refused before anything trains,
+    as a ValueError from the Trainer and a one-line config error; candidates that can (SGD taking up
+    momentum, Adam without amsgrad) run."""
+    from oxoptim.training.config import ConfigError, check_stages
+    from oxoptim.training.rules import Trial
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+
+    def plan(name, candidates, first=None):
+        return [Stage("a", name, epochs=1, batch_size=32, lr=0.01, **(first or {})),
+                Stage("b", name, epochs=2, batch_size=32, lr=0.01, continue_optimizer=True,
+                      adjust=[Trial(candidates, epochs=1, monitor="val_loss")])]
+
+    trained = []
+    model = torch.nn.Linear(5, 3)
+    model.register_forward_pre_hook(lambda *_: trained.append(1))
+    with pytest.raises(ValueError, match="stage 'b': trial candidate \\{'amsgrad': True\\}: continue_optimizer cannot "
+                                         "step from the optimizer state the previous stage 'a' leaves: KeyError"):
+        Trainer(model, F.cross_entropy, (x, y), (x, y), plan("adam", [{"amsgrad": False}, {"amsgrad": True}]),
+                metrics=[], quiet=True)
+    assert not trained
+    for stages in (plan("sgd", [{"momentum": 0.9}, {"momentum": 0.0}]), plan("adam", [{"amsgrad": False}]),
+                   plan("adam", [{"amsgrad": True}], first={"amsgrad": True})):
+        hist = Trainer(torch.nn.Linear(5, 3), F.cross_entropy, (x, y), (x, y), stages, metrics=[], quiet=True).fit()
+        assert hist[-1]["phase"] == "main"
+    tables = [{"name": "a", "optimizer": "adam", "epochs": 1, "lr": 0.01},
+              {"name": "b", "optimizer": "adam", "epochs": 2, "lr": 0.01, "continue_optimizer": True,
+               "adjust": [{"rule": "trial", "candidates": [{"amsgrad": True}], "epochs": 1}]}]
+    with pytest.raises(ConfigError, match="stage 'b': trial candidate .*continue_optimizer cannot step"):
+        check_stages(tables, {"val_loss": "min"})
+    tables[0]["amsgrad"] = True  # the state it continues has max_exp_avg_sq
+    check_stages(tables, {"val_loss": "min"})
+
+
 def test_continue_optimizer_keeps_the_lr_scale_of_the_previous_stage(tmp_path, monkeypatch):
     """A reduce_lr_on_plateau cut in the stable stage holds in the decay stage that continues its
     optimizer (it jumped back to the full LR); a stage with its own optimizer starts at scale 1.

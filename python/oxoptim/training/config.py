@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 
 from .errors import ConfigError, MissingDependency, integer, number, unknown_name
 from .rules import check_monitors, monitorable
-from .stages import Stage
+from .stages import Stage, check_continuation
 
 __all__ = ["DEFAULT_CONFIG_TOML", "default_config", "load_config", "load_run_config", "parse_config",
            "stage_from_dict", "resolve_paths", "check_sources", "EMBED_INITS", "check_embed_init", "ConfigError",
@@ -177,10 +177,10 @@ def check_stages(tables: Any, monitors: Dict[str, str], where: str = "stages") -
             raise ConfigError(f"stage {stage.name!r}: continue_optimizer on a plan's first stage: there is no "
                               "earlier optimizer to continue")
         if stage.continue_optimizer and prev is not None:
-            for key in ("optimizer", "trainable"):
-                if getattr(stage, key) != getattr(prev, key):
-                    raise ConfigError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's {key} "
-                                      f"({getattr(prev, key)!r}), not {getattr(stage, key)!r}")
+            try:
+                check_continuation(prev, stage)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         prev = stage
 
 

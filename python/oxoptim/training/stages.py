@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -509,6 +510,65 @@ def optimizer_arguments(cls: type) -> Optional[set]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return names
     return None
+
+
+def check_continuation(prev: Stage, stage: Stage) -> None:
+    """Refuses (ValueError) a ``continue_optimizer`` stage whose optimizer, with any of its trial
+    candidates' settings, cannot step from the state ``prev`` leaves (with any of its candidates'
+    settings): for example Adam with ``amsgrad=True`` continuing Adam without it, whose state lacks
+    ``max_exp_avg_sq``. Found by running both on small stand-in parameters, before anything trains,
+    instead of failing once the earlier stages have trained."""
+    for key in ("optimizer", "trainable"):
+        if getattr(stage, key) != getattr(prev, key):
+            raise ValueError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's {key} "
+                             f"({getattr(prev, key)!r}), not {getattr(stage, key)!r}")
+    for before in _candidates(prev):
+        carried = _dry_run(prev, before)
+        if carried is None:  # the previous stage's own settings fail: its own check reports that
+            continue
+        for after in _candidates(stage):
+            if _dry_run(stage, after) is None:
+                continue
+            try:
+                _dry_run(stage, after, carried, strict=True)
+            except Exception as e:  # noqa: BLE001 - whatever the optimizer raises is the reason
+                theirs = f" (its trial candidate {before})" if before else ""
+                ours = f"trial candidate {after}: " if after else ""
+                raise ValueError(f"stage {stage.name!r}: {ours}continue_optimizer cannot step from the optimizer "
+                                 f"state the previous stage {prev.name!r}{theirs} leaves: {type(e).__name__}: {e}") from e
+
+
+def _candidates(stage: Stage) -> List[dict]:
+    trial = stage.trial()
+    return list(trial.candidates) if trial is not None else [{}]
+
+
+def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, strict: bool = False) -> Optional[dict]:
+    """Two steps of the stage's optimizer (with ``overrides``) on small stand-in parameters, first
+    loading ``carried`` state: the state it leaves, or None when a step fails (an exception with
+    ``strict``)."""
+    dtype = PARAM_DTYPES[stage.param_dtype or "float32"]
+    probes = [torch.linspace(-1, 1, 256, dtype=dtype).reshape(4, 64).requires_grad_(),
+              torch.linspace(1, 2, 3, dtype=dtype).requires_grad_()]
+
+    def closure() -> torch.Tensor:
+        for i, p in enumerate(probes):
+            p.grad = torch.full_like(p, 0.25 * (i + 1))
+        return torch.tensor(1.0)
+
+    try:
+        opt = build_optimizer(stage, probes, overrides)
+        if carried is not None:
+            opt.load_state_dict({"state": copy.deepcopy(carried), "param_groups": opt.state_dict()["param_groups"]})
+        if callable(getattr(opt, "train", None)):
+            opt.train()  # Schedule-Free steps in train mode only
+        for _ in range(2):
+            opt.step(closure)
+        return opt.state_dict()["state"]
+    except Exception:  # noqa: BLE001
+        if strict:
+            raise
+        return None
 
 
 def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None,

@@ -26,7 +26,7 @@ from .evaluation import evaluate
 from .phase import Phase
 from .progress import Progress, epoch_line
 from .rules import Trial, check_monitors, monitorable
-from .stages import Stage
+from .stages import Stage, check_continuation
 from .state import RunningLoss, RunState, StageState, TrialBest, clone_state
 from .tasks import ClassificationTask, Task
 
@@ -114,8 +114,10 @@ class Trainer:
             raise ValueError(f"stage {self.stages[0].name!r}: continue_optimizer on a plan's first stage: there is no "
                              "earlier optimizer to continue")
         distributed = Processes.detect().distributed
-        for st in self.stages:  # again: rules may have been added since the stage was made
+        for i, st in enumerate(self.stages):  # again: rules may have been added since the stage was made
             st.validate()
+            if i and st.continue_optimizer:
+                check_continuation(self.stages[i - 1], st)
             try:
                 check_monitors(st.adjust, monitorable(task.metric_modes))
             except ValueError as e:
