@@ -320,6 +320,44 @@ def test_step_arithmetic_torch_refuses_raises_its_error_and_changes_nothing(name
     assert raised == [str(error)] * 2
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.999), (0.9, 0.0)], ids=str)
+@pytest.mark.parametrize("counter", [-1.0, -5.0, -2.5, -1e30])
+def test_adam_step_counter_out_of_range_raises_torchs_error_and_changes_nothing(name, dtype, betas, counter) -> None:
+    """A step counter set to make the next step 0 or negative (or ``beta ** step`` overflow):
+    torch's Python bias corrections raise (``lr / 0``, ``0.0 ** negative``, overflow) or turn
+    complex (``(1 - beta2 ** step) ** 0.5`` of a negative number), which its tensor ops then
+    refuse, having written the moments and the counter; oxoptim raises the same error first,
+    changing nothing, on the whole-group path and the list path."""
+    raised = []
+    for cls in (getattr(torch.optim, name), getattr(oxoptim, name)):
+        params = [torch.linspace(-1, 1, 12, dtype=dtype).reshape(3, 4).requires_grad_(),
+                  torch.linspace(0, 1, 7, dtype=dtype).requires_grad_()]
+        opt = cls(params, lr=0.1, betas=betas)
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        for p in params:
+            opt.state[p]["step"].fill_(counter)
+        for path in ("group", "list"):
+            if path == "list" and cls is not getattr(oxoptim, name):
+                break
+            before = snapshot(opt)
+            with warnings.catch_warnings(), pytest.raises(Exception) as info:
+                warnings.simplefilter("ignore")  # torch: complex half types are experimental
+                if path == "list":  # the list path: the call torch's first step would make
+                    assert opt._list_step(opt.param_groups[0], params, [p.grad for p in params])
+                else:
+                    opt.step()
+            raised.append((path, type(info.value), str(info.value)))
+            if cls is getattr(oxoptim, name):
+                assert_unchanged(opt, before)
+    (_, want_type, want), *ours = raised
+    assert want_type is not AssertionError
+    assert [(t, m) for _, t, m in ours] == [(want_type, want)] * 2
+
+
 def test_adafactor_group_torch_fails_part_way_is_not_half_stepped() -> None:
     """A vector whose state stayed float32 after ``model.double()`` makes torch raise at that
     vector; a matrix after it in the group (fresh state) must not have been stepped by the

@@ -23,12 +23,35 @@ pub enum Error {
     /// The twin's Python arithmetic raises OverflowError at this step (`**` out
     /// of range); the message is Python's.
     Overflow(String),
+    /// The twin's tensor arithmetic raises RuntimeError at this step (a complex
+    /// intermediate it cannot cast back); the message is torch's.
+    TorchRuntime(String),
+    /// The twin's tensor arithmetic raises NotImplementedError at this step (an
+    /// operator without a kernel for a complex half dtype); the message is torch's.
+    TorchNotImplemented(String),
 }
 
 impl Error {
     /// Python's error for `x / 0.0`.
     pub fn float_division_by_zero() -> Error {
         Error::ZeroDivision("float division by zero".into())
+    }
+
+    /// Python's `base ** exponent` on two floats: its ZeroDivisionError for
+    /// `0.0 ** negative`, its OverflowError for a finite result out of range.
+    pub fn checked_py_pow(base: f64, exponent: f64) -> Result<f64> {
+        if base == 0.0 && exponent < 0.0 && exponent.is_finite() {
+            return Err(Error::ZeroDivision(
+                "0.0 cannot be raised to a negative power".into(),
+            ));
+        }
+        let value = base.powf(exponent);
+        if value.is_infinite() && base.is_finite() && exponent.is_finite() {
+            return Err(Error::Overflow(
+                "(34, 'Numerical result out of range')".into(),
+            ));
+        }
+        Ok(value)
     }
 }
 
@@ -42,7 +65,9 @@ impl fmt::Display for Error {
             | Error::Unsupported(m)
             | Error::Busy(m)
             | Error::ZeroDivision(m)
-            | Error::Overflow(m) => f.write_str(m),
+            | Error::Overflow(m)
+            | Error::TorchRuntime(m)
+            | Error::TorchNotImplemented(m) => f.write_str(m),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! memory descriptors and calls the pure Rust kernels with the GIL released.
 
 use oxoptim_core::{self as core, inflight, Backend, Exec, Footprint, RawTensor, TensorBatch};
-use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyValueError, PyZeroDivisionError};
+use pyo3::exceptions::{
+    PyNotImplementedError, PyOverflowError, PyRuntimeError, PyValueError, PyZeroDivisionError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple};
@@ -32,6 +34,7 @@ pub(crate) fn core_error(e: core::Error) -> PyErr {
         core::Error::InvalidArgument(m) => PyValueError::new_err(m),
         core::Error::ZeroDivision(m) => PyZeroDivisionError::new_err(m),
         core::Error::Overflow(m) => PyOverflowError::new_err(m),
+        core::Error::TorchNotImplemented(m) => PyNotImplementedError::new_err(m),
         other => PyRuntimeError::new_err(other.to_string()),
     }
 }

@@ -9,7 +9,7 @@ use crate::engine::{self, Elementwise, Exec};
 use crate::error::{Error, Result};
 use crate::simd::{run_blocks, LaneBlock, Lanes};
 use crate::storage::{typed, FusedBody, LaneArray, Mem, ParamArray, ParamMem, MAX_STATE};
-use crate::tensors::{ScalarState, TensorBatch};
+use crate::tensors::{DType, ScalarState, TensorBatch};
 
 optimizer! {
     /// Adam hyper-parameters of one parameter group (torch's AdamW is Adam
@@ -32,6 +32,9 @@ optimizer! {
             // Everything is checked before the first counter is written: a
             // refused call leaves the step counters as they were.
             check(self, batch, scalars.slots())?;
+            for i in 0..batch.slots() {
+                BiasCorrection::check(self, scalars.incremented(i, 0), batch.slot(i).dtype)?;
+            }
             let steps: Vec<f64> = (0..batch.slots())
                 .map(|i| scalars.increment(i, 0))
                 .collect();
@@ -104,6 +107,39 @@ pub(crate) struct BiasCorrection {
 }
 
 impl BiasCorrection {
+    /// The error torch's Python arithmetic raises at step `step` (a counter
+    /// set to zero or below, or out of float range), for a parameter of
+    /// `dtype`: `beta ** step` (Python's float errors), `lr / bias_correction1`
+    /// at step 0, and `bias_correction2 ** 0.5` of a negative number, a complex
+    /// number its tensor division cannot take (torch raises having already
+    /// written the moments and the counter; this refuses before anything).
+    pub(crate) fn check(c: &AdamConfig, step: f64, dtype: DType) -> Result<()> {
+        let bias_correction1 = 1.0 - Error::checked_py_pow(c.beta1, step)?;
+        let bias_correction2 = 1.0 - Error::checked_py_pow(c.beta2, step)?;
+        if bias_correction1 == 0.0 {
+            return Err(Error::float_division_by_zero());
+        }
+        if bias_correction2 < 0.0 && bias_correction2.is_finite() {
+            return Err(match dtype {
+                DType::BF16 => Error::TorchNotImplemented(
+                    "\"div_cpu\" not implemented for 'BComplex32'".into(),
+                ),
+                DType::F16 => Error::TorchNotImplemented(
+                    "\"div_cpu\" not implemented for 'ComplexHalf'".into(),
+                ),
+                DType::F64 => Error::TorchRuntime(
+                    "result type ComplexDouble can't be cast to the desired output type Double"
+                        .into(),
+                ),
+                _ => Error::TorchRuntime(
+                    "result type ComplexFloat can't be cast to the desired output type Float"
+                        .into(),
+                ),
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn new(c: &AdamConfig, step: f64) -> BiasCorrection {
         let bias_correction1 = 1.0 - c.beta1.powf(step);
         let bias_correction2 = 1.0 - c.beta2.powf(step);
