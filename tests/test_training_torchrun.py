@@ -207,3 +207,74 @@ def test_torchrun_trial_whose_winner_is_not_last_resumes_bit_identical(job_dir, 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_same_run(tmp_path / "ref", run)
     assert summary(run)["rank_param_digests"] == summary(tmp_path / "ref")["rank_param_digests"]
+
+
+# A float32 stage, then bfloat16 ones: the cast between them replaces every parameter's data.
+BF16_JOB = """
+seed = 2
+threads = 1
+checkpoint_every = 0
+
+[data]
+train = "reviews.csv"
+max_len = 12
+split = [0.7, 0.15, 0.15]
+bucket = 4
+
+[model]
+embed_dim = 8
+hidden = 8
+dropout = 0.2
+
+[[stages]]
+name = "fp32"
+optimizer = "adamw"
+epochs = 1
+batch_size = 15
+lr = 1e-2
+
+[[stages]]
+name = "bf16"
+optimizer = "adamw"
+epochs = 2
+batch_size = 15
+lr = 1e-2
+param_dtype = "bfloat16"
+"""
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_torchrun_bfloat16_stage_keeps_the_ranks_in_agreement(job_dir, rounding):
+    """A ``param_dtype = "bfloat16"`` stage after a float32 one still all-reduces the gradients (the
+    cast detached DDP's hooks: every rank trained alone), and with stochastic rounding every rank
+    draws the same rounding bits (each seeded its own stream from a generator that dropout on its
+    own shard had moved): the ranks end with the same parameters."""
+    job = BF16_JOB + ('stochastic_rounding = true\n' if rounding == "stochastic" else "")
+    name = f"bf16_{rounding}"
+    (job_dir / f"{name}.toml").write_text(job)
+    r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--config", f"{name}.toml", "--run-dir", name, "--quiet"],
+                cwd=job_dir, prefix=[])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = summary(job_dir / name)
+    assert s["ranks_agree"] is True, s["rank_param_digests"]
+    assert s["rank_param_digests"][0] == final_digest(job_dir / name)
+
+
+def test_torchrun_resume_in_a_bfloat16_stage_is_bit_identical(job_dir, tmp_path):
+    """Killed in the bfloat16 stage and resumed: the resumed run casts the model before loading the
+    weights, and its DDP must still all-reduce (it ends as the uninterrupted run, ranks agreeing)."""
+    job = BF16_JOB.replace("checkpoint_every = 0", "checkpoint_every = 4")
+    (job_dir / "bf16_resume.toml").write_text(job)
+    r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--config", "bf16_resume.toml", "--run-dir", str(tmp_path / "ref"),
+                            "--quiet"], cwd=job_dir, prefix=[])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (tmp_path / "wrapper.py").write_text(KILL_ALL_MID_RUN)
+    env = {**os.environ, "KILL_DIR": str(tmp_path), "KILL_STEP": str(KILL_STEP)}  # 4 steps into the bf16 stage
+    r = run_cli(TORCHRUN + [str(tmp_path / "wrapper.py"), "train", "--config", "bf16_resume.toml", "--run-dir",
+                            str(tmp_path / "run"), "--quiet"], cwd=job_dir, env=env, prefix=[])
+    assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli(TORCHRUN + ["-m", "oxoptim", "train", "--resume", str(tmp_path / "run"), "--quiet"], cwd=job_dir, prefix=[])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert summary(tmp_path / "ref")["ranks_agree"] is True
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+    assert summary(tmp_path / "run")["rank_param_digests"] == summary(tmp_path / "ref")["rank_param_digests"]

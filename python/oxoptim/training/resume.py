@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, List
 import torch
 
 from . import checkpoint as ckpt
-from .stages import set_param_dtype
 from .state import Position, RunningLoss, RunState, StageState
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def resume(t: "Trainer") -> bool:
     # leaves it); a phase rebuilt below sets it again, but none is rebuilt at a stage boundary or
     # after the plan's end, so it is set here, before the weights are loaded into the model.
     begun = t.stages[:t.run.pos.stage + (1 if t.run.stage.started else 0)]
-    set_param_dtype(t.model, next((st.param_dtype for st in reversed(begun) if st.param_dtype), None))
+    t.set_param_dtype(next((st.param_dtype for st in reversed(begun) if st.param_dtype), None))
     t.load_model_state(s["model"])
     if t.run.pos.stage < len(t.stages):
         for r, rs in zip(t.stage.adjust, rules_state):

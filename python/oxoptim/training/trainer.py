@@ -26,7 +26,7 @@ from .evaluation import evaluate
 from .phase import Phase
 from .progress import Progress, epoch_line
 from .rules import Trial, check_monitors, monitorable
-from .stages import Stage, check_continuation
+from .stages import Stage, check_continuation, set_param_dtype
 from .state import RunningLoss, RunState, StageState, TrialBest, clone_state
 from .tasks import ClassificationTask, Task
 
@@ -351,11 +351,22 @@ class Trainer:
         # one optimizer through stages (warm-up, stable, decay) keeps the LR cuts its rules made
         self.run.stage = StageState(lr_scale=self.lr_scale if wants else 1.0)
 
+    def set_param_dtype(self, name: Optional[str]) -> None:
+        """Casts the model's parameters to ``name`` (None: leaves them). A cast replaces each
+        parameter's data, which detaches DDP's gradient hooks (its all-reduce would silently stop):
+        the model is wrapped again, collectively, as every rank casts at the same point."""
+        before = [p.dtype for p in self.model.parameters()]
+        set_param_dtype(self.model, name)
+        if self.procs.distributed and [p.dtype for p in self.model.parameters()] != before:
+            self.net = self.procs.wrap(self.model)
+
     def make_phase(self, overrides: Mapping[str, Any]) -> Phase:
+        self.set_param_dtype(self.stage.param_dtype)  # before DDP is handed to the phase
         return Phase.make(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), dict(overrides),
                           self.run.carried, ddp=self._ddp())
 
     def load_phase(self, saved: dict) -> Phase:
+        self.set_param_dtype(self.stage.param_dtype)
         return Phase.load(self.stage, self.model, steps_per_epoch(self.stage, self.n_train), saved, ddp=self._ddp())
 
     def _ddp(self) -> Optional[nn.Module]:
