@@ -470,6 +470,55 @@ INFERENCE = {
 }
 
 
+def _native_writes(call: str, inference_role: int) -> bool:
+    """Whether ``_core.<call>`` takes a batch whose role ``inference_role`` holds an inference tensor."""
+    from oxoptim import _core
+
+    lists = [[torch.linspace(-1, 1, 8)], [torch.linspace(1, 2, 8)]]
+    lists[inference_role] = [_inference_copy(lists[inference_role][0])]
+    calls = {
+        "accumulate_mean": lambda a, b: _core.accumulate_mean(a, b, weight=0.5, first=False),
+        "accumulate_mean, grads kept": lambda a, b: _core.accumulate_mean(a, b, weight=0.5, first=False, clear_grad=False),
+        "lerp_average": lambda a, b: _core.lerp_average(a, b, weight=0.5),
+        "copy_scaled": lambda a, b: _core.copy_scaled(a, b, scale=2.0),
+        "scale_": lambda a, b: _core.scale_(a, scale=2.0),
+        "subgradient_step": lambda a, b: _core.subgradient_step(a, b, step=0.1, l1=0.0, weight_decay=0.0, maximize=False),
+        "tensor_norm": lambda a, b: _core.tensor_norm(a, 2.0) is not None,
+        "quantize_blockwise": lambda a, b: _core.quantize_blockwise(
+            a, [torch.zeros(8, dtype=torch.uint8)], [torch.zeros(1)], signed=True),
+    }
+    return calls[call](*lists)
+
+
+@pytest.mark.parametrize("call, role, native", [
+    ("accumulate_mean", 0, False), ("accumulate_mean", 1, False), ("accumulate_mean, grads kept", 1, True),
+    ("lerp_average", 0, False), ("lerp_average", 1, True), ("copy_scaled", 0, False), ("copy_scaled", 1, True),
+    ("scale_", 0, False), ("subgradient_step", 0, False), ("subgradient_step", 1, True), ("tensor_norm", 0, True),
+    ("quantize_blockwise", 0, True),
+])
+def test_native_calls_leave_an_inference_tensor_they_would_write_to_torch(call: str, role: int, native: bool) -> None:
+    """The averaging, clipping and subgradient entry points decline (torch's path, which refuses an
+    in-place update of an inference tensor) when a tensor they write was made under
+    ``torch.inference_mode()``; one they only read is fine."""
+    assert _native_writes(call, role) is native
+
+
+def test_clip_and_subgradient_on_inference_tensors_raise_torchs_error() -> None:
+    """``clip_grad_norm_`` scales an inference-mode gradient and ``Subgradient`` updates an
+    inference-mode parameter: torch's error, as ``torch.nn.utils.clip_grad_norm_`` and
+    ``torch.optim.SGD`` raise it (they were updated silently)."""
+    for clip in (torch.nn.utils.clip_grad_norm_, oxoptim.clip_grad_norm_):
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = _inference_copy(torch.full((4,), 3.0))
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            clip([p], 1.0)
+    for make in (lambda w: torch.optim.SGD([w], lr=0.1), lambda w: oxoptim.Subgradient([w], lr=0.1)):
+        w = _inference_copy(torch.ones(4))
+        w.grad = torch.ones(4)
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            make(w).step()
+
+
 @pytest.mark.parametrize(
     "twin,made",
     [(t, made) for made in ["parameter", *INFERENCE] for t in GROUP_TWINS if made != "step counter" or "step" in t.ours.SCALAR_STATE],

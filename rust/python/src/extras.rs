@@ -12,15 +12,17 @@ use oxoptim_core::{self as core, RawTensor, TensorBatch};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-/// Describes the role lists (equal lengths) as columns, or `None` when some tensor needs torch.
+/// Describes the role lists (equal lengths) as columns, or `None` when some
+/// tensor needs torch; `written[k]`: the call writes role `k`'s tensors.
 fn columns_of<'py>(
     lists: &[(&Bound<'py, PyList>, &str)],
+    written: &[bool],
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<Vec<Vec<RawTensor>>>> {
     let n = lists.first().map_or(0, |(l, _)| l.len());
     let mut columns = Vec::with_capacity(lists.len());
-    for (list, role) in lists {
-        match column(list, n, role, keep)? {
+    for ((list, role), &written) in lists.iter().zip(written) {
+        match column(list, n, role, written, keep)? {
             Some(c) => columns.push(c),
             None => return Ok(None),
         }
@@ -77,7 +79,7 @@ fn subgradient_step(
     let exec = exec(num_threads, backend)?;
     let mut keep = KeepAlive::with_capacity(2 * params.len());
     let first = subgradient_first_operand(l1, weight_decay);
-    let Some(columns) = param_and_grad_columns(params, grads, first, &mut keep)? else {
+    let Some(columns) = param_and_grad_columns(params, grads, first, true, &mut keep)? else {
         return Ok(false);
     };
     let Some(batch) = writable(&columns)? else {
@@ -112,7 +114,7 @@ fn direction_sq_norm(
     let exec = exec(num_threads, backend)?;
     let mut keep = KeepAlive::with_capacity(2 * params.len());
     let first = subgradient_first_operand(l1, weight_decay);
-    let Some(columns) = param_and_grad_columns(params, grads, first, &mut keep)? else {
+    let Some(columns) = param_and_grad_columns(params, grads, first, false, &mut keep)? else {
         return Ok(None);
     };
     let Some(batch) = read_only(&columns)? else {
@@ -147,13 +149,13 @@ fn prodigy_sums(
     };
     let exec = exec(num_threads, backend)?;
     let mut keep = KeepAlive::with_capacity(4 * params.len());
-    let Some(mut columns) = param_and_grad_columns(params, grads, FirstOperand::Grad, &mut keep)?
+    let Some(mut columns) = param_and_grad_columns(params, grads, FirstOperand::Grad, false, &mut keep)?
     else {
         return Ok(None);
     };
     let mut lists = vec![(s, "s")];
     lists.extend(p0.map(|p0| (p0, "p0")));
-    let Some(state) = columns_of(&lists, &mut keep)? else {
+    let Some(state) = columns_of(&lists, &[false, false], &mut keep)? else {
         return Ok(None);
     };
     columns.extend(state);
@@ -175,7 +177,7 @@ fn reduce_one<R: Send>(
     f: impl FnOnce(&TensorBatch) -> core::Result<R> + Send,
 ) -> PyResult<Option<R>> {
     let mut keep = KeepAlive::with_capacity(tensors.len());
-    let Some(columns) = columns_of(&[(tensors, "tensor")], &mut keep)? else {
+    let Some(columns) = columns_of(&[(tensors, "tensor")], &[false], &mut keep)? else {
         return Ok(None);
     };
     let Some(batch) = read_only(&columns)? else {
@@ -236,7 +238,7 @@ fn update<'py>(
 ) -> PyResult<bool> {
     let mut keep =
         KeepAlive::with_capacity(lists.len() * lists.first().map_or(0, |(l, _)| l.len()));
-    let Some(columns) = columns_of(lists, &mut keep)? else {
+    let Some(columns) = columns_of(lists, written, &mut keep)? else {
         return Ok(false);
     };
     let Some(batch) = writable(&columns)? else {

@@ -26,14 +26,16 @@ fn quantization_map(signed: bool) -> Vec<f32> {
 }
 
 /// The `[values, codes, absmax]` batch of three equal-length lists, or `None`.
+/// `written[k]`: the call writes list `k`'s tensors.
 fn batch<'py>(
     lists: [&Bound<'py, PyList>; 3],
+    written: [bool; 3],
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<TensorBatch>> {
     let n = lists[0].len();
     let mut columns: Vec<Vec<RawTensor>> = Vec::with_capacity(3);
-    for (list, role) in lists.iter().zip(["values", "codes", "absmax"]) {
-        match column(list, n, role, keep)? {
+    for ((list, role), written) in lists.iter().zip(["values", "codes", "absmax"]).zip(written) {
+        match column(list, n, role, written, keep)? {
             Some(c) => columns.push(c),
             None => return Ok(None),
         }
@@ -59,10 +61,11 @@ fn quantize_blockwise(
 ) -> PyResult<bool> {
     let exec = exec(num_threads, None)?;
     let mut keep = KeepAlive::with_capacity(3 * values.len());
-    let Some(batch) = batch([values, codes, absmax], &mut keep)? else {
+    let written = [false, true, true];
+    let Some(batch) = batch([values, codes, absmax], written, &mut keep)? else {
         return Ok(false);
     };
-    run_in_flight(py, batch, &[false, true, true], |b| {
+    run_in_flight(py, batch, &written, |b| {
         quant::quantize_batch(map(signed), b, exec)
     })?;
     bump_versions(py, &[codes, absmax])?;
@@ -82,10 +85,11 @@ fn dequantize_blockwise(
 ) -> PyResult<bool> {
     let exec = exec(num_threads, None)?;
     let mut keep = KeepAlive::with_capacity(3 * out.len());
-    let Some(batch) = batch([out, codes, absmax], &mut keep)? else {
+    let written = [true, false, false];
+    let Some(batch) = batch([out, codes, absmax], written, &mut keep)? else {
         return Ok(false);
     };
-    run_in_flight(py, batch, &[true, false, false], |b| {
+    run_in_flight(py, batch, &written, |b| {
         quant::dequantize_batch(map(signed), b, exec)
     })?;
     bump_versions(py, &[out])?;

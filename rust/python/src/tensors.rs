@@ -214,14 +214,19 @@ pub(crate) fn describe<'py>(
     Ok(Some(raw))
 }
 
-/// Describes every tensor of `list`, holding each in `keep`.
+/// Describes every tensor of `list`, holding each in `keep`; when the call
+/// writes them (`written`), an inference tensor needs torch (which refuses it).
 pub fn describe_all<'py>(
     list: &Bound<'py, PyList>,
+    written: bool,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Described> {
     let types = torch_types(list.py())?;
     let mut out = Vec::with_capacity(list.len());
     for t in list.iter() {
+        if written && types.is_plain(&t) && types.is_inference(&t)? {
+            return Ok(Described::Unsupported);
+        }
         match describe(&t, types, keep)? {
             Some(raw) => out.push(raw),
             None => return Ok(Described::Unsupported),
@@ -230,16 +235,17 @@ pub fn describe_all<'py>(
     Ok(Described::Ready(out))
 }
 
-/// Describes `list`, which must hold `n` tensors of `role`, or `None` when
-/// some tensor needs torch.
+/// Describes `list`, which must hold `n` tensors of `role` (which the call
+/// writes when `written`), or `None` when some tensor needs torch.
 pub(crate) fn column<'py>(
     list: &Bound<'py, PyList>,
     n: usize,
     role: &str,
+    written: bool,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<Vec<RawTensor>>> {
     check_len(list, n, role)?;
-    match describe_all(list, keep)? {
+    match describe_all(list, written, keep)? {
         Described::Ready(v) => Ok(Some(v)),
         Described::Unsupported => Ok(None),
     }
@@ -276,14 +282,16 @@ pub(crate) fn grad_column<'py>(
     Ok(Some(out))
 }
 
-/// `[param, grad]` columns of a step, or `None` when torch must run it.
+/// `[param, grad]` columns of a step (that writes the parameters when
+/// `params_written`), or `None` when torch must run it.
 pub(crate) fn param_and_grad_columns<'py>(
     params: &Bound<'py, PyList>,
     grads: &Bound<'py, PyList>,
     first: FirstOperand,
+    params_written: bool,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<Vec<Vec<RawTensor>>>> {
-    let Some(p) = column(params, params.len(), "param", keep)? else {
+    let Some(p) = column(params, params.len(), "param", params_written, keep)? else {
         return Ok(None);
     };
     let Some(g) = grad_column(params, grads, &p, first, keep)? else {
