@@ -8,7 +8,8 @@ import io
 import pytest
 import torch
 
-from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches, clone_params, same_setting, set_grads
+import oxoptim
+from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches, assert_unchanged, clone_params, same_setting, set_grads, snapshot
 
 def _train(opt, params, gen, steps):
     for _ in range(steps):
@@ -241,3 +242,42 @@ def test_state_dict_hooks_see_what_torchs_hooks_see(make) -> None:
     final = target.state_dict()
     assert final == {"replaced": True}
     assert seen["saved"].keys() == saved.keys()  # skipped_steps and the like included
+
+
+ADAFACTOR_SHAPES = [(20, 30), (7,), (), (2, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    ("index", "key"),
+    [(0, "row_var"), (0, "col_var"), (1, "variance"), (2, "variance"), (3, "row_var"), (3, "col_var")],
+)
+def test_adafactor_refuses_an_entry_without_the_moments_its_parameter_needs(index: int, key: str) -> None:
+    """torch's Adafactor creates ``row_var`` and ``col_var`` for a parameter of two or more dimensions,
+    ``variance`` otherwise: an entry without them loaded, and the next step raised AssertionError after
+    counting the step (and, for a vector, after stepping the matrices). Refused at load, nothing changed."""
+    gen = torch.Generator().manual_seed(5)
+    params = clone_params([torch.randn(s, generator=gen) for s in ADAFACTOR_SHAPES])
+    opt = oxoptim.Adafactor(params)
+    _train(opt, params, gen, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][index][key]
+    before = snapshot(opt)
+    with pytest.raises(KeyError, match=rf"state\[{index}\] has no '{key}' entry"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+    _train(opt, params, gen, 1)  # still steps from its own state
+    assert all(opt.state[p]["step"].item() == 3 for p in params)
+
+
+def test_adafactor_refuses_a_moment_of_the_wrong_shape() -> None:
+    gen = torch.Generator().manual_seed(6)
+    params = clone_params([torch.randn(s, generator=gen) for s in ADAFACTOR_SHAPES])
+    opt = oxoptim.Adafactor(params)
+    _train(opt, params, gen, 1)
+    for index, key, bad in [(0, "row_var", torch.zeros(20)), (0, "col_var", torch.zeros(20, 1)), (1, "variance", torch.zeros(6))]:
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][index][key] = bad
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=rf"state\[{index}\]\['{key}'\] has shape"):
+            opt.load_state_dict(sd)
+        assert_unchanged(opt, before)

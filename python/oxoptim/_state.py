@@ -71,7 +71,8 @@ class CheckedStateDict:
 
     ``PARAM_SHAPED`` names those state entries, ``SCALAR_STATE`` the 0-d ones;
     ``required_state(group)`` the entries a non-empty state must hold, in the
-    order torch looks them up.
+    order torch looks them up, and ``required_param_state(param)`` those that
+    depend on the parameter itself (Adafactor's by its number of dimensions).
     """
 
     PARAM_SHAPED: ClassVar[tuple[str, ...]] = ()
@@ -89,6 +90,9 @@ class CheckedStateDict:
                     raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
 
     def required_state(self, group: dict) -> tuple[str, ...]:
+        return ()
+
+    def required_param_state(self, param: torch.Tensor) -> tuple[str, ...]:
         return ()
 
     def __setstate__(self, state: dict) -> None:
@@ -120,7 +124,7 @@ class CheckedStateDict:
                         f"{where} is 8-bit block-wise state (it has {scale!r}); "
                         "load oxoptim.AdamW8bit.dequantize_state_dict(state_dict) instead"
                     )
-                for name in required:
+                for name in (*required, *self.required_param_state(param)):
                     if name not in entry:
                         raise KeyError(f"{where} has no {name!r} entry")
                 for name, value in entry.items():

@@ -52,7 +52,12 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
     )
 
     def required_state(self, group: dict) -> tuple[str, ...]:
-        return ("step",)  # the moments depend on each parameter's dimension
+        return ("step",)  # the moments depend on each parameter's dimension: required_param_state
+
+    def required_param_state(self, param: torch.Tensor) -> tuple[str, ...]:
+        # torch creates row_var and col_var for a gradient of two or more dimensions, variance
+        # otherwise, all at once, and asserts at the next step (after counting it) if one is missing.
+        return _FACTORS if param.dim() > 1 else ("variance",)
 
     def _check_entry(self, where: str, name: str, value: Any, param: torch.Tensor) -> None:
         if name not in _FACTORS:
