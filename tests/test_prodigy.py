@@ -178,3 +178,43 @@ def test_a_refused_step_counts_no_skip() -> None:
         with pytest.raises(RuntimeError, match="different lr values"):
             opt.step()
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("slice_p", [1, 3])
+@pytest.mark.parametrize("key", ["s", "p0"])
+def test_a_flat_slice_of_the_wrong_length_is_refused_at_load(slice_p: int, key: str) -> None:
+    """``s`` and ``p0`` are the reference's ``p.flatten()[::slice_p]``: ceil(numel / slice_p) elements
+    (``p0`` a 0-d zero for a parameter that was all zeros). One element short or over loaded and the
+    next step raised a size mismatch: refused at load, nothing changed. The reference's own state loads."""
+    from optimizers import assert_unchanged, snapshot
+
+    shapes = [(300,), (7, 5), (4,), (1,)]
+    params = _params(shapes, torch.float32, False, "contiguous")
+    params[2].zero_()  # its p0 is the reference's 0-d zero
+    ours, _ = _run(oxoptim.Prodigy, _clone(params), {"d0": 1e-3, "slice_p": slice_p}, 2, seed=1)
+    theirs, _ = _run(prodigyopt.Prodigy, _clone(params), {"d0": 1e-3, "slice_p": slice_p}, 2, seed=1)
+    assert ours.state_dict()["state"][2]["p0"].dim() == 0
+    fresh = oxoptim.Prodigy(_clone(params), d0=1e-3)  # slice_p=1: the loaded groups bring theirs
+    fresh.load_state_dict(theirs.state_dict())
+    assert fresh.param_groups[0]["slice_p"] == slice_p
+    good = ours.state_dict()
+    for index, numel in ((0, 300), (1, 35), (3, 1)):
+        size = -(-numel // slice_p)
+        assert good["state"][index][key].shape == (size,)
+        wrong = [torch.zeros(size - 1), torch.zeros(size + 1), torch.zeros(1, size), torch.zeros(numel + 1)]
+        if key == "s":
+            wrong.append(torch.tensor(0.0))
+        if size != numel:
+            wrong.append(torch.zeros(numel))  # the whole parameter: a slice_p=1 state
+        for bad in wrong:
+            sd = {"state": {i: dict(e) for i, e in good["state"].items()}, "param_groups": good["param_groups"]}
+            sd["state"][index][key] = bad
+            before = snapshot(ours)
+            with pytest.raises(ValueError, match=rf"state\[{index}\]\['{key}'\] has shape .* but the parameter has shape .*: with slice_p={slice_p}, {key} needs shape \({size},\)"):
+                ours.load_state_dict(sd)
+            assert_unchanged(ours, before)
+    if key == "p0":  # a 0-d p0 is the reference's own
+        sd = {"state": {i: dict(e) for i, e in good["state"].items()}, "param_groups": good["param_groups"]}
+        sd["state"][0]["p0"] = torch.tensor(0.0)
+        ours.load_state_dict(sd)
+    ours.load_state_dict(good)

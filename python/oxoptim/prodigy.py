@@ -311,16 +311,29 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     def _check_state(self, state: dict) -> None:
         groups = state.get("param_groups") if isinstance(state, dict) else None
         self._loading_beta1 = groups[0]["betas"][0] if groups else None  # the state's own first group
+        # Each parameter's slice_p, from the group the state puts it in.
+        self._loading_slice_p: Optional[dict] = {id(p): g.get("slice_p", 1) for g in groups or () for p in g.get("params", ())}
         try:
             super()._check_state(state)
         finally:
-            self._loading_beta1 = None
+            self._loading_beta1 = self._loading_slice_p = None
 
     def _check_entry(self, where: str, name: str, value: Any, param: torch.Tensor) -> None:
-        if name in ("s", "p0"):  # flat (every slice_p-th element), p0 also a 0-d zero
+        if name in ("s", "p0"):
+            # The reference's p.flatten()[::slice_p]: ceil(numel / slice_p) elements; p0 is a 0-d
+            # zero instead when the parameter was all zeros at its first step.
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
-            if value.dim() > 1 or value.numel() > max(param.numel(), 1) or (name == "s" and value.dim() != 1):
+            slice_p = (self.__dict__.get("_loading_slice_p") or {}).get(id(param))
+            if isinstance(slice_p, int) and not isinstance(slice_p, bool) and slice_p >= 1:
+                size = -(-param.numel() // slice_p)
+                if value.shape != (size,) and not (name == "p0" and value.dim() == 0):
+                    zero_d = " or a 0-d tensor" if name == "p0" else ""
+                    raise ValueError(
+                        f"{where} has shape {tuple(value.shape)} but the parameter has shape {tuple(param.shape)}: "
+                        f"with slice_p={slice_p}, {name} needs shape ({size},){zero_d} (every slice_p-th element of the flattened parameter)"
+                    )
+            elif value.dim() > 1 or value.numel() > max(param.numel(), 1) or (name == "s" and value.dim() != 1):
                 raise ValueError(f"{where} has shape {tuple(value.shape)} but the parameter has shape {tuple(param.shape)} (of which it is a flat slice)")
             return
         super()._check_entry(where, name, value, param)
