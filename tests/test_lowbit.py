@@ -520,3 +520,132 @@ def test_parameters_sharing_memory_are_refused_before_any_group_steps() -> None:
     with pytest.raises(ValueError, match="share memory"):
         twice.step()
     assert torch.equal(first, before) and not twice.state
+
+
+def _bitsandbytes_state_dict(bnb, shapes, steps: int = 3) -> tuple[list[torch.Tensor], dict]:
+    """A real ``bitsandbytes.optim.AdamW8bit`` state dict: 8-bit state for parameters of 100
+    elements or more (a partial last block included), fp32 for smaller ones."""
+    import warnings
+
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bnb.optim.AdamW8bit(params, lr=1e-2, min_8bit_size=100)
+        for k in range(steps):
+            for i, p in enumerate(params):
+                p.grad = _grad(p, 10 * k + i)
+            opt.step()
+    return params, opt.state_dict()
+
+
+def _bnb_flat(sd: dict) -> dict:
+    """The layout bitsandbytes saved before 0.45: the quantisation state in the entry itself."""
+    state = {}
+    for key, entry in sd["state"].items():
+        entry = dict(entry)
+        entry.update(entry.pop("__bnb_optimizer_quant_state__", {}))
+        state[key] = entry
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_a_bitsandbytes_state_dict_loads_exactly(layout: str) -> None:
+    """bitsandbytes' 8-bit Adam state is this scheme (its dynamic maps, blocks of 256): its codes
+    and absmax load as they are (the same dequantised moments to the bit), fp32 state as it is.
+    Before, the load raised KeyError "state[0] has no 'exp_avg' entry"."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    F = pytest.importorskip("bitsandbytes.functional")
+    shapes = [(64, 128), (300,), (10,)]
+    source, sd = _bitsandbytes_state_dict(bnb, shapes)
+    if layout == "flat":
+        sd = _bnb_flat(sd)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
+    opt = oxoptim.AdamW8bit(params, lr=1e-3, min_8bit_size=100)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1e-2 and "alpha" not in opt.param_groups[0]
+    for i, p in enumerate(params):
+        saved = sd["state"][i]
+        quant = saved.get("__bnb_optimizer_quant_state__", saved)
+        ours = opt.state[p]
+        assert float(ours["step"]) == 3
+        if p.numel() >= 100:
+            for name, (codes, qmap, absmax) in (("exp_avg", ("state1", "qmap1", "absmax1")), ("exp_avg_sq", ("state2", "qmap2", "absmax2"))):
+                assert ours[name].dtype == torch.uint8 and torch.equal(ours[name], quant[codes])
+                assert torch.equal(ours[f"{name}_absmax"], quant[absmax])
+                theirs = F.dequantize_blockwise(quant[codes], absmax=quant[absmax], code=quant[qmap], blocksize=256)
+                assert torch.equal(bw.dequantize(ours, name), theirs)
+        else:
+            assert torch.equal(ours["exp_avg"], quant["state1"]) and torch.equal(ours["exp_avg_sq"], quant["state2"])
+    for i, p in enumerate(params):
+        p.grad = _grad(p, 99 + i)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(float(opt.state[p]["step"]) == 4 for p in params)
+
+
+def test_bitsandbytes_state_of_another_scheme_is_refused_saying_so() -> None:
+    """bitsandbytes state that is not this scheme (another block size or map, clipping state,
+    AdEMAMix settings) is refused at load with a ValueError naming bitsandbytes; nothing changes."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    source, good = _bitsandbytes_state_dict(bnb, [(64, 128), (10,)])
+    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
+    opt = oxoptim.AdamW8bit(params, min_8bit_size=100)
+    for i, p in enumerate(params):
+        p.grad = _grad(p, i)
+    opt.step()
+    before = _snapshot(params, opt)
+
+    def edited(fn):
+        sd = copy.deepcopy(good)
+        fn(sd["state"][0]["__bnb_optimizer_quant_state__"], sd)
+        return sd
+
+    cases = [
+        (edited(lambda q, sd: q.__setitem__("absmax1", torch.ones(4))), r"'absmax1' \(shape \(4,\)\) is not one absmax per block of 256"),
+        (edited(lambda q, sd: q.__setitem__("qmap2", q["qmap2"].flip(0))), r"'qmap2' is not bitsandbytes' unsigned dynamic map"),
+        (edited(lambda q, sd: q.__setitem__("gnorm_vec", torch.zeros(100))), r"no equivalent of \(gnorm_vec"),
+        (edited(lambda q, sd: q.pop("state2")), r"without a tensor 'state2'"),
+        (edited(lambda q, sd: sd["param_groups"][0].__setitem__("alpha", 5.0)), r"'alpha'\] is 5.0: bitsandbytes AdEMAMix"),
+    ]
+    for sd, message in cases:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(sd)
+        assert _same(_snapshot(params, opt), before)
+
+
+def test_a_torchao_state_dict_is_refused_saying_what_to_do() -> None:
+    """torchao's 8-bit state is tensor subclasses (and lr a tensor): refused at load with one
+    ValueError naming torchao (before: "lr and betas must be numbers, not tensors", then, lr made
+    a number, "RuntimeError: quantising exp_avg failed"); nothing changes. What the message says
+    to do (plain tensors, lr a number) loads."""
+    tao = pytest.importorskip("torchao.optim", reason="torchao is not installed")
+    source = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(10))]
+    theirs = tao.AdamW8bit(source)
+    for i, p in enumerate(source):
+        p.grad = _grad(p, i)
+    theirs.step()
+    saved = theirs.state_dict()
+    assert type(saved["state"][0]["exp_avg"]) is not torch.Tensor and torch.is_tensor(saved["param_groups"][0]["lr"])
+    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
+    opt = oxoptim.AdamW8bit(params, min_8bit_size=100)
+    for i, p in enumerate(params):
+        p.grad = _grad(p, i)
+    opt.step()
+    before = _snapshot(params, opt)
+    lr_as_number = {"state": saved["state"], "param_groups": [{**g, "lr": float(g["lr"])} for g in saved["param_groups"]]}
+    for sd in (saved, lr_as_number):
+        with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is a torchao\..*OptimState8bit: this is a torchao low-bit optimizer state dict"):
+            opt.load_state_dict(sd)
+        assert _same(_snapshot(params, opt), before)
+    with pytest.raises(TypeError, match="not a plain tensor"):
+        bw.quantize(saved["state"][0]["exp_avg"], "exp_avg")
+    plain = {
+        "state": {k: {n: (v.dequantize() if type(v) is not torch.Tensor else v) for n, v in e.items()} for k, e in saved["state"].items()},
+        "param_groups": lr_as_number["param_groups"],
+    }
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] is a tensor \(torchao's optimizers save it so\)"):
+        opt.load_state_dict({**plain, "param_groups": saved["param_groups"]})
+    opt.load_state_dict(plain)
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+    moment = plain["state"][0]["exp_avg"]
+    assert (bw.dequantize(opt.state[params[0]], "exp_avg") - moment).abs().max() <= 0.05 * moment.abs().max()

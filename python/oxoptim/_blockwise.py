@@ -19,7 +19,7 @@ import torch
 from . import _core
 from ._native import num_threads
 
-__all__ = ["BLOCK", "SIGNED", "dequantize", "is_8bit", "quantization_map", "quantize"]
+__all__ = ["BLOCK", "SIGNED", "dequantize", "foreign_entry", "is_8bit", "quantization_map", "quantize"]
 
 #: Elements per block (one absmax each).
 BLOCK = 256
@@ -57,6 +57,9 @@ def fresh(param: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
 
 def quantize(values: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
     """Moment ``name`` given in any float dtype/device as 8-bit state (CPU)."""
+    if type(values) not in (torch.Tensor, torch.nn.Parameter):
+        # A tensor subclass (torchao's OptimState8bit...) stays one through .to() and .contiguous().
+        raise TypeError(f"cannot quantise {name}: a {type(values).__module__}.{type(values).__qualname__}, not a plain tensor")
     x = values.detach().to(device="cpu", dtype=torch.float32).contiguous()
     codes = torch.empty(x.shape, dtype=torch.uint8)
     absmax = torch.empty(blocks(x.numel()), dtype=torch.float32)
@@ -117,3 +120,75 @@ def step_tensor(step: Any) -> torch.Tensor:
         return step
     return torch.tensor(float(step), dtype=torch.float32)
 
+
+
+#: bitsandbytes' names for the moments: (codes or fp32 state, dynamic map, absmax per block).
+_BNB_KEYS = {"exp_avg": ("state1", "qmap1", "absmax1"), "exp_avg_sq": ("state2", "qmap2", "absmax2")}
+_BNB_MARKERS = ("__bnb_optimizer_quant_state__", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+_BNB_ADVICE = "load it into bitsandbytes' optimizer, or start oxoptim's from fresh state"
+
+
+def _is_torchao(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and type(value).__module__.split(".")[0] == "torchao"
+
+
+def foreign_entry(where: str, entry: Any, param: torch.Tensor) -> Any:
+    """``entry`` in this module's layout where it is another library's 8-bit Adam state.
+
+    bitsandbytes' (``state1``/``state2`` with ``qmap1``/``qmap2`` and ``absmax1``/``absmax2``,
+    from 0.45 under ``__bnb_optimizer_quant_state__``) is the same scheme, so its block-wise
+    entries with bitsandbytes' dynamic maps and blocks of 256 convert exactly (the codes and
+    absmax are taken as they are; fp32 entries as they are); any other (non-block-wise, other
+    maps or block sizes, percentile or unorm clipping state) raises ``ValueError``. torchao's
+    (``OptimState8bit``... tensor subclasses) raises ``ValueError`` saying what to do.
+    Anything else is returned as it is."""
+    if not isinstance(entry, dict):
+        return entry
+    for name, value in entry.items():
+        if _is_torchao(value):
+            raise ValueError(
+                f"{where}[{name!r}] is a {type(value).__module__}.{type(value).__qualname__}: this is a torchao "
+                "low-bit optimizer state dict, which oxoptim's 8-bit optimizers cannot load; load it into torchao's "
+                "optimizer, or first make every such state tensor a plain one (value.dequantize()) and each group's "
+                "lr a number (a torch.optim.AdamW state dict, which is quantised on loading)"
+            )
+    if not any(key in entry for key in _BNB_MARKERS):
+        return entry
+    quant = entry.get("__bnb_optimizer_quant_state__", entry)
+    if not isinstance(quant, dict):
+        raise ValueError(f"{where} is bitsandbytes optimizer state whose '__bnb_optimizer_quant_state__' is not a dict")
+    known = {"step", "__bnb_optimizer_quant_state__", *(k for keys in _BNB_KEYS.values() for k in keys)}
+    unknown = sorted(str(k) for k in (*entry, *quant) if k not in known)
+    if unknown:
+        raise ValueError(
+            f"{where} is bitsandbytes optimizer state with entries oxoptim has no equivalent of ({', '.join(unknown)}: "
+            f"non-block-wise state, percentile or unorm clipping, a third moment): {_BNB_ADVICE}"
+        )
+    out: dict = {k: v for k, v in entry.items() if k != "__bnb_optimizer_quant_state__" and k not in _BNB_MARKERS}
+    for name, (state_key, map_key, absmax_key) in _BNB_KEYS.items():
+        value = quant.get(state_key)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where} is bitsandbytes optimizer state without a tensor {state_key!r} ({name}): {_BNB_ADVICE}")
+        if value.dtype != torch.uint8:
+            out[name] = value  # fp32 state (a parameter under bitsandbytes' min_8bit_size)
+            continue
+        qmap, absmax = quant.get(map_key), quant.get(absmax_key)
+        signed = SIGNED[name]
+        if not isinstance(qmap, torch.Tensor) or qmap.shape != (256,) or not torch.equal(qmap.to("cpu", torch.float32), quantization_map(signed)):
+            raise ValueError(
+                f"{where} is bitsandbytes 8-bit state whose {map_key!r} is not bitsandbytes' "
+                f"{'signed' if signed else 'unsigned'} dynamic map, the only one oxoptim has: {_BNB_ADVICE}"
+            )
+        if not isinstance(absmax, torch.Tensor) or absmax.shape != (blocks(param.numel()),):
+            got = f"shape {tuple(absmax.shape)}" if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+            raise ValueError(
+                f"{where} is bitsandbytes 8-bit state whose {absmax_key!r} ({got}) is not one absmax per block of "
+                f"{BLOCK} elements ({blocks(param.numel())} for this parameter), the only block size oxoptim has: {_BNB_ADVICE}"
+            )
+        out[name] = value
+        out[f"{name}_absmax"] = absmax.to(dtype=torch.float32)
+    return out
+
+
+#: bitsandbytes' group settings of AdEMAMix, saved by every optimizer of its, and their values in Adam.
+BNB_GROUP_DEFAULTS = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}

@@ -55,7 +55,9 @@ class Adam8bit(torch.optim.Optimizer):
 
     Switching in the middle of training: ``load_state_dict`` takes a
     ``torch.optim.Adam``/``AdamW`` (or oxoptim) state dict and quantises its
-    moments; :meth:`dequantized_state_dict` (or
+    moments, and a ``bitsandbytes.optim.Adam8bit``/``AdamW8bit`` one as it is
+    (the same scheme; torchao's low-bit state dicts are refused, saying so);
+    :meth:`dequantized_state_dict` (or
     :meth:`dequantize_state_dict` on a saved dict) gives a state dict that
     ``torch.optim.AdamW``/``oxoptim.AdamW`` load.
     """
@@ -305,7 +307,8 @@ class Adam8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads this class's state dict, or a ``torch.optim.Adam``/``AdamW``
         (or oxoptim) one, whose moments of parameters with at least
-        ``min_8bit_size`` elements are quantised to 8 bits. Everything is
+        ``min_8bit_size`` elements are quantised to 8 bits, or a bitsandbytes
+        8-bit Adam one (the same scheme: codes and absmax as they are). Everything is
         checked first: a rejected dict leaves the optimizer as it was."""
         converted = self._converted(state_dict)
         super().load_state_dict(converted)
@@ -324,10 +327,26 @@ class Adam8bit(torch.optim.Optimizer):
             return state_dict  # torch's load_state_dict reports it
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
             return state_dict
+        # Another library's 8-bit state: converted where it is the same scheme (bitsandbytes'), else refused.
+        foreign = {}
+        for group, saved in zip(groups, saved_groups):
+            for key, p in zip(saved["params"], group["params"]):
+                if key in entries:
+                    entry = bw.foreign_entry(f"state[{key}]", entries[key], p)
+                    if entry is not entries[key]:
+                        foreign[key] = entry
+        if foreign:
+            entries = {**entries, **foreign}
+            saved_groups = [self._without_bnb_settings(i, g) for i, g in enumerate(saved_groups)]
         saved_groups = keep_own_options(groups, saved_groups)
         new_groups = []
         new_state: dict = dict(entries)
-        for group, saved in zip(groups, saved_groups):
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if isinstance(saved.get("lr"), torch.Tensor):
+                raise ValueError(
+                    f"{type(self).__name__}: param_groups[{index}]['lr'] is a tensor (torchao's optimizers save it so); "
+                    "this optimizer takes lr and betas as numbers: make it float(lr) to load this state dict"
+                )
             merged = dict(saved)
             merged.setdefault("min_8bit_size", group["min_8bit_size"])
             merged.setdefault("amsgrad", False)
@@ -349,6 +368,14 @@ class Adam8bit(torch.optim.Optimizer):
                         entry.update(bw.quantize(entry[moment], moment))
                 new_state[key] = entry
         return {**state_dict, "state": new_state, "param_groups": new_groups}
+
+    @staticmethod
+    def _without_bnb_settings(index: int, saved: dict) -> dict:
+        """A bitsandbytes group without its AdEMAMix settings, refused unless they are Adam's."""
+        for key, default in bw.BNB_GROUP_DEFAULTS.items():
+            if key in saved and saved[key] != default:
+                raise ValueError(f"param_groups[{index}][{key!r}] is {saved[key]!r}: bitsandbytes AdEMAMix state, which oxoptim's 8-bit Adam cannot load")
+        return {k: v for k, v in saved.items() if k not in bw.BNB_GROUP_DEFAULTS}
 
     def dequantized_state_dict(self) -> dict:
         """This optimizer's state dict with every 8-bit moment dequantised to
