@@ -465,3 +465,76 @@ def test_summary_final_describes_the_restored_weights(tmp_path):
                           "train_loss": best["train_loss"], "global_epoch": best["global_epoch"]}
     assert s["final"]["val_loss"] == best["val_loss"]
     assert s["events"] == [f"[a e4] restored best val_loss={best['val_loss']:.4g} from stage epoch {best['epoch']}"]
+
+
+
+def _blobs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(240, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    return (x[:180], y[:180]), (x[180:], y[180:])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+# Optimizers whose optimizer-wide state lives in the parameter groups: Prodigy's d, d_max,
+# d_numerator, k; Schedule-Free's k, weight_sum, lr_max; bf16 stochastic rounding's sr_seed, sr_count.
+GROUP_STATE = [("prodigy", dict(lr=1.0)), ("adamw_schedulefree", dict(lr=0.02)), ("sgd_schedulefree", dict(lr=0.2)),
+               ("adamw", dict(lr=1e-2, param_dtype="bfloat16", stochastic_rounding=True))]
+
+
+@pytest.mark.parametrize("name,kw", GROUP_STATE, ids=[n + ("_bf16_sr" if "param_dtype" in k else "") for n, k in GROUP_STATE])
+def test_continue_optimizer_carries_the_state_kept_in_the_parameter_groups(name, kw):
+    """Two stages of 2 epochs, the second continuing the optimizer, train exactly as one stage of 4
+    epochs: the optimizer state kept in the groups carries over (not only the per-parameter state),
+    and a Schedule-Free stage continues from the gradient points y it trained on, not from y
+    recomputed from x and z."""
+    train, val = _blobs()
+    one = [Stage("a", name, epochs=4, batch_size=30, lr_schedule="constant", **kw)]
+    two = [Stage("a", name, epochs=2, batch_size=30, lr_schedule="constant", **kw),
+           Stage("b", name, epochs=2, batch_size=30, lr_schedule="constant", continue_optimizer=True, **kw)]
+    models, hists = [], []
+    for stages in (one, two):
+        m = _mlp()
+        hists.append([r["val_loss"] for r in Trainer(m, F.cross_entropy, train, val, stages, metrics={}, quiet=True,
+                                                     seed=0).fit()])
+        models.append(m)
+    assert hists[0] == hists[1]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _continued_run(run_dir, name, kw, kill_at=None, resume=False):
+    class Dies(Trainer):
+        def train_step(self, order, b):
+            if self.global_step == kill_at:
+                raise _Killed
+            return super().train_step(order, b)
+
+    train, val = _blobs()
+    stages = [Stage("a", name, epochs=2, batch_size=30, lr_schedule="constant", **kw),
+              Stage("b", name, epochs=2, batch_size=30, lr_schedule="cosine", continue_optimizer=True, **kw)]
+    m = _mlp()
+    Dies(m, F.cross_entropy, train, val, stages, metrics={}, quiet=True, seed=0, run_dir=str(run_dir),
+         checkpoint_every=4).fit(resume=resume)
+    return m
+
+
+@pytest.mark.parametrize("kill_at", [12, 15])  # the first step of stage b (after the boundary checkpoint); mid-stage b
+@pytest.mark.parametrize("name,kw", GROUP_STATE[:2])
+def test_resume_of_a_continued_stage_is_bit_identical(tmp_path, name, kw, kill_at):
+    """A run killed in a continue_optimizer stage resumes bit for bit, from the checkpoint at the
+    stage boundary (which holds the carried state) or from one inside the continued stage."""
+    ref = _continued_run(tmp_path / "ref", name, kw)
+    with pytest.raises(_Killed):
+        _continued_run(tmp_path / "run", name, kw, kill_at=kill_at)
+    got = _continued_run(tmp_path / "run", name, kw, resume=True)
+    for a, b in zip(ref.parameters(), got.parameters()):
+        assert torch.equal(a, b)

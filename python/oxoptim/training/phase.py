@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .stages import Stage, build_optimizer, set_param_dtype
+from .stages import Stage, build_optimizer, carry_state, load_carried, set_param_dtype
 
 __all__ = ["Phase", "layer_groups"]
 
@@ -30,6 +29,15 @@ def layer_groups(stage: Stage, model: nn.Module) -> Tuple[List[List[torch.Tensor
     return train, factors
 
 
+def params_of(optimizer: Any) -> List[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _versions(params: List[torch.Tensor]) -> List[Tuple[int, int]]:
+    """Each tensor's storage and in-place version counter: any write to it since changes them."""
+    return [(p.data_ptr(), p._version) for p in params]
+
+
 def _schedule_free(optimizer: Any) -> bool:
     """Whether the optimizer has Schedule-Free's train()/eval() switch."""
     return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
@@ -42,6 +50,9 @@ class Phase:
     base_lrs: List[Optional[float]]
     overrides: Dict[str, Any]
     in_backward: Any = None  # the StepInBackward context of a step_in_backward stage, while it lasts
+    # Schedule-Free at the end of the stage: the gradient points y it trained on, and the versions of
+    # the parameters once they hold x (to tell whether anything changed them since)
+    settled: Optional[Tuple[List[torch.Tensor], List[Tuple[int, int]]]] = None
 
     @classmethod
     def make(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
@@ -71,8 +82,15 @@ class Phase:
                 raise ValueError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's parameter "
                                  f"groups ({carried['sizes']}), this stage has "
                                  f"{[len(g['params']) for g in own['param_groups']]}")
-            # a copy: each trial candidate continues from the same state
-            opt.load_state_dict({"state": copy.deepcopy(carried["state"]), "param_groups": own["param_groups"]})
+            load_carried(opt, carried)  # per-parameter and group state (Prodigy's d, Schedule-Free's k, ...)
+            if carried.get("weights") is not None and _schedule_free(opt):
+                # the gradient points y the previous stage trained on, bit for bit (train() would
+                # recompute them from x and z, rounded): one optimizer through the stages
+                with torch.no_grad():
+                    for p, y in zip(params_of(opt), carried["weights"]):
+                        p.copy_(y)
+                for g in opt.param_groups:
+                    g["train_mode"] = True
         if _schedule_free(opt):
             opt.train()  # the parameters hold the gradient points y while training
         base_lrs = [g.get("lr") for g in opt.param_groups]
@@ -122,9 +140,14 @@ class Phase:
             self.in_backward = None
 
     def carry(self) -> dict:
-        """What a ``continue_optimizer`` stage takes over: per-parameter state and the group sizes."""
-        sd = self.optimizer.state_dict()
-        return {"state": sd["state"], "sizes": [len(g["params"]) for g in sd["param_groups"]]}
+        """What a ``continue_optimizer`` stage takes over: per-parameter state, the state kept in
+        the parameter groups and the group sizes (:func:`~oxoptim.training.stages.carry_state`); for
+        Schedule-Free also the gradient points y the stage ended on, unless the weights it settled
+        on (x) were changed since (RestoreBest): then the next stage's train() derives y from them."""
+        carried = carry_state(self.optimizer)
+        if self.settled is not None and self.settled[1] == _versions(params_of(self.optimizer)):
+            carried["weights"] = self.settled[0]
+        return carried
 
     def state_dict(self) -> dict:
         return {
@@ -161,7 +184,10 @@ class Phase:
             if self.averager.n_averaged:
                 self.averager.copy_to()
         elif _schedule_free(self.optimizer):
-            self.optimizer.eval()  # a continue_optimizer stage's train() recomputes y from x and z
+            params = params_of(self.optimizer)
+            live = [p.detach().clone() for p in params]
+            self.optimizer.eval()
+            self.settled = (live, _versions(params))  # what a continue_optimizer stage starts from
 
     def set_lrs(self, factor: float) -> float:
         """Every group's LR = its base LR x ``factor``; returns the last group's LR (the top layers'

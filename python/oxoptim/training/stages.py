@@ -166,8 +166,10 @@ class Stage:
             frozen); needs a model with ``layer_groups()`` (parameter lists from the input up).
         layer_lr_decay: discriminative learning rates: the LR of each layer group is the stage's LR
             times ``layer_lr_decay ** k``, k = groups above it (the head has k = 0); 1: one LR.
-        continue_optimizer: start from the optimizer state (moments, step counts) the previous
-            stage ended with, under this stage's settings: one optimizer run through stages that
+        continue_optimizer: start from the optimizer state (moments, step counts, and the state
+            kept in the parameter groups: Prodigy's ``d``, Schedule-Free's ``k`` and
+            ``weight_sum``, stochastic rounding's stream) the previous stage ended with, under
+            this stage's settings: one optimizer run through stages that
             only change the LR (warm-up, stable, decay). Needs the same optimizer and parameters,
             and an earlier stage (refused on the first).
             The LR scale set by the previous stage's ``reduce_lr_on_plateau`` carries over too
@@ -512,6 +514,40 @@ def optimizer_arguments(cls: type) -> Optional[set]:
     return None
 
 
+def group_state(optimizer: Any) -> List[Dict[str, Any]]:
+    """The optimizer state an optimizer keeps in its parameter groups, group by group: every key
+    that is not an argument of its constructor (``params`` aside), as Prodigy's ``d``, ``d_max``,
+    ``d_numerator``, ``k``, Schedule-Free's ``k``, ``weight_sum``, ``lr_max``, ``train_mode``, bf16
+    stochastic rounding's ``sr_seed``, ``sr_count``. The constructor's arguments (``lr``, ``betas``,
+    ``weight_decay``, ...) are settings, which a continuing stage sets itself. When the arguments
+    cannot be known (``**kwargs`` up to torch's Optimizer), the keys its defaults lack."""
+    names = optimizer_arguments(type(optimizer))
+    if names is None:
+        names = set(getattr(optimizer, "defaults", {}))
+    return [{k: copy.deepcopy(v) for k, v in g.items() if k != "params" and k not in names}
+            for g in optimizer.param_groups]
+
+
+def carry_state(optimizer: Any) -> Dict[str, Any]:
+    """What a ``continue_optimizer`` stage takes over from ``optimizer``: its per-parameter state,
+    its group state (:func:`group_state`) and its group sizes."""
+    sd = optimizer.state_dict()
+    return {"state": sd["state"], "groups": group_state(optimizer),
+            "sizes": [len(g["params"]) for g in sd["param_groups"]]}
+
+
+def load_carried(optimizer: Any, carried: Dict[str, Any]) -> None:
+    """Continues ``optimizer`` (a new stage's, with that stage's settings) from ``carried``
+    (:func:`carry_state`): the per-parameter state, and the group state merged into its own groups.
+    A copy: each trial candidate continues from the same state. Carried dicts from before the group
+    state was kept (older checkpoints) have none."""
+    own = optimizer.state_dict()["param_groups"]
+    groups = carried.get("groups")
+    if groups is not None and len(groups) == len(own):
+        own = [{**g, **copy.deepcopy(extra)} for g, extra in zip(own, groups)]
+    optimizer.load_state_dict({"state": copy.deepcopy(carried["state"]), "param_groups": own})
+
+
 def check_continuation(prev: Stage, stage: Stage) -> None:
     """Refuses (ValueError) a ``continue_optimizer`` stage whose optimizer, with any of its trial
     candidates' settings, cannot step from the state ``prev`` leaves (with any of its candidates'
@@ -546,7 +582,7 @@ def _candidates(stage: Stage) -> List[dict]:
 def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, strict: bool = False) -> Optional[dict]:
     """Two steps of the stage's optimizer (with ``overrides``) on small stand-in parameters, first
     loading ``carried`` state: the state it leaves, or None when a step fails (an exception with
-    ``strict``)."""
+    ``strict``). The state is carried as a stage's is (:func:`carry_state`, :func:`load_carried`)."""
     dtype = PARAM_DTYPES[stage.param_dtype or "float32"]
     probes = [torch.linspace(-1, 1, 256, dtype=dtype).reshape(4, 64).requires_grad_(),
               torch.linspace(1, 2, 3, dtype=dtype).requires_grad_()]
@@ -559,12 +595,12 @@ def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, stri
     try:
         opt = build_optimizer(stage, probes, overrides)
         if carried is not None:
-            opt.load_state_dict({"state": copy.deepcopy(carried), "param_groups": opt.state_dict()["param_groups"]})
+            load_carried(opt, carried)
         if callable(getattr(opt, "train", None)):
             opt.train()  # Schedule-Free steps in train mode only
         for _ in range(2):
             opt.step(closure)
-        return opt.state_dict()["state"]
+        return carry_state(opt)
     except Exception:  # noqa: BLE001
         if strict:
             raise
