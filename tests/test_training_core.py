@@ -538,3 +538,23 @@ def test_resume_of_a_continued_stage_is_bit_identical(tmp_path, name, kw, kill_a
     got = _continued_run(tmp_path / "run", name, kw, resume=True)
     for a, b in zip(ref.parameters(), got.parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_optimizer_that_refuses_per_layer_lrs_is_refused_before_anything_trains():
+    """A stage whose layer_lr_decay gives the layer groups different LRs, with an optimizer that
+    refuses them at its first step (Prodigy), is refused when the stage is made (a ValueError, and a
+    one-line config error), not after the earlier stages have trained. With one LR, or with an
+    optimizer that takes per-group LRs, the stage is accepted."""
+    from oxoptim.training.config import ConfigError, check_stages
+
+    with pytest.raises(ValueError, match="stage 'p': layer_lr_decay = 0.5 gives each layer group its own LR, "
+                                         "which prodigy refuses: RuntimeError: Setting different lr values"):
+        Stage("p", "prodigy", epochs=2, lr=1.0, layer_lr_decay=0.5)
+    with pytest.raises(ConfigError, match="stage 'p': layer_lr_decay = 0.5 .* prodigy refuses") as e:
+        check_stages([{"name": "warm", "optimizer": "adamw", "lr": 1e-2},
+                      {"name": "p", "optimizer": "prodigy", "lr": 1.0, "layer_lr_decay": 0.5}], {})
+    assert "\n" not in str(e.value)
+    Stage("p", "prodigy", epochs=2, lr=1.0)
+    Stage("p", "prodigy", epochs=2, lr=1.0, layer_lr_decay=0.5, trainable="head")  # one group trains
+    for name in ("adamw", "sgd", "adamw_schedulefree", "adam8bit"):
+        Stage("s", name, epochs=2, lr=1e-2, layer_lr_decay=0.5)

@@ -392,6 +392,12 @@ class Stage:
                 except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as e:
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
                     raise ValueError(f"{where}{call}: {e}") from e
+                if self.layer_lr_decay != 1.0 and self.trainable == "all":
+                    refused = _refuses_layer_lrs(self, overrides)
+                    if refused is not None:
+                        raise ValueError(f"{where}layer_lr_decay = {self.layer_lr_decay:g} gives each layer group its "
+                                         f"own LR, which {self._optimizer_name()} refuses: {refused} (use "
+                                         f"layer_lr_decay = 1 or another optimizer)")
         except ValueError as e:
             raise ValueError(f"stage {self.name!r}: {e}") from e
 
@@ -605,6 +611,36 @@ def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, stri
         if strict:
             raise
         return None
+
+
+def _refuses_layer_lrs(stage: Stage, overrides: dict) -> Optional[str]:
+    """Why the stage's optimizer (with ``overrides``) cannot step two parameter groups whose LRs
+    differ, as ``layer_lr_decay`` makes them (Prodigy refuses that at its first step), or None. Only
+    a failure that equal LRs do not have counts: other mistakes are reported by their own checks."""
+    dtype = PARAM_DTYPES[stage.param_dtype or "float32"]
+
+    def steps(factors: List[float]) -> Optional[Exception]:
+        probes = [torch.linspace(-1, 1, 256, dtype=dtype).reshape(4, 64).requires_grad_(),
+                  torch.linspace(1, 2, 3, dtype=dtype).requires_grad_()]
+
+        def closure() -> torch.Tensor:
+            for i, p in enumerate(probes):
+                p.grad = torch.full_like(p, 0.25 * (i + 1))
+            return torch.tensor(1.0)
+
+        try:
+            opt: Any = build_optimizer(stage, [{"params": [p]} for p in probes], overrides, factors)
+            if callable(getattr(opt, "train", None)):
+                opt.train()  # Schedule-Free steps in train mode only
+            opt.step(closure)
+        except Exception as e:  # noqa: BLE001 - whatever the optimizer raises is the reason
+            return e
+        return None
+
+    if steps([1.0, 1.0]) is not None:
+        return None
+    e = steps([stage.layer_lr_decay, 1.0])
+    return None if e is None else f"{type(e).__name__}: {e}"
 
 
 def build_optimizer(stage: Stage, params, overrides: Optional[dict] = None,
