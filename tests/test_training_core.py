@@ -558,3 +558,21 @@ def test_an_optimizer_that_refuses_per_layer_lrs_is_refused_before_anything_trai
     Stage("p", "prodigy", epochs=2, lr=1.0, layer_lr_decay=0.5, trainable="head")  # one group trains
     for name in ("adamw", "sgd", "adamw_schedulefree", "adam8bit"):
         Stage("s", name, epochs=2, lr=1e-2, layer_lr_decay=0.5)
+
+
+@pytest.mark.parametrize("name", ["sgd_schedulefree", "adamw_schedulefree"])
+@pytest.mark.parametrize("average", ["ema", "swa"])
+def test_schedule_free_with_average_is_refused(name, average):
+    """An averager over a Schedule-Free stage would average the gradient points y the parameters
+    hold while training, never Schedule-Free's own average x: refused when the stage is made (and
+    as a one-line config error), instead of validating and ending the stage on averages of y."""
+    from oxoptim.training.config import ConfigError, check_stages
+
+    with pytest.raises(ValueError, match=f"stage 'sf': average = '{average}' cannot be used with {name}, a "
+                                         "Schedule-Free optimizer"):
+        Stage("sf", name, epochs=2, lr=0.1, average=average)
+    with pytest.raises(ConfigError, match="average = .* Schedule-Free") as e:
+        check_stages([{"name": "sf", "optimizer": name, "lr": 0.1, "average": average}], {})
+    assert "\n" not in str(e.value)
+    Stage("sf", name, epochs=2, lr=0.1)
+    Stage("a", "adamw", epochs=2, lr=0.1, average=average)

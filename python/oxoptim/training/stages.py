@@ -139,7 +139,8 @@ class Stage:
         lr_schedule: see :class:`LRSchedule`.
         adjust: adjust rules (:mod:`oxoptim.training.rules`) evaluated after each epoch.
         average: ``None``, ``"ema"`` or ``"swa"`` (:class:`oxoptim.ParamAverager`); validation
-            uses the averaged weights, which replace the model's at the end of the stage.
+            uses the averaged weights, which replace the model's at the end of the stage. Not
+            with a Schedule-Free optimizer, which averages itself.
         average_decay / average_start_epoch: EMA decay and the epoch (within the stage)
             from which averaging starts.
         grad_clip: if set, gradients are clipped to this L2 norm before each step: their total
@@ -354,6 +355,11 @@ class Stage:
                 raise ValueError(f"trial epochs ({trial.epochs}) must be < stage epochs ({self.epochs})")
             cls = resolve_optimizer(self.optimizer)
             names = optimizer_arguments(cls)
+            if self.average is not None and callable(getattr(cls, "train", None)) and callable(getattr(cls, "eval", None)):
+                raise ValueError(f"average = {self.average!r} cannot be used with {self._optimizer_name()}, a "
+                                 f"Schedule-Free optimizer: the parameters hold its gradient points y while it "
+                                 f"trains, so the average would be of y, not of its own average x; Schedule-Free "
+                                 f"already averages (validation and the stage's final weights use x): drop average")
             if self.stochastic_rounding and names is not None and "bf16_stochastic_round" not in names:
                 takers = sorted(k for k in OPTIMIZERS if "bf16_stochastic_round" in (optimizer_arguments(resolve_optimizer(k)) or ()))
                 raise ValueError(f"stochastic_rounding = true needs an optimizer that rounds stochastically: {', '.join(takers)}")
