@@ -109,6 +109,83 @@ def test_special_values_quantise_to_their_codes() -> None:
     assert nmax[0].isnan() and nmax[1] == 0
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_subnormal_absmax_blocks_get_the_nearest_codes(signed: bool) -> None:
+    # 1 / absmax overflows to inf below absmax ~2.9e-39: the codes must still
+    # be the nearest ones (those of the block scaled into the normal range),
+    # and exact zeros must stay zeros.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3 * BLOCK + 7, generator=gen)
+    x[::5] = 0.0
+    if not signed:
+        x = x.abs()
+    codes, absmax = quantize(x, signed)
+    for scale in (2.0**-130, 2.0**-140):
+        y = (x.double() * scale).float()
+        # Compare with the same block scaled by 2^64 (normal range, exact).
+        want, want_absmax = quantize(y * 2.0**64, signed)
+        got, got_absmax = quantize(y, signed)
+        assert torch.equal(got, want), scale
+        assert torch.equal(got_absmax.double() * 2.0**64, want_absmax.double()), scale
+        back = dequantize(got, got_absmax, signed)
+        assert not back.isnan().any() and (back[y == 0] == 0).all()
+        ref, _ = reference_codes(y, signed)
+        assert ((got.int() - ref.int()).abs() <= 1).all()
+
+
+def test_infinite_absmax_blocks_code_their_finite_values_as_zero_not_nan() -> None:
+    x = torch.randn(2 * BLOCK + 3, generator=torch.Generator().manual_seed(2))
+    x[5], x[9] = float("inf"), float("-inf")
+    codes, absmax = quantize(x, True)
+    assert absmax[0].isinf() and absmax[1:].isfinite().all()
+    back = dequantize(codes, absmax, True)
+    assert not back.isnan().any()
+    assert back[5] == float("inf") and back[9] == float("-inf")
+    finite = torch.ones(BLOCK, dtype=torch.bool)
+    finite[[5, 9]] = False
+    assert (back[:BLOCK][finite] == 0).all()
+    assert torch.equal(back[BLOCK:], dequantize(*quantize(x[BLOCK:], True), True))
+
+
+def test_an_overflowing_second_moment_turns_no_weight_nan() -> None:
+    # A finite gradient of 1e22 overflows exp_avg_sq to inf; fp32 AdamW then
+    # steps that weight by m / inf = 0 and every other weight as usual.
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(2 * BLOCK))
+    r = torch.nn.Parameter(torch.zeros(2 * BLOCK))
+    o8 = oxoptim.AdamW8bit([p], min_8bit_size=0)
+    ref = torch.optim.AdamW([r])
+    g = torch.randn(2 * BLOCK, generator=gen)
+    g[5] = 1e22
+    for step in range(3):
+        p.grad, r.grad = g.clone(), g.clone()
+        o8.step()
+        ref.step()
+        g = torch.randn(2 * BLOCK, generator=gen)
+        assert p.isfinite().all(), step
+        assert r.isfinite().all()
+        assert p[5] == r[5] == 0
+        assert o8.state[p]["exp_avg_sq_absmax"][0].isinf()
+
+
+def test_tiny_gradients_blocks_follow_fp32_adamw() -> None:
+    # exp_avg_sq ~1e-40 (subnormal absmax): the block's update must be as
+    # close to fp32 AdamW's as any other block's, not ~50% off.
+    p = torch.nn.Parameter(torch.zeros(2 * BLOCK))
+    r = torch.nn.Parameter(torch.zeros(2 * BLOCK))
+    o8 = oxoptim.AdamW8bit([p], min_8bit_size=0, eps=1e-30, weight_decay=0)
+    ref = torch.optim.AdamW([r], eps=1e-30, weight_decay=0)
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.cat([torch.randn(BLOCK, generator=gen) * 1e-20, torch.randn(BLOCK, generator=gen)])
+    for _ in range(2):
+        p.grad, r.grad = grad.clone(), grad.clone()
+        o8.step()
+        ref.step()
+    for b in (0, 1):
+        s = slice(BLOCK * b, BLOCK * (b + 1))
+        assert ((p[s] - r[s]).abs().max() / r[s].abs().max()).item() < 0.05, b
+
+
 def _pair(numel: int = 3 * BLOCK + 5, seed: int = 0) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(numel, generator=gen)

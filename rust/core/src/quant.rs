@@ -145,10 +145,17 @@ impl Codebook {
         self.entries.as_ptr()
     }
 
-    /// The value of `code` in a block whose absmax is `absmax`.
+    /// The value of `code` in a block whose absmax is `absmax`; in a block
+    /// whose absmax is infinite the zero code is 0, not 0 · inf = NaN (see
+    /// [`Self::quantize_extreme`]).
     #[inline(always)]
     pub fn dequantize(&self, code: u8, absmax: f32) -> f32 {
-        self.values[code as usize] * absmax
+        let value = self.values[code as usize];
+        if value == 0.0 && absmax.is_infinite() {
+            0.0
+        } else {
+            value * absmax
+        }
     }
 
     /// The code of 0 (what fresh state holds).
@@ -163,11 +170,59 @@ impl Codebook {
     /// its absmax: NaN when a value is NaN, 0 for an all-zero block (whose
     /// values then all get the zero code). Vectors of `simd`, scalar tail:
     /// the same codes on every path.
+    ///
+    /// Two kinds of block cannot be normalised by multiplying by
+    /// `1 / absmax` and take [`Self::quantize_extreme`] (the same scalar
+    /// code on every path): a subnormal absmax below about 2^-128, whose
+    /// inverse overflows to infinity, and an infinite absmax, whose inverse
+    /// is 0 (0 · inf would be NaN).
     #[inline(always)]
     pub fn quantize_block<S: Lanes<f32>>(&self, simd: S, values: &[f32], codes: &mut [u8]) -> f32 {
         let absmax = absmax(simd, values);
-        self.quantize_scaled(simd, values, inverse(absmax), codes);
+        let inv = inverse(absmax);
+        if inv.is_infinite() || absmax.is_infinite() {
+            self.quantize_extreme(values, absmax, codes);
+        } else {
+            self.quantize_scaled(simd, values, inv, codes);
+        }
         absmax
+    }
+
+    /// Codes a block whose absmax is non-zero and either too small for its
+    /// inverse to be finite, or infinite.
+    ///
+    /// - Tiny absmax (subnormal): the block is first scaled by 2^64, which
+    ///   is exact for every value (none can overflow, and a larger
+    ///   magnitude never loses bits), and then coded with the inverse of the
+    ///   scaled absmax. Both factors are normal, so the normalised values
+    ///   are those a block scaled by 2^64 everywhere gets: a block's codes
+    ///   do not depend on its scale.
+    /// - Infinite absmax: an infinite element normalises to ±1 (the end
+    ///   codes, stored back as ±inf), every finite element to 0 (the zero
+    ///   code, which [`Self::dequantize`] turns back into 0, not 0 · inf =
+    ///   NaN). This is the limit of `value / absmax`, and what fp32 Adam
+    ///   does with an overflowed second moment: the infinite element's
+    ///   update is `m / inf = 0`, and no element of the block turns NaN;
+    ///   the finite ones lose their value, as tiny values next to a huge
+    ///   one do in every block.
+    #[cold]
+    fn quantize_extreme(&self, values: &[f32], absmax: f32, codes: &mut [u8]) {
+        const SCALE: f32 = 18_446_744_073_709_551_616.0; // 2^64
+        let normalise = |x: f32| -> f32 {
+            if absmax.is_infinite() {
+                // No NaN here: a NaN element makes the absmax NaN.
+                if x.is_infinite() {
+                    x.signum()
+                } else {
+                    0.0
+                }
+            } else {
+                (x * SCALE) * (1.0 / (absmax * SCALE))
+            }
+        };
+        for (c, &x) in codes.iter_mut().zip(values) {
+            *c = self.quantize(normalise(x));
+        }
     }
 
     /// `codes[i] = self.quantize(values[i] * inv)`: runs of
@@ -207,6 +262,13 @@ impl Codebook {
         out: &mut [f32],
     ) {
         let n = out.len().min(codes.len());
+        if absmax.is_infinite() {
+            // Rare, and the vector paths would give 0 · inf = NaN for the zero code.
+            for (o, &c) in out[..n].iter_mut().zip(codes) {
+                *o = self.dequantize(c, absmax);
+            }
+            return;
+        }
         let runs = n - n % S::CODE_RUN;
         let full = n - n % S::WIDTH;
         let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
@@ -225,6 +287,8 @@ impl Codebook {
 
 /// What a block's values are multiplied by before they are coded:
 /// bitsandbytes multiplies by 1 / absmax; a zero block gets the zero code.
+/// Infinite for a subnormal absmax below about 2^-128 and 0 for an infinite
+/// one: [`Codebook::quantize_block`] codes those blocks another way.
 #[inline(always)]
 pub fn inverse(absmax: f32) -> f32 {
     if absmax == 0.0 {

@@ -147,3 +147,130 @@ fn every_code_dequantizes_to_the_reference_value() {
         }
     }
 }
+
+/// `(codes, absmax bits, dequantised bits)` of `values` on `backend`.
+fn code_blocks(map: Map, backend: Backend, values: &[f32]) -> (Vec<u8>, Vec<u32>, Vec<u32>) {
+    let n = values.len();
+    let mut codes = vec![0u8; n];
+    let mut amax = vec![0f32; n.div_ceil(BLOCK)];
+    quant::quantize_blockwise(map, backend, values, &mut codes, &mut amax);
+    let mut back = vec![0f32; n];
+    quant::dequantize_blockwise(map, backend, &codes, &amax, &mut back);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    (codes, bits(&amax), bits(&back))
+}
+
+/// Values of at most 13 significant bits in [-1, 1] (non-negative for the
+/// unsigned map), none below 2^-12 in magnitude but zeros: exact when scaled
+/// by down to 2^-137.
+fn coarse(map: Map, n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let k = (s >> 40) as i64 % 4097; // 0..=4096
+            let k = if i % 5 == 0 { 0 } else { k }; // exact zeros too
+            let k = if map == Map::Signed && s & 1 == 1 {
+                -k
+            } else {
+                k
+            };
+            k as f32 / 4096.0
+        })
+        .collect()
+}
+
+#[test]
+fn subnormal_absmax_blocks_code_as_their_normal_scaled_copies_on_every_path() {
+    // 1 / absmax overflows to inf below absmax ~2^-128; a block's codes must
+    // not depend on its scale (those of bitsandbytes' x * (1 / absmax) for
+    // the block scaled into the normal range).
+    for map in [Map::Signed, Map::Unsigned] {
+        for n in (0..=67).chain([255, 256, 257, 1000]) {
+            for seed in 0..3 {
+                let x = coarse(map, n, seed * 1000 + n as u64);
+                let (want, want_amax, _) = code_blocks(map, Backend::Scalar, &x);
+                for exp in [100, 126, 127, 128, 129, 135, 137] {
+                    let scale = 2f64.powi(-exp) as f32; // (2f32.powi(-128) is 1 / inf = 0)
+                    assert!(scale > 0.0);
+                    let y: Vec<f32> = x.iter().map(|&v| v * scale).collect();
+                    assert!(x
+                        .iter()
+                        .zip(&y)
+                        .all(|(&a, &b)| (a as f64) * (scale as f64) == b as f64));
+                    let reference = code_blocks(map, Backend::Scalar, &y);
+                    assert_eq!(reference.0, want, "{map:?} n={n} seed={seed} 2^-{exp}");
+                    let amax: Vec<u32> = want_amax
+                        .iter()
+                        .map(|&a| (f32::from_bits(a) * scale).to_bits())
+                        .collect();
+                    assert_eq!(reference.1, amax, "{map:?} n={n} 2^-{exp}");
+                    // Zeros come back as zeros, and nothing is NaN.
+                    for (&v, &b) in y.iter().zip(&reference.2) {
+                        let b = f32::from_bits(b);
+                        assert!(
+                            !b.is_nan() && (v != 0.0 || b == 0.0),
+                            "{map:?} n={n} 2^-{exp}"
+                        );
+                    }
+                    for backend in vector_paths() {
+                        assert_eq!(
+                            code_blocks(map, backend, &y),
+                            reference,
+                            "{map:?} {backend:?} n={n} seed={seed} 2^-{exp}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn infinite_absmax_blocks_keep_their_finite_values_finite_on_every_path() {
+    // An infinite element codes as ±1 (back: ±inf), every finite one as 0
+    // (back: 0, not 0 · inf = NaN): as fp32 Adam, whose overflowed second
+    // moment gives that element an update of m / inf = 0, and no NaN.
+    for map in [Map::Signed, Map::Unsigned] {
+        let book = Codebook::get(map);
+        for n in (1..=67).chain([255, 256, 257, 1000]) {
+            for (seed, infs) in [(0u64, 1usize), (1, 3), (2, n)] {
+                let mut x = coarse(map, n, seed * 7919 + n as u64);
+                for k in 0..infs.min(n) {
+                    let i = (k * 37 + seed as usize) % n;
+                    x[i] = if map == Map::Signed && k % 2 == 1 {
+                        f32::NEG_INFINITY
+                    } else {
+                        f32::INFINITY
+                    };
+                }
+                let reference = code_blocks(map, Backend::Scalar, &x);
+                let (codes, amax, back) = &reference;
+                for (b, chunk) in x.chunks(BLOCK).enumerate() {
+                    let has_inf = chunk.iter().any(|v| v.is_infinite());
+                    assert_eq!(f32::from_bits(amax[b]).is_infinite(), has_inf);
+                }
+                for (i, &v) in x.iter().enumerate() {
+                    let a = f32::from_bits(amax[i / BLOCK]);
+                    let back = f32::from_bits(back[i]);
+                    assert!(!back.is_nan(), "{map:?} n={n} i={i}: NaN");
+                    if a.is_infinite() {
+                        let want = book.quantize(if v.is_infinite() { v.signum() } else { 0.0 });
+                        assert_eq!(codes[i], want, "{map:?} n={n} i={i}");
+                        let want_back = if v.is_infinite() { v } else { 0.0 };
+                        assert_eq!(back, want_back, "{map:?} n={n} i={i}");
+                    }
+                }
+                for backend in vector_paths() {
+                    assert_eq!(
+                        code_blocks(map, backend, &x),
+                        reference,
+                        "{map:?} {backend:?} n={n}"
+                    );
+                }
+            }
+        }
+    }
+}
