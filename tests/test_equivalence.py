@@ -378,3 +378,24 @@ def test_adafactor_reductions_over_many_rows_are_torchs_on_one_thread(monkeypatc
     with _torch_threads(1):
         ours, theirs = _stepped_pair(twin, [(40_000, 3), (3, 40_000)], seed=4, steps=3)
     _assert_bit_identical(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adafactor_single_column_matrices_are_torchs_bit_for_bit(monkeypatch, dtype) -> None:
+    """A last dimension of 1 makes the column contiguous, and torch's
+    ``vector_norm(dim=-2)`` reduces it with its vectorised kernel (as a row),
+    not row by row: ``(n, 1)`` and ``(..., n, 1)`` are torch's bit for bit."""
+    forbid_torch_fallback(monkeypatch)
+    twin = next(t for t in TWINS if t.name == "adafactor")
+    shapes = [(n, 1) for n in range(1, 301)] + [(3, n, 1) for n in (2, 7, 16, 33, 100)] + [(2, 2, 65, 1), (1, 1)]
+    with _torch_threads(1):
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            params = [torch.randn(s, generator=gen, dtype=dtype) * 3 for s in shapes]
+            mine, ref = clone_params(params), clone_params(params)
+            ours, theirs = twin.make_ours(mine, **twin.typical), twin.make_theirs(ref, **twin.typical)
+            for _ in range(3):
+                set_grads(gen, mine, ref)
+                ours.step()
+                theirs.step()
+            _assert_bit_identical(ours, theirs)

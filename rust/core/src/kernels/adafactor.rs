@@ -15,7 +15,8 @@
 //! The reductions follow torch's CPU kernels (x86 builds, 256-bit
 //! `Vectorized`), so results equal its for-loop bit for bit: a sum of squares
 //! over contiguous memory (`vector_norm` over a whole tensor or its last
-//! dimension) is [`SquareSum`], a column norm adds the rows one by one, and
+//! dimension, or a single contiguous column) is [`SquareSum`], any other
+//! column norm adds the rows one by one, and
 //! `row_var.mean()` is [`cascade_sum`]. torch itself splits a reduction over
 //! more than 32,768 elements across its threads in places (`mean` over that
 //! many rows): there its result depends on its thread count, ours does not.
@@ -552,10 +553,19 @@ fn update_factors<T: Element>(
             squares.push(row);
             let r = &mut row_var[b * rows + i];
             *r = lerp.apply(Scalar, *r, mean_square(squares.finish(), cols));
-            // A column's norm adds the rows one at a time.
-            for (acc, &x) in col_squares.iter_mut().zip(row) {
-                *acc = *acc + x * x;
+            // A column's norm adds the rows one at a time...
+            if cols > 1 {
+                for (acc, &x) in col_squares.iter_mut().zip(row) {
+                    *acc = *acc + x * x;
+                }
             }
+        }
+        if cols == 1 {
+            // ...except a single column, which is contiguous: torch reduces it
+            // as it does a row (its last-dimension kernel, several accumulators).
+            let mut squares = SquareSum::new(rows);
+            squares.push(g);
+            col_squares[0] = squares.finish();
         }
         for (v, &acc) in col_var[b * cols..(b + 1) * cols]
             .iter_mut()
