@@ -104,3 +104,49 @@ def test_zero_redundancy_optimizer_trains_like_plain_adamw(results) -> None:
 def test_zero_consolidated_state_dict_loads_back(results) -> None:
     for rank in results:
         assert rank["reloaded_steps"] and all(s == STEPS for s in rank["reloaded_steps"])
+
+
+def _sr_worker(rank: int, port: int, out_dir: str) -> None:
+    """bfloat16 DDP replicas with stochastic rounding, each rank's generator seeded differently
+    before the optimizer is built (per-rank seeding for dropout or augmentation)."""
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        out = {}
+        for name, make in (("AdamW", lambda ps: oxoptim.AdamW(ps, lr=1e-2, bf16_stochastic_round=True)),
+                           ("AdamW8bit", lambda ps: oxoptim.AdamW8bit(ps, lr=1e-2, bf16_stochastic_round=True))):
+            model = DDP(_model().to(torch.bfloat16))
+            torch.manual_seed(100 + rank)
+            opt = make(model.parameters())
+            for step in range(4):
+                x, y = _batch(rank, step)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+                opt.step()
+            out[name] = ([p.detach().clone() for p in model.parameters()], opt.param_groups[0]["sr_seed"])
+        # A group given its own seed draws and broadcasts nothing: an optimizer built on one rank only.
+        if rank == 1:
+            alone = oxoptim.AdamW([{"params": [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], "sr_seed": 7}],
+                                  bf16_stochastic_round=True)
+            out["alone_seed"] = alone.param_groups[0]["sr_seed"]
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stochastic_rounding_seed_agrees_across_ranks() -> None:
+    """Per-rank generator seeds: every rank takes rank 0's sr_seed, so the replicas DDP gives identical
+    gradients round identically and stay bit-identical (as torch.optim.AdamW's do)."""
+    r0, r1 = run_workers(_sr_worker)
+    for name in ("AdamW", "AdamW8bit"):
+        (p0, seed0), (p1, seed1) = r0[name], r1[name]
+        assert seed0 == seed1
+        assert all(p.dtype == torch.bfloat16 for p in p0)
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1)), name
+    assert r1["alone_seed"] == 7 and "alone_seed" not in r0

@@ -16,6 +16,17 @@ only how the new weight is stored back into the bfloat16 parameter changes:
   added (``torch.manual_seed`` makes a run reproducible) and ``sr_count``
   counts the group's steps; both live in the parameter group, so a
   ``state_dict`` round trip resumes bit for bit.
+  Under ``torch.distributed`` (a default process group initialised, more
+  than one rank) every rank takes rank 0's seed, broadcast when the group is
+  added, so replicas given identical gradients (DDP) round identically and
+  stay bit-identical whatever each rank's generator holds. The broadcast is a
+  collective call: every rank must add its stochastic-rounding groups (build
+  the optimizer, call ``add_param_group``) in the same order, or the ranks
+  that do wait for the others (until the process group's timeout). To build
+  such an optimizer on some ranks only, give the group its own ``sr_seed``
+  (``[{"params": ..., "sr_seed": 1234}]``): nothing is drawn or broadcast.
+  An optimizer built before the process group is initialised keeps its own
+  draw (seed the ranks alike, or give ``sr_seed``).
 * ``kahan_sum=True`` (torch-optimi's option): each parameter keeps a
   bfloat16 ``kahan_comp`` state entry with what the stored weight misses;
   the update is added to it, the weight takes what bfloat16 can hold, the
@@ -51,8 +62,25 @@ _OPTIONS = ("bf16_stochastic_round", "kahan_sum")
 
 
 def draw_seed() -> int:
-    """A 62-bit seed from torch's default generator."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    """A 62-bit seed from torch's default generator; under an initialised ``torch.distributed``
+    process group of more than one rank, rank 0's (broadcast: a collective call, so every rank
+    must draw, in the same order). Every rank still draws from its own generator, so each
+    generator advances as it does without a process group."""
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    return _agreed_seed(seed)
+
+
+def _agreed_seed(seed: int) -> int:
+    """``seed`` on one process; rank 0's across an initialised process group (the default group)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return seed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)  # picks the device the backend needs (CUDA for NCCL)
+    return int(box[0])
 
 
 def stream_ids(optimizer: Any, params: list) -> list[int]:
@@ -185,7 +213,8 @@ class LowPrecisionWeights:
             param_group["params"] = list(params)
         check_low_precision(type(self).__name__, param_group)
         if param_group.get("bf16_stochastic_round"):
-            param_group.setdefault("sr_seed", draw_seed())
+            if "sr_seed" not in param_group:  # a given seed is kept, and nothing is drawn or broadcast
+                param_group["sr_seed"] = draw_seed()
             param_group.setdefault("sr_count", 0)
         super().add_param_group(param_group)  # type: ignore[misc]
 
