@@ -631,3 +631,112 @@ def test_a_released_weight_used_only_by_plain_operations_steps_as_usual() -> Non
     train(a, opt_a, batches, dict())
     train(b, opt_b, batches, dict(release_rows=[b.emb]))
     assert_same(a, opt_a, b, opt_b)
+
+
+def _skipping_loop(model, opt, batches, skip: set, sib: dict) -> None:
+    """Inside step_in_backward(opt, **sib): iterations in ``skip`` are dropped by ``zero_grad()``
+    after their backward, without ``step()`` (a batch skipped because its loss looked bad)."""
+    with step_in_backward(opt, **sib):
+        for i, ids in enumerate(batches):
+            model(ids).backward()
+            if i in skip:
+                opt.zero_grad()
+                continue
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_batch_skipped_by_zero_grad_drops_the_iteration_as_without_released_rows(layout) -> None:
+    """zero_grad() before step() drops the iteration: the next backward through the released weight
+    is a new iteration (it used to raise "the output layer's backward ran twice"), and the weights
+    are those of step_in_backward without release_rows (what backward updated stays updated)."""
+    batches, skip = token_batches(5, 37), {0, 2, 3}
+    a = TinyLM(layout, 37, 16, chunked=5)
+    opt_a = oxoptim.AdamW(a.parameters(), lr=0.01)
+    _skipping_loop(a, opt_a, batches, skip, {})
+    b = TinyLM(layout, 37, 16)
+    opt_b = oxoptim.AdamW(b.parameters(), lr=0.01)
+    _skipping_loop(b, opt_b, batches, skip, dict(release_rows=b.released(), row_chunk=5))
+    assert not released_now(b)
+    assert_same(a, opt_a, b, opt_b)
+
+
+def test_rows_held_for_the_embedding_get_the_heads_gradient_when_the_iteration_is_dropped() -> None:
+    """Dropped while rows wait for an embedding gradient that never comes: they get the head's
+    alone, as optimizer.step() gives them, so the weight is that of step_in_backward without
+    release_rows (whose bucket took the head's gradient in backward)."""
+    class HeadOnlyLoss(TinyLM):
+        def forward(self, ids):
+            rows.embedding(ids, self.emb)  # looked up, unused
+            h = torch.tanh(F.embedding(ids[:, :-1] % 3, self.mid) @ self.mid.T + self.bias)
+            w = self.emb
+            logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    batches, skip = token_batches(4, 37), {0, 1}
+    a, b = HeadOnlyLoss("tied", 37, 16, chunked=4), HeadOnlyLoss("tied", 37, 16)
+    opt_a, opt_b = oxoptim.Adam(a.parameters(), lr=0.01), oxoptim.Adam(b.parameters(), lr=0.01)
+    _skipping_loop(a, opt_a, batches, skip, {})
+    _skipping_loop(b, opt_b, batches, skip, dict(release_rows=[b.emb], row_chunk=4))
+    assert_same(a, opt_a, b, opt_b)
+
+
+def test_a_backward_that_raised_after_the_output_layer_leaves_the_next_iteration_working() -> None:
+    """A backward that raises between the output layer's backward and the embedding's, then
+    zero_grad(): the held rows get the head's gradient (every row and the step count move once),
+    and the following iterations run."""
+    class Failing(TinyLM):
+        fail = False
+
+        def forward(self, ids):
+            x, y = ids[:, :-1], ids[:, 1:]
+            h = torch.tanh(rows.embedding(x, self.emb) @ self.mid.T + self.bias)
+            if self.fail:
+                def boom(grad):
+                    raise ValueError("boom")
+                h.register_hook(boom)
+            logits = rows.linear(h, self.emb)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    model = Failing("tied", 37, 16)
+    opt = oxoptim.AdamW(model.parameters(), lr=0.01)
+    batches = token_batches(4, 37)
+    with step_in_backward(opt, release_rows=[model.emb], row_chunk=5):
+        model(batches[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        before = model.emb.detach().clone()
+        model.fail = True
+        with pytest.raises(ValueError, match="boom"):
+            model(batches[1]).backward()
+        model.fail = False
+        opt.zero_grad()
+        assert int(opt.state[model.emb]["step"]) == 2
+        held = torch.unique(batches[1][:, :-1])
+        assert not torch.equal(model.emb.detach()[held], before[held])  # the held rows took the head's gradient
+        for ids in batches[2:]:
+            model(ids).backward()
+            opt.step()
+            opt.zero_grad()
+        assert int(opt.state[model.emb]["step"]) == 4
+        assert int(opt.state[model.mid]["step"]) == 3  # backward never reached it in the dropped iteration
+    assert torch.isfinite(model.emb).all()
+
+
+def test_zero_grad_between_a_forward_and_its_backward_keeps_the_graph() -> None:
+    """zero_grad() after the forward, before its backward (a common loop shape): nothing is dropped,
+    the backward updates the rows as usual."""
+    batches = token_batches(3, 37)
+    a, opt_a = ordinary(oxoptim.AdamW, batches, lr=0.01)
+    b = TinyLM("tied", 37, 16)
+    opt_b = oxoptim.AdamW(b.parameters(), lr=0.01)
+    with step_in_backward(opt_b, release_rows=[b.emb], row_chunk=5):
+        for ids in batches:
+            loss = b(ids)
+            opt_b.zero_grad()
+            loss.backward()
+            opt_b.step()
+            for group in opt_b.param_groups:
+                group["lr"] *= 0.7
+    assert_same(a, opt_a, b, opt_b)

@@ -62,7 +62,9 @@ shows (a sparse one) sends that bucket alone to torch: the other buckets of
 its group run the kernels, equal to torch's to rounding (sqrt) rather than bit
 for bit. ``optimizer.zero_grad()`` before ``step()`` (a backward that raised,
 a skipped batch) drops the unfinished iteration: what its backward already
-updated stays updated, and the next backward starts a new iteration.
+updated stays updated, and the next backward starts a new iteration (with
+``release_rows``, rows held for the embedding's gradient are then updated
+with the output layer's alone, as ``step()`` would: see :mod:`oxoptim.rows`).
 
 Not supported: a parameter listed twice (refused at entry); a layer shared by
 two reentrant activation-checkpointing blocks (``use_reentrant=True``: each
@@ -545,9 +547,19 @@ class StepInBackward:
 
     def drop_iteration(self) -> None:
         """``optimizer.zero_grad()`` before ``step()``: the unfinished iteration is dropped (what its
-        backward updated stays updated) and the next backward starts a new one."""
+        backward updated stays updated) and the next backward starts a new one. Released rows
+        (``release_rows``) whose backward began are dropped too: rows that waited for the
+        embedding's gradient get the head's alone (:meth:`oxoptim.rows.RowRelease.drop`)."""
+        errors = []
+        for rows in self._rows:  # each is reset even when another's held rows fail to update
+            try:
+                rows.drop()
+            except RuntimeError as e:
+                errors.append(e)
         if self._arrivals or self._checked:
             self._next_iteration()
+        if errors:
+            raise errors[0]
 
     def _next_iteration(self) -> None:
         self._checked = False

@@ -73,7 +73,10 @@ Refused with a clear error: optimizers whose state is not elementwise
 dampening for half-precision weights or under a low-precision option,
 ``accumulate > 1``, clipping, DDP, autocast around ``linear``, and
 ``create_graph`` through an update. A graph built in an earlier iteration
-cannot update rows; one backpropagated after the context closed gives the
+cannot update rows (``optimizer.zero_grad()`` before ``step()`` drops the
+iteration as ``step_in_backward`` does: rows held for the embedding's gradient
+are updated with the head's alone, as ``step()`` would; see
+:meth:`RowRelease.drop`); one backpropagated after the context closed gives the
 weight an ordinary gradient, as do ``torch.autograd.grad`` calls that leave
 the weight out (they update nothing). A released weight that also gets a
 ``.grad`` from another operation makes ``optimizer.step()`` raise, after its
@@ -476,6 +479,26 @@ class RowRelease:
             if self.weight.grad is not None and self._backwards:
                 raise RuntimeError("a released weight also got a .grad (an operation other than oxoptim.rows used "
                                    "it); its rows were already updated in this iteration, the .grad is left as is")
+            if "linear" in self._backwards and "embedding" not in self._backwards and self._held is not None:
+                assert self._head_rows is not None
+                self._update_rows(self._held, self._head_rows)
+                self._complete()
+        finally:
+            self._reset()
+
+    def drop(self) -> None:
+        """At ``optimizer.zero_grad()`` before ``step()`` (a skipped batch, a backward that raised):
+        the iteration is dropped and the next backward starts a new one. What backward already
+        updated stays updated; rows held for the embedding's gradient after the output layer's
+        backward finished get the head's gradient alone, as ``optimizer.step()`` would give them, so
+        the weight has had one whole update (each row once, its step count once). An output
+        layer's or embedding's backward that raised partway leaves the rows it updated updated
+        and the rest as they were (the step count does not move). A forward whose backward has
+        not begun keeps its graph: ``zero_grad()`` between a forward and its backward is the
+        ordinary loop."""
+        if not self._backwards and self._cells is None:
+            return  # no backward has reached the weight in this iteration
+        try:
             if "linear" in self._backwards and "embedding" not in self._backwards and self._held is not None:
                 assert self._head_rows is not None
                 self._update_rows(self._held, self._head_rows)
