@@ -256,3 +256,50 @@ def test_a_refused_param_averager_state_dict_changes_nothing(change, error):
     after = target.state_dict()
     assert {k: v for k, v in after.items() if k != "averages"} == {k: v for k, v in before.items() if k != "averages"}
     assert all(torch.equal(a, b) for a, b in zip(after["averages"], before["averages"]))
+
+
+def _two_batches(params_and_grads, ga, sizes=(3, 5)):
+    """Two micro-batches: ``params_and_grads(k)`` sets batch k's gradients; returns finalize()'s count."""
+    for k, n in enumerate(sizes):
+        params_and_grads(k)
+        ga.accumulate(n)
+    return ga.finalize()
+
+
+@pytest.mark.parametrize("device_like", ["native", "torch"])
+def test_a_parameter_listed_twice_keeps_its_gradient(device_like):
+    """The native call refuses a gradient listed twice; torch's fold used to zero it after folding
+    it for the first listing, so the second folded zeros (and finalize wrote that zero mean last)."""
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    q = torch.nn.Parameter(torch.zeros(4))
+    grads = [torch.randn(3, 2), torch.randn(3, 2)]
+    other = [torch.randn(4), torch.randn(4)]
+
+    def set_grads(k):
+        g = grads[k].clone()
+        p.grad = g if device_like == "native" else g.t().contiguous().t()  # non-contiguous: torch's path
+        q.grad = other[k].clone()
+
+    ga = oxoptim.GradientAverager([p, q, p])
+    _two_batches(set_grads, ga)
+    torch.testing.assert_close(p.grad, (3 * grads[0] + 5 * grads[1]) / 8)
+    torch.testing.assert_close(q.grad, (3 * other[0] + 5 * other[1]) / 8)
+
+
+def test_parameters_sharing_one_gradient_tensor_each_get_the_mean():
+    a, b, c = (torch.nn.Parameter(torch.zeros(5)) for _ in range(3))
+    batches = [torch.randn(5), torch.randn(5)]
+    extra = [torch.randn(5), torch.randn(5)]
+
+    def set_grads(k):
+        g = batches[k].clone()
+        a.grad = g
+        b.grad = g
+        c.grad = extra[k].clone()
+
+    ga = oxoptim.GradientAverager([a, b, c])
+    _two_batches(set_grads, ga)
+    want = (3 * batches[0] + 5 * batches[1]) / 8
+    torch.testing.assert_close(a.grad, want)
+    torch.testing.assert_close(b.grad, want)
+    torch.testing.assert_close(c.grad, (3 * extra[0] + 5 * extra[1]) / 8)

@@ -43,6 +43,12 @@ def _copy(dst: list, src: list) -> None:
         torch._foreach_copy_(dst, src)
 
 
+def _distinct(tensors: list) -> list:
+    """``tensors`` without repeats (by identity), in order."""
+    seen: set = set()
+    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
+
+
 class GradientAverager:
     r"""Exact full-batch (or large-batch) gradient from micro-batches.
 
@@ -58,7 +64,10 @@ class GradientAverager:
     A parameter without a gradient in some micro-batch counts as a zero
     gradient for it; one without a gradient in every micro-batch since the
     last ``finalize()`` keeps its ``.grad`` (``None`` after ``zero_grad``), so
-    an optimizer leaves it alone. ``n_samples`` may be any positive weight
+    an optimizer leaves it alone. A parameter listed twice, or parameters
+    sharing one ``.grad`` tensor, fold that gradient once each and get one
+    mean written into it.
+    ``n_samples`` may be any positive weight
     (e.g. a token count), not only a sample count. Usable as a context manager: ``finalize()`` runs on a
     normal exit (if anything was accumulated), and nothing is written back
     when the block raises.
@@ -84,6 +93,9 @@ class GradientAverager:
         weight = n / total
         first = self.samples == 0
         means, grads, absent = [], [], []
+        created: dict[int, torch.Tensor] = {}  # index -> a new mean (first use, or a new shape/dtype/device)
+        densified: dict[int, torch.Tensor] = {}  # index -> the dense gradient of a sparse one
+        dense_of: dict[int, torch.Tensor] = {}  # id(sparse gradient) -> its dense copy (a shared one: one copy)
         for i, p in enumerate(self.params):
             g = p.grad
             m = self._means[i]
@@ -92,20 +104,28 @@ class GradientAverager:
                     absent.append(m)
                 continue
             if g.is_sparse:
-                g = p.grad = g.to_dense()
+                if id(g) not in dense_of:
+                    dense_of[id(g)] = g.to_dense()
+                g = densified[i] = dense_of[id(g)]
             if m is None or m.shape != g.shape or m.dtype != g.dtype or m.device != g.device:
-                m = torch.zeros_like(g, memory_format=torch.contiguous_format)
-                self._means[i] = m
+                m = created[i] = torch.zeros_like(g, memory_format=torch.contiguous_format)
             means.append(m)
             grads.append(g)
         had_grad = [p.grad is not None for p in self.params]
         if means and not _core.accumulate_mean(means, grads, weight=weight, first=first, num_threads=num_threads()):
+            # torch: every gradient is folded before any is zeroed, so a gradient listed twice (a
+            # parameter listed twice, parameters sharing one .grad) or overlapping another is read whole.
             for m, g in zip(means, grads):
                 if first:
                     m.copy_(g)
                 else:
                     m.lerp_(g, weight)
+            for g in _distinct(grads):
                 g.zero_()
+        for i, m in created.items():
+            self._means[i] = m
+        for i, g in densified.items():
+            self.params[i].grad = g
         if absent:
             torch._foreach_mul_(absent, 1.0 - weight)
         if first:
@@ -123,12 +143,15 @@ class GradientAverager:
         """Writes the mean gradient into ``.grad`` and starts over; returns the sample count."""
         if self.samples == 0:
             raise RuntimeError("finalize() before any accumulate()")
-        dst, src = [], []
+        dst, src, written = [], [], set()
         for p, m, seen in zip(self.params, self._means, self._seen):
             if m is None or not seen:
                 continue
             if p.grad is None or p.grad.shape != m.shape or p.grad.dtype != m.dtype or not p.grad.is_contiguous():
                 p.grad = torch.empty_like(m)
+            if id(p.grad) in written:  # a parameter listed twice, or sharing its .grad: one mean per tensor
+                continue
+            written.add(id(p.grad))
             dst.append(p.grad)
             src.append(m)
         _copy(dst, src)
