@@ -303,3 +303,47 @@ def test_parameters_sharing_one_gradient_tensor_each_get_the_mean():
     torch.testing.assert_close(a.grad, want)
     torch.testing.assert_close(b.grad, want)
     torch.testing.assert_close(c.grad, (3 * extra[0] + 5 * extra[1]) / 8)
+
+
+def _snapshot(ga, params):
+    return ([None if p.grad is None else p.grad.clone() for p in params],
+            [None if m is None else m.clone() for m in ga._means], list(ga._seen), ga.samples, ga.batches)
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("already", [0, 1])
+def test_a_refused_accumulate_changes_nothing(already):
+    """A gradient that cannot be zeroed (an immutable ZeroTensor, which sends the call to torch's
+    path) after others that can: the call raises having zeroed, folded and counted nothing, and a retry with the
+    gradient repaired gives the right mean."""
+    a, b, c = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2, 3))
+    ga = oxoptim.GradientAverager([a, b, c])
+    first = [torch.randn(4), torch.randn(4), torch.randn(2, 3)]
+    if already:
+        a.grad, b.grad, c.grad = (g.clone() for g in first)
+        ga.accumulate(2)
+    second = [torch.randn(4), torch.randn(4), torch.randn(2, 3)]
+    a.grad, c.grad = second[0].clone(), second[2].clone()
+    b.grad = torch._efficientzerotensor(4)
+    before = _snapshot(ga, [a, b, c])
+    with pytest.raises(RuntimeError):
+        ga.accumulate(3)
+    assert _same(_snapshot(ga, [a, b, c]), before)
+    b.grad = torch.zeros(4)
+    ga.accumulate(3)
+    ga.finalize()
+    if already:
+        torch.testing.assert_close(a.grad, (2 * first[0] + 3 * second[0]) / 5)
+        torch.testing.assert_close(b.grad, 2 * first[1] / 5)
+        torch.testing.assert_close(c.grad, (2 * first[2] + 3 * second[2]) / 5)
+    else:
+        torch.testing.assert_close(a.grad, second[0])
+        torch.testing.assert_close(b.grad, torch.zeros(4))
+        torch.testing.assert_close(c.grad, second[2])

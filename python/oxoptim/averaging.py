@@ -49,6 +49,19 @@ def _distinct(tensors: list) -> list:
     return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
 
 
+def _check_fold(means: list, grads: list, weight: float, first: bool) -> None:
+    """Raises what folding ``grads`` into ``means`` and zeroing them would raise (an immutable
+    ZeroTensor, an inference tensor outside inference mode, a dtype or device torch refuses),
+    having written nothing: each operation is tried on zero-element views of the tensors."""
+    for m, g in zip(means, grads):
+        m0, g0 = m.as_strided((0,), (1,)), g.as_strided((0,), (1,))
+        if first:
+            m0.copy_(g0)
+        else:
+            m0.lerp_(g0, weight)
+        g0.zero_()
+
+
 class GradientAverager:
     r"""Exact full-batch (or large-batch) gradient from micro-batches.
 
@@ -66,7 +79,8 @@ class GradientAverager:
     last ``finalize()`` keeps its ``.grad`` (``None`` after ``zero_grad``), so
     an optimizer leaves it alone. A parameter listed twice, or parameters
     sharing one ``.grad`` tensor, fold that gradient once each and get one
-    mean written into it.
+    mean written into it. A call that raises (a gradient that cannot be read
+    or zeroed) changes nothing: gradients, means and counts stay as they were.
     ``n_samples`` may be any positive weight
     (e.g. a token count), not only a sample count. Usable as a context manager: ``finalize()`` runs on a
     normal exit (if anything was accumulated), and nothing is written back
@@ -92,6 +106,8 @@ class GradientAverager:
         total = self.samples + n
         weight = n / total
         first = self.samples == 0
+        # Nothing is written (gradients, means, counters) until every tensor is known to fold:
+        # a refused call leaves everything as it was.
         means, grads, absent = [], [], []
         created: dict[int, torch.Tensor] = {}  # index -> a new mean (first use, or a new shape/dtype/device)
         densified: dict[int, torch.Tensor] = {}  # index -> the dense gradient of a sparse one
@@ -115,6 +131,7 @@ class GradientAverager:
         if means and not _core.accumulate_mean(means, grads, weight=weight, first=first, num_threads=num_threads()):
             # torch: every gradient is folded before any is zeroed, so a gradient listed twice (a
             # parameter listed twice, parameters sharing one .grad) or overlapping another is read whole.
+            _check_fold(means, grads, weight, first)
             for m, g in zip(means, grads):
                 if first:
                     m.copy_(g)
