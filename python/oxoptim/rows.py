@@ -479,12 +479,17 @@ class RowRelease:
             if self.weight.grad is not None and self._backwards:
                 raise RuntimeError("a released weight also got a .grad (an operation other than oxoptim.rows used "
                                    "it); its rows were already updated in this iteration, the .grad is left as is")
-            if "linear" in self._backwards and "embedding" not in self._backwards and self._held is not None:
-                assert self._head_rows is not None
-                self._update_rows(self._held, self._head_rows)
-                self._complete()
+            self._update_held_rows()
         finally:
             self._reset()
+
+    def _update_held_rows(self) -> None:
+        """Rows held for the embedding's gradient, when the output layer's backward ran and the
+        embedding's did not: they get the head's gradient alone, completing the iteration."""
+        if "linear" in self._backwards and "embedding" not in self._backwards and self._held is not None:
+            assert self._head_rows is not None
+            self._update_rows(self._held, self._head_rows)
+            self._complete()
 
     def drop(self) -> None:
         """At ``optimizer.zero_grad()`` before ``step()`` (a skipped batch, a backward that raised):
@@ -499,10 +504,7 @@ class RowRelease:
         if not self._backwards and self._cells is None:
             return  # no backward has reached the weight in this iteration
         try:
-            if "linear" in self._backwards and "embedding" not in self._backwards and self._held is not None:
-                assert self._head_rows is not None
-                self._update_rows(self._held, self._head_rows)
-                self._complete()
+            self._update_held_rows()
         finally:
             self._reset()
 

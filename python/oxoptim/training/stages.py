@@ -591,10 +591,9 @@ def _candidates(stage: Stage) -> List[dict]:
     return list(trial.candidates) if trial is not None else [{}]
 
 
-def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, strict: bool = False) -> Optional[dict]:
-    """Two steps of the stage's optimizer (with ``overrides``) on small stand-in parameters, first
-    loading ``carried`` state: the state it leaves, or None when a step fails (an exception with
-    ``strict``). The state is carried as a stage's is (:func:`carry_state`, :func:`load_carried`)."""
+def _stand_ins(stage: Stage) -> "tuple[List[torch.Tensor], Callable[[], torch.Tensor]]":
+    """Small stand-in parameters of the stage's dtype (a matrix and a vector) and a closure that
+    gives them gradients, for the checks that step a stage's optimizer before anything trains."""
     dtype = PARAM_DTYPES[stage.param_dtype or "float32"]
     probes = [torch.linspace(-1, 1, 256, dtype=dtype).reshape(4, 64).requires_grad_(),
               torch.linspace(1, 2, 3, dtype=dtype).requires_grad_()]
@@ -604,6 +603,14 @@ def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, stri
             p.grad = torch.full_like(p, 0.25 * (i + 1))
         return torch.tensor(1.0)
 
+    return probes, closure
+
+
+def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, strict: bool = False) -> Optional[dict]:
+    """Two steps of the stage's optimizer (with ``overrides``) on small stand-in parameters, first
+    loading ``carried`` state: the state it leaves, or None when a step fails (an exception with
+    ``strict``). The state is carried as a stage's is (:func:`carry_state`, :func:`load_carried`)."""
+    probes, closure = _stand_ins(stage)
     try:
         opt = build_optimizer(stage, probes, overrides)
         if carried is not None:
@@ -623,17 +630,9 @@ def _refuses_layer_lrs(stage: Stage, overrides: dict) -> Optional[str]:
     """Why the stage's optimizer (with ``overrides``) cannot step two parameter groups whose LRs
     differ, as ``layer_lr_decay`` makes them (Prodigy refuses that at its first step), or None. Only
     a failure that equal LRs do not have counts: other mistakes are reported by their own checks."""
-    dtype = PARAM_DTYPES[stage.param_dtype or "float32"]
 
     def steps(factors: List[float]) -> Optional[Exception]:
-        probes = [torch.linspace(-1, 1, 256, dtype=dtype).reshape(4, 64).requires_grad_(),
-                  torch.linspace(1, 2, 3, dtype=dtype).requires_grad_()]
-
-        def closure() -> torch.Tensor:
-            for i, p in enumerate(probes):
-                p.grad = torch.full_like(p, 0.25 * (i + 1))
-            return torch.tensor(1.0)
-
+        probes, closure = _stand_ins(stage)
         try:
             opt: Any = build_optimizer(stage, [{"params": [p]} for p in probes], overrides, factors)
             if callable(getattr(opt, "train", None)):
