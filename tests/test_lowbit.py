@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -726,3 +727,61 @@ def test_a_torchao_state_dict_is_refused_saying_what_to_do() -> None:
     assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
     moment = plain["state"][0]["exp_avg"]
     assert (bw.dequantize(opt.state[params[0]], "exp_avg") - moment).abs().max() <= 0.05 * moment.abs().max()
+
+
+def test_ademamix_group_settings_are_refused_before_any_state_too() -> None:
+    """bitsandbytes' AdEMAMix group settings (``alpha`` other than Adam's) are refused whether or
+    not the dict holds state: one saved before the first step loaded and stepped as plain Adam,
+    keeping ``alpha`` in its groups; with Adam's values they are dropped either way."""
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
+             "alpha": 5.0, "t_alpha": None, "t_beta3": None, "params": [0]}
+    opt = oxoptim.AdamW8bit([p], lr=1e-3)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="bitsandbytes AdEMAMix"):
+        opt.load_state_dict({"state": {}, "param_groups": [dict(group)]})
+    assert opt.state_dict() == before
+    opt.load_state_dict({"state": {}, "param_groups": [dict(group, alpha=0.0)]})
+    assert not {"alpha", "t_alpha", "t_beta3"} & set(opt.state_dict()["param_groups"][0])
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW8bit, oxoptim.Adam8bit])
+def test_a_group_given_its_own_sr_seed_draws_nothing(cls) -> None:
+    """A group that brings its ``sr_seed`` keeps it and leaves torch's generator alone (no draw, so
+    under torch.distributed no broadcast), as the other optimizers' groups do."""
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    opt = cls([{"params": [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], "sr_seed": 7}],
+              bf16_stochastic_round=True)
+    assert torch.equal(torch.rand(1), expected)
+    assert opt.param_groups[0]["sr_seed"] == 7 and opt.param_groups[0]["sr_count"] == 0
+
+
+@pytest.mark.parametrize("ours, theirs", [(oxoptim.AdamW8bit, torch.optim.AdamW), (oxoptim.Adam8bit, torch.optim.Adam)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("counter, betas", [(-1.0, (0.9, 0.999)), (-5.0, (0.9, 0.999)), (-5.0, (0.0, 0.999)),
+                                            (-1e30, (0.9, 0.999))])
+def test_8bit_step_counter_out_of_range_raises_adams_error_and_changes_nothing(ours, theirs, dtype, counter, betas) -> None:
+    """The 8-bit kernel computes Adam's bias corrections: a step counter they cannot take raises
+    torch's Adam error before anything is written (it wrote non-finite weights)."""
+    raised = []
+    for cls in (theirs, ours):
+        p = torch.linspace(-1, 1, 600, dtype=dtype).reshape(2, 300).requires_grad_()
+        opt = cls([p], lr=0.1, betas=betas, **({"min_8bit_size": 1} if cls is ours else {}))
+        p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        opt.state[p]["step"].fill_(counter)
+        before = copy.deepcopy(opt.state_dict()), p.detach().clone()
+        with warnings.catch_warnings(), pytest.raises(Exception) as info:
+            warnings.simplefilter("ignore")  # torch: complex types are experimental
+            opt.step()
+        raised.append((type(info.value), str(info.value)))
+        if cls is ours:
+            assert "exp_avg_absmax" in opt.state[p]  # the 8-bit kernel's state
+            after = opt.state_dict()
+            assert torch.equal(p.detach(), before[1])
+            for k, v in before[0]["state"][0].items():
+                assert torch.equal(after["state"][0][k], v), k
+    assert raised[0] == raised[1]
+

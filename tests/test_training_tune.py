@@ -607,6 +607,9 @@ def test_distributed_stage_checks():
         check_distributed_stage(Stage("s", batch_size=167), 168, 2)
     with pytest.raises(ValueError, match="every batch needs >= 4"):
         check_distributed_stage(Stage("s", batch_size=2), 168, 4)
+    # DDP wrapped every parameter as trainable: it would wait for the frozen ones' gradients mid-run
+    with pytest.raises(ValueError, match="trainable = 'head' is not supported under DDP"):
+        check_distributed_stage(Stage("s", batch_size=32, trainable="head"), 168, 2)
     raw = _toml_loads(DEFAULT_CONFIG_TOML)
     raw["stages"] = [{"name": "s", "optimizer": "adamw", "batch_size": 32, "step_in_backward": True,
                       "accumulate": 2, "accumulation": "optimizer"}]

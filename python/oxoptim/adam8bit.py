@@ -92,12 +92,13 @@ class Adam8bit(torch.optim.Optimizer):
         try:  # torch fills the defaults in as it appends: checked after, taken back if refused
             self._check_group(group)
             check_low_precision(type(self).__name__, group)
+            if group.get("bf16_stochastic_round"):
+                if "sr_seed" not in group:  # a given seed is kept, and nothing is drawn or broadcast
+                    group["sr_seed"] = draw_seed()
+                group.setdefault("sr_count", 0)
         except BaseException:
             self.param_groups.pop()
             raise
-        if group.get("bf16_stochastic_round"):
-            group.setdefault("sr_seed", draw_seed())
-            group.setdefault("sr_count", 0)
 
     def _check_group(self, group: dict) -> None:
         """torch Adam's checks and messages (NaN rejected too), then the 8-bit ones."""
@@ -337,7 +338,8 @@ class Adam8bit(torch.optim.Optimizer):
                         foreign[key] = entry
         if foreign:
             entries = {**entries, **foreign}
-            saved_groups = [self._without_bnb_settings(i, g) for i, g in enumerate(saved_groups)]
+        # bitsandbytes' AdEMAMix settings, with or without state (a dict saved before the first step)
+        saved_groups = [self._without_bnb_settings(i, g) for i, g in enumerate(saved_groups)]
         saved_groups = keep_own_options(groups, saved_groups)
         new_groups = []
         new_state: dict = dict(entries)

@@ -105,11 +105,16 @@ def param_digest(model: nn.Module) -> str:
 
 def check_distributed_stage(stage, n_train: Optional[int], world: int) -> None:
     """What a stage needs under DDP, checked before training: every rank gets examples from every
-    batch (else it would skip a backward the others wait in), and step_in_backward accumulates
-    gradients, not optimizer state (its updates run once per reduced bucket)."""
+    batch (else it would skip a backward the others wait in), step_in_backward accumulates
+    gradients, not optimizer state (its updates run once per reduced bucket), and every parameter
+    trains (DDP registered them all when it wrapped the model)."""
     if stage.step_in_backward and stage.accumulate > 1 and stage.accumulation == "optimizer":
         raise ValueError(f"stage {stage.name!r}: under DDP, step_in_backward accumulates gradients "
                          f"(accumulation = 'gradient'): it updates each bucket after its allreduce")
+    if stage.trainable != "all":
+        raise ValueError(f"stage {stage.name!r}: trainable = {stage.trainable!r} is not supported under DDP: the model "
+                         "is wrapped once with every parameter trainable, and DDP would wait for gradients of the "
+                         "frozen ones (use trainable = 'all')")
     if stage.full_batch or n_train is None:  # the batch check needs the data
         return
     bs = int(stage.batch_size)

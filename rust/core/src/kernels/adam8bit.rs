@@ -92,6 +92,10 @@ impl Optimizer for Adam8bitConfig {
                 "adam8bit: Kahan summation is not available with 8-bit state; use stochastic rounding".into(),
             ));
         }
+        // Adam's errors for a step counter its bias corrections cannot take, before any write.
+        for i in 0..batch.slots() {
+            BiasCorrection::check(&self.adam, scalars.incremented(i, 0), batch.slot(i).dtype)?;
+        }
         let per_slot: Vec<BiasCorrection> = (0..batch.slots())
             .map(|i| BiasCorrection::new(&self.adam, scalars.increment(i, 0)))
             .collect();
