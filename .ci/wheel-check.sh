@@ -22,6 +22,8 @@
 #                     any host; 0: never; auto (default): 1 when zig is found.
 #   TESTS_DIR         the tests to run (default: <repo>/tests)
 #   PYTEST_ARGS       extra pytest arguments (default: -q)
+#   WHEEL_MARKS       pytest -m expression of both test legs (default: "not integration";
+#                     "" runs every test, the `integration` ones included)
 #   SKIP_SDIST=1      skip the sdist leg
 #   KEEP_TMP=1        keep the temp dir for inspection
 set -euo pipefail
@@ -31,6 +33,14 @@ PYTHON="${PYTHON:-python3}"
 COMPATIBILITY="${COMPATIBILITY:-}"
 TESTS_DIR="${TESTS_DIR:-$REPO/tests}"
 PYTEST_ARGS="${PYTEST_ARGS:--q}"
+# Both legs leave out the tests marked `integration` (tests/conftest.py): whole training jobs,
+# torchrun runs, searches and servers in subprocesses, minutes each leg (the torchrun ones about 4).
+# `make test` runs every one of them already, on the same Python and Rust sources; what the wheel
+# adds (the built extension, the installed package, its `oxoptim` console script) the other tests
+# still check here in both legs (tests/test_training_install.py runs whole jobs through the
+# installed console script, test_training_cli.py `python -m oxoptim`, test_distributed.py and
+# test_step_in_backward_ddp.py the process groups), and the wheel ships no data files a job could miss.
+WHEEL_MARKS="${WHEEL_MARKS-not integration}"
 if [[ -z "${MATURIN:-}" ]]; then
     if "$PYTHON" -m maturin --version >/dev/null 2>&1; then MATURIN="$PYTHON -m maturin"; else MATURIN=maturin; fi
 fi
@@ -127,11 +137,10 @@ run_tests() {  # $1: label; $2: pytest -m expression ("" = every test); remainin
     if [[ $rc -ne 0 ]]; then echo "FAIL ($label): pytest exit $rc"; exit $rc; fi
 }
 
-run_tests "dispatched SIMD" ""
+run_tests "dispatched SIMD" "$WHEEL_MARKS"
 # Scalar leg: the env var must actually take effect in the installed build.
 OXOPTIM_SIMD=scalar "$VPY" -c 'import oxoptim; b = oxoptim.simd_backend(); assert b == "scalar", f"OXOPTIM_SIMD=scalar gave {b!r}"; print("scalar forced:", b)'
-# (whole training jobs, searches and servers in subprocesses exercise no other kernel path: not twice)
-run_tests "OXOPTIM_SIMD=scalar" "not integration" OXOPTIM_SIMD=scalar
+run_tests "OXOPTIM_SIMD=scalar" "$WHEEL_MARKS" OXOPTIM_SIMD=scalar
 
 # ---------------------------------------------------------------- 3. sdist -> wheel
 if [[ "${SKIP_SDIST:-0}" != 1 ]]; then
