@@ -496,17 +496,21 @@ def test_a_forward_without_backward_changes_nothing() -> None:
     assert_same(a, opt_a, b, opt_b)
 
 
+class HeadOnlyLoss(TinyLM):
+    """Looks the embedding up but leaves its output out of the loss: its rows' gradient never comes,
+    only the head's."""
+
+    def forward(self, ids):
+        rows.embedding(ids, self.emb)  # looked up, unused
+        h = torch.tanh(F.embedding(ids[:, :-1] % 3, self.mid) @ self.mid.T + self.bias)
+        w = self.emb
+        logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 def test_rows_whose_embedding_backward_never_comes_get_the_heads_gradient() -> None:
     """The embedding is looked up but its output does not reach the loss: at optimizer.step() its
     rows get the head's gradient alone, as in the ordinary loop."""
-    class HeadOnlyLoss(TinyLM):
-        def forward(self, ids):
-            rows.embedding(ids, self.emb)  # looked up, unused
-            h = torch.tanh(F.embedding(ids[:, :-1] % 3, self.mid) @ self.mid.T + self.bias)
-            w = self.emb
-            logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
     batches = token_batches(3, 37)
     a, b = HeadOnlyLoss("tied", 37, 16, chunked=4), HeadOnlyLoss("tied", 37, 16)
     opt_a, opt_b = oxoptim.Adam(a.parameters(), lr=0.01), oxoptim.Adam(b.parameters(), lr=0.01)
@@ -666,14 +670,6 @@ def test_rows_held_for_the_embedding_get_the_heads_gradient_when_the_iteration_i
     """Dropped while rows wait for an embedding gradient that never comes: they get the head's
     alone, as optimizer.step() gives them, so the weight is that of step_in_backward without
     release_rows (whose bucket took the head's gradient in backward)."""
-    class HeadOnlyLoss(TinyLM):
-        def forward(self, ids):
-            rows.embedding(ids, self.emb)  # looked up, unused
-            h = torch.tanh(F.embedding(ids[:, :-1] % 3, self.mid) @ self.mid.T + self.bias)
-            w = self.emb
-            logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
     batches, skip = token_batches(4, 37), {0, 1}
     a, b = HeadOnlyLoss("tied", 37, 16, chunked=4), HeadOnlyLoss("tied", 37, 16)
     opt_a, opt_b = oxoptim.Adam(a.parameters(), lr=0.01), oxoptim.Adam(b.parameters(), lr=0.01)
