@@ -616,6 +616,17 @@ def _bitsandbytes_state_dict(bnb, shapes, steps: int = 3) -> tuple[list[torch.Te
     return params, opt.state_dict()
 
 
+def _stepped_8bit_copy(source: list[torch.Tensor]) -> tuple[list[torch.nn.Parameter], oxoptim.AdamW8bit, list]:
+    """Copies of ``source`` as parameters, an ``AdamW8bit`` (8-bit state from 100 elements) that
+    took one step on them, and the snapshot of both to compare with after a refused load."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
+    opt = oxoptim.AdamW8bit(params, min_8bit_size=100)
+    for i, p in enumerate(params):
+        p.grad = _grad(p, i)
+    opt.step()
+    return params, opt, _snapshot(params, opt)
+
+
 def _bnb_flat(sd: dict) -> dict:
     """The layout bitsandbytes saved before 0.45: the quantisation state in the entry itself."""
     state = {}
@@ -666,12 +677,7 @@ def test_bitsandbytes_state_of_another_scheme_is_refused_saying_so() -> None:
     AdEMAMix settings) is refused at load with a ValueError naming bitsandbytes; nothing changes."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     source, good = _bitsandbytes_state_dict(bnb, [(64, 128), (10,)])
-    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
-    opt = oxoptim.AdamW8bit(params, min_8bit_size=100)
-    for i, p in enumerate(params):
-        p.grad = _grad(p, i)
-    opt.step()
-    before = _snapshot(params, opt)
+    params, opt, before = _stepped_8bit_copy(source)
 
     def edited(fn):
         sd = copy.deepcopy(good)
@@ -704,12 +710,7 @@ def test_a_torchao_state_dict_is_refused_saying_what_to_do() -> None:
     theirs.step()
     saved = theirs.state_dict()
     assert type(saved["state"][0]["exp_avg"]) is not torch.Tensor and torch.is_tensor(saved["param_groups"][0]["lr"])
-    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
-    opt = oxoptim.AdamW8bit(params, min_8bit_size=100)
-    for i, p in enumerate(params):
-        p.grad = _grad(p, i)
-    opt.step()
-    before = _snapshot(params, opt)
+    params, opt, before = _stepped_8bit_copy(source)
     lr_as_number = {"state": saved["state"], "param_groups": [{**g, "lr": float(g["lr"])} for g in saved["param_groups"]]}
     for sd in (saved, lr_as_number):
         with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is a torchao\..*OptimState8bit: this is a torchao low-bit optimizer state dict"):
