@@ -13,12 +13,14 @@ from training_jobs import TORCHRUN, assert_same_run, evaluate_final, reviews, ru
 
 pytestmark = pytest.mark.integration  # whole jobs in subprocesses
 
-# Batches of 15 give the ranks shards of 8 and 7 rows, and length buckets give them different
-# padded lengths: their dropout draws, so their random states, differ from the first step on.
-JOB = """
-seed = 3
+
+def job_header(seed: int, checkpoint_every: int) -> str:
+    """The top of JOB and BF16_JOB: the settings, the data (length buckets) and the model's first
+    lines (with dropout), up to where the jobs differ."""
+    return f"""
+seed = {seed}
 threads = 1
-checkpoint_every = 4
+checkpoint_every = {checkpoint_every}
 
 [data]
 train = "reviews.csv"
@@ -30,7 +32,12 @@ bucket = 4
 embed_dim = 8
 hidden = 8
 dropout = 0.2
-pool = "max_mean"
+"""
+
+
+# Batches of 15 give the ranks shards of 8 and 7 rows, and length buckets give them different
+# padded lengths: their dropout draws, so their random states, differ from the first step on.
+JOB = job_header(seed=3, checkpoint_every=4) + """pool = "max_mean"
 embed_init = "cooccurrence"
 
 [[stages]]
@@ -210,22 +217,7 @@ def test_torchrun_trial_whose_winner_is_not_last_resumes_bit_identical(job_dir, 
 
 
 # A float32 stage, then bfloat16 ones: the cast between them replaces every parameter's data.
-BF16_JOB = """
-seed = 2
-threads = 1
-checkpoint_every = 0
-
-[data]
-train = "reviews.csv"
-max_len = 12
-split = [0.7, 0.15, 0.15]
-bucket = 4
-
-[model]
-embed_dim = 8
-hidden = 8
-dropout = 0.2
-
+BF16_JOB = job_header(seed=2, checkpoint_every=0) + """
 [[stages]]
 name = "fp32"
 optimizer = "adamw"
