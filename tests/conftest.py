@@ -10,5 +10,5 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "integration: whole training jobs, searches or servers in subprocesses (the wheel check's "
-        "scalar leg leaves them out: they exercise no other kernel path)")
+        "markers", "integration: whole training jobs, searches or servers in subprocesses (`make test` runs them; "
+        "both legs of the wheel check leave them out, see .ci/wheel-check.sh)")
