@@ -24,6 +24,7 @@ from .backward import ClipPerParameter, ClipPreviousNorm, StepInBackward, step_i
 from .clip import clip_grad_norm_, get_total_norm
 from .lion import Lion
 from .nadam import NAdam
+from .offload import CPUOffloadOptimizer
 from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -69,6 +70,7 @@ __all__ = [
     "StepInBackward",
     "ClipPerParameter",
     "ClipPreviousNorm",
+    "CPUOffloadOptimizer",
     "parallel_backend",
     "simd_backend",
     "supported_backends",

@@ -1,0 +1,471 @@
+"""``oxoptim.CPUOffloadOptimizer``: the CPU copies are the ordinary loop, bit for bit (every twin,
+accumulation, clipping, schedulers, resume), the GPU is the truth for the weights, refused input
+changes nothing. Without a GPU the copies between "device" and CPU are simulated on CPU tensors
+(``Deferred``: a copy lands only after its event has been polled, as an asynchronous one would);
+the tests marked ``cuda`` run the real streams."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+from optimizers import TWINS, TWIN_IDS, Twin
+from test_step_in_backward import MODELS, Toy, assert_same_training, batches
+
+import oxoptim
+from oxoptim import ClipPerParameter, ClipPreviousNorm, CPUOffloadOptimizer, offload
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on the CI machine)")
+
+
+class _Event:
+    """The end of a copy on the simulated stream: waiting for it runs every copy issued before it
+    (one stream, in order), and polling it ``delay`` times lets it land by itself."""
+
+    def __init__(self, stream: "Deferred", copy_now: Callable[[], Any], delay: int) -> None:
+        self.stream, self.copy_now, self.delay = stream, copy_now, delay
+
+    def query(self) -> bool:
+        self.delay -= 1
+        if self.delay <= 0:
+            self.synchronize()
+        return self.copy_now is None
+
+    def synchronize(self) -> None:
+        while self.copy_now is not None:
+            self.stream.queue.pop(0).run()
+
+    def run(self) -> None:
+        self.copy_now()
+        self.copy_now = None
+
+
+class Deferred:
+    """Stands in for ``_CudaTransfers`` on CPU tensors. A copy to the host reads its source when
+    issued (the stream orders it after backward's kernels) and writes its destination late, or
+    (``lands_early``) at once, while its event still reports it unfinished for a while: the CPU must
+    not read a buffer before its event says so, nor let a later copy overwrite one it has not read."""
+
+    pinned = False
+
+    def __init__(self, lands_early: bool, delay: int = 2) -> None:
+        self.lands_early, self.delay = lands_early, delay
+        self.queue: list[_Event] = []
+        self.issued = 0
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> _Event:
+        snapshot = src.detach().clone()
+        if self.lands_early:
+            dst.detach().copy_(snapshot)
+        event = _Event(self, lambda: None if self.lands_early else dst.detach().copy_(snapshot), self.delay)
+        self.queue.append(event)
+        self.issued += 1
+        return event
+
+    def keep_until_copied(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def to_device(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        # Issued after the CPU update: everything queued before it has landed (the stream is in order).
+        while self.queue:
+            self.queue.pop(0).run()
+        dst.copy_(src)
+
+    def before_compute(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        while self.queue:
+            self.queue.pop(0).run()
+
+
+NEVER = 1 << 30  # polls before a copy reports itself finished: only waiting for it does
+
+
+@pytest.fixture(params=["lands-late", "lands-early", "lands-early-reported-never"])
+def simulated(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Deferred:
+    """CPU parameters are offloaded as CUDA ones would be, through one ``Deferred``."""
+    transfers = Deferred(lands_early=request.param != "lands-late", delay=NEVER if request.param.endswith("never") else 2)
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers)
+    return transfers
+
+
+def trained(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make(twin: Twin, model: Toy, offloaded: bool, two_groups: bool, **options: Any) -> torch.optim.Optimizer:
+    params = trained(model)
+    second = {"lr": 0.005} if twin.per_group_lr else {}
+    groups: Any = [{"params": params[:2]}, {"params": params[2:], **second}] if two_groups else params
+    if offloaded:
+        opt = CPUOffloadOptimizer(groups, twin.ours, **options, **twin.typical)
+    else:
+        opt = twin.make_ours(groups, **twin.typical)
+    twin.prepare(opt)
+    return opt
+
+
+def ordinary(model: Toy, opt: torch.optim.Optimizer, xs: list[torch.Tensor], accumulate: int = 1) -> None:
+    for i in range(0, len(xs), accumulate):
+        for x in xs[i : i + accumulate]:
+            model(x).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def pair(cls: Any = oxoptim.AdamW, kind: str = "mlp", hyper: Any = None, **options: Any) -> tuple:
+    """Two copies of one model: ``cls`` on the first, offloaded ``cls`` (with ``options``) on the second."""
+    hyper = {"lr": 0.01} if hyper is None else hyper
+    a, b = Toy(kind), Toy(kind)
+    return a, cls(trained(a), **hyper), b, CPUOffloadOptimizer(trained(b), cls, **options, **hyper)
+
+
+DURING = pytest.mark.parametrize("during", [False, True], ids=["update-in-step", "update-during-backward"])
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("offload_gradients", [False, True], ids=["keep-grads", "offload-grads"])
+@DURING
+def test_bit_identical_to_the_ordinary_loop(twin: Twin, kind: str, offload_gradients: bool, during: bool, simulated: Deferred) -> None:
+    xs = batches(5, torch.float32)
+    a, b = Toy(kind), Toy(kind)
+    opt_a = make(twin, a, offloaded=False, two_groups=True)
+    opt_b = make(twin, b, offloaded=True, two_groups=True, offload_gradients=offload_gradients, bucket_numel=40,
+                 update_during_backward=during)
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs)
+    assert simulated.issued, "nothing went through the transfers"
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("bucket_numel", [0, 40, 1 << 16])
+@DURING
+def test_updates_run_inside_backward_once_their_copies_land(bucket_numel: int, during: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A copy lands on the second poll: the last gradient of backward is still in flight at its end.
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=False, delay=2))
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01, bucket_numel=bucket_numel,
+                              update_during_backward=during)
+    hosts = [e.host for e in opt._entries.values()]
+    model(batches(1, torch.float32)[0]).backward()
+    in_backward = sum(bool(opt.state.get(h)) for h in hosts)
+    # Backward gives w2, b1, w1 their gradients in that order, and a copy back to the GPU lands
+    # after every copy issued before it on the stream. One parameter per bucket: w2, b1 (w1's copy is
+    # in flight); buckets [w2, b1] and [w1] (40 elements): all three, w1's copy landing before
+    # [w2, b1] is sent back; one bucket of all: none.
+    assert in_backward == ({0: 2, 40: 3, 1 << 16: 0}[bucket_numel] if during else 0)
+    opt.step()
+    assert all(opt.state[h] for h in hosts)
+
+
+def test_hooks_never_wait_for_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward's thread updates only what has landed: with no copy reported finished, nothing
+    is updated inside backward and ``step()`` does it all."""
+    transfers = Deferred(lands_early=False, delay=NEVER)
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers)
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01, bucket_numel=0, update_during_backward=True)
+    model(batches(1, torch.float32)[0]).backward()
+    assert len(opt.state) == 0 and len(transfers.queue) == 3
+    opt.step()
+    assert len(opt.state) == 3 and not transfers.queue
+
+
+@DURING
+def test_gradient_accumulation_keeps_the_sum_on_the_device(during: bool, simulated: Deferred) -> None:
+    xs = batches(6, torch.float32)
+    a, opt_a, b, opt_b = pair(kind="tied", accumulate=3, bucket_numel=0, update_during_backward=during)
+    ordinary(a, opt_a, xs, accumulate=3)
+    ordinary(b, opt_b, xs, accumulate=3)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@DURING
+def test_optimizer_accumulation_keeps_no_device_gradient(during: bool, simulated: Deferred) -> None:
+    xs = batches(6, torch.float32)
+    a, opt_a, b, opt_b = pair(accumulate=3, accumulation="optimizer", offload_gradients=True, bucket_numel=0,
+                              update_during_backward=during)
+    with oxoptim.step_in_backward(opt_a, accumulate=3, accumulation="optimizer"):
+        for i in range(0, 6, 3):
+            for x in xs[i : i + 3]:
+                a(x).backward()
+            opt_a.step()
+    for i in range(0, 6, 3):
+        for x in xs[i : i + 3]:
+            b(x).backward()
+            assert all(p.grad is None for p in b.parameters())
+        opt_b.step()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("clip", [ClipPerParameter(0.05), ClipPreviousNorm(0.05)], ids=["per-parameter", "previous-norm"])
+@DURING
+def test_clipping_is_step_in_backwards(clip: Any, during: bool, simulated: Deferred) -> None:
+    xs = batches(4, torch.float32)
+    a, opt_a, b, opt_b = pair(oxoptim.SGD, hyper={"lr": 0.1, "momentum": 0.9}, clip=clip, update_during_backward=during)
+    with oxoptim.step_in_backward(opt_a, clip=clip):
+        for x in xs:
+            a(x).backward()
+            opt_a.step()
+    ordinary(b, opt_b, xs)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_schedulers_and_resume_into_the_plain_optimizer(simulated: Deferred) -> None:
+    """LR schedulers drive the wrapped groups; the checkpoint is the plain optimizer's, both ways."""
+    xs = batches(8, torch.float32)
+    a, opt_a, b, opt_b = pair()
+    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, 2, 0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(opt_b, 2, 0.5)
+    for x in xs[:4]:
+        for model, opt, sched in ((a, opt_a, sched_a), (b, opt_b, sched_b)):
+            model(x).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    assert opt_b.param_groups[0]["lr"] == 0.0025
+    assert_same_training(a, opt_a, b, opt_b)
+    # Swap the checkpoints: the offloaded one goes on as a plain optimizer and vice versa.
+    saved_a, saved_b = copy.deepcopy(opt_a.state_dict()), copy.deepcopy(opt_b.state_dict())
+    c, d = copy.deepcopy(a), copy.deepcopy(b)
+    opt_c = CPUOffloadOptimizer(trained(c), oxoptim.AdamW, lr=0.01)
+    opt_d = oxoptim.AdamW(trained(d), lr=0.01)
+    opt_c.load_state_dict(saved_a)
+    opt_d.load_state_dict(saved_b)
+    ordinary(a, opt_a, xs[4:])
+    ordinary(c, opt_c, xs[4:])
+    ordinary(d, opt_d, xs[4:])
+    assert_same_training(a, opt_a, c, opt_c)
+    assert_same_training(a, opt_a, d, opt_d)
+
+
+def test_weights_changed_on_the_device_are_copied_again(simulated: Deferred) -> None:
+    """``model.load_state_dict`` after construction: the next update starts from the loaded weights."""
+    xs = batches(4, torch.float32)
+    a, opt_a, b, opt_b = pair()
+    ordinary(a, opt_a, xs[:2])
+    ordinary(b, opt_b, xs[:2])
+    fresh = Toy("mlp", seed=7).state_dict()
+    a.load_state_dict(fresh)
+    b.load_state_dict(fresh)
+    with torch.no_grad():
+        a.w2.mul_(0.5)
+        b.w2.mul_(0.5)
+    ordinary(a, opt_a, xs[2:])
+    ordinary(b, opt_b, xs[2:])
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@DURING
+def test_zero_grad_before_step_drops_the_iteration_like_step_in_backward(during: bool, simulated: Deferred) -> None:
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward=during)
+    with oxoptim.step_in_backward(opt_a, bucket_numel=0):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(xs[0]).backward()
+            opt.zero_grad()  # a skipped batch: what backward updated stays updated
+            for x in xs[1:]:
+                model(x).backward()
+                opt.step()
+                opt.zero_grad()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_schedule_free_train_and_eval_reach_the_device(simulated: Deferred) -> None:
+    xs = batches(4, torch.float32)
+    a, opt_a, b, opt_b = pair(oxoptim.AdamWScheduleFree, hyper={"lr": 0.01, "warmup_steps": 2})
+    for opt in (opt_a, opt_b):
+        opt.train()
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs)
+    opt_a.eval()
+    opt_b.eval()
+    assert_same_training(a, opt_a, b, opt_b)
+    opt_a.train()
+    opt_b.train()
+    assert_same_training(a, opt_a, b, opt_b)
+    with pytest.raises(AttributeError, match="has no train"):
+        CPUOffloadOptimizer(trained(Toy("mlp")), oxoptim.AdamW).train()
+
+
+def test_torch_optimizers_are_stepped_whole_in_step(simulated: Deferred) -> None:
+    xs = batches(4, torch.float32)
+    a, opt_a, b, opt_b = pair(torch.optim.AdamW, kind="partial", hyper={"lr": 0.01, "foreach": False})
+    assert opt_b._in_backward is None
+    for x in xs:  # no zero_grad: gradients accumulate as torch's do
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).backward()
+            opt.step()
+    assert_same_training(a, opt_a, b, opt_b)
+    with pytest.raises(ValueError, match="need an optimizer that steps inside backward"):
+        CPUOffloadOptimizer(trained(b), torch.optim.AdamW, clip=ClipPerParameter(1.0))
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, oxoptim.SGD], ids=["torch", "oxoptim"])
+def test_kept_gradients_are_stepped_again(cls: Any, simulated: Deferred) -> None:
+    """The ordinary loop steps every parameter that holds a gradient: without ``zero_grad`` and
+    with no new backward, a kept gradient is stepped again and one set to None is not."""
+    a, opt_a, b, opt_b = pair(cls, hyper={"lr": 0.1, "momentum": 0.9})
+    x = batches(1, torch.float32)[0]
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        model(x).backward()
+        opt.step()
+        model.w2.grad = None  # a gradient dropped by hand is not stepped; the others are, again
+        opt.step()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize(
+    "params,options,error,message",
+    [
+        ([], {}, ValueError, "optimizer got an empty parameter list"),
+        (lambda m: m.w1, {}, TypeError, "should be an iterable of Tensors or dicts"),
+        (lambda m: [m.w1, 3.0], {}, TypeError, "optimizer can only optimize Tensors"),
+        (lambda m: [m.w1 * 2], {}, ValueError, "can't optimize a non-leaf Tensor"),
+        (lambda m: [{"params": [m.w1]}, {"params": [m.w1]}], {}, ValueError, "more than one parameter group"),
+        (None, {"accumulate": 0}, ValueError, "accumulate must be a positive int"),
+        (None, {"accumulation": "sum"}, ValueError, "accumulation must be"),
+        (None, {"accumulate": 2, "offload_gradients": True}, ValueError, "frees: use accumulation='optimizer'"),
+        (None, {"accumulate": 2, "accumulation": "optimizer"}, ValueError, "needs offload_gradients=True"),
+        (None, {"lr": -1.0}, ValueError, "Invalid learning rate"),
+        (None, {"clip": 1.0}, TypeError, "clip must be"),
+        (lambda m: [torch.nn.Parameter(torch.ones(3, device="meta"))], {}, ValueError, "takes CUDA and CPU parameters"),
+    ],
+)
+def test_refused_input_leaves_no_hook(params: Any, options: dict, error: type, message: str) -> None:
+    model = Toy("mlp")
+    given = trained(model) if params is None else (params if not callable(params) else params(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=message):
+        CPUOffloadOptimizer(given, oxoptim.AdamW, **options)
+    model(batches(1, torch.float32)[0]).backward()  # no hook of a refused optimizer runs
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p._post_accumulate_grad_hooks is None for p in model.parameters())
+
+
+def test_cpu_parameters_are_stepped_where_they_are() -> None:
+    """Without a GPU nothing is copied: the optimizer owns the parameters themselves."""
+    xs = batches(3, torch.float32)
+    a, b = Toy("mlp"), Toy("mlp")
+    opt_a = oxoptim.AdamW(trained(a), lr=0.01)
+    opt_b = CPUOffloadOptimizer(trained(b), lr=0.01)  # AdamW by default
+    assert all(p is q for p, q in zip(opt_b.param_groups[0]["params"], trained(b)))
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs)
+    assert_same_training(a, opt_a, b, opt_b)
+    opt_b.close()
+    assert all(p._post_accumulate_grad_hooks in (None, {}) or not p._post_accumulate_grad_hooks for p in b.parameters())
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------
+def _gpu_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, 8)]
+    return torch.nn.Sequential(*layers).cuda()
+
+
+@needs_cuda
+@pytest.mark.parametrize("cls,kw", [(oxoptim.AdamW, dict(lr=1e-3)), (oxoptim.SGD, dict(lr=0.01, momentum=0.9)),
+                                    (oxoptim.AdamW8bit, dict(lr=1e-3)), (torch.optim.AdamW, dict(lr=1e-3, fused=True))],
+                         ids=["adamw", "sgd", "adamw8bit", "torch-adamw-fused"])
+@pytest.mark.parametrize("offload_gradients", [False, True], ids=["keep-grads", "offload-grads"])
+@pytest.mark.parametrize("bucket_numel", [0, 1 << 16])
+@DURING
+def test_cuda_bit_identical_to_stepping_cpu_copies(cls: Any, kw: dict, offload_gradients: bool, bucket_numel: int, during: bool) -> None:
+    """The reference steps CPU copies of the weights with the same gradients, copied by hand (a hook
+    registered before the offload's sees each gradient before it is released)."""
+    gpu = _gpu_model(0)
+    cpu = [p.detach().cpu().requires_grad_() for p in gpu.parameters()]
+    ref = cls(cpu, **kw)
+    seen: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(gpu.parameters()):
+        p.register_post_accumulate_grad_hook(lambda p, i=i: seen.__setitem__(i, p.grad.detach().cpu()))
+    opt = CPUOffloadOptimizer(gpu.parameters(), cls, offload_gradients=offload_gradients, bucket_numel=bucket_numel,
+                              update_during_backward=during, **kw)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(5):
+        x = torch.randn(64, 256, device="cuda", generator=gen)
+        gpu(x).square().mean().backward()
+        if offload_gradients:
+            assert all(p.grad is None for p in gpu.parameters())
+        opt.step()
+        opt.zero_grad()
+        for i, c in enumerate(cpu):
+            c.grad = seen.pop(i)
+        ref.step()
+        ref.zero_grad()
+    torch.cuda.synchronize()
+    for p, c in zip(gpu.parameters(), cpu):
+        assert torch.equal(p.cpu(), c)
+    ours, theirs = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for key, entry in theirs.items():
+        for name, value in entry.items():
+            got = ours[key][name]
+            assert torch.equal(got, value) if torch.is_tensor(value) else got == value, f"state[{key}][{name!r}]"
+
+
+@needs_cuda
+def test_cuda_holds_no_optimizer_state_and_releases_gradients() -> None:
+    """Peak GPU memory of an iteration: the offloaded optimizer adds nothing beyond the model's own
+    weights and activations, where torch's AdamW on the GPU adds two moments and the gradients."""
+
+    def peak(make_opt: Callable[[torch.nn.Module], Any]) -> tuple[int, int]:
+        model = _gpu_model(1)
+        opt = make_opt(model)
+        x = torch.randn(64, 256, device="cuda")
+        for _ in range(3):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, base  # above what stays, and what stays
+
+    weights = sum(p.numel() * 4 for p in _gpu_model(1).parameters())
+    (extra_torch, held_torch) = peak(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True))
+    (extra_ours, held_ours) = peak(lambda m: CPUOffloadOptimizer(m.parameters(), oxoptim.AdamW, lr=1e-3, offload_gradients=True))
+    assert held_torch - held_ours >= 2 * weights  # two moments live on the CPU
+    assert extra_ours < extra_torch  # and gradients are freed as they are copied
+
+
+@needs_cuda
+@DURING
+def test_cuda_gradient_accumulation_and_reloaded_weights(during: bool) -> None:
+    """Two micro-batches per step summed in the GPU gradient; weights loaded into the model between
+    steps reach the CPU copies. The reference steps CPU copies with the summed gradients."""
+    gpu = _gpu_model(0)
+    cpu = [p.detach().cpu().requires_grad_() for p in gpu.parameters()]
+    ref = oxoptim.AdamW(cpu, lr=1e-3)
+    seen: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(gpu.parameters()):  # the last micro-batch's hook sees the sum
+        p.register_post_accumulate_grad_hook(lambda p, i=i: seen.__setitem__(i, p.grad.detach().cpu()))
+    opt = CPUOffloadOptimizer(gpu.parameters(), oxoptim.AdamW, lr=1e-3, accumulate=2, update_during_backward=during)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for step in range(4):
+        if step == 2:
+            fresh = _gpu_model(9).state_dict()
+            gpu.load_state_dict(fresh)
+            with torch.no_grad():
+                for c, w in zip(cpu, fresh.values()):
+                    c.copy_(w.cpu())
+        for _ in range(2):
+            gpu(torch.randn(64, 256, device="cuda", generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        for i, c in enumerate(cpu):
+            c.grad = seen.pop(i)
+        ref.step()
+        ref.zero_grad()
+    torch.cuda.synchronize()
+    for p, c in zip(gpu.parameters(), cpu):
+        assert torch.equal(p.cpu(), c)
