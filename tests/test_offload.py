@@ -6,7 +6,10 @@ the tests marked ``cuda`` run the real streams."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
+import pickle
 from typing import Any, Callable
 
 import pytest
@@ -261,13 +264,18 @@ def test_weights_changed_on_the_device_are_copied_again(simulated: Deferred) -> 
 
 
 @DURING
-def test_zero_grad_before_step_drops_the_iteration_like_step_in_backward(during: bool, simulated: Deferred) -> None:
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
+def test_zero_grad_before_step_drops_the_iteration(cls: Any, during: bool, simulated: Deferred) -> None:
+    """A skipped batch (``backward(); zero_grad()``): dropped, as the ordinary loop drops it. With
+    ``update_during_backward`` what backward updated stays updated, as with ``step_in_backward``
+    (every bucket whose gradients all arrived, however late their copies land)."""
     xs = batches(3, torch.float32)
-    a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward=during)
-    with oxoptim.step_in_backward(opt_a, bucket_numel=0):
+    a, opt_a, b, opt_b = pair(cls, bucket_numel=0, update_during_backward=during)
+    in_backward = during and cls is oxoptim.AdamW
+    with oxoptim.step_in_backward(opt_a, bucket_numel=0) if in_backward else contextlib.nullcontext():
         for model, opt in ((a, opt_a), (b, opt_b)):
             model(xs[0]).backward()
-            opt.zero_grad()  # a skipped batch: what backward updated stays updated
+            opt.zero_grad()
             for x in xs[1:]:
                 model(x).backward()
                 opt.step()
@@ -302,7 +310,7 @@ def test_torch_optimizers_are_stepped_whole_in_step(simulated: Deferred) -> None
             opt.step()
     assert_same_training(a, opt_a, b, opt_b)
     with pytest.raises(ValueError, match="need an optimizer that steps inside backward"):
-        CPUOffloadOptimizer(trained(b), torch.optim.AdamW, clip=ClipPerParameter(1.0))
+        CPUOffloadOptimizer(trained(Toy("mlp")), torch.optim.AdamW, clip=ClipPerParameter(1.0))
 
 
 @pytest.mark.parametrize("cls", [torch.optim.SGD, oxoptim.SGD], ids=["torch", "oxoptim"])
@@ -326,7 +334,10 @@ def test_kept_gradients_are_stepped_again(cls: Any, simulated: Deferred) -> None
         (lambda m: m.w1, {}, TypeError, "should be an iterable of Tensors or dicts"),
         (lambda m: [m.w1, 3.0], {}, TypeError, "optimizer can only optimize Tensors"),
         (lambda m: [m.w1 * 2], {}, ValueError, "can't optimize a non-leaf Tensor"),
-        (lambda m: [{"params": [m.w1]}, {"params": [m.w1]}], {}, ValueError, "more than one parameter group"),
+        (lambda m: [{"params": [m.w1]}, {"params": [m.w1]}], {}, ValueError, "appear more than once"),
+        (lambda m: [m.w1, m.b1, m.w1], {}, ValueError, "appear more than once"),
+        (lambda m: {m.w1, m.b1}, {}, TypeError, "ordered collections"),
+        (lambda m: [{"params": {m.w1}}], {}, TypeError, "ordered collections"),
         (None, {"accumulate": 0}, ValueError, "accumulate must be a positive int"),
         (None, {"accumulation": "sum"}, ValueError, "accumulation must be"),
         (None, {"accumulate": 2, "offload_gradients": True}, ValueError, "frees: use accumulation='optimizer'"),
@@ -359,6 +370,139 @@ def test_cpu_parameters_are_stepped_where_they_are() -> None:
     assert_same_training(a, opt_a, b, opt_b)
     opt_b.close()
     assert all(p._post_accumulate_grad_hooks in (None, {}) or not p._post_accumulate_grad_hooks for p in b.parameters())
+
+
+EDITS = {
+    "clip_grad_norm_": lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01),
+    "grad set to None": lambda m: setattr(m.w2, "grad", None),
+    "grad scaled in place": lambda m: m.b1.grad.mul_(3.0),
+    "grad replaced": lambda m: setattr(m.w1, "grad", m.w1.grad * 0.5),
+    "weights loaded": lambda m: m.load_state_dict(Toy("mlp", seed=5).state_dict()),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
+def test_changes_between_backward_and_step_are_seen(edit: str, cls: Any, simulated: Deferred) -> None:
+    """The ordinary loop steps the gradients and weights as they are at ``step()``."""
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(cls)
+    for x in xs:
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).backward()
+            EDITS[edit](model)
+            opt.step()
+            opt.zero_grad()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_a_refused_step_updates_everything_once_retried(simulated: Deferred) -> None:
+    """Schedule-Free steps in train mode only: the refused step writes nothing, the retry all."""
+    x = batches(1, torch.float32)[0]
+    a, opt_a, b, opt_b = pair(oxoptim.AdamWScheduleFree, hyper={"lr": 0.01}, bucket_numel=0)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        model(x).backward()
+        with pytest.raises(Exception, match="train"):
+            opt.step()
+        opt.train()
+        opt.step()
+    assert_same_training(a, opt_a, b, opt_b)
+    assert all(not torch.equal(p, q) for p, q in zip(b.parameters(), Toy("mlp").parameters()))
+
+
+def test_clip_previous_norm_resumes(simulated: Deferred) -> None:
+    """The previous iteration's norm travels in the state dict: a resumed run goes on unchanged."""
+    xs = batches(6, torch.float32)
+    clip = ClipPreviousNorm(0.05)
+    a, b = Toy("mlp"), Toy("mlp")
+    opt_a = CPUOffloadOptimizer(trained(a), oxoptim.SGD, lr=0.1, momentum=0.9, clip=clip)
+    opt_b = CPUOffloadOptimizer(trained(b), oxoptim.SGD, lr=0.1, momentum=0.9, clip=clip)
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs[:3])
+    saved = copy.deepcopy(opt_b.state_dict())
+    assert saved["previous_grad_norm"] is not None
+    opt_b.close()
+    opt_b = CPUOffloadOptimizer(trained(b), oxoptim.SGD, lr=0.1, momentum=0.9, clip=clip)
+    opt_b.load_state_dict(saved)
+    ordinary(b, opt_b, xs[3:])
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_one_offload_per_parameter_and_a_dropped_one_lets_go(simulated: Deferred) -> None:
+    model = Toy("mlp")
+    first = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    with pytest.raises(RuntimeError, match="already offloaded by another CPUOffloadOptimizer"):
+        CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    first.close()
+    second = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    del second  # dropped without close(): collected, its hooks removed
+    gc.collect()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    third = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    model(batches(1, torch.float32)[0]).backward()
+    third.step()
+    assert len(third.state) == 3
+
+
+def test_a_parameter_unfrozen_after_construction_is_refused(simulated: Deferred) -> None:
+    model = Toy("partial")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    model.frozen.requires_grad_(True)
+    model(batches(1, torch.float32)[0]).backward()
+    with pytest.raises(RuntimeError, match="did not require grad when the CPUOffloadOptimizer was built"):
+        opt.step()
+
+
+def test_a_second_backward_with_offloaded_gradients_and_a_whole_step_is_refused(simulated: Deferred) -> None:
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=0.01, offload_gradients=True)
+    xs = batches(2, torch.float32)
+    model(xs[0]).backward()
+    with pytest.raises(RuntimeError, match="a second backward before step"):
+        model(xs[1]).backward()
+
+
+def test_torch_optimizer_surface(simulated: Deferred) -> None:
+    a, opt_a, b, opt_b = pair()
+    assert not hasattr(opt_b, "train") and not hasattr(opt_b, "eval")  # as frameworks probe it
+    assert callable(CPUOffloadOptimizer(trained(Toy("mlp")), oxoptim.SGDScheduleFree, lr=0.1).train)
+    calls = []
+    opt_b.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", opt)))
+    opt_b.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", opt)))
+    opt_b.register_state_dict_post_hook(lambda opt, sd: calls.append(("state_dict", None)))
+    sched = torch.optim.lr_scheduler.LinearLR(opt_b, 0.5, total_iters=2)
+    b(batches(1, torch.float32)[0]).backward()
+    opt_b.step()
+    sched.step()
+    opt_b.state_dict()
+    assert calls == [("pre", opt_b), ("post", opt_b), ("state_dict", None)]
+    for copier in (copy.deepcopy, lambda o: pickle.dumps(o)):
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            copier(opt_b)
+    with pytest.raises(NotImplementedError):
+        opt_b.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(TypeError, match="cannot run LBFGS"):
+        CPUOffloadOptimizer(trained(Toy("mlp")), torch.optim.LBFGS)
+
+
+def test_sparse_gradients_are_refused(simulated: Deferred) -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = CPUOffloadOptimizer(emb.parameters(), torch.optim.SGD, lr=0.1)  # noqa: F841 (kept alive: its hooks)
+    with pytest.raises(RuntimeError, match="does not take torch.sparse_coo gradients"):
+        emb(torch.tensor([1, 2])).sum().backward()
+
+
+def test_zero_grad_orders_the_next_forward_after_the_copies_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    transfers = Deferred(lands_early=False)
+    calls: list[str] = []
+    monkeypatch.setattr(transfers, "to_device", lambda dst, src: (calls.append("to_device"), dst.copy_(src)))
+    monkeypatch.setattr(transfers, "before_compute", lambda: calls.append("before_compute"))
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers)
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01, bucket_numel=0, update_during_backward=True)
+    model(batches(1, torch.float32)[0]).backward()
+    opt.zero_grad()  # updates what arrived, sends it back: the next forward must wait for that
+    assert "to_device" in calls and calls[-1] == "before_compute"
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------------

@@ -458,9 +458,9 @@ class StepInBackward:
         return bucket.group
 
     def _dispatch(self, bucket: _Bucket) -> None:
-        bucket.done = True
         self._group(bucket)
         self._update(bucket.group, bucket.params, bucket.cache)
+        bucket.done = True  # not before: a refused update (nothing written) is retried by step()
 
     @torch.no_grad()
     def _update(self, group: dict, params: list[torch.Tensor], cache: Any, release: bool = True) -> None:

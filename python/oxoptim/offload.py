@@ -8,7 +8,7 @@ state, so the GPU holds no optimizer state. The loop keeps its shape::
     opt = oxoptim.CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=3e-4, offload_gradients=True)
     for x, y in batches:
         loss_fn(model(x), y).backward()   # gradients go to the CPU as they complete
-        opt.step()                        # finishes the CPU update, copies the parameters back
+        opt.step()                        # the CPU update, the parameters copied back
         opt.zero_grad()
 
 How it differs from torchao's ``CPUOffloadOptimizer`` (whose name and
@@ -20,45 +20,63 @@ arguments it follows):
   bucket by bucket, in the order the gradients came (one native call per
   bucket, GIL released), and sends each bucket back to the GPU while the next
   one is updated; the next forward waits for those copies on the GPU, not on
-  the host. Buckets, accumulation and clipping are those of
+  the host. Backward returns on the host once its kernels are queued, so the
+  first buckets are updated while the GPU still computes the last gradients.
+  Buckets, accumulation and clipping are those of
   :func:`oxoptim.step_in_backward`, and the CPU parameters after N iterations
   are bit-identical to the same optimizer stepped on CPU copies of the same
   gradients. An optimizer that cannot step in pieces (torch's own classes,
   Prodigy) is stepped whole, then every parameter is sent back.
-  ``update_during_backward=True`` updates each bucket on backward's own thread
-  as soon as its copies have landed; on an H200 with GPT-2-sized models it was
-  no faster (355M parameters: slower), since backward's kernel launches wait
-  for each update (``benches/offload.py``).
 * **One optimizer, torch's ``state_dict``.** ``param_groups``, ``state``,
   ``state_dict`` and ``load_state_dict`` are the wrapped optimizer's, so LR
   schedulers work unchanged and a checkpoint loads into the plain optimizer
-  over the same parameters (and back).
-* **The GPU stays the truth for the weights.** A CUDA parameter changed
-  outside the optimizer (``model.load_state_dict``, an in-place edit) is seen
-  by its version counter and copied to the CPU again before its next update.
-* **The CPU gradients mirror the GPU ones.** Without ``zero_grad``, a gradient
-  the GPU still holds is stepped again, as the ordinary loop would.
+  over the same (trainable) parameters, and back.
+* **The ordinary loop's semantics.** The GPU is the truth: a weight or a
+  gradient changed between backward and ``step()`` (``clip_grad_norm_``,
+  ``model.load_state_dict``, ``p.grad = None``) is copied again, found by the
+  tensors' version counters; a gradient the GPU still holds with no new
+  backward (no ``zero_grad``) is stepped again; ``zero_grad()`` before
+  ``step()`` (a skipped batch) drops the iteration.
 
-Parameters already in CPU memory are stepped where they are, inside
-backward (as with ``step_in_backward``). Parameters that do not require
-gradients are left out, as torchao does. Accumulation over ``accumulate=K``
-backward passes: ``accumulation="gradient"`` keeps the GPU gradient as the
-buffer (each pass copies the running sum; not with ``offload_gradients``);
+``update_during_backward=True`` updates each bucket on backward's own thread
+as soon as its copies have landed. On an H200 with GPT-2-sized models it was
+no faster (355M parameters: slower, as backward's kernel launches wait for
+each update: ``benches/offload.py``), and it cannot honour the ordinary loop
+in the cases above: what backward updated stays updated (``zero_grad()``
+before ``step()`` updates every bucket whose gradients all arrived, as
+:func:`oxoptim.step_in_backward` does), and weights or gradients changed
+after backward are not seen.
+
+Parameters already in CPU memory are stepped where they are, inside backward
+(as with ``step_in_backward``). Parameters that do not require gradients at
+construction are left out, as torchao does (a later gradient of one is
+refused at ``step()``). Accumulation over ``accumulate=K`` backward passes:
+``accumulation="gradient"`` keeps the GPU gradient as the buffer (each pass
+copies the running sum; not with ``offload_gradients``);
 ``accumulation="optimizer"`` (Adam/AdamW, needs ``offload_gradients=True``)
-absorbs each micro-batch into the CPU moments and keeps no gradient on the GPU.
-Not supported: several processes (DDP), a ``GradScaler``, parameters on
-devices other than CUDA and CPU.
+absorbs each micro-batch into the CPU moments and keeps no gradient on the
+GPU. With ``offload_gradients=True`` there is no GPU gradient to clip after
+backward: use ``clip=``.
+
+Not seen: a weight changed through ``.data`` (it has no version counter of
+its own; write under ``torch.no_grad()`` instead). Not supported: several
+processes (DDP), a ``GradScaler``, sparse gradients, LBFGS (its closure
+re-evaluates the model between updates), parameters on devices other than
+CUDA and CPU, pickling (save the ``state_dict``). ``state`` is keyed by the
+CPU copies (``param_groups``' tensors), not by the model's parameters.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch.optim import optimizer as torch_optimizer
 
-from .backward import StepInBackward
+from .backward import ClipPreviousNorm, StepInBackward
 
 __all__ = ["CPUOffloadOptimizer"]
 
@@ -112,14 +130,15 @@ def _transfers_for(device: torch.device) -> Optional[Any]:
 class _Offloaded:
     """A CUDA parameter, its CPU copy and the pinned buffer its gradient is copied into."""
 
-    __slots__ = ("device_param", "host", "grad", "transfers", "version", "pending", "arrived", "sent")
+    __slots__ = ("device_param", "host", "grad", "transfers", "version", "copied", "pending", "arrived", "sent")
 
     def __init__(self, p: torch.Tensor, transfers: Any) -> None:
         self.device_param = p
         self.transfers = transfers
         self.host = torch.empty_like(p, device="cpu", pin_memory=transfers.pinned).requires_grad_(True)
         self.grad = torch.empty_like(self.host, pin_memory=transfers.pinned)
-        self.version = -1  # differs from p._version: the first hook copies p to the CPU
+        self.version = -1  # p._version when the CPU copy last equalled p
+        self.copied: Optional[tuple[Any, int]] = None  # the GPU gradient last copied, and its version then
         self.pending = False  # a gradient copy not yet taken by the optimizer
         self.arrived = False  # the optimizer took a gradient of this iteration
         self.sent = False  # the CPU copy was updated and sent back in this iteration
@@ -134,12 +153,32 @@ class _Offloaded:
         with torch.no_grad():
             return self.transfers.to_host(self.host, p.detach())
 
+    def copy_grad(self) -> Any:
+        """Issues the copy of the GPU gradient to the CPU buffer; returns its event."""
+        grad = self.device_param.grad
+        event = self.transfers.to_host(self.grad, grad.detach())
+        self.transfers.keep_until_copied(grad)
+        self.copied = (weakref.ref(grad), grad._version)
+        return event
+
+    def grad_changed(self) -> bool:
+        """Whether the GPU gradient is no longer the one copied (replaced, set to None, or
+        changed in place since)."""
+        if self.copied is None:
+            return True
+        ref, version = self.copied
+        grad = self.device_param.grad
+        return grad is None or grad is not ref() or grad._version != version
+
     def send_back(self) -> None:
         p = self.device_param
         with torch.no_grad():
             self.transfers.to_device(p, self.host)
         self.version = p._version  # the copy bumped it; later changes are someone else's
         self.sent = True
+
+
+_OWNER = "_oxoptim_cpu_offload"  # the attribute naming a parameter's CPUOffloadOptimizer (a weak reference)
 
 
 class CPUOffloadOptimizer(torch.optim.Optimizer):
@@ -155,8 +194,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         bucket_numel: parameters of a group are updated in buckets of at least this many elements, each
             sent back to the GPU as soon as it is updated (see :class:`oxoptim.StepInBackward`).
         update_during_backward: update each bucket on backward's thread once its gradient copies have
-            landed, rather than all in ``step()`` (module docstring: slower where backward's kernel
-            launches are what the GPU waits for).
+            landed, rather than in ``step()`` (module docstring: no faster where measured, and weaker).
         **kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ...).
     """
 
@@ -177,6 +215,9 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             from .adam import AdamW
 
             optimizer_class = AdamW
+        if isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.LBFGS):
+            raise TypeError("CPUOffloadOptimizer cannot run LBFGS: its closure re-evaluates the model between "
+                            "updates of the CPU copies")
         groups = _param_groups(params)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
@@ -191,14 +232,20 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         transfers: dict[torch.device, Any] = {}
         for group in groups:
             for p in group["params"]:
+                owner = p.__dict__.get(_OWNER)
+                if owner is not None and owner() is not None:
+                    raise RuntimeError("a parameter is already offloaded by another CPUOffloadOptimizer: close() it "
+                                       "first (both would update the GPU weights)")
                 if p.device not in transfers:
                     transfers[p.device] = _transfers_for(p.device)  # raises for other devices, before any copy
         self._entries: dict[torch.Tensor, _Offloaded] = {}
+        self._left_out: list[torch.Tensor] = []
         host_groups = []
         for group in groups:
             host_params = []
             for p in group["params"]:
                 if not p.requires_grad:
+                    self._left_out.append(p)
                     continue
                 if transfers[p.device] is None:
                     host_params.append(p)
@@ -213,6 +260,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer_class(host_groups, **kwargs)
         self.offload_gradients = offload_gradients
         self.update_during_backward = update_during_backward
+        self.clip = clip
         self._in_backward: Optional[StepInBackward] = None
         if callable(getattr(self.optimizer, "_step_part", None)) and getattr(self.optimizer, "STEPS_IN_BACKWARD", True):
             self._in_backward = StepInBackward(
@@ -224,7 +272,21 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self._host_entry = {id(e.host): e for e in self._entries.values()}
         self._pending: deque[tuple[_Offloaded, Any]] = deque()
         self._lock = threading.RLock()  # backward may run hooks on one thread per device
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._entries]
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        # The hooks hold the optimizer weakly: one dropped without close() stops updating the GPU
+        # weights once it is collected, and its hooks are removed then.
+        this = weakref.ref(self)
+
+        def on_grad(p: torch.Tensor) -> None:
+            optimizer = this()
+            if optimizer is not None:
+                optimizer._on_grad(p)
+
+        self._handles = [p.register_post_accumulate_grad_hook(on_grad) for p in self._entries]
+        for p in self._entries:
+            p.__dict__[_OWNER] = this
+        self._finalizer = weakref.finalize(self, _release, list(self._handles), list(self._entries), self._in_backward)
 
     # -- torch.optim.Optimizer's surface: the wrapped optimizer's ---------------
     @property
@@ -240,61 +302,101 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         return self.optimizer.defaults
 
     def state_dict(self) -> dict:  # type: ignore[override]
-        """The wrapped optimizer's ``state_dict`` (with ``ClipPreviousNorm``, call it between iterations)."""
-        return self.optimizer.state_dict()
+        """The wrapped optimizer's ``state_dict``; with ``ClipPreviousNorm`` also the last
+        iteration's gradient norm (``"previous_grad_norm"``, which a plain optimizer ignores)."""
+        state = self.optimizer.state_dict()
+        if isinstance(self.clip, ClipPreviousNorm):
+            state["previous_grad_norm"] = self._in_backward.state_dict()["grad_norm"]  # type: ignore[union-attr]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        norm = state_dict.pop("previous_grad_norm", None)
         self.optimizer.load_state_dict(state_dict)
+        if isinstance(self.clip, ClipPreviousNorm):
+            self._in_backward.load_state_dict({"grad_norm": norm})  # type: ignore[union-attr]
+
+    # State-dict hooks run around the wrapped optimizer's methods (they receive it, not the wrapper).
+    def register_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:  # type: ignore[override]
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any:  # type: ignore[override]
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:  # type: ignore[override]
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any:  # type: ignore[override]
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
 
     def add_param_group(self, param_group: dict) -> None:  # type: ignore[override]
         raise NotImplementedError("CPUOffloadOptimizer cannot take parameter groups after construction; "
                                   "construct it with every group")
 
-    def train(self) -> None:
-        """Schedule-Free's ``train()``: switches the CPU copies, then sends them to the GPU."""
-        self._switch("train")
+    def __getstate__(self) -> dict:
+        raise TypeError("a CPUOffloadOptimizer cannot be pickled or copied (it holds CUDA streams and hooks on "
+                        "the model's parameters): save its state_dict()")
 
-    def eval(self) -> None:
-        """Schedule-Free's ``eval()``: switches the CPU copies, then sends them to the GPU."""
-        self._switch("eval")
+    @property
+    def train(self) -> Callable[[], None]:
+        """Schedule-Free's ``train()`` (only where the wrapped optimizer has one): switches the CPU
+        copies, then sends them to the GPU."""
+        return self._switch("train")
 
-    def _switch(self, mode: str) -> None:
+    @property
+    def eval(self) -> Callable[[], None]:
+        """Schedule-Free's ``eval()`` (only where the wrapped optimizer has one)."""
+        return self._switch("eval")
+
+    def _switch(self, mode: str) -> Callable[[], None]:
         switch = getattr(self.optimizer, mode, None)
         if not callable(switch):
             raise AttributeError(f"{type(self.optimizer).__name__} has no {mode}() (Schedule-Free optimizers have)")
-        with self._lock:
-            for entry in self._entries.values():
-                entry.refresh_host()
-            for transfers in self._transfers():
-                transfers.synchronize()  # copies back still reading the CPU values, and the refreshes
-            switch()
-            for entry in self._entries.values():
-                entry.send_back()
-                entry.sent = False
-            self._before_compute()
+
+        def run() -> None:
+            with self._lock:
+                for entry in self._entries.values():
+                    entry.refresh_host()
+                for transfers in self._transfers():
+                    transfers.synchronize()  # copies back still reading the CPU values, and the refreshes
+                switch()
+                for entry in self._entries.values():
+                    entry.send_back()
+                    entry.sent = False
+                self._before_compute()
+
+        return run
 
     def __repr__(self) -> str:
-        return f"CPUOffloadOptimizer({self.optimizer!r})"
+        return f"CPUOffloadOptimizer({self.__dict__.get('optimizer')!r})"
 
     # -- during backward ----------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
         entry = self._entries[p]
+        if p.grad.layout != torch.strided:
+            raise RuntimeError(f"CPUOffloadOptimizer does not take {p.grad.layout} gradients (a sparse "
+                               "embedding's, say): train such parameters with an optimizer of their own")
         with self._lock:
+            if (entry.pending or entry.arrived) and self.offload_gradients and self._in_backward is None:
+                raise RuntimeError(f"a second backward before step(): {type(self.optimizer).__name__} is stepped "
+                                   "whole in step() and offload_gradients=True keeps only one gradient (use "
+                                   "offload_gradients=False to accumulate in the GPU gradient)")
             if entry.pending:
                 self._take(until=entry)  # its buffer is read before the next copy lands in it
             entry.refresh_host()
-            event = entry.transfers.to_host(entry.grad, p.grad)
-            entry.transfers.keep_until_copied(p.grad)
+            event = entry.copy_grad()
             entry.pending = True
             self._pending.append((entry, event))
             if self.offload_gradients:
                 p.grad = None
+                entry.copied = None
             if self.update_during_backward and self._in_backward is not None:
                 self._take(until=None)
 
-    def _take(self, until: Optional[_Offloaded], wait: bool = False) -> None:
+    def _take(self, until: Optional[_Offloaded], wait: bool = False, recheck: bool = False) -> None:
         """Hands the landed gradient copies to the optimizer in arrival order: all of them with
-        ``wait``, up to ``until``'s, or (both unset) those whose copy has already run."""
+        ``wait``, up to ``until``'s, or (both unset) those whose copy has already run. ``recheck``
+        (in ``step()``): a weight or gradient changed on the GPU since its copy is copied again."""
         while self._pending:
             entry, event = self._pending[0]
             if until is None and not wait and not event.query():
@@ -303,12 +405,27 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             self._pending.popleft()
             entry.pending = False
             entry.arrived = True
+            if recheck and self._recopy(entry) is None:
+                continue
             entry.host.grad = entry.grad
             if self._in_backward is not None:
                 self._in_backward._on_grad(entry.host)
                 self._send_updated_buckets(entry)
             if entry is until:
                 return
+
+    def _recopy(self, entry: _Offloaded) -> Optional[_Offloaded]:
+        """Copies again what changed on the GPU after backward copied it; None: the gradient is gone."""
+        refreshed = entry.refresh_host()
+        if not self.offload_gradients and entry.grad_changed():
+            if entry.device_param.grad is None:
+                entry.arrived = False  # dropped by hand: as if no backward had produced it
+                entry.host.grad = None
+                return None
+            refreshed = entry.copy_grad()
+        if refreshed is not None:
+            refreshed.synchronize()
+        return entry
 
     def _send_updated_buckets(self, entry: _Offloaded) -> None:
         bucket = self._in_backward._bucket_of.get(entry.host)  # type: ignore[union-attr]
@@ -322,18 +439,31 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     # -- the iteration ------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """Finishes the iteration: the CPU update of what backward left, then the parameters sent back."""
+        """The CPU update of what backward left, then the parameters sent back to the GPU."""
+        args: tuple = () if closure is None else (closure,)
+        kwargs: dict = {}
+        for pre_hook in (*_global_step_pre_hooks(), *self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        closure = args[0] if args else kwargs.get("closure")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        regained = [p for p in self._left_out if p.grad is not None]
+        if regained:
+            raise RuntimeError(f"{len(regained)} parameter(s) that did not require grad when the CPUOffloadOptimizer "
+                               "was built now have gradients: it left them out; build it after unfreezing them")
         with self._lock:
-            self._take(until=None, wait=True)
+            self._take(until=None, wait=True, recheck=not self.update_during_backward)
             self._take_kept_gradients()
             try:
                 self.optimizer.step()
             finally:
                 self._end_iteration()
+        for post_hook in (*_global_step_post_hooks(), *self._optimizer_step_post_hooks.values()):
+            post_hook(self, args, kwargs)
         return loss
 
     def _take_kept_gradients(self) -> None:
@@ -343,12 +473,11 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         for entry in self._entries.values():
             if entry.arrived:
                 continue
-            grad = entry.device_param.grad
-            if grad is None:
+            if entry.device_param.grad is None:
                 entry.host.grad = None
                 continue
             entry.refresh_host()
-            entry.transfers.to_host(entry.grad, grad).synchronize()
+            entry.copy_grad().synchronize()
             entry.host.grad = entry.grad
             entry.arrived = True
 
@@ -368,11 +497,16 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             transfers.before_compute()
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
-        """Clears the GPU gradients. Before ``step()`` it drops the unfinished iteration as
-        ``step_in_backward`` does: every bucket whose gradients all arrived is updated (whether its
-        copies landed during backward or not: the result does not depend on timing), the rest are not."""
+        """Clears the gradients. Before ``step()`` it drops the unfinished iteration, as the ordinary
+        loop does (with ``update_during_backward``: as ``step_in_backward`` does, every bucket whose
+        gradients all arrived is updated, whenever its copies landed, and the rest dropped)."""
         with self._lock:
-            self._take(until=None, wait=True)
+            if self.update_during_backward:
+                self._take(until=None, wait=True)
+            while self._pending:  # not taken: dropped (waited for, as their buffers are written)
+                entry, event = self._pending.popleft()
+                event.synchronize()
+                entry.pending = False
             for p in self._entries:
                 if p.grad is not None:
                     if set_to_none:
@@ -382,14 +516,29 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             self.optimizer.zero_grad(set_to_none)
             for entry in self._entries.values():
                 entry.arrived = entry.sent = False
+            self._before_compute()
 
     def close(self) -> None:
         """Removes the hooks; the CUDA parameters keep their last values."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._in_backward is not None:
-            self._in_backward.close()
+        self._finalizer()
+
+
+def _release(handles: list, params: list, in_backward: Optional[StepInBackward]) -> None:
+    """Removes an offload's hooks and marks (on close() or once it is collected)."""
+    for handle in handles:
+        handle.remove()
+    for p in params:
+        p.__dict__.pop(_OWNER, None)
+    if in_backward is not None:
+        in_backward.close()
+
+
+def _global_step_pre_hooks() -> tuple:
+    return tuple(getattr(torch_optimizer, "_global_optimizer_pre_hooks", {}).values())
+
+
+def _global_step_post_hooks() -> tuple:
+    return tuple(getattr(torch_optimizer, "_global_optimizer_post_hooks", {}).values())
 
 
 def _param_groups(params: Iterable[Any]) -> list[dict]:
@@ -397,6 +546,8 @@ def _param_groups(params: Iterable[Any]) -> list[dict]:
     if isinstance(params, torch.Tensor):
         raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
                         f"but got {torch.typename(params)}")
+    if isinstance(params, set):
+        raise TypeError(_UNORDERED)
     groups = list(params)
     if len(groups) == 0:
         raise ValueError("optimizer got an empty parameter list")
@@ -406,6 +557,8 @@ def _param_groups(params: Iterable[Any]) -> list[dict]:
     checked = []
     for group in groups:
         ps = group["params"]
+        if isinstance(ps, set):
+            raise TypeError(_UNORDERED)
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         for p in ps:
             if not isinstance(p, torch.Tensor):
@@ -413,7 +566,12 @@ def _param_groups(params: Iterable[Any]) -> list[dict]:
             if not p.is_leaf:
                 raise ValueError("can't optimize a non-leaf Tensor")
             if id(p) in seen:
-                raise ValueError("some parameters appear in more than one parameter group")
+                raise ValueError("some parameters appear more than once (in one group or several): each would get "
+                                 "its own CPU copy, and the GPU weight the last one's update")
             seen.add(id(p))
         checked.append({**group, "params": ps})
     return checked
+
+
+_UNORDERED = ("optimizer parameters need to be organized in ordered collections, but the ordering of tensors in "
+              "sets will change between runs. Please use a list instead.")
