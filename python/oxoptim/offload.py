@@ -39,9 +39,10 @@ arguments it follows):
   ``step()`` (a skipped batch) drops the iteration.
 
 ``update_during_backward=True`` updates each bucket on backward's own thread
-as soon as its copies have landed. On an H200 with GPT-2-sized models it was
-no faster (355M parameters: slower, as backward's kernel launches wait for
-each update: ``benches/offload.py``), and it cannot honour the ordinary loop
+as soon as its copies have landed (backward's kernel launches then wait for
+each update). On an H200 with GPT-2-sized models it showed no consistent
+gain (``benches/offload.py``: faster in one run, slower in another), and it
+cannot honour the ordinary loop
 in the cases above: what backward updated stays updated (``zero_grad()``
 before ``step()`` updates every bucket whose gradients all arrived, as
 :func:`oxoptim.step_in_backward` does), and weights or gradients changed
@@ -194,7 +195,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         bucket_numel: parameters of a group are updated in buckets of at least this many elements, each
             sent back to the GPU as soon as it is updated (see :class:`oxoptim.StepInBackward`).
         update_during_backward: update each bucket on backward's thread once its gradient copies have
-            landed, rather than in ``step()`` (module docstring: no faster where measured, and weaker).
+            landed, rather than in ``step()`` (module docstring: no consistent gain where measured, and weaker).
         **kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ...).
     """
 
