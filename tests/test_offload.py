@@ -512,6 +512,31 @@ def _gpu_model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers).cuda()
 
 
+def _capture_grads(gpu: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Each parameter's gradient as its hook sees it, copied to the CPU by hand. Registered before
+    the offload's hooks, so it runs before the gradient is released."""
+    seen: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(gpu.parameters()):
+        p.register_post_accumulate_grad_hook(lambda p, i=i: seen.__setitem__(i, p.grad.detach().cpu()))
+    return seen
+
+
+def _step_both(opt: Any, ref: Any, cpu: list[torch.Tensor], seen: dict[int, torch.Tensor]) -> None:
+    """The offloaded step, and the reference's on CPU copies with the gradients seen."""
+    opt.step()
+    opt.zero_grad()
+    for i, c in enumerate(cpu):
+        c.grad = seen.pop(i)
+    ref.step()
+    ref.zero_grad()
+
+
+def _assert_gpu_equals(gpu: torch.nn.Module, cpu: list[torch.Tensor]) -> None:
+    torch.cuda.synchronize()
+    for p, c in zip(gpu.parameters(), cpu):
+        assert torch.equal(p.cpu(), c)
+
+
 @needs_cuda
 @pytest.mark.parametrize("cls,kw", [(oxoptim.AdamW, dict(lr=1e-3)), (oxoptim.SGD, dict(lr=0.01, momentum=0.9)),
                                     (oxoptim.AdamW8bit, dict(lr=1e-3)), (torch.optim.AdamW, dict(lr=1e-3, fused=True))],
@@ -525,9 +550,7 @@ def test_cuda_bit_identical_to_stepping_cpu_copies(cls: Any, kw: dict, offload_g
     gpu = _gpu_model(0)
     cpu = [p.detach().cpu().requires_grad_() for p in gpu.parameters()]
     ref = cls(cpu, **kw)
-    seen: dict[int, torch.Tensor] = {}
-    for i, p in enumerate(gpu.parameters()):
-        p.register_post_accumulate_grad_hook(lambda p, i=i: seen.__setitem__(i, p.grad.detach().cpu()))
+    seen = _capture_grads(gpu)
     opt = CPUOffloadOptimizer(gpu.parameters(), cls, offload_gradients=offload_gradients, bucket_numel=bucket_numel,
                               update_during_backward=during, **kw)
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -536,15 +559,8 @@ def test_cuda_bit_identical_to_stepping_cpu_copies(cls: Any, kw: dict, offload_g
         gpu(x).square().mean().backward()
         if offload_gradients:
             assert all(p.grad is None for p in gpu.parameters())
-        opt.step()
-        opt.zero_grad()
-        for i, c in enumerate(cpu):
-            c.grad = seen.pop(i)
-        ref.step()
-        ref.zero_grad()
-    torch.cuda.synchronize()
-    for p, c in zip(gpu.parameters(), cpu):
-        assert torch.equal(p.cpu(), c)
+        _step_both(opt, ref, cpu, seen)
+    _assert_gpu_equals(gpu, cpu)
     ours, theirs = opt.state_dict()["state"], ref.state_dict()["state"]
     assert ours.keys() == theirs.keys()
     for key, entry in theirs.items():
@@ -590,9 +606,7 @@ def test_cuda_gradient_accumulation_and_reloaded_weights(during: bool) -> None:
     gpu = _gpu_model(0)
     cpu = [p.detach().cpu().requires_grad_() for p in gpu.parameters()]
     ref = oxoptim.AdamW(cpu, lr=1e-3)
-    seen: dict[int, torch.Tensor] = {}
-    for i, p in enumerate(gpu.parameters()):  # the last micro-batch's hook sees the sum
-        p.register_post_accumulate_grad_hook(lambda p, i=i: seen.__setitem__(i, p.grad.detach().cpu()))
+    seen = _capture_grads(gpu)  # the last micro-batch's hook sees the sum
     opt = CPUOffloadOptimizer(gpu.parameters(), oxoptim.AdamW, lr=1e-3, accumulate=2, update_during_backward=during)
     gen = torch.Generator(device="cuda").manual_seed(4)
     for step in range(4):
@@ -604,12 +618,5 @@ def test_cuda_gradient_accumulation_and_reloaded_weights(during: bool) -> None:
                     c.copy_(w.cpu())
         for _ in range(2):
             gpu(torch.randn(64, 256, device="cuda", generator=gen)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        for i, c in enumerate(cpu):
-            c.grad = seen.pop(i)
-        ref.step()
-        ref.zero_grad()
-    torch.cuda.synchronize()
-    for p, c in zip(gpu.parameters(), cpu):
-        assert torch.equal(p.cpu(), c)
+        _step_both(opt, ref, cpu, seen)
+    _assert_gpu_equals(gpu, cpu)
