@@ -155,7 +155,8 @@ class FakeJob:
         self.calls, self.epochs = [], epochs
 
     def __call__(self, cfg, run_dir, quiet=False, on_record=None, evaluate_test=True, fold=None, announce=True):
-        self.calls.append({"lr": cfg["stages"][0]["lr"], "evaluate_test": evaluate_test, "fold": fold})
+        self.calls.append({"lr": cfg["stages"][0]["lr"], "evaluate_test": evaluate_test, "fold": fold,
+                           "seed": cfg["seed"]})
         lr = cfg["stages"][0]["lr"]
         acc = 0.0
         for e in range(self.epochs):
@@ -550,7 +551,7 @@ def test_final_runs_on_worker_processes_are_the_runs_one_after_another(tmp_path)
     pids = {jobs: {r["test"].pop("pid") for label in out[jobs] for r in out[jobs][label]["runs"]} for jobs in (1, 2)}
     assert pids[1] == {os.getpid()} and len(pids[2]) == 2 and os.getpid() not in pids[2]
     assert out[1] == out[2] and lines[1] == lines[2]  # same results, same order: best plan first, by seed
-    assert list(out[2]) == ["best", "default"] and [r["seed"] for r in out[2]["best"]["runs"]] == [0, 1, 2]
+    assert list(out[2]) == ["best", "default"] and [r["seed"] for r in out[2]["best"]["runs"]] == [1, 2, 3]
     assert out[2]["default"]["values"] == {"explore.lr": 0.05}
 
 
@@ -570,9 +571,30 @@ def test_final_runs_of_a_search_that_kept_the_hand_written_plan_run_it_once(tmp_
         return final_job(cfg, run_dir)
 
     out = final_runs(plan, study, str(tmp_path), lambda *a: None, run_job=job)
-    assert calls == [0, 1]  # two seeds, once: not again for the hand-written plan
+    assert calls == [1, 2]  # two seeds (not the trials' 0), once: not again for the hand-written plan
     assert out["default"]["same_as"] == "best"
     assert out["default"]["runs"] == out["best"]["runs"] and out["default"]["values"] == {"explore.lr": 0.1}
+
+
+@pytest.mark.parametrize("cv_folds", [0, 3])
+def test_final_runs_use_seeds_no_trial_trained_with(tmp_path, cv_folds):
+    """The best plan's first final run must not be its selected trial re-run (that run's validation
+    score is the maximum over the trials): both plans get the same seeds, none a trial's."""
+    from oxoptim.training.tune import final_runs
+
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["seed"] = 7
+    raw["stages"] = [dict(raw["stages"][0], epochs=2, lr={"uniform": [0.0, 0.1], "default": 0.01})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none", "final_seeds": 3, "cv_folds": cv_folds}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "seeds", create=True)
+    job = FakeJob()
+    Worker(plan, study, str(tmp_path), trials=3, say=lambda *a: None, run_job=job).work()
+    trained = {t.user_attrs["seed"] for t in study.get_trials()} | {c["seed"] for c in job.calls}
+    assert trained == {7}
+    out = final_runs(plan, study, str(tmp_path), lambda *a: None, run_job=final_job)
+    assert study.best_trial.number != 0 and list(out) == ["best", "default"]
+    seeds = {label: [r["seed"] for r in out[label]["runs"]] for label in out}
+    assert seeds["best"] == seeds["default"] == [8, 9, 10] and not trained & set(seeds["best"])
 
 
 def test_planned_epochs_counts_a_trial_rule_once_per_extra_candidate():

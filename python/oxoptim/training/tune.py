@@ -528,9 +528,19 @@ def wait_for_others(study, poll: float = 1.0) -> None:
         time.sleep(poll)
 
 
-def seeds_for(job: dict, n: int) -> List[int]:
-    """The final runs' training seeds: the plan's seed and the next ``n - 1`` (the split stays)."""
-    return [int(job["seed"]) + i for i in range(n)]
+def seeds_for(job: dict, n: int, used: Sequence[int] = ()) -> List[int]:
+    """The final runs' training seeds: the ``n`` seeds after the plan's (``seed + 1``, ``seed + 2``,
+    ...), skipping any in ``used`` (the seeds the study's trials trained with), so that no final run
+    re-trains a trial: the best plan's selected trial would otherwise come back as its first final
+    run, its validation score the maximum over the trials. The split stays."""
+    taken = {int(job["seed"]), *(int(s) for s in used)}
+    seeds: List[int] = []
+    seed = int(job["seed"])
+    while len(seeds) < n:
+        seed += 1
+        if seed not in taken:
+            seeds.append(seed)
+    return seeds
 
 
 def mean_sd(xs: Sequence[float]) -> Dict[str, Any]:
@@ -560,7 +570,8 @@ def _final_run(run_job: Optional[Callable[..., Optional[dict]]], cfg: dict, run_
 def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = print,
                run_job: Optional[Callable[..., Optional[dict]]] = None, jobs: int = 1) -> Dict[str, Any]:
     """The best plan (and the hand-written one, if the space gives it) re-run with
-    ``final_seeds`` training seeds, each evaluated on the test split once; when the best plan
+    ``final_seeds`` training seeds that no trial trained with (:func:`seeds_for`), each evaluated
+    on the test split once; when the best plan
     is the hand-written one its runs serve both (``"same_as": "best"``). With ``jobs`` > 1 the
     runs go to that many worker processes (each run sets its own threads and seeds, so the
     results are those of running them one after another); ``run_job`` must then be picklable."""
@@ -570,8 +581,11 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
         plans["default"] = plan.defaults
     if plans.get("default") == plans["best"]:  # the search kept the hand-written plan: run it once
         del plans["default"]
+    # the same seeds for both plans (a fair comparison), none that a trial trained with
+    used = {int(t.user_attrs["seed"]) for t in study.get_trials(deepcopy=False) if "seed" in t.user_attrs}
+    seeds = seeds_for(plan.job(plans["best"]), n, used)
     runs_of = [(label, values, seed, dict(plan.job(values), seed=seed))
-               for label, values in plans.items() for seed in seeds_for(plan.job(values), n)]
+               for label, values in plans.items() for seed in seeds]
     dirs = [os.path.join(run_dir, "final", label, f"seed{seed}") for label, _, seed, _ in runs_of]
     pool = None
     if jobs > 1 and len(runs_of) > 1:
