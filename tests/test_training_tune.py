@@ -202,6 +202,22 @@ def test_worker_reports_prunes_and_never_tests(tmp_path):
     assert spent["epochs_unpruned"] == 4 * len(trials) and spent["fraction"] < 1
 
 
+@pytest.mark.parametrize("default", [{"warmup": 0.1, "name": "cosine"}, {"name": "cosine", "warmup": 0}])
+def test_the_baseline_runs_when_a_table_default_lists_its_keys_in_another_order(tmp_path, default):
+    """The hand-written plan (trial 0) is enqueued as the matching choice's own encoding: a
+    default with the keys in another order, or 0 for 0.0, is the same choice, not a failed trial."""
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [dict(raw["stages"][0], epochs=2, lr={"uniform": [0.0, 0.1], "default": 0.05},
+                          lr_schedule={"choice": [{"name": "constant"}, {"name": "cosine", "warmup": 0.1 if
+                                                   default["warmup"] else 0.0}], "default": default})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none", "final_seeds": 1}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "order", create=True)
+    Worker(plan, study, str(tmp_path), trials=2, say=lambda *a: None, run_job=FakeJob()).work()
+    first = study.get_trials()[0]
+    assert first.state.name == "COMPLETE" and first.user_attrs["baseline"], first.user_attrs.get("error")
+    assert json.loads(first.params["explore.lr_schedule"]) == default
+
+
 def test_worker_cross_validation(tmp_path):
     plan = fake_plan({"cv_folds": 3, "pruner": "none"})
     study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "cv", create=True)

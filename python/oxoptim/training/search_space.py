@@ -15,6 +15,7 @@ inside a stage, ``model.hidden``, ``data.max_len``, ``explore.adjust.1.patience`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -212,7 +213,15 @@ def _param(spec: dict, path: tuple, raw: dict) -> Param:
     p = Param(name, path, kind, tuple(args), step, spec.get("default"), "default" in spec)
     if p.has_default and not p.contains(p.default):
         raise ConfigError(f"{name}: default {p.default!r} is not in {kind} {list(args)!r}")
+    if p.has_default and kind == "choice":  # the choice itself: its keys' order, 1.0 for 1 inside a table
+        p = dataclasses.replace(p, default=_matching_choice(p, p.default))
     return p
+
+
+def _matching_choice(p: Param, value: Any) -> Any:
+    """The choice of ``p`` that ``value`` equals (as :meth:`Param.contains` compares), as the choice
+    lists it; ``value`` when none does."""
+    return next((c for c in p.args if _same(value, c)), value)
 
 
 def suggest(trial: Any, params: Sequence[Param]) -> Dict[str, Any]:
@@ -235,7 +244,8 @@ def suggest(trial: Any, params: Sequence[Param]) -> Dict[str, Any]:
 
 def as_optuna_params(params: Sequence[Param], values: Dict[str, Any]) -> Dict[str, Any]:
     """``values`` as Optuna stores them (choices of tables as their JSON), e.g. to enqueue a plan."""
-    return {p.name: json.dumps(values[p.name]) if p.encoded_choices else values[p.name] for p in params}
+    return {p.name: json.dumps(_matching_choice(p, values[p.name])) if p.encoded_choices else values[p.name]
+            for p in params}
 
 
 def substitute(raw: dict, params: Sequence[Param], values: Dict[str, Any]) -> dict:
