@@ -613,6 +613,62 @@ def test_final_runs_use_seeds_no_trial_trained_with(tmp_path, cv_folds):
     assert seeds["best"] == seeds["default"] == [8, 9, 10] and not trained & set(seeds["best"])
 
 
+def flaky_final_job(cfg, run_dir, quiet=False, announce=True):
+    """final_job, except that seed 2 diverges and seed 3 raises (picklable, for --jobs)."""
+    from oxoptim.training.trainer import NonFiniteLoss
+
+    if cfg["seed"] == 2:
+        raise NonFiniteLoss("training diverged in stage 'explore' epoch 1, by step 3: the training loss is inf")
+    if cfg["seed"] == 3:
+        raise RuntimeError("disk full")
+    return final_job(cfg, run_dir)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_final_run_that_fails_is_recorded_and_the_others_go_on(tmp_path, jobs):
+    from oxoptim.training.tune import final_runs
+
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [dict(raw["stages"][0], epochs=4, lr={"uniform": [0.0, 0.1], "default": 0.05})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none", "final_seeds": 4}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "f", create=True)
+    Worker(plan, study, str(tmp_path), trials=2, say=lambda *a: None, run_job=FakeJob()).work()
+    lines = []
+    out = final_runs(plan, study, str(tmp_path), lines.append, run_job=flaky_final_job, jobs=jobs)
+    for label in ("best", "default"):
+        runs = out[label]["runs"]
+        assert [r["seed"] for r in runs] == [1, 2, 3, 4] and out[label]["failed"] == 2
+        assert runs[1]["failed"] == "diverged" and "NonFiniteLoss: training diverged" in runs[1]["error"]
+        assert runs[2] == {"seed": 3, "failed": "error", "error": "RuntimeError: disk full"}
+        assert out[label]["test_accuracy"]["n"] == 2
+        assert out[label]["test_accuracy"]["values"] == [runs[0]["test"]["accuracy"], runs[3]["test"]["accuracy"]]
+        assert (tmp_path / "final" / label / "seed3" / "error.txt").exists()
+    assert sum("diverged" in line for line in lines) == 2 and sum("failed: RuntimeError" in line for line in lines) == 2
+
+
+def test_the_report_writes_the_summary_when_a_final_run_fails(tmp_path, capsys, monkeypatch):
+    """Exit status 1 with one line saying which final runs did not finish, after the summary."""
+    import oxoptim.training.job as job_module
+    from oxoptim.training.tune_cli import _report
+
+    monkeypatch.setattr(job_module, "run_job", flaky_final_job)
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [dict(raw["stages"][0], epochs=4, lr={"uniform": [0.0, 0.1]})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none", "final_seeds": 2}))
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(plan, url, "r", create=True)
+    Worker(plan, study, str(tmp_path), trials=1, say=lambda *a: None, run_job=FakeJob()).work()
+    capsys.readouterr()
+    lines = []
+    assert _report(plan, study, str(tmp_path), url, 1, say=lines.append) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (not: plots not written)
+    assert err == [f"oxoptim tune: error: 1 of 2 final runs did not finish (best seed 2 diverged); the means are over "
+                   f"the finished ones, each run's outcome is in {tmp_path / 'tune_summary.json'}"], err
+    final = json.loads((tmp_path / "tune_summary.json").read_text())["final"]
+    assert final["best"]["failed"] == 1 and final["best"]["runs"][1]["failed"] == "diverged"
+    assert any("(1 of 2 runs did not finish)" in line for line in lines), lines
+
+
 def test_planned_epochs_counts_a_trial_rule_once_per_extra_candidate():
     from oxoptim.training.tune import planned_epochs
 

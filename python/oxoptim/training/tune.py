@@ -567,6 +567,25 @@ def _final_run(run_job: Optional[Callable[..., Optional[dict]]], cfg: dict, run_
     return summary
 
 
+def _outcome(run: Callable[[], dict]):
+    """``(summary, None)`` from a final run, or ``(None, the exception)`` when it raised."""
+    try:
+        return run(), None
+    except Exception as e:  # NonFiniteLoss (diverged), or any error: the other runs go on
+        return None, e
+
+
+def _write_error(run_dir: str, error: BaseException) -> None:
+    import traceback
+
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "error.txt"), "w", encoding="utf-8") as fh:
+            fh.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    except OSError:
+        pass
+
+
 def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = print,
                run_job: Optional[Callable[..., Optional[dict]]] = None, jobs: int = 1) -> Dict[str, Any]:
     """The best plan (and the hand-written one, if the space gives it) re-run with
@@ -574,7 +593,10 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
     on the test split once; when the best plan
     is the hand-written one its runs serve both (``"same_as": "best"``). With ``jobs`` > 1 the
     runs go to that many worker processes (each run sets its own threads and seeds, so the
-    results are those of running them one after another); ``run_job`` must then be picklable."""
+    results are those of running them one after another); ``run_job`` must then be picklable.
+    A run that diverges or raises is recorded (``"failed": "diverged"`` or ``"error"``, with the
+    error's first line; the traceback in its ``error.txt``), the others go on, and each plan's
+    means are over its finished runs (``"failed"``: how many did not finish)."""
     n = plan.settings.final_seeds
     plans = {"best": trial_values(plan, best_trial(study).params)}
     if plan.defaults is not None:
@@ -597,12 +619,21 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
     try:
         if pool is not None:
             pending = [pool.submit(_final_run, run_job, cfg, d) for (_, _, _, cfg), d in zip(runs_of, dirs)]
-            summaries = (f.result() for f in pending)  # in submission order: best plan first, by seed
+            outcomes = (_outcome(f.result) for f in pending)  # in submission order: best plan first, by seed
         else:
-            summaries = (_final_run(run_job, cfg, d) for (_, _, _, cfg), d in zip(runs_of, dirs))
+            outcomes = (_outcome(lambda: _final_run(run_job, cfg, d)) for (_, _, _, cfg), d in zip(runs_of, dirs))
         out: Dict[str, Any] = {}
-        for (label, values, seed, _), summary in zip(runs_of, summaries):
+        for (label, values, seed, _), d, (summary, error) in zip(runs_of, dirs, outcomes):
             entry = out.setdefault(label, {"values": values, "runs": []})
+            if error is not None:  # recorded; the other runs go on and the means are over the finished ones
+                diverged = type(error).__name__ == "NonFiniteLoss"
+                message = f"{type(error).__name__}: {error}".splitlines()[0]
+                entry["runs"].append({"seed": seed, "failed": "diverged" if diverged else "error",
+                                      "error": message})
+                _write_error(d, error)
+                say(f"final {label} plan, seed {seed}: {'diverged' if diverged else 'failed'}: {message} "
+                    f"(traceback in {os.path.join(d, 'error.txt')})")
+                continue
             entry["runs"].append({"seed": seed, "val": summary["val"], "test": summary.get("test"),
                                   "wall_time_s": summary.get("wall_time_s")})
             test = summary.get("test") or {}
@@ -612,7 +643,8 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     for entry in out.values():
-        runs = entry["runs"]
+        runs = [r for r in entry["runs"] if not r.get("failed")]
+        entry["failed"] = len(entry["runs"]) - len(runs)
         entry["test_accuracy"] = mean_sd([r["test"]["accuracy"] for r in runs if r["test"]])
         entry["val_accuracy"] = mean_sd([r["val"]["accuracy"] for r in runs])
     if "default" in plans or plan.defaults is None:

@@ -185,8 +185,9 @@ def _report(plan, study, run_dir: str, storage: str, trials: int, say, jobs: int
             f"({spent['fraction']:.0%}); trials {json.dumps(spent['trials'])}")
     final = final_runs(plan, study, run_dir, say, jobs=jobs) if plan.settings.final_seeds else {}
     for label, r in final.items():
+        failed = f" ({r['failed']} of {len(r['runs'])} runs did not finish)" if r.get("failed") else ""
         say(f"{label} plan over seeds {[x['seed'] for x in r['runs']]}: test accuracy "
-            f"{format_mean_sd(r['test_accuracy'])}, validation {format_mean_sd(r['val_accuracy'])}")
+            f"{format_mean_sd(r['test_accuracy'])}, validation {format_mean_sd(r['val_accuracy'])}{failed}")
     write_summary(run_dir, {
         "study": study.study_name, "storage": redact(storage), "trials": trials, "settings": asdict(plan.settings),
         "best": {"trial": best.number, "value": best.value, "params": best.params},
@@ -196,4 +197,13 @@ def _report(plan, study, run_dir: str, storage: str, trials: int, say, jobs: int
     for name, why in missing.items():
         print(f"oxoptim tune: {name} not written: {why}", file=sys.stderr, flush=True)
     say(f"outputs in {run_dir}: best.toml, trials.md, trials.csv, tune_summary.json, plots")
+    # a final run that diverged or failed leaves the results incomplete: said, exit status 1
+    unfinished = [f"{label} seed {r['seed']} {r['failed']}" for label, entry in final.items()
+                  if not entry.get("same_as") for r in entry["runs"] if r.get("failed")]
+    if unfinished:
+        total = sum(len(entry["runs"]) for entry in final.values() if not entry.get("same_as"))
+        print(f"oxoptim tune: error: {len(unfinished)} of {total} final runs did not finish ({', '.join(unfinished)}); "
+              f"the means are over the finished ones, each run's outcome is in "
+              f"{os.path.join(run_dir, 'tune_summary.json')}", file=sys.stderr, flush=True)
+        return 1
     return 0
