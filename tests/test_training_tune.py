@@ -391,6 +391,33 @@ def test_continuing_a_study_whose_data_changed_is_refused(tmp_path, capsys):
     assert "study 'oxoptim'" in err[0] and "was searched on other data: the data files" in err[0]
     assert not (run / "trials").exists()
 
+def test_a_data_change_that_only_a_later_candidate_reads_is_refused(tmp_path):
+    """The data fingerprint reads every searched [data] setting's candidates, not the first alone:
+    texts changed past the first candidate's max_len are other data for the trials with a longer one."""
+    from oxoptim.training.tune import load_plan
+
+    rows = [(t * 3, 5 if label == "pos" else 1) for t, label in reviews(120, seed=5)]
+    write_rows(tmp_path / "reviews.jsonl", rows, text_key="review", label_key="stars")
+    path = tmp_path / "plan.toml"
+    path.write_text("seed = 1\n[tune]\ntrials = 1\n" + TINY_DATA.replace("{train}", "reviews.jsonl").replace(
+        "max_len = 12", "max_len = { choice = [12, 100] }") + """
+[model]
+embed_dim = 8
+hidden = 8
+[[stages]]
+name = "warm"
+epochs = 1
+lr = { log_uniform = [1e-3, 3e-2] }
+""")
+    url = f"sqlite:///{tmp_path}/study.db"
+    open_study(load_plan(str(path)), url, "oxoptim", create=True)
+    # the same characters, so the same vocabulary; the first 12 of every review unchanged
+    write_rows(tmp_path / "reviews.jsonl", [(t[:12] + t[12:][::-1], y) for t, y in rows], text_key="review",
+               label_key="stars")
+    with pytest.raises(ConfigError, match="was searched on other data"):
+        open_study(load_plan(str(path)), url, "oxoptim", create=True)
+
+
 # ----- PostgreSQL: two workers on one study, one killed ------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -475,6 +502,10 @@ def test_tune_the_language_model_job(tmp_path):
      "reduction_factor must be >= 2"),
     (lambda raw: raw["data"].update(split_seed={"int": [0, 3]}), "data.split_seed cannot be searched"),
     (lambda raw: raw.update(seed={"int": [0, 3]}), "seed cannot be searched"),
+    # the rows a column lacks are dropped: another column reads other rows, so another split
+    (lambda raw: raw["data"].update(text_column={"choice": ["text", "title"]}), "data.text_column cannot be searched"),
+    (lambda raw: raw["data"].update(label_column={"choice": ["label", "stars"]}),
+     "data.label_column cannot be searched"),
 ])
 def test_start_up_refuses_plans_whose_trials_would_all_fail(change, message):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)

@@ -112,6 +112,8 @@ def _name(path: tuple, raw: dict) -> str:
 FIXED = {("seed",): "every trial uses the plan's seed (the final runs vary it)",
          ("data", "split"): "it decides which examples are validation and test",
          ("data", "split_seed"): "it decides which examples are validation and test",
+         ("data", "text_column"): "it decides which rows are read, so which examples are validation and test",
+         ("data", "label_column"): "it decides which rows are read, so which examples are validation and test",
          ("data", "train"): "the data files are the plan's", ("data", "val"): "the data files are the plan's",
          ("data", "test"): "the data files are the plan's"}
 

@@ -119,14 +119,32 @@ class Plan:
 
     def data_fingerprint(self) -> Optional[str]:
         """The fingerprint ``oxoptim train --resume`` checks (:func:`.data.data_fingerprint`) of the
-        data the plan's files give, read with the first candidate's ``[data]`` settings; None for the
+        data the plan's files give, read with the first candidates' ``[data]`` settings and, when
+        ``[data]`` settings are searched (``max_len``, ``min_freq``), with each of their other
+        candidates too (a change that only a longer ``max_len`` reads is a change); None for the
         built-in data (the installed package's, not the user's files)."""
-        job = self.job({p.name: p.candidates()[0] for p in self.params})
+        return self._data_fingerprints()[0]
+
+    def _data_fingerprints(self) -> tuple:
+        """(the fingerprint, the first candidates' alone: what studies from before the other
+        candidates were read saved)."""
+        first = {p.name: p.candidates()[0] for p in self.params}
+        job = self.job(first)
         if "train" not in job["data"]:
-            return None
+            return None, None
         from .data import data_fingerprint
 
-        return data_fingerprint(read_data(job))
+        tables = [job["data"]]
+        for p in self.params:
+            if p.path[0] == "data":
+                for value in p.candidates()[1:]:
+                    table = self.job(dict(first, **{p.name: value}))["data"]
+                    if table not in tables:
+                        tables.append(table)
+        prints = [data_fingerprint(read_data({"data": t})) for t in tables]
+        if len(prints) == 1:
+            return prints[0], prints[0]
+        return hashlib.sha256(json.dumps(prints).encode()).hexdigest(), prints[0]
 
     def fingerprint(self) -> str:
         """Equal for plans that search the same space, scored and pruned the same way (the number of
@@ -274,7 +292,7 @@ def open_study(plan: Plan, url: str, name: str, create: bool):
     plan as its first trial) if it does not exist. A study searched with another plan, or on data
     that has changed since, is refused."""
     optuna = _optuna()
-    data = plan.data_fingerprint()
+    data, first_only = plan._data_fingerprints()
     storage = _storage(url, plan.settings.heartbeat)
     kw = dict(storage=storage, study_name=name, pruner=_pruner(plan.settings))
     if not create:
@@ -302,7 +320,8 @@ def open_study(plan: Plan, url: str, name: str, create: bool):
                           f"{plan.fingerprint()}): give another --study name or the same plan")
     # Studies from before data fingerprints were saved have none: they continue as they did.
     saved = study.user_attrs.get("data_fingerprint")
-    if saved is not None and data is not None and saved != data:
+    # a study from before every searched [data] candidate was read saved the first candidates' alone
+    if saved is not None and data is not None and saved not in (data, first_only):
         raise ConfigError(f"study {name!r} in {redact(url)} was searched on other data: the data files (or what is "
                           f"loaded from them: splits, vocabulary, labels) changed since it started (fingerprint "
                           f"{saved[:12]}, now {data[:12]}); restore them to continue it, or start a new study "
