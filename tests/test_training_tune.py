@@ -494,6 +494,27 @@ def test_tune_the_language_model_job(tmp_path):
 
 
 
+@pytest.mark.parametrize("spaces, message", [
+    # a bad first choice or lower bound fails the base plan itself: the setting is still named
+    ({"optimizer": {"choice": ["adamww", "adamw"]}}, 'with explore.optimizer = "adamww": stage \'explore\': '
+     "unknown optimizer 'adamww'"),
+    ({"batch_size": {"int": [0, 64]}}, "with explore.batch_size = 0: "),
+    ({"optimizer": {"choice": ["adamw", "adamww"]}}, 'with explore.optimizer = "adamww": '),
+    # two bad first choices: no single culprit, the base plan's values are listed
+    ({"optimizer": {"choice": ["adamww", "adamw"]}, "batch_size": {"int": [0, 64]}},
+     'the plan with every searched setting at its first candidate (model.hidden = 8, explore.optimizer = "adamww", '
+     "explore.batch_size = 0) fails: "),
+])
+def test_a_bad_first_candidate_names_its_setting(spaces, message):
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["model"]["hidden"] = {"choice": [8, 16]}  # searched first: not the culprit
+    raw["stages"] = [dict(raw["stages"][0], **spaces)]
+    with pytest.raises(ConfigError) as e:
+        make_plan(raw)
+    assert message in str(e.value), str(e.value)
+    assert "model.hidden" not in str(e.value) or "first candidate (" in str(e.value)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda raw: raw["tune"].update(metric="train_loss"), "unknown metric 'train_loss'"),
     (lambda raw: raw["model"].update(hidden={"uniform": [8, 16]}), "hidden must be an integer"),

@@ -280,10 +280,30 @@ def check_space(raw: dict, params: Sequence[Param], parse: Callable[[dict], Any]
     defaults = default_values(params)
     if defaults is not None:
         plans.append(defaults)
+    def fails(values: Dict[str, Any]) -> bool:
+        try:
+            parse(substitute(raw, params, values))
+        except ConfigError:
+            return True
+        return False
+
+    def at(names: Sequence[str], values: Dict[str, Any]) -> str:
+        return ", ".join(f"{n} = {json.dumps(values[n])}" for n in names)
+
     for values in plans:
         try:
             parse(substitute(raw, params, values))
         except ConfigError as e:
-            changed = [p.name for p in params if not _same(values[p.name], base[p.name])] or [params[0].name]
-            at = ", ".join(f"{n} = {json.dumps(values[n])}" for n in changed) if params else ""
-            raise ConfigError(f"with {at}: {e}" if at else str(e)) from e
+            changed = [p.name for p in params if not _same(values[p.name], base[p.name])]
+            if changed:
+                raise ConfigError(f"with {at(changed, values)}: {e}") from e
+            if not params:
+                raise
+            # The base plan (every setting at its first candidate) fails: the culprit is a setting
+            # whose first candidate is bad, found as one whose other candidates make the plan parse.
+            culprits = [p.name for p in params
+                        if any(not fails(dict(base, **{p.name: v})) for v in p.candidates()[1:])]
+            if len(culprits) == 1:
+                raise ConfigError(f"with {at(culprits, base)}: {e}") from e
+            raise ConfigError(f"the plan with every searched setting at its first candidate "
+                              f"({at([p.name for p in params], base)}) fails: {e}") from e
