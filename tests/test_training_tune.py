@@ -883,6 +883,21 @@ def test_a_run_directory_holds_one_study(tmp_path, capsys):
     assert tune("--study", "a")[0] == 1  # the same study continues (its one trial is there)
 
 
+@pytest.mark.parametrize("name", ["r?mode=ro", "p%41", "h#x", "with space"])
+def test_the_default_study_lands_in_a_run_directory_with_odd_characters(tmp_path, capsys, name):
+    """The default SQLite URL escapes the path: a ? would start the URL's query (the study in ./r),
+    %41 would be read as A."""
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text(INFEASIBLE_PLAN)
+    before = set(os.listdir(tmp_path))
+    rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / name), "--quiet"])
+    assert rc == 1, capsys.readouterr().err  # its one trial is infeasible: the study ran, no best plan
+    assert set(os.listdir(tmp_path)) == before | {name}
+    assert (tmp_path / name / "study.db").exists()
+
+
 def test_cross_validation_data_with_a_test_only_label_is_a_one_line_error(tmp_path, capsys):
     """Checked before any trial as the job checks it: a label the training split lacks is a config
     error (exit status 2, one line), not a traceback."""

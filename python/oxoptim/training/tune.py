@@ -28,7 +28,7 @@ from .errors import ConfigError, MissingDependency, integer, unknown_name
 from .rules import monitorable
 from .search_space import Param, as_optuna_params, check_space, default_values, find_params, substitute, suggest
 
-__all__ = ["Plan", "TuneSettings", "TrialsFailing", "NoCompletedTrial", "best_trial", "redact", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
+__all__ = ["Plan", "TuneSettings", "TrialsFailing", "NoCompletedTrial", "best_trial", "redact", "sqlite_url", "load_plan", "open_study", "work", "finished_count", "TUNE_KEYS", "PRUNERS",
            "SAMPLERS", "trial_values", "planned_epochs"]
 
 TUNE_KEYS = ("trials", "metric", "sampler", "pruner", "cv_folds", "final_seeds", "seed", "heartbeat")
@@ -245,6 +245,19 @@ def _storage(url: str, heartbeat: int):
         raise ConfigError(f"the storage {scheme}:// needs its database driver, which is not installed{hint}") from None
     except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer
         raise ConfigError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from None
+
+
+def sqlite_url(path: str) -> str:
+    """The SQLAlchemy URL of the SQLite file at ``path``, escaped (a ``?`` would start the URL's
+    query, ``%41`` would be read as ``A``, ``#`` and spaces kept as they are)."""
+    from sqlalchemy.engine import URL, make_url
+
+    path = os.path.abspath(path)
+    url = URL.create("sqlite", database=path).render_as_string(hide_password=False)
+    if make_url(url).database != path:  # an SQLAlchemy that does not read back what it wrote
+        raise ConfigError(f"cannot name {path} in a SQLite URL: give a --run-dir without ?, % or # in its "
+                          f"path, or --storage")
+    return url
 
 
 def redact(url: str) -> str:

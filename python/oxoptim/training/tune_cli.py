@@ -59,7 +59,7 @@ def _spawn_workers(args, n: int, storage: str, run_dir: str, trials: int) -> Lis
 def run_tune(args) -> int:
     from .config import check_sources
     from .errors import ConfigError, MissingDependency
-    from .tune import TrialsFailing, load_plan, open_study, redact
+    from .tune import TrialsFailing, load_plan, open_study, redact, sqlite_url
 
     try:
         plan = load_plan(args.config)
@@ -75,7 +75,7 @@ def run_tune(args) -> int:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
-        default = f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'study.db'))}"
+        default = sqlite_url(os.path.join(run_dir, "study.db"))
         storage = args.storage or default
         owner = {"study": args.study, "storage": None if storage == default else redact(storage)}
         _check_run_dir(run_dir, owner)  # before the study is made: a refused command leaves nothing
