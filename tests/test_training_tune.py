@@ -898,6 +898,25 @@ def test_the_default_study_lands_in_a_run_directory_with_odd_characters(tmp_path
     assert (tmp_path / name / "study.db").exists()
 
 
+def test_commands_started_in_the_same_second_get_run_directories_of_their_own(tmp_path, capsys, monkeypatch):
+    """Without --run-dir: runs/tune-<timestamp>, made exclusively (a suffix when it exists), not one
+    study shared by two commands."""
+    import oxoptim.training.tune_cli as tune_cli
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text(INFEASIBLE_PLAN)
+    monkeypatch.chdir(tmp_path)
+    strftime = time.strftime  # the same second for every command
+    monkeypatch.setattr(tune_cli.time, "strftime",
+                        lambda fmt, *a: "tune-20260101-000000" if fmt.startswith("tune-") else strftime(fmt, *a))
+    for _ in range(3):
+        assert main(["tune", "--config", "plan.toml", "--quiet"]) == 1
+    made = sorted(os.listdir(tmp_path / "runs"))
+    assert made == ["tune-20260101-000000", "tune-20260101-000000-2", "tune-20260101-000000-3"]
+    assert all(len(_trials(f"sqlite:///{tmp_path / 'runs' / d / 'study.db'}")) == 1 for d in made)
+
+
 def test_cross_validation_data_with_a_test_only_label_is_a_one_line_error(tmp_path, capsys):
     """Checked before any trial as the job checks it: a label the training split lacks is a config
     error (exit status 2, one line), not a traceback."""

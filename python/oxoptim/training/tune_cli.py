@@ -72,7 +72,10 @@ def run_tune(args) -> int:
             _check_folds(first, plan.settings.cv_folds)
         run_dir = args.run_dir or os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S"))
         try:
-            os.makedirs(run_dir, exist_ok=True)
+            if args.run_dir:
+                os.makedirs(run_dir, exist_ok=True)
+            else:  # a new directory, even for two commands started in the same second
+                run_dir = _new_run_dir(run_dir)
         except OSError as e:
             raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
         default = sqlite_url(os.path.join(run_dir, "study.db"))
@@ -110,6 +113,22 @@ def run_tune(args) -> int:
     if args.worker_only:
         return 0
     return _report(plan, study, run_dir, storage, trials, say, jobs=args.jobs)
+
+
+def _new_run_dir(path: str) -> str:
+    """Makes ``path``, or ``path-2``, ``path-3``, ... when it exists: created exclusively, so that
+    commands started in the same second get directories (and studies) of their own."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    for n in range(1, 10000):
+        candidate = path if n == 1 else f"{path}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}-* all exist")
 
 
 OWNER_FILE = "study.json"  # the study whose outputs a run directory holds
