@@ -917,6 +917,24 @@ def test_commands_started_in_the_same_second_get_run_directories_of_their_own(tm
     assert all(len(_trials(f"sqlite:///{tmp_path / 'runs' / d / 'study.db'}")) == 1 for d in made)
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path, capsys, monkeypatch):
+    import oxoptim.training.tune as tune
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text(INFEASIBLE_PLAN)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "work", interrupted)
+    capsys.readouterr()
+    rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(err) == 1 and err[0].startswith("oxoptim tune: interrupted; the study 'oxoptim' in "), err
+    assert "run the same command again to continue it" in err[0]
+
+
 def test_cross_validation_data_with_a_test_only_label_is_a_one_line_error(tmp_path, capsys):
     """Checked before any trial as the job checks it: a label the training split lacks is a config
     error (exit status 2, one line), not a traceback."""

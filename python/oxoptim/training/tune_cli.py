@@ -101,18 +101,24 @@ def run_tune(args) -> int:
         work(plan, study, run_dir, trials, say)
         for c in children:
             c.wait()
+        if args.worker_only:
+            return 0
+        return _report(plan, study, run_dir, storage, trials, say, jobs=args.jobs)
     except TrialsFailing as e:
         for c in children:
             c.terminate()
         print(f"oxoptim tune: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the study is kept
+        for c in children:
+            c.terminate()
+        print(f"oxoptim tune: interrupted; the study {args.study!r} in {redact(storage)} is kept: run the same "
+              f"command again to continue it", file=sys.stderr, flush=True)
+        return 130
     except BaseException:
         for c in children:
             c.terminate()
         raise
-    if args.worker_only:
-        return 0
-    return _report(plan, study, run_dir, storage, trials, say, jobs=args.jobs)
 
 
 def _new_run_dir(path: str) -> str:
