@@ -935,6 +935,23 @@ def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path, capsys, monkeypatch):
     assert "run the same command again to continue it" in err[0]
 
 
+@pytest.mark.parametrize("extra", [["--run-dir", "new/t"], [], ["--run-dir", "t", "--storage", "sqlite:///x.db"]])
+def test_a_refused_command_leaves_nothing_behind(tmp_path, capsys, monkeypatch, extra):
+    """--worker-only without a study: refused in one line, and the run directory (and runs/), the
+    study.db or the --storage file it made are removed again."""
+    from oxoptim.__main__ import main
+
+    write_plan(tmp_path)  # the data
+    (tmp_path / "plan.toml").write_text(INFEASIBLE_PLAN)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    capsys.readouterr()
+    assert main(["tune", "--config", "plan.toml", "--worker-only", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no study 'oxoptim' in" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_cross_validation_data_with_a_test_only_label_is_a_one_line_error(tmp_path, capsys):
     """Checked before any trial as the job checks it: a label the training split lacks is a config
     error (exit status 2, one line), not a traceback."""

@@ -61,6 +61,7 @@ def run_tune(args) -> int:
     from .errors import ConfigError, MissingDependency
     from .tune import TrialsFailing, load_plan, open_study, redact, sqlite_url
 
+    made: List[str] = []  # what this command created, removed again when it refuses to go on
     try:
         plan = load_plan(args.config)
         trials = args.trials if args.trials is not None else plan.settings.trials
@@ -71,20 +72,26 @@ def run_tune(args) -> int:
         if plan.settings.cv_folds:
             _check_folds(first, plan.settings.cv_folds)
         run_dir = args.run_dir or os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S"))
+        made.extend(_missing_dirs(run_dir if args.run_dir else os.path.dirname(run_dir)))
         try:
             if args.run_dir:
                 os.makedirs(run_dir, exist_ok=True)
             else:  # a new directory, even for two commands started in the same second
                 run_dir = _new_run_dir(run_dir)
+                made.append(os.path.abspath(run_dir))
         except OSError as e:
             raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
         default = sqlite_url(os.path.join(run_dir, "study.db"))
         storage = args.storage or default
         owner = {"study": args.study, "storage": None if storage == default else redact(storage)}
         _check_run_dir(run_dir, owner)  # before the study is made: a refused command leaves nothing
+        db = _sqlite_file(storage)
+        if db is not None and not os.path.exists(db):
+            made.append(db)
         study = open_study(plan, storage, args.study, create=not args.worker_only)
         _claim_run_dir(run_dir, owner)
     except (ConfigError, MissingDependency) as e:
+        _remove(made)
         return _fail(e)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     s = plan.settings
@@ -119,6 +126,46 @@ def run_tune(args) -> int:
         for c in children:
             c.terminate()
         raise
+
+
+def _missing_dirs(path: str) -> List[str]:
+    """The directories ``os.makedirs(path)`` would make, outermost first (absolute paths)."""
+    missing: List[str] = []
+    path = os.path.abspath(path) if path else ""
+    while path and not os.path.exists(path):
+        missing.insert(0, path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _sqlite_file(storage: str):
+    """The file of a SQLite storage URL (absolute), or None."""
+    if not storage.startswith("sqlite"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(storage).database
+    except Exception:  # not a URL: open_study says so
+        return None
+    return os.path.abspath(database) if database and database != ":memory:" else None
+
+
+def _remove(made: List[str]) -> None:
+    """Removes what a refused command made: its SQLite files, then its directories if empty."""
+    for path in reversed(made):
+        try:
+            if os.path.isdir(path):
+                os.rmdir(path)  # only when empty: nothing but what this command made
+            else:
+                for suffix in ("", "-journal", "-wal", "-shm"):
+                    if os.path.exists(path + suffix):
+                        os.remove(path + suffix)
+        except OSError:
+            pass
 
 
 def _new_run_dir(path: str) -> str:
