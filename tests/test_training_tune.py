@@ -291,7 +291,7 @@ def test_tune_end_to_end_two_jobs(tmp_path):
     final = summary["final"]
     assert set(final) == {"best", "default"}
     for label in final:
-        assert [x["seed"] for x in final[label]["runs"]] == [1, 2]
+        assert [x["seed"] for x in final[label]["runs"]] == [2, 3]  # not the trials' seed 1
         assert all(x["test"] is not None for x in final[label]["runs"])
     assert summary["compute"]["epochs_run"] == sum(t.user_attrs["epochs_run"] for t in finished)
     assert "best: trial" in r.stdout and "compute:" in r.stdout
