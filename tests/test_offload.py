@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import io
 import pickle
 from typing import Any, Callable
 
 import pytest
 import torch
 from optimizers import TWINS, TWIN_IDS, Twin
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from test_step_in_backward import MODELS, Toy, assert_same_training, batches
 
 import oxoptim
@@ -453,15 +455,6 @@ def test_a_parameter_unfrozen_after_construction_is_refused(simulated: Deferred)
         opt.step()
 
 
-def test_a_second_backward_with_offloaded_gradients_and_a_whole_step_is_refused(simulated: Deferred) -> None:
-    model = Toy("mlp")
-    opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=0.01, offload_gradients=True)
-    xs = batches(2, torch.float32)
-    model(xs[0]).backward()
-    with pytest.raises(RuntimeError, match="a second backward before step"):
-        model(xs[1]).backward()
-
-
 def test_torch_optimizer_surface(simulated: Deferred) -> None:
     a, opt_a, b, opt_b = pair()
     assert not hasattr(opt_b, "train") and not hasattr(opt_b, "eval")  # as frameworks probe it
@@ -503,6 +496,91 @@ def test_zero_grad_orders_the_next_forward_after_the_copies_back(monkeypatch: py
     model(batches(1, torch.float32)[0]).backward()
     opt.zero_grad()  # updates what arrived, sends it back: the next forward must wait for that
     assert "to_device" in calls and calls[-1] == "before_compute"
+
+
+@pytest.mark.parametrize("between", ["model.zero_grad", "grad = None", "accumulate"])
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
+def test_two_backward_passes_before_step_are_the_ordinary_loop(between: str, cls: Any, simulated: Deferred) -> None:
+    """A retried batch (the first gradient dropped) or gradients summed over two passes."""
+    xs = batches(4, torch.float32)
+    a, opt_a, b, opt_b = pair(cls)
+    for i in range(0, 4, 2):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(xs[i]).backward()
+            if between == "model.zero_grad":
+                model.zero_grad()
+            elif between == "grad = None":
+                model.w1.grad = None
+            model(xs[i + 1]).backward()
+            opt.step()
+            opt.zero_grad()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
+def test_a_second_backward_with_offloaded_gradients_is_refused(cls: Any, simulated: Deferred) -> None:
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), cls, lr=0.01, offload_gradients=True)  # noqa: F841
+    xs = batches(2, torch.float32)
+    model(xs[0]).backward()
+    with pytest.raises(RuntimeError, match="a second backward before step"):
+        model(xs[1]).backward()
+
+
+def test_changed_gradients_are_all_copied_again_before_any_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip_grad_norm_ after backward: every gradient is copied again, all issued before step()
+    waits for the first (so the copies overlap each other and the updates)."""
+    transfers = Deferred(lands_early=False, delay=NEVER)
+    log: list[str] = []
+    issue, run = transfers.to_host, _Event.run
+    monkeypatch.setattr(transfers, "to_host", lambda dst, src: (log.append("issue"), issue(dst, src))[1])
+    monkeypatch.setattr(_Event, "run", lambda event: (log.append("land"), run(event))[1])
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers)
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    model(batches(1, torch.float32)[0]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    log.clear()
+    opt.step()
+    assert log[:3] == ["issue"] * 3 and log.count("issue") == 3
+
+
+def test_global_step_hooks_run_once_per_step(simulated: Deferred) -> None:
+    calls: list[str] = []
+    pre = register_optimizer_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    post = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    try:
+        model = Toy("mlp")
+        opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+        model(batches(1, torch.float32)[0]).backward()
+        opt.step()
+    finally:
+        pre.remove()
+        post.remove()
+    assert calls == ["pre", "post"]
+
+
+def test_a_closed_optimizer_writes_nothing_and_the_model_pickles(simulated: Deferred) -> None:
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    torch.save(model, io.BytesIO())  # an offloaded model saves whole
+    model(batches(1, torch.float32)[0]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_frozen_parameter_with_an_old_gradient_is_no_unfrozen_one(simulated: Deferred) -> None:
+    """A plain optimizer holds every parameter given: its zero_grad clears a frozen one's gradient too."""
+    model = Toy("partial")
+    model.frozen.grad = torch.ones_like(model.frozen)
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01)
+    model(batches(1, torch.float32)[0]).backward()
+    opt.step()  # frozen still does not require grad: not refused
+    opt.zero_grad()
+    assert model.frozen.grad is None
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------------

@@ -59,12 +59,19 @@ absorbs each micro-batch into the CPU moments and keeps no gradient on the
 GPU. With ``offload_gradients=True`` there is no GPU gradient to clip after
 backward: use ``clip=``.
 
-Not seen: a weight changed through ``.data`` (it has no version counter of
-its own; write under ``torch.no_grad()`` instead). Not supported: several
-processes (DDP), a ``GradScaler``, sparse gradients, LBFGS (its closure
-re-evaluates the model between updates), parameters on devices other than
-CUDA and CPU, pickling (save the ``state_dict``). ``state`` is keyed by the
-CPU copies (``param_groups``' tensors), not by the model's parameters.
+Not seen: a weight or gradient changed through ``.data`` (``p.grad.data.clamp_``:
+``.data`` has no version counter of its own; write under ``torch.no_grad()``
+instead). A gradient changed after backward (``clip_grad_norm_`` over the
+GPU gradients) is copied twice; ``clip=`` clips the CPU copies instead. With
+``accumulation="optimizer"`` each micro-batch is absorbed into the moments
+as it arrives (as with ``step_in_backward``): ``zero_grad()`` drops only
+what has not been. Not supported: several processes (DDP), a ``GradScaler``,
+sparse gradients, LBFGS (its closure re-evaluates the model between
+updates), parameters on devices other than CUDA and CPU, pickling (save the
+``state_dict``), ``torch.distributed.checkpoint``'s optimizer state dicts.
+``state`` is keyed by the CPU copies (``param_groups``' tensors), not by the
+model's parameters. Step hooks registered on the wrapper receive it; global
+ones and state-dict hooks receive the wrapped optimizer.
 """
 
 from __future__ import annotations
@@ -75,7 +82,6 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.optim import optimizer as torch_optimizer
 
 from .backward import ClipPreviousNorm, StepInBackward
 
@@ -131,7 +137,8 @@ def _transfers_for(device: torch.device) -> Optional[Any]:
 class _Offloaded:
     """A CUDA parameter, its CPU copy and the pinned buffer its gradient is copied into."""
 
-    __slots__ = ("device_param", "host", "grad", "transfers", "version", "copied", "pending", "arrived", "sent")
+    __slots__ = ("device_param", "host", "grad", "transfers", "version", "copied", "pending", "arrived", "sent",
+                 "generation")
 
     def __init__(self, p: torch.Tensor, transfers: Any) -> None:
         self.device_param = p
@@ -143,6 +150,7 @@ class _Offloaded:
         self.pending = False  # a gradient copy not yet taken by the optimizer
         self.arrived = False  # the optimizer took a gradient of this iteration
         self.sent = False  # the CPU copy was updated and sent back in this iteration
+        self.generation = 0  # counts gradient copies: a queued copy of an older one is stale
 
     def refresh_host(self) -> Any:
         """Copies the GPU parameter to the CPU if it changed outside the optimizer; returns the
@@ -179,7 +187,16 @@ class _Offloaded:
         self.sent = True
 
 
-_OWNER = "_oxoptim_cpu_offload"  # the attribute naming a parameter's CPUOffloadOptimizer (a weak reference)
+# id(parameter) -> (the parameter, its CPUOffloadOptimizer), both weakly: one offload per parameter.
+# Not an attribute of the parameter, which would stop torch.save(model) from pickling it.
+_OWNERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _owner(p: torch.Tensor) -> Any:
+    mark = _OWNERS.get(id(p))
+    if mark is None or mark[0]() is not p:
+        return None
+    return mark[1]()
 
 
 class CPUOffloadOptimizer(torch.optim.Optimizer):
@@ -233,8 +250,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         transfers: dict[torch.device, Any] = {}
         for group in groups:
             for p in group["params"]:
-                owner = p.__dict__.get(_OWNER)
-                if owner is not None and owner() is not None:
+                if _owner(p) is not None:
                     raise RuntimeError("a parameter is already offloaded by another CPUOffloadOptimizer: close() it "
                                        "first (both would update the GPU weights)")
                 if p.device not in transfers:
@@ -262,16 +278,21 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self.offload_gradients = offload_gradients
         self.update_during_backward = update_during_backward
         self.clip = clip
+        self.accumulation = accumulation
         self._in_backward: Optional[StepInBackward] = None
         if callable(getattr(self.optimizer, "_step_part", None)) and getattr(self.optimizer, "STEPS_IN_BACKWARD", True):
+            # In step() with gradient accumulation the GPU sums the micro-batches and the optimizer
+            # takes each parameter's last copy once; otherwise it takes every micro-batch's.
+            counted = accumulate if update_during_backward or accumulation == "optimizer" else 1
             self._in_backward = StepInBackward(
-                self.optimizer, accumulate=accumulate, accumulation=accumulation, clip=clip, bucket_numel=bucket_numel
+                self.optimizer, accumulate=counted, accumulation=accumulation, clip=clip, bucket_numel=bucket_numel
             ).__enter__()
         elif clip is not None or accumulation != "gradient":
             raise ValueError(f"clip and accumulation='optimizer' need an optimizer that steps inside backward; "
                              f"{type(self.optimizer).__name__} is stepped whole in step()")
         self._host_entry = {id(e.host): e for e in self._entries.values()}
-        self._pending: deque[tuple[_Offloaded, Any]] = deque()
+        self._pending: deque[tuple[_Offloaded, Any, int]] = deque()
+        self._closed = False
         self._lock = threading.RLock()  # backward may run hooks on one thread per device
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
@@ -285,9 +306,12 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 optimizer._on_grad(p)
 
         self._handles = [p.register_post_accumulate_grad_hook(on_grad) for p in self._entries]
-        for p in self._entries:
-            p.__dict__[_OWNER] = this
-        self._finalizer = weakref.finalize(self, _release, list(self._handles), list(self._entries), self._in_backward)
+        marks = []
+        for p in (p for group in groups for p in group["params"] if p.requires_grad):
+            mark = (weakref.ref(p), this)
+            _OWNERS[id(p)] = mark
+            marks.append((id(p), mark))
+        self._finalizer = weakref.finalize(self, _release, list(self._handles), marks, self._in_backward)
 
     # -- torch.optim.Optimizer's surface: the wrapped optimizer's ---------------
     @property
@@ -378,36 +402,39 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"CPUOffloadOptimizer does not take {p.grad.layout} gradients (a sparse "
                                "embedding's, say): train such parameters with an optimizer of their own")
         with self._lock:
-            if (entry.pending or entry.arrived) and self.offload_gradients and self._in_backward is None:
-                raise RuntimeError(f"a second backward before step(): {type(self.optimizer).__name__} is stepped "
-                                   "whole in step() and offload_gradients=True keeps only one gradient (use "
-                                   "offload_gradients=False to accumulate in the GPU gradient)")
-            if entry.pending:
-                self._take(until=entry)  # its buffer is read before the next copy lands in it
+            again = entry.pending or entry.arrived  # a second backward before step()
+            each_counts = self.update_during_backward or self.accumulation == "optimizer"
+            if again and not each_counts and self.offload_gradients:
+                raise RuntimeError("a second backward before step() with offload_gradients=True: the first "
+                                   "gradient is gone from the GPU, so the two cannot be summed as the ordinary loop "
+                                   "does (use offload_gradients=False, or accumulation='optimizer')")
+            if entry.pending and each_counts:
+                self._take(until=entry)  # every micro-batch counts: its buffer is read before the next copy
             entry.refresh_host()
-            event = entry.copy_grad()
+            event = entry.copy_grad()  # after any earlier copy of the same buffer (one stream, in order)
+            entry.generation += 1  # the GPU gradient now holds the sum: an earlier queued copy is stale
             entry.pending = True
-            self._pending.append((entry, event))
+            self._pending.append((entry, event, entry.generation))
             if self.offload_gradients:
                 p.grad = None
                 entry.copied = None
             if self.update_during_backward and self._in_backward is not None:
                 self._take(until=None)
 
-    def _take(self, until: Optional[_Offloaded], wait: bool = False, recheck: bool = False) -> None:
+    def _take(self, until: Optional[_Offloaded], wait: bool = False) -> None:
         """Hands the landed gradient copies to the optimizer in arrival order: all of them with
-        ``wait``, up to ``until``'s, or (both unset) those whose copy has already run. ``recheck``
-        (in ``step()``): a weight or gradient changed on the GPU since its copy is copied again."""
+        ``wait``, up to ``until``'s, or (both unset) those whose copy has already run."""
         while self._pending:
-            entry, event = self._pending[0]
+            entry, event, generation = self._pending[0]
+            if generation != entry.generation:
+                self._pending.popleft()  # superseded by a later copy into the same buffer
+                continue
             if until is None and not wait and not event.query():
                 return
             event.synchronize()
             self._pending.popleft()
             entry.pending = False
             entry.arrived = True
-            if recheck and self._recopy(entry) is None:
-                continue
             entry.host.grad = entry.grad
             if self._in_backward is not None:
                 self._in_backward._on_grad(entry.host)
@@ -415,18 +442,22 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             if entry is until:
                 return
 
-    def _recopy(self, entry: _Offloaded) -> Optional[_Offloaded]:
-        """Copies again what changed on the GPU after backward copied it; None: the gradient is gone."""
-        refreshed = entry.refresh_host()
-        if not self.offload_gradients and entry.grad_changed():
-            if entry.device_param.grad is None:
-                entry.arrived = False  # dropped by hand: as if no backward had produced it
-                entry.host.grad = None
-                return None
-            refreshed = entry.copy_grad()
-        if refreshed is not None:
-            refreshed.synchronize()
-        return entry
+    def _recheck(self) -> None:
+        """Before ``step()`` takes the copies: a weight or gradient changed on the GPU since backward
+        copied it (``clip_grad_norm_``, ``load_state_dict``, ``p.grad = None``) is copied again, all
+        such copies issued before any is waited for; a gradient set to None is dropped."""
+        for at, (entry, event, generation) in enumerate(self._pending):
+            if generation != entry.generation:
+                continue
+            latest = entry.refresh_host()
+            if not self.offload_gradients and entry.grad_changed():
+                if entry.device_param.grad is None:
+                    entry.generation += 1  # dropped by hand: as if no backward had produced it
+                    entry.pending = False
+                    continue
+                latest = entry.copy_grad()
+            if latest is not None:
+                self._pending[at] = (entry, latest, generation)  # covers the first copy (same stream)
 
     def _send_updated_buckets(self, entry: _Offloaded) -> None:
         bucket = self._in_backward._bucket_of.get(entry.host)  # type: ignore[union-attr]
@@ -443,7 +474,9 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         """The CPU update of what backward left, then the parameters sent back to the GPU."""
         args: tuple = () if closure is None else (closure,)
         kwargs: dict = {}
-        for pre_hook in (*_global_step_pre_hooks(), *self._optimizer_step_pre_hooks.values()):
+        self._check_open()
+        # The wrapper's own hooks; the global ones run once, around the wrapped optimizer's step.
+        for pre_hook in tuple(self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
             if result is not None:
                 args, kwargs = result
@@ -452,18 +485,20 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        regained = [p for p in self._left_out if p.grad is not None]
+        regained = [p for p in self._left_out if p.requires_grad and p.grad is not None]
         if regained:
             raise RuntimeError(f"{len(regained)} parameter(s) that did not require grad when the CPUOffloadOptimizer "
                                "was built now have gradients: it left them out; build it after unfreezing them")
         with self._lock:
-            self._take(until=None, wait=True, recheck=not self.update_during_backward)
+            if not self.update_during_backward:
+                self._recheck()
+            self._take(until=None, wait=True)
             self._take_kept_gradients()
             try:
                 self.optimizer.step()
             finally:
                 self._end_iteration()
-        for post_hook in (*_global_step_post_hooks(), *self._optimizer_step_post_hooks.values()):
+        for post_hook in tuple(self._optimizer_step_post_hooks.values()):
             post_hook(self, args, kwargs)
         return loss
 
@@ -504,11 +539,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         with self._lock:
             if self.update_during_backward:
                 self._take(until=None, wait=True)
-            while self._pending:  # not taken: dropped (waited for, as their buffers are written)
-                entry, event = self._pending.popleft()
-                event.synchronize()
-                entry.pending = False
+            self._drop_pending()
             for p in self._entries:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+            for p in self._left_out:  # as the plain optimizer clears every parameter it holds
                 if p.grad is not None:
                     if set_to_none:
                         p.grad = None
@@ -519,27 +557,35 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 entry.arrived = entry.sent = False
             self._before_compute()
 
+    def _drop_pending(self) -> None:
+        """Copies not taken: dropped (waited for, as they write buffers the CPU reads later)."""
+        while self._pending:
+            entry, event, _ = self._pending.popleft()
+            event.synchronize()
+            entry.pending = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this CPUOffloadOptimizer is closed")
+
     def close(self) -> None:
-        """Removes the hooks; the CUDA parameters keep their last values."""
+        """Removes the hooks and drops what backward copied since the last ``step()``; the CUDA
+        parameters keep their last values, and the optimizer steps no more."""
+        with self._lock:
+            self._drop_pending()
+            self._closed = True
         self._finalizer()
 
 
-def _release(handles: list, params: list, in_backward: Optional[StepInBackward]) -> None:
+def _release(handles: list, marked: list, in_backward: Optional[StepInBackward]) -> None:
     """Removes an offload's hooks and marks (on close() or once it is collected)."""
     for handle in handles:
         handle.remove()
-    for p in params:
-        p.__dict__.pop(_OWNER, None)
+    for key, mark in marked:
+        if _OWNERS.get(key) is mark:  # not a later optimizer's mark of a new tensor with a reused id
+            del _OWNERS[key]
     if in_backward is not None:
         in_backward.close()
-
-
-def _global_step_pre_hooks() -> tuple:
-    return tuple(getattr(torch_optimizer, "_global_optimizer_pre_hooks", {}).values())
-
-
-def _global_step_post_hooks() -> tuple:
-    return tuple(getattr(torch_optimizer, "_global_optimizer_post_hooks", {}).values())
 
 
 def _param_groups(params: Iterable[Any]) -> list[dict]:
