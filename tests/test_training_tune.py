@@ -54,6 +54,16 @@ adjust = [{{ rule = "restore_best", monitor = "val_accuracy" }}]
 """
 
 
+# The smallest model and one-epoch stage the plans below search around.
+WARM_STAGE = """[model]
+embed_dim = 8
+hidden = 8
+[[stages]]
+name = "warm"
+epochs = 1
+"""
+
+
 def write_plan(tmp_path, n_reviews=240, trials=6, pruner='"median"', final_seeds=2, epochs=3):
     rows = [(t, 5 if label == "pos" else 1) for t, label in reviews(n_reviews, seed=5)]
     write_rows(tmp_path / "reviews.jsonl", rows, text_key="review", label_key="stars")
@@ -400,13 +410,7 @@ def test_a_data_change_that_only_a_later_candidate_reads_is_refused(tmp_path):
     write_rows(tmp_path / "reviews.jsonl", rows, text_key="review", label_key="stars")
     path = tmp_path / "plan.toml"
     path.write_text("seed = 1\n[tune]\ntrials = 1\n" + TINY_DATA.replace("{train}", "reviews.jsonl").replace(
-        "max_len = 12", "max_len = { choice = [12, 100] }") + """
-[model]
-embed_dim = 8
-hidden = 8
-[[stages]]
-name = "warm"
-epochs = 1
+        "max_len = 12", "max_len = { choice = [12, 100] }") + WARM_STAGE + """
 lr = { log_uniform = [1e-3, 3e-2] }
 """)
     url = f"sqlite:///{tmp_path}/study.db"
@@ -831,13 +835,7 @@ pruner = "none"
 final_seeds = 1
 heartbeat = 1
 """ + TINY_DATA.replace("{train}", "reviews.jsonl") + """
-[model]
-embed_dim = 8
-hidden = 8
-[[stages]]
-name = "warm"
-epochs = 1
-batch_size = { choice = [16, 2] }
+""" + WARM_STAGE + """batch_size = { choice = [16, 2] }
 accumulate = { choice = [1, 4] }
 lr = 1e-2
 """
@@ -973,13 +971,7 @@ val = "val.jsonl"
 test = "test.jsonl"
 text_column = "review"
 label_column = "stars"
-[model]
-embed_dim = 8
-hidden = 8
-[[stages]]
-name = "warm"
-epochs = 1
-lr = { log_uniform = [1e-3, 3e-2], default = 1e-2 }
+""" + WARM_STAGE + """lr = { log_uniform = [1e-3, 3e-2], default = 1e-2 }
 """)
     capsys.readouterr()
     rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
