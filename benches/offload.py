@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine_line  # noqa: E402
 
 SIZES = {"small": dict(layers=12, dim=768, heads=12), "medium": dict(layers=24, dim=1024, heads=16)}
-HYPER = dict(lr=1e-4, weight_decay=0.01)
+HYPER: Dict[str, Any] = dict(lr=1e-4, weight_decay=0.01)
 
 
 class AdamWInStep(oxoptim.AdamW):
@@ -95,10 +95,9 @@ def contenders(torchao_cls: Optional[type]) -> Dict[str, Callable[[torch.nn.Modu
 def cpu_bytes(opt: Any) -> int:
     """Pinned copies, gradient buffers and optimizer state held in CPU memory."""
     total = 0
-    inner = getattr(opt, "optimizer", None)
     if isinstance(opt, oxoptim.CPUOffloadOptimizer):
         total += sum(e.host.nbytes + e.grad.nbytes for e in opt._entries.values())
-        states = [inner.state]
+        states = [opt.state]
     elif hasattr(opt, "optim_dict"):  # torchao: one optimizer per parameter
         total += sum(h.nbytes + h.grad.nbytes for h in opt.param_d2h_map.values())
         states = [o.state for o in opt.optim_dict.values()]

@@ -79,7 +79,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, cast
 
 import torch
 
@@ -165,6 +165,7 @@ class _Offloaded:
     def copy_grad(self) -> Any:
         """Issues the copy of the GPU gradient to the CPU buffer; returns its event."""
         grad = self.device_param.grad
+        assert grad is not None  # called where a gradient is held
         event = self.transfers.to_host(self.grad, grad.detach())
         self.transfers.keep_until_copied(grad)
         self.copied = (weakref.ref(grad), grad._version)
@@ -274,7 +275,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 self._entries[p] = entry
                 host_params.append(entry.host)
             host_groups.append({**group, "params": host_params})
-        self.optimizer = optimizer_class(host_groups, **kwargs)
+        make = cast(Callable[..., torch.optim.Optimizer], optimizer_class)  # the LBFGS check widened its type
+        self.optimizer: torch.optim.Optimizer = make(host_groups, **kwargs)
         self.offload_gradients = offload_gradients
         self.update_during_backward = update_during_backward
         self.clip = clip
@@ -398,8 +400,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     # -- during backward ----------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
         entry = self._entries[p]
-        if p.grad.layout != torch.strided:
-            raise RuntimeError(f"CPUOffloadOptimizer does not take {p.grad.layout} gradients (a sparse "
+        grad = p.grad
+        assert grad is not None  # the hook runs once the gradient is accumulated
+        if grad.layout != torch.strided:
+            raise RuntimeError(f"CPUOffloadOptimizer does not take {grad.layout} gradients (a sparse "
                                "embedding's, say): train such parameters with an optimizer of their own")
         with self._lock:
             again = entry.pending or entry.arrived  # a second backward before step()
