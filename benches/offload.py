@@ -16,6 +16,9 @@ Contenders (AdamW, lr 1e-4, weight decay 0.01; the model's weights fp32 on the G
   every parameter sent back (no overlap of copies and updates);
 * ``oxoptim offload, during backward``: ``update_during_backward=True``, buckets updated on
   backward's thread once their gradient copies have landed;
+* ``oxoptim offload, on a worker``: ``update_during_backward="worker"``, buckets updated on a
+  worker thread once their gradient copies have landed, while backward goes on (also with
+  1M-element buckets: the first update starts sooner);
 * ``oxoptim offload 8-bit``: ``oxoptim.AdamW8bit`` state on the CPU (2 B/param instead of 8).
 
 Time: one process; each contender trains its own copy of the same model on the same batch;
@@ -88,6 +91,8 @@ def contenders(torchao_cls: Optional[type]) -> Dict[str, Callable[[torch.nn.Modu
     table["oxoptim offload, 64K-element buckets"] = ours(bucket_numel=1 << 16)
     table["oxoptim offload, one call"] = ours(AdamWInStep)
     table["oxoptim offload, during backward"] = ours(update_during_backward=True)
+    table["oxoptim offload, on a worker"] = ours(update_during_backward="worker")
+    table["oxoptim offload, on a worker, 1M-element buckets"] = ours(update_during_backward="worker", bucket_numel=1 << 20)
     table["oxoptim offload 8-bit"] = ours(oxoptim.AdamW8bit)
     return table
 
@@ -119,6 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torchao-file", default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--only", action="append", default=None, metavar="NAME",
+                    help="run only this contender (repeatable; the first one given is the baseline)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benches/offload.py needs a CUDA device", file=sys.stderr)
@@ -138,6 +145,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return float(loss)
 
     table = contenders(torchao_offload(args.torchao_file))
+    if args.only:
+        unknown = [name for name in args.only if name not in table]
+        if unknown:
+            print(f"unknown contender(s) {unknown}; known: {list(table)}", file=sys.stderr)
+            return 2
+        table = {name: table[name] for name in args.only}
     runs: Dict[str, dict] = {}
     for name, make in table.items():
         torch.cuda.synchronize()

@@ -11,6 +11,9 @@ import copy
 import gc
 import io
 import pickle
+import threading
+import time
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -33,14 +36,16 @@ class _Event:
         self.stream, self.copy_now, self.delay = stream, copy_now, delay
 
     def query(self) -> bool:
-        self.delay -= 1
-        if self.delay <= 0:
-            self.synchronize()
-        return self.copy_now is None
+        with self.stream.lock:
+            self.delay -= 1
+            if self.delay <= 0:
+                self.synchronize()
+            return self.copy_now is None
 
     def synchronize(self) -> None:
-        while self.copy_now is not None:
-            self.stream.queue.pop(0).run()
+        with self.stream.lock:  # the update worker waits for copies while backward's hooks issue more
+            while self.copy_now is not None:
+                self.stream.queue.pop(0).run()
 
     def run(self) -> None:
         self.copy_now()
@@ -59,31 +64,34 @@ class Deferred:
         self.lands_early, self.delay = lands_early, delay
         self.queue: list[_Event] = []
         self.issued = 0
+        self.lock = threading.RLock()
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> _Event:
-        snapshot = src.detach().clone()
-        if self.lands_early:
-            dst.detach().copy_(snapshot)
-        event = _Event(self, lambda: None if self.lands_early else dst.detach().copy_(snapshot), self.delay)
-        self.queue.append(event)
-        self.issued += 1
-        return event
+        with self.lock:
+            snapshot = src.detach().clone()
+            if self.lands_early:
+                dst.detach().copy_(snapshot)
+            event = _Event(self, lambda: None if self.lands_early else dst.detach().copy_(snapshot), self.delay)
+            self.queue.append(event)
+            self.issued += 1
+            return event
 
     def keep_until_copied(self, tensor: torch.Tensor) -> None:
         pass
 
     def to_device(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         # Issued after the CPU update: everything queued before it has landed (the stream is in order).
-        while self.queue:
-            self.queue.pop(0).run()
-        dst.copy_(src)
+        with self.lock:
+            self.synchronize()
+            dst.copy_(src)
 
     def before_compute(self) -> None:
         pass
 
     def synchronize(self) -> None:
-        while self.queue:
-            self.queue.pop(0).run()
+        with self.lock:
+            while self.queue:
+                self.queue.pop(0).run()
 
 
 NEVER = 1 << 30  # polls before a copy reports itself finished: only waiting for it does
@@ -128,7 +136,9 @@ def pair(cls: Any = oxoptim.AdamW, kind: str = "mlp", hyper: Any = None, **optio
     return a, cls(trained(a), **hyper), b, CPUOffloadOptimizer(trained(b), cls, **options, **hyper)
 
 
-DURING = pytest.mark.parametrize("during", [False, True], ids=["update-in-step", "update-during-backward"])
+WHEN = [False, True, "worker"]
+WHEN_IDS = ["update-in-step", "update-during-backward", "update-on-a-worker"]
+DURING = pytest.mark.parametrize("during", WHEN, ids=WHEN_IDS)
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
@@ -148,7 +158,7 @@ def test_bit_identical_to_the_ordinary_loop(twin: Twin, kind: str, offload_gradi
 
 
 @pytest.mark.parametrize("bucket_numel", [0, 40, 1 << 16])
-@DURING
+@pytest.mark.parametrize("during", WHEN[:2], ids=WHEN_IDS[:2])
 def test_updates_run_inside_backward_once_their_copies_land(bucket_numel: int, during: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # A copy lands on the second poll: the last gradient of backward is still in flight at its end.
     monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=False, delay=2))
@@ -178,6 +188,128 @@ def test_hooks_never_wait_for_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(opt.state) == 0 and len(transfers.queue) == 3
     opt.step()
     assert len(opt.state) == 3 and not transfers.queue
+
+
+class Gate(Deferred):
+    """Copies land at once but report themselves finished only once ``gate`` is set: waiting for
+    one blocks whoever waits (the update worker) until then."""
+
+    def __init__(self) -> None:
+        super().__init__(lands_early=True, delay=NEVER)
+        self.gate = threading.Event()
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> _Event:
+        event = super().to_host(dst, src)
+        gate, wait = self.gate, event.synchronize
+        event.synchronize = lambda: (gate.wait(), wait())  # type: ignore[method-assign]
+        return event
+
+
+def worker_steps(opt: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The thread of every native update ``opt`` makes from now on."""
+    threads: list[int] = []
+    original = type(opt.optimizer)._step_part
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> None:
+        threads.append(threading.get_ident())
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(opt.optimizer), "_step_part", recorded)
+    return threads
+
+
+def test_a_worker_updates_while_backward_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward returns while the worker still waits for the first copy; once the copies land the
+    worker updates every bucket on its own thread before ``step()`` is called."""
+    transfers = Gate()
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers)
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01, bucket_numel=0, update_during_backward="worker")
+    threads = worker_steps(opt, monkeypatch)
+    model(batches(1, torch.float32)[0]).backward()
+    assert len(opt.state) == 0 and len(transfers.queue) == 3  # backward did not wait for the worker
+    transfers.gate.set()
+    opt._worker.drain()
+    assert len(opt.state) == 3 and len(threads) == 3
+    assert threading.get_ident() not in threads
+    opt.step()
+    assert len(threads) == 3  # step() had nothing left to update
+
+
+def test_an_error_on_the_worker_is_raised_by_step_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused update on the worker is raised by ``step()``, which updates what was left; the run
+    is then the ordinary loop's, bit for bit."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward="worker")
+    original = type(opt_b.optimizer)._step_part
+    failures = [RuntimeError("refused once")]
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> None:
+        if failures and threading.current_thread() is not threading.main_thread():
+            raise failures.pop()
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(opt_b.optimizer), "_step_part", flaky)
+    b(xs[0]).backward()
+    with pytest.raises(RuntimeError, match="refused once"):
+        opt_b.step()
+    opt_b.step()  # the retry updates what the worker did not, once
+    opt_b.zero_grad()
+    a(xs[0]).backward()
+    opt_a.step()
+    opt_a.zero_grad()
+    ordinary(a, opt_a, xs[1:])
+    ordinary(b, opt_b, xs[1:])
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_an_idle_worker_ends_and_lets_the_optimizer_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    monkeypatch.setattr(offload._Worker, "IDLE_S", 0.05)
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), oxoptim.AdamW, lr=0.01, bucket_numel=0, update_during_backward="worker")
+    threads = worker_steps(opt, monkeypatch)
+    model(batches(1, torch.float32)[0]).backward()
+    opt.step()
+    assert threads and threading.get_ident() not in threads
+    gone = weakref.ref(opt)
+    del opt
+    deadline = time.monotonic() + 5
+    while (gone() is not None or any(t.name == "oxoptim-offload-update" for t in threading.enumerate())) \
+            and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert gone() is None
+    assert not any(t.name == "oxoptim-offload-update" for t in threading.enumerate())
+    model(batches(1, torch.float32)[0]).backward()  # its hooks are gone: nothing steps, nothing breaks
+
+
+def test_a_second_micro_batch_waits_until_the_worker_has_read_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optimizer accumulation on a worker that is slow to absorb a micro-batch: the next
+    micro-batch's copy into the same buffer waits for it (the copies land as they are issued)."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True, delay=NEVER))
+    absorb = oxoptim.StepInBackward._absorb
+
+    def slow(self: Any, p: torch.Tensor) -> None:
+        time.sleep(0.02)
+        absorb(self, p)
+
+    monkeypatch.setattr(oxoptim.StepInBackward, "_absorb", slow)
+    xs = batches(6, torch.float32)
+    a, opt_a, b, opt_b = pair(accumulate=3, accumulation="optimizer", offload_gradients=True, bucket_numel=0,
+                              update_during_backward="worker")
+    with oxoptim.step_in_backward(opt_a, accumulate=3, accumulation="optimizer"):
+        ordinary(a, opt_a, xs, accumulate=3)
+    ordinary(b, opt_b, xs, accumulate=3)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_update_during_backward_takes_three_values() -> None:
+    with pytest.raises(ValueError, match="update_during_backward must be False, True or 'worker', got 'thread'"):
+        CPUOffloadOptimizer(Toy("mlp").parameters(), oxoptim.AdamW, update_during_backward="thread")
+    with pytest.raises(ValueError, match="got 1"):
+        CPUOffloadOptimizer(Toy("mlp").parameters(), oxoptim.AdamW, update_during_backward=1)
 
 
 @DURING

@@ -38,15 +38,20 @@ arguments it follows):
   backward (no ``zero_grad``) is stepped again; ``zero_grad()`` before
   ``step()`` (a skipped batch) drops the iteration.
 
-``update_during_backward=True`` updates each bucket on backward's own thread
-as soon as its copies have landed (backward's kernel launches then wait for
-each update). On an H200 with GPT-2-sized models it showed no consistent
-gain (``benches/offload.py``: faster in one run, slower in another), and it
-cannot honour the ordinary loop
-in the cases above: what backward updated stays updated (``zero_grad()``
-before ``step()`` updates every bucket whose gradients all arrived, as
-:func:`oxoptim.step_in_backward` does), and weights or gradients changed
-after backward are not seen.
+``update_during_backward="worker"`` hands each gradient copy to a worker
+thread, which waits for it and updates its bucket while backward goes on
+(the hooks only queue copies; the worker ends after a second idle and the
+next backward starts another; an error it meets is raised by the next
+``step()`` or ``zero_grad()``, which update what it left). On an H200 it was
+the fastest offload where the CPU update outlasts backward (GPT-2 medium:
+8-10 % faster than torchao's, ``benches/offload.py``) and level with the
+default below that. ``update_during_backward=True`` updates on backward's
+own thread instead, as soon as a bucket's copies have landed (backward's
+kernel launches then wait for each update: slower at 355M). Both cannot
+honour the ordinary loop in the cases above: what backward updated stays
+updated (``zero_grad()`` before ``step()`` updates every bucket whose
+gradients all arrived, as :func:`oxoptim.step_in_backward` does), and
+weights or gradients changed after backward are not seen.
 
 Parameters already in CPU memory are stepped where they are, inside backward
 (as with ``step_in_backward``). Parameters that do not require gradients at
@@ -79,7 +84,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Optional, cast
+from typing import Any, Callable, Iterable, Optional, Union, cast
 
 import torch
 
@@ -188,6 +193,92 @@ class _Offloaded:
         self.sent = True
 
 
+class _Worker:
+    """The thread that updates buckets while backward goes on (``update_during_backward="worker"``).
+
+    Backward's hooks queue gradient copies and wake it; it waits for each copy, outside the
+    offload's lock, and hands it to the optimizer. It holds its owner weakly but while it works:
+    idle for ``IDLE_S`` it ends, and the next backward starts another. An error it meets is raised
+    by the next ``step()`` or ``zero_grad()``, which take what it left."""
+
+    IDLE_S = 1.0
+
+    def __init__(self, lock: Any) -> None:
+        self._cond = threading.Condition(lock)
+        self._thread: Optional[threading.Thread] = None
+        self._work: Optional[weakref.WeakMethod] = None
+        self._wakes = 0  # counts wake() calls: one made while the worker found the queue empty is seen
+        self._busy = False  # from a wake() until the worker finds the queue empty
+        self._error: Optional[BaseException] = None
+        self._stopped = False
+
+    def wake(self, work: Callable[[], bool]) -> None:
+        """Called by a hook after it queued a copy: ``work()`` takes one copy, False when none is left."""
+        with self._cond:
+            if self._stopped or self._error is not None:
+                return  # step() takes what is queued
+            self._work = weakref.WeakMethod(work)  # type: ignore[arg-type]
+            self._wakes += 1
+            self._busy = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="oxoptim-offload-update", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                work = None if self._stopped or self._work is None else self._work()
+                if work is None:
+                    return self._end()
+                seen = self._wakes
+            try:
+                more = work()
+            except BaseException as e:
+                with self._cond:
+                    self._error = e
+                    return self._end()
+            del work
+            if more:
+                continue
+            with self._cond:
+                if self._wakes != seen:
+                    continue
+                self._busy = False
+                self._cond.notify_all()
+                while self._wakes == seen and not self._stopped:
+                    if not self._cond.wait(self.IDLE_S) and self._wakes == seen:
+                        return self._end()
+
+    def _end(self) -> None:
+        self._busy = False
+        self._work = None
+        self._thread = None
+        self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Waits until the worker has taken every queued copy (or has failed, or stopped)."""
+        with self._cond:
+            while self._busy and self._thread is not None and self._thread is not threading.current_thread():
+                self._cond.wait()
+
+    def finish(self) -> None:
+        """``drain()``, then raises the error the worker met, if any (once)."""
+        self.drain()
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
 # id(parameter) -> (the parameter, its CPUOffloadOptimizer), both weakly: one offload per parameter.
 # Not an attribute of the parameter, which would stop torch.save(model) from pickling it.
 _OWNERS: dict[int, tuple[Any, Any]] = {}
@@ -212,8 +303,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         clip: ``oxoptim.ClipPerParameter`` or ``oxoptim.ClipPreviousNorm`` (applied to the CPU gradients).
         bucket_numel: parameters of a group are updated in buckets of at least this many elements, each
             sent back to the GPU as soon as it is updated (see :class:`oxoptim.StepInBackward`).
-        update_during_backward: update each bucket on backward's thread once its gradient copies have
-            landed, rather than in ``step()`` (module docstring: no consistent gain where measured, and weaker).
+        update_during_backward: ``False`` (default): every update in ``step()``. ``"worker"``: a worker
+            thread updates each bucket as soon as its gradient copies have landed while backward goes on.
+            ``True``: the same on backward's own thread (its kernel launches wait for each update). Both
+            are weaker than ``False`` (module docstring).
         **kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ...).
     """
 
@@ -227,9 +320,11 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         accumulation: str = "gradient",
         clip: Any = None,
         bucket_numel: int = 1 << 22,
-        update_during_backward: bool = False,
+        update_during_backward: Union[bool, str] = False,
         **kwargs: Any,
     ) -> None:
+        if not (isinstance(update_during_backward, bool) or update_during_backward == "worker"):
+            raise ValueError(f"update_during_backward must be False, True or 'worker', got {update_during_backward!r}")
         if optimizer_class is None:
             from .adam import AdamW
 
@@ -296,6 +391,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self._pending: deque[tuple[_Offloaded, Any, int]] = deque()
         self._closed = False
         self._lock = threading.RLock()  # backward may run hooks on one thread per device
+        self._worker = _Worker(self._lock) if update_during_backward == "worker" and self._in_backward is not None else None
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         # The hooks hold the optimizer weakly: one dropped without close() stops updating the GPU
@@ -313,7 +409,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             mark = (weakref.ref(p), this)
             _OWNERS[id(p)] = mark
             marks.append((id(p), mark))
-        self._finalizer = weakref.finalize(self, _release, list(self._handles), marks, self._in_backward)
+        self._finalizer = weakref.finalize(self, _release, list(self._handles), marks, self._in_backward, self._worker)
 
     # -- torch.optim.Optimizer's surface: the wrapped optimizer's ---------------
     @property
@@ -412,6 +508,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("a second backward before step() with offload_gradients=True: the first "
                                    "gradient is gone from the GPU, so the two cannot be summed as the ordinary loop "
                                    "does (use offload_gradients=False, or accumulation='optimizer')")
+            if again and each_counts and self._worker is not None:
+                # The worker may still read this parameter's buffer (it took the copy but has not
+                # updated yet): the next copy waits until it is done with every copy.
+                self._worker.drain()
             if entry.pending and each_counts:
                 self._take(until=entry)  # every micro-batch counts: its buffer is read before the next copy
             entry.refresh_host()
@@ -422,7 +522,9 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             if self.offload_gradients:
                 p.grad = None
                 entry.copied = None
-            if self.update_during_backward and self._in_backward is not None:
+            if self._worker is not None:
+                self._worker.wake(self._work_once)
+            elif self.update_during_backward and self._in_backward is not None:
                 self._take(until=None)
 
     def _take(self, until: Optional[_Offloaded], wait: bool = False) -> None:
@@ -445,6 +547,29 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 self._send_updated_buckets(entry)
             if entry is until:
                 return
+
+    def _work_once(self) -> bool:
+        """On the worker: takes the oldest gradient copy once it has landed and hands it to the
+        optimizer (updating its bucket if that completes it). False: nothing left to take."""
+        with self._lock:
+            while self._pending and self._pending[0][2] != self._pending[0][0].generation:
+                self._pending.popleft()  # superseded by a later copy into the same buffer
+            if not self._pending:
+                return False
+            head = self._pending[0]
+        head[1].synchronize()  # without the lock: backward's hooks go on queuing copies
+        with self._lock:
+            if not self._pending or self._pending[0] is not head:
+                return True  # dropped meanwhile (only the worker takes copies while it runs)
+            entry = head[0]
+            self._pending.popleft()
+            entry.pending = False
+            entry.arrived = True
+            entry.host.grad = entry.grad
+        in_backward = cast(StepInBackward, self._in_backward)
+        in_backward._on_grad(entry.host)  # the update, GIL released inside, while backward goes on
+        self._send_updated_buckets(entry)
+        return True
 
     def _recheck(self) -> None:
         """Before ``step()`` takes the copies: a weight or gradient changed on the GPU since backward
@@ -493,6 +618,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         if regained:
             raise RuntimeError(f"{len(regained)} parameter(s) that did not require grad when the CPUOffloadOptimizer "
                                "was built now have gradients: it left them out; build it after unfreezing them")
+        if self._worker is not None:
+            self._worker.finish()  # what it has left (or failed on) step() takes below
         with self._lock:
             if not self.update_during_backward:
                 self._recheck()
@@ -540,6 +667,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         """Clears the gradients. Before ``step()`` it drops the unfinished iteration, as the ordinary
         loop does (with ``update_during_backward``: as ``step_in_backward`` does, every bucket whose
         gradients all arrived is updated, whenever its copies landed, and the rest dropped)."""
+        if self._worker is not None:
+            self._worker.finish()
         with self._lock:
             if self.update_during_backward:
                 self._take(until=None, wait=True)
@@ -575,14 +704,18 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """Removes the hooks and drops what backward copied since the last ``step()``; the CUDA
         parameters keep their last values, and the optimizer steps no more."""
+        if self._worker is not None:
+            self._worker.stop()
         with self._lock:
             self._drop_pending()
             self._closed = True
         self._finalizer()
 
 
-def _release(handles: list, marked: list, in_backward: Optional[StepInBackward]) -> None:
-    """Removes an offload's hooks and marks (on close() or once it is collected)."""
+def _release(handles: list, marked: list, in_backward: Optional[StepInBackward], worker: Optional[_Worker]) -> None:
+    """Removes an offload's hooks and marks, and stops its worker (on close() or once it is collected)."""
+    if worker is not None:
+        worker.stop()
     for handle in handles:
         handle.remove()
     for key, mark in marked:
