@@ -481,9 +481,11 @@ def _mlp():
 
 
 # Optimizers whose optimizer-wide state lives in the parameter groups: Prodigy's d, d_max,
-# d_numerator, k; Schedule-Free's k, weight_sum, lr_max; bf16 stochastic rounding's sr_seed, sr_count.
+# d_numerator, k; Schedule-Free's k, weight_sum, lr_max; bf16 stochastic rounding's sr_seed, sr_count;
+# or in the state dict beside them: Subgradient's step count, which its step sizes decay with.
 GROUP_STATE = [("prodigy", dict(lr=1.0)), ("adamw_schedulefree", dict(lr=0.02)), ("sgd_schedulefree", dict(lr=0.2)),
-               ("adamw", dict(lr=1e-2, param_dtype="bfloat16", stochastic_rounding=True))]
+               ("adamw", dict(lr=1e-2, param_dtype="bfloat16", stochastic_rounding=True)),
+               ("subgradient", dict(lr=0.05, step_rule="sqrt"))]
 
 
 @pytest.mark.parametrize("name,kw", GROUP_STATE, ids=[n + ("_bf16_sr" if "param_dtype" in k else "") for n, k in GROUP_STATE])
@@ -528,7 +530,7 @@ def _continued_run(run_dir, name, kw, kill_at=None, resume=False):
 
 
 @pytest.mark.parametrize("kill_at", [12, 15])  # the first step of stage b (after the boundary checkpoint); mid-stage b
-@pytest.mark.parametrize("name,kw", GROUP_STATE[:2])
+@pytest.mark.parametrize("name,kw", GROUP_STATE[:2] + GROUP_STATE[-1:])
 def test_resume_of_a_continued_stage_is_bit_identical(tmp_path, name, kw, kill_at):
     """A run killed in a continue_optimizer stage resumes bit for bit, from the checkpoint at the
     stage boundary (which holds the carried state) or from one inside the continued stage."""

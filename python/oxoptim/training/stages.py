@@ -542,10 +542,12 @@ def group_state(optimizer: Any) -> List[Dict[str, Any]]:
 
 def carry_state(optimizer: Any) -> Dict[str, Any]:
     """What a ``continue_optimizer`` stage takes over from ``optimizer``: its per-parameter state,
-    its group state (:func:`group_state`) and its group sizes."""
+    its group state (:func:`group_state`), its other state-dict entries and its group sizes."""
     sd = optimizer.state_dict()
+    # Entries beside "state" and "param_groups" are optimizer-wide too (Subgradient's step count).
+    extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
     return {"state": sd["state"], "groups": group_state(optimizer),
-            "sizes": [len(g["params"]) for g in sd["param_groups"]]}
+            "sizes": [len(g["params"]) for g in sd["param_groups"]], "extra": extra}
 
 
 def load_carried(optimizer: Any, carried: Dict[str, Any]) -> None:
@@ -557,7 +559,8 @@ def load_carried(optimizer: Any, carried: Dict[str, Any]) -> None:
     groups = carried.get("groups")
     if groups is not None and len(groups) == len(own):
         own = [{**g, **copy.deepcopy(extra)} for g, extra in zip(own, groups)]
-    optimizer.load_state_dict({"state": copy.deepcopy(carried["state"]), "param_groups": own})
+    optimizer.load_state_dict({**copy.deepcopy(carried.get("extra", {})), "state": copy.deepcopy(carried["state"]),
+                               "param_groups": own})
 
 
 def check_continuation(prev: Stage, stage: Stage) -> None:
