@@ -506,6 +506,36 @@ def test_cpu_parameters_are_stepped_where_they_are() -> None:
     assert all(p._post_accumulate_grad_hooks in (None, {}) or not p._post_accumulate_grad_hooks for p in b.parameters())
 
 
+@pytest.mark.parametrize("accumulation", ["gradient", "optimizer"])
+@DURING
+def test_parameters_that_stay_and_ones_copied_accumulate_together(accumulation: str, during: Any) -> None:
+    """w1 and b2 stay in CPU memory (stepped by their own hooks, counting micro-batches as the
+    copies do), w2 and b1 are copied: with K = 3 micro-batches the run is the ordinary loop's
+    (gradient accumulation) or step_in_backward's (optimizer accumulation), bit for bit."""
+    transfers = Deferred(lands_early=False)
+    stays = {"w1", "b2"}
+    xs = batches(6, torch.float32)
+    a, b = Toy("mlp"), Toy("mlp")
+    staying = {id(p) for name, p in b.named_parameters() if name in stays}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(offload, "_transfers_for", lambda device: transfers)
+        mp.setattr(offload, "_route", lambda p, routes: None if id(p) in staying else transfers)
+        offloaded = accumulation == "optimizer"
+        opt_b = CPUOffloadOptimizer(trained(b), oxoptim.AdamW, lr=0.01, accumulate=3, accumulation=accumulation,
+                                    offload_gradients=offloaded, bucket_numel=40, update_during_backward=during)
+    hosts = opt_b.param_groups[0]["params"]
+    assert [h is p for h, p in zip(hosts, trained(b))] == [name in stays for name, _ in b.named_parameters()]
+    opt_a = oxoptim.AdamW(trained(a), lr=0.01)
+    if offloaded:
+        with oxoptim.step_in_backward(opt_a, accumulate=3, accumulation="optimizer", bucket_numel=40):
+            ordinary(a, opt_a, xs, accumulate=3)
+    else:
+        ordinary(a, opt_a, xs, accumulate=3)
+    ordinary(b, opt_b, xs, accumulate=3)
+    assert transfers.issued
+    assert_same_training(a, opt_a, b, opt_b)
+
+
 EDITS = {
     "clip_grad_norm_": lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01),
     "grad set to None": lambda m: setattr(m.w2, "grad", None),

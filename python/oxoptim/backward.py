@@ -318,6 +318,9 @@ class StepInBackward:
         self._buckets: list[_Bucket] = []
         self._bucket_of: dict[torch.Tensor, _Bucket] = {}
         self._arrivals: dict[torch.Tensor, int] = {}
+        # Parameters handed over once per iteration with the summed gradient (CPUOffloadOptimizer's
+        # CPU copies updated in step()), however many micro-batches the others count.
+        self._arrives_once: set[torch.Tensor] = set()
         self._handles: list[Any] = []
         self._leftover_cache = _core.TensorCache()
         self._checked = False  # whether this iteration's first update passed the step's checks
@@ -431,18 +434,19 @@ class StepInBackward:
     def _on_grad(self, p: torch.Tensor) -> None:
         with self._lock:  # backward may run hooks on several device threads
             arrived = self._arrivals.get(p, 0) + 1
-            if arrived > self.accumulate:
+            expected = 1 if p in self._arrives_once else self.accumulate
+            if arrived > expected:
                 raise RuntimeError(
                     f"step_in_backward(accumulate={self.accumulate}): a parameter received more than "
-                    f"{self.accumulate} gradient(s) before optimizer.step() (more backward passes than accumulate, "
+                    f"{expected} gradient(s) before optimizer.step() (more backward passes than accumulate, "
                     "or a layer shared by two use_reentrant=True checkpoint blocks, which step_in_backward cannot take)"
                 )
             self._arrivals[p] = arrived
             bucket = self._bucket_of[p]
-            if arrived == self.accumulate:
+            if arrived == expected:
                 bucket.ready += 1
-            complete = arrived == self.accumulate and bucket.ready == len(bucket.params)
-        if arrived < self.accumulate:
+            complete = arrived == expected and bucket.ready == len(bucket.params)
+        if arrived < expected:
             if self.accumulation == "optimizer":
                 self._absorb(p)
             return  # gradient accumulation: p.grad is the buffer

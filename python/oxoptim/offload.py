@@ -284,6 +284,12 @@ class _Worker:
 _OWNERS: dict[int, tuple[Any, Any]] = {}
 
 
+def _route(p: torch.Tensor, transfers: dict) -> Any:
+    """How ``p`` reaches CPU memory (None: it is there). Tests route some CPU parameters through
+    simulated transfers, to mix parameters that stay with ones that are copied."""
+    return transfers[p.device]
+
+
 def _owner(p: torch.Tensor) -> Any:
     mark = _OWNERS.get(id(p))
     if mark is None or mark[0]() is not p:
@@ -360,10 +366,11 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 if not p.requires_grad:
                     self._left_out.append(p)
                     continue
-                if transfers[p.device] is None:
+                route = _route(p, transfers)
+                if route is None:
                     host_params.append(p)
                     continue
-                entry = _Offloaded(p, transfers[p.device])
+                entry = _Offloaded(p, route)
                 with torch.no_grad():
                     entry.host.copy_(p.detach())
                 entry.version = p._version
@@ -378,12 +385,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self.accumulation = accumulation
         self._in_backward: Optional[StepInBackward] = None
         if callable(getattr(self.optimizer, "_step_part", None)) and getattr(self.optimizer, "STEPS_IN_BACKWARD", True):
-            # In step() with gradient accumulation the GPU sums the micro-batches and the optimizer
-            # takes each parameter's last copy once; otherwise it takes every micro-batch's.
-            counted = accumulate if update_during_backward or accumulation == "optimizer" else 1
             self._in_backward = StepInBackward(
-                self.optimizer, accumulate=counted, accumulation=accumulation, clip=clip, bucket_numel=bucket_numel
+                self.optimizer, accumulate=accumulate, accumulation=accumulation, clip=clip, bucket_numel=bucket_numel
             ).__enter__()
+            if not (update_during_backward or accumulation == "optimizer"):
+                # In step() with gradient accumulation the GPU sums the micro-batches and the optimizer
+                # takes each CPU copy's last copy once; parameters staying in CPU memory count every
+                # micro-batch through their own hooks.
+                self._in_backward._arrives_once.update(e.host for e in self._entries.values())
         elif clip is not None or accumulation != "gradient":
             raise ValueError(f"clip and accumulation='optimizer' need an optimizer that steps inside backward; "
                              f"{type(self.optimizer).__name__} is stepped whole in step()")
