@@ -274,3 +274,29 @@ def test_skip_nonfinite_and_fallback_device_free_path():
     w2.grad = torch.arange(10.0)[::2]
     oxoptim.Subgradient([w2], lr=0.1).step()
     torch.testing.assert_close(w2.detach(), torch.ones(5) - 0.1 * torch.arange(10.0)[::2])
+
+
+def test_a_best_objective_under_other_settings_is_not_kept():
+    """A state dict loaded into a Subgradient whose objective differs (``l1``, ``weight_decay`` or
+    ``maximize``: a continued training stage) keeps the best point but not its objective, which is
+    not comparable under the new f: a later point replaces it, and restore_best() reports that
+    point's objective under the current settings. A plain resume keeps the best objective."""
+
+    def steps(opt: oxoptim.Subgradient, losses: list) -> None:
+        for loss in losses:
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.full_like(p, 0.3)
+            opt.record_loss(loss)
+            opt.step()
+
+    a = oxoptim.Subgradient([torch.linspace(-1, 1, 8).requires_grad_()], lr=0.01)
+    steps(a, [1.0, 0.9, 0.8])
+    saved = a.state_dict()
+    same = oxoptim.Subgradient([torch.linspace(-1, 1, 8).requires_grad_()], lr=0.01)
+    same.load_state_dict(saved)
+    assert same.best_objective == a.best_objective and same.best_step == a.best_step
+    b = oxoptim.Subgradient([torch.linspace(-1, 1, 8).requires_grad_()], lr=0.01, l1=1.0)
+    b.load_state_dict({**saved, "param_groups": b.state_dict()["param_groups"]})
+    assert b.steps == a.steps and b.best_objective == math.inf and b.last_objective is None
+    steps(b, [0.8, 0.8, 0.8])
+    assert b.restore_best() == pytest.approx(b.objective(0.8))

@@ -201,8 +201,13 @@ class Subgradient(torch.optim.Optimizer):
             "best_objective": self.best_objective,
             "best_step": self.best_step,
             "last_objective": self.last_objective,
+            "objective": self._objective_settings(),
         }
         return sd
+
+    def _objective_settings(self) -> list:
+        """What f is made of besides the loss: a best objective under other settings is not comparable."""
+        return [[scalar(g["l1"]), scalar(g["weight_decay"]), bool(g["maximize"])] for g in self.param_groups]
 
     @load_hooks_outside
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
@@ -214,6 +219,11 @@ class Subgradient(torch.optim.Optimizer):
         self.best_objective = float(extra.get("best_objective", math.inf))
         self.best_step = extra.get("best_step")
         self.last_objective = extra.get("last_objective")
+        saved = extra.get("objective")
+        if saved is not None and saved != self._objective_settings():
+            # f changed (a continued stage with other l1/weight_decay/maximize): the best point is kept
+            # in state["best"], but its objective is unknown under the new f, so any new point may replace it
+            self.best_objective, self.last_objective = math.inf, None
 
 
 def _norm(tensors: list, p: float) -> float:

@@ -63,6 +63,8 @@ class Phase:
         communication hook when distributed) until :meth:`close`."""
         ph = cls._build(stage, model, steps_per_epoch, overrides, carried)
         ph._step_in_backward(stage, model, ddp)
+        if ph.in_backward is not None and stage.continue_optimizer and carried and carried.get("in_backward"):
+            ph.in_backward.load_state_dict(carried["in_backward"])  # the previous norm ClipPreviousNorm clips by
         return ph
 
     @classmethod
@@ -141,10 +143,13 @@ class Phase:
 
     def carry(self) -> dict:
         """What a ``continue_optimizer`` stage takes over: per-parameter state, the state kept in
-        the parameter groups and the group sizes (:func:`~oxoptim.training.stages.carry_state`); for
+        the parameter groups and the group sizes (:func:`~oxoptim.training.stages.carry_state`), and a
+        step_in_backward stage's own state (the previous gradient norm); for
         Schedule-Free also the gradient points y the stage ended on, unless the weights it settled
         on (x) were changed since (RestoreBest): then the next stage's train() derives y from them."""
         carried = carry_state(self.optimizer)
+        if self.in_backward is not None:
+            carried["in_backward"] = self.in_backward.state_dict()
         if self.settled is not None and self.settled[1] == _versions(params_of(self.optimizer)):
             carried["weights"] = self.settled[0]
         return carried
