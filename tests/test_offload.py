@@ -506,25 +506,37 @@ def test_cpu_parameters_are_stepped_where_they_are() -> None:
     assert all(p._post_accumulate_grad_hooks in (None, {}) or not p._post_accumulate_grad_hooks for p in b.parameters())
 
 
+class OnDevice(torch.nn.Parameter):
+    """A CPU parameter the offload takes for one on another device (``device`` reads "meta", which
+    ``mixed`` routes through simulated transfers): parameters that stay in CPU memory and copied
+    ones in one model."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("meta")
+
+
+def mixed(model: Toy, copied: set, monkeypatch: pytest.MonkeyPatch, transfers: Deferred) -> None:
+    for name in copied:
+        setattr(model, name, OnDevice(getattr(model, name).detach().clone()))
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers if device.type == "meta" else None)
+
+
 @pytest.mark.parametrize("accumulation", ["gradient", "optimizer"])
 @DURING
-def test_parameters_that_stay_and_ones_copied_accumulate_together(accumulation: str, during: Any) -> None:
+def test_parameters_that_stay_and_ones_copied_accumulate_together(accumulation: str, during: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """w1 and b2 stay in CPU memory (stepped by their own hooks, counting micro-batches as the
     copies do), w2 and b1 are copied: with K = 3 micro-batches the run is the ordinary loop's
     (gradient accumulation) or step_in_backward's (optimizer accumulation), bit for bit."""
     transfers = Deferred(lands_early=False)
-    stays = {"w1", "b2"}
     xs = batches(6, torch.float32)
     a, b = Toy("mlp"), Toy("mlp")
-    staying = {id(p) for name, p in b.named_parameters() if name in stays}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(offload, "_transfers_for", lambda device: transfers)
-        mp.setattr(offload, "_route", lambda p, routes: None if id(p) in staying else transfers)
-        offloaded = accumulation == "optimizer"
-        opt_b = CPUOffloadOptimizer(trained(b), oxoptim.AdamW, lr=0.01, accumulate=3, accumulation=accumulation,
-                                    offload_gradients=offloaded, bucket_numel=40, update_during_backward=during)
-    hosts = opt_b.param_groups[0]["params"]
-    assert [h is p for h, p in zip(hosts, trained(b))] == [name in stays for name, _ in b.named_parameters()]
+    mixed(b, {"w2", "b1"}, monkeypatch, transfers)
+    offloaded = accumulation == "optimizer"
+    opt_b = CPUOffloadOptimizer(trained(b), oxoptim.AdamW, lr=0.01, accumulate=3, accumulation=accumulation,
+                                offload_gradients=offloaded, bucket_numel=40, update_during_backward=during)
+    assert len(opt_b._entries) == 2
     opt_a = oxoptim.AdamW(trained(a), lr=0.01)
     if offloaded:
         with oxoptim.step_in_backward(opt_a, accumulate=3, accumulation="optimizer", bucket_numel=40):
@@ -534,6 +546,136 @@ def test_parameters_that_stay_and_ones_copied_accumulate_together(accumulation: 
     ordinary(b, opt_b, xs, accumulate=3)
     assert transfers.issued
     assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("during", WHEN[1:], ids=WHEN_IDS[1:])
+def test_a_bucket_a_cpu_parameter_completes_is_sent_back_by_zero_grad(during: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket of a copied parameter (w2, whose gradient comes first) and staying ones (b1, w1):
+    the last staying parameter's own hook completes and updates it. A skipped batch's
+    ``zero_grad()`` keeps what backward updated, so w2's update reaches the device too."""
+    transfers = Deferred(lands_early=True, delay=1)
+    if during == "worker":  # the worker takes w2 before the staying parameters' hooks complete the bucket
+        on_grad = oxoptim.StepInBackward._on_grad
+
+        def slow_on_backwards_thread(self: Any, p: torch.Tensor) -> None:
+            if threading.current_thread() is threading.main_thread():
+                time.sleep(0.2)
+            on_grad(self, p)
+
+        monkeypatch.setattr(oxoptim.StepInBackward, "_on_grad", slow_on_backwards_thread)
+    model = Toy("mlp")
+    mixed(model, {"w2"}, monkeypatch, transfers)
+    opt = CPUOffloadOptimizer(trained(model), oxoptim.AdamW, lr=0.01, update_during_backward=during)
+    entry = opt._entries[model.w2]
+    model(batches(1, torch.float32)[0]).backward()
+    opt.zero_grad()
+    assert opt.state[entry.host], "the bucket was updated"
+    assert torch.equal(model.w2.detach(), entry.host.detach()), "the device's w2 did not receive its update"
+
+
+class FirstThenGate(Deferred):
+    """The first ``free`` copies report themselves finished at once, later ones once ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(lands_early=True, delay=NEVER)
+        self.gate = threading.Event()
+        self.free = 0
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> _Event:
+        event = super().to_host(dst, src)
+        if self.free > 0:
+            self.free -= 1
+            return event
+        gate, wait = self.gate, event.synchronize
+        event.synchronize = lambda: (gate.wait(), wait())  # type: ignore[method-assign]
+        return event
+
+
+def wait_for(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_eval_between_backward_and_step_waits_for_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backward(); eval(); ...; train(); step()`` with Schedule-Free: ``eval()`` waits until the
+    worker has updated every bucket (in train mode), as the ordinary loop's step() would have."""
+    transfers = FirstThenGate()
+    transfers.gate.set()
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: transfers)
+    xs = batches(2, torch.float32)
+    a, opt_a, b, opt_b = pair(oxoptim.AdamWScheduleFree, hyper={"lr": 0.01}, bucket_numel=0,
+                              update_during_backward="worker")
+    for opt in (opt_a, opt_b):
+        opt.train()
+    ordinary(a, opt_a, xs[:1])
+    ordinary(b, opt_b, xs[:1])
+    a(xs[1]).backward()
+    opt_a.step()  # what the worker's updates amount to: all of them in train mode
+    opt_a.eval()
+    opt_a.train()
+    transfers.gate.clear()
+    transfers.free = 1  # w2's copy lands, b1's and w1's wait for the gate
+    w2 = opt_b._entries[b.w2].host
+    before = opt_b.state[w2]["z"].clone()
+    b(xs[1]).backward()
+    wait_for(lambda: not torch.equal(opt_b.state[w2]["z"], before))
+    threading.Timer(0.1, transfers.gate.set).start()
+    opt_b.eval()
+    time.sleep(0.3)  # an evaluation: the copies land meanwhile
+    opt_b.train()
+    opt_b.step()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_zero_grad_that_raises_the_workers_error_still_drops_the_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that skips a failed batch with ``zero_grad()`` trains on: the next batch is stepped
+    once, as the ordinary loop steps it."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    xs = batches(2, torch.float32)
+    a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward="worker")
+    original = type(opt_b.optimizer)._step_part
+    failures = [RuntimeError("refused once")]
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> None:
+        if failures and threading.current_thread() is not threading.main_thread():
+            raise failures.pop()
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(opt_b.optimizer), "_step_part", flaky)
+    b(xs[0]).backward()
+    opt_b._worker.drain()
+    with pytest.raises(RuntimeError, match="refused once"):
+        opt_b.zero_grad()
+    ordinary(b, opt_b, xs[1:])
+    # The worker failed on the first bucket and took nothing after it: the skipped batch updated
+    # nothing, as in the ordinary loop that skips it.
+    ordinary(a, opt_a, xs[1:])
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_a_dropped_optimizer_with_an_unraised_worker_error_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(trained(model), oxoptim.AdamW, lr=0.01, bucket_numel=0, update_during_backward="worker")
+    original = type(opt.optimizer)._step_part
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("worker failure")
+
+    monkeypatch.setattr(type(opt.optimizer), "_step_part", failing)
+    model(batches(1, torch.float32)[0]).backward()
+    opt._worker.drain()
+    assert opt._worker._error is not None
+    monkeypatch.setattr(type(opt.optimizer), "_step_part", original)
+    gone = weakref.ref(opt)
+    del opt
+    for _ in range(3):
+        gc.collect()
+    assert gone() is None
+    assert offload._owner(model.w1) is None
+    CPUOffloadOptimizer(trained(model), oxoptim.AdamW, lr=0.01)  # refused while another offload holds them
 
 
 EDITS = {

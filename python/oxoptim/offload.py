@@ -45,7 +45,13 @@ next backward starts another; an error it meets is raised by the next
 ``step()`` or ``zero_grad()``, which update what it left). On an H200 it was
 the fastest offload where the CPU update outlasts backward (GPT-2 medium:
 8-10 % faster than torchao's, ``benches/offload.py``) and level with the
-default below that. ``update_during_backward=True`` updates on backward's
+default below that. The worker is a Python thread running beside backward,
+as DataLoader's pin-memory thread does; :func:`oxoptim.step_in_backward`
+refuses such a thread beside CPU backward (it crashed torch in an earlier
+experiment, where that thread freed backward's own gradients). This worker
+frees none of backward's tensors (it reads the pinned copies), and neither a
+40-second run on CPU with the garbage collector at every allocation nor the
+CUDA tests and benchmarks on an H200 crashed. ``update_during_backward=True`` updates on backward's
 own thread instead, as soon as a bucket's copies have landed (backward's
 kernel launches then wait for each update: slower at 355M). Both cannot
 honour the ordinary loop in the cases above: what backward updated stays
@@ -82,6 +88,7 @@ ones and state-dict hooks receive the wrapped optimizer.
 from __future__ import annotations
 
 import threading
+import traceback
 import weakref
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional, Union, cast
@@ -235,6 +242,9 @@ class _Worker:
             try:
                 more = work()
             except BaseException as e:
+                # Kept until step() raises it: its frames must not keep the optimizer alive.
+                work = None
+                traceback.clear_frames(e.__traceback__)
                 with self._cond:
                     self._error = e
                     return self._end()
@@ -282,12 +292,6 @@ class _Worker:
 # id(parameter) -> (the parameter, its CPUOffloadOptimizer), both weakly: one offload per parameter.
 # Not an attribute of the parameter, which would stop torch.save(model) from pickling it.
 _OWNERS: dict[int, tuple[Any, Any]] = {}
-
-
-def _route(p: torch.Tensor, transfers: dict) -> Any:
-    """How ``p`` reaches CPU memory (None: it is there). Tests route some CPU parameters through
-    simulated transfers, to mix parameters that stay with ones that are copied."""
-    return transfers[p.device]
 
 
 def _owner(p: torch.Tensor) -> Any:
@@ -366,11 +370,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 if not p.requires_grad:
                     self._left_out.append(p)
                     continue
-                route = _route(p, transfers)
-                if route is None:
+                if transfers[p.device] is None:
                     host_params.append(p)
                     continue
-                entry = _Offloaded(p, route)
+                entry = _Offloaded(p, transfers[p.device])
                 with torch.no_grad():
                     entry.host.copy_(p.detach())
                 entry.version = p._version
@@ -436,12 +439,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:  # type: ignore[override]
         """The wrapped optimizer's ``state_dict``; with ``ClipPreviousNorm`` also the last
         iteration's gradient norm (``"previous_grad_norm"``, which a plain optimizer ignores)."""
+        self._settle()
         state = self.optimizer.state_dict()
         if isinstance(self.clip, ClipPreviousNorm):
             state["previous_grad_norm"] = self._in_backward.state_dict()["grad_norm"]  # type: ignore[union-attr]
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        self._settle()
         state_dict = dict(state_dict)
         norm = state_dict.pop("previous_grad_norm", None)
         self.optimizer.load_state_dict(state_dict)
@@ -486,6 +491,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             raise AttributeError(f"{type(self.optimizer).__name__} has no {mode}() (Schedule-Free optimizers have)")
 
         def run() -> None:
+            self._settle()  # the worker updates no bucket in the other mode
             with self._lock:
                 for entry in self._entries.values():
                     entry.refresh_host()
@@ -613,6 +619,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         args: tuple = () if closure is None else (closure,)
         kwargs: dict = {}
         self._check_open()
+        if self._worker is not None:
+            self._worker.finish()  # its error first: a retried step() runs the hooks and closure once
         # The wrapper's own hooks; the global ones run once, around the wrapped optimizer's step.
         for pre_hook in tuple(self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
@@ -627,8 +635,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         if regained:
             raise RuntimeError(f"{len(regained)} parameter(s) that did not require grad when the CPUOffloadOptimizer "
                                "was built now have gradients: it left them out; build it after unfreezing them")
-        if self._worker is not None:
-            self._worker.finish()  # what it has left (or failed on) step() takes below
+        self._settle()  # what it has left step() takes below
         with self._lock:
             if not self.update_during_backward:
                 self._recheck()
@@ -676,11 +683,26 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         """Clears the gradients. Before ``step()`` it drops the unfinished iteration, as the ordinary
         loop does (with ``update_during_backward``: as ``step_in_backward`` does, every bucket whose
         gradients all arrived is updated, whenever its copies landed, and the rest dropped)."""
+        error = None
         if self._worker is not None:
-            self._worker.finish()
+            try:
+                self._worker.finish()
+            except Exception as e:  # raised below, once the iteration is dropped all the same
+                error = e
+        try:
+            self._zero_grad(set_to_none, take=error is None)
+        finally:
+            if error is not None:
+                raise error
+
+    def _zero_grad(self, set_to_none: bool, take: bool) -> None:
         with self._lock:
-            if self.update_during_backward:
+            if self.update_during_backward and take:
                 self._take(until=None, wait=True)
+            if self._in_backward is not None:
+                for entry in self._entries.values():  # buckets a CPU parameter's own hook completed
+                    if entry.arrived:
+                        self._send_updated_buckets(entry)
             self._drop_pending()
             for p in self._entries:
                 if p.grad is not None:
@@ -705,6 +727,11 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             entry, event, _ = self._pending.popleft()
             event.synchronize()
             entry.pending = False
+
+    def _settle(self) -> None:
+        """Waits until the worker (if any) has nothing left to do."""
+        if self._worker is not None:
+            self._worker.drain()
 
     def _check_open(self) -> None:
         if self._closed:
