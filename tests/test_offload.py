@@ -236,13 +236,9 @@ def test_a_worker_updates_while_backward_goes_on(monkeypatch: pytest.MonkeyPatch
     assert len(threads) == 3  # step() had nothing left to update
 
 
-def test_an_error_on_the_worker_is_raised_by_step_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refused update on the worker is raised by ``step()``, which updates what was left; the run
-    is then the ordinary loop's, bit for bit."""
-    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
-    xs = batches(3, torch.float32)
-    a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward="worker")
-    original = type(opt_b.optimizer)._step_part
+def fail_once_on_the_worker(opt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first native update ``opt`` makes on a thread other than the main one is refused."""
+    original = type(opt.optimizer)._step_part
     failures = [RuntimeError("refused once")]
 
     def flaky(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -250,7 +246,16 @@ def test_an_error_on_the_worker_is_raised_by_step_and_loses_nothing(monkeypatch:
             raise failures.pop()
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(opt_b.optimizer), "_step_part", flaky)
+    monkeypatch.setattr(type(opt.optimizer), "_step_part", flaky)
+
+
+def test_an_error_on_the_worker_is_raised_by_step_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused update on the worker is raised by ``step()``, which updates what was left; the run
+    is then the ordinary loop's, bit for bit."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward="worker")
+    fail_once_on_the_worker(opt_b, monkeypatch)
     b(xs[0]).backward()
     with pytest.raises(RuntimeError, match="refused once"):
         opt_b.step()
@@ -635,15 +640,7 @@ def test_zero_grad_that_raises_the_workers_error_still_drops_the_iteration(monke
     monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
     xs = batches(2, torch.float32)
     a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward="worker")
-    original = type(opt_b.optimizer)._step_part
-    failures = [RuntimeError("refused once")]
-
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> None:
-        if failures and threading.current_thread() is not threading.main_thread():
-            raise failures.pop()
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(opt_b.optimizer), "_step_part", flaky)
+    fail_once_on_the_worker(opt_b, monkeypatch)
     b(xs[0]).backward()
     opt_b._worker.drain()
     with pytest.raises(RuntimeError, match="refused once"):
