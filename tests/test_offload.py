@@ -634,22 +634,103 @@ def test_eval_between_backward_and_step_waits_for_the_worker(monkeypatch: pytest
     assert_same_training(a, opt_a, b, opt_b)
 
 
-def test_zero_grad_that_raises_the_workers_error_still_drops_the_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A loop that skips a failed batch with ``zero_grad()`` trains on: the next batch is stepped
-    once, as the ordinary loop steps it."""
+def test_a_worker_failure_trains_the_same_whichever_call_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch skipped after the worker failed on its first bucket: ``step()`` raising the error and
+    then ``zero_grad()``, or ``zero_grad()`` raising it, both drop the failed bucket, update the ones
+    whose copies it left, and the next batches train as usual."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    xs = batches(3, torch.float32)
+    a, b = Toy("mlp"), Toy("mlp")
+    opt_a, opt_b = (CPUOffloadOptimizer(trained(m), oxoptim.AdamW, lr=0.01, bucket_numel=0,
+                                        update_during_backward="worker") for m in (a, b))
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        fail_once_on_the_worker(opt, monkeypatch)
+        model(xs[0]).backward()
+        opt._worker.drain()
+    with pytest.raises(RuntimeError, match="refused once"):
+        opt_a.step()
+    opt_a.zero_grad()
+    with pytest.raises(RuntimeError, match="refused once"):
+        opt_b.zero_grad()
+    ordinary(a, opt_a, xs[1:])
+    ordinary(b, opt_b, xs[1:])
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_a_worker_failure_in_steps_closure_is_retried_by_that_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``step(closure)`` whose backward makes the worker fail retries the failed bucket itself: the
+    step is the ordinary loop's and no stale error is raised later."""
     monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
     xs = batches(2, torch.float32)
     a, opt_a, b, opt_b = pair(bucket_numel=0, update_during_backward="worker")
     fail_once_on_the_worker(opt_b, monkeypatch)
-    b(xs[0]).backward()
-    opt_b._worker.drain()
-    with pytest.raises(RuntimeError, match="refused once"):
-        opt_b.zero_grad()
-    ordinary(b, opt_b, xs[1:])
-    # The worker failed on the first bucket and took nothing after it: the skipped batch updated
-    # nothing, as in the ordinary loop that skips it.
-    ordinary(a, opt_a, xs[1:])
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for x in xs:
+            opt.step(lambda: model(x).backward())
+            opt.zero_grad()
     assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_eval_and_train_then_zero_grad_send_nothing_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward (the worker updates and sends every bucket), ``eval()``, ``train()``, weights loaded
+    into the model, then a skipped batch's ``zero_grad()``: the loaded weights stay."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(trained(model), oxoptim.AdamWScheduleFree, lr=0.01, bucket_numel=0,
+                              update_during_backward="worker")
+    opt.train()
+    model(batches(1, torch.float32)[0]).backward()
+    opt._worker.drain()
+    opt.eval()
+    opt.train()
+    loaded = Toy("mlp", seed=5)
+    with torch.no_grad():
+        model.w2.copy_(loaded.w2)
+    opt.zero_grad()
+    assert torch.equal(model.w2.detach(), loaded.w2.detach())
+
+
+def test_a_worker_failure_after_clipping_clips_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ClipPreviousNorm`` scales the gradient in place before the update; an update refused after
+    that and retried by ``step()`` does not scale it again."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    clip = ClipPreviousNorm(0.05)
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(oxoptim.SGD, hyper={"lr": 0.1, "momentum": 0.9}, clip=clip, bucket_numel=0,
+                              update_during_backward="worker")
+    with oxoptim.step_in_backward(opt_a, clip=clip):
+        for x in xs:
+            a(x).backward()
+            opt_a.step()
+    ordinary(b, opt_b, xs[:1])  # the first iteration sets the previous norm: the second is clipped
+    fail_once_on_the_worker(opt_b, monkeypatch)
+    b(xs[1]).backward()
+    with pytest.raises(RuntimeError, match="refused once"):
+        opt_b.step()
+    opt_b.step()
+    opt_b.zero_grad()
+    ordinary(b, opt_b, xs[2:])
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+def test_close_from_a_global_step_hook_does_not_wait_for_the_worker_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A global step hook runs inside ``step()``, which holds the lock the idle worker needs to end."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(trained(model), oxoptim.AdamW, lr=0.01, bucket_numel=0, update_during_backward="worker")
+    handle = register_optimizer_step_post_hook(lambda o, a, k: opt.close())
+    done = threading.Event()
+
+    def go() -> None:
+        model(batches(1, torch.float32)[0]).backward()
+        opt.step()
+        done.set()
+
+    try:
+        threading.Thread(target=go, daemon=True).start()
+        assert done.wait(10), "step() with close() in a global step hook never returned"
+    finally:
+        handle.remove()
 
 
 def test_a_dropped_optimizer_with_an_unraised_worker_error_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:

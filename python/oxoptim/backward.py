@@ -140,6 +140,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -321,6 +322,9 @@ class StepInBackward:
         # Parameters handed over once per iteration with the summed gradient (CPUOffloadOptimizer's
         # CPU copies updated in step()), however many micro-batches the others count.
         self._arrives_once: set[torch.Tensor] = set()
+        # Each gradient clipped in this iteration, and its version then (a weak reference: a new
+        # gradient of the same parameter is clipped again).
+        self._clipped: dict[torch.Tensor, tuple[Any, int]] = {}
         self._handles: list[Any] = []
         self._leftover_cache = _core.TensorCache()
         self._checked = False  # whether this iteration's first update passed the step's checks
@@ -484,20 +488,25 @@ class StepInBackward:
 
     def _clip(self, params: list[torch.Tensor]) -> None:
         clip = self.clip
-        if isinstance(clip, ClipPerParameter):
-            for p in params:
-                if p.grad is not None:
-                    clip_grad_norm_([p], clip.max_norm, clip.norm_type)
-        elif isinstance(clip, ClipPreviousNorm):
-            for p in params:
-                g = p.grad
-                if g is None:
-                    continue
+        if clip is None:
+            return
+        for p in params:
+            g = p.grad
+            if g is None or self._was_clipped(p, g):
+                continue  # an update refused after clipping, retried: clipped once
+            if isinstance(clip, ClipPerParameter):
+                clip_grad_norm_([p], clip.max_norm, clip.norm_type)
+            elif isinstance(clip, ClipPreviousNorm):
                 # Parameters added to the optimizer after entry come last, in their order.
                 at = self._order.setdefault(p, len(self._order))
                 self._norms[at] = torch.linalg.vector_norm(g, clip.norm_type)
                 if self._coef is not None:
                     g.mul_(self._coef)
+            self._clipped[p] = (weakref.ref(g), g._version)
+
+    def _was_clipped(self, p: torch.Tensor, g: torch.Tensor) -> bool:
+        mark = self._clipped.get(p)
+        return mark is not None and mark[0]() is g and mark[1] == g._version
 
     def _begin_iteration(self) -> None:
         """Before the iteration's first update: what the ordinary ``step()`` refuses before it writes
@@ -595,6 +604,7 @@ class StepInBackward:
             bucket.done = False
         self._arrivals.clear()
         self._norms.clear()
+        self._clipped.clear()
 
     def _release_done(self) -> None:
         for p, bucket in self._bucket_of.items():

@@ -41,8 +41,14 @@ arguments it follows):
 ``update_during_backward="worker"`` hands each gradient copy to a worker
 thread, which waits for it and updates its bucket while backward goes on
 (the hooks only queue copies; the worker ends after a second idle and the
-next backward starts another; an error it meets is raised by the next
-``step()`` or ``zero_grad()``, which update what it left). On an H200 it was
+next backward starts another). An error it meets stops it. Met before
+``step()``, it is raised by ``step()`` before anything else (call it again:
+the retry updates what the worker did not, once, clipping once); met during
+``step(closure)``'s backward, that step retries the failed update and raises
+only if the failure recurs. ``zero_grad()`` updates the buckets whose copies
+the worker left, drops the failed one and then raises the error. With
+``accumulation="optimizer"``, a micro-batch whose absorption failed on the
+worker is lost (the next micro-batch's copy takes its buffer). On an H200 it was
 the fastest offload where the CPU update outlasts backward (GPT-2 medium:
 8-10 % faster than torchao's, ``benches/offload.py``) and level with the
 default below that. The worker is a Python thread running beside backward,
@@ -205,8 +211,8 @@ class _Worker:
 
     Backward's hooks queue gradient copies and wake it; it waits for each copy, outside the
     offload's lock, and hands it to the optimizer. It holds its owner weakly but while it works:
-    idle for ``IDLE_S`` it ends, and the next backward starts another. An error it meets is raised
-    by the next ``step()`` or ``zero_grad()``, which take what it left."""
+    idle for ``IDLE_S`` it ends, and the next backward starts another. An error it meets stops it
+    and is kept for ``step()``/``zero_grad()`` (module docstring)."""
 
     IDLE_S = 1.0
 
@@ -272,20 +278,24 @@ class _Worker:
             while self._busy and self._thread is not None and self._thread is not threading.current_thread():
                 self._cond.wait()
 
-    def finish(self) -> None:
-        """``drain()``, then raises the error the worker met, if any (once)."""
+    def finish(self, raise_error: bool = True) -> Optional[BaseException]:
+        """``drain()``, then the error the worker met, if any (once): raised, or returned."""
         self.drain()
         with self._cond:
             error, self._error = self._error, None
-        if error is not None:
+        if error is not None and raise_error:
             raise error
+        return error
 
     def stop(self) -> None:
+        """Stops the worker; waits for it unless the caller holds the lock it needs to end (a
+        step hook calling ``close()``: it then ends once the lock is released)."""
+        waits = not self._cond._is_owned()  # type: ignore[attr-defined]
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread() and waits:
             thread.join()
 
 
@@ -500,7 +510,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 switch()
                 for entry in self._entries.values():
                     entry.send_back()
-                    entry.sent = False
+                    entry.sent = entry.arrived and self._updated(entry)  # step() sends the rest again
                 self._before_compute()
 
         return run
@@ -603,10 +613,15 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             if latest is not None:
                 self._pending[at] = (entry, latest, generation)  # covers the first copy (same stream)
 
+    def _updated(self, entry: _Offloaded) -> bool:
+        """Whether ``entry``'s bucket has been updated in this iteration."""
+        bucket = None if self._in_backward is None else self._in_backward._bucket_of.get(entry.host)
+        return bucket is not None and bucket.done
+
     def _send_updated_buckets(self, entry: _Offloaded) -> None:
-        bucket = self._in_backward._bucket_of.get(entry.host)  # type: ignore[union-attr]
-        if bucket is None or not bucket.done:
+        if not self._updated(entry):
             return
+        bucket = self._in_backward._bucket_of[entry.host]  # type: ignore[union-attr]
         for host in bucket.params:
             updated = self._host_entry.get(id(host))
             if updated is not None and updated.arrived and not updated.sent:
@@ -635,7 +650,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         if regained:
             raise RuntimeError(f"{len(regained)} parameter(s) that did not require grad when the CPUOffloadOptimizer "
                                "was built now have gradients: it left them out; build it after unfreezing them")
-        self._settle()  # what it has left step() takes below
+        if self._worker is not None:
+            # What it has left step() takes below. A failure meanwhile (the closure's backward) is
+            # retried there, so it is dropped here; one that recurs is raised by the retry.
+            self._worker.finish(raise_error=False)
         with self._lock:
             if not self.update_during_backward:
                 self._recheck()
@@ -683,21 +701,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         """Clears the gradients. Before ``step()`` it drops the unfinished iteration, as the ordinary
         loop does (with ``update_during_backward``: as ``step_in_backward`` does, every bucket whose
         gradients all arrived is updated, whenever its copies landed, and the rest dropped)."""
-        error = None
-        if self._worker is not None:
-            try:
-                self._worker.finish()
-            except Exception as e:  # raised below, once the iteration is dropped all the same
-                error = e
-        try:
-            self._zero_grad(set_to_none, take=error is None)
-        finally:
-            if error is not None:
-                raise error
+        error = self._worker.finish(raise_error=False) if self._worker is not None else None
+        self._zero_grad(set_to_none)
+        if error is not None:
+            raise error  # once the iteration is dropped as it would be without the error
 
-    def _zero_grad(self, set_to_none: bool, take: bool) -> None:
+    def _zero_grad(self, set_to_none: bool) -> None:
         with self._lock:
-            if self.update_during_backward and take:
+            if self.update_during_backward:
                 self._take(until=None, wait=True)
             if self._in_backward is not None:
                 for entry in self._entries.values():  # buckets a CPU parameter's own hook completed
