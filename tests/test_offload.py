@@ -713,6 +713,36 @@ def test_a_worker_failure_after_clipping_clips_once(monkeypatch: pytest.MonkeyPa
     assert_same_training(a, opt_a, b, opt_b)
 
 
+def test_a_refused_absorption_on_the_worker_loses_no_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optimizer accumulation, K = 2: the worker's absorption of the first micro-batch is refused;
+    the second micro-batch's hook absorbs it before its copy takes the buffer, and after ``step()``
+    raises the error and is called again the run is step_in_backward's, bit for bit."""
+    monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))
+    xs = batches(4, torch.float32)
+    a, opt_a, b, opt_b = pair(accumulate=2, accumulation="optimizer", offload_gradients=True, bucket_numel=0,
+                              update_during_backward="worker")
+    with oxoptim.step_in_backward(opt_a, accumulate=2, accumulation="optimizer"):
+        ordinary(a, opt_a, xs, accumulate=2)
+    absorb = oxoptim.StepInBackward._absorb
+    failures = [RuntimeError("refused once")]
+
+    def flaky(self: Any, p: torch.Tensor) -> None:
+        if failures and threading.current_thread() is not threading.main_thread():
+            raise failures.pop()
+        absorb(self, p)
+
+    monkeypatch.setattr(oxoptim.StepInBackward, "_absorb", flaky)
+    b(xs[0]).backward()
+    opt_b._worker.drain()
+    b(xs[1]).backward()
+    with pytest.raises(RuntimeError, match="refused once"):
+        opt_b.step()
+    opt_b.step()
+    opt_b.zero_grad()
+    ordinary(b, opt_b, xs[2:], accumulate=2)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
 def test_close_from_a_global_step_hook_does_not_wait_for_the_worker_forever(monkeypatch: pytest.MonkeyPatch) -> None:
     """A global step hook runs inside ``step()``, which holds the lock the idle worker needs to end."""
     monkeypatch.setattr(offload, "_transfers_for", lambda device: Deferred(lands_early=True))

@@ -452,7 +452,12 @@ class StepInBackward:
             complete = arrived == expected and bucket.ready == len(bucket.params)
         if arrived < expected:
             if self.accumulation == "optimizer":
-                self._absorb(p)
+                try:
+                    self._absorb(p)
+                except BaseException:
+                    with self._lock:
+                        self._arrivals[p] = arrived - 1  # not absorbed: counted again when retried
+                    raise
             return  # gradient accumulation: p.grad is the buffer
         if complete:
             self._dispatch(bucket)
