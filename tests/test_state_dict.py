@@ -197,6 +197,7 @@ def _hooked_optimizers() -> list:
 
     return [
         ("AdamW8bit", lambda: oxoptim.AdamW8bit(f32(5000), lr=1e-2)),
+        ("SGD8bit", lambda: oxoptim.SGD8bit(f32(5000), lr=1e-2, momentum=0.9)),
         ("NAdam-bf16", lambda: oxoptim.NAdam(bf16(300), lr=1e-2)),
         ("AdamW-kahan", lambda: oxoptim.AdamW(bf16(300), lr=1e-2, kahan_sum=True)),
         ("SGD-skip", lambda: oxoptim.SGD(f32(30), lr=1e-2, momentum=0.9, skip_nonfinite=True)),

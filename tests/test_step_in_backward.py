@@ -426,6 +426,8 @@ LOW_PRECISION = [
     ("adamw8bit", oxoptim.AdamW8bit, {"lr": 0.01, "min_8bit_size": 16}),
     ("adamw8bit_sr", oxoptim.AdamW8bit, {"lr": 0.01, "min_8bit_size": 16, "bf16_stochastic_round": True}),
     ("adam8bit_sr_mixed_state", oxoptim.Adam8bit, {"lr": 0.01, "min_8bit_size": 50, "bf16_stochastic_round": True}),
+    ("sgd8bit_sr", oxoptim.SGD8bit, {"lr": 0.05, "momentum": 0.9, "min_8bit_size": 16, "bf16_stochastic_round": True}),
+    ("sgd8bit_nesterov_mixed_state", oxoptim.SGD8bit, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "min_8bit_size": 50}),
 ]
 
 
@@ -446,7 +448,7 @@ def test_low_precision_weights_and_state_are_bit_identical_to_the_ordinary_loop(
     (a, opt_a), (b, opt_b) = results
     assert_same_training(a, opt_a, b, opt_b)
     if "8bit" in name:
-        assert any(entry.get("exp_avg", torch.zeros(())).dtype == torch.uint8 for entry in opt_a.state.values())
+        assert any(v.dtype == torch.uint8 for entry in opt_a.state.values() for v in entry.values())
 
 
 @pytest.mark.parametrize("name, cls, hyper", LOW_PRECISION, ids=[c[0] for c in LOW_PRECISION])

@@ -21,6 +21,7 @@ batch_size = 32
 lr = 1e-2
 param_dtype = "bfloat16"
 stochastic_rounding = true
+{extra}
 """
 
 
@@ -41,10 +42,10 @@ def train_blobs(stage: Stage):
     return model, trainer, before, trainer.fit()
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "sgd"])
-def test_a_bfloat16_stage_from_toml_trains_with_stochastic_rounding(tmp_path, optimizer: str) -> None:
+@pytest.mark.parametrize("optimizer, extra", [("adamw", ""), ("adamw8bit", ""), ("sgd", ""), ("sgd8bit", "momentum = 0.9\nmin_8bit_size = 64")])
+def test_a_bfloat16_stage_from_toml_trains_with_stochastic_rounding(tmp_path, optimizer: str, extra: str) -> None:
     path = tmp_path / "job.toml"
-    path.write_text(JOB.format(optimizer=optimizer))
+    path.write_text(JOB.format(optimizer=optimizer, extra=extra))
     stage = Stage(**load_config(str(path))["stages"][0])
     assert stage.param_dtype == "bfloat16" and stage.stochastic_rounding
     assert "bfloat16 weights with stochastic rounding" in stage.describe()

@@ -31,6 +31,7 @@ from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedule_free import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
+from .sgd8bit import SGD8bit
 from .subgradient import Subgradient
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     # oxoptim's own.
     "Adam8bit",
     "AdamW8bit",
+    "SGD8bit",
     "Subgradient",
     "GradientAverager",
     "ParamAverager",

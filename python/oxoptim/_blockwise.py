@@ -24,8 +24,8 @@ __all__ = ["BLOCK", "SIGNED", "dequantize", "foreign_entry", "is_8bit", "quantiz
 #: Elements per block (one absmax each).
 BLOCK = 256
 
-#: The moments kept in 8 bits and whether each uses the signed map.
-SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+#: The moments kept in 8 bits (Adam's, SGD's) and whether each uses the signed map.
+SIGNED = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True}
 
 
 def quantization_map(signed: bool) -> torch.Tensor:
@@ -41,9 +41,9 @@ def blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
-def is_8bit(entry: dict, name: str = "exp_avg") -> bool:
-    value = entry.get(name)
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+def is_8bit(entry: dict) -> bool:
+    """Whether the moments of a state entry are 8-bit codes."""
+    return any(isinstance(value, torch.Tensor) and value.dtype == torch.uint8 for value in map(entry.get, SIGNED))
 
 
 def fresh(param: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
@@ -78,15 +78,15 @@ def dequantize(entry: dict, name: str) -> torch.Tensor:
     return out
 
 
-def check_entry(where: str, entry: Any, param: torch.Tensor) -> None:
+def check_entry(where: str, entry: Any, param: torch.Tensor, moments: tuple[str, ...]) -> None:
     """Raises (TypeError/KeyError/ValueError, as torch would) unless ``entry`` is a
-    well-formed Adam state entry for ``param``, 8-bit or fp32."""
+    well-formed state entry with ``moments`` for ``param``, 8-bit or fp32."""
     if not isinstance(entry, dict):
         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
     if not entry:
         return
     eight = is_8bit(entry)
-    for name in ("step", *SIGNED, *(f"{n}_absmax" for n in SIGNED if eight)):
+    for name in ("step", *moments, *(f"{n}_absmax" for n in moments if eight)):
         if name not in entry:
             raise KeyError(f"{where} has no {name!r} entry")
     step = entry["step"]
@@ -97,14 +97,15 @@ def check_entry(where: str, entry: Any, param: torch.Tensor) -> None:
         float(step)
     if "max_exp_avg_sq" in entry:
         raise ValueError(f"{where} holds AMSGrad state (max_exp_avg_sq); 8-bit Adam has no AMSGrad")
-    for name in SIGNED:
+    both = " and ".join(moments)
+    for name in moments:
         value = entry[name]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{where}[{name!r}] must be a tensor, got {type(value).__name__}")
         if value.shape != param.shape:
             raise ValueError(f"{where}[{name!r}] has shape {tuple(value.shape)} but the parameter has shape {tuple(param.shape)}")
         if eight != (value.dtype == torch.uint8):
-            raise ValueError(f"{where}: exp_avg and exp_avg_sq must both be 8-bit (uint8) or both floating point")
+            raise ValueError(f"{where}: {both} must {'both' if len(moments) == 2 else 'all'} be 8-bit (uint8) or {'both' if len(moments) == 2 else 'all'} floating point")
         if not eight and not value.is_floating_point():
             raise ValueError(f"{where}[{name!r}] must be uint8 codes or floating point, got {value.dtype}")
         if eight:
@@ -122,8 +123,8 @@ def step_tensor(step: Any) -> torch.Tensor:
 
 
 
-#: bitsandbytes' names for the moments: (codes or fp32 state, dynamic map, absmax per block).
-_BNB_KEYS = {"exp_avg": ("state1", "qmap1", "absmax1"), "exp_avg_sq": ("state2", "qmap2", "absmax2")}
+#: bitsandbytes' names for the first and second moment: (codes or fp32 state, dynamic map, absmax per block).
+_BNB_KEYS = (("state1", "qmap1", "absmax1"), ("state2", "qmap2", "absmax2"))
 _BNB_MARKERS = ("__bnb_optimizer_quant_state__", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 _BNB_ADVICE = "load it into bitsandbytes' optimizer, or start oxoptim's from fresh state"
 
@@ -132,8 +133,8 @@ def _is_torchao(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and type(value).__module__.split(".")[0] == "torchao"
 
 
-def foreign_entry(where: str, entry: Any, param: torch.Tensor) -> Any:
-    """``entry`` in this module's layout where it is another library's 8-bit Adam state.
+def foreign_entry(where: str, entry: Any, param: torch.Tensor, moments: tuple[str, ...]) -> Any:
+    """``entry`` in this module's layout, with ``moments``, where it is another library's 8-bit state.
 
     bitsandbytes' (``state1``/``state2`` with ``qmap1``/``qmap2`` and ``absmax1``/``absmax2``,
     from 0.45 under ``__bnb_optimizer_quant_state__``) is the same scheme, so its block-wise
@@ -157,7 +158,8 @@ def foreign_entry(where: str, entry: Any, param: torch.Tensor) -> Any:
     quant = entry.get("__bnb_optimizer_quant_state__", entry)
     if not isinstance(quant, dict):
         raise ValueError(f"{where} is bitsandbytes optimizer state whose '__bnb_optimizer_quant_state__' is not a dict")
-    known = {"step", "__bnb_optimizer_quant_state__", *(k for keys in _BNB_KEYS.values() for k in keys)}
+    bnb_keys = dict(zip(moments, _BNB_KEYS))
+    known = {"step", "__bnb_optimizer_quant_state__", *(k for keys in bnb_keys.values() for k in keys)}
     unknown = sorted(str(k) for k in (*entry, *quant) if k not in known)
     if unknown:
         raise ValueError(
@@ -165,7 +167,7 @@ def foreign_entry(where: str, entry: Any, param: torch.Tensor) -> Any:
             f"non-block-wise state, percentile or unorm clipping, a third moment): {_BNB_ADVICE}"
         )
     out: dict = {k: v for k, v in entry.items() if k != "__bnb_optimizer_quant_state__" and k not in _BNB_MARKERS}
-    for name, (state_key, map_key, absmax_key) in _BNB_KEYS.items():
+    for name, (state_key, map_key, absmax_key) in bnb_keys.items():
         value = quant.get(state_key)
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{where} is bitsandbytes optimizer state without a tensor {state_key!r} ({name}): {_BNB_ADVICE}")
@@ -192,3 +194,11 @@ def foreign_entry(where: str, entry: Any, param: torch.Tensor) -> Any:
 
 #: bitsandbytes' group settings of AdEMAMix, saved by every optimizer of its, and their values in Adam.
 BNB_GROUP_DEFAULTS = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}
+
+
+def without_bnb_settings(index: int, saved: dict, loader: str) -> dict:
+    """A bitsandbytes group without its AdEMAMix settings, refused (naming ``loader``) unless they are Adam's."""
+    for key, default in BNB_GROUP_DEFAULTS.items():
+        if key in saved and saved[key] != default:
+            raise ValueError(f"param_groups[{index}][{key!r}] is {saved[key]!r}: bitsandbytes AdEMAMix state, which {loader} cannot load")
+    return {k: v for k, v in saved.items() if k not in BNB_GROUP_DEFAULTS}

@@ -224,7 +224,7 @@ class StepInBackward:
         optimizer: a Rust-backed oxoptim optimizer: the ``torch.optim`` twins (``SGD``, ``Adam``,
             ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``,
             ``ASGD``, ``Rprop``, ``Adafactor``), ``Lion``, the Schedule-Free optimizers,
-            ``Adam8bit`` and ``AdamW8bit``.
+            ``Adam8bit``, ``AdamW8bit`` and ``SGD8bit``.
         accumulate: micro-batches (backward passes) per ``optimizer.step()``; may be changed
             between iterations (a short last batch with fewer micro-batches).
         accumulation: ``"gradient"`` (exact, ``p.grad`` is the buffer) or ``"optimizer"``
@@ -262,7 +262,7 @@ class StepInBackward:
         if not callable(getattr(optimizer, "_step_part", None)):
             raise TypeError(
                 "step_in_backward needs a Rust-backed oxoptim optimizer (the torch twins, Lion, the Schedule-Free "
-                f"optimizers, Adam8bit, AdamW8bit), got {type(optimizer).__name__}"
+                f"optimizers, Adam8bit, AdamW8bit, SGD8bit), got {type(optimizer).__name__}"
             )
         if not getattr(optimizer, "STEPS_IN_BACKWARD", True):
             raise TypeError(f"step_in_backward cannot step {type(optimizer).__name__}: its step needs every gradient before any update")

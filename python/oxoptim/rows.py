@@ -218,6 +218,9 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
     if isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk < 1:
         raise ValueError(f"row_chunk must be a positive int, got {row_chunk!r}")
     kind = getattr(optimizer, "KIND", None)
+    if kind == "sgd8bit":
+        raise ValueError("release_rows does not take SGD8bit (its small-parameter steps count steps in Python): "
+                         "use SGD8bit without release_rows, or oxoptim.SGD")
     if kind not in _ELEMENTWISE:
         raise ValueError(f"release_rows needs an optimizer whose update is elementwise over its state; "
                          f"{type(optimizer).__name__} is not (Adafactor's factored moments, Prodigy's d are not)")

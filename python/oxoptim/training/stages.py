@@ -39,6 +39,7 @@ OPTIMIZERS = {
     "prodigy": "Prodigy",
     "adam8bit": "Adam8bit",
     "adamw8bit": "AdamW8bit",
+    "sgd8bit": "SGD8bit",
 }
 # A stage's own settings; every other key of a stage is an argument of its optimizer.
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",

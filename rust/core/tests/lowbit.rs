@@ -4,15 +4,14 @@
 //! quantise", and refuse bad batches before writing anything.
 
 use oxoptim_core::kernels::adam8bit::Adam8bitConfig;
-use oxoptim_core::optimizer::{find, Optimizer};
+use oxoptim_core::optimizer::find;
 use oxoptim_core::quant::{self, Codebook, Map, BLOCK};
 use oxoptim_core::{
-    AdamConfig, Backend, DType, DisjointMemo, Error, Exec, RawTensor, ScalarState, TensorBatch,
-    OPTIMIZERS,
+    AdamConfig, Backend, DType, Error, Exec, RawTensor, ScalarState, TensorBatch, OPTIMIZERS,
 };
 
 mod common;
-use common::{values, OFFSETS};
+use common::{raw, step_table_row, values, OFFSETS};
 
 fn lengths() -> Vec<usize> {
     (0..=67).chain([255, 256, 257, 511, 513, 1000]).collect()
@@ -128,38 +127,21 @@ impl Slots {
     fn step(&mut self, config: &Adam8bitConfig, exec: Exec) -> Result<(), Error> {
         let o = self.offset;
         let mut arrays = Vec::new();
-        let raw = |addr: usize, len: usize, dtype: DType| RawTensor { addr, len, dtype };
         for i in 0..self.p.len() {
             let n = self.p[i].len() - o;
             arrays.push(raw(self.p[i][o..].as_mut_ptr() as usize, n, DType::F32));
             arrays.push(raw(self.g[i][o..].as_mut_ptr() as usize, n, DType::F32));
             arrays.push(raw(self.m[i][o..].as_mut_ptr() as usize, n, DType::U8));
             arrays.push(raw(self.v[i][o..].as_mut_ptr() as usize, n, DType::U8));
-            arrays.push(raw(
-                self.ma[i].as_mut_ptr() as usize,
-                self.ma[i].len(),
-                DType::F32,
-            ));
-            arrays.push(raw(
-                self.va[i].as_mut_ptr() as usize,
-                self.va[i].len(),
-                DType::F32,
-            ));
+            for a in [&mut self.ma[i], &mut self.va[i]] {
+                arrays.push(raw(a.as_mut_ptr() as usize, a.len(), DType::F32));
+            }
         }
         let cells = (0..self.step.len())
             .map(|i| raw(&mut self.step[i] as *mut f32 as usize, 1, DType::F32))
             .collect();
-        // SAFETY: the vectors outlive the batch and nothing else touches them meanwhile.
-        unsafe {
-            let batch = TensorBatch::with_specs(
-                arrays,
-                &config.array_specs(),
-                &mut DisjointMemo::default(),
-            )?;
-            let mut scalars = ScalarState::new(cells, 1, &batch)?;
-            let entry = find(OPTIMIZERS, "adam8bit")?;
-            entry.step(config, &batch, &mut scalars, exec)
-        }
+        // SAFETY: the vectors outlive the call and nothing else touches them meanwhile.
+        unsafe { step_table_row(config, arrays, cells, exec) }
     }
 
     fn bits(&self) -> Vec<Vec<u32>> {

@@ -139,7 +139,7 @@ fn default_float(key: &str) -> f64 {
     match key {
         "lr" => 0.01,
         "eps" => 1e-8,
-        "rho" | "alpha" => 0.9,
+        "rho" | "alpha" | "momentum" => 0.9, // momentum on: 8-bit SGD refuses it off
         "lambd" => 1e-4,
         "t0" => 1e6,
         _ => 0.0,

@@ -8,16 +8,14 @@
 //! the same whatever the thread count or SIMD path.
 
 use super::adam::{AdamConfig, BiasCorrection, FusedAdam};
+use super::eight_bit::{check_batch, Param, Weights};
 use crate::dispatch::{dispatch_codes, Backend, WithLanes};
 use crate::engine::{self, Blockwise, Exec};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::optimizer::{Hyper, HyperKind, Optimizer};
 use crate::quant::{Codebook, Map, BLOCK};
-use crate::rounding::ParamRounding;
 use crate::simd::Lanes;
-use crate::storage::{typed, FusedBody, Mem, ParamMem, MAX_STATE};
 use crate::tensors::{ArraySpec, Column, DType, Extent, ScalarState, TensorBatch};
-use half::bf16;
 
 /// One group's settings: Adam's, without AMSGrad and maximize (bitsandbytes
 /// has neither for 8-bit state).
@@ -80,18 +78,7 @@ impl Optimizer for Adam8bitConfig {
 
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
         // Checked before the first counter is written.
-        let takes = |d: DType| matches!(d, DType::F32 | DType::BF16);
-        if let Some(slot) = (0..batch.slots()).find(|&i| !takes(batch.slot(i).dtype)) {
-            return Err(Error::Unsupported(format!(
-                "adam8bit: tensor {slot} is {}; 8-bit state takes float32 or bfloat16 parameters",
-                batch.slot(slot).dtype.name()
-            )));
-        }
-        if exec.rounding == ParamRounding::Kahan {
-            return Err(Error::InvalidArgument(
-                "adam8bit: Kahan summation is not available with 8-bit state; use stochastic rounding".into(),
-            ));
-        }
+        check_batch(Self::NAME, batch, exec)?;
         // Adam's errors for a step counter its bias corrections cannot take, before any write.
         for i in 0..batch.slots() {
             BiasCorrection::check(&self.adam, scalars.incremented(i, 0), batch.slot(i).dtype)?;
@@ -105,10 +92,7 @@ impl Optimizer for Adam8bitConfig {
                 per_slot: &per_slot,
                 m: Codebook::get(Map::Signed),
                 v: Codebook::get(Map::Unsigned),
-                rounding: exec.rounding,
-                streams: (0..batch.slots())
-                    .map(|i| (batch.stream(i), batch.offset(i)))
-                    .collect(),
+                weights: Weights::new(batch, exec),
             },
             batch,
             exec,
@@ -122,10 +106,7 @@ struct Adam8bitKernel<'a> {
     per_slot: &'a [BiasCorrection],
     m: &'static Codebook,
     v: &'static Codebook,
-    /// How bfloat16 parameters are stored back.
-    rounding: ParamRounding,
-    /// Each slot's random stream and the stream element it starts at (stochastic rounding).
-    streams: Vec<(usize, usize)>,
+    weights: Weights,
 }
 
 impl Blockwise for Adam8bitKernel<'_> {
@@ -141,15 +122,7 @@ impl Blockwise for Adam8bitKernel<'_> {
         else {
             unreachable!("the batch was checked against SPECS");
         };
-        let param = match (param, grad) {
-            (Column::F32(p), Column::F32(g)) => Param::F32(p, g),
-            (Column::BF16(p), Column::BF16(g)) => Param::BF16 {
-                param: p,
-                grad: g,
-                at: (self.streams[slot].0, self.streams[slot].1 + start),
-            },
-            _ => unreachable!("the step checked the parameter dtypes"),
-        };
+        let param = Param::new(&self.weights, slot, start, param, grad);
         dispatch_codes(
             backend,
             &mut Blocks {
@@ -162,27 +135,6 @@ impl Blockwise for Adam8bitKernel<'_> {
                 v_absmax,
             },
         );
-    }
-}
-
-/// A work item's parameter and gradient: float32, updated in place, or
-/// bfloat16, widened block by block and stored back with the kernel's rounding.
-enum Param<'c> {
-    F32(&'c mut [f32], &'c mut [f32]),
-    BF16 {
-        param: &'c mut [bf16],
-        grad: &'c mut [bf16],
-        /// The slot's random stream and the slot element the work item starts at (stochastic rounding's index).
-        at: (usize, usize),
-    },
-}
-
-impl Param<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Param::F32(p, _) => p.len(),
-            Param::BF16 { param, .. } => param.len(),
-        }
     }
 }
 
@@ -220,26 +172,8 @@ impl WithLanes<f32> for Blocks<'_, '_, '_> {
                 on: simd,
                 n: len,
             };
-            match &mut self.param {
-                Param::F32(p, g) => {
-                    let mut moments = [std::ptr::null_mut(); MAX_STATE];
-                    moments[..2].copy_from_slice(&[m.as_mut_ptr(), v.as_mut_ptr()]);
-                    let (p, g) = (p[at.clone()].as_mut_ptr(), g[at.clone()].as_mut_ptr());
-                    update.run(p, g, moments)
-                }
-                // bfloat16 weights: widened and stored back with the kernel's rounding in the same pass.
-                Param::BF16 {
-                    param,
-                    grad,
-                    at: (stream, start),
-                } => {
-                    let p = Mem::BF16(param[at.clone()].as_mut_ptr().cast());
-                    let p = ParamMem::new(p, k.rounding, None, *stream, *start + at.start);
-                    let g = Mem::BF16(grad[at.clone()].as_mut_ptr().cast());
-                    let moments = [Mem::F32(m.as_mut_ptr()), Mem::F32(v.as_mut_ptr())];
-                    typed(p, g, &moments, &mut update)
-                }
-            }
+            self.param
+                .update_block(at.clone(), &mut [&mut *m, &mut *v], &mut update);
             self.m_absmax[b] = k.m.quantize_block(simd, m, &mut self.m_codes[at.clone()]);
             self.v_absmax[b] = k.v.quantize_block(simd, v, &mut self.v_codes[at]);
         }

@@ -10,6 +10,7 @@ pub mod adamax;
 pub mod asgd;
 pub mod averaging;
 pub mod declare;
+mod eight_bit;
 pub mod lion;
 pub mod nadam;
 pub mod prodigy;
@@ -18,6 +19,7 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod schedule_free;
 pub mod sgd;
+pub mod sgd8bit;
 mod sqrt_over;
 pub mod stream_probe;
 pub mod subgradient;
@@ -54,6 +56,7 @@ pub const OPTIMIZERS: &[Entry] = &[
     entry::<schedule_free::SgdScheduleFreeConfig>(),
     entry::<prodigy::ProdigyConfig>(),
     entry::<adam8bit::Adam8bitConfig>(),
+    entry::<sgd8bit::Sgd8bitConfig>(),
 ];
 
 /// Checks that `arrays` has exactly `expected` arrays of one common length and returns it.

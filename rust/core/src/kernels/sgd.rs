@@ -7,6 +7,7 @@ use crate::engine::Exec;
 use crate::error::{Error, Result};
 use crate::optimizer::Optimizer;
 use crate::simd::Lanes;
+use crate::storage::{LaneArray, ParamArray};
 use crate::tensors::TensorBatch;
 
 optimizer! {
@@ -91,14 +92,28 @@ pub(crate) struct SgdUpdate<T> {
     maximize: bool,
 }
 
-impl<T: Element> LaneUpdate<T> for SgdUpdate<T> {
+impl<T: Element> SgdUpdate<T> {
+    /// The update of `S::WIDTH` elements at `i` of arrays of any [`crate::storage`] types
+    /// (raw pointers here, widened or dequantised copies in the 8-bit kernel).
+    ///
+    /// # Safety
+    /// `param`, `grad` and, when momentum is on, `buf` are valid for `i..i + S::WIDTH`.
     #[inline(always)]
-    unsafe fn apply<S: Lanes<T>>(&self, s: S, [param, grad, buf, ..]: Arrays<T>) {
-        // SAFETY: the caller's pointers are valid for S::WIDTH elements; `buf`
-        // is only touched when momentum is on, where it is a full array.
+    pub(crate) unsafe fn apply_at<
+        S: Lanes<T>,
+        P: ParamArray<T>,
+        G: LaneArray<T>,
+        B: LaneArray<T>,
+    >(
+        &self,
+        s: S,
+        (param, grad, buf): (P, G, B),
+        i: usize,
+    ) {
+        // SAFETY: forwarded to the caller; `buf` is only touched when momentum is on.
         unsafe {
-            let mut p = s.load(param);
-            let mut g = s.load(grad);
+            let mut p = param.load(s, i);
+            let mut g = grad.load(s, i);
             if self.maximize {
                 g = s.mul(g, s.splat(-T::ONE)); // exact negation, -0 included
             }
@@ -109,10 +124,10 @@ impl<T: Element> LaneUpdate<T> for SgdUpdate<T> {
                 let b = if self.fresh {
                     g
                 } else {
-                    let decayed = s.mul(s.load(buf), s.splat(self.momentum));
+                    let decayed = s.mul(buf.load(s, i), s.splat(self.momentum));
                     s.mul_add(g, s.splat(self.blend), decayed)
                 };
-                s.store(buf, b);
+                buf.store(s, i, b);
                 g = if self.nesterov {
                     s.mul_add(b, s.splat(self.momentum), g)
                 } else {
@@ -120,7 +135,16 @@ impl<T: Element> LaneUpdate<T> for SgdUpdate<T> {
                 };
             }
             p = s.mul_add(g, s.splat(self.lr_neg), p);
-            s.store(param, p);
+            param.store_param(s, i, p);
         }
+    }
+}
+
+impl<T: Element> LaneUpdate<T> for SgdUpdate<T> {
+    #[inline(always)]
+    unsafe fn apply<S: Lanes<T>>(&self, s: S, [param, grad, buf, ..]: Arrays<T>) {
+        // SAFETY: the caller's pointers are valid for S::WIDTH elements; `buf`
+        // is a full array when momentum is on.
+        unsafe { self.apply_at(s, (param, grad, buf), 0) }
     }
 }

@@ -158,3 +158,29 @@ pub fn adam_config(amsgrad: bool, decoupled: bool) -> AdamConfig {
         decoupled_weight_decay: decoupled,
     }
 }
+
+/// A tensor of `len` elements of `dtype` at `addr`.
+pub fn raw(addr: usize, len: usize, dtype: DType) -> RawTensor {
+    RawTensor { addr, len, dtype }
+}
+
+/// One step of `config`'s row of the table on `arrays` (laid out as its array specs say) with
+/// one scalar-state row of `cells` per tensor.
+///
+/// # Safety
+/// Every tensor described stays valid, and untouched by anything else, during the call.
+pub unsafe fn step_table_row<O: oxoptim_core::optimizer::Optimizer>(
+    config: &O,
+    arrays: Vec<RawTensor>,
+    cells: Vec<RawTensor>,
+    exec: Exec,
+) -> oxoptim_core::Result<()> {
+    use oxoptim_core::{DisjointMemo, ScalarState, OPTIMIZERS};
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let batch =
+            TensorBatch::with_specs(arrays, &config.array_specs(), &mut DisjointMemo::default())?;
+        let mut scalars = ScalarState::new(cells, O::SCALARS.len(), &batch)?;
+        oxoptim_core::optimizer::find(OPTIMIZERS, O::NAME)?.step(config, &batch, &mut scalars, exec)
+    }
+}
