@@ -18,7 +18,7 @@ import oxoptim
 from oxoptim import _blockwise as bw
 from oxoptim import _core
 
-from eightbit import refused_steps_change_nothing, same, snapshot
+from eightbit import close_to_fp32_on_a_regression, refused_steps_change_nothing, same, snapshot, stepped
 
 BLOCK = 256
 
@@ -289,42 +289,18 @@ def test_training_quality_is_close_to_fp32_adamw() -> None:
     """A small MLP regression trained 200 steps: 8-bit state (its 8192-element
     layer; the rest stays fp32) ends within 10% of fp32 AdamW's loss."""
 
-    def train(cls) -> float:
-        torch.manual_seed(0)
-        x = torch.randn(128, 16)
-        y = torch.sin(x @ torch.randn(16, 1)) + 0.1 * x[:, :1]
-        model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.Tanh(), torch.nn.Linear(512, 1))
-        opt = cls(model.parameters(), lr=3e-3, weight_decay=1e-2)
-        for _ in range(200):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        assert cls is not oxoptim.AdamW8bit or any(st["exp_avg"].dtype == torch.uint8 for st in opt.state.values())
-        return torch.nn.functional.mse_loss(model(x), y).item()
-
-    fp32, eight = train(torch.optim.AdamW), train(oxoptim.AdamW8bit)
-    start = 0.5  # about the variance of y: both must have learnt a lot
-    assert fp32 < 0.1 * start and eight < 0.1 * start
-    assert eight <= 1.1 * fp32 + 1e-4, (eight, fp32)
+    close_to_fp32_on_a_regression(torch.optim.AdamW, oxoptim.AdamW8bit, 200, lr=3e-3, weight_decay=1e-2)
 
 
 def _trained(steps: int = 3, **kw) -> tuple[list[torch.nn.Parameter], oxoptim.AdamW8bit]:
     params = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(7, 9))]
     opt = oxoptim.AdamW8bit(params, lr=1e-2, **kw)
-    for s in range(steps):
-        for p in params:
-            p.grad = _grad(p, s)
-        opt.step()
+    stepped(params, opt, _grad, range(steps))
     return params, opt
 
 
 def _continue(params, opt, steps: int = 3) -> list[torch.Tensor]:
-    for s in range(10, 10 + steps):
-        for p in params:
-            p.grad = _grad(p, s)
-        opt.step()
-    return [p.detach().clone() for p in params] + [v.clone() for p in params for v in opt.state[p].values()]
+    return stepped(params, opt, _grad, range(10, 10 + steps))
 
 
 def test_state_dict_round_trip_resumes_bit_identically() -> None:
@@ -768,3 +744,23 @@ def test_8bit_step_counter_out_of_range_raises_adams_error_and_changes_nothing(o
                 assert torch.equal(after["state"][0][k], v), k
     assert raised[0] == raised[1]
 
+
+
+def test_a_step_counter_the_native_call_cannot_take_is_refused_before_any_group_is_written() -> None:
+    """An 8-bit entry's step must be a float32 CPU tensor (the native call's counter): another dtype
+    in the second group is refused before the first group is stepped; a loaded one is converted."""
+    a, b = torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(3000))
+    opt = oxoptim.AdamW8bit([{"params": [a]}, {"params": [b]}], min_8bit_size=100)
+    a.grad, b.grad = _grad(a, 0), _grad(b, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt.state[b]["step"] = torch.tensor(1)
+    before = snapshot([a, b], opt)
+    with pytest.raises(ValueError, match="must be a float32 CPU tensor of one element"):
+        opt.step()
+    assert same(snapshot([a, b], opt), before)
+    saved["state"][1]["step"] = torch.tensor(1, dtype=torch.int64)
+    opt.load_state_dict(saved)
+    assert opt.state[b]["step"].dtype == torch.float32 and float(opt.state[b]["step"]) == 1
+    opt.step()
+    assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 2

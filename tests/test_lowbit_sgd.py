@@ -21,7 +21,7 @@ import oxoptim
 from oxoptim import _blockwise as bw
 from oxoptim import _core
 
-from eightbit import refused_steps_change_nothing, same, snapshot
+from eightbit import close_to_fp32_on_a_regression, refused_steps_change_nothing, same, snapshot, stepped
 
 BLOCK = 256
 KEYS = ("momentum_buffer", "momentum_buffer_absmax")
@@ -176,6 +176,26 @@ def test_small_parameters_keep_fp32_state_and_torchs_exact_update(hyper, layout)
     assert bw.is_8bit(opt.state[big]) and float(opt.state[small]["step"]) == 5
 
 
+@pytest.mark.parametrize("hyper", [dict(momentum=0.9), dict(momentum=0.9, dampening=0.3, weight_decay=0.1), dict(momentum=0.8, nesterov=True, maximize=True)],
+                         ids=["plain", "damped", "nesterov"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_small_parameters_of_other_dtypes_take_oxoptim_sgds_exact_steps(hyper, dtype) -> None:
+    """Small bfloat16, float16 and float64 parameters step as ``oxoptim.SGD`` steps them, bit for bit,
+    a first step with dampening included (torch makes that buffer, as in oxoptim.SGD)."""
+    small, big = _param((7, 3), 4, dtype), _param(5000, 5)
+    twin = torch.nn.Parameter(small.detach().clone())
+    opt = oxoptim.SGD8bit([small, big], lr=0.1, **hyper)
+    ref = oxoptim.SGD([twin], lr=0.1, **hyper)
+    for s in range(4):
+        g = _grad(small, s, scale=1.0)
+        small.grad, twin.grad, big.grad = g.clone(), g.clone(), _grad(big, s)
+        opt.step()
+        ref.step()
+        assert torch.equal(small, twin), s
+        assert torch.equal(opt.state[small]["momentum_buffer"], ref.state[twin]["momentum_buffer"]), s
+    assert opt.state[small]["momentum_buffer"].dtype == dtype and bw.is_8bit(opt.state[big])
+
+
 def _run_native(backend: str | None, threads: int, dtype: torch.dtype) -> list[torch.Tensor]:
     torch.set_num_threads(threads)
     lens = [*range(0, 68), 255, 257, 513, 70_001]
@@ -218,42 +238,18 @@ def test_training_quality_is_close_to_fp32_sgd() -> None:
     """A small MLP regression trained 300 steps with Nesterov momentum: the 8-bit buffer (its
     8192-element layer; the rest stays fp32) ends within 10% of fp32 SGD's loss."""
 
-    def train(cls) -> float:
-        torch.manual_seed(0)
-        x = torch.randn(128, 16)
-        y = torch.sin(x @ torch.randn(16, 1)) + 0.1 * x[:, :1]
-        model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.Tanh(), torch.nn.Linear(512, 1))
-        opt = cls(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
-        for _ in range(300):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        assert cls is not oxoptim.SGD8bit or any(bw.is_8bit(entry) for entry in opt.state.values())
-        return torch.nn.functional.mse_loss(model(x), y).item()
-
-    fp32, eight = train(torch.optim.SGD), train(oxoptim.SGD8bit)
-    start = 0.5  # about the variance of y: both must have learnt a lot
-    assert fp32 < 0.1 * start and eight < 0.1 * start
-    assert eight <= 1.1 * fp32 + 1e-4, (eight, fp32)
+    close_to_fp32_on_a_regression(torch.optim.SGD, oxoptim.SGD8bit, 300, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
 def _trained(steps: int = 3, **kw) -> tuple[list[torch.nn.Parameter], oxoptim.SGD8bit]:
     params = [_param(5000, 0), _param((7, 9), 1)]
     opt = oxoptim.SGD8bit(params, lr=1e-2, momentum=0.9, **kw)
-    for s in range(steps):
-        for p in params:
-            p.grad = _grad(p, s)
-        opt.step()
+    stepped(params, opt, _grad, range(steps))
     return params, opt
 
 
 def _continue(params, opt, steps: int = 3) -> list[torch.Tensor]:
-    for s in range(10, 10 + steps):
-        for p in params:
-            p.grad = _grad(p, s)
-        opt.step()
-    return [p.detach().clone() for p in params] + [v.clone() for p in params for v in opt.state[p].values()]
+    return stepped(params, opt, _grad, range(10, 10 + steps))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -426,7 +422,7 @@ def test_a_bitsandbytes_state_dict_loads_exactly() -> None:
     ours.load_state_dict(sd)
     group = ours.param_groups[0]
     assert (group["lr"], group["momentum"], group["dampening"], group["weight_decay"]) == (0.05, 0.8, 0, 1e-3)
-    assert "betas" not in group and "eps" not in group and group["nesterov"] is True  # a key bitsandbytes has not: ours kept
+    assert "betas" not in group and "eps" not in group and group["nesterov"] is False  # what bitsandbytes ran
     for i, p in enumerate(twins):
         saved = sd["state"][i]
         quant = saved.get("__bnb_optimizer_quant_state__", saved)
@@ -465,4 +461,72 @@ def test_step_in_backward_is_bit_identical_to_the_ordinary_loop(dtype) -> None:
         assert any(bw.is_8bit(e) for e in opt.state.values()) and any(not bw.is_8bit(e) for e in opt.state.values())
         return [t.detach().clone() for p in model.parameters() for t in (p, *opt.state[p].values())]
 
-    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+    assert same(run(False), run(True))
+
+
+def test_a_bitsandbytes_group_with_dampening_loads_as_what_bitsandbytes_ran() -> None:
+    """bitsandbytes saves ``betas=(momentum, dampening)`` but its update ignores dampening: the loaded
+    group has dampening 0, and the next step is bitsandbytes' next step."""
+    bnb = _bnb()
+    p, twin = _param(16 * BLOCK, 3), _param(16 * BLOCK, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = bnb.optim.SGD8bit([p], lr=0.1, momentum=0.9, dampening=0.5)
+        for k in range(3):
+            p.grad = _grad(p, k)
+            theirs.step()
+        ours = oxoptim.SGD8bit([twin], lr=0.1, momentum=0.9, dampening=0.2)
+        with torch.no_grad():
+            twin.copy_(p)
+        ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+        assert ours.param_groups[0]["dampening"] == 0.0
+        p.grad, twin.grad = _grad(p, 9), _grad(p, 9)
+        theirs.step()
+        ours.step()
+    assert torch.allclose(p, twin, rtol=0, atol=1e-5)
+
+
+def test_a_state_dict_of_another_optimizer_is_refused_before_anything_is_loaded() -> None:
+    params = [_param(5000, 0)]
+    adam = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())])  # no state yet: only its groups say so
+    opt = oxoptim.SGD8bit(params, momentum=0.9)
+    with pytest.raises(ValueError, match="has no 'momentum': not a state dict of SGD"):
+        opt.load_state_dict(adam.state_dict())
+    assert opt.param_groups[0]["momentum"] == 0.9 and not opt.state
+
+
+def test_torch_sgds_other_keywords_are_taken() -> None:
+    p = [_param(10, 0)]
+    opt = oxoptim.SGD8bit(p, lr=0.1, momentum=0.9, foreach=True, fused=None, differentiable=False)
+    assert "foreach" not in opt.param_groups[0]
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        oxoptim.SGD8bit(p, momentum=0.9, differentiable=True)
+
+
+def test_state_the_native_step_cannot_take_is_refused_before_any_group_is_written() -> None:
+    """With stochastic rounding (no torch step to fall back on) and for 8-bit state, the step
+    counter and fp32 buffers the native call would refuse are refused before the first write;
+    loading makes them what it takes (a float32 step, contiguous buffers)."""
+    big, small = _param((64, 64), 0, torch.bfloat16), _param((8, 8), 1, torch.bfloat16)
+    twins = [torch.nn.Parameter(q.detach().clone()) for q in (big, small)]
+    source = torch.optim.SGD([{"params": [twins[0]]}, {"params": [twins[1]]}], lr=0.1, momentum=0.9)
+    source.state[twins[1]]["momentum_buffer"] = torch.randn(8, 8).t().bfloat16()  # not contiguous
+    opt = oxoptim.SGD8bit([{"params": [big]}, {"params": [small]}], lr=0.1, momentum=0.9, bf16_stochastic_round=True)
+    opt.load_state_dict(source.state_dict())
+    assert opt.state[small]["momentum_buffer"].is_contiguous() and opt.state[small]["step"].dtype == torch.float32
+    for case in ("transposed buffer", "int64 step"):
+        entry = opt.state[small]
+        if case == "transposed buffer":
+            entry["momentum_buffer"] = entry["momentum_buffer"].t().contiguous().t()
+        else:
+            entry["momentum_buffer"] = entry["momentum_buffer"].contiguous()
+            entry["step"] = torch.tensor(1)
+        before = snapshot([big, small], opt)
+        big.grad, small.grad = _grad(big, 0), _grad(small, 0)
+        with pytest.raises(ValueError, match="contiguous CPU state" if case == "transposed buffer" else "float32 CPU tensor"):
+            opt.step()
+        assert same(snapshot([big, small], opt), before), case
+        assert not opt.state.get(big) and opt.param_groups[0]["sr_count"] == 0
+    opt.state[small]["step"] = torch.tensor(1.0)
+    opt.step()  # taken once the state is what the native call takes
+    assert float(opt.state[small]["step"]) == 2 and bw.is_8bit(opt.state[big])

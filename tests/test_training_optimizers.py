@@ -9,10 +9,14 @@ import oxoptim
 from oxoptim.training.stages import OPTIMIZERS, Stage, build_optimizer
 
 
+# Arguments an optimizer has no default for (SGD8bit: momentum; its default 0 keeps no state to quantise).
+REQUIRED = {"sgd8bit": {"momentum": 0.9}}
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_name_builds_the_oxoptim_class_and_steps(name: str) -> None:
     model = torch.nn.Linear(4, 2)
-    stage = Stage("s", optimizer=name, epochs=1, lr=0.01)
+    stage = Stage("s", optimizer=name, epochs=1, lr=0.01, **REQUIRED.get(name, {}))
     opt = build_optimizer(stage, model.parameters())
     assert type(opt) is getattr(oxoptim, OPTIMIZERS[name])
     if hasattr(opt, "train"):  # Schedule-Free: what a phase does before its first step
@@ -28,3 +32,8 @@ def test_rust_backed_optimizers_are_all_reachable_by_name() -> None:
 
     twins = {name for name in oxoptim.__all__ if isinstance(getattr(oxoptim, name), type) and issubclass(getattr(oxoptim, name), TorchTwin)}
     assert twins <= set(OPTIMIZERS.values())
+
+
+def test_an_optimizer_that_refuses_its_settings_stops_the_stage_before_training() -> None:
+    with pytest.raises(ValueError, match=r"stage 's': sgd8bit\(.*\): SGD without momentum is not supported"):
+        Stage("s", optimizer="sgd8bit", epochs=1, lr=0.01)

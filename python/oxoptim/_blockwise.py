@@ -116,8 +116,8 @@ def check_entry(where: str, entry: Any, param: torch.Tensor, moments: tuple[str,
 
 
 def step_tensor(step: Any) -> torch.Tensor:
-    """A saved step count as the 0-d float32 tensor torch's Adam keeps."""
-    if isinstance(step, torch.Tensor):
+    """A saved step count as the 0-d float32 CPU tensor torch's Adam keeps (and the native step takes)."""
+    if isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu":
         return step
     return torch.tensor(float(step), dtype=torch.float32)
 

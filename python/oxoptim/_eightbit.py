@@ -216,9 +216,19 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name}: the 8-bit state of parameter {i} must be contiguous CPU tensors")
         if eight and (p.device.type != "cpu" or p.dtype not in _PARAM_DTYPES or not p.is_contiguous()):
             raise ValueError(f"{name}: 8-bit state needs dense contiguous float32 or bfloat16 CPU parameters; parameter {i} is {p.dtype} on {p.device}")
-        if not eight and group.get("bf16_stochastic_round") and not (p.device.type == "cpu" and p.is_contiguous()):
+        native = eight or bool(group.get("bf16_stochastic_round"))  # no torch step to fall back on
+        if not eight and native and not (p.device.type == "cpu" and p.is_contiguous()):
             raise ValueError(f"{name}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory; "
                              f"parameter {i} is not")
+        if entry is not None and native:
+            step = entry["step"]
+            if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1 and step.device.type == "cpu"):
+                got = f"a {step.dtype} tensor on {step.device}" if isinstance(step, torch.Tensor) else type(step).__name__
+                raise ValueError(f"{name}: the step of parameter {i} must be a float32 CPU tensor of one element, got {got}")
+            moments = [entry[k] for k in self.MOMENTS]
+            if not eight and any(m.device.type != "cpu" or not m.is_contiguous() or m.dtype not in (p.dtype, torch.float32) for m in moments):
+                raise ValueError(f"{name}: bf16_stochastic_round=True needs contiguous CPU state of the parameter's dtype or float32; "
+                                 f"the state of parameter {i} is not")
 
     def _fresh_state(self, p: torch.Tensor, min_8bit_size: int) -> dict:
         """Zero state for ``p`` (checked by ``_check_param``): 8-bit moments from ``min_8bit_size`` elements."""
@@ -307,6 +317,8 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 if not bw.is_8bit(entry) and p.numel() >= merged["min_8bit_size"] and p.dtype in _PARAM_DTYPES and p.device.type == "cpu":
                     for moment in self.MOMENTS:
                         entry.update(bw.quantize(entry[moment], moment))
+                elif not bw.is_8bit(entry):  # the native step takes contiguous state (torch keeps the saved strides)
+                    entry.update({m: entry[m].contiguous() for m in self.MOMENTS})
                 new_state[key] = entry
         return {**state_dict, "state": new_state, "param_groups": new_groups}
 

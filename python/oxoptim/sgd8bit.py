@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.optim.sgd import sgd as torch_sgd
@@ -11,6 +11,7 @@ from torch.optim.sgd import sgd as torch_sgd
 from . import _blockwise as bw
 from . import _core
 from ._eightbit import EightBitOptimizer
+from ._lowprec import GROUP_KEYS
 from ._native import num_threads
 
 __all__ = ["SGD8bit"]
@@ -24,9 +25,10 @@ class SGD8bit(EightBitOptimizer):
     ``bitsandbytes.optim.SGD8bit``.
 
     Arguments are ``torch.optim.SGD``'s (``lr``, ``momentum``, ``dampening``,
-    ``weight_decay``, ``nesterov``, keyword-only ``maximize``) with torch's
-    checks and messages, plus bitsandbytes' ``min_8bit_size`` (block size 256)
-    and ``bf16_stochastic_round``. ``momentum`` must be positive: without
+    ``weight_decay``, ``nesterov``, keyword-only ``maximize``; ``foreach`` and
+    ``fused`` accepted and ignored, ``differentiable=True`` refused) with
+    torch's checks and messages, plus bitsandbytes' ``min_8bit_size`` (block
+    size 256) and ``bf16_stochastic_round``. ``momentum`` must be positive: without
     momentum there is no state to quantise, and the constructor raises
     ``NotImplementedError`` as bitsandbytes does (use :class:`oxoptim.SGD`).
 
@@ -34,8 +36,8 @@ class SGD8bit(EightBitOptimizer):
     ``momentum_buffer`` (uint8 codes of bitsandbytes' signed dynamic map,
     shaped like the parameter) and ``momentum_buffer_absmax`` (float32, one
     per block of 256): about 1.02 bytes of state per parameter instead of 4.
-    Smaller parameters keep an fp32 ``momentum_buffer`` and get exactly
-    ``oxoptim.SGD``'s update. Every parameter's entry also has ``step``
+    Smaller parameters keep a ``momentum_buffer`` of their own dtype and get
+    exactly ``oxoptim.SGD``'s update. Every parameter's entry also has ``step``
     (0 until its first step, whose buffer is the gradient itself, as torch
     makes it).
 
@@ -53,7 +55,8 @@ class SGD8bit(EightBitOptimizer):
     Switching in the middle of training: ``load_state_dict`` takes a
     ``torch.optim.SGD``/``oxoptim.SGD`` state dict and quantises its
     buffers, and a ``bitsandbytes.optim.SGD8bit`` one as it is (the same
-    scheme); :meth:`dequantized_state_dict` gives one that
+    scheme; its groups read with what bitsandbytes ran: dampening 0, no
+    Nesterov); :meth:`dequantized_state_dict` gives one that
     ``torch.optim.SGD`` loads.
     """
 
@@ -71,10 +74,16 @@ class SGD8bit(EightBitOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         min_8bit_size: int = 4096,
         bf16_stochastic_round: bool = False,
         kahan_sum: bool = False,
     ) -> None:
+        if differentiable:
+            raise ValueError("SGD8bit: differentiable=True is not supported with 8-bit state (its update is not an autograd graph)")
+        del foreach, fused  # accepted as torch.optim.SGD's: the one native path is taken either way
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum)
@@ -117,13 +126,17 @@ class SGD8bit(EightBitOptimizer):
         hyper = self._hyper(group)
         first = [(p, entry) for p, entry in full if float(entry["step"]) == 0]
         later = [(p, entry) for p, entry in full if float(entry["step"]) != 0]
+        # A first step with dampening makes its buffer with torch's step, as oxoptim.SGD's does,
+        # except under stochastic rounding, which only the kernels do.
+        torch_first = hyper["dampening"] != 0 and not group.get("bf16_stochastic_round")
         for part, settings in ((first, {**hyper, "dampening": 0.0}), (later, hyper)):
             if not part:
                 continue
             params = [p for p, _ in part]
             grads = [p.grad for p in params]
             buffers = [entry["momentum_buffer"] for _, entry in part]
-            if not _core.step("sgd", params, grads, [buffers], [], settings, num_threads=num_threads(), **self._rounding(group, params)):
+            by_torch = torch_first and part is first
+            if by_torch or not _core.step("sgd", params, grads, [buffers], [], settings, num_threads=num_threads(), **self._rounding(group, params)):
                 if group.get("bf16_stochastic_round"):
                     raise ValueError(f"{type(self).__name__}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory")
                 fresh = part is first
@@ -140,13 +153,19 @@ class SGD8bit(EightBitOptimizer):
     # -- state dicts ---------------------------------------------------------
 
     def _saved_group(self, index: int, saved: dict) -> dict:
-        """bitsandbytes' SGD8bit saves ``betas=(momentum, dampening)`` and ``eps``: as torch's keys."""
+        """bitsandbytes' SGD8bit saves ``lr``, ``betas=(momentum, dampening)``, ``eps`` and
+        ``weight_decay`` only, and its update ignores dampening (and has no Nesterov or maximize):
+        read as torch's keys with what it ran, dampening 0. Any other group without ``momentum``
+        is not an SGD one."""
         saved = bw.without_bnb_settings(index, saved, type(self).__name__)
-        if "momentum" in saved or "betas" not in saved:
+        if "momentum" in saved:
             return saved
+        own = {*GROUP_KEYS, "min_8bit_size"}
+        if "betas" not in saved or set(saved) - {"params", "lr", "betas", "eps", "weight_decay", *own}:
+            raise ValueError(f"param_groups[{index}] has no 'momentum': not a state dict of SGD (torch's, oxoptim's "
+                             f"or bitsandbytes' SGD8bit), which {type(self).__name__} loads")
         out = {k: v for k, v in saved.items() if k not in ("betas", "eps")}
-        momentum, dampening = saved["betas"]
-        return {**out, "momentum": momentum, "dampening": dampening}
+        return {**out, "momentum": saved["betas"][0], "dampening": 0.0, "nesterov": False, "maximize": False}
 
     def _saved_entry(self, entry: Any) -> Any:
         """torch SGD keeps only ``momentum_buffer`` (None, or absent, before the first step): its

@@ -396,7 +396,7 @@ class Stage:
 
                         StepInBackward(opt, accumulate=self.accumulate, accumulation=self.accumulation,
                                        clip=self.backward_clip(), release_rows=[probe] if self.release_rows else ())
-                except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as e:
+                except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, NotImplementedError) as e:
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
                     raise ValueError(f"{where}{call}: {e}") from e
                 if self.layer_lr_decay != 1.0 and self.trainable == "all":

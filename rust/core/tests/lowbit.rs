@@ -11,7 +11,7 @@ use oxoptim_core::{
 };
 
 mod common;
-use common::{raw, step_table_row, values, OFFSETS};
+use common::{raw, reference_codes, same_on_every_path, step_table_row, values, OFFSETS};
 
 fn lengths() -> Vec<usize> {
     (0..=67).chain([255, 256, 257, 511, 513, 1000]).collect()
@@ -189,31 +189,9 @@ fn adam8bit_is_the_same_on_every_path_thread_count_length_and_offset() {
                 assert!(s.step.iter().all(|&k| k == 3.0));
                 s.bits()
             };
-            let reference = run(Exec::new(Backend::Scalar, 1));
-            for backend in Backend::supported() {
-                for threads in [1, 2, 3] {
-                    assert!(
-                        run(Exec::new(backend, threads)) == reference,
-                        "{backend:?} threads={threads} offset={offset}"
-                    );
-                }
-            }
+            same_on_every_path(&format!("offset={offset}"), run);
         }
     }
-}
-
-/// Codes by the definition, in f64: midpoints strictly below `x / absmax`.
-fn reference_codes(map: Map, x: &[f64]) -> (Vec<u8>, f64) {
-    let book = Codebook::get(map);
-    let absmax = x.iter().fold(0f64, |a, &b| a.max(b.abs()));
-    let codes = x
-        .iter()
-        .map(|&v| {
-            let y = if absmax == 0.0 { 0.0 } else { v / absmax };
-            book.midpoints().iter().filter(|&&m| (m as f64) < y).count() as u8
-        })
-        .collect();
-    (codes, absmax)
 }
 
 #[test]

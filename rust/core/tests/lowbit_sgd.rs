@@ -12,7 +12,7 @@ use oxoptim_core::rounding::ParamRounding;
 use oxoptim_core::{Backend, DType, Error, Exec, SgdConfig, OPTIMIZERS};
 
 mod common;
-use common::{raw, step_table_row, values, Storage, OFFSETS};
+use common::{raw, reference_codes, same_on_every_path, step_table_row, values, Storage, OFFSETS};
 
 fn lengths() -> Vec<usize> {
     (0..=67).chain([255, 256, 257, 511, 513, 1000]).collect()
@@ -137,15 +137,7 @@ fn same_everywhere<T: Storage>(rounding: ParamRounding) {
                     assert!(s.step.iter().all(|&k| k == if warm { 4.0 } else { 3.0 }));
                     s.bits()
                 };
-                let reference = run(Exec::new(Backend::Scalar, 1));
-                for backend in Backend::supported() {
-                    for threads in [1, 2, 3] {
-                        assert!(
-                            run(Exec::new(backend, threads)) == reference,
-                            "{c:?} warm={warm} offset={offset} {backend:?} threads={threads}"
-                        );
-                    }
-                }
+                same_on_every_path(&format!("{c:?} warm={warm} offset={offset}"), run);
             }
         }
     }
@@ -189,20 +181,6 @@ fn bf16_weights_rounded_to_nearest_are_the_f32_update_rounded() {
     }
 }
 
-/// Codes by the definition, in f64: midpoints strictly below `x / absmax`.
-fn reference_codes(x: &[f64]) -> (Vec<u8>, f64) {
-    let book = Codebook::get(Map::Signed);
-    let absmax = x.iter().fold(0f64, |a, &b| a.max(b.abs()));
-    let codes = x
-        .iter()
-        .map(|&v| {
-            let y = if absmax == 0.0 { 0.0 } else { v / absmax };
-            book.midpoints().iter().filter(|&&m| (m as f64) < y).count() as u8
-        })
-        .collect();
-    (codes, absmax)
-}
-
 #[test]
 fn one_step_matches_a_float64_dequantise_sgd_quantise_reference() {
     let n = 4 * BLOCK + 77;
@@ -232,7 +210,7 @@ fn one_step_matches_a_float64_dequantise_sgd_quantise_reference() {
             let mut differing = 0;
             for b in 0..n.div_ceil(BLOCK) {
                 let at = b * BLOCK..n.min((b + 1) * BLOCK);
-                let (want, want_absmax) = reference_codes(&b1[at.clone()]);
+                let (want, want_absmax) = reference_codes(Map::Signed, &b1[at.clone()]);
                 let got_absmax = s.absmax[0][b] as f64;
                 assert!(
                     (got_absmax - want_absmax).abs() <= 1e-6 * want_absmax,

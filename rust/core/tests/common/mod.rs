@@ -184,3 +184,31 @@ pub unsafe fn step_table_row<O: oxoptim_core::optimizer::Optimizer>(
         oxoptim_core::optimizer::find(OPTIMIZERS, O::NAME)?.step(config, &batch, &mut scalars, exec)
     }
 }
+
+/// Codes by the definition, in f64: midpoints strictly below `x / absmax`.
+pub fn reference_codes(map: oxoptim_core::quant::Map, x: &[f64]) -> (Vec<u8>, f64) {
+    let book = oxoptim_core::quant::Codebook::get(map);
+    let absmax = x.iter().fold(0f64, |a, &b| a.max(b.abs()));
+    let codes = x
+        .iter()
+        .map(|&v| {
+            let y = if absmax == 0.0 { 0.0 } else { v / absmax };
+            book.midpoints().iter().filter(|&&m| (m as f64) < y).count() as u8
+        })
+        .collect();
+    (codes, absmax)
+}
+
+/// `run` gives the same result on every backend and thread count (1, 2, 3) as on the scalar
+/// path on one thread; `what` names the case in a failure.
+pub fn same_on_every_path<R: PartialEq>(what: &str, run: impl Fn(Exec) -> R) {
+    let reference = run(Exec::new(Backend::Scalar, 1));
+    for backend in Backend::supported() {
+        for threads in [1, 2, 3] {
+            assert!(
+                run(Exec::new(backend, threads)) == reference,
+                "{what} {backend:?} threads={threads}"
+            );
+        }
+    }
+}
