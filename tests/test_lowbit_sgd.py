@@ -336,7 +336,7 @@ def test_bad_input_leaves_parameters_and_state_unchanged() -> None:
         (lambda sd: sd["state"][1].__setitem__("momentum_buffer", torch.zeros(3)), ValueError, r"state\[1\]\['momentum_buffer'\] has shape"),
         (lambda sd: sd["state"][0].__setitem__("momentum_buffer_absmax", torch.zeros(2)), ValueError, "momentum_buffer_absmax"),
         (lambda sd: sd["state"][0].pop("momentum_buffer_absmax"), KeyError, "momentum_buffer_absmax"),
-        (lambda sd: sd["param_groups"][0].__setitem__("momentum", 0.0), NotImplementedError, "without momentum"),
+        (lambda sd: sd["param_groups"][0].__setitem__("momentum", 0.0), ValueError, r"param_groups\[0\]: SGD without momentum"),
         (lambda sd: sd["param_groups"][0].__setitem__("nesterov", True) or sd["param_groups"][0].__setitem__("dampening", 0.5), ValueError, "Nesterov"),
     ):
         sd = copy.deepcopy(opt.state_dict())
@@ -488,11 +488,40 @@ def test_a_bitsandbytes_group_with_dampening_loads_as_what_bitsandbytes_ran() ->
 
 def test_a_state_dict_of_another_optimizer_is_refused_before_anything_is_loaded() -> None:
     params = [_param(5000, 0)]
-    adam = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())])  # no state yet: only its groups say so
+    twin = [torch.nn.Parameter(params[0].detach().clone())]
     opt = oxoptim.SGD8bit(params, momentum=0.9)
-    with pytest.raises(ValueError, match="has no 'momentum': not a state dict of SGD"):
-        opt.load_state_dict(adam.state_dict())
-    assert opt.param_groups[0]["momentum"] == 0.9 and not opt.state
+    others = [torch.optim.Adam(twin), oxoptim.AdamW8bit(twin)]  # no state yet: only their groups say so
+    try:
+        others.append(_bnb().optim.RMSprop8bit(twin))
+    except pytest.skip.Exception:
+        pass
+    for other in others:
+        with pytest.raises(ValueError, match="has no 'momentum': not a state dict of SGD"):
+            opt.load_state_dict(other.state_dict())
+        assert opt.param_groups[0]["momentum"] == 0.9 and not opt.state
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: SGD without momentum"):  # torch SGD without momentum
+        opt.load_state_dict(torch.optim.SGD(twin, lr=0.1).state_dict())
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_a_bitsandbytes_state_dict_with_keys_torch_adds_loads() -> None:
+    """A scheduler's ``initial_lr`` and ``param_names`` (an optimizer built from named parameters)
+    are keys torch adds to any optimizer's groups, bitsandbytes' too."""
+    bnb = _bnb()
+    model = torch.nn.Linear(64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = bnb.optim.SGD8bit(model.named_parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(theirs, 2)
+        for k in range(2):
+            for p in model.parameters():
+                p.grad = _grad(p, k)
+            theirs.step()
+            scheduler.step()
+    ours = oxoptim.SGD8bit(model.named_parameters(), lr=0.5, momentum=0.5, min_8bit_size=1000)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert ours.param_groups[0]["momentum"] == 0.9 and ours.param_groups[0]["initial_lr"] == 0.1
+    assert bw.is_8bit(ours.state[model.weight]) and float(ours.state[model.weight]["step"]) == 2
 
 
 def test_torch_sgds_other_keywords_are_taken() -> None:
@@ -514,16 +543,19 @@ def test_state_the_native_step_cannot_take_is_refused_before_any_group_is_writte
     opt = oxoptim.SGD8bit([{"params": [big]}, {"params": [small]}], lr=0.1, momentum=0.9, bf16_stochastic_round=True)
     opt.load_state_dict(source.state_dict())
     assert opt.state[small]["momentum_buffer"].is_contiguous() and opt.state[small]["step"].dtype == torch.float32
-    for case in ("transposed buffer", "int64 step"):
+    for case in ("transposed buffer", "float32 buffer", "int64 step"):
         entry = opt.state[small]
         if case == "transposed buffer":
             entry["momentum_buffer"] = entry["momentum_buffer"].t().contiguous().t()
+        elif case == "float32 buffer":
+            entry["momentum_buffer"] = entry["momentum_buffer"].contiguous().float()
         else:
+            entry["momentum_buffer"] = entry["momentum_buffer"].bfloat16()
             entry["momentum_buffer"] = entry["momentum_buffer"].contiguous()
             entry["step"] = torch.tensor(1)
         before = snapshot([big, small], opt)
         big.grad, small.grad = _grad(big, 0), _grad(small, 0)
-        with pytest.raises(ValueError, match="contiguous CPU state" if case == "transposed buffer" else "float32 CPU tensor"):
+        with pytest.raises(ValueError, match="contiguous CPU state of the parameter's dtype" if case != "int64 step" else "float32 CPU tensor"):
             opt.step()
         assert same(snapshot([big, small], opt), before), case
         assert not opt.state.get(big) and opt.param_groups[0]["sr_count"] == 0

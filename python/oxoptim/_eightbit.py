@@ -191,7 +191,7 @@ class EightBitOptimizer(torch.optim.Optimizer):
                                      f"the gradient of parameter {i} is not")
                 full.append((p, entry))
         stepped = [*eight, *full]
-        written = [*(p for p, _ in stepped), *(t for _, entry in stepped for t in entry.values() if t.dim())]
+        written = [*(p for p, _ in stepped), *(t for _, entry in stepped for t in entry.values() if isinstance(t, torch.Tensor) and t.dim())]
         if shares_memory(written, [p.grad for p, _ in stepped]):
             raise ValueError(f"{name}: parameters, gradients or state of this group share memory (a parameter listed twice, "
                              "or views of one tensor); the native step cannot take them")
@@ -226,8 +226,8 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 got = f"a {step.dtype} tensor on {step.device}" if isinstance(step, torch.Tensor) else type(step).__name__
                 raise ValueError(f"{name}: the step of parameter {i} must be a float32 CPU tensor of one element, got {got}")
             moments = [entry[k] for k in self.MOMENTS]
-            if not eight and any(m.device.type != "cpu" or not m.is_contiguous() or m.dtype not in (p.dtype, torch.float32) for m in moments):
-                raise ValueError(f"{name}: bf16_stochastic_round=True needs contiguous CPU state of the parameter's dtype or float32; "
+            if not eight and any(m.device.type != "cpu" or not m.is_contiguous() or m.dtype != p.dtype for m in moments):
+                raise ValueError(f"{name}: bf16_stochastic_round=True needs contiguous CPU state of the parameter's dtype; "
                                  f"the state of parameter {i} is not")
 
     def _fresh_state(self, p: torch.Tensor, min_8bit_size: int) -> dict:
@@ -301,7 +301,10 @@ class EightBitOptimizer(torch.optim.Optimizer):
             merged = dict(saved)
             for key in self.LOADED_DEFAULTS:
                 merged.setdefault(key, group[key])
-            self._check_group(merged)
+            try:
+                self._check_group(merged)
+            except NotImplementedError as e:  # settings the constructor refuses so (SGD8bit without momentum)
+                raise ValueError(f"param_groups[{index}]: {e}") from e
             check_low_precision(type(self).__name__, {**merged, "params": group["params"]})
             new_groups.append(merged)
             for key, p in zip(saved["params"], group["params"]):

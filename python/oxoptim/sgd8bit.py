@@ -11,7 +11,6 @@ from torch.optim.sgd import sgd as torch_sgd
 from . import _blockwise as bw
 from . import _core
 from ._eightbit import EightBitOptimizer
-from ._lowprec import GROUP_KEYS
 from ._native import num_threads
 
 __all__ = ["SGD8bit"]
@@ -56,8 +55,9 @@ class SGD8bit(EightBitOptimizer):
     ``torch.optim.SGD``/``oxoptim.SGD`` state dict and quantises its
     buffers, and a ``bitsandbytes.optim.SGD8bit`` one as it is (the same
     scheme; its groups read with what bitsandbytes ran: dampening 0, no
-    Nesterov); :meth:`dequantized_state_dict` gives one that
-    ``torch.optim.SGD`` loads.
+    Nesterov); other optimizers' state dicts are refused, but for
+    bitsandbytes' ``Lion8bit``, whose layout is the same.
+    :meth:`dequantized_state_dict` gives one that ``torch.optim.SGD`` loads.
     """
 
     KIND: ClassVar[str] = "sgd8bit"
@@ -160,8 +160,10 @@ class SGD8bit(EightBitOptimizer):
         saved = bw.without_bnb_settings(index, saved, type(self).__name__)
         if "momentum" in saved:
             return saved
-        own = {*GROUP_KEYS, "min_8bit_size"}
-        if "betas" not in saved or set(saved) - {"params", "lr", "betas", "eps", "weight_decay", *own}:
+        # bitsandbytes' SGD8bit saves eps 0 and no Adam flag (torch adds keys of its own, e.g. a
+        # scheduler's initial_lr, param_names). Its Lion8bit saves the same keys: not told apart.
+        adam = {"amsgrad", "capturable", "decoupled_weight_decay", "differentiable", "fused", "foreach"} & set(saved)
+        if "betas" not in saved or saved.get("eps", 0.0) != 0 or adam:
             raise ValueError(f"param_groups[{index}] has no 'momentum': not a state dict of SGD (torch's, oxoptim's "
                              f"or bitsandbytes' SGD8bit), which {type(self).__name__} loads")
         out = {k: v for k, v in saved.items() if k not in ("betas", "eps")}
