@@ -17,6 +17,7 @@ from test_step_in_backward import assert_same_training
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oxoptim
+from oxoptim import _blockwise as bw
 from oxoptim import rows, step_in_backward
 from oxoptim.rows import _ACTIVE, _head_plus_embedding, weight_gradient_rows
 
@@ -245,7 +246,7 @@ def test_the_chunked_weight_gradient_is_autograds_to_rounding(tokens, dim, vocab
 # bfloat16 weights with stochastic rounding (each piece draws its rows' bits of the weight's stream),
 # Kahan summation, bfloat16 state and 8-bit state (rows of 512: two whole blocks), SGD's momentum buffer made
 # from zero (dampening 0) by the first piece of each row block.
-LOW_PRECISION = [row for row in SIB_LOW_PRECISION if row[1] is not oxoptim.SGD8bit]  # refused: see below
+LOW_PRECISION = SIB_LOW_PRECISION
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -262,7 +263,7 @@ def test_low_precision_released_rows_are_bit_identical_to_the_ordinary_loop(name
     (a, opt_a), (b, opt_b) = results
     assert_same(a, opt_a, b, opt_b)
     if "8bit" in name:
-        assert all(opt_b.state[w]["exp_avg"].dtype == torch.uint8 for w in b.released())
+        assert all(bw.is_8bit(opt_b.state[w]) for w in b.released())
 
 
 # Rows that split 8-bit blocks are updated in whole units: the fewest rows that end on a block
@@ -425,7 +426,7 @@ def test_outside_the_context_and_under_no_grad_they_are_the_torch_functions() ->
 
 REFUSED = [
     ("Adafactor", lambda ps: oxoptim.Adafactor(ps), {}, "elementwise"),
-    ("SGD8bit", lambda ps: oxoptim.SGD8bit(ps, momentum=0.9), {}, "does not take SGD8bit"),
+    ("SGD8bit, fp32 state", lambda ps: oxoptim.SGD8bit(ps, momentum=0.9, min_8bit_size=10**6), {}, "8-bit state only"),
     ("accumulate 2", lambda ps: oxoptim.AdamW(ps), {"accumulate": 2}, "accumulate"),
     ("clipping", lambda ps: oxoptim.AdamW(ps), {"clip": oxoptim.ClipPerParameter(1.0)}, "clip"),
     ("row_chunk 0", lambda ps: oxoptim.AdamW(ps), {"row_chunk": 0}, "row_chunk"),

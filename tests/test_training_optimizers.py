@@ -37,3 +37,10 @@ def test_rust_backed_optimizers_are_all_reachable_by_name() -> None:
 def test_an_optimizer_that_refuses_its_settings_stops_the_stage_before_training() -> None:
     with pytest.raises(ValueError, match=r"stage 's': sgd8bit\(.*\): SGD without momentum is not supported"):
         Stage("s", optimizer="sgd8bit", epochs=1, lr=0.01)
+
+
+def test_a_release_rows_stage_of_sgd8bit_validates_with_weights_it_can_release() -> None:
+    """SGD8bit releases the rows of weights with 8-bit state only: the stage's check probes with one."""
+    Stage("s", optimizer="sgd8bit", epochs=1, momentum=0.9, step_in_backward=True, release_rows=True)
+    with pytest.raises(ValueError, match="8-bit state only"):
+        Stage("s", optimizer="sgd8bit", epochs=1, momentum=0.9, min_8bit_size=10**9, step_in_backward=True, release_rows=True)

@@ -103,7 +103,8 @@ __all__ = ["embedding", "linear"]
 # Kinds whose update is elementwise over parameter-shaped state (or, for the 8-bit optimizers,
 # over blocks of 256 elements: rows are then updated in units that cover whole blocks).
 _ELEMENTWISE = frozenset({"sgd", "adam", "rmsprop", "adagrad", "adamax", "nadam", "radam", "adadelta", "asgd",
-                          "rprop", "lion", "adamw_schedulefree", "sgd_schedulefree", "adam8bit"})
+                          "rprop", "lion", "adamw_schedulefree", "sgd_schedulefree", "adam8bit", "sgd8bit"})
+_EIGHT_BIT = frozenset({"adam8bit", "sgd8bit"})
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _ACTIVE: dict[int, "RowRelease"] = {}  # id(weight) -> its release, while a step_in_backward context is open
 
@@ -218,9 +219,6 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
     if isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk < 1:
         raise ValueError(f"row_chunk must be a positive int, got {row_chunk!r}")
     kind = getattr(optimizer, "KIND", None)
-    if kind == "sgd8bit":
-        raise ValueError("release_rows does not take SGD8bit (its small-parameter steps count steps in Python): "
-                         "use SGD8bit without release_rows, or oxoptim.SGD")
     if kind not in _ELEMENTWISE:
         raise ValueError(f"release_rows needs an optimizer whose update is elementwise over its state; "
                          f"{type(optimizer).__name__} is not (Adafactor's factored moments, Prodigy's d are not)")
@@ -240,7 +238,10 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
                              f"shape {tuple(w.shape)}, {w.dtype} on {w.device}")
         if _first_momentum_by_torch(optimizer, group, w):
             _check_torch_momentum(group, w)
-        if kind != "adam8bit" and not group_is_native(optimizer, group):
+        if kind == "sgd8bit" and not (optimizer.state.get(w) and bw.is_8bit(optimizer.state[w])) and w.numel() < group["min_8bit_size"]:
+            raise ValueError(f"release_rows takes SGD8bit weights with 8-bit state only (at least min_8bit_size = "
+                             f"{group['min_8bit_size']} elements): this one has {w.numel()}, whose steps count in Python")
+        if kind not in _EIGHT_BIT and not group_is_native(optimizer, group):
             raise ValueError("release_rows: the weight's group must take the native path (no differentiable, "
                              "capturable or tensor hyper-parameters, no AMP grad scaling)")
     return weights
@@ -261,15 +262,16 @@ class _Kernel:
 
 def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
     """The weight's native call, its state made first as the ordinary step would make it."""
-    if optimizer.KIND == "adam8bit":
+    if optimizer.KIND in _EIGHT_BIT:
         if not optimizer.state.get(w):
             optimizer.state[w] = optimizer._fresh_state(w, group["min_8bit_size"])
         rounding = dict(optimizer._rounding(group, [w]))
         stream = rounding.pop("stream_ids", [None])[0]
         hyper = optimizer._hyper(group)
         if bw.is_8bit(optimizer.state[w]):
-            codes = [("exp_avg", 1), ("exp_avg_sq", 1), ("exp_avg_absmax", bw.BLOCK), ("exp_avg_sq_absmax", bw.BLOCK)]
+            codes = [(m, 1) for m in optimizer.MOMENTS] + [(f"{m}_absmax", bw.BLOCK) for m in optimizer.MOMENTS]
             return _Kernel(optimizer.KIND, hyper, codes, ["step"], rounding, stream)
+        assert optimizer.KIND == "adam8bit", "release_rows refuses SGD8bit weights with fp32 state"
         hyper = {**hyper, "amsgrad": False, "maximize": False}
         return _Kernel("adam", hyper, [("exp_avg", 1), ("exp_avg_sq", 1)], ["step"], rounding, stream)
     hyper = optimizer._hyper(group)
@@ -374,7 +376,7 @@ class RowRelease:
         """Rows updated together: 1, or for 8-bit state on rows that split its blocks, the fewest rows
         that end on a block boundary (a block is dequantised, updated and quantised whole)."""
         w, optimizer = self.weight, self.optimizer
-        if optimizer.KIND != "adam8bit" or w.shape[1] % bw.BLOCK == 0:
+        if optimizer.KIND not in _EIGHT_BIT or w.shape[1] % bw.BLOCK == 0:
             return 1
         entry = optimizer.state.get(w)
         group = _group_of(optimizer, w)

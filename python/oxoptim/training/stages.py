@@ -388,8 +388,11 @@ class Stage:
                                      f'which only a full-batch stage computes: use batch_size = "full" or another '
                                      f'step_rule')
                 try:
-                    # a row of 256 elements: what release_rows needs of every optimizer (8-bit blocks)
-                    probe = torch.zeros((1, 256) if self.release_rows else 1, dtype=dtype, requires_grad=True)
+                    # rows of 256 elements: what release_rows needs of every optimizer (8-bit blocks), as
+                    # many as an 8-bit optimizer keeps 8-bit state for (SGD8bit releases only those)
+                    eight_bit = kwargs.get("min_8bit_size", optimizer_defaults(cls).get("min_8bit_size", 0))
+                    rows = min(max(1, -(-int(eight_bit) // 256)), 4096) if isinstance(eight_bit, int) else 1
+                    probe = torch.zeros((rows, 256) if self.release_rows else 1, dtype=dtype, requires_grad=True)
                     opt = cls([probe], **kwargs)
                     if self.step_in_backward:  # its own checks: a Rust-backed optimizer, the options
                         from oxoptim.backward import StepInBackward
