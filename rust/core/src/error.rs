@@ -37,19 +37,27 @@ impl Error {
         Error::ZeroDivision("float division by zero".into())
     }
 
+    /// Python's error for `0.0 ** negative`.
+    pub fn zero_to_negative_power() -> Error {
+        Error::ZeroDivision("0.0 cannot be raised to a negative power".into())
+    }
+
+    /// Python's error for a float `**` whose finite result is out of range. CPython
+    /// formats it from `errno` (this is glibc's wording); the Python bindings raise
+    /// the interpreter's own.
+    pub fn power_out_of_range() -> Error {
+        Error::Overflow("(34, 'Numerical result out of range')".into())
+    }
+
     /// Python's `base ** exponent` on two floats: its ZeroDivisionError for
     /// `0.0 ** negative`, its OverflowError for a finite result out of range.
     pub fn checked_py_pow(base: f64, exponent: f64) -> Result<f64> {
         if base == 0.0 && exponent < 0.0 && exponent.is_finite() {
-            return Err(Error::ZeroDivision(
-                "0.0 cannot be raised to a negative power".into(),
-            ));
+            return Err(Error::zero_to_negative_power());
         }
         let value = base.powf(exponent);
         if value.is_infinite() && base.is_finite() && exponent.is_finite() {
-            return Err(Error::Overflow(
-                "(34, 'Numerical result out of range')".into(),
-            ));
+            return Err(Error::power_out_of_range());
         }
         Ok(value)
     }

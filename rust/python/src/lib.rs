@@ -30,6 +30,22 @@ pub(crate) fn or_fallback<T>(r: core::Result<T>) -> PyResult<Option<T>> {
 }
 
 pub(crate) fn core_error(e: core::Error) -> PyErr {
+    // Python's float arithmetic errors are this interpreter's own (arguments and wording
+    // vary with the platform: CPython formats an overflow from errno).
+    let python_arithmetic = if e == core::Error::float_division_by_zero() {
+        Some(c"1.0 / 0.0")
+    } else if e == core::Error::zero_to_negative_power() {
+        Some(c"0.0 ** -1.0")
+    } else if e == core::Error::power_out_of_range() {
+        Some(c"1e308 ** 2.0")
+    } else {
+        None
+    };
+    if let Some(expression) = python_arithmetic {
+        if let Err(error) = Python::attach(|py| py.eval(expression, None, None).map(drop)) {
+            return error;
+        }
+    }
     match e {
         core::Error::InvalidArgument(m) => PyValueError::new_err(m),
         core::Error::ZeroDivision(m) => PyZeroDivisionError::new_err(m),

@@ -53,14 +53,10 @@ impl PerElement for AsgdConfig {
         let base = 1.0 + self.lambd * self.lr * scalars.incremented(slot, 0);
         let divisor = self.eta_divisor(scalars.incremented(slot, 0));
         if base == 0.0 && self.alpha < 0.0 {
-            Err(Error::ZeroDivision(
-                "0.0 cannot be raised to a negative power".into(),
-            ))
+            Err(Error::zero_to_negative_power())
         } else if divisor.is_infinite() && base.is_finite() && self.alpha.is_finite() {
             // CPython's float `**` refuses a finite result it cannot represent.
-            Err(Error::Overflow(
-                "(34, 'Numerical result out of range')".into(),
-            ))
+            Err(Error::power_out_of_range())
         } else if divisor == 0.0 {
             Err(Error::float_division_by_zero())
         } else {
