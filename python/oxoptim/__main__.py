@@ -30,8 +30,8 @@ def demo(quiet: bool = False) -> float:
     diff = (results["oxoptim.SGD"][1] - results["torch.optim.SGD"][1]).abs().max().item()
     if not quiet:
         print(f"SIMD backend: {oxoptim.simd_backend()}")
-        for name, (loss, _) in results.items():
-            print(f"{name:>16}: final loss {loss:.6f} after 100 steps")
+        for name, (final_loss, _) in results.items():
+            print(f"{name:>16}: final loss {final_loss:.6f} after 100 steps")
         print(f"max |oxoptim - torch| over the weights: {diff:.3g}")
     return diff
 

@@ -86,7 +86,7 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 _PLAIN = frozenset({float, int, bool, str, type(None)})
 
 
-def drop_unfinished_iteration(optimizer: torch.optim.Optimizer) -> None:
+def drop_unfinished_iteration(optimizer: Any) -> None:
     """``zero_grad()`` under ``step_in_backward`` before the iteration's ``step()`` (a backward that
     raised, a batch skipped): the next backward starts a new iteration. What backward already
     updated stays updated."""

@@ -46,7 +46,12 @@ def _copy(dst: list, src: list) -> None:
 def _distinct(tensors: list) -> list:
     """``tensors`` without repeats (by identity), in order."""
     seen: set = set()
-    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
+    distinct = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            distinct.append(t)
+    return distinct
 
 
 def _check_fold(means: list, grads: list, weight: float, first: bool) -> None:
@@ -314,7 +319,7 @@ def _check_settings(mode: Any, decay: Any, start_step: Any) -> None:
     """ParamAverager's settings, as the constructor and a loaded state dict must give them."""
     if mode not in ("ema", "swa"):
         raise ValueError(f"Invalid mode {mode!r}: expected 'ema' or 'swa'")
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= float(decay) <= 1.0:
         raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
     if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
         raise ValueError(f"Invalid start_step: {start_step}")

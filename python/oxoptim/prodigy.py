@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -251,7 +251,8 @@ class ProdigyReference(torch.optim.Optimizer):
         # moves (a coupled decay reads the parameter), except within a group
         # that both passes step in one call.
         fuse = estimate is not None and self._can_fuse(gathered)
-        fused = [fuse and self._fused(group, start, estimate, params, grads) for group, params, grads in gathered]
+        fused = [estimate is not None and fuse and self._fused(group, start, estimate, params, grads)
+                 for group, params, grads in gathered]
         for (group, params, grads), done in zip(gathered, fused):
             if not done:
                 self._moments(group, start, params, grads)
@@ -360,7 +361,7 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     def _sums(self, group: dict, start: _Start, params: list, grads: list) -> list[tuple[float, float]]:
         if self._native(group, params, grads):
             decay = group["weight_decay"] if not start.decouple else 0.0
-            options = dict(weight_decay=decay, beta3=start.beta3, s_weight=self._s_weight(group, start), num_threads=num_threads())
+            decay, beta3, s_weight = float(decay), float(start.beta3), float(self._s_weight(group, start))
             full = [i for i, p in enumerate(params) if self.state[p]["p0"].dim() != 0]
             zero = [i for i, p in enumerate(params) if self.state[p]["p0"].dim() == 0]
             out: list[Any] = [None] * len(params)
@@ -369,7 +370,8 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
                     continue
                 ps = [params[i] for i in indices]
                 origins = [self.state[p]["p0"] for p in ps] if with_origin else None
-                sums = _core.prodigy_sums(ps, [grads[i] for i in indices], [self.state[p]["s"] for p in ps], origins, **options)
+                sums = _core.prodigy_sums(ps, [grads[i] for i in indices], [self.state[p]["s"] for p in ps], origins,
+                                          weight_decay=decay, beta3=beta3, s_weight=s_weight, num_threads=num_threads())
                 if sums is None:
                     break
                 for i, value in zip(indices, sums):
@@ -384,7 +386,7 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     def _fused(self, group: dict, start: _Start, estimate: _Estimate, params: list, grads: list) -> bool:
         if not params:
             return True  # nothing to step (a skipped group: the whole-group path would take its parameters)
-        self._context = (start, estimate)
+        self._context: Optional[Tuple[_Start, _Estimate]] = (start, estimate)
         try:
             # TorchTwin's two native paths: the whole group (descriptions cached), else the list.
             done = self._fast_step(group, tensor_cache(self)) or self._list_step(group, params, grads)

@@ -139,7 +139,7 @@ class Subgradient(torch.optim.Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("Subgradient does not support sparse gradients")
             needs_norm = group["step_rule"] == "polyak" or group["normalize"]
-            sq = _direction_sq_norm(group, params, grads) if needs_norm else None
+            sq = _direction_sq_norm(group, params, grads) if needs_norm else 0.0  # read only when needed
             plans.append((group, params, grads, sq))
         if not plans:
             return loss

@@ -101,8 +101,8 @@ def load_checkpoint(path: str) -> Any:
         raise CheckpointError(f"checkpoint {path} is corrupt: bad header (not an oxoptim checkpoint or truncated)")
     nl = data.find(b"\n", len(MAGIC))
     try:
-        digest, length = data[len(MAGIC):nl].decode().split(" ")
-        length = int(length)
+        digest, length_text = data[len(MAGIC):nl].decode().split(" ")
+        length = int(length_text)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: unreadable header") from e
     payload = data[nl + 1:]

@@ -96,7 +96,7 @@ def parse_lm_config(raw: dict) -> dict:
     from .rules import monitorable
     from .tasks import LanguageModelTask
 
-    pre_stages = p.get("stages") if f["init"] == "pretrained" and isinstance(p.get("stages"), list) else []
+    pre_stages: List[Any] = p["stages"] if f["init"] == "pretrained" and isinstance(p.get("stages"), list) else []
     for i, t in enumerate(pre_stages):
         # the GPT's layer groups put the tied token embedding (also its output layer) at the bottom:
         # "head" would train the final norm alone, and decay would slow the output layer most

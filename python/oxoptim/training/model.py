@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, cast
 
 import torch
 from torch import _VF, nn
@@ -67,8 +67,10 @@ class BiGRUClassifier(nn.Module):
         n = lengths.unsqueeze(1)
         flip = torch.where(t < n, n - 1 - t, t).unsqueeze(-1)  # an involution: applying it twice is a no-op
         h0 = e.new_zeros(1, e.shape[0], g.hidden_size)
-        fwd_w = [g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0]
-        bwd_w = [g.weight_ih_l0_reverse, g.weight_hh_l0_reverse, g.bias_ih_l0_reverse, g.bias_hh_l0_reverse]
+        # nn.Module's attributes are typed Tensor | Module: these are the GRU's weights.
+        fwd_w = cast(List[torch.Tensor], [g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0])
+        bwd_w = cast(List[torch.Tensor], [g.weight_ih_l0_reverse, g.weight_hh_l0_reverse, g.bias_ih_l0_reverse,
+                                          g.bias_hh_l0_reverse])
         fwd, _ = _VF.gru(e, h0, fwd_w, True, 1, 0.0, self.training, False, True)
         bwd, _ = _VF.gru(e.gather(1, flip.expand_as(e)), h0, bwd_w, True, 1, 0.0, self.training, False, True)
         return torch.cat([fwd, bwd.gather(1, flip.expand_as(bwd))], dim=-1)
@@ -95,9 +97,8 @@ class BiGRUClassifier(nn.Module):
             m = mask.unsqueeze(-1)
             mx = out.masked_fill(~m, float("-inf")).max(1).values
             mean = (out * m).sum(1) / lengths.unsqueeze(1)
-            feat = {"max": mx, "mean": mean}.get(self.pool)
-            if feat is None:
-                feat = torch.cat([mx, mean], dim=1)
+            pooled = {"max": mx, "mean": mean}.get(self.pool)
+            feat = torch.cat([mx, mean], dim=1) if pooled is None else pooled
         return self.dense(self.drop(feat))
 
 

@@ -71,6 +71,7 @@ class Phase:
     def _build(cls, stage: Stage, model: nn.Module, steps_per_epoch: int, overrides: dict,
                carried: Optional[dict] = None) -> "Phase":
         set_param_dtype(model, stage.param_dtype)  # before the optimizer sees the parameters
+        opt: Any  # a torch.optim.Optimizer; Schedule-Free's also has train()/eval()
         if stage.per_layer or hasattr(model, "layer_groups"):
             groups, factors = layer_groups(stage, model)
             params = [p for g in groups for p in g]

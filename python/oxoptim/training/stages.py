@@ -619,7 +619,7 @@ def _dry_run(stage: Stage, overrides: dict, carried: Optional[dict] = None, stri
     ``strict``). The state is carried as a stage's is (:func:`carry_state`, :func:`load_carried`)."""
     probes, closure = _stand_ins(stage)
     try:
-        opt = build_optimizer(stage, probes, overrides)
+        opt: Any = build_optimizer(stage, probes, overrides)
         if carried is not None:
             load_carried(opt, carried)
         if callable(getattr(opt, "train", None)):

@@ -468,6 +468,8 @@ class Worker:
         trial.set_user_attr("epochs_planned", planned)
         spent = {"epochs": 0}
         t0 = time.time()
+        run_job = self.run_job
+        assert run_job is not None  # set by __post_init__
 
         def on_record(record: dict) -> None:
             spent["epochs"] += 1
@@ -478,12 +480,12 @@ class Worker:
 
         try:
             if not folds:
-                summary = self.run_job(job, trial_dir, quiet=True, on_record=on_record, evaluate_test=False,
+                summary = run_job(job, trial_dir, quiet=True, on_record=on_record, evaluate_test=False,
                                        announce=False)
                 return self._score(summary)
             scores = []
             for i in range(folds):
-                summary = self.run_job(job, os.path.join(trial_dir, f"fold{i}"), quiet=True, on_record=on_record,
+                summary = run_job(job, os.path.join(trial_dir, f"fold{i}"), quiet=True, on_record=on_record,
                                        evaluate_test=False, fold=(folds, i), announce=False)
                 scores.append(self._score(summary))
                 trial.set_user_attr("fold_scores", scores)
@@ -593,7 +595,9 @@ def baseline_trial(study):
 def _final_run(run_job: Optional[Callable[..., Optional[dict]]], cfg: dict, run_dir: str) -> dict:
     """One final run (module-level: worker processes run it too)."""
     if run_job is None:
-        from .job import run_job
+        from .job import run_job as default_run_job
+
+        run_job = default_run_job
     summary = run_job(cfg, run_dir, quiet=True, announce=False)
     assert summary is not None
     return summary
@@ -637,7 +641,7 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
         del plans["default"]
     # the same seeds for both plans (a fair comparison), none that a trial trained with
     used = {int(t.user_attrs["seed"]) for t in study.get_trials(deepcopy=False) if "seed" in t.user_attrs}
-    seeds = seeds_for(plan.job(plans["best"]), n, used)
+    seeds = seeds_for(plan.job(plans["best"]), n, sorted(used))
     runs_of = [(label, values, seed, dict(plan.job(values), seed=seed))
                for label, values in plans.items() for seed in seeds]
     dirs = [os.path.join(run_dir, "final", label, f"seed{seed}") for label, _, seed, _ in runs_of]

@@ -7,7 +7,7 @@ import csv
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import atomic_write_bytes
 from .toml_writer import dumps
@@ -111,7 +111,7 @@ def write_plots(study, run_dir: str) -> Dict[str, str]:
         from optuna.visualization import matplotlib as ov
     except ImportError as e:
         return {"plots": f"matplotlib is not installed ({e})"}
-    plots = {"optimization_history.png": ov.plot_optimization_history,
+    plots: Dict[str, Callable[[Any], Any]] = {"optimization_history.png": ov.plot_optimization_history,
              "param_importances.png": ov.plot_param_importances,
              "intermediate_values.png": ov.plot_intermediate_values}
     for name, draw in plots.items():
