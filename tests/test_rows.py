@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optimizers import TWINS, forbid_torch_fallback
+from optimizers import TWINS, assert_unchanged, forbid_torch_fallback, snapshot
 from test_step_in_backward import LOW_PRECISION as SIB_LOW_PRECISION
 from test_step_in_backward import assert_same_training
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -738,3 +738,121 @@ def test_zero_grad_between_a_forward_and_its_backward_keeps_the_graph() -> None:
             for group in opt_b.param_groups:
                 group["lr"] *= 0.7
     assert_same(a, opt_a, b, opt_b)
+
+
+# Settings or state changed after entry that the ordinary step() refuses: (name, optimizer,
+# the change, the ordinary step's error). Released rows are the first write of a language model's
+# backward; the check must come before them.
+def _float64_step(opt, model) -> None:
+    opt.state[model.emb]["step"] = opt.state[model.emb]["step"].double()
+
+
+CHANGED_AFTER_ENTRY = [
+    ("AdamW bf16 stochastic rounding on fp32", lambda ps: oxoptim.AdamW(ps, lr=0.01),
+     lambda opt, m: opt.param_groups[0].update(bf16_stochastic_round=True), "bf16_stochastic_round"),
+    ("AdamW8bit lr -1", lambda ps: oxoptim.AdamW8bit(ps, lr=0.01, min_8bit_size=16),
+     lambda opt, m: opt.param_groups[0].update(lr=-1.0), "Invalid learning rate"),
+    ("AdamW8bit maximize", lambda ps: oxoptim.AdamW8bit(ps, lr=0.01, min_8bit_size=16),
+     lambda opt, m: opt.param_groups[0].update(maximize=True), "maximize"),
+    ("AdamW8bit kahan_sum", lambda ps: oxoptim.AdamW8bit(ps, lr=0.01, min_8bit_size=16),
+     lambda opt, m: opt.param_groups[0].update(kahan_sum=True), "kahan_sum"),
+    ("AdamW8bit float64 step", lambda ps: oxoptim.AdamW8bit(ps, lr=0.01, min_8bit_size=16), _float64_step,
+     "must be a float32 CPU tensor"),
+    ("SGD8bit float state", lambda ps: oxoptim.SGD8bit(ps, lr=0.1, momentum=0.9, min_8bit_size=16),
+     lambda opt, m: opt.load_state_dict({**opt.state_dict(), "param_groups": [
+         {**g, "min_8bit_size": 10**6} for g in opt.state_dict()["param_groups"]]}) or opt.state.clear(),
+     "8-bit state only"),
+]
+
+
+@pytest.mark.parametrize("case", CHANGED_AFTER_ENTRY, ids=[c[0] for c in CHANGED_AFTER_ENTRY])
+@pytest.mark.parametrize("only_released", [False, True], ids=["with others", "released weight only"])
+def test_settings_changed_after_entry_are_refused_before_any_row_is_written(case, only_released) -> None:
+    """The ordinary step's checks run before the iteration's first write, released rows included:
+    backward raises the step's error with nothing written, as the ordinary loop's step() does; once
+    the setting is put back the loop goes on."""
+    _, make, change, message = case
+    model = TinyLM("tied", 37, 16)
+    opt = make([model.emb] if only_released else model.parameters())
+    batches = token_batches(3, 37)
+    with step_in_backward(opt, release_rows=[model.emb], row_chunk=5):
+        model(batches[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+        state = {p: copy.deepcopy(s) for p, s in opt.state.items()}
+        change(opt, model)
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=message):
+            model(batches[1]).backward()
+        assert_unchanged(opt, before)
+        opt.zero_grad()  # drops the refused iteration: still nothing written
+        assert_unchanged(opt, before)
+        for group, saved in zip(opt.param_groups, groups):  # the setting put back
+            params = group["params"]
+            group.clear()
+            group.update(saved, params=params)
+        opt.state.clear()
+        opt.state.update(state)
+        model(batches[2]).backward()
+        opt.step()
+    assert int(opt.state[model.emb]["step"]) == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: oxoptim.AdamW8bit(ps, lr=0.01),
+    lambda ps: oxoptim.SGD8bit(ps, lr=0.1, momentum=0.9),
+], ids=["AdamW8bit", "SGD8bit"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_an_8bit_sized_weight_of_a_dtype_8bit_state_cannot_take_is_refused_at_entry(make, dtype) -> None:
+    model = TinyLM("tied", 64, 256, dtype=dtype)  # 16,384 elements: 8-bit state by size
+    opt = make(model.parameters())
+    with pytest.raises(ValueError, match="8-bit state needs float32 or bfloat16"):
+        step_in_backward(opt, release_rows=[model.emb])
+    assert not released_now(model) and not opt.state
+
+
+@pytest.mark.parametrize("accumulate, clip", [(2, None), (1, oxoptim.ClipPerParameter(1e-3))], ids=["accumulate", "clip"])
+def test_accumulate_or_clip_set_after_entry_is_refused_before_any_row_is_written(accumulate, clip) -> None:
+    model = TinyLM("tied", 37, 16)
+    opt = oxoptim.SGD8bit(model.parameters(), lr=0.1, momentum=0.9, min_8bit_size=16)
+    with step_in_backward(opt, release_rows=[model.emb], row_chunk=5) as sib:
+        sib.accumulate, sib.clip = accumulate, clip
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match="cannot be combined with accumulate > 1, clip or ddp"):
+            model(token_batches(1, 37)[0]).backward()
+        assert_unchanged(opt, before)
+
+
+def test_leaving_the_context_with_an_unfinished_iteration_drops_it_as_zero_grad_does() -> None:
+    """An error that leaves the ``with`` block between the output layer's backward and the
+    embedding's: the held rows get the head's gradient and the step count moves once, as with
+    zero_grad() inside the block; not some rows updated with the count left behind."""
+    class Failing(TinyLM):
+        def forward(self, ids):
+            x, y = ids[:, :-1], ids[:, 1:]
+            h = torch.tanh(rows.embedding(x, self.emb) @ self.mid.T + self.bias)
+
+            def boom(grad):
+                raise KeyError("boom")
+            h.register_hook(boom)
+            logits = rows.linear(h, self.emb)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    outcomes = []
+    for zero_grad_inside in (True, False):
+        model = Failing("tied", 37, 16)
+        opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16)
+        with pytest.raises(KeyError):
+            with step_in_backward(opt, release_rows=[model.emb], row_chunk=5):
+                try:
+                    model(token_batches(1, 37)[0]).backward()
+                finally:
+                    if zero_grad_inside:
+                        opt.zero_grad()
+        assert int(opt.state[model.emb]["step"]) == 1
+        outcomes.append(snapshot(opt))
+    inside, on_leaving = outcomes
+    assert all(same_bits(a, b) for a, b in zip(inside.params, on_leaving.params))
+    assert inside.state.keys() == on_leaving.state.keys()
+    assert all(same_bits(inside.state[i][k], on_leaving.state[i][k]) for i in inside.state for k in inside.state[i])

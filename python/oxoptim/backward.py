@@ -303,7 +303,8 @@ class StepInBackward:
         if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 0:
             raise ValueError(f"bucket_numel must be a non-negative int, got {bucket_numel!r}")
         released = check_release(optimizer, release_rows, row_chunk, accumulate=accumulate, clip=clip, ddp=ddp)
-        self._rows = [RowRelease(optimizer, w, row_chunk) for w in released]
+        self._rows = [RowRelease(optimizer, w, row_chunk, self._begin_iteration, lambda: self._refused)
+                      for w in released]
         self.optimizer = optimizer
         self.accumulate = accumulate
         self.accumulation = accumulation
@@ -328,6 +329,7 @@ class StepInBackward:
         self._handles: list[Any] = []
         self._leftover_cache = _core.TensorCache()
         self._checked = False  # whether this iteration's first update passed the step's checks
+        self._refused = False  # whether they refused it (nothing was written in this iteration)
         self._torch_groups: set[int] = set()  # ids of the groups the ordinary step hands to torch
         # Under DDP: backward passes through the model's outputs in this iteration, the autograd
         # graph task counted last, the parameters given a gradient by that backward (ids), and the
@@ -378,9 +380,13 @@ class StepInBackward:
             _DdpSlot.install(self.ddp).active = None
         if self.optimizer.__dict__.get(_ACTIVE) is self:
             del self.optimizer.__dict__[_ACTIVE]
-        for rows in self._rows:
-            rows.close()
-        self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
+        try:
+            for rows in self._rows:
+                rows.drop()  # as zero_grad(): held rows get the head's gradient, the step count moves once
+        finally:
+            for rows in self._rows:
+                rows.close()
+            self._next_iteration()  # an iteration left unfinished (an error in backward) is dropped
         self._entered = False
 
     def _build_buckets(self) -> None:
@@ -513,16 +519,27 @@ class StepInBackward:
         mark = self._clipped.get(p)
         return mark is not None and mark[0]() is g and mark[1] == g._version
 
+    def _check_iteration(self) -> None:
+        optimizer: Any = self.optimizer
+        if any(g.get("skip_nonfinite") for g in optimizer.param_groups):
+            raise ValueError("skip_nonfinite=True was set after step_in_backward was entered; " + _SKIP_NONFINITE_REFUSED)
+        if self._rows:  # what entry checked, again: settings, state and accumulate/clip may have changed since
+            check_release(optimizer, [rows.weight for rows in self._rows], self._rows[0].row_chunk,
+                          accumulate=self.accumulate, clip=self.clip, ddp=self.ddp)
+        optimizer._check_before_backward_steps()
+
     def _begin_iteration(self) -> None:
         """Before the iteration's first update: what the ordinary ``step()`` refuses before it writes
         anything (options set after entry, the optimizer's own checks), and which groups it would hand
         whole to torch (a parameter the kernels cannot take, parameters sharing memory)."""
         if self._checked:
             return
+        try:
+            self._check_iteration()
+        except Exception:
+            self._refused = True
+            raise
         optimizer: Any = self.optimizer
-        if any(g.get("skip_nonfinite") for g in optimizer.param_groups):
-            raise ValueError("skip_nonfinite=True was set after step_in_backward was entered; " + _SKIP_NONFINITE_REFUSED)
-        optimizer._check_before_backward_steps()
         self._torch_groups = {id(g) for g in optimizer.param_groups if not _group_takes_kernels(optimizer, g)}
         self._checked = True
 
@@ -592,15 +609,15 @@ class StepInBackward:
         for rows in self._rows:  # each is reset even when another's held rows fail to update
             try:
                 rows.drop()
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 - raised below, once every weight is reset
                 errors.append(e)
-        if self._arrivals or self._checked:
+        if self._arrivals or self._checked or self._refused:
             self._next_iteration()
         if errors:
             raise errors[0]
 
     def _next_iteration(self) -> None:
-        self._checked = False
+        self._checked = self._refused = False
         self._backwards, self._backward_task = 0, None
         self._used.clear()
         self._reduced.clear()

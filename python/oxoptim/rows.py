@@ -87,7 +87,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -238,9 +238,11 @@ def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: i
                              f"shape {tuple(w.shape)}, {w.dtype} on {w.device}")
         if _first_momentum_by_torch(optimizer, group, w):
             _check_torch_momentum(group, w)
-        if kind == "sgd8bit" and not (optimizer.state.get(w) and bw.is_8bit(optimizer.state[w])) and w.numel() < group["min_8bit_size"]:
-            raise ValueError(f"release_rows takes SGD8bit weights with 8-bit state only (at least min_8bit_size = "
-                             f"{group['min_8bit_size']} elements): this one has {w.numel()}, whose steps count in Python")
+        if kind in _EIGHT_BIT:  # what the ordinary step refuses for this weight (dtype, state)
+            index = next(i for i, p in enumerate(group["params"]) if p is w)
+            optimizer._check_param(group, index, w, optimizer.state.get(w) or None)
+        if kind == "sgd8bit" and not _eight_bit_state(optimizer, group, w):
+            raise _sgd8bit_refused(group, w)
         if kind not in _EIGHT_BIT and not group_is_native(optimizer, group):
             raise ValueError("release_rows: the weight's group must take the native path (no differentiable, "
                              "capturable or tensor hyper-parameters, no AMP grad scaling)")
@@ -260,9 +262,23 @@ class _Kernel:
     compensation: bool = False  # Kahan summation: the weight's compensation buffer, sliced too
 
 
+def _eight_bit_state(optimizer: Any, group: dict, w: torch.Tensor) -> bool:
+    """Whether the 8-bit optimizer keeps (or its first step makes) 8-bit state for ``w``."""
+    entry = optimizer.state.get(w)
+    return bw.is_8bit(entry) if entry else w.numel() >= group["min_8bit_size"]
+
+
+def _sgd8bit_refused(group: dict, w: torch.Tensor) -> ValueError:
+    return ValueError(f"release_rows takes SGD8bit weights with 8-bit state only (at least min_8bit_size = "
+                      f"{group['min_8bit_size']} elements, or loaded 8-bit state): this one has {w.numel()} elements "
+                      f"and float state, whose steps count in Python")
+
+
 def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
     """The weight's native call, its state made first as the ordinary step would make it."""
     if optimizer.KIND in _EIGHT_BIT:
+        if optimizer.KIND == "sgd8bit" and not _eight_bit_state(optimizer, group, w):
+            raise _sgd8bit_refused(group, w)  # before any state is made or row written
         if not optimizer.state.get(w):
             optimizer.state[w] = optimizer._fresh_state(w, group["min_8bit_size"])
         rounding = dict(optimizer._rounding(group, [w]))
@@ -271,7 +287,6 @@ def _kernel(optimizer: Any, group: dict, w: torch.Tensor) -> _Kernel:
         if bw.is_8bit(optimizer.state[w]):
             codes = [(m, 1) for m in optimizer.MOMENTS] + [(f"{m}_absmax", bw.BLOCK) for m in optimizer.MOMENTS]
             return _Kernel(optimizer.KIND, hyper, codes, ["step"], rounding, stream)
-        assert optimizer.KIND == "adam8bit", "release_rows refuses SGD8bit weights with fp32 state"
         hyper = {**hyper, "amsgrad": False, "maximize": False}
         return _Kernel("adam", hyper, [("exp_avg", 1), ("exp_avg_sq", 1)], ["step"], rounding, stream)
     hyper = optimizer._hyper(group)
@@ -343,10 +358,13 @@ def _group_of(optimizer: Any, weight: torch.Tensor) -> Optional[dict]:
 class RowRelease:
     """One weight's row-by-row update within one ``step_in_backward`` context."""
 
-    def __init__(self, optimizer: Any, weight: torch.Tensor, row_chunk: int) -> None:
+    def __init__(self, optimizer: Any, weight: torch.Tensor, row_chunk: int,
+                 begin_iteration: Callable[[], None], refused: Callable[[], bool]) -> None:
         self.optimizer = optimizer
         self.weight = weight
         self.row_chunk = row_chunk
+        self._begin_iteration = begin_iteration  # the context's checks before an iteration's first write
+        self._refused = refused  # whether they refused this iteration (nothing was written)
         self._reset()
 
     def open(self) -> None:
@@ -507,7 +525,10 @@ class RowRelease:
         not begun keeps its graph: ``zero_grad()`` between a forward and its backward is the
         ordinary loop."""
         if not self._backwards and self._cells is None:
-            return  # no backward has reached the weight in this iteration
+            return  # no backward has reached the weight in this iteration: a forward keeps its graph
+        if self._refused():  # the iteration's checks refused it: nothing was written, nothing to complete
+            self._reset()
+            return
         try:
             self._update_held_rows()
         finally:
@@ -539,6 +560,7 @@ class RowRelease:
     def _call(self, group: dict, pieces: list) -> None:
         """One native call stepping ``pieces``, ``(first row, end row, gradient rows)`` each."""
         optimizer, w = self.optimizer, self.weight
+        self._begin_iteration()  # what the ordinary step() refuses, before this iteration's first write
         if self._cells is None:  # the iteration's first update decides how this iteration steps
             self._torch_momentum = _first_momentum_by_torch(optimizer, group, w)
             if self._torch_momentum:  # settings or state changed after entry: before any row is updated
