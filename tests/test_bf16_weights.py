@@ -618,3 +618,28 @@ def test_parameters_sharing_memory_in_a_later_group_are_refused_before_any_group
         opt.step()
     assert torch.equal(first, before) and not opt.state
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [(cls, options) for cls in (oxoptim.AdamW, oxoptim.SGD, *OTHER_TWINS) for options in (SR, KAHAN, BF16_STATE)]
+    + [(oxoptim.AdamW8bit, SR), (oxoptim.SGD8bit, SR)],  # the 8-bit ones take stochastic rounding only
+    ids=lambda x: x.__name__ if isinstance(x, type) else "+".join(x),
+)
+def test_named_parameters_take_the_options_as_parameters_do(cls: type, options: dict) -> None:
+    """``cls(model.named_parameters(), **options)``: the group keeps ``param_names`` (torch's) and steps
+    as the same optimizer built from the parameters alone."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    runs = []
+    for named in (False, True):
+        params, _ = make(cls, {}, dtype=dtype)
+        names = ["a", "b", "c"]
+        opt = cls(list(zip(names, params)) if named else params, lr=1e-3, **EXTRA.get(cls, {}), **options)
+        if named:
+            assert opt.param_groups[0]["param_names"] == names
+        runs.append((params, opt))
+    if options is SR:  # the same random stream for both
+        runs[1][1].param_groups[0]["sr_seed"] = runs[0][1].param_groups[0]["sr_seed"]
+    for params, opt in runs:
+        steps(params, opt, 0, 2)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))

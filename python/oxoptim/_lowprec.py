@@ -155,6 +155,8 @@ def check_low_precision(name: str, group: dict) -> None:
     params = group["params"]
     if type(params) is not list and isinstance(params, torch.Tensor):  # `type` first: torch's isinstance is slow
         params = [params]
+    # named_parameters(): (name, parameter) pairs, which torch's add_param_group splits afterwards
+    params = [p[1] if type(p) is tuple and len(p) == 2 else p for p in params]
     if group.get("state_dtype") == torch.bfloat16:
         for i, p in enumerate(params):
             if p.dtype not in (torch.float32, torch.bfloat16):
