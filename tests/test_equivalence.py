@@ -399,3 +399,26 @@ def test_adafactor_single_column_matrices_are_torchs_bit_for_bit(monkeypatch, dt
                 ours.step()
                 theirs.step()
             _assert_bit_identical(ours, theirs)
+
+
+@pytest.mark.parametrize("constructor, later", [
+    ({}, {"etas": (0.5, 0.0)}), ({}, {"etas": (0.5, -1.0)}), ({}, {"etas": (1.5, 1.2)}),
+    ({}, {"etas": (0.5, float("nan"))}), ({}, {"etas": (float("nan"), 1.2)}),
+    ({"step_sizes": (float("nan"), 50.0)}, None), ({"step_sizes": (1e-6, float("nan"))}, None),
+], ids=str)
+def test_rprop_settings_its_constructor_would_refuse_or_nan_bounds_step_as_torch(constructor, later) -> None:
+    """torch's Rprop assigns etaplus, then etaminus, then 1 by masks one after another (an etaplus
+    set to 0 or less afterwards is overwritten) and its clamp spreads a NaN bound: those groups give
+    torch's numbers bit for bit (its implementation runs them)."""
+    outcomes = []
+    for cls in (torch.optim.Rprop, oxoptim.Rprop):
+        p = torch.tensor([1.0, 2.0, 3.0, -4.0], requires_grad=True)
+        opt = cls([p], lr=0.01, **constructor)
+        if later:
+            opt.param_groups[0].update(later)
+        for g in ([1.0, -1.0, 1.0, 0.0], [1.0, 1.0, -1.0, 2.0], [1.0, 1.0, 1.0, -2.0]):
+            p.grad = torch.tensor(g)
+            opt.step()
+        outcomes.append([p.detach().clone(), *(opt.state[p][k].clone() for k in ("prev", "step_size"))])
+    for a, b in zip(*outcomes):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (a, b)
