@@ -302,6 +302,13 @@ PYTHON_ARITHMETIC_ERRORS = [
     ("ASGD", dict(lr=0.1), dict(alpha=-1e308), DIVISION_BY_ZERO),
     ("ASGD", dict(lr=0.1), dict(alpha=1e308), POWER_OUT_OF_RANGE),
     ("Adafactor", dict(lr=0.1), dict(d=0.0), DIVISION_BY_ZERO),
+    ("Adafactor", dict(lr=0.1), dict(beta2_decay=1100.0), POWER_OUT_OF_RANGE),  # 2 ** 1100
+    ("Adafactor", dict(lr=0.1), dict(beta2_decay=1100.0, d=0.0), POWER_OUT_OF_RANGE),  # the power comes first
+    ("Adamax", dict(lr=0.1), dict(betas=(1.0, 0.999)), DIVISION_BY_ZERO),  # lr / (1 - beta1 ** step)
+    ("RAdam", dict(lr=0.1), dict(betas=(0.9, 1.0)), DIVISION_BY_ZERO),  # 2 / (1 - beta2)
+    ("RAdam", dict(lr=0.1), dict(betas=(0.9, -1.0)), DIVISION_BY_ZERO),  # 1 - (-1) ** 2 = 0
+    ("NAdam", dict(lr=0.1), dict(momentum_decay=-1e6), POWER_OUT_OF_RANGE),  # 0.96 ** (-2e6)
+    ("NAdam", dict(lr=0.1), dict(betas=(0.9, 1e308)), POWER_OUT_OF_RANGE),  # beta2 ** 2
 ]
 
 

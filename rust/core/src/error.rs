@@ -61,6 +61,14 @@ impl Error {
         }
         Ok(value)
     }
+
+    /// Python's `numerator / denominator` on two floats: its ZeroDivisionError for a zero denominator.
+    pub fn checked_py_div(numerator: f64, denominator: f64) -> Result<f64> {
+        if denominator == 0.0 {
+            return Err(Error::float_division_by_zero());
+        }
+        Ok(numerator / denominator)
+    }
 }
 
 impl fmt::Display for Error {

@@ -767,12 +767,18 @@ impl ScalarState {
     /// `cell *= factor` as torch's in-place multiply by a Python float: the
     /// factor is rounded to the cell's dtype first. Returns the new value.
     pub fn scale(&mut self, slot: usize, k: usize, factor: f64) -> f64 {
+        let next = self.scaled(slot, k, factor);
+        self.set(slot, k, next)
+    }
+
+    /// What [`ScalarState::scale`] would store, without storing it.
+    pub fn scaled(&self, slot: usize, k: usize, factor: f64) -> f64 {
         let old = self.get(slot, k);
         match self.cell(slot, k).dtype {
             // The product of two f32 values is exact in f64, so one rounding
             // to f32 gives the f32 product.
-            DType::F32 => self.set(slot, k, old * (factor as f32) as f64),
-            _ => self.set(slot, k, old * factor),
+            DType::F32 => ((old * (factor as f32) as f64) as f32) as f64,
+            _ => old * factor,
         }
     }
 }

@@ -61,10 +61,17 @@ optimizer! {
         }
 
         fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-            // Everything is checked before the first counter is written.
+            // Everything is checked before the first counter is written, in the order torch's
+            // Python arithmetic meets it for the first tensor: `step ** beta2_decay` (out of
+            // range), then the division by `numel ** 0.5 * d`.
+            for slot in 0..batch.slots().min(1) {
+                Error::checked_py_pow(scalars.incremented(slot, 0), self.beta2_decay)?;
+            }
             if self.d == 0.0 {
-                // torch divides by `numel ** 0.5 * d` in Python.
                 return Err(Error::float_division_by_zero());
+            }
+            for slot in 1..batch.slots() {
+                Error::checked_py_pow(scalars.incremented(slot, 0), self.beta2_decay)?;
             }
             let mut shapes = Vec::with_capacity(batch.slots());
             for slot in 0..batch.slots() {

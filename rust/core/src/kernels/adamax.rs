@@ -4,6 +4,7 @@
 use super::declare::{optimizer, Arrays, LaneUpdate, PerElement};
 use super::{decayed_grad, Lerp};
 use crate::dispatch::Element;
+use crate::error::{Error, Result};
 use crate::simd::Lanes;
 use crate::tensors::ScalarState;
 
@@ -24,6 +25,12 @@ impl PerElement for AdamaxConfig {
     /// `clr = lr / (1 - beta1 ** step)`, in f64 as torch computes it in Python.
     type Slot = f64;
     type Update<T: Element> = AdamaxUpdate<T>;
+
+    /// torch's `lr / (1 - beta1 ** step)` raises (a zero divisor, a power out of range).
+    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+        let step = scalars.incremented(slot, 0);
+        Error::checked_py_div(self.lr, 1.0 - Error::checked_py_pow(self.beta1, step)?).map(drop)
+    }
 
     fn advance(&self, scalars: &mut ScalarState, slot: usize) -> f64 {
         let step = scalars.increment(slot, 0);

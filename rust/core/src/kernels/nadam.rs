@@ -5,6 +5,7 @@
 use super::declare::{optimizer, Arrays, LaneUpdate, PerElement};
 use super::{adam_settings, AdamMoments, Moments};
 use crate::dispatch::Element;
+use crate::error::{Error, Result};
 use crate::simd::Lanes;
 use crate::tensors::ScalarState;
 
@@ -36,6 +37,20 @@ pub struct SlotScalars {
 impl PerElement for NadamConfig {
     type Slot = SlotScalars;
     type Update<T: Element> = NadamUpdate<T>;
+
+    /// torch's Python arithmetic raises, in its order: `beta2 ** step` and the two `0.96 ** ...`
+    /// (out of range), then the divisors `1 - mu_product` and `1 - mu_product * mu_next` (zero).
+    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+        let step = scalars.incremented(slot, 0);
+        Error::checked_py_pow(self.beta2, step)?;
+        let mu =
+            self.beta1 * (1.0 - 0.5 * Error::checked_py_pow(0.96, step * self.momentum_decay)?);
+        let mu_next = self.beta1
+            * (1.0 - 0.5 * Error::checked_py_pow(0.96, (step + 1.0) * self.momentum_decay)?);
+        let mu_product = scalars.scaled(slot, 1, mu);
+        Error::checked_py_div(1.0, 1.0 - mu_product)?;
+        Error::checked_py_div(1.0, 1.0 - mu_product * mu_next).map(drop)
+    }
 
     /// Increments `step` and multiplies `mu_product` by this step's `mu` (both
     /// in their cells' dtype, as torch's in-place ops on 0-d tensors).

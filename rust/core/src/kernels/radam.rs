@@ -5,6 +5,7 @@
 use super::declare::{optimizer, Arrays, LaneUpdate, PerElement};
 use super::{adam_settings, AdamMoments, Moments};
 use crate::dispatch::Element;
+use crate::error::{Error, Result};
 use crate::simd::Lanes;
 use crate::tensors::ScalarState;
 
@@ -34,6 +35,16 @@ pub struct Rectification {
 impl PerElement for RadamConfig {
     type Slot = Rectification;
     type Update<T: Element> = RadamUpdate<T>;
+
+    /// torch's Python arithmetic raises, in its order: `beta1 ** step`, `beta2 ** step` (out of
+    /// range), `2 / (1 - beta2)`, then `... / bias_correction2` (a zero divisor).
+    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+        let step = scalars.incremented(slot, 0);
+        Error::checked_py_pow(self.beta1, step)?;
+        let bias_correction2 = 1.0 - Error::checked_py_pow(self.beta2, step)?;
+        Error::checked_py_div(2.0, 1.0 - self.beta2)?;
+        Error::checked_py_div(1.0, bias_correction2).map(drop)
+    }
 
     fn advance(&self, scalars: &mut ScalarState, slot: usize) -> Rectification {
         let step = scalars.increment(slot, 0);
