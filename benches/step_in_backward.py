@@ -178,6 +178,13 @@ CONTENDERS = [
               lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), "oxoptim", dtype=torch.bfloat16),
     Contender("oxoptim AdamW8bit, bf16 weights + SR, in backward, rows released",
               lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), "oxoptim rows", dtype=torch.bfloat16),
+    # SGD with momentum (4 B/param of state in fp32) against its 8-bit, bf16-weight form (1.02 B/param).
+    Contender("torch SGD momentum fused, loop", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)),
+    Contender("oxoptim SGD8bit, bf16 weights + SR, loop",
+              lambda ps: oxoptim.SGD8bit(ps, lr=0.1, momentum=0.9, bf16_stochastic_round=True), dtype=torch.bfloat16),
+    Contender("oxoptim SGD8bit, bf16 weights + SR, in backward, rows released",
+              lambda ps: oxoptim.SGD8bit(ps, lr=0.1, momentum=0.9, bf16_stochastic_round=True), "oxoptim rows",
+              dtype=torch.bfloat16),
 ]
 REFERENCE = "torch AdamW fused, loop"
 

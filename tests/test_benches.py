@@ -501,7 +501,8 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
             contender.iteration(model, opt, loss)
             assert all(p.grad is None for p in model.parameters())
         if "8bit" in name:
-            assert opt.state[model.tok.weight]["exp_avg"].dtype == torch.uint8
+            moment = "momentum_buffer" if "SGD8bit" in name else "exp_avg"
+            assert opt.state[model.tok.weight][moment].dtype == torch.uint8
         return [p.detach() for p in model.parameters()]
 
     for tied in (True, False):
@@ -510,6 +511,10 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
         quarter = trained("oxoptim AdamW8bit, bf16 weights + SR, loop", tied)
         inside = trained("oxoptim AdamW8bit, bf16 weights + SR, in backward, rows released", tied)
         assert all(torch.equal(a, b) for a, b in zip(quarter, inside))
+        sgd_loop = trained("oxoptim SGD8bit, bf16 weights + SR, loop", tied)
+        sgd_rows = trained("oxoptim SGD8bit, bf16 weights + SR, in backward, rows released", tied)
+        assert all(torch.equal(a, b) for a, b in zip(sgd_loop, sgd_rows))
+        assert not all(torch.equal(a, b) for a, b in zip(sgd_loop, quarter))
     with pytest.raises(ValueError, match="transformer LMs"):
         bench._released_weights(torch.nn.Linear(2, 2))
 
