@@ -1110,3 +1110,30 @@ def test_cuda_gradient_accumulation_and_reloaded_weights(during: bool) -> None:
             gpu(torch.randn(64, 256, device="cuda", generator=gen)).square().mean().backward()
         _step_both(opt, ref, cpu, seen)
     _assert_gpu_equals(gpu, cpu)
+
+
+EIGHT_BIT = [
+    (oxoptim.AdamW8bit, dict(lr=0.01, min_8bit_size=16), torch.float32),
+    (oxoptim.SGD8bit, dict(lr=0.1, momentum=0.9, nesterov=True, min_8bit_size=16), torch.float32),
+    (oxoptim.AdamW8bit, dict(lr=0.01, min_8bit_size=16, bf16_stochastic_round=True), torch.bfloat16),
+    (oxoptim.SGD8bit, dict(lr=0.1, momentum=0.9, min_8bit_size=16, bf16_stochastic_round=True), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("cls, hyper, dtype", EIGHT_BIT, ids=["AdamW8bit", "SGD8bit", "AdamW8bit-bf16-SR", "SGD8bit-bf16-SR"])
+@DURING
+def test_8bit_optimizers_offloaded_are_the_ordinary_loop(cls: Any, hyper: dict, dtype: torch.dtype, during: Any,
+                                                          simulated: Deferred) -> None:
+    """8-bit state (weights from 16 elements up here, the rest float) kept with the CPU copies: the
+    same weights and state as the ordinary loop, bit for bit, whichever thread updates."""
+    xs = batches(5, dtype)
+    a, b = Toy("mlp", dtype), Toy("mlp", dtype)
+    torch.manual_seed(3)  # the same stochastic-rounding seed for both
+    opt_a = cls(trained(a), **hyper)
+    torch.manual_seed(3)
+    opt_b = CPUOffloadOptimizer(trained(b), cls, bucket_numel=40, update_during_backward=during, **hyper)
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs)
+    assert simulated.issued, "nothing went through the transfers"
+    assert_same_training(a, opt_a, b, opt_b)
+    assert any(v.dtype == torch.uint8 for entry in opt_a.state.values() for v in entry.values())
