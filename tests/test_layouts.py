@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches
+from optimizers import TWIN_IDS, TWINS, Twin, assert_twin_matches, forbid_torch_fallback
 
 LAYOUTS = ["contiguous", "transposed", "sliced", "offset", "channels_last", "empty", "scalar", "strided"]
 
@@ -139,6 +139,33 @@ def test_gradients_in_any_layout_match_torch(twin: Twin, layout: str) -> None:
         runs.append([p.detach() for p in params])
     for ours, theirs in zip(*runs):
         assert_twin_matches(twin, ours, theirs)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=TWIN_IDS)
+def test_gradients_viewing_one_flat_buffer_take_the_native_path(twin: Twin, monkeypatch) -> None:
+    """Every gradient a view of one flat buffer (DDP's ``gradient_as_bucket_view``), parameters
+    views of another: disjoint memory, stepped natively (Adafactor once declined any shared
+    storage), with torch's numbers."""
+    shapes = [(3, 4), (1, 5), (7,), (2, 1, 3)]
+    sizes = [int(torch.tensor(s).prod()) for s in shapes]
+    runs = []
+    for ours, make_opt in ((True, twin.make_ours), (False, twin.make_theirs)):
+        flat = torch.linspace(-1, 1, sum(sizes))
+        params = [t.view(s).requires_grad_() for t, s in zip(flat.detach().split(sizes), shapes)]
+        opt = make_opt(params, **twin.typical)
+        gen = torch.Generator().manual_seed(0)
+        buffer = torch.empty(sum(sizes))
+        with monkeypatch.context() as mp:
+            if ours:
+                forbid_torch_fallback(mp)
+            for _ in range(3):
+                buffer.copy_(torch.randn(sum(sizes), generator=gen))
+                for p, g in zip(params, buffer.split(sizes)):
+                    p.grad = g.view(p.shape)
+                opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert_twin_matches(twin, a, b)
 
 
 def _repoint(t: torch.Tensor, view) -> None:

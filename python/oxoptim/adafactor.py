@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from . import _core
+from ._lowprec import shares_memory
 from ._native import num_threads
 from ._twin import NATIVE_NOTE, TorchTwin
 
@@ -132,12 +133,14 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
     def _kernel_takes(self, params: list, grads: list) -> bool:
         """Whether every parameter is one the kernel steps as torch would (a
         float dtype, not empty, dense contiguous CPU tensors, its gradient and
-        state of its dtype and of the shapes torch gives them) and no parameter
-        or gradient shares memory with another: what either kernel call would
-        refuse is found before the first one writes (torch, stepping the
-        parameters in order, may raise part-way: a state of another dtype)."""
+        state of its dtype and of the shapes torch gives them) and no array
+        overlaps another in memory (views of one flat buffer, as DDP's
+        ``gradient_as_bucket_view`` makes, are disjoint): what either kernel
+        call would refuse is found before the first one writes (torch,
+        stepping the parameters in order, may raise part-way: a state of
+        another dtype)."""
         state = self.state  # type: ignore[attr-defined]
-        storages = set()
+        every: list = []
         for p, g in zip(params, grads):
             shape = p.shape
             if p.dtype not in _KERNEL_DTYPES or g.shape != shape or p.numel() == 0 or g.is_sparse or g.dtype != p.dtype:
@@ -157,9 +160,9 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
                 arrays = [p, g, variance]
             if not all(t.dtype == p.dtype and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() for t in arrays):
                 return False
-            storages.add(p.untyped_storage().data_ptr())
-            storages.add(g.untyped_storage().data_ptr())
-        return len(storages) == 2 * len(params)
+            every += arrays
+            every.append(entry["step"])
+        return not shares_memory(every, [])
 
 
 # The table lists every state array; only `variance` has the parameter's shape.
