@@ -361,7 +361,7 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     def _sums(self, group: dict, start: _Start, params: list, grads: list) -> list[tuple[float, float]]:
         if self._native(group, params, grads):
             decay = group["weight_decay"] if not start.decouple else 0.0
-            decay, beta3, s_weight = float(decay), float(start.beta3), float(self._s_weight(group, start))
+            beta3, s_weight = start.beta3, self._s_weight(group, start)  # as set: the kernel declines non-numbers
             full = [i for i, p in enumerate(params) if self.state[p]["p0"].dim() != 0]
             zero = [i for i, p in enumerate(params) if self.state[p]["p0"].dim() == 0]
             out: list[Any] = [None] * len(params)
