@@ -119,10 +119,27 @@ def test_the_native_passes_run(monkeypatch) -> None:
     params = _clone([torch.randn(5, 3), torch.zeros(4), torch.randn(2, dtype=torch.float64)])
     _run(oxoptim.Prodigy, params, dict(weight_decay=0.1, decouple=False, d0=1e-2), 3, 0)
     assert len(sums) == 3 * 2  # per step: the parameters with a p0, then those whose p0 is zero
+    sums.clear()
+    _run(oxoptim.Prodigy, _clone([torch.randn(5, 3).bfloat16(), torch.randn(4).half()]), dict(d0=1e-2), 3, 0)
+    assert len(sums) == 3  # half precision: the same native sums
 
 
-def test_results_do_not_depend_on_the_thread_count() -> None:
-    params = [torch.randn(300_001), torch.randn(70_001)]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_sums_are_the_float32_sums_of_the_widened_tensors(dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    p, g, s, p0 = (torch.randn(5000, generator=gen).to(dtype) for _ in range(4))
+    options = dict(weight_decay=0.1, beta3=0.9, s_weight=0.3)
+    (dot, abs_sum), = oxoptim._core.prodigy_sums([p], [g], [s], [p0], **options)
+    (dot32, abs32), = oxoptim._core.prodigy_sums([p.float()], [g.float()], [s.float()], [p0.float()], **options)
+    assert (dot, abs_sum) == (dot32, abs32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_results_do_not_depend_on_the_thread_count(dtype) -> None:
+    """Half precision too: its sums are widened and folded in float32 in a fixed order (torch's
+    half-precision dot, which the reference uses, changes with the thread count)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(300_001, generator=gen).to(dtype), torch.randn(70_001, generator=gen).to(dtype)]
     results = []
     before = torch.get_num_threads()
     try:
@@ -133,7 +150,8 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert results[0][1] == results[1][1]
-    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    assert all(torch.equal(a.view(bits), b.view(bits)) for a, b in zip(results[0][0], results[1][0]))  # NaN too
 
 
 def test_step_in_backward_and_fsdp_are_refused() -> None:

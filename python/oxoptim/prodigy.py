@@ -287,8 +287,10 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     Each tensor's two sums are reduced in a fixed order (the same bits
     whatever the thread count) rather than by torch's ``dot``/``sum``: they
     agree to rounding, so ``d``, and through it every update, agrees with
-    the reference to rounding, not bit for bit. ``slice_p > 1`` and what the
-    kernels do not take run the plain-torch reference (:class:`ProdigyReference`).
+    the reference to rounding, not bit for bit (bfloat16 and float16 tensors
+    are summed in float32). ``slice_p > 1`` and what the kernels do not take
+    run the plain-torch reference (:class:`ProdigyReference`), whose sums
+    are torch's and so depend on the thread count.
     The step needs every gradient before any update: it cannot run inside
     ``step_in_backward``. With ``skip_nonfinite=True``, a group whose
     gradients hold a NaN/Inf takes part in the step as a group without

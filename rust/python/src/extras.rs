@@ -162,9 +162,12 @@ fn prodigy_sums(
     let Some(batch) = read_only(&columns)? else {
         return Ok(None);
     };
-    let float = |d: core::DType| matches!(d, core::DType::F32 | core::DType::F64);
+    let float = |d: core::DType| {
+        use core::DType::*;
+        matches!(d, F32 | F64 | BF16 | F16) // half precision summed in float32
+    };
     if !(0..batch.slots()).all(|i| float(batch.slot(i).dtype)) {
-        return Ok(None); // half precision: the reference's torch ops
+        return Ok(None); // the reference's torch ops
     }
     let reads = vec![false; columns.len()];
     run_in_flight(py, batch, &reads, |b| core::prodigy_sums(&config, b, exec)).map(Some)

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::reduce::{BLOCK, VIRTUAL_LANES};
 use crate::simd::{Lanes, Scalar};
 use crate::tensors::{DType, ScalarState, TensorBatch};
+use half::{bf16, f16};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 optimizer! {
@@ -201,7 +202,9 @@ impl ProdigySums {
 /// parameters whose `p0` is the reference's 0-d zero (a parameter that was
 /// all zeros). Each sum is folded in fixed blocks and lanes and rounded to
 /// the tensor's dtype, as torch's `dot(...).item()` returns it, so results
-/// do not depend on the thread count or the SIMD backend.
+/// do not depend on the thread count or the SIMD backend. bfloat16 and
+/// float16 tensors are widened (exactly) and summed in float32, as their
+/// update is computed: torch's half-precision `dot` depends on its threads.
 pub fn prodigy_sums(c: &ProdigySums, batch: &TensorBatch, exec: Exec) -> Result<Vec<(f64, f64)>> {
     if !(3..=4).contains(&batch.arity()) {
         return Err(Error::Mismatch(format!(
@@ -209,11 +212,14 @@ pub fn prodigy_sums(c: &ProdigySums, batch: &TensorBatch, exec: Exec) -> Result<
             batch.arity()
         )));
     }
-    if let Some(slot) =
-        (0..batch.slots()).find(|&i| !matches!(batch.slot(i).dtype, DType::F32 | DType::F64))
-    {
+    if let Some(slot) = (0..batch.slots()).find(|&i| {
+        !matches!(
+            batch.slot(i).dtype,
+            DType::F32 | DType::F64 | DType::BF16 | DType::F16
+        )
+    }) {
         return Err(Error::Unsupported(format!(
-            "prodigy_sums: tensor {slot} is {}; float32 and float64 only",
+            "prodigy_sums: tensor {slot} is {}; floating point only",
             batch.slot(slot).dtype.name()
         )));
     }
@@ -236,6 +242,12 @@ pub fn prodigy_sums(c: &ProdigySums, batch: &TensorBatch, exec: Exec) -> Result<
                 DType::F32 => {
                     batch.with_read_slices::<f32, _>(slot, start..end, |a| fold_block(c, exec, a))
                 }
+                DType::BF16 => batch.with_read_slices::<bf16, _>(slot, start..end, |a| {
+                    fold_widened(c, exec, a, bf16::to_f32)
+                }),
+                DType::F16 => batch.with_read_slices::<f16, _>(slot, start..end, |a| {
+                    fold_widened(c, exec, a, f16::to_f32)
+                }),
                 _ => batch.with_read_slices::<f64, _>(slot, start..end, |a| fold_block(c, exec, a)),
             }
         };
@@ -248,11 +260,26 @@ pub fn prodigy_sums(c: &ProdigySums, batch: &TensorBatch, exec: Exec) -> Result<
         sums[*slot].1 += f64::from_bits(abs.load(Ordering::Relaxed));
     }
     for (slot, (dot, abs)) in sums.iter_mut().enumerate() {
-        if batch.slot(slot).dtype == DType::F32 {
+        if batch.slot(slot).dtype != DType::F64 {
             (*dot, *abs) = (*dot as f32 as f64, *abs as f32 as f64);
         }
     }
     Ok(sums)
+}
+
+/// Both sums of one block of half-precision arrays, widened to float32 first.
+fn fold_widened<H: Copy>(
+    c: &ProdigySums,
+    exec: Exec,
+    arrays: &[&[H]],
+    widen: fn(H) -> f32,
+) -> (f64, f64) {
+    let wide: Vec<Vec<f32>> = arrays
+        .iter()
+        .map(|a| a.iter().map(|&x| widen(x)).collect())
+        .collect();
+    let slices: Vec<&[f32]> = wide.iter().map(Vec::as_slice).collect();
+    fold_block(c, exec, &slices)
 }
 
 /// Both sums of one block (at most [`BLOCK`] elements).
