@@ -2,6 +2,7 @@
 //! count and misaligned start, for every tail length; and each tensor's sums
 //! as a plain float64 loop computes them (to rounding).
 
+use half::{bf16, f16};
 use oxoptim_core::{prodigy_sums, Backend, DType, Exec, ProdigySums};
 
 mod common;
@@ -73,6 +74,8 @@ fn sums_match_scalar_for_every_tail() {
     for arity in [3, 4] {
         check::<f32>(&lens, &[1], arity);
         check::<f64>(&lens, &[1], arity);
+        check::<bf16>(&lens, &[1], arity);
+        check::<f16>(&lens, &[1], arity);
     }
 }
 
@@ -80,4 +83,5 @@ fn sums_match_scalar_for_every_tail() {
 fn sums_do_not_depend_on_the_thread_count() {
     let lens = [200_003, 0, 70_001, 5, 1 << 16];
     check::<f32>(&lens, &[1, 2, 3, 7], 4);
+    check::<bf16>(&lens, &[1, 2, 3, 7], 4);
 }
