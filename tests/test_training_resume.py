@@ -304,3 +304,45 @@ def test_resume_around_a_trial_whose_winner_is_not_last_is_bit_identical(tmp_pat
     assert strip_times((tmp_path / "run" / "metrics.jsonl").read_text()) == strip_times(
         (tmp_path / "ref" / "metrics.jsonl").read_text())
     assert got.run.events == ref.run.events
+
+
+def _stopped_run(run_dir, die_after_stop=False, resume=False):
+    """A rule stops the run in stage ``a``; stage ``b`` (bfloat16 weights) never begins. With
+    ``die_after_stop``, the run dies right after the checkpoint written at the stop, whose position
+    is past the last stage."""
+    import torch.nn.functional as F
+
+    from oxoptim.training import EarlyStop, Stage, Trainer
+
+    class Dies(Trainer):
+        def checkpoint(self):
+            super().checkpoint()
+            if die_after_stop and self.run.stopped:
+                raise _Killed
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 10, generator=g)
+    y = (x[:, 0] - x[:, 2] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    stages = [Stage("a", "adamw", epochs=5, batch_size=32, lr=3e-3,
+                    adjust=[EarlyStop("val_loss", patience=1, min_delta=100.0)]),
+              Stage("b", "adamw", epochs=1, batch_size=32, lr=1e-3, param_dtype="bfloat16")]
+    t = Dies(model, F.cross_entropy, (x[:200], y[:200]), (x[200:], y[200:]), stages, run_dir=str(run_dir),
+             quiet=True, checkpoint_every=5)
+    t.fit(resume=resume)
+    return t
+
+
+def test_resume_after_an_early_stop_keeps_the_dtype_of_the_stages_that_ran(tmp_path):
+    """The checkpoint written at an early stop points past the last stage: resuming it must not
+    cast the model to a later stage's param_dtype that never began (it rounded the weights)."""
+    ref = _stopped_run(tmp_path / "ref")
+    assert ref.run.stopped and all(p.dtype == torch.float32 for p in ref.model.parameters())
+    with pytest.raises(_Killed):
+        _stopped_run(tmp_path / "run", die_after_stop=True)
+    got = _stopped_run(tmp_path / "run", resume=True)
+    a, b = torch.load(tmp_path / "ref" / "final.pt"), torch.load(tmp_path / "run" / "final.pt")
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
+    assert got.param_digest() == ref.param_digest()

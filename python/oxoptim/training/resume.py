@@ -100,6 +100,9 @@ def resume(t: "Trainer") -> bool:
     # leaves it); a phase rebuilt below sets it again, but none is rebuilt at a stage boundary or
     # after the plan's end, so it is set here, before the weights are loaded into the model.
     begun = t.stages[:t.run.pos.stage + (1 if t.run.stage.started else 0)]
+    ran = [r["stage_index"] for r in t.run.history if isinstance(r, dict) and "stage_index" in r]
+    if t.run.stopped and ran:  # a rule stopped the run: the position is past stages that never began
+        begun = t.stages[:max(ran) + 1]
     t.set_param_dtype(next((st.param_dtype for st in reversed(begun) if st.param_dtype), None))
     t.load_model_state(s["model"])
     if t.run.pos.stage < len(t.stages):
