@@ -656,6 +656,10 @@ def test_a_split_that_leaves_no_reviews_is_refused(tmp_path):
     ("max_chars = 20000", "max_chars = 60", "the pretraining training text"),
     ("[pretrain]", '[pretrain]\ncache_dir = "/proc/nope"', "cache_dir /proc/nope: cannot make it"),
     ("[pretrain]", '[pretrain]\ncache_dir = "lm.toml"', "lm.toml: cannot make it: File exists"),
+    ('name = "decay"\nepochs = 2\nbatch_size = 8\nsteps_per_epoch = 6\nlr = 3e-3\ncontinue_optimizer = true',
+     'name = "decay"\noptimizer = "sgd8bit"\nmomentum = 0.9\nmin_8bit_size = 100000\nstep_in_backward = true\n'
+     'release_rows = true\nepochs = 2\nbatch_size = 8\nsteps_per_epoch = 6\nlr = 3e-3',
+     "release_rows takes SGD8bit weights with 8-bit state only"),  # after two stages had trained
 ])
 def test_settings_that_crashed_later_are_one_line_errors(tmp_path, old, new, fragment):
     """Each was a traceback (exit status 1); now one line, exit status 2, before anything trains."""

@@ -111,5 +111,8 @@ def test_state_dtype_is_checked_when_the_stage_is_made() -> None:
     assert Stage("s", "lion", state_dtype="bfloat16").rounding_kwargs() == {"state_dtype": torch.bfloat16}
     # float32 state is every optimizer's default: nothing is passed.
     assert Stage("s", "adamw8bit", state_dtype="float32").rounding_kwargs() == {}
+    # ...for float32 weights: bfloat16 weights get state of their dtype, never float32.
+    with pytest.raises(ValueError, match='no optimizer keeps float32 state for bfloat16 weights'):
+        Stage("s", "adamw", param_dtype="bfloat16", state_dtype="float32")
     both = Stage("s", "adamw", param_dtype="bfloat16", stochastic_rounding=True, state_dtype="bfloat16")
     assert both.rounding_kwargs() == {"bf16_stochastic_round": True, "state_dtype": torch.bfloat16}

@@ -179,8 +179,37 @@ def test_release_rows_stage_equals_the_same_stage_without_it(monkeypatch):
 
 
 def test_release_rows_needs_a_model_that_has_rows_to_release():
+    """Refused when the Trainer is made, before an earlier stage trains (it failed at the stage)."""
+    stages = [Stage("a", "adamw", epochs=1, batch_size=32, lr=3e-3),
+              Stage("b", "adamw", epochs=1, batch_size=32, lr=3e-3, step_in_backward=True, release_rows=True)]
+    m = model()
+    before = [p.detach().clone() for p in m.parameters()]
     with pytest.raises(ValueError, match="release_rows needs a model whose token embedding"):
-        train([Stage("a", "adamw", epochs=1, batch_size=32, lr=3e-3, step_in_backward=True, release_rows=True)])
+        Trainer(m, F.cross_entropy, *data(), stages, run_dir=None, quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("continued", [False, True], ids=["own optimizer", "continues an 8-bit one"])
+def test_sgd8bit_rows_of_a_weight_under_min_8bit_size_are_refused_when_the_trainer_is_made(continued):
+    """The released embedding (30 x 16 = 480 elements) would get float state: refused up front,
+    with the size that decides it (the first stage of a continue_optimizer chain makes the state)."""
+    from oxoptim.training.gpt import GPT, GPTClassifier
+
+    def make(first_min, second_min):
+        torch.manual_seed(0)
+        m = GPTClassifier(GPT(30, block=10, layers=1, dim=16, heads=2), num_classes=3)
+        stages = [Stage("a", "sgd8bit", epochs=1, batch_size=32, lr=0.1, momentum=0.9, min_8bit_size=first_min),
+                  Stage("b", "sgd8bit", epochs=1, batch_size=32, lr=0.1, momentum=0.9, min_8bit_size=second_min,
+                        step_in_backward=True, release_rows=True, continue_optimizer=continued)]
+        return Trainer(m, F.cross_entropy, *data(), stages, run_dir=None, quiet=True)
+
+    with pytest.raises(ValueError, match=r"480 elements, under min_8bit_size = 4096 of stage 'a'" if continued
+                       else r"480 elements, under min_8bit_size = 4096 of stage 'b'"):
+        make(4096, 4096)
+    if continued:  # the chain's first stage keeps 8-bit state for it: accepted whatever b's threshold
+        make(256, 4096)
+    else:
+        make(4096, 256)
 
 
 JOB = synthetic_job("""[

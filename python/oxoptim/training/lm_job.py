@@ -193,10 +193,13 @@ def _pretrain_locked(cfg: dict, corpus, pdir: str, quiet: bool, say: Callable[[s
     task = LanguageModelTask(corpus.train, corpus.val, cfg["model"]["block"])
     stages = [stage_from_dict(s, i + 1) for i, s in enumerate(cfg["pretrain"]["stages"])]
     os.makedirs(pdir, exist_ok=True)
-    trainer = Trainer(model, stages=stages, task=task, run_dir=pdir, seed=cfg["pretrain"]["seed"],
-                      checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"], quiet=quiet,
-                      meta={"phase": "pretrain", "corpus": corpus.report(),
-                            "parameters": sum(p.numel() for p in model.parameters())})
+    try:  # the plan's checks that need the model: configuration errors, one line
+        trainer = Trainer(model, stages=stages, task=task, run_dir=pdir, seed=cfg["pretrain"]["seed"],
+                          checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"],
+                          quiet=quiet, meta={"phase": "pretrain", "corpus": corpus.report(),
+                                             "parameters": sum(p.numel() for p in model.parameters())})
+    except ValueError as e:
+        raise ConfigError(f"[[pretrain.stages]] {e}") from e
     trainer.fit(resume=resume)
     summary = trainer.write_summary({"tokens_per_s": _tokens_per_s(trainer.history, cfg["model"]["block"])})
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "dir": pdir, "reused": False,
@@ -207,6 +210,34 @@ def _tokens_per_s(history: List[dict], block: int) -> Optional[float]:
     """Training throughput over the run: examples (blocks) per second x block length."""
     rates = [r["samples_per_s"] for r in history if r.get("samples_per_s")]
     return round(block * sum(rates) / len(rates), 1) if rates else None
+
+
+def _check_released_rows(cfg: dict, vocab: int, classes: int) -> None:
+    """``release_rows`` stages whose optimizer cannot release the GPT's token embedding (SGD8bit under
+    its ``min_8bit_size``): ConfigError before anything is written, not after earlier stages trained."""
+    import torch
+
+    from .config import stage_from_dict
+    from .gpt import GPT, GPTClassifier
+    from .phase import check_released_weights
+
+    f = cfg["finetune"]
+    phases = [("finetune", f["stages"])]
+    if f["init"] == "pretrained":
+        phases.insert(0, ("pretrain", cfg["pretrain"]["stages"]))
+    if not any(t.get("release_rows") for _, tables in phases for t in tables):
+        return
+    with torch.random.fork_rng(devices=[]):
+        body = GPT(vocab, **cfg["model"])
+        models = {"pretrain": body, "finetune": GPTClassifier(body, classes, pool=f["pool"], dropout=f["dropout"])}
+    for phase, tables in phases:
+        stages = [stage_from_dict(t, i + 1) for i, t in enumerate(tables)]
+        for i, st in enumerate(stages):
+            if st.step_in_backward and st.release_rows:
+                try:
+                    check_released_weights(stages, i, models[phase])
+                except ValueError as e:
+                    raise ConfigError(f"[[{phase}.stages]] {e}") from e
 
 
 def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, *,
@@ -249,6 +280,7 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
             raise ConfigError(f"[corpus] the pretraining {name} text ({stream.numel()} characters) is shorter "
                               f"than one block of [model] block + 1 = {cfg['model']['block'] + 1}: raise "
                               f"max_chars or val_fraction, or lower block")
+    _check_released_rows(cfg, len(corpus.vocab), data["num_classes"])
     # written once the data and corpus are known to do: a refused job leaves no run behind
     os.makedirs(run_dir, exist_ok=True)
     if not resume:
@@ -271,11 +303,14 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     model = GPTClassifier(body, data["num_classes"], pool=f["pool"], dropout=f["dropout"])
     splits = {s: encode_texts(data["raw"][s], corpus.vocab, d["max_len"]) for s in ("train", "val", "test")}
     stages = [stage_from_dict(s, i + 1) for i, s in enumerate(f["stages"])]
-    trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
-                      run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
-                      eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
-                      on_record=on_record, meta={"data_fingerprint": data_fingerprint(dict(data, vocab=corpus.vocab,
-                                                                                           **splits))})
+    try:
+        trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
+                          run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
+                          eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
+                          on_record=on_record, meta={"data_fingerprint": data_fingerprint(
+                              dict(data, vocab=corpus.vocab, **splits))})
+    except ValueError as e:
+        raise ConfigError(f"[[finetune.stages]] {e}") from e
     trainer.fit(resume=resume)
     extra: Dict[str, Any] = {"job": "language_model", "corpus": rep, "init": f["init"],
                              "val": trainer.evaluate(splits["val"])}

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .stages import Stage, build_optimizer, carry_state, load_carried, set_param_dtype
+from .stages import Stage, build_optimizer, carry_state, load_carried, optimizer_defaults, resolve_optimizer, set_param_dtype
 
 __all__ = ["Phase", "layer_groups"]
 
@@ -41,6 +41,36 @@ def _versions(params: List[torch.Tensor]) -> List[Tuple[int, int]]:
 def _schedule_free(optimizer: Any) -> bool:
     """Whether the optimizer has Schedule-Free's train()/eval() switch."""
     return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+def released_weights(stage: Stage, model: nn.Module) -> List[torch.Tensor]:
+    """The weights a ``release_rows`` stage releases: the model's token embedding (and output layer)."""
+    released = getattr(model, "released_rows", None)
+    if released is None:
+        raise ValueError(f"stage {stage.name!r}: release_rows needs a model whose token embedding is "
+                         f"computed by oxoptim.rows (the GPT models); {type(model).__name__} has none")
+    return list(released())
+
+
+def check_released_weights(stages: List[Stage], index: int, model: nn.Module) -> None:
+    """Before anything trains: stage ``index``'s released weights are ones its optimizer can release.
+    SGD8bit releases weights with 8-bit state only, made by the first stage of its chain of
+    ``continue_optimizer`` stages for weights of at least that stage's ``min_8bit_size`` elements."""
+    stage = stages[index]
+    weights = released_weights(stage, model)
+    cls = resolve_optimizer(stage.optimizer)
+    if getattr(cls, "KIND", None) != "sgd8bit":
+        return
+    first = index
+    while first > 0 and stages[first].continue_optimizer:
+        first -= 1
+    size = stages[first].optimizer_kwargs.get("min_8bit_size", optimizer_defaults(cls)["min_8bit_size"])
+    for w in weights:
+        if w.numel() < size:
+            raise ValueError(f"stage {stage.name!r}: release_rows takes SGD8bit weights with 8-bit state only: the "
+                             f"released weight of shape {tuple(w.shape)} has {w.numel()} elements, under "
+                             f"min_8bit_size = {size} of stage {stages[first].name!r}, so its state would be float "
+                             f"(lower min_8bit_size, or use another optimizer)")
 
 
 @dataclass
@@ -125,13 +155,7 @@ class Phase:
         if stage.step_in_backward:
             from oxoptim.backward import StepInBackward
 
-            rows = []
-            if stage.release_rows:
-                released = getattr(model, "released_rows", None)
-                if released is None:
-                    raise ValueError(f"stage {stage.name!r}: release_rows needs a model whose token embedding is "
-                                     f"computed by oxoptim.rows (the GPT models); {type(model).__name__} has none")
-                rows = released()
+            rows = released_weights(stage, model) if stage.release_rows else []
             self.in_backward = StepInBackward(self.optimizer, accumulate=stage.accumulate,
                                               accumulation=stage.accumulation, clip=stage.backward_clip(),
                                               ddp=ddp, release_rows=rows).__enter__()

@@ -182,10 +182,12 @@ class Stage:
         stochastic_rounding: with ``param_dtype = "bfloat16"``, the optimizer stores each updated
             weight with unbiased stochastic rounding (``bf16_stochastic_round=True``: the Rust
             twins but Adafactor and Schedule-Free, and the 8-bit ones) instead of rounding to nearest.
-        state_dtype: ``"float32"`` (the default) or ``"bfloat16"``: the optimizer keeps its state
-            (moments, momentum) in bfloat16 (``state_dtype=torch.bfloat16``: the Rust twins but
-            Adafactor and Schedule-Free),
-            whatever the weights' dtype, and computes in float32.
+        state_dtype: unset (the default) or ``"float32"``: the optimizer keeps its state in the
+            weights' dtype, as torch makes it (``"float32"`` with ``param_dtype = "bfloat16"`` is
+            refused: no optimizer keeps float32 state for bfloat16 weights); ``"bfloat16"``: the
+            optimizer keeps its state (moments, momentum) in bfloat16 (``state_dtype=torch.bfloat16``:
+            the Rust twins but Adafactor and Schedule-Free), whatever the weights' dtype, and
+            computes in float32.
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -298,6 +300,10 @@ class Stage:
             self.stochastic_rounding = stochastic_rounding
             if state_dtype is not None and state_dtype not in PARAM_DTYPES:
                 raise ValueError(unknown_name("state_dtype", state_dtype, PARAM_DTYPES))
+            if state_dtype == "float32" and param_dtype == "bfloat16":
+                raise ValueError('state_dtype = "float32" with param_dtype = "bfloat16": the optimizers keep their '
+                                 "state in the weights' dtype (bfloat16 here); no optimizer keeps float32 state for "
+                                 'bfloat16 weights (leave state_dtype unset, or use param_dtype = "float32")')
             self.state_dtype = state_dtype
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:

@@ -23,7 +23,7 @@ from .batching import epoch_order, full_batch_gradient, steps_per_epoch
 from .distributed import Processes, check_distributed_stage, param_digest
 from .errors import ConfigError
 from .evaluation import evaluate
-from .phase import Phase
+from .phase import Phase, check_released_weights
 from .progress import Progress, epoch_line
 from .rules import Trial, check_monitors, monitorable
 from .stages import Stage, check_continuation, set_param_dtype
@@ -127,6 +127,8 @@ class Trainer:
             if st.per_layer and not hasattr(model, "layer_groups"):
                 raise ValueError(f"stage {st.name!r}: trainable/layer_lr_decay need a model with layer_groups() "
                                  f"(parameter lists from the input up), which {type(model).__name__} lacks")
+            if st.step_in_backward and st.release_rows:
+                check_released_weights(self.stages, i, model)
         self.run_dir = run_dir
         self.seed = int(seed)
         self.checkpoint_every = int(checkpoint_every) if checkpoint_every else 0
