@@ -555,6 +555,29 @@ def test_resume_of_a_continued_stage_is_bit_identical(tmp_path, name, kw, kill_a
         assert torch.equal(a, b)
 
 
+def test_the_carried_state_is_dropped_once_the_continued_stage_has_its_optimizer(tmp_path):
+    """Checkpoints at the stage boundary hold the carried state (what a resume there continues
+    from); those inside the continued stage do not: its optimizer holds it (a copy would double
+    the optimizer's memory and each checkpoint's size for the whole stage)."""
+    carried = {}
+
+    class Records(Trainer):
+        def checkpoint(self):
+            p = self.run.pos
+            carried[(p.stage, p.epoch, p.batch)] = self.run.carried is not None
+            super().checkpoint()
+
+    train, val = _blobs()
+    stages = [Stage("a", "adamw", epochs=2, batch_size=30, lr_schedule="constant"),
+              Stage("b", "adamw", epochs=2, batch_size=30, lr_schedule="cosine", continue_optimizer=True)]
+    Records(_mlp(), F.cross_entropy, train, val, stages, metrics={}, quiet=True, seed=0, run_dir=str(tmp_path / "run"),
+            checkpoint_every=4).fit()
+    boundary = [k for k in carried if k[0] == 1 and k[1:] == (0, 0)]
+    inside = [k for k in carried if k[0] == 1 and k[1:] != (0, 0)]
+    assert boundary and inside, carried
+    assert all(carried[k] for k in boundary) and not any(carried[k] for k in inside), carried
+
+
 def test_an_optimizer_that_refuses_per_layer_lrs_is_refused_before_anything_trains():
     """A stage whose layer_lr_decay gives the layer groups different LRs, with an optimizer that
     refuses them at its first step (Prodigy), is refused when the stage is made (a ValueError, and a

@@ -320,6 +320,9 @@ class Trainer:
         st, pos = self.stage, self.run.pos
         if self.phase is None:
             self.phase = self.make_phase(self.run.stage.chosen)
+        # The previous stage's optimizer state is in this phase now (and trial candidates are done):
+        # kept, it would double the optimizer's memory and every checkpoint's size for the stage.
+        self.run.carried = None
         while pos.epoch < st.epochs:
             record = self._run_epoch(spe, "main")
             action = None
