@@ -643,3 +643,23 @@ def test_named_parameters_take_the_options_as_parameters_do(cls: type, options: 
     for params, opt in runs:
         steps(params, opt, 0, 2)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Lion, oxoptim.SGD], ids=lambda c: c.__name__)
+def test_a_group_stepped_before_one_that_raised_moves_its_rounding_count_on(cls: type) -> None:
+    """torch's own step of a later group raises part-way through ``step()`` (as torch does, the
+    groups before it are updated): their ``sr_count`` moves on, so that the next update draws new
+    rounding bits rather than repeating the ones used."""
+    torch.manual_seed(0)
+    a, b = torch.randn(64).bfloat16(), torch.randn(4)
+    opt = cls([dict(params=[a], bf16_stochastic_round=True), dict(params=[b])], lr=1e-3)
+    a.grad = torch.randn(64).bfloat16()
+    b.grad = torch.randn(4)
+    b.grad.data = torch.randn(2, 2)  # a gradient of another shape: torch's step of group 1 raises
+    before = a.clone()
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert not torch.equal(a, before) and opt.param_groups[0]["sr_count"] == 1
+    b.grad = torch.randn(4)
+    opt.step()
+    assert opt.param_groups[0]["sr_count"] == 2

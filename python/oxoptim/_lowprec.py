@@ -255,10 +255,14 @@ class LowPrecisionWeights:
             check_low_precision(type(self).__name__, group)
             self._check_native(group)
         super().step()  # type: ignore[misc]
-        if self.__dict__.get("_oxoptim_step_in_backward") is None:  # step_in_backward advances the groups itself
-            for group in self.param_groups:  # type: ignore[attr-defined]
-                self._advance_group(group)
         return loss
+
+    def _after_group_step(self, group: dict) -> None:
+        # Each group as soon as it is stepped: one that raised part-way through the groups leaves
+        # those before it with a new count (their rounding bits were used). step_in_backward
+        # advances the groups itself, once per iteration.
+        super()._after_group_step(group)  # type: ignore[misc]
+        self._advance_group(group)
 
     def _check_before_backward_steps(self) -> None:
         super()._check_before_backward_steps()  # type: ignore[misc]

@@ -109,6 +109,7 @@ def step_groups(
     optimizer: Any,
     fast_step: Callable[[dict, Any], bool],
     general_step: Callable[[dict, bool], None],
+    after_group: Optional[Callable[[dict], None]] = None,
 ) -> None:
     """The per-group step loop shared by oxoptim's torch twins.
 
@@ -116,17 +117,18 @@ def step_groups(
     else try ``fast_step(group, cache)`` (tensors gathered in Rust, state
     already initialised); else ``general_step(group, native)``, which runs
     torch's ``_init_group`` and then the Rust list path or torch's own
-    implementation.
+    implementation. ``after_group(group)`` runs once each group is stepped (or skipped): a group
+    stepped before one that raised has moved on, the groups after it have not.
     """
     cache = tensor_cache(optimizer)
     cache.begin_step()
     try:
         for group in optimizer.param_groups:
-            if group.get("skip_nonfinite") and optimizer._skip_group(group):
-                continue
-            native = group_is_native(optimizer, group)
-            if native and fast_step(group, cache):
-                continue
-            general_step(group, native)
+            if not (group.get("skip_nonfinite") and optimizer._skip_group(group)):
+                native = group_is_native(optimizer, group)
+                if not (native and fast_step(group, cache)):
+                    general_step(group, native)
+            if after_group is not None:
+                after_group(group)
     finally:
         cache.finish_step()

@@ -153,8 +153,11 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         if in_backward is not None:
             in_backward.finish()  # the parameters were updated during backward
         else:
-            step_groups(self, self._fast_step, self._general_step)
+            step_groups(self, self._fast_step, self._general_step, self._after_group_step)
         return loss
+
+    def _after_group_step(self, group: dict) -> None:
+        """Runs once ``step()`` has stepped (or skipped) ``group``."""
 
     def _advance_group(self, group: dict) -> None:
         """Moves a group's own step-level state (Schedule-Free's schedule) on by one step. The
