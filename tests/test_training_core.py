@@ -614,3 +614,15 @@ def test_schedule_free_with_average_is_refused(name, average):
     assert "\n" not in str(e.value)
     Stage("sf", name, epochs=2, lr=0.1)
     Stage("a", "adamw", epochs=2, lr=0.1, average=average)
+
+
+def test_continue_optimizer_compares_optimizers_not_their_spelling():
+    """``"adamw"``, ``"AdamW"`` and the class are one optimizer (it was refused); another is refused."""
+    import oxoptim
+    from oxoptim.training.stages import check_continuation
+
+    first = Stage("a", "adamw", epochs=1, batch_size=2, lr=1e-3)
+    for spelling in ("AdamW", oxoptim.AdamW):
+        check_continuation(first, Stage("b", spelling, epochs=1, batch_size=2, lr=1e-3, continue_optimizer=True))
+    with pytest.raises(ValueError, match="continue_optimizer needs the previous stage's optimizer \\('adamw'\\), not 'sgd'"):
+        check_continuation(first, Stage("b", "sgd", epochs=1, batch_size=2, lr=1e-3, continue_optimizer=True))

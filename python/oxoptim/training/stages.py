@@ -579,8 +579,10 @@ def check_continuation(prev: Stage, stage: Stage) -> None:
     settings): for example Adam with ``amsgrad=True`` continuing Adam without it, whose state lacks
     ``max_exp_avg_sq``. Found by running both on small stand-in parameters, before anything trains,
     instead of failing once the earlier stages have trained."""
+    same = {"optimizer": resolve_optimizer(stage.optimizer) is resolve_optimizer(prev.optimizer),  # any spelling
+            "trainable": stage.trainable == prev.trainable}
     for key in ("optimizer", "trainable"):
-        if getattr(stage, key) != getattr(prev, key):
+        if not same[key]:
             raise ValueError(f"stage {stage.name!r}: continue_optimizer needs the previous stage's {key} "
                              f"({getattr(prev, key)!r}), not {getattr(stage, key)!r}")
     for before in _candidates(prev):
