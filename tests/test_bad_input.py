@@ -340,6 +340,71 @@ def test_step_arithmetic_torch_refuses_raises_its_error_and_changes_nothing(name
     assert raised == [(type(error), error.args)] * 2
 
 
+HUGE_SETTINGS = ("lr", "weight_decay", "momentum", "alpha", "lambd", "rho", "lr_decay", "step_sizes", "betas")
+
+
+def _huge_cases() -> list:
+    cases = []
+    for twin in TWINS:
+        group = twin.make_ours([torch.zeros(2, requires_grad=True)], **twin.typical).param_groups[0]
+        for key in HUGE_SETTINGS:
+            value = group.get(key)
+            if isinstance(value, tuple):  # the last entry: Rprop's largest step size, beta2
+                cases += [pytest.param(twin, key, (*value[:-1], v), id=f"{twin.name}-{key}-{v:g}") for v in (1e39, -1e39, 1e25)]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                cases += [pytest.param(twin, key, v, id=f"{twin.name}-{key}-{v:g}") for v in (1e39, -1e39, 1e25)]
+    return cases
+
+
+@pytest.mark.parametrize("twin, key, value", _huge_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_hyper_parameters_beyond_float32_raise_or_step_as_the_twin_and_a_failure_changes_nothing(twin: Twin, key, value, dtype) -> None:
+    """torch converts some scalars to float32 with an overflow check ("value cannot be converted to
+    type float without overflow") and raises part-way through its step; oxoptim runs the
+    reference for such a group, so it raises the same error or steps to the same numbers, and
+    puts back whatever the reference changed before raising."""
+    outcomes = []
+    for make in (twin.make_semantics, twin.make_ours):
+        params = [torch.linspace(-1, 1, 12, dtype=dtype).reshape(3, 4).requires_grad_(), torch.linspace(0, 1, 7, dtype=dtype).requires_grad_()]
+        opt = make(params, **twin.typical)
+        opt.param_groups[0][key] = value
+        outcome: list = []
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 - step)
+            before = snapshot(opt)
+            try:
+                opt.step()
+            except Exception as e:  # noqa: BLE001 - the reference's error, whatever it is
+                outcome.append((type(e), str(e)))
+                if make == twin.make_ours:
+                    assert_unchanged(opt, before)
+                break
+            outcome.append([p.detach().clone() for p in params])
+        outcomes.append(outcome)
+    theirs, ours = outcomes
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        if isinstance(b, tuple):
+            assert a == b
+        else:
+            assert all(torch.equal(torch.nan_to_num(x, 7.0), torch.nan_to_num(y, 7.0)) and torch.equal(x.isnan(), y.isnan()) for x, y in zip(a, b))
+
+
+def test_hyper_parameters_below_two_to_the_64_stay_on_the_kernels(monkeypatch) -> None:
+    from optimizers import forbid_torch_fallback
+
+    forbid_torch_fallback(monkeypatch)
+    below = math.nextafter(oxoptim._native.HUGE_HYPER, 0.0)
+    p = torch.linspace(-1, 1, 10, dtype=torch.float64).requires_grad_()
+    p.grad = torch.ones_like(p)
+    opt = oxoptim.Adam([p], lr=below, weight_decay=below)
+    opt.step()
+    opt.param_groups[0]["lr"] = oxoptim._native.HUGE_HYPER
+    with pytest.raises(AssertionError, match="fell back"):
+        opt.step()
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.999), (0.9, 0.0)], ids=str)

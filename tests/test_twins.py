@@ -134,9 +134,10 @@ def test_a_hyper_parameter_the_kernels_cannot_take_leaves_the_step_to_torch(twin
                         assert_twin_matches(twin, a, b, equal_nan=True)
                 else:
                     # torch's message where torch is the reference; a reference package's own code
-                    # words its errors otherwise.
-                    same = ours == theirs if twin.theirs.__module__.startswith("torch.optim") else ours[::2] == theirs[::2]
-                    assert same, (key, wrong, ours, theirs)
+                    # words its errors otherwise. Where torch raises having changed the weights
+                    # (10**400 as a beta, after the first parameter), oxoptim puts them back.
+                    same = ours[:2] == theirs[:2] if twin.theirs.__module__.startswith("torch.optim") else ours[0] == theirs[0]
+                    assert same and (ours[2] or not theirs[2]), (key, wrong, ours, theirs)
                 checked += 1
     assert checked
 

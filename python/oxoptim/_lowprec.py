@@ -333,7 +333,7 @@ class LowPrecisionWeights:
                 raise ValueError(
                     f"{type(self).__name__}: {option}={group[option]} runs on the native path only, which needs dense "
                     "contiguous CPU tensors, no shared memory, no differentiable/capturable/AMP "
-                    "scaling and number hyper-parameters; this group has something else"
+                    "scaling and number hyper-parameters below 2**64 in magnitude; this group has something else"
                 )
         super()._torch_step(group)  # type: ignore[misc]
 

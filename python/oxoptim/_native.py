@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -10,7 +11,8 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native", "num_threads", "scalar", "step_groups", "tensor_cache"]
+__all__ = ["HUGE_HYPER", "drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native",
+           "has_huge_hyper", "num_threads", "scalar", "step_groups", "step_or_restore", "tensor_cache"]
 
 
 def use_grad_for_differentiable(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,13 +66,18 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return False
     exact: frozenset[str] = getattr(optimizer, "EXACT_TENSOR_HYPER", frozenset())
+    hyper: frozenset[str] = getattr(optimizer, "_HYPER_KEYS", frozenset())
     for key, value in group.items():  # a plain loop: it runs for every group on every step
         # Numbers, flags and names are passed over by type: `isinstance(v, torch.Tensor)`
         # runs torch's Python `__instancecheck__` (~0.1 µs, per key on every step).
         if type(value) in _PLAIN or key == "params":
+            if key in hyper and _huge(value):
+                return False
             continue
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if type(v) in _PLAIN:
+                if key in hyper and _huge(v):
+                    return False
                 continue
             if isinstance(v, torch.Tensor):
                 if v.requires_grad or key not in exact:
@@ -84,6 +91,57 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 
 #: Hyper-parameter types that are never tensors.
 _PLAIN = frozenset({float, int, bool, str, type(None)})
+
+#: A finite hyper-parameter at least this large in magnitude keeps its group on the reference
+#: implementation. torch converts some scalars to float32 with an overflow check (``alpha=``,
+#: ``value=``, lerp weights, clamp bounds) and raises RuntimeError where the kernels, which
+#: compute in float64, would step to inf; no scalar torch derives from smaller settings (at most
+#: 1 / 2**-53 times one) reaches float32's range.
+HUGE_HYPER = 2.0**64
+
+
+def _huge(value: Any) -> bool:
+    return type(value) is not bool and type(value) in (float, int) and HUGE_HYPER <= abs(value) < math.inf
+
+
+def has_huge_hyper(optimizer: Any, group: dict) -> bool:
+    """Whether a hyper-parameter of ``group`` (a number, or one in a tuple as ``betas``) is
+    finite and at least :data:`HUGE_HYPER` in magnitude."""
+    for key in getattr(optimizer, "_HYPER_KEYS", ()):
+        value = group.get(key)
+        if any(_huge(v) for v in (value if isinstance(value, (tuple, list)) else (value,))):
+            return True
+    return False
+
+
+def step_or_restore(optimizer: Any, groups: list, step: Callable[[], None]) -> None:
+    """Runs ``step`` (the reference implementation on ``groups``); if it raises, puts the groups'
+    parameters, their state and the groups' own entries back as they were first. torch raises
+    part-way through a step (after Adam's counter and moments of the first parameter moved on)."""
+    params = [p for g in groups for p in g["params"] if isinstance(p, torch.Tensor)]
+    state = optimizer.state
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {p: (dict(state[p]), {k: v.clone() for k, v in state[p].items() if isinstance(v, torch.Tensor)})
+                   for p in params if p in state}
+    saved_groups = [dict(g) for g in groups]
+    try:
+        step()
+    except BaseException:
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params):
+                p.copy_(saved)
+            for p in params:
+                if p in saved_state:
+                    entries, tensors = saved_state[p]
+                    for k, v in tensors.items():
+                        entries[k].copy_(v)
+                    state[p] = entries
+                else:
+                    state.pop(p, None)
+        for g, saved_group in zip(groups, saved_groups):
+            g.clear()
+            g.update(saved_group)
+        raise
 
 
 def drop_unfinished_iteration(optimizer: Any) -> None:

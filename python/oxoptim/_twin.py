@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from . import _core
-from ._native import drop_unfinished_iteration, evaluate_closure, group_is_native, num_threads, step_groups, use_grad_for_differentiable
+from ._native import (drop_unfinished_iteration, evaluate_closure, group_is_native, has_huge_hyper, num_threads, step_groups,
+                      step_or_restore, use_grad_for_differentiable)
 from ._skip import SkipNonfinite
 from ._state import CheckedStateDict
 
@@ -116,6 +117,7 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
     STEPS_IN_BACKWARD: ClassVar[bool] = True
     _TORCH: ClassVar[type[torch.optim.Optimizer]]
     _HYPER: ClassVar[tuple[str, ...]]
+    _HYPER_KEYS: ClassVar[frozenset[str]]
     _INIT_LISTS: ClassVar[int]
 
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs: Any) -> None:
@@ -126,6 +128,7 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         row = _TABLE[kind]
         cls.KIND = kind
         cls._HYPER = row["hyper"]
+        cls._HYPER_KEYS = frozenset(row["hyper"])
         cls.PARAM_SHAPED = row["state"]
         cls.SCALAR_STATE = row["scalars"]
         cls._TORCH = _torch_class(cls)
@@ -194,12 +197,13 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
             state = self.state  # type: ignore[attr-defined]
             stateless = [p for p in group["params"] if not state.get(p)]
             lists: list[list[Any]] = [[] for _ in range(self._INIT_LISTS)]
-            self._init_group(group, *lists)  # type: ignore[attr-defined]
             stepped = False
             try:
+                self._init_group(group, *lists)  # type: ignore[attr-defined]
                 stepped = self._list_step(group, lists[0], lists[1])
             finally:
-                # Refused or failed, the call leaves no state it made; the reference
+                # Refused or failed (torch's `_init_group` too: Rprop's `full_like(grad, lr)` of an lr
+                # beyond float32), the call leaves no state it made; the reference
                 # creates state as it goes (lazily, or all up front as torch does).
                 if not stepped:
                     for p in stateless:
@@ -232,7 +236,10 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         return {}
 
     def _torch_step(self, group: dict) -> None:
-        self._reference_step(group)
+        if has_huge_hyper(self, group):  # the reference may raise half-way: nothing may be lost
+            step_or_restore(self, [group], lambda: self._reference_step(group))
+        else:
+            self._reference_step(group)
 
     def _reference_step(self, group: dict) -> None:
         """The reference implementation's step, for this group only."""

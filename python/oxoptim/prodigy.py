@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from . import _core
-from ._native import evaluate_closure, group_is_native, num_threads, tensor_cache, use_grad_for_differentiable
+from ._native import (evaluate_closure, group_is_native, has_huge_hyper, num_threads, step_or_restore, tensor_cache,
+                      use_grad_for_differentiable)
 from ._twin import NATIVE_NOTE, TorchTwin
 
 __all__ = ["Prodigy", "ProdigyReference"]
@@ -424,7 +425,10 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
         cache = tensor_cache(self)
         cache.begin_step()
         try:
-            self._step_all(skipped)
+            if any(has_huge_hyper(self, g) for g in self.param_groups):  # the reference may raise half-way
+                step_or_restore(self, self.param_groups, lambda: self._step_all(skipped))
+            else:
+                self._step_all(skipped)
         finally:
             cache.finish_step()
         return loss
