@@ -210,6 +210,73 @@ def test_polyak_needs_f_star_and_loss():
     torch.testing.assert_close(w.detach(), torch.zeros(3))
 
 
+def _two_groups(second: dict, first: dict | None = None):
+    a, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = oxoptim.Subgradient([{"params": [a], **(first or {})}, {"params": [b], **second}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    return a, b, opt
+
+
+def _counters(opt) -> tuple:
+    return (opt.steps, opt.skipped_steps, opt.best_objective, opt.best_step, opt.last_objective, opt._pending_loss,
+            {k: v.clone() for p in opt.state for k, v in opt.state[p].items()})
+
+
+def _assert_counters(opt, before: tuple) -> None:
+    after = _counters(opt)
+    assert after[:6] == before[:6]
+    assert after[6].keys() == before[6].keys() and all(torch.equal(after[6][k], before[6][k]) for k in after[6])
+
+
+def test_a_group_step_rule_or_f_star_is_checked_when_the_group_is_added():
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid step_rule 'Harmonic'"):
+        oxoptim.Subgradient([{"params": [w], "step_rule": "Harmonic"}], lr=0.1)
+    with pytest.raises(ValueError, match="needs f_star"):
+        oxoptim.Subgradient([{"params": [w], "step_rule": "polyak"}], lr=0.1)
+    with pytest.raises(ValueError, match="f_star to be a number"):
+        oxoptim.Subgradient([{"params": [w], "step_rule": "polyak", "f_star": "zero"}], lr=0.1)
+    opt = oxoptim.Subgradient([w], lr=0.1)
+    with pytest.raises(ValueError, match="needs f_star"):
+        opt.add_param_group({"params": [torch.ones(2, requires_grad=True)], "step_rule": "polyak"})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("second, closure, error", [
+    ({"step_rule": "polyak", "f_star": 0.0}, False, RuntimeError),  # Polyak without the loss
+    ({"step_rule": "bogus"}, True, ValueError),  # set after construction
+    ({"step_rule": "polyak", "f_star": None}, True, ValueError),
+    ({"maximize": True}, True, ValueError),  # one loss, minimized and maximized
+    ({"sparse": True}, True, RuntimeError),
+], ids=["polyak-no-loss", "bogus-rule", "polyak-no-f_star", "mixed-maximize", "sparse-grad"])
+def test_a_refused_step_changes_no_group_counter_best_iterate_or_recorded_loss(second, closure, error):
+    a, b, opt = _two_groups({}, {"skip_nonfinite": True})
+    opt.step(lambda: torch.tensor(1.0))  # a best iterate exists
+    a.grad, b.grad = torch.full((3,), math.nan), torch.ones(2)  # the first group would be skipped
+    if second.pop("sparse", False):
+        b.grad = torch.ones(2).to_sparse()
+    opt.param_groups[1].update(second)
+    if not closure:
+        opt._pending_loss = None
+    else:
+        opt.record_loss(0.5)
+    before, values = _counters(opt), (a.detach().clone(), b.detach().clone())
+    with pytest.raises(error):
+        opt.step(None)
+    _assert_counters(opt, before)
+    assert torch.equal(a.detach(), values[0]) and torch.equal(b.detach(), values[1])
+
+
+def test_the_objective_follows_the_groups_maximize():
+    p = torch.zeros(1, requires_grad=True)
+    opt = oxoptim.Subgradient([{"params": [p], "maximize": True}], lr=1.0)
+    assert opt.objective(2.0) == -2.0
+    for loss in (0.0, 1.0, 2.0):  # maximizing: the best iterate is the one of the largest loss
+        p.grad = torch.ones(1)
+        opt.step(lambda: torch.tensor(loss))
+    assert opt.best_objective == -2.0 and opt.restore_best() == -2.0 and p.item() == 2.0
+
+
 def test_best_iterate_record_loss_and_state_dict_roundtrip():
     torch.manual_seed(2)
     w = torch.randn(10, requires_grad=True)

@@ -66,14 +66,11 @@ class Subgradient(torch.optim.Optimizer):
     ) -> None:
         if not 0.0 <= scalar(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
-        if step_rule not in STEP_RULES:
-            raise ValueError(f"Invalid step_rule {step_rule!r}: expected one of {STEP_RULES}")
+        _check_rule(step_rule, f_star)
         if not 0.0 <= l1:
             raise ValueError(f"Invalid l1 value: {l1}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if step_rule == "polyak" and f_star is None:
-            raise ValueError("step_rule='polyak' needs f_star, the optimal objective value")
         defaults = dict(
             lr=lr,
             step_rule=step_rule,
@@ -97,6 +94,12 @@ class Subgradient(torch.optim.Optimizer):
         state.update({name: getattr(self, name) for name in self._COUNTERS})
         return state
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, after checking a group's own ``step_rule`` and ``f_star``."""
+        if isinstance(param_group, dict) and self.__dict__.get("defaults") is not None:
+            _check_rule(param_group.get("step_rule", self.defaults["step_rule"]), param_group.get("f_star", self.defaults["f_star"]))
+        super().add_param_group(param_group)
+
     def record_loss(self, loss: Any) -> None:
         """Gives the loss at the current parameters, for a :meth:`step` without closure."""
         self._pending_loss = scalar(loss)
@@ -104,7 +107,7 @@ class Subgradient(torch.optim.Optimizer):
     @torch.no_grad()
     def objective(self, loss: Any) -> float:
         """f(θ) at the current parameters for the given loss: ±loss + l1·‖θ‖₁ + ½·wd·‖θ‖²."""
-        value = -scalar(loss) if self.defaults["maximize"] else scalar(loss)
+        value = -scalar(loss) if _maximizes(self.param_groups) else scalar(loss)
         for group in self.param_groups:
             params = list(group["params"])
             l1, wd = scalar(group["l1"]), scalar(group["weight_decay"])
@@ -116,37 +119,43 @@ class Subgradient(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """Performs one subgradient step; ``closure`` re-evaluates the model and returns the loss."""
+        """Performs one subgradient step; ``closure`` re-evaluates the model and returns the loss.
+        Every group is checked before anything is written: a refused step changes no parameter,
+        counter, best iterate or recorded loss."""
         loss = evaluate_closure(closure)
         known = loss if loss is not None else self._pending_loss
-        self._pending_loss = None
-        objective = None
-        if known is not None:
-            objective = self.objective(known)
-            self.last_objective = objective
-            if objective < self.best_objective:
-                self._save_best(objective)
-
-        plans = []
+        plans, skipped = [], 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            rule = group["step_rule"]
+            _check_rule(rule, group["f_star"])
             grads = [p.grad for p in params]
             if group.get("skip_nonfinite") and grads_nonfinite(grads):
-                self.skipped_steps += 1
+                skipped += 1
                 continue
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("Subgradient does not support sparse gradients")
-            needs_norm = group["step_rule"] == "polyak" or group["normalize"]
-            sq = _direction_sq_norm(group, params, grads) if needs_norm else 0.0  # read only when needed
-            plans.append((group, params, grads, sq))
+            if rule == "polyak" and known is None:
+                raise RuntimeError("step_rule='polyak' needs the loss: pass a closure or call record_loss(loss)")
+            plans.append((group, params, grads))
+        objective = None if known is None else self.objective(known)
+
+        # Nothing below raises on the inputs: the step is committed.
+        self._pending_loss = None
+        self.skipped_steps += skipped
+        if objective is not None:
+            self.last_objective = objective
+            if objective < self.best_objective:
+                self._save_best(objective)
         if not plans:
             return loss
-
-        polyak_sq = sum(sq for g, _, _, sq in plans if g["step_rule"] == "polyak")
+        # ‖d‖² is read before any group moves (a group's Polyak step uses all Polyak groups' sum).
+        sqs = [_direction_sq_norm(g, ps, gs) if g["step_rule"] == "polyak" or g["normalize"] else 0.0 for g, ps, gs in plans]
+        polyak_sq = sum(sq for (g, _, _), sq in zip(plans, sqs) if g["step_rule"] == "polyak")
         t = self.steps
-        for group, params, grads, sq in plans:
+        for (group, params, grads), sq in zip(plans, sqs):
             lr, rule = scalar(group["lr"]), group["step_rule"]
             if rule == "constant":
                 alpha = lr
@@ -155,8 +164,7 @@ class Subgradient(torch.optim.Optimizer):
             elif rule == "harmonic":
                 alpha = lr / (t + 1)
             else:
-                if objective is None:
-                    raise RuntimeError("step_rule='polyak' needs the loss: pass a closure or call record_loss(loss)")
+                assert objective is not None  # checked above
                 gap = max(objective - float(group["f_star"]), 0.0)
                 alpha = lr * gap / polyak_sq if polyak_sq > 0 else 0.0
             if group["normalize"] and rule != "polyak":
@@ -224,6 +232,27 @@ class Subgradient(torch.optim.Optimizer):
             # f changed (a continued stage with other l1/weight_decay/maximize): the best point is kept
             # in state["best"], but its objective is unknown under the new f, so any new point may replace it
             self.best_objective, self.last_objective = math.inf, None
+
+
+def _check_rule(step_rule: Any, f_star: Any) -> None:
+    """A group's step rule is one of :data:`STEP_RULES`; Polyak's has a number for ``f_star``."""
+    if step_rule not in STEP_RULES:
+        raise ValueError(f"Invalid step_rule {step_rule!r}: expected one of {STEP_RULES}")
+    if step_rule == "polyak":
+        if f_star is None:
+            raise ValueError("step_rule='polyak' needs f_star, the optimal objective value")
+        try:
+            scalar(f_star)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"step_rule='polyak' needs f_star to be a number, got {f_star!r}") from e
+
+
+def _maximizes(groups: list) -> bool:
+    """Whether the objective is −loss: every group's ``maximize`` (one loss cannot be both)."""
+    flags = {bool(g["maximize"]) for g in groups}
+    if len(flags) > 1:
+        raise ValueError("maximize differs between parameter groups: the objective has one loss, maximized or minimized")
+    return flags == {True}
 
 
 def _norm(tensors: list, p: float) -> float:
