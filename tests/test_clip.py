@@ -265,3 +265,54 @@ def test_overflowing_norm_raises_like_torch(dtype, norm_type, spec):
     grads = [p.grad for p in _range_grads(dtype, spec)]
     with pytest.raises(RuntimeError, match="non-finite"):
         oxoptim.get_total_norm(grads, norm_type, error_if_nonfinite=True)
+
+
+def _with_grads(values: list) -> list:
+    params = [torch.zeros(len(v), requires_grad=True) for v in values]
+    for p, v in zip(params, values):
+        p.grad = torch.tensor(v)
+    return params
+
+
+def test_the_total_norm_is_on_the_gradients_device_not_the_default_one():
+    outcomes = []
+    for clip in (torch.nn.utils.clip_grad_norm_, oxoptim.clip_grad_norm_):
+        params = _with_grads([[3.0, 4.0]])
+        with torch.device("meta"):
+            norm = clip(params, 1.0)
+            total = (torch.nn.utils.get_total_norm if clip is torch.nn.utils.clip_grad_norm_ else oxoptim.get_total_norm)([p.grad for p in params])
+        outcomes.append((norm.device, float(norm), total.device, params[0].grad.tolist()))
+    assert outcomes[0] == outcomes[1] and outcomes[1][0].type == "cpu"
+
+
+def test_an_empty_generator_warns_as_torch_does():
+    messages = []
+    for clip in (torch.nn.utils.clip_grad_norm_, oxoptim.clip_grad_norm_):
+        with pytest.warns(UserWarning) as record:
+            clip((p for p in []), 1.0)
+        messages.append([str(w.message) for w in record])
+    assert messages[0] == messages[1] == ["`parameters` is an empty generator, no gradient clipping will occur."]
+
+
+@pytest.mark.parametrize("max_norm", ["abc", None])
+def test_max_norm_is_checked_without_gradients_too(max_norm):
+    errors = []
+    for clip in (torch.nn.utils.clip_grad_norm_, oxoptim.clip_grad_norm_):
+        with pytest.raises((TypeError, ValueError)) as info:
+            clip([torch.zeros(2, requires_grad=True)], max_norm)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("norm_type, values", [
+    (1e300, [[1.0, 2.0], [3.0, 4.0]]), (-1e300, [[1.0, 2.0], [3.0, 4.0]]), (3.5e38, [[0.5, 0.25], [0.1]]),
+    (1e-300, [[0.0, 0.0], [0.0]]), (1e-300, [[1.0, 2.0], [3.0]]), (1e-41, [[1.0, 2.0], [3.0]]),
+], ids=str)
+def test_a_norm_type_beyond_float32_is_torchs_norm(norm_type, values):
+    """torch computes with a float32 p (inf, 0 or subnormal here): its result, bit for bit."""
+    outcomes = []
+    for clip in (torch.nn.utils.clip_grad_norm_, oxoptim.clip_grad_norm_):
+        params = _with_grads(values)
+        norm = clip(params, 1.0, norm_type)
+        outcomes.append((norm.tolist(), [p.grad.tolist() for p in params]))
+    assert outcomes[0] == outcomes[1]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import types
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -25,10 +28,16 @@ def _native_total_norm(grads: list, norm_type: float) -> Optional[torch.Tensor]:
         return None
     if norm_type == float("inf") and any(g.numel() == 0 for g in grads):
         return None  # torch raises: the infinity norm of an empty tensor has no identity
+    if math.isfinite(norm_type) and norm_type != 0.0 and not _FLOAT32_NORMAL <= abs(norm_type) <= _FLOAT32_MAX:
+        return None  # torch's float32 p is inf, 0 or subnormal: its arithmetic is another norm
     value = _core.tensor_norm(grads, norm_type, as_torch=True, num_threads=num_threads())
     if value is None:
         return None
-    return torch.tensor(value, dtype=dtype)
+    return torch.tensor(value, dtype=dtype, device=grads[0].device)  # not the default device
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_NORMAL = torch.finfo(torch.float32).tiny
 
 
 def _check_finite(total_norm: torch.Tensor, norm_type: float, error_if_nonfinite: bool) -> None:
@@ -114,10 +123,17 @@ def clip_grad_norm_(
     that the float64 sum keeps; these are the normal-range differences the
     native result always had.
     """
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     if not grads:
+        float(max_norm)  # torch's check of max_norm, which it makes also without gradients
         return torch.tensor(0.0)
     total_norm = _native_total_norm(grads, norm_type)
     if total_norm is None:
