@@ -81,8 +81,9 @@ def clip_grad_norm_(
     both with the GIL released. Returns the total norm as a 0-d tensor of the
     gradients' dtype, as torch does, and raises the same error for a
     non-finite norm with ``error_if_nonfinite=True``. Gradients on other
-    devices, sparse or of mixed dtypes, and other norm types (0, -inf, …) use
-    torch's implementation; ``foreach`` is only passed on to it. A gradient
+    devices, sparse or of mixed dtypes, other norm types (0, -inf, …) and
+    norm types whose float32 value, which torch computes with, is inf, 0 or
+    subnormal use torch's implementation; ``foreach`` is only passed on to it. A gradient
     listed twice (a parameter listed twice, or parameters sharing one
     gradient tensor) counts twice in the norm and is scaled once per listing
     by ``torch._foreach_mul_``, as torch does.
