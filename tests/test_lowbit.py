@@ -647,7 +647,7 @@ def test_bitsandbytes_state_of_another_scheme_is_refused_saying_so() -> None:
         (edited(lambda q, sd: q.__setitem__("qmap2", q["qmap2"].flip(0))), r"'qmap2' is not bitsandbytes' unsigned dynamic map"),
         (edited(lambda q, sd: q.__setitem__("gnorm_vec", torch.zeros(100))), r"no equivalent of \(gnorm_vec"),
         (edited(lambda q, sd: q.pop("state2")), r"without a tensor 'state2'"),
-        (edited(lambda q, sd: sd["param_groups"][0].__setitem__("alpha", 5.0)), r"'alpha'\] is 5.0: bitsandbytes AdEMAMix"),
+        (edited(lambda q, sd: sd["param_groups"][0].__setitem__("alpha", 5.0)), r"'alpha'\] is 5.0: another optimizer's setting \(bitsandbytes' AdEMAMix"),
     ]
     for sd, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -697,7 +697,7 @@ def test_ademamix_group_settings_are_refused_before_any_state_too() -> None:
              "alpha": 5.0, "t_alpha": None, "t_beta3": None, "params": [0]}
     opt = oxoptim.AdamW8bit([p], lr=1e-3)
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match="bitsandbytes AdEMAMix"):
+    with pytest.raises(ValueError, match="bitsandbytes' AdEMAMix"):
         opt.load_state_dict({"state": {}, "param_groups": [dict(group)]})
     assert opt.state_dict() == before
     opt.load_state_dict({"state": {}, "param_groups": [dict(group, alpha=0.0)]})
@@ -764,3 +764,139 @@ def test_a_step_counter_the_native_call_cannot_take_is_refused_before_any_group_
     assert opt.state[b]["step"].dtype == torch.float32 and float(opt.state[b]["step"]) == 1
     opt.step()
     assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 2
+
+
+def _two_group_sr(cls, **kw):
+    a, b = (torch.nn.Parameter(torch.linspace(-1, 1, 600, dtype=torch.bfloat16)) for _ in range(2))
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, bf16_stochastic_round=True, **kw)
+    a.grad, b.grad = torch.full_like(a, 0.5), torch.full_like(b, -0.25)
+    opt.step()
+    return opt, [a, b]
+
+
+EIGHT_BIT_SR = [(oxoptim.AdamW8bit, {"min_8bit_size": 256}), (oxoptim.SGD8bit, {"momentum": 0.9, "min_8bit_size": 256}),
+                (oxoptim.AdamW, {})]
+
+
+@pytest.mark.parametrize("cls, kw", EIGHT_BIT_SR, ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize("key, value", [("sr_seed", -1), ("sr_seed", 2**64), ("sr_seed", "abc"), ("sr_seed", 1.5),
+                                        ("sr_count", -1), ("sr_seed", None)], ids=str)
+def test_a_rounding_stream_the_native_call_cannot_take_is_refused_before_any_group_is_written(cls, kw, key, value) -> None:
+    """sr_seed and sr_count are ints in [0, 2**64): refused when a group is added, when loaded, and
+    when set afterwards (before the first group is stepped)."""
+    a = torch.nn.Parameter(torch.zeros(600, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=f"{key} to be an int"):
+        cls([{"params": [a], key: value}], lr=0.1, bf16_stochastic_round=True, **kw)
+    opt, params = _two_group_sr(cls, **kw)
+    saved = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(saved)
+    if value is None:
+        del bad["param_groups"][1][key]
+    else:
+        bad["param_groups"][1][key] = value
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=f"{key} to be an int"):
+        opt.load_state_dict(bad)
+    opt.param_groups[1].pop(key) if value is None else opt.param_groups[1].update({key: value})
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    with pytest.raises(ValueError, match=f"{key} to be an int"):
+        opt.step()
+    opt.param_groups[1][key] = saved["param_groups"][1][key]
+    after = opt.state_dict()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before[1]))
+    assert [g.get("sr_count") for g in after["param_groups"]] == [g.get("sr_count") for g in before[0]["param_groups"]]
+    for i, entry in before[0]["state"].items():
+        assert all(torch.equal(after["state"][i][k], v) for k, v in entry.items())
+
+
+@pytest.mark.parametrize("cls, kw", [(oxoptim.AdamW8bit, {}), (oxoptim.SGD8bit, {"momentum": 0.9})], ids=["adamw8bit", "sgd8bit"])
+def test_loaded_step_counters_that_alias_or_are_negative_are_refused_before_anything_changes(cls, kw) -> None:
+    params = [torch.nn.Parameter(torch.randn(600, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    opt = cls([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, min_8bit_size=256, **kw)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    negative = copy.deepcopy(opt.state_dict())
+    negative["state"][1]["step"] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        opt.load_state_dict(negative)
+    shared = copy.deepcopy(opt.state_dict())
+    one = torch.tensor(1.0)
+    shared["state"][1]["step"] = shared["state"][2]["step"] = one
+    opt.load_state_dict(shared)
+    before = snapshot(params, opt)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert same(snapshot(params, opt), before)
+
+
+def test_options_the_8bit_optimizers_do_not_take_are_refused_at_load() -> None:
+    p = torch.nn.Parameter(torch.randn(600))
+    for options in ({"skip_nonfinite": True}, {"state_dtype": torch.bfloat16}):
+        twin = oxoptim.AdamW([p], lr=0.1, **options)
+        p.grad = torch.ones_like(p)
+        twin.step()
+        opt = oxoptim.AdamW8bit([p], lr=0.1, min_8bit_size=256)
+        before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=f"'{next(iter(options))}'.*does not take it"):
+            opt.load_state_dict(twin.state_dict())
+        assert opt.state_dict() == before
+
+
+def test_adam8bit_obeys_a_loaded_groups_decoupled_weight_decay() -> None:
+    """torch's Adam and AdamW step with the loaded group's flag: so do the 8-bit ones (a torch AdamW
+    dict loaded into Adam8bit decays the parameter, as it does in AdamW8bit)."""
+    source = torch.nn.Parameter(torch.randn(600))
+    ref = torch.optim.AdamW([source], lr=0.1, weight_decay=0.5)
+    source.grad = torch.ones_like(source)
+    ref.step()
+    results = []
+    for cls in (oxoptim.Adam8bit, oxoptim.AdamW8bit):
+        p = torch.nn.Parameter(source.detach().clone())
+        opt = cls([p], lr=0.1, weight_decay=0.5, min_8bit_size=256)
+        opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+        assert opt.param_groups[0]["decoupled_weight_decay"] is True
+        p.grad = torch.full_like(p, -0.5)
+        opt.step()
+        results.append(p.detach().clone())
+        assert cls.dequantize_state_dict(opt.state_dict())["param_groups"][0]["decoupled_weight_decay"] is True
+    assert torch.equal(results[0], results[1])
+
+
+def test_8bit_codes_saved_with_other_strides_load_contiguous_and_step() -> None:
+    p = torch.nn.Parameter(torch.randn(40, 30))
+    opt = oxoptim.AdamW8bit([p], lr=0.1, min_8bit_size=256)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        codes = saved["state"][0][key]
+        saved["state"][0][key] = codes.t().contiguous().t()  # the same values, column-major
+    fresh = oxoptim.AdamW8bit([torch.nn.Parameter(p.detach().clone())], lr=0.1, min_8bit_size=256)
+    fresh.load_state_dict(saved)
+    q = fresh.param_groups[0]["params"][0]
+    assert all(fresh.state[q][k].is_contiguous() and torch.equal(fresh.state[q][k], opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    q.grad = p.grad = torch.full_like(p, 0.5)
+    fresh.step()
+    opt.step()
+    assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("source, target, message", [
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), oxoptim.AdamW8bit, "has no 'betas': not a state dict of Adam"),
+    (lambda ps: torch.optim.Adagrad(ps, lr=0.1), oxoptim.AdamW8bit, "has no 'betas': not a state dict of Adam"),
+    (lambda ps: torch.optim.RMSprop(ps, lr=0.1, momentum=0.9, alpha=0.0, centered=True), oxoptim.SGD8bit,
+     "holds 'grad_avg', 'square_avg', which SGD8bit does not keep"),
+    (lambda ps: torch.optim.RMSprop(ps, lr=0.1, momentum=0.9), oxoptim.SGD8bit, "torch's RMSprop"),
+], ids=["sgd-adamw8bit", "adagrad-adamw8bit", "rmsprop-alpha0-sgd8bit", "rmsprop-sgd8bit"])
+def test_another_optimizers_state_dict_is_refused_saying_so(source, target, message) -> None:
+    p = torch.nn.Parameter(torch.randn(600))
+    other = source([p])
+    p.grad = torch.ones_like(p)
+    other.step()
+    opt = target([p], lr=0.1, min_8bit_size=256, **({"momentum": 0.9} if target is oxoptim.SGD8bit else {}))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(other.state_dict())
+    assert opt.state_dict() == before

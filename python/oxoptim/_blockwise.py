@@ -200,5 +200,6 @@ def without_bnb_settings(index: int, saved: dict, loader: str) -> dict:
     """A bitsandbytes group without its AdEMAMix settings, refused (naming ``loader``) unless they are Adam's."""
     for key, default in BNB_GROUP_DEFAULTS.items():
         if key in saved and saved[key] != default:
-            raise ValueError(f"param_groups[{index}][{key!r}] is {saved[key]!r}: bitsandbytes AdEMAMix state, which {loader} cannot load")
+            raise ValueError(f"param_groups[{index}][{key!r}] is {saved[key]!r}: another optimizer's setting (bitsandbytes' "
+                             f"AdEMAMix, torch's RMSprop), which {loader} cannot load")
     return {k: v for k, v in saved.items() if k not in BNB_GROUP_DEFAULTS}

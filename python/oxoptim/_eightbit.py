@@ -44,7 +44,7 @@ class EightBitOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:  # torch fills the defaults in as it appends: checked after, taken back if refused
             self._check_group(group)
-            check_low_precision(type(self).__name__, group)
+            check_low_precision(type(self).__name__, group, stream=False)
             if group.get("bf16_stochastic_round"):
                 if "sr_seed" not in group:  # a given seed is kept, and nothing is drawn or broadcast
                     group["sr_seed"] = draw_seed()
@@ -192,6 +192,8 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 full.append((p, entry))
         stepped = [*eight, *full]
         written = [*(p for p, _ in stepped), *(t for _, entry in stepped for t in entry.values() if isinstance(t, torch.Tensor) and t.dim())]
+        # The step counters the native call writes (one tensor loaded for two parameters: refused).
+        written += [entry["step"] for _, entry in (stepped if group.get("bf16_stochastic_round") else eight)]
         if shares_memory(written, [p.grad for p, _ in stepped]):
             raise ValueError(f"{name}: parameters, gradients or state of this group share memory (a parameter listed twice, "
                              "or views of one tensor); the native step cannot take them")
@@ -266,8 +268,17 @@ class EightBitOptimizer(torch.optim.Optimizer):
             for key, p in zip(saved["params"], group["params"]):
                 entry = converted["state"].get(key)
                 if entry and bw.is_8bit(entry):
-                    for name in self._state_keys():
-                        self.state[p][name] = entry[name].to(device=p.device, copy=True)
+                    for name in self._state_keys():  # contiguous, as the native step takes them
+                        self.state[p][name] = entry[name].to(device=p.device, memory_format=torch.contiguous_format, copy=True)
+
+    def _check_entry_keys(self, where: str, entry: Any) -> None:
+        """A loaded entry holds this class's state only (another optimizer's would be stepped as ours)."""
+        if not isinstance(entry, dict):
+            return  # check_entry reports it
+        extra = sorted(set(entry) - {"step", *self._state_keys()}, key=str)
+        if extra:
+            raise ValueError(f"{where} holds {', '.join(map(repr, extra))}, which {type(self).__name__} does not keep: "
+                             "a state dict of another optimizer")
 
     def _converted(self, state_dict: dict) -> dict:
         groups, saved_groups = self.param_groups, state_dict.get("param_groups")
@@ -301,6 +312,10 @@ class EightBitOptimizer(torch.optim.Optimizer):
             merged = dict(saved)
             for key in self.LOADED_DEFAULTS:
                 merged.setdefault(key, group[key])
+            for option in ("skip_nonfinite", "state_dtype"):  # oxoptim twins' options the constructor refuses
+                if merged.get(option) not in (None, False, torch.float32):
+                    raise ValueError(f"param_groups[{index}]['{option}'] is {merged[option]!r}: {type(self).__name__} "
+                                     "does not take it (8-bit state; no skipping of non-finite gradients)")
             try:
                 self._check_group(merged)
             except NotImplementedError as e:  # settings the constructor refuses so (SGD8bit without momentum)
@@ -313,10 +328,13 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 entry = entries[key]
                 where = f"state[{key}]"
                 bw.check_entry(where, entry, p, self.MOMENTS)
+                self._check_entry_keys(where, entry)
                 if not entry:
                     continue
                 entry = dict(entry)
                 entry["step"] = bw.step_tensor(entry["step"])
+                if not 0.0 <= float(entry["step"]) < float("inf"):  # the native step could not take it
+                    raise ValueError(f"{where}['step'] must be a finite number >= 0, got {float(entry['step'])}")
                 if not bw.is_8bit(entry) and p.numel() >= merged["min_8bit_size"] and p.dtype in _PARAM_DTYPES and p.device.type == "cpu":
                     for moment in self.MOMENTS:
                         entry.update(bw.quantize(entry[moment], moment))

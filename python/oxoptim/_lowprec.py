@@ -45,6 +45,7 @@ option (torch's, or saved with none on) keeps the optimizer's own options.
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any, Optional
 
 import torch
@@ -150,8 +151,10 @@ def shares_memory(written: list, read: list) -> bool:
     return False
 
 
-def check_low_precision(name: str, group: dict) -> None:
-    """Raises ValueError, torch-style, unless the group's low-precision options fit its parameters."""
+def check_low_precision(name: str, group: dict, stream: bool = True) -> None:
+    """Raises ValueError, torch-style, unless the group's low-precision options fit its parameters.
+    With stochastic rounding, ``sr_seed`` and ``sr_count`` must be ints in [0, 2**64) (what the
+    native call takes), and with ``stream`` present (``add_param_group`` draws them afterwards)."""
     params = group["params"]
     if type(params) is not list and isinstance(params, torch.Tensor):  # `type` first: torch's isinstance is slow
         params = [params]
@@ -170,6 +173,19 @@ def check_low_precision(name: str, group: dict) -> None:
     for i, p in enumerate(params):
         if p.dtype != torch.bfloat16:
             raise ValueError(f"{name}: {option}=True needs bfloat16 parameters, but parameter {i} of the group is {p.dtype}")
+    if sr:
+        for key in ("sr_seed", "sr_count"):
+            if key in group or stream:
+                _check_stream_number(name, key, group.get(key))
+
+
+def _check_stream_number(name: str, key: str, value: Any) -> None:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or not 0 <= number < 2**64:
+        raise ValueError(f"{name}: bf16_stochastic_round=True needs the group's {key} to be an int in [0, 2**64), got {value!r}")
 
 
 class LowPrecisionWeights:
@@ -199,7 +215,7 @@ class LowPrecisionWeights:
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None, torch.float32 or torch.bfloat16)")
         if state_dtype == torch.bfloat16:
             options["state_dtype"] = torch.bfloat16
-        check_low_precision(type(self).__name__, {**options, "params": []})
+        check_low_precision(type(self).__name__, {**options, "params": []}, stream=False)
         self.__dict__["_oxoptim_low_precision"] = options  # read by add_param_group during __init__
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
         self.defaults.update(options)  # type: ignore[attr-defined]
@@ -213,7 +229,7 @@ class LowPrecisionWeights:
         params = param_group["params"]
         if not isinstance(params, (set, torch.Tensor)):  # torch's own checks report sets
             param_group["params"] = list(params)
-        check_low_precision(type(self).__name__, param_group)
+        check_low_precision(type(self).__name__, param_group, stream=False)
         if param_group.get("bf16_stochastic_round"):
             if "sr_seed" not in param_group:  # a given seed is kept, and nothing is drawn or broadcast
                 param_group["sr_seed"] = draw_seed()

@@ -107,8 +107,12 @@ class Adam8bit(EightBitOptimizer):
             "betas": (float(group["betas"][0]), float(group["betas"][1])),
             "eps": float(group["eps"]),
             "weight_decay": float(group["weight_decay"]),
-            "decoupled_weight_decay": self.DECOUPLED,
+            "decoupled_weight_decay": self._decoupled(group),
         }
+
+    def _decoupled(self, group: dict) -> bool:
+        """The class's decay, or a loaded torch group's own (torch's Adam and AdamW obey it)."""
+        return bool(group.get("decoupled_weight_decay", self.DECOUPLED))
 
     def _step_fp32(self, group: dict, full: list) -> None:
         if not full:
@@ -127,19 +131,24 @@ class Adam8bit(EightBitOptimizer):
         beta1, beta2 = hyper["betas"]
         torch_adam(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            decoupled_weight_decay=self.DECOUPLED, amsgrad=False, beta1=beta1, beta2=beta2,
+            decoupled_weight_decay=self._decoupled(group), amsgrad=False, beta1=beta1, beta2=beta2,
             lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=False,
         )  # fmt: skip
 
     # -- state dicts ---------------------------------------------------------
 
     def _saved_group(self, index: int, saved: dict) -> dict:
-        """A bitsandbytes group without its AdEMAMix settings, refused unless they are Adam's."""
+        """A bitsandbytes group without its AdEMAMix settings, refused unless they are Adam's; a
+        group without Adam's settings (SGD's, Adagrad's) is not an Adam one."""
+        missing = [k for k in ("betas", "eps") if k not in saved]
+        if missing:
+            raise ValueError(f"param_groups[{index}] has no {missing[0]!r}: not a state dict of Adam or AdamW (torch's, "
+                             f"oxoptim's or bitsandbytes' 8-bit one), which {type(self).__name__} loads")
         return bw.without_bnb_settings(index, saved, "oxoptim's 8-bit Adam")
 
     @classmethod
     def _torch_group(cls, saved: dict) -> dict:
-        return {**saved, **_TORCH_FLAGS, "decoupled_weight_decay": cls.DECOUPLED}
+        return {**saved, **_TORCH_FLAGS, "decoupled_weight_decay": bool(saved.get("decoupled_weight_decay", cls.DECOUPLED))}
 
 
 class AdamW8bit(Adam8bit):
