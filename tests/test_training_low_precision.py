@@ -116,3 +116,13 @@ def test_state_dtype_is_checked_when_the_stage_is_made() -> None:
         Stage("s", "adamw", param_dtype="bfloat16", state_dtype="float32")
     both = Stage("s", "adamw", param_dtype="bfloat16", stochastic_rounding=True, state_dtype="bfloat16")
     assert both.rounding_kwargs() == {"bf16_stochastic_round": True, "state_dtype": torch.bfloat16}
+
+
+def test_a_stage_needing_bfloat16_weights_without_param_dtype_is_told_to_state_it() -> None:
+    """Its settings are checked on float32 stand-ins: the refusal says what to write."""
+    with pytest.raises(ValueError, match='set param_dtype = "bfloat16" in this stage'):
+        Stage(name="b", epochs=1, optimizer="adamw", kahan_sum=True)
+    Stage(name="b", epochs=1, optimizer="adamw", kahan_sum=True, param_dtype="bfloat16")
+    with pytest.raises(ValueError) as info:
+        Stage(name="b", epochs=1, optimizer="adamw", kahan_sum=True, param_dtype="float32")
+    assert "set param_dtype" not in str(info.value)  # it chose float32 weights

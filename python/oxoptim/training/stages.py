@@ -407,7 +407,11 @@ class Stage:
                                        clip=self.backward_clip(), release_rows=[probe] if self.release_rows else ())
                 except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, NotImplementedError) as e:
                     call = f"{self._optimizer_name()}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
-                    raise ValueError(f"{where}{call}: {e}") from e
+                    hint = ""
+                    if self.param_dtype is None and "needs bfloat16 parameters" in str(e):
+                        hint = (' (a stage without param_dtype is checked on float32 weights: set param_dtype = '
+                                '"bfloat16" in this stage, also when the stage before it has bfloat16 weights)')
+                    raise ValueError(f"{where}{call}: {e}{hint}") from e
                 if self.layer_lr_decay != 1.0 and self.trainable == "all":
                     refused = _refuses_layer_lrs(self, overrides)
                     if refused is not None:
