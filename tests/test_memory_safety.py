@@ -858,3 +858,115 @@ def test_tensors_stay_alive_while_another_thread_drops_them(scenario: str) -> No
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]](*sys.argv[2:])
+
+
+class _Liar(torch.overrides.TorchFunctionMode):
+    """A mode that reports twice the length of ``targets`` and records every function it sees."""
+
+    def __init__(self, targets: set) -> None:
+        super().__init__()
+        self.targets, self.seen = targets, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add(getattr(func, "__name__", str(func)))
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.numel and args and id(args[0]) in self.targets:
+            return out * 2
+        return out
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=["described", "cached"])
+def test_a_torch_function_mode_cannot_misdescribe_a_tensor_to_the_native_path(steps) -> None:
+    """Modes are off while tensors are described: the kernel writes the parameter's 8 floats, not
+    the 8 after it, and the mode never sees the description's calls."""
+    base, grad_base = torch.zeros(16), torch.ones(16)
+    grad_base[8:] = 1000.0
+    p = torch.nn.Parameter(base[:8])
+    opt = oxoptim.SGD([p], lr=1.0)
+    for _ in range(steps - 1):  # the second step's descriptions come from the cache
+        p.grad = grad_base[:8]
+        opt.step()
+    p.grad = grad_base[:8]
+    mode = _Liar({id(p), id(p.grad)})
+    with mode:
+        opt.step()
+    assert p.detach().tolist() == [-float(steps)] * 8
+    assert base[8:].tolist() == [0.0] * 8
+    assert not mode.seen & {"numel", "data_ptr", "is_contiguous", "detach"}, mode.seen
+
+
+def test_set_default_device_keeps_the_native_path_and_its_results(monkeypatch) -> None:
+    from optimizers import forbid_torch_fallback
+
+    forbid_torch_fallback(monkeypatch)
+    results = []
+    for device_context in (False, True):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 300))
+        opt = oxoptim.AdamW([p], lr=0.1)
+        for i in range(3):
+            p.grad = torch.full_like(p, 0.5 - i)
+            if device_context:
+                with torch.device("cpu"):
+                    opt.step()
+            else:
+                opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_parameter_made_a_subclass_after_a_native_step_takes_torchs_path() -> None:
+    class Frozen(torch.Tensor):  # ignores in-place updates: what torch's path honours
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.add_, torch.Tensor.addcdiv_, torch.Tensor.mul_, torch.Tensor.lerp_):
+                return args[0]
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = oxoptim.SGD([p], lr=1.0)
+    p.grad = torch.ones(4)
+    opt.step()  # described and cached while plain
+    p.__class__ = Frozen
+    opt.step()
+    assert p.detach().as_subclass(torch.Tensor).tolist() == [-1.0] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_misaligned_parameter_takes_torchs_path(dtype) -> None:
+    """A float tensor at an odd byte offset (as from a memory-mapped buffer) cannot be a kernel's
+    array: torch's implementation steps it, as torch would."""
+    results = []
+    for cls in (torch.optim.Adam, oxoptim.Adam):
+        buffer = bytearray(1 + 9 * torch.tensor([], dtype=dtype).element_size())
+        raw = torch.frombuffer(buffer, dtype=dtype, offset=1, count=9)
+        raw.copy_(torch.linspace(-1, 1, 9, dtype=dtype))
+        assert raw.data_ptr() % 2 == 1
+        p = torch.nn.Parameter(raw)
+        opt = cls([p], lr=0.1, foreach=False)
+        p.grad = torch.linspace(0, 1, 9, dtype=dtype)
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_prodigy_sums_refuses_lists_of_other_lengths() -> None:
+    params = [torch.ones(3), torch.ones(3)]
+    grads = [torch.ones(3), torch.ones(3)]
+    for s in ([torch.zeros(3)] * 3, [torch.zeros(3)]):
+        with pytest.raises(ValueError, match=f"expected 2 s tensors, got {len(s)}"):
+            _core.prodigy_sums(params, grads, s, None, weight_decay=0.0, beta3=0.9, s_weight=1.0)
+
+
+def test_a_refused_bfloat16_state_step_leaves_the_float32_moments_it_loaded() -> None:
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+    ref = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.linspace(0.1, 0.9, 8)
+    ref.step()
+    opt = oxoptim.Adam([p], lr=0.1, state_dtype=torch.bfloat16)
+    opt.load_state_dict(ref.state_dict())
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch._neg_view(torch.linspace(0.1, 0.9, 8))  # the native call declines it
+    with pytest.raises(ValueError, match="runs on the native path only"):
+        opt.step()
+    assert opt.state[p].keys() == before.keys()
+    assert all(opt.state[p][k].dtype == v.dtype and torch.equal(opt.state[p][k], v) for k, v in before.items())

@@ -296,6 +296,21 @@ class LowPrecisionWeights:
 
     # -- the native step ----------------------------------------------------------
 
+    def _list_step(self, group: dict, params: list, grads: list) -> bool:
+        """The list path; state it converted or made first (bfloat16 moments, a zero
+        ``kahan_comp``) is put back when the native call declines or fails."""
+        state = self.state  # type: ignore[attr-defined]
+        saved = [(state[p], dict(state[p])) for p in params] if any(group.get(k) for k in LOW_PRECISION_OPTIONS) else []
+        stepped = False
+        try:
+            stepped = super()._list_step(group, params, grads)  # type: ignore[misc]
+        finally:
+            if not stepped:
+                for entry, before in saved:
+                    entry.clear()
+                    entry.update(before)
+        return stepped
+
     def _native_options(self, group: dict, params: Optional[list]) -> dict:
         """The options of the group's native call; for the list path (``params`` given) the
         state they need is made first: a zero ``kahan_comp``, moments in bfloat16 (fresh ones

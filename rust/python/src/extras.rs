@@ -155,6 +155,13 @@ fn prodigy_sums(
     };
     let mut lists = vec![(s, "s")];
     lists.extend(p0.map(|p0| (p0, "p0")));
+    if let Some((list, role)) = lists.iter().find(|(l, _)| l.len() != params.len()) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "expected {} {role} tensors, got {}",
+            params.len(),
+            list.len()
+        )));
+    }
     let Some(state) = columns_of(&lists, &[false, false], &mut keep)? else {
         return Ok(None);
     };

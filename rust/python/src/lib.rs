@@ -24,7 +24,10 @@ mod tensors;
 pub(crate) fn or_fallback<T>(r: core::Result<T>) -> PyResult<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(core::Error::Overlap(_) | core::Error::Unsupported(_)) => Ok(None),
+        // A misaligned address (a float tensor at an odd byte offset of a buffer): torch's path.
+        Err(core::Error::Overlap(_) | core::Error::Unsupported(_) | core::Error::BadAddress(_)) => {
+            Ok(None)
+        }
         Err(e) => Err(core_error(e)),
     }
 }

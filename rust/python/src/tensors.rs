@@ -22,20 +22,58 @@ pub enum Described {
 /// only after the call returned, so nothing another thread does meanwhile
 /// (`p.grad = None`, `.data =`, `set_`, emptying a list it passed) can free
 /// memory a kernel uses.
+///
+/// It also keeps torch-function modes off for the call (see [`KeepAlive::modes_off`]).
 pub(crate) struct KeepAlive<'py> {
     held: Vec<Bound<'py, PyAny>>,
+    /// Whether the modes were looked at; the `DisableTorchFunction` context entered, if any.
+    modes_checked: bool,
+    modes_off: Option<Bound<'py, PyAny>>,
 }
 
 impl<'py> KeepAlive<'py> {
     pub(crate) fn with_capacity(tensors: usize) -> Self {
         KeepAlive {
             held: Vec::with_capacity(2 * tensors),
+            modes_checked: false,
+            modes_off: None,
         }
     }
 
     fn hold(&mut self, tensor: &Bound<'py, PyAny>, storage: Bound<'py, PyAny>) {
         self.held.push(tensor.clone());
         self.held.push(storage);
+    }
+
+    /// Before the call's first description: an active torch-function mode (a user's
+    /// `TorchFunctionMode`, `torch.set_default_device`) sees every `Tensor` method the
+    /// description calls, also on plain tensors, and could misreport a length or free the
+    /// memory just described; so the modes are off (torch's `DisableTorchFunction`, this
+    /// thread only) until the call returns. One C call when none is active.
+    fn modes_off(&mut self, py: Python<'py>, types: &TorchTypes) -> PyResult<()> {
+        if self.modes_checked {
+            return Ok(());
+        }
+        self.modes_checked = true;
+        if types.mode_enabled.bind(py).call0()?.is_truthy()? {
+            let context = types.disable_torch_function.bind(py).call0()?;
+            context.call_method0(intern!(py, "__enter__"))?;
+            self.modes_off = Some(context);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KeepAlive<'_> {
+    fn drop(&mut self) {
+        if let Some(context) = self.modes_off.take() {
+            let py = context.py();
+            if let Err(e) =
+                context.call_method1(intern!(py, "__exit__"), (py.None(), py.None(), py.None()))
+            {
+                e.write_unraisable(py, Some(&context));
+            }
+        }
     }
 }
 
@@ -53,6 +91,9 @@ pub(crate) struct TorchTypes {
     is_inference: Py<PyAny>,
     detach: Py<PyAny>,
     dtypes: [(Py<PyAny>, DType); 5],
+    /// `torch._C._is_torch_function_mode_enabled` and `torch._C.DisableTorchFunction`.
+    mode_enabled: Py<PyAny>,
+    disable_torch_function: Py<PyAny>,
 }
 
 pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
@@ -80,6 +121,14 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
                 (get("float16")?, DType::F16),
                 (get("uint8")?, DType::U8),
             ],
+            mode_enabled: torch
+                .getattr("_C")?
+                .getattr("_is_torch_function_mode_enabled")?
+                .unbind(),
+            disable_torch_function: torch
+                .getattr("_C")?
+                .getattr("DisableTorchFunction")?
+                .unbind(),
         })
     })
 }
@@ -193,6 +242,7 @@ pub(crate) fn describe_with_shape<'py>(
     types: &TorchTypes,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<(RawTensor, Bound<'py, PyAny>)>> {
+    keep.modes_off(t.py(), types)?;
     let Some((raw, storage, shape)) = describe_shaped(t, types)? else {
         return Ok(None);
     };
@@ -207,6 +257,7 @@ pub(crate) fn describe<'py>(
     types: &TorchTypes,
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<RawTensor>> {
+    keep.modes_off(t.py(), types)?;
     let Some((raw, storage)) = describe_with_storage(t, types)? else {
         return Ok(None);
     };
@@ -222,6 +273,7 @@ pub fn describe_all<'py>(
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Described> {
     let types = torch_types(list.py())?;
+    keep.modes_off(list.py(), types)?;
     let mut out = Vec::with_capacity(list.len());
     for t in list.iter() {
         if written && types.is_plain(&t) && types.is_inference(&t)? {
@@ -326,6 +378,7 @@ pub(crate) fn describe_grad<'py>(
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<RawTensor>> {
     let py = g.py();
+    keep.modes_off(py, types)?;
     let Some((raw, storage)) = describe_with_storage(g, types)? else {
         return Ok(None);
     };
@@ -368,6 +421,7 @@ pub(crate) fn describe_grad_twin<'py>(
     keep: &mut KeepAlive<'py>,
 ) -> PyResult<Option<RawTensor>> {
     let py = g.py();
+    keep.modes_off(py, types)?;
     let Some((raw, storage)) = describe_with_storage(g, types)? else {
         return Ok(None);
     };
@@ -539,10 +593,13 @@ impl TensorCache {
         keep: &mut KeepAlive<'py>,
     ) -> PyResult<Option<(RawTensor, Option<Bound<'py, PyAny>>)>> {
         let py = t.py();
+        keep.modes_off(py, types)?;
         let key = t.as_ptr() as usize;
         if let Some(entry) = self.entries.get_mut(&key) {
-            // Cheapest first; each can change while the data pointer stays.
-            if types.data_ptr(t)? == entry.raw.addr
+            // Cheapest first; each can change while the data pointer stays (even the type:
+            // `p.__class__ = Subclass`, whose methods torch must run).
+            if types.is_plain(t)
+                && types.data_ptr(t)? == entry.raw.addr
                 && t.getattr(intern!(py, "dtype"))?
                     .is(types.dtype_object(py, entry.raw.dtype))
             {
