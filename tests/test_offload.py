@@ -477,6 +477,7 @@ def test_kept_gradients_are_stepped_again(cls: Any, simulated: Deferred) -> None
         (lambda m: [m.w1, m.b1, m.w1], {}, ValueError, "appear more than once"),
         (lambda m: {m.w1, m.b1}, {}, TypeError, "ordered collections"),
         (lambda m: [{"params": {m.w1}}], {}, TypeError, "ordered collections"),
+        (lambda m: [("w1", m.w1), m.b1], {}, ValueError, "all optimizer params should be with/without names"),
         (None, {"accumulate": 0}, ValueError, "accumulate must be a positive int"),
         (None, {"accumulation": "sum"}, ValueError, "accumulation must be"),
         (None, {"accumulate": 2, "offload_gradients": True}, ValueError, "frees: use accumulation='optimizer'"),
@@ -993,6 +994,178 @@ def test_a_frozen_parameter_with_an_old_gradient_is_no_unfrozen_one(simulated: D
     opt.step()  # frozen still does not require grad: not refused
     opt.zero_grad()
     assert model.frozen.grad is None
+
+
+# -- found by a review: each test fails without its fix --------------------------------------------------
+WHOLE = pytest.mark.parametrize("cls, hyper", [(torch.optim.AdamW, {"lr": 0.01}), (oxoptim.Prodigy, {"lr": 1.0})],
+                                ids=["torch", "prodigy"])
+
+
+@WHOLE
+@DURING
+def test_an_optimizer_stepped_whole_refuses_a_second_offloaded_backward_in_every_mode(cls: Any, hyper: dict, during: Any,
+                                                                                     simulated: Deferred) -> None:
+    """Nothing is updated during backward for it: a second backward would overwrite the first
+    gradient's copy, so it is refused as in the default mode."""
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(model.parameters(), cls, offload_gradients=True, update_during_backward=during, **hyper)
+    xs = batches(2, torch.float32)
+    model(xs[0]).backward()
+    with pytest.raises(RuntimeError, match="a second backward before step"):
+        model(xs[1]).backward()
+
+
+@WHOLE
+@pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
+@pytest.mark.parametrize("during", WHEN[1:], ids=WHEN_IDS[1:])
+def test_an_optimizer_stepped_whole_sees_changes_after_backward_in_every_mode(cls: Any, hyper: dict, edit: str, during: Any,
+                                                                             simulated: Deferred) -> None:
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(cls, hyper=hyper, update_during_backward=during)
+    for x in xs:
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).backward()
+            EDITS[edit](model)
+            opt.step()
+            opt.zero_grad()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("offload_gradients", [False, True], ids=["keep-grads", "offload-grads"])
+def test_a_step_torch_refused_steps_the_same_gradients_once_retried(offload_gradients: bool, simulated: Deferred) -> None:
+    """torch's Adam(capturable=True) refuses CPU parameters; the retry without it steps the
+    gradients of the refused call, offloaded or not, as the plain optimizer does."""
+    x = batches(1, torch.float32)[0]
+    a, opt_a, b, opt_b = pair(torch.optim.Adam, hyper={"lr": 0.01, "capturable": True}, offload_gradients=offload_gradients)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        model(x).backward()
+        with pytest.raises(AssertionError, match="capturable=True"):
+            opt.step()
+        for group in opt.param_groups:
+            group["capturable"] = False
+        opt.step()
+    assert_same_training(a, opt_a, b, opt_b)
+    assert all(not torch.equal(p, q) for p, q in zip(b.parameters(), Toy("mlp").parameters()))
+
+
+@pytest.mark.parametrize("offload_gradients", [False, True], ids=["keep-grads", "offload-grads"])
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
+def test_step_pre_hooks_run_before_anything_is_updated(cls: Any, offload_gradients: bool, simulated: Deferred) -> None:
+    """A global step pre-hook that raises changes nothing (the retry steps everything once); what
+    the wrapped optimizer's own pre-hook sets (its lr) is used by this step."""
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(cls, offload_gradients=offload_gradients)
+    initial = [p.detach().clone() for p in b.parameters()]
+    refuse: list[str] = []
+
+    def global_hook(opt: Any, args: Any, kwargs: Any) -> None:
+        if refuse:
+            raise RuntimeError(refuse.pop())
+
+    def halve_lr(opt: Any, args: Any, kwargs: Any) -> None:
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+
+    opt_a.register_step_pre_hook(halve_lr)
+    opt_b.optimizer.register_step_pre_hook(halve_lr)
+    handle = register_optimizer_step_pre_hook(global_hook)
+    try:
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(xs[0]).backward()
+            refuse.append("refused")
+            with pytest.raises(RuntimeError, match="refused"):
+                opt.step()
+            assert not opt.state and all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))
+            opt.step()
+            opt.zero_grad()
+            ordinary(model, opt, xs[1:])
+    finally:
+        handle.remove()
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@DURING
+def test_zero_grad_keeps_the_micro_batches_already_absorbed(during: Any, simulated: Deferred) -> None:
+    """``accumulation="optimizer"``: a batch dropped after two of its three micro-batches keeps
+    both in the moments, as ``step_in_backward`` does (each is absorbed as it arrives)."""
+    xs = batches(5, torch.float32)
+    a, opt_a, b, opt_b = pair(accumulate=3, accumulation="optimizer", offload_gradients=True, bucket_numel=0,
+                              update_during_backward=during)
+    with oxoptim.step_in_backward(opt_a, accumulate=3, accumulation="optimizer", bucket_numel=0):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(xs[0]).backward()
+            model(xs[1]).backward()
+            opt.zero_grad()
+            ordinary(model, opt, xs[2:], accumulate=3)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("norm", [2.5, torch.ones(2)], ids=["float", "two-elements"])
+def test_a_refused_previous_grad_norm_changes_nothing(norm: Any, simulated: Deferred) -> None:
+    model = Toy("mlp")
+    opt = CPUOffloadOptimizer(trained(model), oxoptim.SGD, lr=0.1, momentum=0.9, clip=ClipPreviousNorm(0.05))
+    ordinary(model, opt, batches(2, torch.float32))
+    before = copy.deepcopy(opt.state_dict())
+    saved = copy.deepcopy(before)
+    saved["param_groups"][0]["lr"] = 0.5
+    saved["state"][0]["momentum_buffer"].zero_()
+    saved["previous_grad_norm"] = norm
+    with pytest.raises(TypeError, match="previous_grad_norm must be None or a one-element tensor"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert torch.equal(after["previous_grad_norm"], before["previous_grad_norm"])
+    assert all(torch.equal(after["state"][k]["momentum_buffer"], v["momentum_buffer"]) for k, v in before["state"].items())
+
+
+@pytest.mark.parametrize("cls, hyper", [(oxoptim.AdamW, dict(lr=0.01, bf16_stochastic_round=True)),
+                                        (oxoptim.AdamW8bit, dict(lr=0.01, min_8bit_size=16, bf16_stochastic_round=True))],
+                         ids=["AdamW", "AdamW8bit"])
+def test_frozen_parameters_left_out_keep_the_rounding_streams(cls: Any, hyper: dict, simulated: Deferred) -> None:
+    """bf16 stochastic rounding: each parameter's stream is its position among the parameters
+    given, the frozen ones the offload leaves out included, as in the plain optimizer."""
+    xs = batches(4, torch.bfloat16)
+    a, b = Toy("partial", torch.bfloat16), Toy("partial", torch.bfloat16)
+    torch.manual_seed(3)
+    opt_a = cls(a.parameters(), **hyper)
+    torch.manual_seed(3)
+    opt_b = CPUOffloadOptimizer(b.parameters(), cls, **hyper)
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"parameter {name} differs"
+
+
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
+def test_named_parameters_are_taken_as_torch_takes_them(cls: Any, simulated: Deferred) -> None:
+    xs = batches(3, torch.float32)
+    a, b = Toy("mlp"), Toy("mlp")
+    opt_a = cls(a.named_parameters(), lr=0.01)
+    opt_b = CPUOffloadOptimizer(b.named_parameters(), cls, lr=0.01)
+    assert opt_b.param_groups[0]["param_names"] == ["w1", "b1", "w2"]
+    ordinary(a, opt_a, xs)
+    ordinary(b, opt_b, xs)
+    assert_same_training(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("cls", [oxoptim.SGD, torch.optim.SGD], ids=["oxoptim", "torch"])
+@pytest.mark.parametrize("warmed", [False, True], ids=["first-step", "after-a-step"])
+def test_a_grad_scaler_is_refused_before_anything_is_written(cls: Any, warmed: bool, simulated: Deferred) -> None:
+    xs = batches(3, torch.float32)
+    a, opt_a, b, opt_b = pair(cls, hyper={"lr": 0.01})
+    if warmed:
+        ordinary(a, opt_a, xs[:1])
+        ordinary(b, opt_b, xs[:1])
+    before = [p.detach().clone() for p in b.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(b(xs[1])).backward()
+    with pytest.raises(RuntimeError, match="does not support a GradScaler"):
+        scaler.step(opt_b)
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), before))
+    opt_b.zero_grad()
+    ordinary(a, opt_a, xs[2:])  # the optimizer goes on without the scaler
+    ordinary(b, opt_b, xs[2:])
+    assert_same_training(a, opt_a, b, opt_b)
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------------

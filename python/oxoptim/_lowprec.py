@@ -84,11 +84,18 @@ def _agreed_seed(seed: int) -> int:
     return int(box[0])
 
 
+STREAMS = "_oxoptim_stream_positions"  # an optimizer attribute: {parameter: its stream}, fixed by its owner
+
+
 def stream_ids(optimizer: Any, params: list) -> list[int]:
     """Each parameter's stochastic-rounding stream: its position among the optimizer's
     parameters (all groups, in order) as they are now. Cached with each parameter's group and
     offset: the cache holds while the groups keep their lengths and each parameter of the call
-    is still where it says (groups added, removed or edited in place rebuild it)."""
+    is still where it says (groups added, removed or edited in place rebuild it). Positions set
+    in ``STREAMS`` (``CPUOffloadOptimizer``'s, counting the parameters it left out) come first."""
+    given = optimizer.__dict__.get(STREAMS)
+    if given is not None and all(p in given for p in params):
+        return [given[p] for p in params]
     groups = optimizer.param_groups
     lengths = [len(group["params"]) for group in groups]
     cached = optimizer.__dict__.get("_oxoptim_streams")

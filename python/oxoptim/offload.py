@@ -26,7 +26,8 @@ arguments it follows):
   :func:`oxoptim.step_in_backward`, and the CPU parameters after N iterations
   are bit-identical to the same optimizer stepped on CPU copies of the same
   gradients. An optimizer that cannot step in pieces (torch's own classes,
-  Prodigy) is stepped whole, then every parameter is sent back.
+  Prodigy) is stepped whole, then every parameter is sent back;
+  ``update_during_backward`` changes nothing for it (it runs as with ``False``).
 * **One optimizer, torch's ``state_dict``.** ``param_groups``, ``state``,
   ``state_dict`` and ``load_state_dict`` are the wrapped optimizer's, so LR
   schedulers work unchanged and a checkpoint loads into the plain optimizer
@@ -36,7 +37,11 @@ arguments it follows):
   ``model.load_state_dict``, ``p.grad = None``) is copied again, found by the
   tensors' version counters; a gradient the GPU still holds with no new
   backward (no ``zero_grad``) is stepped again; ``zero_grad()`` before
-  ``step()`` (a skipped batch) drops the iteration.
+  ``step()`` (a skipped batch) drops the iteration. Step pre-hooks (the global
+  ones, the wrapped optimizer's) run before anything is updated: what they set
+  is used, and one that raises changes nothing. A ``step()`` the wrapped
+  optimizer refuses is retried as the plain optimizer's (offloaded gradients
+  are kept in CPU memory until then).
 
 ``update_during_backward="worker"`` hands each gradient copy to a worker
 thread, which waits for it and updates its bucket while backward goes on
@@ -68,8 +73,11 @@ weights or gradients changed after backward are not seen.
 Parameters already in CPU memory are stepped where they are, inside backward
 (as with ``step_in_backward``). Parameters that do not require gradients at
 construction are left out, as torchao does (a later gradient of one is
-refused at ``step()``). Accumulation over ``accumulate=K`` backward passes:
-``accumulation="gradient"`` keeps the GPU gradient as the buffer (each pass
+refused at ``step()``); they still count in the positions that give each
+parameter its bf16 stochastic-rounding stream, so the updates are those of the
+plain optimizer over the same list. ``model.named_parameters()`` is taken as
+torch takes it (``param_names`` in the groups and the ``state_dict``).
+Accumulation over ``accumulate=K`` backward passes: ``accumulation="gradient"`` keeps the GPU gradient as the buffer (each pass
 copies the running sum; not with ``offload_gradients``);
 ``accumulation="optimizer"`` (Adam/AdamW, needs ``offload_gradients=True``)
 absorbs each micro-batch into the CPU moments and keeps no gradient on the
@@ -82,13 +90,16 @@ instead). A gradient changed after backward (``clip_grad_norm_`` over the
 GPU gradients) is copied twice; ``clip=`` clips the CPU copies instead. With
 ``accumulation="optimizer"`` each micro-batch is absorbed into the moments
 as it arrives (as with ``step_in_backward``): ``zero_grad()`` drops only
-what has not been. Not supported: several processes (DDP), a ``GradScaler``,
+what has not been (with ``update_during_backward=False`` the micro-batches
+copied but not absorbed yet are absorbed then, and the update the K-th would
+make is dropped with the iteration). Not supported: several processes (DDP), a ``GradScaler``
+(``GradScaler.step()`` refuses it before anything is updated),
 sparse gradients, LBFGS (its closure re-evaluates the model between
 updates), parameters on devices other than CUDA and CPU, pickling (save the
 ``state_dict``), ``torch.distributed.checkpoint``'s optimizer state dicts.
 ``state`` is keyed by the CPU copies (``param_groups``' tensors), not by the
-model's parameters. Step hooks registered on the wrapper receive it; global
-ones and state-dict hooks receive the wrapped optimizer.
+model's parameters. Step hooks registered on the wrapper receive it, and run
+first and last; global ones and state-dict hooks receive the wrapped optimizer.
 """
 
 from __future__ import annotations
@@ -97,10 +108,13 @@ import threading
 import traceback
 import weakref
 from collections import OrderedDict, deque
+from itertools import chain
 from typing import Any, Callable, Iterable, Optional, Union, cast
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from ._lowprec import STREAMS
 from .backward import ClipPreviousNorm, StepInBackward
 
 __all__ = ["CPUOffloadOptimizer"]
@@ -299,6 +313,38 @@ class _Worker:
             thread.join()
 
 
+class _TorchStep:
+    """The wrapped optimizer's ``step()`` as torch's wrapper runs it (the global step pre-hooks, then
+    its own, the step, its post-hooks, then the global ones), in three calls: the pre-hooks run
+    before the offload updates anything, as they run before the plain optimizer writes anything."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.step = type(optimizer).step
+        self.hooked = getattr(self.step, "hooked", False)  # a step torch did not wrap runs no hooks
+        self.args: tuple = (optimizer,)
+        self.kwargs: dict = {}
+
+    def pre_hooks(self) -> None:
+        if self.hooked:
+            for hook in chain(_global_optimizer_pre_hooks.values(), self.optimizer._optimizer_step_pre_hooks.values()):
+                result = hook(self.optimizer, self.args, self.kwargs)
+                if result is not None:
+                    self.args, self.kwargs = result
+
+    def run(self) -> None:
+        if self.hooked:
+            self.step.__wrapped__(*self.args, **self.kwargs)  # type: ignore[attr-defined]
+            self.optimizer._optimizer_step_code()
+        else:
+            self.optimizer.step()
+
+    def post_hooks(self) -> None:
+        if self.hooked:
+            for hook in chain(self.optimizer._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+                hook(self.optimizer, self.args, self.kwargs)
+
+
 # id(parameter) -> (the parameter, its CPUOffloadOptimizer), both weakly: one offload per parameter.
 # Not an attribute of the parameter, which would stop torch.save(model) from pickling it.
 _OWNERS: dict[int, tuple[Any, Any]] = {}
@@ -374,26 +420,31 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self._entries: dict[torch.Tensor, _Offloaded] = {}
         self._left_out: list[torch.Tensor] = []
         host_groups = []
+        # Each parameter's stochastic-rounding stream: its position among the parameters given, as
+        # in the plain optimizer over them (the parameters left out count).
+        streams: dict[torch.Tensor, int] = {}
         for group in groups:
+            names = group.pop("param_names", None)  # named_parameters(): torch records them from the pairs
             host_params = []
-            for p in group["params"]:
+            for k, p in enumerate(group["params"]):
                 if not p.requires_grad:
                     self._left_out.append(p)
                     continue
-                if transfers[p.device] is None:
-                    host_params.append(p)
-                    continue
-                entry = _Offloaded(p, transfers[p.device])
-                with torch.no_grad():
-                    entry.host.copy_(p.detach())
-                entry.version = p._version
-                self._entries[p] = entry
-                host_params.append(entry.host)
+                host = p  # a CPU parameter is stepped where it is
+                if transfers[p.device] is not None:
+                    entry = _Offloaded(p, transfers[p.device])
+                    with torch.no_grad():
+                        entry.host.copy_(p.detach())
+                    entry.version = p._version
+                    self._entries[p] = entry
+                    host = entry.host
+                streams[host] = len(streams) + len(self._left_out)
+                host_params.append(host if names is None else (names[k], host))
             host_groups.append({**group, "params": host_params})
         make = cast(Callable[..., torch.optim.Optimizer], optimizer_class)  # the LBFGS check widened its type
         self.optimizer: torch.optim.Optimizer = make(host_groups, **kwargs)
+        self.optimizer.__dict__[STREAMS] = streams
         self.offload_gradients = offload_gradients
-        self.update_during_backward = update_during_backward
         self.clip = clip
         self.accumulation = accumulation
         self._in_backward: Optional[StepInBackward] = None
@@ -409,11 +460,13 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         elif clip is not None or accumulation != "gradient":
             raise ValueError(f"clip and accumulation='optimizer' need an optimizer that steps inside backward; "
                              f"{type(self.optimizer).__name__} is stepped whole in step()")
+        # An optimizer stepped whole updates nothing during backward: it runs as with False.
+        self.update_during_backward = update_during_backward if self._in_backward is not None else False
         self._host_entry = {id(e.host): e for e in self._entries.values()}
         self._pending: deque[tuple[_Offloaded, Any, int]] = deque()
         self._closed = False
         self._lock = threading.RLock()  # backward may run hooks on one thread per device
-        self._worker = _Worker(self._lock) if update_during_backward == "worker" and self._in_backward is not None else None
+        self._worker = _Worker(self._lock) if self.update_during_backward == "worker" else None
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         # The hooks hold the optimizer weakly: one dropped without close() stops updating the GPU
@@ -456,9 +509,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """The wrapped optimizer's ``load_state_dict``; with ``ClipPreviousNorm`` a
+        ``"previous_grad_norm"`` that is neither None nor a one-element tensor is refused first."""
         self._settle()
         state_dict = dict(state_dict)
         norm = state_dict.pop("previous_grad_norm", None)
+        if isinstance(self.clip, ClipPreviousNorm) and not (norm is None or isinstance(norm, torch.Tensor) and norm.numel() == 1):
+            raise TypeError(f"previous_grad_norm must be None or a one-element tensor (as state_dict() saves it), "
+                            f"got {norm!r}")
         self.optimizer.load_state_dict(state_dict)
         if isinstance(self.clip, ClipPreviousNorm):
             self._in_backward.load_state_dict({"grad_norm": norm})  # type: ignore[union-attr]
@@ -483,6 +541,15 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         raise TypeError("a CPUOffloadOptimizer cannot be pickled or copied (it holds CUDA streams and hooks on "
                         "the model's parameters): save its state_dict()")
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by ``GradScaler.step()`` (alone in torch) before it unscales or steps anything: the
+        scaler is refused there. Its inf check and unscaling read the optimizer's gradients, which
+        here are CPU copies taken only in ``step()``."""
+        raise RuntimeError("CPUOffloadOptimizer does not support a GradScaler: the scaler unscales the optimizer's "
+                           "gradients and checks them for inf before step(), but this optimizer's are CPU copies taken "
+                           "only in step(); use bfloat16 autocast (no scaling) instead")
 
     @property
     def train(self) -> Callable[[], None]:
@@ -553,7 +620,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 entry.copied = None
             if self._worker is not None:
                 self._worker.wake(self._work_once)
-            elif self.update_during_backward and self._in_backward is not None:
+            elif self.update_during_backward:
                 self._take(until=None)
 
     def _take(self, until: Optional[_Offloaded], wait: bool = False) -> None:
@@ -640,11 +707,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self._check_open()
         if self._worker is not None:
             self._worker.finish()  # its error first: a retried step() runs the hooks and closure once
-        # The wrapper's own hooks; the global ones run once, around the wrapped optimizer's step.
+        # The wrapper's own hooks, then the global ones and the wrapped optimizer's (which receive it),
+        # all before anything is updated.
         for pre_hook in tuple(self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
             if result is not None:
                 args, kwargs = result
+        wrapped = _TorchStep(self.optimizer)
+        wrapped.pre_hooks()
         closure = args[0] if args else kwargs.get("closure")
         loss = None
         if closure is not None:
@@ -664,9 +734,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             self._take(until=None, wait=True)
             self._take_kept_gradients()
             try:
-                self.optimizer.step()
-            finally:
-                self._end_iteration()
+                wrapped.run()
+            except BaseException:
+                # Refused: the gradients the optimizer did not take are stepped by the retry, as the plain
+                # optimizer's are. Kept on the GPU, they are copied again then; offloaded, they stay here.
+                self._end_iteration(keep_gradients=self.offload_gradients)
+                raise
+            self._end_iteration()
+        wrapped.post_hooks()
         for post_hook in tuple(self._optimizer_step_post_hooks.values()):
             post_hook(self, args, kwargs)
         return loss
@@ -686,12 +761,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             entry.host.grad = entry.grad
             entry.arrived = True
 
-    def _end_iteration(self) -> None:
-        """Sends back every CPU copy updated in this iteration that backward did not send."""
+    def _end_iteration(self, keep_gradients: bool = False) -> None:
+        """Sends back every CPU copy updated in this iteration that backward did not send;
+        ``keep_gradients``: the CPU gradients not yet stepped stay this iteration's."""
         for entry in self._entries.values():
             if entry.arrived and not entry.sent:
                 entry.send_back()
-            entry.arrived = entry.sent = False
+            entry.arrived = keep_gradients and entry.host.grad is not None
+            entry.sent = False
         self._before_compute()
 
     def _transfers(self) -> list:
@@ -714,6 +791,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         with self._lock:
             if self.update_during_backward:
                 self._take(until=None, wait=True)
+            elif self.accumulation == "optimizer":
+                self._absorb_pending()
             if self._in_backward is not None:
                 for entry in self._entries.values():  # buckets a CPU parameter's own hook completed
                     if entry.arrived:
@@ -735,6 +814,18 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             for entry in self._entries.values():
                 entry.arrived = entry.sent = False
             self._before_compute()
+
+    def _absorb_pending(self) -> None:
+        """``zero_grad()`` before ``step()`` with ``accumulation="optimizer"`` in step()'s mode: the
+        micro-batches copied but not yet absorbed are absorbed, as each is on arrival with
+        ``step_in_backward``; a copy that would complete the accumulation (the update) is dropped."""
+        in_backward = cast(StepInBackward, self._in_backward)
+        for entry, event, generation in self._pending:
+            if generation == entry.generation and in_backward._arrivals.get(entry.host, 0) + 1 >= in_backward.accumulate:
+                event.synchronize()  # dropped (waited for, as _drop_pending waits)
+                entry.generation += 1
+                entry.pending = False
+        self._take(until=None, wait=True)
 
     def _drop_pending(self) -> None:
         """Copies not taken: dropped (waited for, as they write buffers the CPU reads later)."""
@@ -795,6 +886,12 @@ def _param_groups(params: Iterable[Any]) -> list[dict]:
         if isinstance(ps, set):
             raise TypeError(_UNORDERED)
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        named = [p for p in ps if isinstance(p, tuple)]  # named_parameters(), as torch reads it
+        if named and len(named) != len(ps):
+            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+        if named:
+            group = {**group, "param_names": [name for name, _ in named]}
+            ps = [p for _, p in named]
         for p in ps:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
