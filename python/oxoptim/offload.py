@@ -41,7 +41,14 @@ arguments it follows):
   ones, the wrapped optimizer's) run before anything is updated: what they set
   is used, and one that raises changes nothing. A ``step()`` the wrapped
   optimizer refuses is retried as the plain optimizer's (offloaded gradients
-  are kept in CPU memory until then).
+  are kept in CPU memory until then). Where it cannot follow the plain loop:
+  with ``offload_gradients=True`` no gradient is left on the GPU after
+  ``step()``, so a second ``step()`` without a backward steps nothing (the
+  plain optimizer steps the same gradients again); with
+  ``update_during_backward=True`` an update refused during backward (an
+  invalid ``lr``) raises from ``backward()``, which stops it, so the
+  gradients it did not reach are not there for a retried ``step()`` (the
+  worker raises it from ``step()`` instead, after backward completed).
 
 ``update_during_backward="worker"`` hands each gradient copy to a worker
 thread, which waits for it and updates its bucket while backward goes on
