@@ -228,6 +228,30 @@ def test_the_baseline_runs_when_a_table_default_lists_its_keys_in_another_order(
     assert json.loads(first.params["explore.lr_schedule"]) == default
 
 
+def test_a_trial_stopped_by_ctrl_c_runs_again_the_baseline_too(tmp_path):
+    """Ctrl-C in trial 0 (the hand-written plan) records it as failed and queues it again, as a
+    killed worker's trial is: the same command run again runs the baseline, which the summary names."""
+    from oxoptim.training.tune import baseline_trial
+
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["stages"] = [dict(raw["stages"][0], epochs=2, lr={"uniform": [0.0, 0.1], "default": 0.05})]
+    plan = make_plan(dict(raw, tune={"heartbeat": 1, "pruner": "none"}))
+    url = f"sqlite:///{tmp_path}/s.db"
+
+    def interrupted(cfg, run_dir, quiet=False, on_record=None, **kw):
+        on_record({"global_epoch": 1, "val_accuracy": 0.1})
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Worker(plan, open_study(plan, url, "c", create=True), str(tmp_path), 3, lambda *a: None, interrupted).work()
+    study = open_study(plan, url, "c", create=True)  # the same command again
+    Worker(plan, study, str(tmp_path), 3, lambda *a: None, FakeJob()).work()
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"] + ["COMPLETE"] * 3
+    assert trials[1].params == {"explore.lr": 0.05} and trials[1].system_attrs["failed_trial"] == 0
+    assert baseline_trial(study).number == 1
+
+
 def test_worker_cross_validation(tmp_path):
     plan = fake_plan({"cv_folds": 3, "pruner": "none"})
     study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "cv", create=True)
@@ -498,16 +522,46 @@ def test_tune_the_language_model_job(tmp_path):
 
 
 
+def test_trials_and_final_runs_of_the_language_model_job_share_one_pretraining_cache(tmp_path, monkeypatch):
+    """Each trial and final run has a folder of its own; the pretrained models are the study's,
+    in <run dir>/pretrained, so one pretraining serves them all (not one per folder's parent)."""
+    from oxoptim.training import lm_job
+    from oxoptim.training.tune import final_runs
+    from test_training_lm import TINY
+
+    seen = []
+
+    def pretraining(cfg, corpus, pdir, quiet, say):  # where the run looks for its pretrained model
+        seen.append(pdir)
+        raise optuna.TrialPruned("stub: not pretrained")
+
+    monkeypatch.setattr(lm_job, "_pretrain_locked", pretraining)
+    raw = _toml_loads(TINY)
+    lr = raw["finetune"]["stages"][1]["lr"]
+    raw["finetune"]["stages"][1]["lr"] = {"log_uniform": [lr / 3, lr * 3], "default": lr}
+    plan = make_plan(dict(raw, tune={"pruner": "none", "final_seeds": 1, "heartbeat": 1}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "lm", create=True)
+    Worker(plan, study, str(tmp_path), trials=1, say=lambda *a: None).work()
+    study.add_trial(optuna.trial.create_trial(params={"finetune.all.lr": lr * 2}, value=0.9, user_attrs={"seed": 0},
+                                              distributions=study.trials[0].distributions))
+    final = final_runs(plan, study, str(tmp_path), say=lambda *a: None)
+    assert set(final) == {"best", "default"}  # two plans' final runs, and the trial
+    assert len(seen) == 3 and {os.path.dirname(d) for d in seen} == {str(tmp_path / "pretrained")}
+
+
 @pytest.mark.parametrize("spaces, message", [
     # a bad first choice or lower bound fails the base plan itself: the setting is still named
     ({"optimizer": {"choice": ["adamww", "adamw"]}}, 'with explore.optimizer = "adamww": stage \'explore\': '
      "unknown optimizer 'adamww'"),
     ({"batch_size": {"int": [0, 64]}}, "with explore.batch_size = 0: "),
     ({"optimizer": {"choice": ["adamw", "adamww"]}}, 'with explore.optimizer = "adamww": '),
-    # two bad first choices: no single culprit, the base plan's values are listed
+    # two bad first choices: each is refused on its own (the first in the plan is named)
     ({"optimizer": {"choice": ["adamww", "adamw"]}, "batch_size": {"int": [0, 64]}},
-     'the plan with every searched setting at its first candidate (model.hidden = 8, explore.optimizer = "adamww", '
-     "explore.batch_size = 0) fails: "),
+     'with explore.optimizer = "adamww": stage \'explore\': unknown optimizer'),
+    # nothing parses, whatever the values: the plan at its first candidates is listed
+    ({"optimizer": {"choice": ["adamww", "adamwww"]}},
+     'the plan with every searched setting at its first candidate (model.hidden = 8, explore.optimizer = "adamww") '
+     "fails, as does every combination tried: "),
 ])
 def test_a_bad_first_candidate_names_its_setting(spaces, message):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)
@@ -517,6 +571,29 @@ def test_a_bad_first_candidate_names_its_setting(spaces, message):
         make_plan(raw)
     assert message in str(e.value), str(e.value)
     assert "model.hidden" not in str(e.value) or "first candidate (" in str(e.value)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_the_start_up_verdict_does_not_depend_on_the_order_of_the_choices(order):
+    """A candidate passes when some combination of the others' candidates takes it, so listing the
+    choices in another order changes nothing: values infeasible only together are left to the
+    trials (which prune them), a value that no combination takes is refused."""
+    def plan(stage):
+        raw = _toml_loads(DEFAULT_CONFIG_TOML)
+        raw["stages"] = [dict(raw["stages"][0], lr=1e-3, **stage)]
+        return make_plan(dict(raw, tune={"pruner": "none"}))
+
+    def listed(*values):
+        return list(values) if order == 0 else list(reversed(values))
+
+    plan({"epochs": 2, "batch_size": {"choice": listed(16, 2)}, "accumulate": {"choice": listed(1, 4)}})
+    plan({"epochs": {"int": [2, 6]}, "adjust": [{"rule": "trial", "candidates": [1e-3, 3e-3],
+                                                 "epochs": {"choice": listed(1, 2)}}]})
+    with pytest.raises(ConfigError, match=re.escape("with explore.epochs = 1: stage 'explore': trial epochs")):
+        plan({"epochs": {"choice": listed(1, 6)}, "adjust": [{"rule": "trial", "candidates": [1e-3, 3e-3],
+                                                              "epochs": {"choice": listed(1, 2)}}]})
+    with pytest.raises(ConfigError, match=re.escape("with explore.accumulate = 32: ")):  # above every batch size
+        plan({"epochs": 2, "batch_size": {"choice": listed(16, 2)}, "accumulate": {"choice": listed(1, 32)}})
 
 
 @pytest.mark.parametrize("change, message", [
@@ -734,6 +811,24 @@ def test_planned_epochs_counts_a_trial_rule_once_per_extra_candidate():
     assert planned_epochs(job, 4) == 4 * 6
 
 
+@pytest.mark.parametrize("name", ["tune.toml", "tune_full.toml"])
+def test_the_example_plans_comments_name_the_final_seeds_and_pruning_epochs(name):
+    """The comments in configs/tune*.toml say what the code does: the final runs' seeds (the ones
+    after the plan's seed) and the epochs after which successive halving decides (its rungs are
+    0-based report steps min_resource * reduction_factor ** k, so epochs one later)."""
+    from oxoptim.training.tune import load_plan, seeds_for
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    plan = load_plan(path)
+    text = open(path, encoding="utf-8").read()
+    said = re.search(r"(?m)^final_seeds = \d+ +#.* seeds ([\d, ]+\d)", text).group(1)
+    assert [int(x) for x in said.split(",")] == seeds_for(plan.job(plan.defaults), plan.settings.final_seeds)
+    p = plan.settings.pruner
+    if p["name"] == "successive_halving":
+        said = re.search(r"goes on past epochs (\d+), (\d+) and (\d+)", text).groups()
+        assert [int(x) for x in said] == [p["min_resource"] * p["reduction_factor"] ** k + 1 for k in range(3)]
+
+
 def test_fingerprint_ignores_what_does_not_change_the_search_and_urls_lose_passwords():
     from oxoptim.training.tune import redact
 
@@ -789,14 +884,17 @@ class DivergingJob(FakeJob):
 
 def test_a_diverging_trial_is_pruned_not_failed(tmp_path):
     """A trial whose training diverges (NonFiniteLoss) is pruned with the reason: the search goes on
-    (three in a row do not stop the worker as failures would)."""
+    (three in a row do not stop the worker as failures would), its epochs counted up to the one
+    that diverged."""
     plan = fake_plan({"pruner": "none", "sampler": "random", "seed": 2})
     study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "div", create=True)
     lines = []
     Worker(plan, study, str(tmp_path), trials=8, say=lines.append, run_job=DivergingJob(limit=0.0)).work()
     trials = study.get_trials()
     assert len(trials) == 8 and all(t.state.name == "PRUNED" and "diverged" in t.user_attrs for t in trials)
-    assert all(t.user_attrs["epochs_run"] == 1 for t in trials)
+    # the epoch that diverged (trained, with no record) counts in the compute spent
+    assert all(t.user_attrs["epochs_run"] == 2 for t in trials)
+    assert compute_spent(study)["epochs_run"] == 16
     assert sum("pruned: training diverged" in line for line in lines) == 8
 
 
@@ -977,3 +1075,22 @@ label_column = "stars"
     rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "the test split has label" in err[0], err
+
+
+def test_data_the_job_refuses_is_refused_at_start_up(tmp_path, capsys):
+    """A split left empty (12 reviews, 5% each for validation and test) is refused as `oxoptim train`
+    refuses it: in one line, exit status 2, before anything is made; not by every trial failing
+    (a worker stopped after three, its study and trials left behind)."""
+    from oxoptim.__main__ import main
+
+    write_rows(tmp_path / "reviews.jsonl", [(t, 5 if label == "pos" else 1) for t, label in reviews(12, seed=5)],
+               text_key="review", label_key="stars")
+    (tmp_path / "plan.toml").write_text("seed = 1\nthreads = 1\n[tune]\ntrials = 2\npruner = \"none\"\n"
+                                        + TINY_DATA.replace("{train}", "reviews.jsonl").replace(
+                                            "[0.7, 0.15, 0.15]", "[0.9, 0.05, 0.05]")
+                                        + WARM_STAGE + "lr = { log_uniform = [1e-3, 3e-2] }\n")
+    capsys.readouterr()
+    rc = main(["tune", "--config", str(tmp_path / "plan.toml"), "--run-dir", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "[data] no test texts left after the split" in err[0], err
+    assert not (tmp_path / "t").exists()

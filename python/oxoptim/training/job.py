@@ -14,9 +14,36 @@ from typing import Callable, Optional, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["run_job", "OnRecord"]
+__all__ = ["run_job", "load_data", "OnRecord"]
 
 OnRecord = Callable[[dict], None]
+
+
+def load_data(cfg: dict, fold: Optional[Tuple[int, int]] = None) -> dict:
+    """The classification job's data as it trains on it (``fold``: as :func:`run_job`), checked
+    as it checks it: the users' files' problems (a missing column, a bad line) and a split left
+    empty are :class:`ConfigError` (``oxoptim tune`` checks a plan's data with it at start-up)."""
+    from .data import build_text_data, cv_fold
+
+    d = cfg["data"]
+    try:
+        data = build_text_data(
+            train=d.get("train"), val=d.get("val"), test=d.get("test"),
+            text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
+            max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
+            seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)),
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"[data] {e}") from e
+    if fold is not None:
+        data = cv_fold(data, *fold, seed=int(d.get("split_seed", 0)), max_len=int(d.get("max_len", 100)),
+                       min_freq=int(d.get("min_freq", 1)))
+    wanted = ("train", "val") + (("test",) if "val" not in d and len(d.get("split", (0.8, 0.1, 0.1))) == 3 else ())
+    for split in wanted:
+        if data[split] is None or len(data[split]) == 0:
+            raise ConfigError(f"[data] no {split} texts left after the split and cleaning (removed: "
+                              f"{data['report']['removed']})")
+    return data
 
 
 def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, *,
@@ -40,7 +67,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
 
     from .checkpoint import atomic_write_bytes
     from .config import check_embed_init, stage_from_dict
-    from .data import build_text_data, cv_fold, data_fingerprint
+    from .data import data_fingerprint
     from .model import BiGRUClassifier
     from .trainer import Trainer
 
@@ -54,23 +81,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
         cfg["threads"] = 1
     torch.set_num_threads(int(cfg["threads"]))
     d = cfg["data"]
-    try:  # users' files: a missing column or a bad line is a config problem, found before any output
-        data = build_text_data(
-            train=d.get("train"), val=d.get("val"), test=d.get("test"),
-            text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
-            max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
-            seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)),
-        )
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"[data] {e}") from e
-    if fold is not None:
-        data = cv_fold(data, *fold, seed=int(d.get("split_seed", 0)), max_len=int(d.get("max_len", 100)),
-                       min_freq=int(d.get("min_freq", 1)))
-    wanted = ("train", "val") + (("test",) if "val" not in d and len(d.get("split", (0.8, 0.1, 0.1))) == 3 else ())
-    for split in wanted:
-        if data[split] is None or len(data[split]) == 0:
-            raise ConfigError(f"[data] no {split} texts left after the split and cleaning (removed: "
-                              f"{data['report']['removed']})")
+    data = load_data(cfg, fold)
     say = (lambda *a: None) if (quiet or rank != 0) else (lambda *a: print(*a, flush=True))
     removed = {k: n for k, n in data["report"]["removed"].items() if n}
     say(f"data: {len(data['train'])} train / {len(data['val'])} val / "

@@ -17,8 +17,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import itertools
 import json
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -268,42 +270,68 @@ def default_values(params: Sequence[Param]) -> Optional[Dict[str, Any]]:
     return {p.name: p.default for p in params}
 
 
+# A candidate is tried with at most this many combinations of the other settings' candidates.
+COMBINATIONS = 64
+
+
+def _key(value: Any) -> str:
+    """A candidate's canonical spelling: orders candidates whatever order the plan lists them in."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _combinations(params: Sequence[Param], limit: int) -> List[Dict[str, Any]]:
+    """Assignments of ``params`` to their candidates, the same whatever order the plan lists the
+    settings and their values in: all of them when there are at most ``limit``, else ``limit``
+    drawn with a fixed seed."""
+    lists = [(p.name, sorted({_key(v): v for v in p.candidates()}.values(), key=_key))
+             for p in sorted(params, key=lambda p: p.name)]
+    if math.prod(len(values) for _, values in lists) <= limit:
+        return [dict(zip([n for n, _ in lists], combo)) for combo in itertools.product(*[v for _, v in lists])]
+    rng = random.Random(0)
+    return [{n: rng.choice(values) for n, values in lists} for _ in range(limit)]
+
+
 def check_space(raw: dict, params: Sequence[Param], parse: Callable[[dict], Any]) -> None:
     """Runs ``parse`` (the job's own checks) on the job with each parameter at each of its
-    candidate values (the others at their first), so that a misspelled optimizer in a choice or an
-    out-of-range bound fails at start-up, naming the parameter, not in trial 17."""
-    base = {p.name: p.candidates()[0] for p in params}
-    plans = [dict(base)]
-    for p in params:
-        for value in p.candidates()[1:]:
-            plans.append(dict(base, **{p.name: value}))
-    defaults = default_values(params)
-    if defaults is not None:
-        plans.append(defaults)
-    def fails(values: Dict[str, Any]) -> bool:
+    candidate values, so that a misspelled optimizer in a choice or an out-of-range bound fails at
+    start-up, naming the parameter, not in trial 17. A candidate passes when the job parses with
+    it and some combination of the other parameters' candidates (all combinations, or
+    :data:`COMBINATIONS` drawn with a fixed seed when there are more): the verdict does not depend
+    on the order of the choices, and values that are only infeasible together (``batch_size = 2``
+    with ``accumulate = 4``) are left to the trials, which prune them. The defaults (the baseline
+    plan) must parse together."""
+    def error(values: Dict[str, Any]) -> Optional[ConfigError]:
         try:
             parse(substitute(raw, params, values))
-        except ConfigError:
-            return True
-        return False
+        except ConfigError as e:
+            return e
+        return None
 
     def at(names: Sequence[str], values: Dict[str, Any]) -> str:
         return ", ".join(f"{n} = {json.dumps(values[n])}" for n in names)
 
-    for values in plans:
-        try:
-            parse(substitute(raw, params, values))
-        except ConfigError as e:
-            changed = [p.name for p in params if not _same(values[p.name], base[p.name])]
-            if changed:
-                raise ConfigError(f"with {at(changed, values)}: {e}") from e
-            if not params:
-                raise
-            # The base plan (every setting at its first candidate) fails: the culprit is a setting
-            # whose first candidate is bad, found as one whose other candidates make the plan parse.
-            culprits = [p.name for p in params
-                        if any(not fails(dict(base, **{p.name: v})) for v in p.candidates()[1:])]
-            if len(culprits) == 1:
-                raise ConfigError(f"with {at(culprits, base)}: {e}") from e
-            raise ConfigError(f"the plan with every searched setting at its first candidate "
-                              f"({at([p.name for p in params], base)}) fails: {e}") from e
+    refused = []  # (parameter, candidate), as the plan lists them
+    for p in params:
+        others = _combinations([q for q in params if q is not p], COMBINATIONS)
+        for value in {_key(v): v for v in p.candidates()}.values():
+            if all(error(dict(combo, **{p.name: value})) for combo in others):
+                refused.append((p, value))
+    if refused:
+        # the others at their first candidates that passed: the error is then the candidate's own
+        passed = {q.name: next((v for v in q.candidates() if not any(r == (q, v) for r in refused)),
+                               q.candidates()[0]) for q in params}
+        for p, value in refused:
+            e = error(dict(passed, **{p.name: value}))
+            if e is None:  # a combination the drawn ones missed: the candidate passes after all
+                continue
+            if len(refused) == sum(len({_key(v) for v in q.candidates()}) for q in params):
+                first = {q.name: q.candidates()[0] for q in params}
+                raise ConfigError(f"the plan with every searched setting at its first candidate "
+                                  f"({at([q.name for q in params], first)}) fails, as does every "
+                                  f"combination tried: {error(first)}") from e
+            raise ConfigError(f"with {at([p.name], {p.name: value})}: {e}") from e
+    defaults = default_values(params)
+    if defaults is not None:
+        e = error(defaults)
+        if e is not None:
+            raise ConfigError(f"with the defaults ({at([p.name for p in params], defaults)}): {e}") from e

@@ -108,6 +108,7 @@ class Plan:
     params: List[Param]
     settings: TuneSettings
     base_dir: str = "."
+    _prints: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)  # the data, read once
 
     def job(self, values: Dict[str, Any]) -> dict:
         """The runnable job for one assignment of the parameters (checked as ``oxoptim train`` checks)."""
@@ -122,17 +123,24 @@ class Plan:
         data the plan's files give, read with the first candidates' ``[data]`` settings and, when
         ``[data]`` settings are searched (``max_len``, ``min_freq``), with each of their other
         candidates too (a change that only a longer ``max_len`` reads is a change); None for the
-        built-in data (the installed package's, not the user's files)."""
+        built-in data (the installed package's, not the user's files). Reading the data checks it
+        as ``oxoptim train`` does (:func:`.job.load_data`): a split left empty is a ConfigError."""
         return self._data_fingerprints()[0]
 
     def _data_fingerprints(self) -> tuple:
         """(the fingerprint, the first candidates' alone: what studies from before the other
         candidates were read saved)."""
+        if self._prints is None:
+            self._prints = self._read_data_fingerprints()
+        return self._prints
+
+    def _read_data_fingerprints(self) -> tuple:
         first = {p.name: p.candidates()[0] for p in self.params}
         job = self.job(first)
         if "train" not in job["data"]:
             return None, None
         from .data import data_fingerprint
+        from .job import load_data
 
         tables = [job["data"]]
         for p in self.params:
@@ -141,7 +149,7 @@ class Plan:
                     table = self.job(dict(first, **{p.name: value}))["data"]
                     if table not in tables:
                         tables.append(table)
-        prints = [data_fingerprint(read_data({"data": t})) for t in tables]
+        prints = [data_fingerprint(load_data({"data": t})) for t in tables]
         if len(prints) == 1:
             return prints[0], prints[0]
         return hashlib.sha256(json.dumps(prints).encode()).hexdigest(), prints[0]
@@ -152,20 +160,6 @@ class Plan:
         settings = {k: v for k, v in asdict(self.settings).items() if k in ("metric", "pruner", "cv_folds")}
         blob = json.dumps({"job": self.raw, "tune": settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_data(job: dict) -> dict:
-    """The job's data, read as the job reads it; its problems (the users' files) are config problems."""
-    from .data import build_text_data
-
-    d = job["data"]
-    try:
-        return build_text_data(train=d.get("train"), val=d.get("val"), test=d.get("test"),
-                               text_column=d.get("text_column", "text"), label_column=d.get("label_column", "label"),
-                               max_len=int(d.get("max_len", 100)), split=tuple(d.get("split", (0.8, 0.1, 0.1))),
-                               seed=int(d.get("split_seed", 0)), min_freq=int(d.get("min_freq", 1)))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"[data] {e}") from e
 
 
 def load_plan(path: str) -> Plan:
@@ -200,6 +194,15 @@ def make_plan(raw: dict, base_dir: str = ".", where: str = "plan") -> Plan:
     return plan
 
 
+def pretrained_in_study(job: dict, run_dir: str) -> dict:
+    """``job`` as the study runs it: a language-model job keeps its pretrained models in the
+    study's ``<run dir>/pretrained`` (unless ``[pretrain] cache_dir`` names a folder), so that the
+    trials and the final runs, each in a folder of its own, pretrain once per pretraining setting."""
+    if job.get("job") != "language_model" or job["pretrain"].get("cache_dir"):
+        return job
+    return dict(job, pretrain=dict(job["pretrain"], cache_dir=os.path.join(os.path.abspath(run_dir), "pretrained")))
+
+
 def planned_epochs(job: dict, folds: int) -> int:
     """Epochs a trial runs if nothing stops it early: every stage's, where a Trial rule's K
     candidates run its first ``trial.epochs`` K times before the chosen one goes on."""
@@ -229,12 +232,18 @@ def _optuna():
     return optuna
 
 
-def _storage(url: str, heartbeat: int):
+def _retry():
+    """(the RDBStorage argument, the callback): a trial whose worker died runs again, under a new
+    number, with its settings and attributes (the baseline's mark too), at most 3 times."""
     optuna = _optuna()
     if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters:  # >= 4.9
-        key, retry = "heartbeat_stale_trial_callback", optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-    else:
-        key, retry = "failed_trial_callback", optuna.storages.RetryFailedTrialCallback(max_retry=3)
+        return "heartbeat_stale_trial_callback", optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    return "failed_trial_callback", optuna.storages.RetryFailedTrialCallback(max_retry=3)
+
+
+def _storage(url: str, heartbeat: int):
+    optuna = _optuna()
+    key, retry = _retry()
     engine: Dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
@@ -404,6 +413,7 @@ class Worker:
         self.metric = self.plan.settings.metric
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.failures, self.last_failure = 0, ""
+        self.running: Optional[int] = None  # the number of the trial under way here
 
     def work(self) -> None:
         optuna = _optuna()
@@ -419,12 +429,28 @@ class Worker:
                 time.sleep(poll)  # the last trials are under way elsewhere: wait, in case one dies
                 continue
             # a trial that raises is recorded as failed; three failures in a row stop the worker
-            self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self._announce])
+            self.running = None
+            try:
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self._announce])
+            except KeyboardInterrupt:
+                self._retry_interrupted()
+                raise
             if self.failures >= 3:
                 raise TrialsFailing(f"3 trials in a row failed here; the last: {self.last_failure}")
 
+    def _retry_interrupted(self) -> None:
+        """The trial a Ctrl-C stopped (recorded as failed) is queued again, as the trial of a
+        killed worker is: the next worker, or the same command run again, runs it from the start
+        (the baseline too, which nothing else would run again)."""
+        if self.running is None:
+            return
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.running)
+        if trial.state.name == "FAIL" and not trial.user_attrs.get("surplus"):
+            _retry()[1](self.study, trial)
+
     def objective(self, trial) -> float:
         optuna = _optuna()
+        self.running = trial.number
         try:
             return self._run_trial(trial)
         except (_Surplus, optuna.TrialPruned):
@@ -452,7 +478,7 @@ class Worker:
             raise _Surplus(f"the study has its {self.trials} trials")
         values = suggest(trial, self.plan.params)
         try:
-            job = self.plan.job(values)
+            job = pretrained_in_study(self.plan.job(values), self.run_dir)
         except ConfigError as e:  # settings that are valid one by one but not together
             trial.set_user_attr("infeasible", str(e))
             trial.set_user_attr("epochs_run", 0)
@@ -494,6 +520,7 @@ class Worker:
                     raise optuna.TrialPruned(f"pruned after fold {i + 1} of {folds}")
             return statistics.fmean(scores)
         except NonFiniteLoss as e:  # a setting that diverges loses: not a failure, run again
+            spent["epochs"] += 1  # the epoch it diverged in was trained (in whole or in part) without a record
             trial.set_user_attr("diverged", str(e))
             raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
@@ -642,7 +669,7 @@ def final_runs(plan: Plan, study, run_dir: str, say: Callable[[str], None] = pri
     # the same seeds for both plans (a fair comparison), none that a trial trained with
     used = {int(t.user_attrs["seed"]) for t in study.get_trials(deepcopy=False) if "seed" in t.user_attrs}
     seeds = seeds_for(plan.job(plans["best"]), n, sorted(used))
-    runs_of = [(label, values, seed, dict(plan.job(values), seed=seed))
+    runs_of = [(label, values, seed, dict(pretrained_in_study(plan.job(values), run_dir), seed=seed))
                for label, values in plans.items() for seed in seeds]
     dirs = [os.path.join(run_dir, "final", label, f"seed{seed}") for label, _, seed, _ in runs_of]
     pool = None

@@ -69,6 +69,7 @@ def run_tune(args) -> int:
             raise ConfigError(f"--trials and --jobs must be >= 1, not {trials} and {args.jobs}")
         first = plan.job({p.name: p.candidates()[0] for p in plan.params})
         check_sources(first)
+        plan.data_fingerprint()  # reads the users' data files and checks them as `oxoptim train` does
         if plan.settings.cv_folds:
             _check_folds(first, plan.settings.cv_folds)
         run_dir = args.run_dir or os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S"))
@@ -222,9 +223,9 @@ def _claim_run_dir(run_dir: str, owner: dict) -> None:
 def _check_folds(job: dict, folds: int) -> None:
     """k-fold cross-validation needs at least k training examples (read now, before any trial)."""
     from .errors import ConfigError
-    from .tune import read_data
+    from .job import load_data
 
-    data = read_data(job)
+    data = load_data(job)
     if len(data["train"]) < folds:
         raise ConfigError(f"[tune] cv_folds = {folds} needs at least {folds} training examples, the data has "
                           f"{len(data['train'])}")
