@@ -800,8 +800,13 @@ EDITS = {
 @pytest.mark.parametrize("cls", [oxoptim.AdamW, torch.optim.AdamW], ids=["oxoptim", "torch"])
 def test_changes_between_backward_and_step_are_seen(edit: str, cls: Any, simulated: Deferred) -> None:
     """The ordinary loop steps the gradients and weights as they are at ``step()``."""
+    _assert_edits_seen(edit, cls)
+
+
+def _assert_edits_seen(edit: str, cls: Any, **kwargs: Any) -> None:
+    """Three iterations, each with ``EDITS[edit]`` between backward and step(): as the plain optimizer's."""
     xs = batches(3, torch.float32)
-    a, opt_a, b, opt_b = pair(cls)
+    a, opt_a, b, opt_b = pair(cls, **kwargs)
     for x in xs:
         for model, opt in ((a, opt_a), (b, opt_b)):
             model(x).backward()
@@ -1020,15 +1025,7 @@ def test_an_optimizer_stepped_whole_refuses_a_second_offloaded_backward_in_every
 @pytest.mark.parametrize("during", WHEN[1:], ids=WHEN_IDS[1:])
 def test_an_optimizer_stepped_whole_sees_changes_after_backward_in_every_mode(cls: Any, hyper: dict, edit: str, during: Any,
                                                                              simulated: Deferred) -> None:
-    xs = batches(3, torch.float32)
-    a, opt_a, b, opt_b = pair(cls, hyper=hyper, update_during_backward=during)
-    for x in xs:
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            model(x).backward()
-            EDITS[edit](model)
-            opt.step()
-            opt.zero_grad()
-    assert_same_training(a, opt_a, b, opt_b)
+    _assert_edits_seen(edit, cls, hyper=hyper, update_during_backward=during)
 
 
 @pytest.mark.parametrize("offload_gradients", [False, True], ids=["keep-grads", "offload-grads"])

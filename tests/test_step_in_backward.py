@@ -277,6 +277,66 @@ def test_optimizer_accumulation_follows_its_float64_maths(accumulate, lr, betas,
         assert p.grad is None
 
 
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.Adam], ids=["adamw", "adam"])
+@pytest.mark.parametrize("uses, accumulate", [((2,), 2), ((1,), 2), ((1, 3), 3), ((1, 2), 4)],
+                         ids=["only-the-last", "only-the-first", "first-and-last-of-3", "two-of-4-then-step"])
+def test_optimizer_accumulation_updates_a_parameter_that_misses_micro_batches(cls, uses, accumulate) -> None:
+    """A parameter with fewer than K gradients absorbs each and is updated by step(), as an Adam
+    step with its last gradient: torch's for-loop Adam on the same gradients, the earlier ones
+    absorbed (float64 moments and parameter, exactly)."""
+    always = torch.nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float64))
+    sometimes = torch.nn.Parameter(torch.linspace(0.5, 2, 4, dtype=torch.float64))
+    opt = cls([always, sometimes], lr=0.1, weight_decay=0.1, betas=(0.8, 0.9))
+    grads = [torch.linspace(-0.3, 0.6, 4, dtype=torch.float64) * (k + 1) for k in range(accumulate)]
+    micro_batches = max(uses) if max(uses) < accumulate else accumulate
+    with step_in_backward(opt, accumulate=accumulate, accumulation="optimizer"):
+        for k in range(1, micro_batches + 1):
+            loss = (always * grads[k - 1]).sum() + ((sometimes * grads[k - 1]).sum() if k in uses else 0.0)
+            loss.backward()
+        opt.step()
+    # the reference: moments absorbed by hand, then torch's Adam step with the last gradient
+    ref = torch.nn.Parameter(torch.linspace(0.5, 2, 4, dtype=torch.float64))
+    torch_cls = torch.optim.AdamW if cls is oxoptim.AdamW else torch.optim.Adam
+    ref_opt = torch_cls([ref], lr=0.1, weight_decay=0.1, betas=(0.8, 0.9), foreach=False)
+    ref.grad = torch.zeros_like(ref)
+    ref_opt.step()  # makes the state
+    with torch.no_grad():
+        ref.copy_(torch.linspace(0.5, 2, 4, dtype=torch.float64))
+        state = ref_opt.state[ref]
+        state["step"].zero_()
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
+        for k in uses[:-1]:
+            g = grads[k - 1]
+            state["step"] += 1
+            state["exp_avg"].lerp_(g, 0.2)
+            state["exp_avg_sq"].mul_(0.9).addcmul_(g, g, value=0.1)
+    ref.grad = grads[uses[-1] - 1].clone()
+    if cls is oxoptim.Adam:  # coupled decay enters through g, which the last micro-batch's absorption left out
+        ref_opt.param_groups[0]["weight_decay"] = 0.0
+    ref_opt.step()
+    assert float(opt.state[sometimes]["step"]) == len(uses)
+    assert torch.equal(sometimes.detach(), ref.detach()), (sometimes, ref)
+    assert sometimes.grad is None
+
+
+def test_optimizer_accumulation_absorbs_complex_parameters_as_real_views() -> None:
+    z = torch.nn.Parameter(torch.tensor([0.1 + 2.0j, -1.0 + 0.5j], dtype=torch.complex128))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    opt_z, opt_r = oxoptim.Adam([z], lr=0.1), oxoptim.Adam([r], lr=0.1)
+    target = torch.tensor([1.0 - 1.0j, 0.5 + 3.0j], dtype=torch.complex128)
+    for opt, loss in ((opt_z, lambda: (z - target).abs().square().sum()),
+                      (opt_r, lambda: (r - torch.view_as_real(target)).square().sum())):
+        with step_in_backward(opt, accumulate=2, accumulation="optimizer"):
+            for _ in range(2):
+                loss().backward()
+                loss().backward()
+                opt.step()
+    assert torch.isfinite(torch.view_as_real(z.detach())).all()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-12, atol=1e-12)
+    assert (torch.view_as_real(opt_z.state[z]["exp_avg_sq"]) >= 0).all()
+
+
 def test_optimizer_accumulation_of_one_micro_batch_is_the_ordinary_step() -> None:
     xs = batches(4, torch.float32)
     a, b = Toy("tied"), Toy("tied")

@@ -40,7 +40,14 @@ per K backward passes, as in the ordinary loop):
   is an ordinary Adam step with g_K (its weight decay, bias corrections with
   the step count t, which counts micro-batches). This is optimi's maths in
   torch's parametrisation (optimi keeps the bias-corrected moments); an
-  approximation of gradient accumulation, not an equality.
+  approximation of gradient accumulation, not an equality. The micro-batches
+  are counted per parameter: one that gets fewer than K gradients in an
+  iteration (unused by some micro-batch, as a mixture-of-experts layer, or a
+  ``step()`` after fewer than K backward passes) absorbs each, and
+  ``step()`` makes the update its last one would have made as the K-th, from
+  the moments as they are (AdamW's decay of θ included; Adam's coupled decay,
+  which enters through g, not): an Adam step with its last gradient. Complex
+  parameters are absorbed as torch's Adam steps them, as real views.
 
 Clipping: the global norm of all gradients is known only after backward,
 when the gradients are gone. ``clip=ClipPerParameter(max_norm)`` clips each
@@ -67,9 +74,31 @@ updated stays updated, and the next backward starts a new iteration (with
 with the output layer's alone, as ``step()`` would: see :mod:`oxoptim.rows`).
 
 Not supported: a parameter listed twice (refused at entry); a layer shared by
-two reentrant activation-checkpointing blocks (``use_reentrant=True``: each
-block's inner backward completes the parameter's gradient once, so the first
-updates it before autograd is done with it; use ``use_reentrant=False``).
+two reentrant activation-checkpointing blocks, or used both inside one such
+block and outside it (``use_reentrant=True``: each block's inner backward
+completes the parameter's gradient once, so the first updates it before
+autograd is done with it, and the error comes after that write; use
+``use_reentrant=False``).
+
+Where it differs from the ordinary loop, by design or not yet handled:
+
+* gradients are released (``None``) after each update, so a loop calling
+  ``zero_grad(set_to_none=False)`` steps a parameter unused by an iteration's
+  backward with no gradient (no momentum, no decay), as ``set_to_none=True``
+  would; the ordinary loop steps it with zeros;
+* step pre-hooks (``register_step_pre_hook``) run in ``optimizer.step()``, after
+  backward's updates, and see the gradients released;
+* the choice of torch's implementation for a whole group is made at the
+  iteration's first update from every parameter that requires a gradient;
+  the ordinary step makes it from those that have one, so a group whose only
+  parameter the kernels cannot take (channels-last) got no gradient in an
+  iteration runs torch's code here and the kernels there (equal to rounding);
+* Adafactor with ``eps=(None, …)`` takes ``eps1`` from a bucket's first
+  parameter's dtype, the ordinary step from the group's first with a
+  gradient (they differ only in a group mixing dtypes);
+* with ``accumulation="optimizer"``, a parameter without a hook (made
+  trainable or added after entry) gets its K gradients summed and one step in
+  ``step()``, not the K−1 absorptions.
 
 Refused at entry with a clear error, never silently skipped: optimizers
 constructed with ``skip_nonfinite=True`` (the skip decision needs every
@@ -444,7 +473,7 @@ class StepInBackward:
     def _on_grad(self, p: torch.Tensor) -> None:
         with self._lock:  # backward may run hooks on several device threads
             arrived = self._arrivals.get(p, 0) + 1
-            expected = 1 if p in self._arrives_once else self.accumulate
+            expected = self._expected(p)
             if arrived > expected:
                 raise RuntimeError(
                     f"step_in_backward(accumulate={self.accumulate}): a parameter received more than "
@@ -467,6 +496,10 @@ class StepInBackward:
             return  # gradient accumulation: p.grad is the buffer
         if complete:
             self._dispatch(bucket)
+
+    def _expected(self, p: torch.Tensor) -> int:
+        """The gradients ``p`` gets per iteration."""
+        return 1 if p in self._arrives_once else self.accumulate
 
     def _group(self, bucket: _Bucket) -> dict:
         """The bucket's group as the optimizer holds it now: ``load_state_dict`` replaces the group
@@ -559,10 +592,40 @@ class StepInBackward:
         beta1, beta2 = group["betas"]
         if group["maximize"]:
             g = -g
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if torch.is_complex(p):  # as torch's Adam: re² and im² apart (g·g of a complex g is re² − im² + …)
+            g, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in (g, exp_avg, exp_avg_sq))
         state["step"] += 1
-        state["exp_avg"].lerp_(g, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         p.grad = None
+
+    @torch.no_grad()
+    def _update_absorbed(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Parameters that absorbed fewer than K micro-batches in this iteration (module docstring):
+        the parameter part of Adam's step, as torch's single-tensor Adam computes it, from the
+        moments and step count their last micro-batch left."""
+        if any(group.get(k) for k in ("bf16_stochastic_round", "kahan_sum")):
+            raise RuntimeError(
+                "step_in_backward(accumulation='optimizer'): parameters that got fewer than accumulate= gradients "
+                "in this iteration are updated by step() from their moments, which bf16_stochastic_round/kahan_sum "
+                "groups cannot do: give every parameter a gradient in each micro-batch, or use accumulation='gradient'"
+            )
+        state = self.optimizer.state
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        for p in params:
+            entry = state[p]
+            step = float(entry["step"])
+            param, exp_avg, exp_avg_sq = p, entry["exp_avg"], entry["exp_avg_sq"]
+            if torch.is_complex(p):
+                param, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in (p, exp_avg, exp_avg_sq))
+            if weight_decay != 0 and group.get("decoupled_weight_decay"):
+                param.mul_(1 - lr * weight_decay)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
     # -- finishing the iteration ---------------------------------------------
     def step(self, closure: Any = None) -> Any:
@@ -590,6 +653,10 @@ class StepInBackward:
             ]
             if left:
                 self._update(group, left, self._leftover_cache)
+            if self.accumulation == "optimizer":
+                absorbed = [p for p in group["params"] if 0 < self._arrivals.get(p, 0) < self._expected(p)]
+                if absorbed:
+                    self._update_absorbed(group, absorbed)
         if self.ddp is not None:
             self._release_done()  # in case backward's callback did not run (no bucket launched)
         for group in self.optimizer.param_groups:  # each bucket stepped a copy of its group
