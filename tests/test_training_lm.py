@@ -478,7 +478,7 @@ def test_kill_9_and_resume_in_each_phase_is_bit_identical(lm_reference, tmp_path
                 env={**os.environ, "KILL_AT": str(kill_at)}, prefix=[sys.executable, "-c", KILL_AT_CHECKPOINT])
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     run = tmp_path / "job" / "run"
-    pre = next((tmp_path / "job" / "pretrained").iterdir())
+    pre = next(p for p in (tmp_path / "job" / "pretrained").iterdir() if p.is_dir())
     if phase == "pretrain":
         assert list_checkpoints(str(pre)) and not (pre / "final.pt").exists()
     else:
@@ -668,3 +668,22 @@ def test_settings_that_crashed_later_are_one_line_errors(tmp_path, old, new, fra
     assert r.returncode == 2 and fragment in r.stderr, r.stderr[-3000:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(tmp_path.glob("**/checkpoints")) and not (tmp_path / "run").exists()
+
+
+def test_the_pretraining_key_ignores_where_it_checkpoints_and_follows_the_format() -> None:
+    """checkpoint_every changes no weight (a resumed pretraining is bit-identical): the cached model
+    is reused; a new format number (code that pretrains otherwise) is not."""
+    from oxoptim.training import lm_job
+
+    cfg = {"corpus": {"sources": ["a"]}, "model": {"d": 8}, "pretrain": {"seed": 0, "cache_dir": "x"},
+           "checkpoint_every": 10, "eval_batch_size": 64, "threads": 1}
+    key = lm_job.pretrain_key(cfg, "digest")
+    assert lm_job.pretrain_key(dict(cfg, checkpoint_every=7), "digest") == key
+    assert lm_job.pretrain_key(dict(cfg, pretrain={"seed": 0, "cache_dir": "elsewhere"}), "digest") == key
+    assert lm_job.pretrain_key(dict(cfg, threads=2), "digest") != key
+    format_now = lm_job.PRETRAIN_FORMAT
+    try:
+        lm_job.PRETRAIN_FORMAT = format_now + 1
+        assert lm_job.pretrain_key(cfg, "digest") != key
+    finally:
+        lm_job.PRETRAIN_FORMAT = format_now

@@ -346,3 +346,117 @@ def test_resume_after_an_early_stop_keeps_the_dtype_of_the_stages_that_ran(tmp_p
     for k in a:
         assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
     assert got.param_digest() == ref.param_digest()
+
+
+def _plan_run(run_dir, resume=False, kill_at=None, **stage):
+    """Two epochs of one stage whose settings ``stage`` overrides; ``kill_at``: dies before that step."""
+    import torch.nn.functional as F
+
+    from oxoptim.training import Stage, Trainer
+
+    class Dies(Trainer):
+        def train_step(self, order, b):
+            if self.global_step == kill_at:
+                raise _Killed
+            return super().train_step(order, b)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    settings = dict(epochs=3, batch_size=32, lr=1e-2, lr_schedule="cosine", adjust=[{"rule": "early_stop", "patience": 2}])
+    settings.update(stage)
+    t = Dies(model, F.cross_entropy, (x[:150], y[:150]), (x[150:], y[150:]), [Stage("s", "adamw", **settings)],
+             run_dir=str(run_dir), quiet=True, checkpoint_every=3)
+    t.fit(resume=resume)
+    return t
+
+
+@pytest.mark.parametrize("changed", [
+    {"lr_schedule": "linear"},
+    {"adjust": [{"rule": "early_stop", "patience": 2, "min_delta": 5.0}]},
+    {"adjust": [{"rule": "restore_best"}]},
+    {"average": "ema", "average_decay": 0.9},
+    {"grad_clip": 1.0, "grad_clip_mode": "global"},
+], ids=["schedule", "min_delta", "rule", "average", "clip"])
+def test_resume_refuses_stage_settings_its_checkpoint_was_not_written_for(tmp_path, changed):
+    """What describe() leaves out (schedule, rules and their settings, averaging details) is checked
+    too: a changed plan is refused in one error, not continued under the new settings."""
+    with pytest.raises(_Killed):
+        _plan_run(tmp_path / "run", kill_at=6, **({"average": "ema"} if "average_decay" in changed else {}))
+    assert list_checkpoints(str(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match="other settings of stage 's'|different plan"):
+        _plan_run(tmp_path / "run", resume=True, **changed)
+    _plan_run(tmp_path / "run", resume=True, **({"average": "ema"} if "average_decay" in changed else {}))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda cfg: cfg.update(seed=3),
+    lambda cfg: cfg.update(label_smoothing=0.1),
+    lambda cfg: cfg["model"].update(hidden=12),
+    lambda cfg: cfg["stages"][0].update(lr_schedule="linear"),
+], ids=["seed", "label_smoothing", "model", "stage-schedule"])
+def test_resume_refuses_an_edited_config_json(tmp_path, capsys, edit):
+    import json
+
+    from oxoptim.__main__ import main
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    (tmp_path / "job.toml").write_text(CLI_JOB.replace('embed_init = "cooccurrence"', ""))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "was written for another job" in err or "was written for other settings of stage" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_may_change_the_thread_count(tmp_path):
+    import json
+
+    from oxoptim.__main__ import main
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    (tmp_path / "job.toml").write_text(CLI_JOB.replace('embed_init = "cooccurrence"', ""))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["threads"] = 2
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+
+
+def test_a_second_process_in_a_run_directory_is_refused(tmp_path):
+    """A run holds its directory while it trains: another process (a second --resume) is refused."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".oxoptim.lock", "a") as held:  # what a training process holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CheckpointError, match="in use by another process"):
+            _plan_run(run)
+    _plan_run(run)  # free again
+
+
+def test_overwrite_removes_the_earlier_runs_results(tmp_path, capsys):
+    """--overwrite then a run that diverges: no summary.json or final.pt of the run before it."""
+    from oxoptim.__main__ import main
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    job = CLI_JOB.replace('embed_init = "cooccurrence"', "")
+    (tmp_path / "job.toml").write_text(job)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    assert (run / "summary.json").exists() and (run / "final.pt").exists()
+    (tmp_path / "diverges.toml").write_text(job.replace("lr = 0.05", "lr = 3e38"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "diverges.toml"), "--run-dir", str(run), "--overwrite", "--quiet"]) == 2
+    assert not (run / "summary.json").exists() and not (run / "final.pt").exists()

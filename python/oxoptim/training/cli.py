@@ -122,7 +122,8 @@ def run_train(args) -> int:
             cfg = load_config(args.config) if args.config else default_config()
             if getattr(args, "seed", None) is not None:
                 cfg["seed"] = args.seed
-            run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S"))
+            # the process id too: two jobs started in the same second get directories of their own
+            run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S") + f"-{os.getpid()}")
             _check_run_dir(run_dir, getattr(args, "overwrite", False))
         check_sources(cfg)
         _check_for_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))

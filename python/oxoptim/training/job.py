@@ -46,6 +46,16 @@ def load_data(cfg: dict, fold: Optional[Tuple[int, int]] = None) -> dict:
     return data
 
 
+#: Job keys that may change between a run and its resume: they change no result.
+OPERATIONAL_KEYS = ("threads", "checkpoint_every")
+
+
+def resumable_job(cfg: dict) -> dict:
+    """The job as a checkpoint records it (JSON values), less :data:`OPERATIONAL_KEYS`: a resume
+    refuses a job that differs (an edited config.json)."""
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in OPERATIONAL_KEYS}, default=str))
+
+
 def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, *,
             on_record: Optional[OnRecord] = None, evaluate_test: bool = True,
             fold: Optional[Tuple[int, int]] = None, announce: bool = True) -> Optional[dict]:
@@ -116,7 +126,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
             model, loss_fn, data["train"], data["val"], stages, metrics=["accuracy"], run_dir=run_dir,
             seed=int(cfg["seed"]), checkpoint_every=int(cfg.get("checkpoint_every", 100)),
             eval_batch_size=int(cfg.get("eval_batch_size", 512)), quiet=quiet, bucket=int(d.get("bucket", 0)),
-            on_record=on_record, meta={"data_fingerprint": data_fingerprint(data)},
+            on_record=on_record, meta={"data_fingerprint": data_fingerprint(data), "job": resumable_job(cfg)},
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -116,12 +116,18 @@ def parse_lm_config(raw: dict) -> dict:
     return cfg
 
 
+#: The pretraining's format: bumped when the code changes what a pretraining with the same settings
+#: makes, so that a model pretrained by older code is not reused as if it were this code's.
+PRETRAIN_FORMAT = 2
+
+
 def pretrain_key(cfg: dict, corpus_digest: str) -> str:
-    """Names the pretrained model: everything that determines it, hashed."""
-    what = {"corpus": cfg["corpus"], "corpus_digest": corpus_digest, "model": cfg["model"],
+    """Names the pretrained model: everything that determines it, hashed (not ``checkpoint_every``:
+    a resumed pretraining is bit-identical, so where it checkpoints changes nothing; ``threads`` does,
+    through torch's own matrix products)."""
+    what = {"format": PRETRAIN_FORMAT, "corpus": cfg["corpus"], "corpus_digest": corpus_digest, "model": cfg["model"],
             "pretrain": {k: v for k, v in cfg["pretrain"].items() if k != "cache_dir"},
-            "checkpoint_every": cfg["checkpoint_every"], "eval_batch_size": cfg["eval_batch_size"],
-            "threads": cfg["threads"]}
+            "eval_batch_size": cfg["eval_batch_size"], "threads": cfg["threads"]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -303,12 +309,14 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
     model = GPTClassifier(body, data["num_classes"], pool=f["pool"], dropout=f["dropout"])
     splits = {s: encode_texts(data["raw"][s], corpus.vocab, d["max_len"]) for s in ("train", "val", "test")}
     stages = [stage_from_dict(s, i + 1) for i, s in enumerate(f["stages"])]
+    from .job import resumable_job
+
     try:
         trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
                           run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
                           eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
                           on_record=on_record, meta={"data_fingerprint": data_fingerprint(
-                              dict(data, vocab=corpus.vocab, **splits))})
+                              dict(data, vocab=corpus.vocab, **splits)), "job": resumable_job(cfg)})
     except ValueError as e:
         raise ConfigError(f"[[finetune.stages]] {e}") from e
     trainer.fit(resume=resume)

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional
 
 import torch
 
@@ -17,6 +17,9 @@ from .extras import installed, missing_output_note, output_module
 
 __all__ = ["Progress"]
 
+
+#: What a finished run writes besides its checkpoints and metrics.
+RESULTS = ("summary.json", "final.pt", "curves.png")
 
 class Progress:
     """Output of one process; only the main one writes files, and only when there is a run directory."""
@@ -81,12 +84,33 @@ class Progress:
     # ----- files ----------------------------------------------------------------------------
 
     def start_fresh(self) -> None:
-        """A fresh run: no stale checkpoints, checkpoint temp files or metrics."""
+        """A fresh run: no stale checkpoints, checkpoint temp files, metrics or results of an earlier
+        run (``--overwrite``: a run that then stops early must not leave the old summary beside it)."""
         if self.writes:
             ckpt.remove_stale_temp_files(self.path(""))
             for old in ckpt.list_checkpoints(self.path("")):
                 os.remove(old)
+            for name in RESULTS:
+                if os.path.exists(self.path(name)):
+                    os.remove(self.path(name))
             ckpt.atomic_write_bytes(self.path("metrics.jsonl"), b"")
+
+    def lock(self) -> Optional[IO[str]]:
+        """Holds the run directory for one process while it trains (``flock``: released when the
+        process ends, even by ``kill -9``): a second process (two ``--resume`` of one run) is
+        refused rather than interleaving checkpoints and metrics. None when this process writes nothing."""
+        if not self.writes:
+            return None
+        import fcntl
+
+        handle = open(self.path(".oxoptim.lock"), "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ckpt.CheckpointError(f"{self.path('')} is in use by another process training there; one run per "
+                                       f"run directory") from None
+        return handle
 
     def append_record(self, record: dict) -> None:
         if self.writes:

@@ -49,6 +49,7 @@ def _snapshot(t: "Trainer", ranks: List[dict]) -> dict:
         "elapsed": t.elapsed_now(),
         "ranks": ranks,
         "plan": t.plan(),
+        "settings": [st.settings() for st in t.stages],
         "meta": t.meta,
     }
 
@@ -76,6 +77,17 @@ def resume(t: "Trainer") -> bool:
     path, s = found
     if s.get("plan") != t.plan():
         raise ckpt.CheckpointError(f"{path} was written for a different plan: {s.get('plan')}")
+    # Checkpoints from before the full settings were saved have none: they resume as they did.
+    settings = s.get("settings")
+    if settings is not None and settings != [st.settings() for st in t.stages]:
+        i = next(i for i, (a, b) in enumerate(zip(settings, [st.settings() for st in t.stages])) if a != b)
+        raise ckpt.CheckpointError(f"{path} was written for other settings of stage {t.stages[i].name!r}: "
+                                   f"{settings[i]}; now {t.stages[i].settings()}")
+    saved_job, job = (s.get("meta") or {}).get("job"), t.meta.get("job")
+    if saved_job is not None and job is not None and saved_job != job:
+        changed = sorted(k for k in set(saved_job) | set(job) if saved_job.get(k) != job.get(k))
+        raise ckpt.CheckpointError(f"{path} was written for another job: {', '.join(changed)} changed since the run "
+                                   f"started (the run's config.json edited?); restore it to resume, or start a new run")
     # Runs from before data fingerprints were saved have none: they resume as they did.
     saved, now = (s.get("meta") or {}).get("data_fingerprint"), t.meta.get("data_fingerprint")
     if saved is not None and now is not None and saved != now:

@@ -466,6 +466,35 @@ class Stage:
             f", {self.state_dtype} optimizer state" if self.state_dtype else "")
 
 
+    def settings(self) -> str:
+        """Everything of the stage that decides how it trains, for resume's check that the plan is the
+        one the checkpoint was written for: :meth:`describe` and what it leaves out (the LR
+        schedule, the adjust rules with their settings, averaging and clipping details, micro-batch
+        and accumulation modes). Callables are named by their qualified names."""
+        schedule = self.lr_schedule.spec if isinstance(self.lr_schedule, LRSchedule) else self.lr_schedule
+        extra = {
+            "lr_schedule": _spelled(schedule),
+            "adjust": [_rule_spelled(r) for r in self.adjust],
+            "average_decay": self.average_decay, "average_start_epoch": self.average_start_epoch,
+            "grad_clip_mode": self.grad_clip_mode, "micro_batch": self.micro_batch, "accumulation": self.accumulation,
+            "release_rows": self.release_rows,
+            "optimizer_kwargs": {k: _spelled(v) for k, v in self.optimizer_kwargs.items()},
+        }
+        return f"{self.describe()} | " + ", ".join(f"{k}={v}" for k, v in extra.items())
+
+
+def _spelled(value: Any) -> str:
+    """A setting as text that is the same in every process: a function by its qualified name."""
+    if callable(value) and not isinstance(value, type):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    return repr(value)
+
+
+def _rule_spelled(rule: Any) -> str:
+    plateau = getattr(rule, "_p", None)  # a plateau rule's direction and threshold live in its tracker
+    return repr(rule) + (f"[mode={plateau.mode!r}, min_delta={plateau.min_delta!r}]" if plateau is not None else "")
+
+
 # Numeric optimizer arguments whose default (None, or none at all) does not show that they are numbers.
 NUMERIC_ARGUMENTS = ("lr", "f_star", "beta3")
 

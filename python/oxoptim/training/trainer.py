@@ -209,21 +209,26 @@ class Trainer:
             import os
 
             os.makedirs(self.progress.path(""), exist_ok=True)
+        lock = self.progress.lock()
         try:
-            if not (resume and checkpoints.resume(self)):
-                torch.manual_seed(self.seed)
-                random.seed(self.seed)
-                self.progress.start_fresh()
-            self._t0, self._elapsed_base = time.time(), self.run.elapsed
-            self.progress.check_optional_outputs()
-            self.model.train()
-            while self.run.pos.stage < len(self.stages) and not self.run.stopped:
-                self._run_stage()
-        finally:  # a step_in_backward stage's hooks never outlive the run (an error, a pruned trial)
-            if self.phase is not None:
-                self.phase.close()
-        self.run.elapsed = self.elapsed_now()
-        self._finish()
+            try:
+                if not (resume and checkpoints.resume(self)):
+                    torch.manual_seed(self.seed)
+                    random.seed(self.seed)
+                    self.progress.start_fresh()
+                self._t0, self._elapsed_base = time.time(), self.run.elapsed
+                self.progress.check_optional_outputs()
+                self.model.train()
+                while self.run.pos.stage < len(self.stages) and not self.run.stopped:
+                    self._run_stage()
+            finally:  # a step_in_backward stage's hooks never outlive the run (an error, a pruned trial)
+                if self.phase is not None:
+                    self.phase.close()
+            self.run.elapsed = self.elapsed_now()
+            self._finish()
+        finally:  # the run directory is free again, also after an error
+            if lock is not None:
+                lock.close()
         return self.run.history
 
     def _run_stage(self) -> None:
