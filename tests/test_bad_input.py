@@ -639,3 +639,24 @@ def test_inference_tensors_the_step_writes_raise_torchs_error(twin: Twin, made: 
     torch.testing.assert_close(p_ours, p_ref, **(twin.tolerance or TOLERANCE)[torch.float32])
     if s_ref is not None:
         torch.testing.assert_close(s_ours, s_ref, **(twin.tolerance or TOLERANCE)[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("make_lr", [lambda: __import__("numpy").float64(1e39), lambda: torch.tensor(1e39, dtype=torch.float64)],
+                         ids=["numpy-float64", "tensor-float64"])
+def test_a_huge_hyper_parameter_of_another_number_type_takes_the_reference_too(name, make_lr) -> None:
+    """The kernels take NumPy float64 and one-element tensors as numbers: a huge one is declined
+    all the same, so torch's error comes, with nothing changed."""
+    raised = []
+    for cls in (getattr(torch.optim, name), getattr(oxoptim, name)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+        p.grad = torch.ones(8)
+        opt = cls([p], lr=0.1, foreach=False)
+        opt.param_groups[0]["lr"] = make_lr()
+        before = snapshot(opt)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        raised.append(str(info.value))
+        if cls is getattr(oxoptim, name):
+            assert_unchanged(opt, before)
+    assert raised[0] == raised[1] == "value cannot be converted to type float without overflow"

@@ -246,9 +246,10 @@ def test_a_group_step_rule_or_f_star_is_checked_when_the_group_is_added():
     ({"step_rule": "polyak", "f_star": 0.0}, False, RuntimeError),  # Polyak without the loss
     ({"step_rule": "bogus"}, True, ValueError),  # set after construction
     ({"step_rule": "polyak", "f_star": None}, True, ValueError),
-    ({"maximize": True}, True, ValueError),  # one loss, minimized and maximized
+    ({"maximize": True, "step_rule": "polyak", "f_star": 0.0}, True, ValueError),  # Polyak's gap of one loss, min and max
+    ({"lr": None}, True, TypeError),
     ({"sparse": True}, True, RuntimeError),
-], ids=["polyak-no-loss", "bogus-rule", "polyak-no-f_star", "mixed-maximize", "sparse-grad"])
+], ids=["polyak-no-loss", "bogus-rule", "polyak-no-f_star", "mixed-maximize-polyak", "lr-none", "sparse-grad"])
 def test_a_refused_step_changes_no_group_counter_best_iterate_or_recorded_loss(second, closure, error):
     a, b, opt = _two_groups({}, {"skip_nonfinite": True})
     opt.step(lambda: torch.tensor(1.0))  # a best iterate exists
@@ -367,3 +368,15 @@ def test_a_best_objective_under_other_settings_is_not_kept():
     assert b.steps == a.steps and b.best_objective == math.inf and b.last_objective is None
     steps(b, [0.8, 0.8, 0.8])
     assert b.restore_best() == pytest.approx(b.objective(0.8))
+
+
+def test_groups_that_disagree_on_maximize_step_and_keep_no_best_iterate():
+    """A min-max problem: each group follows its own direction; the objective has none."""
+    a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = oxoptim.Subgradient([{"params": [a]}, {"params": [b], "maximize": True}], lr=0.5)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step(lambda: torch.tensor(1.0))
+    assert a.tolist() == [0.5, 0.5] and b.tolist() == [1.5, 1.5]
+    assert opt.best_step is None and opt.last_objective is None and opt.steps == 1
+    with pytest.raises(ValueError, match="maximize differs"):
+        opt.objective(1.0)

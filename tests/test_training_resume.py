@@ -460,3 +460,57 @@ def test_overwrite_removes_the_earlier_runs_results(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--config", str(tmp_path / "diverges.toml"), "--run-dir", str(run), "--overwrite", "--quiet"]) == 2
     assert not (run / "summary.json").exists() and not (run / "final.pt").exists()
+
+
+def test_a_job_refused_for_a_held_run_directory_writes_nothing_there(tmp_path, capsys):
+    """The job holds its directory from config.json to summary.json: an --overwrite started while
+    another process trains there is refused before it replaces that run's config.json."""
+    import fcntl
+
+    from oxoptim.__main__ import main
+
+    write_rows(tmp_path / "reviews.jsonl", reviews(120, seed=1))
+    job = CLI_JOB.replace('embed_init = "cooccurrence"', "")
+    (tmp_path / "job.toml").write_text(job)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "job.toml"), "--run-dir", str(run), "--quiet"]) == 0
+    (tmp_path / "other.toml").write_text(job.replace("seed = 2", "seed = 7"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with open(run / ".oxoptim.lock", "a") as held:  # the first job, still training
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["train", "--config", str(tmp_path / "other.toml"), "--run-dir", str(run), "--overwrite", "--quiet"]) == 2
+    assert "in use by another process" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_takes_a_user_rule_whose_repr_changes_between_processes(tmp_path):
+    """A user's rule is checked by its type: its attributes (a function, a set) may print
+    differently in the resuming process."""
+    import torch.nn.functional as F
+
+    from oxoptim.training import Rule, Stage, Trainer
+
+    class Notify(Rule):
+        def __init__(self, seen):
+            self.fn, self.names = (lambda record: None), set(seen)
+
+    def run(resume, kill_at=None, names=("a", "b")):
+        class Dies(Trainer):
+            def train_step(self, order, b):
+                if self.global_step == kill_at:
+                    raise _Killed
+                return super().train_step(order, b)
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(100, 4, generator=g)
+        y = (x[:, 0] > 0).long()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        stage = Stage("s", "adamw", epochs=2, batch_size=16, lr=1e-2, adjust=[Notify(names)])
+        Dies(model, F.cross_entropy, (x[:80], y[:80]), (x[80:], y[80:]), [stage], run_dir=str(tmp_path / "run"),
+             quiet=True, checkpoint_every=2).fit(resume=resume)
+
+    with pytest.raises(_Killed):
+        run(False, kill_at=5)
+    run(True, names=("b", "a", "c"))  # another lambda, another set: the same rule type

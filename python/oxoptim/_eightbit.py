@@ -250,7 +250,8 @@ class EightBitOptimizer(torch.optim.Optimizer):
         state = [[entry[k] for _, entry in eight] for k in self._state_keys()]
         steps = [[entry["step"] for _, entry in eight]]
         if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads(), **self._rounding(group, params)):
-            raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype")
+            raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype, or a "
+                             "tensor is not aligned for its dtype (a view at an odd byte offset of a buffer)")
 
     # -- state dicts ---------------------------------------------------------
 

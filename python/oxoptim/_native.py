@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Callable, Optional
 
 import torch
@@ -60,24 +61,21 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     ``1 - beta1 ** step`` in float32 for a float32 ``beta1``), which the
     kernels, taking each hyper-parameter as one float64, cannot reproduce; the
     names in ``EXACT_TENSOR_HYPER`` are those torch only reads as a number.
+    A hyper-parameter of magnitude :data:`HUGE_HYPER` or more is declined by the kernels
+    themselves (the bindings' parsing), which costs this check nothing.
     """
     if group.get("differentiable", False) or group.get("capturable", False):
         return False
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return False
     exact: frozenset[str] = getattr(optimizer, "EXACT_TENSOR_HYPER", frozenset())
-    hyper: frozenset[str] = getattr(optimizer, "_HYPER_KEYS", frozenset())
     for key, value in group.items():  # a plain loop: it runs for every group on every step
         # Numbers, flags and names are passed over by type: `isinstance(v, torch.Tensor)`
         # runs torch's Python `__instancecheck__` (~0.1 µs, per key on every step).
         if type(value) in _PLAIN or key == "params":
-            if key in hyper and _huge(value):
-                return False
             continue
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if type(v) in _PLAIN:
-                if key in hyper and _huge(v):
-                    return False
                 continue
             if isinstance(v, torch.Tensor):
                 if v.requires_grad or key not in exact:
@@ -93,15 +91,33 @@ def group_is_native(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 _PLAIN = frozenset({float, int, bool, str, type(None)})
 
 #: A finite hyper-parameter at least this large in magnitude keeps its group on the reference
-#: implementation. torch converts some scalars to float32 with an overflow check (``alpha=``,
-#: ``value=``, lerp weights, clamp bounds) and raises RuntimeError where the kernels, which
-#: compute in float64, would step to inf; no scalar torch derives from smaller settings (at most
-#: 1 / 2**-53 times one) reaches float32's range.
+#: implementation: the bindings decline it (rust/python/src/generic.rs ``HUGE_HYPER``). torch
+#: converts some scalars to float32 with an overflow check (``alpha=``, ``value=``, lerp weights,
+#: clamp bounds) and raises RuntimeError where the kernels, which compute in float64, would step to
+#: inf; no scalar torch derives from smaller settings (at most 1 / 2**-53 times one) reaches
+#: float32's range.
 HUGE_HYPER = 2.0**64
 
 
 def _huge(value: Any) -> bool:
-    return type(value) is not bool and type(value) in (float, int) and HUGE_HYPER <= abs(value) < math.inf
+    """Whether ``value`` (a number, a NumPy scalar or a one-element tensor) is finite and at least
+    :data:`HUGE_HYPER` in magnitude."""
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, first: inf - inf and NaN - NaN are NaN
+        return not -HUGE_HYPER < value < HUGE_HYPER and value - value == 0
+    if kind is bool or value is None or kind is str:
+        return False
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return False
+        value = value.item()
+    elif not isinstance(value, numbers.Real):
+        return False
+    try:
+        magnitude = abs(float(value))
+    except OverflowError:  # an int beyond float's range
+        return True
+    return HUGE_HYPER <= magnitude < math.inf
 
 
 def has_huge_hyper(optimizer: Any, group: dict) -> bool:

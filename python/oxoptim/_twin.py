@@ -195,7 +195,8 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
     def _general_step(self, group: dict, native: bool) -> None:
         if native:
             state = self.state  # type: ignore[attr-defined]
-            stateless = [p for p in group["params"] if not state.get(p)]
+            # Parameters without state: absent, or an empty entry (a defaultdict's, made by a lookup).
+            stateless = {p: p in state for p in group["params"] if not state.get(p)}
             lists: list[list[Any]] = [[] for _ in range(self._INIT_LISTS)]
             stepped = False
             try:
@@ -206,8 +207,11 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
                 # beyond float32), the call leaves no state it made; the reference
                 # creates state as it goes (lazily, or all up front as torch does).
                 if not stepped:
-                    for p in stateless:
-                        state.pop(p, None)
+                    for p, had_entry in stateless.items():
+                        if had_entry:
+                            state[p] = {}
+                        else:
+                            state.pop(p, None)
             if stepped:
                 return
         self._torch_step(group)

@@ -350,8 +350,8 @@ class Prodigy(TorchTwin, ProdigyReference, kind="prodigy"):
     def _native(self, group: dict, params: list, grads: list) -> bool:
         """Whether the kernels may take ``group``: the reference's settings
         allow it and every state tensor is the parameter's flat twin."""
-        if group["slice_p"] != 1 or not group_is_native(self, group):
-            return False
+        if group["slice_p"] != 1 or not group_is_native(self, group) or has_huge_hyper(self, group):
+            return False  # (a huge setting: the kernels decline the update, so the sums are the reference's too)
         with_exp_avg = self.param_groups[0]["betas"][0] > 0
         for p, g in zip(params, grads):
             if g.shape != p.shape or (with_exp_avg and "exp_avg" not in self.state[p]):

@@ -121,7 +121,8 @@ class Subgradient(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """Performs one subgradient step; ``closure`` re-evaluates the model and returns the loss.
         Every group is checked before anything is written: a refused step changes no parameter,
-        counter, best iterate or recorded loss."""
+        counter, best iterate or recorded loss. Groups that disagree on ``maximize`` (a min-max
+        problem) step, but keep no best iterate and cannot take Polyak's rule."""
         loss = evaluate_closure(closure)
         known = loss if loss is not None else self._pending_loss
         plans, skipped = [], 0
@@ -131,6 +132,7 @@ class Subgradient(torch.optim.Optimizer):
                 continue
             rule = group["step_rule"]
             _check_rule(rule, group["f_star"])
+            lr = scalar(group["lr"])  # a group's lr that is not a number is refused here, not mid-step
             grads = [p.grad for p in params]
             if group.get("skip_nonfinite") and grads_nonfinite(grads):
                 skipped += 1
@@ -139,8 +141,13 @@ class Subgradient(torch.optim.Optimizer):
                 raise RuntimeError("Subgradient does not support sparse gradients")
             if rule == "polyak" and known is None:
                 raise RuntimeError("step_rule='polyak' needs the loss: pass a closure or call record_loss(loss)")
-            plans.append((group, params, grads))
-        objective = None if known is None else self.objective(known)
+            plans.append((group, params, grads, lr))
+        # The objective (the best iterate, Polyak's gap) needs one direction; groups that disagree on
+        # maximize (a min-max problem) keep no best iterate and cannot take Polyak's rule.
+        one_direction = len({bool(g["maximize"]) for g in self.param_groups}) == 1
+        if known is not None and not one_direction and any(g["step_rule"] == "polyak" for g, *_ in plans):
+            _maximizes(self.param_groups)  # raises its error
+        objective = None if known is None or not one_direction else self.objective(known)
 
         # Nothing below raises on the inputs: the step is committed.
         self._pending_loss = None
@@ -152,11 +159,11 @@ class Subgradient(torch.optim.Optimizer):
         if not plans:
             return loss
         # ‖d‖² is read before any group moves (a group's Polyak step uses all Polyak groups' sum).
-        sqs = [_direction_sq_norm(g, ps, gs) if g["step_rule"] == "polyak" or g["normalize"] else 0.0 for g, ps, gs in plans]
-        polyak_sq = sum(sq for (g, _, _), sq in zip(plans, sqs) if g["step_rule"] == "polyak")
+        sqs = [_direction_sq_norm(g, ps, gs) if g["step_rule"] == "polyak" or g["normalize"] else 0.0 for g, ps, gs, _ in plans]
+        polyak_sq = sum(sq for (g, *_), sq in zip(plans, sqs) if g["step_rule"] == "polyak")
         t = self.steps
-        for (group, params, grads), sq in zip(plans, sqs):
-            lr, rule = scalar(group["lr"]), group["step_rule"]
+        for (group, params, grads, lr), sq in zip(plans, sqs):
+            rule = group["step_rule"]
             if rule == "constant":
                 alpha = lr
             elif rule == "sqrt":

@@ -7,6 +7,7 @@ every validation record, ``evaluate_test=False`` so that the test split is never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -76,6 +77,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
     import torch.nn.functional as F
 
     from .checkpoint import atomic_write_bytes
+    from .progress import hold_run_dir
     from .config import check_embed_init, stage_from_dict
     from .data import data_fingerprint
     from .model import BiGRUClassifier
@@ -136,22 +138,24 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
-        if not resume:
+    # Held from the first write to the last: another process there is refused before it writes.
+    with hold_run_dir(run_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and not resume:
             atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
-    trainer.fit(resume=resume)
-    extra = {"data": data["report"], "val": trainer.evaluate(data["val"])}
-    if fold is not None:
-        extra["fold"] = list(fold)
-    if data["test"] is not None and evaluate_test:
-        extra["test"] = trainer.evaluate(data["test"])
-    extra["total_wall_time_s"] = round(time.time() - t_start, 2)
-    summary = trainer.write_summary(extra)
-    if rank == 0 and announce:
-        v = extra["val"]
-        line = f"final validation accuracy {v['accuracy']:.4f} (loss {v['loss']:.4f})"
-        if "test" in extra:
-            line = (f"test accuracy {extra['test']['accuracy']:.4f} (loss {extra['test']['loss']:.4f}); " + line)
-        print(line + f"; training {summary['wall_time_s']:.0f}s, this process {extra['total_wall_time_s']:.0f}s; "
-              f"outputs in {run_dir}", flush=True)
-    return summary
+        trainer.fit(resume=resume)
+        extra = {"data": data["report"], "val": trainer.evaluate(data["val"])}
+        if fold is not None:
+            extra["fold"] = list(fold)
+        if data["test"] is not None and evaluate_test:
+            extra["test"] = trainer.evaluate(data["test"])
+        extra["total_wall_time_s"] = round(time.time() - t_start, 2)
+        summary = trainer.write_summary(extra)
+        if rank == 0 and announce:
+            v = extra["val"]
+            line = f"final validation accuracy {v['accuracy']:.4f} (loss {v['loss']:.4f})"
+            if "test" in extra:
+                line = (f"test accuracy {extra['test']['accuracy']:.4f} (loss {extra['test']['loss']:.4f}); " + line)
+            print(line + f"; training {summary['wall_time_s']:.0f}s, this process {extra['total_wall_time_s']:.0f}s; "
+                  f"outputs in {run_dir}", flush=True)
+        return summary
 

@@ -256,6 +256,7 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
 
     from .checkpoint import atomic_write_bytes
     from .config import stage_from_dict
+    from .progress import hold_run_dir
     from .corpus import build_corpus, pretraining_lines
     from .data import build_text_data, data_fingerprint, encode_texts
     from .gpt import GPT, GPTClassifier
@@ -287,53 +288,55 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
                               f"than one block of [model] block + 1 = {cfg['model']['block'] + 1}: raise "
                               f"max_chars or val_fraction, or lower block")
     _check_released_rows(cfg, len(corpus.vocab), data["num_classes"])
-    # written once the data and corpus are known to do: a refused job leaves no run behind
-    os.makedirs(run_dir, exist_ok=True)
-    if not resume:
-        atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
-    pre = None
-    if f["init"] == "pretrained":
-        pre = _pretrain(cfg, corpus, run_dir, quiet, say)
-        link, target = os.path.join(run_dir, "pretrain"), os.path.relpath(pre["dir"], run_dir)
-        # the pretraining's outputs, from the run directory; re-pointed when --overwrite changed them
-        if not os.path.islink(link) or os.readlink(link) != target:
-            tmp = link + ".tmp"
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-            os.symlink(target, tmp)
-            os.replace(tmp, link)
-    torch.manual_seed(int(cfg["seed"]))
-    body = GPT(len(corpus.vocab), **cfg["model"])
-    if pre is not None:
-        body.load_state_dict(pre["state"])
-    model = GPTClassifier(body, data["num_classes"], pool=f["pool"], dropout=f["dropout"])
-    splits = {s: encode_texts(data["raw"][s], corpus.vocab, d["max_len"]) for s in ("train", "val", "test")}
-    stages = [stage_from_dict(s, i + 1) for i, s in enumerate(f["stages"])]
-    from .job import resumable_job
+    # Held from the first write to the last: another process there is refused before it writes.
+    with hold_run_dir(run_dir):
+        # written once the data and corpus are known to do: a refused job leaves no run behind
+        os.makedirs(run_dir, exist_ok=True)
+        if not resume:
+            atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
+        pre = None
+        if f["init"] == "pretrained":
+            pre = _pretrain(cfg, corpus, run_dir, quiet, say)
+            link, target = os.path.join(run_dir, "pretrain"), os.path.relpath(pre["dir"], run_dir)
+            # the pretraining's outputs, from the run directory; re-pointed when --overwrite changed them
+            if not os.path.islink(link) or os.readlink(link) != target:
+                tmp = link + ".tmp"
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+                os.symlink(target, tmp)
+                os.replace(tmp, link)
+        torch.manual_seed(int(cfg["seed"]))
+        body = GPT(len(corpus.vocab), **cfg["model"])
+        if pre is not None:
+            body.load_state_dict(pre["state"])
+        model = GPTClassifier(body, data["num_classes"], pool=f["pool"], dropout=f["dropout"])
+        splits = {s: encode_texts(data["raw"][s], corpus.vocab, d["max_len"]) for s in ("train", "val", "test")}
+        stages = [stage_from_dict(s, i + 1) for i, s in enumerate(f["stages"])]
+        from .job import resumable_job
 
-    try:
-        trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
-                          run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
-                          eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
-                          on_record=on_record, meta={"data_fingerprint": data_fingerprint(
-                              dict(data, vocab=corpus.vocab, **splits)), "job": resumable_job(cfg)})
-    except ValueError as e:
-        raise ConfigError(f"[[finetune.stages]] {e}") from e
-    trainer.fit(resume=resume)
-    extra: Dict[str, Any] = {"job": "language_model", "corpus": rep, "init": f["init"],
-                             "val": trainer.evaluate(splits["val"])}
-    if evaluate_test:
-        extra["test"] = trainer.evaluate(splits["test"])
-    if pre is not None:
-        ps = pre["summary"]
-        extra["pretrain"] = {"dir": pre["dir"], "reused": pre["reused"], "final": ps.get("final"),
-                             "wall_time_s": ps.get("wall_time_s"), "tokens_per_s": ps.get("tokens_per_s"),
-                             "events": ps.get("events")}
-    extra["total_wall_time_s"] = round(time.time() - t_start, 2)
-    summary = trainer.write_summary(extra)
-    v, t = extra["val"], extra.get("test")
-    if not announce:
-        return summary
+        try:
+            trainer = Trainer(model, F.cross_entropy, splits["train"], splits["val"], stages, metrics=["accuracy"],
+                              run_dir=run_dir, seed=int(cfg["seed"]), checkpoint_every=cfg["checkpoint_every"],
+                              eval_batch_size=cfg["eval_batch_size"], quiet=quiet, bucket=d["bucket"],
+                              on_record=on_record, meta={"data_fingerprint": data_fingerprint(
+                                  dict(data, vocab=corpus.vocab, **splits)), "job": resumable_job(cfg)})
+        except ValueError as e:
+            raise ConfigError(f"[[finetune.stages]] {e}") from e
+        trainer.fit(resume=resume)
+        extra: Dict[str, Any] = {"job": "language_model", "corpus": rep, "init": f["init"],
+                                 "val": trainer.evaluate(splits["val"])}
+        if evaluate_test:
+            extra["test"] = trainer.evaluate(splits["test"])
+        if pre is not None:
+            ps = pre["summary"]
+            extra["pretrain"] = {"dir": pre["dir"], "reused": pre["reused"], "final": ps.get("final"),
+                                 "wall_time_s": ps.get("wall_time_s"), "tokens_per_s": ps.get("tokens_per_s"),
+                                 "events": ps.get("events")}
+        extra["total_wall_time_s"] = round(time.time() - t_start, 2)
+        summary = trainer.write_summary(extra)
+        v, t = extra["val"], extra.get("test")
+        if not announce:
+            return summary
     tested = f"test accuracy {t['accuracy']:.4f} (loss {t['loss']:.4f}); " if t else ""
     print(f"{tested}final validation accuracy {v['accuracy']:.4f} "
           f"(loss {v['loss']:.4f}); fine-tuning {summary['wall_time_s']:.0f}s, this process "

@@ -3,11 +3,12 @@ summary.json, and the outputs it cannot make (an optional package is missing).""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sys
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 
@@ -16,6 +17,38 @@ from .errors import INSTALL_TRAIN
 from .extras import installed, missing_output_note, output_module
 
 __all__ = ["Progress"]
+
+
+#: The run directories this process holds (real paths), with their lock files.
+_HELD: Dict[str, IO[str]] = {}
+
+
+@contextlib.contextmanager
+def hold_run_dir(path: str) -> Iterator[None]:
+    """Holds ``path`` for this process from the first write of a job to its last (``flock`` on
+    ``.oxoptim.lock``: released when the process ends, even by ``kill -9``): another process there
+    (a second ``--resume`` of the run, an ``--overwrite`` while it trains) is refused before it
+    writes anything. Re-entrant within the process (the job holds it, the Trainer's ``fit`` too)."""
+    key = os.path.realpath(path)
+    if key in _HELD:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(path, exist_ok=True)
+    handle = open(os.path.join(path, ".oxoptim.lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ckpt.CheckpointError(f"{path} is in use by another process training there; one run per run "
+                                   f"directory") from None
+    _HELD[key] = handle
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        handle.close()
 
 
 #: What a finished run writes besides its checkpoints and metrics.
@@ -95,22 +128,9 @@ class Progress:
                     os.remove(self.path(name))
             ckpt.atomic_write_bytes(self.path("metrics.jsonl"), b"")
 
-    def lock(self) -> Optional[IO[str]]:
-        """Holds the run directory for one process while it trains (``flock``: released when the
-        process ends, even by ``kill -9``): a second process (two ``--resume`` of one run) is
-        refused rather than interleaving checkpoints and metrics. None when this process writes nothing."""
-        if not self.writes:
-            return None
-        import fcntl
-
-        handle = open(self.path(".oxoptim.lock"), "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ckpt.CheckpointError(f"{self.path('')} is in use by another process training there; one run per "
-                                       f"run directory") from None
-        return handle
+    def hold(self) -> ContextManager[None]:
+        """:func:`hold_run_dir` of the run directory, when this process writes it."""
+        return hold_run_dir(self.path("")) if self.writes else contextlib.nullcontext()
 
     def append_record(self, record: dict) -> None:
         if self.writes:

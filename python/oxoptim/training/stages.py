@@ -484,13 +484,26 @@ class Stage:
 
 
 def _spelled(value: Any) -> str:
-    """A setting as text that is the same in every process: a function by its qualified name."""
-    if callable(value) and not isinstance(value, type):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
-    return repr(value)
+    """A setting as text that is the same in every process: numbers, strings and their containers
+    as they are, anything else (a function, an object whose repr holds its address, a set whose
+    order follows hash randomisation) by its type's qualified name."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_spelled(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_spelled(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) + "}"
+    kind = value if isinstance(value, type) or callable(value) else type(value)
+    return f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', type(kind).__qualname__)}"
 
 
 def _rule_spelled(rule: Any) -> str:
+    """oxoptim's rules with their settings; a user's rule by its type (its attributes may print
+    differently in each process)."""
+    from . import rules
+
+    if type(rule).__module__ != rules.__name__:
+        return _spelled(rule)
     plateau = getattr(rule, "_p", None)  # a plateau rule's direction and threshold live in its tracker
     return repr(rule) + (f"[mode={plateau.mode!r}, min_delta={plateau.min_delta!r}]" if plateau is not None else "")
 

@@ -209,8 +209,7 @@ class Trainer:
             import os
 
             os.makedirs(self.progress.path(""), exist_ok=True)
-        lock = self.progress.lock()
-        try:
+        with self.progress.hold():  # the run directory is this process's while it trains
             try:
                 if not (resume and checkpoints.resume(self)):
                     torch.manual_seed(self.seed)
@@ -226,9 +225,6 @@ class Trainer:
                     self.phase.close()
             self.run.elapsed = self.elapsed_now()
             self._finish()
-        finally:  # the run directory is free again, also after an error
-            if lock is not None:
-                lock.close()
         return self.run.history
 
     def _run_stage(self) -> None:

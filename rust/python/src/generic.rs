@@ -42,6 +42,11 @@ fn entry(kind: &str) -> PyResult<Entry> {
 /// pair): torch's implementation then runs, which uses it or raises its own
 /// error, as torch would. `lenient`: such a number reads as NaN instead (for
 /// the state layout, which only the flags and zero tests decide).
+/// A finite hyper-parameter at least this large in magnitude is declined (torch's path runs):
+/// torch converts some scalars to float32 with an overflow check and raises where the kernels,
+/// computing in f64, would step to inf (`oxoptim._native.HUGE_HYPER`).
+const HUGE_HYPER: f64 = 18446744073709551616.0; // 2**64
+
 fn hyper_entries(
     entry: &Entry,
     hyper: &Bound<'_, PyDict>,
@@ -60,7 +65,8 @@ fn hyper_entries(
             if v.is_instance_of::<PyBool>() {
                 return None;
             }
-            v.extract::<f64>().ok()
+            let x = v.extract::<f64>().ok()?;
+            (!(x.is_finite() && x.abs() >= HUGE_HYPER)).then_some(x)
         };
         let parsed = match kind {
             Some(HyperKind::Flag) => HyperValue::Flag(value.is_truthy()?),
