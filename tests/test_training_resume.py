@@ -263,6 +263,19 @@ class _Killed(Exception):
     pass
 
 
+def _dies_at(kill_at):
+    """A Trainer that dies before step ``kill_at`` (nothing is written after), as under SIGKILL."""
+    from oxoptim.training import Trainer
+
+    class Dies(Trainer):
+        def train_step(self, order, b):
+            if self.global_step == kill_at:
+                raise _Killed
+            return super().train_step(order, b)
+
+    return Dies
+
+
 def _trial_run(run_dir, kill_at=None, resume=False):
     """A Trial whose winner (candidate 0) is not the last candidate, in a dropout model: the main
     run takes the winner's RNG state and data order back. ``kill_at``: the run dies before that
@@ -271,11 +284,7 @@ def _trial_run(run_dir, kill_at=None, resume=False):
 
     from oxoptim.training import Stage, Trainer, Trial
 
-    class Dies(Trainer):
-        def train_step(self, order, b):
-            if self.global_step == kill_at:
-                raise _Killed
-            return super().train_step(order, b)
+    Dies = _dies_at(kill_at)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 10, generator=g)
@@ -354,11 +363,7 @@ def _plan_run(run_dir, resume=False, kill_at=None, **stage):
 
     from oxoptim.training import Stage, Trainer
 
-    class Dies(Trainer):
-        def train_step(self, order, b):
-            if self.global_step == kill_at:
-                raise _Killed
-            return super().train_step(order, b)
+    Dies = _dies_at(kill_at)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=g)
@@ -496,11 +501,7 @@ def test_resume_takes_a_user_rule_whose_repr_changes_between_processes(tmp_path)
             self.fn, self.names = (lambda record: None), set(seen)
 
     def run(resume, kill_at=None, names=("a", "b")):
-        class Dies(Trainer):
-            def train_step(self, order, b):
-                if self.global_step == kill_at:
-                    raise _Killed
-                return super().train_step(order, b)
+        Dies = _dies_at(kill_at)
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(100, 4, generator=g)
