@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from optimizers import TWINS, assert_unchanged, forbid_torch_fallback, snapshot
 from test_step_in_backward import LOW_PRECISION as SIB_LOW_PRECISION
 from test_step_in_backward import assert_same_training
+from test_step_in_backward_ddp import DdpStandIn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oxoptim
@@ -430,7 +431,7 @@ REFUSED = [
     ("accumulate 2", lambda ps: oxoptim.AdamW(ps), {"accumulate": 2}, "accumulate"),
     ("clipping", lambda ps: oxoptim.AdamW(ps), {"clip": oxoptim.ClipPerParameter(1.0)}, "clip"),
     ("row_chunk 0", lambda ps: oxoptim.AdamW(ps), {"row_chunk": 0}, "row_chunk"),
-    ("ddp", lambda ps: oxoptim.AdamW(ps), {"ddp": torch.nn.Linear(1, 1)}, "ddp"),
+    ("ddp", lambda ps: oxoptim.AdamW(ps), {"ddp": DdpStandIn(torch.nn.Linear(1, 1))}, "ddp"),
 ]
 
 

@@ -188,6 +188,28 @@ def _robust_worker(rank: int, port: int, out_dir: str) -> None:
                 message = str(e)
             out["third_backward_error"] = message
             out["third_backward_steps"] = sorted(float(s["step"]) for s in opt.state.values())
+        # zero_grad() after the first of accumulate=2 micro-batches drops it (a skipped batch): the
+        # next two backward passes make the iteration, as in the ordinary loop.
+        for name in ("ordinary", "in_backward"):
+            model = DDP(_model(), bucket_cap_mb=0.01)
+            opt = oxoptim.Adam(model.parameters(), lr=0.01)
+            ctx = oxoptim.step_in_backward(opt, ddp=model, accumulate=2) if name == "in_backward" else None
+            if ctx is not None:
+                ctx.__enter__()
+            for step in range(ITERS):
+                with model.no_sync():
+                    x, y = _batch(rank, 50 + step)
+                    (mse(model(x), y) / 2).backward()
+                opt.zero_grad()  # dropped
+                for micro in range(2):
+                    x, y = _batch(rank, 2 * step + micro)
+                    with model.no_sync() if micro == 0 else contextlib.nullcontext():
+                        (mse(model(x), y) / 2).backward()
+                opt.step()
+                opt.zero_grad()
+            if ctx is not None:
+                ctx.close()
+            out[f"dropped_{name}"] = _snapshot(model, opt)
         # Defect B: find_unused_parameters=True; accumulate=1, and accumulate=2 under no_sync()
         # with rank0 used in the first micro-batch only.
         for accumulate in (1, 2):
@@ -257,10 +279,135 @@ def test_parameters_no_rank_used_are_skipped_as_in_the_ordinary_loop(robust_resu
         assert len(in_backward["state"]) == 6  # a, rank0, b: weight and bias each; not unused
 
 
+def test_a_micro_batch_dropped_by_zero_grad_is_not_counted(robust_results) -> None:
+    for rank in robust_results:
+        _assert_same(rank["dropped_ordinary"], rank["dropped_in_backward"])
+
+
+class DdpStandIn(torch.nn.Module):
+    """What step_in_backward uses of DistributedDataParallel, without a process group: the
+    registered communication hook is kept for the test to call."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.process_group = None
+        self.comm_hooks: list = []
+
+    def register_comm_hook(self, state: Any, hook: Any) -> None:
+        self.comm_hooks.append(hook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_ddp_must_be_a_distributed_model() -> None:
+    model = _model()
+    with pytest.raises(TypeError, match="DistributedDataParallel model.*got Sequential"):
+        oxoptim.step_in_backward(oxoptim.Adam(model.parameters()), ddp=model)
+
+
+class _Bucket:
+    def __init__(self, params: list, grads: list) -> None:
+        self.params, self.grads = params, grads
+
+    def index(self) -> int:
+        return 0
+
+    def parameters(self) -> list:
+        return self.params
+
+    def gradients(self) -> list:
+        return self.grads
+
+
+def _allreduce_by_hand(monkeypatch) -> torch.futures.Future:
+    """The allreduce of the communication hook installed next: a future the test completes (on
+    another thread, as gloo's threads complete theirs)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    import oxoptim.backward
+
+    allreduce: torch.futures.Future = torch.futures.Future()
+    monkeypatch.setattr(default_hooks, "allreduce_hook", lambda state, bucket: allreduce)
+    monkeypatch.setattr(oxoptim.backward, "_release_after_backward", lambda ddp, context: None)  # DDP's part
+    return allreduce
+
+
+def _launch_bucket(model: DdpStandIn, sib: Any) -> tuple[Any, list]:
+    """Calls the communication hook as in the iteration's last backward pass; returns the update's future."""
+    params = list(model.parameters())[-2:]
+    for p in params:
+        p.grad = torch.full_like(p, 9.0)  # the local gradient DDP copies the reduced bucket into
+    sib._backwards, sib._used = 1, {id(p) for p in params}
+    update = model.comm_hooks[0](None, _Bucket(params, [torch.ones_like(p) for p in params]))
+    return update, params
+
+
+def test_zero_grad_and_step_wait_for_a_bucket_update_still_running(monkeypatch) -> None:
+    """A backward that raises after a bucket's allreduce was launched returns without DDP's wait
+    for it: zero_grad() and step() wait for the update before they clear or step anything."""
+    import threading
+
+    for end in ("zero_grad", "step"):
+        model = DdpStandIn(_model())
+        opt = oxoptim.Adam(model.parameters(), lr=0.01)
+        allreduce = _allreduce_by_hand(monkeypatch)
+        with oxoptim.step_in_backward(opt, ddp=model) as sib:
+            update, params = _launch_bucket(model, sib)
+            before = [p.detach().clone() for p in params]
+            threading.Timer(0.3, lambda: allreduce.set_result(torch.zeros(1))).start()
+            getattr(opt, end)()
+            assert update.done()
+            assert all(not torch.equal(p, b) for p, b in zip(params, before))  # updated with the reduced ones
+            assert all(float(opt.state[p]["step"]) == 1 for p in params)
+            assert all(p.grad is None for p in params)  # released after the update lent its gradient back
+
+
+def test_zero_grad_during_a_bucket_update_clears_the_gradients_after_it(monkeypatch) -> None:
+    """The update lends the reduced gradient to ``p.grad`` and gives the local one back: a
+    zero_grad() that cleared gradients meanwhile would find them back afterwards."""
+    import threading
+    import time
+
+    model = DdpStandIn(_model())
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+    allreduce = _allreduce_by_hand(monkeypatch)
+    with oxoptim.step_in_backward(opt, ddp=model) as sib:
+        started, plain_update = threading.Event(), sib._update
+
+        def slow_update(*args: Any, **kwargs: Any) -> None:
+            started.set()
+            time.sleep(0.3)
+            plain_update(*args, **kwargs)
+
+        monkeypatch.setattr(sib, "_update", slow_update)
+        update, params = _launch_bucket(model, sib)
+        threading.Thread(target=allreduce.set_result, args=(torch.zeros(1),)).start()
+        assert started.wait(10)
+        opt.zero_grad()
+        assert update.done() and all(p.grad is None for p in params)
+
+
+def test_a_failed_bucket_update_fails_the_step(monkeypatch) -> None:
+    model = DdpStandIn(_model())
+    opt = oxoptim.Adam(model.parameters(), lr=0.01)
+    allreduce = _allreduce_by_hand(monkeypatch)
+    with oxoptim.step_in_backward(opt, ddp=model) as sib:
+        update, params = _launch_bucket(model, sib)
+        before = [p.detach().clone() for p in model.parameters()]
+        allreduce.set_exception(RuntimeError("gloo went away"))
+        with pytest.raises(RuntimeError, match="bucket's update failed.*restore the last checkpoint.*gloo went away"):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.state
+        opt.step()  # the next iteration: the remaining gradients are stepped as usual
+        assert all(float(opt.state[p]["step"]) == 1 for p in params)
+
+
 def test_a_ddp_bucket_is_never_updated_twice_in_one_iteration() -> None:
     """The guard behind the count: in the iteration's last backward pass, a DDP bucket whose
-    parameters were updated is refused a second update (no process group: the context is not entered)."""
-    model = _model()
+    parameters were updated is refused a second update (the context is not entered)."""
+    model = DdpStandIn(_model())
     opt = oxoptim.Adam(model.parameters(), lr=0.01)
     sib = oxoptim.step_in_backward(opt, ddp=model, accumulate=2)
     sib._build_buckets()

@@ -136,8 +136,11 @@ class EightBitOptimizer(torch.optim.Optimizer):
                     self._check_param(group, i, p, self.state.get(p) or None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        drop_unfinished_iteration(self)
+        # The iteration first: a DDP bucket update still running must end before gradients are cleared.
+        try:
+            drop_unfinished_iteration(self)
+        finally:
+            super().zero_grad(set_to_none)
 
     def _apply(self, group: dict, plan: tuple[dict, list, list]) -> None:
         fresh, eight, full = plan

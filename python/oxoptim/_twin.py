@@ -184,8 +184,11 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         its first update of each iteration (gradients are not known yet: the parameters are)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)  # type: ignore[misc]
-        drop_unfinished_iteration(self)
+        # The iteration first: a DDP bucket update still running must end before gradients are cleared.
+        try:
+            drop_unfinished_iteration(self)
+        finally:
+            super().zero_grad(set_to_none)  # type: ignore[misc]
 
     def _fast_step(self, group: dict, cache: Any) -> bool:
         state = self.state  # type: ignore[attr-defined]

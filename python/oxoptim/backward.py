@@ -124,6 +124,11 @@ in the hook; the others are left to ``optimizer.step()``, which steps them with
 what DDP leaves in ``p.grad``, as the ordinary loop does: under
 ``find_unused_parameters=True`` the reduced gradient of a parameter another rank
 used, and none (no step, no weight decay, no state) for one that no rank used.
+A backward that raises after some buckets were launched returns without DDP's
+wait for their updates: ``zero_grad()``, ``step()`` and leaving the context wait
+for them first. An update that failed (backward raised its error) is not retried:
+the next ``step()`` raises and drops the iteration, whose other buckets were
+updated, so go on from the last checkpoint.
 DDP allows one communication hook per model; it stays registered and is a plain
 allreduce once the context is closed. DDP keeps its bucket buffers, so no
 gradient memory is saved there.
@@ -326,6 +331,9 @@ class StepInBackward:
                 "can crash the process inside torch (garbage collection of autograd state backward is changing); "
                 "the updates run in backward's own thread"
             )
+        if ddp is not None and not (isinstance(ddp, torch.nn.Module) and callable(getattr(ddp, "register_comm_hook", None))):
+            raise TypeError(f"ddp= takes the DistributedDataParallel model (torch.nn.parallel.DistributedDataParallel), "
+                            f"got {type(ddp).__name__}")
         if ddp is not None and accumulate > 1 and accumulation == "optimizer":
             raise ValueError("with ddp=, step_in_backward does not take accumulation='optimizer' "
                              "(the updates run in DDP's communication hook, once per reduced bucket)")
@@ -368,6 +376,9 @@ class StepInBackward:
         self._used: set[int] = set()
         self._reduced: set[int] = set()
         self._lock = threading.Lock()
+        # The futures of the bucket updates chained on DDP's allreduces in this iteration: they run
+        # on gloo's threads and must be complete before the iteration is finished or dropped.
+        self._ddp_updates: list[Any] = []
         self._entered = False
 
     # -- entry and exit ---------------------------------------------------
@@ -402,6 +413,7 @@ class StepInBackward:
 
     def close(self) -> None:
         """Removes the hooks (the optimizer steps normally again)."""
+        self._await_ddp_updates()  # an update still running on gloo's thread (backward raised) ends first
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -635,6 +647,14 @@ class StepInBackward:
     def finish(self) -> None:
         """Called by ``optimizer.step()``: steps what backward left (incomplete buckets,
         gradients set by hand), then starts the next iteration's bookkeeping."""
+        failed = self._await_ddp_updates()
+        if failed is not None:
+            self._next_iteration()
+            raise RuntimeError(
+                "step_in_backward(ddp=...): a DDP bucket's update failed in backward (its parameters were not "
+                "updated, the other buckets' were, and the step count did not move); the iteration is dropped: "
+                f"restore the last checkpoint to go on from a consistent state. The update's error: {failed}"
+            ) from failed
         if self.optimizer.__dict__.get("grad_scale") is not None or self.optimizer.__dict__.get("found_inf") is not None:
             raise RuntimeError("a GradScaler cannot be honoured by step_in_backward (see its grad_scaler argument)")
         errors, refused = [], set()
@@ -672,13 +692,14 @@ class StepInBackward:
         backward updated stays updated) and the next backward starts a new one. Released rows
         (``release_rows``) whose backward began are dropped too: rows that waited for the
         embedding's gradient get the head's alone (:meth:`oxoptim.rows.RowRelease.drop`)."""
-        errors = []
+        failed = self._await_ddp_updates()
+        errors = [] if failed is None else [failed]
         for rows in self._rows:  # each is reset even when another's held rows fail to update
             try:
                 rows.drop()
             except Exception as e:  # noqa: BLE001 - raised below, once every weight is reset
                 errors.append(e)
-        if self._arrivals or self._checked or self._refused:
+        if failed is not None or self._arrivals or self._checked or self._refused or self._backwards:
             self._next_iteration()
         if errors:
             raise errors[0]
@@ -694,6 +715,20 @@ class StepInBackward:
         self._arrivals.clear()
         self._norms.clear()
         self._clipped.clear()
+
+    def _await_ddp_updates(self) -> Optional[BaseException]:
+        """Waits for the bucket updates chained on DDP's allreduces (DDP itself waits for them at the
+        end of a backward that completes; one that raised midway leaves them running on gloo's
+        threads). Returns the first update's error, if any failed."""
+        with self._lock:
+            updates, self._ddp_updates = self._ddp_updates, []
+        failed: Optional[BaseException] = None
+        for update in updates:
+            try:
+                update.wait()
+            except Exception as e:  # noqa: BLE001 - reported by the caller
+                failed = failed or e
+        return failed
 
     def _release_done(self) -> None:
         for p, bucket in self._bucket_of.items():
@@ -834,7 +869,10 @@ class _DdpSlot:
                     return buffer
 
                 _release_after_backward(ddp, context)  # queued from backward's thread, after DDP's own
-                return future.then(then)
+                update = future.then(then)
+                with context._lock:
+                    context._ddp_updates.append(update)
+                return update
 
             try:
                 ddp.register_comm_hook(ddp.process_group, hook)  # type: ignore[operator]
