@@ -143,6 +143,17 @@ def _snapshot(model: torch.nn.Module, opt: Any) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict()["state"]}
 
 
+def _both_loops(make_model: Any, make_optimizer: Any, accumulate: int) -> Any:
+    """Yields ``(name, model, optimizer)`` for the ordinary DDP loop, then for step_in_backward's
+    (the loop body runs inside its context); the optimizer is made with lr=0.01."""
+    for name in ("ordinary", "in_backward"):
+        model = make_model()
+        opt = make_optimizer(model.parameters(), lr=0.01)
+        in_backward = oxoptim.step_in_backward(opt, ddp=model, accumulate=accumulate)
+        with in_backward if name == "in_backward" else contextlib.nullcontext():
+            yield name, model, opt
+
+
 def _robust_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -155,12 +166,7 @@ def _robust_worker(rank: int, port: int, out_dir: str) -> None:
         # Defect A: accumulate=2 with one grad-enabled forward per iteration that is never
         # backpropagated (a metric computed without torch.no_grad()).
         for pattern in ("no_sync", "sync"):
-            for name in ("ordinary", "in_backward"):
-                model = DDP(_model(), bucket_cap_mb=0.01)
-                opt = oxoptim.Adam(model.parameters(), lr=0.01)
-                ctx = oxoptim.step_in_backward(opt, ddp=model, accumulate=2) if name == "in_backward" else None
-                if ctx is not None:
-                    ctx.__enter__()
+            for name, model, opt in _both_loops(lambda: DDP(_model(), bucket_cap_mb=0.01), oxoptim.Adam, 2):
                 for step in range(ITERS):
                     x, _ = _batch(rank, 100 + step)
                     metric = model(x).abs().mean()  # grad enabled, never backpropagated
@@ -172,8 +178,6 @@ def _robust_worker(rank: int, port: int, out_dir: str) -> None:
                             (mse(model(x), y) / 2).backward()
                     opt.step()
                     opt.zero_grad()
-                if ctx is not None:
-                    ctx.close()
                 out[f"extra_forward_{pattern}_{name}"] = _snapshot(model, opt)
         # More backward passes than accumulate= before optimizer.step(): refused, not stepped twice.
         model = DDP(_model(), bucket_cap_mb=0.01)
@@ -190,12 +194,7 @@ def _robust_worker(rank: int, port: int, out_dir: str) -> None:
             out["third_backward_steps"] = sorted(float(s["step"]) for s in opt.state.values())
         # zero_grad() after the first of accumulate=2 micro-batches drops it (a skipped batch): the
         # next two backward passes make the iteration, as in the ordinary loop.
-        for name in ("ordinary", "in_backward"):
-            model = DDP(_model(), bucket_cap_mb=0.01)
-            opt = oxoptim.Adam(model.parameters(), lr=0.01)
-            ctx = oxoptim.step_in_backward(opt, ddp=model, accumulate=2) if name == "in_backward" else None
-            if ctx is not None:
-                ctx.__enter__()
+        for name, model, opt in _both_loops(lambda: DDP(_model(), bucket_cap_mb=0.01), oxoptim.Adam, 2):
             for step in range(ITERS):
                 with model.no_sync():
                     x, y = _batch(rank, 50 + step)
@@ -207,18 +206,12 @@ def _robust_worker(rank: int, port: int, out_dir: str) -> None:
                         (mse(model(x), y) / 2).backward()
                 opt.step()
                 opt.zero_grad()
-            if ctx is not None:
-                ctx.close()
             out[f"dropped_{name}"] = _snapshot(model, opt)
         # Defect B: find_unused_parameters=True; accumulate=1, and accumulate=2 under no_sync()
         # with rank0 used in the first micro-batch only.
         for accumulate in (1, 2):
-            for name in ("ordinary", "in_backward"):
-                model = DDP(_Branchy(), bucket_cap_mb=0.001, find_unused_parameters=True)
-                opt = oxoptim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-                ctx = oxoptim.step_in_backward(opt, ddp=model, accumulate=accumulate) if name == "in_backward" else None
-                if ctx is not None:
-                    ctx.__enter__()
+            branchy = lambda: DDP(_Branchy(), bucket_cap_mb=0.001, find_unused_parameters=True)  # noqa: E731
+            for name, model, opt in _both_loops(branchy, lambda ps, lr: oxoptim.AdamW(ps, lr=lr, weight_decay=0.1), accumulate):
                 for step in range(ITERS):
                     for micro in range(accumulate):
                         x, y = _batch(rank, accumulate * step + micro)
@@ -229,8 +222,6 @@ def _robust_worker(rank: int, port: int, out_dir: str) -> None:
                             (mse(model(x, use), y) / accumulate).backward()
                     opt.step()
                     opt.zero_grad()
-                if ctx is not None:
-                    ctx.close()
                 out[f"unused_{accumulate}_{name}"] = _snapshot(model, opt)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
