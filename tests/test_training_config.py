@@ -110,6 +110,18 @@ BAD = [
     ('optimizer = "sgd"\nepochs = 2\nbatch_size = 32\nlr = 0.05\nmomentum = 0.9',
      'optimizer = "subgradient"\nepochs = 2\nbatch_size = 32\nlr = 0.05\nstep_rule = "polyak"\nf_star = 0.0',
      ["stage 'last'", 'step_rule = "polyak"', 'batch_size = "full"']),
+    # values of the wrong type that were a TypeError traceback, or read as a rule name letter by letter
+    ('lr_schedule = "cosine"', 'param_dtype = ["bfloat16"]', ["stage 'last'", "param_dtype", "['bfloat16']"]),
+    ('lr_schedule = "cosine"', 'state_dtype = { name = "bfloat16" }', ["stage 'last'", "state_dtype"]),
+    ('adjust = [{ rule = "restore_best", monitor = "val_accuracy" }, { rule = "early_stop", patience = 2 }]',
+     'adjust = 3', ["stage 'last'", "adjust must be a list", "3"]),
+    ('adjust = [{ rule = "restore_best", monitor = "val_accuracy" }, { rule = "early_stop", patience = 2 }]',
+     'adjust = "early_stop"', ["stage 'last'", "adjust must be a list", "'early_stop'"]),
+    ('rule = "early_stop"', 'rule = ["early_stop"]', ["stage 'last'", "adjust rule", "['early_stop']"]),
+    # a boolean optimizer argument given as a string was truthy: amsgrad = "false" trained with AMSGrad
+    ('momentum = 0.9', 'momentum = 0.9\nnesterov = "false"', ["stage 'last'", "nesterov must be true or false", "'false'"]),
+    ('lr = 1e-2', 'lr = 1e-2\namsgrad = "false"', ["stage 'warm'", "amsgrad must be true or false"]),
+    ('lr = 1e-2', 'lr = 1e-2\nfused = 0', ["stage 'warm'", "fused must be true or false"]),
 ]
 
 

@@ -259,7 +259,7 @@ def make_rule(spec: Any) -> Rule:
         raise ValueError(f"an adjust rule is a Rule or a table with a 'rule' key, not {spec!r}")
     spec = dict(spec)
     name = spec.pop("rule")
-    if name not in _RULES:
+    if not isinstance(name, str) or name not in _RULES:
         raise ValueError(unknown_name("adjust rule", name, _RULES))
     cls = _RULES[name]
     keys = list(inspect.signature(cls).parameters)

@@ -260,6 +260,8 @@ class Stage:
                 raise ValueError(f"batch_size must be a positive integer or 'full', not {batch_size!r}")
             self.batch_size = batch_size
             self.lr_schedule = make_schedule(lr_schedule)
+            if adjust is not None and not isinstance(adjust, (list, tuple)):
+                raise ValueError(f"adjust must be a list of rules, not {adjust!r}")
             self.adjust = list(adjust or [])
             if average not in (None, "ema", "swa"):
                 raise ValueError(unknown_name("average", average, ("ema", "swa")) + " (or none)")
@@ -290,7 +292,7 @@ class Stage:
             self.accumulation = choices_of("accumulation", accumulation, ACCUMULATIONS)
             self.grad_clip_mode = choices_of("grad_clip_mode", grad_clip_mode, CLIP_MODES)
             self._check_backward_options()
-            if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+            if param_dtype is not None and (not isinstance(param_dtype, str) or param_dtype not in PARAM_DTYPES):
                 raise ValueError(unknown_name("param_dtype", param_dtype, PARAM_DTYPES))
             self.param_dtype = param_dtype
             if not isinstance(stochastic_rounding, bool):
@@ -298,7 +300,7 @@ class Stage:
             if stochastic_rounding and param_dtype != "bfloat16":
                 raise ValueError('stochastic_rounding = true needs param_dtype = "bfloat16"')
             self.stochastic_rounding = stochastic_rounding
-            if state_dtype is not None and state_dtype not in PARAM_DTYPES:
+            if state_dtype is not None and (not isinstance(state_dtype, str) or state_dtype not in PARAM_DTYPES):
                 raise ValueError(unknown_name("state_dtype", state_dtype, PARAM_DTYPES))
             if state_dtype == "float32" and param_dtype == "bfloat16":
                 raise ValueError('state_dtype = "float32" with param_dtype = "bfloat16": the optimizers keep their '
@@ -510,6 +512,8 @@ def _rule_spelled(rule: Any) -> str:
 
 # Numeric optimizer arguments whose default (None, or none at all) does not show that they are numbers.
 NUMERIC_ARGUMENTS = ("lr", "f_star", "beta3")
+# Boolean optimizer arguments whose default (None) does not show that they are true/false.
+BOOLEAN_ARGUMENTS = ("foreach", "fused")
 
 
 def optimizer_defaults(cls: type) -> Dict[str, Any]:
@@ -560,6 +564,10 @@ def _check_numbers(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -> None:
             for i, (v, d) in enumerate(zip(value, default)):
                 if v is not None or d is not None:
                     _check_number(f"{key}[{i}]", v, d)
+        elif key in BOOLEAN_ARGUMENTS or isinstance(default, bool):
+            # torch tests these for truth: amsgrad = "false" would turn AMSGrad on
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, not {value!r}")
         elif key in NUMERIC_ARGUMENTS or _is_number(default):
             if value is not None or key == "lr":
                 _check_number(key, value, default)
