@@ -687,3 +687,14 @@ def test_the_pretraining_key_ignores_where_it_checkpoints_and_follows_the_format
         assert lm_job.pretrain_key(cfg, "digest") != key
     finally:
         lm_job.PRETRAIN_FORMAT = format_now
+
+
+def test_corpus_sources_of_the_wrong_type_are_a_config_error():
+    """A list or table among [corpus] sources was a TypeError traceback (unhashable), not the one-line error."""
+    from oxoptim.training.config import ConfigError, parse_config
+
+    stages = {"stages": [{"name": "a"}]}
+    for sources in ([["tag"]], [{"name": "tag"}]):
+        cfg = {"job": "language_model", "corpus": {"sources": sources}, "pretrain": dict(stages), "finetune": dict(stages)}
+        with pytest.raises(ConfigError, match=r"\[corpus\] sources must be a list of"):
+            parse_config(cfg)

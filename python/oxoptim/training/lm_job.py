@@ -70,7 +70,7 @@ def parse_lm_config(raw: dict) -> dict:
         c.setdefault("sources", ["tag", "seg"])
         from .corpus import CORPORA
 
-        if not isinstance(c["sources"], list) or any(s not in CORPORA for s in c["sources"]):
+        if not isinstance(c["sources"], list) or any(not isinstance(s, str) or s not in CORPORA for s in c["sources"]):
             raise ConfigError(f"[corpus] sources must be a list of {sorted(CORPORA)}, not {c['sources']!r}")
         c["min_count"] = integer("[corpus] min_count", c.get("min_count", 3), 1)
         c["max_vocab"] = integer("[corpus] max_vocab", c.get("max_vocab", 4000), 1)
