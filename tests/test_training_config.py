@@ -122,6 +122,8 @@ BAD = [
     ('momentum = 0.9', 'momentum = 0.9\nnesterov = "false"', ["stage 'last'", "nesterov must be true or false", "'false'"]),
     ('lr = 1e-2', 'lr = 1e-2\namsgrad = "false"', ["stage 'warm'", "amsgrad must be true or false"]),
     ('lr = 1e-2', 'lr = 1e-2\nfused = 0', ["stage 'warm'", "fused must be true or false"]),
+    # a seed torch cannot take was a traceback from torch.manual_seed
+    ('seed = 0', 'seed = 18446744073709551616', ["seed must be", "18446744073709551616"]),
 ]
 
 
@@ -260,3 +262,12 @@ def test_relative_data_paths_are_relative_to_the_config_file(tmp_path, monkeypat
     (tmp_path / "exp" / "reviews.jsonl").unlink()  # not there: an error, not the working directory's file
     cfg = load_config("exp/job.toml")
     assert os.path.realpath(cfg["data"]["train"]) == os.path.realpath(tmp_path / "exp" / "reviews.jsonl")
+
+
+def test_cli_seed_out_of_torch_range_is_refused_in_one_line(job_dir, capsys):
+    (job_dir / "job.toml").write_text(JOB)
+    run = job_dir / "run"
+    rc = main(["train", "--config", str(job_dir / "job.toml"), "--run-dir", str(run), "--quiet", "--seed", str(2**64)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--seed" in err, err
+    assert not run.exists()

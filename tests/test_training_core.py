@@ -626,3 +626,24 @@ def test_continue_optimizer_compares_optimizers_not_their_spelling():
         check_continuation(first, Stage("b", spelling, epochs=1, batch_size=2, lr=1e-3, continue_optimizer=True))
     with pytest.raises(ValueError, match="continue_optimizer needs the previous stage's optimizer \\('adamw'\\), not 'sgd'"):
         check_continuation(first, Stage("b", "sgd", epochs=1, batch_size=2, lr=1e-3, continue_optimizer=True))
+
+
+def test_epoch_order_takes_every_seed_torch_takes():
+    """seed * 1_000_003 left torch's seed range for seeds >= ~1.8e13 (a date-time seed such as
+    20240101123456): the first epoch raised an OverflowError traceback after the run had written its
+    config.json. Seeds that worked keep their order."""
+    from oxoptim.training.batching import epoch_order
+
+    for seed in (20240101123456, 2**64 - 1, -2**63):
+        order = epoch_order(seed, 3, 50, 10)
+        assert sorted(order.tolist()) == list(range(50))
+    g = torch.Generator()
+    g.manual_seed(7 * 1_000_003 + 2)
+    assert torch.equal(epoch_order(7, 2, 50, 10), torch.randperm(50, generator=g))
+
+
+def test_trainer_refuses_a_seed_torch_cannot_take():
+    model = torch.nn.Linear(2, 2)
+    data = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="seed"):
+        Trainer(model, F.cross_entropy, data, data, [Stage("s", optimizer="sgd", lr=0.1)], seed=2**64, quiet=True)

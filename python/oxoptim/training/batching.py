@@ -26,7 +26,10 @@ def epoch_order(seed: int, epoch_counter: int, n: int, batch_size: int,
     permutation of the ``n`` examples, or (``steps`` batches that need more) several, one after the
     other. With ``lengths``, consecutive ``batch_size`` slices are batches of similar length."""
     g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + epoch_counter)
+    key = seed * 1_000_003 + epoch_counter
+    if not -(2**63) <= key < 2**64:  # large seeds: folded into torch's range (the seeds that fit keep their order)
+        key %= 2**64
+    g.manual_seed(key)
     order = torch.randperm(n, generator=g)
     while steps is not None and len(order) < steps * batch_size:
         order = torch.cat([order, torch.randperm(n, generator=g)])

@@ -121,7 +121,12 @@ def run_train(args) -> int:
         else:
             cfg = load_config(args.config) if args.config else default_config()
             if getattr(args, "seed", None) is not None:
-                cfg["seed"] = args.seed
+                from .errors import seed_value
+
+                try:
+                    cfg["seed"] = seed_value("--seed", args.seed)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from e
             # the process id too: two jobs started in the same second get directories of their own
             run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S") + f"-{os.getpid()}")
             _check_run_dir(run_dir, getattr(args, "overwrite", False))

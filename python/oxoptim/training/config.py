@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any, Dict, List
 
-from .errors import ConfigError, MissingDependency, integer, number, unknown_name
+from .errors import ConfigError, MissingDependency, integer, number, seed_value, unknown_name
 from .rules import check_monitors, monitorable
 from .stages import Stage, check_continuation
 
@@ -147,7 +147,7 @@ def _parse(raw: dict) -> dict:
     cfg.setdefault("threads", 0)
     cfg.setdefault("checkpoint_every", 100)
     cfg.setdefault("eval_batch_size", 512)
-    integer("seed", cfg["seed"])
+    seed_value("seed", cfg["seed"])
     integer("threads", cfg["threads"], 0)
     integer("checkpoint_every", cfg["checkpoint_every"], 0)
     integer("eval_batch_size", cfg["eval_batch_size"], 1)

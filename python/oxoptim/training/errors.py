@@ -7,7 +7,8 @@ import math
 import numbers
 from typing import Iterable, Optional
 
-__all__ = ["ConfigError", "MissingDependency", "INSTALL_TRAIN", "unknown_name", "choices", "integer", "number"]
+__all__ = ["ConfigError", "MissingDependency", "INSTALL_TRAIN", "unknown_name", "choices", "integer", "number",
+           "seed_value", "SEED_RANGE"]
 
 # What installs everything the training layer can use (progress bars, curves.png, the default data).
 INSTALL_TRAIN = 'pip install "oxoptim[train]"'
@@ -45,6 +46,18 @@ def integer(label: str, value: object, minimum: Optional[int] = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{label} must be >= {minimum}, not {value!r}")
     return int(value)
+
+
+# The seeds torch.manual_seed takes.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def seed_value(label: str, value: object) -> int:
+    """``value`` as a seed torch takes (an int in :data:`SEED_RANGE`); ValueError naming ``label`` otherwise."""
+    v = integer(label, value)
+    if not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+        raise ValueError(f"{label} must be an integer in [-2**63, 2**64 - 1] (what torch.manual_seed takes), not {value!r}")
+    return v
 
 
 def number(label: str, value: object, low: Optional[float] = None, high: Optional[float] = None,

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from .errors import ConfigError, integer, number, unknown_name
+from .errors import ConfigError, integer, number, seed_value, unknown_name
 
 __all__ = ["LM_TOP", "parse_lm_config", "run_lm_job", "pretrain_key"]
 
@@ -48,6 +48,7 @@ def parse_lm_config(raw: dict) -> dict:
         for key, default in (("seed", 0), ("threads", 0), ("checkpoint_every", 200), ("eval_batch_size", 256)):
             cfg.setdefault(key, default)
             integer(key, cfg[key], 0 if key != "eval_batch_size" else 1)
+        seed_value("seed", cfg["seed"])
         d = _keys(cfg.setdefault("data", {}), "data", _DATA)
         c = _keys(cfg.setdefault("corpus", {}), "corpus", _CORPUS)
         m = _keys(cfg.setdefault("model", {}), "model", _MODEL)
@@ -76,7 +77,7 @@ def parse_lm_config(raw: dict) -> dict:
         c["max_vocab"] = integer("[corpus] max_vocab", c.get("max_vocab", 4000), 1)
         c["val_fraction"] = number("[corpus] val_fraction", c.get("val_fraction", 0.01), 0.0, 0.5, low_open=True)
         c["max_chars"] = integer("[corpus] max_chars", c.get("max_chars", 0), 0)
-        p["seed"] = integer("[pretrain] seed", p.get("seed", 0))
+        p["seed"] = seed_value("[pretrain] seed", p.get("seed", 0))
         if "cache_dir" in p and (not isinstance(p["cache_dir"], str) or not p["cache_dir"]):
             raise ConfigError(f"[pretrain] cache_dir must be a non-empty string, not {p['cache_dir']!r}")
         f.setdefault("init", "pretrained")

@@ -21,7 +21,7 @@ from . import resume as checkpoints
 from .adversarial import EmbeddingAdversary
 from .batching import epoch_order, full_batch_gradient, steps_per_epoch
 from .distributed import Processes, check_distributed_stage, param_digest
-from .errors import ConfigError
+from .errors import ConfigError, seed_value
 from .evaluation import evaluate
 from .phase import Phase, check_released_weights
 from .progress import Progress, epoch_line
@@ -130,7 +130,7 @@ class Trainer:
             if st.step_in_backward and st.release_rows:
                 check_released_weights(self.stages, i, model)
         self.run_dir = run_dir
-        self.seed = int(seed)
+        self.seed = seed_value("seed", seed)
         self.checkpoint_every = int(checkpoint_every) if checkpoint_every else 0
         self.eval_batch_size = int(eval_batch_size)
         self.keep_checkpoints = keep_checkpoints
