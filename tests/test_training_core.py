@@ -647,3 +647,20 @@ def test_trainer_refuses_a_seed_torch_cannot_take():
     data = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="seed"):
         Trainer(model, F.cross_entropy, data, data, [Stage("s", optimizer="sgd", lr=0.1)], seed=2**64, quiet=True)
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+    (dict(checkpoint_every=-1), "checkpoint_every must be >= 0"),
+    (dict(bucket=-3), "bucket must be >= 0"),
+    (dict(eval_batch_size=2.5), "eval_batch_size must be an integer"),
+])
+def test_trainer_refuses_bad_settings_before_writing(tmp_path, kw, fragment):
+    """eval_batch_size=0 was accepted and raised range()'s error at the first validation, after
+    metrics.jsonl was written."""
+    model = torch.nn.Linear(2, 2)
+    data = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=fragment):
+        Trainer(model, F.cross_entropy, data, data, [Stage("s", optimizer="sgd", lr=0.1)], quiet=True,
+                run_dir=str(tmp_path / "run"), **kw)
+    assert not (tmp_path / "run").exists()

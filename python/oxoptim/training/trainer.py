@@ -21,7 +21,7 @@ from . import resume as checkpoints
 from .adversarial import EmbeddingAdversary
 from .batching import epoch_order, full_batch_gradient, steps_per_epoch
 from .distributed import Processes, check_distributed_stage, param_digest
-from .errors import ConfigError, seed_value
+from .errors import ConfigError, integer, seed_value
 from .evaluation import evaluate
 from .phase import Phase, check_released_weights
 from .progress import Progress, epoch_line
@@ -131,11 +131,11 @@ class Trainer:
                 check_released_weights(self.stages, i, model)
         self.run_dir = run_dir
         self.seed = seed_value("seed", seed)
-        self.checkpoint_every = int(checkpoint_every) if checkpoint_every else 0
-        self.eval_batch_size = int(eval_batch_size)
+        self.checkpoint_every = integer("checkpoint_every", checkpoint_every, 0) if checkpoint_every else 0
+        self.eval_batch_size = integer("eval_batch_size", eval_batch_size, 1)
         self.keep_checkpoints = keep_checkpoints
         self.meta = dict(meta or {})
-        self.bucket = int(bucket or 0)
+        self.bucket = integer("bucket", bucket, 0) if bucket else 0
         self.n_train = task.size(task.train)
         self.lengths = task.lengths(task.train) if self.bucket > 0 else None
         self.procs = Processes.detect()
