@@ -200,6 +200,15 @@ class EightBitOptimizer(torch.optim.Optimizer):
         if shares_memory(written, [p.grad for p, _ in stepped]):
             raise ValueError(f"{name}: parameters, gradients or state of this group share memory (a parameter listed twice, "
                              "or views of one tensor); the native step cannot take them")
+        # What the native call would refuse as misaligned, refused here: before any group is written.
+        native = [*eight, *(full if group.get("bf16_stochastic_round") else ())]
+        for p, entry in native:
+            grad = [p.grad] if p.grad.is_contiguous() else []  # (a strided one is copied)
+            tensors = [p, *grad, *(entry[k] for k in (self._state_keys() if bw.is_8bit(entry) else self.MOMENTS))]
+            if any(t.data_ptr() % t.element_size() for t in tensors):
+                i = next(i for i, q in enumerate(group["params"]) if q is p)
+                raise ValueError(f"{name}: parameter {i}, its gradient or its state is not aligned for its dtype (a view at an "
+                                 "odd byte offset of a buffer); the native step cannot take it")
         return fresh, eight, full
 
     def _check_param(self, group: dict, i: int, p: torch.Tensor, entry: Optional[dict]) -> None:
