@@ -928,3 +928,19 @@ def test_a_misaligned_tensor_of_a_later_group_is_refused_before_any_group_is_wri
     with pytest.raises(ValueError, match="not aligned"):
         opt.step()
     assert same(snapshot([a, b], opt), before)
+
+
+@pytest.mark.parametrize("cls", [oxoptim.Adam8bit, oxoptim.AdamW8bit])
+def test_a_small_parameter_whose_dtype_changed_is_refused_before_any_parameter_is_written(cls) -> None:
+    """A parameter under min_8bit_size whose dtype changed after its fp32 state was made: torch's
+    step raised part-way (the 8-bit parameter and counters already moved on), with torch's message."""
+    big, small = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(10))
+    opt = cls([big, small], lr=0.1, min_8bit_size=256)
+    big.grad, small.grad = _grad(big, 0), _grad(small, 0)
+    opt.step()
+    small.data = small.data.bfloat16()
+    big.grad, small.grad = _grad(big, 1), _grad(small, 1).bfloat16()
+    before = snapshot([big, small], opt)
+    with pytest.raises(ValueError, match="the state of parameter 1 is torch.float32 on cpu, the parameter torch.bfloat16"):
+        opt.step()
+    assert same(snapshot([big, small], opt), before)

@@ -101,6 +101,16 @@ class Adam8bit(EightBitOptimizer):
             raise ValueError(f"{name}: maximize=True is not supported with 8-bit state")
         self._check_8bit_options(group)
 
+    def _check_param(self, group: dict, i: int, p: torch.Tensor, entry: Any) -> None:
+        """And fp32 moments of the parameter's dtype and device: torch's step, which takes the others,
+        raises part-way (a parameter whose dtype changed after its state was made)."""
+        super()._check_param(group, i, p, entry)
+        if entry is not None and not bw.is_8bit(entry):
+            for m in self.MOMENTS:
+                if entry[m].dtype != p.dtype or entry[m].device != p.device:
+                    raise ValueError(f"{type(self).__name__}: the state of parameter {i} is {entry[m].dtype} on {entry[m].device}, "
+                                     f"the parameter {p.dtype} on {p.device} (changed after its state was made?): they must match")
+
     def _hyper(self, group: dict) -> dict:
         return {
             "lr": float(group["lr"]),
