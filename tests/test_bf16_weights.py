@@ -663,3 +663,37 @@ def test_a_group_stepped_before_one_that_raised_moves_its_rounding_count_on(cls:
     b.grad = torch.randn(4)
     opt.step()
     assert opt.param_groups[0]["sr_count"] == 2
+
+
+def _misaligned(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor at an odd byte offset of a buffer (as from a memory-mapped file), filled with ones."""
+    raw = torch.frombuffer(bytearray(1 + n * torch.tensor([], dtype=dtype).element_size()), dtype=dtype, offset=1, count=n)
+    assert raw.data_ptr() % raw.element_size()
+    return raw.fill_(1)
+
+
+@pytest.mark.parametrize("options", [SR, KAHAN, BF16_STATE], ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("cls", [oxoptim.AdamW, oxoptim.SGD, oxoptim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("where", ["param", "grad"])
+def test_a_misaligned_tensor_in_a_later_group_is_refused_before_any_group_steps(options: dict, cls: type, where: str) -> None:
+    """A parameter or gradient at an odd byte offset cannot be a kernel's array: with the options
+    (native path only) a later group holding one is refused before the first group is stepped
+    (the first group was stepped, then the native-only error was raised)."""
+    dtype = torch.float32 if options is BF16_STATE else torch.bfloat16
+    params, opt = make(cls, options, dtype=dtype)
+    steps(params, opt, 0, 1)
+    bad = torch.nn.Parameter(_misaligned(48, dtype) if where == "param" else torch.ones(48, dtype=dtype))
+    opt.add_param_group({"params": [bad]})
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    bad.grad = _misaligned(48, dtype) if where == "grad" else torch.ones(48, dtype=dtype)
+    before, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in (*params, bad)]
+    with pytest.raises(ValueError, match="runs on the native path only"):
+        opt.step()
+    after = opt.state_dict()
+    assert [g.get("sr_count") for g in after["param_groups"]] == [g.get("sr_count") for g in before["param_groups"]]
+    assert after["state"].keys() == before["state"].keys()
+    for key, entry in before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), name
+    assert all(torch.equal(p, w) for p, w in zip((*params, bad), weights))

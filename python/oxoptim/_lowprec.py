@@ -362,7 +362,7 @@ class LowPrecisionWeights:
             self._torch_step(group)  # raises
         state = self.state  # type: ignore[attr-defined]
         written = [*params, *(t for p in params for t in state.get(p, {}).values() if isinstance(t, torch.Tensor))]
-        if shares_memory(written, [p.grad for p in params]):
+        if shares_memory(written, [p.grad for p in params]) or not all(map(_aligned, written)):
             self._torch_step(group)  # raises
 
     def _torch_step(self, group: dict) -> None:
@@ -377,8 +377,13 @@ class LowPrecisionWeights:
 
 
 def _native_param(p: torch.Tensor) -> bool:
-    """Whether the native path can take the parameter ``p``: dense, contiguous, on the CPU."""
-    return p.device.type == "cpu" and p.layout == torch.strided and p.is_contiguous()
+    """Whether the native path can take the parameter ``p``: dense, contiguous, on the CPU, aligned
+    for its dtype (not a view at an odd byte offset of a buffer)."""
+    return p.device.type == "cpu" and p.layout == torch.strided and p.is_contiguous() and _aligned(p)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % t.element_size() == 0
 
 
 def _native_pair(p: torch.Tensor) -> bool:
@@ -387,5 +392,5 @@ def _native_pair(p: torch.Tensor) -> bool:
     g = p.grad
     return (
         g is not None and _native_param(p) and g.device.type == "cpu"
-        and g.layout == torch.strided and g.is_contiguous() and g.dtype == p.dtype and g.shape == p.shape
+        and g.layout == torch.strided and g.is_contiguous() and g.dtype == p.dtype and g.shape == p.shape and _aligned(g)
     )
