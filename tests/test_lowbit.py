@@ -944,3 +944,20 @@ def test_a_small_parameter_whose_dtype_changed_is_refused_before_any_parameter_i
     with pytest.raises(ValueError, match="the state of parameter 1 is torch.float32 on cpu, the parameter torch.bfloat16"):
         opt.step()
     assert same(snapshot([big, small], opt), before)
+
+
+@pytest.mark.parametrize("cls, kw, name", [(oxoptim.AdamW8bit, {}, "exp_avg_sq_absmax"), (oxoptim.AdamW8bit, {}, "exp_avg_absmax"),
+                                           (oxoptim.SGD8bit, {"momentum": 0.9}, "momentum_buffer_absmax")], ids=["sq", "avg", "sgd"])
+def test_a_negative_absmax_is_refused_at_load_before_anything_changes(cls, kw, name) -> None:
+    """A block's absmax is a magnitude: a negative one (a corrupt checkpoint) loaded silently and
+    turned the weights NaN (a negative second moment) or flipped the moment's sign."""
+    p = torch.nn.Parameter(torch.randn(600))
+    opt = cls([p], lr=0.1, min_8bit_size=256, **kw)
+    p.grad = _grad(p, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0][name][1] = -1.0
+    before = snapshot([p], opt)
+    with pytest.raises(ValueError, match="holds negative values"):
+        opt.load_state_dict(saved)
+    assert same(snapshot([p], opt), before)

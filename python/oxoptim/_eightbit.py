@@ -345,6 +345,9 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 if not entry:
                     continue
                 entry = dict(entry)
+                for name in (self._state_keys()[len(self.MOMENTS):] if bw.is_8bit(entry) else ()):
+                    if bool((entry[name] < 0).any()):  # a max of magnitudes (NaN stays: non-finite gradients make it)
+                        raise ValueError(f"{where}[{name!r}] holds negative values: each block's absmax is a magnitude, >= 0")
                 entry["step"] = bw.step_tensor(entry["step"])
                 if not 0.0 <= float(entry["step"]) < float("inf"):  # the native step could not take it
                     raise ValueError(f"{where}['step'] must be a finite number >= 0, got {float(entry['step'])}")
