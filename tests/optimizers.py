@@ -431,6 +431,8 @@ INVALID_LOADS = [
     ("'step' not a number", _has("step"), _with(lambda sd: _first_entry(sd).__setitem__("step", "x"))),
     ("'step' two numbers", _has("step"), _with(lambda sd: _first_entry(sd).__setitem__("step", torch.zeros(2)))),
     ("an entry that is a list", _has_entry, _with(lambda sd: sd["state"].__setitem__(next(k for k, e in sd["state"].items() if e), [1.0]))),
+    # None is not a missing entry: torch's Adam raises TypeError on it at load (after replacing the state).
+    ("an entry that is None", _has_entry, _with(lambda sd: sd["state"].__setitem__(next(k for k, e in sd["state"].items() if e), None))),
     # (Lion's exp_avg is its only entry: without it the entry is fresh state, not malformed.)
     ("a state tensor missing", lambda sd: _has("exp_avg")(sd) and len(_first_entry(sd)) > 1, _with(lambda sd: _first_entry(sd).pop("exp_avg"))),
     ("a state tensor of another shape", _has_shaped, _with(lambda sd: _first_entry(sd).__setitem__(_shaped_key(sd), torch.zeros(_first_entry(sd)[_shaped_key(sd)].numel() + 1)))),
@@ -444,6 +446,7 @@ INVALID_LOADS = [InvalidLoad(*case) for case in INVALID_LOADS]
 STRICTER = {
     "'step' two numbers": ValueError,
     "an entry that is a list": TypeError,  # torch's Adam rejects it too (TypeError); torch's SGD loads it
+    "an entry that is None": TypeError,  # likewise
     "a state tensor missing": KeyError,
     "a state tensor of another shape": ValueError,
     "a state tensor that is a number": TypeError,

@@ -109,9 +109,9 @@ class CheckedStateDict:
             required = self.required_state({**_FILLED_BY_TORCH, **group})
             for param in group["params"]:
                 key = ids.setdefault(id(param), len(ids))
-                entry = entries.get(param)
-                if entry is None:
+                if param not in entries:
                     continue
+                entry = entries[param]  # None too is malformed (torch's Adam fails on it after replacing the state)
                 where = f"state[{key}]"
                 if not isinstance(entry, dict):
                     raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
