@@ -465,6 +465,27 @@ def test_adafactor_group_torch_fails_part_way_is_not_half_stepped() -> None:
     assert torch.equal(outcomes[0][1], outcomes[1][1]) and torch.equal(outcomes[0][2], outcomes[1][2])
 
 
+@pytest.mark.parametrize("step", [-3.0, -1.0])
+def test_adafactor_step_counter_torch_cannot_raise_to_a_power_raises_torchs_error(step: float) -> None:
+    """A loaded counter that is -1 or below: torch's Adafactor raises (a complex ``step ** 0.5``, or
+    ``0.0 ** beta2_decay``) and does not write NaN weights; oxoptim must not either."""
+    outcomes = []
+    for cls in (oxoptim.Adafactor, torch.optim.Adafactor):
+        m, v = torch.linspace(-1, 1, 6).reshape(2, 3).requires_grad_(), torch.linspace(-1, 1, 3).requires_grad_()
+        opt = cls([m, v], lr=0.1)
+        m.grad, v.grad = torch.full((2, 3), 0.5), torch.full((3,), 0.5)
+        opt.step()
+        sd = opt.state_dict()
+        for entry in sd["state"].values():
+            entry["step"] = torch.tensor(step)
+        opt.load_state_dict(sd)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        outcomes.append((type(info.value), m.detach().clone(), v.detach().clone()))
+    assert outcomes[0][0] is outcomes[1][0]
+    assert torch.equal(outcomes[0][1], outcomes[1][1]) and torch.equal(outcomes[0][2], outcomes[1][2])
+
+
 def _reshape_state(opt, p, key) -> None:
     opt.state[p][key] = opt.state[p][key].reshape(8, 2).clone()
 

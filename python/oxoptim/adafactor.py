@@ -148,6 +148,8 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
             if g._is_zerotensor():  # no storage to read: torch's path
                 return False
             entry = state[p]
+            if not float(entry["step"]) + 1 > 0:  # torch raises on a counter it cannot take a root of (or NaN: its own result)
+                return False
             if len(shape) >= 2:
                 row, col = entry.get("row_var"), entry.get("col_var")
                 if row is None or col is None or row.shape != _state_shape("row_var", shape) or col.shape != _state_shape("col_var", shape):
