@@ -320,6 +320,27 @@ def test_optimizer_accumulation_updates_a_parameter_that_misses_micro_batches(cl
     assert sometimes.grad is None
 
 
+@pytest.mark.parametrize("option", ["bf16_stochastic_round", "kahan_sum"])
+def test_optimizer_accumulation_refuses_a_short_parameter_before_step_updates_anything(option) -> None:
+    """A bf16_stochastic_round/kahan_sum group with a parameter that got fewer than K gradients is
+    refused by step() before it updates the parameters backward left it (one whose bucket did not
+    complete keeps its gradient and its state)."""
+    gen = torch.Generator().manual_seed(0)
+    full = torch.nn.Parameter(torch.randn(8, generator=gen).bfloat16())
+    short = torch.nn.Parameter(torch.randn(8, generator=gen).bfloat16())
+    opt = oxoptim.AdamW([full, short], lr=0.1, **{option: True})
+    with step_in_backward(opt, accumulate=2, accumulation="optimizer"):  # one bucket: it never completes
+        (full.float().sum() + short.float().sum()).backward()
+        full.float().square().sum().backward()
+        before = full.detach().clone(), {k: v.clone() for k, v in opt.state[full].items()}
+        with pytest.raises(RuntimeError, match="fewer than accumulate"):
+            opt.step()
+        assert torch.equal(full.detach(), before[0])
+        assert all(torch.equal(v, before[1][k]) for k, v in opt.state[full].items())
+        assert full.grad is not None
+        opt.zero_grad()
+
+
 def test_optimizer_accumulation_absorbs_complex_parameters_as_real_views() -> None:
     z = torch.nn.Parameter(torch.tensor([0.1 + 2.0j, -1.0 + 0.5j], dtype=torch.complex128))
     r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())

@@ -617,12 +617,7 @@ class StepInBackward:
         """Parameters that absorbed fewer than K micro-batches in this iteration (module docstring):
         the parameter part of Adam's step, as torch's single-tensor Adam computes it, from the
         moments and step count their last micro-batch left."""
-        if any(group.get(k) for k in ("bf16_stochastic_round", "kahan_sum")):
-            raise RuntimeError(
-                "step_in_backward(accumulation='optimizer'): parameters that got fewer than accumulate= gradients "
-                "in this iteration are updated by step() from their moments, which bf16_stochastic_round/kahan_sum "
-                "groups cannot do: give every parameter a gradient in each micro-batch, or use accumulation='gradient'"
-            )
+        self._check_absorbed(group)
         state = self.optimizer.state
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
@@ -638,6 +633,16 @@ class StepInBackward:
             bias_correction2 = 1 - beta2**step
             denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+    @staticmethod
+    def _check_absorbed(group: dict) -> None:
+        """What :meth:`_update_absorbed` cannot do for ``group``, checked by ``finish`` before any update."""
+        if any(group.get(k) for k in ("bf16_stochastic_round", "kahan_sum")):
+            raise RuntimeError(
+                "step_in_backward(accumulation='optimizer'): parameters that got fewer than accumulate= gradients "
+                "in this iteration are updated by step() from their moments, which bf16_stochastic_round/kahan_sum "
+                "groups cannot do: give every parameter a gradient in each micro-batch, or use accumulation='gradient'"
+            )
 
     # -- finishing the iteration ---------------------------------------------
     def step(self, closure: Any = None) -> Any:
@@ -664,6 +669,13 @@ class StepInBackward:
             except RuntimeError as e:
                 errors.append(e)
                 refused.add(id(rows.weight))
+        absorbed_of: dict[int, list[torch.Tensor]] = {}
+        if self.accumulation == "optimizer":  # refused before anything is updated (a later group's too)
+            for group in self.optimizer.param_groups:
+                absorbed = [p for p in group["params"] if 0 < self._arrivals.get(p, 0) < self._expected(p)]
+                if absorbed:
+                    self._check_absorbed(group)
+                    absorbed_of[id(group)] = absorbed
         for group in self.optimizer.param_groups:
             left = [
                 p
@@ -673,10 +685,8 @@ class StepInBackward:
             ]
             if left:
                 self._update(group, left, self._leftover_cache)
-            if self.accumulation == "optimizer":
-                absorbed = [p for p in group["params"] if 0 < self._arrivals.get(p, 0) < self._expected(p)]
-                if absorbed:
-                    self._update_absorbed(group, absorbed)
+            if id(group) in absorbed_of:
+                self._update_absorbed(group, absorbed_of[id(group)])
         if self.ddp is not None:
             self._release_done()  # in case backward's callback did not run (no bucket launched)
         for group in self.optimizer.param_groups:  # each bucket stepped a copy of its group
