@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 import oxoptim
 from optimizers import TWINS as ALL_TWINS
@@ -845,7 +846,58 @@ def test_a_tensor_read_by_two_calls_at_once_is_fine(one_thread) -> None:
     assert error is None, f"two calls only reading a tensor conflicted: {error!r}"
 
 
-SCENARIOS = {"group": scenario_group, "group_repoint": scenario_group_repoint, "lists": scenario_lists}
+class _FakeHolder(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode whose ``detach`` hands back a tensor of other memory: the storage holder
+    a native call takes of each tensor (a detached alias) must not be the mode's answer."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return torch.empty(0)
+        return func(*args, **(kwargs or {}))
+
+
+def scenario_dispatch_mode() -> None:
+    """Under a torch-dispatch mode, a second thread re-points (``set_()``) the tensors a native
+    call reads and writes while its kernel runs: their memory must stay allocated."""
+    torch.set_num_threads(1)
+
+    def scale():
+        lst = _fresh(30) + _fresh(31)
+        return _core.scale_, (lst,), dict(scale=0.5), lst
+
+    def adam():
+        params, grads = _fresh(1), _fresh(2)
+        state = [[torch.zeros(BIG)], [torch.zeros(BIG)]]
+        args = ("adam", params, grads, state, [[torch.zeros(())]], ADAM)
+        return _core.step, args, {}, params + grads + state[0] + state[1]
+
+    for make in (scale, adam):
+        hits = tries = 0
+        while hits < ROUNDS and tries < MAX_TRIES:
+            tries += 1
+            fn, args, kwargs, targets = make()
+            sizes = [t.numel() for t in targets]
+
+            def attack(targets=targets, sizes=sizes):
+                for t in targets:
+                    t.set_()
+                return _junk_like(sizes)
+
+            vandal = OnNativeCall([call], attack)
+            vandal.arm()
+            with _FakeHolder():
+                out = call(fn, *args, **kwargs)
+            del args, targets
+            vandal.close()
+            hits += vandal.hits
+            for junk in vandal.results:
+                _assert_junk_untouched(junk)
+            assert out is True, f"{fn.__name__} declined under a dispatch mode"
+        assert hits > 0, f"{fn.__name__}: the attack never struck during the call"
+        print(f"dispatch mode {fn.__name__}: {hits} attacks in {tries} calls survived", flush=True)
+
+
+SCENARIOS = {"group": scenario_group, "group_repoint": scenario_group_repoint, "lists": scenario_lists, "dispatch_mode": scenario_dispatch_mode}
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

@@ -29,6 +29,8 @@ pub(crate) struct KeepAlive<'py> {
     /// Whether the modes were looked at; the `DisableTorchFunction` context entered, if any.
     modes_checked: bool,
     modes_off: Option<Bound<'py, PyAny>>,
+    /// The `_DisableTorchDispatch` context entered, if any (see [`KeepAlive::modes_off`]).
+    dispatch_off: Option<Bound<'py, PyAny>>,
 }
 
 impl<'py> KeepAlive<'py> {
@@ -37,6 +39,7 @@ impl<'py> KeepAlive<'py> {
             held: Vec::with_capacity(2 * tensors),
             modes_checked: false,
             modes_off: None,
+            dispatch_off: None,
         }
     }
 
@@ -49,7 +52,10 @@ impl<'py> KeepAlive<'py> {
     /// `TorchFunctionMode`, `torch.set_default_device`) sees every `Tensor` method the
     /// description calls, also on plain tensors, and could misreport a length or free the
     /// memory just described; so the modes are off (torch's `DisableTorchFunction`, this
-    /// thread only) until the call returns. One C call when none is active.
+    /// thread only) until the call returns. Likewise torch-dispatch modes (a user's
+    /// `TorchDispatchMode`, `FakeTensorMode`): they see the `detach` that makes a tensor's
+    /// storage holder and could hand back a tensor of other memory, so that the memory
+    /// described is not held (torch's `_DisableTorchDispatch`). Two C calls when none is active.
     fn modes_off(&mut self, py: Python<'py>, types: &TorchTypes) -> PyResult<()> {
         if self.modes_checked {
             return Ok(());
@@ -60,13 +66,21 @@ impl<'py> KeepAlive<'py> {
             context.call_method0(intern!(py, "__enter__"))?;
             self.modes_off = Some(context);
         }
+        if types.dispatch_depth.bind(py).call0()?.extract::<usize>()? > 0 {
+            let context = types.disable_torch_dispatch.bind(py).call0()?;
+            context.call_method0(intern!(py, "__enter__"))?;
+            self.dispatch_off = Some(context);
+        }
         Ok(())
     }
 }
 
 impl Drop for KeepAlive<'_> {
     fn drop(&mut self) {
-        if let Some(context) = self.modes_off.take() {
+        for context in [self.dispatch_off.take(), self.modes_off.take()]
+            .into_iter()
+            .flatten()
+        {
             let py = context.py();
             if let Err(e) =
                 context.call_method1(intern!(py, "__exit__"), (py.None(), py.None(), py.None()))
@@ -94,6 +108,9 @@ pub(crate) struct TorchTypes {
     /// `torch._C._is_torch_function_mode_enabled` and `torch._C.DisableTorchFunction`.
     mode_enabled: Py<PyAny>,
     disable_torch_function: Py<PyAny>,
+    /// `torch._C._len_torch_dispatch_stack` and `torch._C._DisableTorchDispatch`.
+    dispatch_depth: Py<PyAny>,
+    disable_torch_dispatch: Py<PyAny>,
 }
 
 pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
@@ -128,6 +145,14 @@ pub(crate) fn torch_types(py: Python<'_>) -> PyResult<&'static TorchTypes> {
             disable_torch_function: torch
                 .getattr("_C")?
                 .getattr("DisableTorchFunction")?
+                .unbind(),
+            dispatch_depth: torch
+                .getattr("_C")?
+                .getattr("_len_torch_dispatch_stack")?
+                .unbind(),
+            disable_torch_dispatch: torch
+                .getattr("_C")?
+                .getattr("_DisableTorchDispatch")?
                 .unbind(),
         })
     })
