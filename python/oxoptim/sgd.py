@@ -9,6 +9,8 @@ from ._twin import TorchTwin
 
 __all__ = ["SGD"]
 
+_HALF = (torch.bfloat16, torch.float16)
+
 
 class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
     """Drop-in ``torch.optim.SGD`` whose CPU update runs in Rust SIMD.
@@ -54,7 +56,11 @@ class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
             return super()._list_step(group, params, grads)
         fresh = [self.state[p].get("momentum_buffer") is None for p in params]
         if group["dampening"] != 0:
-            if not any(fresh) or not any(group.get(k) for k in LOW_PRECISION_OPTIONS):
+            # Half-precision parameters too: torch's for-loop would round the weight-decayed
+            # direction to their dtype before the update, where its fused step (our reference
+            # for them) keeps float32.
+            low = any(group.get(k) for k in LOW_PRECISION_OPTIONS) or any(p.dtype in _HALF for p in params)
+            if not any(fresh) or not low:
                 return super()._list_step(group, params, grads)
             return self._first_steps_undamped(group, params, grads, fresh)
         for p, g, new in zip(params, grads, fresh):

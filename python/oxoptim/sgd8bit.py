@@ -127,8 +127,10 @@ class SGD8bit(EightBitOptimizer):
         first = [(p, entry) for p, entry in full if float(entry["step"]) == 0]
         later = [(p, entry) for p, entry in full if float(entry["step"]) != 0]
         # A first step with dampening makes its buffer with torch's step, as oxoptim.SGD's does,
-        # except under stochastic rounding, which only the kernels do.
-        torch_first = hyper["dampening"] != 0 and not group.get("bf16_stochastic_round")
+        # except under stochastic rounding, which only the kernels do, and (as oxoptim.SGD) for
+        # bfloat16/float16 parameters, which take torch's fused float32 maths.
+        half = any(p.dtype in (torch.bfloat16, torch.float16) for p, _ in full)
+        torch_first = hyper["dampening"] != 0 and not group.get("bf16_stochastic_round") and not half
         for part, settings in ((first, {**hyper, "dampening": 0.0}), (later, hyper)):
             if not part:
                 continue
