@@ -271,3 +271,15 @@ def test_cli_seed_out_of_torch_range_is_refused_in_one_line(job_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--seed" in err, err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_an_empty_run_dir_is_refused_in_one_line(job_dir, capsys, monkeypatch, command):
+    """``--run-dir ""`` is a mistake (an unset variable), not a request for the default directory."""
+    (job_dir / "job.toml").write_text(JOB)
+    monkeypatch.chdir(job_dir)
+    extra = ["--trials", "1"] if command == "tune" else []
+    rc = main([command, "--config", str(job_dir / "job.toml"), "--run-dir", "", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--run-dir must name a directory" in err, err
+    assert not (job_dir / "runs").exists()

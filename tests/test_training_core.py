@@ -664,3 +664,13 @@ def test_trainer_refuses_bad_settings_before_writing(tmp_path, kw, fragment):
         Trainer(model, F.cross_entropy, data, data, [Stage("s", optimizer="sgd", lr=0.1)], quiet=True,
                 run_dir=str(tmp_path / "run"), **kw)
     assert not (tmp_path / "run").exists()
+
+
+def test_trainer_refuses_stages_that_are_not_stages(tmp_path):
+    """A TOML table handed over as it is raised an AttributeError from deep inside."""
+    model = torch.nn.Linear(2, 2)
+    data = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="stages must be oxoptim.training.Stage objects.*got dict"):
+        Trainer(model, F.cross_entropy, data, data, [{"name": "s", "optimizer": "sgd", "lr": 0.1}], quiet=True,
+                run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -321,10 +321,10 @@ def _first_momentum_by_torch(optimizer: Any, group: dict, w: torch.Tensor) -> bo
 
 
 def _check_torch_momentum(group: dict, w: torch.Tensor) -> None:
-    """Refuses what torch's step cannot make piece by piece as the ordinary step makes it whole:
-    half-precision weights (torch's CPU ``add`` rounds a tensor's vectorised body and its tail apart,
-    so the pieces' tails round differently), and the low-precision options (whose ordinary first
-    step with dampening is refused too)."""
+    """Refuses the first momentum step with dampening that the ordinary step does not make with
+    torch's for-loop: for half-precision weights and under the low-precision options it runs on the
+    kernels, undamped from a zero buffer in float32 (as torch's fused step), which the row pieces
+    do not do (they step with the group's dampening)."""
     options = [k for k in ("bf16_stochastic_round", "kahan_sum") if group.get(k)]
     if group.get("state_dtype") not in (None, torch.float32):
         options.append("state_dtype")
@@ -333,7 +333,8 @@ def _check_torch_momentum(group: dict, w: torch.Tensor) -> None:
                          "set dampening=0")
     if w.dtype in (torch.float16, torch.bfloat16):
         raise ValueError(f"release_rows cannot make SGD's first momentum buffer with dampening for {w.dtype} weights "
-                         "(torch's step would round each chunk's tail apart); set dampening=0, or let one ordinary "
+                         "(the ordinary step makes it undamped in float32, as torch's fused step; the row pieces do "
+                         "not); set dampening=0, or let one ordinary "
                          "step make the buffer before entering")
 
 

@@ -127,6 +127,8 @@ def run_train(args) -> int:
                     cfg["seed"] = seed_value("--seed", args.seed)
                 except ValueError as e:
                     raise ConfigError(str(e)) from e
+            if args.run_dir is not None and not args.run_dir.strip():
+                raise ConfigError("--run-dir must name a directory, not an empty string")
             # the process id too: two jobs started in the same second get directories of their own
             run_dir = args.run_dir or os.path.join("runs", time.strftime("oxoptim-%Y%m%d-%H%M%S") + f"-{os.getpid()}")
             _check_run_dir(run_dir, getattr(args, "overwrite", False))

@@ -110,6 +110,10 @@ class Trainer:
         self.task = task
         self.model = model
         self.stages = list(stages)
+        for st in self.stages:
+            if not isinstance(st, Stage):
+                raise TypeError(f"stages must be oxoptim.training.Stage objects (Stage(**table) for a TOML table), "
+                                f"got {type(st).__name__}")
         if self.stages[0].continue_optimizer:
             raise ValueError(f"stage {self.stages[0].name!r}: continue_optimizer on a plan's first stage: there is no "
                              "earlier optimizer to continue")

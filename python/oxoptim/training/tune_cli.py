@@ -63,6 +63,8 @@ def run_tune(args) -> int:
 
     made: List[str] = []  # what this command created, removed again when it refuses to go on
     try:
+        if args.run_dir is not None and not args.run_dir.strip():
+            raise ConfigError("--run-dir must name a directory, not an empty string")
         plan = load_plan(args.config)
         trials = args.trials if args.trials is not None else plan.settings.trials
         if trials < 1 or args.jobs < 1:
