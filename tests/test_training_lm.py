@@ -492,6 +492,29 @@ def test_kill_9_and_resume_in_each_phase_is_bit_identical(lm_reference, tmp_path
     assert_same_run(d / "ref" / "run", run)
 
 
+def test_an_overwrite_killed_while_pretraining_resumes(lm_reference, tmp_path):
+    """--overwrite over a finished run with another pretraining setting, killed during its
+    pretraining: the old run's checkpoints, metrics and results are already gone (not left beside
+    the new config.json, where --resume took the old run's checkpoints and refused them as "another
+    job"), and --resume ends as the uninterrupted run."""
+    import shutil
+
+    d, _ = lm_reference
+    shutil.copytree(d / "ref", tmp_path / "job", symlinks=True)
+    (tmp_path / "lm.toml").write_text(TINY.replace("[pretrain]", "[pretrain]\nseed = 1"))
+    run = tmp_path / "job" / "run"
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "job/run", "--overwrite", "--quiet"], cwd=tmp_path,
+                env={**os.environ, "KILL_AT": "1"}, prefix=[sys.executable, "-c", KILL_AT_CHECKPOINT])
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not list_checkpoints(str(run)) and not (run / "final.pt").exists() and not (run / "summary.json").exists()
+    assert (run / "metrics.jsonl").read_text() == ""
+    r = run_cli(["train", "--resume", "job/run", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "ref/run", "--quiet"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(tmp_path / "ref" / "run", run)
+
+
 def test_continue_optimizer_is_one_optimizer_through_stages():
     """Warm-up, stable and decay stages that continue the optimizer step exactly like one AdamW
     whose LR follows the three stages; without continue_optimizer each stage starts afresh."""

@@ -77,7 +77,7 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
     import torch.nn.functional as F
 
     from .checkpoint import atomic_write_bytes
-    from .progress import hold_run_dir
+    from .progress import Progress, hold_run_dir
     from .config import check_embed_init, stage_from_dict
     from .data import data_fingerprint
     from .model import BiGRUClassifier
@@ -140,7 +140,8 @@ def run_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = False, 
             raise ConfigError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
     # Held from the first write to the last: another process there is refused before it writes.
     with hold_run_dir(run_dir) if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and not resume:
+        if rank == 0 and not resume:  # an earlier run's outputs (--overwrite) go before the new config.json
+            Progress(run_dir, is_main=True, quiet=True).start_fresh()
             atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
         trainer.fit(resume=resume)
         extra = {"data": data["report"], "val": trainer.evaluate(data["val"])}

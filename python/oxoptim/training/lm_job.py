@@ -257,7 +257,7 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
 
     from .checkpoint import atomic_write_bytes
     from .config import stage_from_dict
-    from .progress import hold_run_dir
+    from .progress import Progress, hold_run_dir
     from .corpus import build_corpus, pretraining_lines
     from .data import build_text_data, data_fingerprint, encode_texts
     from .gpt import GPT, GPTClassifier
@@ -294,6 +294,10 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
         # written once the data and corpus are known to do: a refused job leaves no run behind
         os.makedirs(run_dir, exist_ok=True)
         if not resume:
+            # an earlier run's checkpoints, metrics and results go first (--overwrite): the trainer
+            # would only remove them after the pretraining, and a kill during it left them beside
+            # this job's config.json, where --resume took them (and refused them as another job's)
+            Progress(run_dir, is_main=True, quiet=True).start_fresh()
             atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
         pre = None
         if f["init"] == "pretrained":
