@@ -515,6 +515,31 @@ def test_an_overwrite_killed_while_pretraining_resumes(lm_reference, tmp_path):
     assert_same_run(tmp_path / "ref" / "run", run)
 
 
+def test_a_resume_with_another_thread_count_keeps_the_pretrained_model_the_run_used(lm_reference, tmp_path):
+    """threads may change on resume, and names the pretrained model's folder: a fine-tuning resumed
+    with another count keeps the model it was fine-tuned from (not pretrained again into another
+    folder, the link and summary.json re-pointed at a model the run never used)."""
+    import shutil
+
+    d, _ = lm_reference
+    shutil.copytree(d / "ref" / "pretrained", tmp_path / "job" / "pretrained")
+    (tmp_path / "lm.toml").write_text(TINY)
+    r = run_cli(["train", "--config", "lm.toml", "--run-dir", "job/run", "--quiet"], cwd=tmp_path,
+                env={**os.environ, "KILL_AT": "2"}, prefix=[sys.executable, "-c", KILL_AT_CHECKPOINT])
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    run = tmp_path / "job" / "run"
+    used = os.path.realpath(run / "pretrain")
+    config = json.loads((run / "config.json").read_text())
+    config["threads"] = 2
+    (run / "config.json").write_text(json.dumps(config))
+    r = run_cli(["train", "--resume", str(run)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrain: reusing" in r.stdout and r.stdout.count("resumed from") == 1, r.stdout
+    assert sorted(p.name for p in (tmp_path / "job" / "pretrained").iterdir() if p.is_dir()) == [os.path.basename(used)]
+    assert os.path.realpath(run / "pretrain") == used
+    assert os.path.realpath(json.loads((run / "summary.json").read_text())["pretrain"]["dir"]) == used
+
+
 def test_continue_optimizer_is_one_optimizer_through_stages():
     """Warm-up, stable and decay stages that continue the optimizer step exactly like one AdamW
     whose LR follows the three stages; without continue_optimizer each stage starts afresh."""

@@ -142,10 +142,32 @@ def make_cache_dir(path: str) -> None:
         raise ConfigError(f"[pretrain] cache_dir {path}: not writable")
 
 
-def _pretrain(cfg: dict, corpus, run_dir: str, quiet: bool, say: Callable[[str], None]) -> Dict[str, Any]:
+def _linked_pretraining(cfg: dict, corpus, run_dir: str) -> Optional[str]:
+    """The finished pretraining a run being resumed used (its ``pretrain`` link), when it is this
+    job's pretraining at the thread count it ran with: ``threads`` may change on resume, and is part
+    of :func:`pretrain_key`, so the new count named another folder, pretrained afresh (a model the
+    resumed fine-tuning does not use) and reported as the run's. None otherwise."""
+    link = os.path.join(run_dir, "pretrain")
+    if not os.path.islink(link):
+        return None
+    pdir = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(link)), os.readlink(link)))
+    try:
+        with open(os.path.join(pdir, "summary.json"), encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    threads = report.get("threads") if isinstance(report, dict) else None
+    if not isinstance(threads, int) or "tokens_per_s" not in report or not os.path.isfile(os.path.join(pdir, "final.pt")):
+        return None
+    return pdir if os.path.basename(pdir) == f"gpt-{pretrain_key(dict(cfg, threads=threads), corpus.digest)}" else None
+
+
+def _pretrain(cfg: dict, corpus, run_dir: str, quiet: bool, say: Callable[[str], None],
+              resume: bool = False) -> Dict[str, Any]:
     """The pretrained body's weights (trained now, continued from a killed run, or reused) and a report."""
     cache = cfg["pretrain"].get("cache_dir") or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "pretrained")
     pdir = os.path.join(cache, f"gpt-{pretrain_key(cfg, corpus.digest)}")
+    pdir = (_linked_pretraining(cfg, corpus, run_dir) if resume else None) or pdir
     make_cache_dir(cache)
     with _exclusive(pdir + ".lock", lambda: say(f"pretrain: waiting for the process pretraining in {pdir}")):
         return _pretrain_locked(cfg, corpus, pdir, quiet, say)
@@ -298,10 +320,12 @@ def run_lm_job(cfg: dict, run_dir: str, resume: bool = False, quiet: bool = Fals
             # would only remove them after the pretraining, and a kill during it left them beside
             # this job's config.json, where --resume took them (and refused them as another job's)
             Progress(run_dir, is_main=True, quiet=True).start_fresh()
+            if os.path.islink(os.path.join(run_dir, "pretrain")):  # the earlier run's model: linked again once known
+                os.remove(os.path.join(run_dir, "pretrain"))
             atomic_write_bytes(os.path.join(run_dir, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
         pre = None
         if f["init"] == "pretrained":
-            pre = _pretrain(cfg, corpus, run_dir, quiet, say)
+            pre = _pretrain(cfg, corpus, run_dir, quiet, say, resume=resume)
             link, target = os.path.join(run_dir, "pretrain"), os.path.relpath(pre["dir"], run_dir)
             # the pretraining's outputs, from the run directory; re-pointed when --overwrite changed them
             if not os.path.islink(link) or os.readlink(link) != target:
