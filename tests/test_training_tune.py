@@ -111,6 +111,17 @@ def test_bad_distributions_name_the_setting(spec, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("spec", [{"int": [1, 3], "step": 5}, {"int": [1, 10], "step": 4}])
+def test_an_int_step_that_does_not_reach_the_high_bound_is_refused(spec):
+    """Optuna replaces [1, 10] with step 4 by [1, 9] (and [1, 3] with step 5 by [1, 1]): the high
+    bound the plan names is never tried, and a space of one value searches nothing."""
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["model"]["hidden"] = spec
+    with pytest.raises(ConfigError, match=r"model.hidden: .*step") as e:
+        make_plan(raw)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.integration
 def test_every_candidate_is_checked_at_start_up(tmp_path):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)

@@ -214,6 +214,10 @@ def _param(spec: dict, path: tuple, raw: dict) -> Param:
     step = spec.get("step")
     if step is not None and (kind != "int" or isinstance(step, bool) or not isinstance(step, int) or step < 1):
         raise ConfigError(f"{name}: step is a positive integer of an int distribution, not {step!r} on {kind}")
+    if step is not None and (args[1] - args[0]) % step:  # Optuna would lower high to the last step below it
+        reach = args[0] + (args[1] - args[0]) // step * step
+        raise ConfigError(f"{name}: int {list(args)!r} with step {step} never reaches {args[1]} (the last value "
+                          f"is {reach}): give a high bound that is low plus a multiple of step")
     p = Param(name, path, kind, tuple(args), step, spec.get("default"), "default" in spec)
     if p.has_default and not p.contains(p.default):
         raise ConfigError(f"{name}: default {p.default!r} is not in {kind} {list(args)!r}")
