@@ -122,6 +122,15 @@ def test_an_int_step_that_does_not_reach_the_high_bound_is_refused(spec):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("spec", [{"uniform": [1e308, 1.7e308]}, {"log_uniform": [1e200, 1e300]}])
+def test_huge_float_bounds_are_a_config_error_not_an_overflow(spec):
+    """The value checked between the bounds overflowed to inf (int(inf): OverflowError, a traceback)."""
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["model"]["dropout"] = spec  # a fraction: these bounds are refused, in one line
+    with pytest.raises(ConfigError, match="model.dropout"):
+        make_plan(raw)
+
+
 @pytest.mark.integration
 def test_every_candidate_is_checked_at_start_up(tmp_path):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)

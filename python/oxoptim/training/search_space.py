@@ -57,7 +57,9 @@ class Param:
         values = list(self.args)
         if self.kind in ("uniform", "log_uniform"):
             low, high = float(self.args[0]), float(self.args[1])
-            mid = math.sqrt(low * high) if self.kind == "log_uniform" else (low + high) / 2
+            # halves first, logs for log_uniform: bounds near the largest double do not overflow to inf
+            mid = math.exp((math.log(low) + math.log(high)) / 2) if self.kind == "log_uniform" else low / 2 + high / 2
+            mid = min(max(mid, low), high)
             values.append(mid if mid != int(mid) else math.nextafter(mid, high))
         if self.has_default:
             values.append(self.default)
