@@ -202,6 +202,21 @@ def fake_plan(tune: dict, epochs=4):
     return make_plan(raw)
 
 
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 2 ** 63])
+def test_any_seed_the_job_takes_seeds_the_sampler(tmp_path, seed):
+    """[tune] seed (by default the plan's seed, any integer torch.manual_seed takes) seeded Optuna's
+    sampler as it was: numpy refused one outside [0, 2**32 - 1] with a traceback, once the study
+    file was made."""
+    plan = fake_plan({"seed": seed})
+    study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "s", create=True)
+    Worker(plan, study, str(tmp_path), trials=2, say=lambda *a: None, run_job=FakeJob(epochs=1)).work()
+    assert len(study.get_trials()) == 2
+    again = fake_plan({"seed": seed})  # a one-process search is reproducible with it
+    study2 = open_study(again, f"sqlite:///{tmp_path}/s2.db", "s", create=True)
+    Worker(again, study2, str(tmp_path / "2"), trials=2, say=lambda *a: None, run_job=FakeJob(epochs=1)).work()
+    assert [t.params for t in study2.get_trials()] == [t.params for t in study.get_trials()]
+
+
 def test_worker_reports_prunes_and_never_tests(tmp_path):
     plan = fake_plan({"pruner": {"name": "median", "startup_trials": 2, "warmup_epochs": 0}, "seed": 3})
     study = open_study(plan, f"sqlite:///{tmp_path}/s.db", "w", create=True)

@@ -281,6 +281,7 @@ def redact(url: str) -> str:
 
 def _sampler(settings: TuneSettings, seed: int):
     optuna = _optuna()
+    seed %= 2 ** 32  # numpy's range; the plan's seed may be any integer torch.manual_seed takes
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
