@@ -131,6 +131,19 @@ def test_huge_float_bounds_are_a_config_error_not_an_overflow(spec):
         make_plan(raw)
 
 
+def test_a_plan_whose_best_plan_cannot_be_written_as_toml_is_refused_at_start_up():
+    """A seed of 2**63 or more runs (torch.manual_seed takes up to 2**64 - 1), but best.toml cannot
+    hold it (TOML integers are 64-bit): the search ran every trial, then ended in a traceback."""
+    raw = _toml_loads(DEFAULT_CONFIG_TOML)
+    raw["seed"] = 2 ** 63
+    raw["stages"][0]["lr"] = {"log_uniform": [1e-4, 1e-2]}
+    with pytest.raises(ConfigError, match=r"best\.toml.*64-bit") as e:
+        make_plan(raw)
+    assert "\n" not in str(e.value)
+    raw["seed"] = 2 ** 63 - 1
+    make_plan(raw)
+
+
 @pytest.mark.integration
 def test_every_candidate_is_checked_at_start_up(tmp_path):
     raw = _toml_loads(DEFAULT_CONFIG_TOML)

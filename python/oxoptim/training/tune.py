@@ -183,6 +183,12 @@ def make_plan(raw: dict, base_dir: str = ".", where: str = "plan") -> Plan:
         settings = _settings(table, seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
         check_space(raw, params, parse_config)
         plan = Plan(raw, params, settings, base_dir)
+        try:  # the best plan is written as TOML at the end: what TOML cannot hold is refused now
+            from .toml_writer import dumps
+
+            dumps(substitute(raw, params, {p.name: p.candidates()[0] for p in params}))
+        except ValueError as e:
+            raise ConfigError(f"the best plan could not be written to best.toml: {e}") from e
         try:
             _pruner(settings)
         except (ValueError, TypeError) as e:
