@@ -15,13 +15,14 @@ it, so the attack must not overlap the step's own reads of ``.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import os
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pytest
 import torch
@@ -224,20 +225,29 @@ def _run_emptying(make_call: Callable[[], tuple], expect: Optional[Callable[[obj
     struck ROUNDS times (at most MAX_TRIES calls): it empties ``doomed``
     (lists whose tensors nothing else references) while the call runs and
     allocates over the freed memory."""
+    return _run_attacked(make_call, lambda doomed: [lst.clear() for lst in doomed], expect)
+
+
+def _run_attacked(make_call: Callable[[], tuple], strike: Callable[[list], object],
+                  expect: Optional[Callable[[object], None]] = None, around: Callable[[], Any] = contextlib.nullcontext) -> int:
+    """Calls ``fn(*args, **kw)`` from ``make_call()`` (inside ``around()``) until a second thread
+    struck ROUNDS times (at most MAX_TRIES calls): ``strike(doomed)`` (``doomed``: tensors, or lists of
+    them) while the call runs, then it allocates over the freed memory and checks that the call
+    wrote none of it."""
     hits = tries = 0
     while hits < ROUNDS and tries < MAX_TRIES:
         tries += 1
         fn, args, kwargs, doomed = make_call()
-        sizes = [t.numel() for lst in doomed for t in lst]
+        sizes = [t.numel() for x in doomed for t in (x if isinstance(x, list) else [x])]
 
         def attack(doomed=doomed, sizes=sizes):
-            for lst in doomed:
-                lst.clear()
+            strike(doomed)
             return _junk_like(sizes)
 
         vandal = OnNativeCall([call], attack)
         vandal.arm()
-        out = call(fn, *args, **kwargs)
+        with around():
+            out = call(fn, *args, **kwargs)
         del args, kwargs, doomed
         vandal.close()
         hits += vandal.hits
@@ -871,30 +881,11 @@ def scenario_dispatch_mode() -> None:
         args = ("adam", params, grads, state, [[torch.zeros(())]], ADAM)
         return _core.step, args, {}, params + grads + state[0] + state[1]
 
+    def native(out: object) -> None:
+        assert out is True, "declined under a dispatch mode"
+
     for make in (scale, adam):
-        hits = tries = 0
-        while hits < ROUNDS and tries < MAX_TRIES:
-            tries += 1
-            fn, args, kwargs, targets = make()
-            sizes = [t.numel() for t in targets]
-
-            def attack(targets=targets, sizes=sizes):
-                for t in targets:
-                    t.set_()
-                return _junk_like(sizes)
-
-            vandal = OnNativeCall([call], attack)
-            vandal.arm()
-            with _FakeHolder():
-                out = call(fn, *args, **kwargs)
-            del args, targets
-            vandal.close()
-            hits += vandal.hits
-            for junk in vandal.results:
-                _assert_junk_untouched(junk)
-            assert out is True, f"{fn.__name__} declined under a dispatch mode"
-        assert hits > 0, f"{fn.__name__}: the attack never struck during the call"
-        print(f"dispatch mode {fn.__name__}: {hits} attacks in {tries} calls survived", flush=True)
+        _run_attacked(make, lambda targets: [t.set_() for t in targets], native, _FakeHolder)
 
 
 SCENARIOS = {"group": scenario_group, "group_repoint": scenario_group_repoint, "lists": scenario_lists, "dispatch_mode": scenario_dispatch_mode}
