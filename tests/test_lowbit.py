@@ -910,13 +910,12 @@ def _misaligned(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cls, kw", EIGHT_BIT_SR[:2], ids=lambda c: getattr(c, "__name__", ""))
-@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "sr"])
-@pytest.mark.parametrize("where", ["param", "grad", "small-param"])
+# A small parameter without stochastic rounding takes torch's step, which takes it: not refused.
+@pytest.mark.parametrize("sr, where", [(False, "param"), (False, "grad"), (True, "param"), (True, "grad"), (True, "small-param")],
+                         ids=["nearest-param", "nearest-grad", "sr-param", "sr-grad", "sr-small-param"])
 def test_a_misaligned_tensor_of_a_later_group_is_refused_before_any_group_is_written(cls, kw, sr, where) -> None:
     """The native call refuses a parameter or gradient at an odd byte offset: in the second group
     it is refused before the first group is stepped (it was stepped, then the step raised)."""
-    if where == "small-param" and not sr:
-        pytest.skip("a small parameter without stochastic rounding takes torch's step")
     dtype = torch.bfloat16 if sr else torch.float32
     n = 100 if where == "small-param" else 600
     a = torch.nn.Parameter(torch.linspace(-1, 1, 600, dtype=dtype))
@@ -961,3 +960,83 @@ def test_a_negative_absmax_is_refused_at_load_before_anything_changes(cls, kw, n
     with pytest.raises(ValueError, match="holds negative values"):
         opt.load_state_dict(saved)
     assert same(snapshot([p], opt), before)
+
+
+def _mixed_groups(cls, kw: dict, dtype: torch.dtype) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """Two groups with their own settings: 8-bit parameters (each shape, and one without a
+    gradient) and, where the class steps them natively, a parameter under min_8bit_size."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(600,), (10,), (300,), (2, 300), (700,)] if cls is not oxoptim.SGD8bit else [(600,), (300,), (2, 300), (700,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.05}]
+    return params, cls(groups, lr=0.1, min_8bit_size=256, bf16_stochastic_round=dtype == torch.bfloat16, **kw)
+
+
+def _mixed_steps(params: list, opt: torch.optim.Optimizer, steps: range) -> list[torch.Tensor]:
+    for s in steps:
+        for p in params[:-1]:  # the last has no gradient
+            p.grad = _grad(p, s).to(p.dtype)
+        opt.step()
+    return [p.detach().clone() for p in params] + [v.clone() for p in params for v in opt.state.get(p, {}).values()]
+
+
+NATIVE_STEPS = [(oxoptim.AdamW8bit, {}, torch.float32), (oxoptim.Adam8bit, {"weight_decay": 0.1}, torch.float32),
+                (oxoptim.SGD8bit, {"momentum": 0.9, "dampening": 0.1, "nesterov": False}, torch.float32),
+                (oxoptim.AdamW8bit, {}, torch.bfloat16), (oxoptim.SGD8bit, {"momentum": 0.9}, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("cls, kw, dtype", NATIVE_STEPS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_later_steps_take_one_native_call_with_the_checked_paths_bits(cls, kw, dtype) -> None:
+    """After the first step (fresh state, checked and made in Python) every group is stepped in
+    one native call (8-bit and fp32 state side by side, each group its own settings and rounding
+    streams), with the bits of the path that checks every tensor in Python."""
+    params, opt = _mixed_groups(cls, kw, dtype)
+    ref_params, ref = _mixed_groups(cls, kw, dtype)
+    ref._native_step = lambda groups, cache: False  # the checked path, every step
+    for group, ref_group in zip(opt.param_groups, ref.param_groups):
+        ref_group.update({k: group[k] for k in ("sr_seed",) if k in group})
+    planned = []
+    checked_plan = opt._plan
+    opt._plan = lambda group: planned.append(group) or checked_plan(group)
+    assert same(_mixed_steps(params, opt, range(5)), _mixed_steps(ref_params, ref, range(5)))
+    assert len(planned) == 2, "only the first step (fresh state) takes the checked path"
+    assert [g.get("sr_count") for g in opt.param_groups] == [g.get("sr_count") for g in ref.param_groups]
+
+
+@pytest.mark.parametrize("cls, kw", [(oxoptim.AdamW8bit, {}), (oxoptim.SGD8bit, {"momentum": 0.9})], ids=["adamw8bit", "sgd8bit"])
+@pytest.mark.parametrize("change", ["float16", "misaligned", "short-codes"])
+def test_a_later_group_the_native_call_cannot_take_is_refused_before_any_group_is_written(cls, kw, change) -> None:
+    """After a first step: a later group's parameter made float16, moved to an odd byte offset, or
+    given codes of another shape is refused with the checked path's error, and the first group,
+    which the native call would have stepped, is unchanged."""
+    a, b = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(600))
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, min_8bit_size=256, **kw)
+    a.grad, b.grad = _grad(a, 0), _grad(b, 0)
+    opt.step()
+    moment = opt.MOMENTS[0]
+    if change == "float16":
+        b.data = b.data.half()
+    elif change == "misaligned":
+        b.data = _misaligned(600, torch.float32).copy_(b.data)
+    else:
+        opt.state[b][moment] = opt.state[b][moment].view(20, 30)
+    a.grad, b.grad = _grad(a, 1), _grad(b, 1).to(b.dtype)
+    before = snapshot([a, b], opt)
+    message = {"float16": "float32 or bfloat16 CPU parameters", "misaligned": "not aligned", "short-codes": "has shape"}[change]
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert same(snapshot([a, b], opt), before)
+
+
+def test_fp32_state_sharing_memory_with_an_8bit_parameter_is_refused_after_the_first_step() -> None:
+    """The 8-bit and the fp32 part of a group are proven disjoint together, not only each alone."""
+    big, small = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(10))
+    opt = oxoptim.AdamW8bit([big, small], lr=0.1, min_8bit_size=256)
+    big.grad, small.grad = _grad(big, 0), _grad(small, 0)
+    opt.step()
+    opt.state[small]["exp_avg"] = big.data[:10]
+    big.grad, small.grad = _grad(big, 1), _grad(small, 1)
+    before = snapshot([big, small], opt)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert same(snapshot([big, small], opt), before)

@@ -14,6 +14,7 @@ __all__ = [
     "dequantize_blockwise",
     "direction_sq_norm",
     "group_step",
+    "groups_step",
     "layout",
     "lerp_average",
     "optimizers",
@@ -72,6 +73,13 @@ def group_step(
     kahan: bool = False,
     bf16_state: bool = False,
     stream_ids: Optional[list[int]] = None,
+) -> bool: ...
+def groups_step(
+    groups: list[tuple[list[torch.Tensor], list[tuple[str, dict[str, Any]]], Optional[tuple[int, int]], Optional[list[int]]]],
+    state: dict,
+    cache: TensorCache,
+    *,
+    num_threads: int = 1,
 ) -> bool: ...
 def simd_backend() -> str: ...
 def supported_backends() -> list[str]: ...

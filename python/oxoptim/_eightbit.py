@@ -16,7 +16,7 @@ from . import _blockwise as bw
 from . import _core
 from ._hooks import load_hooks_outside
 from ._lowprec import GROUP_KEYS, check_low_precision, draw_seed, keep_own_options, shares_memory, stream_ids
-from ._native import drop_unfinished_iteration, evaluate_closure, num_threads
+from ._native import drop_unfinished_iteration, evaluate_closure, num_threads, tensor_cache
 
 __all__ = ["EightBitOptimizer"]
 
@@ -108,6 +108,16 @@ class EightBitOptimizer(torch.optim.Optimizer):
         if in_backward is not None:
             in_backward.finish()  # the parameters were updated during backward
             return loss
+        cache = tensor_cache(self)
+        cache.begin_step()
+        try:
+            native = self._native_step(self.param_groups, cache)
+        finally:
+            cache.finish_step()
+        if native:
+            for group in self.param_groups:
+                self._advance_group(group)
+            return loss
         # Everything is checked, and fresh state made, before anything is written.
         plans = [self._plan(group) for group in self.param_groups]
         for group, plan in zip(self.param_groups, plans):
@@ -115,11 +125,34 @@ class EightBitOptimizer(torch.optim.Optimizer):
             self._advance_group(group)
         return loss
 
+    def _native_step(self, groups: list, cache: Any) -> bool:
+        """Steps ``groups`` in one native call, all or nothing, when every parameter with a gradient
+        has state the kernels take (8-bit, or fp32 where :meth:`_fp32_part` names a kernel): the
+        tensors are checked in Rust, their descriptions cached between steps. False, having written
+        nothing, otherwise: a first step, or anything :meth:`_plan` must make or refuse."""
+        name = type(self).__name__
+        calls = []
+        for group in groups:
+            self._check_group(group)
+            check_low_precision(name, group)
+            fp32 = self._fp32_part(group)
+            parts = [(self.KIND, self._hyper(group)), *([fp32] if fp32 is not None else [])]
+            rounding = self._rounding(group, group["params"])
+            calls.append((group["params"], parts, rounding.get("stochastic_round"), rounding.get("stream_ids")))
+        return bool(_core.groups_step(calls, self.state, cache, num_threads=num_threads()))
+
+    def _fp32_part(self, group: dict) -> Optional[tuple[str, dict]]:
+        """The kernel and hyper-parameters that step the group's parameters under ``min_8bit_size``
+        (fp32 state) in the native call of :meth:`_native_step`, or None: such a group takes the
+        Python path."""
+        return None
+
     def _step_part(self, group: dict, cache: Any, native: bool = True) -> None:
         """Steps ``group``, a copy of one of the groups holding some of its parameters
         (``step_in_backward``'s bucket; 8-bit calls keep no layout cache; what they cannot
         take is refused, never handed to torch, so ``native`` changes nothing)."""
-        self._apply(group, self._plan(group))
+        if not self._native_step([group], cache):
+            self._apply(group, self._plan(group))
 
     def _bucket_group(self, group: dict, params: list) -> dict:
         """The group ``step_in_backward`` steps for one bucket: a copy of ``group`` holding ``params``."""

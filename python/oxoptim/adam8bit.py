@@ -124,6 +124,10 @@ class Adam8bit(EightBitOptimizer):
         """The class's decay, or a loaded torch group's own (torch's Adam and AdamW obey it)."""
         return bool(group.get("decoupled_weight_decay", self.DECOUPLED))
 
+    def _fp32_part(self, group: dict) -> tuple[str, dict]:
+        """``oxoptim.Adam``'s kernel, as :meth:`_step_fp32` calls it."""
+        return "adam", {**self._hyper(group), "amsgrad": False, "maximize": False}
+
     def _step_fp32(self, group: dict, full: list) -> None:
         if not full:
             return
@@ -133,8 +137,8 @@ class Adam8bit(EightBitOptimizer):
         exp_avg_sqs = [entry["exp_avg_sq"] for _, entry in full]
         steps = [entry["step"] for _, entry in full]
         hyper = self._hyper(group)
-        adam_hyper = {**hyper, "amsgrad": False, "maximize": False}
-        if _core.step("adam", params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads(), **self._rounding(group, params)):
+        kind, adam_hyper = self._fp32_part(group)
+        if _core.step(kind, params, grads, [exp_avgs, exp_avg_sqs], [steps], adam_hyper, num_threads=num_threads(), **self._rounding(group, params)):
             return
         if group.get("bf16_stochastic_round"):
             raise ValueError(f"{type(self).__name__}: bf16_stochastic_round=True needs dense contiguous bfloat16 CPU tensors that share no memory")

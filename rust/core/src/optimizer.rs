@@ -196,6 +196,9 @@ pub trait Optimizer: Sized + Send + Sync + 'static {
     /// parameter; every other parameter-shaped entry must have the
     /// parameter's shape, as the reference's in-place ops require.
     const FLAT_STATE: &'static [&'static str] = &[];
+    /// The parameter dtypes the step takes (a call with another is refused
+    /// before anything is gathered).
+    const PARAM_DTYPES: &'static [DType] = &[DType::F32, DType::F64, DType::BF16, DType::F16];
 
     /// Reads a group's settings (every key of [`Optimizer::HYPER`]).
     fn from_hyper(hyper: &mut Hyper) -> Result<Self>;
@@ -249,6 +252,8 @@ pub struct Entry {
     pub scalars: &'static [&'static str],
     /// See [`Optimizer::FLAT_STATE`].
     pub flat_state: &'static [&'static str],
+    /// See [`Optimizer::PARAM_DTYPES`].
+    pub param_dtypes: &'static [DType],
     configure: fn(&mut Hyper) -> Result<Box<dyn Configured>>,
 }
 
@@ -271,6 +276,7 @@ pub const fn entry<O: Optimizer>() -> Entry {
         state: O::STATE,
         scalars: O::SCALARS,
         flat_state: O::FLAT_STATE,
+        param_dtypes: O::PARAM_DTYPES,
         configure: configure::<O>,
     }
 }

@@ -21,7 +21,7 @@ use crate::{bump_versions, core_error, exec, or_fallback, slots};
 use oxoptim_core::optimizer::{find, with_bf16_state};
 use oxoptim_core::{inflight, Footprint};
 use oxoptim_core::{
-    ArraySpec, Configured, DType, DisjointMemo, Entry, HyperKind, HyperValue, ParamRounding,
+    ArraySpec, Configured, DType, DisjointMemo, Entry, Extent, HyperKind, HyperValue, ParamRounding,
     RawTensor, ScalarState, TensorBatch, OPTIMIZERS,
 };
 use pyo3::exceptions::PyValueError;
@@ -115,6 +115,8 @@ fn configure(entry: &Entry, hyper: &Bound<'_, PyDict>) -> PyResult<Option<Box<dy
 /// their memory alive.
 struct Gathered<'py> {
     types: &'static TorchTypes,
+    /// The parameter dtypes the kernel takes.
+    param_dtypes: &'static [DType],
     /// What each of `[param, grad, state...]` holds.
     specs: Vec<ArraySpec>,
     /// The shape each state array must have next to its parameter's.
@@ -137,13 +139,17 @@ struct Gathered<'py> {
 impl<'py> Gathered<'py> {
     fn new(
         py: Python<'py>,
-        specs: Vec<ArraySpec>,
-        shapes: Vec<StateShape>,
+        entry: &Entry,
+        configured: &dyn Configured,
+        bf16_state: bool,
         capacity: usize,
     ) -> PyResult<Self> {
+        let specs = specs(configured, bf16_state);
+        let shapes = state_shapes(entry, configured);
         let arity = specs.len();
         Ok(Gathered {
             types: torch_types(py)?,
+            param_dtypes: entry.param_dtypes,
             specs,
             shapes,
             columns: vec![Vec::with_capacity(capacity); arity],
@@ -190,6 +196,9 @@ impl<'py> Gathered<'py> {
         let Some((p, Some(p_shape))) = self.describe(param, cache.as_deref_mut(), true)? else {
             return Ok(false);
         };
+        if !self.param_dtypes.contains(&p.dtype) {
+            return Ok(false);
+        }
         // A gradient must be the parameter's twin: same dtype and shape, dense
         // and contiguous (torch raises or promotes otherwise, so it runs torch's path).
         let Some(g) = describe_grad_twin(grad, &p_shape, p, self.types, &mut self.keep)? else {
@@ -245,22 +254,38 @@ impl<'py> Gathered<'py> {
         exec: oxoptim_core::Exec,
         memos: (&mut DisjointMemo, &mut DisjointMemo),
     ) -> PyResult<bool> {
-        let arity = self.columns.len();
+        let Some(prepared) = self.prepare(entry, exec, memos)? else {
+            return Ok(false);
+        };
+        let _in_flight = inflight::enter(prepared.footprint()?).map_err(core_error)?;
+        self.execute(entry, configured, exec, prepared)?;
+        Ok(true)
+    }
+
+    /// The checked batch and scalar state of the gathered arrays (the unsafe
+    /// hand-over); `None` when they share memory or some array cannot be
+    /// taken (torch's path).
+    fn prepare(
+        &self,
+        entry: &Entry,
+        exec: oxoptim_core::Exec,
+        memos: (&mut DisjointMemo, &mut DisjointMemo),
+    ) -> PyResult<Option<Prepared>> {
         // SAFETY: every array was described from a live, dense, contiguous CPU
         // tensor of a supported dtype (`describe`, `describe_grad`), and each
         // tensor and its storage is held in `self.keep` (or by the cache,
-        // borrowed for the whole call) until this function returns.
+        // borrowed for the whole call) until the call returns.
         let Some(batch) = or_fallback(unsafe {
             TensorBatch::with_specs(slots(&self.columns), &self.specs, memos.0)
         })?
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let batch = if matches!(exec.rounding, ParamRounding::Kahan) {
             // SAFETY: described and held like the arrays above.
             match or_fallback(unsafe { batch.with_compensation(self.compensation.clone()) })? {
                 Some(b) => b,
-                None => return Ok(false),
+                None => return Ok(None),
             }
         } else {
             batch
@@ -282,24 +307,44 @@ impl<'py> Gathered<'py> {
         let batch = Arc::new(batch);
         // SAFETY: the cells were described like the arrays, from live 0-d CPU
         // tensors held the same way.
-        let Some(mut scalars) = or_fallback(unsafe {
+        let Some(scalars) = or_fallback(unsafe {
             ScalarState::new_memo(self.cells.clone(), entry.scalars.len(), &batch, memos.1)
         })?
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        // Registered in flight with what it writes (the parameter, every state
-        // array and every scalar cell; the gradient is read): a call on another
-        // thread touching the same memory is refused before anything is written.
-        let written: Vec<bool> = (0..arity).map(|k| k != 1).collect();
-        let footprint = Footprint::new(&batch, &written)
-            .map_err(core_error)?
-            .with_scalars(&scalars);
-        let _in_flight = inflight::enter(footprint).map_err(core_error)?;
+        Ok(Some(Prepared { batch, scalars }))
+    }
+
+    /// Runs a prepared step with the GIL released (its footprint registered in flight by the caller).
+    fn execute(
+        &self,
+        entry: &Entry,
+        configured: &dyn Configured,
+        exec: oxoptim_core::Exec,
+        mut prepared: Prepared,
+    ) -> PyResult<()> {
         let py = self.params.py();
-        py.detach(|| entry.step(configured, &batch, &mut scalars, exec))
-            .map_err(core_error)?;
-        Ok(true)
+        py.detach(|| entry.step(configured, &prepared.batch, &mut prepared.scalars, exec))
+            .map_err(core_error)
+    }
+}
+
+/// A gathered call's checked arrays and scalar cells, ready to run.
+struct Prepared {
+    batch: Arc<TensorBatch>,
+    scalars: ScalarState,
+}
+
+impl Prepared {
+    /// What the call touches: the parameter, every state array and every
+    /// scalar cell written, the gradient read. A call on another thread
+    /// touching the same memory is refused before anything is written.
+    fn footprint(&self) -> PyResult<Footprint> {
+        let written: Vec<bool> = (0..self.batch.arity()).map(|k| k != 1).collect();
+        Ok(Footprint::new(&self.batch, &written)
+            .map_err(core_error)?
+            .with_scalars(&self.scalars))
     }
 }
 
@@ -339,9 +384,10 @@ fn state_shapes(entry: &Entry, configured: &dyn Configured) -> Vec<StateShape> {
         .state_keys()
         .iter()
         .zip(specs.iter().skip(2))
-        .map(|(key, spec)| match *spec {
-            ArraySpec::LIKE_PARAM if entry.flat_state.contains(key) => StateShape::Flat,
-            ArraySpec::LIKE_PARAM => StateShape::Param,
+        .map(|(key, spec)| match spec.extent {
+            Extent::Param if entry.flat_state.contains(key) => StateShape::Flat,
+            // Quantised codes too: shaped like the parameter, as the Python classes make and check them.
+            Extent::Param => StateShape::Param,
             _ => StateShape::Any,
         })
         .collect()
@@ -421,12 +467,7 @@ fn step<'py>(
     }
     let exec = exec(num_threads, backend)?
         .with_rounding(rounding(stochastic_round, compensation.is_some())?);
-    let mut gathered = Gathered::new(
-        py,
-        specs(configured.as_ref(), bf16_state),
-        state_shapes(&entry, configured.as_ref()),
-        n,
-    )?;
+    let mut gathered = Gathered::new(py, &entry, configured.as_ref(), bf16_state, n)?;
     gathered.offsets = stream_offsets.unwrap_or_default();
     for (i, param) in params.iter().enumerate() {
         let state: Vec<_> = state_lists.iter().map(|l| l[i].clone()).collect();
@@ -494,12 +535,7 @@ fn group_step<'py>(
         .map(|k| PyString::intern(py, k))
         .collect();
     let stateless = state_keys.is_empty() && scalar_keys.is_empty();
-    let mut gathered = Gathered::new(
-        py,
-        specs(configured.as_ref(), bf16_state),
-        state_shapes(&entry, configured.as_ref()),
-        params.len(),
-    )?;
+    let mut gathered = Gathered::new(py, &entry, configured.as_ref(), bf16_state, params.len())?;
     let empty = PyDict::new(py);
     // The state tensors the step writes: their version counters move, as torch's in-place ops move them.
     let written = PyList::empty(py);
@@ -517,17 +553,9 @@ fn group_step<'py>(
             None if stateless => empty.clone(),
             None => return Ok(false),
         };
-        let lookup = |keys: &[Bound<'py, PyString>]| -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
-            let mut out = Vec::with_capacity(keys.len());
-            for key in keys {
-                match entry_dict.get_item(key)? {
-                    Some(t) => out.push(t),
-                    None => return Ok(None),
-                }
-            }
-            Ok(Some(out))
-        };
-        let (Some(tensors), Some(cells)) = (lookup(&state_keys)?, lookup(&scalar_keys)?) else {
+        let (Some(tensors), Some(cells)) =
+            (lookup(&entry_dict, &state_keys)?, lookup(&entry_dict, &scalar_keys)?)
+        else {
             return Ok(false);
         };
         let comp = if kahan {
@@ -558,6 +586,146 @@ fn group_step<'py>(
         return Ok(false);
     }
     bump_versions(py, &[&gathered.params, &written])?;
+    Ok(true)
+}
+
+/// One call of [`groups_step`]: a table row with a group's settings, the
+/// state keys its parameters' entries must hold, and what was gathered.
+struct Part<'py> {
+    entry: Entry,
+    configured: Box<dyn Configured>,
+    state_keys: Vec<Bound<'py, PyString>>,
+    scalar_keys: Vec<Bound<'py, PyString>>,
+    gathered: Gathered<'py>,
+}
+
+/// The tensors of `keys` in a state entry, or `None` when one is missing.
+fn lookup<'py>(
+    entry: &Bound<'py, PyDict>,
+    keys: &[Bound<'py, PyString>],
+) -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        match entry.get_item(key)? {
+            Some(t) => out.push(t),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}
+
+/// One step of every parameter group of an optimizer whose parameters take
+/// different kernels by the layout of their state (8-bit state, and fp32
+/// state under `min_8bit_size`), all or nothing. `groups` holds one
+/// `(params, parts, stochastic_round, stream_ids)` per group; `parts` is a
+/// list of `(kind, hyper)`, and each parameter with a gradient is stepped by
+/// the first part whose state arrays and scalar cells its entry in `state`
+/// holds (descriptions cached in `cache`, as `group_step`). Every group is
+/// gathered and checked (dtypes, shapes, memory shared within a group) before
+/// any is written; returns False, having touched nothing, when some parameter
+/// with a gradient has no entry or no part takes it (the Python path then
+/// makes the state or raises its error).
+#[pyfunction]
+#[pyo3(signature = (groups, state, cache, *, num_threads=1))]
+fn groups_step<'py>(
+    py: Python<'py>,
+    groups: &Bound<'py, PyList>,
+    state: &Bound<'py, PyDict>,
+    cache: &Bound<'py, TensorCache>,
+    num_threads: usize,
+) -> PyResult<bool> {
+    let mut cache = TensorCache::borrow_for_step(cache)?;
+    // The state tensors the steps write: their version counters move, as torch's in-place ops move them.
+    let written = PyList::empty(py);
+    let mut calls: Vec<(Vec<Part<'py>>, oxoptim_core::Exec, usize)> = Vec::with_capacity(groups.len());
+    for group in groups.iter() {
+        #[allow(clippy::type_complexity)]
+        let (params, parts, stochastic_round, stream_ids): (
+            Bound<'py, PyList>,
+            Bound<'py, PyList>,
+            Option<(u64, u64)>,
+            Option<Vec<u64>>,
+        ) = group.extract()?;
+        check_stream_ids("groups_step", stream_ids.as_deref(), params.len())?;
+        let exec = exec(num_threads, None)?.with_rounding(rounding(stochastic_round, false)?);
+        let mut group_parts = Vec::with_capacity(parts.len());
+        for part in parts.iter() {
+            let (kind, hyper): (String, Bound<'py, PyDict>) = part.extract()?;
+            let entry = entry(&kind)?;
+            let Some(configured) = configure(&entry, &hyper)? else {
+                return Ok(false);
+            };
+            let intern = |keys: &[&str]| keys.iter().map(|k| PyString::intern(py, k)).collect();
+            group_parts.push(Part {
+                state_keys: intern(&configured.state_keys()),
+                scalar_keys: intern(entry.scalars),
+                gathered: Gathered::new(py, &entry, configured.as_ref(), false, params.len())?,
+                entry,
+                configured,
+            });
+        }
+        for (i, p) in params.iter().enumerate() {
+            let grad = p.getattr(intern!(py, "grad"))?;
+            if grad.is_none() {
+                continue;
+            }
+            let Some(Ok(entry_dict)) = state.get_item(&p)?.map(|e| e.cast_into::<PyDict>()) else {
+                return Ok(false);
+            };
+            let mut placed = false;
+            for part in group_parts.iter_mut() {
+                let (Some(tensors), Some(cells)) = (
+                    lookup(&entry_dict, &part.state_keys)?,
+                    lookup(&entry_dict, &part.scalar_keys)?,
+                ) else {
+                    continue;
+                };
+                if !part.gathered.push(Some(&mut cache), &p, &grad, &tensors, &cells, None)? {
+                    return Ok(false);
+                }
+                for t in tensors.iter().chain(&cells) {
+                    written.append(t)?;
+                }
+                part.gathered.streams.extend(stream_ids.as_ref().map(|ids| ids[i]));
+                placed = true;
+                break;
+            }
+            if !placed {
+                return Ok(false);
+            }
+        }
+        calls.push((group_parts, exec, params.as_ptr() as usize));
+    }
+    // Every call checked before the first is run.
+    let mut ready = Vec::new();
+    for (parts, exec, key) in &calls {
+        for (k, part) in parts.iter().enumerate() {
+            if part.gathered.params.is_empty() {
+                continue;
+            }
+            let Some(prepared) = part.gathered.prepare(&part.entry, *exec, cache.memos_at(key + k))? else {
+                return Ok(false);
+            };
+            ready.push((part, *exec, prepared));
+        }
+    }
+    // Each call proved its own arrays disjoint; registering them all in flight refuses one that
+    // writes memory another touches (two parts or groups sharing memory, or another thread's
+    // call): the Python path then runs, and refuses or steps them one call at a time.
+    let mut in_flight = Vec::with_capacity(ready.len());
+    for (_, _, prepared) in &ready {
+        match inflight::enter(prepared.footprint()?) {
+            Ok(guard) => in_flight.push(guard),
+            Err(_) => return Ok(false),
+        }
+    }
+    for (part, exec, prepared) in ready {
+        part.gathered.execute(&part.entry, part.configured.as_ref(), exec, prepared)?;
+    }
+    drop(in_flight);
+    let mut lists: Vec<&Bound<'py, PyList>> = calls.iter().flat_map(|(parts, _, _)| parts.iter().map(|p| &p.gathered.params)).collect();
+    lists.push(&written);
+    bump_versions(py, &lists)?;
     Ok(true)
 }
 
@@ -642,6 +810,7 @@ fn optimizers(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step, m)?)?;
     m.add_function(wrap_pyfunction!(group_step, m)?)?;
+    m.add_function(wrap_pyfunction!(groups_step, m)?)?;
     m.add_function(wrap_pyfunction!(layout, m)?)?;
     m.add_function(wrap_pyfunction!(takes_hyper, m)?)?;
     m.add_function(wrap_pyfunction!(optimizers, m)?)?;

@@ -593,8 +593,14 @@ impl TensorCache {
         &mut self,
         group: &Bound<'_, PyAny>,
     ) -> (&mut DisjointMemo, &mut DisjointMemo) {
+        self.memos_at(group.as_ptr() as usize)
+    }
+
+    /// The overlap memos kept under `key` (an object's address, plus a small
+    /// index for one of several calls per group: objects are 16-byte aligned).
+    pub(crate) fn memos_at(&mut self, key: usize) -> (&mut DisjointMemo, &mut DisjointMemo) {
         let epoch = self.epoch;
-        let m = self.memos.entry(group.as_ptr() as usize).or_default();
+        let m = self.memos.entry(key).or_default();
         m.2 = epoch;
         (&mut m.0, &mut m.1)
     }

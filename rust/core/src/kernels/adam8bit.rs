@@ -51,6 +51,7 @@ impl Optimizer for Adam8bitConfig {
         "exp_avg_sq_absmax",
     ];
     const SCALARS: &'static [&'static str] = &["step"];
+    const PARAM_DTYPES: &'static [DType] = &[DType::F32, DType::BF16];
 
     fn from_hyper(h: &mut Hyper) -> Result<Self> {
         let (beta1, beta2) = h.pair("betas")?;

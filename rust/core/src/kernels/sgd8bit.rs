@@ -48,6 +48,7 @@ impl Optimizer for Sgd8bitConfig {
     const STATE: &'static [&'static str] = &["momentum_buffer", "momentum_buffer_absmax"];
     /// Steps taken: 0 marks a buffer not yet formed.
     const SCALARS: &'static [&'static str] = &["step"];
+    const PARAM_DTYPES: &'static [DType] = &[DType::F32, DType::BF16];
 
     fn from_hyper(h: &mut Hyper) -> Result<Self> {
         let sgd = SgdConfig {
