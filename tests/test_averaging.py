@@ -202,6 +202,24 @@ def test_a_reused_gradient_averager_leaves_a_parameter_without_gradients_this_ro
     assert torch.equal(w.grad, torch.ones(3))
 
 
+def test_a_reused_gradient_averager_starts_a_parameter_missing_the_first_micro_batch_from_zero():
+    """Round 2: a parameter without a gradient in the first micro-batch counts it as zero, not as
+    the mean the last round left in its buffer."""
+    w, late = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    avg = oxoptim.GradientAverager([w, late])
+    w.grad, late.grad = torch.full((3,), 5.0), torch.full((3,), 7.0)
+    avg.accumulate(2)
+    avg.finalize()  # late's buffer now holds 7
+    w.grad, late.grad = torch.full((3,), 1.0), None
+    avg.accumulate(1)
+    late.grad = torch.full((3,), 3.0)
+    w.grad = torch.full((3,), 1.0)
+    avg.accumulate(3)
+    assert avg.finalize() == 4
+    assert torch.equal(late.grad, torch.full((3,), 3.0 * 3 / 4))
+    assert torch.equal(w.grad, torch.ones(3))
+
+
 def test_micro_batches_may_be_weighted_by_any_positive_number():
     w = torch.nn.Parameter(torch.zeros(2))
     avg = oxoptim.GradientAverager([w])
