@@ -465,6 +465,33 @@ def test_adafactor_group_torch_fails_part_way_is_not_half_stepped() -> None:
     assert torch.equal(outcomes[0][1], outcomes[1][1]) and torch.equal(outcomes[0][2], outcomes[1][2])
 
 
+@pytest.mark.parametrize(
+    "cls, kwargs, error",
+    [
+        (oxoptim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1), "add(sparse, dense) is not supported"),
+        (oxoptim.Adagrad, dict(weight_decay=0.1), "weight_decay option is not compatible with sparse gradients"),
+        (oxoptim.AdamWScheduleFree, dict(), "Could not run 'aten::addcmul_'"),
+        (oxoptim.SGDScheduleFree, dict(weight_decay=0.1), "add(sparse, dense) is not supported"),
+    ],
+    ids=["SGD", "Adagrad", "AdamWScheduleFree", "SGDScheduleFree"],
+)
+def test_a_sparse_gradient_the_reference_refuses_part_way_changes_nothing(cls, kwargs, error) -> None:
+    """A group whose second parameter has a sparse gradient the reference cannot take (with weight
+    decay; Schedule-Free's in-place ops): the reference raises when it reaches it, after stepping
+    the first parameter (Adagrad: after counting its step; Schedule-Free: without moving the
+    schedule on). oxoptim raises the same error with parameters, state and group as they were."""
+    dense, sparse = torch.linspace(-1, 1, 5).requires_grad_(), torch.linspace(-1, 1, 12).reshape(4, 3).requires_grad_()
+    opt = cls([dense, sparse], **kwargs)
+    getattr(opt, "train", lambda: None)()
+    dense.grad, sparse.grad = torch.full((5,), 0.5), torch.full((4, 3), 0.5)
+    opt.step()  # state exists
+    dense.grad, sparse.grad = torch.full((5,), 0.25), torch.eye(4, 3).to_sparse()
+    before = snapshot(opt)
+    with pytest.raises((RuntimeError, NotImplementedError), match=re.escape(error)):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
 @pytest.mark.parametrize("step", [-3.0, -1.0])
 def test_adafactor_step_counter_torch_cannot_raise_to_a_power_raises_torchs_error(step: float) -> None:
     """A loaded counter that is -1 or below: torch's Adafactor raises (a complex ``step ** 0.5``, or

@@ -12,7 +12,7 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["HUGE_HYPER", "drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native",
+__all__ = ["HUGE_HYPER", "any_sparse_grad", "drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native",
            "has_huge_hyper", "num_threads", "scalar", "step_groups", "step_or_restore", "tensor_cache"]
 
 
@@ -128,6 +128,11 @@ def has_huge_hyper(optimizer: Any, group: dict) -> bool:
         if any(_huge(v) for v in (value if isinstance(value, (tuple, list)) else (value,))):
             return True
     return False
+
+
+def any_sparse_grad(group: dict) -> bool:
+    """Whether a parameter of ``group`` has a sparse gradient."""
+    return any(isinstance(p, torch.Tensor) and p.grad is not None and p.grad.is_sparse for p in group["params"])
 
 
 def step_or_restore(optimizer: Any, groups: list, step: Callable[[], None]) -> None:

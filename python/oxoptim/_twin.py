@@ -243,10 +243,18 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
         return {}
 
     def _torch_step(self, group: dict) -> None:
-        if has_huge_hyper(self, group):  # the reference may raise half-way: nothing may be lost
+        # The reference may raise half-way: nothing may be lost.
+        if has_huge_hyper(self, group) or self._fails_part_way(group):
             step_or_restore(self, [group], lambda: self._reference_step(group))
         else:
             self._reference_step(group)
+
+    def _fails_part_way(self, group: dict) -> bool:
+        """Whether the reference implementation may raise on ``group`` after writing some of it
+        (a parameter stepped, a counter moved on), so that its step runs with a copy to put back.
+        Checked only on the reference's path; a snapshot costs a copy of the group, so only
+        where a failure is likely (sparse gradients the reference cannot take)."""
+        return False
 
     def _reference_step(self, group: dict) -> None:
         """The reference implementation's step, for this group only."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._lowprec import LowPrecisionWeights
+from ._native import any_sparse_grad
 from ._twin import LOW_PRECISION_NOTE, NATIVE_NOTE, TorchTwin
 
 __all__ = ["Adagrad"]
@@ -22,6 +23,11 @@ class Adagrad(LowPrecisionWeights, TorchTwin, torch.optim.Adagrad, kind="adagrad
         + NATIVE_NOTE
         + LOW_PRECISION_NOTE
     )
+
+    def _fails_part_way(self, group: dict) -> bool:
+        # torch counts each parameter's step (and steps those with dense gradients) before it
+        # reaches a sparse gradient with weight decay and raises.
+        return group["weight_decay"] != 0 and any_sparse_grad(group)
 
     def _check_first_entry(self, entries: dict) -> None:
         first = next(iter(entries.values()), None)

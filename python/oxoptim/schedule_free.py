@@ -8,6 +8,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
+from ._native import any_sparse_grad
 from ._twin import NATIVE_NOTE, TorchTwin
 
 __all__ = ["AdamWScheduleFree", "AdamWScheduleFreeReference", "SGDScheduleFree", "SGDScheduleFreeReference"]
@@ -256,6 +257,11 @@ class _ScheduleFreeTwin:
             return False
         self._advance_group(group)
         return True
+
+    def _fails_part_way(self, group: dict) -> bool:
+        # The reference's in-place ops refuse most sparse gradients (addcmul_, add(sparse, dense))
+        # after the parameters before that one were stepped, the schedule not moved on.
+        return any_sparse_grad(group)
 
     def _reference_step(self, group: dict) -> None:
         # Not the reference's step(), which checks the first group's mode first.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._lowprec import LOW_PRECISION_OPTIONS, LowPrecisionWeights, shares_memory
+from ._native import any_sparse_grad
 from ._twin import TorchTwin
 
 __all__ = ["SGD"]
@@ -39,6 +40,11 @@ class SGD(LowPrecisionWeights, TorchTwin, torch.optim.SGD, kind="sgd"):
     EXACT_TENSOR_HYPER = frozenset({"lr", "weight_decay"})
 
     MAY_BE_NONE = ("momentum_buffer",)  # older torch saved it so without momentum
+
+    def _fails_part_way(self, group: dict) -> bool:
+        # torch adds the weight decay to each gradient as it reaches it (add(sparse, dense) raises
+        # there): the parameters before the first sparse gradient were already stepped.
+        return group["weight_decay"] != 0 and any_sparse_grad(group)
 
     def required_state(self, group: dict) -> tuple[str, ...]:
         # A missing momentum buffer is a fresh one, as in torch: no entry is required.
