@@ -746,6 +746,25 @@ def test_8bit_step_counter_out_of_range_raises_adams_error_and_changes_nothing(o
 
 
 
+@pytest.mark.parametrize("cls", [oxoptim.AdamW8bit, oxoptim.Adam8bit])
+@pytest.mark.parametrize("where", ["later group", "small parameter of the same group"])
+def test_a_counter_adam_cannot_take_in_a_later_kernel_call_changes_nothing(cls, where) -> None:
+    """One step runs several kernel calls (each group's 8-bit and fp32-state parameters): a step
+    counter Adam's bias corrections cannot take in the last one raises torch's error before the
+    first call writes (it stepped the earlier calls' parameters)."""
+    big, other = torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(3000 if where == "later group" else 10))
+    groups = [{"params": [big]}, {"params": [other]}] if where == "later group" else [{"params": [big, other]}]
+    opt = cls(groups, lr=0.1, min_8bit_size=100)
+    for i, p in enumerate((big, other)):
+        p.grad = _grad(p, i)
+    opt.step()
+    opt.state[other]["step"].fill_(-1.0)  # the next step's bias_correction1 is 1 - beta1**0 = 0
+    before = snapshot([big, other], opt)
+    with pytest.raises(ZeroDivisionError, match="float division by zero"):
+        opt.step()
+    assert same(snapshot([big, other], opt), before)
+
+
 def test_a_step_counter_the_native_call_cannot_take_is_refused_before_any_group_is_written() -> None:
     """An 8-bit entry's step must be a float32 CPU tensor (the native call's counter): another dtype
     in the second group is refused before the first group is stepped; a loaded one is converted."""

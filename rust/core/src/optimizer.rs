@@ -213,6 +213,14 @@ pub trait Optimizer: Sized + Send + Sync + 'static {
         vec![ArraySpec::LIKE_PARAM; 2 + self.state_keys().len()]
     }
 
+    /// Fails where [`Optimizer::step`] would refuse this batch (a step count
+    /// its arithmetic cannot take, an array it cannot use), writing nothing:
+    /// a caller with several steps to run (one per kind of state) checks them
+    /// all before the first writes. `step` runs these checks first itself.
+    fn check(&self, _batch: &TensorBatch, _scalars: &ScalarState, _exec: Exec) -> Result<()> {
+        Ok(())
+    }
+
     /// One step over a checked batch whose arity and scalars match this
     /// optimizer's layout (see [`Entry::step`]): updates the scalar state as
     /// torch does and runs the element-wise kernel.
@@ -225,6 +233,8 @@ pub trait Configured: Send + Sync {
     fn state_keys(&self) -> Vec<&'static str>;
     /// See [`Optimizer::array_specs`].
     fn array_specs(&self) -> Vec<ArraySpec>;
+    /// See [`Optimizer::check`].
+    fn check(&self, batch: &TensorBatch, scalars: &ScalarState, exec: Exec) -> Result<()>;
     /// See [`Entry::step`].
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()>;
 }
@@ -235,6 +245,9 @@ impl<O: Optimizer> Configured for O {
     }
     fn array_specs(&self) -> Vec<ArraySpec> {
         Optimizer::array_specs(self)
+    }
+    fn check(&self, batch: &TensorBatch, scalars: &ScalarState, exec: Exec) -> Result<()> {
+        Optimizer::check(self, batch, scalars, exec)
     }
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
         Optimizer::step(self, batch, scalars, exec)
@@ -290,14 +303,28 @@ impl Entry {
         Ok(configured)
     }
 
-    /// Runs one step after checking the batch has `[param, grad, state...]`
-    /// per slot and one row of [`Optimizer::SCALARS`] per slot, so that the
-    /// optimizer itself never fails after writing.
+    /// Runs one step after [`Entry::check`], so that the optimizer itself
+    /// never fails after writing.
     pub fn step(
         &self,
         configured: &dyn Configured,
         batch: &TensorBatch,
         scalars: &mut ScalarState,
+        exec: Exec,
+    ) -> Result<()> {
+        self.check(configured, batch, scalars, exec)?;
+        configured.step(batch, scalars, exec)
+    }
+
+    /// Fails, writing nothing, where [`Entry::step`] would refuse: the batch
+    /// must have `[param, grad, state...]` per slot and one row of
+    /// [`Optimizer::SCALARS`] per slot, and the optimizer's own
+    /// [`Optimizer::check`] must pass.
+    pub fn check(
+        &self,
+        configured: &dyn Configured,
+        batch: &TensorBatch,
+        scalars: &ScalarState,
         exec: Exec,
     ) -> Result<()> {
         let specs = configured.array_specs();
@@ -354,7 +381,7 @@ impl Entry {
                 )));
             }
         }
-        configured.step(batch, scalars, exec)
+        configured.check(batch, scalars, exec)
     }
 }
 

@@ -719,6 +719,13 @@ fn groups_step<'py>(
             Err(_) => return Ok(false),
         }
     }
+    // What a kernel refuses (a step count its arithmetic cannot take), for every call before the
+    // first writes: all or nothing.
+    for (part, exec, prepared) in &ready {
+        part.entry
+            .check(part.configured.as_ref(), &prepared.batch, &prepared.scalars, *exec)
+            .map_err(core_error)?;
+    }
     for (part, exec, prepared) in ready {
         part.gathered.execute(&part.entry, part.configured.as_ref(), exec, prepared)?;
     }

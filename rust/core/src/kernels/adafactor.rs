@@ -60,43 +60,13 @@ optimizer! {
             }
         }
 
+        fn check(&self, batch: &TensorBatch, scalars: &ScalarState, _exec: Exec) -> Result<()> {
+            self.shapes(batch, scalars).map(drop)
+        }
+
         fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-            // Everything is checked before the first counter is written, in the order torch's
-            // Python arithmetic meets it for the first tensor: `step ** beta2_decay` (out of
-            // range), then the division by `numel ** 0.5 * d`.
-            for slot in 0..batch.slots().min(1) {
-                Error::checked_py_pow(scalars.incremented(slot, 0), self.beta2_decay)?;
-            }
-            if self.d == 0.0 {
-                return Err(Error::float_division_by_zero());
-            }
-            for slot in 1..batch.slots() {
-                Error::checked_py_pow(scalars.incremented(slot, 0), self.beta2_decay)?;
-            }
-            let mut shapes = Vec::with_capacity(batch.slots());
-            for slot in 0..batch.slots() {
-                let p = batch.slot(slot);
-                if !p.dtype.is_float() || p.len == 0 {
-                    return Err(Error::Unsupported(format!(
-                        "adafactor: tensor {slot} ({} elements of {}) needs torch's implementation",
-                        p.len,
-                        p.dtype.name()
-                    )));
-                }
-                shapes.push(if self.factored {
-                    let row = batch.arrays()[slot * batch.arity() + 2].len;
-                    let col = batch.arrays()[slot * batch.arity() + 3].len;
-                    Some(Matrix::from_lens(p.len, row, col).ok_or_else(|| {
-                        Error::Mismatch(format!(
-                            "adafactor: tensor {slot}: row_var of {row} and col_var of {col} elements \
-                             are not the factors of a parameter of {} elements",
-                            p.len
-                        ))
-                    })?)
-                } else {
-                    None
-                });
-            }
+            // Everything is checked before the first counter is written.
+            let shapes = self.shapes(batch, scalars)?;
             let per_slot: Vec<PerStep> = (0..batch.slots())
                 .map(|slot| PerStep::new(self, scalars.increment(slot, 0), shapes[slot]))
                 .collect();
@@ -110,6 +80,49 @@ optimizer! {
             );
             Ok(())
         }
+    }
+}
+
+impl AdafactorConfig {
+    /// Each slot's matrix shape (factored state), after everything a step
+    /// refuses, in the order torch's Python arithmetic meets it for the first
+    /// tensor: `step ** beta2_decay` (out of range), then the division by
+    /// `numel ** 0.5 * d`.
+    fn shapes(&self, batch: &TensorBatch, scalars: &ScalarState) -> Result<Vec<Option<Matrix>>> {
+        for slot in 0..batch.slots().min(1) {
+            Error::checked_py_pow(scalars.incremented(slot, 0), self.beta2_decay)?;
+        }
+        if self.d == 0.0 {
+            return Err(Error::float_division_by_zero());
+        }
+        for slot in 1..batch.slots() {
+            Error::checked_py_pow(scalars.incremented(slot, 0), self.beta2_decay)?;
+        }
+        let mut shapes = Vec::with_capacity(batch.slots());
+        for slot in 0..batch.slots() {
+            let p = batch.slot(slot);
+            if !p.dtype.is_float() || p.len == 0 {
+                return Err(Error::Unsupported(format!(
+                    "adafactor: tensor {slot} ({} elements of {}) needs torch's implementation",
+                    p.len,
+                    p.dtype.name()
+                )));
+            }
+            shapes.push(if self.factored {
+                let row = batch.arrays()[slot * batch.arity() + 2].len;
+                let col = batch.arrays()[slot * batch.arity() + 3].len;
+                Some(Matrix::from_lens(p.len, row, col).ok_or_else(|| {
+                    Error::Mismatch(format!(
+                        "adafactor: tensor {slot}: row_var of {row} and col_var of {col} elements \
+                         are not the factors of a parameter of {} elements",
+                        p.len
+                    ))
+                })?)
+            } else {
+                None
+            });
+        }
+        Ok(shapes)
     }
 }
 

@@ -27,7 +27,7 @@ impl PerElement for AdagradConfig {
     type Slot = f64;
     type Update<T: Element> = AdagradUpdate<T>;
 
-    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+    fn check_slot(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
         match self.decay(scalars.incremented(slot, 0)) {
             0.0 => Err(Error::float_division_by_zero()),
             _ => Ok(()),

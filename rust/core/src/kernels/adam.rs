@@ -28,13 +28,18 @@ optimizer! {
     scalars: ["step"],
     // Its own step: the fused path for every storage layout (`crate::storage`).
     impl {
-        fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-            // Everything is checked before the first counter is written: a
-            // refused call leaves the step counters as they were.
+        fn check(&self, batch: &TensorBatch, scalars: &ScalarState, _exec: Exec) -> Result<()> {
             check(self, batch, scalars.slots())?;
             for i in 0..batch.slots() {
                 BiasCorrection::check(self, scalars.incremented(i, 0), batch.slot(i).dtype)?;
             }
+            Ok(())
+        }
+
+        fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+            // Everything is checked before the first counter is written: a
+            // refused call leaves the step counters as they were.
+            <Self as crate::optimizer::Optimizer>::check(self, batch, scalars, exec)?;
             let steps: Vec<f64> = (0..batch.slots())
                 .map(|i| scalars.increment(i, 0))
                 .collect();

@@ -77,13 +77,18 @@ impl Optimizer for Adam8bitConfig {
         SPECS.to_vec()
     }
 
-    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
-        // Checked before the first counter is written.
+    fn check(&self, batch: &TensorBatch, scalars: &ScalarState, exec: Exec) -> Result<()> {
         check_batch(Self::NAME, batch, exec)?;
-        // Adam's errors for a step counter its bias corrections cannot take, before any write.
+        // Adam's errors for a step counter its bias corrections cannot take.
         for i in 0..batch.slots() {
             BiasCorrection::check(&self.adam, scalars.incremented(i, 0), batch.slot(i).dtype)?;
         }
+        Ok(())
+    }
+
+    fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
+        // Checked before the first counter is written.
+        self.check(batch, scalars, exec)?;
         let per_slot: Vec<BiasCorrection> = (0..batch.slots())
             .map(|i| BiasCorrection::new(&self.adam, scalars.increment(i, 0)))
             .collect();

@@ -27,7 +27,7 @@ impl PerElement for AdamaxConfig {
     type Update<T: Element> = AdamaxUpdate<T>;
 
     /// torch's `lr / (1 - beta1 ** step)` raises (a zero divisor, a power out of range).
-    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+    fn check_slot(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
         let step = scalars.incremented(slot, 0);
         Error::checked_py_div(self.lr, 1.0 - Error::checked_py_pow(self.beta1, step)?).map(drop)
     }

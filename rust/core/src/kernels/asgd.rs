@@ -49,7 +49,7 @@ impl PerElement for AsgdConfig {
         (eta, mu)
     }
 
-    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+    fn check_slot(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
         let base = 1.0 + self.lambd * self.lr * scalars.incremented(slot, 0);
         let divisor = self.eta_divisor(scalars.incremented(slot, 0));
         if base == 0.0 && self.alpha < 0.0 {

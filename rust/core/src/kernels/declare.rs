@@ -93,6 +93,15 @@ macro_rules! optimizer {
         }
     };
     (@step []) => {
+        fn check(
+            &self,
+            batch: &$crate::tensors::TensorBatch,
+            scalars: &$crate::tensors::ScalarState,
+            _exec: $crate::engine::Exec,
+        ) -> $crate::error::Result<()> {
+            $crate::kernels::declare::check(self, batch, scalars)
+        }
+
         fn step(
             &self,
             batch: &$crate::tensors::TensorBatch,
@@ -151,7 +160,7 @@ pub(crate) trait PerElement: Optimizer {
     /// Fails where the twin's Python arithmetic raises for tensor `slot`'s next
     /// step (a division by zero, a power out of range). Every slot is checked
     /// before any scalar state advances.
-    fn check(&self, _scalars: &ScalarState, _slot: usize) -> Result<()> {
+    fn check_slot(&self, _scalars: &ScalarState, _slot: usize) -> Result<()> {
         Ok(())
     }
 
@@ -183,6 +192,21 @@ pub(crate) fn step<O: PerElement>(
 ) -> Result<()> {
     // Checked before the first counter is written, also when called without
     // the table entry's checks.
+    check(optimizer, batch, scalars)?;
+    let per_slot: Vec<O::Slot> = (0..batch.slots())
+        .map(|slot| optimizer.advance(scalars, slot))
+        .collect();
+    run(optimizer, &per_slot, batch, exec);
+    Ok(())
+}
+
+/// What [`step`] refuses before it writes: the layout, and every slot's
+/// [`PerElement::check_slot`].
+pub(crate) fn check<O: PerElement>(
+    optimizer: &O,
+    batch: &TensorBatch,
+    scalars: &ScalarState,
+) -> Result<()> {
     let arity = 2 + optimizer.state_keys().len();
     if batch.arity() != arity {
         return Err(Error::Mismatch(format!(
@@ -202,12 +226,8 @@ pub(crate) fn step<O: PerElement>(
         )));
     }
     for slot in 0..batch.slots() {
-        optimizer.check(scalars, slot)?;
+        optimizer.check_slot(scalars, slot)?;
     }
-    let per_slot: Vec<O::Slot> = (0..batch.slots())
-        .map(|slot| optimizer.advance(scalars, slot))
-        .collect();
-    run(optimizer, &per_slot, batch, exec);
     Ok(())
 }
 

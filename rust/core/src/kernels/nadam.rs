@@ -40,7 +40,7 @@ impl PerElement for NadamConfig {
 
     /// torch's Python arithmetic raises, in its order: `beta2 ** step` and the two `0.96 ** ...`
     /// (out of range), then the divisors `1 - mu_product` and `1 - mu_product * mu_next` (zero).
-    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+    fn check_slot(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
         let step = scalars.incremented(slot, 0);
         Error::checked_py_pow(self.beta2, step)?;
         let mu =

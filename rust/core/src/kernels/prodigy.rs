@@ -53,6 +53,10 @@ optimizer! {
     impl {
         const FLAT_STATE: &'static [&'static str] = &["s"];
 
+        fn check(&self, batch: &TensorBatch, scalars: &ScalarState, _exec: Exec) -> Result<()> {
+            super::declare::check(self, batch, scalars)
+        }
+
         fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
             super::declare::step(self, batch, scalars, exec)
         }

@@ -38,7 +38,7 @@ impl PerElement for RadamConfig {
 
     /// torch's Python arithmetic raises, in its order: `beta1 ** step`, `beta2 ** step` (out of
     /// range), `2 / (1 - beta2)`, then `... / bias_correction2` (a zero divisor).
-    fn check(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
+    fn check_slot(&self, scalars: &ScalarState, slot: usize) -> Result<()> {
         let step = scalars.incremented(slot, 0);
         Error::checked_py_pow(self.beta1, step)?;
         let bias_correction2 = 1.0 - Error::checked_py_pow(self.beta2, step)?;

@@ -75,9 +75,13 @@ impl Optimizer for Sgd8bitConfig {
         SPECS.to_vec()
     }
 
+    fn check(&self, batch: &TensorBatch, _scalars: &ScalarState, exec: Exec) -> Result<()> {
+        check_batch(Self::NAME, batch, exec)
+    }
+
     fn step(&self, batch: &TensorBatch, scalars: &mut ScalarState, exec: Exec) -> Result<()> {
         // Checked before the first counter is written.
-        check_batch(Self::NAME, batch, exec)?;
+        self.check(batch, scalars, exec)?;
         let updates: Vec<SgdUpdate<f32>> = (0..batch.slots())
             .map(|i| self.sgd.update::<f32>(scalars.increment(i, 0) == 1.0))
             .collect();
