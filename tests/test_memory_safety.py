@@ -129,6 +129,10 @@ GROUP_CASES = [
     (oxoptim.Adam, dict(lr=0.01)),
     (oxoptim.Adam, dict(lr=0.01, weight_decay=0.1)),
     (oxoptim.AdamW, dict(lr=0.01, amsgrad=True)),
+    # One native call for every group: the BIG parameter's state is 8-bit, the SMALL one's fp32
+    # (SGD8bit takes that call only when every parameter's state is 8-bit).
+    (oxoptim.AdamW8bit, dict(lr=0.01)),
+    (oxoptim.SGD8bit, dict(lr=0.1, momentum=0.9, min_8bit_size=SMALL)),
 ]
 
 
@@ -156,7 +160,8 @@ def _group_run(cls, kw, steps: Optional[int] = None, repoint: bool = False) -> t
                 p.grad = None
         return _junk_like(sizes)
 
-    vandal = OnNativeCall([cls._fast_step], attack) if steps is None else None
+    native_step = getattr(cls, "_native_step", None) or cls._fast_step  # whose last call is the native one
+    vandal = OnNativeCall([native_step], attack) if steps is None else None
     step = 0
     while (step < steps) if vandal is None else (vandal.hits < ROUNDS and step < MAX_TRIES):
         current[:] = _grads(step)

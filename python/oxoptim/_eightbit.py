@@ -139,7 +139,8 @@ class EightBitOptimizer(torch.optim.Optimizer):
             parts = [(self.KIND, self._hyper(group)), *([fp32] if fp32 is not None else [])]
             rounding = self._rounding(group, group["params"])
             calls.append((group["params"], parts, rounding.get("stochastic_round"), rounding.get("stream_ids")))
-        return bool(_core.groups_step(calls, self.state, cache, num_threads=num_threads()))
+        threads = num_threads()
+        return _core.groups_step(calls, self.state, cache, num_threads=threads)  # the last call: see test_memory_safety
 
     def _fp32_part(self, group: dict) -> Optional[tuple[str, dict]]:
         """The kernel and hyper-parameters that step the group's parameters under ``min_8bit_size``
