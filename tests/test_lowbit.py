@@ -747,22 +747,28 @@ def test_8bit_step_counter_out_of_range_raises_adams_error_and_changes_nothing(o
 
 
 @pytest.mark.parametrize("cls", [oxoptim.AdamW8bit, oxoptim.Adam8bit])
-@pytest.mark.parametrize("where", ["later group", "small parameter of the same group"])
+@pytest.mark.parametrize("where", ["later group", "small parameter of the same group", "beside a new group"])
 def test_a_counter_adam_cannot_take_in_a_later_kernel_call_changes_nothing(cls, where) -> None:
     """One step runs several kernel calls (each group's 8-bit and fp32-state parameters): a step
     counter Adam's bias corrections cannot take in the last one raises torch's error before the
-    first call writes (it stepped the earlier calls' parameters)."""
-    big, other = torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(3000 if where == "later group" else 10))
-    groups = [{"params": [big]}, {"params": [other]}] if where == "later group" else [{"params": [big, other]}]
+    first call writes (it stepped the earlier calls' parameters). Also on a step that makes fresh
+    state (a group added since), which took a call per group and kind."""
+    big, other = torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(10 if "small" in where else 3000))
+    groups = [{"params": [big, other]}] if "small" in where else [{"params": [big]}, {"params": [other]}]
     opt = cls(groups, lr=0.1, min_8bit_size=100)
-    for i, p in enumerate((big, other)):
+    params = [big, other]
+    for i, p in enumerate(params):
         p.grad = _grad(p, i)
     opt.step()
+    if where == "beside a new group":
+        params.append(torch.nn.Parameter(torch.randn(3000)))
+        opt.add_param_group({"params": [params[-1]]})
+        params[-1].grad = _grad(params[-1], 2)
     opt.state[other]["step"].fill_(-1.0)  # the next step's bias_correction1 is 1 - beta1**0 = 0
-    before = snapshot([big, other], opt)
+    before = snapshot(params, opt)
     with pytest.raises(ZeroDivisionError, match="float division by zero"):
         opt.step()
-    assert same(snapshot([big, other], opt), before)
+    assert same(snapshot(params, opt), before)  # a new parameter keeps no fresh state either
 
 
 def test_a_step_counter_the_native_call_cannot_take_is_refused_before_any_group_is_written() -> None:

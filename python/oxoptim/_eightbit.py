@@ -108,22 +108,31 @@ class EightBitOptimizer(torch.optim.Optimizer):
         if in_backward is not None:
             in_backward.finish()  # the parameters were updated during backward
             return loss
-        cache = tensor_cache(self)
-        cache.begin_step()
-        try:
-            native = self._native_step(self.param_groups, cache)
-        finally:
-            cache.finish_step()
-        if native:
-            for group in self.param_groups:
-                self._advance_group(group)
+        if self._step_in_one_call([]):
             return loss
         # Everything is checked, and fresh state made, before anything is written.
         plans = [self._plan(group) for group in self.param_groups]
+        if self._step_in_one_call(plans):
+            return loss
         for group, plan in zip(self.param_groups, plans):
             self._apply(group, plan)
             self._advance_group(group)
         return loss
+
+    def _step_in_one_call(self, plans: list) -> bool:
+        """Every group stepped by :meth:`_native_step_with_fresh_state` (``plans``: the fresh state
+        :meth:`_plan` made, if any), the groups' rounding streams moved on; False, having written
+        nothing, where the native call declines."""
+        cache = tensor_cache(self)
+        cache.begin_step()
+        try:
+            stepped = self._native_step_with_fresh_state(self.param_groups, plans, cache)
+        finally:
+            cache.finish_step()
+        if stepped:
+            for group in self.param_groups:
+                self._advance_group(group)
+        return stepped
 
     def _native_step(self, groups: list, cache: Any) -> bool:
         """Steps ``groups`` in one native call, all or nothing, when every parameter with a gradient
@@ -142,6 +151,22 @@ class EightBitOptimizer(torch.optim.Optimizer):
         threads = num_threads()
         return _core.groups_step(calls, self.state, cache, num_threads=threads)  # the last call: see test_memory_safety
 
+    def _native_step_with_fresh_state(self, groups: list, plans: list, cache: Any) -> bool:
+        """:meth:`_native_step` once the fresh state of ``plans`` (from :meth:`_plan`) is in place:
+        the one call checks every kernel call (step counters included) before the first writes,
+        which :meth:`_apply`'s call per group and kind cannot. False, or an error, having written
+        nothing and stored no fresh state."""
+        fresh = {p: entry for plan in plans for p, entry in plan[0].items()}
+        self.state.update(fresh)
+        stepped = False
+        try:
+            stepped = self._native_step(groups, cache)
+        finally:
+            if not stepped:
+                for p in fresh:
+                    del self.state[p]
+        return stepped
+
     def _fp32_part(self, group: dict) -> Optional[tuple[str, dict]]:
         """The kernel and hyper-parameters that step the group's parameters under ``min_8bit_size``
         (fp32 state) in the native call of :meth:`_native_step`, or None: such a group takes the
@@ -152,8 +177,11 @@ class EightBitOptimizer(torch.optim.Optimizer):
         """Steps ``group``, a copy of one of the groups holding some of its parameters
         (``step_in_backward``'s bucket; 8-bit calls keep no layout cache; what they cannot
         take is refused, never handed to torch, so ``native`` changes nothing)."""
-        if not self._native_step([group], cache):
-            self._apply(group, self._plan(group))
+        if self._native_step([group], cache):
+            return
+        plan = self._plan(group)
+        if not self._native_step_with_fresh_state([group], [plan], cache):
+            self._apply(group, plan)
 
     def _bucket_group(self, group: dict, params: list) -> dict:
         """The group ``step_in_backward`` steps for one bucket: a copy of ``group`` holding ``params``."""
