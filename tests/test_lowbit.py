@@ -746,13 +746,23 @@ def test_8bit_step_counter_out_of_range_raises_adams_error_and_changes_nothing(o
 
 
 
+def _strided(g: torch.Tensor) -> torch.Tensor:
+    """``g``'s values in a non-contiguous tensor (every other element of a buffer)."""
+    out = torch.zeros(g.numel(), 2)[:, 0].view(g.shape)
+    out.copy_(g)
+    assert not out.is_contiguous()
+    return out
+
+
 @pytest.mark.parametrize("cls", [oxoptim.AdamW8bit, oxoptim.Adam8bit])
 @pytest.mark.parametrize("where", ["later group", "small parameter of the same group", "beside a new group"])
-def test_a_counter_adam_cannot_take_in_a_later_kernel_call_changes_nothing(cls, where) -> None:
+@pytest.mark.parametrize("calls", ["one call", "a call per group and kind"])
+def test_a_counter_adam_cannot_take_in_a_later_kernel_call_changes_nothing(cls, where, calls) -> None:
     """One step runs several kernel calls (each group's 8-bit and fp32-state parameters): a step
     counter Adam's bias corrections cannot take in the last one raises torch's error before the
     first call writes (it stepped the earlier calls' parameters). Also on a step that makes fresh
-    state (a group added since), which took a call per group and kind."""
+    state (a group added since), and where a strided gradient of the first parameter sends the
+    step to a call per group and kind (the one native call takes contiguous gradients only)."""
     big, other = torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(10 if "small" in where else 3000))
     groups = [{"params": [big, other]}] if "small" in where else [{"params": [big]}, {"params": [other]}]
     opt = cls(groups, lr=0.1, min_8bit_size=100)
@@ -765,6 +775,8 @@ def test_a_counter_adam_cannot_take_in_a_later_kernel_call_changes_nothing(cls, 
         opt.add_param_group({"params": [params[-1]]})
         params[-1].grad = _grad(params[-1], 2)
     opt.state[other]["step"].fill_(-1.0)  # the next step's bias_correction1 is 1 - beta1**0 = 0
+    if calls != "one call":
+        big.grad = _strided(big.grad)
     before = snapshot(params, opt)
     with pytest.raises(ZeroDivisionError, match="float division by zero"):
         opt.step()

@@ -731,6 +731,14 @@ def _conv_loss(model: torch.nn.Module) -> torch.Tensor:
     return model(torch.randn(2, 3, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)).float().square().sum()
 
 
+def _stepped_once(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: Callable) -> torch.optim.Optimizer:
+    """``opt`` after one ordinary step of ``loss(model)`` (its state made)."""
+    loss(model).backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
 # (case, model, optimizer, a change after entry, the loss, the error, its message)
 REFUSED_IN_BACKWARD = [
     ("schedule-free in eval mode", _float_conv, lambda m: oxoptim.AdamWScheduleFree(m.parameters(), lr=0.1), lambda opt: opt.eval(),
@@ -741,6 +749,12 @@ REFUSED_IN_BACKWARD = [
      lambda m: m[1](m[0](torch.randn(2, 16).half()).float()).sum(), ValueError, "8-bit state needs"),
     ("skip_nonfinite set after entry", _float_conv, lambda m: oxoptim.AdamW(m.parameters(), lr=0.1),
      lambda opt: opt.param_groups[0].update(skip_nonfinite=True), _conv_loss, ValueError, "set after step_in_backward was entered"),
+    # The first layer's counter, whose update comes last in backward (bias_correction1 = 1 - beta1**0 = 0).
+    *((f"a step counter Adam cannot take ({name})", _float_conv, lambda m, make=make: _stepped_once(make(m), m, _conv_loss),
+       lambda opt: opt.state[opt.param_groups[0]["params"][0]]["step"].fill_(-1.0), _conv_loss, ZeroDivisionError, "float division by zero")
+      for name, make in [("8-bit state", lambda m: oxoptim.AdamW8bit(m.parameters(), lr=0.1, min_8bit_size=16)),
+                         ("8-bit optimizer, fp32 state", lambda m: oxoptim.AdamW8bit(m.parameters(), lr=0.1, min_8bit_size=10**6)),
+                         ("fp32 twin", lambda m: oxoptim.AdamW(m.parameters(), lr=0.1))]),
 ]  # fmt: skip
 
 

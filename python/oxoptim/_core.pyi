@@ -60,6 +60,7 @@ def step(
     bf16_state: bool = False,
     stream_ids: Optional[list[int]] = None,
     stream_offsets: Optional[list[int]] = None,
+    check_only: bool = False,
 ) -> bool: ...
 def group_step(
     kind: str,

@@ -16,7 +16,7 @@ from . import _blockwise as bw
 from . import _core
 from ._hooks import load_hooks_outside
 from ._lowprec import GROUP_KEYS, check_low_precision, draw_seed, keep_own_options, shares_memory, stream_ids
-from ._native import drop_unfinished_iteration, evaluate_closure, num_threads, tensor_cache
+from ._native import check_scalar_state, drop_unfinished_iteration, evaluate_closure, num_threads, tensor_cache
 
 __all__ = ["EightBitOptimizer"]
 
@@ -114,6 +114,9 @@ class EightBitOptimizer(torch.optim.Optimizer):
         plans = [self._plan(group) for group in self.param_groups]
         if self._step_in_one_call(plans):
             return loss
+        # A call per group and kind: every call's refusals checked before the first writes.
+        for group, plan in zip(self.param_groups, plans):
+            self._check_calls(group, plan)
         for group, plan in zip(self.param_groups, plans):
             self._apply(group, plan)
             self._advance_group(group)
@@ -181,6 +184,7 @@ class EightBitOptimizer(torch.optim.Optimizer):
             return
         plan = self._plan(group)
         if not self._native_step_with_fresh_state([group], [plan], cache):
+            self._check_calls(group, plan)
             self._apply(group, plan)
 
     def _bucket_group(self, group: dict, params: list) -> dict:
@@ -193,9 +197,17 @@ class EightBitOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
             check_low_precision(type(self).__name__, group)
+            eight: list = []
+            full: list = []
             for i, p in enumerate(group["params"]):
                 if p.requires_grad:
-                    self._check_param(group, i, p, self.state.get(p) or None)
+                    entry = self.state.get(p) or None
+                    self._check_param(group, i, p, entry)
+                    if entry is not None:
+                        (eight if bw.is_8bit(entry) else full).append((p, entry))
+            # The kernels' refusals of step counters, as the ordinary step's one call checks them.
+            check_scalar_state(self.KIND, self._hyper(group), [p for p, _ in eight], [e for _, e in eight])
+            self._check_fp32(group, full)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # The iteration first: a DDP bucket update still running must end before gradients are cleared.
@@ -203,6 +215,16 @@ class EightBitOptimizer(torch.optim.Optimizer):
             drop_unfinished_iteration(self)
         finally:
             super().zero_grad(set_to_none)
+
+    def _check_calls(self, group: dict, plan: tuple[dict, list, list]) -> None:
+        """Raises what :meth:`_apply`'s kernel calls for ``group`` would refuse (a step count their
+        arithmetic cannot take), writing nothing."""
+        _, eight, full = plan
+        self._step_8bit(group, eight, check_only=True)
+        self._check_fp32(group, full)
+
+    def _check_fp32(self, group: dict, full: list) -> None:
+        """What :meth:`_step_fp32` would refuse, raised before anything is written (nothing by default)."""
 
     def _apply(self, group: dict, plan: tuple[dict, list, list]) -> None:
         fresh, eight, full = plan
@@ -316,14 +338,16 @@ class EightBitOptimizer(torch.optim.Optimizer):
                 entry[moment] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return entry
 
-    def _step_8bit(self, group: dict, eight: list) -> None:
+    def _step_8bit(self, group: dict, eight: list, check_only: bool = False) -> None:
+        """The 8-bit parameters' kernel call (``check_only``: its refusals, nothing written)."""
         if not eight:
             return
         params = [p for p, _ in eight]
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         state = [[entry[k] for _, entry in eight] for k in self._state_keys()]
         steps = [[entry["step"] for _, entry in eight]]
-        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads(), **self._rounding(group, params)):
+        if not _core.step(self.KIND, params, grads, state, steps, self._hyper(group), num_threads=num_threads(),
+                          check_only=check_only, **self._rounding(group, params)):
             raise ValueError(f"{type(self).__name__}: some 8-bit state tensors share memory or have the wrong dtype, or a "
                              "tensor is not aligned for its dtype (a view at an odd byte offset of a buffer)")
 

@@ -12,7 +12,7 @@ import torch
 # The private helper torch's own optimizers use to set grad mode in step().
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-__all__ = ["HUGE_HYPER", "any_sparse_grad", "drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native",
+__all__ = ["HUGE_HYPER", "any_sparse_grad", "check_scalar_state", "drop_unfinished_iteration", "use_grad_for_differentiable", "evaluate_closure", "group_is_native",
            "has_huge_hyper", "num_threads", "scalar", "step_groups", "step_or_restore", "tensor_cache"]
 
 
@@ -163,6 +163,39 @@ def step_or_restore(optimizer: Any, groups: list, step: Callable[[], None]) -> N
             g.clear()
             g.update(saved_group)
         raise
+
+
+def check_scalar_state(kind: str, hyper: dict, params: list, entries: list, **options: Any) -> None:
+    """Raises what kernel ``kind`` refuses for the step counters and other scalar state of
+    ``params`` (torch's error: Adam's ``ZeroDivisionError`` for a bias correction of 0), writing
+    nothing and needing no gradient: the kernel's own check runs on one-element stand-ins of a
+    parameter, its gradient and state arrays (of their dtypes) beside a copy of its scalar cells,
+    once per distinct set of dtypes and cell values. For kernels whose arrays are all
+    parameter-shaped; ``step_in_backward`` checks so, before the first update of an iteration,
+    what the ordinary step refuses for a whole group before writing. Parameters without
+    (complete) state are passed over: the step makes theirs."""
+    from . import _core
+
+    arrays, scalars = _core.layout(kind, hyper)
+    distinct: dict = {}  # (dtypes, cell values) -> one parameter's (dtypes, cells)
+    for p, e in zip(params, entries):
+        try:
+            cells = [e[k] for k in scalars]
+            dtypes = (p.dtype, *[e[k].dtype for k in arrays])
+            key = (*dtypes, *[(c.dtype, c.item()) for c in cells])
+        except (KeyError, TypeError, AttributeError, RuntimeError):
+            continue  # no (complete) state, not tensors, a cell of several elements: the step decides
+        distinct.setdefault(key, (dtypes, cells))
+    if not distinct:
+        return
+    held = list(distinct.values())
+
+    def stand_ins(k: int) -> list:  # one-element tensors of dtype k of each held row (0: the parameter's)
+        return [torch.zeros(1, dtype=dtypes[k]) for dtypes, _ in held]
+
+    _core.step(kind, stand_ins(0), stand_ins(0), [stand_ins(1 + j) for j in range(len(arrays))],
+               [[cells[i].detach().clone() for _, cells in held] for i in range(len(scalars))], hyper,
+               check_only=True, **options)
 
 
 def drop_unfinished_iteration(optimizer: Any) -> None:

@@ -28,8 +28,8 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from . import _core
-from ._native import (drop_unfinished_iteration, evaluate_closure, group_is_native, has_huge_hyper, num_threads, step_groups,
-                      step_or_restore, use_grad_for_differentiable)
+from ._native import (check_scalar_state, drop_unfinished_iteration, evaluate_closure, group_is_native, has_huge_hyper, num_threads,
+                      step_groups, step_or_restore, use_grad_for_differentiable)
 from ._skip import SkipNonfinite
 from ._state import CheckedStateDict
 
@@ -115,6 +115,9 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
     #: Whether ``step_in_backward`` can step its groups piece by piece (not when
     #: a step needs every gradient first, as Prodigy's estimate of ``d``).
     STEPS_IN_BACKWARD: ClassVar[bool] = True
+    #: Whether the kernel's state arrays are all parameter-shaped, so that its scalar-state checks
+    #: run on one-element stand-ins (not Adafactor's factored moments).
+    SCALARS_CHECKED_ON_STAND_INS: ClassVar[bool] = True
     _TORCH: ClassVar[type[torch.optim.Optimizer]]
     _HYPER: ClassVar[tuple[str, ...]]
     _HYPER_KEYS: ClassVar[frozenset[str]]
@@ -181,7 +184,18 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
 
     def _check_before_backward_steps(self) -> None:
         """What ``step`` refuses before any group is stepped, checked by ``step_in_backward`` before
-        its first update of each iteration (gradients are not known yet: the parameters are)."""
+        its first update of each iteration (gradients are not known yet: the parameters are): here,
+        the kernel's refusals of step counters and other scalar state (:func:`check_scalar_state`),
+        which the ordinary step raises before it writes the group."""
+        if not self.SCALARS_CHECKED_ON_STAND_INS:
+            return
+        state = self.state  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            if not group_is_native(self, group):  # type: ignore[arg-type]
+                continue  # torch's step, whose errors come from torch
+            trained = [p for p in group["params"] if p.requires_grad]
+            for hyper, params in self._kernel_calls(group, trained):
+                check_scalar_state(self.KIND, hyper, params, [state.get(p) for p in params])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # The iteration first: a DDP bucket update still running must end before gradients are cleared.

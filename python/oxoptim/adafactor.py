@@ -51,6 +51,7 @@ class Adafactor(TorchTwin, torch.optim.Adafactor, kind="adafactor"):
 """
         + NATIVE_NOTE
     )
+    SCALARS_CHECKED_ON_STAND_INS = False  # factored moments: a one-element stand-in is not factored
 
     def required_state(self, group: dict) -> tuple[str, ...]:
         return ("step",)  # the moments depend on each parameter's dimension: required_param_state

@@ -11,7 +11,7 @@ from torch.optim.adam import adam as torch_adam  # `torch.optim.adam` is not an 
 from . import _blockwise as bw
 from . import _core
 from ._eightbit import EightBitOptimizer
-from ._native import num_threads
+from ._native import check_scalar_state, num_threads
 
 __all__ = ["Adam8bit", "AdamW8bit"]
 
@@ -127,6 +127,13 @@ class Adam8bit(EightBitOptimizer):
     def _fp32_part(self, group: dict) -> tuple[str, dict]:
         """``oxoptim.Adam``'s kernel, as :meth:`_step_fp32` calls it."""
         return "adam", {**self._hyper(group), "amsgrad": False, "maximize": False}
+
+    def _check_fp32(self, group: dict, full: list) -> None:
+        """A step count Adam's bias corrections cannot take (torch's error), from the kernel's check
+        (:func:`check_scalar_state`; whatever the tensors' layout, which may send the step itself to
+        torch's path, whose refusals are the same)."""
+        kind, adam_hyper = self._fp32_part(group)
+        check_scalar_state(kind, adam_hyper, [p for p, _ in full], [entry for _, entry in full])
 
     def _step_fp32(self, group: dict, full: list) -> None:
         if not full:

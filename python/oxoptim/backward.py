@@ -60,8 +60,10 @@ is the global norm of the last finished iteration's (unclipped) gradients.
 Before its first update of each iteration the context makes the checks the
 ordinary ``step()`` makes before writing anything, on the parameters (their
 gradients are not known yet): Schedule-Free's train mode, the low-precision
-and 8-bit options' needs, ``skip_nonfinite`` switched on after entry. A
-refusal is raised by backward with nothing updated. A group the ordinary step
+and 8-bit options' needs, ``skip_nonfinite`` switched on after entry, step
+counters (and other scalar state) the kernels cannot take (Adam's bias
+correction of 0 for a loaded step of -1). A refusal is raised by backward
+with nothing updated. A group the ordinary step
 would hand whole to torch's implementation (a parameter the kernels cannot
 take, such as a channels-last weight, or parameters sharing memory) goes to
 torch bucket by bucket, so results stay bit-identical. What only a gradient

@@ -397,8 +397,12 @@ fn state_shapes(entry: &Entry, configured: &dyn Configured) -> Vec<StateShape> {
 /// list per entry of `layout(kind, hyper)[0]`, `scalars` one per entry of
 /// `layout(kind, hyper)[1]`, each aligned with `params`. Returns False (having
 /// touched nothing) when some tensor needs torch's own implementation.
+/// With `check_only` nothing runs: True when the call would be taken, False when it
+/// would decline, the kernel's error for what it would refuse (a step count its
+/// arithmetic cannot take); a caller making several calls checks them all before the
+/// first writes.
 #[pyfunction]
-#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false, stream_ids=None, stream_offsets=None))]
+#[pyo3(signature = (kind, params, grads, state, scalars, hyper, *, num_threads=1, backend=None, stochastic_round=None, compensation=None, bf16_state=false, stream_ids=None, stream_offsets=None, check_only=false))]
 #[allow(clippy::too_many_arguments)]
 fn step<'py>(
     py: Python<'py>,
@@ -415,6 +419,7 @@ fn step<'py>(
     bf16_state: bool,
     stream_ids: Option<Vec<u64>>,
     stream_offsets: Option<Vec<u64>>,
+    check_only: bool,
 ) -> PyResult<bool> {
     let entry = entry(kind)?;
     let Some(configured) = configure(&entry, hyper)? else {
@@ -481,6 +486,15 @@ fn step<'py>(
             .extend(stream_ids.as_ref().map(|ids| ids[i]));
     }
     let memos = (&mut DisjointMemo::default(), &mut DisjointMemo::default());
+    if check_only {
+        let Some(prepared) = gathered.prepare(&entry, exec, memos)? else {
+            return Ok(false);
+        };
+        entry
+            .check(configured.as_ref(), &prepared.batch, &prepared.scalars, exec)
+            .map_err(core_error)?;
+        return Ok(true);
+    }
     if !gathered.run(&entry, configured.as_ref(), exec, memos)? {
         return Ok(false);
     }
