@@ -145,11 +145,18 @@ class Roofline:
         for r, w in PATTERNS:
             self.gbps[(r, w)] = max(self.gbps.get((r, w), 0.0), run[f"{r}:{w}"])
 
+    def capped(self) -> bool:
+        """Whether the probe arrays are smaller than the LLC's multiple (``--probe-mib``)."""
+        return self.elements < probe_elements(self.llc)
+
     def summary(self) -> str:
         mixes = ", ".join(f"{r} read/{w} written {self.gbps[(r, w)]:.1f} GB/s" for r, w in PATTERNS)
+        size = (f"{self.elements * F32 / 2**20:.0f} MiB per array, capped below {DRAM_FACTOR}× the {self.llc / 2**20:.0f} MiB LLC "
+                "by --probe-mib: partly cache bandwidth, so the % columns read low" if self.capped()
+                else f"{self.elements * F32 / 2**20:.0f} MiB per array = {DRAM_FACTOR}× the {self.llc / 2**20:.0f} MiB LLC")
         return (
             f"DRAM roofline (benches/stream_probe.rs and oxoptim's engine, {self.threads} threads, {len(self.runs)} runs, best of each; "
-            f"{self.elements * F32 / 2**20:.0f} MiB per array = {DRAM_FACTOR}× the {self.llc / 2**20:.0f} MiB LLC): {mixes}; "
+            f"{size}): {mixes}; "
             f"cross-check, torch a += s·b (2 read/1 written) {self.torch_inplace:.1f} GB/s"
         )
 
@@ -158,6 +165,7 @@ class Roofline:
             "llc_bytes": self.llc,
             "llc_source": self.llc_source,
             "elements_per_array": self.elements,
+            "capped": self.capped(),
             "threads": self.threads,
             "gbps": {f"{r}:{w}": v for (r, w), v in self.gbps.items()},
             "runs": self.runs,
@@ -250,9 +258,13 @@ def torch_inplace_gbps(elements: int, reps: int) -> float:
     return best
 
 
-def measure_roofline(reps: int) -> Roofline:
+def measure_roofline(reps: int, max_mib: Optional[int] = None) -> Roofline:
+    """The roofline from probe arrays of 4 LLCs each, or at most ``max_mib`` MiB each (a smoke run
+    on a machine with a large LLC: 4 × 480 MiB arrays take minutes per probe)."""
     llc, source = llc_bytes()
     elements = probe_elements(llc)
+    if max_mib is not None:
+        elements = min(elements, max_mib * 2**20 // F32)
     threads = torch.get_num_threads()
     roof = Roofline(llc, source, elements, threads, {}, [], 0.0)
     roof.remeasure(reps)

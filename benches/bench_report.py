@@ -130,7 +130,7 @@ def header_lines(data: dict) -> List[str]:
         + (f", workers `{data['parallel']}`" if data.get("parallel") else "")
         + f"), {data['threads']} threads, Python {data['python']}",
         f"- last-level cache {_mib(roof['llc_bytes'])} ({roof['llc_source']}); DRAM roofline from {probes} "
-        f"({_mib(roof['elements_per_array'] * F32)} per array, best of {len(roof['runs'])} runs, at the start and after each shape set; each mix with same-offset and staggered arrays, in chunks and in one piece per thread): {mixes}"
+        f"({_mib(roof['elements_per_array'] * F32)} per array{', capped by --probe-mib below 4 LLCs: partly cache bandwidth, so the % column reads low' if roof.get('capped') else ''}, best of {len(roof['runs'])} runs, at the start and after each shape set; each mix with same-offset and staggered arrays, in chunks and in one piece per thread): {mixes}"
         + (f" (best GB/s per probe: {'; '.join(by_probe)})" if by_probe else "")
         + "; "
         f"cross-check, torch `a += s·b` {roof['torch_inplace_gbps']:.1f} GB/s"

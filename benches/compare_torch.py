@@ -21,7 +21,7 @@ roofline is a streaming probe with the same mix of streams over arrays 4× the
 last-level cache (``bandwidth.py``).
 
     python benches/compare_torch.py            # full run (see benches/README.md for its duration)
-    python benches/compare_torch.py --quick    # small version, well under a minute
+    python benches/compare_torch.py --quick    # small version, a few minutes (--probe-mib 64: about one)
 
 Writes JSON (``--out`` with .json), a markdown report (``--out``, default
 benches/results/compare_torch.md) and a PNG chart next to it. No timing
@@ -337,7 +337,10 @@ def without_out(args: List[str]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shape sets and few rounds (well under a minute)")
+    ap.add_argument("--quick", action="store_true", help="small shape sets and few rounds (a few minutes: the roofline probe's "
+                    "arrays are 4 LLCs each, unless --probe-mib caps them)")
+    ap.add_argument("--probe-mib", type=int, help="cap the roofline probe's arrays at this many MiB each (a smoke run; the "
+                    "summary says the %% columns then read low)")
     ap.add_argument("--rounds", type=int, help="rounds per case (default 7, quick 3)")
     ap.add_argument("--target", type=float, help="seconds per contender per mode per round (default 0.25, quick 0.02)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (oxoptim follows torch.get_num_threads())")
@@ -355,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python benches/compare_torch.py"] + without_out(list(argv if argv is not None else sys.argv[1:])))
 
-    roof = measure_roofline(probe_reps)
+    roof = measure_roofline(probe_reps, args.probe_mib)
     print(roof.summary())
     notes: List[str] = []
     all_cases = cases(notes)

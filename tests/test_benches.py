@@ -175,6 +175,25 @@ def test_engine_probe_runs_every_mix_in_both_layouts_and_joins_the_roofline(monk
     assert "`stream_probe.rs` 2:1 10.0, 3:2 99.0, 4:3 30.0" in header
 
 
+def test_a_capped_probe_uses_smaller_arrays_and_says_so(monkeypatch):
+    """``--probe-mib`` (CI's smoke run) caps the probe's arrays below 4 LLCs, and the summary and
+    the report header say that the % columns then read low; uncapped, neither says it."""
+    monkeypatch.setattr(bandwidth, "llc_bytes", lambda: (LLC, "test"))
+    seen = []
+    monkeypatch.setattr(bandwidth.Roofline, "remeasure", lambda self, reps: seen.append(self.elements))
+    full = bandwidth.measure_roofline(1)
+    capped = bandwidth.measure_roofline(1, max_mib=2)
+    assert seen == [bandwidth.probe_elements(LLC), 2 * 2**20 // bandwidth.F32]
+    assert not full.capped() and capped.capped() and bandwidth.measure_roofline(1, max_mib=10**6).capped() is False
+    for roof in (full, capped):
+        roof.gbps = {mix: 10.0 for mix in bandwidth.PATTERNS}
+        roof.runs = [{f"{r}:{w}": 10.0 for r, w in bandwidth.PATTERNS}]
+        data = _synthetic()
+        data["roofline"] = roof.to_json()
+        header = "\n".join(bench_report.header_lines(data))
+        assert ("capped" in roof.summary()) == ("capped by --probe-mib" in header) == (roof is capped)
+
+
 def test_engine_probe_staggers_its_arrays_like_stream_probe_rs_whatever_their_length(monkeypatch):
     # Array k must start k·STAGGER floats further into a page than array 0, as in stream_probe.rs;
     # 8944 floats + STAGGER is a whole number of pages, which would put all four at one offset.
