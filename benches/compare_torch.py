@@ -348,6 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--optimizers", help="comma-separated substrings selecting optimizers")
     ap.add_argument("--out", type=Path, help="markdown output (default benches/results/compare_torch[_quick].md); .json and .png alongside")
     args = ap.parse_args(argv)
+    if args.probe_mib is not None and args.probe_mib < 1:
+        ap.error(f"--probe-mib must be at least 1, got {args.probe_mib}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 7)

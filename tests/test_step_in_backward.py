@@ -754,7 +754,13 @@ REFUSED_IN_BACKWARD = [
        lambda opt: opt.state[opt.param_groups[0]["params"][0]]["step"].fill_(-1.0), _conv_loss, ZeroDivisionError, "float division by zero")
       for name, make in [("8-bit state", lambda m: oxoptim.AdamW8bit(m.parameters(), lr=0.1, min_8bit_size=16)),
                          ("8-bit optimizer, fp32 state", lambda m: oxoptim.AdamW8bit(m.parameters(), lr=0.1, min_8bit_size=10**6)),
-                         ("fp32 twin", lambda m: oxoptim.AdamW(m.parameters(), lr=0.1))]),
+                         ("fp32 twin", lambda m: oxoptim.AdamW(m.parameters(), lr=0.1)),
+                         ("bfloat16 state of float32 weights", lambda m: oxoptim.AdamW(m.parameters(), lr=0.1, state_dtype=torch.bfloat16))]),
+    # A loaded integer counter: the kernels decline it and torch's path raises, after earlier buckets.
+    ("an int64 step counter Adam cannot take", _float_conv,
+     lambda m: _stepped_once(oxoptim.AdamW(m.parameters(), lr=0.1), m, _conv_loss),
+     lambda opt: opt.state[opt.param_groups[0]["params"][0]].update(step=torch.tensor(-1, dtype=torch.int64)),
+     _conv_loss, ZeroDivisionError, "float division by zero"),
 ]  # fmt: skip
 
 

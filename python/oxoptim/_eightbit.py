@@ -206,7 +206,7 @@ class EightBitOptimizer(torch.optim.Optimizer):
                     if entry is not None:
                         (eight if bw.is_8bit(entry) else full).append((p, entry))
             # The kernels' refusals of step counters, as the ordinary step's one call checks them.
-            check_scalar_state(self.KIND, self._hyper(group), [p for p, _ in eight], [e for _, e in eight])
+            check_scalar_state(self.KIND, self._hyper(group), [p for p, _ in eight], [e for _, e in eight], state_like_param=False)
             self._check_fp32(group, full)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -165,37 +165,49 @@ def step_or_restore(optimizer: Any, groups: list, step: Callable[[], None]) -> N
         raise
 
 
-def check_scalar_state(kind: str, hyper: dict, params: list, entries: list, **options: Any) -> None:
+def check_scalar_state(kind: str, hyper: dict, params: list, entries: list, *, state_like_param: bool) -> bool:
     """Raises what kernel ``kind`` refuses for the step counters and other scalar state of
     ``params`` (torch's error: Adam's ``ZeroDivisionError`` for a bias correction of 0), writing
     nothing and needing no gradient: the kernel's own check runs on one-element stand-ins of a
-    parameter, its gradient and state arrays (of their dtypes) beside a copy of its scalar cells,
-    once per distinct set of dtypes and cell values. For kernels whose arrays are all
-    parameter-shaped; ``step_in_backward`` checks so, before the first update of an iteration,
-    what the ordinary step refuses for a whole group before writing. Parameters without
-    (complete) state are passed over: the step makes theirs."""
+    parameter, its gradient and state arrays beside a copy of its scalar cells, once per distinct
+    set of dtypes and cell values. The state stand-ins take the parameter's dtype
+    (``state_like_param``: a torch twin's, whose bfloat16 ``state_dtype`` is no scalar matter) or
+    the state's own (8-bit codes and scales); integer cells (a loaded ``step``) are checked as
+    float64, as torch's path, which takes them, reads their value. For kernels whose arrays are
+    all parameter-shaped; ``step_in_backward`` checks so, before the first update of an
+    iteration, what the ordinary step refuses for a whole group before writing. Parameters
+    without (complete) state are passed over: the step makes theirs. False where the kernel
+    declines the stand-ins (nothing checked)."""
     from . import _core
 
     arrays, scalars = _core.layout(kind, hyper)
-    distinct: dict = {}  # (dtypes, cell values) -> one parameter's (dtypes, cells)
+    distinct: dict = {}  # (dtypes, cell values): the rows to check
     for p, e in zip(params, entries):
         try:
             cells = [e[k] for k in scalars]
-            dtypes = (p.dtype, *[e[k].dtype for k in arrays])
-            key = (*dtypes, *[(c.dtype, c.item()) for c in cells])
+            dtypes = (p.dtype, *[p.dtype if state_like_param else e[k].dtype for k in arrays],
+                      *[c.dtype if c.dtype.is_floating_point else torch.float64 for c in cells])
+            distinct[(dtypes, tuple(c.item() for c in cells))] = None
         except (KeyError, TypeError, AttributeError, RuntimeError):
             continue  # no (complete) state, not tensors, a cell of several elements: the step decides
-        distinct.setdefault(key, (dtypes, cells))
     if not distinct:
-        return
-    held = list(distinct.values())
+        return True
+    rows = list(distinct)
 
-    def stand_ins(k: int) -> list:  # one-element tensors of dtype k of each held row (0: the parameter's)
-        return [torch.zeros(1, dtype=dtypes[k]) for dtypes, _ in held]
+    def column(dtypes: list, values: Optional[list] = None) -> list:
+        """One-element tensors of the rows, views of one buffer where they share a dtype."""
+        if all(d == dtypes[0] for d in dtypes):
+            whole = torch.zeros(len(rows), dtype=dtypes[0]) if values is None else torch.tensor(values, dtype=dtypes[0])
+            return list(whole.split(1))
+        return [torch.zeros(1, dtype=d) if values is None else torch.tensor([v], dtype=d) for d, v in zip(dtypes, values or dtypes)]
 
-    _core.step(kind, stand_ins(0), stand_ins(0), [stand_ins(1 + j) for j in range(len(arrays))],
-               [[cells[i].detach().clone() for _, cells in held] for i in range(len(scalars))], hyper,
-               check_only=True, **options)
+    def dtypes_at(k: int) -> list:
+        return [dtypes[k] for dtypes, _ in rows]
+
+    arity = 1 + len(arrays)
+    return _core.step(kind, column(dtypes_at(0)), column(dtypes_at(0)), [column(dtypes_at(1 + j)) for j in range(len(arrays))],
+                      [column(dtypes_at(arity + i), [values[i] for _, values in rows]) for i in range(len(scalars))], hyper,
+                      check_only=True)
 
 
 def drop_unfinished_iteration(optimizer: Any) -> None:

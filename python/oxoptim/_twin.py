@@ -195,7 +195,7 @@ class TorchTwin(CheckedStateDict, SkipNonfinite):
                 continue  # torch's step, whose errors come from torch
             trained = [p for p in group["params"] if p.requires_grad]
             for hyper, params in self._kernel_calls(group, trained):
-                check_scalar_state(self.KIND, hyper, params, [state.get(p) for p in params])
+                check_scalar_state(self.KIND, hyper, params, [state.get(p) for p in params], state_like_param=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # The iteration first: a DDP bucket update still running must end before gradients are cleared.

@@ -133,7 +133,7 @@ class Adam8bit(EightBitOptimizer):
         (:func:`check_scalar_state`; whatever the tensors' layout, which may send the step itself to
         torch's path, whose refusals are the same)."""
         kind, adam_hyper = self._fp32_part(group)
-        check_scalar_state(kind, adam_hyper, [p for p, _ in full], [entry for _, entry in full])
+        check_scalar_state(kind, adam_hyper, [p for p, _ in full], [entry for _, entry in full], state_like_param=True)
 
     def _step_fp32(self, group: dict, full: list) -> None:
         if not full:

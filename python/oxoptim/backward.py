@@ -63,7 +63,10 @@ gradients are not known yet): Schedule-Free's train mode, the low-precision
 and 8-bit options' needs, ``skip_nonfinite`` switched on after entry, step
 counters (and other scalar state) the kernels cannot take (Adam's bias
 correction of 0 for a loaded step of -1). A refusal is raised by backward
-with nothing updated. A group the ordinary step
+with nothing updated. Which parameters will get a gradient is not known yet,
+so a counter is checked for every trained parameter with state: one that gets
+no gradient in this iteration is refused too, where the ordinary step would
+pass it over until it gets one. A group the ordinary step
 would hand whole to torch's implementation (a parameter the kernels cannot
 take, such as a channels-last weight, or parameters sharing memory) goes to
 torch bucket by bucket, so results stay bit-identical. What only a gradient
