@@ -7,6 +7,7 @@ step against bitsandbytes where it imports."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 import warnings
@@ -793,7 +794,7 @@ def test_a_step_counter_the_native_call_cannot_take_is_refused_before_any_group_
     saved = copy.deepcopy(opt.state_dict())
     opt.state[b]["step"] = torch.tensor(1)
     before = snapshot([a, b], opt)
-    with pytest.raises(ValueError, match="must be a float32 CPU tensor of one element"):
+    with pytest.raises(ValueError, match="must be a float32 or float64 CPU tensor of one element"):
         opt.step()
     assert same(snapshot([a, b], opt), before)
     saved["state"][1]["step"] = torch.tensor(1, dtype=torch.int64)
@@ -801,6 +802,37 @@ def test_a_step_counter_the_native_call_cannot_take_is_refused_before_any_group_
     assert opt.state[b]["step"].dtype == torch.float32 and float(opt.state[b]["step"]) == 1
     opt.step()
     assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 2
+
+
+@pytest.mark.parametrize("path", ["one call", "a call per group and kind", "in backward"])
+def test_a_float64_step_counter_steps_as_a_float32_one(path) -> None:
+    """The native call takes a float64 counter cell (a state edited or saved by another tool) as a
+    float32 one: the same parameters, whichever path steps it (the call per group and backward's
+    checks refused it before, though the one call took it)."""
+    from oxoptim import step_in_backward
+
+    def run(dtype: torch.dtype) -> list:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Linear(40, 3))
+        opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16)
+        x = torch.randn(4, 6)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        for entry in opt.state.values():
+            entry["step"] = entry["step"].to(dtype)
+        context = step_in_backward(opt, bucket_numel=0) if path == "in backward" else contextlib.nullcontext()
+        with context:
+            for _ in range(2):
+                model(x).square().mean().backward()
+                if path == "a call per group and kind":
+                    model[0].weight.grad = _strided(model[0].weight.grad)
+                opt.step()
+                opt.zero_grad()
+        assert all(entry["step"].dtype == dtype and float(entry["step"]) == 3 for entry in opt.state.values())
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(torch.float32), run(torch.float64)))
 
 
 def _two_group_sr(cls, **kw):

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import oxoptim
@@ -73,7 +73,8 @@ def _check_step(opt: oxoptim.SGD8bit, p: torch.nn.Parameter, g: torch.Tensor) ->
     """Steps ``opt`` (which holds only ``p``) with gradient ``g`` and checks the step against float64
     arithmetic on the same dequantised state, within float32's rounding of the terms each value sums
     (a few ulps of the largest: a sum that cancels to near 0 keeps an error that large). Returns
-    (codes differing from the float64 nearest, weights more than one ulp of their dtype, at the
+    (codes differing from the float64 nearest where no midpoint lies within float32's rounding of the
+    value, weights more than one ulp of their dtype, at the
     largest term of their update, from the float64 value rounded to it)."""
     entry = opt.state.get(p)
     group = opt.param_groups[0]
@@ -91,7 +92,9 @@ def _check_step(opt: oxoptim.SGD8bit, p: torch.nn.Parameter, g: torch.Tensor) ->
     got = entry["momentum_buffer"].long()
     lo, hi = _codes(want_buf - err, got_absmax), _codes(want_buf + err, got_absmax)
     assert ((lo - 1 <= got) & (got <= hi + 1)).all(), "a code no value within float32's rounding has"
-    diff = (got - want.long()).abs()
+    # A code differing where float32's rounding window of the value straddles a midpoint is no
+    # mismatch: bfloat16 values land exactly on the map's midpoints often (0.0859375 = 11/128).
+    diff = (got - want.long()).abs() * (lo == hi)
     lr, momentum = group["lr"], group["momentum"]
     largest = torch.maximum(torch.maximum(want_p.abs(), p0.abs()), lr * (terms + momentum * want_buf.abs()))
     ulp = torch.finfo(p.dtype).eps * largest.clamp_min(torch.finfo(p.dtype).tiny)
@@ -112,6 +115,9 @@ def _check_step(opt: oxoptim.SGD8bit, p: torch.nn.Parameter, g: torch.Tensor) ->
     steps=st.integers(1, 6),
     seed=st.integers(0, 1000),
 )
+# bfloat16 gradients on midpoints of the map (3 of 256 codes across them): counted as mismatches before.
+@example(shape=(256,), lr=0.001, momentum=0.5, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+         dtype=torch.bfloat16, steps=1, seed=931)
 def test_every_step_matches_float64_dequantise_sgd_quantise(shape, lr, momentum, dampening, nesterov, weight_decay, maximize, dtype, steps, seed) -> None:
     """Over shapes (block tails included), settings, float32/bfloat16 weights and many steps, each
     step is torch SGD's in float64 on the dequantised buffer, quantised to the nearest codes: codes
@@ -555,7 +561,7 @@ def test_state_the_native_step_cannot_take_is_refused_before_any_group_is_writte
             entry["step"] = torch.tensor(1)
         before = snapshot([big, small], opt)
         big.grad, small.grad = _grad(big, 0), _grad(small, 0)
-        with pytest.raises(ValueError, match="contiguous CPU state of the parameter's dtype" if case != "int64 step" else "float32 CPU tensor"):
+        with pytest.raises(ValueError, match="contiguous CPU state of the parameter's dtype" if case != "int64 step" else "float32 or float64 CPU tensor"):
             opt.step()
         assert same(snapshot([big, small], opt), before), case
         assert not opt.state.get(big) and opt.param_groups[0]["sr_count"] == 0

@@ -320,9 +320,11 @@ class EightBitOptimizer(torch.optim.Optimizer):
                              f"parameter {i} is not")
         if entry is not None and native:
             step = entry["step"]
-            if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1 and step.device.type == "cpu"):
+            # The native call's counter cell: float32 (torch's Adam's) or float64, as the one call takes it.
+            if not (isinstance(step, torch.Tensor) and step.dtype in (torch.float32, torch.float64) and step.numel() == 1
+                    and step.device.type == "cpu"):
                 got = f"a {step.dtype} tensor on {step.device}" if isinstance(step, torch.Tensor) else type(step).__name__
-                raise ValueError(f"{name}: the step of parameter {i} must be a float32 CPU tensor of one element, got {got}")
+                raise ValueError(f"{name}: the step of parameter {i} must be a float32 or float64 CPU tensor of one element, got {got}")
             moments = [entry[k] for k in self.MOMENTS]
             if not eight and any(m.device.type != "cpu" or not m.is_contiguous() or m.dtype != p.dtype for m in moments):
                 raise ValueError(f"{name}: bf16_stochastic_round=True needs contiguous CPU state of the parameter's dtype; "
