@@ -823,6 +823,28 @@ def test_two_threads_stepping_one_optimizer_at_once_get_an_error(one_thread, cls
     _assert_same(_snapshot(params, opt), _replayed(opt, params, before))
 
 
+def test_a_check_only_call_on_tensors_a_step_is_writing_gets_the_in_flight_error(one_thread) -> None:
+    """``_core.step(check_only=True)`` reads the real step counters (an 8-bit step's call per group
+    checks them so): while another thread's step writes them it gets that step's in-flight error,
+    as the step itself would, rather than a racing read."""
+    params = [torch.randn(BIG).requires_grad_(), torch.randn(SMALL).requires_grad_()]
+    opt = oxoptim.Adam(params, lr=0.01)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    entries = [opt.state[p] for p in params]
+
+    def check() -> bool:
+        return _core.step("adam", params, [p.grad for p in params], [[e["exp_avg"] for e in entries], [e["exp_avg_sq"] for e in entries]],
+                          [[e["step"] for e in entries]], {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                          "amsgrad": False, "maximize": False, "decoupled_weight_decay": False}, check_only=True)
+
+    assert check() is True  # nothing in flight: checked, nothing written
+    error, _, before, after = _during_a_step(opt, params, check, _is_refusal)
+    assert "in flight on another thread" in str(error)
+    _assert_same(after, _replayed(opt, params, before))
+
+
 def test_an_averager_reading_parameters_an_optimizer_is_writing_gets_an_error(one_thread) -> None:
     params = [torch.randn(BIG).requires_grad_()]
     opt = oxoptim.Adam(params, lr=0.01)

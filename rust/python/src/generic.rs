@@ -490,6 +490,9 @@ fn step<'py>(
         let Some(prepared) = gathered.prepare(&entry, exec, memos)? else {
             return Ok(false);
         };
+        // The cells it reads must not be another thread's call's to write meanwhile: that call's
+        // in-flight error, as the step itself would get.
+        let _in_flight = inflight::enter(prepared.footprint()?).map_err(core_error)?;
         entry
             .check(configured.as_ref(), &prepared.batch, &prepared.scalars, exec)
             .map_err(core_error)?;
