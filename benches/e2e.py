@@ -61,12 +61,19 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(t)
         # oxoptim.rows: F.embedding / F.linear, unless step_in_backward releases the weight's rows.
         h = oxoptim.rows.embedding(x, self.tok.weight) + self.pos(torch.arange(t))
-        return oxoptim.rows.linear(self.norm(self.blocks(h, mask=mask, is_causal=True)), self.head.weight)
+        return self.norm(self.blocks(h, mask=mask, is_causal=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return oxoptim.rows.linear(self.features(x), self.head.weight)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The next-token loss without the logits (``oxoptim.rows.linear_cross_entropy``)."""
+        return oxoptim.rows.linear_cross_entropy(self.features(x), self.head.weight, y)
 
 
 LossFn = Callable[[nn.Module], torch.Tensor]

@@ -70,7 +70,7 @@ from compare_torch import seed_classifier  # noqa: E402
 from e2e import TinyLM  # noqa: E402
 
 MEMORY_ITERS = 3
-LossFn = Callable[[nn.Module], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (model, without_logits=False) -> loss
 
 
 class GPT2Small(TinyLM):
@@ -85,7 +85,9 @@ class GPT2Small(TinyLM):
 def _lm_loss(model: nn.Module, vocab: int, batch: int, tokens: int) -> LossFn:
     xt = torch.randint(0, vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(1))
 
-    def loss(m: nn.Module) -> torch.Tensor:
+    def loss(m: nn.Module, without_logits: bool = False) -> torch.Tensor:
+        if without_logits:  # the head and loss by oxoptim.rows.linear_cross_entropy
+            return m.loss(xt[:, :-1], xt[:, 1:])
         logits = m(xt[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xt[:, 1:].reshape(-1))
 
@@ -109,7 +111,7 @@ def build(key: str) -> Tuple[nn.Module, LossFn, str]:
         g = torch.Generator().manual_seed(0)
         xs = torch.randint(1, 5000, (32, 100), generator=g)
         ys = torch.randint(0, 2, (32,), generator=g)
-        return model, lambda m: F.cross_entropy(m(xs), ys), "Embedding 5000×256 + BiGRU 256 + Dense, batch 32×100 tokens"
+        return model, lambda m, _=False: F.cross_entropy(m(xs), ys), "Embedding 5000×256 + BiGRU 256 + Dense, batch 32×100 tokens"
     raise SystemExit(f"unknown model {key!r} (gpt2s, gpt2s_untied, lm, seed)")
 
 
@@ -122,14 +124,17 @@ def _released_weights(model: nn.Module) -> List[torch.Tensor]:
 
 class Contender:
     """One way of training: ``start`` builds the optimizer (and hooks), ``iteration`` runs one.
-    ``dtype``: the model is cast to it first (bfloat16 weights, no fp32 master copy)."""
+    ``dtype``: the model is cast to it first (bfloat16 weights, no fp32 master copy).
+    ``without_logits``: the LM's head and loss by ``oxoptim.rows.linear_cross_entropy``."""
 
-    def __init__(self, name: str, make: Callable[[List[nn.Parameter]], Any], in_backward: str = "", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, name: str, make: Callable[[List[nn.Parameter]], Any], in_backward: str = "",
+                 dtype: torch.dtype = torch.float32, without_logits: bool = False) -> None:
         self.name, self.make, self.in_backward, self.dtype = name, make, in_backward, dtype
+        self.without_logits = without_logits
 
     def applies(self, model: nn.Module) -> bool:
-        """Rows are released in the transformer LMs."""
-        if self.in_backward != "oxoptim rows":
+        """Rows are released, and the logits left out, in the transformer LMs."""
+        if self.in_backward != "oxoptim rows" and not self.without_logits:
             return True
         return isinstance(model, TinyLM)
 
@@ -154,10 +159,9 @@ class Contender:
             return None
         return self.make(params)
 
-    @staticmethod
-    def iteration(model: nn.Module, opt: Any, loss_fn: LossFn) -> None:
+    def iteration(self, model: nn.Module, opt: Any, loss_fn: LossFn) -> None:
         # zero_grad last: the ordinary loop's gradients are not alive during the next forward.
-        loss_fn(model).backward()
+        (loss_fn(model, True) if self.without_logits else loss_fn(model)).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -171,6 +175,11 @@ CONTENDERS = [
     # The token embedding and output head (tied or not) updated row block by row block: no whole gradient.
     Contender("oxoptim AdamW, in backward, rows released", lambda ps: oxoptim.AdamW(ps, lr=1e-3), "oxoptim rows"),
     Contender("torch fused AdamW per param, in backward (tutorial)", lambda ps: None, "tutorial"),
+    # The logits (tokens × vocabulary) and their gradient never whole either: the LM's head and loss in chunks.
+    Contender("torch AdamW fused, loop, no logits", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+              without_logits=True),
+    Contender("oxoptim AdamW, in backward, rows released, no logits", lambda ps: oxoptim.AdamW(ps, lr=1e-3),
+              "oxoptim rows", without_logits=True),
     # A quarter of the memory: bfloat16 weights (stochastic rounding), 8-bit moments, no gradients kept.
     Contender("oxoptim AdamW8bit, bf16 weights + SR, loop",
               lambda ps: oxoptim.AdamW8bit(ps, lr=1e-3, bf16_stochastic_round=True), dtype=torch.bfloat16),
@@ -224,16 +233,24 @@ def memory_child(key: str, name: str) -> dict:
             "peak_over_pre_model_mib": peak - before_model, "weights_mib": weights, "state_mib": state}
 
 
-def measure_memory(key: str, name: str, threads: Optional[int]) -> dict:
+def measure_memory(key: str, name: str, threads: Optional[int], repeats: int = 1) -> dict:
+    """``memory_child`` in ``repeats`` fresh processes: each figure is the median over them, and
+    ``peaks_rss_mib`` lists every process's peak (the RSS after warm-up of the same contender moves
+    by tens of MiB from one process to the next, so one process is one sample)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", key, name]
     cmd += ["--threads", str(threads)] if threads else []
     # A fixed mmap threshold: glibc's dynamic one would keep freed gradients in the heap,
     # so the RSS would not fall when they are freed (every tensor above 128 KiB is its own mapping).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    merged = {field: _median([r[field] for r in runs]) for field in runs[0]}
+    merged["peaks_rss_mib"] = [r["peak_rss_mib"] for r in runs]
+    return merged
 
 
 def time_model(key: str, names: List[str], rounds: int, iters: int) -> Dict[str, List[float]]:
@@ -323,7 +340,7 @@ def markdown(data: dict) -> str:
                       f"{model['rows_bit_identical_to_loop']}", ""]
         lines += [
             "| contender | ms/iter median (min–max) | peak RSS MiB | peak over warm-up MiB | saved vs torch fused loop, share of gradients "
-            "| weights + state MiB | peak over pre-model RSS MiB (share of torch fused loop's) |",
+            "(from peak RSS; from peak over warm-up) | weights + state MiB | peak over pre-model RSS MiB (share of torch fused loop's) |",
             "|---|---|---|---|---|---|---|",
         ]
         ref = model["results"].get(REFERENCE, {}).get("memory", {})
@@ -336,14 +353,18 @@ def markdown(data: dict) -> str:
             if "peak_rss_mib" in mem:
                 saved = ""
                 if "peak_rss_mib" in ref:
-                    saved = f"{(ref['peak_rss_mib'] - mem['peak_rss_mib']) / model['grad_mib'] * 100:.0f}%"
+                    saved = (f"{(ref['peak_rss_mib'] - mem['peak_rss_mib']) / model['grad_mib'] * 100:.0f}%; "
+                             f"{(ref['peak_over_warmup_mib'] - mem['peak_over_warmup_mib']) / model['grad_mib'] * 100:.0f}%")
                 held = over = ""
                 if "weights_mib" in mem:
                     held = f"{mem['weights_mib']:.0f} + {mem['state_mib']:.0f}"
                     over = f"{mem['peak_over_pre_model_mib']:.0f}"
                     if "peak_over_pre_model_mib" in ref:
                         over += f" ({mem['peak_over_pre_model_mib'] / ref['peak_over_pre_model_mib'] * 100:.0f}%)"
-                lines.append(f"| {name} | {t} | {mem['peak_rss_mib']:.0f} | {mem['peak_over_warmup_mib']:.0f} | {saved} | {held} | {over} |")
+                peak = f"{mem['peak_rss_mib']:.0f}"
+                if len(mem.get("peaks_rss_mib", [])) > 1:
+                    peak += " [" + ", ".join(f"{p:.0f}" for p in mem["peaks_rss_mib"]) + "]"
+                lines.append(f"| {name} | {t} | {peak} | {mem['peak_over_warmup_mib']:.0f} | {saved} | {held} | {over} |")
             else:
                 lines.append(f"| {name} | {t} | {mem.get('error', '—')} | | | | |")
         lines.append("")
@@ -358,6 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--iters", type=int, default=2, help="iterations per contender per round")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-repeats", type=int, default=1,
+                    help="memory: this many processes per contender, medians reported (peaks listed)")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--check-rows", action="store_true",
                     help="also check that released rows end bit-identical to the ordinary loop (LMs)")
@@ -378,6 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.processes < 1:
         ap.error("--processes must be at least 1")
+    if args.memory_repeats < 1:
+        ap.error("--memory-repeats must be at least 1")
     keys = args.models.split(",")
     names = [c.name for c in CONTENDERS]
     if args.contenders:
@@ -399,7 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "processes": args.processes,
         "env": " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ),
         "memory_method": "not measured" if args.no_memory else (
-            f"peak RSS (VmHWM) of a separate process per contender: build, 1 warm-up iteration, reset the peak "
+            f"peak RSS (VmHWM) of a separate process per contender ({args.memory_repeats} per contender, "
+            f"medians; each process's peak in brackets): build, 1 warm-up iteration, reset the peak "
             f"(/proc/self/clear_refs), {MEMORY_ITERS} iterations; glibc's mmap threshold fixed at 128 KiB "
             "(MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS. 'weights + state' counts the tensors "
             "held between iterations; 'peak over pre-model RSS' is the peak less the RSS before the model was built: "
@@ -430,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if name in process_medians:
                 rec["process_medians"] = process_medians[name]
             if not args.no_memory:
-                rec["memory"] = measure_memory(key, name, args.threads)
+                rec["memory"] = measure_memory(key, name, args.threads, args.memory_repeats)
             entry["results"][name] = rec
             ms = rec["iter_ms"]
             shown = f"{_median(ms):9.1f} ms/iter ({min(ms):.1f}–{max(ms):.1f})" if ms else ""

@@ -509,7 +509,7 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
     import step_in_backward as bench
     from e2e import TinyLM
 
-    def trained(name, tied=True):
+    def trained(name, tied=True, without_logits=False):
         torch.manual_seed(0)
         model = TinyLM(vocab=50, d=256, layers=1, heads=2, ctx=8)  # 50 x 256: 8-bit state, whole blocks
         if tied:
@@ -518,7 +518,12 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
         opt = contender.start(model)
         loss = bench._lm_loss(model, 50, 2, 7)
         for _ in range(3):
-            contender.iteration(model, opt, loss)
+            if without_logits:  # the ordinary loop with the head and loss of the "no logits" contenders
+                loss(model, True).backward()
+                opt.step()
+                opt.zero_grad()
+            else:
+                contender.iteration(model, opt, loss)
             assert all(p.grad is None for p in model.parameters())
         if "8bit" in name:
             moment = "momentum_buffer" if "SGD8bit" in name else "exp_avg"
@@ -528,6 +533,12 @@ def test_rows_released_contenders_train_as_their_ordinary_loops():
     for tied in (True, False):
         loop, rows = trained("oxoptim AdamW, loop", tied), trained("oxoptim AdamW, in backward, rows released", tied)
         assert all(torch.equal(a, b) for a, b in zip(loop, rows))
+        loop = trained("oxoptim AdamW, loop", tied, without_logits=True)
+        assert all(torch.equal(a, b) for a, b in zip(loop, trained(
+            "oxoptim AdamW, in backward, rows released, no logits", tied)))
+        assert not all(torch.equal(a, b) for a, b in zip(loop, rows))  # another loss computation, other bits
+        torch_loop = trained("torch AdamW fused, loop", tied, without_logits=True)
+        assert all(torch.equal(a, b) for a, b in zip(torch_loop, trained("torch AdamW fused, loop, no logits", tied)))
         quarter = trained("oxoptim AdamW8bit, bf16 weights + SR, loop", tied)
         inside = trained("oxoptim AdamW8bit, bf16 weights + SR, in backward, rows released", tied)
         assert all(torch.equal(a, b) for a, b in zip(quarter, inside))
@@ -699,3 +710,21 @@ def test_contention_child_times_the_loop_and_the_step_inside_backward():
     assert sorted(times) == sorted(contention.CONTENDERS)
     assert all(len(ms) == 1 and ms[0] > 0 for ms in times.values())
     assert contention.fmt([2.0, 1.0, 3.0]) == "2.00 (1.00–3.00)"
+
+
+def test_step_in_backward_memory_table_gives_both_savings_and_every_process_peak():
+    import step_in_backward as bench
+
+    def memory(peaks, over):
+        return {"peak_rss_mib": sorted(peaks)[len(peaks) // 2], "peaks_rss_mib": peaks, "peak_over_warmup_mib": over,
+                "weights_mib": 10.0, "state_mib": 20.0, "peak_over_pre_model_mib": 100.0}
+
+    data = {"machine": "m", "torch": "t", "oxoptim": "o", "threads": 2, "rounds": 1, "iters": 1, "command": "c",
+            "memory_method": "peak RSS", "models": [{
+                "name": "lm", "description": "d", "grad_mib": 100.0, "results": {
+                    bench.REFERENCE: {"iter_ms": [1.0], "memory": memory([1000.0, 1060.0, 1010.0], 100.0)},
+                    "x": {"iter_ms": [1.0], "memory": memory([950.0, 920.0, 930.0], 8.0)}}}]}
+    table = bench.markdown(data)
+    # 1010 - 930 = 80 MiB from the peaks, 100 - 8 = 92 MiB from the peaks over warm-up, of 100 MiB.
+    assert "| x | 1.0 (1.0–1.0) | 930 [950, 920, 930] | 8 | 80%; 92% |" in table
+    assert "| 1010 [1000, 1060, 1010] | 100 | 0%; 0% |" in table

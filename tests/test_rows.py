@@ -23,6 +23,10 @@ from oxoptim import rows, step_in_backward
 from oxoptim.rows import _ACTIVE, _head_plus_embedding, weight_gradient_rows
 
 LAYOUTS = ["tied", "untied", "embedding", "head"]
+# The output layer by rows.linear + F.cross_entropy, or by rows.linear_cross_entropy (not in the
+# embedding-only layout, which has no output layer).
+LAYOUTS_AND_LOSSES = [(layout, "linear") for layout in LAYOUTS] + [
+    (layout, "linear_cross_entropy") for layout in LAYOUTS if layout != "embedding"]
 
 
 class TinyLM(torch.nn.Module):
@@ -31,9 +35,10 @@ class TinyLM(torch.nn.Module):
     output layer whose input comes from a small ordinary (not released) embedding."""
 
     def __init__(self, layout: str, vocab: int, dim: int, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 chunked: int | None = None) -> None:
+                 chunked: int | None = None, cross_entropy: int | None = None) -> None:
         super().__init__()
         self.chunked = chunked  # the ordinary loop's output layer with release_rows' weight gradient
+        self.cross_entropy = cross_entropy  # the head and loss by rows.linear_cross_entropy, this many classes a chunk
         gen = torch.Generator().manual_seed(seed)
 
         def param(*shape: int) -> torch.nn.Parameter:
@@ -58,6 +63,8 @@ class TinyLM(torch.nn.Module):
         if self.layout == "embedding":
             return h.square().mean()
         w = self.emb if self.layout == "tied" else self.head
+        if self.cross_entropy:
+            return rows.linear_cross_entropy(h, w, y, chunk_rows=self.cross_entropy)
         logits = ChunkedLinear.apply(h, w, self.chunked) if self.chunked else rows.linear(h, w)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
@@ -132,6 +139,11 @@ def ordinary(cls, batches, layout: str = "tied", row_chunk: int = 5, **hyper):
     return model, opt
 
 
+def chunk_rows_of(opt, weight: torch.Tensor, row_chunk: int) -> int:
+    """The classes per chunk of linear_cross_entropy on ``weight`` released with ``row_chunk``."""
+    return rows.RowRelease(opt, weight, row_chunk, lambda: None, lambda: False).chunk_rows()
+
+
 def refused(twin, hyper: dict) -> bool:
     return not twin.rows
 
@@ -147,6 +159,8 @@ def test_released_rows_are_bit_identical_to_the_ordinary_loop(twin, data) -> Non
     dim = data.draw(st.sampled_from([1, 7, 16, 33]), label="dim")
     row_chunk = data.draw(st.sampled_from([1, 5, 64, 4096]), label="row_chunk")
     two_groups = data.draw(st.booleans(), label="two_groups")
+    # The output layer and loss by linear_cross_entropy (no logits), in both loops.
+    fused = layout != "embedding" and data.draw(st.booleans(), label="linear_cross_entropy")
     batches = token_batches(3, vocab)
     with pytest.MonkeyPatch.context() as mp:  # not the fixture: hypothesis reruns the body
         forbid_torch_fallback(mp)
@@ -159,6 +173,8 @@ def test_released_rows_are_bit_identical_to_the_ordinary_loop(twin, data) -> Non
 
         opt_a, opt_b = make(a), make(b)
         sib = dict(release_rows=b.released(), row_chunk=row_chunk)
+        if fused and not refused(twin, hyper):  # the ordinary loop's chunks: the context's, in whole units
+            a.cross_entropy = b.cross_entropy = chunk_rows_of(opt_b, b.released()[-1], row_chunk)
         if refused(twin, hyper):
             with pytest.raises(ValueError, match="release_rows"):
                 step_in_backward(opt_b, **sib)
@@ -250,14 +266,15 @@ def test_the_chunked_weight_gradient_is_autograds_to_rounding(tokens, dim, vocab
 LOW_PRECISION = SIB_LOW_PRECISION
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout, loss", LAYOUTS_AND_LOSSES)
 @pytest.mark.parametrize("name, cls, hyper", LOW_PRECISION, ids=[c[0] for c in LOW_PRECISION])
-def test_low_precision_released_rows_are_bit_identical_to_the_ordinary_loop(name, cls, hyper, layout) -> None:
+def test_low_precision_released_rows_are_bit_identical_to_the_ordinary_loop(name, cls, hyper, layout, loss) -> None:
     batches = token_batches(4, 37)
     results = []
     for release in (False, True):
         torch.manual_seed(5)  # the same stochastic-rounding seeds
-        model = TinyLM(layout, 37, 512, torch.bfloat16, chunked=None if release else 5)  # 2 blocks a row
+        model = TinyLM(layout, 37, 512, torch.bfloat16, chunked=None if release else 5,  # 2 blocks a row
+                       cross_entropy=5 if loss == "linear_cross_entropy" else None)
         opt = cls(model.parameters(), **hyper)
         train(model, opt, batches, dict(release_rows=model.released(), row_chunk=5) if release else None)
         results.append((model, opt))
@@ -269,17 +286,19 @@ def test_low_precision_released_rows_are_bit_identical_to_the_ordinary_loop(name
 
 # Rows that split 8-bit blocks are updated in whole units: the fewest rows that end on a block
 # boundary (384 → 2 rows, 16 → 16, 300 → 64, 7 → 256); row_chunk is rounded up to whole units.
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout, loss", LAYOUTS_AND_LOSSES)
 @pytest.mark.parametrize("dim, unit", [(384, 2), (16, 16), (300, 64), (7, 256)])
 @pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bf16_sr"])
-def test_8bit_rows_that_split_blocks_are_bit_identical_to_the_ordinary_loop(layout, dim, unit, low_precision) -> None:
+def test_8bit_rows_that_split_blocks_are_bit_identical_to_the_ordinary_loop(layout, loss, dim, unit,
+                                                                           low_precision) -> None:
     batches = token_batches(4, 150)
     step = -(-5 // unit) * unit
     dtype = torch.bfloat16 if low_precision else torch.float32
     results = []
     for release in (False, True):
         torch.manual_seed(5)  # the same stochastic-rounding seeds
-        model = TinyLM(layout, 150, dim, dtype, chunked=None if release else step)
+        model = TinyLM(layout, 150, dim, dtype, chunked=None if release else step,
+                       cross_entropy=step if loss == "linear_cross_entropy" else None)
         opt = oxoptim.AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=16, bf16_stochastic_round=low_precision)
         train(model, opt, batches, dict(release_rows=model.released(), row_chunk=5) if release else None)
         results.append((model, opt))

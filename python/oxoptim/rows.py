@@ -7,17 +7,21 @@ small, 50257×768: 31% of all gradients), and when the output head is tied to
 it, its gradient is complete only at the very end of backward. Row release
 removes it too. The model computes the embedding and the output layer with
 this module's functions, drop-in for ``F.embedding(ids, weight)`` and
-``F.linear(x, weight)``::
+``F.linear(x, weight)`` (or, for the output layer and its loss together,
+``linear_cross_entropy``)::
 
     h = oxoptim.rows.embedding(ids, model.tok.weight)
     ...
     logits = oxoptim.rows.linear(h, model.tok.weight)       # tied head
+    # or the head and the loss without the logits:
+    loss = oxoptim.rows.linear_cross_entropy(h, model.tok.weight, targets)
 
     with oxoptim.step_in_backward(opt, release_rows=[model.tok.weight]):
         ...
 
-Outside such a context (or under ``torch.no_grad()``) they are the plain
-torch functions. Inside it, the weight never gets a ``.grad``:
+Outside such a context (or under ``torch.no_grad()``) ``embedding`` and
+``linear`` are the plain torch functions (``linear_cross_entropy``: below).
+Inside it, the weight never gets a ``.grad``:
 
 * the output layer's backward computes the input gradient first (with the
   weights before the update, as autograd's), then the weight's gradient
@@ -50,8 +54,23 @@ embedding looked up (one row per distinct token; with 8-bit state on rows
 that split blocks, every row of each unit that holds one, up to a unit of
 rows per distinct token: 2 rows of 384, but 256 rows of 7), so the saving
 needs batches with far fewer distinct tokens (units) than the vocabulary, as
-fine-tuning on a CPU has; the logits and their gradient (tokens × vocabulary) are there as in the
-ordinary loop.
+fine-tuning on a CPU has. With ``linear`` the logits and their gradient
+(tokens × vocabulary) are there as in the ordinary loop; ``linear_cross_entropy``
+(the output layer and the loss in one, ``F.cross_entropy(F.linear(x, weight), target)``)
+leaves them out too: its forward keeps each token's log-sum-exp, and its backward
+forms the logits again ``row_chunk`` classes at a time, each chunk giving its
+share of the input gradient (with the rows before their update) and its rows'
+gradient, which updates them::
+
+    loss = oxoptim.rows.linear_cross_entropy(h, model.head.weight, targets)
+
+Outside a context it is the same chunked computation, with an ordinary gradient
+(its ``chunk_rows``, 1024 by default, in place of ``row_chunk``: with equal
+chunks the ordinary loop and row release give the same bits). Its loss and
+gradients equal torch's to rounding, not bit for bit: the log-sum-exp is summed
+chunk by chunk (in float64, as are the softmax and the input gradient's sum over
+chunks), and for half-precision weights the logits and products are float32
+(torch rounds the logits to the weights' dtype).
 
 SGD with momentum makes its buffer on the first step as the ordinary step
 does: from a zero buffer with dampening 0, else with torch's own step on each
@@ -95,10 +114,11 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from . import _blockwise as bw
 from . import _core
+from ._cross_entropy import ChunkedCrossEntropy
 from ._lowprec import KAHAN_COMP
 from ._native import group_is_native, num_threads
 
-__all__ = ["embedding", "linear"]
+__all__ = ["embedding", "linear", "linear_cross_entropy"]
 
 # Kinds whose update is elementwise over parameter-shaped state (or, for the 8-bit optimizers,
 # over blocks of 256 elements: rows are then updated in units that cover whole blocks).
@@ -129,6 +149,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("oxoptim.rows.linear on a released weight does not run under autocast (its backward "
                            "forms the weight's gradient in the weight's dtype); cast the model instead")
     return _Linear.apply(x, weight, rows)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, weight).flatten(0, -2), target.flatten(), ignore_index=...,
+    reduction=...)`` without the logits: they are formed ``chunk_rows`` classes at a time, in forward
+    and again in backward, so a language model's tokens × vocabulary logits and their gradient never
+    exist whole (``target`` has ``x``'s shape less its last dimension; ``none`` returns that shape).
+    Equal to torch's to rounding (the log-sum-exp is summed chunk by chunk; float32 logits for
+    half-precision weights). Inside ``step_in_backward(release_rows=[weight])`` the weight's rows
+    are also updated chunk by chunk (module docstring), with the context's ``row_chunk`` in place of
+    ``chunk_rows``; with ``chunk_rows`` equal to it, the ordinary loop with this function gives the
+    same bits."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    rows = _released(weight)
+    if rows is not None:
+        if torch.is_autocast_enabled(weight.device.type):
+            raise RuntimeError("oxoptim.rows.linear_cross_entropy on a released weight does not run under autocast "
+                               "(its backward forms the weight's gradient in the weight's dtype); cast the model "
+                               "instead")
+        chunk_rows = rows.chunk_rows()
+    ce = ChunkedCrossEntropy(x, weight, target, ignore_index, reduction, chunk_rows)
+    return _LinearCrossEntropy.apply(x, weight, ce, rows)
 
 
 def _released(weight: torch.Tensor) -> Optional["RowRelease"]:
@@ -209,6 +253,39 @@ class _Linear(torch.autograd.Function):
                 gw = weight_gradient_rows(x.reshape(-1, w.shape[1]), grad.reshape(-1, w.shape[0]), 0, w.shape[0])
             return dx, gw, None
         return ctx.rows.linear_backward(x, grad, ctx.needs_input_grad[0]), None, None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, ce: ChunkedCrossEntropy,
+                rows: Optional["RowRelease"]) -> torch.Tensor:
+        loss = ce.forward(weight)
+        if rows is not None:
+            rows.record_linear()
+            ctx.iteration = rows.iteration
+        ctx.rows, ctx.ce = rows, ce
+        ctx.save_for_backward(weight)  # its version is checked: an update before backward raises
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (weight,) = ctx.saved_tensors
+        ce: ChunkedCrossEntropy = ctx.ce
+        if ctx.rows is not None and _stepping(ctx):
+            dx = ctx.rows.cross_entropy_backward(ce, grad, ctx.needs_input_grad[0])
+            return _input_shaped(dx, ctx), None, None, None
+        return _ordinary_cross_entropy_backward(ctx, grad, weight)
+
+
+@torch.autograd.function.once_differentiable
+def _ordinary_cross_entropy_backward(ctx: Any, grad: torch.Tensor, weight: torch.Tensor) -> Any:
+    want_weight = ctx.needs_input_grad[1] if ctx.rows is None else _accumulates(ctx) is not False
+    dx, dw = ctx.ce.backward(weight, grad, ctx.needs_input_grad[0], want_weight)
+    return _input_shaped(dx, ctx), dw, None, None
+
+
+def _input_shaped(dx: Optional[torch.Tensor], ctx: Any) -> Optional[torch.Tensor]:
+    return None if dx is None else dx.reshape(*ctx.ce.shape, ctx.ce.x2.shape[1])
 
 
 def check_release(optimizer: Any, weights: Any, row_chunk: int, *, accumulate: int, clip: Any, ddp: Any) -> list:
@@ -405,6 +482,10 @@ class RowRelease:
     def _chunk_rows(self, unit: int) -> int:
         return -(-self.row_chunk // unit) * unit  # row_chunk rounded up to whole units
 
+    def chunk_rows(self) -> int:
+        """Rows of the output layer's backward per chunk (and per update)."""
+        return self._chunk_rows(self._unit())
+
     def _held_rows(self, unit: int) -> Optional[torch.Tensor]:
         """The looked-up rows, widened to the whole units that hold them (sorted)."""
         looked_up = self._looked_up
@@ -427,16 +508,47 @@ class RowRelease:
     # -- backward -------------------------------------------------------------
     @torch.no_grad()
     def linear_backward(self, x: torch.Tensor, grad: torch.Tensor, needs_x: bool) -> Optional[torch.Tensor]:
+        w = self.weight
+        rows, dim = w.shape
+        x2, g2 = x.reshape(-1, dim), grad.reshape(-1, rows)
+        self._check_head_backward()
+        dx = g2.mm(w).reshape(x.shape) if needs_x else None  # with the weights before any update
+        self._head_backward(lambda a, b, out: weight_gradient_rows(x2, g2, a, b, out=out))
+        return dx
+
+    @torch.no_grad()
+    def cross_entropy_backward(self, ce: ChunkedCrossEntropy, grad_out: torch.Tensor, needs_x: bool
+                               ) -> Optional[torch.Tensor]:
+        """The output layer's backward of ``linear_cross_entropy``: each chunk's logit gradient is
+        formed again, gives its share of the input gradient (with its rows before their update) and
+        its rows' gradient."""
+        w = self.weight
+        self._check_head_backward()
+        coef = ce.coefficients(grad_out)
+        dx = ce.input_grad() if needs_x else None
+
+        def chunk_rows(a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+            dz = ce.logit_grad(w, a, b, coef)
+            if dx is not None:
+                ce.add_input_grad(dx, dz, w, a, b)
+            return ce.weight_rows(dz, out=out)
+
+        self._head_backward(chunk_rows)
+        return None if dx is None else dx.to(w.dtype)
+
+    def _check_head_backward(self) -> None:
         if "linear" in self._backwards:
             raise RuntimeError("release_rows: the output layer's backward ran twice in one iteration (two "
                                "oxoptim.rows.linear calls, or retain_graph); its rows were updated by the first")
         if "embedding" in self._backwards:
             raise RuntimeError("release_rows: the embedding's backward ran before the output layer's; the weight "
                                "cannot be updated row by row in that order")
+
+    def _head_backward(self, weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor]) -> None:
+        """Updates the weight a chunk of rows at a time, ``weight_rows(a, b, out)`` giving rows
+        ``a:b`` of its gradient (into ``out``); rows the embedding looked up wait for its gradient."""
         w = self.weight
         rows, dim = w.shape
-        x2, g2 = x.reshape(-1, dim), grad.reshape(-1, rows)
-        dx = g2.mm(w).reshape(x.shape) if needs_x else None  # with the weights before any update
         unit = self._unit()
         held = self._held = self._held_rows(unit)  # tied: rows whose update waits for the embedding's gradient
         head_rows = None if held is None else torch.empty(len(held), dim, dtype=w.dtype)
@@ -444,7 +556,7 @@ class RowRelease:
         chunk = torch.empty(min(step, rows), dim, dtype=w.dtype)
         for a in range(0, rows, step):
             b = min(a + step, rows)
-            part = weight_gradient_rows(x2, g2, a, b, out=chunk[: b - a])
+            part = weight_rows(a, b, chunk[: b - a])
             if held is None or head_rows is None:
                 self._update([(0, b - a)], part, a)
                 continue
@@ -455,7 +567,6 @@ class RowRelease:
         self._backwards.add("linear")
         if held is None:
             self._complete()
-        return dx
 
     @torch.no_grad()
     def embedding_backward(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
