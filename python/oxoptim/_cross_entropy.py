@@ -152,15 +152,19 @@ class ChunkedCrossEntropy:
         coef = self.coefficients(grad_out)
         dx = self.input_grad() if want_x else None
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if want_weight else None
-        # Each chunk's rows formed at the start of one buffer, as the released weight's backward forms
-        # them: a BLAS may round a product differently into memory at another alignment.
+        # Each chunk's rows formed where a 64-byte aligned buffer would hold them, as the released
+        # weight's backward forms them: a BLAS may round a product differently into memory at another
+        # alignment. Rows that start aligned in the gradient are formed in place, others copied.
         rows = torch.empty(min(self.chunk, self.classes), weight.shape[1], dtype=weight.dtype) if want_weight else None
         for a, b in self.chunks():
             dz = self.logit_grad(weight, a, b, coef)
             if dx is not None:
                 self.add_input_grad(dx, dz, weight, a, b)
             if dw is not None and rows is not None:
-                dw[a:b] = self.weight_rows(dz, out=rows[: b - a])
+                if dw[a:b].data_ptr() % 64 == rows.data_ptr() % 64:
+                    self.weight_rows(dz, out=dw[a:b])
+                else:
+                    dw[a:b] = self.weight_rows(dz, out=rows[: b - a])
         return (None if dx is None else dx.to(weight.dtype)), dw
 
 
