@@ -271,3 +271,46 @@ def test_uint8_targets_are_class_indices_as_in_torch() -> None:
         as_bytes = rows.linear_cross_entropy(x, w, target.to(torch.uint8), reduction=reduction)
         assert torch.equal(as_bytes, rows.linear_cross_entropy(x, w, target, reduction=reduction))
         torch.testing.assert_close(as_bytes, reference(x, w, target.to(torch.uint8), reduction=reduction))
+
+
+@pytest.mark.parametrize("changed", ["target", "input"])
+def test_changing_the_input_or_targets_before_backward_is_torchs_error(changed) -> None:
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    h, target = x * 1, torch.tensor([0, 1, 2, 3])
+    loss = rows.linear_cross_entropy(h, w, target, chunk_rows=2)
+    with torch.no_grad():
+        (target.fill_(-100) if changed == "target" else h.mul_(10))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_input_is_held_by_autograd_alone_and_let_go_after_backward() -> None:
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    loss = rows.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]))
+    assert loss.grad_fn.ce._inputs is None  # between forward and backward: autograd's saved tensors
+    loss.backward(retain_graph=True)
+    assert loss.grad_fn.ce._inputs is None
+    first = x.grad.clone()
+    loss.backward()  # retained: the saved tensors are attached again
+    assert torch.equal(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="freed"):
+        loss.grad_fn.saved_tensors
+
+
+def test_under_autocast_it_runs_in_the_weights_dtype() -> None:
+    x, w = torch.randn(6, 8), torch.randn(11, 8, requires_grad=True)
+    target = torch.tensor([0, 3, 10, 2, 2, 7])
+    plain = loss_and_grads(lambda x, w: rows.linear_cross_entropy(x, w, target), x, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = loss_and_grads(lambda x, w: rows.linear_cross_entropy(x, w, target), x, w)
+        lower = loss_and_grads(lambda x, w: rows.linear_cross_entropy(x, w, target), x.bfloat16(), w)
+    for a, b in zip(plain, same):
+        assert torch.equal(a, b)
+    assert torch.equal(lower[0], rows.linear_cross_entropy(x.bfloat16().float(), w, target).detach())
+    assert lower[1].dtype == torch.bfloat16 and lower[2].dtype == torch.float32
+
+
+def test_tensors_off_the_cpu_are_refused() -> None:
+    x, w = torch.randn(4, 3, device="meta"), torch.randn(5, 3, device="meta")
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        rows.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.int64, device="meta"))

@@ -50,21 +50,51 @@ class ChunkedCrossEntropy:
             # torch's own check (and message) of a target dtype, on an empty problem; then class indices.
             F.cross_entropy(torch.empty(0, max(weight.shape[0], 1)), target.reshape(-1)[:0])
             target = target.long()
-        self.classes = weight.shape[0]
-        self.target = target.reshape(-1)
-        self.valid = self.target != ignore_index
+        self.classes, self.ignore_index = weight.shape[0], ignore_index
+        self._inputs: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._x2_acc: Optional[torch.Tensor] = None  # the input widened (half-precision weights)
+        self.attach(x, target)
         bad = self.valid & ((self.target < 0) | (self.target >= self.classes))
         if bool(bad.any()):
             raise IndexError(f"Target {int(self.target[bad][0])} is out of bounds.")
-        self.x2 = x.reshape(-1, weight.shape[1])
         self.reduction, self.chunk, self.shape = reduction, chunk, target.shape
         self.acc = accumulation_dtype(weight.dtype)
-        self._x2_acc: Optional[torch.Tensor] = None  # the input widened (half-precision weights)
         # The log-sum-exp as top + log_total, kept apart: logits far from 0 would lose the small
         # differences (z - top) of the loss and the softmax if added first. Per-token sums, the
         # loss and the softmax are float64 (a token's sum runs over every chunk, one at a time).
         self.top: Optional[torch.Tensor] = None
         self.log_total: Optional[torch.Tensor] = None
+
+    def attach(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """The call's input and (int64) targets: at the call, and again in backward from autograd's
+        saved tensors, whose version check catches an in-place change in between."""
+        flat = target.reshape(-1)
+        self._inputs = (x.reshape(-1, x.shape[-1]), flat, flat != self.ignore_index)
+        self._x2_acc = None
+
+    def detach(self) -> None:
+        """Drops the input and targets (autograd keeps them between forward and backward, and frees
+        them after): what stays is per token, the maximum and the log of the sum."""
+        self._inputs = self._x2_acc = None
+
+    def _attached(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self._inputs is not None, "the input and targets are attached in forward and backward"
+        return self._inputs
+
+    @property
+    def x2(self) -> torch.Tensor:
+        """The input, tokens × features."""
+        return self._attached()[0]
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The targets, one per token (int64)."""
+        return self._attached()[1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Tokens whose target is not ignored."""
+        return self._attached()[2]
 
     def chunks(self):
         return ((a, min(a + self.chunk, self.classes)) for a in range(0, self.classes, self.chunk))

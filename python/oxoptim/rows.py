@@ -154,9 +154,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
                          reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
     """``F.cross_entropy(F.linear(x, weight).flatten(0, -2), target.flatten(), ignore_index=...,
-    reduction=...)`` without the logits: they are formed ``chunk_rows`` classes at a time, in forward
-    and again in backward, so a language model's tokens × vocabulary logits and their gradient never
-    exist whole (``target`` has ``x``'s shape less its last dimension; ``none`` returns that shape).
+    reduction=...)`` for a ``target`` of ``x``'s shape less its last dimension (``none`` returns that
+    shape), without the logits: they are formed ``chunk_rows`` classes at a time, in forward and
+    again in backward, so a language model's tokens × vocabulary logits and their gradient never
+    exist whole. CPU tensors; under autocast it runs in the weight's dtype (as autocast runs
+    ``cross_entropy`` in float32), except on a released weight, where autocast is refused.
     Equal to torch's to rounding (the log-sum-exp is summed chunk by chunk; float32 logits for
     half-precision weights). Inside ``step_in_backward(release_rows=[weight])`` the weight's rows
     are also updated chunk by chunk (module docstring), with the context's ``row_chunk`` in place of
@@ -164,13 +166,18 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     same bits."""
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    devices = {t.device.type for t in (x, weight, target)}
+    if devices != {"cpu"}:
+        raise RuntimeError(f"oxoptim.rows.linear_cross_entropy runs on CPU tensors, got {sorted(devices)}")
     rows = _released(weight)
     if rows is not None:
-        if torch.is_autocast_enabled(weight.device.type):
+        if torch.is_autocast_enabled("cpu"):
             raise RuntimeError("oxoptim.rows.linear_cross_entropy on a released weight does not run under autocast "
                                "(its backward forms the weight's gradient in the weight's dtype); cast the model "
                                "instead")
         chunk_rows = rows.chunk_rows()
+    elif torch.is_autocast_enabled("cpu"):
+        x = x.to(weight.dtype)  # runs in the weight's dtype, as autocast runs cross_entropy in float32
     ce = ChunkedCrossEntropy(x, weight, target, ignore_index, reduction, chunk_rows)
     return _LinearCrossEntropy.apply(x, weight, ce, rows)
 
@@ -259,22 +266,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, ce: ChunkedCrossEntropy,
                 rows: Optional["RowRelease"]) -> torch.Tensor:
-        loss = ce.forward(weight)
+        with torch.autocast("cpu", enabled=False):
+            loss = ce.forward(weight)
         if rows is not None:
             rows.record_linear()
             ctx.iteration = rows.iteration
         ctx.rows, ctx.ce = rows, ce
-        ctx.save_for_backward(weight)  # its version is checked: an update before backward raises
+        # Versions checked in backward: an in-place change of the input, weight or targets raises.
+        ctx.save_for_backward(x, weight, ce.target)
+        ce.detach()
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        (weight,) = ctx.saved_tensors
+        x, weight, target = ctx.saved_tensors
         ce: ChunkedCrossEntropy = ctx.ce
-        if ctx.rows is not None and _stepping(ctx):
-            dx = ctx.rows.cross_entropy_backward(ce, grad, ctx.needs_input_grad[0])
-            return _input_shaped(dx, ctx), None, None, None
-        return _ordinary_cross_entropy_backward(ctx, grad, weight)
+        ce.attach(x, target)
+        try:
+            with torch.autocast("cpu", enabled=False):
+                if ctx.rows is not None and _stepping(ctx):
+                    dx = ctx.rows.cross_entropy_backward(ce, grad, ctx.needs_input_grad[0])
+                    return _input_shaped(dx, ctx), None, None, None
+                return _ordinary_cross_entropy_backward(ctx, grad, weight)
+        finally:
+            ce.detach()
 
 
 @torch.autograd.function.once_differentiable
