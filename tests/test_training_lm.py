@@ -310,8 +310,8 @@ def test_shipped_pretraining_comment_states_what_is_drawn():
             seen.update(epoch_order(cfg["pretrain"]["seed"], epoch, n, st["batch_size"], steps=st["steps_per_epoch"])
                         [:k].tolist())
             drawn, epoch = drawn + k, epoch + 1
-    assert (drawn, len(seen), round(100 * len(seen) / n)) == (12800, 9950, 44)
-    assert "22,391 blocks" in text and "9,950 distinct ones: 44% of the text seen" in text
+    assert (drawn, len(seen), round(100 * len(seen) / n)) == (51200, 20257, 90)
+    assert "22,391 blocks" in text and "20,257 distinct ones: 90% of the text seen" in text
     from oxoptim.training.data import build_text_data
 
     reviews = build_text_data(max_len=128, split=(0.8, 0.1, 0.1), seed=0)["raw"]["train"]

@@ -126,3 +126,73 @@ def test_a_stage_needing_bfloat16_weights_without_param_dtype_is_told_to_state_i
     with pytest.raises(ValueError) as info:
         Stage(name="b", epochs=1, optimizer="adamw", kahan_sum=True, param_dtype="float32")
     assert "set param_dtype" not in str(info.value)  # it chose float32 weights
+
+
+AUTOCAST_JOB = """
+[[stages]]
+name = "mixed"
+optimizer = "adamw"
+epochs = 1
+batch_size = 60
+lr = 1e-2
+autocast = "bfloat16"
+"""
+
+
+class Recorder(torch.nn.Module):
+    """The blobs MLP, recording whether each forward ran under CPU autocast, training or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+        self.seen: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+
+def train_recorder(stage: Stage):
+    train, val = blobs()
+    torch.manual_seed(0)
+    model = Recorder()
+    history = Trainer(model, F.cross_entropy, train, val, [stage], quiet=True).fit()
+    return model, history
+
+
+def test_an_autocast_stage_from_toml_trains_in_mixed_precision(tmp_path) -> None:
+    """``autocast = "bfloat16"``: each training forward runs under CPU autocast (bfloat16 outputs),
+    evaluation does not; weights and gradients stay float32, losses float32; the result differs
+    from the same stage in float32."""
+    path = tmp_path / "job.toml"
+    path.write_text(AUTOCAST_JOB)
+    stage = Stage(**load_config(str(path))["stages"][0])
+    assert stage.autocast == "bfloat16" and "autocast to bfloat16" in stage.describe()
+    model, history = train_recorder(stage)
+    training = [s for s in model.seen if s[0]]
+    evaluating = [s for s in model.seen if not s[0]]
+    assert len(training) == 3 and all(s[1:] == (True, torch.bfloat16) for s in training)  # 180 examples, batch 60
+    assert evaluating and all(s[1:] == (False, torch.float32) for s in evaluating)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert isinstance(history[-1]["val_loss"], float)
+    plain, _ = train_recorder(Stage(**{**load_config(str(path))["stages"][0], "autocast": None}))
+    assert all(s[1:] == (False, torch.float32) for s in plain.seen)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+def test_autocast_is_checked_when_the_stage_is_made() -> None:
+    with pytest.raises(ValueError, match=r"unknown autocast 'float16' .*; valid: bfloat16 \(or unset\)"):
+        Stage("s", "adamw", autocast="float16")
+    with pytest.raises(ValueError, match="weights compute in bfloat16 already"):
+        Stage("s", "adamw", autocast="bfloat16", param_dtype="bfloat16")
+    with pytest.raises(ValueError, match="autocast cannot be combined with release_rows"):
+        Stage("s", "adamw", autocast="bfloat16", step_in_backward=True, release_rows=True)
+    # A resume checks it (a checkpoint's stage settings), and runs saved before it existed read the same.
+    assert "autocast" in Stage("s", "adamw", autocast="bfloat16").settings()
+    assert "autocast" not in Stage("s", "adamw").settings()
+    # Unset, the stage enters no autocast context of its own: one the caller entered holds.
+    plain = Stage("s", "adamw")
+    assert plain.autocast is None
+    with torch.autocast("cpu", dtype=torch.bfloat16), plain.mixed_precision():
+        assert torch.is_autocast_enabled("cpu")

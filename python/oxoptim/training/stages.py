@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
 
 import torch
 
@@ -45,9 +46,11 @@ OPTIMIZERS = {
 STAGE_KEYS = ("name", "optimizer", "epochs", "batch_size", "lr_schedule", "adjust", "average", "average_decay",
               "average_start_epoch", "micro_batch", "steps_per_epoch", "grad_clip", "adversarial", "trainable",
               "layer_lr_decay", "continue_optimizer", "accumulate", "step_in_backward", "accumulation",
-              "grad_clip_mode", "param_dtype", "stochastic_rounding", "state_dtype", "release_rows")
+              "grad_clip_mode", "param_dtype", "stochastic_rounding", "state_dtype", "release_rows", "autocast")
 # Names a stage can give for its parameters' dtype (None: leave the model's as it is).
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Names a stage can give for mixed precision (torch.autocast on the CPU; None: off).
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 TRAINABLE = ("all", "head")
 SCHEDULES = ("constant", "cosine", "linear")
 CLIP_MODES = ("global", "per_parameter", "previous_norm")
@@ -188,6 +191,11 @@ class Stage:
             optimizer keeps its state (moments, momentum) in bfloat16 (``state_dtype=torch.bfloat16``:
             the Rust twins but Adafactor and Schedule-Free), whatever the weights' dtype, and
             computes in float32.
+        autocast: unset (the default) or ``"bfloat16"``: mixed precision, the training forward and
+            loss run under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (matrix products in
+            bfloat16, float32 weights, gradients and optimizer; evaluation stays float32). Not with
+            ``param_dtype = "bfloat16"`` (the weights are bfloat16 already) or ``release_rows``
+            (:func:`oxoptim.rows.linear` refuses autocast on a released weight).
         **optimizer_kwargs: passed to the optimizer (``lr``, ``weight_decay``, ``momentum``,
             ``step_rule``, ...).
 
@@ -219,6 +227,7 @@ class Stage:
     stochastic_rounding: bool = False
     state_dtype: Optional[str] = None
     release_rows: bool = False
+    autocast: Optional[str] = None
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __init__(
@@ -247,6 +256,7 @@ class Stage:
         stochastic_rounding: bool = False,
         state_dtype: Optional[str] = None,
         release_rows: bool = False,
+        autocast: Optional[str] = None,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(name, str) or not name:
@@ -307,6 +317,15 @@ class Stage:
                                  "state in the weights' dtype (bfloat16 here); no optimizer keeps float32 state for "
                                  'bfloat16 weights (leave state_dtype unset, or use param_dtype = "float32")')
             self.state_dtype = state_dtype
+            if autocast is not None and (not isinstance(autocast, str) or autocast not in AUTOCAST_DTYPES):
+                raise ValueError(unknown_name("autocast", autocast, AUTOCAST_DTYPES) + " (or unset)")
+            if autocast and param_dtype == "bfloat16":
+                raise ValueError('autocast = "bfloat16" with param_dtype = "bfloat16": the weights compute in '
+                                 "bfloat16 already (autocast is mixed precision for float32 weights)")
+            if autocast and release_rows:
+                raise ValueError("autocast cannot be combined with release_rows: oxoptim.rows.linear refuses autocast "
+                                 "on a released weight (its gradient rows are formed in the weight's dtype)")
+            self.autocast = autocast
             self.optimizer_kwargs = dict(optimizer_kwargs)
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from e
@@ -431,6 +450,13 @@ class Stage:
             kwargs["state_dtype"] = torch.bfloat16
         return kwargs
 
+    def mixed_precision(self) -> ContextManager[Any]:
+        """The context the training forward and loss run in: ``torch.autocast`` on the CPU in the
+        stage's ``autocast`` dtype, or none (an autocast the caller entered around training holds)."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=AUTOCAST_DTYPES[self.autocast])
+
     def _optimizer_name(self) -> str:
         return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
 
@@ -465,7 +491,8 @@ class Stage:
             ", step in backward" if self.step_in_backward else "") + (
             f", {self.param_dtype} weights" if self.param_dtype else "") + (
             " with stochastic rounding" if self.stochastic_rounding else "") + (
-            f", {self.state_dtype} optimizer state" if self.state_dtype else "")
+            f", {self.state_dtype} optimizer state" if self.state_dtype else "") + (
+            f", autocast to {self.autocast}" if self.autocast else "")
 
 
     def settings(self) -> str:

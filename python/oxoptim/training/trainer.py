@@ -491,7 +491,8 @@ class Trainer:
         batch = task.batch(task.train, idx)
 
         def loss() -> torch.Tensor:
-            value = task.loss(task.forward(net, batch), batch)
+            with self.stage.mixed_precision():
+                value = task.loss(task.forward(net, batch), batch)
             return value if weight == 1.0 else value * weight
 
         eps = self.stage.adversarial
